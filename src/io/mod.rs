@@ -1,0 +1,1 @@
+//! File formats: safetensors, Hugging Face model directories, PEFT adapters.

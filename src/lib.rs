@@ -1,0 +1,7 @@
+//! libfinetune: embeddable LoRA fine-tuning of Llama-family decoder models.
+
+pub mod error;
+pub mod io;
+pub mod lora;
+
+pub use error::{Error, Result};
