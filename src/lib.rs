@@ -5,3 +5,7 @@ pub mod io;
 pub mod lora;
 
 pub use error::{Error, Result};
+pub mod backend;
+pub mod model;
+pub mod rng;
+pub mod train;

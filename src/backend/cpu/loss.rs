@@ -1,0 +1,71 @@
+//! The LM head fused with cross-entropy, a chunk of labelled rows at a time.
+//!
+//! For a row with hidden state h, logits z = W·h, label y:
+//!   loss = lse(z) − z_y,   dz = softmax(z) − onehot(y),   dh = Wᵀ·dz.
+//! Only rows with a label are multiplied at all, and only `CHUNK × vocab` logits exist at once.
+
+use super::gemm::{gemm, parallelism, MatRef};
+use super::CpuTensor;
+use crate::backend::IGNORE_LABEL;
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// Rows per chunk: 256 × 49152 logits are 48 MiB.
+const CHUNK: usize = 256;
+
+pub fn lm_head_cross_entropy(
+    h: &CpuTensor,
+    w: &CpuTensor,
+    labels: &[i32],
+    normalizer: f32,
+    threads: usize,
+) -> Result<(f64, CpuTensor)> {
+    let (d, vocab) = (h.cols, w.rows);
+    let mut labelled = Vec::new();
+    for (t, &y) in labels.iter().enumerate() {
+        if y == IGNORE_LABEL {
+            continue;
+        }
+        if y < 0 || y as usize >= vocab {
+            return Err(Error::InvalidArgument(format!(
+                "label {y} at position {t} is outside the vocabulary of {vocab} tokens (use {IGNORE_LABEL} for no loss)"
+            )));
+        }
+        labelled.push(t);
+    }
+    let mut dh = CpuTensor { rows: h.rows, cols: d, data: vec![0.0; h.data.len()] };
+    let mut total = 0.0f64;
+    let wv = MatRef::new(&w.data, vocab, d);
+    for rows in labelled.chunks(CHUNK) {
+        let m = rows.len();
+        let mut hc = vec![0.0f32; m * d];
+        for (dst, &t) in hc.chunks_mut(d).zip(rows) {
+            dst.copy_from_slice(&h.data[t * d..(t + 1) * d]);
+        }
+        let mut z = vec![0.0f32; m * vocab];
+        gemm(MatRef::new(&hc, m, d), wv.t(), 1.0, &mut z, vocab, false, parallelism(m, vocab, d, threads));
+        // z ← (softmax(z) − onehot(y)) / normalizer, row by row; the loss of each row comes back.
+        total += z
+            .par_chunks_mut(vocab)
+            .zip(rows.par_iter())
+            .map(|(zr, &t)| {
+                let y = labels[t] as usize;
+                let max = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = zr.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                let lse = max as f64 + sum.ln();
+                let loss = lse - zr[y] as f64;
+                for x in zr.iter_mut() {
+                    *x = (((*x as f64) - lse).exp() / normalizer as f64) as f32;
+                }
+                zr[y] -= 1.0 / normalizer;
+                loss
+            })
+            .sum::<f64>();
+        let mut dhc = vec![0.0f32; m * d];
+        gemm(MatRef::new(&z, m, vocab), wv, 1.0, &mut dhc, d, false, parallelism(m, d, vocab, threads));
+        for (src, &t) in dhc.chunks(d).zip(rows) {
+            dh.data[t * d..(t + 1) * d].copy_from_slice(src);
+        }
+    }
+    Ok((total, dh))
+}

@@ -1,0 +1,184 @@
+//! The compute backends and the operations the decoder is written against.
+//!
+//! Every tensor is a row-major matrix `[rows, cols]`; activations have one row per token
+//! (`batch · seq` rows). The decoder in `model::decoder` calls only the methods of [`Backend`], so a new
+//! backend is checked against the CPU reference op by op.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::model::config::Activation;
+
+/// Label value meaning "no loss at this position" (PyTorch's ignore_index).
+pub const IGNORE_LABEL: i32 = -100;
+
+/// How the rows of q/k/v are grouped into sequences for attention.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// AdamW hyper-parameters for one update.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub step: u64,
+}
+
+/// A compute device. Methods that allocate return new tensors; methods taking `&mut` work in place.
+pub trait Backend: Send + Sync + 'static {
+    /// A matrix of f32 values (the storage precision is the backend's business).
+    type Tensor: Send + Sync + Clone;
+    /// A vector of 32-bit integers (token ids, positions, labels, segment ids).
+    type Ints: Send + Sync;
+
+    /// A short human-readable description ("cpu (2 threads)").
+    fn describe(&self) -> String;
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    fn upload_ints(&self, data: &[i32]) -> Result<Self::Ints>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// `(rows, cols)`.
+    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+    /// Reinterprets a row-major matrix with another shape of the same size (no copy).
+    fn reshape(&self, t: Self::Tensor, rows: usize, cols: usize) -> Self::Tensor;
+
+    /// `c = alpha · op(a) · op(b) + (accumulate ? c : 0)`, `op(x) = xᵀ` when the flag is set.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        a: &Self::Tensor,
+        trans_a: bool,
+        b: &Self::Tensor,
+        trans_b: bool,
+        alpha: f32,
+        c: &mut Self::Tensor,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// `x[r, :] += bias` for every row.
+    fn add_row_vector(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> Result<()>;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `x *= s`.
+    fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
+    /// `Σ x²`, accumulated in f64.
+    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64>;
+    /// Whether any element is NaN or infinite.
+    fn has_non_finite(&self, x: &Self::Tensor) -> Result<bool>;
+
+    /// Rows `table[ids[t]] · scale`.
+    fn embedding(&self, table: &Self::Tensor, ids: &Self::Ints, scale: f32) -> Result<Self::Tensor>;
+
+    /// RMSNorm of each row: `y = x · r · w'`, `r = 1/sqrt(mean(x²) + eps)`, `w' = w` or `1 + w`.
+    /// Returns `y` and `r` (one value a row, `[rows, 1]`).
+    fn rmsnorm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+        unit_offset: bool,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Input gradient of [`Backend::rmsnorm`] with a frozen weight:
+    /// `dx_j = r·w'_j·dy_j − (r³/n)·x_j·Σ_i dy_i·w'_i·x_i`.
+    fn rmsnorm_backward(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        r: &Self::Tensor,
+        unit_offset: bool,
+    ) -> Result<Self::Tensor>;
+
+    /// Rotary embedding in place on `x: [tokens, heads·head_dim]` ("rotate half" layout): with
+    /// `θ = pos·inv_freq[i]`, `(x_i, x_{i+d/2}) ← (x_i cosθ − x_{i+d/2} sinθ, x_{i+d/2} cosθ + x_i sinθ)`.
+    /// `inverse` rotates by −θ, which is the backward pass (the rotation is orthogonal).
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        positions: &Self::Ints,
+        inv_freq: &[f32],
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()>;
+
+    /// Causal softmax attention with grouped KV heads. Row t of q/k/v is token `t % seq` of sequence
+    /// `t / seq`; key j is visible to query i when j ≤ i and both have the same segment id (packing).
+    /// Returns the output `[tokens, heads·head_dim]` and the log-sum-exp of each score row
+    /// (`[tokens, heads]`), kept for the backward pass.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        segments: &Self::Ints,
+        shape: AttentionShape,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Gradients `(dq, dk, dv)` of [`Backend::attention`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        lse: &Self::Tensor,
+        d_out: &Self::Tensor,
+        segments: &Self::Ints,
+        shape: AttentionShape,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+
+    /// Gated MLP activation `h = act(g) · u`.
+    fn gated_activation(
+        &self,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        act: Activation,
+    ) -> Result<Self::Tensor>;
+    /// `(dg, du)` of [`Backend::gated_activation`]: `dg = dh·u·act'(g)`, `du = dh·act(g)`.
+    fn gated_activation_backward(
+        &self,
+        dh: &Self::Tensor,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        act: Activation,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+
+    /// Inverted dropout with a counter-based mask: element i is kept when
+    /// `hash(seed, i) ≥ p` and then scaled by `1/(1−p)`. The same seed gives the same mask, so the
+    /// backward pass applies this very function to the gradient.
+    fn dropout(&self, x: &Self::Tensor, p: f32, seed: u64) -> Result<Self::Tensor>;
+
+    /// LM head fused with cross-entropy: `logits = h·Wᵀ` computed a chunk of rows at a time so the
+    /// whole `[tokens, vocab]` matrix never exists. Returns `Σ_t (lse_t − logit_t[label_t])` over
+    /// labelled rows and `dh = Σ (softmax − onehot)·W / normalizer`; rows labelled [`IGNORE_LABEL`]
+    /// contribute nothing.
+    fn lm_head_cross_entropy(
+        &self,
+        h: &Self::Tensor,
+        w: &Self::Tensor,
+        labels: &Self::Ints,
+        normalizer: f32,
+    ) -> Result<(f64, Self::Tensor)>;
+
+    /// Decoupled-weight-decay Adam (as `torch.optim.AdamW`): `p ← p·(1 − lr·wd)`, then
+    /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`, `p ← p − lr·m̂/(sqrt(v̂) + eps)` with
+    /// `m̂ = m/(1−β1^t)`, `v̂ = v/(1−β2^t)`.
+    fn adamw(
+        &self,
+        p: &mut Self::Tensor,
+        g: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        h: AdamWStep,
+    ) -> Result<()>;
+}

@@ -1,0 +1,348 @@
+//! Forward and backward pass of the decoder, written once against [`Backend`].
+//!
+//! One layer (x: [tokens, hidden], LoRA added to each adapted projection P: P(x) = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ):
+//!
+//! ```text
+//!   h1 = rmsnorm(x)                     q,k,v = Pq(h1), Pk(h1), Pv(h1)
+//!   (qwen3) q,k = rmsnorm per head      q,k = rope(q), rope(k)
+//!   a  = attention(q, k, v)             x1 = x + Po(a)
+//!   h2 = rmsnorm(x1)                    m = act(Pgate(h2)) · Pup(h2)
+//!   out = x1 + Pdown(m)
+//! ```
+//! After the last layer: `loss = CE(rmsnorm(x)·W_outᵀ, labels)`. The backward pass walks the same
+//! steps in reverse and produces gradients for the LoRA tensors only; the base weights are frozen.
+//! With checkpointing, only each layer's input is kept and the layer is recomputed in the backward.
+
+use super::adapters::LoraTensors;
+use super::config::ModelConfig;
+use super::weights::{DecoderWeights, LayerWeights};
+use crate::backend::{AttentionShape, Backend};
+use crate::error::{Error, Result};
+use crate::lora::{LoraConfig, TargetModule};
+use crate::rng::derive;
+
+/// A batch of token rows on a backend. Row `t = b·seq + i` is position i of sequence b.
+pub struct DeviceBatch<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    pub ids: B::Ints,
+    pub labels: B::Ints,
+    pub positions: B::Ints,
+    pub segments: B::Ints,
+    /// Rows with a label (not [`crate::backend::IGNORE_LABEL`]).
+    pub labelled: usize,
+}
+
+/// The decoder: configuration, frozen weights and the backend they live on.
+pub struct Decoder<B: Backend> {
+    pub cfg: ModelConfig,
+    pub backend: B,
+    pub weights: DecoderWeights<B>,
+    inv_freq: Vec<f32>,
+}
+
+/// The LoRA state a pass runs with.
+pub struct Adapters<'a, B: Backend> {
+    pub tensors: &'a LoraTensors<B>,
+    pub cfg: &'a LoraConfig,
+    /// Seed of this pass's dropout masks; `None` disables dropout (evaluation, inference).
+    pub dropout_seed: Option<u64>,
+}
+
+/// Intermediate values of one layer kept for its backward pass.
+struct LayerCache<B: Backend> {
+    h1: B::Tensor,
+    r1: B::Tensor,
+    /// `dropout(input)·Aᵀ` of each adapted projection.
+    xa: Vec<Option<B::Tensor>>,
+    /// q and k before their per-head norm (qwen3) and that norm's 1/rms.
+    qk_raw: Option<(B::Tensor, B::Tensor, B::Tensor, B::Tensor)>,
+    q: B::Tensor,
+    k: B::Tensor,
+    v: B::Tensor,
+    attn: B::Tensor,
+    lse: B::Tensor,
+    x1: B::Tensor,
+    h2: B::Tensor,
+    r2: B::Tensor,
+    g: B::Tensor,
+    u: B::Tensor,
+    m: B::Tensor,
+}
+
+impl<B: Backend> Decoder<B> {
+    pub fn new(cfg: ModelConfig, backend: B, weights: DecoderWeights<B>) -> Self {
+        let inv_freq = cfg.rope_inv_freq();
+        Decoder { cfg, backend, weights, inv_freq }
+    }
+
+    fn attention_shape(&self, batch: &DeviceBatch<B>) -> AttentionShape {
+        AttentionShape {
+            batch: batch.batch,
+            seq: batch.seq,
+            num_heads: self.cfg.num_heads,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    fn dropout_seed(ad: &Adapters<B>, layer: usize, m: TargetModule) -> Option<u64> {
+        ad.dropout_seed
+            .filter(|_| ad.cfg.dropout > 0.0)
+            .map(|s| derive(s, &[layer as u64, m as u64]))
+    }
+
+    /// The adapter's input: `dropout(x)` while training with dropout, else `x` itself.
+    fn adapter_input<'x>(&self, x: &'x B::Tensor, seed: Option<u64>, p: f32) -> Result<std::borrow::Cow<'x, B::Tensor>>
+    {
+        Ok(match seed {
+            Some(s) => std::borrow::Cow::Owned(self.backend.dropout(x, p, s)?),
+            None => std::borrow::Cow::Borrowed(x),
+        })
+    }
+
+    /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`; also returns `dropout(x)·Aᵀ` for the backward pass.
+    fn project(
+        &self,
+        layer: usize,
+        m: TargetModule,
+        x: &B::Tensor,
+        ad: Option<&Adapters<B>>,
+    ) -> Result<(B::Tensor, Option<B::Tensor>)>
+    {
+        let be = &self.backend;
+        let lw: &LayerWeights<B> = &self.weights.layers[layer];
+        let w = &lw.proj[m as usize];
+        let (rows, _) = be.shape(x);
+        let mut y = be.zeros(rows, be.shape(w).0)?;
+        be.matmul(x, false, w, true, 1.0, &mut y, false)?;
+        if let Some(b) = &lw.bias[m as usize] {
+            be.add_row_vector(&mut y, b)?;
+        }
+        let Some((ad, pair)) = ad.and_then(|ad| ad.tensors.get(layer, m).map(|p| (ad, p))) else {
+            return Ok((y, None));
+        };
+        let xin = self.adapter_input(x, Self::dropout_seed(ad, layer, m), ad.cfg.dropout)?;
+        let mut xa = be.zeros(rows, ad.cfg.rank)?;
+        be.matmul(&xin, false, &pair.a, true, 1.0, &mut xa, false)?;
+        be.matmul(&xa, false, &pair.b, true, ad.cfg.scale(), &mut y, true)?;
+        Ok((y, Some(xa)))
+    }
+
+    /// Backward of [`Decoder::project`]: returns dx and adds into the pair's gradients
+    /// `dB += s·dyᵀ·xa`, `dA += (s·dy·B)ᵀ·dropout(x)`.
+    #[allow(clippy::too_many_arguments)]
+    fn project_backward(
+        &self,
+        layer: usize,
+        m: TargetModule,
+        dy: &B::Tensor,
+        x: &B::Tensor,
+        xa: Option<&B::Tensor>,
+        ad: &Adapters<B>,
+        grads: &mut LoraTensors<B>,
+    ) -> Result<B::Tensor>
+    {
+        let be = &self.backend;
+        let w = &self.weights.layers[layer].proj[m as usize];
+        let (rows, _) = be.shape(dy);
+        let mut dx = be.zeros(rows, be.shape(w).1)?;
+        be.matmul(dy, false, w, false, 1.0, &mut dx, false)?;
+        let (Some(xa), Some(pair), Some(grad)) = (xa, ad.tensors.get(layer, m), grads.get_mut(layer, m)) else {
+            return Ok(dx);
+        };
+        let s = ad.cfg.scale();
+        be.matmul(dy, true, xa, false, s, &mut grad.b, true)?;
+        let mut dxa = be.zeros(rows, ad.cfg.rank)?;
+        be.matmul(dy, false, &pair.b, false, s, &mut dxa, false)?;
+        let seed = Self::dropout_seed(ad, layer, m);
+        let xin = self.adapter_input(x, seed, ad.cfg.dropout)?;
+        be.matmul(&dxa, true, &xin, false, 1.0, &mut grad.a, true)?;
+        let mut dxin = be.zeros(rows, be.shape(w).1)?;
+        be.matmul(&dxa, false, &pair.a, false, 1.0, &mut dxin, false)?;
+        let dxin = self.adapter_input(&dxin, seed, ad.cfg.dropout)?;
+        be.add_assign(&mut dx, &dxin)?;
+        Ok(dx)
+    }
+
+    /// Per-head RMSNorm of q or k (qwen3): rows of `head_dim` values.
+    fn head_norm(&self, t: B::Tensor, w: &B::Tensor) -> Result<(B::Tensor, B::Tensor)> {
+        let be = &self.backend;
+        let (rows, cols) = be.shape(&t);
+        let hd = self.cfg.head_dim;
+        let flat = be.reshape(t, rows * cols / hd, hd);
+        let (y, r) = be.rmsnorm(&flat, w, self.cfg.rms_norm_eps, self.cfg.norm_unit_offset)?;
+        Ok((be.reshape(y, rows, cols), r))
+    }
+
+    fn head_norm_backward(&self, dy: B::Tensor, raw: &B::Tensor, w: &B::Tensor, r: &B::Tensor) -> Result<B::Tensor>
+    {
+        let be = &self.backend;
+        let (rows, cols) = be.shape(&dy);
+        let hd = self.cfg.head_dim;
+        let dy = be.reshape(dy, rows * cols / hd, hd);
+        let raw = be.reshape(raw.clone(), rows * cols / hd, hd);
+        let dx = be.rmsnorm_backward(&dy, &raw, w, r, self.cfg.norm_unit_offset)?;
+        Ok(be.reshape(dx, rows, cols))
+    }
+
+    /// One layer forward; returns the output and, when asked, the cache for its backward.
+    fn layer_forward(
+        &self,
+        layer: usize,
+        x: &B::Tensor,
+        batch: &DeviceBatch<B>,
+        ad: Option<&Adapters<B>>,
+    ) -> Result<(B::Tensor, LayerCache<B>)>
+    {
+        use TargetModule::*;
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let lw = &self.weights.layers[layer];
+        let mut xa: Vec<Option<B::Tensor>> = (0..7).map(|_| None).collect();
+        let (h1, r1) = be.rmsnorm(x, &lw.attn_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
+        let (q, xq) = self.project(layer, Q, &h1, ad)?;
+        let (k, xk) = self.project(layer, K, &h1, ad)?;
+        let (v, xv) = self.project(layer, V, &h1, ad)?;
+        (xa[Q as usize], xa[K as usize], xa[V as usize]) = (xq, xk, xv);
+        let (mut q, mut k, qk_raw) = match (&lw.q_norm, &lw.k_norm) {
+            (Some(qn), Some(kn)) => {
+                let (qn_out, rq) = self.head_norm(q.clone(), qn)?;
+                let (kn_out, rk) = self.head_norm(k.clone(), kn)?;
+                (qn_out, kn_out, Some((q, rq, k, rk)))
+            }
+            _ => (q, k, None),
+        };
+        be.rope(&mut q, &batch.positions, &self.inv_freq, cfg.head_dim, false)?;
+        be.rope(&mut k, &batch.positions, &self.inv_freq, cfg.head_dim, false)?;
+        let (attn, lse) = be.attention(&q, &k, &v, &batch.segments, self.attention_shape(batch))?;
+        let (o, xo) = self.project(layer, O, &attn, ad)?;
+        xa[O as usize] = xo;
+        let mut x1 = x.clone();
+        be.add_assign(&mut x1, &o)?;
+        let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
+        let (g, xg) = self.project(layer, Gate, &h2, ad)?;
+        let (u, xu) = self.project(layer, Up, &h2, ad)?;
+        (xa[Gate as usize], xa[Up as usize]) = (xg, xu);
+        let m = be.gated_activation(&g, &u, cfg.activation)?;
+        let (down, xd) = self.project(layer, Down, &m, ad)?;
+        xa[Down as usize] = xd;
+        let mut out = x1.clone();
+        be.add_assign(&mut out, &down)?;
+        let cache = LayerCache { h1, r1, xa, qk_raw, q, k, v, attn, lse, x1, h2, r2, g, u, m };
+        Ok((out, cache))
+    }
+
+    /// One layer backward: takes dL/d(out) and the layer input, returns dL/dx.
+    fn layer_backward(
+        &self,
+        layer: usize,
+        d_out: B::Tensor,
+        x: &B::Tensor,
+        c: &LayerCache<B>,
+        batch: &DeviceBatch<B>,
+        ad: &Adapters<B>,
+        grads: &mut LoraTensors<B>,
+    ) -> Result<B::Tensor>
+    {
+        use TargetModule::*;
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let lw = &self.weights.layers[layer];
+        let xa = |m: TargetModule| c.xa[m as usize].as_ref();
+        // out = x1 + down(m): dx1 starts as d_out.
+        let dm = self.project_backward(layer, Down, &d_out, &c.m, xa(Down), ad, grads)?;
+        let (dg, du) = be.gated_activation_backward(&dm, &c.g, &c.u, cfg.activation)?;
+        let mut dh2 = self.project_backward(layer, Gate, &dg, &c.h2, xa(Gate), ad, grads)?;
+        be.add_assign(&mut dh2, &self.project_backward(layer, Up, &du, &c.h2, xa(Up), ad, grads)?)?;
+        let mut dx1 = be.rmsnorm_backward(&dh2, &c.x1, &lw.mlp_norm, &c.r2, cfg.norm_unit_offset)?;
+        be.add_assign(&mut dx1, &d_out)?;
+        // x1 = x + o(attn)
+        let dattn = self.project_backward(layer, O, &dx1, &c.attn, xa(O), ad, grads)?;
+        let (mut dq, mut dk, dv) = be.attention_backward(
+            &c.q, &c.k, &c.v, &c.attn, &c.lse, &dattn, &batch.segments, self.attention_shape(batch),
+        )?;
+        be.rope(&mut dq, &batch.positions, &self.inv_freq, cfg.head_dim, true)?;
+        be.rope(&mut dk, &batch.positions, &self.inv_freq, cfg.head_dim, true)?;
+        if let (Some((q_raw, rq, k_raw, rk)), Some(qn), Some(kn)) = (&c.qk_raw, &lw.q_norm, &lw.k_norm) {
+            dq = self.head_norm_backward(dq, q_raw, qn, rq)?;
+            dk = self.head_norm_backward(dk, k_raw, kn, rk)?;
+        }
+        let mut dh1 = self.project_backward(layer, Q, &dq, &c.h1, xa(Q), ad, grads)?;
+        be.add_assign(&mut dh1, &self.project_backward(layer, K, &dk, &c.h1, xa(K), ad, grads)?)?;
+        be.add_assign(&mut dh1, &self.project_backward(layer, V, &dv, &c.h1, xa(V), ad, grads)?)?;
+        let mut dx = be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &c.r1, cfg.norm_unit_offset)?;
+        be.add_assign(&mut dx, &dx1)?;
+        Ok(dx)
+    }
+
+    fn embed(&self, batch: &DeviceBatch<B>) -> Result<B::Tensor> {
+        let scale = if self.cfg.scale_embeddings { (self.cfg.hidden_size as f32).sqrt() } else { 1.0 };
+        self.backend.embedding(&self.weights.embedding, &batch.ids, scale)
+    }
+
+    /// Final hidden states after the last norm, `[tokens, hidden]` (no LM head).
+    pub fn hidden_states(&self, batch: &DeviceBatch<B>, ad: Option<&Adapters<B>>) -> Result<B::Tensor>
+    {
+        let mut x = self.embed(batch)?;
+        for layer in 0..self.cfg.num_layers {
+            x = self.layer_forward(layer, &x, batch, ad)?.0;
+        }
+        let (h, _) = self.backend.rmsnorm(&x, &self.weights.final_norm, self.cfg.rms_norm_eps, self.cfg.norm_unit_offset)?;
+        Ok(h)
+    }
+
+    /// Logits `[tokens, vocab]` of every row (for inference and tests; training never builds them).
+    pub fn logits(&self, batch: &DeviceBatch<B>, ad: Option<&Adapters<B>>) -> Result<B::Tensor>
+    {
+        let be = &self.backend;
+        let h = self.hidden_states(batch, ad)?;
+        let w = self.weights.output_projection();
+        let mut z = be.zeros(be.shape(&h).0, be.shape(w).0)?;
+        be.matmul(&h, false, w, true, 1.0, &mut z, false)?;
+        Ok(z)
+    }
+
+    /// Forward and backward of one micro-batch. Adds the LoRA gradients of
+    /// `Σ_labelled CE / normalizer` into `grads` and returns the un-normalised loss sum.
+    /// With `checkpoint`, layers are recomputed in the backward instead of kept.
+    pub fn forward_backward(
+        &self,
+        batch: &DeviceBatch<B>,
+        ad: &Adapters<B>,
+        grads: &mut LoraTensors<B>,
+        normalizer: f32,
+        checkpoint: bool,
+    ) -> Result<f64>
+    {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let n = cfg.num_layers;
+        let mut inputs = Vec::with_capacity(n + 1);
+        let mut caches = Vec::with_capacity(if checkpoint { 0 } else { n });
+        inputs.push(self.embed(batch)?);
+        for layer in 0..n {
+            let (out, cache) = self.layer_forward(layer, &inputs[layer], batch, Some(ad))?;
+            if !checkpoint {
+                caches.push(cache);
+            }
+            inputs.push(out);
+        }
+        let last = inputs.pop().expect("at least the embedding");
+        let (h, r) = be.rmsnorm(&last, &self.weights.final_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
+        let (loss, dh) = be.lm_head_cross_entropy(&h, self.weights.output_projection(), &batch.labels, normalizer)?;
+        if !loss.is_finite() {
+            return Err(Error::NonFinite(format!("loss ({loss})")));
+        }
+        let mut dx = be.rmsnorm_backward(&dh, &last, &self.weights.final_norm, &r, cfg.norm_unit_offset)?;
+        for layer in (0..n).rev() {
+            let x = inputs.pop().expect("one input per layer");
+            let cache = match caches.pop() {
+                Some(c) => c,
+                None => self.layer_forward(layer, &x, batch, Some(ad))?.1,
+            };
+            dx = self.layer_backward(layer, dx, &x, &cache, batch, ad, grads)?;
+        }
+        Ok(loss)
+    }
+}

@@ -1,0 +1,196 @@
+//! The frozen base weights of a decoder, their Hugging Face names, and where they come from.
+
+use super::config::ModelConfig;
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::lora::TargetModule;
+use crate::rng::Rng;
+
+/// Where one base tensor lives inside [`DecoderWeights`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Embedding,
+    FinalNorm,
+    LmHead,
+    AttnNorm(usize),
+    MlpNorm(usize),
+    QNorm(usize),
+    KNorm(usize),
+    Proj(usize, TargetModule),
+    Bias(usize, TargetModule),
+}
+
+/// A tensor of the checkpoint: its Hugging Face name, its shape as a matrix, and its slot.
+/// Vectors (norm weights, biases) are `[1, n]` here and 1-D in the file.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub slot: Slot,
+}
+
+impl TensorSpec {
+    /// The shape as stored in a safetensors file.
+    pub fn file_shape(&self) -> Vec<usize> {
+        if self.rows == 1 && !matches!(self.slot, Slot::Proj(..) | Slot::Embedding | Slot::LmHead) {
+            vec![self.cols]
+        } else {
+            vec![self.rows, self.cols]
+        }
+    }
+}
+
+/// Every tensor a model of this configuration has, in checkpoint order.
+pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
+    let spec = |name: String, rows, cols, slot| TensorSpec { name, rows, cols, slot };
+    let d = cfg.hidden_size;
+    let mut out = vec![spec("model.embed_tokens.weight".into(), cfg.vocab_size, d, Slot::Embedding)];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        out.push(spec(format!("{p}.input_layernorm.weight"), 1, d, Slot::AttnNorm(l)));
+        for m in TargetModule::ALL {
+            let (o, i) = (cfg.out_features(m), cfg.in_features(m));
+            out.push(spec(format!("{p}.{}.weight", m.hf_path()), o, i, Slot::Proj(l, m)));
+            if cfg.qkv_bias && matches!(m, TargetModule::Q | TargetModule::K | TargetModule::V) {
+                out.push(spec(format!("{p}.{}.bias", m.hf_path()), 1, o, Slot::Bias(l, m)));
+            }
+        }
+        if cfg.qk_norm {
+            out.push(spec(format!("{p}.self_attn.q_norm.weight"), 1, cfg.head_dim, Slot::QNorm(l)));
+            out.push(spec(format!("{p}.self_attn.k_norm.weight"), 1, cfg.head_dim, Slot::KNorm(l)));
+        }
+        out.push(spec(format!("{p}.post_attention_layernorm.weight"), 1, d, Slot::MlpNorm(l)));
+    }
+    out.push(spec("model.norm.weight".into(), 1, d, Slot::FinalNorm));
+    if !cfg.tie_word_embeddings {
+        out.push(spec("lm_head.weight".into(), cfg.vocab_size, d, Slot::LmHead));
+    }
+    out
+}
+
+/// The weights of one decoder layer.
+pub struct LayerWeights<B: Backend> {
+    pub attn_norm: B::Tensor,
+    pub mlp_norm: B::Tensor,
+    /// Indexed by `TargetModule as usize`: `[out, in]`.
+    pub proj: Vec<B::Tensor>,
+    /// q/k/v biases (qwen2), indexed like `proj`.
+    pub bias: Vec<Option<B::Tensor>>,
+    pub q_norm: Option<B::Tensor>,
+    pub k_norm: Option<B::Tensor>,
+}
+
+/// All frozen weights of a decoder.
+pub struct DecoderWeights<B: Backend> {
+    pub embedding: B::Tensor,
+    pub layers: Vec<LayerWeights<B>>,
+    pub final_norm: B::Tensor,
+    /// `None` when tied to the embedding.
+    pub lm_head: Option<B::Tensor>,
+}
+
+impl<B: Backend> DecoderWeights<B> {
+    /// Builds the weights by asking `fetch` for each tensor of [`tensor_specs`] (as f32, row-major).
+    pub fn load(
+        cfg: &ModelConfig,
+        backend: &B,
+        mut fetch: impl FnMut(&TensorSpec) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        let mut embedding = None;
+        let mut final_norm = None;
+        let mut lm_head = None;
+        let mut layers: Vec<_> = (0..cfg.num_layers)
+            .map(|_| PartialLayer::<B>::default())
+            .collect();
+        for spec in tensor_specs(cfg) {
+            let t = backend.upload(&fetch(&spec)?, spec.rows, spec.cols)?;
+            match spec.slot {
+                Slot::Embedding => embedding = Some(t),
+                Slot::FinalNorm => final_norm = Some(t),
+                Slot::LmHead => lm_head = Some(t),
+                Slot::AttnNorm(l) => layers[l].attn_norm = Some(t),
+                Slot::MlpNorm(l) => layers[l].mlp_norm = Some(t),
+                Slot::QNorm(l) => layers[l].q_norm = Some(t),
+                Slot::KNorm(l) => layers[l].k_norm = Some(t),
+                Slot::Proj(l, m) => layers[l].proj[m as usize] = Some(t),
+                Slot::Bias(l, m) => layers[l].bias[m as usize] = Some(t),
+            }
+        }
+        let complete = "tensor_specs lists every slot";
+        Ok(DecoderWeights {
+            embedding: embedding.expect(complete),
+            final_norm: final_norm.expect(complete),
+            lm_head,
+            layers: layers
+                .into_iter()
+                .map(|p| LayerWeights {
+                    attn_norm: p.attn_norm.expect(complete),
+                    mlp_norm: p.mlp_norm.expect(complete),
+                    proj: p.proj.into_iter().map(|t| t.expect(complete)).collect(),
+                    bias: p.bias,
+                    q_norm: p.q_norm,
+                    k_norm: p.k_norm,
+                })
+                .collect(),
+        })
+    }
+
+    /// Random weights (for tests and benchmarks): matrices N(0, 0.02²), norm weights near their
+    /// identity value, biases N(0, 0.02²).
+    pub fn random(cfg: &ModelConfig, backend: &B, seed: u64) -> Result<Self> {
+        let mut rng = Rng::new(seed);
+        Self::load(cfg, backend, |spec| {
+            let n = spec.rows * spec.cols;
+            let is_norm = matches!(
+                spec.slot,
+                Slot::AttnNorm(_) | Slot::MlpNorm(_) | Slot::QNorm(_) | Slot::KNorm(_) | Slot::FinalNorm
+            );
+            let identity = if is_norm && !cfg.norm_unit_offset { 1.0 } else { 0.0 };
+            let std = if is_norm { 0.1 } else { 0.02 };
+            Ok((0..n).map(|_| identity + std * rng.normal()).collect())
+        })
+    }
+
+    /// The tensor in `slot`, if the model has it.
+    pub fn get(&self, slot: Slot) -> Option<&B::Tensor> {
+        match slot {
+            Slot::Embedding => Some(&self.embedding),
+            Slot::FinalNorm => Some(&self.final_norm),
+            Slot::LmHead => self.lm_head.as_ref(),
+            Slot::AttnNorm(l) => self.layers.get(l).map(|x| &x.attn_norm),
+            Slot::MlpNorm(l) => self.layers.get(l).map(|x| &x.mlp_norm),
+            Slot::QNorm(l) => self.layers.get(l).and_then(|x| x.q_norm.as_ref()),
+            Slot::KNorm(l) => self.layers.get(l).and_then(|x| x.k_norm.as_ref()),
+            Slot::Proj(l, m) => self.layers.get(l).map(|x| &x.proj[m as usize]),
+            Slot::Bias(l, m) => self.layers.get(l).and_then(|x| x.bias[m as usize].as_ref()),
+        }
+    }
+
+    /// The output projection: the LM head, or the embedding when tied.
+    pub fn output_projection(&self) -> &B::Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embedding)
+    }
+}
+
+struct PartialLayer<B: Backend> {
+    attn_norm: Option<B::Tensor>,
+    mlp_norm: Option<B::Tensor>,
+    proj: Vec<Option<B::Tensor>>,
+    bias: Vec<Option<B::Tensor>>,
+    q_norm: Option<B::Tensor>,
+    k_norm: Option<B::Tensor>,
+}
+
+impl<B: Backend> Default for PartialLayer<B> {
+    fn default() -> Self {
+        PartialLayer {
+            attn_norm: None,
+            mlp_norm: None,
+            proj: (0..7).map(|_| None).collect(),
+            bias: (0..7).map(|_| None).collect(),
+            q_norm: None,
+            k_norm: None,
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Training: batches, the optimizer step, schedules and the trainer that ties them to a model.
+
+pub mod batch;
+pub mod schedule;
+pub mod trainer;

@@ -1,0 +1,247 @@
+//! The trainer: LoRA tensors, their gradients and AdamW state over a frozen decoder.
+
+use super::batch::Batch;
+use super::schedule::{Schedule, ScheduleKind};
+use crate::backend::{AdamWStep, Backend};
+use crate::error::{Error, Result};
+use crate::lora::LoraConfig;
+use crate::model::adapters::LoraTensors;
+use crate::model::decoder::{Adapters, Decoder};
+use crate::rng::derive;
+use std::sync::Arc;
+
+/// Optimizer and schedule settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub learning_rate: f32,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    pub max_grad_norm: f32,
+    pub schedule: ScheduleKind,
+    pub warmup_steps: u64,
+    /// Steps the schedule decays over.
+    pub total_steps: u64,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    pub checkpointing: bool,
+    /// Seed of the dropout masks.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            learning_rate: 2e-4,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            schedule: ScheduleKind::Linear,
+            warmup_steps: 0,
+            total_steps: 100,
+            checkpointing: true,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f32| Error::InvalidArgument(format!("{what} out of range: {v}"));
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return Err(bad("learning_rate", self.learning_rate));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(bad("weight_decay", self.weight_decay));
+        }
+        if !(0.0..1.0).contains(&self.beta1) {
+            return Err(bad("beta1", self.beta1));
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return Err(bad("beta2", self.beta2));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(bad("eps", self.eps));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return Err(bad("max_grad_norm", self.max_grad_norm));
+        }
+        Ok(())
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            kind: self.schedule,
+            peak_lr: self.learning_rate,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.total_steps,
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// 1-based number of this step.
+    pub step: u64,
+    /// Mean cross-entropy over the labelled tokens of all micro-batches.
+    pub loss: f32,
+    /// Global L2 norm of the LoRA gradients before clipping.
+    pub grad_norm: f32,
+    /// Learning rate applied.
+    pub lr: f32,
+    /// Tokens processed (all rows, padding included).
+    pub tokens: u64,
+    /// Tokens that carried a label.
+    pub labelled_tokens: u64,
+}
+
+/// LoRA training over a shared frozen decoder.
+pub struct Trainer<B: Backend> {
+    decoder: Arc<Decoder<B>>,
+    lora: LoraConfig,
+    cfg: TrainConfig,
+    params: LoraTensors<B>,
+    grads: LoraTensors<B>,
+    m: LoraTensors<B>,
+    v: LoraTensors<B>,
+    /// Optimizer steps taken.
+    step: u64,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Fresh adapters initialised from `lora.seed`.
+    pub fn new(decoder: Arc<Decoder<B>>, lora: LoraConfig, cfg: TrainConfig) -> Result<Self> {
+        lora.validate()?;
+        let params = LoraTensors::init(&decoder.cfg, &lora, &decoder.backend)?;
+        Self::with_params(decoder, lora, cfg, params)
+    }
+
+    /// Starts from given adapter tensors (a loaded adapter) with fresh optimizer state.
+    pub fn with_params(
+        decoder: Arc<Decoder<B>>,
+        lora: LoraConfig,
+        cfg: TrainConfig,
+        params: LoraTensors<B>,
+    ) -> Result<Self> {
+        lora.validate()?;
+        cfg.validate()?;
+        let be = &decoder.backend;
+        let grads = params.zeros_like(be)?;
+        let m = params.zeros_like(be)?;
+        let v = params.zeros_like(be)?;
+        Ok(Trainer { decoder, lora, cfg, params, grads, m, v, step: 0 })
+    }
+
+    pub fn decoder(&self) -> &Arc<Decoder<B>> {
+        &self.decoder
+    }
+    pub fn lora_config(&self) -> &LoraConfig {
+        &self.lora
+    }
+    pub fn train_config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+    pub fn params(&self) -> &LoraTensors<B> {
+        &self.params
+    }
+    pub fn params_mut(&mut self) -> &mut LoraTensors<B> {
+        &mut self.params
+    }
+    /// Gradients of the last [`Trainer::compute_gradients`] or step.
+    pub fn grads(&self) -> &LoraTensors<B> {
+        &self.grads
+    }
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Zeroes the gradients, then accumulates those of `micro_batches` (one optimizer step's worth).
+    /// The loss is the mean over every labelled token of all micro-batches, so the result does
+    /// not depend on how the tokens are split into micro-batches. Returns that mean loss.
+    pub fn compute_gradients(&mut self, micro_batches: &[Batch]) -> Result<(f32, u64, u64)> {
+        if micro_batches.is_empty() {
+            return Err(Error::InvalidArgument("a step needs at least one batch".into()));
+        }
+        let dec = &self.decoder;
+        let be = &dec.backend;
+        let uploaded = micro_batches
+            .iter()
+            .map(|b| b.upload(be, dec.cfg.vocab_size))
+            .collect::<Result<Vec<_>>>()?;
+        let labelled: usize = uploaded.iter().map(|b| b.labelled).sum();
+        if labelled == 0 {
+            return Err(Error::InvalidArgument("the batch has no labelled token (every label is -100)".into()));
+        }
+        for g in self.grads.tensors_mut() {
+            be.scale(g, 0.0)?;
+        }
+        let mut loss_sum = 0.0f64;
+        for (i, batch) in uploaded.iter().enumerate() {
+            let ad = Adapters {
+                tensors: &self.params,
+                cfg: &self.lora,
+                dropout_seed: Some(derive(self.cfg.seed, &[self.step, i as u64])),
+            };
+            loss_sum += dec.forward_backward(batch, &ad, &mut self.grads, labelled as f32, self.cfg.checkpointing)?;
+        }
+        let tokens = micro_batches.iter().map(|b| (b.batch_size * b.seq_len) as u64).sum();
+        Ok(((loss_sum / labelled as f64) as f32, tokens, labelled as u64))
+    }
+
+    /// One optimizer step over `micro_batches` (gradient accumulation when there are several).
+    /// A non-finite loss or gradient is reported as [`Error::NonFinite`] and nothing is updated.
+    pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
+        let (loss, tokens, labelled) = self.compute_gradients(micro_batches)?;
+        let be = &self.decoder.backend;
+        let mut sq = 0.0f64;
+        for g in self.grads.tensors() {
+            sq += be.sum_squares(g)?;
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite(format!("gradient norm ({grad_norm})")));
+        }
+        // torch.nn.utils.clip_grad_norm_: g ← g · max / (norm + 1e-6) when norm > max.
+        let max = self.cfg.max_grad_norm as f64;
+        if max > 0.0 && grad_norm > max {
+            let c = (max / (grad_norm + 1e-6)) as f32;
+            for g in self.grads.tensors_mut() {
+                be.scale(g, c)?;
+            }
+        }
+        let lr = self.cfg.schedule().lr(self.step);
+        let h = AdamWStep {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            step: self.step + 1,
+        };
+        let tensors = self.params.tensors_mut().zip(self.grads.tensors());
+        for ((p, g), (m, v)) in tensors.zip(self.m.tensors_mut().zip(self.v.tensors_mut())) {
+            be.adamw(p, g, m, v, h)?;
+        }
+        self.step += 1;
+        Ok(StepStats { step: self.step, loss, grad_norm: grad_norm as f32, lr, tokens, labelled_tokens: labelled })
+    }
+
+    /// Mean loss on `batch` without dropout and without touching any state.
+    pub fn eval_loss(&self, batch: &Batch) -> Result<f32> {
+        let dec = &self.decoder;
+        let be = &dec.backend;
+        let b = batch.upload(be, dec.cfg.vocab_size)?;
+        if b.labelled == 0 {
+            return Err(Error::InvalidArgument("the batch has no labelled token".into()));
+        }
+        let ad = Adapters { tensors: &self.params, cfg: &self.lora, dropout_seed: None };
+        let h = dec.hidden_states(&b, Some(&ad))?;
+        // The fused loss also returns a gradient we do not need; evaluation is rare enough.
+        let (loss, _) = be.lm_head_cross_entropy(&h, dec.weights.output_projection(), &b.labels, 1.0)?;
+        Ok((loss / b.labelled as f64) as f32)
+    }
+}

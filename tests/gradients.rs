@@ -1,0 +1,122 @@
+//! The CPU reference against central finite differences, on tiny random models of every family.
+//!
+//! For each LoRA tensor θ_i (every A and B of every adapted projection) and a random unit direction
+//! u over that tensor: `(L(θ + h·u) − L(θ − h·u)) / 2h` must match `∇_i L · u`. The loss is
+//! computed in f32, so the difference quotient carries a round-off error of about
+//! `ε_f32 · |L| / h ≈ 6e-8 · 4 / 1e-2 ≈ 2.4e-5`, and a truncation error `O(h²)`; with directional
+//! derivatives of order 1e-2..1 that allows a relative tolerance of 2e-2 (and an absolute floor of
+//! 1e-4 for directions along which the loss barely moves).
+
+use finetune::backend::cpu::CpuBackend;
+use finetune::backend::IGNORE_LABEL;
+use finetune::lora::LoraConfig;
+use finetune::model::config::Family;
+use finetune::model::decoder::Decoder;
+use finetune::model::presets::tiny;
+use finetune::model::weights::DecoderWeights;
+use finetune::rng::Rng;
+use finetune::train::batch::Batch;
+use finetune::train::trainer::{TrainConfig, Trainer};
+use std::sync::Arc;
+
+fn trainer(family: Family, checkpointing: bool) -> Trainer<CpuBackend> {
+    let cfg = tiny(family);
+    let be = CpuBackend::new(2).unwrap();
+    // Larger weights than an initialised model so that logits and gradients are far from uniform.
+    let mut weights = DecoderWeights::random(&cfg, &be, 7).unwrap();
+    let mut rng = Rng::new(99);
+    for l in &mut weights.layers {
+        for p in &mut l.proj {
+            p.data.iter_mut().for_each(|x| *x = 0.3 * rng.normal());
+        }
+    }
+    weights.embedding.data.iter_mut().for_each(|x| *x = rng.normal());
+    let dec = Arc::new(Decoder::new(cfg, be, weights));
+    let lora = LoraConfig { rank: 4, alpha: 8.0, seed: 3, ..LoraConfig::default() };
+    let mut t = Trainer::new(dec, lora, TrainConfig { checkpointing, ..TrainConfig::default() }).unwrap();
+    // PEFT starts B at zero; give it values so that the gradients of A are not zero too.
+    for pair in t.params_mut().pairs.iter_mut().flatten() {
+        pair.b.data.iter_mut().for_each(|x| *x = 0.2 * rng.normal());
+    }
+    t
+}
+
+fn batch() -> Batch {
+    let mut rng = Rng::new(5);
+    let ids: Vec<i32> = (0..2 * 7).map(|_| (rng.next_u64() % 64) as i32).collect();
+    let mut labels: Vec<i32> = (0..2 * 7).map(|_| (rng.next_u64() % 64) as i32).collect();
+    labels[3] = IGNORE_LABEL;
+    let mut b = Batch::new(2, 7, ids, labels).unwrap();
+    // The second row packs two examples: positions restart and attention must not cross.
+    for (i, t) in (7..14).enumerate() {
+        b.positions[t] = if i < 3 { i as i32 } else { i as i32 - 3 };
+        b.segments[t] = if i < 3 { 1 } else { 2 };
+    }
+    b
+}
+
+fn check_family(family: Family, checkpointing: bool) {
+    let mut t = trainer(family, checkpointing);
+    let b = batch();
+    let (loss, _, _) = t.compute_gradients(std::slice::from_ref(&b)).unwrap();
+    let eval = t.eval_loss(&b).unwrap();
+    assert!((loss - eval).abs() <= 1e-5 * loss.abs(), "train loss {loss} vs eval loss {eval}");
+    let grads: Vec<Vec<f32>> = t.grads().tensors().map(|g| g.data.clone()).collect();
+    let h = 1e-2f32;
+    let mut rng = Rng::new(11);
+    let mut worst = 0.0f32;
+    for (i, g) in grads.iter().enumerate() {
+        let mut u: Vec<f32> = (0..g.len()).map(|_| rng.normal()).collect();
+        let norm = u.iter().map(|x| x * x).sum::<f32>().sqrt();
+        u.iter_mut().for_each(|x| *x /= norm);
+        let analytic: f32 = g.iter().zip(&u).map(|(a, b)| a * b).sum();
+        let mut loss_at = |sign: f32| {
+            let p = t.params_mut().tensors_mut().nth(i).unwrap();
+            p.data.iter_mut().zip(&u).for_each(|(x, d)| *x += sign * h * d);
+            let l = t.eval_loss(&b).unwrap();
+            let p = t.params_mut().tensors_mut().nth(i).unwrap();
+            p.data.iter_mut().zip(&u).for_each(|(x, d)| *x -= sign * h * d);
+            l
+        };
+        let numeric = (loss_at(1.0) - loss_at(-1.0)) / (2.0 * h);
+        let err = (numeric - analytic).abs();
+        let tolerance = 2e-2 * analytic.abs().max(numeric.abs()) + 1e-4;
+        assert!(
+            numeric.is_finite() && err <= tolerance,
+            "{family:?} tensor {i}: analytic {analytic}, finite difference {numeric}"
+        );
+        worst = worst.max(err / tolerance);
+    }
+    eprintln!("{family:?} (checkpointing {checkpointing}): {} tensors, largest error/tolerance {worst:.2}", grads.len());
+}
+
+#[test]
+fn llama_lora_gradients_match_finite_differences() {
+    check_family(Family::Llama, true);
+}
+
+#[test]
+fn llama_without_checkpointing_gives_the_same_gradients() {
+    check_family(Family::Llama, false);
+    let grads = |ckpt| {
+        let mut t = trainer(Family::Llama, ckpt);
+        t.compute_gradients(&[batch()]).unwrap();
+        t.grads().tensors().map(|g| g.data.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(grads(true), grads(false));
+}
+
+#[test]
+fn qwen2_lora_gradients_match_finite_differences() {
+    check_family(Family::Qwen2, true);
+}
+
+#[test]
+fn qwen3_lora_gradients_match_finite_differences() {
+    check_family(Family::Qwen3, true);
+}
+
+#[test]
+fn gemma_lora_gradients_match_finite_differences() {
+    check_family(Family::Gemma, true);
+}
