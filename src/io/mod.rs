@@ -1,1 +1,3 @@
 //! File formats: safetensors, Hugging Face model directories, PEFT adapters.
+
+pub mod atomic;
