@@ -1,3 +1,4 @@
 //! File formats: safetensors, Hugging Face model directories, PEFT adapters.
 
 pub mod atomic;
+pub mod safetensors;
