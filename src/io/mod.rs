@@ -3,4 +3,5 @@
 pub mod atomic;
 pub mod json;
 pub mod model_dir;
+pub mod peft;
 pub mod safetensors;
