@@ -70,8 +70,8 @@ impl TargetModule {
             "down" => TargetModule::Down,
             _ => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown LoRA target module {name:?} (expected one of q, k, v, o, gate, up, down)"
-                )))
+                "unknown LoRA target module {name:?} (expected one of q, k, v, o, gate, up, down)"
+            )))
             }
         })
     }
@@ -138,7 +138,9 @@ impl LoraConfig {
     /// Checks ranges; called before any allocation.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
-            return Err(Error::InvalidArgument("LoRA rank must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "LoRA rank must be at least 1".into(),
+            ));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(Error::InvalidArgument(format!(

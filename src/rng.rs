@@ -20,7 +20,8 @@ pub fn unit_f32(seed: u64, index: u64) -> f32 {
 
 /// Derives the seed of a named sub-stream, e.g. `derive(seed, &[layer, module])`.
 pub fn derive(seed: u64, path: &[u64]) -> u64 {
-    path.iter().fold(mix(seed), |s, &p| mix(s ^ mix(p.wrapping_add(1))))
+    path.iter()
+        .fold(mix(seed), |s, &p| mix(s ^ mix(p.wrapping_add(1))))
 }
 
 /// A sequential generator (SplitMix64), for initialisation and shuffling.

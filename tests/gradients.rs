@@ -30,10 +30,27 @@ fn trainer(family: Family, checkpointing: bool) -> Trainer<CpuBackend> {
             p.data.iter_mut().for_each(|x| *x = 0.3 * rng.normal());
         }
     }
-    weights.embedding.data.iter_mut().for_each(|x| *x = rng.normal());
+    weights
+        .embedding
+        .data
+        .iter_mut()
+        .for_each(|x| *x = rng.normal());
     let dec = Arc::new(Decoder::new(cfg, be, weights));
-    let lora = LoraConfig { rank: 4, alpha: 8.0, seed: 3, ..LoraConfig::default() };
-    let mut t = Trainer::new(dec, lora, TrainConfig { checkpointing, ..TrainConfig::default() }).unwrap();
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        seed: 3,
+        ..LoraConfig::default()
+    };
+    let mut t = Trainer::new(
+        dec,
+        lora,
+        TrainConfig {
+            checkpointing,
+            ..TrainConfig::default()
+        },
+    )
+    .unwrap();
     // PEFT starts B at zero; give it values so that the gradients of A are not zero too.
     for pair in t.params_mut().pairs.iter_mut().flatten() {
         pair.b.data.iter_mut().for_each(|x| *x = 0.2 * rng.normal());
@@ -60,7 +77,10 @@ fn check_family(family: Family, checkpointing: bool) {
     let b = batch();
     let (loss, _, _) = t.compute_gradients(std::slice::from_ref(&b)).unwrap();
     let eval = t.eval_loss(&b).unwrap();
-    assert!((loss - eval).abs() <= 1e-5 * loss.abs(), "train loss {loss} vs eval loss {eval}");
+    assert!(
+        (loss - eval).abs() <= 1e-5 * loss.abs(),
+        "train loss {loss} vs eval loss {eval}"
+    );
     let grads: Vec<Vec<f32>> = t.grads().tensors().map(|g| g.data.clone()).collect();
     let h = 1e-2f32;
     let mut rng = Rng::new(11);
@@ -72,10 +92,16 @@ fn check_family(family: Family, checkpointing: bool) {
         let analytic: f32 = g.iter().zip(&u).map(|(a, b)| a * b).sum();
         let mut loss_at = |sign: f32| {
             let p = t.params_mut().tensors_mut().nth(i).unwrap();
-            p.data.iter_mut().zip(&u).for_each(|(x, d)| *x += sign * h * d);
+            p.data
+                .iter_mut()
+                .zip(&u)
+                .for_each(|(x, d)| *x += sign * h * d);
             let l = t.eval_loss(&b).unwrap();
             let p = t.params_mut().tensors_mut().nth(i).unwrap();
-            p.data.iter_mut().zip(&u).for_each(|(x, d)| *x -= sign * h * d);
+            p.data
+                .iter_mut()
+                .zip(&u)
+                .for_each(|(x, d)| *x -= sign * h * d);
             l
         };
         let numeric = (loss_at(1.0) - loss_at(-1.0)) / (2.0 * h);
@@ -101,7 +127,10 @@ fn llama_without_checkpointing_gives_the_same_gradients() {
     let grads = |ckpt| {
         let mut t = trainer(Family::Llama, ckpt);
         t.compute_gradients(&[batch()]).unwrap();
-        t.grads().tensors().map(|g| g.data.clone()).collect::<Vec<_>>()
+        t.grads()
+            .tensors()
+            .map(|g| g.data.clone())
+            .collect::<Vec<_>>()
     };
     assert_eq!(grads(true), grads(false));
 }

@@ -77,7 +77,8 @@ pub trait Backend: Send + Sync + 'static {
     fn has_non_finite(&self, x: &Self::Tensor) -> Result<bool>;
 
     /// Rows `table[ids[t]] · scale`.
-    fn embedding(&self, table: &Self::Tensor, ids: &Self::Ints, scale: f32) -> Result<Self::Tensor>;
+    fn embedding(&self, table: &Self::Tensor, ids: &Self::Ints, scale: f32)
+        -> Result<Self::Tensor>;
 
     /// RMSNorm of each row: `y = x · r · w'`, `r = 1/sqrt(mean(x²) + eps)`, `w' = w` or `1 + w`.
     /// Returns `y` and `r` (one value a row, `[rows, 1]`).

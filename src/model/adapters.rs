@@ -51,7 +51,9 @@ impl<B: Backend> LoraTensors<B> {
         Self::build(cfg, lora, |layer, m, (r, fan_in), (out, _)| {
             let mut rng = Rng::new(derive(lora.seed, &[layer as u64, m as u64]));
             let bound = 1.0 / (fan_in as f32).sqrt();
-            let a: Vec<f32> = (0..r * fan_in).map(|_| rng.uniform(-bound, bound)).collect();
+            let a: Vec<f32> = (0..r * fan_in)
+                .map(|_| rng.uniform(-bound, bound))
+                .collect();
             Ok(LoraPair {
                 a: backend.upload(&a, r, fan_in)?,
                 b: backend.zeros(out, r)?,
@@ -95,7 +97,10 @@ impl<B: Backend> LoraTensors<B> {
 
     /// Every tensor, mutably, in the order of [`LoraTensors::tensors`].
     pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut B::Tensor> {
-        self.pairs.iter_mut().flatten().flat_map(|p| [&mut p.a, &mut p.b])
+        self.pairs
+            .iter_mut()
+            .flatten()
+            .flat_map(|p| [&mut p.a, &mut p.b])
     }
 
     /// Total number of trainable values.

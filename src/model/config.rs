@@ -142,7 +142,12 @@ fn usize_field(v: &Value, key: &str, path: &Path) -> Result<usize> {
     x.as_u64()
         .filter(|n| *n > 0 && *n < (1 << 40))
         .map(|n| n as usize)
-        .ok_or_else(|| Error::format(path, format!("field \"{key}\" must be a positive integer, got {x}")))
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                format!("field \"{key}\" must be a positive integer, got {x}"),
+            )
+        })
 }
 
 fn opt_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
@@ -159,16 +164,21 @@ fn f32_field(v: &Value, key: &str, default: f32, path: &Path) -> Result<f32> {
             .as_f64()
             .map(|f| f as f32)
             .filter(|f| f.is_finite())
-            .ok_or_else(|| Error::format(path, format!("field \"{key}\" must be a number, got {x}"))),
+            .ok_or_else(|| {
+                Error::format(path, format!("field \"{key}\" must be a number, got {x}"))
+            }),
     }
 }
 
 fn bool_field(v: &Value, key: &str, default: bool, path: &Path) -> Result<bool> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(x) => x
-            .as_bool()
-            .ok_or_else(|| Error::format(path, format!("field \"{key}\" must be true or false, got {x}"))),
+        Some(x) => x.as_bool().ok_or_else(|| {
+            Error::format(
+                path,
+                format!("field \"{key}\" must be true or false, got {x}"),
+            )
+        }),
     }
 }
 
@@ -210,7 +220,14 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| {
-            Error::format(path, format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
+            Error::format(
+                path,
+                format!(
+                    "invalid JSON at line {} column {}: {e}",
+                    e.line(),
+                    e.column()
+                ),
+            )
         })?;
         Self::from_json(&v, path)
     }
@@ -247,7 +264,9 @@ impl ModelConfig {
             Some(other) => {
                 return Err(Error::format(
                     path,
-                    format!("hidden_act {other:?} is not supported (supported: silu, gelu_pytorch_tanh)"),
+                    format!(
+                    "hidden_act {other:?} is not supported (supported: silu, gelu_pytorch_tanh)"
+                ),
                 ))
             }
         };
@@ -284,7 +303,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
+            return Err(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
         if self.vocab_size > u32::MAX as usize {
             return Err(format!("vocab_size {} is too large", self.vocab_size));
@@ -316,8 +338,15 @@ impl ModelConfig {
         });
         if let Some(rs) = self.rope_scaling {
             v["rope_scaling"] = match rs {
-                RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
-                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => serde_json::json!({
+                RopeScaling::Linear { factor } => {
+                    serde_json::json!({"rope_type": "linear", "factor": factor})
+                }
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                } => serde_json::json!({
                     "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                     "high_freq_factor": high_freq_factor,
                     "original_max_position_embeddings": original_max_position_embeddings as u64,
@@ -399,7 +428,10 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<ModelConfig> {
-        ModelConfig::from_json(&serde_json::from_str(text).unwrap(), Path::new("config.json"))
+        ModelConfig::from_json(
+            &serde_json::from_str(text).unwrap(),
+            Path::new("config.json"),
+        )
     }
 
     const LLAMA: &str = r#"{"model_type":"llama","vocab_size":100,"hidden_size":64,"intermediate_size":128,
@@ -445,7 +477,10 @@ mod tests {
             "factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
         );
         let c = parse(&text).unwrap();
-        let unscaled = ModelConfig { rope_scaling: None, ..c.clone() };
+        let unscaled = ModelConfig {
+            rope_scaling: None,
+            ..c.clone()
+        };
         let (a, b) = (c.rope_inv_freq(), unscaled.rope_inv_freq());
         assert_eq!(a[0], b[0]);
         let last = a.len() - 1;

@@ -49,14 +49,22 @@ pub struct Adapters<'a, B: Backend> {
     pub dropout_seed: Option<u64>,
 }
 
+/// q and k before the per-head RMSNorm, and the norm's 1/rms of each head row.
+struct QkNormCache<B: Backend> {
+    q: B::Tensor,
+    rq: B::Tensor,
+    k: B::Tensor,
+    rk: B::Tensor,
+}
+
 /// Intermediate values of one layer kept for its backward pass.
 struct LayerCache<B: Backend> {
     h1: B::Tensor,
     r1: B::Tensor,
     /// `dropout(input)·Aᵀ` of each adapted projection.
     xa: Vec<Option<B::Tensor>>,
-    /// q and k before their per-head norm (qwen3) and that norm's 1/rms.
-    qk_raw: Option<(B::Tensor, B::Tensor, B::Tensor, B::Tensor)>,
+    /// q and k before their per-head norm (qwen3).
+    qk_raw: Option<QkNormCache<B>>,
     q: B::Tensor,
     k: B::Tensor,
     v: B::Tensor,
@@ -73,7 +81,12 @@ struct LayerCache<B: Backend> {
 impl<B: Backend> Decoder<B> {
     pub fn new(cfg: ModelConfig, backend: B, weights: DecoderWeights<B>) -> Self {
         let inv_freq = cfg.rope_inv_freq();
-        Decoder { cfg, backend, weights, inv_freq }
+        Decoder {
+            cfg,
+            backend,
+            weights,
+            inv_freq,
+        }
     }
 
     fn attention_shape(&self, batch: &DeviceBatch<B>) -> AttentionShape {
@@ -93,8 +106,12 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// The adapter's input: `dropout(x)` while training with dropout, else `x` itself.
-    fn adapter_input<'x>(&self, x: &'x B::Tensor, seed: Option<u64>, p: f32) -> Result<std::borrow::Cow<'x, B::Tensor>>
-    {
+    fn adapter_input<'x>(
+        &self,
+        x: &'x B::Tensor,
+        seed: Option<u64>,
+        p: f32,
+    ) -> Result<std::borrow::Cow<'x, B::Tensor>> {
         Ok(match seed {
             Some(s) => std::borrow::Cow::Owned(self.backend.dropout(x, p, s)?),
             None => std::borrow::Cow::Borrowed(x),
@@ -108,8 +125,7 @@ impl<B: Backend> Decoder<B> {
         m: TargetModule,
         x: &B::Tensor,
         ad: Option<&Adapters<B>>,
-    ) -> Result<(B::Tensor, Option<B::Tensor>)>
-    {
+    ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let be = &self.backend;
         let lw: &LayerWeights<B> = &self.weights.layers[layer];
         let w = &lw.proj[m as usize];
@@ -141,14 +157,15 @@ impl<B: Backend> Decoder<B> {
         xa: Option<&B::Tensor>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
-    ) -> Result<B::Tensor>
-    {
+    ) -> Result<B::Tensor> {
         let be = &self.backend;
         let w = &self.weights.layers[layer].proj[m as usize];
         let (rows, _) = be.shape(dy);
         let mut dx = be.zeros(rows, be.shape(w).1)?;
         be.matmul(dy, false, w, false, 1.0, &mut dx, false)?;
-        let (Some(xa), Some(pair), Some(grad)) = (xa, ad.tensors.get(layer, m), grads.get_mut(layer, m)) else {
+        let (Some(xa), Some(pair), Some(grad)) =
+            (xa, ad.tensors.get(layer, m), grads.get_mut(layer, m))
+        else {
             return Ok(dx);
         };
         let s = ad.cfg.scale();
@@ -175,8 +192,13 @@ impl<B: Backend> Decoder<B> {
         Ok((be.reshape(y, rows, cols), r))
     }
 
-    fn head_norm_backward(&self, dy: B::Tensor, raw: &B::Tensor, w: &B::Tensor, r: &B::Tensor) -> Result<B::Tensor>
-    {
+    fn head_norm_backward(
+        &self,
+        dy: B::Tensor,
+        raw: &B::Tensor,
+        w: &B::Tensor,
+        r: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let be = &self.backend;
         let (rows, cols) = be.shape(&dy);
         let hd = self.cfg.head_dim;
@@ -193,8 +215,7 @@ impl<B: Backend> Decoder<B> {
         x: &B::Tensor,
         batch: &DeviceBatch<B>,
         ad: Option<&Adapters<B>>,
-    ) -> Result<(B::Tensor, LayerCache<B>)>
-    {
+    ) -> Result<(B::Tensor, LayerCache<B>)> {
         use TargetModule::*;
         let be = &self.backend;
         let cfg = &self.cfg;
@@ -209,12 +230,24 @@ impl<B: Backend> Decoder<B> {
             (Some(qn), Some(kn)) => {
                 let (qn_out, rq) = self.head_norm(q.clone(), qn)?;
                 let (kn_out, rk) = self.head_norm(k.clone(), kn)?;
-                (qn_out, kn_out, Some((q, rq, k, rk)))
+                (qn_out, kn_out, Some(QkNormCache { q, rq, k, rk }))
             }
             _ => (q, k, None),
         };
-        be.rope(&mut q, &batch.positions, &self.inv_freq, cfg.head_dim, false)?;
-        be.rope(&mut k, &batch.positions, &self.inv_freq, cfg.head_dim, false)?;
+        be.rope(
+            &mut q,
+            &batch.positions,
+            &self.inv_freq,
+            cfg.head_dim,
+            false,
+        )?;
+        be.rope(
+            &mut k,
+            &batch.positions,
+            &self.inv_freq,
+            cfg.head_dim,
+            false,
+        )?;
         let (attn, lse) = be.attention(&q, &k, &v, &batch.segments, self.attention_shape(batch))?;
         let (o, xo) = self.project(layer, O, &attn, ad)?;
         xa[O as usize] = xo;
@@ -229,11 +262,28 @@ impl<B: Backend> Decoder<B> {
         xa[Down as usize] = xd;
         let mut out = x1.clone();
         be.add_assign(&mut out, &down)?;
-        let cache = LayerCache { h1, r1, xa, qk_raw, q, k, v, attn, lse, x1, h2, r2, g, u, m };
+        let cache = LayerCache {
+            h1,
+            r1,
+            xa,
+            qk_raw,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            x1,
+            h2,
+            r2,
+            g,
+            u,
+            m,
+        };
         Ok((out, cache))
     }
 
     /// One layer backward: takes dL/d(out) and the layer input, returns dL/dx.
+    #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
         layer: usize,
@@ -243,8 +293,7 @@ impl<B: Backend> Decoder<B> {
         batch: &DeviceBatch<B>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
-    ) -> Result<B::Tensor>
-    {
+    ) -> Result<B::Tensor> {
         use TargetModule::*;
         let be = &self.backend;
         let cfg = &self.cfg;
@@ -254,47 +303,88 @@ impl<B: Backend> Decoder<B> {
         let dm = self.project_backward(layer, Down, &d_out, &c.m, xa(Down), ad, grads)?;
         let (dg, du) = be.gated_activation_backward(&dm, &c.g, &c.u, cfg.activation)?;
         let mut dh2 = self.project_backward(layer, Gate, &dg, &c.h2, xa(Gate), ad, grads)?;
-        be.add_assign(&mut dh2, &self.project_backward(layer, Up, &du, &c.h2, xa(Up), ad, grads)?)?;
-        let mut dx1 = be.rmsnorm_backward(&dh2, &c.x1, &lw.mlp_norm, &c.r2, cfg.norm_unit_offset)?;
+        be.add_assign(
+            &mut dh2,
+            &self.project_backward(layer, Up, &du, &c.h2, xa(Up), ad, grads)?,
+        )?;
+        let mut dx1 =
+            be.rmsnorm_backward(&dh2, &c.x1, &lw.mlp_norm, &c.r2, cfg.norm_unit_offset)?;
         be.add_assign(&mut dx1, &d_out)?;
         // x1 = x + o(attn)
         let dattn = self.project_backward(layer, O, &dx1, &c.attn, xa(O), ad, grads)?;
         let (mut dq, mut dk, dv) = be.attention_backward(
-            &c.q, &c.k, &c.v, &c.attn, &c.lse, &dattn, &batch.segments, self.attention_shape(batch),
+            &c.q,
+            &c.k,
+            &c.v,
+            &c.attn,
+            &c.lse,
+            &dattn,
+            &batch.segments,
+            self.attention_shape(batch),
         )?;
-        be.rope(&mut dq, &batch.positions, &self.inv_freq, cfg.head_dim, true)?;
-        be.rope(&mut dk, &batch.positions, &self.inv_freq, cfg.head_dim, true)?;
-        if let (Some((q_raw, rq, k_raw, rk)), Some(qn), Some(kn)) = (&c.qk_raw, &lw.q_norm, &lw.k_norm) {
-            dq = self.head_norm_backward(dq, q_raw, qn, rq)?;
-            dk = self.head_norm_backward(dk, k_raw, kn, rk)?;
+        be.rope(
+            &mut dq,
+            &batch.positions,
+            &self.inv_freq,
+            cfg.head_dim,
+            true,
+        )?;
+        be.rope(
+            &mut dk,
+            &batch.positions,
+            &self.inv_freq,
+            cfg.head_dim,
+            true,
+        )?;
+        if let (Some(raw), Some(qn), Some(kn)) = (&c.qk_raw, &lw.q_norm, &lw.k_norm) {
+            dq = self.head_norm_backward(dq, &raw.q, qn, &raw.rq)?;
+            dk = self.head_norm_backward(dk, &raw.k, kn, &raw.rk)?;
         }
         let mut dh1 = self.project_backward(layer, Q, &dq, &c.h1, xa(Q), ad, grads)?;
-        be.add_assign(&mut dh1, &self.project_backward(layer, K, &dk, &c.h1, xa(K), ad, grads)?)?;
-        be.add_assign(&mut dh1, &self.project_backward(layer, V, &dv, &c.h1, xa(V), ad, grads)?)?;
+        be.add_assign(
+            &mut dh1,
+            &self.project_backward(layer, K, &dk, &c.h1, xa(K), ad, grads)?,
+        )?;
+        be.add_assign(
+            &mut dh1,
+            &self.project_backward(layer, V, &dv, &c.h1, xa(V), ad, grads)?,
+        )?;
         let mut dx = be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &c.r1, cfg.norm_unit_offset)?;
         be.add_assign(&mut dx, &dx1)?;
         Ok(dx)
     }
 
     fn embed(&self, batch: &DeviceBatch<B>) -> Result<B::Tensor> {
-        let scale = if self.cfg.scale_embeddings { (self.cfg.hidden_size as f32).sqrt() } else { 1.0 };
-        self.backend.embedding(&self.weights.embedding, &batch.ids, scale)
+        let scale = if self.cfg.scale_embeddings {
+            (self.cfg.hidden_size as f32).sqrt()
+        } else {
+            1.0
+        };
+        self.backend
+            .embedding(&self.weights.embedding, &batch.ids, scale)
     }
 
     /// Final hidden states after the last norm, `[tokens, hidden]` (no LM head).
-    pub fn hidden_states(&self, batch: &DeviceBatch<B>, ad: Option<&Adapters<B>>) -> Result<B::Tensor>
-    {
+    pub fn hidden_states(
+        &self,
+        batch: &DeviceBatch<B>,
+        ad: Option<&Adapters<B>>,
+    ) -> Result<B::Tensor> {
         let mut x = self.embed(batch)?;
         for layer in 0..self.cfg.num_layers {
             x = self.layer_forward(layer, &x, batch, ad)?.0;
         }
-        let (h, _) = self.backend.rmsnorm(&x, &self.weights.final_norm, self.cfg.rms_norm_eps, self.cfg.norm_unit_offset)?;
+        let (h, _) = self.backend.rmsnorm(
+            &x,
+            &self.weights.final_norm,
+            self.cfg.rms_norm_eps,
+            self.cfg.norm_unit_offset,
+        )?;
         Ok(h)
     }
 
     /// Logits `[tokens, vocab]` of every row (for inference and tests; training never builds them).
-    pub fn logits(&self, batch: &DeviceBatch<B>, ad: Option<&Adapters<B>>) -> Result<B::Tensor>
-    {
+    pub fn logits(&self, batch: &DeviceBatch<B>, ad: Option<&Adapters<B>>) -> Result<B::Tensor> {
         let be = &self.backend;
         let h = self.hidden_states(batch, ad)?;
         let w = self.weights.output_projection();
@@ -313,8 +403,7 @@ impl<B: Backend> Decoder<B> {
         grads: &mut LoraTensors<B>,
         normalizer: f32,
         checkpoint: bool,
-    ) -> Result<f64>
-    {
+    ) -> Result<f64> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let n = cfg.num_layers;
@@ -329,12 +418,28 @@ impl<B: Backend> Decoder<B> {
             inputs.push(out);
         }
         let last = inputs.pop().expect("at least the embedding");
-        let (h, r) = be.rmsnorm(&last, &self.weights.final_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
-        let (loss, dh) = be.lm_head_cross_entropy(&h, self.weights.output_projection(), &batch.labels, normalizer)?;
+        let (h, r) = be.rmsnorm(
+            &last,
+            &self.weights.final_norm,
+            cfg.rms_norm_eps,
+            cfg.norm_unit_offset,
+        )?;
+        let (loss, dh) = be.lm_head_cross_entropy(
+            &h,
+            self.weights.output_projection(),
+            &batch.labels,
+            normalizer,
+        )?;
         if !loss.is_finite() {
             return Err(Error::NonFinite(format!("loss ({loss})")));
         }
-        let mut dx = be.rmsnorm_backward(&dh, &last, &self.weights.final_norm, &r, cfg.norm_unit_offset)?;
+        let mut dx = be.rmsnorm_backward(
+            &dh,
+            &last,
+            &self.weights.final_norm,
+            &r,
+            cfg.norm_unit_offset,
+        )?;
         for layer in (0..n).rev() {
             let x = inputs.pop().expect("one input per layer");
             let cache = match caches.pop() {

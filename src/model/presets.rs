@@ -32,7 +32,11 @@ fn base(family: Family) -> ModelConfig {
         tie_word_embeddings: gemma,
         qkv_bias: family == Family::Qwen2,
         qk_norm: family == Family::Qwen3,
-        activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        activation: if gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
         norm_unit_offset: gemma,
         scale_embeddings: gemma,
     }

@@ -43,28 +43,73 @@ impl TensorSpec {
 
 /// Every tensor a model of this configuration has, in checkpoint order.
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
-    let spec = |name: String, rows, cols, slot| TensorSpec { name, rows, cols, slot };
+    let spec = |name: String, rows, cols, slot| TensorSpec {
+        name,
+        rows,
+        cols,
+        slot,
+    };
     let d = cfg.hidden_size;
-    let mut out = vec![spec("model.embed_tokens.weight".into(), cfg.vocab_size, d, Slot::Embedding)];
+    let mut out = vec![spec(
+        "model.embed_tokens.weight".into(),
+        cfg.vocab_size,
+        d,
+        Slot::Embedding,
+    )];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        out.push(spec(format!("{p}.input_layernorm.weight"), 1, d, Slot::AttnNorm(l)));
+        out.push(spec(
+            format!("{p}.input_layernorm.weight"),
+            1,
+            d,
+            Slot::AttnNorm(l),
+        ));
         for m in TargetModule::ALL {
             let (o, i) = (cfg.out_features(m), cfg.in_features(m));
-            out.push(spec(format!("{p}.{}.weight", m.hf_path()), o, i, Slot::Proj(l, m)));
+            out.push(spec(
+                format!("{p}.{}.weight", m.hf_path()),
+                o,
+                i,
+                Slot::Proj(l, m),
+            ));
             if cfg.qkv_bias && matches!(m, TargetModule::Q | TargetModule::K | TargetModule::V) {
-                out.push(spec(format!("{p}.{}.bias", m.hf_path()), 1, o, Slot::Bias(l, m)));
+                out.push(spec(
+                    format!("{p}.{}.bias", m.hf_path()),
+                    1,
+                    o,
+                    Slot::Bias(l, m),
+                ));
             }
         }
         if cfg.qk_norm {
-            out.push(spec(format!("{p}.self_attn.q_norm.weight"), 1, cfg.head_dim, Slot::QNorm(l)));
-            out.push(spec(format!("{p}.self_attn.k_norm.weight"), 1, cfg.head_dim, Slot::KNorm(l)));
+            out.push(spec(
+                format!("{p}.self_attn.q_norm.weight"),
+                1,
+                cfg.head_dim,
+                Slot::QNorm(l),
+            ));
+            out.push(spec(
+                format!("{p}.self_attn.k_norm.weight"),
+                1,
+                cfg.head_dim,
+                Slot::KNorm(l),
+            ));
         }
-        out.push(spec(format!("{p}.post_attention_layernorm.weight"), 1, d, Slot::MlpNorm(l)));
+        out.push(spec(
+            format!("{p}.post_attention_layernorm.weight"),
+            1,
+            d,
+            Slot::MlpNorm(l),
+        ));
     }
     out.push(spec("model.norm.weight".into(), 1, d, Slot::FinalNorm));
     if !cfg.tie_word_embeddings {
-        out.push(spec("lm_head.weight".into(), cfg.vocab_size, d, Slot::LmHead));
+        out.push(spec(
+            "lm_head.weight".into(),
+            cfg.vocab_size,
+            d,
+            Slot::LmHead,
+        ));
     }
     out
 }
@@ -144,9 +189,17 @@ impl<B: Backend> DecoderWeights<B> {
             let n = spec.rows * spec.cols;
             let is_norm = matches!(
                 spec.slot,
-                Slot::AttnNorm(_) | Slot::MlpNorm(_) | Slot::QNorm(_) | Slot::KNorm(_) | Slot::FinalNorm
+                Slot::AttnNorm(_)
+                    | Slot::MlpNorm(_)
+                    | Slot::QNorm(_)
+                    | Slot::KNorm(_)
+                    | Slot::FinalNorm
             );
-            let identity = if is_norm && !cfg.norm_unit_offset { 1.0 } else { 0.0 };
+            let identity = if is_norm && !cfg.norm_unit_offset {
+                1.0
+            } else {
+                0.0
+            };
             let std = if is_norm { 0.1 } else { 0.02 };
             Ok((0..n).map(|_| identity + std * rng.normal()).collect())
         })

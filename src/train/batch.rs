@@ -21,7 +21,12 @@ pub struct Batch {
 
 impl Batch {
     /// A batch of unpacked rows: positions 0..seq_len, one segment a row.
-    pub fn new(batch_size: usize, seq_len: usize, input_ids: Vec<i32>, labels: Vec<i32>) -> Result<Self> {
+    pub fn new(
+        batch_size: usize,
+        seq_len: usize,
+        input_ids: Vec<i32>,
+        labels: Vec<i32>,
+    ) -> Result<Self> {
         let n = batch_size * seq_len;
         if batch_size == 0 || seq_len == 0 || input_ids.len() != n || labels.len() != n {
             return Err(Error::InvalidArgument(format!(
@@ -63,9 +68,14 @@ impl Batch {
     /// Checks every id and label against the vocabulary, naming the first bad one.
     pub fn validate(&self, vocab: usize) -> Result<()> {
         let n = self.batch_size * self.seq_len;
-        if [self.input_ids.len(), self.labels.len(), self.positions.len(), self.segments.len()]
-            .iter()
-            .any(|&l| l != n)
+        if [
+            self.input_ids.len(),
+            self.labels.len(),
+            self.positions.len(),
+            self.segments.len(),
+        ]
+        .iter()
+        .any(|&l| l != n)
         {
             return Err(Error::InvalidArgument(format!(
                 "batch of {} x {}: input_ids, labels, positions and segments must each hold {n} values",
@@ -79,14 +89,20 @@ impl Batch {
                 self.input_ids[t]
             )));
         }
-        if let Some(t) = self.labels.iter().position(|&x| x != IGNORE_LABEL && !in_vocab(x)) {
+        if let Some(t) = self
+            .labels
+            .iter()
+            .position(|&x| x != IGNORE_LABEL && !in_vocab(x))
+        {
             return Err(Error::InvalidArgument(format!(
                 "label {} at position {t} is outside the vocabulary of {vocab} tokens (use {IGNORE_LABEL} for no loss)",
                 self.labels[t]
             )));
         }
         if let Some(t) = self.positions.iter().position(|&p| p < 0) {
-            return Err(Error::InvalidArgument(format!("negative position at row {t}")));
+            return Err(Error::InvalidArgument(format!(
+                "negative position at row {t}"
+            )));
         }
         Ok(())
     }

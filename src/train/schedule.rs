@@ -58,7 +58,12 @@ mod tests {
     use super::*;
 
     fn sched(kind: ScheduleKind) -> Schedule {
-        Schedule { kind, peak_lr: 1.0, warmup_steps: 10, total_steps: 110 }
+        Schedule {
+            kind,
+            peak_lr: 1.0,
+            warmup_steps: 10,
+            total_steps: 110,
+        }
     }
 
     #[test]

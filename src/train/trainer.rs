@@ -133,7 +133,16 @@ impl<B: Backend> Trainer<B> {
         let grads = params.zeros_like(be)?;
         let m = params.zeros_like(be)?;
         let v = params.zeros_like(be)?;
-        Ok(Trainer { decoder, lora, cfg, params, grads, m, v, step: 0 })
+        Ok(Trainer {
+            decoder,
+            lora,
+            cfg,
+            params,
+            grads,
+            m,
+            v,
+            step: 0,
+        })
     }
 
     pub fn decoder(&self) -> &Arc<Decoder<B>> {
@@ -164,7 +173,9 @@ impl<B: Backend> Trainer<B> {
     /// not depend on how the tokens are split into micro-batches. Returns that mean loss.
     pub fn compute_gradients(&mut self, micro_batches: &[Batch]) -> Result<(f32, u64, u64)> {
         if micro_batches.is_empty() {
-            return Err(Error::InvalidArgument("a step needs at least one batch".into()));
+            return Err(Error::InvalidArgument(
+                "a step needs at least one batch".into(),
+            ));
         }
         let dec = &self.decoder;
         let be = &dec.backend;
@@ -174,7 +185,9 @@ impl<B: Backend> Trainer<B> {
             .collect::<Result<Vec<_>>>()?;
         let labelled: usize = uploaded.iter().map(|b| b.labelled).sum();
         if labelled == 0 {
-            return Err(Error::InvalidArgument("the batch has no labelled token (every label is -100)".into()));
+            return Err(Error::InvalidArgument(
+                "the batch has no labelled token (every label is -100)".into(),
+            ));
         }
         for g in self.grads.tensors_mut() {
             be.scale(g, 0.0)?;
@@ -186,9 +199,18 @@ impl<B: Backend> Trainer<B> {
                 cfg: &self.lora,
                 dropout_seed: Some(derive(self.cfg.seed, &[self.step, i as u64])),
             };
-            loss_sum += dec.forward_backward(batch, &ad, &mut self.grads, labelled as f32, self.cfg.checkpointing)?;
+            loss_sum += dec.forward_backward(
+                batch,
+                &ad,
+                &mut self.grads,
+                labelled as f32,
+                self.cfg.checkpointing,
+            )?;
         }
-        let tokens = micro_batches.iter().map(|b| (b.batch_size * b.seq_len) as u64).sum();
+        let tokens = micro_batches
+            .iter()
+            .map(|b| (b.batch_size * b.seq_len) as u64)
+            .sum();
         Ok(((loss_sum / labelled as f64) as f32, tokens, labelled as u64))
     }
 
@@ -227,7 +249,14 @@ impl<B: Backend> Trainer<B> {
             be.adamw(p, g, m, v, h)?;
         }
         self.step += 1;
-        Ok(StepStats { step: self.step, loss, grad_norm: grad_norm as f32, lr, tokens, labelled_tokens: labelled })
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            grad_norm: grad_norm as f32,
+            lr,
+            tokens,
+            labelled_tokens: labelled,
+        })
     }
 
     /// Mean loss on `batch` without dropout and without touching any state.
@@ -236,12 +265,19 @@ impl<B: Backend> Trainer<B> {
         let be = &dec.backend;
         let b = batch.upload(be, dec.cfg.vocab_size)?;
         if b.labelled == 0 {
-            return Err(Error::InvalidArgument("the batch has no labelled token".into()));
+            return Err(Error::InvalidArgument(
+                "the batch has no labelled token".into(),
+            ));
         }
-        let ad = Adapters { tensors: &self.params, cfg: &self.lora, dropout_seed: None };
+        let ad = Adapters {
+            tensors: &self.params,
+            cfg: &self.lora,
+            dropout_seed: None,
+        };
         let h = dec.hidden_states(&b, Some(&ad))?;
         // The fused loss also returns a gradient we do not need; evaluation is rare enough.
-        let (loss, _) = be.lm_head_cross_entropy(&h, dec.weights.output_projection(), &b.labels, 1.0)?;
+        let (loss, _) =
+            be.lm_head_cross_entropy(&h, dec.weights.output_projection(), &b.labels, 1.0)?;
         Ok((loss / b.labelled as f64) as f32)
     }
 }

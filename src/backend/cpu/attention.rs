@@ -33,7 +33,13 @@ pub fn check_shapes(
     } else {
         Err(Error::InvalidArgument(format!(
             "attention shapes: q [{}, {}], k [{}, {}], v [{}, {}], {} segment ids for {s:?}",
-            q.rows, q.cols, k.rows, k.cols, v.rows, v.cols, segments.len()
+            q.rows,
+            q.cols,
+            k.rows,
+            k.cols,
+            v.rows,
+            v.cols,
+            segments.len()
         )))
     }
 }
@@ -58,7 +64,12 @@ impl<'a> HeadViews<'a> {
     /// Head `h` of a `[tokens, heads·head_dim]` tensor, restricted to this sequence: `[seq, head_dim]`.
     fn head<'t>(&self, t: &'t CpuTensor, h: usize) -> MatRef<'t> {
         let d = self.s.head_dim;
-        MatRef::strided(&t.data[self.seq_start * t.cols + h * d..], self.s.seq, d, t.cols)
+        MatRef::strided(
+            &t.data[self.seq_start * t.cols + h * d..],
+            self.s.seq,
+            d,
+            t.cols,
+        )
     }
 
     fn visible(&self, i: usize, j: usize) -> bool {
@@ -90,7 +101,11 @@ impl<'a> HeadViews<'a> {
             };
             lse_out[i] = l;
             for (j, x) in row.iter_mut().enumerate() {
-                *x = if self.visible(i, j) { (*x - l).exp() } else { 0.0 };
+                *x = if self.visible(i, j) {
+                    (*x - l).exp()
+                } else {
+                    0.0
+                };
             }
         }
         (p, lse_out)
@@ -121,13 +136,29 @@ pub fn forward(
             let views = HeadViews::new(s, b, segments);
             let (p, lse) = views.probabilities(views.head(q, h), views.head(k, h / group), None);
             let mut o = vec![0.0f32; n * d];
-            gemm(MatRef::new(&p, n, n), views.head(v, h / group), 1.0, &mut o, d, false, Parallelism::None);
+            gemm(
+                MatRef::new(&p, n, n),
+                views.head(v, h / group),
+                1.0,
+                &mut o,
+                d,
+                false,
+                Parallelism::None,
+            );
             (b, h, o, lse)
         })
         .collect();
     let tokens = s.batch * n;
-    let mut out = CpuTensor { rows: tokens, cols: s.num_heads * d, data: vec![0.0; tokens * s.num_heads * d] };
-    let mut lse_all = CpuTensor { rows: tokens, cols: s.num_heads, data: vec![0.0; tokens * s.num_heads] };
+    let mut out = CpuTensor {
+        rows: tokens,
+        cols: s.num_heads * d,
+        data: vec![0.0; tokens * s.num_heads * d],
+    };
+    let mut lse_all = CpuTensor {
+        rows: tokens,
+        cols: s.num_heads,
+        data: vec![0.0; tokens * s.num_heads],
+    };
     for (b, h, o, lse) in blocks {
         scatter_head(&mut out, &o, b * n, n, h * d);
         scatter_head(&mut lse_all, &lse, b * n, n, h);
@@ -161,7 +192,9 @@ pub fn backward(
             let mut dv = vec![0.0f32; n * d];
             let mut dqs = Vec::with_capacity(group);
             for h in g * group..(g + 1) * group {
-                let lse_h: Vec<f32> = (0..n).map(|i| lse.data[(b * n + i) * s.num_heads + h]).collect();
+                let lse_h: Vec<f32> = (0..n)
+                    .map(|i| lse.data[(b * n + i) * s.num_heads + h])
+                    .collect();
                 let qh = views.head(q, h);
                 let (doh, oh) = (views.head(d_out, h), views.head(out, h));
                 let (p, _) = views.probabilities(qh, kg, Some(&lse_h));
@@ -187,7 +220,11 @@ pub fn backward(
         })
         .collect();
     let tokens = s.batch * n;
-    let zeros = |cols: usize| CpuTensor { rows: tokens, cols, data: vec![0.0; tokens * cols] };
+    let zeros = |cols: usize| CpuTensor {
+        rows: tokens,
+        cols,
+        data: vec![0.0; tokens * cols],
+    };
     let (mut dq, mut dk, mut dv) = (zeros(q.cols), zeros(k.cols), zeros(v.cols));
     for (b, g, dqs, dkg, dvg) in blocks {
         for (i, dqh) in dqs.iter().enumerate() {

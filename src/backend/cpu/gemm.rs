@@ -27,7 +27,10 @@ impl<'a> MatRef<'a> {
 
     /// A column block `[rows, cols]` of a row-major matrix whose rows are `stride` apart.
     pub fn strided(data: &'a [f32], rows: usize, cols: usize, stride: usize) -> Self {
-        assert!(rows == 0 || data.len() >= (rows - 1) * stride + cols, "matrix view out of bounds");
+        assert!(
+            rows == 0 || data.len() >= (rows - 1) * stride + cols,
+            "matrix view out of bounds"
+        );
         MatRef {
             data,
             rows,
@@ -75,7 +78,10 @@ pub fn gemm(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c_data.len() >= (m - 1) * c_stride + n, "output view out of bounds");
+    assert!(
+        c_data.len() >= (m - 1) * c_stride + n,
+        "output view out of bounds"
+    );
     if k == 0 {
         if !accumulate {
             for r in 0..m {

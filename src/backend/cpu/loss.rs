@@ -33,7 +33,11 @@ pub fn lm_head_cross_entropy(
         }
         labelled.push(t);
     }
-    let mut dh = CpuTensor { rows: h.rows, cols: d, data: vec![0.0; h.data.len()] };
+    let mut dh = CpuTensor {
+        rows: h.rows,
+        cols: d,
+        data: vec![0.0; h.data.len()],
+    };
     let mut total = 0.0f64;
     let wv = MatRef::new(&w.data, vocab, d);
     for rows in labelled.chunks(CHUNK) {
@@ -43,7 +47,15 @@ pub fn lm_head_cross_entropy(
             dst.copy_from_slice(&h.data[t * d..(t + 1) * d]);
         }
         let mut z = vec![0.0f32; m * vocab];
-        gemm(MatRef::new(&hc, m, d), wv.t(), 1.0, &mut z, vocab, false, parallelism(m, vocab, d, threads));
+        gemm(
+            MatRef::new(&hc, m, d),
+            wv.t(),
+            1.0,
+            &mut z,
+            vocab,
+            false,
+            parallelism(m, vocab, d, threads),
+        );
         // z ← (softmax(z) − onehot(y)) / normalizer, row by row; the loss of each row comes back.
         total += z
             .par_chunks_mut(vocab)
@@ -62,7 +74,15 @@ pub fn lm_head_cross_entropy(
             })
             .sum::<f64>();
         let mut dhc = vec![0.0f32; m * d];
-        gemm(MatRef::new(&z, m, vocab), wv, 1.0, &mut dhc, d, false, parallelism(m, d, vocab, threads));
+        gemm(
+            MatRef::new(&z, m, vocab),
+            wv,
+            1.0,
+            &mut dhc,
+            d,
+            false,
+            parallelism(m, d, vocab, threads),
+        );
         for (src, &t) in dhc.chunks(d).zip(rows) {
             dh.data[t * d..(t + 1) * d].copy_from_slice(src);
         }

@@ -45,7 +45,9 @@ impl CpuBackend {
             .num_threads(threads)
             .thread_name(|i| format!("finetune-cpu-{i}"))
             .build()
-            .map_err(|e| Error::InvalidArgument(format!("cannot start {threads} CPU threads: {e}")))?;
+            .map_err(|e| {
+                Error::InvalidArgument(format!("cannot start {threads} CPU threads: {e}"))
+            })?;
         Ok(CpuBackend { pool, threads })
     }
 
@@ -108,7 +110,11 @@ impl Backend for CpuBackend {
     }
 
     fn reshape(&self, t: CpuTensor, rows: usize, cols: usize) -> CpuTensor {
-        assert_eq!(t.rows * t.cols, rows * cols, "reshape changes the element count");
+        assert_eq!(
+            t.rows * t.cols,
+            rows * cols,
+            "reshape changes the element count"
+        );
         CpuTensor { rows, cols, ..t }
     }
 
@@ -305,7 +311,11 @@ impl Backend for CpuBackend {
             let keep = 1.0 / (1.0 - p);
             self.install(|| {
                 y.data.par_iter_mut().enumerate().for_each(|(i, a)| {
-                    *a *= if crate::rng::unit_f32(seed, i as u64) >= p { keep } else { 0.0 };
+                    *a *= if crate::rng::unit_f32(seed, i as u64) >= p {
+                        keep
+                    } else {
+                        0.0
+                    };
                 })
             });
         }

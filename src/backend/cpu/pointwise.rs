@@ -40,13 +40,27 @@ pub fn rmsnorm(x: &CpuTensor, w: &[f32], eps: f32, unit_offset: bool) -> (CpuTen
             }
         });
     (
-        CpuTensor { rows: x.rows, cols: n, data: y },
-        CpuTensor { rows: x.rows, cols: 1, data: r },
+        CpuTensor {
+            rows: x.rows,
+            cols: n,
+            data: y,
+        },
+        CpuTensor {
+            rows: x.rows,
+            cols: 1,
+            data: r,
+        },
     )
 }
 
 /// See `Backend::rmsnorm_backward`.
-pub fn rmsnorm_backward(dy: &CpuTensor, x: &CpuTensor, w: &[f32], r: &[f32], unit_offset: bool) -> CpuTensor {
+pub fn rmsnorm_backward(
+    dy: &CpuTensor,
+    x: &CpuTensor,
+    w: &[f32],
+    r: &[f32],
+    unit_offset: bool,
+) -> CpuTensor {
     let n = x.cols;
     let mut dx = vec![0.0f32; x.data.len()];
     dx.par_chunks_mut(n)
@@ -65,11 +79,21 @@ pub fn rmsnorm_backward(dy: &CpuTensor, x: &CpuTensor, w: &[f32], r: &[f32], uni
                 *o = rr * norm_weight(wi, unit_offset) * d - c * a;
             }
         });
-    CpuTensor { rows: x.rows, cols: n, data: dx }
+    CpuTensor {
+        rows: x.rows,
+        cols: n,
+        data: dx,
+    }
 }
 
 /// See `Backend::rope`.
-pub fn rope(x: &mut CpuTensor, positions: &[i32], inv_freq: &[f32], head_dim: usize, inverse: bool) {
+pub fn rope(
+    x: &mut CpuTensor,
+    positions: &[i32],
+    inv_freq: &[f32],
+    head_dim: usize,
+    inverse: bool,
+) {
     let half = head_dim / 2;
     let sign = if inverse { -1.0f64 } else { 1.0 };
     x.data

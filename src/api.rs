@@ -1,0 +1,358 @@
+//! The Rust API that the C ABI wraps: a [`Model`] loaded once (frozen, shareable between threads)
+//! and [`Trainer`]s that attach LoRA adapters to it.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::io::model_dir::{read_config_json, WeightSource};
+use crate::io::peft::{load_peft_adapter, save_peft_adapter, AdapterModule, PeftAdapterConfig};
+use crate::io::safetensors::{write_safetensors, Dtype};
+use crate::lora::{LoraConfig, TargetModule};
+use crate::model::adapters::{LoraPair, LoraTensors};
+use crate::model::config::ModelConfig;
+use crate::model::decoder::{Adapters, Decoder};
+use crate::model::weights::{tensor_specs, DecoderWeights, Slot};
+use crate::train::batch::Batch;
+use crate::train::trainer::{StepStats, TrainConfig, Trainer as Core};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The best device available (the CPU in this build).
+    Auto,
+    Cpu,
+    /// An NVIDIA GPU by index.
+    Cuda(usize),
+}
+
+impl Device {
+    /// Parses "auto", "cpu" or "cuda:N" ("cuda" means "cuda:0").
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim() {
+            "" | "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "unknown device {other:?} (expected auto, cpu or cuda:N)"
+                    ))
+                }),
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelParams {
+    pub device: Device,
+    /// CPU worker threads; 0 means one per core.
+    pub threads: usize,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        ModelParams {
+            device: Device::Auto,
+            threads: 0,
+        }
+    }
+}
+
+fn cpu_backend(params: &ModelParams) -> Result<CpuBackend> {
+    match params.device {
+        Device::Auto | Device::Cpu => CpuBackend::new(params.threads),
+        Device::Cuda(n) => Err(Error::InvalidArgument(format!(
+            "device cuda:{n} was asked for, but this build has no CUDA backend; use \"cpu\" or \"auto\""
+        ))),
+    }
+}
+
+/// Files copied beside an exported model so that it stays usable with its tokenizer.
+const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+];
+
+/// A frozen base model on a device. Cheap to clone; read-only, so several trainers and threads
+/// may share it.
+#[derive(Clone)]
+pub struct Model {
+    decoder: Arc<Decoder<CpuBackend>>,
+    /// What `base_model_name_or_path` records in saved adapters.
+    name: String,
+    source_dir: Option<PathBuf>,
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory (config.json + safetensors, single or sharded).
+    pub fn load(path: &Path, params: &ModelParams) -> Result<Self> {
+        let source = WeightSource::open(path)?;
+        let dir = source.dir().to_path_buf();
+        let cfg = ModelConfig::from_json(&read_config_json(&dir)?, &dir.join("config.json"))?;
+        let backend = cpu_backend(params)?;
+        let weights = DecoderWeights::load(&cfg, &backend, |spec| {
+            source.read_f32(&spec.name, &spec.file_shape())
+        })?;
+        Ok(Model {
+            decoder: Arc::new(Decoder::new(cfg, backend, weights)),
+            name: path.display().to_string(),
+            source_dir: Some(dir),
+        })
+    }
+
+    /// A model of the given shape with random weights (tests, benchmarks, demos).
+    pub fn random(cfg: ModelConfig, seed: u64, params: &ModelParams) -> Result<Self> {
+        cfg.validate().map_err(Error::InvalidArgument)?;
+        let backend = cpu_backend(params)?;
+        let weights = DecoderWeights::random(&cfg, &backend, seed)?;
+        Ok(Model {
+            decoder: Arc::new(Decoder::new(cfg, backend, weights)),
+            name: format!("random-{seed}"),
+            source_dir: None,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.decoder.cfg
+    }
+
+    pub fn decoder(&self) -> &Arc<Decoder<CpuBackend>> {
+        &self.decoder
+    }
+
+    /// A description of the device ("cpu (2 threads)").
+    pub fn device(&self) -> String {
+        self.decoder.backend.describe()
+    }
+
+    /// Logits `[tokens, vocab]` for every row of `batch`, with `adapter`'s LoRA applied if given.
+    pub fn logits(&self, batch: &Batch, adapter: Option<&Trainer>) -> Result<Vec<f32>> {
+        let dec = &self.decoder;
+        let b = batch.upload(&dec.backend, dec.cfg.vocab_size)?;
+        let ad = adapter.map(|t| Adapters {
+            tensors: t.core.params(),
+            cfg: t.core.lora_config(),
+            dropout_seed: None,
+        });
+        dec.backend.download(&dec.logits(&b, ad.as_ref())?)
+    }
+
+    /// Writes the model as a Hugging Face directory (config.json + model.safetensors), with
+    /// `adapter` merged into the base weights (`W + scale·B·A`) when given.
+    pub fn save_pretrained(
+        &self,
+        dir: &Path,
+        dtype: Dtype,
+        adapter: Option<&Trainer>,
+    ) -> Result<()> {
+        let dec = &self.decoder;
+        let be = &dec.backend;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut tensors = Vec::new();
+        for spec in tensor_specs(&dec.cfg) {
+            let t = dec
+                .weights
+                .get(spec.slot)
+                .expect("every listed slot exists");
+            let mut values = be.download(t)?;
+            if let (Slot::Proj(layer, m), Some(tr)) = (spec.slot, adapter) {
+                if let Some(pair) = tr.core.params().get(layer, m) {
+                    merge_into(be, &mut values, pair, tr.core.lora_config().scale())?;
+                }
+            }
+            tensors.push((spec.name.clone(), spec.file_shape(), values));
+        }
+        let views: Vec<(String, Vec<usize>, &[f32])> = tensors
+            .iter()
+            .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
+            .collect();
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        write_safetensors(&dir.join("model.safetensors"), &views, dtype, &meta)?;
+        let mut config = dec.cfg.to_json();
+        config["torch_dtype"] = match dtype {
+            Dtype::BF16 => "bfloat16",
+            Dtype::F16 => "float16",
+            _ => "float32",
+        }
+        .into();
+        let text = serde_json::to_string_pretty(&config).expect("a JSON value serializes");
+        crate::io::atomic::write_atomic(&dir.join("config.json"), |f| {
+            std::io::Write::write_all(f, text.as_bytes())
+        })?;
+        if let Some(src) = &self.source_dir {
+            for name in TOKENIZER_FILES {
+                let from = src.join(name);
+                if from.is_file() && src != dir {
+                    std::fs::copy(&from, dir.join(name)).map_err(|e| Error::io(&from, e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `W += scale · B·A` on host values of W `[out, in]`.
+fn merge_into(
+    be: &CpuBackend,
+    w: &mut [f32],
+    pair: &LoraPair<CpuBackend>,
+    scale: f32,
+) -> Result<()> {
+    let (out, _) = be.shape(&pair.b);
+    let (_, fan_in) = be.shape(&pair.a);
+    let mut delta = be.zeros(out, fan_in)?;
+    be.matmul(&pair.b, false, &pair.a, false, scale, &mut delta, false)?;
+    w.iter_mut()
+        .zip(be.download(&delta)?)
+        .for_each(|(x, d)| *x += d);
+    Ok(())
+}
+
+/// LoRA adapters and their optimizer over a [`Model`].
+pub struct Trainer {
+    model: Model,
+    core: Core<CpuBackend>,
+}
+
+impl Trainer {
+    /// Fresh adapters (A Kaiming-uniform from `lora.seed`, B zero).
+    pub fn new(model: &Model, lora: LoraConfig, train: TrainConfig) -> Result<Self> {
+        Ok(Trainer {
+            model: model.clone(),
+            core: Core::new(model.decoder.clone(), lora, train)?,
+        })
+    }
+
+    /// Adapters read from a PEFT adapter directory, to continue training or to infer. The LoRA
+    /// settings come from its adapter_config.json; `seed` seeds dropout.
+    pub fn from_adapter(model: &Model, dir: &Path, train: TrainConfig) -> Result<Self> {
+        let (peft, modules) = load_peft_adapter(dir)?;
+        let lora = peft.to_lora(train.seed);
+        let params = adapter_tensors(model, &lora, &modules, dir)?;
+        Ok(Trainer {
+            model: model.clone(),
+            core: Core::with_params(model.decoder.clone(), lora, train, params)?,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn lora_config(&self) -> &LoraConfig {
+        self.core.lora_config()
+    }
+
+    /// The generic trainer underneath (gradients, parameters), for tests and tools.
+    pub fn core(&self) -> &Core<CpuBackend> {
+        &self.core
+    }
+
+    pub fn core_mut(&mut self) -> &mut Core<CpuBackend> {
+        &mut self.core
+    }
+
+    /// One optimizer step over `micro_batches` (gradient accumulation when there are several).
+    pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
+        self.core.step(micro_batches)
+    }
+
+    /// Mean loss on `batch`, no dropout, no update.
+    pub fn eval_loss(&self, batch: &Batch) -> Result<f32> {
+        self.core.eval_loss(batch)
+    }
+
+    /// Writes adapter_config.json and adapter_model.safetensors in PEFT's format.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let be = &self.model.decoder.backend;
+        let cfg = self.model.config();
+        let mut modules = Vec::new();
+        for layer in 0..cfg.num_layers {
+            for m in TargetModule::ALL {
+                if let Some(p) = self.core.params().get(layer, m) {
+                    modules.push(AdapterModule {
+                        layer,
+                        module: m,
+                        a: be.download(&p.a)?,
+                        b: be.download(&p.b)?,
+                        in_features: cfg.in_features(m),
+                        out_features: cfg.out_features(m),
+                    });
+                }
+            }
+        }
+        let peft = PeftAdapterConfig::from_lora(self.core.lora_config(), &self.model.name);
+        save_peft_adapter(dir, &peft, &modules)
+    }
+
+    /// Writes the base model with these adapters merged, as a Hugging Face directory.
+    pub fn export_merged(&self, dir: &Path, dtype: Dtype) -> Result<()> {
+        self.model.save_pretrained(dir, dtype, Some(self))
+    }
+}
+
+/// Checks that loaded adapter modules fit `model` and uploads them.
+fn adapter_tensors(
+    model: &Model,
+    lora: &LoraConfig,
+    modules: &[AdapterModule],
+    dir: &Path,
+) -> Result<LoraTensors<CpuBackend>> {
+    let cfg = model.config();
+    let be = &model.decoder.backend;
+    let mut found: BTreeMap<(usize, TargetModule), &AdapterModule> = BTreeMap::new();
+    for m in modules {
+        let (want_in, want_out) = (cfg.in_features(m.module), cfg.out_features(m.module));
+        if m.layer >= cfg.num_layers {
+            return Err(Error::AdapterMismatch(format!(
+                "{}: layer {} {} but the model has {} layers",
+                dir.display(),
+                m.layer,
+                m.module.peft_name(),
+                cfg.num_layers
+            )));
+        }
+        if (m.in_features, m.out_features) != (want_in, want_out) {
+            return Err(Error::AdapterMismatch(format!(
+                "{}: layer {} {} maps {} -> {} features, the model's maps {want_in} -> {want_out}",
+                dir.display(),
+                m.layer,
+                m.module.peft_name(),
+                m.in_features,
+                m.out_features
+            )));
+        }
+        if !lora.targets(m.module) {
+            return Err(Error::AdapterMismatch(format!(
+                "{}: weights for {} are present but adapter_config.json does not target it",
+                dir.display(),
+                m.module.peft_name()
+            )));
+        }
+        found.insert((m.layer, m.module), m);
+    }
+    LoraTensors::build(cfg, lora, |layer, m, (r, fan_in), (out, _)| {
+        let am = found.get(&(layer, m)).ok_or_else(|| {
+            Error::AdapterMismatch(format!(
+                "{}: adapter_config.json targets {} but layer {layer} has no weights for it",
+                dir.display(),
+                m.peft_name()
+            ))
+        })?;
+        Ok(LoraPair {
+            a: be.upload(&am.a, r, fan_in)?,
+            b: be.upload(&am.b, out, r)?,
+        })
+    })
+}

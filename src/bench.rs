@@ -1,0 +1,109 @@
+//! Training-step benchmark on random weights of named real shapes, printed as JSON by
+//! `finetune bench`.
+
+use crate::api::{Model, ModelParams, Trainer};
+use crate::error::{Error, Result};
+use crate::lora::LoraConfig;
+use crate::model::presets::preset;
+use crate::rng::Rng;
+use crate::train::batch::Batch;
+use crate::train::trainer::TrainConfig;
+use std::time::Instant;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub model: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub rank: usize,
+    /// Steps timed after the warm-up step.
+    pub steps: usize,
+    pub checkpointing: bool,
+    pub params: ModelParams,
+}
+
+/// The measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub model: String,
+    pub device: String,
+    pub mode: &'static str,
+    pub batch: usize,
+    pub seq: usize,
+    pub rank: usize,
+    pub checkpointing: bool,
+    pub steps: usize,
+    /// Median seconds per optimizer step over the timed steps.
+    pub step_seconds_median: f64,
+    pub tokens_per_second: f64,
+    pub first_loss: f32,
+    pub last_loss: f32,
+    /// Peak resident memory of the process (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+    pub load_seconds: f64,
+}
+
+/// Peak resident set size of this process in MiB, from /proc (Linux).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Builds the model, runs one warm-up step and `steps` timed steps on random tokens.
+pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
+    if cfg.steps == 0 || cfg.batch == 0 || cfg.seq == 0 {
+        return Err(Error::InvalidArgument(
+            "bench needs steps, batch and seq of at least 1".into(),
+        ));
+    }
+    let shape = preset(&cfg.model)?;
+    let t0 = Instant::now();
+    let model = Model::random(shape.clone(), 1, &cfg.params)?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let lora = LoraConfig {
+        rank: cfg.rank,
+        alpha: cfg.rank as f32,
+        ..LoraConfig::default()
+    };
+    let train = TrainConfig {
+        checkpointing: cfg.checkpointing,
+        total_steps: cfg.steps as u64 + 1,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&model, lora, train)?;
+    let mut rng = Rng::new(2);
+    let n = cfg.batch * cfg.seq;
+    let ids: Vec<i32> = (0..n + 1)
+        .map(|_| (rng.next_u64() % shape.vocab_size as u64) as i32)
+        .collect();
+    let batch = Batch::new(cfg.batch, cfg.seq, ids[..n].to_vec(), ids[1..].to_vec())?;
+    let first_loss = trainer.step(std::slice::from_ref(&batch))?.loss;
+    let mut times = Vec::with_capacity(cfg.steps);
+    let mut last_loss = first_loss;
+    for _ in 0..cfg.steps {
+        let t = Instant::now();
+        last_loss = trainer.step(std::slice::from_ref(&batch))?.loss;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    Ok(BenchResult {
+        model: cfg.model.clone(),
+        device: model.device(),
+        mode: "lora",
+        batch: cfg.batch,
+        seq: cfg.seq,
+        rank: cfg.rank,
+        checkpointing: cfg.checkpointing,
+        steps: cfg.steps,
+        step_seconds_median: median,
+        tokens_per_second: n as f64 / median,
+        first_loss,
+        last_loss,
+        peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
+        load_seconds,
+    })
+}

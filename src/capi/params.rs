@@ -1,0 +1,265 @@
+//! Parameter structs passed by pointer, each with an `ft_*_default_params()` constructor, and
+//! their conversion to the Rust API's types.
+
+use super::{slice_arg, str_arg};
+use crate::api::{Device, ModelParams};
+use crate::error::{Error, Result};
+use crate::io::safetensors::Dtype;
+use crate::lora::LoraConfig;
+use crate::train::batch::Batch;
+use crate::train::schedule::ScheduleKind;
+use crate::train::trainer::{StepStats, TrainConfig};
+use std::ffi::c_char;
+
+/// LoRA target bits for `ft_lora_params.target_modules`.
+pub const FT_TARGET_Q: u32 = 1;
+pub const FT_TARGET_K: u32 = 2;
+pub const FT_TARGET_V: u32 = 4;
+pub const FT_TARGET_O: u32 = 8;
+pub const FT_TARGET_GATE: u32 = 16;
+pub const FT_TARGET_UP: u32 = 32;
+pub const FT_TARGET_DOWN: u32 = 64;
+pub const FT_TARGET_ALL: u32 = 127;
+
+/// Learning-rate schedules for `ft_train_params.schedule`.
+pub const FT_SCHEDULE_CONSTANT: i32 = 0;
+pub const FT_SCHEDULE_LINEAR: i32 = 1;
+pub const FT_SCHEDULE_COSINE: i32 = 2;
+
+/// Element types for exported weights.
+pub const FT_DTYPE_F32: i32 = 0;
+pub const FT_DTYPE_F16: i32 = 1;
+pub const FT_DTYPE_BF16: i32 = 2;
+
+/// How to load a model. Get defaults from `ft_model_default_params()`.
+#[repr(C)]
+pub struct ft_model_params {
+    /// "auto", "cpu" or "cuda:N"; NULL means "auto". Read during the call only.
+    pub device: *const c_char,
+    /// CPU worker threads; 0 means one per core.
+    pub n_threads: u32,
+}
+
+/// LoRA shape. Get defaults from `ft_lora_default_params()`: r 16, alpha 16, all seven targets.
+#[repr(C)]
+pub struct ft_lora_params {
+    pub rank: u32,
+    pub alpha: f32,
+    /// Non-zero: scale alpha/sqrt(rank) (rsLoRA) instead of alpha/rank.
+    pub use_rslora: i32,
+    /// Dropout on the adapter input while training, in [0, 1).
+    pub dropout: f32,
+    /// OR of `FT_TARGET_*` bits.
+    pub target_modules: u32,
+    /// Seed of the A initialisation.
+    pub seed: u64,
+}
+
+/// Optimizer and schedule. Get defaults from `ft_train_default_params()`.
+#[repr(C)]
+pub struct ft_train_params {
+    pub learning_rate: f32,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub max_grad_norm: f32,
+    /// One of `FT_SCHEDULE_*`.
+    pub schedule: i32,
+    pub warmup_steps: u64,
+    /// Steps the schedule decays over.
+    pub total_steps: u64,
+    /// Non-zero: recompute each layer in the backward pass (less memory, ~1/3 more compute).
+    pub gradient_checkpointing: i32,
+    /// Seed of the dropout masks.
+    pub seed: u64,
+}
+
+/// A batch of `batch_size` rows of `seq_len` tokens, each array holding batch_size·seq_len values
+/// row by row. `labels[t]` is the token expected after position t, or -100 for no loss there.
+/// `positions` (NULL: 0..seq_len in every row) and `segment_ids` (NULL: one segment a row) let
+/// several examples share a row without attending to each other. The arrays are read during the
+/// call only.
+#[repr(C)]
+pub struct ft_batch {
+    pub input_ids: *const i32,
+    pub labels: *const i32,
+    pub positions: *const i32,
+    pub segment_ids: *const i32,
+    pub batch_size: u32,
+    pub seq_len: u32,
+}
+
+/// What one optimizer step did.
+#[repr(C)]
+#[derive(Default)]
+pub struct ft_step_stats {
+    /// 1-based number of the step just taken.
+    pub step: u64,
+    /// Mean cross-entropy over the labelled tokens.
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    pub learning_rate: f32,
+    pub tokens: u64,
+    pub labelled_tokens: u64,
+}
+
+/// Defaults: device "auto", one thread per core.
+#[no_mangle]
+pub extern "C" fn ft_model_default_params() -> ft_model_params {
+    ft_model_params {
+        device: std::ptr::null(),
+        n_threads: 0,
+    }
+}
+
+/// Defaults: rank 16, alpha 16, no rsLoRA, no dropout, all seven projections, seed 0.
+#[no_mangle]
+pub extern "C" fn ft_lora_default_params() -> ft_lora_params {
+    let d = LoraConfig::default();
+    ft_lora_params {
+        rank: d.rank as u32,
+        alpha: d.alpha,
+        use_rslora: d.use_rslora as i32,
+        dropout: d.dropout,
+        target_modules: d.targets,
+        seed: d.seed,
+    }
+}
+
+/// Defaults: AdamW lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay, clip 1.0, linear
+/// schedule over 100 steps without warmup, checkpointing on, seed 0.
+#[no_mangle]
+pub extern "C" fn ft_train_default_params() -> ft_train_params {
+    let d = TrainConfig::default();
+    ft_train_params {
+        learning_rate: d.learning_rate,
+        weight_decay: d.weight_decay,
+        beta1: d.beta1,
+        beta2: d.beta2,
+        eps: d.eps,
+        max_grad_norm: d.max_grad_norm,
+        schedule: FT_SCHEDULE_LINEAR,
+        warmup_steps: d.warmup_steps,
+        total_steps: d.total_steps,
+        gradient_checkpointing: d.checkpointing as i32,
+        seed: d.seed,
+    }
+}
+
+impl ft_model_params {
+    pub(super) fn to_rust(&self) -> Result<ModelParams> {
+        let device = if self.device.is_null() {
+            Device::Auto
+        } else {
+            Device::parse(str_arg(self.device, "params->device")?)?
+        };
+        Ok(ModelParams {
+            device,
+            threads: self.n_threads as usize,
+        })
+    }
+}
+
+impl ft_lora_params {
+    pub(super) fn to_rust(&self) -> LoraConfig {
+        LoraConfig {
+            rank: self.rank as usize,
+            alpha: self.alpha,
+            use_rslora: self.use_rslora != 0,
+            dropout: self.dropout,
+            targets: self.target_modules,
+            seed: self.seed,
+        }
+    }
+}
+
+impl ft_train_params {
+    pub(super) fn to_rust(&self) -> Result<TrainConfig> {
+        let schedule = match self.schedule {
+            FT_SCHEDULE_CONSTANT => ScheduleKind::Constant,
+            FT_SCHEDULE_LINEAR => ScheduleKind::Linear,
+            FT_SCHEDULE_COSINE => ScheduleKind::Cosine,
+            other => return Err(Error::InvalidArgument(format!("unknown schedule {other}"))),
+        };
+        let cfg = TrainConfig {
+            learning_rate: self.learning_rate,
+            weight_decay: self.weight_decay,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            max_grad_norm: self.max_grad_norm,
+            schedule,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.total_steps,
+            checkpointing: self.gradient_checkpointing != 0,
+            seed: self.seed,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl ft_batch {
+    pub(super) fn to_rust(&self, index: usize) -> Result<Batch> {
+        let (b, s) = (self.batch_size as usize, self.seq_len as usize);
+        let n = b.checked_mul(s).filter(|&n| n > 0).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "batch {index}: batch_size {b} x seq_len {s} is empty"
+            ))
+        })?;
+        let field =
+            |p: *const i32, name: &str| slice_arg(p, n, &format!("batches[{index}].{name}"));
+        let mut batch = Batch::new(
+            b,
+            s,
+            field(self.input_ids, "input_ids")?.to_vec(),
+            field(self.labels, "labels")?.to_vec(),
+        )?;
+        if !self.positions.is_null() {
+            batch.positions = field(self.positions, "positions")?.to_vec();
+        }
+        if !self.segment_ids.is_null() {
+            batch.segments = field(self.segment_ids, "segment_ids")?.to_vec();
+        }
+        Ok(batch)
+    }
+}
+
+impl From<StepStats> for ft_step_stats {
+    fn from(s: StepStats) -> Self {
+        ft_step_stats {
+            step: s.step,
+            loss: s.loss,
+            grad_norm: s.grad_norm,
+            learning_rate: s.lr,
+            tokens: s.tokens,
+            labelled_tokens: s.labelled_tokens,
+        }
+    }
+}
+
+pub(super) fn dtype_arg(dtype: i32) -> Result<Dtype> {
+    match dtype {
+        FT_DTYPE_F32 => Ok(Dtype::F32),
+        FT_DTYPE_F16 => Ok(Dtype::F16),
+        FT_DTYPE_BF16 => Ok(Dtype::BF16),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown dtype {other} (expected FT_DTYPE_F32, _F16 or _BF16)"
+        ))),
+    }
+}
+
+/// The batches of a call, converted.
+pub(super) fn batches_arg(batches: *const ft_batch, n: usize) -> Result<Vec<Batch>> {
+    if n == 0 {
+        return Err(Error::InvalidArgument("n_batches is 0".into()));
+    }
+    slice_arg(batches, n, "batches")?
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.to_rust(i))
+        .collect()
+}
