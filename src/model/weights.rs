@@ -181,7 +181,8 @@ impl<B: Backend> DecoderWeights<B> {
         })
     }
 
-    /// Random weights (for tests and benchmarks): matrices N(0, 0.02²), norm weights near their
+    /// Random weights (for tests, benchmarks and demos): embeddings N(0, 1), matrices
+    /// N(0, 1/in) so activations keep their scale through the layers, norm weights near their
     /// identity value, biases N(0, 0.02²).
     pub fn random(cfg: &ModelConfig, backend: &B, seed: u64) -> Result<Self> {
         let mut rng = Rng::new(seed);
@@ -200,7 +201,12 @@ impl<B: Backend> DecoderWeights<B> {
             } else {
                 0.0
             };
-            let std = if is_norm { 0.1 } else { 0.02 };
+            let std = match spec.slot {
+                _ if is_norm => 0.1,
+                Slot::Embedding => 1.0,
+                Slot::Bias(..) => 0.02,
+                _ => 1.0 / (spec.cols as f32).sqrt(),
+            };
             Ok((0..n).map(|_| identity + std * rng.normal()).collect())
         })
     }

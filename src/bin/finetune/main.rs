@@ -64,7 +64,7 @@ enum Command {
     Demo {
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 150)]
         steps: u64,
     },
 }
