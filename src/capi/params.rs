@@ -26,6 +26,10 @@ pub const FT_SCHEDULE_CONSTANT: i32 = 0;
 pub const FT_SCHEDULE_LINEAR: i32 = 1;
 pub const FT_SCHEDULE_COSINE: i32 = 2;
 
+/// Label meaning "no loss at this position" in `ft_batch.labels`.
+pub const FT_IGNORE_LABEL: i32 = -100;
+const _: () = assert!(FT_IGNORE_LABEL == crate::backend::IGNORE_LABEL);
+
 /// Element types for exported weights.
 pub const FT_DTYPE_F32: i32 = 0;
 pub const FT_DTYPE_F16: i32 = 1;
@@ -77,7 +81,8 @@ pub struct ft_train_params {
 }
 
 /// A batch of `batch_size` rows of `seq_len` tokens, each array holding batch_size·seq_len values
-/// row by row. `labels[t]` is the token expected after position t, or -100 for no loss there.
+/// row by row. `labels[t]` is the token expected after position t, or `FT_IGNORE_LABEL` (-100) for no loss
+/// there.
 /// `positions` (NULL: 0..seq_len in every row) and `segment_ids` (NULL: one segment a row) let
 /// several examples share a row without attending to each other. The arrays are read during the
 /// call only.

@@ -1,0 +1,431 @@
+/*
+ * libfinetune: LoRA fine-tuning of Llama-family language models, embeddable through a C ABI.
+ *
+ * This file is generated from src/capi by cbindgen (see tests/c_header.rs); do not edit it.
+ *
+ * Conventions
+ * - Every fallible function returns an ft_status: FT_OK (0) or an FT_ERR_* code. After a failure,
+ *   ft_last_error() gives a message naming the file, field or argument at fault.
+ * - Objects are opaque handles created by ft_*_load / ft_*_new / ft_*_random and released by the
+ *   matching ft_*_free, which accepts NULL. Output handles are written only on success.
+ * - Parameter structs are passed by pointer; start from ft_*_default_params() and change fields.
+ *   NULL for a parameter pointer means the defaults. The library keeps no pointer to caller
+ *   memory after a call returns: strings and arrays are read during the call only.
+ * - Paths are UTF-8, NUL-terminated.
+ *
+ * Threads
+ * - An ft_model is read-only after creation: any number of threads may use it at once.
+ * - An ft_trainer must be used by one thread at a time.
+ * - ft_last_error() is per thread, valid until the next ft_* call on that thread.
+ * - Long calls (ft_trainer_train) report progress through a callback, which can cancel them.
+ * - No call lets a Rust panic cross into C: an internal defect surfaces as FT_ERR_INTERNAL.
+ */
+
+
+#ifndef FINETUNE_H
+#define FINETUNE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/**
+ * Version of this C ABI. It changes only when an existing declaration changes incompatibly.
+ */
+#define FT_ABI_VERSION 1
+
+/**
+ * LoRA target bits for `ft_lora_params.target_modules`.
+ */
+#define FT_TARGET_Q 1
+
+#define FT_TARGET_K 2
+
+#define FT_TARGET_V 4
+
+#define FT_TARGET_O 8
+
+#define FT_TARGET_GATE 16
+
+#define FT_TARGET_UP 32
+
+#define FT_TARGET_DOWN 64
+
+#define FT_TARGET_ALL 127
+
+/**
+ * Learning-rate schedules for `ft_train_params.schedule`.
+ */
+#define FT_SCHEDULE_CONSTANT 0
+
+#define FT_SCHEDULE_LINEAR 1
+
+#define FT_SCHEDULE_COSINE 2
+
+/**
+ * Label meaning "no loss at this position" in `ft_batch.labels`.
+ */
+#define FT_IGNORE_LABEL -100
+
+/**
+ * Element types for exported weights.
+ */
+#define FT_DTYPE_F32 0
+
+#define FT_DTYPE_F16 1
+
+#define FT_DTYPE_BF16 2
+
+/**
+ * A frozen base model (opaque). Created by `ft_model_load` or `ft_model_random`, released by
+ * `ft_model_free`. Read-only once created: it may be used from several threads at once and
+ * shared by several trainers (each keeps the weights alive, so frees may come in any order).
+ */
+typedef struct ft_model ft_model;
+
+/**
+ * LoRA adapters with their optimizer state (opaque). Not thread-safe: use one trainer from one
+ * thread at a time. It holds its own reference to the model's weights, so the trainer and the
+ * model may be freed in either order.
+ */
+typedef struct ft_trainer ft_trainer;
+
+/**
+ * Result of every fallible call: `FT_OK` (0) or one of the `FT_ERR_*` codes.
+ */
+typedef int32_t ft_status;
+
+/**
+ * How to load a model. Get defaults from `ft_model_default_params()`.
+ */
+typedef struct ft_model_params {
+  /**
+   * "auto", "cpu" or "cuda:N"; NULL means "auto". Read during the call only.
+   */
+  const char *device;
+  /**
+   * CPU worker threads; 0 means one per core.
+   */
+  uint32_t n_threads;
+} ft_model_params;
+
+/**
+ * Sizes of a loaded model.
+ */
+typedef struct ft_model_info {
+  uint64_t vocab_size;
+  uint64_t hidden_size;
+  uint64_t intermediate_size;
+  uint64_t num_layers;
+  uint64_t num_heads;
+  uint64_t num_kv_heads;
+  uint64_t head_dim;
+} ft_model_info;
+
+/**
+ * LoRA shape. Get defaults from `ft_lora_default_params()`: r 16, alpha 16, all seven targets.
+ */
+typedef struct ft_lora_params {
+  uint32_t rank;
+  float alpha;
+  /**
+   * Non-zero: scale alpha/sqrt(rank) (rsLoRA) instead of alpha/rank.
+   */
+  int32_t use_rslora;
+  /**
+   * Dropout on the adapter input while training, in [0, 1).
+   */
+  float dropout;
+  /**
+   * OR of `FT_TARGET_*` bits.
+   */
+  uint32_t target_modules;
+  /**
+   * Seed of the A initialisation.
+   */
+  uint64_t seed;
+} ft_lora_params;
+
+/**
+ * Optimizer and schedule. Get defaults from `ft_train_default_params()`.
+ */
+typedef struct ft_train_params {
+  float learning_rate;
+  float weight_decay;
+  float beta1;
+  float beta2;
+  float eps;
+  /**
+   * Clip the global gradient norm to this; 0 disables clipping.
+   */
+  float max_grad_norm;
+  /**
+   * One of `FT_SCHEDULE_*`.
+   */
+  int32_t schedule;
+  uint64_t warmup_steps;
+  /**
+   * Steps the schedule decays over.
+   */
+  uint64_t total_steps;
+  /**
+   * Non-zero: recompute each layer in the backward pass (less memory, ~1/3 more compute).
+   */
+  int32_t gradient_checkpointing;
+  /**
+   * Seed of the dropout masks.
+   */
+  uint64_t seed;
+} ft_train_params;
+
+/**
+ * A batch of `batch_size` rows of `seq_len` tokens, each array holding batch_size·seq_len values
+ * row by row. `labels[t]` is the token expected after position t, or `FT_IGNORE_LABEL` (-100) for no loss
+ * there.
+ * `positions` (NULL: 0..seq_len in every row) and `segment_ids` (NULL: one segment a row) let
+ * several examples share a row without attending to each other. The arrays are read during the
+ * call only.
+ */
+typedef struct ft_batch {
+  const int32_t *input_ids;
+  const int32_t *labels;
+  const int32_t *positions;
+  const int32_t *segment_ids;
+  uint32_t batch_size;
+  uint32_t seq_len;
+} ft_batch;
+
+/**
+ * What one optimizer step did.
+ */
+typedef struct ft_step_stats {
+  /**
+   * 1-based number of the step just taken.
+   */
+  uint64_t step;
+  /**
+   * Mean cross-entropy over the labelled tokens.
+   */
+  float loss;
+  /**
+   * Global gradient norm before clipping.
+   */
+  float grad_norm;
+  float learning_rate;
+  uint64_t tokens;
+  uint64_t labelled_tokens;
+} ft_step_stats;
+
+/**
+ * Called after each step of `ft_trainer_train` with that step's statistics. Return 0 to go on,
+ * anything else to stop: the call then returns `FT_ERR_CANCELLED` with the steps taken so far
+ * applied.
+ */
+typedef int32_t (*ft_progress_fn)(const struct ft_step_stats *stats, void *user_data);
+
+
+
+#define FT_OK 0
+
+/**
+ * A NULL pointer, a value out of range, or inconsistent arguments.
+ */
+#define FT_ERR_INVALID_ARGUMENT 1
+
+/**
+ * The operating system refused to read or write a file.
+ */
+#define FT_ERR_IO 2
+
+/**
+ * A file is malformed (safetensors header, config.json, adapter files).
+ */
+#define FT_ERR_FORMAT 3
+
+/**
+ * The model's architecture or a requested feature is not supported.
+ */
+#define FT_ERR_UNSUPPORTED 4
+
+/**
+ * An adapter does not fit the model.
+ */
+#define FT_ERR_ADAPTER_MISMATCH 5
+
+/**
+ * The progress callback asked to stop.
+ */
+#define FT_ERR_CANCELLED 6
+
+/**
+ * A loss or gradient was NaN or infinite; the adapter was not updated.
+ */
+#define FT_ERR_NON_FINITE 7
+
+/**
+ * A defect inside the library (a caught panic); the message says where.
+ */
+#define FT_ERR_INTERNAL 8
+
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
+
+/**
+ * Returns `FT_ABI_VERSION` as compiled into the library (compare with the header's).
+ */
+uint32_t ft_abi_version(void);
+
+/**
+ * The library's version, a static NUL-terminated string such as "0.1.0".
+ */
+const char *ft_version(void);
+
+/**
+ * The message of the last failed call on this thread ("" after a successful one). The pointer
+ * stays valid until the next `ft_*` call on the same thread; never free it.
+ */
+const char *ft_last_error(void);
+
+/**
+ * A static name for a status code ("FT_OK", "FT_ERR_IO", ...).
+ */
+const char *ft_status_name(ft_status status);
+
+/**
+ * Loads a Hugging Face model directory (config.json and model.safetensors, or a sharded
+ * model.safetensors.index.json) given as a UTF-8 path. `params` may be NULL for defaults. On
+ * success `*out` receives a model the caller frees with `ft_model_free`; on failure `*out` is
+ * left untouched.
+ */
+ft_status ft_model_load(const char *path,
+                        const struct ft_model_params *params,
+                        struct ft_model **out);
+
+/**
+ * Creates a model of a named shape ("tiny", "smollm2-135m", "llama3-8b", ...) with random
+ * weights drawn from `seed`: for tests, benchmarks and demos.
+ */
+ft_status ft_model_random(const char *shape,
+                          uint64_t seed,
+                          const struct ft_model_params *params,
+                          struct ft_model **out);
+
+/**
+ * Fills `*out` with the model's sizes.
+ */
+ft_status ft_model_get_info(const struct ft_model *model, struct ft_model_info *out);
+
+/**
+ * Writes the model as a Hugging Face directory (config.json + model.safetensors) with weights
+ * of `dtype` (`FT_DTYPE_*`).
+ */
+ft_status ft_model_save(const struct ft_model *model, const char *dir, int32_t dtype);
+
+/**
+ * Greedy decoding: appends up to `max_new_tokens` arg-max tokens to the `n_prompt` prompt
+ * tokens, stopping after `stop_token` if it is not negative. With a non-NULL `trainer` its
+ * adapters are applied. Writes the new tokens to `out` (room for `max_new_tokens` values) and
+ * their number to `*n_out`.
+ */
+ft_status ft_model_generate(const struct ft_model *model,
+                            const struct ft_trainer *trainer,
+                            const int32_t *prompt,
+                            size_t n_prompt,
+                            size_t max_new_tokens,
+                            int32_t stop_token,
+                            int32_t *out,
+                            size_t *n_out);
+
+/**
+ * Releases a model. NULL is ignored. Trainers created on it stay usable.
+ */
+void ft_model_free(struct ft_model *model);
+
+/**
+ * Defaults: device "auto", one thread per core.
+ */
+struct ft_model_params ft_model_default_params(void);
+
+/**
+ * Defaults: rank 16, alpha 16, no rsLoRA, no dropout, all seven projections, seed 0.
+ */
+struct ft_lora_params ft_lora_default_params(void);
+
+/**
+ * Defaults: AdamW lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay, clip 1.0, linear
+ * schedule over 100 steps without warmup, checkpointing on, seed 0.
+ */
+struct ft_train_params ft_train_default_params(void);
+
+/**
+ * Attaches fresh LoRA adapters to `model` (A Kaiming-uniform from `lora->seed`, B zero, as PEFT
+ * does). `lora` and `train` may be NULL for defaults. The caller frees `*out` with
+ * `ft_trainer_free`.
+ */
+ft_status ft_trainer_new(const struct ft_model *model,
+                         const struct ft_lora_params *lora,
+                         const struct ft_train_params *train,
+                         struct ft_trainer **out);
+
+/**
+ * Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) onto
+ * `model`, to continue training or to generate with it. Fails with
+ * `FT_ERR_ADAPTER_MISMATCH` when its shapes do not fit the model.
+ */
+ft_status ft_trainer_load_adapter(const struct ft_model *model,
+                                  const char *dir,
+                                  const struct ft_train_params *train,
+                                  struct ft_trainer **out);
+
+/**
+ * One optimizer step over `n_batches` micro-batches (gradient accumulation: the loss is the mean
+ * over all their labelled tokens). `out` may be NULL. A non-finite loss or gradient returns
+ * `FT_ERR_NON_FINITE` and leaves the adapters unchanged.
+ */
+ft_status ft_trainer_step(struct ft_trainer *trainer,
+                          const struct ft_batch *batches,
+                          size_t n_batches,
+                          struct ft_step_stats *out);
+
+/**
+ * Takes `steps` optimizer steps, step i on `batches[i % n_batches]`, calling `progress` (may be
+ * NULL) after each. Returns `FT_ERR_CANCELLED` if `progress` asks to stop.
+ */
+ft_status ft_trainer_train(struct ft_trainer *trainer,
+                           const struct ft_batch *batches,
+                           size_t n_batches,
+                           uint64_t steps,
+                           ft_progress_fn progress,
+                           void *user_data);
+
+/**
+ * Mean loss on one batch with the current adapters, no dropout and no update.
+ */
+ft_status ft_trainer_eval_loss(const struct ft_trainer *trainer,
+                               const struct ft_batch *batch,
+                               float *out);
+
+/**
+ * Writes the adapters in PEFT's format into `dir` (created if needed): adapter_config.json and
+ * adapter_model.safetensors, each replaced atomically.
+ */
+ft_status ft_trainer_save_adapter(const struct ft_trainer *trainer, const char *dir);
+
+/**
+ * Writes the base model with the adapters merged (W + scale·B·A) as a Hugging Face directory
+ * with weights of `dtype` (`FT_DTYPE_*`).
+ */
+ft_status ft_trainer_export_merged(const struct ft_trainer *trainer,
+                                   const char *dir,
+                                   int32_t dtype);
+
+/**
+ * Releases a trainer. NULL is ignored.
+ */
+void ft_trainer_free(struct ft_trainer *trainer);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif  // __cplusplus
+
+#endif  /* FINETUNE_H */
