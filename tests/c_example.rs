@@ -24,14 +24,29 @@ fn c_example_trains_saves_and_generates() {
         .arg(&exe)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
-    assert!(out.status.success(), "compiling train.c failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "compiling train.c failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let model = common::tiny_model_dir();
     let adapter = work.path().join("adapter");
-    let run = Command::new(&exe).arg(model.path()).arg(&adapter).output().unwrap();
+    let run = Command::new(&exe)
+        .arg(model.path())
+        .arg(&adapter)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "train failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
-    assert!(stdout.contains("saved adapter") && stdout.contains("generated:"), "{stdout}");
+    assert!(
+        run.status.success(),
+        "train failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("saved adapter") && stdout.contains("generated:"),
+        "{stdout}"
+    );
     assert!(adapter.join("adapter_model.safetensors").is_file());
     assert!(adapter.join("adapter_config.json").is_file());
 }

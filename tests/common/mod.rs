@@ -17,13 +17,26 @@ pub fn library_path() -> PathBuf {
     candidates
         .into_iter()
         .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("libfinetune.so not found beside {}; set FINETUNE_LIB", deps.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "libfinetune.so not found beside {}; set FINETUNE_LIB",
+                deps.display()
+            )
+        })
 }
 
 /// A tiny random Llama model saved as a Hugging Face directory.
 pub fn tiny_model_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    let model = Model::random(preset("tiny").unwrap(), 1, &ModelParams { threads: 1, ..Default::default() }).unwrap();
+    let model = Model::random(
+        preset("tiny").unwrap(),
+        1,
+        &ModelParams {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     model.save_pretrained(dir.path(), Dtype::F32, None).unwrap();
     dir
 }

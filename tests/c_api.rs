@@ -1,0 +1,379 @@
+//! The C ABI driven through the built libfinetune.so's exported symbols (libloading), as a C
+//! program would: happy path, error statuses with messages, NULL checks, cancellation.
+
+mod common;
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::ptr::{null, null_mut};
+
+#[repr(C)]
+struct ModelParams {
+    device: *const c_char,
+    n_threads: u32,
+}
+
+#[repr(C)]
+struct LoraParams {
+    rank: u32,
+    alpha: f32,
+    use_rslora: i32,
+    dropout: f32,
+    target_modules: u32,
+    seed: u64,
+}
+
+#[repr(C)]
+struct TrainParams {
+    learning_rate: f32,
+    weight_decay: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    max_grad_norm: f32,
+    schedule: i32,
+    warmup_steps: u64,
+    total_steps: u64,
+    gradient_checkpointing: i32,
+    seed: u64,
+}
+
+#[repr(C)]
+struct Batch {
+    input_ids: *const i32,
+    labels: *const i32,
+    positions: *const i32,
+    segment_ids: *const i32,
+    batch_size: u32,
+    seq_len: u32,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct StepStats {
+    step: u64,
+    loss: f32,
+    grad_norm: f32,
+    learning_rate: f32,
+    tokens: u64,
+    labelled_tokens: u64,
+}
+
+type Opaque = c_void;
+type Progress = Option<extern "C" fn(*const StepStats, *mut c_void) -> i32>;
+
+struct Api {
+    _lib: libloading::Library,
+    abi_version: extern "C" fn() -> u32,
+    last_error: extern "C" fn() -> *const c_char,
+    status_name: extern "C" fn(i32) -> *const c_char,
+    model_default_params: extern "C" fn() -> ModelParams,
+    lora_default_params: extern "C" fn() -> LoraParams,
+    train_default_params: extern "C" fn() -> TrainParams,
+    model_load: extern "C" fn(*const c_char, *const ModelParams, *mut *mut Opaque) -> i32,
+    model_free: extern "C" fn(*mut Opaque),
+    trainer_new: extern "C" fn(
+        *const Opaque,
+        *const LoraParams,
+        *const TrainParams,
+        *mut *mut Opaque,
+    ) -> i32,
+    trainer_free: extern "C" fn(*mut Opaque),
+    trainer_step: extern "C" fn(*mut Opaque, *const Batch, usize, *mut StepStats) -> i32,
+    trainer_train:
+        extern "C" fn(*mut Opaque, *const Batch, usize, u64, Progress, *mut c_void) -> i32,
+    trainer_eval_loss: extern "C" fn(*const Opaque, *const Batch, *mut f32) -> i32,
+    trainer_save_adapter: extern "C" fn(*const Opaque, *const c_char) -> i32,
+    trainer_load_adapter:
+        extern "C" fn(*const Opaque, *const c_char, *const TrainParams, *mut *mut Opaque) -> i32,
+}
+
+impl Api {
+    fn load() -> Api {
+        // SAFETY: the library is ours; each symbol is declared with its header signature.
+        unsafe {
+            let lib =
+                libloading::Library::new(common::library_path()).expect("libfinetune.so loads");
+            macro_rules! sym {
+                ($name:literal) => {
+                    *lib.get(concat!($name, "\0").as_bytes()).expect($name)
+                };
+            }
+            Api {
+                abi_version: sym!("ft_abi_version"),
+                last_error: sym!("ft_last_error"),
+                status_name: sym!("ft_status_name"),
+                model_default_params: sym!("ft_model_default_params"),
+                lora_default_params: sym!("ft_lora_default_params"),
+                train_default_params: sym!("ft_train_default_params"),
+                model_load: sym!("ft_model_load"),
+                model_free: sym!("ft_model_free"),
+                trainer_new: sym!("ft_trainer_new"),
+                trainer_free: sym!("ft_trainer_free"),
+                trainer_step: sym!("ft_trainer_step"),
+                trainer_train: sym!("ft_trainer_train"),
+                trainer_eval_loss: sym!("ft_trainer_eval_loss"),
+                trainer_save_adapter: sym!("ft_trainer_save_adapter"),
+                trainer_load_adapter: sym!("ft_trainer_load_adapter"),
+                _lib: lib,
+            }
+        }
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: ft_last_error returns a valid NUL-terminated string.
+        unsafe { CStr::from_ptr((self.last_error)()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn name(&self, status: i32) -> String {
+        // SAFETY: ft_status_name returns a static NUL-terminated string.
+        unsafe { CStr::from_ptr((self.status_name)(status)) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn load_model(&self, dir: &std::path::Path) -> *mut Opaque {
+        let path = CString::new(dir.to_str().unwrap()).unwrap();
+        let mut p = self.model_default_params();
+        p.n_threads = 1;
+        let mut m = null_mut();
+        assert_eq!(
+            (self.model_load)(path.as_ptr(), &p, &mut m),
+            0,
+            "{}",
+            self.error()
+        );
+        m
+    }
+
+    fn model_default_params(&self) -> ModelParams {
+        (self.model_default_params)()
+    }
+}
+
+struct Tokens {
+    ids: Vec<i32>,
+    labels: Vec<i32>,
+}
+
+impl Tokens {
+    fn new() -> Tokens {
+        let ids: Vec<i32> = (0..17).map(|i| (i * 7 % 64) as i32).collect();
+        Tokens {
+            labels: ids[1..].to_vec(),
+            ids: ids[..16].to_vec(),
+        }
+    }
+    fn batch(&self) -> Batch {
+        Batch {
+            input_ids: self.ids.as_ptr(),
+            labels: self.labels.as_ptr(),
+            positions: null(),
+            segment_ids: null(),
+            batch_size: 2,
+            seq_len: 8,
+        }
+    }
+}
+
+#[test]
+fn train_save_and_reload_through_the_abi() {
+    let api = Api::load();
+    assert_eq!((api.abi_version)(), 1);
+    let dir = common::tiny_model_dir();
+    let model = api.load_model(dir.path());
+    let mut tp = (api.train_default_params)();
+    tp.learning_rate = 1e-2;
+    let lp = (api.lora_default_params)();
+    assert_eq!((lp.rank, lp.target_modules), (16, 127));
+    let mut trainer = null_mut();
+    assert_eq!(
+        (api.trainer_new)(model, &lp, &tp, &mut trainer),
+        0,
+        "{}",
+        api.error()
+    );
+    let tokens = Tokens::new();
+    let batch = tokens.batch();
+    let mut first = StepStats::default();
+    assert_eq!(
+        (api.trainer_step)(trainer, &batch, 1, &mut first),
+        0,
+        "{}",
+        api.error()
+    );
+    assert_eq!(
+        (first.step, first.tokens, first.labelled_tokens),
+        (1, 16, 16)
+    );
+    assert_eq!(
+        (api.trainer_train)(trainer, &batch, 1, 15, None, null_mut()),
+        0,
+        "{}",
+        api.error()
+    );
+    let mut loss = 0.0f32;
+    assert_eq!((api.trainer_eval_loss)(trainer, &batch, &mut loss), 0);
+    assert!(loss < first.loss, "loss {} -> {loss}", first.loss);
+
+    let out = tempfile::tempdir().unwrap();
+    let out_c = CString::new(out.path().to_str().unwrap()).unwrap();
+    assert_eq!(
+        (api.trainer_save_adapter)(trainer, out_c.as_ptr()),
+        0,
+        "{}",
+        api.error()
+    );
+    let mut reloaded = null_mut();
+    assert_eq!(
+        (api.trainer_load_adapter)(model, out_c.as_ptr(), null(), &mut reloaded),
+        0,
+        "{}",
+        api.error()
+    );
+    let mut loss2 = 0.0f32;
+    assert_eq!((api.trainer_eval_loss)(reloaded, &batch, &mut loss2), 0);
+    assert_eq!(loss, loss2);
+    // The model may be freed before its trainers: they hold the weights.
+    (api.model_free)(model);
+    assert_eq!((api.trainer_eval_loss)(reloaded, &batch, &mut loss2), 0);
+    (api.trainer_free)(reloaded);
+    (api.trainer_free)(trainer);
+}
+
+#[test]
+fn errors_come_back_as_status_and_message() {
+    let api = Api::load();
+    let mut m = null_mut();
+    let missing = CString::new("/definitely/not/a/model").unwrap();
+    let st = (api.model_load)(missing.as_ptr(), null(), &mut m);
+    assert_eq!(api.name(st), "FT_ERR_IO");
+    assert!(
+        api.error().contains("/definitely/not/a/model"),
+        "{}",
+        api.error()
+    );
+    assert!(m.is_null(), "no handle on failure");
+
+    assert_eq!(
+        api.name((api.model_load)(null(), null(), &mut m)),
+        "FT_ERR_INVALID_ARGUMENT"
+    );
+    assert!(api.error().contains("path is NULL"), "{}", api.error());
+    let dir = common::tiny_model_dir();
+    let path = CString::new(dir.path().to_str().unwrap()).unwrap();
+    assert_eq!(
+        api.name((api.model_load)(path.as_ptr(), null(), null_mut())),
+        "FT_ERR_INVALID_ARGUMENT"
+    );
+    assert!(api.error().contains("out is NULL"), "{}", api.error());
+
+    let device = CString::new("cuda:0").unwrap();
+    let p = ModelParams {
+        device: device.as_ptr(),
+        n_threads: 1,
+    };
+    assert_ne!((api.model_load)(path.as_ptr(), &p, &mut m), 0);
+    assert!(api.error().contains("cuda:0"), "{}", api.error());
+
+    let model = api.load_model(dir.path());
+    assert!(api.error().is_empty(), "success clears the last error");
+    let mut trainer = null_mut();
+    let mut bad_lora = (api.lora_default_params)();
+    bad_lora.rank = 0;
+    assert_eq!(
+        api.name((api.trainer_new)(model, &bad_lora, null(), &mut trainer)),
+        "FT_ERR_INVALID_ARGUMENT"
+    );
+    assert!(api.error().contains("rank"), "{}", api.error());
+    assert_eq!((api.trainer_new)(model, null(), null(), &mut trainer), 0);
+
+    let mut tokens = Tokens::new();
+    tokens.ids[3] = 1000;
+    let st = (api.trainer_step)(trainer, &tokens.batch(), 1, null_mut());
+    assert_eq!(api.name(st), "FT_ERR_INVALID_ARGUMENT");
+    assert!(
+        api.error().contains("token id 1000 at position 3"),
+        "{}",
+        api.error()
+    );
+    let mut nul = Tokens::new().batch();
+    nul.labels = null();
+    assert_ne!((api.trainer_step)(trainer, &nul, 1, null_mut()), 0);
+    assert!(
+        api.error().contains("batches[0].labels is NULL"),
+        "{}",
+        api.error()
+    );
+    assert_ne!(
+        (api.trainer_step)(null_mut(), &Tokens::new().batch(), 1, null_mut()),
+        0
+    );
+    assert!(api.error().contains("trainer is NULL"), "{}", api.error());
+
+    let adapter_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        adapter_dir.path().join("adapter_config.json"),
+        "{\"peft_type\": \"PREFIX_TUNING\"}",
+    )
+    .unwrap();
+    let ad = CString::new(adapter_dir.path().to_str().unwrap()).unwrap();
+    let mut t2 = null_mut();
+    assert_eq!(
+        api.name((api.trainer_load_adapter)(
+            model,
+            ad.as_ptr(),
+            null(),
+            &mut t2
+        )),
+        "FT_ERR_FORMAT"
+    );
+    assert!(
+        api.error().contains("adapter_config.json"),
+        "{}",
+        api.error()
+    );
+
+    (api.trainer_free)(trainer);
+    (api.model_free)(model);
+    (api.model_free)(null_mut());
+    (api.trainer_free)(null_mut());
+}
+
+extern "C" fn stop_after_three(stats: *const StepStats, user: *mut c_void) -> i32 {
+    // SAFETY: the library passes valid stats; `user` is the counter passed below.
+    let (stats, seen) = unsafe { (&*stats, &mut *(user as *mut u64)) };
+    *seen = stats.step;
+    (stats.step >= 3) as i32
+}
+
+#[test]
+fn progress_callback_cancels_training() {
+    let api = Api::load();
+    let dir = common::tiny_model_dir();
+    let model = api.load_model(dir.path());
+    let mut trainer = null_mut();
+    assert_eq!((api.trainer_new)(model, null(), null(), &mut trainer), 0);
+    let tokens = Tokens::new();
+    let mut seen = 0u64;
+    let st = (api.trainer_train)(
+        trainer,
+        &tokens.batch(),
+        1,
+        100,
+        Some(stop_after_three),
+        &mut seen as *mut u64 as *mut c_void,
+    );
+    assert_eq!(api.name(st), "FT_ERR_CANCELLED");
+    assert_eq!(seen, 3);
+    // Training goes on from where it stopped.
+    let mut stats = StepStats::default();
+    assert_eq!(
+        (api.trainer_step)(trainer, &tokens.batch(), 1, &mut stats),
+        0
+    );
+    assert_eq!(stats.step, 4);
+    (api.trainer_free)(trainer);
+    (api.model_free)(model);
+}
