@@ -159,7 +159,7 @@ struct Tokens {
 
 impl Tokens {
     fn new() -> Tokens {
-        let ids: Vec<i32> = (0..17).map(|i| (i * 7 % 64) as i32).collect();
+        let ids: Vec<i32> = (0..17).map(|i| i * 7 % 64).collect();
         Tokens {
             labels: ids[1..].to_vec(),
             ids: ids[..16].to_vec(),

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use finetune::api::{Device, Model, ModelParams, Trainer};
 use finetune::bench::{run, BenchConfig};
 use finetune::io::safetensors::Dtype;
+use finetune::model::presets::preset;
 use finetune::train::trainer::TrainConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,19 @@ enum Command {
         #[arg(long, default_value = "bf16")]
         dtype: String,
     },
+    /// Write a model of a named shape with random weights as a Hugging Face directory.
+    Create {
+        /// tiny, smollm2-135m, llama3.2-1b, ...
+        #[arg(long, default_value = "tiny")]
+        shape: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Train a tiny generated model to say a sentence, showing its output before and after.
     Demo {
         #[arg(long, default_value = "runs/demo")]
@@ -76,6 +90,17 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn parse_dtype(name: &str) -> finetune::Result<Dtype> {
+    match name {
+        "f32" => Ok(Dtype::F32),
+        "f16" => Ok(Dtype::F16),
+        "bf16" => Ok(Dtype::BF16),
+        other => Err(finetune::Error::InvalidArgument(format!(
+            "unknown dtype {other:?} (expected f32, f16 or bf16)"
+        ))),
     }
 }
 
@@ -120,19 +145,19 @@ fn execute(command: Command) -> finetune::Result<()> {
             out,
             dtype,
         } => {
-            let dtype = match dtype.as_str() {
-                "f32" => Dtype::F32,
-                "f16" => Dtype::F16,
-                "bf16" => Dtype::BF16,
-                other => {
-                    return Err(finetune::Error::InvalidArgument(format!(
-                        "unknown dtype {other:?} (expected f32, f16 or bf16)"
-                    )))
-                }
-            };
             let m = Model::load(&model, &ModelParams::default())?;
             let t = Trainer::from_adapter(&m, &adapter, TrainConfig::default())?;
-            t.export_merged(&out, dtype)?;
+            t.export_merged(&out, parse_dtype(&dtype)?)?;
+            println!("wrote {}", out.display());
+        }
+        Command::Create {
+            shape,
+            seed,
+            out,
+            dtype,
+        } => {
+            let m = Model::random(preset(&shape)?, seed, &ModelParams::default())?;
+            m.save_pretrained(&out, parse_dtype(&dtype)?, None)?;
             println!("wrote {}", out.display());
         }
         Command::Demo { out, steps } => demo::run(&out, steps)?,

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting, lints, the Rust unit and integration tests (which
+# also compile and run the C example against the built libfinetune.so). GPU tests skip, saying
+# so, where no GPU exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test --quiet 2>&1 | tee /tmp/finetune-test.log
