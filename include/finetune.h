@@ -178,21 +178,71 @@ typedef struct ft_train_params {
 } ft_train_params;
 
 /**
- * A batch of `batch_size` rows of `seq_len` tokens, each array holding batch_size·seq_len values
- * row by row. `labels[t]` is the token expected after position t, or `FT_IGNORE_LABEL` (-100) for no loss
- * there.
- * `positions` (NULL: 0..seq_len in every row) and `segment_ids` (NULL: one segment a row) let
- * several examples share a row without attending to each other. The arrays are read during the
- * call only.
+ * Settings of a run. Get defaults from `ft_run_default_params()`, then set at least `dataset`
+ * and `output_dir`. Strings are read during the call only.
  */
-typedef struct ft_batch {
-  const int32_t *input_ids;
-  const int32_t *labels;
-  const int32_t *positions;
-  const int32_t *segment_ids;
+typedef struct ft_run_params {
+  /**
+   * JSONL or JSON array of text, alpaca, chat (`messages`) or ShareGPT records.
+   */
+  const char *dataset;
+  /**
+   * Receives adapter/, checkpoints/, metrics.jsonl and loss.svg.
+   */
+  const char *output_dir;
+  uint32_t max_seq_len;
+  /**
+   * Non-zero: several records per row (attention stays inside each record).
+   */
+  int32_t packing;
+  /**
+   * Rows per micro-batch.
+   */
   uint32_t batch_size;
-  uint32_t seq_len;
-} ft_batch;
+  /**
+   * Micro-batches per optimizer step.
+   */
+  uint32_t grad_accum;
+  uint32_t epochs;
+  /**
+   * Stop after this many steps; 0: run `epochs` epochs.
+   */
+  uint64_t max_steps;
+  /**
+   * Share of records held out for evaluation, in [0, 1).
+   */
+  float eval_fraction;
+  /**
+   * Evaluate every this many steps; 0: only at the end.
+   */
+  uint64_t eval_every;
+  /**
+   * Checkpoint every this many steps; 0: never during the run.
+   */
+  uint64_t save_every;
+  uint32_t keep_checkpoints;
+  /**
+   * Non-zero: loss on every token, not only assistant turns and completions.
+   */
+  int32_t loss_on_all_tokens;
+  /**
+   * Non-zero: leave out unreadable records (counted) instead of failing.
+   */
+  int32_t skip_bad_records;
+  /**
+   * Non-zero: continue from the newest checkpoint in `output_dir`.
+   */
+  int32_t resume;
+  /**
+   * Seed of data order, eval split, LoRA initialisation and dropout.
+   */
+  uint64_t seed;
+  struct ft_lora_params lora;
+  /**
+   * `total_steps` is ignored: the run computes it from the data.
+   */
+  struct ft_train_params train;
+} ft_run_params;
 
 /**
  * What one optimizer step did.
@@ -214,6 +264,43 @@ typedef struct ft_step_stats {
   uint64_t tokens;
   uint64_t labelled_tokens;
 } ft_step_stats;
+
+/**
+ * Progress of a run, after each step.
+ */
+typedef struct ft_run_progress {
+  struct ft_step_stats stats;
+  uint64_t total_steps;
+  uint64_t epoch;
+  float tokens_per_second;
+  /**
+   * Evaluation loss when this step evaluated, NaN otherwise.
+   */
+  float eval_loss;
+} ft_run_progress;
+
+/**
+ * Called after each step of `ft_run`; return 0 to go on, non-zero to stop (a checkpoint is
+ * written first and `ft_run` returns `FT_ERR_CANCELLED`; resume later with `resume = 1`).
+ */
+typedef int32_t (*ft_run_progress_fn)(const struct ft_run_progress *progress, void *user_data);
+
+/**
+ * A batch of `batch_size` rows of `seq_len` tokens, each array holding batch_size·seq_len values
+ * row by row. `labels[t]` is the token expected after position t, or `FT_IGNORE_LABEL` (-100) for no loss
+ * there.
+ * `positions` (NULL: 0..seq_len in every row) and `segment_ids` (NULL: one segment a row) let
+ * several examples share a row without attending to each other. The arrays are read during the
+ * call only.
+ */
+typedef struct ft_batch {
+  const int32_t *input_ids;
+  const int32_t *labels;
+  const int32_t *positions;
+  const int32_t *segment_ids;
+  uint32_t batch_size;
+  uint32_t seq_len;
+} ft_batch;
 
 /**
  * Called after each step of `ft_trainer_train` with that step's statistics. Return 0 to go on,
@@ -356,6 +443,22 @@ struct ft_lora_params ft_lora_default_params(void);
  * schedule over 100 steps without warmup, checkpointing on, seed 0.
  */
 struct ft_train_params ft_train_default_params(void);
+
+/**
+ * Defaults: max_seq_len 512, packing, batch 4, no accumulation, 1 epoch, no eval split, no
+ * intermediate checkpoints (2 kept when enabled), loss on completions only, seed 0, and the
+ * LoRA and optimizer defaults.
+ */
+struct ft_run_params ft_run_default_params(void);
+
+/**
+ * Trains LoRA adapters on `params->dataset` with the model's tokenizer and chat template, and
+ * writes them to `params->output_dir`/adapter. `progress` may be NULL.
+ */
+ft_status ft_run(const struct ft_model *model,
+                 const struct ft_run_params *params,
+                 ft_run_progress_fn progress,
+                 void *user_data);
 
 /**
  * Attaches fresh LoRA adapters to `model` (A Kaiming-uniform from `lora->seed`, B zero, as PEFT

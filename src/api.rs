@@ -3,6 +3,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
+use crate::data::encode::TextCodec;
 use crate::error::{Error, Result};
 use crate::io::model_dir::{read_config_json, WeightSource};
 use crate::io::peft::{load_peft_adapter, save_peft_adapter, AdapterModule, PeftAdapterConfig};
@@ -91,6 +92,8 @@ pub struct Model {
     /// What `base_model_name_or_path` records in saved adapters.
     name: String,
     source_dir: Option<PathBuf>,
+    /// Tokenizer and chat template, when the model comes with them.
+    codec: Option<Arc<TextCodec>>,
 }
 
 impl Model {
@@ -103,10 +106,12 @@ impl Model {
         let weights = DecoderWeights::load(&cfg, &backend, |spec| {
             source.read_f32(&spec.name, &spec.file_shape())
         })?;
+        let codec = TextCodec::from_model_dir(&dir)?.map(Arc::new);
         Ok(Model {
             decoder: Arc::new(Decoder::new(cfg, backend, weights)),
             name: path.display().to_string(),
             source_dir: Some(dir),
+            codec,
         })
     }
 
@@ -119,11 +124,23 @@ impl Model {
             decoder: Arc::new(Decoder::new(cfg, backend, weights)),
             name: format!("random-{seed}"),
             source_dir: None,
+            codec: None,
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.decoder.cfg
+    }
+
+    /// The tokenizer and chat template, if the model has them.
+    pub fn codec(&self) -> Option<&TextCodec> {
+        self.codec.as_deref()
+    }
+
+    /// Attaches a tokenizer (for models that come without one).
+    pub fn with_codec(mut self, codec: TextCodec) -> Self {
+        self.codec = Some(Arc::new(codec));
+        self
     }
 
     pub fn decoder(&self) -> &Arc<Decoder<CpuBackend>> {

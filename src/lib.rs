@@ -10,6 +10,7 @@ pub mod api;
 pub mod backend;
 pub mod bench;
 pub mod capi;
+pub mod data;
 pub mod model;
 pub mod rng;
 pub mod train;

@@ -10,11 +10,13 @@
 mod errors;
 mod model;
 mod params;
+mod run;
 mod trainer;
 
 pub use errors::*;
 pub use model::*;
 pub use params::*;
+pub use run::*;
 pub use trainer::*;
 
 use crate::error::{Error, Result};

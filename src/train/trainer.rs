@@ -168,6 +168,16 @@ impl<B: Backend> Trainer<B> {
         self.step
     }
 
+    /// AdamW's first and second moments, in the layout of the parameters.
+    pub fn moments(&self) -> (&LoraTensors<B>, &LoraTensors<B>) {
+        (&self.m, &self.v)
+    }
+
+    /// Puts back a saved optimizer state: moments and the number of steps taken.
+    pub fn restore_optimizer(&mut self, m: LoraTensors<B>, v: LoraTensors<B>, step: u64) {
+        (self.m, self.v, self.step) = (m, v, step);
+    }
+
     /// Zeroes the gradients, then accumulates those of `micro_batches` (one optimizer step's worth).
     /// The loss is the mean over every labelled token of all micro-batches, so the result does
     /// not depend on how the tokens are split into micro-batches. Returns that mean loss.

@@ -4,12 +4,17 @@ use clap::{Parser, Subcommand};
 use finetune::api::{Device, Model, ModelParams, Trainer};
 use finetune::bench::{run, BenchConfig};
 use finetune::io::safetensors::Dtype;
+use finetune::lora::LoraConfig;
 use finetune::model::presets::preset;
+use finetune::model::weights::tensor_specs;
+use finetune::train::memory::estimate;
 use finetune::train::trainer::TrainConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod demo;
+mod generate;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -47,8 +52,22 @@ enum Command {
         #[arg(long)]
         no_checkpointing: bool,
     },
-    /// Print a model directory's configuration.
-    Info { model: PathBuf },
+    /// Fine-tune LoRA adapters on a dataset (JSONL/JSON) from flags or a config file.
+    Train(Box<train::TrainArgs>),
+    /// Print a model's configuration and the memory a training configuration would need.
+    Info {
+        model: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        #[arg(long)]
+        no_checkpointing: bool,
+    },
+    /// Generate text, optionally with an adapter and through the chat template.
+    Generate(generate::GenerateArgs),
     /// Merge a PEFT adapter into its base model and write a Hugging Face directory.
     Export {
         #[arg(long)]
@@ -135,10 +154,34 @@ fn execute(command: Command) -> finetune::Result<()> {
                 serde_json::to_string_pretty(&result).expect("serializable")
             );
         }
-        Command::Info { model } => {
+        Command::Info {
+            model,
+            rank,
+            batch,
+            seq,
+            no_checkpointing,
+        } => {
             let m = Model::load(&model, &ModelParams::default())?;
-            println!("{:#?}", m.config());
+            let c = m.config();
+            let params: usize = tensor_specs(c).iter().map(|s| s.rows * s.cols).sum();
+            println!("{:#?}", c);
+            println!("parameters: {:.1} M", params as f64 / 1e6);
+            println!(
+                "tokenizer: {}",
+                if m.codec().is_some() { "yes" } else { "no" }
+            );
+            let lora = LoraConfig {
+                rank,
+                ..LoraConfig::default()
+            };
+            let est = estimate(c, &lora, batch, seq, !no_checkpointing);
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            println!(
+                "memory for LoRA r={rank}, batch {batch} x {seq}, checkpointing {}: weights {:.0} MiB, adapters+optimizer {:.1} MiB, activations {:.0} MiB, total {:.0} MiB",
+                !no_checkpointing, mib(est.weights), mib(est.adapters), mib(est.activations), mib(est.total)
+            );
         }
+        Command::Generate(args) => generate::execute(args)?,
         Command::Export {
             model,
             adapter,
@@ -161,6 +204,7 @@ fn execute(command: Command) -> finetune::Result<()> {
             println!("wrote {}", out.display());
         }
         Command::Demo { out, steps } => demo::run(&out, steps)?,
+        Command::Train(args) => train::execute(*args)?,
     }
     Ok(())
 }

@@ -1,0 +1,62 @@
+//! An estimate of the memory a training configuration needs on the CPU backend (f32), by part.
+
+use crate::lora::LoraConfig;
+use crate::model::config::ModelConfig;
+
+/// Bytes by part; `total` is their sum.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MemoryEstimate {
+    /// Frozen base weights.
+    pub weights: u64,
+    /// LoRA parameters, gradients and the two AdamW moments.
+    pub adapters: u64,
+    /// Activations kept for the backward pass, plus the largest transient buffers.
+    pub activations: u64,
+    pub total: u64,
+}
+
+/// Counts f32 values: weights from the tensor list; per token and layer the cached activations
+/// (norm inputs/outputs, q/k/v, attention output, gate/up/activation, LoRA intermediates); with
+/// checkpointing only each layer's input is kept for every layer, plus one layer's cache.
+/// Transients: one sequence's score matrix per head group and one LM-head chunk of logits.
+pub fn estimate(
+    cfg: &ModelConfig,
+    lora: &LoraConfig,
+    batch: usize,
+    seq: usize,
+    checkpointing: bool,
+) -> MemoryEstimate {
+    const F32: u64 = 4;
+    let weights: u64 = crate::model::weights::tensor_specs(cfg)
+        .iter()
+        .map(|s| (s.rows * s.cols) as u64)
+        .sum::<u64>()
+        * F32;
+    let per_layer_lora: u64 = lora
+        .target_list()
+        .iter()
+        .map(|&m| (lora.rank * (cfg.in_features(m) + cfg.out_features(m))) as u64)
+        .sum();
+    let adapters = per_layer_lora * cfg.num_layers as u64 * 4 * F32;
+    let tokens = (batch * seq) as u64;
+    let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let q = (cfg.num_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
+    let layer_cache = tokens
+        * (4 * d + 2 * q + 2 * kv + 3 * i + cfg.num_heads as u64 + 7 * lora.rank as u64)
+        * F32;
+    let kept = if checkpointing {
+        cfg.num_layers as u64 * tokens * d * F32 + layer_cache
+    } else {
+        cfg.num_layers as u64 * (tokens * d * F32 + layer_cache)
+    };
+    let transient =
+        (2 * (seq * seq) as u64 + 256 * cfg.vocab_size as u64) * F32 + 4 * tokens * i.max(d) * F32;
+    let activations = kept + transient;
+    MemoryEstimate {
+        weights,
+        adapters,
+        activations,
+        total: weights + adapters + activations,
+    }
+}
