@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --quiet 2>&1 | tee /tmp/finetune-test.log
-cargo build --quiet
+# cargo test has built libfinetune.so (target/debug/deps) and the CLI the bindings' tests use.
 bash scripts/test_bindings.sh debug

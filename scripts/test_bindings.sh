@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the examples in five languages and the Go, Node and C# bindings' tests against a built
-# libfinetune.so, after `cargo test` (or `cargo build`) has built it and the CLI.
+# libfinetune.so, after `cargo test` or `cargo build` has built it and the CLI.
 #
 #   scripts/test_bindings.sh [profile]      profile: debug (default) or release
 #
@@ -12,7 +12,12 @@ cd "$(dirname "$0")/.."
 root=$PWD
 profile=${1:-debug}
 target=${CARGO_TARGET_DIR:-$root/target}
-export FINETUNE_LIB=${FINETUNE_LIB:-$target/$profile/libfinetune.so}
+if [ -z "${FINETUNE_LIB:-}" ]; then
+    # `cargo build` puts the library in the profile's directory, `cargo test` only in deps/.
+    FINETUNE_LIB=$target/$profile/libfinetune.so
+    [ -e "$FINETUNE_LIB" ] || FINETUNE_LIB=$target/$profile/deps/libfinetune.so
+fi
+export FINETUNE_LIB
 cli=$target/$profile/finetune
 for f in "$FINETUNE_LIB" "$cli"; do
     [ -e "$f" ] || { echo "missing $f: run cargo build first" >&2; exit 1; }
