@@ -1,0 +1,205 @@
+using System;
+using System.Runtime.InteropServices;
+
+namespace Finetune
+{
+    /// <summary>Status codes of the C API.</summary>
+    public enum Status
+    {
+        Ok = 0, InvalidArgument = 1, Io = 2, Format = 3, Unsupported = 4, AdapterMismatch = 5,
+        Cancelled = 6, NonFinite = 7, Internal = 8,
+    }
+
+    /// <summary>A failed library call, carrying the library's message.</summary>
+    public class FinetuneException : Exception
+    {
+        /// <summary>The C function, such as "ft_model_load".</summary>
+        public string Operation { get; private set; }
+        public Status Status { get; private set; }
+        /// <summary>The status's C name, such as "FT_ERR_IO".</summary>
+        public string Code { get; private set; }
+        /// <summary>ft_last_error()'s message.</summary>
+        public string LibraryMessage { get; private set; }
+
+        public FinetuneException(string operation, Status status, string code, string message)
+            : base(operation + ": " + code + ": " + message)
+        {
+            Operation = operation;
+            Status = status;
+            Code = code;
+            LibraryMessage = message;
+        }
+    }
+
+    /// <summary>Element types of written weights.</summary>
+    public enum DType { F32 = 0, F16 = 1, BF16 = 2 }
+
+    /// <summary>Learning-rate schedules.</summary>
+    public enum Schedule { Constant = 0, Linear = 1, Cosine = 2 }
+
+    /// <summary>LoRA target projections.</summary>
+    [Flags]
+    public enum Targets : uint { Q = 1, K = 2, V = 4, O = 8, Gate = 16, Up = 32, Down = 64, All = 127 }
+
+    /// <summary>Where and how to run a model. Null fields keep the library's defaults.</summary>
+    public sealed class ModelOptions
+    {
+        /// <summary>"auto" (default), "cpu" or "cuda:N".</summary>
+        public string Device;
+        /// <summary>CPU worker threads; 0 means one per core.</summary>
+        public uint Threads;
+    }
+
+    /// <summary>A model's sizes.</summary>
+    public sealed class ModelInfo
+    {
+        public long VocabSize, HiddenSize, IntermediateSize, NumLayers, NumHeads, NumKvHeads, HeadDim;
+    }
+
+    /// <summary>The adapters' shape. Unset fields keep the library's defaults (rank 16, alpha 16,
+    /// all seven projections).</summary>
+    public sealed class LoraOptions
+    {
+        public uint? Rank;
+        public float? Alpha;
+        public bool? UseRsLora;
+        public float? Dropout;
+        public Targets? TargetModules;
+        public ulong? Seed;
+
+        internal NativeLoraParams ToNative()
+        {
+            var p = Native.Lib.ft_lora_default_params();
+            if (Rank.HasValue) p.rank = Rank.Value;
+            if (Alpha.HasValue) p.alpha = Alpha.Value;
+            if (UseRsLora.HasValue) p.use_rslora = UseRsLora.Value ? 1 : 0;
+            if (Dropout.HasValue) p.dropout = Dropout.Value;
+            if (TargetModules.HasValue) p.target_modules = (uint)TargetModules.Value;
+            if (Seed.HasValue) p.seed = Seed.Value;
+            return p;
+        }
+    }
+
+    /// <summary>Optimizer and schedule. Unset fields keep the library's defaults.</summary>
+    public sealed class TrainOptions
+    {
+        public float? LearningRate, WeightDecay, Beta1, Beta2, Eps, MaxGradNorm;
+        public Schedule? Schedule;
+        public ulong? WarmupSteps, TotalSteps, Seed;
+        public bool? GradientCheckpointing;
+
+        internal NativeTrainParams ToNative()
+        {
+            var p = Native.Lib.ft_train_default_params();
+            if (LearningRate.HasValue) p.learning_rate = LearningRate.Value;
+            if (WeightDecay.HasValue) p.weight_decay = WeightDecay.Value;
+            if (Beta1.HasValue) p.beta1 = Beta1.Value;
+            if (Beta2.HasValue) p.beta2 = Beta2.Value;
+            if (Eps.HasValue) p.eps = Eps.Value;
+            if (MaxGradNorm.HasValue) p.max_grad_norm = MaxGradNorm.Value;
+            if (Schedule.HasValue) p.schedule = (int)Schedule.Value;
+            if (WarmupSteps.HasValue) p.warmup_steps = WarmupSteps.Value;
+            if (TotalSteps.HasValue) p.total_steps = TotalSteps.Value;
+            if (Seed.HasValue) p.seed = Seed.Value;
+            if (GradientCheckpointing.HasValue) p.gradient_checkpointing = GradientCheckpointing.Value ? 1 : 0;
+            return p;
+        }
+    }
+
+    /// <summary>BatchSize rows of SeqLen tokens, each array holding BatchSize*SeqLen values row by
+    /// row. Labels[t] is the token expected after position t, or IgnoreLabel.</summary>
+    public sealed class Batch
+    {
+        public const int IgnoreLabel = -100;
+        public int[] InputIds, Labels, Positions, SegmentIds;
+        public int BatchSize = 1;
+        /// <summary>0 means InputIds.Length / BatchSize.</summary>
+        public int SeqLen;
+
+        public Batch() { }
+
+        public Batch(int[] inputIds, int[] labels)
+        {
+            InputIds = inputIds;
+            Labels = labels;
+        }
+    }
+
+    /// <summary>What one optimizer step did.</summary>
+    public sealed class StepStats
+    {
+        public long Step;
+        public float Loss, GradNorm, LearningRate;
+        public long Tokens, LabelledTokens;
+
+        internal static StepStats From(NativeStepStats s)
+        {
+            return new StepStats
+            {
+                Step = (long)s.step, Loss = s.loss, GradNorm = s.grad_norm, LearningRate = s.learning_rate,
+                Tokens = (long)s.tokens, LabelledTokens = (long)s.labelled_tokens,
+            };
+        }
+    }
+
+    /// <summary>The arguments of Trainer.Progress.</summary>
+    public sealed class StepEventArgs : EventArgs
+    {
+        public StepStats Stats { get; private set; }
+        public StepEventArgs(StepStats stats) { Stats = stats; }
+    }
+
+    /// <summary>Batches pinned as C structs for the duration of one call.</summary>
+    internal sealed class PinnedBatches : IDisposable
+    {
+        readonly System.Collections.Generic.List<GCHandle> pins = new System.Collections.Generic.List<GCHandle>();
+        public readonly NativeBatch[] Native;
+
+        public PinnedBatches(System.Collections.Generic.IList<Batch> batches)
+        {
+            if (batches == null || batches.Count == 0) throw new ArgumentException("no batches", "batches");
+            Native = new NativeBatch[batches.Count];
+            try
+            {
+                for (int i = 0; i < batches.Count; i++)
+                {
+                    var b = batches[i];
+                    if (b == null || b.InputIds == null) throw new ArgumentException("batch " + i + " has no InputIds");
+                    int rows = b.BatchSize, seq = b.SeqLen > 0 ? b.SeqLen : b.InputIds.Length / Math.Max(rows, 1);
+                    int n = rows * seq;
+                    Native[i] = new NativeBatch
+                    {
+                        input_ids = Pin(i, "InputIds", b.InputIds, n, false),
+                        labels = Pin(i, "Labels", b.Labels, n, false),
+                        positions = Pin(i, "Positions", b.Positions, n, true),
+                        segment_ids = Pin(i, "SegmentIds", b.SegmentIds, n, true),
+                        batch_size = (uint)rows, seq_len = (uint)seq,
+                    };
+                }
+            }
+            catch
+            {
+                Dispose();
+                throw;
+            }
+        }
+
+        IntPtr Pin(int i, string name, int[] values, int n, bool optional)
+        {
+            if (values == null && optional) return IntPtr.Zero;
+            int len = values == null ? 0 : values.Length;
+            if (len != n)
+                throw new ArgumentException(string.Format(
+                    "batch {0}: {1} has {2} values, BatchSize*SeqLen is {3}", i, name, len, n));
+            var h = GCHandle.Alloc(values, GCHandleType.Pinned);
+            pins.Add(h);
+            return h.AddrOfPinnedObject();
+        }
+
+        public void Dispose()
+        {
+            foreach (var h in pins) h.Free();
+            pins.Clear();
+        }
+    }
+}

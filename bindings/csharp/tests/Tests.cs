@@ -1,0 +1,262 @@
+// The C# binding's tests: a console runner (no test framework needed under Mono) that prints
+// "N passed, N failed" and exits non-zero on a failure.
+using System;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.IO;
+using System.Threading;
+using System.Threading.Tasks;
+using Finetune;
+
+// IProgress that reports at once on the training thread (Progress<T> posts to a context).
+sealed class SyncProgress : IProgress<StepStats>
+{
+    readonly Action<StepStats> f;
+    public SyncProgress(Action<StepStats> f) { this.f = f; }
+    public void Report(StepStats s) { f(s); }
+}
+
+static class Tests
+{
+    static Batch CountBatch(int seq)
+    {
+        var ids = new int[seq];
+        var labels = new int[seq];
+        for (int i = 0; i < seq; i++)
+        {
+            ids[i] = 3 + i;
+            labels[i] = i + 1 < seq ? 4 + i : Batch.IgnoreLabel;
+        }
+        return new Batch(ids, labels);
+    }
+
+    static Model TinyModel() { return Model.Random("tiny", 1, new ModelOptions { Device = "cpu", Threads = 1 }); }
+
+    static Trainer TinyTrainer(Model m)
+    {
+        return Trainer.Create(m, new LoraOptions { Rank = 8, Alpha = 16 },
+            new TrainOptions { LearningRate = 1e-2f, TotalSteps = 1000, Schedule = Schedule.Constant });
+    }
+
+    static void Assert(bool ok, string what)
+    {
+        if (!ok) throw new Exception("assertion failed: " + what);
+    }
+
+    static string TempDir()
+    {
+        var d = Path.Combine(Path.GetTempPath(), "ft-cs-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(d);
+        return d;
+    }
+
+    static void TrainsSavesReloadsAndGenerates()
+    {
+        var dir = TempDir();
+        try
+        {
+            using (var model = TinyModel())
+            using (var trainer = TinyTrainer(model))
+            {
+                var b = CountBatch(12);
+                float before = trainer.EvalLoss(b);
+                var seen = new List<long>();
+                trainer.Progress += (s, e) => seen.Add(e.Stats.Step);
+                var last = trainer.TrainAsync(new[] { b }, 12).Result;
+                Assert(seen.Count == 12 && last.Step == 12, "12 progress events, saw " + seen.Count);
+                Assert(trainer.EvalLoss(b) < before, "loss fell");
+                trainer.SaveAdapter(Path.Combine(dir, "adapter"));
+                using (var reloaded = Trainer.LoadAdapter(model, Path.Combine(dir, "adapter")))
+                {
+                    var outTokens = model.Generate(new[] { 3, 4, 5 }, 5, -1, reloaded);
+                    Assert(outTokens.Length == 5, "5 tokens generated");
+                }
+                Assert(model.Info.VocabSize == 64, "vocab 64");
+            }
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    static void BadModelPathThrowsWithTheLibraryMessage()
+    {
+        var missing = Path.Combine(Path.GetTempPath(), "no-such-model-dir");
+        try
+        {
+            Model.Load(missing).Dispose();
+            Assert(false, "loading a missing model succeeded");
+        }
+        catch (FinetuneException e)
+        {
+            Assert(e.Operation == "ft_model_load" && e.Status == Status.Io && e.Code == "FT_ERR_IO", e.Message);
+            Assert(e.LibraryMessage.Contains("no-such-model-dir") && e.Message.Contains(e.LibraryMessage), e.Message);
+        }
+        try
+        {
+            Model.Random("no-such-shape").Dispose();
+            Assert(false, "unknown shape accepted");
+        }
+        catch (FinetuneException e) { Assert(e.Message.Contains("no-such-shape"), e.Message); }
+        using (var model = TinyModel())
+        using (var trainer = TinyTrainer(model))
+        {
+            try
+            {
+                trainer.Step(new Batch(new[] { 1, 2 }, new[] { 1 }));
+                Assert(false, "short labels accepted");
+            }
+            catch (ArgumentException) { }
+        }
+    }
+
+    static void CancellationTokenStopsTraining()
+    {
+        using (var model = TinyModel())
+        using (var trainer = TinyTrainer(model))
+        using (var cts = new CancellationTokenSource())
+        {
+            long steps = 0;
+            trainer.Progress += (s, e) => { steps = e.Stats.Step; if (steps == 3) cts.Cancel(); };
+            var task = trainer.TrainAsync(new[] { CountBatch(8) }, 100000, cts.Token);
+            try
+            {
+                task.Wait();
+                Assert(false, "training was not cancelled");
+            }
+            catch (AggregateException e)
+            {
+                Assert(e.InnerException is OperationCanceledException, e.ToString());
+            }
+            Assert(task.IsCanceled, "task is Canceled, not " + task.Status);
+            Assert(steps == 3, "stopped after 3 steps, took " + steps);
+            Assert(trainer.Step(CountBatch(8)).Step == 4, "steps taken stay applied");
+            using (var cts2 = new CancellationTokenSource())
+            {
+                try
+                {
+                    trainer.Train(new[] { CountBatch(8) }, 100000, cts2.Token, new SyncProgress(s => { if (s.Step == 6) cts2.Cancel(); }));
+                    Assert(false, "training was not cancelled");
+                }
+                catch (OperationCanceledException e)
+                {
+                    var inner = e.InnerException as FinetuneException;
+                    Assert(inner != null && inner.Status == Status.Cancelled, "carries the library's FT_ERR_CANCELLED");
+                }
+            }
+            try
+            {
+                trainer.Train(new[] { CountBatch(8) }, 5, cts.Token);
+                Assert(false, "cancelled token trained");
+            }
+            catch (OperationCanceledException) { }
+        }
+    }
+
+    static void TrainingDoesNotBlockTheCaller()
+    {
+        using (var model = TinyModel())
+        using (var trainer = TinyTrainer(model))
+        {
+            int ticks = 0;
+            var task = trainer.TrainAsync(new[] { CountBatch(12) }, 60);
+            while (!task.IsCompleted)
+            {
+                ticks++;
+                Thread.Sleep(1);
+            }
+            Assert(task.Result.Step == 60, "60 steps");
+            Assert(ticks > 1, "the caller ran while training: " + ticks);
+        }
+    }
+
+    static void DisposeIsIdempotentAndUseAfterDisposeThrows()
+    {
+        var model = TinyModel();
+        var trainer = TinyTrainer(model);
+        trainer.Dispose();
+        trainer.Dispose();
+        try
+        {
+            trainer.SaveAdapter(Path.GetTempPath());
+            Assert(false, "disposed trainer saved");
+        }
+        catch (ObjectDisposedException) { }
+        using (var t2 = Trainer.Create(model))
+        {
+            model.Dispose();
+            model.Dispose();
+            Assert(t2.Step(CountBatch(8)).Step == 1, "a trainer outlives its model");
+        }
+        try
+        {
+            var unused = model.Info;
+            Assert(false, "disposed model answered");
+        }
+        catch (ObjectDisposedException) { }
+        Assert(trainer.Handle.IsClosed && model.Handle.IsClosed, "handles closed");
+    }
+
+    static void MissingLibraryNamesEveryPlaceLooked()
+    {
+        if (Environment.GetEnvironmentVariable("FT_CS_CHILD") == "1") return;
+        string exe = typeof(Tests).Assembly.Location;
+        Func<string, string> run = (lib) =>
+        {
+            var psi = new ProcessStartInfo("mono", "\"" + exe + "\" --load-only")
+            {
+                UseShellExecute = false, RedirectStandardOutput = true,
+            };
+            psi.EnvironmentVariables["FINETUNE_LIB"] = lib;
+            psi.EnvironmentVariables["LD_LIBRARY_PATH"] = "";
+            psi.EnvironmentVariables["FT_CS_CHILD"] = "1";
+            using (var p = Process.Start(psi))
+            {
+                string text = p.StandardOutput.ReadToEnd();
+                p.WaitForExit();
+                return text;
+            }
+        };
+        string bad = run("/nonexistent/libfinetune.so");
+        Assert(bad.Contains("FINETUNE_LIB=/nonexistent/libfinetune.so"), bad);
+        string none = run("");
+        if (none.Contains("LOADED")) return; // installed system-wide: nothing to check
+        Assert(none.Contains("FINETUNE_LIB (not set)") && none.Contains("/usr/local/lib/libfinetune.so (absent)"), none);
+        Assert(none.Contains(Path.Combine(Path.GetDirectoryName(typeof(Model).Assembly.Location), "libfinetune.so")), none);
+    }
+
+    static int Main(string[] args)
+    {
+        if (args.Length == 1 && args[0] == "--load-only")
+        {
+            try { Model.Random("tiny").Dispose(); Console.WriteLine("LOADED"); }
+            catch (Exception e) { Console.WriteLine(e.Message); }
+            return 0;
+        }
+        var tests = new List<KeyValuePair<string, Action>>
+        {
+            new KeyValuePair<string, Action>("TrainsSavesReloadsAndGenerates", TrainsSavesReloadsAndGenerates),
+            new KeyValuePair<string, Action>("BadModelPathThrowsWithTheLibraryMessage", BadModelPathThrowsWithTheLibraryMessage),
+            new KeyValuePair<string, Action>("CancellationTokenStopsTraining", CancellationTokenStopsTraining),
+            new KeyValuePair<string, Action>("TrainingDoesNotBlockTheCaller", TrainingDoesNotBlockTheCaller),
+            new KeyValuePair<string, Action>("DisposeIsIdempotentAndUseAfterDisposeThrows", DisposeIsIdempotentAndUseAfterDisposeThrows),
+            new KeyValuePair<string, Action>("MissingLibraryNamesEveryPlaceLooked", MissingLibraryNamesEveryPlaceLooked),
+        };
+        int passed = 0, failed = 0;
+        foreach (var t in tests)
+        {
+            var sw = Stopwatch.StartNew();
+            try
+            {
+                t.Value();
+                passed++;
+                Console.WriteLine("ok   {0} ({1} ms)", t.Key, sw.ElapsedMilliseconds);
+            }
+            catch (Exception e)
+            {
+                failed++;
+                Console.WriteLine("FAIL {0}: {1}", t.Key, e);
+            }
+        }
+        Console.WriteLine("{0} passed, {1} failed", passed, failed);
+        return failed == 0 ? 0 : 1;
+    }
+}

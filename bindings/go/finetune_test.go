@@ -1,0 +1,196 @@
+package finetune
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// countBatch is one row counting upwards: the model learns to continue the count.
+func countBatch(seq int) Batch {
+	ids, labels := make([]int32, seq), make([]int32, seq)
+	for i := range ids {
+		ids[i] = int32(3 + i)
+		labels[i] = int32(4 + i)
+	}
+	labels[seq-1] = IgnoreLabel
+	return Batch{InputIDs: ids, Labels: labels, BatchSize: 1, SeqLen: seq}
+}
+
+func tinyTrainer(t *testing.T) (*Model, *Trainer) {
+	t.Helper()
+	m, err := RandomModel("tiny", 1, &ModelOptions{Device: "cpu", Threads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lora, err := DefaultLoRAOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lora.Rank, lora.Alpha = 8, 16
+	train, _ := DefaultTrainOptions()
+	train.LearningRate, train.TotalSteps = 1e-2, 20
+	tr, err := NewTrainer(m, &lora, &train)
+	if err != nil {
+		m.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tr.Close(); m.Close() })
+	return m, tr
+}
+
+func TestTrainSaveReloadGenerate(t *testing.T) {
+	m, tr := tinyTrainer(t)
+	b := countBatch(12)
+	before, err := tr.EvalLoss(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []StepStats
+	if err := tr.Train(context.Background(), []Batch{b}, 12, func(s StepStats) { seen = append(seen, s) }); err != nil {
+		t.Fatal(err)
+	}
+	if len(seen) != 12 || seen[11].Step != 12 {
+		t.Fatalf("progress saw %d steps: %+v", len(seen), seen)
+	}
+	after, _ := tr.EvalLoss(b)
+	if !(after < before) {
+		t.Fatalf("loss did not fall: %v -> %v", before, after)
+	}
+	dir := filepath.Join(t.TempDir(), "adapter")
+	if err := tr.SaveAdapter(dir); err != nil {
+		t.Fatal(err)
+	}
+	re, err := LoadAdapter(m, dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer re.Close()
+	out, err := m.Generate(b.InputIDs[:3], 5, -1, re)
+	if err != nil || len(out) != 5 {
+		t.Fatalf("generate: %v %v", out, err)
+	}
+	info, err := m.Info()
+	if err != nil || info.VocabSize != 64 {
+		t.Fatalf("info: %+v %v", info, err)
+	}
+}
+
+func TestBadModelPathIsAnErrorWithTheLibraryMessage(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "no-such-model")
+	m, err := LoadModel(path, nil)
+	if m != nil || err == nil {
+		t.Fatal("loading a missing model succeeded")
+	}
+	var fe *Error
+	if !errors.As(err, &fe) || fe.Op != "ft_model_load" || fe.Status == StatusOK {
+		t.Fatalf("not a finetune error: %#v", err)
+	}
+	if !strings.Contains(fe.Message, "no-such-model") || !strings.Contains(err.Error(), fe.Message) {
+		t.Fatalf("message does not name the path: %q", err)
+	}
+}
+
+func TestBadArgumentsAreErrors(t *testing.T) {
+	_, err := RandomModel("no-such-shape", 0, nil)
+	if err == nil || !strings.Contains(err.Error(), "no-such-shape") {
+		t.Fatalf("unknown shape: %v", err)
+	}
+	_, tr := tinyTrainer(t)
+	_, err = tr.Step(Batch{InputIDs: []int32{1, 2}, Labels: []int32{1}, BatchSize: 1, SeqLen: 2})
+	if !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("short labels: %v", err)
+	}
+}
+
+func TestContextCancelStopsTraining(t *testing.T) {
+	_, tr := tinyTrainer(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	steps := 0
+	err := tr.Train(ctx, []Batch{countBatch(8)}, 1000, func(s StepStats) {
+		steps++
+		if s.Step == 3 {
+			cancel()
+		}
+	})
+	if !errors.Is(err, ErrCancelled) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("want a cancellation error, got %v", err)
+	}
+	if steps != 3 {
+		t.Fatalf("took %d steps after cancelling at 3", steps)
+	}
+	// Already cancelled: no step at all, and the trainer is still usable.
+	if err := tr.Train(ctx, []Batch{countBatch(8)}, 5, nil); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled context: %v", err)
+	}
+	if s, err := tr.Step(countBatch(8)); err != nil || s.Step != 4 {
+		t.Fatalf("step after cancel: %+v %v", s, err)
+	}
+}
+
+func TestCloseIsIdempotentAndUseAfterCloseFails(t *testing.T) {
+	m, tr := tinyTrainer(t)
+	if err := tr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.SaveAdapter(t.TempDir()); err == nil {
+		t.Fatal("closed trainer saved")
+	}
+	// The model outlives its trainers and the other way round.
+	tr2, err := NewTrainer(m, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+	if _, err := tr2.Step(countBatch(8)); err != nil {
+		t.Fatalf("trainer after model close: %v", err)
+	}
+	tr2.Close()
+	if _, err := m.Info(); err == nil {
+		t.Fatal("closed model answered")
+	}
+}
+
+// The library search runs once per process, so the missing-library cases run in a child.
+func TestMissingLibraryErrorSaysWhereItLooked(t *testing.T) {
+	if os.Getenv("FINETUNE_GO_CHILD") == "1" {
+		_, err := Load()
+		if err == nil {
+			os.Stdout.WriteString("LOADED\n")
+			return
+		}
+		os.Stdout.WriteString(err.Error() + "\n")
+		return
+	}
+	run := func(env ...string) string {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestMissingLibraryErrorSaysWhereItLooked$")
+		cmd.Env = append(os.Environ(), append([]string{"FINETUNE_GO_CHILD=1", "LD_LIBRARY_PATH="}, env...)...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("child: %v\n%s", err, out)
+		}
+		return string(out)
+	}
+	out := run("FINETUNE_LIB=/nonexistent/libfinetune.so")
+	if !strings.Contains(out, "FINETUNE_LIB=/nonexistent/libfinetune.so") {
+		t.Fatalf("bad FINETUNE_LIB: %s", out)
+	}
+	out = run("FINETUNE_LIB=")
+	if strings.Contains(out, "LOADED") {
+		t.Log("libfinetune.so is installed where the search finds it; not checking the message")
+		return
+	}
+	for _, want := range []string{"FINETUNE_LIB (not set)", filepath.Join("bindings", "go", "libfinetune.so"), "/usr/local/lib/libfinetune.so"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("message lacks %q: %s", want, out)
+		}
+	}
+}

@@ -1,0 +1,3 @@
+module finetune
+
+go 1.19

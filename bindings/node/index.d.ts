@@ -1,0 +1,131 @@
+// Types of the finetune Node.js binding (index.js).
+
+/** Status codes of the C API. */
+export declare const Status: {
+  readonly OK: 0; readonly INVALID_ARGUMENT: 1; readonly IO: 2; readonly FORMAT: 3; readonly UNSUPPORTED: 4;
+  readonly ADAPTER_MISMATCH: 5; readonly CANCELLED: 6; readonly NON_FINITE: 7; readonly INTERNAL: 8;
+};
+/** LoRA target bits for `LoraOptions.targetModules`. */
+export declare const Target: {
+  readonly Q: 1; readonly K: 2; readonly V: 4; readonly O: 8; readonly GATE: 16; readonly UP: 32;
+  readonly DOWN: 64; readonly ALL: 127;
+};
+/** Element types of written weights. */
+export declare const DType: { readonly F32: 0; readonly F16: 1; readonly BF16: 2 };
+/** Label meaning "no loss at this position". */
+export declare const IGNORE_LABEL: -100;
+export declare const ABI_VERSION: number;
+/** The environment variable naming the library's full path: "FINETUNE_LIB". */
+export declare const LIBRARY_ENV: string;
+
+/** A failed library call. `name` is "AbortError" when training was cancelled. */
+export declare class FinetuneError extends Error {
+  /** The C function, such as "ft_model_load". */
+  readonly op: string;
+  readonly status: number;
+  /** The status's C name, such as "FT_ERR_IO". */
+  readonly code: string;
+  /** ft_last_error()'s message. */
+  readonly libraryMessage: string;
+}
+
+export interface ModelOptions {
+  /** "auto" (default), "cpu" or "cuda:N". */
+  device?: string;
+  /** CPU worker threads; 0 means one per core. */
+  threads?: number;
+}
+
+export interface ModelInfo {
+  vocabSize: number; hiddenSize: number; intermediateSize: number; numLayers: number;
+  numHeads: number; numKvHeads: number; headDim: number;
+}
+
+export interface GenerateOptions {
+  /** Default 16. */
+  maxNewTokens?: number;
+  /** Stop after this token; negative (default) never stops early. */
+  stopToken?: number;
+  /** Apply this trainer's adapters. */
+  adapter?: Trainer;
+}
+
+export type TokenArray = ArrayLike<number>;
+
+/** `batchSize` rows of `seqLen` tokens, each array holding batchSize*seqLen values row by row. */
+export interface Batch {
+  inputIds: TokenArray;
+  /** The token expected after each position, or IGNORE_LABEL. */
+  labels: TokenArray;
+  positions?: TokenArray | null;
+  segmentIds?: TokenArray | null;
+  /** Default 1. */
+  batchSize?: number;
+  /** Default inputIds.length / batchSize. */
+  seqLen?: number;
+}
+
+export interface LoraOptions {
+  rank?: number; alpha?: number; useRslora?: boolean; dropout?: number;
+  /** OR of Target bits. */
+  targetModules?: number;
+  seed?: number;
+}
+
+export interface TrainOptions {
+  learningRate?: number; weightDecay?: number; beta1?: number; beta2?: number; eps?: number;
+  /** 0 disables clipping. */
+  maxGradNorm?: number;
+  schedule?: 'constant' | 'linear' | 'cosine' | number;
+  warmupSteps?: number; totalSteps?: number; gradientCheckpointing?: boolean; seed?: number;
+}
+
+export interface StepStats {
+  step: number; loss: number; gradNorm: number; learningRate: number; tokens: number; labelledTokens: number;
+}
+
+export interface TrainRunOptions {
+  /** Steps to take, cycling through the batches. Default 1. */
+  steps?: number;
+  /** Aborting stops training after the step in flight; the promise rejects with an AbortError. */
+  signal?: AbortSignal;
+  /** Called on the main thread after each step. */
+  onProgress?: (stats: StepStats) => void;
+}
+
+/** A frozen base model. */
+export declare class Model {
+  private constructor();
+  static load(dir: string, opts?: ModelOptions): Model;
+  static random(shape: string, seed?: number, opts?: ModelOptions): Model;
+  info(): ModelInfo;
+  save(dir: string, dtype?: number): void;
+  /** Greedy decoding; returns the new token ids. */
+  generate(prompt: TokenArray, opts?: GenerateOptions): number[];
+  /** Frees the model; trainers made from it stay usable. Safe to call twice. */
+  close(): void;
+}
+
+/** LoRA adapters and their optimizer over a model. */
+export declare class Trainer {
+  private constructor();
+  static create(model: Model, opts?: { lora?: LoraOptions; train?: TrainOptions }): Trainer;
+  static loadAdapter(model: Model, dir: string, opts?: { train?: TrainOptions }): Trainer;
+  /** One optimizer step over the micro-batches (gradient accumulation), on the calling thread. */
+  step(batches: Batch | Batch[]): StepStats;
+  /** Trains on a worker thread; resolves with the last step's stats (null for 0 steps). */
+  train(batches: Batch | Batch[], opts?: TrainRunOptions): Promise<StepStats | null>;
+  evalLoss(batch: Batch): number;
+  saveAdapter(dir: string): void;
+  exportMerged(dir: string, dtype?: number): void;
+  /** Frees the trainer (after training ends, if it is running). Safe to call twice. */
+  close(): void;
+  on(event: 'progress', listener: (stats: StepStats) => void): this;
+  once(event: 'progress', listener: (stats: StepStats) => void): this;
+  off(event: 'progress', listener: (stats: StepStats) => void): this;
+}
+
+/** Opens the library now and returns its path (it opens on first use otherwise). */
+export declare function loadLibrary(): string;
+/** The library's version, such as "0.1.0". */
+export declare function version(): string;
