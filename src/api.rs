@@ -11,7 +11,7 @@ use crate::io::safetensors::{write_safetensors, Dtype};
 use crate::lora::{LoraConfig, TargetModule};
 use crate::model::adapters::{LoraPair, LoraTensors};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::{Adapters, Decoder};
+use crate::model::decoder::{Adapters, Decoder, KvCache};
 use crate::model::weights::{tensor_specs, DecoderWeights, Slot};
 use crate::train::batch::Batch;
 use crate::train::trainer::{StepStats, TrainConfig, Trainer as Core};
@@ -164,6 +164,20 @@ impl Model {
         dec.backend.download(&dec.logits(&b, ad.as_ref())?)
     }
 
+    /// An incremental decoding session (KV cache) with `adapter`'s LoRA applied if given.
+    pub fn decode_session<'a>(&'a self, adapter: Option<&'a Trainer>) -> Result<DecodeSession<'a>> {
+        if adapter.is_some_and(|t| !Arc::ptr_eq(&t.model.decoder, &self.decoder)) {
+            return Err(Error::InvalidArgument(
+                "the adapter belongs to another model".into(),
+            ));
+        }
+        Ok(DecodeSession {
+            model: self,
+            adapter,
+            cache: self.decoder.new_cache()?,
+        })
+    }
+
     /// Writes the model as a Hugging Face directory (config.json + model.safetensors), with
     /// `adapter` merged into the base weights (`W + scale·B·A`) when given.
     pub fn save_pretrained(
@@ -216,6 +230,43 @@ impl Model {
             }
         }
         Ok(())
+    }
+}
+
+/// Tokens fed one after another through a KV cache.
+pub struct DecodeSession<'a> {
+    model: &'a Model,
+    adapter: Option<&'a Trainer>,
+    cache: KvCache<CpuBackend>,
+}
+
+impl DecodeSession<'_> {
+    /// Runs `ids` after everything fed so far and returns the next-token logits (`vocab` values).
+    pub fn feed(&mut self, ids: &[i32]) -> Result<Vec<f32>> {
+        let dec = &self.model.decoder;
+        let vocab = dec.cfg.vocab_size;
+        if let Some(bad) = ids.iter().position(|&i| i < 0 || i as usize >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {} at position {bad} is outside the vocabulary of {vocab} tokens",
+                ids[bad]
+            )));
+        }
+        let ad = self.adapter.map(|t| Adapters {
+            tensors: t.core.params(),
+            cfg: t.core.lora_config(),
+            dropout_seed: None,
+        });
+        dec.backend
+            .download(&dec.forward_cached(ids, &mut self.cache, ad.as_ref())?)
+    }
+
+    /// Tokens fed so far.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
     }
 }
 

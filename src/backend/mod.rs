@@ -138,6 +138,21 @@ pub trait Backend: Send + Sync + 'static {
         shape: AttentionShape,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
 
+    /// Attention of the last `m` positions of one sequence over all its `n` cached keys: query i
+    /// (row i of `q: [m, heads·head_dim]`) sits at position `n − m + i` and sees keys 0..=n−m+i
+    /// of `k, v: [n, kv_heads·head_dim]`. `heads = (heads, kv_heads, head_dim)`. Returns the
+    /// output and the log-sum-exp of each row, as [`Backend::attention`] does.
+    fn attention_decode(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: (usize, usize, usize),
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+
+    /// Appends the rows of `src` below those of `dst` (same column count).
+    fn append_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
+
     /// Gated MLP activation `h = act(g) · u`.
     fn gated_activation(
         &self,

@@ -1,10 +1,9 @@
-//! Text generation for trying a model: greedy or temperature/top-p sampling. Each new token
-//! recomputes the whole prefix (no KV cache yet), which is fine for short answers on small models.
+//! Text generation for trying a model: greedy or temperature/top-p sampling, with a KV cache (the
+//! prompt runs once, then each new token costs one row through the decoder).
 
 use crate::api::{Model, Trainer};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-use crate::train::batch::Batch;
 
 /// How to pick tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,20 +88,17 @@ pub fn generate(
             opts.temperature, opts.top_p
         )));
     }
-    let vocab = model.config().vocab_size;
     let mut rng = Rng::new(opts.seed);
-    let mut tokens = prompt.to_vec();
     let mut out = Vec::with_capacity(opts.max_new_tokens);
-    for _ in 0..opts.max_new_tokens {
-        let n = tokens.len();
-        let batch = Batch::new(1, n, tokens.clone(), vec![crate::backend::IGNORE_LABEL; n])?;
-        let logits = model.logits(&batch, adapter)?;
-        let next = pick(&logits[(n - 1) * vocab..n * vocab], opts, &mut rng);
-        tokens.push(next);
+    let mut session = model.decode_session(adapter)?;
+    let mut logits = session.feed(prompt)?;
+    while out.len() < opts.max_new_tokens {
+        let next = pick(&logits, opts, &mut rng);
         out.push(next);
-        if opts.stop.contains(&next) {
+        if opts.stop.contains(&next) || out.len() == opts.max_new_tokens {
             break;
         }
+        logits = session.feed(&[next])?;
     }
     Ok(out)
 }

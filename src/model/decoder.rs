@@ -41,6 +41,25 @@ pub struct Decoder<B: Backend> {
     inv_freq: Vec<f32>,
 }
 
+/// Keys and values of the tokens seen so far, per layer (`[len, kv_heads·head_dim]`), for
+/// incremental decoding.
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Tensor>,
+    v: Vec<B::Tensor>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Tokens in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// The LoRA state a pass runs with.
 pub struct Adapters<'a, B: Backend> {
     pub tensors: &'a LoraTensors<B>,
@@ -209,12 +228,16 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// One layer forward; returns the output and, when asked, the cache for its backward.
+    ///
+    /// `attend(q, k, v)` returns the attention output and its log-sum-exp: over the batch's own
+    /// rows in training, over a KV cache when decoding.
     fn layer_forward(
         &self,
         layer: usize,
         x: &B::Tensor,
-        batch: &DeviceBatch<B>,
+        positions: &B::Ints,
         ad: Option<&Adapters<B>>,
+        attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
     ) -> Result<(B::Tensor, LayerCache<B>)> {
         use TargetModule::*;
         let be = &self.backend;
@@ -234,21 +257,9 @@ impl<B: Backend> Decoder<B> {
             }
             _ => (q, k, None),
         };
-        be.rope(
-            &mut q,
-            &batch.positions,
-            &self.inv_freq,
-            cfg.head_dim,
-            false,
-        )?;
-        be.rope(
-            &mut k,
-            &batch.positions,
-            &self.inv_freq,
-            cfg.head_dim,
-            false,
-        )?;
-        let (attn, lse) = be.attention(&q, &k, &v, &batch.segments, self.attention_shape(batch))?;
+        be.rope(&mut q, positions, &self.inv_freq, cfg.head_dim, false)?;
+        be.rope(&mut k, positions, &self.inv_freq, cfg.head_dim, false)?;
+        let (attn, lse) = attend(&q, &k, &v)?;
         let (o, xo) = self.project(layer, O, &attn, ad)?;
         xa[O as usize] = xo;
         let mut x1 = x.clone();
@@ -354,6 +365,85 @@ impl<B: Backend> Decoder<B> {
         Ok(dx)
     }
 
+    /// Attention of a batch's rows among themselves (training, evaluation).
+    #[allow(clippy::type_complexity)]
+    fn batch_attention<'a>(
+        &'a self,
+        batch: &'a DeviceBatch<B>,
+    ) -> impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)> + 'a
+    {
+        move |q, k, v| {
+            self.backend
+                .attention(q, k, v, &batch.segments, self.attention_shape(batch))
+        }
+    }
+
+    /// An empty KV cache for [`Decoder::forward_cached`].
+    pub fn new_cache(&self) -> Result<KvCache<B>> {
+        let width = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let empty = || self.backend.zeros(0, width);
+        Ok(KvCache {
+            k: (0..self.cfg.num_layers)
+                .map(|_| empty())
+                .collect::<Result<_>>()?,
+            v: (0..self.cfg.num_layers)
+                .map(|_| empty())
+                .collect::<Result<_>>()?,
+            len: 0,
+        })
+    }
+
+    /// Runs `ids` (one sequence) after the tokens already in `cache`, appending their keys and
+    /// values to it, and returns the logits of the last new token `[1, vocab]`.
+    pub fn forward_cached(
+        &self,
+        ids: &[i32],
+        cache: &mut KvCache<B>,
+        ad: Option<&Adapters<B>>,
+    ) -> Result<B::Tensor> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        if ids.is_empty() {
+            return Err(Error::InvalidArgument("no token to run".into()));
+        }
+        let start = cache.len as i32;
+        let positions = be.upload_ints(&(start..start + ids.len() as i32).collect::<Vec<_>>())?;
+        let batch = DeviceBatch {
+            batch: 1,
+            seq: ids.len(),
+            ids: be.upload_ints(ids)?,
+            labels: be.upload_ints(&vec![crate::backend::IGNORE_LABEL; ids.len()])?,
+            positions,
+            segments: be.upload_ints(&vec![0; ids.len()])?,
+            labelled: 0,
+        };
+        let heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut x = self.embed(&batch)?;
+        for layer in 0..cfg.num_layers {
+            let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
+            x = self
+                .layer_forward(layer, &x, &batch.positions, ad, |q, k, v| {
+                    be.append_rows(kc, k)?;
+                    be.append_rows(vc, v)?;
+                    be.attention_decode(q, kc, vc, heads)
+                })?
+                .0;
+        }
+        cache.len += ids.len();
+        let (rows, d) = be.shape(&x);
+        let last = be.upload(&be.download(&x)?[(rows - 1) * d..], 1, d)?;
+        let (h, _) = be.rmsnorm(
+            &last,
+            &self.weights.final_norm,
+            cfg.rms_norm_eps,
+            cfg.norm_unit_offset,
+        )?;
+        let w = self.weights.output_projection();
+        let mut z = be.zeros(1, be.shape(w).0)?;
+        be.matmul(&h, false, w, true, 1.0, &mut z, false)?;
+        Ok(z)
+    }
+
     fn embed(&self, batch: &DeviceBatch<B>) -> Result<B::Tensor> {
         let scale = if self.cfg.scale_embeddings {
             (self.cfg.hidden_size as f32).sqrt()
@@ -372,7 +462,9 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<B::Tensor> {
         let mut x = self.embed(batch)?;
         for layer in 0..self.cfg.num_layers {
-            x = self.layer_forward(layer, &x, batch, ad)?.0;
+            x = self
+                .layer_forward(layer, &x, &batch.positions, ad, self.batch_attention(batch))?
+                .0;
         }
         let (h, _) = self.backend.rmsnorm(
             &x,
@@ -411,7 +503,13 @@ impl<B: Backend> Decoder<B> {
         let mut caches = Vec::with_capacity(if checkpoint { 0 } else { n });
         inputs.push(self.embed(batch)?);
         for layer in 0..n {
-            let (out, cache) = self.layer_forward(layer, &inputs[layer], batch, Some(ad))?;
+            let (out, cache) = self.layer_forward(
+                layer,
+                &inputs[layer],
+                &batch.positions,
+                Some(ad),
+                self.batch_attention(batch),
+            )?;
             if !checkpoint {
                 caches.push(cache);
             }
@@ -444,7 +542,16 @@ impl<B: Backend> Decoder<B> {
             let x = inputs.pop().expect("one input per layer");
             let cache = match caches.pop() {
                 Some(c) => c,
-                None => self.layer_forward(layer, &x, batch, Some(ad))?.1,
+                None => {
+                    self.layer_forward(
+                        layer,
+                        &x,
+                        &batch.positions,
+                        Some(ad),
+                        self.batch_attention(batch),
+                    )?
+                    .1
+                }
             };
             dx = self.layer_backward(layer, dx, &x, &cache, batch, ad, grads)?;
         }

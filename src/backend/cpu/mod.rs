@@ -3,6 +3,7 @@
 //! pool so an embedding application's own pool is left alone.
 
 mod attention;
+mod decode;
 pub mod gemm;
 mod loss;
 mod pointwise;
@@ -278,6 +279,29 @@ impl Backend for CpuBackend {
         attention::check_shapes(q, k, v, segments, shape)?;
         Self::same_shape(out, d_out, "attention backward")?;
         Ok(self.install(|| attention::backward(q, k, v, out, lse, d_out, segments, shape)))
+    }
+
+    fn attention_decode(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        heads: (usize, usize, usize),
+    ) -> Result<(CpuTensor, CpuTensor)> {
+        decode::check_shapes(q, k, v, heads)?;
+        Ok(self.install(|| decode::attention(q, k, v, heads)))
+    }
+
+    fn append_rows(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {
+        if dst.cols != src.cols {
+            return Err(Error::InvalidArgument(format!(
+                "append_rows: rows of {} values onto rows of {}",
+                src.cols, dst.cols
+            )));
+        }
+        dst.data.extend_from_slice(&src.data);
+        dst.rows += src.rows;
+        Ok(())
     }
 
     fn gated_activation(&self, g: &CpuTensor, u: &CpuTensor, act: Activation) -> Result<CpuTensor> {
