@@ -36,6 +36,9 @@ pub struct BenchResult {
     pub steps: usize,
     /// Median seconds per optimizer step over the timed steps.
     pub step_seconds_median: f64,
+    /// Median CPU seconds (all threads) per timed step: unlike wall time, it barely moves when
+    /// other processes share the cores. `null` where the OS does not report it.
+    pub cpu_seconds_median: Option<f64>,
     pub tokens_per_second: f64,
     pub first_loss: f32,
     pub last_loss: f32,
@@ -50,6 +53,22 @@ pub fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// CPU time used so far by the live threads of this process in seconds, from /proc (Linux).
+pub fn cpu_seconds() -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 * 1e-9)
+}
+
+/// The median of `xs` (sorted in place); `xs` is not empty.
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }
 
 /// Builds the model, runs one warm-up step and `steps` timed steps on random tokens.
@@ -82,14 +101,16 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     let batch = Batch::new(cfg.batch, cfg.seq, ids[..n].to_vec(), ids[1..].to_vec())?;
     let first_loss = trainer.step(std::slice::from_ref(&batch))?.loss;
     let mut times = Vec::with_capacity(cfg.steps);
+    let mut cpu_times = Vec::with_capacity(cfg.steps);
     let mut last_loss = first_loss;
     for _ in 0..cfg.steps {
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), cpu_seconds());
         last_loss = trainer.step(std::slice::from_ref(&batch))?.loss;
         times.push(t.elapsed().as_secs_f64());
+        cpu_times.extend(cpu.zip(cpu_seconds()).map(|(a, b)| b - a));
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median_wall = median(&mut times);
+    let cpu_seconds_median = (cpu_times.len() == cfg.steps).then(|| median(&mut cpu_times));
     Ok(BenchResult {
         model: cfg.model.clone(),
         device: model.device(),
@@ -99,8 +120,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         rank: cfg.rank,
         checkpointing: cfg.checkpointing,
         steps: cfg.steps,
-        step_seconds_median: median,
-        tokens_per_second: n as f64 / median,
+        step_seconds_median: median_wall,
+        cpu_seconds_median,
+        tokens_per_second: n as f64 / median_wall,
         first_loss,
         last_loss,
         peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),

@@ -40,6 +40,16 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Rows `r0..r1` (no copy).
+    pub fn rows(self, r0: usize, r1: usize) -> Self {
+        assert!(r0 <= r1 && r1 <= self.rows, "row range out of bounds");
+        MatRef {
+            data: &self.data[(r0 * self.row_stride).min(self.data.len())..],
+            rows: r1 - r0,
+            ..self
+        }
+    }
+
     /// The transpose (no copy).
     pub fn t(self) -> Self {
         MatRef {

@@ -5,6 +5,7 @@
 //! Only rows with a label are multiplied at all, and only `CHUNK × vocab` logits exist at once.
 
 use super::gemm::{gemm, parallelism, MatRef};
+use super::pointwise::{exp, max, sum_exp};
 use super::CpuTensor;
 use crate::backend::IGNORE_LABEL;
 use crate::error::{Error, Result};
@@ -60,18 +61,7 @@ pub fn lm_head_cross_entropy(
         total += z
             .par_chunks_mut(vocab)
             .zip(rows.par_iter())
-            .map(|(zr, &t)| {
-                let y = labels[t] as usize;
-                let max = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = zr.iter().map(|&x| ((x - max) as f64).exp()).sum();
-                let lse = max as f64 + sum.ln();
-                let loss = lse - zr[y] as f64;
-                for x in zr.iter_mut() {
-                    *x = (((*x as f64) - lse).exp() / normalizer as f64) as f32;
-                }
-                zr[y] -= 1.0 / normalizer;
-                loss
-            })
+            .map(|(zr, &t)| softmax_gradient(zr, labels[t] as usize, normalizer))
             .sum::<f64>();
         let mut dhc = vec![0.0f32; m * d];
         gemm(
@@ -88,4 +78,18 @@ pub fn lm_head_cross_entropy(
         }
     }
     Ok((total, dh))
+}
+
+/// Turns the logits `z` of one row into `(softmax(z) − onehot(y)) / normalizer` in place and
+/// returns that row's loss `lse(z) − z_y`, with `lse(z) = max + ln Σ e^(z − max)`.
+fn softmax_gradient(z: &mut [f32], y: usize, normalizer: f32) -> f64 {
+    let m = max(z);
+    let lse = m as f64 + sum_exp(z, m).ln();
+    let loss = lse - z[y] as f64;
+    let (lse, inv) = (lse as f32, 1.0 / normalizer);
+    for x in z.iter_mut() {
+        *x = exp(*x - lse) * inv;
+    }
+    z[y] -= inv;
+    loss
 }

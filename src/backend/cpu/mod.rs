@@ -307,7 +307,7 @@ impl Backend for CpuBackend {
     fn gated_activation(&self, g: &CpuTensor, u: &CpuTensor, act: Activation) -> Result<CpuTensor> {
         Self::same_shape(g, u, "gated activation")?;
         let mut h = u.clone();
-        self.install(|| pointwise::zip_apply(&mut h.data, &g.data, |h, &g| *h *= act.value(g)));
+        self.install(|| pointwise::gated_activation(&mut h.data, &g.data, act));
         Ok(h)
     }
 
@@ -320,13 +320,14 @@ impl Backend for CpuBackend {
     ) -> Result<(CpuTensor, CpuTensor)> {
         Self::same_shape(g, u, "gated activation backward")?;
         Self::same_shape(dh, g, "gated activation backward")?;
-        let (mut dg, mut du) = (dh.clone(), dh.clone());
-        self.install(|| {
-            pointwise::zip_apply(&mut dg.data, &g.data, |d, &g| *d *= act.derivative(g));
-            pointwise::zip_apply(&mut dg.data, &u.data, |d, &u| *d *= u);
-            pointwise::zip_apply(&mut du.data, &g.data, |d, &g| *d *= act.value(g));
-        });
-        Ok((dg, du))
+        let (dg, du) =
+            self.install(|| pointwise::gated_activation_backward(&dh.data, &g.data, &u.data, act));
+        let shaped = |data| CpuTensor {
+            rows: dh.rows,
+            cols: dh.cols,
+            data,
+        };
+        Ok((shaped(dg), shaped(du)))
     }
 
     fn dropout(&self, x: &CpuTensor, p: f32, seed: u64) -> Result<CpuTensor> {

@@ -2,16 +2,133 @@
 
 use super::CpuTensor;
 use crate::backend::AdamWStep;
+use crate::model::config::Activation;
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task.
 const ROWS_PER_TASK: usize = 16;
+
+/// `e^x` in f32 without a libm call, so that loops over it vectorize.
+///
+/// `e^x = 2^n · e^r` with `n = round(x·log2 e)` and `r = x − n·ln 2` (ln 2 split in two so that
+/// `r` is exact), `|r| ≤ ln2/2`; `e^r` comes from Cephes' expf polynomial (about 1 ulp). Below
+/// −87.3 (the end of the normal range) the result is 0, above 88 it saturates to +∞ (the true
+/// value exceeds 1.6e38 there); NaN stays NaN.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2^23 pushes the fraction bits out: it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    const LO: f32 = -87.3;
+    const HI: f32 = 88.0;
+    let xc = x.clamp(LO, HI);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    // 2^n built from its exponent bits; n is in [−126, 127] after the clamp.
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < LO {
+        0.0
+    } else if x > HI {
+        f32::INFINITY
+    } else {
+        er * two_n
+    }
+}
+
+/// `Σ_i e^(x_i − shift)`, accumulated in f64 over four independent lanes so that it vectorizes.
+pub fn sum_exp(xs: &[f32], shift: f32) -> f64 {
+    let mut lanes = [0.0f64; 4];
+    let chunks = xs.chunks_exact(4);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| exp(x - shift) as f64)
+        .sum();
+    for c in chunks {
+        for (acc, &x) in lanes.iter_mut().zip(c) {
+            *acc += exp(x - shift) as f64;
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// The largest element (−∞ for an empty slice).
+pub fn max(xs: &[f32]) -> f32 {
+    xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
 
 /// `f(a_i, b_i)` for every element, in parallel chunks.
 pub fn zip_apply(a: &mut [f32], b: &[f32], f: impl Fn(&mut f32, &f32) + Sync) {
     a.par_chunks_mut(4096)
         .zip(b.par_chunks(4096))
         .for_each(|(ac, bc)| ac.iter_mut().zip(bc).for_each(|(x, y)| f(x, y)));
+}
+
+/// σ(g) = 1/(1 + e^−g).
+#[inline(always)]
+fn sigmoid(g: f32) -> f32 {
+    1.0 / (1.0 + exp(-g))
+}
+
+/// `h ← act(g)·h` (h holds u on entry). Silu goes through the vectorizable [`exp`]; other
+/// activations use the model's definitions.
+pub fn gated_activation(h: &mut [f32], g: &[f32], act: Activation) {
+    match act {
+        Activation::Silu => zip_apply(h, g, |h, &g| *h *= g * sigmoid(g)),
+        _ => zip_apply(h, g, |h, &g| *h *= act.value(g)),
+    }
+}
+
+/// `(dg, du) = (dh·u·act'(g), dh·act(g))` in one pass; silu' = σ(g)·(1 + g·(1 − σ(g))).
+pub fn gated_activation_backward(
+    dh: &[f32],
+    g: &[f32],
+    u: &[f32],
+    act: Activation,
+) -> (Vec<f32>, Vec<f32>) {
+    match act {
+        Activation::Silu => gated_backward_with(dh, g, u, |g| {
+            let s = sigmoid(g);
+            (g * s, s * (1.0 + g * (1.0 - s)))
+        }),
+        _ => gated_backward_with(dh, g, u, |g| (act.value(g), act.derivative(g))),
+    }
+}
+
+/// [`gated_activation_backward`] with `f(g) = (act(g), act'(g))`.
+fn gated_backward_with(
+    dh: &[f32],
+    g: &[f32],
+    u: &[f32],
+    f: impl Fn(f32) -> (f32, f32) + Sync,
+) -> (Vec<f32>, Vec<f32>) {
+    const CHUNK: usize = 4096;
+    let (mut dg, mut du) = (vec![0.0f32; dh.len()], vec![0.0f32; dh.len()]);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            dh.par_chunks(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(u.par_chunks(CHUNK)),
+        )
+        .for_each(|((dgc, duc), ((dhc, gc), uc))| {
+            let outs = dgc.iter_mut().zip(duc.iter_mut());
+            for ((dg, du), ((&dh, &g), &u)) in outs.zip(dhc.iter().zip(gc).zip(uc)) {
+                let (a, da) = f(g);
+                *dg = dh * u * da;
+                *du = dh * a;
+            }
+        });
+    (dg, du)
 }
 
 fn norm_weight(w: f32, unit_offset: bool) -> f32 {
@@ -132,5 +249,30 @@ pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamWSte
         *v = h.beta2 * *v + (1.0 - h.beta2) * g * g;
         // torch: p -= (lr/bc1) · m / (sqrt(v)/sqrt(bc2) + eps)
         *p -= step_size * *m / (v.sqrt() / bc2_sqrt + h.eps);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_std_within_two_ulp() {
+        let mut worst = 0.0f32;
+        for i in -873_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max((got - want).abs() / (want * f32::EPSILON));
+        }
+        assert!(worst <= 2.0, "relative error {worst} ulp");
+    }
+
+    #[test]
+    fn exp_limits() {
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
     }
 }
