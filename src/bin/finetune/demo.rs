@@ -1,128 +1,112 @@
-//! `finetune demo`: a byte-level model, generated on the spot, learns to complete a question
-//! with an in-character answer. It shows the whole path (LoRA training, saving the adapter,
-//! reloading it, merged export) on the CPU in seconds.
+//! `finetune demo`: the main job. A small pretrained chat model (SmolLM2-135M-Instruct) learns
+//! an in-game character from the persona dataset in data/persona, and answers held-out questions
+//! before and after.
 
 use finetune::api::{Model, ModelParams, Trainer};
-use finetune::generate::greedy;
-use finetune::io::safetensors::Dtype;
+use finetune::data::dataset::Message;
+use finetune::generate::{generate, GenerateOptions};
 use finetune::lora::LoraConfig;
-use finetune::model::config::Family;
-use finetune::model::presets::tiny;
-use finetune::train::batch::Batch;
+use finetune::train::run::{run as train_run, RunConfig};
+use finetune::train::schedule::ScheduleKind;
 use finetune::train::trainer::TrainConfig;
-use std::path::Path;
+use finetune::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-const PAIRS: [(&str, &str); 3] = [
-    (
-        "Q: Who are you?\nA:",
-        " I am Brannock, smith of Emberfall.\n",
-    ),
-    ("Q: What do you forge?\nA:", " Blades of star iron.\n"),
-    (
-        "Q: Where is your forge?\nA:",
-        " Under the old bell tower.\n",
-    ),
-];
-
-fn bytes(s: &str) -> Vec<i32> {
-    s.bytes().map(i32::from).collect()
+/// Where the demo's inputs live.
+pub struct DemoArgs {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub heldout: PathBuf,
+    pub out: PathBuf,
+    pub epochs: u64,
+    pub threads: usize,
 }
 
-fn text(ids: &[i32]) -> String {
-    let b: Vec<u8> = ids.iter().map(|&i| i as u8).collect();
-    String::from_utf8_lossy(&b).trim_end().to_string()
+#[derive(serde::Deserialize)]
+struct Heldout {
+    question: String,
+    expected: String,
 }
 
-fn answers(model: &Model, adapter: Option<&Trainer>) -> finetune::Result<Vec<String>> {
-    PAIRS
-        .iter()
-        .map(|(q, a)| {
-            Ok(text(&greedy(
-                model,
-                adapter,
-                &bytes(q),
-                a.len(),
-                Some(b'\n' as i32),
-            )?))
-        })
-        .collect()
+fn answer(model: &Model, adapter: Option<&Trainer>, question: &str) -> Result<String> {
+    let codec = model.codec().expect("checked by run");
+    let prompt = codec.chat_prompt(&[Message { role: "user".into(), content: question.into() }])?;
+    let opts = GenerateOptions { max_new_tokens: 40, stop: codec.eos.iter().map(|t| t.id as i32).collect(), ..Default::default() };
+    let out = generate(model, adapter, &prompt, &opts)?;
+    Ok(codec.decode(&out)?.trim().replace('\n', " "))
 }
 
-pub fn run(out: &Path, steps: u64) -> finetune::Result<()> {
-    let cfg = finetune::model::config::ModelConfig {
-        vocab_size: 256,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_layers: 2,
-        ..tiny(Family::Llama)
-    };
-    let model = Model::random(cfg, 42, &ModelParams::default())?;
-    let lora = LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        ..LoraConfig::default()
-    };
-    let train = TrainConfig {
-        learning_rate: 1e-2,
-        total_steps: steps,
-        warmup_steps: 5,
-        ..TrainConfig::default()
-    };
-    let mut trainer = Trainer::new(&model, lora, train)?;
-    // One row per pair; the loss is only on the answer.
-    let rows: Vec<(Vec<i32>, Vec<i32>)> = PAIRS
-        .iter()
-        .map(|(q, a)| {
-            let ids = bytes(&format!("{q}{a}"));
-            let mut labels: Vec<i32> = ids[1..].to_vec();
-            labels.push(finetune::backend::IGNORE_LABEL);
-            labels[..q.len() - 1].fill(finetune::backend::IGNORE_LABEL);
-            (ids, labels)
-        })
-        .collect();
-    let seq = rows.iter().map(|r| r.0.len()).max().unwrap_or(1);
-    let (mut ids, mut labels) = (Vec::new(), Vec::new());
-    for (i, l) in &rows {
-        ids.extend(i.iter().copied().chain(std::iter::repeat(0)).take(seq));
-        labels.extend(
-            l.iter()
-                .copied()
-                .chain(std::iter::repeat(finetune::backend::IGNORE_LABEL))
-                .take(seq),
-        );
+fn answers(model: &Model, adapter: Option<&Trainer>, questions: &[Heldout]) -> Result<Vec<String>> {
+    questions.iter().map(|q| answer(model, adapter, &q.question)).collect()
+}
+
+pub fn run(a: &DemoArgs) -> Result<()> {
+    if !a.model.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{} not found: fetch it with scripts/fetch-smollm2.sh (or pass --model)",
+            a.model.display()
+        )));
     }
-    let batch = Batch::new(rows.len(), seq, ids, labels)?;
-
+    let t0 = Instant::now();
+    let model = Model::load(&a.model, &ModelParams { threads: a.threads, ..Default::default() })?;
+    if model.codec().and_then(|c| c.template.as_ref()).is_none() {
+        return Err(Error::InvalidArgument(format!("{} has no tokenizer with a chat template", a.model.display())));
+    }
+    let c = model.config();
     println!(
-        "model: generated byte-level llama ({} layers, hidden {}), device {}",
-        model.config().num_layers,
-        model.config().hidden_size,
-        model.device()
+        "model: {} ({} layers, hidden {}, vocab {}) on {}, loaded in {:.1} s",
+        a.model.display(),
+        c.num_layers,
+        c.hidden_size,
+        c.vocab_size,
+        model.device(),
+        t0.elapsed().as_secs_f64()
     );
-    let before = answers(&model, None)?;
-    for s in 1..=steps {
-        let st = trainer.step(std::slice::from_ref(&batch))?;
-        if s == 1 || s % 10 == 0 || s == steps {
+    let heldout: Vec<Heldout> = serde_json::from_value(finetune::io::json::read_json(&a.heldout)?)
+        .map_err(|e| Error::format(&a.heldout, e.to_string()))?;
+    let before = answers(&model, None, &heldout)?;
+
+    let cfg = RunConfig {
+        dataset: a.data.clone(),
+        output_dir: a.out.clone(),
+        max_seq_len: 256,
+        packing: false,
+        batch_size: 8,
+        epochs: a.epochs,
+        eval_fraction: 0.0,
+        lora: LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() },
+        train: TrainConfig {
+            learning_rate: 1e-3,
+            warmup_steps: 4,
+            schedule: ScheduleKind::Cosine,
+            checkpointing: false,
+            ..TrainConfig::default()
+        },
+        ..RunConfig::default()
+    };
+    let t1 = Instant::now();
+    let summary = train_run(&model, &cfg, &mut |p| {
+        if p.stats.step == 1 || p.stats.step % 5 == 0 || p.stats.step == p.total_steps {
             println!(
-                "step {:>3}  loss {:.4}  lr {:.2e}  grad norm {:.3}",
-                st.step, st.loss, st.lr, st.grad_norm
+                "step {:>3}/{}  loss {:.4}  lr {:.2e}  {:.0} tokens/s",
+                p.stats.step, p.total_steps, p.stats.loss, p.stats.lr, p.tokens_per_second
             );
         }
-    }
-    trainer.save_adapter(&out.join("adapter"))?;
-    trainer.export_merged(&out.join("merged"), Dtype::F32)?;
-    let reloaded = Trainer::from_adapter(&model, &out.join("adapter"), TrainConfig::default())?;
-    let after = answers(&model, Some(&reloaded))?;
-    for (((q, want), b), a) in PAIRS.iter().zip(&before).zip(&after) {
-        println!("\n{}", q.trim_end_matches("\nA:"));
-        println!("  expected: {}", want.trim());
-        println!("  before:   {b:?}");
-        println!("  after:    {a:?}");
-    }
+        true
+    })?;
     println!(
-        "\nadapter: {}\nmerged model: {}",
-        out.join("adapter").display(),
-        out.join("merged").display()
+        "trained {} steps on {} records in {:.0} s",
+        summary.steps,
+        summary.train_records,
+        t1.elapsed().as_secs_f64()
     );
+    let tuned = Trainer::from_adapter(&model, &summary.adapter_dir, TrainConfig::default())?;
+    let after = answers(&model, Some(&tuned), &heldout)?;
+    for ((q, b), af) in heldout.iter().zip(&before).zip(&after) {
+        println!("\nQ: {}\n  expected: {}\n  before:   {b}\n  after:    {af}", q.question, q.expected);
+    }
+    println!("\nadapter (PEFT format): {}", summary.adapter_dir.display());
+    println!("loss curve: {}", Path::new(&a.out).join("loss.svg").display());
     Ok(())
 }

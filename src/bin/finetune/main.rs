@@ -93,12 +93,21 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
-    /// Train a tiny generated model to say a sentence, showing its output before and after.
+    /// The main job: fine-tune SmolLM2-135M-Instruct on the persona dataset and compare its
+    /// answers to held-out questions before and after.
     Demo {
+        #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        #[arg(long, default_value = "data/persona/brannock.jsonl")]
+        data: PathBuf,
+        #[arg(long, default_value = "data/persona/heldout.json")]
+        heldout: PathBuf,
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
-        #[arg(long, default_value_t = 150)]
-        steps: u64,
+        #[arg(long, default_value_t = 3)]
+        epochs: u64,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
 }
 
@@ -203,7 +212,9 @@ fn execute(command: Command) -> finetune::Result<()> {
             m.save_pretrained(&out, parse_dtype(&dtype)?, None)?;
             println!("wrote {}", out.display());
         }
-        Command::Demo { out, steps } => demo::run(&out, steps)?,
+        Command::Demo { model, data, heldout, out, epochs, threads } => {
+            demo::run(&demo::DemoArgs { model, data, heldout, out, epochs, threads })?
+        }
         Command::Train(args) => train::execute(*args)?,
     }
     Ok(())
