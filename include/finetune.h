@@ -29,6 +29,16 @@
 #include <stdint.h>
 
 /**
+ * Default and written alignment of tensor data.
+ */
+#define DEFAULT_ALIGNMENT 32
+
+/**
+ * The version written.
+ */
+#define VERSION 3
+
+/**
  * Version of this C ABI. It changes only when an existing declaration changes incompatibly.
  */
 #define FT_ABI_VERSION 1
@@ -74,6 +84,24 @@
 #define FT_DTYPE_F16 1
 
 #define FT_DTYPE_BF16 2
+
+/**
+ * Tensor types for GGUF export (`ft_model_save_gguf`, `ft_trainer_export_gguf`): ggml's type
+ * numbers. Norm weights are always written as F32.
+ */
+#define FT_GGUF_F32 0
+
+#define FT_GGUF_F16 1
+
+#define FT_GGUF_Q8_0 8
+
+#define FT_GGUF_BF16 30
+
+/**
+ * Tensor element types this library reads (and, for F32, F16, BF16 and Q8_0, writes). Quantized
+ * types store blocks of `block_size` values in `type_size` bytes each.
+ */
+typedef struct GgmlType GgmlType;
 
 /**
  * A frozen base model (opaque). Created by `ft_model_load` or `ft_model_random`, released by
@@ -311,6 +339,8 @@ typedef int32_t (*ft_progress_fn)(const struct ft_step_stats *stats, void *user_
 
 
 
+
+
 #define FT_OK 0
 
 /**
@@ -380,7 +410,8 @@ const char *ft_status_name(ft_status status);
 
 /**
  * Loads a Hugging Face model directory (config.json and model.safetensors, or a sharded
- * model.safetensors.index.json) given as a UTF-8 path. `params` may be NULL for defaults. On
+ * model.safetensors.index.json) or a GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q4_K, Q5_K or Q6_K tensors, dequantized; its embedded tokenizer is kept) given as a UTF-8 path. `params` may be NULL for defaults. On
  * success `*out` receives a model the caller frees with `ft_model_free`; on failure `*out` is
  * left untouched.
  */
@@ -407,6 +438,12 @@ ft_status ft_model_get_info(const struct ft_model *model, struct ft_model_info *
  * of `dtype` (`FT_DTYPE_*`).
  */
 ft_status ft_model_save(const struct ft_model *model, const char *dir, int32_t dtype);
+
+/**
+ * Writes the model as one GGUF file at `path` with matrices of type `ggml_type` (`FT_GGUF_*`), in
+ * the layout llama.cpp loads. The tokenizer is included when the model was loaded from GGUF.
+ */
+ft_status ft_model_save_gguf(const struct ft_model *model, const char *path, int32_t ggml_type);
 
 /**
  * Greedy decoding: appends up to `max_new_tokens` arg-max tokens to the `n_prompt` prompt
@@ -471,8 +508,8 @@ ft_status ft_trainer_new(const struct ft_model *model,
                          struct ft_trainer **out);
 
 /**
- * Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) onto
- * `model`, to continue training or to generate with it. Fails with
+ * Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or a GGUF
+ * LoRA adapter file onto `model`, to continue training or to generate with it. Fails with
  * `FT_ERR_ADAPTER_MISMATCH` when its shapes do not fit the model.
  */
 ft_status ft_trainer_load_adapter(const struct ft_model *model,
@@ -521,6 +558,20 @@ ft_status ft_trainer_save_adapter(const struct ft_trainer *trainer, const char *
 ft_status ft_trainer_export_merged(const struct ft_trainer *trainer,
                                    const char *dir,
                                    int32_t dtype);
+
+/**
+ * Writes the adapters as one GGUF LoRA adapter file at `path` (general.type "adapter"), which
+ * llama.cpp applies to the base model with `--lora` or `llama_adapter_lora_init`.
+ */
+ft_status ft_trainer_save_adapter_gguf(const struct ft_trainer *trainer, const char *path);
+
+/**
+ * Writes the base model with the adapters merged (W + scale·B·A) as one GGUF file at `path`
+ * with matrices of type `ggml_type` (`FT_GGUF_*`).
+ */
+ft_status ft_trainer_export_gguf(const struct ft_trainer *trainer,
+                                 const char *path,
+                                 int32_t ggml_type);
 
 /**
  * Releases a trainer. NULL is ignored.

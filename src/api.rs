@@ -5,6 +5,9 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::data::encode::TextCodec;
 use crate::error::{Error, Result};
+use crate::io::gguf::lora::{read_lora_adapter, write_lora_adapter};
+use crate::io::gguf::model::GgufModel;
+use crate::io::gguf::{export::write_model, is_gguf, GgmlType, MetaValue};
 use crate::io::model_dir::{read_config_json, WeightSource};
 use crate::io::peft::{load_peft_adapter, save_peft_adapter, AdapterModule, PeftAdapterConfig};
 use crate::io::safetensors::{write_safetensors, Dtype};
@@ -12,12 +15,13 @@ use crate::lora::{LoraConfig, TargetModule};
 use crate::model::adapters::{LoraPair, LoraTensors};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{Adapters, Decoder, KvCache};
-use crate::model::weights::{tensor_specs, DecoderWeights, Slot};
+use crate::model::weights::{tensor_specs, DecoderWeights, Slot, TensorSpec};
 use crate::train::batch::Batch;
 use crate::train::trainer::{StepStats, TrainConfig, Trainer as Core};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tokenizers::Tokenizer;
 
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,11 +98,17 @@ pub struct Model {
     source_dir: Option<PathBuf>,
     /// Tokenizer and chat template, when the model comes with them.
     codec: Option<Arc<TextCodec>>,
+    /// The `tokenizer.*` metadata of a GGUF source, carried into GGUF exports.
+    gguf_vocabulary: Arc<Vec<(String, MetaValue)>>,
 }
 
 impl Model {
-    /// Loads a Hugging Face model directory (config.json + safetensors, single or sharded).
+    /// Loads a Hugging Face model directory (config.json + safetensors, single or sharded) or a
+    /// GGUF file (with its tokenizer and chat template).
     pub fn load(path: &Path, params: &ModelParams) -> Result<Self> {
+        if is_gguf(path) {
+            return Self::load_gguf(path, params);
+        }
         let source = WeightSource::open(path)?;
         let dir = source.dir().to_path_buf();
         let cfg = ModelConfig::from_json(&read_config_json(&dir)?, &dir.join("config.json"))?;
@@ -112,6 +122,35 @@ impl Model {
             name: path.display().to_string(),
             source_dir: Some(dir),
             codec,
+            gguf_vocabulary: Arc::default(),
+        })
+    }
+
+    fn load_gguf(path: &Path, params: &ModelParams) -> Result<Self> {
+        let g = GgufModel::open(path)?;
+        let backend = cpu_backend(params)?;
+        let weights = DecoderWeights::load(&g.config, &backend, |spec| g.read_f32(spec))?;
+        let codec = match g.tokenizer {
+            Some(t) => {
+                let text = |id: Option<u32>| id.and_then(|i| t.id_to_token(i));
+                let (bos, eos) = (text(g.special.bos), text(g.special.eos));
+                let codec = TextCodec::new(
+                    t,
+                    g.chat_template.as_deref(),
+                    bos.as_deref(),
+                    eos.as_deref(),
+                    g.special.add_bos,
+                )?;
+                Some(Arc::new(codec))
+            }
+            None => None,
+        };
+        Ok(Model {
+            decoder: Arc::new(Decoder::new(g.config, backend, weights)),
+            name: path.display().to_string(),
+            source_dir: None,
+            codec,
+            gguf_vocabulary: Arc::new(g.vocabulary),
         })
     }
 
@@ -125,7 +164,20 @@ impl Model {
             name: format!("random-{seed}"),
             source_dir: None,
             codec: None,
+            gguf_vocabulary: Arc::default(),
         })
+    }
+
+    /// The tokenizer the model came with (tokenizer.json or a GGUF file's vocabulary), if any.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.codec().map(|c| &c.tokenizer)
+    }
+
+    /// The chat template (Jinja source) the model came with, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.codec()
+            .and_then(|c| c.template.as_ref())
+            .map(|t| t.source())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -187,20 +239,10 @@ impl Model {
         adapter: Option<&Trainer>,
     ) -> Result<()> {
         let dec = &self.decoder;
-        let be = &dec.backend;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = Vec::new();
         for spec in tensor_specs(&dec.cfg) {
-            let t = dec
-                .weights
-                .get(spec.slot)
-                .expect("every listed slot exists");
-            let mut values = be.download(t)?;
-            if let (Slot::Proj(layer, m), Some(tr)) = (spec.slot, adapter) {
-                if let Some(pair) = tr.core.params().get(layer, m) {
-                    merge_into(be, &mut values, pair, tr.core.lora_config().scale())?;
-                }
-            }
+            let values = self.merged_weight(&spec, adapter)?;
             tensors.push((spec.name.clone(), spec.file_shape(), values));
         }
         let views: Vec<(String, Vec<usize>, &[f32])> = tensors
@@ -230,6 +272,36 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// Writes the model as one GGUF file with matrices of type `ty` (F32, F16, BF16 or Q8_0) and
+    /// `adapter` merged when given. The tokenizer is included when the model was loaded from GGUF.
+    pub fn save_gguf(&self, path: &Path, ty: GgmlType, adapter: Option<&Trainer>) -> Result<()> {
+        write_model(
+            path,
+            &self.decoder.cfg,
+            &self.name,
+            &self.gguf_vocabulary,
+            ty,
+            |spec| self.merged_weight(spec, adapter),
+        )
+    }
+
+    /// The host values of one base weight, with `adapter`'s update `scale·B·A` added.
+    fn merged_weight(&self, spec: &TensorSpec, adapter: Option<&Trainer>) -> Result<Vec<f32>> {
+        let be = &self.decoder.backend;
+        let t = self
+            .decoder
+            .weights
+            .get(spec.slot)
+            .expect("every listed slot exists");
+        let mut values = be.download(t)?;
+        if let (Slot::Proj(layer, m), Some(tr)) = (spec.slot, adapter) {
+            if let Some(pair) = tr.core.params().get(layer, m) {
+                merge_into(be, &mut values, pair, tr.core.lora_config().scale())?;
+            }
+        }
+        Ok(values)
     }
 }
 
@@ -302,11 +374,16 @@ impl Trainer {
         })
     }
 
-    /// Adapters read from a PEFT adapter directory, to continue training or to infer. The LoRA
-    /// settings come from its adapter_config.json; `seed` seeds dropout.
+    /// Adapters read from a PEFT adapter directory or a GGUF LoRA adapter file, to continue
+    /// training or to infer. The LoRA settings come from adapter_config.json (or the GGUF
+    /// metadata and tensor shapes); `train.seed` seeds dropout.
     pub fn from_adapter(model: &Model, dir: &Path, train: TrainConfig) -> Result<Self> {
-        let (peft, modules) = load_peft_adapter(dir)?;
-        let lora = peft.to_lora(train.seed);
+        let (lora, modules) = if is_gguf(dir) {
+            read_lora_adapter(dir, model.config(), train.seed)?
+        } else {
+            let (peft, modules) = load_peft_adapter(dir)?;
+            (peft.to_lora(train.seed), modules)
+        };
         let params = adapter_tensors(model, &lora, &modules, dir)?;
         Ok(Trainer {
             model: model.clone(),
@@ -343,6 +420,24 @@ impl Trainer {
 
     /// Writes adapter_config.json and adapter_model.safetensors in PEFT's format.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let peft = PeftAdapterConfig::from_lora(self.core.lora_config(), &self.model.name);
+        save_peft_adapter(dir, &peft, &self.adapter_modules()?)
+    }
+
+    /// Writes the adapters as one GGUF LoRA adapter file, which llama.cpp applies to the base
+    /// model at run time (`--lora`, `llama_adapter_lora_init`).
+    pub fn save_adapter_gguf(&self, path: &Path) -> Result<()> {
+        write_lora_adapter(
+            path,
+            self.model.config(),
+            self.core.lora_config(),
+            &self.adapter_modules()?,
+            &self.model.name,
+        )
+    }
+
+    /// The adapters on the host, in PEFT layout.
+    fn adapter_modules(&self) -> Result<Vec<AdapterModule>> {
         let be = &self.model.decoder.backend;
         let cfg = self.model.config();
         let mut modules = Vec::new();
@@ -360,13 +455,17 @@ impl Trainer {
                 }
             }
         }
-        let peft = PeftAdapterConfig::from_lora(self.core.lora_config(), &self.model.name);
-        save_peft_adapter(dir, &peft, &modules)
+        Ok(modules)
     }
 
     /// Writes the base model with these adapters merged, as a Hugging Face directory.
     pub fn export_merged(&self, dir: &Path, dtype: Dtype) -> Result<()> {
         self.model.save_pretrained(dir, dtype, Some(self))
+    }
+
+    /// Writes the base model with these adapters merged as one GGUF file of type `ty`.
+    pub fn export_gguf(&self, path: &Path, ty: GgmlType) -> Result<()> {
+        self.model.save_gguf(path, ty, Some(self))
     }
 }
 

@@ -85,6 +85,9 @@ struct Api {
     trainer_save_adapter: extern "C" fn(*const Opaque, *const c_char) -> i32,
     trainer_load_adapter:
         extern "C" fn(*const Opaque, *const c_char, *const TrainParams, *mut *mut Opaque) -> i32,
+    model_save_gguf: extern "C" fn(*const Opaque, *const c_char, i32) -> i32,
+    trainer_save_adapter_gguf: extern "C" fn(*const Opaque, *const c_char) -> i32,
+    trainer_export_gguf: extern "C" fn(*const Opaque, *const c_char, i32) -> i32,
 }
 
 impl Api {
@@ -114,6 +117,9 @@ impl Api {
                 trainer_eval_loss: sym!("ft_trainer_eval_loss"),
                 trainer_save_adapter: sym!("ft_trainer_save_adapter"),
                 trainer_load_adapter: sym!("ft_trainer_load_adapter"),
+                model_save_gguf: sym!("ft_model_save_gguf"),
+                trainer_save_adapter_gguf: sym!("ft_trainer_save_adapter_gguf"),
+                trainer_export_gguf: sym!("ft_trainer_export_gguf"),
                 _lib: lib,
             }
         }
@@ -240,6 +246,65 @@ fn train_save_and_reload_through_the_abi() {
     assert_eq!((api.trainer_eval_loss)(reloaded, &batch, &mut loss2), 0);
     (api.trainer_free)(reloaded);
     (api.trainer_free)(trainer);
+}
+
+#[test]
+fn gguf_export_and_import_through_the_abi() {
+    const FT_GGUF_Q8_0: i32 = 8;
+    let api = Api::load();
+    let dir = common::tiny_model_dir();
+    let model = api.load_model(dir.path());
+    let mut trainer = null_mut();
+    assert_eq!((api.trainer_new)(model, null(), null(), &mut trainer), 0);
+    let tokens = Tokens::new();
+    assert_eq!(
+        (api.trainer_step)(trainer, &tokens.batch(), 1, null_mut()),
+        0
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    let path = |name: &str| CString::new(out.path().join(name).to_str().unwrap()).unwrap();
+    let (base, merged, adapter) = (path("base.gguf"), path("merged.gguf"), path("lora.gguf"));
+    assert_eq!(
+        (api.model_save_gguf)(model, base.as_ptr(), FT_GGUF_Q8_0),
+        0,
+        "{}",
+        api.error()
+    );
+    assert_eq!(
+        (api.trainer_export_gguf)(trainer, merged.as_ptr(), FT_GGUF_Q8_0),
+        0,
+        "{}",
+        api.error()
+    );
+    assert_eq!(
+        (api.trainer_save_adapter_gguf)(trainer, adapter.as_ptr()),
+        0,
+        "{}",
+        api.error()
+    );
+    for file in [&base, &merged] {
+        let m = api.load_model(std::path::Path::new(file.to_str().unwrap()));
+        (api.model_free)(m);
+    }
+    let mut reloaded = null_mut();
+    assert_eq!(
+        (api.trainer_load_adapter)(model, adapter.as_ptr(), null(), &mut reloaded),
+        0,
+        "{}",
+        api.error()
+    );
+    (api.trainer_free)(reloaded);
+
+    let status = (api.model_save_gguf)(model, base.as_ptr(), 2);
+    assert_eq!(api.name(status), "FT_ERR_INVALID_ARGUMENT");
+    assert!(
+        api.error().contains("unknown GGUF type 2"),
+        "{}",
+        api.error()
+    );
+    (api.trainer_free)(trainer);
+    (api.model_free)(model);
 }
 
 #[test]

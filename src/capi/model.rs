@@ -1,6 +1,6 @@
 //! `ft_model`: a frozen base model.
 
-use super::params::dtype_arg;
+use super::params::{dtype_arg, gguf_type_arg};
 use super::{
     ft_model_params, ft_status, guard, guard_void, mut_arg, path_arg, ref_arg, slice_arg, str_arg,
 };
@@ -43,7 +43,8 @@ fn publish(model: Model, out: *mut *mut ft_model) -> Result<()> {
 }
 
 /// Loads a Hugging Face model directory (config.json and model.safetensors, or a sharded
-/// model.safetensors.index.json) given as a UTF-8 path. `params` may be NULL for defaults. On
+/// model.safetensors.index.json) or a GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+/// Q4_K, Q5_K or Q6_K tensors, dequantized; its embedded tokenizer is kept) given as a UTF-8 path. `params` may be NULL for defaults. On
 /// success `*out` receives a model the caller frees with `ft_model_free`; on failure `*out` is
 /// left untouched.
 #[no_mangle]
@@ -105,6 +106,21 @@ pub extern "C" fn ft_model_save(
         let m = ref_arg(model, "model")?;
         m.inner
             .save_pretrained(path_arg(dir, "dir")?, dtype_arg(dtype)?, None)
+    })
+}
+
+/// Writes the model as one GGUF file at `path` with matrices of type `ggml_type` (`FT_GGUF_*`), in
+/// the layout llama.cpp loads. The tokenizer is included when the model was loaded from GGUF.
+#[no_mangle]
+pub extern "C" fn ft_model_save_gguf(
+    model: *const ft_model,
+    path: *const c_char,
+    ggml_type: i32,
+) -> ft_status {
+    guard(|| {
+        let m = ref_arg(model, "model")?;
+        m.inner
+            .save_gguf(path_arg(path, "path")?, gguf_type_arg(ggml_type)?, None)
     })
 }
 

@@ -4,6 +4,7 @@
 use super::{slice_arg, str_arg};
 use crate::api::{Device, ModelParams};
 use crate::error::{Error, Result};
+use crate::io::gguf::GgmlType;
 use crate::io::safetensors::Dtype;
 use crate::lora::LoraConfig;
 use crate::train::batch::Batch;
@@ -34,6 +35,13 @@ const _: () = assert!(FT_IGNORE_LABEL == crate::backend::IGNORE_LABEL);
 pub const FT_DTYPE_F32: i32 = 0;
 pub const FT_DTYPE_F16: i32 = 1;
 pub const FT_DTYPE_BF16: i32 = 2;
+
+/// Tensor types for GGUF export (`ft_model_save_gguf`, `ft_trainer_export_gguf`): ggml's type
+/// numbers. Norm weights are always written as F32.
+pub const FT_GGUF_F32: i32 = 0;
+pub const FT_GGUF_F16: i32 = 1;
+pub const FT_GGUF_Q8_0: i32 = 8;
+pub const FT_GGUF_BF16: i32 = 30;
 
 /// How to load a model. Get defaults from `ft_model_default_params()`.
 #[repr(C)]
@@ -253,6 +261,19 @@ pub(super) fn dtype_arg(dtype: i32) -> Result<Dtype> {
         FT_DTYPE_BF16 => Ok(Dtype::BF16),
         other => Err(Error::InvalidArgument(format!(
             "unknown dtype {other} (expected FT_DTYPE_F32, _F16 or _BF16)"
+        ))),
+    }
+}
+
+/// A GGUF export type argument (`FT_GGUF_*`).
+pub(super) fn gguf_type_arg(ty: i32) -> Result<GgmlType> {
+    match ty {
+        FT_GGUF_F32 => Ok(GgmlType::F32),
+        FT_GGUF_F16 => Ok(GgmlType::F16),
+        FT_GGUF_Q8_0 => Ok(GgmlType::Q8_0),
+        FT_GGUF_BF16 => Ok(GgmlType::BF16),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown GGUF type {other} (expected FT_GGUF_F32, _F16, _BF16 or _Q8_0)"
         ))),
     }
 }

@@ -1,6 +1,6 @@
 //! `ft_trainer`: LoRA adapters and their optimizer over a model.
 
-use super::params::{batches_arg, dtype_arg};
+use super::params::{batches_arg, dtype_arg, gguf_type_arg};
 use super::{
     ft_batch, ft_lora_params, ft_model, ft_status, ft_step_stats, ft_train_params, guard,
     guard_void, mut_arg, path_arg, ref_arg,
@@ -58,8 +58,8 @@ pub extern "C" fn ft_trainer_new(
     })
 }
 
-/// Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) onto
-/// `model`, to continue training or to generate with it. Fails with
+/// Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or a GGUF
+/// LoRA adapter file onto `model`, to continue training or to generate with it. Fails with
 /// `FT_ERR_ADAPTER_MISMATCH` when its shapes do not fit the model.
 #[no_mangle]
 pub extern "C" fn ft_trainer_load_adapter(
@@ -172,6 +172,35 @@ pub extern "C" fn ft_trainer_export_merged(
         let t = ref_arg(trainer, "trainer")?;
         t.inner
             .export_merged(path_arg(dir, "dir")?, dtype_arg(dtype)?)
+    })
+}
+
+/// Writes the adapters as one GGUF LoRA adapter file at `path` (general.type "adapter"), which
+/// llama.cpp applies to the base model with `--lora` or `llama_adapter_lora_init`.
+#[no_mangle]
+pub extern "C" fn ft_trainer_save_adapter_gguf(
+    trainer: *const ft_trainer,
+    path: *const c_char,
+) -> ft_status {
+    guard(|| {
+        ref_arg(trainer, "trainer")?
+            .inner
+            .save_adapter_gguf(path_arg(path, "path")?)
+    })
+}
+
+/// Writes the base model with the adapters merged (W + scale·B·A) as one GGUF file at `path`
+/// with matrices of type `ggml_type` (`FT_GGUF_*`).
+#[no_mangle]
+pub extern "C" fn ft_trainer_export_gguf(
+    trainer: *const ft_trainer,
+    path: *const c_char,
+    ggml_type: i32,
+) -> ft_status {
+    guard(|| {
+        let t = ref_arg(trainer, "trainer")?;
+        t.inner
+            .export_gguf(path_arg(path, "path")?, gguf_type_arg(ggml_type)?)
     })
 }
 

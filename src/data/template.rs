@@ -9,6 +9,7 @@ use minijinja::{context, Environment, ErrorKind};
 /// A compiled chat template with the special tokens it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -27,9 +28,15 @@ impl ChatTemplate {
             .map_err(|e| Error::InvalidArgument(format!("chat template does not compile: {e}")))?;
         Ok(ChatTemplate {
             env,
+            source: source.into(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         })
+    }
+
+    /// The Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's reply

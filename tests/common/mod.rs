@@ -1,9 +1,14 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a subset
 
-use finetune::api::{Model, ModelParams};
+use finetune::api::{Model, ModelParams, Trainer};
+use finetune::backend::IGNORE_LABEL;
 use finetune::io::safetensors::Dtype;
+use finetune::lora::LoraConfig;
 use finetune::model::presets::preset;
+use finetune::train::batch::Batch;
+use finetune::train::schedule::ScheduleKind;
+use finetune::train::trainer::TrainConfig;
 use std::path::PathBuf;
 
 /// The libfinetune.so built for this test run (next to the test executable), or $FINETUNE_LIB.
@@ -96,4 +101,136 @@ pub fn tiny_chat_model_dir() -> tempfile::TempDir {
     });
     std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
     dir
+}
+
+/// SmolLM2-135M-Instruct (GGUF, Q4_1) as fetched by scripts/fetch-smollm2.sh, or
+/// $FINETUNE_SMOLLM2; `None` (after saying why) when absent, so that the test can skip.
+pub fn smollm2_path() -> Option<PathBuf> {
+    let path = std::env::var_os("FINETUNE_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIPPED: {} is absent; run scripts/fetch-smollm2.sh to fetch it",
+            path.display()
+        );
+        None
+    }
+}
+
+/// SmolLM2 loaded once per test binary.
+pub fn smollm2() -> Option<&'static Model> {
+    static MODEL: std::sync::OnceLock<Option<Model>> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = smollm2_path()?;
+            Some(Model::load(&path, &ModelParams::default()).expect("SmolLM2 loads"))
+        })
+        .as_ref()
+}
+
+/// The token ids of a one-turn chat asking `question`, rendered with the model's own template.
+pub fn chat_prompt(model: &Model, question: &str) -> Vec<i32> {
+    let template = model.chat_template().expect("a chat template");
+    let text = minijinja::Environment::new()
+        .render_str(
+            template,
+            minijinja::context! {
+                messages => vec![minijinja::context! { role => "user", content => question }],
+                add_generation_prompt => true,
+            },
+        )
+        .expect("the template renders");
+    encode(model, &text)
+}
+
+/// `text` as token ids, special tokens included as the tokenizer adds them.
+pub fn encode(model: &Model, text: &str) -> Vec<i32> {
+    let enc = model
+        .tokenizer()
+        .expect("a tokenizer")
+        .encode(text, true)
+        .expect("encodes");
+    enc.get_ids().iter().map(|&i| i as i32).collect()
+}
+
+/// Token ids back to text.
+pub fn decode(model: &Model, ids: &[i32]) -> String {
+    let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    model
+        .tokenizer()
+        .expect("a tokenizer")
+        .decode(&ids, true)
+        .expect("decodes")
+}
+
+/// `<|im_end|>`, which ends an assistant turn of SmolLM2.
+pub fn im_end(model: &Model) -> i32 {
+    model
+        .tokenizer()
+        .unwrap()
+        .token_to_id("<|im_end|>")
+        .unwrap() as i32
+}
+
+/// One chat turn as a training row: loss on the answer and the closing `<|im_end|>` only.
+fn chat_example(m: &Model, question: &str, answer: &str) -> (Vec<i32>, Vec<i32>) {
+    let prompt = chat_prompt(m, question);
+    let mut ids = prompt.clone();
+    ids.extend(encode(m, answer));
+    ids.push(im_end(m));
+    let mut labels = vec![IGNORE_LABEL; ids.len()];
+    let (start, end) = (prompt.len() - 1, ids.len() - 1);
+    labels[start..end].copy_from_slice(&ids[start + 1..]);
+    (ids, labels)
+}
+
+/// Rows padded to one length into a batch.
+fn batch(rows: &[(Vec<i32>, Vec<i32>)]) -> Batch {
+    let seq = rows.iter().map(|r| r.0.len()).max().unwrap();
+    let (mut ids, mut labels) = (Vec::new(), Vec::new());
+    for (i, l) in rows {
+        ids.extend(
+            i.iter()
+                .copied()
+                .chain(std::iter::repeat(0).take(seq - i.len())),
+        );
+        labels.extend(
+            l.iter()
+                .copied()
+                .chain(std::iter::repeat(IGNORE_LABEL).take(seq - l.len())),
+        );
+    }
+    Batch::new(rows.len(), seq, ids, labels).unwrap()
+}
+
+/// Four steps of LoRA on SmolLM2 teaching it a name; returns the trainer, its batch and the
+/// loss before and after.
+pub fn tuned(m: &Model) -> (Trainer, Batch, Vec<f32>) {
+    let b = batch(&[
+        chat_example(m, "What is your name?", "My name is Quokka."),
+        chat_example(m, "Who are you?", "I am Quokka, a small assistant."),
+    ]);
+    let lora = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        seed: 1,
+        ..LoraConfig::default()
+    };
+    let train = TrainConfig {
+        learning_rate: 2e-3,
+        schedule: ScheduleKind::Constant,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(m, lora, train).unwrap();
+    let mut losses = vec![t.eval_loss(&b).unwrap()];
+    for _ in 0..4 {
+        t.step(std::slice::from_ref(&b)).unwrap();
+    }
+    losses.push(t.eval_loss(&b).unwrap());
+    (t, b, losses)
 }

@@ -31,14 +31,24 @@ struct Heldout {
 
 fn answer(model: &Model, adapter: Option<&Trainer>, question: &str) -> Result<String> {
     let codec = model.codec().expect("checked by run");
-    let prompt = codec.chat_prompt(&[Message { role: "user".into(), content: question.into() }])?;
-    let opts = GenerateOptions { max_new_tokens: 40, stop: codec.eos.iter().map(|t| t.id as i32).collect(), ..Default::default() };
+    let prompt = codec.chat_prompt(&[Message {
+        role: "user".into(),
+        content: question.into(),
+    }])?;
+    let opts = GenerateOptions {
+        max_new_tokens: 40,
+        stop: codec.eos.iter().map(|t| t.id as i32).collect(),
+        ..Default::default()
+    };
     let out = generate(model, adapter, &prompt, &opts)?;
     Ok(codec.decode(&out)?.trim().replace('\n', " "))
 }
 
 fn answers(model: &Model, adapter: Option<&Trainer>, questions: &[Heldout]) -> Result<Vec<String>> {
-    questions.iter().map(|q| answer(model, adapter, &q.question)).collect()
+    questions
+        .iter()
+        .map(|q| answer(model, adapter, &q.question))
+        .collect()
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
@@ -49,9 +59,18 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         )));
     }
     let t0 = Instant::now();
-    let model = Model::load(&a.model, &ModelParams { threads: a.threads, ..Default::default() })?;
+    let model = Model::load(
+        &a.model,
+        &ModelParams {
+            threads: a.threads,
+            ..Default::default()
+        },
+    )?;
     if model.codec().and_then(|c| c.template.as_ref()).is_none() {
-        return Err(Error::InvalidArgument(format!("{} has no tokenizer with a chat template", a.model.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{} has no tokenizer with a chat template",
+            a.model.display()
+        )));
     }
     let c = model.config();
     println!(
@@ -75,7 +94,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         batch_size: 8,
         epochs: a.epochs,
         eval_fraction: 0.0,
-        lora: LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() },
+        lora: LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            ..LoraConfig::default()
+        },
         train: TrainConfig {
             learning_rate: 1e-3,
             warmup_steps: 4,
@@ -104,9 +127,15 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let tuned = Trainer::from_adapter(&model, &summary.adapter_dir, TrainConfig::default())?;
     let after = answers(&model, Some(&tuned), &heldout)?;
     for ((q, b), af) in heldout.iter().zip(&before).zip(&after) {
-        println!("\nQ: {}\n  expected: {}\n  before:   {b}\n  after:    {af}", q.question, q.expected);
+        println!(
+            "\nQ: {}\n  expected: {}\n  before:   {b}\n  after:    {af}",
+            q.question, q.expected
+        );
     }
     println!("\nadapter (PEFT format): {}", summary.adapter_dir.display());
-    println!("loss curve: {}", Path::new(&a.out).join("loss.svg").display());
+    println!(
+        "loss curve: {}",
+        Path::new(&a.out).join("loss.svg").display()
+    );
     Ok(())
 }

@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 use finetune::api::{Device, Model, ModelParams, Trainer};
 use finetune::bench::{run, BenchConfig};
+use finetune::io::gguf::quant::can_encode;
+use finetune::io::gguf::GgmlType;
 use finetune::io::safetensors::Dtype;
 use finetune::lora::LoraConfig;
 use finetune::model::presets::preset;
@@ -54,7 +56,8 @@ enum Command {
     },
     /// Fine-tune LoRA adapters on a dataset (JSONL/JSON) from flags or a config file.
     Train(Box<train::TrainArgs>),
-    /// Print a model's configuration and the memory a training configuration would need.
+    /// Print the configuration of a model directory or GGUF file and the memory a training
+    /// configuration would need.
     Info {
         model: PathBuf,
         #[arg(long, default_value_t = 16)]
@@ -68,17 +71,29 @@ enum Command {
     },
     /// Generate text, optionally with an adapter and through the chat template.
     Generate(generate::GenerateArgs),
-    /// Merge a PEFT adapter into its base model and write a Hugging Face directory.
+    /// Merge an adapter (PEFT directory or GGUF LoRA file) into its base model (a Hugging Face
+    /// directory or a GGUF file) and write a Hugging Face directory or a GGUF file; or write the
+    /// adapter alone as a GGUF LoRA adapter for llama.cpp.
     Export {
         #[arg(long)]
         model: PathBuf,
+        /// Without it the base model is converted as is.
         #[arg(long)]
-        adapter: PathBuf,
+        adapter: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
-        /// f32, f16 or bf16.
+        /// hf (a directory) or gguf (one file); by default gguf when --out ends in .gguf.
+        #[arg(long)]
+        format: Option<String>,
+        /// Safetensors element type for --format hf: f32, f16 or bf16.
         #[arg(long, default_value = "bf16")]
         dtype: String,
+        /// GGUF tensor type for --format gguf: f32, f16, bf16 or q8_0.
+        #[arg(long = "type", default_value = "f16")]
+        gguf_type: String,
+        /// Write only the adapter, as a GGUF LoRA adapter file (llama.cpp `--lora`).
+        #[arg(long)]
+        adapter_only: bool,
     },
     /// Write a model of a named shape with random weights as a Hugging Face directory.
     Create {
@@ -130,6 +145,16 @@ fn parse_dtype(name: &str) -> finetune::Result<Dtype> {
             "unknown dtype {other:?} (expected f32, f16 or bf16)"
         ))),
     }
+}
+
+fn parse_gguf_type(name: &str) -> finetune::Result<GgmlType> {
+    GgmlType::parse(name)
+        .filter(|t| can_encode(*t))
+        .ok_or_else(|| {
+            finetune::Error::InvalidArgument(format!(
+                "unknown GGUF type {name:?} (expected f32, f16, bf16 or q8_0)"
+            ))
+        })
 }
 
 fn execute(command: Command) -> finetune::Result<()> {
@@ -195,11 +220,35 @@ fn execute(command: Command) -> finetune::Result<()> {
             model,
             adapter,
             out,
+            format,
             dtype,
+            gguf_type,
+            adapter_only,
         } => {
+            let gguf = match format.as_deref() {
+                None => out.extension().is_some_and(|e| e == "gguf"),
+                Some("gguf") => true,
+                Some("hf") => false,
+                Some(other) => {
+                    return Err(finetune::Error::InvalidArgument(format!(
+                        "unknown format {other:?} (expected hf or gguf)"
+                    )))
+                }
+            };
             let m = Model::load(&model, &ModelParams::default())?;
-            let t = Trainer::from_adapter(&m, &adapter, TrainConfig::default())?;
-            t.export_merged(&out, parse_dtype(&dtype)?)?;
+            let t = adapter
+                .map(|a| Trainer::from_adapter(&m, &a, TrainConfig::default()))
+                .transpose()?;
+            match (&t, adapter_only, gguf) {
+                (None, true, _) => {
+                    return Err(finetune::Error::InvalidArgument(
+                        "--adapter-only needs --adapter".into(),
+                    ))
+                }
+                (Some(t), true, _) => t.save_adapter_gguf(&out)?,
+                (_, false, true) => m.save_gguf(&out, parse_gguf_type(&gguf_type)?, t.as_ref())?,
+                (_, false, false) => m.save_pretrained(&out, parse_dtype(&dtype)?, t.as_ref())?,
+            }
             println!("wrote {}", out.display());
         }
         Command::Create {
@@ -212,9 +261,21 @@ fn execute(command: Command) -> finetune::Result<()> {
             m.save_pretrained(&out, parse_dtype(&dtype)?, None)?;
             println!("wrote {}", out.display());
         }
-        Command::Demo { model, data, heldout, out, epochs, threads } => {
-            demo::run(&demo::DemoArgs { model, data, heldout, out, epochs, threads })?
-        }
+        Command::Demo {
+            model,
+            data,
+            heldout,
+            out,
+            epochs,
+            threads,
+        } => demo::run(&demo::DemoArgs {
+            model,
+            data,
+            heldout,
+            out,
+            epochs,
+            threads,
+        })?,
         Command::Train(args) => train::execute(*args)?,
     }
     Ok(())
