@@ -135,17 +135,15 @@ pub fn smollm2() -> Option<&'static Model> {
 
 /// The token ids of a one-turn chat asking `question`, rendered with the model's own template.
 pub fn chat_prompt(model: &Model, question: &str) -> Vec<i32> {
-    let template = model.chat_template().expect("a chat template");
-    let text = minijinja::Environment::new()
-        .render_str(
-            template,
-            minijinja::context! {
-                messages => vec![minijinja::context! { role => "user", content => question }],
-                add_generation_prompt => true,
-            },
-        )
-        .expect("the template renders");
-    encode(model, &text)
+    let message = finetune::data::dataset::Message {
+        role: "user".into(),
+        content: question.into(),
+    };
+    model
+        .codec()
+        .expect("a tokenizer")
+        .chat_prompt(&[message])
+        .expect("the template renders")
 }
 
 /// `text` as token ids, special tokens included as the tokenizer adds them.
@@ -197,12 +195,12 @@ fn batch(rows: &[(Vec<i32>, Vec<i32>)]) -> Batch {
         ids.extend(
             i.iter()
                 .copied()
-                .chain(std::iter::repeat(0).take(seq - i.len())),
+                .chain(std::iter::repeat_n(0, seq - i.len())),
         );
         labels.extend(
             l.iter()
                 .copied()
-                .chain(std::iter::repeat(IGNORE_LABEL).take(seq - l.len())),
+                .chain(std::iter::repeat_n(IGNORE_LABEL, seq - l.len())),
         );
     }
     Batch::new(rows.len(), seq, ids, labels).unwrap()

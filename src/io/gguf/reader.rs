@@ -140,10 +140,7 @@ impl<'a> Cursor<'a> {
                 // Every element takes at least one byte (strings and arrays at least eight), so a
                 // count beyond the remaining bytes is corrupt; checking first bounds the allocation.
                 let min = elem.fixed_size().unwrap_or(8) as u64;
-                if count
-                    .checked_mul(min)
-                    .map_or(true, |n| n > self.remaining())
-                {
+                if count.checked_mul(min).is_none_or(|n| n > self.remaining()) {
                     return Err(format!(
                         "{} claims {count} elements, more than the {} bytes left in the file hold",
                         what(),
