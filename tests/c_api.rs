@@ -58,6 +58,37 @@ struct StepStats {
     labelled_tokens: u64,
 }
 
+#[repr(C)]
+struct RunParams {
+    dataset: *const c_char,
+    output_dir: *const c_char,
+    max_seq_len: u32,
+    packing: i32,
+    batch_size: u32,
+    grad_accum: u32,
+    epochs: u32,
+    max_steps: u64,
+    eval_fraction: f32,
+    eval_every: u64,
+    save_every: u64,
+    keep_checkpoints: u32,
+    loss_on_all_tokens: i32,
+    skip_bad_records: i32,
+    resume: i32,
+    seed: u64,
+    lora: LoraParams,
+    train: TrainParams,
+}
+
+#[repr(C)]
+struct RunProgress {
+    stats: StepStats,
+    total_steps: u64,
+    epoch: u64,
+    tokens_per_second: f32,
+    eval_loss: f32,
+}
+
 type Opaque = c_void;
 type Progress = Option<extern "C" fn(*const StepStats, *mut c_void) -> i32>;
 
@@ -88,7 +119,16 @@ struct Api {
     model_save_gguf: extern "C" fn(*const Opaque, *const c_char, i32) -> i32,
     trainer_save_adapter_gguf: extern "C" fn(*const Opaque, *const c_char) -> i32,
     trainer_export_gguf: extern "C" fn(*const Opaque, *const c_char, i32) -> i32,
+    run_default_params: extern "C" fn() -> RunParams,
+    run: RunFn,
 }
+
+type RunFn = extern "C" fn(
+    *const Opaque,
+    *const RunParams,
+    Option<extern "C" fn(*const RunProgress, *mut c_void) -> i32>,
+    *mut c_void,
+) -> i32;
 
 impl Api {
     fn load() -> Api {
@@ -117,6 +157,8 @@ impl Api {
                 trainer_eval_loss: sym!("ft_trainer_eval_loss"),
                 trainer_save_adapter: sym!("ft_trainer_save_adapter"),
                 trainer_load_adapter: sym!("ft_trainer_load_adapter"),
+                run_default_params: sym!("ft_run_default_params"),
+                run: sym!("ft_run"),
                 model_save_gguf: sym!("ft_model_save_gguf"),
                 trainer_save_adapter_gguf: sym!("ft_trainer_save_adapter_gguf"),
                 trainer_export_gguf: sym!("ft_trainer_export_gguf"),
@@ -440,5 +482,63 @@ fn progress_callback_cancels_training() {
     );
     assert_eq!(stats.step, 4);
     (api.trainer_free)(trainer);
+    (api.model_free)(model);
+}
+
+extern "C" fn record_run(p: *const RunProgress, user: *mut c_void) -> i32 {
+    // SAFETY: the library passes valid progress; `user` is the vector passed below.
+    let (p, seen) = unsafe { (&*p, &mut *(user as *mut Vec<(u64, u64, f32)>)) };
+    seen.push((p.stats.step, p.total_steps, p.stats.loss));
+    0
+}
+
+#[test]
+fn one_call_trains_from_a_dataset_file() {
+    let api = Api::load();
+    let dir = common::tiny_chat_model_dir();
+    let model = api.load_model(dir.path());
+    let data = dir.path().join("data.jsonl");
+    let line = r#"{"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Bran."}]}"#;
+    std::fs::write(
+        &data,
+        format!("{line}\n{line}\n{{\"text\": \"Emberfall\"}}\n"),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (data_c, out_c) = (
+        CString::new(data.to_str().unwrap()).unwrap(),
+        CString::new(out.path().to_str().unwrap()).unwrap(),
+    );
+    let mut p = (api.run_default_params)();
+    assert_eq!((p.max_seq_len, p.batch_size, p.epochs), (512, 4, 1));
+    p.dataset = data_c.as_ptr();
+    p.output_dir = out_c.as_ptr();
+    p.batch_size = 1;
+    p.epochs = 2;
+    p.train.learning_rate = 1e-2;
+    let mut seen: Vec<(u64, u64, f32)> = Vec::new();
+    let st = (api.run)(
+        model,
+        &p,
+        Some(record_run),
+        &mut seen as *mut _ as *mut c_void,
+    );
+    assert_eq!(st, 0, "{}", api.error());
+    assert_eq!(
+        seen.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=seen.len() as u64).collect::<Vec<_>>()
+    );
+    assert!(seen.iter().all(|s| s.1 == seen.len() as u64), "{seen:?}");
+    assert!(out
+        .path()
+        .join("adapter/adapter_model.safetensors")
+        .is_file());
+    assert!(out.path().join("metrics.jsonl").is_file() && out.path().join("loss.svg").is_file());
+
+    p.dataset = out_c.as_ptr(); // a directory is not a dataset
+    assert_eq!(
+        api.name((api.run)(model, &p, None, null_mut())),
+        "FT_ERR_IO"
+    );
     (api.model_free)(model);
 }
