@@ -14,7 +14,7 @@ use crate::io::safetensors::{write_safetensors, Dtype};
 use crate::lora::{LoraConfig, TargetModule};
 use crate::model::adapters::{LoraPair, LoraTensors};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::{Adapters, Decoder, KvCache};
+use crate::model::decoder::{Decoder, KvCache};
 use crate::model::weights::{tensor_specs, DecoderWeights, Slot, TensorSpec};
 use crate::train::batch::Batch;
 use crate::train::trainer::{StepStats, TrainConfig, Trainer as Core};
@@ -208,11 +208,7 @@ impl Model {
     pub fn logits(&self, batch: &Batch, adapter: Option<&Trainer>) -> Result<Vec<f32>> {
         let dec = &self.decoder;
         let b = batch.upload(&dec.backend, dec.cfg.vocab_size)?;
-        let ad = adapter.map(|t| Adapters {
-            tensors: t.core.params(),
-            cfg: t.core.lora_config(),
-            dropout_seed: None,
-        });
+        let ad = adapter.map(|t| t.core.inference_adapters());
         dec.backend.download(&dec.logits(&b, ad.as_ref())?)
     }
 
@@ -323,11 +319,7 @@ impl DecodeSession<'_> {
                 ids[bad]
             )));
         }
-        let ad = self.adapter.map(|t| Adapters {
-            tensors: t.core.params(),
-            cfg: t.core.lora_config(),
-            dropout_seed: None,
-        });
+        let ad = self.adapter.map(|t| t.core.inference_adapters());
         dec.backend
             .download(&dec.forward_cached(ids, &mut self.cache, ad.as_ref())?)
     }

@@ -168,6 +168,15 @@ impl<B: Backend> Trainer<B> {
         self.step
     }
 
+    /// The adapters as inference sees them: current parameters, no dropout.
+    pub fn inference_adapters(&self) -> Adapters<'_, B> {
+        Adapters {
+            tensors: &self.params,
+            cfg: &self.lora,
+            dropout_seed: None,
+        }
+    }
+
     /// AdamW's first and second moments, in the layout of the parameters.
     pub fn moments(&self) -> (&LoraTensors<B>, &LoraTensors<B>) {
         (&self.m, &self.v)
@@ -279,12 +288,7 @@ impl<B: Backend> Trainer<B> {
                 "the batch has no labelled token".into(),
             ));
         }
-        let ad = Adapters {
-            tensors: &self.params,
-            cfg: &self.lora,
-            dropout_seed: None,
-        };
-        let h = dec.hidden_states(&b, Some(&ad))?;
+        let h = dec.hidden_states(&b, Some(&self.inference_adapters()))?;
         // The fused loss also returns a gradient we do not need; evaluation is rare enough.
         let (loss, _) =
             be.lm_head_cross_entropy(&h, dec.weights.output_projection(), &b.labels, 1.0)?;
