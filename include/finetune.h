@@ -39,6 +39,11 @@
 #define VERSION 3
 
 /**
+ * Threads of the elementwise and row kernels' blocks.
+ */
+#define BLOCK 256
+
+/**
  * Version of this C ABI. It changes only when an existing declaration changes incompatibly.
  */
 #define FT_ABI_VERSION 1
@@ -148,6 +153,22 @@ typedef struct ft_model_info {
   uint64_t num_kv_heads;
   uint64_t head_dim;
 } ft_model_info;
+
+/**
+ * Device memory held by a model's backend: its weights plus the tensors of every trainer and
+ * call running on it.
+ */
+typedef struct ft_device_memory {
+  /**
+   * 1 when the model is on a GPU; 0 on the CPU (the byte counts are then 0).
+   */
+  int32_t on_device;
+  uint64_t live_bytes;
+  /**
+   * The most bytes held at once since the model was created or the peak was last reset.
+   */
+  uint64_t peak_bytes;
+} ft_device_memory;
 
 /**
  * LoRA shape. Get defaults from `ft_lora_default_params()`: r 16, alpha 16, all seven targets.
@@ -383,6 +404,17 @@ typedef int32_t (*ft_progress_fn)(const struct ft_step_stats *stats, void *user_
  */
 #define FT_ERR_INTERNAL 8
 
+/**
+ * The GPU, its driver or a CUDA library failed or is absent (the message names which).
+ */
+#define FT_ERR_DEVICE 9
+
+/**
+ * A device allocation did not fit; the message gives the size asked for. The objects involved
+ * stay usable (a smaller batch may then work).
+ */
+#define FT_ERR_OUT_OF_MEMORY 10
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -432,6 +464,16 @@ ft_status ft_model_random(const char *shape,
  * Fills `*out` with the model's sizes.
  */
 ft_status ft_model_get_info(const struct ft_model *model, struct ft_model_info *out);
+
+/**
+ * Fills `*out` with the device memory the model's backend holds now and its peak.
+ */
+ft_status ft_model_device_memory(const struct ft_model *model, struct ft_device_memory *out);
+
+/**
+ * Starts a new peak measurement: the peak of `ft_model_device_memory` becomes the bytes held now.
+ */
+ft_status ft_model_reset_peak_memory(const struct ft_model *model);
 
 /**
  * Writes the model as a Hugging Face directory (config.json + model.safetensors) with weights

@@ -2,7 +2,8 @@
 //! and [`Trainer`]s that attach LoRA adapters to it.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, DeviceMemory};
 use crate::data::encode::TextCodec;
 use crate::error::{Error, Result};
 use crate::io::gguf::lora::{read_lora_adapter, write_lora_adapter};
@@ -15,7 +16,7 @@ use crate::lora::{LoraConfig, TargetModule};
 use crate::model::adapters::{LoraPair, LoraTensors};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{Decoder, KvCache};
-use crate::model::weights::{tensor_specs, DecoderWeights, Slot, TensorSpec};
+use crate::model::weights::{random_weights, tensor_specs, DecoderWeights, Slot, TensorSpec};
 use crate::train::batch::Batch;
 use crate::train::trainer::{StepStats, TrainConfig, Trainer as Core};
 use std::collections::BTreeMap;
@@ -26,7 +27,7 @@ use tokenizers::Tokenizer;
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
-    /// The best device available (the CPU in this build).
+    /// The first CUDA GPU when one is usable (driver, NVRTC and cuBLAS found), else the CPU.
     Auto,
     Cpu,
     /// An NVIDIA GPU by index.
@@ -70,12 +71,60 @@ impl Default for ModelParams {
     }
 }
 
-fn cpu_backend(params: &ModelParams) -> Result<CpuBackend> {
-    match params.device {
-        Device::Auto | Device::Cpu => CpuBackend::new(params.threads),
-        Device::Cuda(n) => Err(Error::InvalidArgument(format!(
-            "device cuda:{n} was asked for, but this build has no CUDA backend; use \"cpu\" or \"auto\""
-        ))),
+/// The decoder on the device it was loaded to. Every operation on it is generic over the
+/// backend; [`on_engine!`] picks the instance.
+#[derive(Clone)]
+enum Engine {
+    Cpu(Arc<Decoder<CpuBackend>>),
+    Cuda(Arc<Decoder<CudaBackend>>),
+}
+
+/// Runs `$body` with `$d` bound to the engine's decoder, whichever backend it is on.
+macro_rules! on_engine {
+    ($engine:expr, $d:ident => $body:expr) => {
+        match $engine {
+            Engine::Cpu($d) => $body,
+            Engine::Cuda($d) => $body,
+        }
+    };
+}
+
+impl Engine {
+    /// Opens the device of `params` and builds the decoder there, asking `fetch` for each tensor.
+    fn build(
+        cfg: ModelConfig,
+        params: &ModelParams,
+        fetch: impl FnMut(&TensorSpec) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        fn on<B: Backend>(
+            cfg: ModelConfig,
+            be: B,
+            fetch: impl FnMut(&TensorSpec) -> Result<Vec<f32>>,
+        ) -> Result<Arc<Decoder<B>>> {
+            let weights = DecoderWeights::load(&cfg, &be, fetch)?;
+            Ok(Arc::new(Decoder::new(cfg, be, weights)))
+        }
+        let cpu = || CpuBackend::new(params.threads);
+        Ok(match params.device {
+            Device::Cpu => Engine::Cpu(on(cfg, cpu()?, fetch)?),
+            Device::Cuda(n) => Engine::Cuda(on(cfg, CudaBackend::new(n)?, fetch)?),
+            Device::Auto => match CudaBackend::new(0) {
+                Ok(be) => Engine::Cuda(on(cfg, be, fetch)?),
+                Err(_) => Engine::Cpu(on(cfg, cpu()?, fetch)?),
+            },
+        })
+    }
+
+    fn config(&self) -> &ModelConfig {
+        on_engine!(self, d => &d.cfg)
+    }
+
+    fn same(&self, other: &Engine) -> bool {
+        match (self, other) {
+            (Engine::Cpu(a), Engine::Cpu(b)) => Arc::ptr_eq(a, b),
+            (Engine::Cuda(a), Engine::Cuda(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }
 
@@ -92,7 +141,7 @@ const TOKENIZER_FILES: [&str; 5] = [
 /// may share it.
 #[derive(Clone)]
 pub struct Model {
-    decoder: Arc<Decoder<CpuBackend>>,
+    engine: Engine,
     /// What `base_model_name_or_path` records in saved adapters.
     name: String,
     source_dir: Option<PathBuf>,
@@ -112,13 +161,12 @@ impl Model {
         let source = WeightSource::open(path)?;
         let dir = source.dir().to_path_buf();
         let cfg = ModelConfig::from_json(&read_config_json(&dir)?, &dir.join("config.json"))?;
-        let backend = cpu_backend(params)?;
-        let weights = DecoderWeights::load(&cfg, &backend, |spec| {
+        let engine = Engine::build(cfg, params, |spec| {
             source.read_f32(&spec.name, &spec.file_shape())
         })?;
         let codec = TextCodec::from_model_dir(&dir)?.map(Arc::new);
         Ok(Model {
-            decoder: Arc::new(Decoder::new(cfg, backend, weights)),
+            engine,
             name: path.display().to_string(),
             source_dir: Some(dir),
             codec,
@@ -128,8 +176,7 @@ impl Model {
 
     fn load_gguf(path: &Path, params: &ModelParams) -> Result<Self> {
         let g = GgufModel::open(path)?;
-        let backend = cpu_backend(params)?;
-        let weights = DecoderWeights::load(&g.config, &backend, |spec| g.read_f32(spec))?;
+        let engine = Engine::build(g.config.clone(), params, |spec| g.read_f32(spec))?;
         let codec = match g.tokenizer {
             Some(t) => {
                 let text = |id: Option<u32>| id.and_then(|i| t.id_to_token(i));
@@ -146,7 +193,7 @@ impl Model {
             None => None,
         };
         Ok(Model {
-            decoder: Arc::new(Decoder::new(g.config, backend, weights)),
+            engine,
             name: path.display().to_string(),
             source_dir: None,
             codec,
@@ -157,10 +204,10 @@ impl Model {
     /// A model of the given shape with random weights (tests, benchmarks, demos).
     pub fn random(cfg: ModelConfig, seed: u64, params: &ModelParams) -> Result<Self> {
         cfg.validate().map_err(Error::InvalidArgument)?;
-        let backend = cpu_backend(params)?;
-        let weights = DecoderWeights::random(&cfg, &backend, seed)?;
+        let mut source = random_weights(&cfg, seed);
+        let engine = Engine::build(cfg, params, |spec| Ok(source(spec)))?;
         Ok(Model {
-            decoder: Arc::new(Decoder::new(cfg, backend, weights)),
+            engine,
             name: format!("random-{seed}"),
             source_dir: None,
             codec: None,
@@ -181,7 +228,7 @@ impl Model {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        &self.decoder.cfg
+        self.engine.config()
     }
 
     /// The tokenizer and chat template, if the model has them.
@@ -195,34 +242,63 @@ impl Model {
         self
     }
 
-    pub fn decoder(&self) -> &Arc<Decoder<CpuBackend>> {
-        &self.decoder
+    /// A description of the device ("cpu (2 threads)", "cuda:0 (NVIDIA H200, sm_90)").
+    pub fn device(&self) -> String {
+        on_engine!(&self.engine, d => d.backend.describe())
     }
 
-    /// A description of the device ("cpu (2 threads)").
-    pub fn device(&self) -> String {
-        self.decoder.backend.describe()
+    /// Device memory held by this model's backend and its peak (GPU backends only).
+    pub fn device_memory(&self) -> Option<DeviceMemory> {
+        on_engine!(&self.engine, d => d.backend.device_memory())
+    }
+
+    /// Starts a new peak measurement of [`Model::device_memory`].
+    pub fn reset_peak_memory(&self) {
+        on_engine!(&self.engine, d => d.backend.reset_peak_memory())
+    }
+
+    /// The adapters of `adapter`, checked to belong to this model.
+    fn own<'a>(&self, adapter: Option<&'a Trainer>) -> Result<Option<&'a Trainer>> {
+        match adapter {
+            Some(t) if !t.model.engine.same(&self.engine) => Err(Error::InvalidArgument(
+                "the adapter belongs to another model".into(),
+            )),
+            a => Ok(a),
+        }
     }
 
     /// Logits `[tokens, vocab]` for every row of `batch`, with `adapter`'s LoRA applied if given.
     pub fn logits(&self, batch: &Batch, adapter: Option<&Trainer>) -> Result<Vec<f32>> {
-        let dec = &self.decoder;
-        let b = batch.upload(&dec.backend, dec.cfg.vocab_size)?;
-        let ad = adapter.map(|t| t.core.inference_adapters());
-        dec.backend.download(&dec.logits(&b, ad.as_ref())?)
+        let adapter = self.own(adapter)?;
+        on_engine!(&self.engine, dec => {
+            let b = batch.upload(&dec.backend, dec.cfg.vocab_size)?;
+            let core = adapter.map(|t| t.core.on(dec)).transpose()?;
+            let ad = core.map(|c| c.inference_adapters());
+            dec.backend.download(&dec.logits(&b, ad.as_ref())?)
+        })
     }
 
     /// An incremental decoding session (KV cache) with `adapter`'s LoRA applied if given.
     pub fn decode_session<'a>(&'a self, adapter: Option<&'a Trainer>) -> Result<DecodeSession<'a>> {
-        if adapter.is_some_and(|t| !Arc::ptr_eq(&t.model.decoder, &self.decoder)) {
-            return Err(Error::InvalidArgument(
-                "the adapter belongs to another model".into(),
-            ));
-        }
+        let adapter = self.own(adapter)?;
+        let cache = match &self.engine {
+            Engine::Cpu(d) => Cache::Cpu(d.new_cache()?),
+            Engine::Cuda(d) => Cache::Cuda(d.new_cache()?),
+        };
         Ok(DecodeSession {
             model: self,
             adapter,
-            cache: self.decoder.new_cache()?,
+            cache,
+        })
+    }
+
+    /// The host values of the base weight in `slot` (as stored: bf16-rounded on a GPU).
+    pub fn weight(&self, slot: Slot) -> Result<Vec<f32>> {
+        on_engine!(&self.engine, d => {
+            let t = d.weights.get(slot).ok_or_else(|| {
+                Error::InvalidArgument(format!("the model has no tensor {slot:?}"))
+            })?;
+            d.backend.download(t)
         })
     }
 
@@ -234,10 +310,10 @@ impl Model {
         dtype: Dtype,
         adapter: Option<&Trainer>,
     ) -> Result<()> {
-        let dec = &self.decoder;
+        let cfg = self.config();
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = Vec::new();
-        for spec in tensor_specs(&dec.cfg) {
+        for spec in tensor_specs(cfg) {
             let values = self.merged_weight(&spec, adapter)?;
             tensors.push((spec.name.clone(), spec.file_shape(), values));
         }
@@ -248,7 +324,7 @@ impl Model {
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         write_safetensors(&dir.join("model.safetensors"), &views, dtype, &meta)?;
-        let mut config = dec.cfg.to_json();
+        let mut config = cfg.to_json();
         config["torch_dtype"] = match dtype {
             Dtype::BF16 => "bfloat16",
             Dtype::F16 => "float16",
@@ -275,7 +351,7 @@ impl Model {
     pub fn save_gguf(&self, path: &Path, ty: GgmlType, adapter: Option<&Trainer>) -> Result<()> {
         write_model(
             path,
-            &self.decoder.cfg,
+            self.config(),
             &self.name,
             &self.gguf_vocabulary,
             ty,
@@ -285,62 +361,80 @@ impl Model {
 
     /// The host values of one base weight, with `adapter`'s update `scale·B·A` added.
     fn merged_weight(&self, spec: &TensorSpec, adapter: Option<&Trainer>) -> Result<Vec<f32>> {
-        let be = &self.decoder.backend;
-        let t = self
-            .decoder
-            .weights
-            .get(spec.slot)
-            .expect("every listed slot exists");
-        let mut values = be.download(t)?;
-        if let (Slot::Proj(layer, m), Some(tr)) = (spec.slot, adapter) {
-            if let Some(pair) = tr.core.params().get(layer, m) {
-                merge_into(be, &mut values, pair, tr.core.lora_config().scale())?;
-            }
+        let mut values = self.weight(spec.slot)?;
+        if let (Slot::Proj(layer, m), Some(tr)) = (spec.slot, self.own(adapter)?) {
+            let scale = tr.lora_config().scale();
+            on_engine!(&self.engine, dec => {
+                if let Some(pair) = tr.core.on(dec)?.params().get(layer, m) {
+                    merge_into(&dec.backend, &mut values, pair, scale)?;
+                }
+            })
         }
         Ok(values)
     }
+}
+
+/// A KV cache on the model's device.
+enum Cache {
+    Cpu(KvCache<CpuBackend>),
+    Cuda(KvCache<CudaBackend>),
 }
 
 /// Tokens fed one after another through a KV cache.
 pub struct DecodeSession<'a> {
     model: &'a Model,
     adapter: Option<&'a Trainer>,
-    cache: KvCache<CpuBackend>,
+    cache: Cache,
 }
 
 impl DecodeSession<'_> {
     /// Runs `ids` after everything fed so far and returns the next-token logits (`vocab` values).
     pub fn feed(&mut self, ids: &[i32]) -> Result<Vec<f32>> {
-        let dec = &self.model.decoder;
-        let vocab = dec.cfg.vocab_size;
+        let vocab = self.model.config().vocab_size;
         if let Some(bad) = ids.iter().position(|&i| i < 0 || i as usize >= vocab) {
             return Err(Error::InvalidArgument(format!(
                 "token id {} at position {bad} is outside the vocabulary of {vocab} tokens",
                 ids[bad]
             )));
         }
-        let ad = self.adapter.map(|t| t.core.inference_adapters());
-        dec.backend
-            .download(&dec.forward_cached(ids, &mut self.cache, ad.as_ref())?)
+        fn feed<B: Backend>(
+            dec: &Decoder<B>,
+            core: Option<&Core<B>>,
+            cache: &mut KvCache<B>,
+            ids: &[i32],
+        ) -> Result<Vec<f32>> {
+            let ad = core.map(|c| c.inference_adapters());
+            dec.backend
+                .download(&dec.forward_cached(ids, cache, ad.as_ref())?)
+        }
+        match (&self.model.engine, &mut self.cache) {
+            (Engine::Cpu(d), Cache::Cpu(c)) => {
+                let core = self.adapter.map(|t| t.core.on(d)).transpose()?;
+                feed(d, core, c, ids)
+            }
+            (Engine::Cuda(d), Cache::Cuda(c)) => {
+                let core = self.adapter.map(|t| t.core.on(d)).transpose()?;
+                feed(d, core, c, ids)
+            }
+            _ => unreachable!("the cache is made on the model's own device"),
+        }
     }
 
     /// Tokens fed so far.
     pub fn len(&self) -> usize {
-        self.cache.len()
+        match &self.cache {
+            Cache::Cpu(c) => c.len(),
+            Cache::Cuda(c) => c.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cache.is_empty()
+        self.len() == 0
     }
 }
 
 /// `W += scale · B·A` on host values of W `[out, in]`.
-fn merge_into(
-    be: &CpuBackend,
-    w: &mut [f32],
-    pair: &LoraPair<CpuBackend>,
-    scale: f32,
-) -> Result<()> {
+fn merge_into<B: Backend>(be: &B, w: &mut [f32], pair: &LoraPair<B>, scale: f32) -> Result<()> {
     let (out, _) = be.shape(&pair.b);
     let (_, fan_in) = be.shape(&pair.a);
     let mut delta = be.zeros(out, fan_in)?;
@@ -351,18 +445,70 @@ fn merge_into(
     Ok(())
 }
 
+/// The generic trainer on the model's device.
+enum TrainerCore {
+    Cpu(Core<CpuBackend>),
+    Cuda(Core<CudaBackend>),
+}
+
+/// Runs `$body` with `$c` bound to the trainer's core, whichever backend it is on.
+macro_rules! on_core {
+    ($core:expr, $c:ident => $body:expr) => {
+        match $core {
+            TrainerCore::Cpu($c) => $body,
+            TrainerCore::Cuda($c) => $body,
+        }
+    };
+}
+
+/// The backends an [`Engine`] can hold, with the way back from a [`TrainerCore`] to its typed core.
+trait EngineBackend: Backend + Sized {
+    fn core(c: &TrainerCore) -> Option<&Core<Self>>;
+}
+
+impl EngineBackend for CpuBackend {
+    fn core(c: &TrainerCore) -> Option<&Core<Self>> {
+        match c {
+            TrainerCore::Cpu(t) => Some(t),
+            TrainerCore::Cuda(_) => None,
+        }
+    }
+}
+
+impl EngineBackend for CudaBackend {
+    fn core(c: &TrainerCore) -> Option<&Core<Self>> {
+        match c {
+            TrainerCore::Cuda(t) => Some(t),
+            TrainerCore::Cpu(_) => None,
+        }
+    }
+}
+
+impl TrainerCore {
+    /// The typed core for a decoder of backend `B` (the adapters' own model, checked before).
+    fn on<B: EngineBackend>(&self, _decoder: &Arc<Decoder<B>>) -> Result<&Core<B>> {
+        B::core(self).ok_or_else(|| {
+            Error::InvalidArgument("the adapter lives on another device than the model".into())
+        })
+    }
+}
+
 /// LoRA adapters and their optimizer over a [`Model`].
 pub struct Trainer {
     model: Model,
-    core: Core<CpuBackend>,
+    core: TrainerCore,
 }
 
 impl Trainer {
     /// Fresh adapters (A Kaiming-uniform from `lora.seed`, B zero).
     pub fn new(model: &Model, lora: LoraConfig, train: TrainConfig) -> Result<Self> {
+        let core = match &model.engine {
+            Engine::Cpu(d) => TrainerCore::Cpu(Core::new(d.clone(), lora, train)?),
+            Engine::Cuda(d) => TrainerCore::Cuda(Core::new(d.clone(), lora, train)?),
+        };
         Ok(Trainer {
             model: model.clone(),
-            core: Core::new(model.decoder.clone(), lora, train)?,
+            core,
         })
     }
 
@@ -376,10 +522,20 @@ impl Trainer {
             let (peft, modules) = load_peft_adapter(dir)?;
             (peft.to_lora(train.seed), modules)
         };
-        let params = adapter_tensors(model, &lora, &modules, dir)?;
+        let found = check_adapter(model.config(), &lora, &modules, dir)?;
+        let core = match &model.engine {
+            Engine::Cpu(d) => {
+                let params = upload_adapter(&d.backend, &d.cfg, &lora, &found, dir)?;
+                TrainerCore::Cpu(Core::with_params(d.clone(), lora, train, params)?)
+            }
+            Engine::Cuda(d) => {
+                let params = upload_adapter(&d.backend, &d.cfg, &lora, &found, dir)?;
+                TrainerCore::Cuda(Core::with_params(d.clone(), lora, train, params)?)
+            }
+        };
         Ok(Trainer {
             model: model.clone(),
-            core: Core::with_params(model.decoder.clone(), lora, train, params)?,
+            core,
         })
     }
 
@@ -388,31 +544,46 @@ impl Trainer {
     }
 
     pub fn lora_config(&self) -> &LoraConfig {
-        self.core.lora_config()
-    }
-
-    /// The generic trainer underneath (gradients, parameters), for tests and tools.
-    pub fn core(&self) -> &Core<CpuBackend> {
-        &self.core
-    }
-
-    pub fn core_mut(&mut self) -> &mut Core<CpuBackend> {
-        &mut self.core
+        on_core!(&self.core, c => c.lora_config())
     }
 
     /// One optimizer step over `micro_batches` (gradient accumulation when there are several).
     pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
-        self.core.step(micro_batches)
+        on_core!(&mut self.core, c => c.step(micro_batches))
     }
 
     /// Mean loss on `batch`, no dropout, no update.
     pub fn eval_loss(&self, batch: &Batch) -> Result<f32> {
-        self.core.eval_loss(batch)
+        on_core!(&self.core, c => c.eval_loss(batch))
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps_taken(&self) -> u64 {
+        on_core!(&self.core, c => c.steps_taken())
+    }
+
+    /// `(rows, cols)` of each adapter tensor, in the order of the optimizer state.
+    pub fn param_shapes(&self) -> Vec<(usize, usize)> {
+        on_core!(&self.core, c => {
+            let be = &c.decoder().backend;
+            c.params().tensors().map(|t| be.shape(t)).collect()
+        })
+    }
+
+    /// AdamW's moments on the host (see [`Core::moments_host`]).
+    #[allow(clippy::type_complexity)]
+    pub fn moments_host(&self) -> Result<[Vec<(usize, usize, Vec<f32>)>; 2]> {
+        on_core!(&self.core, c => c.moments_host())
+    }
+
+    /// Puts back saved moments and the step count (see [`Core::restore_optimizer`]).
+    pub fn restore_optimizer(&mut self, m: &[Vec<f32>], v: &[Vec<f32>], step: u64) -> Result<()> {
+        on_core!(&mut self.core, c => c.restore_optimizer(m, v, step))
     }
 
     /// Writes adapter_config.json and adapter_model.safetensors in PEFT's format.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
-        let peft = PeftAdapterConfig::from_lora(self.core.lora_config(), &self.model.name);
+        let peft = PeftAdapterConfig::from_lora(self.lora_config(), &self.model.name);
         save_peft_adapter(dir, &peft, &self.adapter_modules()?)
     }
 
@@ -422,7 +593,7 @@ impl Trainer {
         write_lora_adapter(
             path,
             self.model.config(),
-            self.core.lora_config(),
+            self.lora_config(),
             &self.adapter_modules()?,
             &self.model.name,
         )
@@ -430,23 +601,25 @@ impl Trainer {
 
     /// The adapters on the host, in PEFT layout.
     fn adapter_modules(&self) -> Result<Vec<AdapterModule>> {
-        let be = &self.model.decoder.backend;
         let cfg = self.model.config();
         let mut modules = Vec::new();
-        for layer in 0..cfg.num_layers {
-            for m in TargetModule::ALL {
-                if let Some(p) = self.core.params().get(layer, m) {
-                    modules.push(AdapterModule {
-                        layer,
-                        module: m,
-                        a: be.download(&p.a)?,
-                        b: be.download(&p.b)?,
-                        in_features: cfg.in_features(m),
-                        out_features: cfg.out_features(m),
-                    });
+        on_core!(&self.core, c => {
+            let be = &c.decoder().backend;
+            for layer in 0..cfg.num_layers {
+                for m in TargetModule::ALL {
+                    if let Some(p) = c.params().get(layer, m) {
+                        modules.push(AdapterModule {
+                            layer,
+                            module: m,
+                            a: be.download(&p.a)?,
+                            b: be.download(&p.b)?,
+                            in_features: cfg.in_features(m),
+                            out_features: cfg.out_features(m),
+                        });
+                    }
                 }
             }
-        }
+        });
         Ok(modules)
     }
 
@@ -461,15 +634,13 @@ impl Trainer {
     }
 }
 
-/// Checks that loaded adapter modules fit `model` and uploads them.
-fn adapter_tensors(
-    model: &Model,
+/// Loaded adapter modules by (layer, module), checked to fit the model `cfg`.
+fn check_adapter<'m>(
+    cfg: &ModelConfig,
     lora: &LoraConfig,
-    modules: &[AdapterModule],
+    modules: &'m [AdapterModule],
     dir: &Path,
-) -> Result<LoraTensors<CpuBackend>> {
-    let cfg = model.config();
-    let be = &model.decoder.backend;
+) -> Result<BTreeMap<(usize, TargetModule), &'m AdapterModule>> {
     let mut found: BTreeMap<(usize, TargetModule), &AdapterModule> = BTreeMap::new();
     for m in modules {
         let (want_in, want_out) = (cfg.in_features(m.module), cfg.out_features(m.module));
@@ -501,6 +672,17 @@ fn adapter_tensors(
         }
         found.insert((m.layer, m.module), m);
     }
+    Ok(found)
+}
+
+/// Uploads checked adapter modules; every module `lora` targets must be present.
+fn upload_adapter<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    lora: &LoraConfig,
+    found: &BTreeMap<(usize, TargetModule), &AdapterModule>,
+    dir: &Path,
+) -> Result<LoraTensors<B>> {
     LoraTensors::build(cfg, lora, |layer, m, (r, fan_in), (out, _)| {
         let am = found.get(&(layer, m)).ok_or_else(|| {
             Error::AdapterMismatch(format!(

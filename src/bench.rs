@@ -44,6 +44,9 @@ pub struct BenchResult {
     pub last_loss: f32,
     /// Peak resident memory of the process (VmHWM), MiB.
     pub peak_rss_mib: f64,
+    /// Peak device memory held by the library's tensors (weights included), MiB; `null` on the
+    /// CPU.
+    pub peak_device_mib: Option<f64>,
     pub load_seconds: f64,
 }
 
@@ -126,6 +129,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         first_loss,
         last_loss,
         peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
+        peak_device_mib: model
+            .device_memory()
+            .map(|m| m.peak_bytes as f64 / (1 << 20) as f64),
         load_seconds,
     })
 }

@@ -35,6 +35,16 @@ pub enum Error {
     /// A loss or gradient was NaN or infinite; the update was not applied.
     #[error("non-finite {0}: the update was skipped")]
     NonFinite(String),
+    /// The GPU (driver, kernel compiler, BLAS library) reported a failure or is absent.
+    #[error("device: {0}")]
+    Device(String),
+    /// A device allocation did not fit; the state from before the failing call is intact.
+    #[error("out of device memory: {requested} bytes asked for {what} ({detail})")]
+    OutOfMemory {
+        requested: usize,
+        what: String,
+        detail: String,
+    },
 }
 
 impl Error {

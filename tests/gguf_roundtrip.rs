@@ -4,11 +4,11 @@
 //! and GGUF LoRA adapters load back as the same adapter.
 
 use finetune::api::{Model, ModelParams, Trainer};
-use finetune::backend::Backend;
 use finetune::io::gguf::{GgmlType, GgufFile, MetaValue};
-use finetune::lora::LoraConfig;
+use finetune::lora::{LoraConfig, TargetModule};
 use finetune::model::config::Family;
 use finetune::model::presets::tiny;
+use finetune::model::weights::Slot;
 use finetune::rng::Rng;
 use finetune::train::batch::Batch;
 use finetune::train::trainer::TrainConfig;
@@ -83,8 +83,7 @@ fn llama_q_and_k_rows_are_stored_permuted() {
     let f = GgufFile::open(&path).unwrap();
     let stored = f.read_f32("blk.0.attn_q.weight").unwrap();
     let (d, cols) = (8, 32);
-    let hf = &m.decoder().weights.layers[0].proj[0];
-    let hf = m.decoder().backend.download(hf).unwrap();
+    let hf = m.weight(Slot::Proj(0, TargetModule::Q)).unwrap();
     // GGUF row 1 of head 0 is Hugging Face row d/2.
     assert_eq!(stored[cols..2 * cols], hf[d / 2 * cols..(d / 2 + 1) * cols]);
     assert_ne!(stored[cols..2 * cols], hf[cols..2 * cols]);

@@ -24,6 +24,8 @@ const (
 	StatusCancelled       Status = C.FT_ERR_CANCELLED
 	StatusNonFinite       Status = C.FT_ERR_NON_FINITE
 	StatusInternal        Status = C.FT_ERR_INTERNAL
+	StatusDevice          Status = C.FT_ERR_DEVICE
+	StatusOutOfMemory     Status = C.FT_ERR_OUT_OF_MEMORY
 )
 
 // String gives the status's C name, such as "FT_ERR_IO".
@@ -67,6 +69,8 @@ var (
 	ErrCancelled       = &Error{Status: StatusCancelled}
 	ErrNonFinite       = &Error{Status: StatusNonFinite}
 	ErrInternal        = &Error{Status: StatusInternal}
+	ErrDevice          = &Error{Status: StatusDevice}
+	ErrOutOfMemory     = &Error{Status: StatusOutOfMemory}
 )
 
 // call runs one C call and, on failure, reads ft_last_error on the same OS thread (the message

@@ -4,6 +4,7 @@
 export declare const Status: {
   readonly OK: 0; readonly INVALID_ARGUMENT: 1; readonly IO: 2; readonly FORMAT: 3; readonly UNSUPPORTED: 4;
   readonly ADAPTER_MISMATCH: 5; readonly CANCELLED: 6; readonly NON_FINITE: 7; readonly INTERNAL: 8;
+  readonly DEVICE: 9; readonly OUT_OF_MEMORY: 10;
 };
 /** LoRA target bits for `LoraOptions.targetModules`. */
 export declare const Target: {

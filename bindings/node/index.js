@@ -11,7 +11,7 @@ const { koffi } = ffi;
 
 const Status = Object.freeze({
   OK: 0, INVALID_ARGUMENT: 1, IO: 2, FORMAT: 3, UNSUPPORTED: 4, ADAPTER_MISMATCH: 5, CANCELLED: 6,
-  NON_FINITE: 7, INTERNAL: 8,
+  NON_FINITE: 7, INTERNAL: 8, DEVICE: 9, OUT_OF_MEMORY: 10,
 });
 const Target = Object.freeze({ Q: 1, K: 2, V: 4, O: 8, GATE: 16, UP: 32, DOWN: 64, ALL: 127 });
 const DType = Object.freeze({ F32: 0, F16: 1, BF16: 2 });

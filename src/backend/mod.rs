@@ -5,6 +5,7 @@
 //! backend is checked against the CPU reference op by op.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::model::config::Activation;
@@ -34,22 +35,67 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
+/// The per-step constants of [`Backend::adamw`], computed once on the host the way torch does.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConstants {
+    /// `1 − lr·wd`.
+    pub decay: f32,
+    /// `lr / (1 − β1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 − β2^t)`.
+    pub bc2_sqrt: f32,
+}
+
+impl AdamWConstants {
+    pub fn of(h: AdamWStep) -> Self {
+        let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+        let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
+        AdamWConstants {
+            decay: 1.0 - h.lr * h.weight_decay,
+            step_size: (h.lr as f64 / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+        }
+    }
+}
+
+/// Device memory held by a backend's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub live_bytes: usize,
+    /// The most held at once since the backend started or the peak was last reset.
+    pub peak_bytes: usize,
+}
+
 /// A compute device. Methods that allocate return new tensors; methods taking `&mut` work in place.
 pub trait Backend: Send + Sync + 'static {
     /// A matrix of f32 values (the storage precision is the backend's business).
-    type Tensor: Send + Sync + Clone;
+    type Tensor: Send + Sync;
     /// A vector of 32-bit integers (token ids, positions, labels, segment ids).
     type Ints: Send + Sync;
 
     /// A short human-readable description ("cpu (2 threads)").
     fn describe(&self) -> String;
 
+    /// Device memory in use and its peak, for backends with memory of their own.
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+    /// Starts a new peak measurement of [`Backend::device_memory`].
+    fn reset_peak_memory(&self) {}
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// Uploads a frozen base matrix; a backend may store it in lower precision (the CUDA backend
+    /// keeps bf16). Such a tensor is only read: by matmul, embedding, the LM head and download.
+    fn upload_frozen(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.upload(data, rows, cols)
+    }
     fn upload_ints(&self, data: &[i32]) -> Result<Self::Ints>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// `(rows, cols)`.
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+    /// A copy of `t` in new storage.
+    fn duplicate(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
     /// Reinterprets a row-major matrix with another shape of the same size (no copy).
     fn reshape(&self, t: Self::Tensor, rows: usize, cols: usize) -> Self::Tensor;
 

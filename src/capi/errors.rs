@@ -25,6 +25,11 @@ pub const FT_ERR_CANCELLED: ft_status = 6;
 pub const FT_ERR_NON_FINITE: ft_status = 7;
 /// A defect inside the library (a caught panic); the message says where.
 pub const FT_ERR_INTERNAL: ft_status = 8;
+/// The GPU, its driver or a CUDA library failed or is absent (the message names which).
+pub const FT_ERR_DEVICE: ft_status = 9;
+/// A device allocation did not fit; the message gives the size asked for. The objects involved
+/// stay usable (a smaller batch may then work).
+pub const FT_ERR_OUT_OF_MEMORY: ft_status = 10;
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -44,6 +49,8 @@ fn status_of(e: &Error) -> ft_status {
         Error::AdapterMismatch(_) => FT_ERR_ADAPTER_MISMATCH,
         Error::Cancelled => FT_ERR_CANCELLED,
         Error::NonFinite(_) => FT_ERR_NON_FINITE,
+        Error::Device(_) => FT_ERR_DEVICE,
+        Error::OutOfMemory { .. } => FT_ERR_OUT_OF_MEMORY,
     }
 }
 
@@ -96,6 +103,8 @@ pub extern "C" fn ft_status_name(status: ft_status) -> *const c_char {
         FT_ERR_CANCELLED => "FT_ERR_CANCELLED\0",
         FT_ERR_NON_FINITE => "FT_ERR_NON_FINITE\0",
         FT_ERR_INTERNAL => "FT_ERR_INTERNAL\0",
+        FT_ERR_DEVICE => "FT_ERR_DEVICE\0",
+        FT_ERR_OUT_OF_MEMORY => "FT_ERR_OUT_OF_MEMORY\0",
         _ => "FT_ERR_UNKNOWN\0",
     };
     s.as_ptr().cast()

@@ -29,6 +29,18 @@ pub struct ft_model_info {
     pub head_dim: u64,
 }
 
+/// Device memory held by a model's backend: its weights plus the tensors of every trainer and
+/// call running on it.
+#[repr(C)]
+#[derive(Default)]
+pub struct ft_device_memory {
+    /// 1 when the model is on a GPU; 0 on the CPU (the byte counts are then 0).
+    pub on_device: i32,
+    pub live_bytes: u64,
+    /// The most bytes held at once since the model was created or the peak was last reset.
+    pub peak_bytes: u64,
+}
+
 fn model_params(params: *const ft_model_params) -> Result<ModelParams> {
     if params.is_null() {
         Ok(ModelParams::default())
@@ -90,6 +102,35 @@ pub extern "C" fn ft_model_get_info(model: *const ft_model, out: *mut ft_model_i
             num_kv_heads: c.num_kv_heads as u64,
             head_dim: c.head_dim as u64,
         };
+        Ok(())
+    })
+}
+
+/// Fills `*out` with the device memory the model's backend holds now and its peak.
+#[no_mangle]
+pub extern "C" fn ft_model_device_memory(
+    model: *const ft_model,
+    out: *mut ft_device_memory,
+) -> ft_status {
+    guard(|| {
+        let m = ref_arg(model, "model")?;
+        *mut_arg(out, "out")? = match m.inner.device_memory() {
+            Some(d) => ft_device_memory {
+                on_device: 1,
+                live_bytes: d.live_bytes as u64,
+                peak_bytes: d.peak_bytes as u64,
+            },
+            None => ft_device_memory::default(),
+        };
+        Ok(())
+    })
+}
+
+/// Starts a new peak measurement: the peak of `ft_model_device_memory` becomes the bytes held now.
+#[no_mangle]
+pub extern "C" fn ft_model_reset_peak_memory(model: *const ft_model) -> ft_status {
+    guard(|| {
+        ref_arg(model, "model")?.inner.reset_peak_memory();
         Ok(())
     })
 }

@@ -124,17 +124,9 @@ impl<B: Backend> Decoder<B> {
             .map(|s| derive(s, &[layer as u64, m as u64]))
     }
 
-    /// The adapter's input: `dropout(x)` while training with dropout, else `x` itself.
-    fn adapter_input<'x>(
-        &self,
-        x: &'x B::Tensor,
-        seed: Option<u64>,
-        p: f32,
-    ) -> Result<std::borrow::Cow<'x, B::Tensor>> {
-        Ok(match seed {
-            Some(s) => std::borrow::Cow::Owned(self.backend.dropout(x, p, s)?),
-            None => std::borrow::Cow::Borrowed(x),
-        })
+    /// `dropout(x)` while training with dropout; `None` when the adapter reads `x` itself.
+    fn dropped_out(&self, x: &B::Tensor, seed: Option<u64>, p: f32) -> Result<Option<B::Tensor>> {
+        seed.map(|s| self.backend.dropout(x, p, s)).transpose()
     }
 
     /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`; also returns `dropout(x)·Aᵀ` for the backward pass.
@@ -157,9 +149,10 @@ impl<B: Backend> Decoder<B> {
         let Some((ad, pair)) = ad.and_then(|ad| ad.tensors.get(layer, m).map(|p| (ad, p))) else {
             return Ok((y, None));
         };
-        let xin = self.adapter_input(x, Self::dropout_seed(ad, layer, m), ad.cfg.dropout)?;
+        let dropped = self.dropped_out(x, Self::dropout_seed(ad, layer, m), ad.cfg.dropout)?;
+        let xin = dropped.as_ref().unwrap_or(x);
         let mut xa = be.zeros(rows, ad.cfg.rank)?;
-        be.matmul(&xin, false, &pair.a, true, 1.0, &mut xa, false)?;
+        be.matmul(xin, false, &pair.a, true, 1.0, &mut xa, false)?;
         be.matmul(&xa, false, &pair.b, true, ad.cfg.scale(), &mut y, true)?;
         Ok((y, Some(xa)))
     }
@@ -192,12 +185,20 @@ impl<B: Backend> Decoder<B> {
         let mut dxa = be.zeros(rows, ad.cfg.rank)?;
         be.matmul(dy, false, &pair.b, false, s, &mut dxa, false)?;
         let seed = Self::dropout_seed(ad, layer, m);
-        let xin = self.adapter_input(x, seed, ad.cfg.dropout)?;
-        be.matmul(&dxa, true, &xin, false, 1.0, &mut grad.a, true)?;
+        let dropped = self.dropped_out(x, seed, ad.cfg.dropout)?;
+        be.matmul(
+            &dxa,
+            true,
+            dropped.as_ref().unwrap_or(x),
+            false,
+            1.0,
+            &mut grad.a,
+            true,
+        )?;
         let mut dxin = be.zeros(rows, be.shape(w).1)?;
         be.matmul(&dxa, false, &pair.a, false, 1.0, &mut dxin, false)?;
-        let dxin = self.adapter_input(&dxin, seed, ad.cfg.dropout)?;
-        be.add_assign(&mut dx, &dxin)?;
+        let dropped = self.dropped_out(&dxin, seed, ad.cfg.dropout)?;
+        be.add_assign(&mut dx, dropped.as_ref().unwrap_or(&dxin))?;
         Ok(dx)
     }
 
@@ -222,7 +223,7 @@ impl<B: Backend> Decoder<B> {
         let (rows, cols) = be.shape(&dy);
         let hd = self.cfg.head_dim;
         let dy = be.reshape(dy, rows * cols / hd, hd);
-        let raw = be.reshape(raw.clone(), rows * cols / hd, hd);
+        let raw = be.reshape(be.duplicate(raw)?, rows * cols / hd, hd);
         let dx = be.rmsnorm_backward(&dy, &raw, w, r, self.cfg.norm_unit_offset)?;
         Ok(be.reshape(dx, rows, cols))
     }
@@ -251,8 +252,8 @@ impl<B: Backend> Decoder<B> {
         (xa[Q as usize], xa[K as usize], xa[V as usize]) = (xq, xk, xv);
         let (mut q, mut k, qk_raw) = match (&lw.q_norm, &lw.k_norm) {
             (Some(qn), Some(kn)) => {
-                let (qn_out, rq) = self.head_norm(q.clone(), qn)?;
-                let (kn_out, rk) = self.head_norm(k.clone(), kn)?;
+                let (qn_out, rq) = self.head_norm(be.duplicate(&q)?, qn)?;
+                let (kn_out, rk) = self.head_norm(be.duplicate(&k)?, kn)?;
                 (qn_out, kn_out, Some(QkNormCache { q, rq, k, rk }))
             }
             _ => (q, k, None),
@@ -262,7 +263,7 @@ impl<B: Backend> Decoder<B> {
         let (attn, lse) = attend(&q, &k, &v)?;
         let (o, xo) = self.project(layer, O, &attn, ad)?;
         xa[O as usize] = xo;
-        let mut x1 = x.clone();
+        let mut x1 = be.duplicate(x)?;
         be.add_assign(&mut x1, &o)?;
         let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
         let (g, xg) = self.project(layer, Gate, &h2, ad)?;
@@ -271,7 +272,7 @@ impl<B: Backend> Decoder<B> {
         let m = be.gated_activation(&g, &u, cfg.activation)?;
         let (down, xd) = self.project(layer, Down, &m, ad)?;
         xa[Down as usize] = xd;
-        let mut out = x1.clone();
+        let mut out = be.duplicate(&x1)?;
         be.add_assign(&mut out, &down)?;
         let cache = LayerCache {
             h1,

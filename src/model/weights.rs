@@ -149,7 +149,13 @@ impl<B: Backend> DecoderWeights<B> {
             .map(|_| PartialLayer::<B>::default())
             .collect();
         for spec in tensor_specs(cfg) {
-            let t = backend.upload(&fetch(&spec)?, spec.rows, spec.cols)?;
+            let values = fetch(&spec)?;
+            let t = match spec.slot {
+                Slot::Embedding | Slot::LmHead | Slot::Proj(..) => {
+                    backend.upload_frozen(&values, spec.rows, spec.cols)?
+                }
+                _ => backend.upload(&values, spec.rows, spec.cols)?,
+            };
             match spec.slot {
                 Slot::Embedding => embedding = Some(t),
                 Slot::FinalNorm => final_norm = Some(t),
@@ -181,34 +187,10 @@ impl<B: Backend> DecoderWeights<B> {
         })
     }
 
-    /// Random weights (for tests, benchmarks and demos): embeddings N(0, 1), matrices
-    /// N(0, 1/in) so activations keep their scale through the layers, norm weights near their
-    /// identity value, biases N(0, 0.02²).
+    /// Random weights (for tests, benchmarks and demos); see [`random_weights`].
     pub fn random(cfg: &ModelConfig, backend: &B, seed: u64) -> Result<Self> {
-        let mut rng = Rng::new(seed);
-        Self::load(cfg, backend, |spec| {
-            let n = spec.rows * spec.cols;
-            let is_norm = matches!(
-                spec.slot,
-                Slot::AttnNorm(_)
-                    | Slot::MlpNorm(_)
-                    | Slot::QNorm(_)
-                    | Slot::KNorm(_)
-                    | Slot::FinalNorm
-            );
-            let identity = if is_norm && !cfg.norm_unit_offset {
-                1.0
-            } else {
-                0.0
-            };
-            let std = match spec.slot {
-                _ if is_norm => 0.1,
-                Slot::Embedding => 1.0,
-                Slot::Bias(..) => 0.02,
-                _ => 1.0 / (spec.cols as f32).sqrt(),
-            };
-            Ok((0..n).map(|_| identity + std * rng.normal()).collect())
-        })
+        let mut source = random_weights(cfg, seed);
+        Self::load(cfg, backend, |spec| Ok(source(spec)))
     }
 
     /// The tensor in `slot`, if the model has it.
@@ -251,5 +233,32 @@ impl<B: Backend> Default for PartialLayer<B> {
             q_norm: None,
             k_norm: None,
         }
+    }
+}
+
+/// Random values for the tensors of [`tensor_specs`], asked for in that order: embeddings
+/// N(0, 1), matrices N(0, 1/in) so activations keep their scale through the layers, norm weights
+/// near their identity value, biases N(0, 0.02²).
+pub fn random_weights(cfg: &ModelConfig, seed: u64) -> impl FnMut(&TensorSpec) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    let unit_offset = cfg.norm_unit_offset;
+    move |spec| {
+        let n = spec.rows * spec.cols;
+        let is_norm = matches!(
+            spec.slot,
+            Slot::AttnNorm(_)
+                | Slot::MlpNorm(_)
+                | Slot::QNorm(_)
+                | Slot::KNorm(_)
+                | Slot::FinalNorm
+        );
+        let identity = if is_norm && !unit_offset { 1.0 } else { 0.0 };
+        let std = match spec.slot {
+            _ if is_norm => 0.1,
+            Slot::Embedding => 1.0,
+            Slot::Bias(..) => 0.02,
+            _ => 1.0 / (spec.cols as f32).sqrt(),
+        };
+        (0..n).map(|_| identity + std * rng.normal()).collect()
     }
 }

@@ -6,7 +6,6 @@
 //! `.partial` directory is never read and is cleared by the next save.
 
 use crate::api::{Model, Trainer};
-use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::safetensors::{write_safetensors, Dtype, SafetensorsFile};
@@ -58,13 +57,11 @@ pub fn save(
         io(&partial, std::fs::remove_dir_all(&partial))?;
     }
     trainer.save_adapter(&partial)?;
-    let be = &trainer.model().decoder().backend;
-    let (m, v) = trainer.core().moments();
+    let [m, v] = trainer.moments_host()?;
     let mut host = Vec::new();
     for (kind, set) in [("exp_avg", m), ("exp_avg_sq", v)] {
-        for (i, t) in set.tensors().enumerate() {
-            let (r, c) = be.shape(t);
-            host.push((format!("{kind}.{i:05}"), vec![r, c], be.download(t)?));
+        for (i, (r, c, values)) in set.into_iter().enumerate() {
+            host.push((format!("{kind}.{i:05}"), vec![r, c], values));
         }
     }
     let views: Vec<_> = host
@@ -136,13 +133,11 @@ pub fn load(dir: &Path, model: &Model, train: TrainConfig) -> Result<(Trainer, C
         .map_err(|e| Error::format(&state_path, e.to_string()))?;
     let mut trainer = Trainer::from_adapter(model, dir, train)?;
     let file = SafetensorsFile::open(&dir.join(OPTIMIZER_FILE))?;
-    let be = &model.decoder().backend;
-    let params = trainer.core().params();
-    let mut moments = [params.zeros_like(be)?, params.zeros_like(be)?];
+    let shapes = trainer.param_shapes();
+    let mut moments = [Vec::new(), Vec::new()];
     for (kind, set) in ["exp_avg", "exp_avg_sq"].iter().zip(moments.iter_mut()) {
-        for (i, t) in set.tensors_mut().enumerate() {
+        for (i, &(r, c)) in shapes.iter().enumerate() {
             let name = format!("{kind}.{i:05}");
-            let (r, c) = be.shape(t);
             let info = file.info(&name).ok_or_else(|| {
                 Error::format(file.path(), format!("missing optimizer tensor {name:?}"))
             })?;
@@ -155,10 +150,10 @@ pub fn load(dir: &Path, model: &Model, train: TrainConfig) -> Result<(Trainer, C
                     ),
                 ));
             }
-            *t = be.upload(&file.read_f32(&name)?, r, c)?;
+            set.push(file.read_f32(&name)?);
         }
     }
     let [m, v] = moments;
-    trainer.core_mut().restore_optimizer(m, v, state.step);
+    trainer.restore_optimizer(&m, &v, state.step)?;
     Ok((trainer, state))
 }

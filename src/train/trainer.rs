@@ -177,14 +177,43 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// AdamW's first and second moments, in the layout of the parameters.
-    pub fn moments(&self) -> (&LoraTensors<B>, &LoraTensors<B>) {
-        (&self.m, &self.v)
+    /// AdamW's first and second moments on the host, one `(rows, cols, values)` per parameter
+    /// tensor, in the order of [`LoraTensors::tensors`].
+    #[allow(clippy::type_complexity)]
+    pub fn moments_host(&self) -> Result<[Vec<(usize, usize, Vec<f32>)>; 2]> {
+        let be = &self.decoder.backend;
+        let host = |set: &LoraTensors<B>| -> Result<Vec<_>> {
+            set.tensors()
+                .map(|t| {
+                    let (r, c) = be.shape(t);
+                    Ok((r, c, be.download(t)?))
+                })
+                .collect()
+        };
+        Ok([host(&self.m)?, host(&self.v)?])
     }
 
-    /// Puts back a saved optimizer state: moments and the number of steps taken.
-    pub fn restore_optimizer(&mut self, m: LoraTensors<B>, v: LoraTensors<B>, step: u64) {
+    /// Puts back a saved optimizer state: moments (host values in the layout of
+    /// [`Trainer::moments_host`]) and the number of steps taken.
+    pub fn restore_optimizer(&mut self, m: &[Vec<f32>], v: &[Vec<f32>], step: u64) -> Result<()> {
+        let be = &self.decoder.backend;
+        let mut restored = [self.params.zeros_like(be)?, self.params.zeros_like(be)?];
+        for (set, values) in restored.iter_mut().zip([m, v]) {
+            let count = set.tensors().count();
+            if values.len() != count {
+                return Err(Error::InvalidArgument(format!(
+                    "optimizer state has {} tensors, the adapter {count}",
+                    values.len()
+                )));
+            }
+            for (t, vals) in set.tensors_mut().zip(values) {
+                let (r, c) = be.shape(t);
+                *t = be.upload(vals, r, c)?;
+            }
+        }
+        let [m, v] = restored;
         (self.m, self.v, self.step) = (m, v, step);
+        Ok(())
     }
 
     /// Zeroes the gradients, then accumulates those of `micro_batches` (one optimizer step's worth).

@@ -7,7 +7,7 @@ namespace Finetune
     public enum Status
     {
         Ok = 0, InvalidArgument = 1, Io = 2, Format = 3, Unsupported = 4, AdapterMismatch = 5,
-        Cancelled = 6, NonFinite = 7, Internal = 8,
+        Cancelled = 6, NonFinite = 7, Internal = 8, Device = 9, OutOfMemory = 10,
     }
 
     /// <summary>A failed library call, carrying the library's message.</summary>

@@ -1,7 +1,7 @@
 //! Row-wise and element-wise CPU kernels.
 
 use super::CpuTensor;
-use crate::backend::AdamWStep;
+use crate::backend::{AdamWConstants, AdamWStep};
 use crate::model::config::Activation;
 use rayon::prelude::*;
 
@@ -238,17 +238,13 @@ pub fn rope(
 
 /// See `Backend::adamw`.
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamWStep) {
-    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
-    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
-    let step_size = (h.lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    let decay = 1.0 - h.lr * h.weight_decay;
+    let c = AdamWConstants::of(h);
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        *p *= decay;
+        *p *= c.decay;
         *m = h.beta1 * *m + (1.0 - h.beta1) * g;
         *v = h.beta2 * *v + (1.0 - h.beta2) * g * g;
         // torch: p -= (lr/bc1) · m / (sqrt(v)/sqrt(bc2) + eps)
-        *p -= step_size * *m / (v.sqrt() / bc2_sqrt + h.eps);
+        *p -= c.step_size * *m / (v.sqrt() / c.bc2_sqrt + h.eps);
     }
 }
 

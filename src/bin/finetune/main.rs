@@ -95,6 +95,14 @@ enum Command {
         #[arg(long)]
         adapter_only: bool,
     },
+    /// Compile the CUDA kernels for a GPU architecture into the kernel cache ahead of first use
+    /// (needs only the NVRTC library, no GPU). The cache is $FINETUNE_KERNEL_CACHE, else
+    /// ~/.cache/finetune/kernels.
+    Kernels {
+        /// sm_80 (A100), sm_89 (L4, RTX 40), sm_90 (H100, H200), ...
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+    },
     /// Write a model of a named shape with random weights as a Hugging Face directory.
     Create {
         /// tiny, smollm2-135m, llama3.2-1b, ...
@@ -187,6 +195,10 @@ fn execute(command: Command) -> finetune::Result<()> {
                 "{}",
                 serde_json::to_string_pretty(&result).expect("serializable")
             );
+        }
+        Command::Kernels { arch } => {
+            let dir = finetune::backend::cuda::kernels::precompile(&arch)?;
+            println!("kernels for {arch} cached in {}", dir.display());
         }
         Command::Info {
             model,

@@ -1,0 +1,50 @@
+// loss.cu: cross-entropy on a chunk of logits (compiled after prelude.cuh).
+// Launch: grid = rows, block = 256 (one block per row; any blockDim that is a multiple of 32 and
+// <= 1024 works). Reference: src/backend/cpu/loss.rs `softmax_gradient`.
+
+#define IGNORE_LABEL (-100)
+
+// Row t of logits z (length vocab), label y = labels[t]:
+//   y == −100: the row is set to 0, no loss.
+//   otherwise: m = max z, lse = m + log Σ_c exp(z_c − m)   (the sum and lse in double),
+//              *loss_sum += lse − z_y   (one atomicAdd(double) per row),
+//              z ← (softmax(z) − onehot(y))·inv_normalizer, i.e. z_c ← exp(z_c − lse)·inv, z_y −= inv.
+// The max and the sum come from one pass (each thread keeps a running max m_t and a sum s_t
+// rescaled when m_t grows: s_t ← s_t·exp(m_old − m_new)), combined as Σ_t s_t·exp(m_t − m); a
+// second pass writes the gradient. −∞ logits add nothing (gradient 0 there); a NaN logit makes the
+// loss and the whole row NaN, as on the CPU; so does a row that is all −∞ (as on the CPU).
+extern "C" __global__ void cross_entropy_rows(float* logits, const int* labels, int rows,
+                                              int vocab, float inv_normalizer, double* loss_sum) {
+    float* z = logits + (long long)blockIdx.x * vocab;
+    const int y = labels[blockIdx.x];
+    if (y == IGNORE_LABEL) {  // uniform over the block: no thread reaches a barrier below
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x) z[c] = 0.0f;
+        return;
+    }
+    const float neg_inf = -f32_inf();
+    // z_y is read before any thread writes the row (the writes follow the block reductions).
+    const float zy = threadIdx.x == 0 ? z[y] : 0.0f;
+    float m = neg_inf;
+    double s = 0.0;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+        const float v = z[c];
+        if (v > m) {
+            s = s * (double)expf(m - v) + 1.0;  // m = −∞: expf(−∞) = 0 (a NaN s stays NaN)
+            m = v;
+        } else if (v != neg_inf) {               // −∞ adds 0 (and must not make −∞ − −∞)
+            s += (double)expf(v - m);            // NaN v makes s NaN
+        }
+    }
+    const float mx = block_max(m);
+    // A thread that saw only −∞ (or nothing) has s = 0 and adds 0·exp(−∞) = 0; a NaN in s stays NaN.
+    const double part = s * (double)expf(m - mx);
+    const double total = block_sum_f64(part);
+    const double lse_d = (double)mx + log(total);
+    if (threadIdx.x == 0) atomicAdd(loss_sum, lse_d - (double)zy);
+    const float lse = (float)lse_d;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+        float g = expf(z[c] - lse) * inv_normalizer;
+        if (c == y) g -= inv_normalizer;
+        z[c] = g;
+    }
+}

@@ -1,0 +1,156 @@
+// pointwise.cu: element-wise kernels (compiled after prelude.cuh).
+// Launch for every kernel here: block 256, grid min(ceil(n/256), 65535); each kernel runs a
+// grid-stride loop over its n elements, so any grid size is correct.
+// Reference: src/backend/cpu/mod.rs, src/backend/cpu/pointwise.rs, src/rng.rs, src/model/config.rs.
+
+// for (i = global thread index; i < n; i += total threads), in 64-bit.
+#define GRID_STRIDE_LOOP(i, n)                                                             \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);          \
+         i += (long long)blockDim.x * gridDim.x)
+
+// y_i = bf16(x_i), round to nearest even (NaN stays NaN).
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = f32_to_bf16(x[i]); }
+}
+
+// y_i = f32(x_i) (exact).
+extern "C" __global__ void cast_bf16_f32(const bf16_t* x, float* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = bf16_to_f32(x[i]); }
+}
+
+// x_i += y_i.
+extern "C" __global__ void add_assign_f32(float* x, const float* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { x[i] += y[i]; }
+}
+
+// x_i *= s.
+extern "C" __global__ void scale_f32(float* x, float s, long long n) {
+    GRID_STRIDE_LOOP(i, n) { x[i] *= s; }
+}
+
+// x[r, c] += b[c] for a row-major [rows, cols] x; the loop runs over n = rows·cols elements.
+extern "C" __global__ void add_row_vector_f32(float* x, const float* b, long long rows, int cols) {
+    const long long n = rows * (long long)cols;
+    GRID_STRIDE_LOOP(i, n) { x[i] += b[i % cols]; }
+}
+
+// *out += Σ_i x_i² (each term and the sum in double; one atomicAdd per block; the host zeroes
+// *out first). Every thread reaches block_sum_f64 (the loop is the only divergent part).
+extern "C" __global__ void sum_squares_f32(const float* x, long long n, double* out) {
+    double acc = 0.0;
+    GRID_STRIDE_LOOP(i, n) {
+        const double a = (double)x[i];
+        acc += a * a;
+    }
+    acc = block_sum_f64(acc);
+    if (threadIdx.x == 0) atomicAdd(out, acc);
+}
+
+// *flag = 1 if any x_i is NaN or ±Inf (flag is left alone otherwise; the host zeroes it first).
+extern "C" __global__ void find_non_finite_f32(const float* x, long long n, unsigned int* flag) {
+    bool bad = false;
+    GRID_STRIDE_LOOP(i, n) { bad |= !f32_is_finite(x[i]); }
+    if (bad) *flag = 1u;  // every writer stores the same value
+}
+
+// SplitMix64's finaliser (src/rng.rs `mix`), wrapping u64 arithmetic:
+// z = (z ^ (z >> 30))·0xbf58476d1ce4e5b9; z = (z ^ (z >> 27))·0x94d049bb133111eb; z ^ (z >> 31).
+__device__ __forceinline__ unsigned long long rng_mix(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// hash(seed, i) = mix(mix(seed ^ 0x9e3779b97f4a7c15) + i·0x9e3779b97f4a7c15) (src/rng.rs `hash`).
+__device__ __forceinline__ unsigned long long rng_hash(unsigned long long seed,
+                                                       unsigned long long i) {
+    return rng_mix(rng_mix(seed ^ 0x9e3779b97f4a7c15ull) + i * 0x9e3779b97f4a7c15ull);
+}
+
+// y_i = x_i · (u_i >= p ? 1/(1−p) : 0), u_i = (hash(seed, i) >> 40)·2^-24 (src/rng.rs `unit_f32`,
+// bit-exact: a 24-bit integer times a power of two is exact in f32); 1/(1−p) in f32. As on the
+// CPU (CpuBackend::dropout), p <= 0 copies x unchanged.
+extern "C" __global__ void dropout_f32(const float* x, float* y, long long n, float p,
+                                       unsigned long long seed) {
+    if (!(p > 0.0f)) {
+        GRID_STRIDE_LOOP(i, n) { y[i] = x[i]; }
+        return;
+    }
+    const float keep = 1.0f / (1.0f - p);
+    const unsigned long long mixed_seed = rng_mix(seed ^ 0x9e3779b97f4a7c15ull);
+    GRID_STRIDE_LOOP(i, n) {
+        const unsigned long long h = rng_mix(mixed_seed + (unsigned long long)i * 0x9e3779b97f4a7c15ull);
+        const float u = (float)(unsigned int)(h >> 40) * (1.0f / 16777216.0f);
+        y[i] = x[i] * (u >= p ? keep : 0.0f);
+    }
+}
+
+#define GELU_C 0.7978846f  // sqrt(2/π), as Activation::GELU_C (0.797_884_6)
+
+// act(g): act 0 = silu(g) = g·σ(g), σ(g) = 1/(1 + exp(−g)) (CPU fast path: g * sigmoid(g));
+// act 1 = gelu_tanh(g) = 0.5·g·(1 + tanh(sqrt(2/π)·(g + 0.044715·g³))).
+// Also returns act'(g) in *d when d is non-null:
+// silu' = σ(g)·(1 + g·(1 − σ(g))); gelu' = 0.5·(1 + t) + 0.5·g·(1 − t²)·sqrt(2/π)·(1 + 3·0.044715·g²),
+// t = tanh(sqrt(2/π)·(g + 0.044715·g³)) (src/model/config.rs Activation::value / derivative).
+__device__ __forceinline__ float act_value_deriv(float g, int act, float* d) {
+    if (act == 0) {
+        const float s = 1.0f / (1.0f + expf(-g));
+        if (d) *d = s * (1.0f + g * (1.0f - s));
+        return g * s;
+    }
+    const float t = tanhf(GELU_C * (g + 0.044715f * g * g * g));
+    if (d) *d = 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * GELU_C * (1.0f + 3.0f * 0.044715f * g * g);
+    return 0.5f * g * (1.0f + t);
+}
+
+// h_i = act(g_i)·u_i (act 0 = silu, 1 = gelu_tanh; see act_value_deriv).
+extern "C" __global__ void gated_act_fwd(const float* g, const float* u, float* h, long long n,
+                                         int act) {
+    GRID_STRIDE_LOOP(i, n) { h[i] = u[i] * act_value_deriv(g[i], act, nullptr); }
+}
+
+// dg_i = dh_i·u_i·act'(g_i), du_i = dh_i·act(g_i).
+extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const float* u,
+                                         float* dg, float* du, long long n, int act) {
+    GRID_STRIDE_LOOP(i, n) {
+        float da;
+        const float a = act_value_deriv(g[i], act, &da);
+        const float d = dh[i];
+        dg[i] = d * u[i] * da;
+        du[i] = d * a;
+    }
+}
+
+// out[t, c] = f32(table[ids[t], c])·scale for t < rows, c < cols (ids validated by the host);
+// the loop runs over n = rows·cols output elements.
+extern "C" __global__ void embedding_bf16(const bf16_t* table, const int* ids, float* out,
+                                          int rows, int cols, float scale) {
+    const long long n = (long long)rows * cols;
+    GRID_STRIDE_LOOP(i, n) {
+        const long long t = i / cols;
+        const long long c = i - t * cols;
+        out[i] = bf16_to_f32(table[(long long)ids[t] * cols + c]) * scale;
+    }
+}
+
+// AdamW, in exactly the CPU's order and rounding (src/backend/cpu/pointwise.rs `adamw`; the
+// _rn intrinsics keep the compiler from fusing into FMAs, so the result is bit-identical):
+//   p ← p·decay; m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g·g;
+//   p ← p − step_size·m / (sqrt(v)/bc2_sqrt + eps)
+// (the host computes decay = 1 − lr·wd, step_size = lr/(1 − β1^t), bc2_sqrt = sqrt(1 − β2^t)).
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, long long n,
+                                     float decay, float beta1, float beta2, float step_size,
+                                     float bc2_sqrt, float eps) {
+    const float one_minus_b1 = __fsub_rn(1.0f, beta1);
+    const float one_minus_b2 = __fsub_rn(1.0f, beta2);
+    GRID_STRIDE_LOOP(i, n) {
+        const float gi = g[i];
+        const float pi = __fmul_rn(p[i], decay);
+        const float mi = __fadd_rn(__fmul_rn(beta1, m[i]), __fmul_rn(one_minus_b1, gi));
+        const float vi = __fadd_rn(__fmul_rn(beta2, v[i]), __fmul_rn(__fmul_rn(one_minus_b2, gi), gi));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+        p[i] = __fsub_rn(pi, __fdiv_rn(__fmul_rn(step_size, mi), denom));
+        m[i] = mi;
+        v[i] = vi;
+    }
+}

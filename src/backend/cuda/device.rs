@@ -1,0 +1,233 @@
+//! One GPU: its context and stream, found through the driver loaded at run time, and the
+//! accounting of every byte this library holds on it.
+
+use crate::error::{Error, Result};
+use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, DriverError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Live and peak bytes of the device buffers this library allocated, and an optional cap.
+#[derive(Debug, Default)]
+pub struct MemoryAccount {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+    /// Allocations that would take `live` past this many bytes fail (0: no cap).
+    limit: AtomicUsize,
+}
+
+impl MemoryAccount {
+    /// Bytes held now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes held at once since the start or the last [`MemoryAccount::reset_peak`].
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    pub fn reset_peak(&self) {
+        self.peak.store(self.live(), Ordering::Relaxed);
+    }
+
+    /// Caps the bytes held at once (0 removes the cap).
+    pub fn set_limit(&self, bytes: usize) {
+        self.limit.store(bytes, Ordering::Relaxed);
+    }
+
+    fn reserve(&self, bytes: usize, what: &str) -> Result<()> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if limit > 0 && live > limit {
+            self.live.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(Error::OutOfMemory {
+                requested: bytes,
+                what: what.to_string(),
+                detail: format!(
+                    "{} bytes held, the device-memory cap is {limit}",
+                    live - bytes
+                ),
+            });
+        }
+        self.peak.fetch_max(live, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn release(&self, bytes: usize) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A device array whose bytes are counted in a [`MemoryAccount`] while it lives.
+#[derive(Debug)]
+pub struct DeviceBuffer<T> {
+    pub slice: CudaSlice<T>,
+    account: Arc<MemoryAccount>,
+}
+
+impl<T> DeviceBuffer<T> {
+    pub fn elements(&self) -> usize {
+        self.slice.len()
+    }
+}
+
+impl<T> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        self.account.release(self.slice.num_bytes());
+    }
+}
+
+/// The context, the one stream all work runs on in order, and the memory account.
+pub struct Gpu {
+    pub ordinal: usize,
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub memory: Arc<MemoryAccount>,
+    pub name: String,
+    /// `(major, minor)` compute capability.
+    pub capability: (i32, i32),
+}
+
+/// Maps a driver failure during `what` to the library's error.
+pub fn driver_error(what: &str) -> impl FnOnce(DriverError) -> Error + '_ {
+    move |e| Error::Device(format!("{what}: {e}"))
+}
+
+/// True when the CUDA driver library can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the shared library; no CUDA call is made.
+    unsafe { sys::is_culib_present() }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`: a clear error when the driver or the GPU is absent.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} was asked for, but the NVIDIA driver library (libcuda.so) was not \
+                 found; use \"cpu\" or install the driver"
+            )));
+        }
+        let count = CudaContext::device_count().map_err(driver_error("counting GPUs"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} was asked for, but this machine has {count} CUDA GPU(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_error("creating the CUDA context"))?;
+        // All work runs on one stream in order, so the per-buffer events cudarc would record
+        // for cross-stream safety are pure overhead.
+        // SAFETY: no buffer of this context is ever used on a second stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(driver_error("creating a stream"))?;
+        keep_freed_memory_pooled(&ctx)?;
+        let name = ctx.name().map_err(driver_error("reading the GPU name"))?;
+        let capability = ctx
+            .compute_capability()
+            .map_err(driver_error("reading the compute capability"))?;
+        Ok(Gpu {
+            ordinal,
+            ctx,
+            stream,
+            memory: Arc::new(MemoryAccount::default()),
+            name,
+            capability,
+        })
+    }
+
+    /// An uninitialised device array of `len` elements, for `what` (named in errors).
+    pub fn alloc<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<DeviceBuffer<T>> {
+        let bytes = len * std::mem::size_of::<T>();
+        self.memory.reserve(bytes, what)?;
+        // SAFETY: every caller writes the array (kernel output, copy or memset) before reading it.
+        match unsafe { self.stream.alloc::<T>(len) } {
+            Ok(slice) => Ok(DeviceBuffer {
+                slice,
+                account: self.memory.clone(),
+            }),
+            Err(e) => {
+                self.memory.release(bytes);
+                Err(self.allocation_error(bytes, what, e))
+            }
+        }
+    }
+
+    /// A device array of `len` zero elements.
+    pub fn alloc_zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+        what: &str,
+    ) -> Result<DeviceBuffer<T>> {
+        let mut b = self.alloc::<T>(len, what)?;
+        self.stream
+            .memset_zeros(&mut b.slice)
+            .map_err(driver_error(what))?;
+        Ok(b)
+    }
+
+    /// A device copy of `data`.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T], what: &str) -> Result<DeviceBuffer<T>> {
+        let mut b = self.alloc::<T>(data.len(), what)?;
+        self.stream
+            .memcpy_htod(data, &mut b.slice)
+            .map_err(driver_error(what))?;
+        Ok(b)
+    }
+
+    /// The values of a device array (waits for the work queued before).
+    pub fn download<T: DeviceRepr + Default + Clone>(
+        &self,
+        b: &CudaSlice<T>,
+        what: &str,
+    ) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(b).map_err(driver_error(what))
+    }
+
+    /// Waits for all queued work; a failure of any earlier launch surfaces here.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver_error("waiting for the GPU"))
+    }
+
+    fn allocation_error(&self, bytes: usize, what: &str, e: DriverError) -> Error {
+        if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            Error::OutOfMemory {
+                requested: bytes,
+                what: what.to_string(),
+                detail: format!(
+                    "cuda:{} has {free} of {total} bytes free; this library holds {}",
+                    self.ordinal,
+                    self.memory.live()
+                ),
+            }
+        } else {
+            Error::Device(format!("allocating {bytes} bytes for {what}: {e}"))
+        }
+    }
+}
+
+/// Freed blocks stay in the driver's stream-ordered pool instead of going back to the system at
+/// every synchronisation, so a training step's allocations are served from the pool after the
+/// first step.
+fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<()> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: plain driver queries on a live device; the value outlives the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(driver_error("reading the device memory pool"))?;
+        let mut threshold: u64 = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(driver_error("configuring the device memory pool"))?;
+    }
+    Ok(())
+}

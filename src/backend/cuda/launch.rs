@@ -1,0 +1,95 @@
+//! Kernel launches with arguments passed by value: device addresses and scalars, matching the
+//! `extern "C"` signatures of kernels/README.md.
+
+use super::device::{driver_error, Gpu};
+use crate::error::Result;
+use cudarc::driver::{result, CudaFunction};
+use std::ffi::c_void;
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    /// A device address (`float*`, `const int*`, ...).
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+}
+
+impl Arg {
+    /// The argument's bytes in the low end of a 64-bit slot (the driver reads the parameter's
+    /// own size from the slot's address; the target is little-endian).
+    fn slot(self) -> u64 {
+        match self {
+            Arg::Ptr(p) | Arg::U64(p) => p,
+            Arg::I32(x) => x as u32 as u64,
+            Arg::I64(x) => x as u64,
+            Arg::F32(x) => x.to_bits() as u64,
+        }
+    }
+}
+
+/// Grid and block shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+}
+
+/// Threads of the elementwise and row kernels' blocks.
+pub const BLOCK: u32 = 256;
+
+impl Shape {
+    /// Grid-stride elementwise kernels over `n` elements.
+    pub fn elementwise(n: usize) -> Self {
+        Shape {
+            grid: (n.div_ceil(BLOCK as usize).clamp(1, 65535) as u32, 1, 1),
+            block: BLOCK,
+        }
+    }
+
+    /// One block per row.
+    pub fn per_row(rows: usize) -> Self {
+        Shape {
+            grid: (rows as u32, 1, 1),
+            block: BLOCK,
+        }
+    }
+
+    pub fn grid(x: usize, y: usize, z: usize, block: u32) -> Self {
+        Shape {
+            grid: (x as u32, y as u32, z as u32),
+            block,
+        }
+    }
+}
+
+/// Queues `f` on the GPU's stream.
+///
+/// # Safety
+/// `args` must match the kernel's parameter list in count and types, and every address must
+/// point to a live device allocation large enough for what the kernel reads and writes there.
+pub unsafe fn launch(
+    gpu: &Gpu,
+    f: &CudaFunction,
+    name: &str,
+    shape: Shape,
+    args: &[Arg],
+) -> Result<()> {
+    let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+    let mut params: Vec<*mut c_void> = slots
+        .iter_mut()
+        .map(|s| s as *mut u64 as *mut c_void)
+        .collect();
+    gpu.ctx.bind_to_thread().map_err(driver_error(name))?;
+    result::launch_kernel(
+        f.cu_function(),
+        shape.grid,
+        (shape.block, 1, 1),
+        0,
+        gpu.stream.cu_stream(),
+        &mut params,
+    )
+    .map_err(driver_error(name))
+}

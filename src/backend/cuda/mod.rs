@@ -1,0 +1,928 @@
+//! The CUDA backend: the driver, NVRTC and cuBLAS loaded at run time (the crate builds and runs
+//! where none of them exist), frozen base matrices in bf16, activations, adapters and optimizer
+//! state in f32, matrix products through cuBLAS with f32 accumulation, every other op a kernel
+//! from `kernels/` (kernels/README.md is their contract).
+
+mod blas;
+pub mod device;
+pub mod kernels;
+mod launch;
+pub mod tensor;
+
+use super::{AdamWConstants, AdamWStep, AttentionShape, Backend, DeviceMemory, IGNORE_LABEL};
+use crate::error::{Error, Result};
+use crate::model::config::Activation;
+use blas::{Blas, Operand};
+use cudarc::driver::DevicePtr;
+use device::{driver_error, DeviceBuffer, Gpu};
+use kernels::KernelCache;
+use launch::{Arg, Shape};
+use std::sync::Mutex;
+use tensor::Storage;
+pub use tensor::{CudaInts, CudaTensor, Dtype};
+
+/// Queries (or keys) per attention block, as the attention kernels expect.
+const ATTENTION_TILE: usize = 64;
+/// Threads per attention block.
+const ATTENTION_THREADS: u32 = 128;
+/// Largest head dimension the attention kernels support.
+const MAX_HEAD_DIM: usize = 256;
+/// Bytes of logits one chunk of the fused LM head + cross-entropy may hold.
+const LOGITS_CHUNK_BYTES: usize = 256 << 20;
+
+/// A GPU backend.
+pub struct CudaBackend {
+    gpu: Gpu,
+    kernels: KernelCache,
+    blas: Blas,
+    /// The last RoPE frequency table uploaded, reused while it stays the same.
+    inv_freq: Mutex<Option<(Vec<f32>, DeviceBuffer<f32>)>>,
+}
+
+fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
+    if (a.rows, a.cols) != (b.rows, b.cols) {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: shapes [{}, {}] and [{}, {}] differ",
+            a.rows, a.cols, b.rows, b.cols
+        )));
+    }
+    Ok(())
+}
+
+fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
+    match t.dtype() {
+        Dtype::F32 => Ok(()),
+        Dtype::Bf16 => Err(Error::InvalidArgument(format!(
+            "{op} works on f32 tensors; a frozen bf16 weight was passed"
+        ))),
+    }
+}
+
+/// The kernels' code for an activation (kernels/pointwise.cu).
+fn activation_code(act: Activation) -> i32 {
+    match act {
+        Activation::Silu => 0,
+        Activation::GeluTanh => 1,
+    }
+}
+
+fn dim(x: usize) -> Arg {
+    Arg::I32(x as i32)
+}
+
+fn count(x: usize) -> Arg {
+    Arg::I64(x as i64)
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` and its cuBLAS handle; kernels compile at their first use.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let gpu = Gpu::open(ordinal)?;
+        let blas = Blas::new(&gpu)?;
+        let kernels = KernelCache::new(&gpu);
+        Ok(CudaBackend {
+            gpu,
+            kernels,
+            blas,
+            inv_freq: Mutex::new(None),
+        })
+    }
+
+    /// The device, its stream and its memory account.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Queues kernel `program::name`.
+    fn run(
+        &self,
+        program: &'static str,
+        name: &'static str,
+        shape: Shape,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = self.kernels.function(&self.gpu, program, name)?;
+        // SAFETY: every call site passes the argument list of kernels/README.md for `name`,
+        // with addresses of live buffers of the sizes checked before the call.
+        unsafe { launch::launch(&self.gpu, &f, name, shape, args) }
+    }
+
+    /// An elementwise kernel over `n` elements (nothing is queued for `n == 0`).
+    fn elementwise(&self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.run("pointwise", name, Shape::elementwise(n), args)
+    }
+
+    fn buffer_ptr<T>(&self, b: &DeviceBuffer<T>) -> u64 {
+        b.slice.device_ptr(&self.gpu.stream).0
+    }
+
+    /// The device address of a tensor's values.
+    fn ptr(&self, t: &CudaTensor) -> u64 {
+        match &t.storage {
+            Storage::F32(b) => self.buffer_ptr(b),
+            Storage::Bf16(b) => self.buffer_ptr(b),
+        }
+    }
+
+    /// The address of an f32 tensor, as a kernel argument; `op` names the caller in errors.
+    fn f32_arg(&self, t: &CudaTensor, op: &str) -> Result<Arg> {
+        wants_f32(t, op)?;
+        Ok(Arg::Ptr(self.ptr(t)))
+    }
+
+    fn ints_arg(&self, i: &CudaInts) -> Arg {
+        Arg::Ptr(self.buffer_ptr(&i.device))
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::F32(self.gpu.alloc::<f32>(rows * cols, what)?),
+        })
+    }
+
+    /// bf16 copies of `n` f32 values at `src`.
+    fn cast_to_bf16(&self, src: u64, n: usize) -> Result<DeviceBuffer<u16>> {
+        let out = self.gpu.alloc::<u16>(n, "a bf16 matmul operand")?;
+        let dst = Arg::Ptr(self.buffer_ptr(&out));
+        self.elementwise("cast_f32_bf16", n, &[Arg::Ptr(src), dst, count(n)])?;
+        Ok(out)
+    }
+
+    /// `t` as a matrix-product operand, rounded to bf16 when `bf16` and stored in f32; the
+    /// returned buffer (if any) must outlive the product.
+    fn operand(&self, t: &CudaTensor, bf16: bool) -> Result<(Operand, Option<DeviceBuffer<u16>>)> {
+        let (dtype, tmp) = match (t.dtype(), bf16) {
+            (Dtype::F32, true) => (
+                Dtype::Bf16,
+                Some(self.cast_to_bf16(self.ptr(t), t.elements())?),
+            ),
+            (d, _) => (d, None),
+        };
+        let ptr = tmp
+            .as_ref()
+            .map_or_else(|| self.ptr(t), |b| self.buffer_ptr(b));
+        let op = Operand {
+            ptr,
+            dtype,
+            rows: t.rows,
+            cols: t.cols,
+        };
+        Ok((op, tmp))
+    }
+
+    /// The device copy of `inv_freq`, uploaded once while it stays the same.
+    fn inv_freq_ptr(&self, inv_freq: &[f32]) -> Result<u64> {
+        let mut cached = self.inv_freq.lock().expect("no panic holds it");
+        if cached
+            .as_ref()
+            .is_none_or(|(host, _)| host.as_slice() != inv_freq)
+        {
+            let dev = self.gpu.upload(inv_freq, "RoPE frequencies")?;
+            *cached = Some((inv_freq.to_vec(), dev));
+        }
+        let (_, dev) = cached.as_ref().expect("set just above");
+        Ok(self.buffer_ptr(dev))
+    }
+
+    fn check_ids(ints: &CudaInts, bound: usize, what: &str, allow_ignore: bool) -> Result<()> {
+        let valid =
+            |i: i32| (i >= 0 && (i as usize) < bound) || (allow_ignore && i == IGNORE_LABEL);
+        match ints.host.iter().position(|&i| !valid(i)) {
+            None => Ok(()),
+            Some(p) => Err(Error::InvalidArgument(format!(
+                "{what} {} at row {p} is outside [0, {bound})",
+                ints.host[p]
+            ))),
+        }
+    }
+
+    fn check_attention(
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        segments: &CudaInts,
+        s: AttentionShape,
+    ) -> Result<()> {
+        let tokens = s.batch * s.seq;
+        let ok = s.num_kv_heads > 0
+            && s.num_heads % s.num_kv_heads == 0
+            && s.head_dim % 2 == 0
+            && s.head_dim <= MAX_HEAD_DIM
+            && (q.rows, q.cols) == (tokens, s.num_heads * s.head_dim)
+            && (k.rows, k.cols) == (tokens, s.num_kv_heads * s.head_dim)
+            && (v.rows, v.cols) == (k.rows, k.cols)
+            && segments.host.len() == tokens;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "attention shapes: q [{}, {}], k [{}, {}], v [{}, {}], {} segment ids for {s:?} \
+                 (head_dim must be even and at most {MAX_HEAD_DIM})",
+                q.rows,
+                q.cols,
+                k.rows,
+                k.cols,
+                v.rows,
+                v.cols,
+                segments.host.len()
+            )))
+        }
+    }
+
+    /// The trailing arguments shared by the attention kernels.
+    fn attention_dims(s: AttentionShape) -> [Arg; 6] {
+        [
+            dim(s.batch),
+            dim(s.seq),
+            dim(s.num_heads),
+            dim(s.num_kv_heads),
+            dim(s.head_dim),
+            Arg::F32(1.0 / (s.head_dim as f32).sqrt()),
+        ]
+    }
+
+    fn check_len(values: usize, rows: usize, cols: usize) -> Result<()> {
+        if values != rows * cols {
+            return Err(Error::InvalidArgument(format!(
+                "{values} values do not fill a [{rows}, {cols}] matrix"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Ints = CudaInts;
+
+    fn describe(&self) -> String {
+        let (major, minor) = self.gpu.capability;
+        format!(
+            "cuda:{} ({}, sm_{major}{minor})",
+            self.gpu.ordinal, self.gpu.name
+        )
+    }
+
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        Some(DeviceMemory {
+            live_bytes: self.gpu.memory.live(),
+            peak_bytes: self.gpu.memory.peak(),
+        })
+    }
+
+    fn reset_peak_memory(&self) {
+        self.gpu.memory.reset_peak();
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        Self::check_len(data.len(), rows, cols)?;
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::F32(self.gpu.upload(data, "a tensor")?),
+        })
+    }
+
+    fn upload_frozen(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        Self::check_len(data.len(), rows, cols)?;
+        let bits: Vec<u16> = data
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect();
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::Bf16(self.gpu.upload(&bits, "a frozen weight")?),
+        })
+    }
+
+    fn upload_ints(&self, data: &[i32]) -> Result<CudaInts> {
+        Ok(CudaInts {
+            device: self.gpu.upload(data, "token ids")?,
+            host: data.to_vec(),
+        })
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        match &t.storage {
+            Storage::F32(b) => self.gpu.download(&b.slice, "downloading a tensor"),
+            Storage::Bf16(b) => Ok(self
+                .gpu
+                .download(&b.slice, "downloading a weight")?
+                .into_iter()
+                .map(|x| half::bf16::from_bits(x).to_f32())
+                .collect()),
+        }
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::F32(self.gpu.alloc_zeros(rows * cols, "a tensor")?),
+        })
+    }
+
+    fn duplicate(&self, t: &CudaTensor) -> Result<CudaTensor> {
+        let copy = driver_error("copying a tensor");
+        let storage = match &t.storage {
+            Storage::F32(b) => {
+                let mut out = self.gpu.alloc::<f32>(b.elements(), "a tensor copy")?;
+                self.gpu
+                    .stream
+                    .memcpy_dtod(&b.slice, &mut out.slice)
+                    .map_err(copy)?;
+                Storage::F32(out)
+            }
+            Storage::Bf16(b) => {
+                let mut out = self.gpu.alloc::<u16>(b.elements(), "a weight copy")?;
+                self.gpu
+                    .stream
+                    .memcpy_dtod(&b.slice, &mut out.slice)
+                    .map_err(copy)?;
+                Storage::Bf16(out)
+            }
+        };
+        Ok(CudaTensor {
+            rows: t.rows,
+            cols: t.cols,
+            storage,
+        })
+    }
+
+    fn shape(&self, t: &CudaTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn reshape(&self, t: CudaTensor, rows: usize, cols: usize) -> CudaTensor {
+        assert_eq!(
+            t.elements(),
+            rows * cols,
+            "reshape changes the element count"
+        );
+        CudaTensor { rows, cols, ..t }
+    }
+
+    fn matmul(
+        &self,
+        a: &CudaTensor,
+        trans_a: bool,
+        b: &CudaTensor,
+        trans_b: bool,
+        alpha: f32,
+        c: &mut CudaTensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        wants_f32(c, "matmul output")?;
+        let k = if trans_a { a.rows } else { a.cols };
+        if k == 0 {
+            return if accumulate {
+                Ok(())
+            } else {
+                self.scale(c, 0.0)
+            };
+        }
+        // Mixed f32 × bf16: the f32 side is rounded to bf16 so cuBLAS runs a bf16 product.
+        let bf16 = a.dtype() == Dtype::Bf16 || b.dtype() == Dtype::Bf16;
+        let (oa, _a_tmp) = self.operand(a, bf16)?;
+        let (ob, _b_tmp) = self.operand(b, bf16)?;
+        let (oc, _) = self.operand(c, false)?;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        self.blas
+            .gemm(&self.gpu, oa, trans_a, ob, trans_b, alpha, beta, oc)
+    }
+
+    fn add_row_vector(&self, x: &mut CudaTensor, bias: &CudaTensor) -> Result<()> {
+        if bias.elements() != x.cols {
+            return Err(Error::InvalidArgument(format!(
+                "bias of {} values for rows of {}",
+                bias.elements(),
+                x.cols
+            )));
+        }
+        let args = [
+            self.f32_arg(x, "add_row_vector")?,
+            self.f32_arg(bias, "add_row_vector")?,
+            count(x.rows),
+            dim(x.cols),
+        ];
+        self.elementwise("add_row_vector_f32", x.elements(), &args)
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        same_shape(x, y, "add_assign")?;
+        let args = [
+            self.f32_arg(x, "add_assign")?,
+            self.f32_arg(y, "add_assign")?,
+            count(x.elements()),
+        ];
+        self.elementwise("add_assign_f32", x.elements(), &args)
+    }
+
+    fn scale(&self, x: &mut CudaTensor, s: f32) -> Result<()> {
+        let args = [self.f32_arg(x, "scale")?, Arg::F32(s), count(x.elements())];
+        self.elementwise("scale_f32", x.elements(), &args)
+    }
+
+    fn sum_squares(&self, x: &CudaTensor) -> Result<f64> {
+        let out = self.gpu.alloc_zeros::<f64>(1, "a sum")?;
+        let args = [
+            self.f32_arg(x, "sum_squares")?,
+            count(x.elements()),
+            Arg::Ptr(self.buffer_ptr(&out)),
+        ];
+        self.elementwise("sum_squares_f32", x.elements(), &args)?;
+        Ok(self.gpu.download(&out.slice, "a sum")?[0])
+    }
+
+    fn has_non_finite(&self, x: &CudaTensor) -> Result<bool> {
+        let flag = self.gpu.alloc_zeros::<u32>(1, "a flag")?;
+        let args = [
+            self.f32_arg(x, "has_non_finite")?,
+            count(x.elements()),
+            Arg::Ptr(self.buffer_ptr(&flag)),
+        ];
+        self.elementwise("find_non_finite_f32", x.elements(), &args)?;
+        Ok(self.gpu.download(&flag.slice, "a flag")?[0] != 0)
+    }
+
+    fn embedding(&self, table: &CudaTensor, ids: &CudaInts, scale: f32) -> Result<CudaTensor> {
+        Self::check_ids(ids, table.rows, "token id", false)?;
+        if table.dtype() != Dtype::Bf16 {
+            return Err(Error::InvalidArgument(
+                "embedding: the table must be a frozen (bf16) weight".into(),
+            ));
+        }
+        let (rows, cols) = (ids.host.len(), table.cols);
+        let out = self.tensor(rows, cols, "embeddings")?;
+        let args = [
+            Arg::Ptr(self.ptr(table)),
+            self.ints_arg(ids),
+            Arg::Ptr(self.ptr(&out)),
+            dim(rows),
+            dim(cols),
+            Arg::F32(scale),
+        ];
+        self.elementwise("embedding_bf16", rows * cols, &args)?;
+        Ok(out)
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        eps: f32,
+        unit_offset: bool,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        if w.elements() != x.cols {
+            return Err(Error::InvalidArgument(format!(
+                "rmsnorm: weight of {} values for rows of {}",
+                w.elements(),
+                x.cols
+            )));
+        }
+        let y = self.tensor(x.rows, x.cols, "rmsnorm output")?;
+        let r = self.tensor(x.rows, 1, "rmsnorm scales")?;
+        if x.rows > 0 {
+            let args = [
+                self.f32_arg(x, "rmsnorm")?,
+                self.f32_arg(w, "rmsnorm weight")?,
+                Arg::Ptr(self.ptr(&y)),
+                Arg::Ptr(self.ptr(&r)),
+                dim(x.rows),
+                dim(x.cols),
+                Arg::F32(eps),
+                Arg::I32(unit_offset as i32),
+            ];
+            self.run("norm", "rmsnorm_fwd", Shape::per_row(x.rows), &args)?;
+        }
+        Ok((y, r))
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dy: &CudaTensor,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        r: &CudaTensor,
+        unit_offset: bool,
+    ) -> Result<CudaTensor> {
+        same_shape(dy, x, "rmsnorm_backward")?;
+        if w.elements() != x.cols || r.elements() != x.rows {
+            return Err(Error::InvalidArgument(format!(
+                "rmsnorm_backward: weight of {} and {} scales for [{}, {}]",
+                w.elements(),
+                r.elements(),
+                x.rows,
+                x.cols
+            )));
+        }
+        let dx = self.tensor(x.rows, x.cols, "rmsnorm gradient")?;
+        if x.rows > 0 {
+            let what = "rmsnorm_backward";
+            let args = [
+                self.f32_arg(dy, what)?,
+                self.f32_arg(x, what)?,
+                self.f32_arg(w, what)?,
+                self.f32_arg(r, what)?,
+                Arg::Ptr(self.ptr(&dx)),
+                dim(x.rows),
+                dim(x.cols),
+                Arg::I32(unit_offset as i32),
+            ];
+            self.run("norm", "rmsnorm_bwd", Shape::per_row(x.rows), &args)?;
+        }
+        Ok(dx)
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaTensor,
+        positions: &CudaInts,
+        inv_freq: &[f32],
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        if head_dim == 0
+            || x.cols % head_dim != 0
+            || positions.host.len() != x.rows
+            || inv_freq.len() != head_dim / 2
+        {
+            return Err(Error::InvalidArgument(format!(
+                "rope: [{}, {}] with head_dim {head_dim}, {} positions, {} frequencies",
+                x.rows,
+                x.cols,
+                positions.host.len(),
+                inv_freq.len()
+            )));
+        }
+        let pairs = x.rows * (x.cols / 2);
+        if pairs == 0 {
+            return Ok(());
+        }
+        let args = [
+            self.f32_arg(x, "rope")?,
+            self.ints_arg(positions),
+            Arg::Ptr(self.inv_freq_ptr(inv_freq)?),
+            dim(x.rows),
+            dim(x.cols / head_dim),
+            dim(head_dim),
+            Arg::I32(inverse as i32),
+        ];
+        self.run("rope", "rope_f32", Shape::elementwise(pairs), &args)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        segments: &CudaInts,
+        s: AttentionShape,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        Self::check_attention(q, k, v, segments, s)?;
+        let out = self.tensor(q.rows, q.cols, "attention output")?;
+        let lse = self.tensor(q.rows, s.num_heads, "attention log-sum-exp")?;
+        if q.rows == 0 {
+            return Ok((out, lse));
+        }
+        let what = "attention";
+        let mut args = vec![
+            self.f32_arg(q, what)?,
+            self.f32_arg(k, what)?,
+            self.f32_arg(v, what)?,
+            self.ints_arg(segments),
+            Arg::Ptr(self.ptr(&out)),
+            Arg::Ptr(self.ptr(&lse)),
+        ];
+        args.extend(Self::attention_dims(s));
+        let shape = Shape::grid(
+            s.seq.div_ceil(ATTENTION_TILE),
+            s.num_heads,
+            s.batch,
+            ATTENTION_THREADS,
+        );
+        self.run("attention", "attention_fwd", shape, &args)?;
+        Ok((out, lse))
+    }
+
+    fn attention_backward(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        out: &CudaTensor,
+        lse: &CudaTensor,
+        d_out: &CudaTensor,
+        segments: &CudaInts,
+        s: AttentionShape,
+    ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        Self::check_attention(q, k, v, segments, s)?;
+        same_shape(q, out, "attention_backward")?;
+        same_shape(q, d_out, "attention_backward")?;
+        let dq = self.tensor(q.rows, q.cols, "attention dq")?;
+        let dk = self.tensor(k.rows, k.cols, "attention dk")?;
+        let dv = self.tensor(v.rows, v.cols, "attention dv")?;
+        if q.rows == 0 {
+            return Ok((dq, dk, dv));
+        }
+        let what = "attention_backward";
+        // delta_t,h = Σ_d dO·O, read by both gradient kernels.
+        let delta = self.tensor(q.rows, s.num_heads, "attention delta")?;
+        let args = [
+            self.f32_arg(out, what)?,
+            self.f32_arg(d_out, what)?,
+            Arg::Ptr(self.ptr(&delta)),
+            dim(q.rows),
+            dim(s.num_heads),
+            dim(s.head_dim),
+        ];
+        let warps = Shape::grid((q.rows * s.num_heads).div_ceil(8), 1, 1, 256);
+        self.run("attention", "attention_bwd_delta", warps, &args)?;
+        let inputs = [
+            self.f32_arg(q, what)?,
+            self.f32_arg(k, what)?,
+            self.f32_arg(v, what)?,
+            self.f32_arg(d_out, what)?,
+            self.f32_arg(lse, what)?,
+            Arg::Ptr(self.ptr(&delta)),
+            self.ints_arg(segments),
+        ];
+        let tiles = s.seq.div_ceil(ATTENTION_TILE);
+        let mut args = inputs.to_vec();
+        args.push(Arg::Ptr(self.ptr(&dq)));
+        args.extend(Self::attention_dims(s));
+        let shape = Shape::grid(tiles, s.num_heads, s.batch, ATTENTION_THREADS);
+        self.run("attention", "attention_bwd_dq", shape, &args)?;
+        let mut args = inputs.to_vec();
+        args.push(Arg::Ptr(self.ptr(&dk)));
+        args.push(Arg::Ptr(self.ptr(&dv)));
+        args.extend(Self::attention_dims(s));
+        let shape = Shape::grid(tiles, s.num_kv_heads, s.batch, ATTENTION_THREADS);
+        self.run("attention", "attention_bwd_dkdv", shape, &args)?;
+        Ok((dq, dk, dv))
+    }
+
+    fn attention_decode(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: (usize, usize, usize),
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        let (h, kvh, hd) = heads;
+        let (m, n) = (q.rows, k.rows);
+        let ok = kvh > 0
+            && h % kvh == 0
+            && hd % 2 == 0
+            && hd <= MAX_HEAD_DIM
+            && q.cols == h * hd
+            && k.cols == kvh * hd
+            && (v.rows, v.cols) == (k.rows, k.cols)
+            && m <= n;
+        if !ok {
+            return Err(Error::InvalidArgument(format!(
+                "attention_decode: q [{m}, {}], k [{n}, {}], v [{}, {}] for heads {heads:?}",
+                q.cols, k.cols, v.rows, v.cols
+            )));
+        }
+        let out = self.tensor(m, q.cols, "attention output")?;
+        let lse = self.tensor(m, h, "attention log-sum-exp")?;
+        if m == 0 {
+            return Ok((out, lse));
+        }
+        let what = "attention_decode";
+        let args = [
+            self.f32_arg(q, what)?,
+            self.f32_arg(k, what)?,
+            self.f32_arg(v, what)?,
+            Arg::Ptr(self.ptr(&out)),
+            Arg::Ptr(self.ptr(&lse)),
+            dim(m),
+            dim(n),
+            dim(h),
+            dim(kvh),
+            dim(hd),
+            Arg::F32(1.0 / (hd as f32).sqrt()),
+        ];
+        let shape = Shape::grid(m, h, 1, ATTENTION_THREADS);
+        self.run("attention", "attention_decode", shape, &args)?;
+        Ok((out, lse))
+    }
+
+    fn append_rows(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
+        if dst.cols != src.cols {
+            return Err(Error::InvalidArgument(format!(
+                "append_rows: rows of {} and {} values",
+                dst.cols, src.cols
+            )));
+        }
+        let (Storage::F32(d), Storage::F32(s)) = (&dst.storage, &src.storage) else {
+            return Err(Error::InvalidArgument(
+                "append_rows works on f32 tensors".into(),
+            ));
+        };
+        let old = d.elements();
+        let mut grown = self.gpu.alloc::<f32>(old + s.elements(), "a KV cache")?;
+        let stream = &self.gpu.stream;
+        stream
+            .memcpy_dtod(&d.slice, &mut grown.slice.slice_mut(..old))
+            .map_err(driver_error("growing a KV cache"))?;
+        stream
+            .memcpy_dtod(&s.slice, &mut grown.slice.slice_mut(old..))
+            .map_err(driver_error("growing a KV cache"))?;
+        dst.rows += src.rows;
+        dst.storage = Storage::F32(grown);
+        Ok(())
+    }
+
+    fn gated_activation(
+        &self,
+        g: &CudaTensor,
+        u: &CudaTensor,
+        act: Activation,
+    ) -> Result<CudaTensor> {
+        same_shape(g, u, "gated_activation")?;
+        let h = self.tensor(g.rows, g.cols, "MLP activation")?;
+        let args = [
+            self.f32_arg(g, "gated_activation")?,
+            self.f32_arg(u, "gated_activation")?,
+            Arg::Ptr(self.ptr(&h)),
+            count(g.elements()),
+            Arg::I32(activation_code(act)),
+        ];
+        self.elementwise("gated_act_fwd", g.elements(), &args)?;
+        Ok(h)
+    }
+
+    fn gated_activation_backward(
+        &self,
+        dh: &CudaTensor,
+        g: &CudaTensor,
+        u: &CudaTensor,
+        act: Activation,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        same_shape(g, u, "gated_activation_backward")?;
+        same_shape(g, dh, "gated_activation_backward")?;
+        let dg = self.tensor(g.rows, g.cols, "MLP gradient")?;
+        let du = self.tensor(g.rows, g.cols, "MLP gradient")?;
+        let what = "gated_activation_backward";
+        let args = [
+            self.f32_arg(dh, what)?,
+            self.f32_arg(g, what)?,
+            self.f32_arg(u, what)?,
+            Arg::Ptr(self.ptr(&dg)),
+            Arg::Ptr(self.ptr(&du)),
+            count(g.elements()),
+            Arg::I32(activation_code(act)),
+        ];
+        self.elementwise("gated_act_bwd", g.elements(), &args)?;
+        Ok((dg, du))
+    }
+
+    fn dropout(&self, x: &CudaTensor, p: f32, seed: u64) -> Result<CudaTensor> {
+        if p <= 0.0 {
+            return self.duplicate(x);
+        }
+        let y = self.tensor(x.rows, x.cols, "dropout output")?;
+        let args = [
+            self.f32_arg(x, "dropout")?,
+            Arg::Ptr(self.ptr(&y)),
+            count(x.elements()),
+            Arg::F32(p),
+            Arg::U64(seed),
+        ];
+        self.elementwise("dropout_f32", x.elements(), &args)?;
+        Ok(y)
+    }
+
+    fn lm_head_cross_entropy(
+        &self,
+        h: &CudaTensor,
+        w: &CudaTensor,
+        labels: &CudaInts,
+        normalizer: f32,
+    ) -> Result<(f64, CudaTensor)> {
+        if h.cols != w.cols || labels.host.len() != h.rows {
+            return Err(Error::InvalidArgument(format!(
+                "lm head: hidden [{}, {}], weight [{}, {}], {} labels",
+                h.rows,
+                h.cols,
+                w.rows,
+                w.cols,
+                labels.host.len()
+            )));
+        }
+        wants_f32(h, "lm head input")?;
+        let vocab = w.rows;
+        Self::check_ids(labels, vocab, "label", true)?;
+        let dh = self.zeros(h.rows, h.cols)?;
+        let loss = self.gpu.alloc_zeros::<f64>(1, "the loss")?;
+        let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab.max(1))).clamp(1, h.rows.max(1));
+        let logits = self.gpu.alloc::<f32>(chunk * vocab, "a chunk of logits")?;
+        let bf16 = w.dtype() == Dtype::Bf16;
+        let dlogits_bf16 = if bf16 {
+            Some(self.gpu.alloc::<u16>(chunk * vocab, "a chunk of logits")?)
+        } else {
+            None
+        };
+        let (h_all, _h_tmp) = self.operand(h, bf16)?;
+        let (wo, _) = self.operand(w, false)?;
+        let elem = if bf16 { 2 } else { 4 };
+        let logits_ptr = self.buffer_ptr(&logits);
+        for start in (0..h.rows).step_by(chunk) {
+            let rows = chunk.min(h.rows - start);
+            if labels.host[start..start + rows]
+                .iter()
+                .all(|&l| l == IGNORE_LABEL)
+            {
+                continue;
+            }
+            let h_rows = Operand {
+                ptr: h_all.ptr + (start * h.cols * elem) as u64,
+                rows,
+                ..h_all
+            };
+            let z = Operand {
+                ptr: logits_ptr,
+                dtype: Dtype::F32,
+                rows,
+                cols: vocab,
+            };
+            // z = h·Wᵀ
+            self.blas
+                .gemm(&self.gpu, h_rows, false, wo, true, 1.0, 0.0, z)?;
+            // z ← (softmax(z) − onehot(label)) / normalizer; loss += Σ_rows lse − z[label]
+            let args = [
+                Arg::Ptr(logits_ptr),
+                Arg::Ptr(self.buffer_ptr(&labels.device) + (start * 4) as u64),
+                dim(rows),
+                dim(vocab),
+                Arg::F32(1.0 / normalizer),
+                Arg::Ptr(self.buffer_ptr(&loss)),
+            ];
+            self.run("loss", "cross_entropy_rows", Shape::per_row(rows), &args)?;
+            let dz = match &dlogits_bf16 {
+                Some(b) => {
+                    let ptr = self.buffer_ptr(b);
+                    let n = rows * vocab;
+                    self.elementwise(
+                        "cast_f32_bf16",
+                        n,
+                        &[Arg::Ptr(logits_ptr), Arg::Ptr(ptr), count(n)],
+                    )?;
+                    Operand {
+                        ptr,
+                        dtype: Dtype::Bf16,
+                        ..z
+                    }
+                }
+                None => z,
+            };
+            // dh = dz·W
+            let dh_rows = Operand {
+                ptr: self.ptr(&dh) + (start * h.cols * 4) as u64,
+                dtype: Dtype::F32,
+                rows,
+                cols: h.cols,
+            };
+            self.blas
+                .gemm(&self.gpu, dz, false, wo, false, 1.0, 0.0, dh_rows)?;
+        }
+        let loss = self.gpu.download(&loss.slice, "the loss")?[0];
+        Ok((loss, dh))
+    }
+
+    fn adamw(
+        &self,
+        p: &mut CudaTensor,
+        g: &CudaTensor,
+        m: &mut CudaTensor,
+        v: &mut CudaTensor,
+        h: AdamWStep,
+    ) -> Result<()> {
+        same_shape(p, g, "adamw")?;
+        same_shape(p, m, "adamw")?;
+        same_shape(p, v, "adamw")?;
+        let c = AdamWConstants::of(h);
+        let args = [
+            self.f32_arg(p, "adamw")?,
+            self.f32_arg(g, "adamw")?,
+            self.f32_arg(m, "adamw")?,
+            self.f32_arg(v, "adamw")?,
+            count(p.elements()),
+            Arg::F32(c.decay),
+            Arg::F32(h.beta1),
+            Arg::F32(h.beta2),
+            Arg::F32(c.step_size),
+            Arg::F32(c.bc2_sqrt),
+            Arg::F32(h.eps),
+        ];
+        self.elementwise("adamw_f32", p.elements(), &args)
+    }
+}

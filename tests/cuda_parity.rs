@@ -1,0 +1,605 @@
+//! The CUDA backend against the CPU reference: every op on fresh random inputs, then whole training
+//! steps on tiny models of every family. Each test skips (saying so) where no CUDA GPU is usable,
+//! unless FINETUNE_REQUIRE_GPU=1, where a missing GPU is a failure (scripts/test_gpu.sh sets it).
+//!
+//! Tolerances. Ops whose inputs are f32 on both sides: relative error ‖gpu − cpu‖ / ‖cpu‖ below
+//! 1e-5 (f32 sums in another order; attention and cross-entropy sum longer rows: 1e-4). Products
+//! with a frozen bf16 weight: the GPU rounds the f32 operand to bf16, so the CPU reference gets the
+//! same rounded operand and the same 1e-5 holds. Whole steps: the GPU rounds every activation
+//! entering a base-weight product to bf16 (a relative error of 2^-9 each) and the CPU does not, so
+//! the loss must agree within 1e-2 relative and each LoRA gradient with cosine similarity ≥ 0.999.
+
+use finetune::backend::cpu::CpuBackend;
+use finetune::backend::cuda::CudaBackend;
+use finetune::backend::{AdamWStep, AttentionShape, Backend, IGNORE_LABEL};
+use finetune::error::Error;
+use finetune::lora::LoraConfig;
+use finetune::model::config::{Activation, Family};
+use finetune::model::decoder::Decoder;
+use finetune::model::presets::tiny;
+use finetune::model::weights::{DecoderWeights, Slot};
+use finetune::rng::Rng;
+use finetune::train::batch::Batch;
+use finetune::train::trainer::{TrainConfig, Trainer};
+use std::sync::Arc;
+
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) if std::env::var("FINETUNE_REQUIRE_GPU").as_deref() == Ok("1") => {
+            panic!("FINETUNE_REQUIRE_GPU=1 but no GPU is usable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping GPU test: {e}");
+            None
+        }
+    }
+}
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(2).unwrap()
+}
+
+/// A generator seeded from the clock: every run draws fresh inputs. The seed is printed so that a
+/// failure can be replayed with FINETUNE_TEST_SEED.
+fn fresh_rng(test: &str) -> Rng {
+    let seed = std::env::var("FINETUNE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{test}: seed {seed}");
+    Rng::new(seed)
+}
+
+fn randn(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    (0..n).map(|_| std * rng.normal()).collect()
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+/// ‖a − b‖ / ‖b‖ in f64; NaN anywhere gives NaN (which fails every `<` check).
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if x.is_nan() || y.is_nan() {
+            return f64::NAN;
+        }
+        d += (x as f64 - y as f64).powi(2);
+        n += (y as f64).powi(2);
+    }
+    (d / n.max(1e-300)).sqrt()
+}
+
+fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], tol: f64) {
+    let e = rel_err(gpu, cpu);
+    eprintln!("{what}: relative error {e:.2e} (tolerance {tol:.0e})");
+    assert!(e < tol, "{what}: relative error {e} exceeds {tol}");
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// Both backends and the inputs uploaded to each.
+struct Pair {
+    g: CudaBackend,
+    c: CpuBackend,
+}
+
+impl Pair {
+    fn new() -> Option<Self> {
+        Some(Pair {
+            g: gpu()?,
+            c: cpu(),
+        })
+    }
+
+    fn up(
+        &self,
+        v: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> (
+        <CudaBackend as Backend>::Tensor,
+        <CpuBackend as Backend>::Tensor,
+    ) {
+        (
+            self.g.upload(v, rows, cols).unwrap(),
+            self.c.upload(v, rows, cols).unwrap(),
+        )
+    }
+
+    fn ints(&self, v: &[i32]) -> (<CudaBackend as Backend>::Ints, Vec<i32>) {
+        (
+            self.g.upload_ints(v).unwrap(),
+            self.c.upload_ints(v).unwrap(),
+        )
+    }
+
+    fn check(
+        &self,
+        what: &str,
+        g: &<CudaBackend as Backend>::Tensor,
+        c: &<CpuBackend as Backend>::Tensor,
+        tol: f64,
+    ) {
+        assert_eq!(self.g.shape(g), self.c.shape(c), "{what}: shapes");
+        assert_close(
+            what,
+            &self.g.download(g).unwrap(),
+            &self.c.download(c).unwrap(),
+            tol,
+        );
+    }
+}
+
+#[test]
+fn matmul_matches_cpu_in_f32_and_with_bf16_weights() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = fresh_rng("matmul");
+    let (m, k, n) = (37, 300, 45);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let a_shape = if ta { (k, m) } else { (m, k) };
+        let b_shape = if tb { (n, k) } else { (k, n) };
+        let av = randn(&mut rng, m * k, 1.0);
+        let bv = randn(&mut rng, k * n, 1.0);
+        let cv = randn(&mut rng, m * n, 1.0);
+        let (ag, ac) = p.up(&av, a_shape.0, a_shape.1);
+        let (bg, bc) = p.up(&bv, b_shape.0, b_shape.1);
+        let (mut cg, mut cc) = p.up(&cv, m, n);
+        p.g.matmul(&ag, ta, &bg, tb, 0.7, &mut cg, true).unwrap();
+        p.c.matmul(&ac, ta, &bc, tb, 0.7, &mut cc, true).unwrap();
+        p.check(&format!("f32 matmul ta={ta} tb={tb}"), &cg, &cc, 1e-5);
+
+        // b as a frozen bf16 weight: the GPU rounds a to bf16 too.
+        let bg16 = p.g.upload_frozen(&bv, b_shape.0, b_shape.1).unwrap();
+        let ac16 = p.c.upload(&bf16_round(&av), a_shape.0, a_shape.1).unwrap();
+        let bc16 = p.c.upload(&bf16_round(&bv), b_shape.0, b_shape.1).unwrap();
+        let mut cg = p.g.zeros(m, n).unwrap();
+        let mut cc = p.c.zeros(m, n).unwrap();
+        p.g.matmul(&ag, ta, &bg16, tb, 1.0, &mut cg, false).unwrap();
+        p.c.matmul(&ac16, ta, &bc16, tb, 1.0, &mut cc, false)
+            .unwrap();
+        p.check(&format!("bf16 matmul ta={ta} tb={tb}"), &cg, &cc, 1e-5);
+    }
+}
+
+#[test]
+fn pointwise_ops_match_cpu() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = fresh_rng("pointwise");
+    let (rows, cols) = (67, 129);
+    let n = rows * cols;
+    let xv = randn(&mut rng, n, 2.0);
+    let yv = randn(&mut rng, n, 2.0);
+    let bv = randn(&mut rng, cols, 1.0);
+    let (mut xg, mut xc) = p.up(&xv, rows, cols);
+    let (yg, yc) = p.up(&yv, rows, cols);
+    let (bg, bc) = p.up(&bv, 1, cols);
+    p.g.add_assign(&mut xg, &yg).unwrap();
+    p.c.add_assign(&mut xc, &yc).unwrap();
+    p.check("add_assign", &xg, &xc, 1e-6);
+    p.g.add_row_vector(&mut xg, &bg).unwrap();
+    p.c.add_row_vector(&mut xc, &bc).unwrap();
+    p.check("add_row_vector", &xg, &xc, 1e-6);
+    p.g.scale(&mut xg, -0.37).unwrap();
+    p.c.scale(&mut xc, -0.37).unwrap();
+    p.check("scale", &xg, &xc, 1e-6);
+    let (sg, sc) = (p.g.sum_squares(&xg).unwrap(), p.c.sum_squares(&xc).unwrap());
+    assert!(((sg - sc) / sc).abs() < 1e-6, "sum_squares {sg} vs {sc}");
+    assert!(!p.g.has_non_finite(&xg).unwrap());
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut v = xv.clone();
+        v[(rng.next_u64() % n as u64) as usize] = bad;
+        let (t, _) = p.up(&v, rows, cols);
+        assert!(p.g.has_non_finite(&t).unwrap(), "{bad} not found");
+    }
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let (gg, gc) = p.up(&randn(&mut rng, n, 3.0), rows, cols);
+        let (ug, uc) = p.up(&randn(&mut rng, n, 1.0), rows, cols);
+        let (dg_, dc_) = p.up(&randn(&mut rng, n, 1.0), rows, cols);
+        let hg = p.g.gated_activation(&gg, &ug, act).unwrap();
+        let hc = p.c.gated_activation(&gc, &uc, act).unwrap();
+        p.check(&format!("{act:?} forward"), &hg, &hc, 1e-5);
+        let (a, b) = p.g.gated_activation_backward(&dg_, &gg, &ug, act).unwrap();
+        let (c, d) = p.c.gated_activation_backward(&dc_, &gc, &uc, act).unwrap();
+        p.check(&format!("{act:?} backward dg"), &a, &c, 1e-5);
+        p.check(&format!("{act:?} backward du"), &b, &d, 1e-5);
+    }
+    // The dropout mask is a hash of (seed, index): bit-identical on both sides.
+    let seed = rng.next_u64();
+    let dg = p.g.dropout(&yg, 0.3, seed).unwrap();
+    let dc = p.c.dropout(&yc, 0.3, seed).unwrap();
+    assert_eq!(
+        p.g.download(&dg).unwrap(),
+        p.c.download(&dc).unwrap(),
+        "dropout"
+    );
+}
+
+#[test]
+fn embedding_norm_and_rope_match_cpu() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = fresh_rng("embedding/norm/rope");
+    let (vocab, hidden, tokens) = (100, 96, 53);
+    let table = bf16_round(&randn(&mut rng, vocab * hidden, 1.0));
+    let ids: Vec<i32> = (0..tokens)
+        .map(|_| (rng.next_u64() % vocab as u64) as i32)
+        .collect();
+    let tg = p.g.upload_frozen(&table, vocab, hidden).unwrap();
+    let tc = p.c.upload(&table, vocab, hidden).unwrap();
+    let (ig, ic) = p.ints(&ids);
+    let eg = p.g.embedding(&tg, &ig, 1.5).unwrap();
+    let ec = p.c.embedding(&tc, &ic, 1.5).unwrap();
+    p.check("embedding", &eg, &ec, 1e-7);
+    let (bad, _) = p.ints(&[0, vocab as i32]);
+    assert!(
+        p.g.embedding(&tg, &bad, 1.0).is_err(),
+        "id past the vocabulary"
+    );
+
+    for unit_offset in [false, true] {
+        let (wg, wc) = p.up(&randn(&mut rng, hidden, 0.5), 1, hidden);
+        let (yg, rg) = p.g.rmsnorm(&eg, &wg, 1e-5, unit_offset).unwrap();
+        let (yc, rc) = p.c.rmsnorm(&ec, &wc, 1e-5, unit_offset).unwrap();
+        p.check("rmsnorm y", &yg, &yc, 1e-5);
+        p.check("rmsnorm r", &rg, &rc, 1e-5);
+        let (dyg, dyc) = p.up(&randn(&mut rng, tokens * hidden, 1.0), tokens, hidden);
+        let dg =
+            p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset)
+                .unwrap();
+        let dc =
+            p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset)
+                .unwrap();
+        p.check("rmsnorm backward", &dg, &dc, 1e-5);
+    }
+
+    let head_dim = 32;
+    let inv_freq: Vec<f32> = (0..head_dim / 2)
+        .map(|i| 10000f32.powf(-2.0 * i as f32 / head_dim as f32))
+        .collect();
+    let positions: Vec<i32> = (0..tokens)
+        .map(|_| (rng.next_u64() % 9000) as i32)
+        .collect();
+    let (pg, pc) = p.ints(&positions);
+    let xv = randn(&mut rng, tokens * hidden, 1.0);
+    let (mut xg, mut xc) = p.up(&xv, tokens, hidden);
+    for inverse in [false, true] {
+        p.g.rope(&mut xg, &pg, &inv_freq, head_dim, inverse)
+            .unwrap();
+        p.c.rope(&mut xc, &pc, &inv_freq, head_dim, inverse)
+            .unwrap();
+        p.check(&format!("rope inverse={inverse}"), &xg, &xc, 1e-5);
+    }
+    assert_close("rope then inverse", &p.g.download(&xg).unwrap(), &xv, 1e-5);
+}
+
+fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usize>) {
+    let tokens = s.batch * s.seq;
+    let qv = randn(rng, tokens * s.num_heads * s.head_dim, 1.0);
+    let kv = randn(rng, tokens * s.num_kv_heads * s.head_dim, 1.0);
+    let vv = randn(rng, tokens * s.num_kv_heads * s.head_dim, 1.0);
+    let dov = randn(rng, tokens * s.num_heads * s.head_dim, 1.0);
+    // The last sequence packs two examples when `split` is given.
+    let segments: Vec<i32> = (0..tokens)
+        .map(|t| match split {
+            Some(at) if t / s.seq == s.batch - 1 && t % s.seq >= at => 1,
+            _ => 0,
+        })
+        .collect();
+    let (qg, qc) = p.up(&qv, tokens, s.num_heads * s.head_dim);
+    let (kg, kc) = p.up(&kv, tokens, s.num_kv_heads * s.head_dim);
+    let (vg, vc) = p.up(&vv, tokens, s.num_kv_heads * s.head_dim);
+    let (dog, doc) = p.up(&dov, tokens, s.num_heads * s.head_dim);
+    let (sg, sc) = p.ints(&segments);
+    let name = format!("attention {s:?} split {split:?}");
+    let (og, lg) = p.g.attention(&qg, &kg, &vg, &sg, s).unwrap();
+    let (oc, lc) = p.c.attention(&qc, &kc, &vc, &sc, s).unwrap();
+    p.check(&format!("{name}: out"), &og, &oc, 1e-4);
+    p.check(&format!("{name}: lse"), &lg, &lc, 1e-5);
+    let (dqg, dkg, dvg) =
+        p.g.attention_backward(&qg, &kg, &vg, &og, &lg, &dog, &sg, s)
+            .unwrap();
+    let (dqc, dkc, dvc) =
+        p.c.attention_backward(&qc, &kc, &vc, &oc, &lc, &doc, &sc, s)
+            .unwrap();
+    p.check(&format!("{name}: dq"), &dqg, &dqc, 1e-4);
+    p.check(&format!("{name}: dk"), &dkg, &dkc, 1e-4);
+    p.check(&format!("{name}: dv"), &dvg, &dvc, 1e-4);
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = fresh_rng("attention");
+    for (batch, seq, heads, kv_heads, head_dim, split) in [
+        (2, 70, 4, 2, 64, None),
+        (2, 130, 4, 1, 128, Some(50)),
+        (1, 200, 6, 3, 32, Some(129)),
+        (3, 17, 2, 2, 16, None),
+        (1, 65, 2, 1, 256, None),
+    ] {
+        let s = AttentionShape {
+            batch,
+            seq,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+        };
+        attention_case(&p, &mut rng, s, split);
+    }
+}
+
+#[test]
+fn decode_attention_and_kv_cache_match_cpu() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = fresh_rng("decode");
+    let (heads, kv_heads, hd) = (4, 2, 64);
+    let (n, m) = (77, 3);
+    let (mut kg, mut kc) = p.up(
+        &randn(&mut rng, (n - m) * kv_heads * hd, 1.0),
+        n - m,
+        kv_heads * hd,
+    );
+    let (mut vg, mut vc) = p.up(
+        &randn(&mut rng, (n - m) * kv_heads * hd, 1.0),
+        n - m,
+        kv_heads * hd,
+    );
+    let (k2g, k2c) = p.up(&randn(&mut rng, m * kv_heads * hd, 1.0), m, kv_heads * hd);
+    let (v2g, v2c) = p.up(&randn(&mut rng, m * kv_heads * hd, 1.0), m, kv_heads * hd);
+    p.g.append_rows(&mut kg, &k2g).unwrap();
+    p.c.append_rows(&mut kc, &k2c).unwrap();
+    p.g.append_rows(&mut vg, &v2g).unwrap();
+    p.c.append_rows(&mut vc, &v2c).unwrap();
+    p.check("append_rows", &kg, &kc, 1e-7);
+    for rows in [1, m] {
+        let (qg, qc) = p.up(&randn(&mut rng, rows * heads * hd, 1.0), rows, heads * hd);
+        let (og, lg) =
+            p.g.attention_decode(&qg, &kg, &vg, (heads, kv_heads, hd))
+                .unwrap();
+        let (oc, lc) =
+            p.c.attention_decode(&qc, &kc, &vc, (heads, kv_heads, hd))
+                .unwrap();
+        p.check(&format!("decode {rows} rows: out"), &og, &oc, 1e-4);
+        p.check(&format!("decode {rows} rows: lse"), &lg, &lc, 1e-5);
+    }
+}
+
+#[test]
+fn lm_head_cross_entropy_and_adamw_match_cpu() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = fresh_rng("lm head/adamw");
+    let (tokens, hidden, vocab) = (41, 64, 3001);
+    let hv = randn(&mut rng, tokens * hidden, 1.0);
+    let wv = bf16_round(&randn(&mut rng, vocab * hidden, 0.3));
+    let labels: Vec<i32> = (0..tokens)
+        .map(|t| {
+            if t % 5 == 0 {
+                IGNORE_LABEL
+            } else {
+                (rng.next_u64() % vocab as u64) as i32
+            }
+        })
+        .collect();
+    let (lg, lc) = p.ints(&labels);
+    // f32 weight (tests, small heads) and frozen bf16 weight (every loaded model).
+    let (hg, hc) = p.up(&hv, tokens, hidden);
+    let (wg, wc) = p.up(&wv, vocab, hidden);
+    let (lossg, dhg) = p.g.lm_head_cross_entropy(&hg, &wg, &lg, 33.0).unwrap();
+    let (lossc, dhc) = p.c.lm_head_cross_entropy(&hc, &wc, &lc, 33.0).unwrap();
+    assert!(
+        ((lossg - lossc) / lossc).abs() < 1e-5,
+        "loss {lossg} vs {lossc}"
+    );
+    p.check("lm head dh (f32 weight)", &dhg, &dhc, 1e-4);
+    let wg16 = p.g.upload_frozen(&wv, vocab, hidden).unwrap();
+    let hc16 = p.c.upload(&bf16_round(&hv), tokens, hidden).unwrap();
+    let (lossg, _) = p.g.lm_head_cross_entropy(&hg, &wg16, &lg, 33.0).unwrap();
+    let (lossc, _) = p.c.lm_head_cross_entropy(&hc16, &wc, &lc, 33.0).unwrap();
+    assert!(
+        ((lossg - lossc) / lossc).abs() < 1e-5,
+        "bf16 loss {lossg} vs {lossc}"
+    );
+    let (bad, _) = p.ints(&vec![vocab as i32; tokens]);
+    assert!(
+        p.g.lm_head_cross_entropy(&hg, &wg, &bad, 1.0).is_err(),
+        "label past the vocabulary"
+    );
+
+    let n = 1000;
+    let (mut pg, mut pc) = p.up(&randn(&mut rng, n, 1.0), 1, n);
+    let (mut mg, mut mc) = p.up(&randn(&mut rng, n, 0.1), 1, n);
+    let v0: Vec<f32> = randn(&mut rng, n, 0.1).iter().map(|x| x * x).collect();
+    let (mut vg, mut vc) = p.up(&v0, 1, n);
+    for step in 1..=3 {
+        let (gg, gc) = p.up(&randn(&mut rng, n, 1.0), 1, n);
+        let h = AdamWStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step,
+        };
+        p.g.adamw(&mut pg, &gg, &mut mg, &mut vg, h).unwrap();
+        p.c.adamw(&mut pc, &gc, &mut mc, &mut vc, h).unwrap();
+    }
+    p.check("adamw p", &pg, &pc, 1e-6);
+    p.check("adamw m", &mg, &mc, 1e-6);
+    p.check("adamw v", &vg, &vc, 1e-6);
+}
+
+/// Random weights with every frozen matrix bf16-representable, so both backends hold the same base.
+fn weights_source(family: Family) -> impl Fn(Slot, usize) -> Vec<f32> {
+    move |slot, n| {
+        let mut rng = Rng::new(11 ^ (n as u64) ^ ((family as u64) << 32));
+        let v = randn(&mut rng, n, 0.3);
+        match slot {
+            Slot::Embedding | Slot::LmHead | Slot::Proj(..) => bf16_round(&v),
+            _ => v.iter().map(|x| 1.0 + 0.3 * x).collect(),
+        }
+    }
+}
+
+fn trainer_on<B: Backend>(be: B, family: Family) -> Trainer<B> {
+    let cfg = tiny(family);
+    let source = weights_source(family);
+    let weights = DecoderWeights::load(&cfg, &be, |spec| {
+        Ok(source(spec.slot, spec.rows * spec.cols))
+    })
+    .unwrap();
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        seed: 3,
+        ..LoraConfig::default()
+    };
+    let mut t = Trainer::new(
+        Arc::new(Decoder::new(cfg, be, weights)),
+        lora,
+        TrainConfig::default(),
+    )
+    .unwrap();
+    // PEFT starts B at zero; give it values so that A's gradients are not zero too.
+    let mut rng = Rng::new(21);
+    let dec = t.decoder().clone();
+    let be = &dec.backend;
+    for pair in t.params_mut().pairs.iter_mut().flatten() {
+        let (r, c) = be.shape(&pair.b);
+        pair.b = be.upload(&randn(&mut rng, r * c, 0.2), r, c).unwrap();
+    }
+    t
+}
+
+fn parity_batch() -> Batch {
+    let mut rng = Rng::new(5);
+    let (b, s) = (2, 33);
+    let ids: Vec<i32> = (0..b * s).map(|_| (rng.next_u64() % 64) as i32).collect();
+    let mut labels: Vec<i32> = (0..b * s).map(|_| (rng.next_u64() % 64) as i32).collect();
+    labels[..5].fill(IGNORE_LABEL);
+    let mut batch = Batch::new(b, s, ids, labels).unwrap();
+    for (i, t) in (s..2 * s).enumerate() {
+        batch.positions[t] = if i < 12 { i as i32 } else { i as i32 - 12 };
+        batch.segments[t] = if i < 12 { 1 } else { 2 };
+    }
+    batch
+}
+
+fn grads<B: Backend>(t: &Trainer<B>) -> Vec<Vec<f32>> {
+    let be = &t.decoder().backend;
+    t.grads()
+        .tensors()
+        .map(|g| be.download(g).unwrap())
+        .collect()
+}
+
+#[test]
+fn training_steps_match_cpu_for_every_family() {
+    let Some(g) = gpu() else { return };
+    drop(g);
+    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma] {
+        let mut tg = trainer_on(CudaBackend::new(0).unwrap(), family);
+        let mut tc = trainer_on(cpu(), family);
+        let batch = parity_batch();
+        for step in 0..3 {
+            let sg = tg.step(std::slice::from_ref(&batch)).unwrap();
+            let sc = tc.step(std::slice::from_ref(&batch)).unwrap();
+            let rel = ((sg.loss - sc.loss) / sc.loss).abs();
+            eprintln!(
+                "{family:?} step {step}: loss gpu {} cpu {} (rel {rel:.1e})",
+                sg.loss, sc.loss
+            );
+            assert!(
+                rel < 1e-2,
+                "{family:?} step {step}: loss {} vs {}",
+                sg.loss,
+                sc.loss
+            );
+            let worst = grads(&tg)
+                .iter()
+                .zip(grads(&tc))
+                .map(|(a, b)| cosine(a, &b))
+                .fold(1.0f64, f64::min);
+            eprintln!("{family:?} step {step}: lowest gradient cosine {worst:.6}");
+            assert!(
+                worst >= 0.999,
+                "{family:?} step {step}: gradient cosine {worst}"
+            );
+        }
+    }
+}
+
+#[test]
+fn out_of_memory_is_an_error_naming_the_size_and_the_trainer_stays_usable() {
+    let Some(be) = gpu() else { return };
+    // Far past any GPU: the driver refuses, the error names the bytes.
+    match be.zeros(1 << 20, 1 << 16) {
+        Err(Error::OutOfMemory { requested, .. }) => assert_eq!(requested, 1 << 38),
+        other => panic!("expected OutOfMemory, got {:?}", other.map(|_| ())),
+    }
+    // A cap below what a step needs: the step fails cleanly, a smaller batch then works.
+    let mut t = trainer_on(be, Family::Llama);
+    let gpu = t.decoder().backend.gpu().memory.clone();
+    gpu.set_limit(gpu.live() + (1 << 20));
+    let mut rng = Rng::new(1);
+    let big = Batch::new(
+        8,
+        256,
+        (0..2048).map(|_| (rng.next_u64() % 64) as i32).collect(),
+        vec![1; 2048],
+    )
+    .unwrap();
+    let err = t.step(std::slice::from_ref(&big)).unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+    eprintln!("capped step: {err}");
+    let small = Batch::new(1, 8, vec![1; 8], vec![2; 8]).unwrap();
+    t.step(std::slice::from_ref(&small)).unwrap();
+    gpu.set_limit(0);
+}
+
+#[test]
+fn non_finite_loss_is_reported_and_not_applied() {
+    let Some(be) = gpu() else { return };
+    let mut t = trainer_on(be, Family::Llama);
+    let before: Vec<Vec<f32>> = {
+        let be = &t.decoder().backend;
+        t.params()
+            .tensors()
+            .map(|p| be.download(p).unwrap())
+            .collect()
+    };
+    // A NaN in the adapter's A poisons the loss.
+    let dec = t.decoder().clone();
+    let be = &dec.backend;
+    let pair = t.params_mut().pairs.iter_mut().flatten().next().unwrap();
+    let (r, c) = be.shape(&pair.a);
+    let mut a = be.download(&pair.a).unwrap();
+    a[0] = f32::NAN;
+    pair.a = be.upload(&a, r, c).unwrap();
+    let err = t.step(std::slice::from_ref(&parity_batch())).unwrap_err();
+    assert!(matches!(err, Error::NonFinite(_)), "{err}");
+    let after: Vec<Vec<f32>> = t
+        .params()
+        .tensors()
+        .map(|p| be.download(p).unwrap())
+        .collect();
+    assert_eq!(before.len(), after.len());
+    for (i, (b, a)) in before.iter().zip(&after).enumerate().skip(1) {
+        assert_eq!(b, a, "tensor {i} changed");
+    }
+}
