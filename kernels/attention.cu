@@ -27,11 +27,13 @@
 //   accumulator [R rows × hd]: same rows, dims 32·chunk + 4·tx + e (e < 4).
 // Shared tiles are row-major with a pitch of width + 4 floats: float4 reads are 16-byte aligned
 // and the 8 (or 4) distinct rows a warp reads at once fall into distinct banks.
-// The head dimension is padded to DP = 64, 128 or 256 at compile time (hd > DP/2 picks it, zeros
-// beyond hd); chunks wholly beyond hd are skipped at run time.
+// The head dimension is padded at compile time to DP = 128 or 256 (64 too for dkdv), the tiling
+// picked by hd at run time; staged columns >= hd read as 0 and 32-dim chunks wholly beyond hd are
+// skipped, so a smaller hd costs proportionally less.
 //
-// Assumes blockDim.x == 128 (the launch shape of the contract). Global float2 accesses are used
-// when every pointer is 8-byte aligned (hd is even, so all offsets are), scalar ones otherwise.
+// Assumes blockDim.x == 128 (the launch shape of the contract) and 8-byte aligned tensors (device
+// allocations are): global memory is accessed as float2 at even element offsets (hd is even).
+// fwd and dq take query tiles in reverse blockIdx.x order, so the longest causal rows start first.
 
 #define ATTN_THREADS 128
 #define ATTN_FULL 0xffffffffu
@@ -58,22 +60,12 @@ __device__ __forceinline__ float attn_comp(const float4& a, int i) {
     return i == 0 ? a.x : i == 1 ? a.y : i == 2 ? a.z : a.w;
 }
 
-__device__ __forceinline__ float2 attn_load2(const float* p, bool al8) {
-    if (al8) return *reinterpret_cast<const float2*>(p);
-    return make_float2(p[0], p[1]);
+// Two consecutive floats at an even element offset of an 8-byte aligned buffer.
+__device__ __forceinline__ float2 attn_load2(const float* p) {
+    return *reinterpret_cast<const float2*>(p);
 }
-
-__device__ __forceinline__ void attn_store2(float* p, float a, float b, bool al8) {
-    if (al8) {
-        *reinterpret_cast<float2*>(p) = make_float2(a, b);
-    } else {
-        p[0] = a;
-        p[1] = b;
-    }
-}
-
-__device__ __forceinline__ bool attn_aligned8(const void* p) {
-    return (reinterpret_cast<unsigned long long>(p) & 7ull) == 0;
+__device__ __forceinline__ void attn_store2(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 
 __host__ __device__ constexpr int attn_max(int a, int b) {
@@ -85,7 +77,7 @@ __host__ __device__ constexpr int attn_max(int a, int b) {
 // as 0 (W, ncols even). A warp copies whole 128-byte row segments (W = 32) or half rows (W = 16).
 template <int R, int W, int P>
 __device__ __forceinline__ void attn_stage(float* dst, const float* __restrict__ src, int ld,
-                                           int nrows, int ncols, bool al8) {
+                                           int nrows, int ncols) {
     constexpr int PAIRS = W / 2;
     constexpr int RSTEP = ATTN_THREADS / PAIRS;  // rows covered by one pass of the block
     static_assert(ATTN_THREADS % PAIRS == 0 && R % RSTEP == 0, "tile shape");
@@ -97,7 +89,7 @@ __device__ __forceinline__ void attn_stage(float* dst, const float* __restrict__
 #pragma unroll
     for (int it = 0; it < R / RSTEP; ++it) {
         float2 x = make_float2(0.0f, 0.0f);
-        if (colok && row + it * RSTEP < nrows) x = attn_load2(s + it * RSTEP * ld, al8);
+        if (colok && row + it * RSTEP < nrows) x = attn_load2(s + it * RSTEP * ld);
         *reinterpret_cast<float2*>(d + it * RSTEP * P) = x;
     }
 }
@@ -106,7 +98,7 @@ __device__ __forceinline__ void attn_stage(float* dst, const float* __restrict__
 template <int RM, int TN, int W, int PA, int PB>
 __device__ __forceinline__ void attn_mma_nt(float (&acc)[RM][TN], const float* A, const float* B,
                                             int ty, int tx) {
-#pragma unroll
+#pragma unroll 2  // (full unrolling makes ptxas hoist loads until it spills)
     for (int d = 0; d < W; d += 4) {
         float4 a[RM];
 #pragma unroll
@@ -133,7 +125,7 @@ __device__ __forceinline__ void attn_mma_nt(float (&acc)[RM][TN], const float* A
 template <int RM, int K, int PA, int PB>
 __device__ __forceinline__ void attn_mma_nn(float (&acc)[RM][4], const float* A, const float* B,
                                             int ty, int tx) {
-#pragma unroll
+#pragma unroll 2
     for (int k = 0; k < K; k += 4) {
         float4 a[RM];
 #pragma unroll
@@ -160,7 +152,7 @@ __device__ __forceinline__ void attn_mma_nn(float (&acc)[RM][4], const float* A,
 template <int NCH, int RM>
 __device__ __forceinline__ void attn_write_acc(float* dst, long long ld, const float (&acc)[NCH][RM][4],
                                                const float (&mul)[RM], int nrows, int hd, int ty,
-                                               int tx, bool al8) {
+                                               int tx) {
 #pragma unroll
     for (int r = 0; r < RM; ++r) {
         const int row = ty + 16 * r;
@@ -169,8 +161,8 @@ __device__ __forceinline__ void attn_write_acc(float* dst, long long ld, const f
 #pragma unroll
         for (int c = 0; c < NCH; ++c) {
             const int d = 32 * c + 4 * tx;
-            if (d < hd) attn_store2(p + d, acc[c][r][0] * mul[r], acc[c][r][1] * mul[r], al8);
-            if (d + 2 < hd) attn_store2(p + d + 2, acc[c][r][2] * mul[r], acc[c][r][3] * mul[r], al8);
+            if (d < hd) attn_store2(p + d, acc[c][r][0] * mul[r], acc[c][r][1] * mul[r]);
+            if (d + 2 < hd) attn_store2(p + d + 2, acc[c][r][2] * mul[r], acc[c][r][3] * mul[r]);
         }
     }
 }
@@ -181,10 +173,10 @@ __device__ __forceinline__ void attn_write_acc(float* dst, long long ld, const f
 //     s_ij = c·q_i·k_j;  m' = max(m, max_j s_ij);  α = exp(m − m');  p_ij = exp(s_ij − m');
 //     l = α·l + Σ_j p_ij;  o = α·o + Σ_j p_ij·v_j;  m = m'.
 //   Finally out_i = o / l, lse_i = m + log l.
-// Tiling: rows R = 16·RM per pass (RM = 4: one pass of 64 queries; RM = 2 for hd > 128: two
-// passes of 32). Per key tile: Q and K staged 32 dims at a time ([R][36] + [64][36]) for S,
+// Tiling: rows R = 16·RM per pass (hd <= 128: RM = 4, one pass of 64 queries; hd <= 256: RM = 2,
+// two passes of 32). Per key tile: Q and K staged 32 dims at a time ([R][36] + [64][36]) for S,
 // P stored to shared ([R][68]), then V staged 32 dims at a time ([64][36], aliasing Q/K) for P·V.
-// Registers: o[DP/32][RM][4] (= 64 floats at hd 128), s[RM][8].
+// Registers: o[DP/32][RM][4] (64 floats either way), s[RM][8]. Shared: 35 KiB.
 // ---------------------------------------------------------------------------------------------
 template <int DP, int RM_, int BC_>
 struct AttnFwdCfg {
@@ -195,11 +187,9 @@ struct AttnFwdCfg {
     static constexpr int SP = ROWS * PP;         // P tile
     static constexpr int SMEM = attn_max(SA, SV) + SP;
 };
-typedef AttnFwdCfg<64, 4, 64> ATTN_FWD_CFG64;
-typedef AttnFwdCfg<128, 4, 64> ATTN_FWD_CFG128;
-typedef AttnFwdCfg<256, 2, 64> ATTN_FWD_CFG256;
-constexpr int ATTN_FWD_SMEM = attn_max(attn_max(ATTN_FWD_CFG64::SMEM, ATTN_FWD_CFG128::SMEM),
-                                       ATTN_FWD_CFG256::SMEM);
+typedef AttnFwdCfg<128, 4, 64> ATTN_FWD_CFG128;  // hd <= 128
+typedef AttnFwdCfg<256, 2, 64> ATTN_FWD_CFG256;  // 128 < hd <= 256
+constexpr int ATTN_FWD_SMEM = attn_max(ATTN_FWD_CFG128::SMEM, ATTN_FWD_CFG256::SMEM);
 
 template <class C>
 __device__ __forceinline__ void attn_fwd_impl(float* smem, const float* __restrict__ q,
@@ -224,11 +214,10 @@ __device__ __forceinline__ void attn_fwd_impl(float* smem, const float* __restri
     const float* qh = q + tok0 * ldq + (long long)h * hd;
     const float* kh = k + tok0 * ldk + (long long)g * hd;
     const float* vh = v + tok0 * ldk + (long long)g * hd;
-    const bool al8 = attn_aligned8(q) && attn_aligned8(k) && attn_aligned8(v) && attn_aligned8(out);
 
 #pragma unroll 1
     for (int pass = 0; pass < 64 / ROWS; ++pass) {
-        const int r0 = blockIdx.x * 64 + pass * ROWS;
+        const int r0 = (gridDim.x - 1 - blockIdx.x) * 64 + pass * ROWS;  // heavy tiles first
         if (r0 >= seq) break;
         const int nrows = min(ROWS, seq - r0);
         int qi[RM], qseg[RM];
@@ -273,9 +262,9 @@ __device__ __forceinline__ void attn_fwd_impl(float* smem, const float* __restri
                 if (32 * c < hd) {
                     __syncthreads();  // the previous readers of Qs/Ks/Vs are done
                     attn_stage<ROWS, 32, PA>(Qs, qh + (long long)r0 * ldq + 32 * c, ldq, seq - r0,
-                                             hd - 32 * c, al8);
+                                             hd - 32 * c);
                     attn_stage<BC, 32, PA>(Ks, kh + (long long)j0 * ldk + 32 * c, ldk, seq - j0,
-                                           hd - 32 * c, al8);
+                                           hd - 32 * c);
                     __syncthreads();
                     attn_mma_nt<RM, TN, 32, PA, PA>(s, Qs, Ks, ty, tx);
                 }
@@ -317,7 +306,7 @@ __device__ __forceinline__ void attn_fwd_impl(float* smem, const float* __restri
                 if (32 * c < hd) {
                     __syncthreads();  // S readers of Qs/Ks are done; Ps is complete
                     attn_stage<BC, 32, PA>(Vs, vh + (long long)j0 * ldk + 32 * c, ldk, seq - j0,
-                                           hd - 32 * c, al8);
+                                           hd - 32 * c);
                     __syncthreads();
                     attn_mma_nn<RM, BC, PP, PA>(o[c], Ps, Vs, ty, tx);
                 }
@@ -334,7 +323,7 @@ __device__ __forceinline__ void attn_fwd_impl(float* smem, const float* __restri
             }
         }
         attn_write_acc<NCH, RM>(out + (tok0 + r0) * ldq + (long long)h * hd, ldq, o, inv, nrows,
-                                hd, ty, tx, al8);
+                                hd, ty, tx);
     }
 }
 
@@ -345,9 +334,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
                   float* __restrict__ out, float* __restrict__ lse, int batch, int seq, int heads,
                   int kv_heads, int head_dim, float scale) {
     __shared__ __align__(16) float smem[ATTN_FWD_SMEM];
-    if (head_dim <= 64) {
-        attn_fwd_impl<ATTN_FWD_CFG64>(smem, q, k, v, segments, out, lse, seq, heads, kv_heads, head_dim, scale);
-    } else if (head_dim <= 128) {
+    if (head_dim <= 128) {
         attn_fwd_impl<ATTN_FWD_CFG128>(smem, q, k, v, segments, out, lse, seq, heads, kv_heads, head_dim, scale);
     } else {
         attn_fwd_impl<ATTN_FWD_CFG256>(smem, q, k, v, segments, out, lse, seq, heads, kv_heads, head_dim, scale);
@@ -375,28 +362,28 @@ extern "C" __global__ void attention_bwd_delta(const float* __restrict__ out,
 }
 
 // ---------------------------------------------------------------------------------------------
-// dQ. Per query row i of this block, over the visible keys j, tile by tile (BC = 64 keys):
+// dQ. Per query row i of this block, over the visible keys j, tile by tile:
 //   p_ij = exp(c·q_i·k_j − lse_i),  dp_ij = dO_i·v_j,  ds_ij = p_ij·(dp_ij − D_i),
 //   dq_i = c·Σ_j ds_ij·k_j.
-// Tiling: rows R = 16·RM per pass (RM = 4, or 2 for hd > 128). Per key tile: Q, dO ([R][20]) and
-// K, V ([64][20]) staged 16 dims at a time for S and dP; dS stored to shared ([R][68]); then K
-// staged again 32 dims at a time ([64][36], aliasing) for dS·K.
-// Registers: dq[DP/32][RM][4], s[RM][8], dp[RM][8].
+// Tiling (hd <= 128): one pass of R = 64 rows (RM = 4), key tiles of BC = 64. Per key tile: Q, dO
+// ([64][20]) and K, V ([64][20]) staged 16 dims at a time for S and dP; dS stored to shared
+// ([64][68]); then K staged again 32 dims at a time ([64][36], aliasing) for dS·K. Registers:
+// dq[4][4][4] (64 floats), s[4][8], dp[4][8]. Shared: 37 KiB.
+// hd <= 256: two passes of R = 32 rows (RM = 2), key tiles of BC = 32, everything staged 32 dims
+// at a time ([32][36] each), dS [32][36]; dq[8][2][4], s[2][4], dp[2][4].
 // ---------------------------------------------------------------------------------------------
 template <int DP, int RM_, int BC_, int DCA_>
 struct AttnDqCfg {
     static constexpr int RM = RM_, ROWS = 16 * RM, BC = BC_, TN = BC / 8, NCH = DP / 32;
     static constexpr int DCA = DCA_, NCHA = DP / DCA, PA = DCA + 4, PB = 36, PS = BC + 4;
-    static constexpr int SA = 2 * ROWS * PA + 2 * BC * PA;  // Q, dO, K, V chunks of 16 dims
+    static constexpr int SA = 2 * ROWS * PA + 2 * BC * PA;  // Q, dO, K, V chunks of DCA dims
     static constexpr int SB = BC * PB;                      // K chunk of 32 dims (aliases SA)
     static constexpr int SS = ROWS * PS;                    // dS tile
     static constexpr int SMEM = attn_max(SA, SB) + SS;
 };
-typedef AttnDqCfg<64, 4, 32, 32> ATTN_DQ_CFG64;
-typedef AttnDqCfg<128, 4, 32, 32> ATTN_DQ_CFG128;
-typedef AttnDqCfg<256, 2, 32, 32> ATTN_DQ_CFG256;
-constexpr int ATTN_DQ_SMEM = attn_max(attn_max(ATTN_DQ_CFG64::SMEM, ATTN_DQ_CFG128::SMEM),
-                                      ATTN_DQ_CFG256::SMEM);
+typedef AttnDqCfg<128, 4, 64, 16> ATTN_DQ_CFG128;  // hd <= 128
+typedef AttnDqCfg<256, 2, 32, 32> ATTN_DQ_CFG256;  // 128 < hd <= 256
+constexpr int ATTN_DQ_SMEM = attn_max(ATTN_DQ_CFG128::SMEM, ATTN_DQ_CFG256::SMEM);
 
 template <class C>
 __device__ __forceinline__ void attn_dq_impl(float* smem, const float* __restrict__ q,
@@ -427,12 +414,10 @@ __device__ __forceinline__ void attn_dq_impl(float* smem, const float* __restric
     const float* doh = d_out + tok0 * ldq + (long long)h * hd;
     const float* kh = k + tok0 * ldk + (long long)g * hd;
     const float* vh = v + tok0 * ldk + (long long)g * hd;
-    const bool al8 = attn_aligned8(q) && attn_aligned8(k) && attn_aligned8(v) &&
-                     attn_aligned8(d_out) && attn_aligned8(dq);
 
 #pragma unroll 1
     for (int pass = 0; pass < 64 / ROWS; ++pass) {
-        const int r0 = blockIdx.x * 64 + pass * ROWS;
+        const int r0 = (gridDim.x - 1 - blockIdx.x) * 64 + pass * ROWS;  // heavy tiles first
         if (r0 >= seq) break;
         const int nrows = min(ROWS, seq - r0);
         int qi[RM], qseg[RM];
@@ -481,10 +466,10 @@ __device__ __forceinline__ void attn_dq_impl(float* smem, const float* __restric
                 if (DCA * c < hd) {
                     __syncthreads();
                     const long long qo = (long long)r0 * ldq + DCA * c, ko = (long long)j0 * ldk + DCA * c;
-                    attn_stage<ROWS, DCA, PA>(Qs, qh + qo, ldq, seq - r0, hd - DCA * c, al8);
-                    attn_stage<ROWS, DCA, PA>(dOs, doh + qo, ldq, seq - r0, hd - DCA * c, al8);
-                    attn_stage<BC, DCA, PA>(Ks, kh + ko, ldk, seq - j0, hd - DCA * c, al8);
-                    attn_stage<BC, DCA, PA>(Vs, vh + ko, ldk, seq - j0, hd - DCA * c, al8);
+                    attn_stage<ROWS, DCA, PA>(Qs, qh + qo, ldq, seq - r0, hd - DCA * c);
+                    attn_stage<ROWS, DCA, PA>(dOs, doh + qo, ldq, seq - r0, hd - DCA * c);
+                    attn_stage<BC, DCA, PA>(Ks, kh + ko, ldk, seq - j0, hd - DCA * c);
+                    attn_stage<BC, DCA, PA>(Vs, vh + ko, ldk, seq - j0, hd - DCA * c);
                     __syncthreads();
                     attn_mma_nt<RM, TN, DCA, PA, PA>(s, Qs, Ks, ty, tx);
                     attn_mma_nt<RM, TN, DCA, PA, PA>(dp, dOs, Vs, ty, tx);
@@ -508,7 +493,7 @@ __device__ __forceinline__ void attn_dq_impl(float* smem, const float* __restric
                 if (32 * c < hd) {
                     __syncthreads();
                     attn_stage<BC, 32, PB>(Kb, kh + (long long)j0 * ldk + 32 * c, ldk, seq - j0,
-                                           hd - 32 * c, al8);
+                                           hd - 32 * c);
                     __syncthreads();
                     attn_mma_nn<RM, BC, PS, PB>(acc[c], Ss, Kb, ty, tx);
                 }
@@ -518,7 +503,7 @@ __device__ __forceinline__ void attn_dq_impl(float* smem, const float* __restric
 #pragma unroll
         for (int r = 0; r < RM; ++r) mul[r] = scale;
         attn_write_acc<NCH, RM>(dq + (tok0 + r0) * ldq + (long long)h * hd, ldq, acc, mul, nrows, hd,
-                                ty, tx, al8);
+                                ty, tx);
     }
 }
 
@@ -530,10 +515,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
                      const int* __restrict__ segments, float* __restrict__ dq, int batch, int seq,
                      int heads, int kv_heads, int head_dim, float scale) {
     __shared__ __align__(16) float smem[ATTN_DQ_SMEM];
-    if (head_dim <= 64) {
-        attn_dq_impl<ATTN_DQ_CFG64>(smem, q, k, v, d_out, lse, delta, segments, dq, seq, heads, kv_heads,
-                            head_dim, scale);
-    } else if (head_dim <= 128) {
+    if (head_dim <= 128) {
         attn_dq_impl<ATTN_DQ_CFG128>(smem, q, k, v, d_out, lse, delta, segments, dq, seq, heads, kv_heads,
                              head_dim, scale);
     } else {
@@ -547,10 +529,12 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 // visible queries i, tile by tile (BR = 32 queries, from the tile holding j's block start: causal):
 //   p_ij = exp(c·q_i·k_j − lse_i),  dp_ij = dO_i·v_j,  ds_ij = p_ij·(dp_ij − D_i),
 //   dv_j = Σ_h Σ_i p_ij·dO_i,  dk_j = c·Σ_h Σ_i ds_ij·q_i.
-// Tiling: key rows R = 16·RM per pass (RM = 4, or 2 for hd > 128). Per query tile: K, V
-// ([R][36]) and Q, dO ([32][36]) staged 32 dims at a time for Sᵀ and dPᵀ; P and dS stored to
-// shared ([R][36] each); then dO and Q staged again 32 dims at a time (aliasing) for Pᵀ·dO, dSᵀ·Q.
-// Registers: dk, dv [DP/32][RM][4] each, s[RM][4], dp[RM][4].
+// Tiling: key rows R = 16·RM per pass (hd <= 64: RM = 4, one pass of 64 keys; hd <= 128: RM = 2,
+// two passes of 32; hd <= 256: RM = 1, four passes of 16), query tiles of BR = 32. Per query
+// tile: K, V ([R][36]) and Q, dO ([32][36]) staged 32 dims at a time for Sᵀ and dPᵀ; P and dS
+// stored to shared ([R][36] each); then dO and Q staged again 32 dims at a time (aliasing) for
+// Pᵀ·dO and dSᵀ·Q. Registers: dk, dv [DP/32][RM][4] each (2 × 32 floats), s[RM][4], dp[RM][4].
+// Shared: 45 KiB (hd <= 64), 27 KiB, 18 KiB.
 // ---------------------------------------------------------------------------------------------
 template <int DP, int RM_, int BR_>
 struct AttnDkdvCfg {
@@ -561,9 +545,9 @@ struct AttnDkdvCfg {
     static constexpr int SP = 2 * ROWS * PP;                // P, dS tiles
     static constexpr int SMEM = attn_max(SA, SB) + SP;
 };
-typedef AttnDkdvCfg<64, 4, 32> ATTN_DKDV_CFG64;
-typedef AttnDkdvCfg<128, 2, 32> ATTN_DKDV_CFG128;
-typedef AttnDkdvCfg<256, 1, 32> ATTN_DKDV_CFG256;
+typedef AttnDkdvCfg<64, 4, 32> ATTN_DKDV_CFG64;    // hd <= 64: 64 keys in one pass
+typedef AttnDkdvCfg<128, 2, 32> ATTN_DKDV_CFG128;  // hd <= 128: two passes of 32 keys
+typedef AttnDkdvCfg<256, 1, 32> ATTN_DKDV_CFG256;  // hd <= 256: four passes of 16 keys
 constexpr int ATTN_DKDV_SMEM = attn_max(
     attn_max(ATTN_DKDV_CFG64::SMEM, ATTN_DKDV_CFG128::SMEM), ATTN_DKDV_CFG256::SMEM);
 
@@ -596,8 +580,6 @@ __device__ __forceinline__ void attn_dkdv_impl(float* smem, const float* __restr
     const int* seg = segments + tok0;
     const float* kh = k + tok0 * ldk + (long long)g * hd;
     const float* vh = v + tok0 * ldk + (long long)g * hd;
-    const bool al8 = attn_aligned8(q) && attn_aligned8(k) && attn_aligned8(v) &&
-                     attn_aligned8(d_out) && attn_aligned8(dk) && attn_aligned8(dv);
 
 #pragma unroll 1
     for (int pass = 0; pass < 64 / ROWS; ++pass) {
@@ -657,10 +639,10 @@ __device__ __forceinline__ void attn_dkdv_impl(float* smem, const float* __restr
                     if (32 * c < hd) {
                         __syncthreads();
                         const long long ko = (long long)r0 * ldk + 32 * c, qo = (long long)i0 * ldq + 32 * c;
-                        attn_stage<ROWS, 32, PA>(Ks, kh + ko, ldk, seq - r0, hd - 32 * c, al8);
-                        attn_stage<ROWS, 32, PA>(Vs, vh + ko, ldk, seq - r0, hd - 32 * c, al8);
-                        attn_stage<BR, 32, PA>(Qs, qh + qo, ldq, seq - i0, hd - 32 * c, al8);
-                        attn_stage<BR, 32, PA>(dOs, doh + qo, ldq, seq - i0, hd - 32 * c, al8);
+                        attn_stage<ROWS, 32, PA>(Ks, kh + ko, ldk, seq - r0, hd - 32 * c);
+                        attn_stage<ROWS, 32, PA>(Vs, vh + ko, ldk, seq - r0, hd - 32 * c);
+                        attn_stage<BR, 32, PA>(Qs, qh + qo, ldq, seq - i0, hd - 32 * c);
+                        attn_stage<BR, 32, PA>(dOs, doh + qo, ldq, seq - i0, hd - 32 * c);
                         __syncthreads();
                         attn_mma_nt<RM, TN, 32, PA, PA>(s, Ks, Qs, ty, tx);
                         attn_mma_nt<RM, TN, 32, PA, PA>(dp, Vs, dOs, ty, tx);
@@ -685,8 +667,8 @@ __device__ __forceinline__ void attn_dkdv_impl(float* smem, const float* __restr
                     if (32 * c < hd) {
                         __syncthreads();
                         const long long qo = (long long)i0 * ldq + 32 * c;
-                        attn_stage<BR, 32, PA>(dOb, doh + qo, ldq, seq - i0, hd - 32 * c, al8);
-                        attn_stage<BR, 32, PA>(Qb, qh + qo, ldq, seq - i0, hd - 32 * c, al8);
+                        attn_stage<BR, 32, PA>(dOb, doh + qo, ldq, seq - i0, hd - 32 * c);
+                        attn_stage<BR, 32, PA>(Qb, qh + qo, ldq, seq - i0, hd - 32 * c);
                         __syncthreads();
                         attn_mma_nn<RM, BR, PP, PA>(dva[c], Ps, dOb, ty, tx);
                         attn_mma_nn<RM, BR, PP, PA>(dka[c], dSs, Qb, ty, tx);
@@ -701,8 +683,8 @@ __device__ __forceinline__ void attn_dkdv_impl(float* smem, const float* __restr
             mul[r] = scale;
         }
         const long long off = (tok0 + r0) * ldk + (long long)g * hd;
-        attn_write_acc<NCH, RM>(dv + off, ldk, dva, one, nrows, hd, ty, tx, al8);
-        attn_write_acc<NCH, RM>(dk + off, ldk, dka, mul, nrows, hd, ty, tx, al8);
+        attn_write_acc<NCH, RM>(dv + off, ldk, dva, one, nrows, hd, ty, tx);
+        attn_write_acc<NCH, RM>(dk + off, ldk, dka, mul, nrows, hd, ty, tx);
     }
 }
 
@@ -752,13 +734,12 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     const long long ldq = (long long)heads * hd, ldk = (long long)kv_heads * hd;
     const float* kg = k + (long long)g * hd;
     const float* vg = v + (long long)g * hd;
-    const bool al8 = attn_aligned8(q) && attn_aligned8(k) && attn_aligned8(v) && attn_aligned8(out);
 
     float2 qv[4], o[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
         const int d = 2 * lane + 64 * c;
-        qv[c] = d < hd ? attn_load2(q + i * ldq + (long long)h * hd + d, al8) : make_float2(0.0f, 0.0f);
+        qv[c] = d < hd ? attn_load2(q + i * ldq + (long long)h * hd + d) : make_float2(0.0f, 0.0f);
         o[c] = make_float2(0.0f, 0.0f);
     }
     float mrun = attn_neg_inf(), lrun = 0.0f;
@@ -774,7 +755,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
                 for (int c = 0; c < 4; ++c) {
                     const int d = 2 * lane + 64 * c;
                     if (d < hd) {
-                        const float2 kv = attn_load2(kg + (long long)j * ldk + d, al8);
+                        const float2 kv = attn_load2(kg + (long long)j * ldk + d);
                         part = fmaf(qv[c].x, kv.x, part);
                         part = fmaf(qv[c].y, kv.y, part);
                     }
@@ -807,7 +788,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
                 for (int c = 0; c < 4; ++c) {
                     const int d = 2 * lane + 64 * c;
                     if (d < hd) {
-                        const float2 vv = attn_load2(vg + (long long)j * ldk + d, al8);
+                        const float2 vv = attn_load2(vg + (long long)j * ldk + d);
                         o[c].x = fmaf(p, vv.x, o[c].x);
                         o[c].y = fmaf(p, vv.y, o[c].y);
                     }

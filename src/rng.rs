@@ -18,6 +18,14 @@ pub fn unit_f32(seed: u64, index: u64) -> f32 {
     (hash(seed, index) >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
+/// A standard normal value for element `index` of the stream `seed` (Box–Muller on two hashes),
+/// so large tensors can be filled in parallel and in any order.
+pub fn normal_at(seed: u64, index: u64) -> f32 {
+    let u1 = ((hash(seed, 2 * index) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+    let u2 = (hash(seed, 2 * index + 1) >> 11) as f64 / (1u64 << 53) as f64;
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
 /// Derives the seed of a named sub-stream, e.g. `derive(seed, &[layer, module])`.
 pub fn derive(seed: u64, path: &[u64]) -> u64 {
     path.iter()

@@ -6,50 +6,16 @@
 
 mod common;
 
+use common::llamacpp::{interop_dir, llama_cpp};
 use common::{chat_prompt, encode, smollm2, tuned};
 use finetune::api::{Model, Trainer};
 use finetune::backend::IGNORE_LABEL;
 use finetune::io::gguf::GgmlType;
 use finetune::train::batch::Batch;
 use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::process::Command;
 
 /// Tokens generated per prompt.
 const N_PREDICT: usize = 10;
-
-fn interop_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/llamacpp");
-    let installed = dir
-        .join("node_modules/node-llama-cpp/package.json")
-        .is_file();
-    let node = Command::new("node").arg("--version").output().is_ok();
-    if installed && node {
-        Some(dir)
-    } else {
-        eprintln!("SKIPPED: node or node-llama-cpp is missing; run tests/llamacpp/setup.sh");
-        None
-    }
-}
-
-/// Runs llama.cpp on `jobs` (see interop.mjs).
-fn llama_cpp(dir: &std::path::Path, jobs: &Value) -> Vec<Value> {
-    let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("jobs.json");
-    std::fs::write(&file, jobs.to_string()).unwrap();
-    let out = Command::new("node")
-        .arg(dir.join("interop.mjs"))
-        .arg(&file)
-        .current_dir(dir)
-        .output()
-        .expect("node runs");
-    assert!(
-        out.status.success(),
-        "interop.mjs failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("JSON results")
-}
 
 fn ids(v: &Value) -> Vec<Vec<i32>> {
     serde_json::from_value(v.clone()).unwrap()

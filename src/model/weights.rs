@@ -4,7 +4,8 @@ use super::config::ModelConfig;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::lora::TargetModule;
-use crate::rng::Rng;
+use crate::rng::{derive, normal_at};
+use rayon::prelude::*;
 
 /// Where one base tensor lives inside [`DecoderWeights`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,9 +241,11 @@ impl<B: Backend> Default for PartialLayer<B> {
 /// N(0, 1), matrices N(0, 1/in) so activations keep their scale through the layers, norm weights
 /// near their identity value, biases N(0, 0.02²).
 pub fn random_weights(cfg: &ModelConfig, seed: u64) -> impl FnMut(&TensorSpec) -> Vec<f32> {
-    let mut rng = Rng::new(seed);
     let unit_offset = cfg.norm_unit_offset;
+    let mut tensor = 0u64;
     move |spec| {
+        let stream = derive(seed, &[tensor]);
+        tensor += 1;
         let n = spec.rows * spec.cols;
         let is_norm = matches!(
             spec.slot,
@@ -259,6 +262,9 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> impl FnMut(&TensorSpec) -
             Slot::Bias(..) => 0.02,
             _ => 1.0 / (spec.cols as f32).sqrt(),
         };
-        (0..n).map(|_| identity + std * rng.normal()).collect()
+        (0..n as u64)
+            .into_par_iter()
+            .map(|i| identity + std * normal_at(stream, i))
+            .collect()
     }
 }

@@ -266,6 +266,8 @@ impl<B: Backend> Trainer<B> {
     /// A non-finite loss or gradient is reported as [`Error::NonFinite`] and nothing is updated.
     pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
         let (loss, tokens, labelled) = self.compute_gradients(micro_batches)?;
+        // Data-parallel training would all-reduce (average) the LoRA gradients across ranks
+        // here, before the norm, so that clipping and AdamW run identically on every rank.
         let be = &self.decoder.backend;
         let mut sq = 0.0f64;
         for g in self.grads.tensors() {

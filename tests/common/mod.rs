@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a subset
 
+pub mod llamacpp;
+
 use finetune::api::{Model, ModelParams, Trainer};
 use finetune::backend::IGNORE_LABEL;
 use finetune::io::safetensors::Dtype;

@@ -1,10 +1,15 @@
 // Runs llama.cpp (the prebuilt binaries of node-llama-cpp) on a list of jobs and prints the
-// results as JSON, for tests/gguf_llamacpp.rs to compare with this library's.
+// results as JSON, for tests/gguf_llamacpp.rs and tests/gguf_types_llamacpp.rs to compare with
+// this library's.
 //
 // Usage: node interop.mjs jobs.json
 // jobs.json: [{"model": "a.gguf", "lora": "adapter.gguf" | null,
-//              "tokenize": ["text", ...], "prompts": [[ids], ...], "n_predict": 16}, ...]
-// Output:    [{"tokens": [[ids], ...], "continuations": [[ids], ...]}, ...]
+//              "tokenize": ["text", ...], "prompts": [[ids], ...], "n_predict": 16,
+//              "score": [[ids], ...]}, ...]
+// Output:    [{"tokens": [[ids], ...], "continuations": [[ids], ...],
+//              "log_probs": [[[vocab floats] per position] per sequence of "score"]}, ...]
+// "score" evaluates each sequence once and returns, at every position, the log-softmax of the
+// logits over the whole vocabulary (greedy sampling applies no penalty, top-k or temperature).
 import { readFileSync } from "node:fs";
 import { getLlama } from "node-llama-cpp";
 
@@ -31,7 +36,26 @@ for (const job of jobs) {
         }
         await context.dispose();
     }
-    results.push({ tokens, continuations });
+    const log_probs = [];
+    if ((job.score ?? []).length > 0) {
+        // One sequence each: a disposed sequence is not free for reuse at once.
+        const context = await model.createContext({
+            contextSize: 512, threads: 2, sequences: job.score.length,
+        });
+        for (const sequenceIds of job.score) {
+            const sequence = context.getSequence();
+            const input = sequenceIds.map((t) => [t, { generateNext: { probabilities: true } }]);
+            const outputs = await sequence.controlledEvaluate(input);
+            log_probs.push(outputs.map((out) => {
+                const row = [];
+                for (const [token, p] of out.next.probabilities) row[token] = Math.log(p);
+                return row;
+            }));
+            sequence.dispose();
+        }
+        await context.dispose();
+    }
+    results.push({ tokens, continuations, log_probs });
     await model.dispose();
 }
 process.stdout.write(JSON.stringify(results));

@@ -17,6 +17,7 @@ use cudarc::driver::DevicePtr;
 use device::{driver_error, DeviceBuffer, Gpu};
 use kernels::KernelCache;
 use launch::{Arg, Shape};
+use rayon::prelude::*;
 use std::sync::Mutex;
 use tensor::Storage;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
@@ -291,7 +292,7 @@ impl Backend for CudaBackend {
     fn upload_frozen(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         Self::check_len(data.len(), rows, cols)?;
         let bits: Vec<u16> = data
-            .iter()
+            .par_iter()
             .map(|&x| half::bf16::from_f32(x).to_bits())
             .collect();
         Ok(CudaTensor {
