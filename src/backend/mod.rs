@@ -117,8 +117,9 @@ pub trait Backend: Send + Sync + 'static {
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// `x *= s`.
     fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
-    /// `Σ x²`, accumulated in f64.
-    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64>;
+    /// `Σ x²` over every element of every tensor in `xs`, accumulated in f64 (one result for a
+    /// whole set, so a device backend waits once).
+    fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64>;
     /// Whether any element is NaN or infinite.
     fn has_non_finite(&self, x: &Self::Tensor) -> Result<bool>;
 

@@ -46,7 +46,8 @@ pub const FT_GGUF_BF16: i32 = 30;
 /// How to load a model. Get defaults from `ft_model_default_params()`.
 #[repr(C)]
 pub struct ft_model_params {
-    /// "auto", "cpu" or "cuda:N"; NULL means "auto". Read during the call only.
+    /// "auto" (the first CUDA GPU when its driver, NVRTC and cuBLAS load, else the CPU), "cpu" or
+    /// "cuda:N"; NULL means "auto". Read during the call only.
     pub device: *const c_char,
     /// CPU worker threads; 0 means one per core.
     pub n_threads: u32,

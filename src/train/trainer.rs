@@ -269,11 +269,8 @@ impl<B: Backend> Trainer<B> {
         // Data-parallel training would all-reduce (average) the LoRA gradients across ranks
         // here, before the norm, so that clipping and AdamW run identically on every rank.
         let be = &self.decoder.backend;
-        let mut sq = 0.0f64;
-        for g in self.grads.tensors() {
-            sq += be.sum_squares(g)?;
-        }
-        let grad_norm = sq.sqrt();
+        let grads: Vec<&B::Tensor> = self.grads.tensors().collect();
+        let grad_norm = be.sum_squares(&grads)?.sqrt();
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite(format!("gradient norm ({grad_norm})")));
         }

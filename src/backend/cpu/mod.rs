@@ -175,8 +175,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn sum_squares(&self, x: &CpuTensor) -> Result<f64> {
-        Ok(x.data.iter().map(|&a| (a as f64) * (a as f64)).sum())
+    fn sum_squares(&self, xs: &[&CpuTensor]) -> Result<f64> {
+        Ok(xs
+            .iter()
+            .flat_map(|x| &x.data)
+            .map(|&a| (a as f64) * (a as f64))
+            .sum())
     }
 
     fn has_non_finite(&self, x: &CpuTensor) -> Result<bool> {

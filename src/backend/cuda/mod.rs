@@ -430,14 +430,16 @@ impl Backend for CudaBackend {
         self.elementwise("scale_f32", x.elements(), &args)
     }
 
-    fn sum_squares(&self, x: &CudaTensor) -> Result<f64> {
+    fn sum_squares(&self, xs: &[&CudaTensor]) -> Result<f64> {
         let out = self.gpu.alloc_zeros::<f64>(1, "a sum")?;
-        let args = [
-            self.f32_arg(x, "sum_squares")?,
-            count(x.elements()),
-            Arg::Ptr(self.buffer_ptr(&out)),
-        ];
-        self.elementwise("sum_squares_f32", x.elements(), &args)?;
+        for x in xs {
+            let args = [
+                self.f32_arg(x, "sum_squares")?,
+                count(x.elements()),
+                Arg::Ptr(self.buffer_ptr(&out)),
+            ];
+            self.elementwise("sum_squares_f32", x.elements(), &args)?;
+        }
         Ok(self.gpu.download(&out.slice, "a sum")?[0])
     }
 
@@ -454,11 +456,10 @@ impl Backend for CudaBackend {
 
     fn embedding(&self, table: &CudaTensor, ids: &CudaInts, scale: f32) -> Result<CudaTensor> {
         Self::check_ids(ids, table.rows, "token id", false)?;
-        if table.dtype() != Dtype::Bf16 {
-            return Err(Error::InvalidArgument(
-                "embedding: the table must be a frozen (bf16) weight".into(),
-            ));
-        }
+        let kernel = match table.dtype() {
+            Dtype::Bf16 => "embedding_bf16",
+            Dtype::F32 => "embedding_f32",
+        };
         let (rows, cols) = (ids.host.len(), table.cols);
         let out = self.tensor(rows, cols, "embeddings")?;
         let args = [
@@ -469,7 +470,7 @@ impl Backend for CudaBackend {
             dim(cols),
             Arg::F32(scale),
         ];
-        self.elementwise("embedding_bf16", rows * cols, &args)?;
+        self.elementwise(kernel, rows * cols, &args)?;
         Ok(out)
     }
 
