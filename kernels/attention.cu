@@ -31,6 +31,13 @@
 // picked by hd at run time; staged columns >= hd read as 0 and 32-dim chunks wholly beyond hd are
 // skipped, so a smaller hd costs proportionally less.
 //
+// Tensor cores: for head_dim 64 and 128, attention_fwd, attention_bwd_dq and attention_bwd_dkdv
+// run the mma.sync (bf16 operands, f32 accumulation) kernels of the last section of this file
+// (same launch shapes, same outputs up to bf16 operand rounding; attention_bwd_delta then rounds
+// dO to bf16 as the mma backward does). The CUDA-core code below serves every other head_dim; it
+// is kept out of line (__noinline__) so that its register allocation does not mix with the mma
+// paths' (inlined together, ptxas spilled).
+//
 // Assumes blockDim.x == 128 (the launch shape of the contract) and 8-byte aligned tensors (device
 // allocations are): global memory is accessed as float2 at even element offsets (hd is even).
 // fwd and dq take query tiles in reverse blockIdx.x order, so the longest causal rows start first.
@@ -192,7 +199,7 @@ typedef AttnFwdCfg<256, 2, 64> ATTN_FWD_CFG256;  // 128 < hd <= 256
 constexpr int ATTN_FWD_SMEM = attn_max(ATTN_FWD_CFG128::SMEM, ATTN_FWD_CFG256::SMEM);
 
 template <class C>
-__device__ __forceinline__ void attn_fwd_impl(float* smem, const float* __restrict__ q,
+__device__ __noinline__ void attn_fwd_impl(float* smem, const float* __restrict__ q,
                                               const float* __restrict__ k,
                                               const float* __restrict__ v,
                                               const int* __restrict__ segments,
@@ -327,19 +334,6 @@ __device__ __forceinline__ void attn_fwd_impl(float* smem, const float* __restri
     }
 }
 
-// out, lse as above. Launch: grid (ceil(seq/64), heads, batch), block 128.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-    attention_fwd(const float* __restrict__ q, const float* __restrict__ k,
-                  const float* __restrict__ v, const int* __restrict__ segments,
-                  float* __restrict__ out, float* __restrict__ lse, int batch, int seq, int heads,
-                  int kv_heads, int head_dim, float scale) {
-    __shared__ __align__(16) float smem[ATTN_FWD_SMEM];
-    if (head_dim <= 128) {
-        attn_fwd_impl<ATTN_FWD_CFG128>(smem, q, k, v, segments, out, lse, seq, heads, kv_heads, head_dim, scale);
-    } else {
-        attn_fwd_impl<ATTN_FWD_CFG256>(smem, q, k, v, segments, out, lse, seq, heads, kv_heads, head_dim, scale);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // delta[t, h] = D = Σ_d dO[t, h·hd+d]·O[t, h·hd+d].
@@ -355,8 +349,16 @@ extern "C" __global__ void attention_bwd_delta(const float* __restrict__ out,
     const long long t = pair / heads;
     const int h = (int)(pair - t * heads);
     const long long base = t * heads * (long long)head_dim + (long long)h * head_dim;
+    // The tensor-core backward (head_dim 64, 128) forms dP = dO·Vᵀ from bf16-rounded dO, so D uses
+    // the same rounded dO: dP − D then cancels as it should (D = Σ_j P_ij·dP_ij up to the rounding
+    // of P), instead of leaving the dO rounding error, O(2^-9·|dO|·|O|), in every dS.
+    const bool tc = head_dim == 64 || head_dim == 128;
     float acc = 0.0f;
-    for (int d = lane; d < head_dim; d += 32) acc = fmaf(d_out[base + d], out[base + d], acc);
+    for (int d = lane; d < head_dim; d += 32) {
+        float g = d_out[base + d];
+        if (tc) g = bf16_to_f32(f32_to_bf16(g));
+        acc = fmaf(g, out[base + d], acc);
+    }
     acc = warp_sum(acc);
     if (lane == 0) delta[pair] = acc;
 }
@@ -386,7 +388,7 @@ typedef AttnDqCfg<256, 2, 32, 32> ATTN_DQ_CFG256;  // 128 < hd <= 256
 constexpr int ATTN_DQ_SMEM = attn_max(ATTN_DQ_CFG128::SMEM, ATTN_DQ_CFG256::SMEM);
 
 template <class C>
-__device__ __forceinline__ void attn_dq_impl(float* smem, const float* __restrict__ q,
+__device__ __noinline__ void attn_dq_impl(float* smem, const float* __restrict__ q,
                                              const float* __restrict__ k,
                                              const float* __restrict__ v,
                                              const float* __restrict__ d_out,
@@ -507,22 +509,6 @@ __device__ __forceinline__ void attn_dq_impl(float* smem, const float* __restric
     }
 }
 
-// dq as above (every element written). Launch: grid (ceil(seq/64), heads, batch), block 128.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-    attention_bwd_dq(const float* __restrict__ q, const float* __restrict__ k,
-                     const float* __restrict__ v, const float* __restrict__ d_out,
-                     const float* __restrict__ lse, const float* __restrict__ delta,
-                     const int* __restrict__ segments, float* __restrict__ dq, int batch, int seq,
-                     int heads, int kv_heads, int head_dim, float scale) {
-    __shared__ __align__(16) float smem[ATTN_DQ_SMEM];
-    if (head_dim <= 128) {
-        attn_dq_impl<ATTN_DQ_CFG128>(smem, q, k, v, d_out, lse, delta, segments, dq, seq, heads, kv_heads,
-                             head_dim, scale);
-    } else {
-        attn_dq_impl<ATTN_DQ_CFG256>(smem, q, k, v, d_out, lse, delta, segments, dq, seq, heads, kv_heads,
-                             head_dim, scale);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // dK, dV. Per key row j of this block (KV head g), over the query heads h of the group and the
@@ -552,7 +538,7 @@ constexpr int ATTN_DKDV_SMEM = attn_max(
     attn_max(ATTN_DKDV_CFG64::SMEM, ATTN_DKDV_CFG128::SMEM), ATTN_DKDV_CFG256::SMEM);
 
 template <class C>
-__device__ __forceinline__ void attn_dkdv_impl(float* smem, const float* __restrict__ q,
+__device__ __noinline__ void attn_dkdv_impl(float* smem, const float* __restrict__ q,
                                                const float* __restrict__ k,
                                                const float* __restrict__ v,
                                                const float* __restrict__ d_out,
@@ -688,26 +674,6 @@ __device__ __forceinline__ void attn_dkdv_impl(float* smem, const float* __restr
     }
 }
 
-// dk, dv as above (every element written). Launch: grid (ceil(seq/64), kv_heads, batch), block 128.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-    attention_bwd_dkdv(const float* __restrict__ q, const float* __restrict__ k,
-                       const float* __restrict__ v, const float* __restrict__ d_out,
-                       const float* __restrict__ lse, const float* __restrict__ delta,
-                       const int* __restrict__ segments, float* __restrict__ dk,
-                       float* __restrict__ dv, int batch, int seq, int heads, int kv_heads,
-                       int head_dim, float scale) {
-    __shared__ __align__(16) float smem[ATTN_DKDV_SMEM];
-    if (head_dim <= 64) {
-        attn_dkdv_impl<ATTN_DKDV_CFG64>(smem, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
-                              kv_heads, head_dim, scale);
-    } else if (head_dim <= 128) {
-        attn_dkdv_impl<ATTN_DKDV_CFG128>(smem, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
-                               kv_heads, head_dim, scale);
-    } else {
-        attn_dkdv_impl<ATTN_DKDV_CFG256>(smem, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
-                               kv_heads, head_dim, scale);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Decoding: q [m, heads·hd], k, v [n, kv_heads·hd] (one sequence, no segments). Query i sits at
@@ -826,4 +792,690 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         orow[d] = acc * inv;
     }
     if (threadIdx.x == 0) lse[(long long)i * heads + h] = M + logf(L);
+}
+
+// =============================================================================================
+// Tensor-core path (head_dim 64 and 128): the three training kernels above are also available on
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32. Operands are rounded to bf16 (round to
+// nearest even, f32_to_bf16) when staged into shared memory; products accumulate in f32; the
+// softmax statistics (max, sum, lse) and P / dS are computed in f32 and P / dS are rounded to
+// bf16 only as operands of the second product. Other head dims take the CUDA-core code above.
+//
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), lane =
+// 4·gid + tig (gid = lane >> 2, tig = lane & 3), each 32-bit register holds two bf16, the lower
+// column / k index in the low half:
+//   A (16×16, row-major):  a0 = A[gid][2tig..+1],   a1 = A[gid+8][2tig..+1],
+//                          a2 = A[gid][2tig+8..+9], a3 = A[gid+8][2tig+8..+9]
+//   B (16×8, k × n):       b0 = B[2tig..+1][gid],   b1 = B[2tig+8..+9][gid]
+//   C, D (16×8, f32):      c0,c1 = C[gid][2tig..+1], c2,c3 = C[gid+8][2tig..+1]
+// So an accumulator tile of a score product (C layout, 16 rows × 16 cols = two n-tiles) is
+// exactly the A fragment of the next product (P·V, dS·K, Pᵀ·dO, dSᵀ·Q) once packed to bf16:
+// no trip through shared memory. Fragments are read from shared memory with plain 32-bit loads:
+// an operand whose k index is the head dim is stored row-major [row][d] (pairs of d adjacent);
+// an operand whose k index is the key / query index is stored transposed [d][row] (pairs of
+// rows adjacent), written so at staging time. Row pitches are ≡ 4 (mod 32) words (or 20, 12 for
+// narrow transposed tiles), so the 8 gid × 4 tig lanes of a fragment load hit 32 distinct banks.
+// Every warp owns 16 rows (queries in fwd/dq, keys in dkdv) of the block's 64.
+// =============================================================================================
+
+#define ATTN_LOG2E 1.4426950408889634f
+#define ATTN_LN2 0.6931471805599453f
+
+#if defined(__CUDACC__)
+// D += A·B on tensor cores (one warp, 16×8×16, bf16 operands, f32 accumulators).
+__device__ __forceinline__ void attn_mma(float (&d)[4], const unsigned int (&a)[4], unsigned int b0,
+                                         unsigned int b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#else
+// CPU check (shim.h): the same operation emulated from the documented fragment layouts.
+__device__ __forceinline__ void attn_mma(float (&d)[4], const unsigned int (&a)[4], unsigned int b0,
+                                         unsigned int b1) {
+    shim_mma_m16n8k16_bf16(d, a, b0, b1);
+}
+#endif
+
+// Two f32 -> one register of two bf16 (lo in the low half).
+__device__ __forceinline__ unsigned int attn_pack(float lo, float hi) {
+    return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
+}
+
+// dst[r·PW + w] = bf16 pair (src[r][2w], src[r][2w+1]) for r < R, 2w < HD; rows >= nrows read 0.
+template <int R, int HD, int PW, int U = 8>
+__device__ __forceinline__ void attn_stage_rows(unsigned int* dst, const float* __restrict__ src,
+                                                long long ld, int nrows) {
+    constexpr int WPR = HD / 2, TOT = R * WPR;
+    static_assert(TOT % ATTN_THREADS == 0, "tile shape");
+#pragma unroll U
+    for (int it = 0; it < TOT / ATTN_THREADS; ++it) {
+        const int idx = it * ATTN_THREADS + threadIdx.x;
+        const int r = idx / WPR, w = idx % WPR;
+        float2 x = make_float2(0.0f, 0.0f);
+        if (r < nrows) x = attn_load2(src + r * ld + 2 * w);
+        dst[r * PW + w] = attn_pack(x.x, x.y);
+    }
+}
+
+// Transposed: dst[d·PW + jp] = bf16 pair (src[2jp][d], src[2jp+1][d]) for d < HD, jp < R/2; rows
+// >= nrows read 0. A warp covers 8 row pairs × 4 dim pairs per step: its global reads are 32-byte
+// segments, its shared stores hit 32 distinct banks when 2·PW ≡ 8 (mod 32).
+template <int R, int HD, int PW, int U = 4>
+__device__ __forceinline__ void attn_stage_cols(unsigned int* dst, const float* __restrict__ src,
+                                                long long ld, int nrows) {
+    constexpr int DPB = HD / 8, NBLK = (R / 16) * DPB;
+    static_assert(NBLK % 4 == 0, "tile shape");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll U
+    for (int it = 0; it < NBLK / 4; ++it) {
+        const int blk = it * 4 + warp;
+        const int jp = (blk / DPB) * 8 + (lane >> 2), d = 2 * ((blk % DPB) * 4 + (lane & 3));
+        const int j = 2 * jp;
+        float2 x0 = make_float2(0.0f, 0.0f), x1 = make_float2(0.0f, 0.0f);
+        if (j < nrows) x0 = attn_load2(src + j * ld + d);
+        if (j + 1 < nrows) x1 = attn_load2(src + (j + 1) * ld + d);
+        dst[d * PW + jp] = attn_pack(x0.x, x1.x);
+        dst[(d + 1) * PW + jp] = attn_pack(x0.y, x1.y);
+    }
+}
+
+// A fragments of 16 rows (row0 = first row of the warp's 16) × HD dims from a row-major tile.
+template <int NKB>
+__device__ __forceinline__ void attn_load_afrag(unsigned int (&a)[NKB][4], const unsigned int* tile,
+                                                int pw, int row0, int gid, int tig) {
+    const unsigned int* p0 = tile + (row0 + gid) * pw + tig;
+    const unsigned int* p1 = p0 + 8 * pw;
+#pragma unroll
+    for (int kb = 0; kb < NKB; ++kb) {
+        a[kb][0] = p0[8 * kb];
+        a[kb][1] = p1[8 * kb];
+        a[kb][2] = p0[8 * kb + 4];
+        a[kb][3] = p1[8 * kb + 4];
+    }
+}
+
+// acc[t] += A·Bᵀ for n-tiles t < NT, B rows (8t + gid) of a row-major tile [n][k] (pitch PW),
+// k over NKB blocks of 16 (A fragments in registers).
+template <int NT, int NKB, int PW>
+__device__ __forceinline__ void attn_mma_rows(float (&acc)[NT][4], const unsigned int (&a)[NKB][4],
+                                              const unsigned int* tile, int gid, int tig) {
+#pragma unroll
+    for (int kb = 0; kb < NKB; ++kb) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const unsigned int* p = tile + (8 * t + gid) * PW + 8 * kb + tig;
+            attn_mma(acc[t], a[kb], p[0], p[4]);
+        }
+    }
+}
+
+// The C-layout tile pair (n-tiles 2kb, 2kb+1) of x as a bf16 A fragment (16 rows × 16 k).
+template <int NT>
+__device__ __forceinline__ void attn_c_to_a(unsigned int (&a)[4], const float (&x)[NT][4], int kb) {
+    a[0] = attn_pack(x[2 * kb][0], x[2 * kb][1]);
+    a[1] = attn_pack(x[2 * kb][2], x[2 * kb][3]);
+    a[2] = attn_pack(x[2 * kb + 1][0], x[2 * kb + 1][1]);
+    a[3] = attn_pack(x[2 * kb + 1][2], x[2 * kb + 1][3]);
+}
+
+// max / Σ over the 4 lanes of a quad (lanes sharing gid: one accumulator row).
+__device__ __forceinline__ float attn_max4(float v) {
+    v = fmaxf(v, __shfl_xor_sync(ATTN_FULL, v, 1));
+    v = fmaxf(v, __shfl_xor_sync(ATTN_FULL, v, 2));
+    return v;
+}
+__device__ __forceinline__ float attn_sum4(float v) {
+    v += __shfl_xor_sync(ATTN_FULL, v, 1);
+    v += __shfl_xor_sync(ATTN_FULL, v, 2);
+    return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward on tensor cores. Block: 64 queries (r0..), warp w: queries r0 + 16w + {gid, gid + 8}.
+// Q fragments live in registers (qa[HD/16][4]); per key tile of 64: K staged row-major
+// [64][HD/2+4 words], V transposed [HD][36 words]; S = Q·Kᵀ (8 n-tiles), online softmax in the
+// log2 domain on the accumulators, P packed to bf16 A fragments, O += P·V (HD/8 n-tiles).
+// Registers: qa HD/2, o HD/2, s 32 floats. Shared: 17.4 + 18.4 KiB (HD 128), 9.2 + 9.2 (HD 64).
+// ---------------------------------------------------------------------------------------------
+template <int HD>
+struct AttnFwdMma {
+    static constexpr int NKB = HD / 16, NDT = HD / 8, BC = 64, NT = BC / 8;
+    static constexpr int KP = HD / 2 + 4, VP = BC / 2 + 4;
+    static constexpr int WORDS = BC * KP + HD * VP;
+};
+constexpr int ATTN_FWD_MMA_WORDS = attn_max(AttnFwdMma<64>::WORDS, AttnFwdMma<128>::WORDS);
+
+template <int HD>
+__device__ __forceinline__ void attn_fwd_mma(unsigned int* sm, const float* __restrict__ q,
+                                             const float* __restrict__ k,
+                                             const float* __restrict__ v,
+                                             const int* __restrict__ segments,
+                                             float* __restrict__ out, float* __restrict__ lse,
+                                             int seq, int heads, int kv_heads, float scale) {
+    typedef AttnFwdMma<HD> C;
+    constexpr int NKB = C::NKB, NDT = C::NDT, BC = C::BC, NT = C::NT, KP = C::KP, VP = C::VP;
+    unsigned int* Ks = sm;
+    unsigned int* Vt = sm + BC * KP;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
+    const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
+    const long long tok0 = (long long)b * seq;
+    const int* seg = segments + tok0;
+    const float* qh = q + tok0 * ldq + (long long)h * HD;
+    const float* kh = k + tok0 * ldk + (long long)g * HD;
+    const float* vh = v + tok0 * ldk + (long long)g * HD;
+    const int r0 = (gridDim.x - 1 - blockIdx.x) * 64;  // heavy tiles first; r0 < seq
+
+    attn_stage_rows<64, HD, KP>(Ks, qh + r0 * ldq, ldq, seq - r0);
+    __syncthreads();
+    unsigned int qa[NKB][4];
+    attn_load_afrag<NKB>(qa, Ks, KP, 16 * warp, gid, tig);
+    const int segr0 = seg[r0];
+    // Whole block of queries in range and in one segment (then tiles below the diagonal whose keys
+    // share that segment need no mask). Also: everyone has read Ks.
+    const bool qfull = !__syncthreads_or(!(r0 + 64 <= seq && (tid >= 64 || seg[r0 + tid] == segr0)));
+
+    const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
+    const int sg0 = i0 < seq ? seg[i0] : 0, sg1 = i1 < seq ? seg[i1] : 0;
+    const float sl2 = scale * ATTN_LOG2E;
+    float o[NDT][4];
+#pragma unroll
+    for (int n = 0; n < NDT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+    }
+    float m0 = attn_neg_inf(), m1 = attn_neg_inf(), l0 = 0.0f, l1 = 0.0f;
+    const int ntiles = min(r0 + 63, seq - 1) / BC + 1;
+#pragma unroll 1
+    for (int kt = 0; kt < ntiles; ++kt) {
+        const int j0 = kt * BC;
+        const bool full =
+            !__syncthreads_or(!(qfull && j0 + BC <= r0 && (tid >= BC || seg[j0 + tid] == segr0)));
+        unsigned int vis = 0xffffffffu;  // bit 4t + e: element e of n-tile t visible
+        if (!full) {
+            vis = 0;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = j0 + 8 * t + 2 * tig + e;
+                    if (j < seq) {
+                        const int sj = seg[j];
+                        if (i0 < seq && j <= i0 && sj == sg0) vis |= 1u << (4 * t + e);
+                        if (i1 < seq && j <= i1 && sj == sg1) vis |= 1u << (4 * t + 2 + e);
+                    }
+                }
+            }
+            if (!__syncthreads_or(vis != 0)) continue;  // nothing visible in this tile
+        }
+        __syncthreads();  // the previous tile's readers of Ks / Vt are done
+        attn_stage_rows<BC, HD, KP>(Ks, kh + j0 * ldk, ldk, seq - j0);
+        attn_stage_cols<BC, HD, VP>(Vt, vh + j0 * ldk, ldk, seq - j0);
+        __syncthreads();
+
+        float s[NT][4];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[t][e] = 0.0f;
+        }
+        attn_mma_rows<NT, NKB, KP>(s, qa, Ks, gid, tig);
+
+        // Online softmax in the log2 domain (x = c·log2(e)·q·k); invisible entries −∞.
+        float mx0 = attn_neg_inf(), mx1 = attn_neg_inf();
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[t][e] = (vis >> (4 * t + e)) & 1u ? s[t][e] * sl2 : attn_neg_inf();
+            }
+            mx0 = fmaxf(mx0, fmaxf(s[t][0], s[t][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[t][2], s[t][3]));
+        }
+        const float mn0 = fmaxf(m0, attn_max4(mx0)), mn1 = fmaxf(m1, attn_max4(mx1));
+        // A row with nothing visible yet keeps m = −∞ (subtract 0 instead: exp2(−∞) = 0).
+        const float ms0 = mn0 == attn_neg_inf() ? 0.0f : mn0;
+        const float ms1 = mn1 == attn_neg_inf() ? 0.0f : mn1;
+        const float al0 = exp2f(m0 - ms0), al1 = exp2f(m1 - ms1);
+        m0 = mn0;
+        m1 = mn1;
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            s[t][0] = exp2f(s[t][0] - ms0);
+            s[t][1] = exp2f(s[t][1] - ms0);
+            s[t][2] = exp2f(s[t][2] - ms1);
+            s[t][3] = exp2f(s[t][3] - ms1);
+            ps0 += s[t][0] + s[t][1];
+            ps1 += s[t][2] + s[t][3];
+        }
+        l0 = l0 * al0 + ps0;
+        l1 = l1 * al1 + ps1;
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) {
+            o[n][0] *= al0;
+            o[n][1] *= al0;
+            o[n][2] *= al1;
+            o[n][3] *= al1;
+        }
+
+        // O += P·V: P (bf16) straight from the accumulators, V from Vt [d][key].
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; ++kb) {
+            unsigned int pa[4];
+            attn_c_to_a<NT>(pa, s, kb);
+#pragma unroll
+            for (int n = 0; n < NDT; ++n) {
+                const unsigned int* p = Vt + (8 * n + gid) * VP + 8 * kb + tig;
+                attn_mma(o[n], pa, p[0], p[4]);
+            }
+        }
+    }
+
+    l0 = attn_sum4(l0);
+    l1 = attn_sum4(l1);
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    float* ob = out + (long long)h * HD + 2 * tig;
+    if (i0 < seq) {
+        float* p = ob + (tok0 + i0) * ldq;
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) attn_store2(p + 8 * n, o[n][0] * inv0, o[n][1] * inv0);
+        if (tig == 0) lse[(tok0 + i0) * heads + h] = (m0 + log2f(l0)) * ATTN_LN2;
+    }
+    if (i1 < seq) {
+        float* p = ob + (tok0 + i1) * ldq;
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) attn_store2(p + 8 * n, o[n][2] * inv1, o[n][3] * inv1);
+        if (tig == 0) lse[(tok0 + i1) * heads + h] = (m1 + log2f(l1)) * ATTN_LN2;
+    }
+}
+
+// out, lse as above. Launch: grid (ceil(seq/64), heads, batch), block 128.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    attention_fwd(const float* __restrict__ q, const float* __restrict__ k,
+                  const float* __restrict__ v, const int* __restrict__ segments,
+                  float* __restrict__ out, float* __restrict__ lse, int batch, int seq, int heads,
+                  int kv_heads, int head_dim, float scale) {
+    __shared__ __align__(16) float smem[attn_max(ATTN_FWD_SMEM, ATTN_FWD_MMA_WORDS)];
+    unsigned int* smu = reinterpret_cast<unsigned int*>(smem);
+    if (head_dim == 128) {
+        attn_fwd_mma<128>(smu, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+    } else if (head_dim == 64) {
+        attn_fwd_mma<64>(smu, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+    } else if (head_dim <= 128) {
+        attn_fwd_impl<ATTN_FWD_CFG128>(smem, q, k, v, segments, out, lse, seq, heads, kv_heads, head_dim, scale);
+    } else {
+        attn_fwd_impl<ATTN_FWD_CFG256>(smem, q, k, v, segments, out, lse, seq, heads, kv_heads, head_dim, scale);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dQ on tensor cores. Block: 64 queries, warp w: queries r0 + 16w + {gid, gid + 8}; Q and dO
+// fragments in registers. Per key tile of BC: K and V staged row-major [BC][HD/2+4 words], K
+// also transposed [HD][BC/2+4]; S = Q·Kᵀ, dP = dO·Vᵀ; P = exp2(c·log2e·S − lse·log2e),
+// dS = P ∘ (dP − D) in the accumulators, packed to bf16 A fragments; dQ += dS·K.
+// HD 128: BC = 32 (registers qa, da 32 + 32, acc 64, s, dp 16 + 16; shared 27.6 KiB);
+// HD 64: BC = 64 (16 + 16, 32, 32 + 32; 27.6 KiB).
+// ---------------------------------------------------------------------------------------------
+template <int HD, int BC_>
+struct AttnDqMma {
+    static constexpr int NKB = HD / 16, NDT = HD / 8, BC = BC_, NT = BC / 8;
+    static constexpr int KP = HD / 2 + 4, TP = BC / 2 + 4;
+    static constexpr int WORDS = attn_max(2 * BC * KP + HD * TP, 64 * KP);
+};
+typedef AttnDqMma<64, 64> ATTN_DQ_MMA64;
+typedef AttnDqMma<128, 32> ATTN_DQ_MMA128;
+constexpr int ATTN_DQ_MMA_WORDS = attn_max(ATTN_DQ_MMA64::WORDS, ATTN_DQ_MMA128::WORDS);
+
+template <int HD, class C>
+__device__ __forceinline__ void attn_dq_mma(unsigned int* sm, const float* __restrict__ q,
+                                            const float* __restrict__ k,
+                                            const float* __restrict__ v,
+                                            const float* __restrict__ d_out,
+                                            const float* __restrict__ lse,
+                                            const float* __restrict__ delta,
+                                            const int* __restrict__ segments,
+                                            float* __restrict__ dq, int seq, int heads,
+                                            int kv_heads, float scale) {
+    constexpr int NKB = C::NKB, NDT = C::NDT, BC = C::BC, NT = C::NT, KP = C::KP, TP = C::TP;
+    unsigned int* Ks = sm;
+    unsigned int* Vs = sm + BC * KP;
+    unsigned int* Kt = sm + 2 * BC * KP;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
+    const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
+    const long long tok0 = (long long)b * seq;
+    const int* seg = segments + tok0;
+    const float* qh = q + tok0 * ldq + (long long)h * HD;
+    const float* doh = d_out + tok0 * ldq + (long long)h * HD;
+    const float* kh = k + tok0 * ldk + (long long)g * HD;
+    const float* vh = v + tok0 * ldk + (long long)g * HD;
+    const int r0 = (gridDim.x - 1 - blockIdx.x) * 64;
+
+    unsigned int qa[NKB][4], da[NKB][4];
+    attn_stage_rows<64, HD, KP>(sm, qh + r0 * ldq, ldq, seq - r0);
+    __syncthreads();
+    attn_load_afrag<NKB>(qa, sm, KP, 16 * warp, gid, tig);
+    __syncthreads();
+    attn_stage_rows<64, HD, KP>(sm, doh + r0 * ldq, ldq, seq - r0);
+    __syncthreads();
+    attn_load_afrag<NKB>(da, sm, KP, 16 * warp, gid, tig);
+    const int segr0 = seg[r0];
+    const bool qfull = !__syncthreads_or(!(r0 + 64 <= seq && (tid >= 64 || seg[r0 + tid] == segr0)));
+
+    const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
+    const int sg0 = i0 < seq ? seg[i0] : 0, sg1 = i1 < seq ? seg[i1] : 0;
+    const float ls0 = i0 < seq ? lse[(tok0 + i0) * heads + h] * ATTN_LOG2E : 0.0f;
+    const float ls1 = i1 < seq ? lse[(tok0 + i1) * heads + h] * ATTN_LOG2E : 0.0f;
+    const float de0 = i0 < seq ? delta[(tok0 + i0) * heads + h] : 0.0f;
+    const float de1 = i1 < seq ? delta[(tok0 + i1) * heads + h] : 0.0f;
+    const float sl2 = scale * ATTN_LOG2E;
+    float acc[NDT][4];
+#pragma unroll
+    for (int n = 0; n < NDT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+    }
+    const int ntiles = min(r0 + 63, seq - 1) / BC + 1;
+#pragma unroll 1
+    for (int kt = 0; kt < ntiles; ++kt) {
+        const int j0 = kt * BC;
+        const bool full =
+            !__syncthreads_or(!(qfull && j0 + BC <= r0 && (tid >= BC || seg[j0 + tid] == segr0)));
+        unsigned int vis = 0xffffffffu;
+        if (!full) {
+            vis = 0;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = j0 + 8 * t + 2 * tig + e;
+                    if (j < seq) {
+                        const int sj = seg[j];
+                        if (i0 < seq && j <= i0 && sj == sg0) vis |= 1u << (4 * t + e);
+                        if (i1 < seq && j <= i1 && sj == sg1) vis |= 1u << (4 * t + 2 + e);
+                    }
+                }
+            }
+            if (!__syncthreads_or(vis != 0)) continue;
+        }
+        __syncthreads();
+        attn_stage_rows<BC, HD, KP>(Ks, kh + j0 * ldk, ldk, seq - j0);
+        attn_stage_rows<BC, HD, KP>(Vs, vh + j0 * ldk, ldk, seq - j0);
+        attn_stage_cols<BC, HD, TP>(Kt, kh + j0 * ldk, ldk, seq - j0);
+        __syncthreads();
+
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[t][e] = 0.0f;
+                dp[t][e] = 0.0f;
+            }
+        }
+        attn_mma_rows<NT, NKB, KP>(s, qa, Ks, gid, tig);
+        attn_mma_rows<NT, NKB, KP>(dp, da, Vs, gid, tig);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p =
+                    (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - (e < 2 ? ls0 : ls1)) : 0.0f;
+                s[t][e] = p * (dp[t][e] - (e < 2 ? de0 : de1));  // dS
+            }
+        }
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; ++kb) {
+            unsigned int sa[4];
+            attn_c_to_a<NT>(sa, s, kb);
+#pragma unroll
+            for (int n = 0; n < NDT; ++n) {
+                const unsigned int* p = Kt + (8 * n + gid) * TP + 8 * kb + tig;
+                attn_mma(acc[n], sa, p[0], p[4]);
+            }
+        }
+    }
+    float* base = dq + (long long)h * HD + 2 * tig;
+    if (i0 < seq) {
+        float* p = base + (tok0 + i0) * ldq;
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) attn_store2(p + 8 * n, acc[n][0] * scale, acc[n][1] * scale);
+    }
+    if (i1 < seq) {
+        float* p = base + (tok0 + i1) * ldq;
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) attn_store2(p + 8 * n, acc[n][2] * scale, acc[n][3] * scale);
+    }
+}
+
+// dq as above (every element written). Launch: grid (ceil(seq/64), heads, batch), block 128.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    attention_bwd_dq(const float* __restrict__ q, const float* __restrict__ k,
+                     const float* __restrict__ v, const float* __restrict__ d_out,
+                     const float* __restrict__ lse, const float* __restrict__ delta,
+                     const int* __restrict__ segments, float* __restrict__ dq, int batch, int seq,
+                     int heads, int kv_heads, int head_dim, float scale) {
+    __shared__ __align__(16) float smem[attn_max(ATTN_DQ_SMEM, ATTN_DQ_MMA_WORDS)];
+    unsigned int* smu = reinterpret_cast<unsigned int*>(smem);
+    if (head_dim == 128) {
+        attn_dq_mma<128, ATTN_DQ_MMA128>(smu, q, k, v, d_out, lse, delta, segments, dq, seq, heads,
+                                         kv_heads, scale);
+    } else if (head_dim == 64) {
+        attn_dq_mma<64, ATTN_DQ_MMA64>(smu, q, k, v, d_out, lse, delta, segments, dq, seq, heads,
+                                       kv_heads, scale);
+    } else if (head_dim <= 128) {
+        attn_dq_impl<ATTN_DQ_CFG128>(smem, q, k, v, d_out, lse, delta, segments, dq, seq, heads, kv_heads,
+                             head_dim, scale);
+    } else {
+        attn_dq_impl<ATTN_DQ_CFG256>(smem, q, k, v, d_out, lse, delta, segments, dq, seq, heads, kv_heads,
+                             head_dim, scale);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dK, dV on tensor cores. Block: 64 keys (r0..), warp w: keys r0 + 16w + {gid, gid + 8}; K
+// fragments in registers, V staged once row-major [64][HD/2+4] (its A fragments are re-read per
+// tile). Per query head of the group and per query tile of BR (from r0: causal): Q and dO staged
+// row-major [BR][HD/2+4] and transposed [HD][BR/2+4], lse·log2e and D of the tile to shared;
+// Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ; Pᵀ = exp2(c·log2e·Sᵀ − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − D) packed to bf16
+// A fragments; dV += Pᵀ·dO, dK += dSᵀ·Q (B fragments from the transposed tiles).
+// HD 128: BR = 16 (registers ka 32, dk + dv 128, s + dp 16; shared 38.5 KiB);
+// HD 64: BR = 32 (16, 64, 32; 28.9 KiB).
+// ---------------------------------------------------------------------------------------------
+template <int HD, int BR_>
+struct AttnDkdvMma {
+    static constexpr int NKB = HD / 16, NDT = HD / 8, BR = BR_, NT = BR / 8;
+    static constexpr int KP = HD / 2 + 4, TP = BR / 2 + 4;
+    static constexpr int WORDS = 64 * KP + attn_max(2 * BR * KP + 2 * HD * TP, 64 * KP) + 2 * BR;
+};
+typedef AttnDkdvMma<64, 32> ATTN_DKDV_MMA64;
+typedef AttnDkdvMma<128, 16> ATTN_DKDV_MMA128;
+constexpr int ATTN_DKDV_MMA_WORDS = attn_max(ATTN_DKDV_MMA64::WORDS, ATTN_DKDV_MMA128::WORDS);
+
+template <int HD, class C>
+__device__ __forceinline__ void attn_dkdv_mma(unsigned int* sm, const float* __restrict__ q,
+                                              const float* __restrict__ k,
+                                              const float* __restrict__ v,
+                                              const float* __restrict__ d_out,
+                                              const float* __restrict__ lse,
+                                              const float* __restrict__ delta,
+                                              const int* __restrict__ segments,
+                                              float* __restrict__ dk, float* __restrict__ dv,
+                                              int seq, int heads, int kv_heads, float scale) {
+    constexpr int NKB = C::NKB, NDT = C::NDT, BR = C::BR, NT = C::NT, KP = C::KP, TP = C::TP;
+    constexpr int SU = HD >= 128 ? 2 : 4;  // staging unroll (registers: the accumulators are big)
+    unsigned int* Vs = sm;
+    unsigned int* Qs = sm + 64 * KP;
+    unsigned int* dOs = Qs + BR * KP;
+    unsigned int* Qt = dOs + BR * KP;
+    unsigned int* dOt = Qt + HD * TP;
+    float* lse_s = reinterpret_cast<float*>(sm + 64 * KP + attn_max(2 * BR * KP + 2 * HD * TP, 64 * KP));
+    float* del_s = lse_s + BR;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int g = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
+    const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
+    const long long tok0 = (long long)b * seq;
+    const int* seg = segments + tok0;
+    const float* kh = k + tok0 * ldk + (long long)g * HD;
+    const float* vh = v + tok0 * ldk + (long long)g * HD;
+    const int r0 = blockIdx.x * 64;
+
+    attn_stage_rows<64, HD, KP>(Vs, vh + r0 * ldk, ldk, seq - r0);
+    attn_stage_rows<64, HD, KP>(Qs, kh + r0 * ldk, ldk, seq - r0);  // K, briefly
+    __syncthreads();
+    unsigned int ka[NKB][4];
+    attn_load_afrag<NKB>(ka, Qs, KP, 16 * warp, gid, tig);
+    const int segr0 = seg[r0];
+    const bool kfull = !__syncthreads_or(!(r0 + 64 <= seq && (tid >= 64 || seg[r0 + tid] == segr0)));
+
+    const int k0 = r0 + 16 * warp + gid, k1 = k0 + 8;
+    const int sg0 = k0 < seq ? seg[k0] : 0, sg1 = k1 < seq ? seg[k1] : 0;
+    const float sl2 = scale * ATTN_LOG2E;
+    float dka[NDT][4], dva[NDT][4];
+#pragma unroll
+    for (int n = 0; n < NDT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            dka[n][e] = 0.0f;
+            dva[n][e] = 0.0f;
+        }
+    }
+#pragma unroll 1
+    for (int hh = 0; hh < group; ++hh) {
+        const int h = g * group + hh;
+        const float* qh = q + tok0 * ldq + (long long)h * HD;
+        const float* doh = d_out + tok0 * ldq + (long long)h * HD;
+#pragma unroll 1
+        for (int i0 = r0; i0 < seq; i0 += BR) {
+            const bool full = !__syncthreads_or(
+                !(kfull && i0 >= r0 + 64 && i0 + BR <= seq && (tid >= BR || seg[i0 + tid] == segr0)));
+            unsigned int vis = 0xffffffffu;  // bit 4t + e: (key row e >> 1, query col 8t+2tig+(e&1))
+            if (!full) {
+                vis = 0;
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int i = i0 + 8 * t + 2 * tig + e;
+                        if (i < seq) {
+                            const int si = seg[i];
+                            if (k0 <= i && si == sg0) vis |= 1u << (4 * t + e);
+                            if (k1 <= i && si == sg1) vis |= 1u << (4 * t + 2 + e);
+                        }
+                    }
+                }
+                if (!__syncthreads_or(vis != 0)) continue;
+            }
+            __syncthreads();
+            const long long qo = (long long)i0 * ldq;
+            attn_stage_rows<BR, HD, KP, SU>(Qs, qh + qo, ldq, seq - i0);
+            attn_stage_rows<BR, HD, KP, SU>(dOs, doh + qo, ldq, seq - i0);
+            attn_stage_cols<BR, HD, TP, SU>(Qt, qh + qo, ldq, seq - i0);
+            attn_stage_cols<BR, HD, TP, SU>(dOt, doh + qo, ldq, seq - i0);
+            if (tid < BR) {
+                const int i = i0 + tid;
+                lse_s[tid] = i < seq ? lse[(tok0 + i) * heads + h] * ATTN_LOG2E : 0.0f;
+                del_s[tid] = i < seq ? delta[(tok0 + i) * heads + h] : 0.0f;
+            }
+            __syncthreads();
+
+            float s[NT][4], dp[NT][4];
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[t][e] = 0.0f;
+                    dp[t][e] = 0.0f;
+                }
+            }
+            attn_mma_rows<NT, NKB, KP>(s, ka, Qs, gid, tig);
+            {
+                const unsigned int* p0 = Vs + (16 * warp + gid) * KP + tig;
+                const unsigned int* p1 = p0 + 8 * KP;
+#pragma unroll
+                for (int kb = 0; kb < NKB; ++kb) {
+                    const unsigned int va[4] = {p0[8 * kb], p1[8 * kb], p0[8 * kb + 4], p1[8 * kb + 4]};
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        const unsigned int* p = dOs + (8 * t + gid) * KP + 8 * kb + tig;
+                        attn_mma(dp[t], va, p[0], p[4]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = 8 * t + 2 * tig + (e & 1);
+                    const float p = (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - lse_s[col]) : 0.0f;
+                    s[t][e] = p;
+                    dp[t][e] = p * (dp[t][e] - del_s[col]);  // dSᵀ
+                }
+            }
+#pragma unroll
+            for (int kb = 0; kb < BR / 16; ++kb) {
+                unsigned int pa[4], sa[4];
+                attn_c_to_a<NT>(pa, s, kb);
+                attn_c_to_a<NT>(sa, dp, kb);
+#pragma unroll
+                for (int n = 0; n < NDT; ++n) {
+                    const unsigned int* pd = dOt + (8 * n + gid) * TP + 8 * kb + tig;
+                    const unsigned int* pq = Qt + (8 * n + gid) * TP + 8 * kb + tig;
+                    attn_mma(dva[n], pa, pd[0], pd[4]);
+                    attn_mma(dka[n], sa, pq[0], pq[4]);
+                }
+            }
+        }
+    }
+    const long long off = (long long)g * HD + 2 * tig;
+    if (k0 < seq) {
+        const long long row = (tok0 + k0) * ldk + off;
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) {
+            attn_store2(dk + row + 8 * n, dka[n][0] * scale, dka[n][1] * scale);
+            attn_store2(dv + row + 8 * n, dva[n][0], dva[n][1]);
+        }
+    }
+    if (k1 < seq) {
+        const long long row = (tok0 + k1) * ldk + off;
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) {
+            attn_store2(dk + row + 8 * n, dka[n][2] * scale, dka[n][3] * scale);
+            attn_store2(dv + row + 8 * n, dva[n][2], dva[n][3]);
+        }
+    }
+}
+
+// dk, dv as above (every element written). Launch: grid (ceil(seq/64), kv_heads, batch), block 128.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    attention_bwd_dkdv(const float* __restrict__ q, const float* __restrict__ k,
+                       const float* __restrict__ v, const float* __restrict__ d_out,
+                       const float* __restrict__ lse, const float* __restrict__ delta,
+                       const int* __restrict__ segments, float* __restrict__ dk,
+                       float* __restrict__ dv, int batch, int seq, int heads, int kv_heads,
+                       int head_dim, float scale) {
+    __shared__ __align__(16) float smem[attn_max(ATTN_DKDV_SMEM, ATTN_DKDV_MMA_WORDS)];
+    unsigned int* smu = reinterpret_cast<unsigned int*>(smem);
+    if (head_dim == 128) {
+        attn_dkdv_mma<128, ATTN_DKDV_MMA128>(smu, q, k, v, d_out, lse, delta, segments, dk, dv, seq,
+                                             heads, kv_heads, scale);
+    } else if (head_dim == 64) {
+        attn_dkdv_mma<64, ATTN_DKDV_MMA64>(smu, q, k, v, d_out, lse, delta, segments, dk, dv, seq,
+                                           heads, kv_heads, scale);
+    } else if (head_dim <= 64) {
+        attn_dkdv_impl<ATTN_DKDV_CFG64>(smem, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
+                              kv_heads, head_dim, scale);
+    } else if (head_dim <= 128) {
+        attn_dkdv_impl<ATTN_DKDV_CFG128>(smem, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
+                               kv_heads, head_dim, scale);
+    } else {
+        attn_dkdv_impl<ATTN_DKDV_CFG256>(smem, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
+                               kv_heads, head_dim, scale);
+    }
 }

@@ -12,5 +12,6 @@ pub mod bench;
 pub mod capi;
 pub mod data;
 pub mod model;
+pub mod quant;
 pub mod rng;
 pub mod train;

@@ -468,14 +468,14 @@ fn trainer_on<B: Backend>(be: B, family: Family, full_precision: bool) -> Traine
     })
     .unwrap();
     if full_precision {
-        let f32_copy = |t: &B::Tensor| {
+        fn f32_copy<B: Backend>(be: &B, t: &B::Tensor) -> B::Tensor {
             let (r, c) = be.shape(t);
             be.upload(&be.download(t).unwrap(), r, c).unwrap()
-        };
-        weights.embedding = f32_copy(&weights.embedding);
-        weights.lm_head = weights.lm_head.as_ref().map(f32_copy);
+        }
+        weights.embedding = f32_copy(&be, &weights.embedding);
+        weights.lm_head = weights.lm_head.as_ref().map(|t| f32_copy(&be, t));
         for layer in &mut weights.layers {
-            layer.proj = layer.proj.iter().map(f32_copy).collect();
+            layer.proj = layer.proj.iter().map(|t| f32_copy(&be, t)).collect();
         }
     }
     let lora = LoraConfig {
@@ -549,8 +549,16 @@ fn steps_match(full_precision: bool, loss_tol: f32, min_cosine: f64) {
                 sc.loss,
                 norm(&gc[at])
             );
-            assert!(rel < loss_tol, "{family:?} step {step}: loss {} vs {}", sg.loss, sc.loss);
-            assert!(worst >= min_cosine, "{family:?} step {step}: gradient cosine {worst}");
+            assert!(
+                rel < loss_tol,
+                "{family:?} step {step}: loss {} vs {}",
+                sg.loss,
+                sc.loss
+            );
+            assert!(
+                worst >= min_cosine,
+                "{family:?} step {step}: gradient cosine {worst}"
+            );
         }
     }
 }

@@ -182,8 +182,22 @@ fn bool_field(v: &Value, key: &str, default: bool, path: &Path) -> Result<bool> 
     }
 }
 
+/// The rotary settings: top-level `rope_theta` / `rope_scaling` (transformers 4), or the
+/// `rope_parameters` object that transformers 5 writes instead (theta and scaling together).
+fn rope_parameters(v: &Value) -> Option<&Value> {
+    v.get("rope_parameters").filter(|x| x.is_object())
+}
+
+fn parse_rope_theta(v: &Value, path: &Path) -> Result<f32> {
+    match (v.get("rope_theta"), rope_parameters(v)) {
+        (None, Some(rp)) => f32_field(rp, "rope_theta", 10000.0, path),
+        _ => f32_field(v, "rope_theta", 10000.0, path),
+    }
+}
+
 fn parse_rope_scaling(v: &Value, path: &Path) -> Result<Option<RopeScaling>> {
-    let Some(rs) = v.get("rope_scaling").filter(|x| !x.is_null()) else {
+    let scaling = v.get("rope_scaling").filter(|x| !x.is_null());
+    let Some(rs) = scaling.or_else(|| rope_parameters(v)) else {
         return Ok(None);
     };
     let kind = rs
@@ -280,7 +294,7 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: f32_field(v, "rms_norm_eps", 1e-6, path)?,
-            rope_theta: f32_field(v, "rope_theta", 10000.0, path)?,
+            rope_theta: parse_rope_theta(v, path)?,
             rope_scaling: parse_rope_scaling(v, path)?,
             max_position_embeddings: opt_usize(v, "max_position_embeddings", path)?.unwrap_or(4096),
             tie_word_embeddings: bool_field(v, "tie_word_embeddings", is_gemma, path)?,
@@ -466,6 +480,27 @@ mod tests {
     fn missing_field_is_named() {
         let e = parse(&LLAMA.replace("\"hidden_size\":64,", "")).unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        // transformers 5 writes theta and scaling inside "rope_parameters".
+        let text = LLAMA.replace(
+            "\"num_key_value_heads\":2",
+            r#""num_key_value_heads":2,"rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,
+            "factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(
+            matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0)
+        );
+        let plain = LLAMA.replace(
+            "\"num_key_value_heads\":2",
+            r#""num_key_value_heads":2,"rope_parameters":{"rope_type":"default","rope_theta":1000000.0}"#,
+        );
+        let c = parse(&plain).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling), (1e6, None));
     }
 
     #[test]

@@ -27,13 +27,25 @@ pub const PROGRAMS: [(&str, &str); 5] = [
 /// NVRTC options besides the architecture.
 const OPTIONS: [&str; 1] = ["-std=c++17"];
 
-/// The full source of program `name`.
+/// The full source of program `name`: the embedded sources, or with `FINETUNE_KERNEL_DIR` set,
+/// `prelude.cuh` and `{name}.cu` read from that directory (to try kernel changes without
+/// rebuilding the library).
 fn program_source(name: &str) -> Result<String> {
     let (_, body) = PROGRAMS
         .iter()
         .find(|(n, _)| *n == name)
         .ok_or_else(|| Error::Device(format!("no kernel program named {name:?}")))?;
-    Ok(format!("{PRELUDE}\n#line 1 \"{name}.cu\"\n{body}"))
+    let (prelude, body) = match std::env::var_os("FINETUNE_KERNEL_DIR") {
+        Some(dir) => {
+            let read = |file: String| {
+                let path = PathBuf::from(&dir).join(file);
+                std::fs::read_to_string(&path).map_err(|e| Error::io(path, e))
+            };
+            (read("prelude.cuh".into())?, read(format!("{name}.cu"))?)
+        }
+        None => (PRELUDE.to_string(), body.to_string()),
+    };
+    Ok(format!("{prelude}\n#line 1 \"{name}.cu\"\n{body}"))
 }
 
 /// True when the NVRTC library can be loaded on this machine.

@@ -7,6 +7,7 @@ mod blas;
 pub mod device;
 pub mod kernels;
 mod launch;
+mod profile;
 pub mod tensor;
 
 use super::{AdamWConstants, AdamWStep, AttentionShape, Backend, DeviceMemory, IGNORE_LABEL};
@@ -17,6 +18,7 @@ use cudarc::driver::DevicePtr;
 use device::{driver_error, DeviceBuffer, Gpu};
 use kernels::KernelCache;
 use launch::{Arg, Shape};
+use profile::Profiler;
 use rayon::prelude::*;
 use std::sync::Mutex;
 use tensor::Storage;
@@ -38,6 +40,16 @@ pub struct CudaBackend {
     blas: Blas,
     /// The last RoPE frequency table uploaded, reused while it stays the same.
     inv_freq: Mutex<Option<(Vec<f32>, DeviceBuffer<f32>)>>,
+    /// Per-operation timing when FINETUNE_CUDA_PROFILE=1 (printed when the backend is dropped).
+    profiler: Option<Profiler>,
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profiler {
+            eprint!("{}", p.report());
+        }
+    }
 }
 
 fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
@@ -86,6 +98,7 @@ impl CudaBackend {
             kernels,
             blas,
             inv_freq: Mutex::new(None),
+            profiler: Profiler::from_env(),
         })
     }
 
@@ -105,7 +118,36 @@ impl CudaBackend {
         let f = self.kernels.function(&self.gpu, program, name)?;
         // SAFETY: every call site passes the argument list of kernels/README.md for `name`,
         // with addresses of live buffers of the sizes checked before the call.
-        unsafe { launch::launch(&self.gpu, &f, name, shape, args) }
+        self.timed(name, || unsafe {
+            launch::launch(&self.gpu, &f, name, shape, args)
+        })
+    }
+
+    /// Runs `f`, timed under `name` when profiling.
+    fn timed<T>(&self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        match &self.profiler {
+            Some(p) => p.time(&self.gpu, name, f),
+            None => f(),
+        }
+    }
+
+    /// A cuBLAS product (see [`Blas::gemm`]), timed under `name` when profiling.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        name: &'static str,
+        a: Operand,
+        trans_a: bool,
+        b: Operand,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+        c: Operand,
+    ) -> Result<()> {
+        self.timed(name, || {
+            self.blas
+                .gemm(&self.gpu, a, trans_a, b, trans_b, alpha, beta, c)
+        })
     }
 
     /// An elementwise kernel over `n` elements (nothing is queued for `n == 0`).
@@ -394,8 +436,8 @@ impl Backend for CudaBackend {
         let (ob, _b_tmp) = self.operand(b, bf16)?;
         let (oc, _) = self.operand(c, false)?;
         let beta = if accumulate { 1.0 } else { 0.0 };
-        self.blas
-            .gemm(&self.gpu, oa, trans_a, ob, trans_b, alpha, beta, oc)
+        let name = if bf16 { "gemm_bf16" } else { "gemm_f32" };
+        self.gemm(name, oa, trans_a, ob, trans_b, alpha, beta, oc)
     }
 
     fn add_row_vector(&self, x: &mut CudaTensor, bias: &CudaTensor) -> Result<()> {
@@ -857,8 +899,7 @@ impl Backend for CudaBackend {
                 cols: vocab,
             };
             // z = h·Wᵀ
-            self.blas
-                .gemm(&self.gpu, h_rows, false, wo, true, 1.0, 0.0, z)?;
+            self.gemm("lm_head_logits", h_rows, false, wo, true, 1.0, 0.0, z)?;
             // z ← (softmax(z) − onehot(label)) / normalizer; loss += Σ_rows lse − z[label]
             let args = [
                 Arg::Ptr(logits_ptr),
@@ -893,8 +934,7 @@ impl Backend for CudaBackend {
                 rows,
                 cols: h.cols,
             };
-            self.blas
-                .gemm(&self.gpu, dz, false, wo, false, 1.0, 0.0, dh_rows)?;
+            self.gemm("lm_head_dh", dz, false, wo, false, 1.0, 0.0, dh_rows)?;
         }
         let loss = self.gpu.download(&loss.slice, "the loss")?[0];
         Ok((loss, dh))
