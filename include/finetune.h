@@ -29,21 +29,6 @@
 #include <stdint.h>
 
 /**
- * Default and written alignment of tensor data.
- */
-#define DEFAULT_ALIGNMENT 32
-
-/**
- * The version written.
- */
-#define VERSION 3
-
-/**
- * Threads of the elementwise and row kernels' blocks.
- */
-#define BLOCK 256
-
-/**
  * Version of this C ABI. It changes only when an existing declaration changes incompatibly.
  */
 #define FT_ABI_VERSION 1
@@ -101,28 +86,6 @@
 #define FT_GGUF_Q8_0 8
 
 #define FT_GGUF_BF16 30
-
-/**
- * Absmax values per block of the second-level (8-bit) quantization.
- */
-#define NESTED_BLOCK 256
-
-/**
- * The code of 0.0 in [`NF4_CODE`]: padding nibbles and all-zero blocks.
- */
-#define NF4_ZERO_CODE 7
-
-/**
- * The widest gap between adjacent values of [`dynamic_map`]: its top decade holds the means of
- * 65 equally spaced points of [0.1, 1], spaced 0.9/64.
- */
-#define DYNAMIC_MAX_GAP (0.9 / 64.0)
-
-/**
- * Tensor element types this library reads (and, for F32, F16, BF16 and Q8_0, writes). Quantized
- * types store blocks of `block_size` values in `type_size` bytes each.
- */
-typedef struct GgmlType GgmlType;
 
 /**
  * A frozen base model (opaque). Created by `ft_model_load` or `ft_model_random`, released by
@@ -375,10 +338,6 @@ typedef struct ft_batch {
  */
 typedef int32_t (*ft_progress_fn)(const struct ft_step_stats *stats, void *user_data);
 
-
-
-
-
 #define FT_OK 0
 
 /**
@@ -431,14 +390,6 @@ typedef int32_t (*ft_progress_fn)(const struct ft_step_stats *stats, void *user_
  * stay usable (a smaller batch may then work).
  */
 #define FT_ERR_OUT_OF_MEMORY 10
-
-/**
- * The NF4 code book: quantiles of N(0, 1) normalised to [-1, 1], with an exact 0 (QLoRA,
- * Dettmers et al. 2023, appendix E; bitsandbytes `get_4bit_type("nf4")`). Index = 4-bit code.
- */
-#define NF4_CODE { -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0, }
-
-
 
 #ifdef __cplusplus
 extern "C" {
