@@ -555,9 +555,11 @@ fn grads<B: Backend>(t: &Trainer<B>) -> Vec<Vec<f32>> {
 
 /// Three training steps of every family on both backends: `(loss tolerance, least cosine)`.
 fn steps_match(full_precision: bool, loss_tol: f32, min_cosine: f64) {
+    let mut failures = Vec::new();
     for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma] {
         let mut tg = trainer_on(CudaBackend::new(0).unwrap(), family, full_precision);
-        let mut tc = trainer_on(cpu(), family, false);
+        // Same shape on both sides; the CPU keeps f32 whatever the flag says.
+        let mut tc = trainer_on(cpu(), family, full_precision);
         let batch = parity_batch();
         for step in 0..3 {
             let sg = tg.step(std::slice::from_ref(&batch)).unwrap();
@@ -578,18 +580,15 @@ fn steps_match(full_precision: bool, loss_tol: f32, min_cosine: f64) {
                 sc.loss,
                 norm(&gc[at])
             );
-            assert!(
-                rel < loss_tol,
-                "{family:?} step {step}: loss {} vs {}",
-                sg.loss,
-                sc.loss
-            );
-            assert!(
-                worst >= min_cosine,
-                "{family:?} step {step}: gradient cosine {worst}"
-            );
+            if rel >= loss_tol || worst < min_cosine || worst.is_nan() {
+                failures.push(format!(
+                    "{family:?} step {step}: loss rel {rel:.1e}, gradient cosine {worst:.6}"
+                ));
+            }
         }
     }
+    // Every family runs before the verdict, so a failure shows the whole picture.
+    assert!(failures.is_empty(), "out of tolerance: {failures:#?}");
 }
 
 /// With the base weights in f32 on the GPU too, only summation order differs: any wrong index or
