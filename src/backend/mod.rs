@@ -35,6 +35,48 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
+/// Fails unless matrices `a` and `b` (`(rows, cols)`) have one shape; `what` names the operation.
+pub fn check_same_shape(a: (usize, usize), b: (usize, usize), what: &str) -> Result<()> {
+    if a != b {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "{what}: shapes [{}, {}] and [{}, {}] differ",
+            a.0, a.1, b.0, b.1
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the `(rows, cols)` of q, k, v and the number of segment ids against `s`; where a
+/// backend bounds the head dimension, `max_head_dim` also requires it even and at most that.
+pub fn check_attention_shapes(
+    q: (usize, usize),
+    k: (usize, usize),
+    v: (usize, usize),
+    segments: usize,
+    s: AttentionShape,
+    max_head_dim: Option<usize>,
+) -> Result<()> {
+    let tokens = s.batch * s.seq;
+    let head_dim_ok = max_head_dim.is_none_or(|max| s.head_dim % 2 == 0 && s.head_dim <= max);
+    let ok = s.num_kv_heads > 0
+        && s.num_heads % s.num_kv_heads == 0
+        && head_dim_ok
+        && q == (tokens, s.num_heads * s.head_dim)
+        && k == (tokens, s.num_kv_heads * s.head_dim)
+        && v == k
+        && segments == tokens;
+    if ok {
+        return Ok(());
+    }
+    let limit = max_head_dim
+        .map(|m| format!(" (head_dim must be even and at most {m})"))
+        .unwrap_or_default();
+    Err(crate::error::Error::InvalidArgument(format!(
+        "attention shapes: q [{}, {}], k [{}, {}], v [{}, {}], {segments} segment ids for {s:?}{limit}",
+        q.0, q.1, k.0, k.1, v.0, v.1
+    )))
+}
+
 /// The per-step constants of [`Backend::adamw`], computed once on the host the way torch does.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConstants {

@@ -14,7 +14,6 @@ use super::gemm::{gemm, MatRef};
 use super::pointwise::{exp, max, sum_exp};
 use super::CpuTensor;
 use crate::backend::AttentionShape;
-use crate::error::{Error, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -26,36 +25,6 @@ fn blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n)
         .step_by(BLOCK)
         .map(move |i0| (i0, (i0 + BLOCK).min(n)))
-}
-
-pub fn check_shapes(
-    q: &CpuTensor,
-    k: &CpuTensor,
-    v: &CpuTensor,
-    segments: &[i32],
-    s: AttentionShape,
-) -> Result<()> {
-    let tokens = s.batch * s.seq;
-    let ok = s.num_kv_heads > 0
-        && s.num_heads % s.num_kv_heads == 0
-        && (q.rows, q.cols) == (tokens, s.num_heads * s.head_dim)
-        && (k.rows, k.cols) == (tokens, s.num_kv_heads * s.head_dim)
-        && (v.rows, v.cols) == (k.rows, k.cols)
-        && segments.len() == tokens;
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "attention shapes: q [{}, {}], k [{}, {}], v [{}, {}], {} segment ids for {s:?}",
-            q.rows,
-            q.cols,
-            k.rows,
-            k.cols,
-            v.rows,
-            v.cols,
-            segments.len()
-        )))
-    }
 }
 
 /// Per-sequence views into the packed row-major tensors.

@@ -58,13 +58,7 @@ impl CpuBackend {
     }
 
     fn same_shape(a: &CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
-        if (a.rows, a.cols) != (b.rows, b.cols) {
-            return Err(Error::InvalidArgument(format!(
-                "{what}: shapes [{}, {}] and [{}, {}] differ",
-                a.rows, a.cols, b.rows, b.cols
-            )));
-        }
-        Ok(())
+        super::check_same_shape((a.rows, a.cols), (b.rows, b.cols), what)
     }
 }
 
@@ -269,7 +263,14 @@ impl Backend for CpuBackend {
         segments: &Vec<i32>,
         shape: AttentionShape,
     ) -> Result<(CpuTensor, CpuTensor)> {
-        attention::check_shapes(q, k, v, segments, shape)?;
+        super::check_attention_shapes(
+            (q.rows, q.cols),
+            (k.rows, k.cols),
+            (v.rows, v.cols),
+            segments.len(),
+            shape,
+            None,
+        )?;
         Ok(self.install(|| attention::forward(q, k, v, segments, shape)))
     }
 
@@ -284,7 +285,14 @@ impl Backend for CpuBackend {
         segments: &Vec<i32>,
         shape: AttentionShape,
     ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
-        attention::check_shapes(q, k, v, segments, shape)?;
+        super::check_attention_shapes(
+            (q.rows, q.cols),
+            (k.rows, k.cols),
+            (v.rows, v.cols),
+            segments.len(),
+            shape,
+            None,
+        )?;
         Self::same_shape(out, d_out, "attention backward")?;
         Ok(self.install(|| attention::backward(q, k, v, out, lse, d_out, segments, shape)))
     }

@@ -10,7 +10,10 @@ mod launch;
 mod profile;
 pub mod tensor;
 
-use super::{AdamWConstants, AdamWStep, AttentionShape, Backend, DeviceMemory, IGNORE_LABEL};
+use super::{
+    check_attention_shapes, check_same_shape, AdamWConstants, AdamWStep, AttentionShape, Backend,
+    DeviceMemory, IGNORE_LABEL,
+};
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use blas::{Blas, Operand};
@@ -53,13 +56,7 @@ impl Drop for CudaBackend {
 }
 
 fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
-    if (a.rows, a.cols) != (b.rows, b.cols) {
-        return Err(Error::InvalidArgument(format!(
-            "{what}: shapes [{}, {}] and [{}, {}] differ",
-            a.rows, a.cols, b.rows, b.cols
-        )));
-    }
-    Ok(())
+    check_same_shape((a.rows, a.cols), (b.rows, b.cols), what)
 }
 
 fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
@@ -251,30 +248,14 @@ impl CudaBackend {
         segments: &CudaInts,
         s: AttentionShape,
     ) -> Result<()> {
-        let tokens = s.batch * s.seq;
-        let ok = s.num_kv_heads > 0
-            && s.num_heads % s.num_kv_heads == 0
-            && s.head_dim % 2 == 0
-            && s.head_dim <= MAX_HEAD_DIM
-            && (q.rows, q.cols) == (tokens, s.num_heads * s.head_dim)
-            && (k.rows, k.cols) == (tokens, s.num_kv_heads * s.head_dim)
-            && (v.rows, v.cols) == (k.rows, k.cols)
-            && segments.host.len() == tokens;
-        if ok {
-            Ok(())
-        } else {
-            Err(Error::InvalidArgument(format!(
-                "attention shapes: q [{}, {}], k [{}, {}], v [{}, {}], {} segment ids for {s:?} \
-                 (head_dim must be even and at most {MAX_HEAD_DIM})",
-                q.rows,
-                q.cols,
-                k.rows,
-                k.cols,
-                v.rows,
-                v.cols,
-                segments.host.len()
-            )))
-        }
+        check_attention_shapes(
+            (q.rows, q.cols),
+            (k.rows, k.cols),
+            (v.rows, v.cols),
+            segments.host.len(),
+            s,
+            Some(MAX_HEAD_DIM),
+        )
     }
 
     /// The trailing arguments shared by the attention kernels.
