@@ -57,6 +57,17 @@ impl CpuBackend {
         self.pool.install(f)
     }
 
+    fn check_attention(
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        segments: &[i32],
+        shape: AttentionShape,
+    ) -> Result<()> {
+        let dims = |t: &CpuTensor| (t.rows, t.cols);
+        super::check_attention_shapes(dims(q), dims(k), dims(v), segments.len(), shape, None)
+    }
+
     fn same_shape(a: &CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
         super::check_same_shape((a.rows, a.cols), (b.rows, b.cols), what)
     }
@@ -263,14 +274,7 @@ impl Backend for CpuBackend {
         segments: &Vec<i32>,
         shape: AttentionShape,
     ) -> Result<(CpuTensor, CpuTensor)> {
-        super::check_attention_shapes(
-            (q.rows, q.cols),
-            (k.rows, k.cols),
-            (v.rows, v.cols),
-            segments.len(),
-            shape,
-            None,
-        )?;
+        Self::check_attention(q, k, v, segments, shape)?;
         Ok(self.install(|| attention::forward(q, k, v, segments, shape)))
     }
 
@@ -285,14 +289,7 @@ impl Backend for CpuBackend {
         segments: &Vec<i32>,
         shape: AttentionShape,
     ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
-        super::check_attention_shapes(
-            (q.rows, q.cols),
-            (k.rows, k.cols),
-            (v.rows, v.cols),
-            segments.len(),
-            shape,
-            None,
-        )?;
+        Self::check_attention(q, k, v, segments, shape)?;
         Self::same_shape(out, d_out, "attention backward")?;
         Ok(self.install(|| attention::backward(q, k, v, out, lse, d_out, segments, shape)))
     }
