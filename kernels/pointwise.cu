@@ -117,26 +117,32 @@ extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const 
 }
 
 // out[t, c] = f32(table[ids[t], c])·scale for t < rows, c < cols (ids validated by the host);
-// the loop runs over n = rows·cols output elements.
-extern "C" __global__ void embedding_bf16(const bf16_t* table, const int* ids, float* out,
-                                          int rows, int cols, float scale) {
+// the loop runs over n = rows·cols output elements. One body for both table types.
+__device__ __forceinline__ float table_value(const bf16_t* table, long long i) {
+    return bf16_to_f32(table[i]);
+}
+__device__ __forceinline__ float table_value(const float* table, long long i) { return table[i]; }
+
+template <typename T>
+__device__ void embedding_rows(const T* table, const int* ids, float* out, int rows, int cols,
+                               float scale) {
     const long long n = (long long)rows * cols;
     GRID_STRIDE_LOOP(i, n) {
         const long long t = i / cols;
         const long long c = i - t * cols;
-        out[i] = bf16_to_f32(table[(long long)ids[t] * cols + c]) * scale;
+        out[i] = table_value(table, (long long)ids[t] * cols + c) * scale;
     }
+}
+
+extern "C" __global__ void embedding_bf16(const bf16_t* table, const int* ids, float* out,
+                                          int rows, int cols, float scale) {
+    embedding_rows(table, ids, out, rows, cols, scale);
 }
 
 // The same with an f32 table (a model kept in full precision).
 extern "C" __global__ void embedding_f32(const float* table, const int* ids, float* out,
                                          int rows, int cols, float scale) {
-    const long long n = (long long)rows * cols;
-    GRID_STRIDE_LOOP(i, n) {
-        const long long t = i / cols;
-        const long long c = i - t * cols;
-        out[i] = table[(long long)ids[t] * cols + c] * scale;
-    }
+    embedding_rows(table, ids, out, rows, cols, scale);
 }
 
 // AdamW, in exactly the CPU's order and rounding (src/backend/cpu/pointwise.rs `adamw`; the
