@@ -49,6 +49,11 @@ __device__ __forceinline__ float attn_neg_inf() {
     return __uint_as_float(0xff800000u);
 }
 
+// The query heads a dK/dV block adds up: [h0, h1) of KV head g.
+struct AttnHeads {
+    int g, h0, h1;
+};
+
 // max / Σ over the 8 lanes of a row group (lanes that differ only in bits 0..2).
 __device__ __forceinline__ float attn_max8(float v) {
     v = fmaxf(v, __shfl_xor_sync(ATTN_FULL, v, 1));
@@ -547,7 +552,7 @@ __device__ __noinline__ void attn_dkdv_impl(float* smem, const float* __restrict
                                                const int* __restrict__ segments,
                                                float* __restrict__ dk, float* __restrict__ dv,
                                                int seq, int heads, int kv_heads, int hd,
-                                               float scale) {
+                                               float scale, AttnHeads hs) {
     constexpr int RM = C::RM;
     constexpr int ROWS = C::ROWS, BR = C::BR, TN = C::TN, NCH = C::NCH, PA = C::PA, PP = C::PP;
     float* Ks = smem;
@@ -560,7 +565,7 @@ __device__ __noinline__ void attn_dkdv_impl(float* smem, const float* __restrict
     float* dSs = Ps + ROWS * PP;
 
     const int tid = threadIdx.x, tx = tid & 7, ty = tid >> 3;
-    const int g = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
+    const int g = hs.g, b = blockIdx.z;
     const long long ldq = (long long)heads * hd, ldk = (long long)kv_heads * hd;
     const long long tok0 = (long long)b * seq;
     const int* seg = segments + tok0;
@@ -588,8 +593,7 @@ __device__ __noinline__ void attn_dkdv_impl(float* smem, const float* __restrict
             }
         }
 #pragma unroll 1
-        for (int hh = 0; hh < group; ++hh) {
-            const int h = g * group + hh;
+        for (int h = hs.h0; h < hs.h1; ++h) {
             const float* qh = q + tok0 * ldq + (long long)h * hd;
             const float* doh = d_out + tok0 * ldq + (long long)h * hd;
 #pragma unroll 1
@@ -1306,7 +1310,8 @@ __device__ __forceinline__ void attn_dkdv_mma(unsigned int* sm, const float* __r
                                               const float* __restrict__ delta,
                                               const int* __restrict__ segments,
                                               float* __restrict__ dk, float* __restrict__ dv,
-                                              int seq, int heads, int kv_heads, float scale) {
+                                              int seq, int heads, int kv_heads, float scale,
+                                              AttnHeads hs) {
     constexpr int NKB = C::NKB, NDT = C::NDT, BR = C::BR, NT = C::NT, KP = C::KP, TP = C::TP;
     constexpr int SU = HD >= 128 ? 2 : 4;  // staging unroll (registers: the accumulators are big)
     unsigned int* Vs = sm;
@@ -1318,7 +1323,7 @@ __device__ __forceinline__ void attn_dkdv_mma(unsigned int* sm, const float* __r
     float* del_s = lse_s + BR;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
-    const int g = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
+    const int g = hs.g, b = blockIdx.z;
     const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
     const long long tok0 = (long long)b * seq;
     const int* seg = segments + tok0;
@@ -1347,8 +1352,7 @@ __device__ __forceinline__ void attn_dkdv_mma(unsigned int* sm, const float* __r
         }
     }
 #pragma unroll 1
-    for (int hh = 0; hh < group; ++hh) {
-        const int h = g * group + hh;
+    for (int h = hs.h0; h < hs.h1; ++h) {
         const float* qh = q + tok0 * ldq + (long long)h * HD;
         const float* doh = d_out + tok0 * ldq + (long long)h * HD;
 #pragma unroll 1
@@ -1452,7 +1456,11 @@ __device__ __forceinline__ void attn_dkdv_mma(unsigned int* sm, const float* __r
     }
 }
 
-// dk, dv as above (every element written). Launch: grid (ceil(seq/64), kv_heads, batch), block 128.
+// dk, dv as above. Launch: grid (ceil(seq/64), kv_heads·parts, batch), block 128, where parts
+// divides heads / kv_heads: block y = g·parts + part adds up the query heads of its share of the
+// group, g·group + part·(group/parts) + [0, group/parts), and writes every element of slab `part`
+// of dk and dv (slabs of batch·seq·kv_heads·hd floats, one after another; the caller sums them).
+// Splitting a group gives a short sequence enough blocks to fill the GPU without atomics.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attention_bwd_dkdv(const float* __restrict__ q, const float* __restrict__ k,
                        const float* __restrict__ v, const float* __restrict__ d_out,
@@ -1462,20 +1470,29 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
                        int head_dim, float scale) {
     __shared__ __align__(16) float smem[attn_max(ATTN_DKDV_SMEM, ATTN_DKDV_MMA_WORDS)];
     unsigned int* smu = reinterpret_cast<unsigned int*>(smem);
+    const int parts = gridDim.y / kv_heads, part = blockIdx.y % parts;
+    const int per = heads / kv_heads / parts;
+    AttnHeads hs;
+    hs.g = blockIdx.y / parts;
+    hs.h0 = hs.g * (heads / kv_heads) + part * per;
+    hs.h1 = hs.h0 + per;
+    const long long slab = (long long)part * batch * seq * kv_heads * head_dim;
+    dk += slab;
+    dv += slab;
     if (head_dim == 128) {
         attn_dkdv_mma<128, ATTN_DKDV_MMA128>(smu, q, k, v, d_out, lse, delta, segments, dk, dv, seq,
-                                             heads, kv_heads, scale);
+                                             heads, kv_heads, scale, hs);
     } else if (head_dim == 64) {
         attn_dkdv_mma<64, ATTN_DKDV_MMA64>(smu, q, k, v, d_out, lse, delta, segments, dk, dv, seq,
-                                           heads, kv_heads, scale);
+                                           heads, kv_heads, scale, hs);
     } else if (head_dim <= 64) {
         attn_dkdv_impl<ATTN_DKDV_CFG64>(smem, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
-                              kv_heads, head_dim, scale);
+                              kv_heads, head_dim, scale, hs);
     } else if (head_dim <= 128) {
         attn_dkdv_impl<ATTN_DKDV_CFG128>(smem, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
-                               kv_heads, head_dim, scale);
+                               kv_heads, head_dim, scale, hs);
     } else {
         attn_dkdv_impl<ATTN_DKDV_CFG256>(smem, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
-                               kv_heads, head_dim, scale);
+                               kv_heads, head_dim, scale, hs);
     }
 }

@@ -18,6 +18,15 @@ extern "C" __global__ void add_assign_f32(float* x, const float* y, long long n)
     GRID_STRIDE_LOOP(i, n) { x[i] += y[i]; }
 }
 
+// y_i = Σ_{p < parts} x[p·n + i]: the sum of `parts` consecutive slabs of n elements.
+extern "C" __global__ void sum_slabs_f32(const float* x, float* y, int parts, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        float acc = x[i];
+        for (int p = 1; p < parts; ++p) acc += x[p * n + i];
+        y[i] = acc;
+    }
+}
+
 // x_i *= s.
 extern "C" __global__ void scale_f32(float* x, float s, long long n) {
     GRID_STRIDE_LOOP(i, n) { x[i] *= s; }

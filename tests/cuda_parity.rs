@@ -344,8 +344,13 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
 fn attention_matches_cpu() {
     let Some(p) = Pair::new() else { return };
     let mut rng = fresh_rng("attention");
+    // Short sequences split every query-head group of the dK/dV launch into one part per head;
+    // the long one gets enough blocks for fewer parts (2 of its group of 4 on a 132-SM GPU); a
+    // group of one is never split.
     for (batch, seq, heads, kv_heads, head_dim, split) in [
         (2, 70, 4, 2, 64, None),
+        (3, 2048, 32, 8, 128, Some(700)),
+        (1, 300, 4, 4, 64, None),
         (2, 130, 4, 1, 128, Some(50)),
         (1, 200, 6, 3, 32, Some(129)),
         (3, 17, 2, 2, 16, None),

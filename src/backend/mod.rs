@@ -134,6 +134,11 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_ints(&self, data: &[i32]) -> Result<Self::Ints>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// A tensor whose every element the caller overwrites before reading it (a backend may skip
+    /// the zeroing that [`Backend::zeros`] does).
+    fn output(&self, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.zeros(rows, cols)
+    }
     /// `(rows, cols)`.
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
     /// A copy of `t` in new storage.
@@ -153,6 +158,22 @@ pub trait Backend: Send + Sync + 'static {
         c: &mut Self::Tensor,
         accumulate: bool,
     ) -> Result<()>;
+    /// `alpha · op(a) · op(b)` as a new tensor ([`Backend::matmul`] into a fresh output).
+    fn product(
+        &self,
+        a: &Self::Tensor,
+        trans_a: bool,
+        b: &Self::Tensor,
+        trans_b: bool,
+        alpha: f32,
+    ) -> Result<Self::Tensor> {
+        let ((ar, ac), (br, bc)) = (self.shape(a), self.shape(b));
+        let rows = if trans_a { ac } else { ar };
+        let cols = if trans_b { br } else { bc };
+        let mut c = self.output(rows, cols)?;
+        self.matmul(a, trans_a, b, trans_b, alpha, &mut c, false)?;
+        Ok(c)
+    }
     /// `x[r, :] += bias` for every row.
     fn add_row_vector(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> Result<()>;
     /// `x += y`.

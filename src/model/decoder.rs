@@ -139,10 +139,7 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let be = &self.backend;
         let lw: &LayerWeights<B> = &self.weights.layers[layer];
-        let w = &lw.proj[m as usize];
-        let (rows, _) = be.shape(x);
-        let mut y = be.zeros(rows, be.shape(w).0)?;
-        be.matmul(x, false, w, true, 1.0, &mut y, false)?;
+        let mut y = be.product(x, false, &lw.proj[m as usize], true, 1.0)?;
         if let Some(b) = &lw.bias[m as usize] {
             be.add_row_vector(&mut y, b)?;
         }
@@ -150,15 +147,14 @@ impl<B: Backend> Decoder<B> {
             return Ok((y, None));
         };
         let dropped = self.dropped_out(x, Self::dropout_seed(ad, layer, m), ad.cfg.dropout)?;
-        let xin = dropped.as_ref().unwrap_or(x);
-        let mut xa = be.zeros(rows, ad.cfg.rank)?;
-        be.matmul(xin, false, &pair.a, true, 1.0, &mut xa, false)?;
+        let xa = be.product(dropped.as_ref().unwrap_or(x), false, &pair.a, true, 1.0)?;
         be.matmul(&xa, false, &pair.b, true, ad.cfg.scale(), &mut y, true)?;
         Ok((y, Some(xa)))
     }
 
-    /// Backward of [`Decoder::project`]: returns dx and adds into the pair's gradients
-    /// `dB += s·dyᵀ·xa`, `dA += (s·dy·B)ᵀ·dropout(x)`.
+    /// Backward of [`Decoder::project`]: returns dx, added into `acc` when given (the inputs
+    /// shared by several projections), and adds into the pair's gradients `dB += s·dyᵀ·xa`,
+    /// `dA += (s·dy·B)ᵀ·dropout(x)`.
     #[allow(clippy::too_many_arguments)]
     fn project_backward(
         &self,
@@ -169,12 +165,17 @@ impl<B: Backend> Decoder<B> {
         xa: Option<&B::Tensor>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
+        acc: Option<B::Tensor>,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let w = &self.weights.layers[layer].proj[m as usize];
-        let (rows, _) = be.shape(dy);
-        let mut dx = be.zeros(rows, be.shape(w).1)?;
-        be.matmul(dy, false, w, false, 1.0, &mut dx, false)?;
+        let mut dx = match acc {
+            Some(mut dx) => {
+                be.matmul(dy, false, w, false, 1.0, &mut dx, true)?;
+                dx
+            }
+            None => be.product(dy, false, w, false, 1.0)?,
+        };
         let (Some(xa), Some(pair), Some(grad)) =
             (xa, ad.tensors.get(layer, m), grads.get_mut(layer, m))
         else {
@@ -182,8 +183,7 @@ impl<B: Backend> Decoder<B> {
         };
         let s = ad.cfg.scale();
         be.matmul(dy, true, xa, false, s, &mut grad.b, true)?;
-        let mut dxa = be.zeros(rows, ad.cfg.rank)?;
-        be.matmul(dy, false, &pair.b, false, s, &mut dxa, false)?;
+        let dxa = be.product(dy, false, &pair.b, false, s)?;
         let seed = Self::dropout_seed(ad, layer, m);
         let dropped = self.dropped_out(x, seed, ad.cfg.dropout)?;
         be.matmul(
@@ -195,10 +195,14 @@ impl<B: Backend> Decoder<B> {
             &mut grad.a,
             true,
         )?;
-        let mut dxin = be.zeros(rows, be.shape(w).1)?;
-        be.matmul(&dxa, false, &pair.a, false, 1.0, &mut dxin, false)?;
-        let dropped = self.dropped_out(&dxin, seed, ad.cfg.dropout)?;
-        be.add_assign(&mut dx, dropped.as_ref().unwrap_or(&dxin))?;
+        match seed {
+            // d dropout(x) = dxa·A, masked and scaled as the forward was.
+            Some(seed) => {
+                let dxin = be.product(&dxa, false, &pair.a, false, 1.0)?;
+                be.add_assign(&mut dx, &be.dropout(&dxin, ad.cfg.dropout, seed)?)?;
+            }
+            None => be.matmul(&dxa, false, &pair.a, false, 1.0, &mut dx, true)?,
+        }
         Ok(dx)
     }
 
@@ -312,18 +316,15 @@ impl<B: Backend> Decoder<B> {
         let lw = &self.weights.layers[layer];
         let xa = |m: TargetModule| c.xa[m as usize].as_ref();
         // out = x1 + down(m): dx1 starts as d_out.
-        let dm = self.project_backward(layer, Down, &d_out, &c.m, xa(Down), ad, grads)?;
+        let dm = self.project_backward(layer, Down, &d_out, &c.m, xa(Down), ad, grads, None)?;
         let (dg, du) = be.gated_activation_backward(&dm, &c.g, &c.u, cfg.activation)?;
-        let mut dh2 = self.project_backward(layer, Gate, &dg, &c.h2, xa(Gate), ad, grads)?;
-        be.add_assign(
-            &mut dh2,
-            &self.project_backward(layer, Up, &du, &c.h2, xa(Up), ad, grads)?,
-        )?;
+        let dh2 = self.project_backward(layer, Gate, &dg, &c.h2, xa(Gate), ad, grads, None)?;
+        let dh2 = self.project_backward(layer, Up, &du, &c.h2, xa(Up), ad, grads, Some(dh2))?;
         let mut dx1 =
             be.rmsnorm_backward(&dh2, &c.x1, &lw.mlp_norm, &c.r2, cfg.norm_unit_offset)?;
         be.add_assign(&mut dx1, &d_out)?;
         // x1 = x + o(attn)
-        let dattn = self.project_backward(layer, O, &dx1, &c.attn, xa(O), ad, grads)?;
+        let dattn = self.project_backward(layer, O, &dx1, &c.attn, xa(O), ad, grads, None)?;
         let (mut dq, mut dk, dv) = be.attention_backward(
             &c.q,
             &c.k,
@@ -352,15 +353,9 @@ impl<B: Backend> Decoder<B> {
             dq = self.head_norm_backward(dq, &raw.q, qn, &raw.rq)?;
             dk = self.head_norm_backward(dk, &raw.k, kn, &raw.rk)?;
         }
-        let mut dh1 = self.project_backward(layer, Q, &dq, &c.h1, xa(Q), ad, grads)?;
-        be.add_assign(
-            &mut dh1,
-            &self.project_backward(layer, K, &dk, &c.h1, xa(K), ad, grads)?,
-        )?;
-        be.add_assign(
-            &mut dh1,
-            &self.project_backward(layer, V, &dv, &c.h1, xa(V), ad, grads)?,
-        )?;
+        let dh1 = self.project_backward(layer, Q, &dq, &c.h1, xa(Q), ad, grads, None)?;
+        let dh1 = self.project_backward(layer, K, &dk, &c.h1, xa(K), ad, grads, Some(dh1))?;
+        let dh1 = self.project_backward(layer, V, &dv, &c.h1, xa(V), ad, grads, Some(dh1))?;
         let mut dx = be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &c.r1, cfg.norm_unit_offset)?;
         be.add_assign(&mut dx, &dx1)?;
         Ok(dx)

@@ -86,6 +86,8 @@ pub struct Gpu {
     pub name: String,
     /// `(major, minor)` compute capability.
     pub capability: (i32, i32),
+    /// Streaming multiprocessors: how many blocks run at once, for launch-shape choices.
+    pub multiprocessors: usize,
 }
 
 /// Maps a driver failure during `what` to the library's error.
@@ -127,6 +129,10 @@ impl Gpu {
         let capability = ctx
             .compute_capability()
             .map_err(driver_error("reading the compute capability"))?;
+        let multiprocessors = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_error("reading the multiprocessor count"))?
+            .max(1) as usize;
         Ok(Gpu {
             ordinal,
             ctx,
@@ -134,6 +140,7 @@ impl Gpu {
             memory: Arc::new(MemoryAccount::default()),
             name,
             capability,
+            multiprocessors,
         })
     }
 

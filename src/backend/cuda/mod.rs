@@ -33,6 +33,9 @@ const ATTENTION_TILE: usize = 64;
 const ATTENTION_THREADS: u32 = 128;
 /// Largest head dimension the attention kernels support.
 const MAX_HEAD_DIM: usize = 256;
+/// Blocks per multiprocessor the dK/dV launch aims at (several waves even out the causal
+/// imbalance: the first key tiles see every query, the last ones few).
+const DKDV_BLOCKS_PER_SM: usize = 8;
 /// Bytes of logits one chunk of the fused LM head + cross-entropy may hold.
 const LOGITS_CHUNK_BYTES: usize = 256 << 20;
 
@@ -175,6 +178,17 @@ impl CudaBackend {
 
     fn ints_arg(&self, i: &CudaInts) -> Arg {
         Arg::Ptr(self.buffer_ptr(&i.device))
+    }
+
+    /// Sets every element of an f32 tensor to 0 (whatever its bits were: NaN too).
+    fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
+        let Storage::F32(b) = &mut t.storage else {
+            return wants_f32(t, "fill_zero");
+        };
+        self.gpu
+            .stream
+            .memset_zeros(&mut b.slice)
+            .map_err(driver_error("zeroing a tensor"))
     }
 
     fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
@@ -352,6 +366,10 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn output(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.tensor(rows, cols, "a tensor")
+    }
+
     fn duplicate(&self, t: &CudaTensor) -> Result<CudaTensor> {
         let copy = driver_error("copying a tensor");
         let storage = match &t.storage {
@@ -408,7 +426,7 @@ impl Backend for CudaBackend {
             return if accumulate {
                 Ok(())
             } else {
-                self.scale(c, 0.0)
+                self.fill_zero(c)
             };
         }
         // Mixed f32 × bf16: the f32 side is rounded to bf16 so cuBLAS runs a bf16 product.
@@ -684,12 +702,41 @@ impl Backend for CudaBackend {
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(tiles, s.num_heads, s.batch, ATTENTION_THREADS);
         self.run("attention", "attention_bwd_dq", shape, &args)?;
+        // One block per (key tile, KV head) leaves a short sequence with too few blocks to fill
+        // the GPU; then each query-head group is split into parts written to separate slabs.
+        let blocks = tiles * s.num_kv_heads * s.batch;
+        let group = s.num_heads / s.num_kv_heads;
+        let parts = (1..=group)
+            .filter(|p| group % p == 0)
+            .find(|p| blocks * p >= DKDV_BLOCKS_PER_SM * self.gpu.multiprocessors)
+            .unwrap_or(group);
+        let slabs = (parts > 1)
+            .then(|| -> Result<_> {
+                let n = parts * k.rows;
+                Ok((
+                    self.tensor(n, k.cols, "attention dk parts")?,
+                    self.tensor(n, k.cols, "attention dv parts")?,
+                ))
+            })
+            .transpose()?;
+        let (dk_out, dv_out) = slabs.as_ref().map_or((&dk, &dv), |(a, b)| (a, b));
         let mut args = inputs.to_vec();
-        args.push(Arg::Ptr(self.ptr(&dk)));
-        args.push(Arg::Ptr(self.ptr(&dv)));
+        args.push(Arg::Ptr(self.ptr(dk_out)));
+        args.push(Arg::Ptr(self.ptr(dv_out)));
         args.extend(Self::attention_dims(s));
-        let shape = Shape::grid(tiles, s.num_kv_heads, s.batch, ATTENTION_THREADS);
+        let shape = Shape::grid(tiles, s.num_kv_heads * parts, s.batch, ATTENTION_THREADS);
         self.run("attention", "attention_bwd_dkdv", shape, &args)?;
+        if let Some((dk_parts, dv_parts)) = &slabs {
+            for (sum, slab) in [(&dk, dk_parts), (&dv, dv_parts)] {
+                let args = [
+                    Arg::Ptr(self.ptr(slab)),
+                    Arg::Ptr(self.ptr(sum)),
+                    dim(parts),
+                    count(sum.elements()),
+                ];
+                self.elementwise("sum_slabs_f32", sum.elements(), &args)?;
+            }
+        }
         Ok((dq, dk, dv))
     }
 
