@@ -1,5 +1,5 @@
 //! NF4 projection matrices on the GPU (kernels/nf4.cu): quantized on the device at upload, kept
-//! packed (codes and double-quantized absmax, ~0.53 bytes a value), and dequantized to bf16 into
+//! packed (codes and double-quantized absmax, ~0.52 bytes a value), and dequantized to bf16 into
 //! one scratch buffer right before each product that reads them, which then runs as the bf16
 //! product of a bf16 weight. The scratch is sized for the largest NF4 matrix uploaded (2 bytes a
 //! value of that one matrix) and reused by every product; it stays locked from the dequantization
