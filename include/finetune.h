@@ -67,13 +67,14 @@
 #define FT_IGNORE_LABEL -100
 
 /**
- * Storage of the frozen projection matrices for `ft_model_params.quantization`.
- * The device's own format: f32 on the CPU, bf16 on a GPU.
+ * `ft_model_params.quantization`: frozen projection matrices in the device's own format (f32 on
+ * the CPU, bf16 on a GPU).
  */
 #define FT_QUANT_NONE 0
 
 /**
- * NF4 with double-quantized absmax (QLoRA), dequantized on the fly for each product.
+ * `ft_model_params.quantization`: frozen projection matrices in NF4 with double-quantized
+ * absmax (QLoRA), dequantized on the fly for each product.
  */
 #define FT_QUANT_NF4 1
 
