@@ -888,13 +888,18 @@ impl Backend for CudaBackend {
             )));
         }
         wants_f32(h, "lm head input")?;
+        if w.dtype() == Dtype::Nf4 {
+            return Err(Error::InvalidArgument(
+                "lm head: the weight is an NF4 matrix; the LM head is never quantized".into(),
+            ));
+        }
         let vocab = w.rows;
         Self::check_ids(labels, vocab, "label", true)?;
         let dh = self.zeros(h.rows, h.cols)?;
         let loss = self.gpu.alloc_zeros::<f64>(1, "the loss")?;
         let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab.max(1))).clamp(1, h.rows.max(1));
         let logits = self.gpu.alloc::<f32>(chunk * vocab, "a chunk of logits")?;
-        let bf16 = w.dtype() != Dtype::F32;
+        let bf16 = w.dtype() == Dtype::Bf16;
         let dlogits_bf16 = if bf16 {
             Some(self.gpu.alloc::<u16>(chunk * vocab, "a chunk of logits")?)
         } else {
