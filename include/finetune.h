@@ -31,7 +31,7 @@
 /**
  * Version of this C ABI. It changes only when an existing declaration changes incompatibly.
  */
-#define FT_ABI_VERSION 1
+#define FT_ABI_VERSION 2
 
 /**
  * LoRA target bits for `ft_lora_params.target_modules`.
@@ -65,6 +65,18 @@
  * Label meaning "no loss at this position" in `ft_batch.labels`.
  */
 #define FT_IGNORE_LABEL -100
+
+/**
+ * `ft_model_params.quantization`: frozen projection matrices in the device's own format (f32 on
+ * the CPU, bf16 on a GPU).
+ */
+#define FT_QUANT_NONE 0
+
+/**
+ * `ft_model_params.quantization`: frozen projection matrices in NF4 with double-quantized
+ * absmax (QLoRA), dequantized on the fly for each product.
+ */
+#define FT_QUANT_NF4 1
 
 /**
  * Element types for exported weights.
@@ -119,6 +131,19 @@ typedef struct ft_model_params {
    * CPU worker threads; 0 means one per core.
    */
   uint32_t n_threads;
+  /**
+   * How the frozen projection matrices (q, k, v, o, gate, up, down) are stored: `FT_QUANT_NONE`
+   * or `FT_QUANT_NF4` (QLoRA). The embedding and LM head are never quantized. A
+   * bitsandbytes-4bit checkpoint stays in NF4 as read with `FT_QUANT_NF4` and is dequantized
+   * with `FT_QUANT_NONE`.
+   */
+  int32_t quantization;
+  /**
+   * A cap on the device memory the model and its trainers hold, in MiB; 0 means none. An
+   * allocation past it fails with `FT_ERR_OUT_OF_MEMORY`, leaving the model and trainers
+   * usable. GPU only (ignored on the CPU).
+   */
+  uint64_t max_device_memory_mib;
 } ft_model_params;
 
 /**
@@ -484,7 +509,7 @@ ft_status ft_model_generate(const struct ft_model *model,
 void ft_model_free(struct ft_model *model);
 
 /**
- * Defaults: device "auto", one thread per core.
+ * Defaults: device "auto", one thread per core, no quantization, no device-memory cap.
  */
 struct ft_model_params ft_model_default_params(void);
 

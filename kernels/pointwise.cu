@@ -3,11 +3,6 @@
 // grid-stride loop over its n elements, so any grid size is correct.
 // Reference: src/backend/cpu/mod.rs, src/backend/cpu/pointwise.rs, src/rng.rs, src/model/config.rs.
 
-// for (i = global thread index; i < n; i += total threads), in 64-bit.
-#define GRID_STRIDE_LOOP(i, n)                                                             \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);          \
-         i += (long long)blockDim.x * gridDim.x)
-
 // y_i = bf16(x_i), round to nearest even (NaN stays NaN).
 extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, long long n) {
     GRID_STRIDE_LOOP(i, n) { y[i] = f32_to_bf16(x[i]); }

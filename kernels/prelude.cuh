@@ -16,6 +16,7 @@
 //   warp_sum_f64             the same for double
 //   block_sum / block_max    reduction over the whole block (float); every thread gets the result
 //   block_sum_f64            the same for double
+//   GRID_STRIDE_LOOP(i, n)   for (long long i = global thread index; i < n; i += total threads)
 //
 // Block reductions: blockDim.x·blockDim.y·blockDim.z must be a multiple of 32 and <= 1024. Every
 // thread of the block must call them (they contain __syncthreads, so never call them from
@@ -28,6 +29,11 @@
 typedef unsigned short bf16_t;
 
 #define FULL_MASK 0xffffffffu
+
+// for (i = global thread index; i < n; i += total threads), in 64-bit.
+#define GRID_STRIDE_LOOP(i, n)                                                             \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);          \
+         i += (long long)blockDim.x * gridDim.x)
 
 // bf16 -> f32: a bfloat16 is the upper half of an f32, so widening is exact.
 __device__ __forceinline__ float bf16_to_f32(bf16_t h) {

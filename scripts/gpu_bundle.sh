@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 rm -rf .gpu && mkdir -p .gpu/tests .gpu/kernel-cache
 cargo build --release --quiet
 cp target/release/finetune target/release/libfinetune.so .gpu/
-for t in cuda_parity; do
+for t in cuda_parity cuda_qlora; do
     exe=$(cargo test --release --no-run --test "$t" --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
 for l in sys.stdin:

@@ -12,5 +12,7 @@ if [ -d .gpu/tests ] && ! command -v cargo >/dev/null; then
         "$t" --test-threads=1 --nocapture
     done
 else
-    cargo test --release --test cuda_parity -- --test-threads=1 --nocapture
+    for t in cuda_parity cuda_qlora; do
+        cargo test --release --test "$t" -- --test-threads=1 --nocapture
+    done
 fi

@@ -16,7 +16,10 @@ use crate::lora::{LoraConfig, TargetModule};
 use crate::model::adapters::{LoraPair, LoraTensors};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{Decoder, KvCache};
-use crate::model::weights::{random_weights, tensor_specs, DecoderWeights, Slot, TensorSpec};
+use crate::model::weights::{
+    random_weights, tensor_specs, DecoderWeights, Slot, TensorSpec, TensorValues,
+};
+use crate::quant::Quantization;
 use crate::train::batch::Batch;
 use crate::train::trainer::{StepStats, TrainConfig, Trainer as Core};
 use std::collections::BTreeMap;
@@ -60,6 +63,12 @@ pub struct ModelParams {
     pub device: Device,
     /// CPU worker threads; 0 means one per core.
     pub threads: usize,
+    /// How the frozen projection matrices are stored: [`Quantization::Nf4`] for QLoRA. A
+    /// bitsandbytes-4bit checkpoint is kept in NF4 as read with `Nf4`, dequantized with `None`.
+    pub quantization: Quantization,
+    /// A cap on the device memory the model and its trainers hold, in MiB (0: none). An
+    /// allocation past it fails with `Error::OutOfMemory`. GPU backends only.
+    pub max_device_memory_mib: usize,
 }
 
 impl Default for ModelParams {
@@ -67,6 +76,8 @@ impl Default for ModelParams {
         ModelParams {
             device: Device::Auto,
             threads: 0,
+            quantization: Quantization::None,
+            max_device_memory_mib: 0,
         }
     }
 }
@@ -94,23 +105,32 @@ impl Engine {
     fn build(
         cfg: ModelConfig,
         params: &ModelParams,
-        fetch: impl FnMut(&TensorSpec) -> Result<Vec<f32>>,
+        fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
     ) -> Result<Self> {
         fn on<B: Backend>(
             cfg: ModelConfig,
             be: B,
-            fetch: impl FnMut(&TensorSpec) -> Result<Vec<f32>>,
+            quantization: Quantization,
+            fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
         ) -> Result<Arc<Decoder<B>>> {
-            let weights = DecoderWeights::load(&cfg, &be, fetch)?;
+            let weights = DecoderWeights::load_with(&cfg, &be, quantization, fetch)?;
             Ok(Arc::new(Decoder::new(cfg, be, weights)))
         }
+        let q = params.quantization;
+        let cuda = |n| {
+            let be = CudaBackend::new(n)?;
+            be.gpu()
+                .memory
+                .set_limit(params.max_device_memory_mib.saturating_mul(1 << 20));
+            Ok::<_, Error>(be)
+        };
         let cpu = || CpuBackend::new(params.threads);
         Ok(match params.device {
-            Device::Cpu => Engine::Cpu(on(cfg, cpu()?, fetch)?),
-            Device::Cuda(n) => Engine::Cuda(on(cfg, CudaBackend::new(n)?, fetch)?),
-            Device::Auto => match CudaBackend::new(0) {
-                Ok(be) => Engine::Cuda(on(cfg, be, fetch)?),
-                Err(_) => Engine::Cpu(on(cfg, cpu()?, fetch)?),
+            Device::Cpu => Engine::Cpu(on(cfg, cpu()?, q, fetch)?),
+            Device::Cuda(n) => Engine::Cuda(on(cfg, cuda(n)?, q, fetch)?),
+            Device::Auto => match cuda(0) {
+                Ok(be) => Engine::Cuda(on(cfg, be, q, fetch)?),
+                Err(_) => Engine::Cpu(on(cfg, cpu()?, q, fetch)?),
             },
         })
     }
@@ -161,9 +181,7 @@ impl Model {
         let source = WeightSource::open(path)?;
         let dir = source.dir().to_path_buf();
         let cfg = ModelConfig::from_json(&read_config_json(&dir)?, &dir.join("config.json"))?;
-        let engine = Engine::build(cfg, params, |spec| {
-            source.read_f32(&spec.name, &spec.file_shape())
-        })?;
+        let engine = Engine::build(cfg, params, |spec| source.read_tensor(spec))?;
         let codec = TextCodec::from_model_dir(&dir)?.map(Arc::new);
         Ok(Model {
             engine,
@@ -176,7 +194,9 @@ impl Model {
 
     fn load_gguf(path: &Path, params: &ModelParams) -> Result<Self> {
         let g = GgufModel::open(path)?;
-        let engine = Engine::build(g.config.clone(), params, |spec| g.read_f32(spec))?;
+        let engine = Engine::build(g.config.clone(), params, |spec| {
+            g.read_f32(spec).map(TensorValues::F32)
+        })?;
         let codec = match g.tokenizer {
             Some(t) => {
                 let text = |id: Option<u32>| id.and_then(|i| t.id_to_token(i));
@@ -205,7 +225,7 @@ impl Model {
     pub fn random(cfg: ModelConfig, seed: u64, params: &ModelParams) -> Result<Self> {
         cfg.validate().map_err(Error::InvalidArgument)?;
         let mut source = random_weights(&cfg, seed);
-        let engine = Engine::build(cfg, params, |spec| Ok(source(spec)))?;
+        let engine = Engine::build(cfg, params, |spec| Ok(TensorValues::F32(source(spec))))?;
         Ok(Model {
             engine,
             name: format!("random-{seed}"),

@@ -5,10 +5,56 @@ use crate::api::{Model, ModelParams, Trainer};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
 use crate::model::presets::preset;
+use crate::quant::Quantization;
 use crate::rng::Rng;
 use crate::train::batch::Batch;
 use crate::train::trainer::TrainConfig;
 use std::time::Instant;
+
+/// What kind of fine-tuning a benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchMode {
+    /// LoRA over frozen weights in the device's own format.
+    Lora,
+    /// QLoRA: the frozen projection matrices quantized to NF4 at load.
+    Qlora,
+}
+
+impl BenchMode {
+    /// Parses "lora" or "qlora".
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "lora" => Ok(BenchMode::Lora),
+            "qlora" => Ok(BenchMode::Qlora),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown bench mode {other:?} (expected lora or qlora)"
+            ))),
+        }
+    }
+
+    /// The storage of the frozen projection matrices in this mode.
+    pub fn quantization(self) -> Quantization {
+        match self {
+            BenchMode::Lora => Quantization::None,
+            BenchMode::Qlora => Quantization::Nf4,
+        }
+    }
+
+    fn of(q: Quantization) -> Self {
+        match q {
+            Quantization::None => BenchMode::Lora,
+            Quantization::Nf4 => BenchMode::Qlora,
+        }
+    }
+
+    /// "lora" or "qlora".
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Lora => "lora",
+            BenchMode::Qlora => "qlora",
+        }
+    }
+}
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -20,6 +66,7 @@ pub struct BenchConfig {
     /// Steps timed after the warm-up step.
     pub steps: usize,
     pub checkpointing: bool,
+    /// Device, threads, quantization (which decides the mode) and device-memory cap.
     pub params: ModelParams,
 }
 
@@ -28,6 +75,7 @@ pub struct BenchConfig {
 pub struct BenchResult {
     pub model: String,
     pub device: String,
+    /// "lora", or "qlora" (NF4 projection matrices).
     pub mode: &'static str,
     pub batch: usize,
     pub seq: usize,
@@ -117,7 +165,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     Ok(BenchResult {
         model: cfg.model.clone(),
         device: model.device(),
-        mode: "lora",
+        mode: BenchMode::of(cfg.params.quantization).name(),
         batch: cfg.batch,
         seq: cfg.seq,
         rank: cfg.rank,

@@ -10,7 +10,11 @@ use std::ptr::{null, null_mut};
 struct ModelParams {
     device: *const c_char,
     n_threads: u32,
+    quantization: i32,
+    max_device_memory_mib: u64,
 }
+
+const FT_QUANT_NF4: i32 = 1;
 
 #[repr(C)]
 struct LoraParams {
@@ -182,9 +186,14 @@ impl Api {
     }
 
     fn load_model(&self, dir: &std::path::Path) -> *mut Opaque {
+        self.load_model_quantized(dir, self.model_default_params().quantization)
+    }
+
+    fn load_model_quantized(&self, dir: &std::path::Path, quantization: i32) -> *mut Opaque {
         let path = CString::new(dir.to_str().unwrap()).unwrap();
         let mut p = self.model_default_params();
         p.n_threads = 1;
+        p.quantization = quantization;
         let mut m = null_mut();
         assert_eq!(
             (self.model_load)(path.as_ptr(), &p, &mut m),
@@ -228,7 +237,7 @@ impl Tokens {
 #[test]
 fn train_save_and_reload_through_the_abi() {
     let api = Api::load();
-    assert_eq!((api.abi_version)(), 1);
+    assert_eq!((api.abi_version)(), 2);
     let dir = common::tiny_model_dir();
     let model = api.load_model(dir.path());
     let mut tp = (api.train_default_params)();
@@ -288,6 +297,43 @@ fn train_save_and_reload_through_the_abi() {
     assert_eq!((api.trainer_eval_loss)(reloaded, &batch, &mut loss2), 0);
     (api.trainer_free)(reloaded);
     (api.trainer_free)(trainer);
+}
+
+/// A model loaded with its projection matrices in NF4 trains through the ABI.
+#[test]
+fn qlora_trains_through_the_abi() {
+    let api = Api::load();
+    let defaults = api.model_default_params();
+    assert_eq!(
+        (defaults.quantization, defaults.max_device_memory_mib),
+        (0, 0)
+    );
+    let dir = common::tiny_model_dir();
+    let model = api.load_model_quantized(dir.path(), FT_QUANT_NF4);
+    let mut tp = (api.train_default_params)();
+    tp.learning_rate = 1e-2;
+    let mut trainer = null_mut();
+    assert_eq!(
+        (api.trainer_new)(model, null(), &tp, &mut trainer),
+        0,
+        "{}",
+        api.error()
+    );
+    let tokens = Tokens::new();
+    let batch = tokens.batch();
+    let mut first = StepStats::default();
+    assert_eq!((api.trainer_step)(trainer, &batch, 1, &mut first), 0);
+    assert_eq!(
+        (api.trainer_train)(trainer, &batch, 1, 15, None, null_mut()),
+        0,
+        "{}",
+        api.error()
+    );
+    let mut loss = 0.0f32;
+    assert_eq!((api.trainer_eval_loss)(trainer, &batch, &mut loss), 0);
+    assert!(loss < first.loss, "loss {} -> {loss}", first.loss);
+    (api.trainer_free)(trainer);
+    (api.model_free)(model);
 }
 
 #[test]
@@ -380,9 +426,20 @@ fn errors_come_back_as_status_and_message() {
     let p = ModelParams {
         device: device.as_ptr(),
         n_threads: 1,
+        quantization: 0,
+        max_device_memory_mib: 0,
     };
     assert_ne!((api.model_load)(path.as_ptr(), &p, &mut m), 0);
     assert!(api.error().contains("cuda:0"), "{}", api.error());
+    let p = ModelParams {
+        quantization: 7,
+        ..api.model_default_params()
+    };
+    assert_eq!(
+        api.name((api.model_load)(path.as_ptr(), &p, &mut m)),
+        "FT_ERR_INVALID_ARGUMENT"
+    );
+    assert!(api.error().contains("quantization"), "{}", api.error());
 
     let model = api.load_model(dir.path());
     assert!(api.error().is_empty(), "success clears the last error");

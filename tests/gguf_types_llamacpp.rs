@@ -465,6 +465,7 @@ fn every_tensor_type_reads_as_llama_cpp_reads_it() {
     let params = ModelParams {
         device: Device::Cpu,
         threads: 2,
+        ..ModelParams::default()
     };
 
     let mut jobs = Vec::new();

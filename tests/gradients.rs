@@ -6,6 +6,9 @@
 //! `ε_f32 · |L| / h ≈ 6e-8 · 4 / 1e-2 ≈ 2.4e-5`, and a truncation error `O(h²)`; with directional
 //! derivatives of order 1e-2..1 that allows a relative tolerance of 2e-2 (and an absolute floor of
 //! 1e-4 for directions along which the loss barely moves).
+//!
+//! With the projection matrices in NF4 (QLoRA) the same holds: the base weights are other (the
+//! dequantized values) but fixed, and the LoRA gradients flow through the dequantized matrices.
 
 use finetune::backend::cpu::CpuBackend;
 use finetune::backend::IGNORE_LABEL;
@@ -13,28 +16,30 @@ use finetune::lora::LoraConfig;
 use finetune::model::config::Family;
 use finetune::model::decoder::Decoder;
 use finetune::model::presets::tiny;
-use finetune::model::weights::DecoderWeights;
+use finetune::model::weights::{random_weights, DecoderWeights, Slot, TensorValues};
+use finetune::quant::Quantization;
 use finetune::rng::Rng;
 use finetune::train::batch::Batch;
 use finetune::train::trainer::{TrainConfig, Trainer};
 use std::sync::Arc;
 
-fn trainer(family: Family, checkpointing: bool) -> Trainer<CpuBackend> {
+fn trainer(family: Family, checkpointing: bool, quantization: Quantization) -> Trainer<CpuBackend> {
     let cfg = tiny(family);
     let be = CpuBackend::new(2).unwrap();
     // Larger weights than an initialised model so that logits and gradients are far from uniform.
-    let mut weights = DecoderWeights::random(&cfg, &be, 7).unwrap();
+    let mut init = random_weights(&cfg, 7);
     let mut rng = Rng::new(99);
-    for l in &mut weights.layers {
-        for p in &mut l.proj {
-            p.data.iter_mut().for_each(|x| *x = 0.3 * rng.normal());
-        }
-    }
-    weights
-        .embedding
-        .data
-        .iter_mut()
-        .for_each(|x| *x = rng.normal());
+    let weights = DecoderWeights::load_with(&cfg, &be, quantization, |spec| {
+        let mut values = init(spec);
+        let std = match spec.slot {
+            Slot::Proj(..) => 0.3,
+            Slot::Embedding => 1.0,
+            _ => return Ok(TensorValues::F32(values)),
+        };
+        values.iter_mut().for_each(|x| *x = std * rng.normal());
+        Ok(TensorValues::F32(values))
+    })
+    .unwrap();
     let dec = Arc::new(Decoder::new(cfg, be, weights));
     let lora = LoraConfig {
         rank: 4,
@@ -72,8 +77,8 @@ fn batch() -> Batch {
     b
 }
 
-fn check_family(family: Family, checkpointing: bool) {
-    let mut t = trainer(family, checkpointing);
+fn check_family(family: Family, checkpointing: bool, quantization: Quantization) {
+    let mut t = trainer(family, checkpointing, quantization);
     let b = batch();
     let (loss, _, _) = t.compute_gradients(std::slice::from_ref(&b)).unwrap();
     let eval = t.eval_loss(&b).unwrap();
@@ -113,19 +118,33 @@ fn check_family(family: Family, checkpointing: bool) {
         );
         worst = worst.max(err / tolerance);
     }
-    eprintln!("{family:?} (checkpointing {checkpointing}): {} tensors, largest error/tolerance {worst:.2}", grads.len());
+    eprintln!(
+        "{family:?} (checkpointing {checkpointing}, {quantization:?}): {} tensors, largest \
+         error/tolerance {worst:.2}",
+        grads.len()
+    );
 }
 
 #[test]
 fn llama_lora_gradients_match_finite_differences() {
-    check_family(Family::Llama, true);
+    check_family(Family::Llama, true, Quantization::None);
+}
+
+#[test]
+fn llama_qlora_gradients_match_finite_differences() {
+    check_family(Family::Llama, true, Quantization::Nf4);
+}
+
+#[test]
+fn qwen2_qlora_gradients_match_finite_differences() {
+    check_family(Family::Qwen2, false, Quantization::Nf4);
 }
 
 #[test]
 fn llama_without_checkpointing_gives_the_same_gradients() {
-    check_family(Family::Llama, false);
+    check_family(Family::Llama, false, Quantization::None);
     let grads = |ckpt| {
-        let mut t = trainer(Family::Llama, ckpt);
+        let mut t = trainer(Family::Llama, ckpt, Quantization::None);
         t.compute_gradients(&[batch()]).unwrap();
         t.grads()
             .tensors()
@@ -137,15 +156,15 @@ fn llama_without_checkpointing_gives_the_same_gradients() {
 
 #[test]
 fn qwen2_lora_gradients_match_finite_differences() {
-    check_family(Family::Qwen2, true);
+    check_family(Family::Qwen2, true, Quantization::None);
 }
 
 #[test]
 fn qwen3_lora_gradients_match_finite_differences() {
-    check_family(Family::Qwen3, true);
+    check_family(Family::Qwen3, true, Quantization::None);
 }
 
 #[test]
 fn gemma_lora_gradients_match_finite_differences() {
-    check_family(Family::Gemma, true);
+    check_family(Family::Gemma, true, Quantization::None);
 }

@@ -9,7 +9,8 @@
 //! at most half a gap, scaled by M) and H = 0.9/64 the widest gap of the 8-bit dynamic map (the
 //! absmax itself is off by at most H/2·D, and |NF4 value| ≤ 1 carries that over unchanged).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use finetune::io::safetensors::SafetensorsFile;
@@ -20,6 +21,8 @@ use finetune::quant::nf4::{
 };
 use finetune::rng::Rng;
 use finetune::Error;
+
+use common::bnb::{write_raw, RawTensors};
 
 /// Weight-like values: N(0, 0.02²) with a few outliers ×12, as in the fixture script.
 fn weights(seed: u64, n: usize) -> Vec<f32> {
@@ -586,28 +589,6 @@ fn bnb_cuda_fixture_matches_nearest_rounding() {
 }
 
 // ---- malformed checkpoints ---------------------------------------------------------------------
-
-/// Raw tensors by name: (dtype, shape, bytes).
-type RawTensors = BTreeMap<String, (String, Vec<usize>, Vec<u8>)>;
-
-/// Writes a safetensors file from raw tensors.
-fn write_raw(path: &Path, tensors: &RawTensors) {
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    for (name, (dtype, shape, bytes)) in tensors {
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype, "shape": shape,
-                               "data_offsets": [data.len(), data.len() + bytes.len()]}),
-        );
-        data.extend_from_slice(bytes);
-    }
-    let header = serde_json::Value::Object(header).to_string();
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(&data);
-    std::fs::write(path, out).unwrap();
-}
 
 /// The tensors of fixture weight `c` as raw entries named `x.weight...`.
 fn fixture_weight_c(file: &SafetensorsFile) -> RawTensors {

@@ -43,6 +43,29 @@ func tinyTrainer(t *testing.T) (*Model, *Trainer) {
 	return m, tr
 }
 
+func TestQLoRATrains(t *testing.T) {
+	m, err := RandomModel("tiny", 1, &ModelOptions{Device: "cpu", Threads: 1, Quantization: QuantNF4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	train, _ := DefaultTrainOptions()
+	train.LearningRate = 1e-2
+	tr, err := NewTrainer(m, nil, &train)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	b := countBatch(12)
+	before, _ := tr.EvalLoss(b)
+	if err := tr.Train(context.Background(), []Batch{b}, 8, nil); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := tr.EvalLoss(b); !(after < before) {
+		t.Fatalf("loss did not fall: %v -> %v", before, after)
+	}
+}
+
 func TestTrainSaveReloadGenerate(t *testing.T) {
 	m, tr := tinyTrainer(t)
 	b := countBatch(12)

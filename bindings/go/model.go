@@ -25,10 +25,22 @@ const (
 // IgnoreLabel in Batch.Labels means "no loss at this position".
 const IgnoreLabel = C.FT_IGNORE_LABEL
 
+// Quantization says how a model's frozen projection matrices are stored.
+type Quantization int32
+
+const (
+	// QuantNone keeps them in the device's own format (f32 on the CPU, bf16 on a GPU).
+	QuantNone Quantization = C.FT_QUANT_NONE
+	// QuantNF4 keeps them in NF4 with double-quantized absmax (QLoRA).
+	QuantNF4 Quantization = C.FT_QUANT_NF4
+)
+
 // ModelOptions says where and how to run a model. The zero value means the defaults.
 type ModelOptions struct {
-	Device  string // "auto" (default), "cpu" or "cuda:N"
-	Threads int    // CPU worker threads; 0 means one per core
+	Device             string       // "auto" (default), "cpu" or "cuda:N"
+	Threads            int          // CPU worker threads; 0 means one per core
+	Quantization       Quantization // QuantNone (default) or QuantNF4 (QLoRA)
+	MaxDeviceMemoryMiB uint64       // cap on the device memory held (GPU only); 0 means none
 }
 
 // ModelInfo holds a model's sizes.
@@ -50,6 +62,8 @@ func withModelParams(o *ModelOptions, f func(*C.ft_model_params) C.ft_status) C.
 	p := C.ftgo_model_default_params()
 	if o != nil {
 		p.n_threads = C.uint32_t(o.Threads)
+		p.quantization = C.int32_t(o.Quantization)
+		p.max_device_memory_mib = C.uint64_t(o.MaxDeviceMemoryMiB)
 		if o.Device != "" {
 			p.device = C.CString(o.Device)
 			defer C.free(unsafe.Pointer(p.device))

@@ -35,6 +35,10 @@ export interface ModelOptions {
   device?: string;
   /** CPU worker threads; 0 means one per core. */
   threads?: number;
+  /** Storage of the frozen projection matrices: "none" (default) or "nf4" (QLoRA). */
+  quantization?: 'none' | 'nf4';
+  /** Cap on the device memory held, in MiB (GPU only); 0 or absent means none. */
+  maxDeviceMemoryMiB?: number;
 }
 
 export interface ModelInfo {

@@ -16,8 +16,9 @@ const Status = Object.freeze({
 const Target = Object.freeze({ Q: 1, K: 2, V: 4, O: 8, GATE: 16, UP: 32, DOWN: 64, ALL: 127 });
 const DType = Object.freeze({ F32: 0, F16: 1, BF16: 2 });
 const SCHEDULES = { constant: 0, linear: 1, cosine: 2 };
+const QUANTIZATIONS = { none: 0, nf4: 1 };
 const IGNORE_LABEL = -100;
-const ABI_VERSION = 1;
+const ABI_VERSION = 2;
 
 /** A failed library call: `status`, `code` ("FT_ERR_IO", ...), `op` (the C function) and the
  * library's message. Cancelled training rejects with one whose name is "AbortError". */
@@ -56,6 +57,12 @@ function modelParams(opts = {}) {
   const p = lib().modelDefaultParams();
   if (opts.device != null) p.device = opts.device;
   if (opts.threads != null) p.n_threads = opts.threads;
+  if (opts.quantization != null) {
+    const q = QUANTIZATIONS[opts.quantization];
+    if (q === undefined) throw new RangeError(`finetune: unknown quantization ${opts.quantization} (expected none or nf4)`);
+    p.quantization = q;
+  }
+  if (opts.maxDeviceMemoryMiB != null) p.max_device_memory_mib = opts.maxDeviceMemoryMiB;
   return p;
 }
 

@@ -9,6 +9,7 @@ pub mod cuda;
 
 use crate::error::Result;
 use crate::model::config::Activation;
+use crate::quant::Nf4Tensor;
 
 /// Label value meaning "no loss at this position" (PyTorch's ignore_index).
 pub const IGNORE_LABEL: i32 = -100;
@@ -131,6 +132,14 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_frozen(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
         self.upload(data, rows, cols)
     }
+    /// Quantizes a frozen base matrix to NF4 with double-quantized absmax (bit for bit as
+    /// [`Nf4Tensor::quantize`]; a device backend quantizes on the device) and keeps it packed.
+    /// Such a tensor is only read: by matmul, which dequantizes it on the fly, and by download,
+    /// which returns the dequantized values.
+    fn upload_frozen_nf4(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// Keeps an already quantized NF4 matrix (a bitsandbytes-4bit checkpoint's weight) packed, as
+    /// [`Backend::upload_frozen_nf4`] does.
+    fn upload_nf4(&self, q: Nf4Tensor) -> Result<Self::Tensor>;
     fn upload_ints(&self, data: &[i32]) -> Result<Self::Ints>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
@@ -147,6 +156,7 @@ pub trait Backend: Send + Sync + 'static {
     fn reshape(&self, t: Self::Tensor, rows: usize, cols: usize) -> Self::Tensor;
 
     /// `c = alpha · op(a) · op(b) + (accumulate ? c : 0)`, `op(x) = xᵀ` when the flag is set.
+    /// One of `a` and `b` may be an NF4 matrix (see [`Backend::upload_frozen_nf4`]).
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,

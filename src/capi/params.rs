@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::io::gguf::GgmlType;
 use crate::io::safetensors::Dtype;
 use crate::lora::LoraConfig;
+use crate::quant::Quantization;
 use crate::train::batch::Batch;
 use crate::train::schedule::ScheduleKind;
 use crate::train::trainer::{StepStats, TrainConfig};
@@ -31,6 +32,13 @@ pub const FT_SCHEDULE_COSINE: i32 = 2;
 pub const FT_IGNORE_LABEL: i32 = -100;
 const _: () = assert!(FT_IGNORE_LABEL == crate::backend::IGNORE_LABEL);
 
+/// `ft_model_params.quantization`: frozen projection matrices in the device's own format (f32 on
+/// the CPU, bf16 on a GPU).
+pub const FT_QUANT_NONE: i32 = 0;
+/// `ft_model_params.quantization`: frozen projection matrices in NF4 with double-quantized
+/// absmax (QLoRA), dequantized on the fly for each product.
+pub const FT_QUANT_NF4: i32 = 1;
+
 /// Element types for exported weights.
 pub const FT_DTYPE_F32: i32 = 0;
 pub const FT_DTYPE_F16: i32 = 1;
@@ -51,6 +59,15 @@ pub struct ft_model_params {
     pub device: *const c_char,
     /// CPU worker threads; 0 means one per core.
     pub n_threads: u32,
+    /// How the frozen projection matrices (q, k, v, o, gate, up, down) are stored: `FT_QUANT_NONE`
+    /// or `FT_QUANT_NF4` (QLoRA). The embedding and LM head are never quantized. A
+    /// bitsandbytes-4bit checkpoint stays in NF4 as read with `FT_QUANT_NF4` and is dequantized
+    /// with `FT_QUANT_NONE`.
+    pub quantization: i32,
+    /// A cap on the device memory the model and its trainers hold, in MiB; 0 means none. An
+    /// allocation past it fails with `FT_ERR_OUT_OF_MEMORY`, leaving the model and trainers
+    /// usable. GPU only (ignored on the CPU).
+    pub max_device_memory_mib: u64,
 }
 
 /// LoRA shape. Get defaults from `ft_lora_default_params()`: r 16, alpha 16, all seven targets.
@@ -120,12 +137,14 @@ pub struct ft_step_stats {
     pub labelled_tokens: u64,
 }
 
-/// Defaults: device "auto", one thread per core.
+/// Defaults: device "auto", one thread per core, no quantization, no device-memory cap.
 #[no_mangle]
 pub extern "C" fn ft_model_default_params() -> ft_model_params {
     ft_model_params {
         device: std::ptr::null(),
         n_threads: 0,
+        quantization: FT_QUANT_NONE,
+        max_device_memory_mib: 0,
     }
 }
 
@@ -170,9 +189,26 @@ impl ft_model_params {
         } else {
             Device::parse(str_arg(self.device, "params->device")?)?
         };
+        let quantization = match self.quantization {
+            FT_QUANT_NONE => Quantization::None,
+            FT_QUANT_NF4 => Quantization::Nf4,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "params->quantization is {other} (expected FT_QUANT_NONE or FT_QUANT_NF4)"
+                )))
+            }
+        };
+        let max_device_memory_mib = usize::try_from(self.max_device_memory_mib).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "params->max_device_memory_mib {} is too large",
+                self.max_device_memory_mib
+            ))
+        })?;
         Ok(ModelParams {
             device,
             threads: self.n_threads as usize,
+            quantization,
+            max_device_memory_mib,
         })
     }
 }

@@ -9,6 +9,8 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::io::json::read_json;
 use crate::io::safetensors::{Dtype, SafetensorsFile, TensorInfo};
+use crate::model::weights::{TensorSpec, TensorValues};
+use crate::quant::bnb::{is_bnb_4bit, read_nf4, TensorLookup};
 
 /// The single-file weights name.
 const SINGLE_FILE: &str = "model.safetensors";
@@ -163,9 +165,30 @@ impl WeightSource {
         file.read_f32(name)
     }
 
+    /// Reads the tensor of `spec`: a bitsandbytes-4bit weight (its packed codes and quant state)
+    /// as NF4, copying only the packed bytes, anything else as f32 of the spec's shape.
+    pub fn read_tensor(&self, spec: &TensorSpec) -> Result<TensorValues> {
+        if is_bnb_4bit(self, &spec.name) {
+            read_nf4(self, &spec.name).map(TensorValues::Nf4)
+        } else {
+            self.read_f32(&spec.name, &spec.file_shape())
+                .map(TensorValues::F32)
+        }
+    }
+
     fn locate(&self, name: &str) -> Option<(&SafetensorsFile, &TensorInfo)> {
         let file = &self.files[*self.locations.get(name)?];
         file.info(name).map(|info| (file, info))
+    }
+}
+
+impl TensorLookup for WeightSource {
+    fn file_with(&self, name: &str) -> Option<&SafetensorsFile> {
+        self.locate(name).map(|(file, _)| file)
+    }
+
+    fn describe(&self) -> &Path {
+        &self.path
     }
 }
 

@@ -2,8 +2,9 @@
 
 use super::config::ModelConfig;
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::TargetModule;
+use crate::quant::{Nf4Tensor, Quantization};
 use crate::rng::{derive, normal_at};
 use rayon::prelude::*;
 
@@ -115,6 +116,15 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     out
 }
 
+/// The values of one base tensor as a source provides them.
+#[derive(Debug, Clone)]
+pub enum TensorValues {
+    /// Row-major f32 values.
+    F32(Vec<f32>),
+    /// An NF4 matrix as a bitsandbytes-4bit checkpoint stores it.
+    Nf4(Nf4Tensor),
+}
+
 /// The weights of one decoder layer.
 pub struct LayerWeights<B: Backend> {
     pub attn_norm: B::Tensor,
@@ -137,11 +147,28 @@ pub struct DecoderWeights<B: Backend> {
 }
 
 impl<B: Backend> DecoderWeights<B> {
-    /// Builds the weights by asking `fetch` for each tensor of [`tensor_specs`] (as f32, row-major).
+    /// Builds the weights by asking `fetch` for each tensor of [`tensor_specs`] (as f32, row-major),
+    /// with the projection matrices in the backend's own frozen format.
     pub fn load(
         cfg: &ModelConfig,
         backend: &B,
         mut fetch: impl FnMut(&TensorSpec) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        Self::load_with(cfg, backend, Quantization::None, |spec| {
+            fetch(spec).map(TensorValues::F32)
+        })
+    }
+
+    /// Builds the weights by asking `fetch` for each tensor of [`tensor_specs`]. The projection
+    /// matrices are stored as `quantization` says: with [`Quantization::Nf4`], f32 values are
+    /// quantized at upload and NF4 values kept as they are; with [`Quantization::None`], NF4
+    /// values are dequantized first. Other tensors are never quantized (NF4 values for them are
+    /// dequantized).
+    pub fn load_with(
+        cfg: &ModelConfig,
+        backend: &B,
+        quantization: Quantization,
+        mut fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
     ) -> Result<Self> {
         let mut embedding = None;
         let mut final_norm = None;
@@ -150,13 +177,32 @@ impl<B: Backend> DecoderWeights<B> {
             .map(|_| PartialLayer::<B>::default())
             .collect();
         for spec in tensor_specs(cfg) {
-            let values = fetch(&spec)?;
-            let t = match spec.slot {
-                Slot::Embedding | Slot::LmHead | Slot::Proj(..) => {
-                    backend.upload_frozen(&values, spec.rows, spec.cols)?
+            let nf4 = quantization == Quantization::Nf4 && matches!(spec.slot, Slot::Proj(..));
+            let frozen = matches!(spec.slot, Slot::Embedding | Slot::LmHead | Slot::Proj(..));
+            let (rows, cols) = (spec.rows, spec.cols);
+            let in_context = |e| in_tensor(&spec.name, e);
+            let t = match fetch(&spec)? {
+                TensorValues::Nf4(q) if q.shape() != [rows, cols] => {
+                    return Err(Error::InvalidArgument(format!(
+                        "tensor {:?}: the NF4 matrix is {:?}, the model needs [{rows}, {cols}]",
+                        spec.name,
+                        q.shape()
+                    )))
                 }
-                _ => backend.upload(&values, spec.rows, spec.cols)?,
-            };
+                TensorValues::Nf4(q) if nf4 => backend.upload_nf4(q),
+                TensorValues::Nf4(q) => {
+                    let values = q.dequantize();
+                    if frozen {
+                        backend.upload_frozen(&values, rows, cols)
+                    } else {
+                        backend.upload(&values, rows, cols)
+                    }
+                }
+                TensorValues::F32(values) if nf4 => backend.upload_frozen_nf4(&values, rows, cols),
+                TensorValues::F32(values) if frozen => backend.upload_frozen(&values, rows, cols),
+                TensorValues::F32(values) => backend.upload(&values, rows, cols),
+            }
+            .map_err(in_context)?;
             match spec.slot {
                 Slot::Embedding => embedding = Some(t),
                 Slot::FinalNorm => final_norm = Some(t),
@@ -212,6 +258,15 @@ impl<B: Backend> DecoderWeights<B> {
     /// The output projection: the LM head, or the embedding when tied.
     pub fn output_projection(&self) -> &B::Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embedding)
+    }
+}
+
+/// `e` with the name of the tensor it concerns (argument errors only: device errors already say
+/// what they were doing).
+fn in_tensor(name: &str, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(format!("tensor {name:?}: {m}")),
+        other => other,
     }
 }
 

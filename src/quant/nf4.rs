@@ -568,13 +568,24 @@ impl Nf4Tensor {
                 rows.start, rows.end, self.rows
             )));
         }
-        let (start, end) = (rows.start * self.cols, rows.end * self.cols);
+        self.dequantize_range_into(rows.start * self.cols..rows.end * self.cols, out)
+    }
+
+    /// Dequantizes the values `range` of the flattened row-major matrix into `out`
+    /// (`range.len()` values).
+    pub fn dequantize_range_into(&self, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+        let (start, end) = (range.start, range.end);
+        if start > end || end > self.len() {
+            return Err(Error::InvalidArgument(format!(
+                "value range {start}..{end} is outside the {} values of the {}x{} NF4 matrix",
+                self.len(),
+                self.rows,
+                self.cols
+            )));
+        }
         if out.len() != end - start {
             return Err(Error::InvalidArgument(format!(
-                "rows {}..{} of {} columns need an output of {} values, found {}",
-                rows.start,
-                rows.end,
-                self.cols,
+                "values {start}..{end} of the NF4 matrix need an output of {} values, found {}",
                 end - start,
                 out.len()
             )));
@@ -610,8 +621,9 @@ fn element_count(rows: usize, cols: usize) -> Result<usize> {
     }
 }
 
-/// The first level: packed codes and the f32 absmax of every block.
-fn quantize_nf4(values: &[f32], rows: usize, cols: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+/// Checks that `values` fill a non-empty `rows × cols` matrix and are all finite, as NF4
+/// quantization (here or on a device) needs.
+pub fn check_quantizable(values: &[f32], rows: usize, cols: usize) -> Result<()> {
     let n = element_count(rows, cols)?;
     if values.len() != n {
         return Err(Error::InvalidArgument(format!(
@@ -619,7 +631,7 @@ fn quantize_nf4(values: &[f32], rows: usize, cols: usize) -> Result<(Vec<u8>, Ve
             values.len()
         )));
     }
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+    if let Some(i) = values.par_iter().position_first(|v| !v.is_finite()) {
         return Err(Error::InvalidArgument(format!(
             "cannot quantize to NF4: value at row {}, column {} is {}",
             i / cols,
@@ -627,6 +639,13 @@ fn quantize_nf4(values: &[f32], rows: usize, cols: usize) -> Result<(Vec<u8>, Ve
             values[i]
         )));
     }
+    Ok(())
+}
+
+/// The first level: packed codes and the f32 absmax of every block.
+fn quantize_nf4(values: &[f32], rows: usize, cols: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+    let n = element_count(rows, cols)?;
+    check_quantizable(values, rows, cols)?;
     let mut packed = vec![0u8; n.div_ceil(2)];
     let mut absmax = vec![0.0f32; n.div_ceil(BLOCK)];
     // A block of 64 values fills exactly 32 bytes, so blocks are independent tasks.

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a subset
 
+pub mod bnb;
 pub mod llamacpp;
 
 use finetune::api::{Model, ModelParams, Trainer};
@@ -233,4 +234,54 @@ pub fn tuned(m: &Model) -> (Trainer, Batch, Vec<f32>) {
     }
     losses.push(t.eval_loss(&b).unwrap());
     (t, b, losses)
+}
+
+/// A generator seeded from the clock: every run draws fresh inputs. The seed is printed so that a
+/// failure can be replayed with FINETUNE_TEST_SEED.
+pub fn fresh_rng(test: &str) -> finetune::rng::Rng {
+    let seed = std::env::var("FINETUNE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{test}: seed {seed}");
+    finetune::rng::Rng::new(seed)
+}
+
+/// `n` values N(0, std²).
+pub fn randn(rng: &mut finetune::rng::Rng, n: usize, std: f32) -> Vec<f32> {
+    (0..n).map(|_| std * rng.normal()).collect()
+}
+
+/// Each value rounded to bf16 and back.
+pub fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+/// ‖a − b‖ / ‖b‖ in f64; NaN anywhere gives NaN (which fails every `<` check).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if x.is_nan() || y.is_nan() {
+            return f64::NAN;
+        }
+        d += (x as f64 - y as f64).powi(2);
+        n += (y as f64).powi(2);
+    }
+    (d / n.max(1e-300)).sqrt()
+}
+
+/// Cosine similarity in f64.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
 }

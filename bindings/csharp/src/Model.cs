@@ -68,6 +68,8 @@ namespace Finetune
             if (o != null)
             {
                 p.n_threads = o.Threads;
+                p.quantization = (int)o.Quantization;
+                p.max_device_memory_mib = o.MaxDeviceMemoryMiB;
                 if (o.Device != null) device = Native.Utf8Z(o.Device);
             }
             return p;

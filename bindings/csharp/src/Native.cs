@@ -12,6 +12,8 @@ namespace Finetune
     {
         public IntPtr device;
         public uint n_threads;
+        public int quantization;
+        public ulong max_device_memory_mib;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -60,7 +62,7 @@ namespace Finetune
     {
         public const string LibraryEnv = "FINETUNE_LIB";
         const string LibName = "libfinetune.so";
-        public const uint AbiVersion = 1;
+        public const uint AbiVersion = 2;
 
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate uint AbiVersionFn();
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate IntPtr StringFn();

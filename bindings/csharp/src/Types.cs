@@ -41,6 +41,15 @@ namespace Finetune
     [Flags]
     public enum Targets : uint { Q = 1, K = 2, V = 4, O = 8, Gate = 16, Up = 32, Down = 64, All = 127 }
 
+    /// <summary>How a model's frozen projection matrices are stored.</summary>
+    public enum Quantization
+    {
+        /// <summary>The device's own format (f32 on the CPU, bf16 on a GPU).</summary>
+        None = 0,
+        /// <summary>NF4 with double-quantized absmax (QLoRA).</summary>
+        Nf4 = 1,
+    }
+
     /// <summary>Where and how to run a model. Null fields keep the library's defaults.</summary>
     public sealed class ModelOptions
     {
@@ -48,6 +57,10 @@ namespace Finetune
         public string Device;
         /// <summary>CPU worker threads; 0 means one per core.</summary>
         public uint Threads;
+        /// <summary>Storage of the frozen projection matrices (default None).</summary>
+        public Quantization Quantization;
+        /// <summary>Cap on the device memory held, in MiB (GPU only); 0 means none.</summary>
+        public ulong MaxDeviceMemoryMiB;
     }
 
     /// <summary>A model's sizes.</summary>

@@ -77,6 +77,19 @@ static class Tests
         finally { Directory.Delete(dir, true); }
     }
 
+    static void QloraModelTrains()
+    {
+        var options = new ModelOptions { Device = "cpu", Threads = 1, Quantization = Quantization.Nf4 };
+        using (var model = Model.Random("tiny", 1, options))
+        using (var trainer = TinyTrainer(model))
+        {
+            var b = CountBatch(12);
+            float before = trainer.EvalLoss(b);
+            trainer.TrainAsync(new[] { b }, 8).Wait();
+            Assert(trainer.EvalLoss(b) < before, "loss fell");
+        }
+    }
+
     static void BadModelPathThrowsWithTheLibraryMessage()
     {
         var missing = Path.Combine(Path.GetTempPath(), "no-such-model-dir");
@@ -234,6 +247,7 @@ static class Tests
         var tests = new List<KeyValuePair<string, Action>>
         {
             new KeyValuePair<string, Action>("TrainsSavesReloadsAndGenerates", TrainsSavesReloadsAndGenerates),
+            new KeyValuePair<string, Action>("QloraModelTrains", QloraModelTrains),
             new KeyValuePair<string, Action>("BadModelPathThrowsWithTheLibraryMessage", BadModelPathThrowsWithTheLibraryMessage),
             new KeyValuePair<string, Action>("CancellationTokenStopsTraining", CancellationTokenStopsTraining),
             new KeyValuePair<string, Action>("TrainingDoesNotBlockTheCaller", TrainingDoesNotBlockTheCaller),

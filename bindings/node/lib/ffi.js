@@ -50,7 +50,9 @@ function openLibrary(explicitPath) {
   );
 }
 
-const ModelParams = koffi.struct('ft_model_params', { device: 'const char *', n_threads: 'uint32_t' });
+const ModelParams = koffi.struct('ft_model_params', {
+  device: 'const char *', n_threads: 'uint32_t', quantization: 'int32_t', max_device_memory_mib: 'uint64_t',
+});
 const ModelInfo = koffi.struct('ft_model_info', {
   vocab_size: 'uint64_t', hidden_size: 'uint64_t', intermediate_size: 'uint64_t', num_layers: 'uint64_t',
   num_heads: 'uint64_t', num_kv_heads: 'uint64_t', head_dim: 'uint64_t',

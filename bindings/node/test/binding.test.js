@@ -43,6 +43,20 @@ test('trains off the main thread, saves, reloads and generates', async () => {
   }
 });
 
+test('a model with NF4 projection matrices trains (QLoRA)', async () => {
+  const model = ft.Model.random('tiny', 1, { device: 'cpu', threads: 1, quantization: 'nf4' });
+  const trainer = ft.Trainer.create(model, { train: { learningRate: 1e-2 } });
+  try {
+    const before = trainer.evalLoss(batch);
+    await trainer.train([batch], { steps: 8 });
+    assert.ok(trainer.evalLoss(batch) < before, 'loss fell');
+  } finally {
+    trainer.close();
+    model.close();
+  }
+  assert.throws(() => ft.Model.random('tiny', 1, { quantization: 'int3' }), /unknown quantization/);
+});
+
 test('the event loop keeps running while training', async () => {
   const { model, trainer } = tiny();
   let ticks = 0;

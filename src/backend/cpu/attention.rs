@@ -148,16 +148,8 @@ pub fn forward(
         })
         .collect();
     let tokens = s.batch * n;
-    let mut out = CpuTensor {
-        rows: tokens,
-        cols: s.num_heads * d,
-        data: vec![0.0; tokens * s.num_heads * d],
-    };
-    let mut lse_all = CpuTensor {
-        rows: tokens,
-        cols: s.num_heads,
-        data: vec![0.0; tokens * s.num_heads],
-    };
+    let mut out = CpuTensor::new(tokens, s.num_heads * d, vec![0.0; tokens * s.num_heads * d]);
+    let mut lse_all = CpuTensor::new(tokens, s.num_heads, vec![0.0; tokens * s.num_heads]);
     for (b, h, o, lse) in heads {
         scatter_head(&mut out, &o, b * n, n, h * d);
         scatter_head(&mut lse_all, &lse, b * n, n, h);
@@ -242,11 +234,7 @@ pub fn backward(
         })
         .collect();
     let tokens = s.batch * n;
-    let zeros = |cols: usize| CpuTensor {
-        rows: tokens,
-        cols,
-        data: vec![0.0; tokens * cols],
-    };
+    let zeros = |cols: usize| CpuTensor::new(tokens, cols, vec![0.0; tokens * cols]);
     let (mut dq, mut dk, mut dv) = (zeros(q.cols), zeros(k.cols), zeros(v.cols));
     for (b, g, dqs, dkg, dvg) in grads {
         for (i, dqh) in dqs.iter().enumerate() {
@@ -275,7 +263,7 @@ mod tests {
 
     fn random(rows: usize, cols: usize, rng: &mut Rng) -> CpuTensor {
         let data = (0..rows * cols).map(|_| rng.normal()).collect();
-        CpuTensor { rows, cols, data }
+        CpuTensor::new(rows, cols, data)
     }
 
     fn segments() -> Vec<i32> {

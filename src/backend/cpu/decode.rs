@@ -77,16 +77,8 @@ pub fn attention(
             (o, lse)
         })
         .collect();
-    let mut out = CpuTensor {
-        rows: m,
-        cols: heads * d,
-        data: vec![0.0; m * heads * d],
-    };
-    let mut lse_all = CpuTensor {
-        rows: m,
-        cols: heads,
-        data: vec![0.0; m * heads],
-    };
+    let mut out = CpuTensor::new(m, heads * d, vec![0.0; m * heads * d]);
+    let mut lse_all = CpuTensor::new(m, heads, vec![0.0; m * heads]);
     for (h, (o, lse)) in per_head.iter().enumerate() {
         for i in 0..m {
             out.data[i * heads * d + h * d..i * heads * d + (h + 1) * d]
@@ -104,11 +96,7 @@ mod tests {
     use crate::rng::Rng;
 
     fn random(rows: usize, cols: usize, rng: &mut Rng) -> CpuTensor {
-        CpuTensor {
-            rows,
-            cols,
-            data: (0..rows * cols).map(|_| rng.normal()).collect(),
-        }
+        CpuTensor::new(rows, cols, (0..rows * cols).map(|_| rng.normal()).collect())
     }
 
     #[test]
@@ -137,11 +125,7 @@ mod tests {
                 .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
         };
         assert!(close(&all.data, &full.data) && close(&all_lse.data, &full_lse.data));
-        let last = CpuTensor {
-            rows: 2,
-            cols: q.cols,
-            data: q.data[(n - 2) * q.cols..].to_vec(),
-        };
+        let last = CpuTensor::new(2, q.cols, q.data[(n - 2) * q.cols..].to_vec());
         let (tail, _) = be.attention_decode(&last, &k, &v, (heads, kv, d)).unwrap();
         assert!(close(&tail.data, &full.data[(n - 2) * q.cols..]));
     }

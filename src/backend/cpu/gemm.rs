@@ -50,6 +50,16 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Columns `c0..c1` (no copy).
+    pub fn cols(self, c0: usize, c1: usize) -> Self {
+        assert!(c0 <= c1 && c1 <= self.cols, "column range out of bounds");
+        MatRef {
+            data: &self.data[(c0 * self.col_stride).min(self.data.len())..],
+            cols: c1 - c0,
+            ..self
+        }
+    }
+
     /// The transpose (no copy).
     pub fn t(self) -> Self {
         MatRef {

@@ -34,11 +34,7 @@ pub fn lm_head_cross_entropy(
         }
         labelled.push(t);
     }
-    let mut dh = CpuTensor {
-        rows: h.rows,
-        cols: d,
-        data: vec![0.0; h.data.len()],
-    };
+    let mut dh = CpuTensor::new(h.rows, d, vec![0.0; h.data.len()]);
     let mut total = 0.0f64;
     let wv = MatRef::new(&w.data, vocab, d);
     for rows in labelled.chunks(CHUNK) {

@@ -6,25 +6,51 @@ mod attention;
 mod decode;
 pub mod gemm;
 mod loss;
+mod nf4;
 mod pointwise;
 
 use super::{AdamWStep, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
+use crate::quant::Nf4Tensor;
 use gemm::{parallelism, MatRef};
 use rayon::prelude::*;
+use std::sync::Arc;
 
-/// A row-major f32 matrix in host memory.
+/// A row-major f32 matrix in host memory, or a frozen base matrix kept in NF4.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuTensor {
     pub rows: usize,
     pub cols: usize,
+    /// The values; empty when the matrix is in `nf4`.
     pub data: Vec<f32>,
+    /// An NF4 base matrix (flattened row-major like `data`). Only matmul, which dequantizes a
+    /// block of rows at a time, and download read it; every other op refuses it.
+    pub nf4: Option<Arc<Nf4Tensor>>,
 }
 
 impl CpuTensor {
+    /// A matrix of f32 values.
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        CpuTensor {
+            rows,
+            cols,
+            data,
+            nf4: None,
+        }
+    }
+
     fn view(&self) -> MatRef<'_> {
         MatRef::new(&self.data, self.rows, self.cols)
+    }
+
+    /// `op(self)` as a view (`self` holds f32 values).
+    fn op_view(&self, trans: bool) -> MatRef<'_> {
+        if trans {
+            self.view().t()
+        } else {
+            self.view()
+        }
     }
 }
 
@@ -64,12 +90,23 @@ impl CpuBackend {
         segments: &[i32],
         shape: AttentionShape,
     ) -> Result<()> {
+        Self::dense(&[q, k, v], "attention")?;
         let dims = |t: &CpuTensor| (t.rows, t.cols);
         super::check_attention_shapes(dims(q), dims(k), dims(v), segments.len(), shape, None)
     }
 
     fn same_shape(a: &CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
         super::check_same_shape((a.rows, a.cols), (b.rows, b.cols), what)
+    }
+
+    /// Fails when one of `ts` is an NF4 matrix, which `op` cannot read.
+    fn dense(ts: &[&CpuTensor], op: &str) -> Result<()> {
+        if ts.iter().any(|t| t.nf4.is_some()) {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: an NF4 weight was passed; NF4 matrices are only multiplied and downloaded"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -88,10 +125,19 @@ impl Backend for CpuBackend {
                 data.len()
             )));
         }
+        Ok(CpuTensor::new(rows, cols, data.to_vec()))
+    }
+
+    fn upload_frozen_nf4(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
+        self.upload_nf4(self.install(|| Nf4Tensor::quantize(data, rows, cols))?)
+    }
+
+    fn upload_nf4(&self, q: Nf4Tensor) -> Result<CpuTensor> {
         Ok(CpuTensor {
-            rows,
-            cols,
-            data: data.to_vec(),
+            rows: q.rows(),
+            cols: q.cols(),
+            data: Vec::new(),
+            nf4: Some(Arc::new(q)),
         })
     }
 
@@ -100,15 +146,14 @@ impl Backend for CpuBackend {
     }
 
     fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
-        Ok(t.data.clone())
+        Ok(match &t.nf4 {
+            Some(q) => self.install(|| q.dequantize()),
+            None => t.data.clone(),
+        })
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
-        Ok(CpuTensor {
-            rows,
-            cols,
-            data: vec![0.0; rows * cols],
-        })
+        Ok(CpuTensor::new(rows, cols, vec![0.0; rows * cols]))
     }
 
     fn duplicate(&self, t: &CpuTensor) -> Result<CpuTensor> {
@@ -138,21 +183,48 @@ impl Backend for CpuBackend {
         c: &mut CpuTensor,
         accumulate: bool,
     ) -> Result<()> {
-        let av = if trans_a { a.view().t() } else { a.view() };
-        let bv = if trans_b { b.view().t() } else { b.view() };
-        if av.cols != bv.rows || (c.rows, c.cols) != (av.rows, bv.cols) {
+        Self::dense(&[c], "matmul output")?;
+        let op_shape = |t: &CpuTensor, trans: bool| {
+            if trans {
+                (t.cols, t.rows)
+            } else {
+                (t.rows, t.cols)
+            }
+        };
+        let ((m, k), (kb, n)) = (op_shape(a, trans_a), op_shape(b, trans_b));
+        if k != kb || (c.rows, c.cols) != (m, n) {
             return Err(Error::InvalidArgument(format!(
-                "matmul shapes: [{}, {}]·[{}, {}] into [{}, {}]",
-                av.rows, av.cols, bv.rows, bv.cols, c.rows, c.cols
+                "matmul shapes: [{m}, {k}]·[{kb}, {n}] into [{}, {}]",
+                c.rows, c.cols
             )));
         }
-        let par = parallelism(av.rows, bv.cols, av.cols, self.threads);
-        let cols = c.cols;
-        self.install(|| gemm::gemm(av, bv, alpha, &mut c.data, cols, accumulate, par));
-        Ok(())
+        let threads = self.threads;
+        match (&a.nf4, &b.nf4) {
+            (None, None) => {
+                let (av, bv) = (a.op_view(trans_a), b.op_view(trans_b));
+                let par = parallelism(m, n, k, threads);
+                let cols = c.cols;
+                self.install(|| gemm::gemm(av, bv, alpha, &mut c.data, cols, accumulate, par));
+                Ok(())
+            }
+            (Some(w), None) => {
+                let w = nf4::Nf4Operand::new(w, a, nf4::Side::A, trans_a);
+                let other = b.op_view(trans_b);
+                self.install(|| nf4::matmul(w, other, alpha, c, accumulate, threads))
+            }
+            (None, Some(w)) => {
+                let w = nf4::Nf4Operand::new(w, b, nf4::Side::B, trans_b);
+                let other = a.op_view(trans_a);
+                self.install(|| nf4::matmul(w, other, alpha, c, accumulate, threads))
+            }
+            (Some(_), Some(_)) => Err(Error::InvalidArgument(
+                "matmul of two NF4 matrices: at most one operand may be NF4".into(),
+            )),
+        }
     }
 
     fn add_row_vector(&self, x: &mut CpuTensor, bias: &CpuTensor) -> Result<()> {
+        Self::dense(&[x, bias], "add_row_vector")?;
         if bias.data.len() != x.cols {
             return Err(Error::InvalidArgument(format!(
                 "bias of {} values for rows of {}",
@@ -171,16 +243,19 @@ impl Backend for CpuBackend {
 
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
         Self::same_shape(x, y, "add")?;
+        Self::dense(&[x, y], "add")?;
         self.install(|| pointwise::zip_apply(&mut x.data, &y.data, |a, b| *a += b));
         Ok(())
     }
 
     fn scale(&self, x: &mut CpuTensor, s: f32) -> Result<()> {
+        Self::dense(&[x], "scale")?;
         x.data.iter_mut().for_each(|a| *a *= s);
         Ok(())
     }
 
     fn sum_squares(&self, xs: &[&CpuTensor]) -> Result<f64> {
+        Self::dense(xs, "sum_squares")?;
         Ok(xs
             .iter()
             .flat_map(|x| &x.data)
@@ -189,10 +264,12 @@ impl Backend for CpuBackend {
     }
 
     fn has_non_finite(&self, x: &CpuTensor) -> Result<bool> {
+        Self::dense(&[x], "has_non_finite")?;
         Ok(x.data.iter().any(|a| !a.is_finite()))
     }
 
     fn embedding(&self, table: &CpuTensor, ids: &Vec<i32>, scale: f32) -> Result<CpuTensor> {
+        Self::dense(&[table], "embedding")?;
         let d = table.cols;
         let mut out = vec![0.0f32; ids.len() * d];
         for (t, (row, &id)) in out.chunks_mut(d).zip(ids).enumerate() {
@@ -209,11 +286,7 @@ impl Backend for CpuBackend {
                 .zip(&table.data[id * d..(id + 1) * d])
                 .for_each(|(o, &w)| *o = w * scale);
         }
-        Ok(CpuTensor {
-            rows: ids.len(),
-            cols: d,
-            data: out,
-        })
+        Ok(CpuTensor::new(ids.len(), d, out))
     }
 
     fn rmsnorm(
@@ -223,6 +296,7 @@ impl Backend for CpuBackend {
         eps: f32,
         unit_offset: bool,
     ) -> Result<(CpuTensor, CpuTensor)> {
+        Self::dense(&[x, w], "rmsnorm")?;
         if w.data.len() != x.cols {
             return Err(Error::InvalidArgument(format!(
                 "norm weight of {} values for rows of {}",
@@ -243,6 +317,7 @@ impl Backend for CpuBackend {
         unit_offset: bool,
     ) -> Result<CpuTensor> {
         Self::same_shape(dy, x, "rmsnorm backward")?;
+        Self::dense(&[dy, x, w, r], "rmsnorm backward")?;
         Ok(self.install(|| pointwise::rmsnorm_backward(dy, x, &w.data, &r.data, unit_offset)))
     }
 
@@ -254,6 +329,7 @@ impl Backend for CpuBackend {
         head_dim: usize,
         inverse: bool,
     ) -> Result<()> {
+        Self::dense(&[x], "rope")?;
         if positions.len() != x.rows || x.cols % head_dim != 0 || inv_freq.len() * 2 != head_dim {
             return Err(Error::InvalidArgument(format!(
                 "rope: {} positions, rows of {} values, head_dim {head_dim}, {} frequencies",
@@ -291,6 +367,7 @@ impl Backend for CpuBackend {
     ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
         Self::check_attention(q, k, v, segments, shape)?;
         Self::same_shape(out, d_out, "attention backward")?;
+        Self::dense(&[out, lse, d_out], "attention backward")?;
         Ok(self.install(|| attention::backward(q, k, v, out, lse, d_out, segments, shape)))
     }
 
@@ -301,11 +378,13 @@ impl Backend for CpuBackend {
         v: &CpuTensor,
         heads: (usize, usize, usize),
     ) -> Result<(CpuTensor, CpuTensor)> {
+        Self::dense(&[q, k, v], "attention_decode")?;
         decode::check_shapes(q, k, v, heads)?;
         Ok(self.install(|| decode::attention(q, k, v, heads)))
     }
 
     fn append_rows(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {
+        Self::dense(&[dst, src], "append_rows")?;
         if dst.cols != src.cols {
             return Err(Error::InvalidArgument(format!(
                 "append_rows: rows of {} values onto rows of {}",
@@ -319,6 +398,7 @@ impl Backend for CpuBackend {
 
     fn gated_activation(&self, g: &CpuTensor, u: &CpuTensor, act: Activation) -> Result<CpuTensor> {
         Self::same_shape(g, u, "gated activation")?;
+        Self::dense(&[g, u], "gated activation")?;
         let mut h = u.clone();
         self.install(|| pointwise::gated_activation(&mut h.data, &g.data, act));
         Ok(h)
@@ -333,17 +413,15 @@ impl Backend for CpuBackend {
     ) -> Result<(CpuTensor, CpuTensor)> {
         Self::same_shape(g, u, "gated activation backward")?;
         Self::same_shape(dh, g, "gated activation backward")?;
+        Self::dense(&[dh, g, u], "gated activation backward")?;
         let (dg, du) =
             self.install(|| pointwise::gated_activation_backward(&dh.data, &g.data, &u.data, act));
-        let shaped = |data| CpuTensor {
-            rows: dh.rows,
-            cols: dh.cols,
-            data,
-        };
+        let shaped = |data| CpuTensor::new(dh.rows, dh.cols, data);
         Ok((shaped(dg), shaped(du)))
     }
 
     fn dropout(&self, x: &CpuTensor, p: f32, seed: u64) -> Result<CpuTensor> {
+        Self::dense(&[x], "dropout")?;
         let mut y = x.clone();
         if p > 0.0 {
             let keep = 1.0 / (1.0 - p);
@@ -367,6 +445,7 @@ impl Backend for CpuBackend {
         labels: &Vec<i32>,
         normalizer: f32,
     ) -> Result<(f64, CpuTensor)> {
+        Self::dense(&[h, w], "lm head")?;
         if h.cols != w.cols || labels.len() != h.rows {
             return Err(Error::InvalidArgument(format!(
                 "lm head: hidden [{}, {}], weight [{}, {}], {} labels",
@@ -391,6 +470,7 @@ impl Backend for CpuBackend {
         Self::same_shape(p, g, "adamw")?;
         Self::same_shape(p, m, "adamw")?;
         Self::same_shape(p, v, "adamw")?;
+        Self::dense(&[p, g, m, v], "adamw")?;
         pointwise::adamw(&mut p.data, &g.data, &mut m.data, &mut v.data, h);
         Ok(())
     }

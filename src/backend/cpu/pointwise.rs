@@ -156,18 +156,7 @@ pub fn rmsnorm(x: &CpuTensor, w: &[f32], eps: f32, unit_offset: bool) -> (CpuTen
                 }
             }
         });
-    (
-        CpuTensor {
-            rows: x.rows,
-            cols: n,
-            data: y,
-        },
-        CpuTensor {
-            rows: x.rows,
-            cols: 1,
-            data: r,
-        },
-    )
+    (CpuTensor::new(x.rows, n, y), CpuTensor::new(x.rows, 1, r))
 }
 
 /// See `Backend::rmsnorm_backward`.
@@ -196,11 +185,7 @@ pub fn rmsnorm_backward(
                 *o = rr * norm_weight(wi, unit_offset) * d - c * a;
             }
         });
-    CpuTensor {
-        rows: x.rows,
-        cols: n,
-        data: dx,
-    }
+    CpuTensor::new(x.rows, n, dx)
 }
 
 /// See `Backend::rope`.

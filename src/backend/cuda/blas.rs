@@ -25,10 +25,13 @@ pub struct Blas {
     handle: Mutex<CudaBlas>,
 }
 
-fn data_type(d: Dtype) -> sys::cudaDataType {
+fn data_type(d: Dtype) -> Result<sys::cudaDataType> {
     match d {
-        Dtype::F32 => sys::cudaDataType::CUDA_R_32F,
-        Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+        Dtype::F32 => Ok(sys::cudaDataType::CUDA_R_32F),
+        Dtype::Bf16 => Ok(sys::cudaDataType::CUDA_R_16BF),
+        Dtype::Nf4 => Err(Error::InvalidArgument(
+            "matmul: cuBLAS cannot read an NF4 matrix (it is dequantized to bf16 first)".into(),
+        )),
     }
 }
 
@@ -89,6 +92,7 @@ impl Blas {
                 sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
+        let (a_type, b_type) = (data_type(a.dtype)?, data_type(b.dtype)?);
         let handle = self.handle.lock().expect("no panic holds it");
         gpu.ctx
             .bind_to_thread()
@@ -105,10 +109,10 @@ impl Blas {
                 dim(k)?,
                 &alpha as *const f32 as *const _,
                 b.ptr as *const _,
-                data_type(b.dtype),
+                b_type,
                 dim(b.cols.max(1))?,
                 a.ptr as *const _,
-                data_type(a.dtype),
+                a_type,
                 dim(a.cols.max(1))?,
                 &beta as *const f32 as *const _,
                 c.ptr as *mut _,

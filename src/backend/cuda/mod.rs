@@ -1,12 +1,14 @@
 //! The CUDA backend: the driver, NVRTC and cuBLAS loaded at run time (the crate builds and runs
-//! where none of them exist), frozen base matrices in bf16, activations, adapters and optimizer
-//! state in f32, matrix products through cuBLAS with f32 accumulation, every other op a kernel
-//! from `kernels/` (kernels/README.md is their contract).
+//! where none of them exist), frozen base matrices in bf16 (or projection matrices in NF4,
+//! dequantized to bf16 for each product: nf4.rs), activations, adapters and optimizer state in
+//! f32, matrix products through cuBLAS with f32 accumulation, every other op a kernel from
+//! `kernels/` (kernels/README.md is their contract).
 
 mod blas;
 pub mod device;
 pub mod kernels;
 mod launch;
+mod nf4;
 mod profile;
 pub mod tensor;
 
@@ -16,14 +18,15 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
+use crate::quant::Nf4Tensor;
 use blas::{Blas, Operand};
-use cudarc::driver::DevicePtr;
+use cudarc::driver::{DevicePtr, DeviceRepr};
 use device::{driver_error, DeviceBuffer, Gpu};
 use kernels::KernelCache;
 use launch::{Arg, Shape};
 use profile::Profiler;
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use tensor::Storage;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
 
@@ -46,6 +49,8 @@ pub struct CudaBackend {
     blas: Blas,
     /// The last RoPE frequency table uploaded, reused while it stays the same.
     inv_freq: Mutex<Option<(Vec<f32>, DeviceBuffer<f32>)>>,
+    /// bf16 values of the NF4 matrix a product is reading (nf4.rs), sized for the largest one.
+    nf4_scratch: Mutex<Option<DeviceBuffer<u16>>>,
     /// Per-operation timing when FINETUNE_CUDA_PROFILE=1 (printed when the backend is dropped).
     profiler: Option<Profiler>,
 }
@@ -63,12 +68,23 @@ fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
 }
 
 fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
-    match t.dtype() {
-        Dtype::F32 => Ok(()),
-        Dtype::Bf16 => Err(Error::InvalidArgument(format!(
-            "{op} works on f32 tensors; a frozen bf16 weight was passed"
-        ))),
-    }
+    let what = match t.dtype() {
+        Dtype::F32 => return Ok(()),
+        Dtype::Bf16 => "bf16",
+        Dtype::Nf4 => "NF4",
+    };
+    Err(Error::InvalidArgument(format!(
+        "{op} works on f32 tensors; a frozen {what} weight was passed"
+    )))
+}
+
+/// What a queued product reads besides its tensors: a bf16 copy of an f32 operand, or the NF4
+/// scratch, locked so that no other product overwrites it before this one is queued (one stream
+/// runs them in order). Dropped after the product is queued.
+#[derive(Default)]
+struct Staged<'a> {
+    _bf16_copy: Option<DeviceBuffer<u16>>,
+    _nf4_scratch: Option<MutexGuard<'a, Option<DeviceBuffer<u16>>>>,
 }
 
 /// The kernels' code for an activation (kernels/pointwise.cu).
@@ -98,6 +114,7 @@ impl CudaBackend {
             kernels,
             blas,
             inv_freq: Mutex::new(None),
+            nf4_scratch: Mutex::new(None),
             profiler: Profiler::from_env(),
         })
     }
@@ -162,11 +179,12 @@ impl CudaBackend {
         b.slice.device_ptr(&self.gpu.stream).0
     }
 
-    /// The device address of a tensor's values.
+    /// The device address of a tensor's values (an NF4 matrix's packed codes).
     fn ptr(&self, t: &CudaTensor) -> u64 {
         match &t.storage {
             Storage::F32(b) => self.buffer_ptr(b),
             Storage::Bf16(b) => self.buffer_ptr(b),
+            Storage::Nf4(s) => self.buffer_ptr(&s.packed),
         }
     }
 
@@ -207,26 +225,46 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// `t` as a matrix-product operand, rounded to bf16 when `bf16` and stored in f32; the
-    /// returned buffer (if any) must outlive the product.
-    fn operand(&self, t: &CudaTensor, bf16: bool) -> Result<(Operand, Option<DeviceBuffer<u16>>)> {
-        let (dtype, tmp) = match (t.dtype(), bf16) {
-            (Dtype::F32, true) => (
-                Dtype::Bf16,
-                Some(self.cast_to_bf16(self.ptr(t), t.elements())?),
-            ),
-            (d, _) => (d, None),
+    /// `t` as a matrix-product operand: rounded to bf16 when `bf16` and stored in f32, an NF4
+    /// matrix dequantized to bf16. What is returned beside it must live until the product is
+    /// queued.
+    fn operand(&self, t: &CudaTensor, bf16: bool) -> Result<(Operand, Staged<'_>)> {
+        let mut staged = Staged::default();
+        let (ptr, dtype) = match (&t.storage, bf16) {
+            (Storage::Nf4(s), _) => {
+                let (ptr, scratch) = self.dequantize_nf4(s, t.elements())?;
+                staged._nf4_scratch = Some(scratch);
+                (ptr, Dtype::Bf16)
+            }
+            (Storage::F32(_), true) => {
+                let copy = self.cast_to_bf16(self.ptr(t), t.elements())?;
+                let ptr = self.buffer_ptr(&copy);
+                staged._bf16_copy = Some(copy);
+                (ptr, Dtype::Bf16)
+            }
+            _ => (self.ptr(t), t.dtype()),
         };
-        let ptr = tmp
-            .as_ref()
-            .map_or_else(|| self.ptr(t), |b| self.buffer_ptr(b));
         let op = Operand {
             ptr,
             dtype,
             rows: t.rows,
             cols: t.cols,
         };
-        Ok((op, tmp))
+        Ok((op, staged))
+    }
+
+    /// A device copy of `b`.
+    fn copy_buffer<T: DeviceRepr>(
+        &self,
+        b: &DeviceBuffer<T>,
+        what: &str,
+    ) -> Result<DeviceBuffer<T>> {
+        let mut out = self.gpu.alloc::<T>(b.elements(), what)?;
+        self.gpu
+            .stream
+            .memcpy_dtod(&b.slice, &mut out.slice)
+            .map_err(driver_error(what))?;
+        Ok(out)
     }
 
     /// The device copy of `inv_freq`, uploaded once while it stays the same.
@@ -339,6 +377,14 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn upload_frozen_nf4(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.quantize_nf4(data, rows, cols)
+    }
+
+    fn upload_nf4(&self, q: Nf4Tensor) -> Result<CudaTensor> {
+        self.upload_nf4_tensor(&q)
+    }
+
     fn upload_ints(&self, data: &[i32]) -> Result<CudaInts> {
         Ok(CudaInts {
             device: self.gpu.upload(data, "token ids")?,
@@ -355,6 +401,7 @@ impl Backend for CudaBackend {
                 .into_iter()
                 .map(|x| half::bf16::from_bits(x).to_f32())
                 .collect()),
+            Storage::Nf4(_) => Ok(self.download_nf4(t)?.dequantize()),
         }
     }
 
@@ -371,24 +418,10 @@ impl Backend for CudaBackend {
     }
 
     fn duplicate(&self, t: &CudaTensor) -> Result<CudaTensor> {
-        let copy = driver_error("copying a tensor");
         let storage = match &t.storage {
-            Storage::F32(b) => {
-                let mut out = self.gpu.alloc::<f32>(b.elements(), "a tensor copy")?;
-                self.gpu
-                    .stream
-                    .memcpy_dtod(&b.slice, &mut out.slice)
-                    .map_err(copy)?;
-                Storage::F32(out)
-            }
-            Storage::Bf16(b) => {
-                let mut out = self.gpu.alloc::<u16>(b.elements(), "a weight copy")?;
-                self.gpu
-                    .stream
-                    .memcpy_dtod(&b.slice, &mut out.slice)
-                    .map_err(copy)?;
-                Storage::Bf16(out)
-            }
+            Storage::F32(b) => Storage::F32(self.copy_buffer(b, "a tensor copy")?),
+            Storage::Bf16(b) => Storage::Bf16(self.copy_buffer(b, "a weight copy")?),
+            Storage::Nf4(s) => Storage::Nf4(Box::new(self.duplicate_nf4(s)?)),
         };
         Ok(CudaTensor {
             rows: t.rows,
@@ -429,8 +462,14 @@ impl Backend for CudaBackend {
                 self.fill_zero(c)
             };
         }
-        // Mixed f32 × bf16: the f32 side is rounded to bf16 so cuBLAS runs a bf16 product.
-        let bf16 = a.dtype() == Dtype::Bf16 || b.dtype() == Dtype::Bf16;
+        // Mixed f32 × bf16 (or NF4, dequantized to bf16): the f32 side is rounded to bf16 so
+        // cuBLAS runs a bf16 product.
+        if a.dtype() == Dtype::Nf4 && b.dtype() == Dtype::Nf4 {
+            return Err(Error::InvalidArgument(
+                "matmul of two NF4 matrices: at most one operand may be NF4".into(),
+            ));
+        }
+        let bf16 = a.dtype() != Dtype::F32 || b.dtype() != Dtype::F32;
         let (oa, _a_tmp) = self.operand(a, bf16)?;
         let (ob, _b_tmp) = self.operand(b, bf16)?;
         let (oc, _) = self.operand(c, false)?;
@@ -500,6 +539,11 @@ impl Backend for CudaBackend {
         let kernel = match table.dtype() {
             Dtype::Bf16 => "embedding_bf16",
             Dtype::F32 => "embedding_f32",
+            Dtype::Nf4 => {
+                return Err(Error::InvalidArgument(
+                    "embedding: the table is an NF4 matrix; embeddings are never quantized".into(),
+                ))
+            }
         };
         let (rows, cols) = (ids.host.len(), table.cols);
         let out = self.tensor(rows, cols, "embeddings")?;
@@ -891,6 +935,11 @@ impl Backend for CudaBackend {
             )));
         }
         wants_f32(h, "lm head input")?;
+        if w.dtype() == Dtype::Nf4 {
+            return Err(Error::InvalidArgument(
+                "lm head: the weight is an NF4 matrix; the LM head is never quantized".into(),
+            ));
+        }
         let vocab = w.rows;
         Self::check_ids(labels, vocab, "label", true)?;
         let dh = self.zeros(h.rows, h.cols)?;
@@ -904,7 +953,7 @@ impl Backend for CudaBackend {
             None
         };
         let (h_all, _h_tmp) = self.operand(h, bf16)?;
-        let (wo, _) = self.operand(w, false)?;
+        let (wo, _w_tmp) = self.operand(w, false)?;
         let elem = if bf16 { 2 } else { 4 };
         let logits_ptr = self.buffer_ptr(&logits);
         for start in (0..h.rows).step_by(chunk) {

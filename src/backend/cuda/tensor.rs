@@ -1,5 +1,6 @@
-//! Device tensors: row-major matrices in f32 (activations, adapters, optimizer state) or bf16
-//! (frozen base matrices), and integer vectors with a host copy for validation.
+//! Device tensors: row-major matrices in f32 (activations, adapters, optimizer state), bf16
+//! (frozen base matrices) or NF4 (frozen projection matrices for QLoRA), and integer vectors with
+//! a host copy for validation.
 
 use super::device::DeviceBuffer;
 
@@ -9,12 +10,39 @@ pub enum Dtype {
     F32,
     /// bfloat16 bits.
     Bf16,
+    /// Packed 4-bit NF4 codes with per-block absmax ([`Nf4Storage`]).
+    Nf4,
 }
 
 #[derive(Debug)]
 pub enum Storage {
     F32(DeviceBuffer<f32>),
     Bf16(DeviceBuffer<u16>),
+    Nf4(Box<Nf4Storage>),
+}
+
+/// An NF4 matrix on the device, laid out as src/quant/nf4.rs describes (and as its
+/// `Nf4Tensor::storage_bytes` counts).
+#[derive(Debug)]
+pub struct Nf4Storage {
+    /// ⌈n/2⌉ bytes, value 2k in the high nibble of byte k.
+    pub packed: DeviceBuffer<u8>,
+    pub absmax: DeviceAbsmax,
+}
+
+/// The per-block absmax values of an [`Nf4Storage`].
+#[derive(Debug)]
+pub enum DeviceAbsmax {
+    /// One f32 per block of 64 values.
+    Plain(DeviceBuffer<f32>),
+    /// Double quantized: one 8-bit code per block, one f32 scale per 256 codes, the 256-value
+    /// map the codes index and the offset (one f32).
+    Double {
+        codes: DeviceBuffer<u8>,
+        nested_absmax: DeviceBuffer<f32>,
+        map: DeviceBuffer<f32>,
+        offset: DeviceBuffer<f32>,
+    },
 }
 
 /// A row-major `[rows, cols]` matrix on the GPU.
@@ -34,6 +62,7 @@ impl CudaTensor {
         match self.storage {
             Storage::F32(_) => Dtype::F32,
             Storage::Bf16(_) => Dtype::Bf16,
+            Storage::Nf4(_) => Dtype::Nf4,
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use finetune::api::{Device, Model, ModelParams, Trainer};
-use finetune::bench::{run, BenchConfig};
+use finetune::bench::{run, BenchConfig, BenchMode};
 use finetune::io::gguf::quant::can_encode;
 use finetune::io::gguf::GgmlType;
 use finetune::io::safetensors::Dtype;
@@ -53,6 +53,14 @@ enum Command {
         /// Keep every layer's activations instead of recomputing them.
         #[arg(long)]
         no_checkpointing: bool,
+        /// lora (frozen weights in the device's own format) or qlora (frozen projection
+        /// matrices quantized to NF4 at load).
+        #[arg(long, default_value = "lora")]
+        mode: String,
+        /// Cap on the device memory held, in MiB (0: none; GPU only). Going past it fails with
+        /// an out-of-memory error.
+        #[arg(long, default_value_t = 0)]
+        max_memory_mib: usize,
     },
     /// Fine-tune LoRA adapters on a dataset (JSONL/JSON) from flags or a config file.
     Train(Box<train::TrainArgs>),
@@ -176,10 +184,14 @@ fn execute(command: Command) -> finetune::Result<()> {
             threads,
             device,
             no_checkpointing,
+            mode,
+            max_memory_mib,
         } => {
             let params = ModelParams {
                 device: Device::parse(&device)?,
                 threads,
+                quantization: BenchMode::parse(&mode)?.quantization(),
+                max_device_memory_mib: max_memory_mib,
             };
             let cfg = BenchConfig {
                 model,

@@ -4,6 +4,7 @@ use clap::Args;
 use finetune::api::{Device, Model, ModelParams};
 use finetune::data::encode::LossOn;
 use finetune::lora::{LoraConfig, TargetModule};
+use finetune::quant::Quantization;
 use finetune::train::run::{run, RunConfig};
 use finetune::train::schedule::ScheduleKind;
 use finetune::{Error, Result};
@@ -86,6 +87,12 @@ pub struct TrainArgs {
     pub threads: Option<usize>,
     #[arg(long)]
     pub device: Option<String>,
+    /// Storage of the frozen projection matrices: none, or nf4 (QLoRA).
+    #[arg(long)]
+    pub quantization: Option<String>,
+    /// Cap on the device memory held, in MiB (GPU only).
+    #[arg(long)]
+    pub max_memory_mib: Option<usize>,
 }
 
 macro_rules! merge {
@@ -136,7 +143,9 @@ impl TrainArgs {
             seed,
             checkpointing,
             threads,
-            device
+            device,
+            quantization,
+            max_memory_mib
         );
         Ok(self)
     }
@@ -204,6 +213,8 @@ pub fn execute(args: TrainArgs) -> Result<()> {
     let params = ModelParams {
         device: Device::parse(args.device.as_deref().unwrap_or("auto"))?,
         threads: args.threads.unwrap_or(0),
+        quantization: Quantization::parse(args.quantization.as_deref().unwrap_or("none"))?,
+        max_device_memory_mib: args.max_memory_mib.unwrap_or(0),
     };
     let model = Model::load(&model_path, &params)?;
     let bar = ProgressBar::new(0);

@@ -1,0 +1,435 @@
+//! NF4 (QLoRA) on the CUDA backend against the CPU reference: the dequantization kernel, the
+//! quantization kernels, products with an NF4 operand, the memory account, and whole QLoRA
+//! training steps. Each test skips (saying so) where no CUDA GPU is usable, unless
+//! FINETUNE_REQUIRE_GPU=1, where a missing GPU is a failure (scripts/test_gpu.sh sets it).
+//!
+//! Tolerances.
+//! - Dequantization: bit-exact. Both sides compute M'_b = DYN[k]·D + c with two f32 roundings and
+//!   x' = NF4[q]·M'_b with one (the kernel uses non-fusing intrinsics), so the f32 values are
+//!   identical; the kernel then rounds them to bf16, and the test compares with the CPU's values
+//!   rounded to bf16 (round to nearest even on both sides), bit for bit.
+//! - Quantization: the packed 4-bit codes bit-exact (they depend only on the values and their
+//!   block's absmax, computed the same way). The absmax codes too when the GPU's mean of the
+//!   absmax values (summed in another order) rounds to the same f32 offset as the CPU's; when it
+//!   is an ulp away, every dequantized value must agree within one step of the 8-bit map scaled by
+//!   its group's nested absmax plus f32 rounding: |Δx'| ≤ H·D_g + 8ε·(M_b + D_g + |c|),
+//!   H = DYNAMIC_MAX_GAP.
+//! - Products: the GPU multiplies bf16 values (the dequantized matrix and the other operand
+//!   rounded to bf16) with f32 accumulation; the CPU reference gets the same bf16-rounded values,
+//!   so only the summation order differs: relative error below 1e-5.
+//! - Training steps (tiny models, head_dim 8, NF4 projections quantized on each device from the
+//!   same f32 values): the GPU rounds every activation entering a base product to bf16 and the
+//!   base matrices are bf16 roundings of the CPU's f32 dequantized values, so the loss agrees
+//!   within 1e-2 relative and each LoRA gradient with cosine similarity ≥ 0.999.
+
+mod common;
+
+use common::{bf16_round, cosine, fresh_rng, randn, rel_err};
+use finetune::api::{Device, Model, ModelParams};
+use finetune::backend::cpu::CpuBackend;
+use finetune::backend::cuda::CudaBackend;
+use finetune::backend::{Backend, IGNORE_LABEL};
+use finetune::error::Error;
+use finetune::lora::LoraConfig;
+use finetune::model::config::Family;
+use finetune::model::decoder::Decoder;
+use finetune::model::presets::{preset, tiny};
+use finetune::model::weights::{tensor_specs, DecoderWeights, Slot, TensorValues};
+use finetune::quant::nf4::{
+    Absmax, Nf4Tensor, BLOCK, DYNAMIC_MAX_GAP, NESTED_BLOCK, NF4_THRESHOLDS,
+};
+use finetune::quant::Quantization;
+use finetune::rng::Rng;
+use finetune::train::batch::Batch;
+use finetune::train::trainer::{TrainConfig, Trainer};
+use std::sync::Arc;
+
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) if std::env::var("FINETUNE_REQUIRE_GPU").as_deref() == Ok("1") => {
+            panic!("FINETUNE_REQUIRE_GPU=1 but no GPU is usable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping GPU test: {e}");
+            None
+        }
+    }
+}
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(2).unwrap()
+}
+
+/// Weight-like values with what the quantizers must get right: N(0, 0.02²) with outliers, an
+/// all-zero block, and blocks whose absmax is 1 holding every NF4 threshold and the f32 values
+/// either side of it.
+fn weights(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..n)
+        .map(|_| {
+            let x = 0.02 * rng.normal();
+            if rng.next_u64() % 500 == 0 {
+                12.0 * x
+            } else {
+                x
+            }
+        })
+        .collect();
+    if n >= 4 * BLOCK {
+        v[BLOCK..2 * BLOCK].fill(0.0);
+        let edges: Vec<f32> = NF4_THRESHOLDS
+            .iter()
+            .flat_map(|t| {
+                let b = t.to_bits();
+                [f32::from_bits(b - 1), *t, f32::from_bits(b + 1)]
+            })
+            .collect();
+        for (k, chunk) in edges.chunks(BLOCK - 1).enumerate() {
+            let start = (2 + k) * BLOCK;
+            if start + BLOCK <= n {
+                v[start] = 1.0;
+                v[start + 1..start + 1 + chunk.len()].copy_from_slice(chunk);
+            }
+        }
+    }
+    v
+}
+
+/// Shapes: odd n with a short last block; several nested groups with a short last one; one row.
+const SHAPES: [(usize, usize); 3] = [(37, 91), (300, 260), (1, 3 * BLOCK * NESTED_BLOCK + 70)];
+
+#[test]
+fn dequantization_matches_the_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut rng = fresh_rng("nf4 dequantization");
+    for (rows, cols) in SHAPES {
+        let values = weights(&mut rng, rows * cols);
+        for plain in [false, true] {
+            let q = if plain {
+                Nf4Tensor::quantize_plain(&values, rows, cols).unwrap()
+            } else {
+                Nf4Tensor::quantize(&values, rows, cols).unwrap()
+            };
+            let t = g.upload_nf4(q.clone()).unwrap();
+            assert_eq!(g.download_nf4(&t).unwrap(), q, "stored as uploaded");
+            let expected = q.dequantize();
+            assert_eq!(g.download(&t).unwrap(), expected, "download dequantizes");
+            // The bf16 kernel through a product with the identity: each output is 1·w + Σ 0·w',
+            // exact in f32, so C = I·Wᵀ holds the kernel's bf16 values of W transposed.
+            if cols > 1024 {
+                continue;
+            }
+            let mut identity = vec![0.0f32; cols * cols];
+            (0..cols).for_each(|i| identity[i * cols + i] = 1.0);
+            let eye = g.upload(&identity, cols, cols).unwrap();
+            let mut c = g.zeros(cols, rows).unwrap();
+            g.matmul(&eye, false, &t, true, 1.0, &mut c, false).unwrap();
+            let got = g.download(&c).unwrap();
+            let want = bf16_round(&expected);
+            let mismatches = (0..rows * cols)
+                .filter(|&k| {
+                    let (i, j) = (k / cols, k % cols);
+                    got[j * rows + i].to_bits() != want[k].to_bits()
+                })
+                .count();
+            eprintln!("{rows}x{cols} (plain absmax {plain}): {mismatches} bf16 values differ");
+            assert_eq!(mismatches, 0);
+        }
+    }
+}
+
+#[test]
+fn device_quantization_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = fresh_rng("nf4 quantization");
+    for (rows, cols) in SHAPES {
+        let values = weights(&mut rng, rows * cols);
+        let want = Nf4Tensor::quantize(&values, rows, cols).unwrap();
+        let got = g
+            .download_nf4(&g.upload_frozen_nf4(&values, rows, cols).unwrap())
+            .unwrap();
+        assert!(
+            got.packed() == want.packed(),
+            "{rows}x{cols}: packed codes differ"
+        );
+        let (Absmax::Double(dg), Absmax::Double(dc)) = (got.absmax(), want.absmax()) else {
+            panic!("both double quantize")
+        };
+        assert_eq!(dg.map(), dc.map(), "the 8-bit map");
+        if dg.offset() == dc.offset() {
+            assert_eq!(
+                got, want,
+                "{rows}x{cols}: same offset, so the same absmax codes"
+            );
+            eprintln!("{rows}x{cols}: bit-exact (offset {})", dg.offset());
+            continue;
+        }
+        eprintln!(
+            "{rows}x{cols}: offsets differ by summation order ({} vs {}); comparing values",
+            dg.offset(),
+            dc.offset()
+        );
+        let (xg, xc) = (got.dequantize(), want.dequantize());
+        let eps = f32::EPSILON;
+        for (i, (a, b)) in xg.iter().zip(&xc).enumerate() {
+            let (block, group) = (i / BLOCK, i / BLOCK / NESTED_BLOCK);
+            let m = dc.value(block).abs();
+            let d = dc.nested_absmax()[group].max(dg.nested_absmax()[group]);
+            let bound = DYNAMIC_MAX_GAP * d + 8.0 * eps * (m + d + dc.offset().abs());
+            assert!((a - b).abs() <= bound, "[{i}]: {a} vs {b}, bound {bound}");
+        }
+    }
+    let mut bad = vec![0.5f32; 128];
+    bad[70] = f32::INFINITY;
+    let message = g.upload_frozen_nf4(&bad, 2, 64).unwrap_err().to_string();
+    assert!(message.contains("row 1, column 6"), "{message}");
+}
+
+#[test]
+fn nf4_products_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut rng = fresh_rng("nf4 products");
+    // The second matrix is larger than the first, so the scratch grows between products; the
+    // first is used again after that.
+    let mut matrices = Vec::new();
+    for (rows, cols) in [(96, 200), (300, 260)] {
+        let q = Nf4Tensor::quantize(&weights(&mut rng, rows * cols), rows, cols).unwrap();
+        let reference = bf16_round(&q.dequantize());
+        matrices.push((g.upload_nf4(q).unwrap(), reference, rows, cols));
+    }
+    for (wg, reference, rows, cols) in [&matrices[0], &matrices[1], &matrices[0]] {
+        let wc = c.upload(reference, *rows, *cols).unwrap();
+        for w_is_a in [false, true] {
+            for trans_w in [false, true] {
+                let m = 1 + (rng.next_u64() % 40) as usize;
+                let (wr, wcols) = if trans_w {
+                    (*cols, *rows)
+                } else {
+                    (*rows, *cols)
+                };
+                // The other operand untransposed: [wcols, m] after W, or [m, wr] before it.
+                let (other, out) = if w_is_a {
+                    ((wcols, m), (wr, m))
+                } else {
+                    ((m, wr), (m, wcols))
+                };
+                let ov = randn(&mut rng, other.0 * other.1, 1.0);
+                let og = g.upload(&ov, other.0, other.1).unwrap();
+                let oc = c.upload(&bf16_round(&ov), other.0, other.1).unwrap();
+                let c0 = randn(&mut rng, out.0 * out.1, 1.0);
+                let mut cg = g.upload(&c0, out.0, out.1).unwrap();
+                let mut cc = c.upload(&c0, out.0, out.1).unwrap();
+                if w_is_a {
+                    g.matmul(wg, trans_w, &og, false, 0.7, &mut cg, true)
+                        .unwrap();
+                    c.matmul(&wc, trans_w, &oc, false, 0.7, &mut cc, true)
+                        .unwrap();
+                } else {
+                    g.matmul(&og, false, wg, trans_w, 0.7, &mut cg, true)
+                        .unwrap();
+                    c.matmul(&oc, false, &wc, trans_w, 0.7, &mut cc, true)
+                        .unwrap();
+                }
+                let e = rel_err(&g.download(&cg).unwrap(), &c.download(&cc).unwrap());
+                eprintln!(
+                    "{rows}x{cols} as {} trans {trans_w}, m {m}: relative error {e:.1e}",
+                    if w_is_a { "a" } else { "b" }
+                );
+                assert!(e < 1e-5, "relative error {e}");
+            }
+        }
+    }
+    let mut out = g.zeros(96, 96).unwrap();
+    let w = &matrices[0].0;
+    let err = g
+        .matmul(w, false, w, true, 1.0, &mut out, false)
+        .unwrap_err();
+    assert!(err.to_string().contains("two NF4"), "{err}");
+    let x = g.zeros(96, 200).unwrap();
+    assert!(g.add_assign(&mut g.zeros(96, 200).unwrap(), w).is_err());
+    assert!(g.sum_squares(&[&x, w]).is_err());
+}
+
+/// Bytes an NF4 matrix of `n` values with double-quantized absmax holds: packed codes, one code
+/// per block, one f32 per group, the 256-value map and the offset.
+fn nf4_bytes(n: usize) -> usize {
+    let blocks = n.div_ceil(BLOCK);
+    n.div_ceil(2) + blocks + 4 * blocks.div_ceil(NESTED_BLOCK) + 4 * 256 + 4
+}
+
+#[test]
+fn memory_account_counts_packed_storage_and_one_scratch() {
+    let Some(g) = gpu() else { return };
+    let mut rng = fresh_rng("nf4 memory");
+    let live = || g.device_memory().unwrap().live_bytes;
+    let start = live();
+    // The first NF4 matrix brings the scratch: 2 bytes a value of the largest matrix so far.
+    let (n1, n2, n3) = (300 * 260, 100 * 64, 512 * 512);
+    let a = g
+        .upload_frozen_nf4(&weights(&mut rng, n1), 300, 260)
+        .unwrap();
+    assert_eq!(live() - start, nf4_bytes(n1) + 2 * n1);
+    let b = g
+        .upload_frozen_nf4(&weights(&mut rng, n2), 100, 64)
+        .unwrap();
+    assert_eq!(live() - start, nf4_bytes(n1) + nf4_bytes(n2) + 2 * n1);
+    g.reset_peak_memory();
+    let before = live();
+    let c = g
+        .upload_frozen_nf4(&weights(&mut rng, n3), 512, 512)
+        .unwrap();
+    // The scratch grew to the new largest matrix; the f32 copy quantized from is gone.
+    assert_eq!(
+        live() - start,
+        nf4_bytes(n1) + nf4_bytes(n2) + nf4_bytes(n3) + 2 * n3
+    );
+    let peak = g.device_memory().unwrap().peak_bytes;
+    assert!(
+        peak - before >= 4 * n3 + n3 / 2,
+        "peak {peak}, before {before}"
+    );
+    // Products allocate no second scratch.
+    let x = g.upload(&randn(&mut rng, 7 * 512, 1.0), 7, 512).unwrap();
+    let mut y = g.zeros(7, 512).unwrap();
+    let held = live();
+    g.matmul(&x, false, &c, true, 1.0, &mut y, false).unwrap();
+    g.matmul(&x, false, &c, false, 1.0, &mut y, false).unwrap();
+    assert_eq!(live(), held);
+    drop((a, b, c, x, y));
+    assert_eq!(live() - start, 2 * n3, "only the scratch stays");
+
+    // A cap below the next matrix: an out-of-memory error, and the backend stays usable.
+    g.gpu().memory.set_limit(live() + 1024);
+    let err = g
+        .upload_frozen_nf4(&weights(&mut rng, n3), 512, 512)
+        .unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+    g.gpu().memory.set_limit(0);
+    g.upload_frozen_nf4(&weights(&mut rng, n3), 512, 512)
+        .unwrap();
+}
+
+#[test]
+fn qlora_model_holds_less_and_the_cap_applies() {
+    let Some(g) = gpu() else { return };
+    drop(g);
+    let cfg = preset("smollm2-135m").unwrap();
+    let params = |quantization, cap| ModelParams {
+        device: Device::Cuda(0),
+        quantization,
+        max_device_memory_mib: cap,
+        ..ModelParams::default()
+    };
+    let held = |q| {
+        let m = Model::random(cfg.clone(), 1, &params(q, 0)).unwrap();
+        m.device_memory().unwrap().live_bytes
+    };
+    let (bf16, nf4) = (held(Quantization::None), held(Quantization::Nf4));
+    let proj: Vec<usize> = tensor_specs(&cfg)
+        .iter()
+        .filter(|s| matches!(s.slot, Slot::Proj(..)))
+        .map(|s| s.rows * s.cols)
+        .collect();
+    let largest = proj.iter().copied().max().unwrap();
+    let nf4_total: usize = proj.iter().map(|&n| nf4_bytes(n)).sum();
+    let bf16_total: usize = proj.iter().map(|&n| 2 * n).sum();
+    eprintln!(
+        "smollm2-135m: {bf16} bytes with bf16 projections, {nf4} with NF4 ({nf4_total} packed + \
+         {} scratch)",
+        2 * largest
+    );
+    assert_eq!(bf16 - nf4, bf16_total - nf4_total - 2 * largest);
+    // The embedding alone (49152×576 bf16, 54 MiB) passes a 16 MiB cap.
+    match Model::random(cfg, 1, &params(Quantization::Nf4, 16)) {
+        Err(Error::OutOfMemory { detail, .. }) => eprintln!("capped load: {detail}"),
+        Err(e) => panic!("expected OutOfMemory, got {e}"),
+        Ok(_) => panic!("a 16 MiB cap held a 135M-parameter model"),
+    }
+}
+
+/// A QLoRA trainer on a tiny model of `family`: NF4 projections quantized by the backend from
+/// the same f32 values on both sides, the embedding and LM head bf16-representable so that both
+/// backends hold the same ones.
+fn qlora_trainer<B: Backend>(be: B, family: Family) -> Trainer<B> {
+    let cfg = tiny(family);
+    let weights = DecoderWeights::load_with(&cfg, &be, Quantization::Nf4, |spec| {
+        let n = spec.rows * spec.cols;
+        let mut rng = Rng::new(17 ^ (n as u64) ^ ((family as u64) << 32));
+        let v = randn(&mut rng, n, 0.3);
+        Ok(TensorValues::F32(match spec.slot {
+            Slot::Proj(..) => v,
+            Slot::Embedding | Slot::LmHead => bf16_round(&v),
+            _ => v.iter().map(|x| 1.0 + x).collect(),
+        }))
+    })
+    .unwrap();
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        seed: 3,
+        ..LoraConfig::default()
+    };
+    let mut t = Trainer::new(
+        Arc::new(Decoder::new(cfg, be, weights)),
+        lora,
+        TrainConfig::default(),
+    )
+    .unwrap();
+    // PEFT starts B at zero; give it values so that A's gradients are not zero too.
+    let mut rng = Rng::new(21);
+    let dec = t.decoder().clone();
+    let be = &dec.backend;
+    for pair in t.params_mut().pairs.iter_mut().flatten() {
+        let (r, c) = be.shape(&pair.b);
+        pair.b = be.upload(&randn(&mut rng, r * c, 0.2), r, c).unwrap();
+    }
+    t
+}
+
+fn grads<B: Backend>(t: &Trainer<B>) -> Vec<Vec<f32>> {
+    let be = &t.decoder().backend;
+    t.grads()
+        .tensors()
+        .map(|g| be.download(g).unwrap())
+        .collect()
+}
+
+#[test]
+fn qlora_training_steps_match_cpu() {
+    let Some(g) = gpu() else { return };
+    drop(g);
+    let mut rng = Rng::new(5);
+    let (b, s) = (2, 33);
+    let ids: Vec<i32> = (0..b * s).map(|_| (rng.next_u64() % 64) as i32).collect();
+    let mut labels: Vec<i32> = (0..b * s).map(|_| (rng.next_u64() % 64) as i32).collect();
+    labels[..5].fill(IGNORE_LABEL);
+    let batch = Batch::new(b, s, ids, labels).unwrap();
+    let mut failures = Vec::new();
+    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma] {
+        let mut tg = qlora_trainer(CudaBackend::new(0).unwrap(), family);
+        let mut tc = qlora_trainer(cpu(), family);
+        for step in 0..3 {
+            let sg = tg.step(std::slice::from_ref(&batch)).unwrap();
+            let sc = tc.step(std::slice::from_ref(&batch)).unwrap();
+            let rel = ((sg.loss - sc.loss) / sc.loss).abs();
+            let worst = grads(&tg)
+                .iter()
+                .zip(&grads(&tc))
+                .map(|(a, b)| cosine(a, b))
+                .fold(1.0f64, f64::min);
+            eprintln!(
+                "{family:?} QLoRA step {step}: loss gpu {} cpu {} (rel {rel:.1e}); lowest \
+                 gradient cosine {worst:.6}",
+                sg.loss, sc.loss
+            );
+            if rel >= 1e-2 || worst < 0.999 || worst.is_nan() {
+                failures.push(format!(
+                    "{family:?} step {step}: loss rel {rel:.1e}, gradient cosine {worst:.6}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "out of tolerance: {failures:#?}");
+}
