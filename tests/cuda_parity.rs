@@ -9,88 +9,22 @@
 //! entering a base-weight product to bf16 (a relative error of 2^-9 each) and the CPU does not, so
 //! the loss must agree within 1e-2 relative and each LoRA gradient with cosine similarity ≥ 0.999.
 
+mod common;
+
+use common::gpu::{cpu, gpu, parity_batch, steps_match, trainer_on, Base};
+use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
-use finetune::backend::cuda::CudaBackend;
+use finetune::backend::cuda::{CudaBackend, F32Products};
 use finetune::backend::{AdamWStep, AttentionShape, Backend, IGNORE_LABEL};
 use finetune::error::Error;
-use finetune::lora::LoraConfig;
-use finetune::model::config::{Activation, Family, ModelConfig};
-use finetune::model::decoder::Decoder;
-use finetune::model::presets::tiny;
-use finetune::model::weights::{DecoderWeights, Slot};
+use finetune::model::config::{Activation, Family};
 use finetune::rng::Rng;
 use finetune::train::batch::Batch;
-use finetune::train::trainer::{TrainConfig, Trainer};
-use std::sync::Arc;
-
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var("FINETUNE_REQUIRE_GPU").as_deref() == Ok("1") => {
-            panic!("FINETUNE_REQUIRE_GPU=1 but no GPU is usable: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping GPU test: {e}");
-            None
-        }
-    }
-}
-
-fn cpu() -> CpuBackend {
-    CpuBackend::new(2).unwrap()
-}
-
-/// A generator seeded from the clock: every run draws fresh inputs. The seed is printed so that a
-/// failure can be replayed with FINETUNE_TEST_SEED.
-fn fresh_rng(test: &str) -> Rng {
-    let seed = std::env::var("FINETUNE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("{test}: seed {seed}");
-    Rng::new(seed)
-}
-
-fn randn(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
-    (0..n).map(|_| std * rng.normal()).collect()
-}
-
-fn bf16_round(v: &[f32]) -> Vec<f32> {
-    v.iter()
-        .map(|&x| half::bf16::from_f32(x).to_f32())
-        .collect()
-}
-
-/// ‖a − b‖ / ‖b‖ in f64; NaN anywhere gives NaN (which fails every `<` check).
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    let (mut d, mut n) = (0.0f64, 0.0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        if x.is_nan() || y.is_nan() {
-            return f64::NAN;
-        }
-        d += (x as f64 - y as f64).powi(2);
-        n += (y as f64).powi(2);
-    }
-    (d / n.max(1e-300)).sqrt()
-}
 
 fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], tol: f64) {
     let e = rel_err(gpu, cpu);
     eprintln!("{what}: relative error {e:.2e} (tolerance {tol:.0e})");
     assert!(e < tol, "{what}: relative error {e} exceeds {tol}");
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
 }
 
 /// Both backends and the inputs uploaded to each.
@@ -100,11 +34,11 @@ struct Pair {
 }
 
 impl Pair {
+    /// f32 products in full f32 on the GPU, as on the CPU.
     fn new() -> Option<Self> {
-        Some(Pair {
-            g: gpu()?,
-            c: cpu(),
-        })
+        let mut g = gpu()?;
+        g.set_f32_products(F32Products::Exact);
+        Some(Pair { g, c: cpu() })
     }
 
     fn up(
@@ -148,7 +82,7 @@ impl Pair {
 
 #[test]
 fn matmul_matches_cpu_in_f32_and_with_bf16_weights() {
-    let Some(p) = Pair::new() else { return };
+    let Some(mut p) = Pair::new() else { return };
     let mut rng = fresh_rng("matmul");
     let (m, k, n) = (37, 300, 45);
     for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
@@ -163,6 +97,14 @@ fn matmul_matches_cpu_in_f32_and_with_bf16_weights() {
         p.g.matmul(&ag, ta, &bg, tb, 0.7, &mut cg, true).unwrap();
         p.c.matmul(&ac, ta, &bc, tb, 0.7, &mut cc, true).unwrap();
         p.check(&format!("f32 matmul ta={ta} tb={tb}"), &cg, &cc, 1e-5);
+
+        // TF32 (as in training): operands rounded to a 10-bit mantissa, relative error ≤ 2⁻¹⁰
+        // each (truncated; 2⁻¹¹ rounded), so the product's relative error stays under 2e-3.
+        p.g.set_f32_products(F32Products::Tf32);
+        let mut cg = p.g.upload(&cv, m, n).unwrap();
+        p.g.matmul(&ag, ta, &bg, tb, 0.7, &mut cg, true).unwrap();
+        p.check(&format!("tf32 matmul ta={ta} tb={tb}"), &cg, &cc, 2e-3);
+        p.g.set_f32_products(F32Products::Exact);
 
         // b as a frozen bf16 weight: the GPU rounds a to bf16 too.
         let bg16 = p.g.upload_frozen(&bv, b_shape.0, b_shape.1).unwrap();
@@ -467,154 +409,13 @@ fn lm_head_cross_entropy_and_adamw_match_cpu() {
     p.check("adamw v", &vg, &vc, 1e-6);
 }
 
-/// Random weights at the scale of a trained model, with every frozen matrix bf16-representable so
-/// that both backends hold the same base. Matrix entries have std 0.09 ≈ 1/√hidden, so each
-/// product keeps activations O(1) and attention logits have std about 1; norm scales are near 1
-/// (stored as w of 1 + w in families with a unit offset); biases are zero-mean. Much larger
-/// weights (std 0.3) give logits of std ~12 and a softmax near one-hot, where an attention that
-/// rounds q and k to bf16 (as the tensor-core path and FlashAttention do) moves the probabilities
-/// by percents: measured gradient cosines 0.75-0.99 against f32, base weights f32 or bf16 alike.
-fn weights_source(family: Family) -> impl Fn(Slot, usize) -> Vec<f32> {
-    let unit_offset = tiny(family).norm_unit_offset;
-    move |slot, n| {
-        let mut rng = Rng::new(11 ^ (n as u64) ^ ((family as u64) << 32));
-        match slot {
-            Slot::Embedding | Slot::LmHead | Slot::Proj(..) => {
-                bf16_round(&randn(&mut rng, n, 0.09))
-            }
-            Slot::Bias(..) => randn(&mut rng, n, 0.3),
-            _ => {
-                let offset = if unit_offset { 0.0 } else { 1.0 };
-                randn(&mut rng, n, 0.3).iter().map(|x| offset + x).collect()
-            }
-        }
-    }
-}
-
-/// A trainer on a tiny model of `family`; with `full_precision`, the frozen matrices stay f32 on
-/// the backend instead of its frozen (possibly bf16) storage.
-fn trainer_on<B: Backend>(be: B, family: Family, full_precision: bool) -> Trainer<B> {
-    // head_dim 64 takes the attention kernels' tensor-core path; the f32 run uses the tiny
-    // shape, whose head_dim (8) takes the exact f32 path.
-    let cfg = if full_precision {
-        tiny(family)
-    } else {
-        ModelConfig {
-            hidden_size: 128,
-            intermediate_size: 256,
-            head_dim: 64,
-            num_heads: 4,
-            num_kv_heads: 2,
-            ..tiny(family)
-        }
-    };
-    let source = weights_source(family);
-    let mut weights = DecoderWeights::load(&cfg, &be, |spec| {
-        Ok(source(spec.slot, spec.rows * spec.cols))
-    })
-    .unwrap();
-    if full_precision {
-        fn f32_copy<B: Backend>(be: &B, t: &B::Tensor) -> B::Tensor {
-            let (r, c) = be.shape(t);
-            be.upload(&be.download(t).unwrap(), r, c).unwrap()
-        }
-        weights.embedding = f32_copy(&be, &weights.embedding);
-        weights.lm_head = weights.lm_head.as_ref().map(|t| f32_copy(&be, t));
-        for layer in &mut weights.layers {
-            layer.proj = layer.proj.iter().map(|t| f32_copy(&be, t)).collect();
-        }
-    }
-    let lora = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.1,
-        seed: 3,
-        ..LoraConfig::default()
-    };
-    let mut t = Trainer::new(
-        Arc::new(Decoder::new(cfg, be, weights)),
-        lora,
-        TrainConfig::default(),
-    )
-    .unwrap();
-    // PEFT starts B at zero; give it values so that A's gradients are not zero too.
-    let mut rng = Rng::new(21);
-    let dec = t.decoder().clone();
-    let be = &dec.backend;
-    for pair in t.params_mut().pairs.iter_mut().flatten() {
-        let (r, c) = be.shape(&pair.b);
-        pair.b = be.upload(&randn(&mut rng, r * c, 0.2), r, c).unwrap();
-    }
-    t
-}
-
-fn parity_batch() -> Batch {
-    let mut rng = Rng::new(5);
-    let (b, s) = (2, 33);
-    let ids: Vec<i32> = (0..b * s).map(|_| (rng.next_u64() % 64) as i32).collect();
-    let mut labels: Vec<i32> = (0..b * s).map(|_| (rng.next_u64() % 64) as i32).collect();
-    labels[..5].fill(IGNORE_LABEL);
-    let mut batch = Batch::new(b, s, ids, labels).unwrap();
-    for (i, t) in (s..2 * s).enumerate() {
-        batch.positions[t] = if i < 12 { i as i32 } else { i as i32 - 12 };
-        batch.segments[t] = if i < 12 { 1 } else { 2 };
-    }
-    batch
-}
-
-fn grads<B: Backend>(t: &Trainer<B>) -> Vec<Vec<f32>> {
-    let be = &t.decoder().backend;
-    t.grads()
-        .tensors()
-        .map(|g| be.download(g).unwrap())
-        .collect()
-}
-
-/// Three training steps of every family on both backends: `(loss tolerance, least cosine)`.
-fn steps_match(full_precision: bool, loss_tol: f32, min_cosine: f64) {
-    let mut failures = Vec::new();
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma] {
-        let mut tg = trainer_on(CudaBackend::new(0).unwrap(), family, full_precision);
-        // Same shape on both sides; the CPU keeps f32 whatever the flag says.
-        let mut tc = trainer_on(cpu(), family, full_precision);
-        let batch = parity_batch();
-        for step in 0..3 {
-            let sg = tg.step(std::slice::from_ref(&batch)).unwrap();
-            let sc = tc.step(std::slice::from_ref(&batch)).unwrap();
-            let rel = ((sg.loss - sc.loss) / sc.loss).abs();
-            let (gg, gc) = (grads(&tg), grads(&tc));
-            let (worst, at) = gg
-                .iter()
-                .zip(&gc)
-                .map(|(a, b)| cosine(a, b))
-                .enumerate()
-                .fold((1.0f64, 0), |m, (i, c)| if c < m.0 { (c, i) } else { m });
-            let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            eprintln!(
-                "{family:?} step {step} (f32 weights: {full_precision}): loss gpu {} cpu {} \
-                 (rel {rel:.1e}); lowest gradient cosine {worst:.6} at tensor {at} (norm {:.2e})",
-                sg.loss,
-                sc.loss,
-                norm(&gc[at])
-            );
-            if rel >= loss_tol || worst < min_cosine || worst.is_nan() {
-                failures.push(format!(
-                    "{family:?} step {step}: loss rel {rel:.1e}, gradient cosine {worst:.6}"
-                ));
-            }
-        }
-    }
-    // Every family runs before the verdict, so a failure shows the whole picture.
-    assert!(failures.is_empty(), "out of tolerance: {failures:#?}");
-}
-
 /// With the base weights in f32 on the GPU too, only summation order differs: any wrong index or
 /// formula anywhere in a step shows up far above these bounds.
 #[test]
 fn training_steps_match_cpu_exactly_with_f32_weights() {
     let Some(g) = gpu() else { return };
     drop(g);
-    steps_match(true, 1e-4, 0.99999);
+    steps_match(Base::F32, 1e-4, 0.99999);
 }
 
 /// As deployed (bf16 base weights, activations rounded to bf16 at each base product): the loss
@@ -623,7 +424,7 @@ fn training_steps_match_cpu_exactly_with_f32_weights() {
 fn training_steps_match_cpu_with_bf16_weights() {
     let Some(g) = gpu() else { return };
     drop(g);
-    steps_match(false, 1e-2, 0.999);
+    steps_match(Base::Frozen, 1e-2, 0.999);
 }
 
 #[test]
@@ -635,7 +436,7 @@ fn out_of_memory_is_an_error_naming_the_size_and_the_trainer_stays_usable() {
         other => panic!("expected OutOfMemory, got {:?}", other.map(|_| ())),
     }
     // A cap below what a step needs: the step fails cleanly, a smaller batch then works.
-    let mut t = trainer_on(be, Family::Llama, false);
+    let mut t = trainer_on(be, Family::Llama, Base::Frozen);
     let gpu = t.decoder().backend.gpu().memory.clone();
     gpu.set_limit(gpu.live() + (1 << 20));
     let mut rng = Rng::new(1);
@@ -657,7 +458,7 @@ fn out_of_memory_is_an_error_naming_the_size_and_the_trainer_stays_usable() {
 #[test]
 fn non_finite_loss_is_reported_and_not_applied() {
     let Some(be) = gpu() else { return };
-    let mut t = trainer_on(be, Family::Llama, false);
+    let mut t = trainer_on(be, Family::Llama, Base::Frozen);
     let before: Vec<Vec<f32>> = {
         let be = &t.decoder().backend;
         t.params()

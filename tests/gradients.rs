@@ -23,7 +23,12 @@ use finetune::train::batch::Batch;
 use finetune::train::trainer::{TrainConfig, Trainer};
 use std::sync::Arc;
 
-fn trainer(family: Family, checkpointing: bool, quantization: Quantization) -> Trainer<CpuBackend> {
+fn trainer(
+    family: Family,
+    checkpointing: bool,
+    quantization: Quantization,
+    dropout: f32,
+) -> Trainer<CpuBackend> {
     let cfg = tiny(family);
     let be = CpuBackend::new(2).unwrap();
     // Larger weights than an initialised model so that logits and gradients are far from uniform.
@@ -45,6 +50,7 @@ fn trainer(family: Family, checkpointing: bool, quantization: Quantization) -> T
         rank: 4,
         alpha: 8.0,
         seed: 3,
+        dropout,
         ..LoraConfig::default()
     };
     let mut t = Trainer::new(
@@ -77,15 +83,22 @@ fn batch() -> Batch {
     b
 }
 
-fn check_family(family: Family, checkpointing: bool, quantization: Quantization) {
-    let mut t = trainer(family, checkpointing, quantization);
+/// With `dropout`, the function differentiated is the training loss under the masks of the first
+/// step (the dropout seed comes from the step count, so every evaluation draws the same masks);
+/// without, it is the evaluation loss, which must then equal the training loss.
+fn check_family(family: Family, checkpointing: bool, quantization: Quantization, dropout: f32) {
+    let mut t = trainer(family, checkpointing, quantization, dropout);
     let b = batch();
     let (loss, _, _) = t.compute_gradients(std::slice::from_ref(&b)).unwrap();
     let eval = t.eval_loss(&b).unwrap();
-    assert!(
-        (loss - eval).abs() <= 1e-5 * loss.abs(),
-        "train loss {loss} vs eval loss {eval}"
-    );
+    if dropout == 0.0 {
+        assert!(
+            (loss - eval).abs() <= 1e-5 * loss.abs(),
+            "train loss {loss} vs eval loss {eval}"
+        );
+    } else {
+        assert!((loss - eval).abs() > 1e-4, "dropout changed nothing");
+    }
     let grads: Vec<Vec<f32>> = t.grads().tensors().map(|g| g.data.clone()).collect();
     let h = 1e-2f32;
     let mut rng = Rng::new(11);
@@ -101,7 +114,11 @@ fn check_family(family: Family, checkpointing: bool, quantization: Quantization)
                 .iter_mut()
                 .zip(&u)
                 .for_each(|(x, d)| *x += sign * h * d);
-            let l = t.eval_loss(&b).unwrap();
+            let l = if dropout == 0.0 {
+                t.eval_loss(&b).unwrap()
+            } else {
+                t.compute_gradients(std::slice::from_ref(&b)).unwrap().0
+            };
             let p = t.params_mut().tensors_mut().nth(i).unwrap();
             p.data
                 .iter_mut()
@@ -119,32 +136,32 @@ fn check_family(family: Family, checkpointing: bool, quantization: Quantization)
         worst = worst.max(err / tolerance);
     }
     eprintln!(
-        "{family:?} (checkpointing {checkpointing}, {quantization:?}): {} tensors, largest \
-         error/tolerance {worst:.2}",
+        "{family:?} (checkpointing {checkpointing}, {quantization:?}, dropout {dropout}): {} \
+         tensors, largest error/tolerance {worst:.2}",
         grads.len()
     );
 }
 
 #[test]
 fn llama_lora_gradients_match_finite_differences() {
-    check_family(Family::Llama, true, Quantization::None);
+    check_family(Family::Llama, true, Quantization::None, 0.0);
 }
 
 #[test]
 fn llama_qlora_gradients_match_finite_differences() {
-    check_family(Family::Llama, true, Quantization::Nf4);
+    check_family(Family::Llama, true, Quantization::Nf4, 0.0);
 }
 
 #[test]
 fn qwen2_qlora_gradients_match_finite_differences() {
-    check_family(Family::Qwen2, false, Quantization::Nf4);
+    check_family(Family::Qwen2, false, Quantization::Nf4, 0.0);
 }
 
 #[test]
 fn llama_without_checkpointing_gives_the_same_gradients() {
-    check_family(Family::Llama, false, Quantization::None);
+    check_family(Family::Llama, false, Quantization::None, 0.0);
     let grads = |ckpt| {
-        let mut t = trainer(Family::Llama, ckpt, Quantization::None);
+        let mut t = trainer(Family::Llama, ckpt, Quantization::None, 0.0);
         t.compute_gradients(&[batch()]).unwrap();
         t.grads()
             .tensors()
@@ -156,15 +173,20 @@ fn llama_without_checkpointing_gives_the_same_gradients() {
 
 #[test]
 fn qwen2_lora_gradients_match_finite_differences() {
-    check_family(Family::Qwen2, true, Quantization::None);
+    check_family(Family::Qwen2, true, Quantization::None, 0.0);
 }
 
 #[test]
 fn qwen3_lora_gradients_match_finite_differences() {
-    check_family(Family::Qwen3, true, Quantization::None);
+    check_family(Family::Qwen3, true, Quantization::None, 0.0);
 }
 
 #[test]
 fn gemma_lora_gradients_match_finite_differences() {
-    check_family(Family::Gemma, true, Quantization::None);
+    check_family(Family::Gemma, true, Quantization::None, 0.0);
+}
+
+#[test]
+fn llama_lora_gradients_with_dropout_match_finite_differences() {
+    check_family(Family::Llama, true, Quantization::None, 0.1);
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a subset
 
 pub mod bnb;
+pub mod gpu;
 pub mod llamacpp;
 
 use finetune::api::{Model, ModelParams, Trainer};

@@ -51,7 +51,8 @@ impl Blas {
         })
     }
 
-    /// `c = alpha·op(a)·op(b) + beta·c` with `c` f32 `[m, n]`. `a` and `b` must share a dtype.
+    /// `c = alpha·op(a)·op(b) + beta·c` with `c` f32 `[m, n]`. `a` and `b` must share a dtype;
+    /// with `tf32`, f32 operands are rounded to TF32 for the tensor cores.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &self,
@@ -63,6 +64,7 @@ impl Blas {
         alpha: f32,
         beta: f32,
         c: Operand,
+        tf32: bool,
     ) -> Result<()> {
         let (m, k) = if trans_a {
             (a.cols, a.rows)
@@ -118,7 +120,11 @@ impl Blas {
                 c.ptr as *mut _,
                 sys::cudaDataType::CUDA_R_32F,
                 dim(n.max(1))?,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                if tf32 {
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+                } else {
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+                },
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
