@@ -120,8 +120,9 @@ extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const 
     }
 }
 
-// out[t, c] = f32(table[ids[t], c])·scale for t < rows, c < cols (ids validated by the host);
-// the loop runs over n = rows·cols output elements. One body for both table types.
+// out[t, c] = f32(table[ids[t], c])·scale for t < rows, c < cols (ids validated by the host;
+// ids NULL: row t, for rows the host already looked up); the loop runs over n = rows·cols output
+// elements. One body for both table types.
 __device__ __forceinline__ float table_value(const bf16_t* table, long long i) {
     return bf16_to_f32(table[i]);
 }
@@ -134,7 +135,8 @@ __device__ void embedding_rows(const T* table, const int* ids, float* out, int r
     GRID_STRIDE_LOOP(i, n) {
         const long long t = i / cols;
         const long long c = i - t * cols;
-        out[i] = table_value(table, (long long)ids[t] * cols + c) * scale;
+        const long long row = ids ? (long long)ids[t] : t;
+        out[i] = table_value(table, row * cols + c) * scale;
     }
 }
 

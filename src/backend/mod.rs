@@ -140,6 +140,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Keeps an already quantized NF4 matrix (a bitsandbytes-4bit checkpoint's weight) packed, as
     /// [`Backend::upload_frozen_nf4`] does.
     fn upload_nf4(&self, q: Nf4Tensor) -> Result<Self::Tensor>;
+    /// Uploads a frozen lookup table that only [`Backend::embedding`] reads (an untied embedding
+    /// table); a backend may keep it in host memory and move only the rows a batch looks up.
+    fn upload_lookup_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.upload_frozen(data, rows, cols)
+    }
     fn upload_ints(&self, data: &[i32]) -> Result<Self::Ints>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;

@@ -181,6 +181,14 @@ impl<B: Backend> DecoderWeights<B> {
             let frozen = matches!(spec.slot, Slot::Embedding | Slot::LmHead | Slot::Proj(..));
             let (rows, cols) = (spec.rows, spec.cols);
             let in_context = |e| in_tensor(&spec.name, e);
+            let upload = |values: &[f32]| match spec.slot {
+                // Untied, the embedding table is read only by the lookup.
+                Slot::Embedding if !cfg.tie_word_embeddings => {
+                    backend.upload_lookup_table(values, rows, cols)
+                }
+                _ if frozen => backend.upload_frozen(values, rows, cols),
+                _ => backend.upload(values, rows, cols),
+            };
             let t = match fetch(&spec)? {
                 TensorValues::Nf4(q) if q.shape() != [rows, cols] => {
                     return Err(Error::InvalidArgument(format!(
@@ -190,17 +198,9 @@ impl<B: Backend> DecoderWeights<B> {
                     )))
                 }
                 TensorValues::Nf4(q) if nf4 => backend.upload_nf4(q),
-                TensorValues::Nf4(q) => {
-                    let values = q.dequantize();
-                    if frozen {
-                        backend.upload_frozen(&values, rows, cols)
-                    } else {
-                        backend.upload(&values, rows, cols)
-                    }
-                }
+                TensorValues::Nf4(q) => upload(&q.dequantize()),
                 TensorValues::F32(values) if nf4 => backend.upload_frozen_nf4(&values, rows, cols),
-                TensorValues::F32(values) if frozen => backend.upload_frozen(&values, rows, cols),
-                TensorValues::F32(values) => backend.upload(&values, rows, cols),
+                TensorValues::F32(values) => upload(&values),
             }
             .map_err(in_context)?;
             match spec.slot {

@@ -32,6 +32,9 @@ fn data_type(d: Dtype) -> Result<sys::cudaDataType> {
         Dtype::Nf4 => Err(Error::InvalidArgument(
             "matmul: cuBLAS cannot read an NF4 matrix (it is dequantized to bf16 first)".into(),
         )),
+        Dtype::HostBf16 => Err(Error::InvalidArgument(
+            "matmul: a lookup table in host memory is read only by embedding".into(),
+        )),
     }
 }
 

@@ -81,11 +81,19 @@ fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
     check_same_shape((a.rows, a.cols), (b.rows, b.cols), what)
 }
 
+/// bf16 bits of f32 values, rounded to nearest even.
+fn bf16_bits(data: &[f32]) -> Vec<u16> {
+    data.par_iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect()
+}
+
 fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
     let what = match t.dtype() {
         Dtype::F32 => return Ok(()),
         Dtype::Bf16 => "bf16",
         Dtype::Nf4 => "NF4",
+        Dtype::HostBf16 => "host-resident",
     };
     Err(Error::InvalidArgument(format!(
         "{op} works on f32 tensors; a frozen {what} weight was passed"
@@ -200,19 +208,25 @@ impl CudaBackend {
         b.slice.device_ptr(&self.gpu.stream).0
     }
 
-    /// The device address of a tensor's values (an NF4 matrix's packed codes).
-    fn ptr(&self, t: &CudaTensor) -> u64 {
+    /// The device address of a tensor's values (an NF4 matrix's packed codes); a table in host
+    /// memory has none.
+    fn ptr(&self, t: &CudaTensor) -> Result<u64> {
         match &t.storage {
-            Storage::F32(b) => self.buffer_ptr(b),
-            Storage::Bf16(b) => self.buffer_ptr(b),
-            Storage::Nf4(s) => self.buffer_ptr(&s.packed),
+            Storage::F32(b) => Ok(self.buffer_ptr(b)),
+            Storage::Bf16(b) => Ok(self.buffer_ptr(b)),
+            Storage::Nf4(s) => Ok(self.buffer_ptr(&s.packed)),
+            Storage::Host(_) => Err(Error::InvalidArgument(
+                "a lookup table in host memory was passed where a device tensor is needed; only \
+                 embedding reads it"
+                    .into(),
+            )),
         }
     }
 
     /// The address of an f32 tensor, as a kernel argument; `op` names the caller in errors.
     fn f32_arg(&self, t: &CudaTensor, op: &str) -> Result<Arg> {
         wants_f32(t, op)?;
-        Ok(Arg::Ptr(self.ptr(t)))
+        Ok(Arg::Ptr(self.ptr(t)?))
     }
 
     fn ints_arg(&self, i: &CudaInts) -> Arg {
@@ -258,12 +272,12 @@ impl CudaBackend {
                 (ptr, Dtype::Bf16)
             }
             (Storage::F32(_), true) => {
-                let copy = self.cast_to_bf16(self.ptr(t), t.elements())?;
+                let copy = self.cast_to_bf16(self.ptr(t)?, t.elements())?;
                 let ptr = self.buffer_ptr(&copy);
                 staged._bf16_copy = Some(copy);
                 (ptr, Dtype::Bf16)
             }
-            _ => (self.ptr(t), t.dtype()),
+            _ => (self.ptr(t)?, t.dtype()),
         };
         let op = Operand {
             ptr,
@@ -387,14 +401,19 @@ impl Backend for CudaBackend {
 
     fn upload_frozen(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         Self::check_len(data.len(), rows, cols)?;
-        let bits: Vec<u16> = data
-            .par_iter()
-            .map(|&x| half::bf16::from_f32(x).to_bits())
-            .collect();
         Ok(CudaTensor {
             rows,
             cols,
-            storage: Storage::Bf16(self.gpu.upload(&bits, "a frozen weight")?),
+            storage: Storage::Bf16(self.gpu.upload(&bf16_bits(data), "a frozen weight")?),
+        })
+    }
+
+    fn upload_lookup_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        Self::check_len(data.len(), rows, cols)?;
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::Host(bf16_bits(data)),
         })
     }
 
@@ -415,6 +434,10 @@ impl Backend for CudaBackend {
 
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         match &t.storage {
+            Storage::Host(bits) => Ok(bits
+                .iter()
+                .map(|&x| half::bf16::from_bits(x).to_f32())
+                .collect()),
             Storage::F32(b) => self.gpu.download(&b.slice, "downloading a tensor"),
             Storage::Bf16(b) => Ok(self
                 .gpu
@@ -443,6 +466,7 @@ impl Backend for CudaBackend {
             Storage::F32(b) => Storage::F32(self.copy_buffer(b, "a tensor copy")?),
             Storage::Bf16(b) => Storage::Bf16(self.copy_buffer(b, "a weight copy")?),
             Storage::Nf4(s) => Storage::Nf4(Box::new(self.duplicate_nf4(s)?)),
+            Storage::Host(bits) => Storage::Host(bits.clone()),
         };
         Ok(CudaTensor {
             rows: t.rows,
@@ -561,21 +585,38 @@ impl Backend for CudaBackend {
 
     fn embedding(&self, table: &CudaTensor, ids: &CudaInts, scale: f32) -> Result<CudaTensor> {
         Self::check_ids(ids, table.rows, "token id", false)?;
-        let kernel = match table.dtype() {
-            Dtype::Bf16 => "embedding_bf16",
-            Dtype::F32 => "embedding_f32",
-            Dtype::Nf4 => {
+        let (rows, cols) = (ids.host.len(), table.cols);
+        // A table in host memory: its looked-up rows (bf16) go up, and the kernel reads them in
+        // order (no ids).
+        let gathered = match &table.storage {
+            Storage::Host(bits) => {
+                let picked: Vec<u16> = ids
+                    .host
+                    .iter()
+                    .flat_map(|&id| &bits[id as usize * cols..(id as usize + 1) * cols])
+                    .copied()
+                    .collect();
+                Some(self.gpu.upload(&picked, "looked-up embedding rows")?)
+            }
+            _ => None,
+        };
+        let (kernel, table_ptr, ids_ptr) = match (table.dtype(), &gathered) {
+            (Dtype::HostBf16, Some(rows_up)) => {
+                ("embedding_bf16", self.buffer_ptr(rows_up), Arg::Ptr(0))
+            }
+            (Dtype::Bf16, _) => ("embedding_bf16", self.ptr(table)?, self.ints_arg(ids)),
+            (Dtype::F32, _) => ("embedding_f32", self.ptr(table)?, self.ints_arg(ids)),
+            _ => {
                 return Err(Error::InvalidArgument(
                     "embedding: the table is an NF4 matrix; embeddings are never quantized".into(),
                 ))
             }
         };
-        let (rows, cols) = (ids.host.len(), table.cols);
         let out = self.tensor(rows, cols, "embeddings")?;
         let args = [
-            Arg::Ptr(self.ptr(table)),
-            self.ints_arg(ids),
-            Arg::Ptr(self.ptr(&out)),
+            Arg::Ptr(table_ptr),
+            ids_ptr,
+            Arg::Ptr(self.ptr(&out)?),
             dim(rows),
             dim(cols),
             Arg::F32(scale),
@@ -604,8 +645,8 @@ impl Backend for CudaBackend {
             let args = [
                 self.f32_arg(x, "rmsnorm")?,
                 self.f32_arg(w, "rmsnorm weight")?,
-                Arg::Ptr(self.ptr(&y)),
-                Arg::Ptr(self.ptr(&r)),
+                Arg::Ptr(self.ptr(&y)?),
+                Arg::Ptr(self.ptr(&r)?),
                 dim(x.rows),
                 dim(x.cols),
                 Arg::F32(eps),
@@ -642,7 +683,7 @@ impl Backend for CudaBackend {
                 self.f32_arg(x, what)?,
                 self.f32_arg(w, what)?,
                 self.f32_arg(r, what)?,
-                Arg::Ptr(self.ptr(&dx)),
+                Arg::Ptr(self.ptr(&dx)?),
                 dim(x.rows),
                 dim(x.cols),
                 Arg::I32(unit_offset as i32),
@@ -709,8 +750,8 @@ impl Backend for CudaBackend {
             self.f32_arg(k, what)?,
             self.f32_arg(v, what)?,
             self.ints_arg(segments),
-            Arg::Ptr(self.ptr(&out)),
-            Arg::Ptr(self.ptr(&lse)),
+            Arg::Ptr(self.ptr(&out)?),
+            Arg::Ptr(self.ptr(&lse)?),
         ];
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(
@@ -749,7 +790,7 @@ impl Backend for CudaBackend {
         let args = [
             self.f32_arg(out, what)?,
             self.f32_arg(d_out, what)?,
-            Arg::Ptr(self.ptr(&delta)),
+            Arg::Ptr(self.ptr(&delta)?),
             dim(q.rows),
             dim(s.num_heads),
             dim(s.head_dim),
@@ -762,12 +803,12 @@ impl Backend for CudaBackend {
             self.f32_arg(v, what)?,
             self.f32_arg(d_out, what)?,
             self.f32_arg(lse, what)?,
-            Arg::Ptr(self.ptr(&delta)),
+            Arg::Ptr(self.ptr(&delta)?),
             self.ints_arg(segments),
         ];
         let tiles = s.seq.div_ceil(ATTENTION_TILE);
         let mut args = inputs.to_vec();
-        args.push(Arg::Ptr(self.ptr(&dq)));
+        args.push(Arg::Ptr(self.ptr(&dq)?));
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(tiles, s.num_heads, s.batch, ATTENTION_THREADS);
         self.run("attention", "attention_bwd_dq", shape, &args)?;
@@ -790,16 +831,16 @@ impl Backend for CudaBackend {
             .transpose()?;
         let (dk_out, dv_out) = slabs.as_ref().map_or((&dk, &dv), |(a, b)| (a, b));
         let mut args = inputs.to_vec();
-        args.push(Arg::Ptr(self.ptr(dk_out)));
-        args.push(Arg::Ptr(self.ptr(dv_out)));
+        args.push(Arg::Ptr(self.ptr(dk_out)?));
+        args.push(Arg::Ptr(self.ptr(dv_out)?));
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(tiles, s.num_kv_heads * parts, s.batch, ATTENTION_THREADS);
         self.run("attention", "attention_bwd_dkdv", shape, &args)?;
         if let Some((dk_parts, dv_parts)) = &slabs {
             for (sum, slab) in [(&dk, dk_parts), (&dv, dv_parts)] {
                 let args = [
-                    Arg::Ptr(self.ptr(slab)),
-                    Arg::Ptr(self.ptr(sum)),
+                    Arg::Ptr(self.ptr(slab)?),
+                    Arg::Ptr(self.ptr(sum)?),
                     dim(parts),
                     count(sum.elements()),
                 ];
@@ -842,8 +883,8 @@ impl Backend for CudaBackend {
             self.f32_arg(q, what)?,
             self.f32_arg(k, what)?,
             self.f32_arg(v, what)?,
-            Arg::Ptr(self.ptr(&out)),
-            Arg::Ptr(self.ptr(&lse)),
+            Arg::Ptr(self.ptr(&out)?),
+            Arg::Ptr(self.ptr(&lse)?),
             dim(m),
             dim(n),
             dim(h),
@@ -893,7 +934,7 @@ impl Backend for CudaBackend {
         let args = [
             self.f32_arg(g, "gated_activation")?,
             self.f32_arg(u, "gated_activation")?,
-            Arg::Ptr(self.ptr(&h)),
+            Arg::Ptr(self.ptr(&h)?),
             count(g.elements()),
             Arg::I32(activation_code(act)),
         ];
@@ -917,8 +958,8 @@ impl Backend for CudaBackend {
             self.f32_arg(dh, what)?,
             self.f32_arg(g, what)?,
             self.f32_arg(u, what)?,
-            Arg::Ptr(self.ptr(&dg)),
-            Arg::Ptr(self.ptr(&du)),
+            Arg::Ptr(self.ptr(&dg)?),
+            Arg::Ptr(self.ptr(&du)?),
             count(g.elements()),
             Arg::I32(activation_code(act)),
         ];
@@ -933,7 +974,7 @@ impl Backend for CudaBackend {
         let y = self.tensor(x.rows, x.cols, "dropout output")?;
         let args = [
             self.f32_arg(x, "dropout")?,
-            Arg::Ptr(self.ptr(&y)),
+            Arg::Ptr(self.ptr(&y)?),
             count(x.elements()),
             Arg::F32(p),
             Arg::U64(seed),
@@ -1031,7 +1072,7 @@ impl Backend for CudaBackend {
             };
             // dh = dz·W
             let dh_rows = Operand {
-                ptr: self.ptr(&dh) + (start * h.cols * 4) as u64,
+                ptr: self.ptr(&dh)? + (start * h.cols * 4) as u64,
                 dtype: Dtype::F32,
                 rows,
                 cols: h.cols,

@@ -1,6 +1,6 @@
 //! Device tensors: row-major matrices in f32 (activations, adapters, optimizer state), bf16
-//! (frozen base matrices) or NF4 (frozen projection matrices for QLoRA), and integer vectors with
-//! a host copy for validation.
+//! (frozen base matrices) or NF4 (frozen projection matrices for QLoRA), a bf16 lookup table kept
+//! in host memory, and integer vectors with a host copy for validation.
 
 use super::device::DeviceBuffer;
 
@@ -12,6 +12,8 @@ pub enum Dtype {
     Bf16,
     /// Packed 4-bit NF4 codes with per-block absmax ([`Nf4Storage`]).
     Nf4,
+    /// bfloat16 bits in host memory (a lookup table: only `embedding` reads it).
+    HostBf16,
 }
 
 #[derive(Debug)]
@@ -19,6 +21,9 @@ pub enum Storage {
     F32(DeviceBuffer<f32>),
     Bf16(DeviceBuffer<u16>),
     Nf4(Box<Nf4Storage>),
+    /// A frozen lookup table kept in host memory as bf16 bits: a step moves only the rows it
+    /// looks up (an untied embedding table: 1 GiB of device memory saved on Llama 3).
+    Host(Vec<u16>),
 }
 
 /// An NF4 matrix on the device, laid out as src/quant/nf4.rs describes (and as its
@@ -63,6 +68,7 @@ impl CudaTensor {
             Storage::F32(_) => Dtype::F32,
             Storage::Bf16(_) => Dtype::Bf16,
             Storage::Nf4(_) => Dtype::Nf4,
+            Storage::Host(_) => Dtype::HostBf16,
         }
     }
 }
