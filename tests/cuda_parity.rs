@@ -195,6 +195,25 @@ fn embedding_norm_and_rope_match_cpu() {
         p.g.embedding(&tg, &bad, 1.0).is_err(),
         "id past the vocabulary"
     );
+    // A lookup table kept in host memory: no device memory held, the same rows, and nothing but
+    // the lookup accepts it.
+    let live = p.g.gpu().memory.live();
+    let th = p.g.upload_lookup_table(&table, vocab, hidden).unwrap();
+    assert_eq!(
+        p.g.gpu().memory.live(),
+        live,
+        "host table holds device memory"
+    );
+    let eh = p.g.embedding(&th, &ig, 1.5).unwrap();
+    p.check("embedding from a host table", &eh, &ec, 1e-7);
+    assert_eq!(p.g.download(&th).unwrap(), table);
+    assert!(
+        p.g.embedding(&th, &bad, 1.0).is_err(),
+        "id past the vocabulary"
+    );
+    let mut out = p.g.zeros(tokens, vocab).unwrap();
+    let err = p.g.matmul(&eg, false, &th, true, 1.0, &mut out, false);
+    assert!(err.is_err(), "a host table in a product");
 
     for unit_offset in [false, true] {
         let (wg, wc) = p.up(&randn(&mut rng, hidden, 0.5), 1, hidden);
