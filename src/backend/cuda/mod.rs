@@ -590,12 +590,11 @@ impl Backend for CudaBackend {
         // order (no ids).
         let gathered = match &table.storage {
             Storage::Host(bits) => {
-                let picked: Vec<u16> = ids
-                    .host
-                    .iter()
-                    .flat_map(|&id| &bits[id as usize * cols..(id as usize + 1) * cols])
-                    .copied()
-                    .collect();
+                let mut picked = Vec::with_capacity(rows * cols);
+                for &id in &ids.host {
+                    let start = id as usize * cols;
+                    picked.extend_from_slice(&bits[start..start + cols]);
+                }
                 Some(self.gpu.upload(&picked, "looked-up embedding rows")?)
             }
             _ => None,
