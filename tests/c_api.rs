@@ -171,6 +171,20 @@ impl Api {
         }
     }
 
+    /// One step, then 15 more through `ft_trainer_train`: the evaluation loss must end below
+    /// the first step's. Returns the first step's statistics and the final evaluation loss.
+    fn train_and_check_loss_falls(&self, trainer: *mut Opaque, batch: &Batch) -> (StepStats, f32) {
+        let mut first = StepStats::default();
+        let st = (self.trainer_step)(trainer, batch, 1, &mut first);
+        assert_eq!(st, 0, "{}", self.error());
+        let st = (self.trainer_train)(trainer, batch, 1, 15, None, null_mut());
+        assert_eq!(st, 0, "{}", self.error());
+        let mut loss = 0.0f32;
+        assert_eq!((self.trainer_eval_loss)(trainer, batch, &mut loss), 0);
+        assert!(loss < first.loss, "loss {} -> {loss}", first.loss);
+        (first, loss)
+    }
+
     fn error(&self) -> String {
         // SAFETY: ft_last_error returns a valid NUL-terminated string.
         unsafe { CStr::from_ptr((self.last_error)()) }
@@ -253,26 +267,11 @@ fn train_save_and_reload_through_the_abi() {
     );
     let tokens = Tokens::new();
     let batch = tokens.batch();
-    let mut first = StepStats::default();
-    assert_eq!(
-        (api.trainer_step)(trainer, &batch, 1, &mut first),
-        0,
-        "{}",
-        api.error()
-    );
+    let (first, loss) = api.train_and_check_loss_falls(trainer, &batch);
     assert_eq!(
         (first.step, first.tokens, first.labelled_tokens),
         (1, 16, 16)
     );
-    assert_eq!(
-        (api.trainer_train)(trainer, &batch, 1, 15, None, null_mut()),
-        0,
-        "{}",
-        api.error()
-    );
-    let mut loss = 0.0f32;
-    assert_eq!((api.trainer_eval_loss)(trainer, &batch, &mut loss), 0);
-    assert!(loss < first.loss, "loss {} -> {loss}", first.loss);
 
     let out = tempfile::tempdir().unwrap();
     let out_c = CString::new(out.path().to_str().unwrap()).unwrap();
@@ -321,17 +320,7 @@ fn qlora_trains_through_the_abi() {
     );
     let tokens = Tokens::new();
     let batch = tokens.batch();
-    let mut first = StepStats::default();
-    assert_eq!((api.trainer_step)(trainer, &batch, 1, &mut first), 0);
-    assert_eq!(
-        (api.trainer_train)(trainer, &batch, 1, 15, None, null_mut()),
-        0,
-        "{}",
-        api.error()
-    );
-    let mut loss = 0.0f32;
-    assert_eq!((api.trainer_eval_loss)(trainer, &batch, &mut loss), 0);
-    assert!(loss < first.loss, "loss {} -> {loss}", first.loss);
+    api.train_and_check_loss_falls(trainer, &batch);
     (api.trainer_free)(trainer);
     (api.model_free)(model);
 }

@@ -19,6 +19,7 @@ use finetune::backend::Backend;
 use finetune::error::Error;
 use finetune::io::model_dir::WeightSource;
 use finetune::lora::{LoraConfig, TargetModule};
+use finetune::model::config::ModelConfig;
 use finetune::model::presets::preset;
 use finetune::model::weights::{random_weights, tensor_specs, Slot, TensorValues};
 use finetune::quant::{Nf4Tensor, Quantization};
@@ -211,15 +212,22 @@ fn write_sharded(dir: &Path, tensors: RawTensors) {
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
 
-#[test]
-fn bnb_4bit_model_directory_gives_the_logits_of_its_dequantized_weights() {
+/// A random tiny model saved as f32 safetensors: its config, its folder (removed on drop) and a
+/// reader of its tensors.
+fn saved_tiny_model() -> (ModelConfig, tempfile::TempDir, WeightSource) {
     let cfg = preset("tiny").unwrap();
-    let original = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
     Model::random(cfg.clone(), 9, &cpu_params(Quantization::None))
         .unwrap()
-        .save_pretrained(original.path(), finetune::io::safetensors::Dtype::F32, None)
+        .save_pretrained(dir.path(), finetune::io::safetensors::Dtype::F32, None)
         .unwrap();
-    let source = WeightSource::open(original.path()).unwrap();
+    let source = WeightSource::open(dir.path()).unwrap();
+    (cfg, dir, source)
+}
+
+#[test]
+fn bnb_4bit_model_directory_gives_the_logits_of_its_dequantized_weights() {
+    let (cfg, original, source) = saved_tiny_model();
     let (bnb, dequantized) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (mut bnb_tensors, mut deq_tensors) = (RawTensors::new(), RawTensors::new());
     let mut quantized = Vec::new();
@@ -300,13 +308,7 @@ fn bnb_4bit_model_directory_gives_the_logits_of_its_dequantized_weights() {
 
 #[test]
 fn a_4bit_weight_of_the_wrong_shape_is_an_error_naming_it() {
-    let cfg = preset("tiny").unwrap();
-    let original = tempfile::tempdir().unwrap();
-    Model::random(cfg.clone(), 9, &cpu_params(Quantization::None))
-        .unwrap()
-        .save_pretrained(original.path(), finetune::io::safetensors::Dtype::F32, None)
-        .unwrap();
-    let source = WeightSource::open(original.path()).unwrap();
+    let (cfg, original, source) = saved_tiny_model();
     let mut tensors = RawTensors::new();
     for spec in tensor_specs(&cfg) {
         let values = source.read_f32(&spec.name, &spec.file_shape()).unwrap();
