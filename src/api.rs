@@ -2,6 +2,7 @@
 //! and [`Trainer`]s that attach LoRA adapters to it.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::nccl::{self, NcclRank, UNIQUE_ID_BYTES};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, DeviceMemory};
 use crate::data::encode::TextCodec;
@@ -25,37 +26,79 @@ use crate::train::trainer::{StepStats, TrainConfig, Trainer as Core};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokenizers::Tokenizer;
 
 /// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Device {
     /// The first CUDA GPU when one is usable (driver, NVRTC and cuBLAS found), else the CPU.
     Auto,
     Cpu,
     /// An NVIDIA GPU by index.
     Cuda(usize),
+    /// Several GPUs of this process training as one data-parallel group (NCCL), by index.
+    CudaSet(Vec<usize>),
+    /// Every GPU of the machine as one data-parallel group.
+    CudaAll,
 }
 
 impl Device {
-    /// Parses "auto", "cpu" or "cuda:N" ("cuda" means "cuda:0").
+    /// Parses "auto", "cpu", "cuda:N" ("cuda" means "cuda:0"), a comma-separated list of
+    /// "cuda:N" (several GPUs, one data-parallel group) or "cuda:all".
     pub fn parse(s: &str) -> Result<Self> {
+        let one_gpu = |d: &str| {
+            match d.trim() {
+                "cuda" => Some(0),
+                d => d.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
+            }
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown device {d:?} (expected auto, cpu, cuda:N, cuda:all or a list such \
+                     as cuda:0,cuda:1)"
+                ))
+            })
+        };
         match s.trim() {
             "" | "auto" => Ok(Device::Auto),
             "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "unknown device {other:?} (expected auto, cpu or cuda:N)"
-                    ))
-                }),
+            "cuda:all" => Ok(Device::CudaAll),
+            list if list.contains(',') => {
+                let gpus = list.split(',').map(one_gpu).collect::<Result<Vec<_>>>()?;
+                if let Some(d) = gpus
+                    .iter()
+                    .find(|&&d| gpus.iter().filter(|&&e| e == d).count() > 1)
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "device list {list:?} names cuda:{d} twice; each GPU holds one rank"
+                    )));
+                }
+                Ok(Device::CudaSet(gpus))
+            }
+            other => one_gpu(other).map(Device::Cuda),
         }
     }
 }
+
+/// This process's place in a data-parallel group that spans processes or hosts: it is rank
+/// `rank` of `world_size` and drives one GPU. The ranks meet by `unique_id`, made once by
+/// [`nccl_unique_id`] on one of them and handed to the others by the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessGroup {
+    pub rank: usize,
+    pub world_size: usize,
+    pub unique_id: [u8; UNIQUE_ID_BYTES],
+}
+
+/// A fresh id for a [`ProcessGroup`] (needs NCCL). The process that makes it hosts the group's
+/// rendezvous and must stay alive until every rank has loaded the model.
+pub fn nccl_unique_id() -> Result<[u8; UNIQUE_ID_BYTES]> {
+    nccl::unique_id()
+}
+
+/// How long a data-parallel rank waits for the others by default: room for the first step's
+/// kernel compilation on every rank.
+pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How to load a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +112,12 @@ pub struct ModelParams {
     /// A cap on the device memory the model and its trainers hold, in MiB (0: none). An
     /// allocation past it fails with `Error::OutOfMemory`. GPU backends only.
     pub max_device_memory_mib: usize,
+    /// Membership of a data-parallel group spanning processes (none: this process trains
+    /// alone, or over the GPUs `device` lists).
+    pub process_group: Option<ProcessGroup>,
+    /// How long a data-parallel rank waits for the others (joining, each step's sums) before
+    /// failing with `Error::Collective` instead of hanging.
+    pub collective_timeout: Duration,
 }
 
 impl Default for ModelParams {
@@ -78,6 +127,8 @@ impl Default for ModelParams {
             threads: 0,
             quantization: Quantization::None,
             max_device_memory_mib: 0,
+            process_group: None,
+            collective_timeout: DEFAULT_COLLECTIVE_TIMEOUT,
         }
     }
 }
@@ -100,22 +151,56 @@ macro_rules! on_engine {
     };
 }
 
+/// Decoders with the same weights on each of `backends`, every tensor fetched once.
+fn decoders<B: Backend>(
+    cfg: &ModelConfig,
+    backends: Vec<B>,
+    quantization: Quantization,
+    fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
+) -> Result<Vec<Arc<Decoder<B>>>> {
+    let weights = DecoderWeights::load_replicas(
+        cfg,
+        &backends.iter().collect::<Vec<_>>(),
+        quantization,
+        fetch,
+    )?;
+    Ok(backends
+        .into_iter()
+        .zip(weights)
+        .map(|(be, w)| Arc::new(Decoder::new(cfg.clone(), be, w)))
+        .collect())
+}
+
+/// The decoder on one backend.
+fn decoder<B: Backend>(
+    cfg: &ModelConfig,
+    backend: B,
+    quantization: Quantization,
+    fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
+) -> Result<Arc<Decoder<B>>> {
+    Ok(decoders(cfg, vec![backend], quantization, fetch)?.remove(0))
+}
+
+/// This process's part of a data-parallel group.
+struct Ranks {
+    /// Decoders on this process's other GPUs: replicas of the engine's.
+    replicas: Vec<Arc<Decoder<CudaBackend>>>,
+    /// One member per GPU of this process, the engine's first.
+    members: Vec<Arc<NcclRank>>,
+    /// The group-wide rank of `members[0]`.
+    first_rank: usize,
+    world_size: usize,
+}
+
 impl Engine {
-    /// Opens the device of `params` and builds the decoder there, asking `fetch` for each tensor.
+    /// Opens the device(s) of `params` and builds the decoder there, asking `fetch` for each
+    /// tensor once; with several GPUs (of this process or of a process group) also the
+    /// data-parallel group.
     fn build(
         cfg: ModelConfig,
         params: &ModelParams,
         fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
-    ) -> Result<Self> {
-        fn on<B: Backend>(
-            cfg: ModelConfig,
-            be: B,
-            quantization: Quantization,
-            fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
-        ) -> Result<Arc<Decoder<B>>> {
-            let weights = DecoderWeights::load_with(&cfg, &be, quantization, fetch)?;
-            Ok(Arc::new(Decoder::new(cfg, be, weights)))
-        }
+    ) -> Result<(Self, Option<Ranks>)> {
         let q = params.quantization;
         let cuda = |n| {
             let be = CudaBackend::new(n)?;
@@ -124,15 +209,64 @@ impl Engine {
                 .set_limit(params.max_device_memory_mib.saturating_mul(1 << 20));
             Ok::<_, Error>(be)
         };
-        let cpu = || CpuBackend::new(params.threads);
-        Ok(match params.device {
-            Device::Cpu => Engine::Cpu(on(cfg, cpu()?, q, fetch)?),
-            Device::Cuda(n) => Engine::Cuda(on(cfg, cuda(n)?, q, fetch)?),
-            Device::Auto => match cuda(0) {
-                Ok(be) => Engine::Cuda(on(cfg, be, q, fetch)?),
-                Err(_) => Engine::Cpu(on(cfg, cpu()?, q, fetch)?),
+        let gpus = match &params.device {
+            Device::CudaSet(list) => list.clone(),
+            Device::CudaAll => (0..CudaBackend::device_count()?).collect(),
+            _ => Vec::new(),
+        };
+        if let Some(pg) = &params.process_group {
+            let Device::Cuda(n) = params.device else {
+                return Err(Error::InvalidArgument(format!(
+                    "rank {} of a multi-process group drives one GPU: set the device to cuda:N \
+                     (not {:?})",
+                    pg.rank, params.device
+                )));
+            };
+            let dec = decoder(&cfg, cuda(n)?, q, fetch)?;
+            let member = NcclRank::join(
+                &dec.backend,
+                pg.rank,
+                pg.world_size,
+                &pg.unique_id,
+                params.collective_timeout,
+            )?;
+            let ranks = Ranks {
+                replicas: Vec::new(),
+                members: vec![Arc::new(member)],
+                first_rank: pg.rank,
+                world_size: pg.world_size,
+            };
+            return Ok((Engine::Cuda(dec), Some(ranks)));
+        }
+        if gpus.len() > 1 {
+            let backends = gpus.iter().map(|&n| cuda(n)).collect::<Result<Vec<_>>>()?;
+            let members = NcclRank::group(
+                &backends.iter().collect::<Vec<_>>(),
+                params.collective_timeout,
+            )?;
+            let mut decs = decoders(&cfg, backends, q, fetch)?;
+            let primary = decs.remove(0);
+            let ranks = Ranks {
+                replicas: decs,
+                world_size: members.len(),
+                members: members.into_iter().map(Arc::new).collect(),
+                first_rank: 0,
+            };
+            return Ok((Engine::Cuda(primary), Some(ranks)));
+        }
+        let engine = match (&params.device, gpus.first()) {
+            (Device::Cpu, _) => {
+                Engine::Cpu(decoder(&cfg, CpuBackend::new(params.threads)?, q, fetch)?)
+            }
+            (Device::Cuda(n), _) | (_, Some(n)) => {
+                Engine::Cuda(decoder(&cfg, cuda(*n)?, q, fetch)?)
+            }
+            _ => match cuda(0) {
+                Ok(be) => Engine::Cuda(decoder(&cfg, be, q, fetch)?),
+                Err(_) => Engine::Cpu(decoder(&cfg, CpuBackend::new(params.threads)?, q, fetch)?),
             },
-        })
+        };
+        Ok((engine, None))
     }
 
     fn config(&self) -> &ModelConfig {
@@ -162,6 +296,8 @@ const TOKENIZER_FILES: [&str; 5] = [
 #[derive(Clone)]
 pub struct Model {
     engine: Engine,
+    /// This process's part of a data-parallel group, if the model trains in one.
+    ranks: Option<Arc<Ranks>>,
     /// What `base_model_name_or_path` records in saved adapters.
     name: String,
     source_dir: Option<PathBuf>,
@@ -181,10 +317,11 @@ impl Model {
         let source = WeightSource::open(path)?;
         let dir = source.dir().to_path_buf();
         let cfg = ModelConfig::from_json(&read_config_json(&dir)?, &dir.join("config.json"))?;
-        let engine = Engine::build(cfg, params, |spec| source.read_tensor(spec))?;
+        let (engine, ranks) = Engine::build(cfg, params, |spec| source.read_tensor(spec))?;
         let codec = TextCodec::from_model_dir(&dir)?.map(Arc::new);
         Ok(Model {
             engine,
+            ranks: ranks.map(Arc::new),
             name: path.display().to_string(),
             source_dir: Some(dir),
             codec,
@@ -194,7 +331,7 @@ impl Model {
 
     fn load_gguf(path: &Path, params: &ModelParams) -> Result<Self> {
         let g = GgufModel::open(path)?;
-        let engine = Engine::build(g.config.clone(), params, |spec| {
+        let (engine, ranks) = Engine::build(g.config.clone(), params, |spec| {
             g.read_f32(spec).map(TensorValues::F32)
         })?;
         let codec = match g.tokenizer {
@@ -214,6 +351,7 @@ impl Model {
         };
         Ok(Model {
             engine,
+            ranks: ranks.map(Arc::new),
             name: path.display().to_string(),
             source_dir: None,
             codec,
@@ -225,9 +363,11 @@ impl Model {
     pub fn random(cfg: ModelConfig, seed: u64, params: &ModelParams) -> Result<Self> {
         cfg.validate().map_err(Error::InvalidArgument)?;
         let mut source = random_weights(&cfg, seed);
-        let engine = Engine::build(cfg, params, |spec| Ok(TensorValues::F32(source(spec))))?;
+        let (engine, ranks) =
+            Engine::build(cfg, params, |spec| Ok(TensorValues::F32(source(spec))))?;
         Ok(Model {
             engine,
+            ranks: ranks.map(Arc::new),
             name: format!("random-{seed}"),
             source_dir: None,
             codec: None,
@@ -267,7 +407,28 @@ impl Model {
         on_engine!(&self.engine, d => d.backend.describe())
     }
 
-    /// Device memory held by this model's backend and its peak (GPU backends only).
+    /// This process's first rank in its data-parallel group (0 when it trains alone). Only rank
+    /// 0 writes adapters, checkpoints and metrics in a run.
+    pub fn rank(&self) -> usize {
+        self.ranks.as_ref().map_or(0, |r| r.first_rank)
+    }
+
+    /// The number of ranks (GPUs) training together, in all processes (1 when alone).
+    pub fn world_size(&self) -> usize {
+        self.ranks.as_ref().map_or(1, |r| r.world_size)
+    }
+
+    /// `(rank, world_size)` when the model is one rank of a group spanning processes: a run
+    /// then hands it only its share of each batch ([`Batch::share`]).
+    pub fn process_share(&self) -> Option<(usize, usize)> {
+        self.ranks
+            .as_ref()
+            .filter(|r| r.replicas.is_empty() && r.world_size > 1)
+            .map(|r| (r.first_rank, r.world_size))
+    }
+
+    /// Device memory held by this model's backend and its peak (GPU backends only; with
+    /// several GPUs in this process, those of the first: every replica holds the same).
     pub fn device_memory(&self) -> Option<DeviceMemory> {
         on_engine!(&self.engine, d => d.backend.device_memory())
     }
@@ -517,18 +678,45 @@ impl TrainerCore {
 pub struct Trainer {
     model: Model,
     core: TrainerCore,
+    /// The trainers of this process's other GPUs when the model spans several (same adapters,
+    /// same steps, each on its share of the rows).
+    replicas: Vec<Core<CudaBackend>>,
 }
 
 impl Trainer {
     /// Fresh adapters (A Kaiming-uniform from `lora.seed`, B zero).
     pub fn new(model: &Model, lora: LoraConfig, train: TrainConfig) -> Result<Self> {
         let core = match &model.engine {
-            Engine::Cpu(d) => TrainerCore::Cpu(Core::new(d.clone(), lora, train)?),
-            Engine::Cuda(d) => TrainerCore::Cuda(Core::new(d.clone(), lora, train)?),
+            Engine::Cpu(d) => TrainerCore::Cpu(Core::new(d.clone(), lora.clone(), train.clone())?),
+            Engine::Cuda(d) => {
+                TrainerCore::Cuda(Core::new(d.clone(), lora.clone(), train.clone())?)
+            }
         };
+        Self::in_group(model, core, |d| {
+            Core::new(d.clone(), lora.clone(), train.clone())
+        })
+    }
+
+    /// The trainer of `core` with, when the model trains in a data-parallel group, a replica on
+    /// each other GPU of this process (`replica` makes one) and every rank joined to its group.
+    fn in_group(
+        model: &Model,
+        mut core: TrainerCore,
+        replica: impl Fn(&Arc<Decoder<CudaBackend>>) -> Result<Core<CudaBackend>>,
+    ) -> Result<Self> {
+        let mut replicas = Vec::new();
+        if let (Some(ranks), TrainerCore::Cuda(first)) = (&model.ranks, &mut core) {
+            first.join_group(ranks.members[0].clone());
+            for (d, member) in ranks.replicas.iter().zip(&ranks.members[1..]) {
+                let mut r = replica(d)?;
+                r.join_group(member.clone());
+                replicas.push(r);
+            }
+        }
         Ok(Trainer {
             model: model.clone(),
             core,
+            replicas,
         })
     }
 
@@ -543,20 +731,21 @@ impl Trainer {
             (peft.to_lora(train.seed), modules)
         };
         let found = check_adapter(model.config(), &lora, &modules, dir)?;
+        fn loaded<B: Backend>(
+            d: &Arc<Decoder<B>>,
+            lora: &LoraConfig,
+            train: &TrainConfig,
+            found: &BTreeMap<(usize, TargetModule), &AdapterModule>,
+            dir: &Path,
+        ) -> Result<Core<B>> {
+            let params = upload_adapter(&d.backend, &d.cfg, lora, found, dir)?;
+            Core::with_params(d.clone(), lora.clone(), train.clone(), params)
+        }
         let core = match &model.engine {
-            Engine::Cpu(d) => {
-                let params = upload_adapter(&d.backend, &d.cfg, &lora, &found, dir)?;
-                TrainerCore::Cpu(Core::with_params(d.clone(), lora, train, params)?)
-            }
-            Engine::Cuda(d) => {
-                let params = upload_adapter(&d.backend, &d.cfg, &lora, &found, dir)?;
-                TrainerCore::Cuda(Core::with_params(d.clone(), lora, train, params)?)
-            }
+            Engine::Cpu(d) => TrainerCore::Cpu(loaded(d, &lora, &train, &found, dir)?),
+            Engine::Cuda(d) => TrainerCore::Cuda(loaded(d, &lora, &train, &found, dir)?),
         };
-        Ok(Trainer {
-            model: model.clone(),
-            core,
-        })
+        Self::in_group(model, core, |d| loaded(d, &lora, &train, &found, dir))
     }
 
     pub fn model(&self) -> &Model {
@@ -568,8 +757,17 @@ impl Trainer {
     }
 
     /// One optimizer step over `micro_batches` (gradient accumulation when there are several).
+    /// On several GPUs of this process each takes its share of every micro-batch's rows; in a
+    /// group spanning processes the micro-batches are this rank's share. Either way the step
+    /// equals one over the union of all ranks' rows, and the figures returned are the group's.
     pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
-        on_core!(&mut self.core, c => c.step(micro_batches))
+        match &mut self.core {
+            TrainerCore::Cuda(first) if !self.replicas.is_empty() => {
+                let vocab = self.model.config().vocab_size;
+                step_local_ranks(first, &mut self.replicas, micro_batches, vocab)
+            }
+            core => on_core!(core, c => c.step(micro_batches)),
+        }
     }
 
     /// Mean loss on `batch`, no dropout, no update.
@@ -596,8 +794,12 @@ impl Trainer {
         on_core!(&self.core, c => c.moments_host())
     }
 
-    /// Puts back saved moments and the step count (see [`Core::restore_optimizer`]).
+    /// Puts back saved moments and the step count (see [`Core::restore_optimizer`]), on every
+    /// GPU of this process.
     pub fn restore_optimizer(&mut self, m: &[Vec<f32>], v: &[Vec<f32>], step: u64) -> Result<()> {
+        for r in &mut self.replicas {
+            r.restore_optimizer(m, v, step)?;
+        }
         on_core!(&mut self.core, c => c.restore_optimizer(m, v, step))
     }
 
@@ -651,6 +853,67 @@ impl Trainer {
     /// Writes the base model with these adapters merged as one GGUF file of type `ty`.
     pub fn export_gguf(&self, path: &Path, ty: GgmlType) -> Result<()> {
         self.model.save_gguf(path, ty, Some(self))
+    }
+}
+
+/// One step of this process's GPUs together, each on its own thread with its share of every
+/// micro-batch's rows. Batches are checked on the host first, so a bad one fails every rank at
+/// once instead of leaving the others waiting for it.
+fn step_local_ranks(
+    first: &mut Core<CudaBackend>,
+    replicas: &mut [Core<CudaBackend>],
+    micro_batches: &[Batch],
+    vocab: usize,
+) -> Result<StepStats> {
+    if micro_batches.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a step needs at least one batch".into(),
+        ));
+    }
+    for b in micro_batches {
+        b.validate(vocab)?;
+    }
+    let n = replicas.len() + 1;
+    let share = |rank| -> Vec<Batch> {
+        micro_batches
+            .iter()
+            .filter_map(|b| b.share(rank, n))
+            .collect()
+    };
+    let results: Vec<Result<StepStats>> = std::thread::scope(|s| {
+        let others: Vec<_> = replicas
+            .iter_mut()
+            .enumerate()
+            .map(|(i, core)| {
+                let mine = share(i + 1);
+                s.spawn(move || core.step(&mine))
+            })
+            .collect();
+        let mut results = vec![first.step(&share(0))];
+        results.extend(others.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::Collective("a rank's thread panicked".into())))
+        }));
+        results
+    });
+    // A rank's own failure explains the others' (which then report the group's failure).
+    let mut errors: Vec<Error> = Vec::new();
+    let mut stats = None;
+    for r in results {
+        match r {
+            Ok(s) => {
+                stats.get_or_insert(s);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    match errors
+        .iter()
+        .position(|e| !matches!(e, Error::Collective(_)))
+    {
+        Some(i) => Err(errors.swap_remove(i)),
+        None if !errors.is_empty() => Err(errors.swap_remove(0)),
+        None => Ok(stats.expect("every rank returned")),
     }
 }
 

@@ -77,6 +77,9 @@ pub struct BenchResult {
     pub device: String,
     /// "lora", or "qlora" (NF4 projection matrices).
     pub mode: &'static str,
+    /// Data-parallel ranks (GPUs) the step ran on; each took `batch` rows.
+    pub ranks: usize,
+    /// Rows per rank.
     pub batch: usize,
     pub seq: usize,
     pub rank: usize,
@@ -145,11 +148,14 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     };
     let mut trainer = Trainer::new(&model, lora, train)?;
     let mut rng = Rng::new(2);
-    let n = cfg.batch * cfg.seq;
+    // Every rank takes `batch` rows of the step's batch.
+    let ranks = model.world_size();
+    let rows = cfg.batch * ranks;
+    let n = rows * cfg.seq;
     let ids: Vec<i32> = (0..n + 1)
         .map(|_| (rng.next_u64() % shape.vocab_size as u64) as i32)
         .collect();
-    let batch = Batch::new(cfg.batch, cfg.seq, ids[..n].to_vec(), ids[1..].to_vec())?;
+    let batch = Batch::new(rows, cfg.seq, ids[..n].to_vec(), ids[1..].to_vec())?;
     let first_loss = trainer.step(std::slice::from_ref(&batch))?.loss;
     let mut times = Vec::with_capacity(cfg.steps);
     let mut cpu_times = Vec::with_capacity(cfg.steps);
@@ -166,6 +172,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         model: cfg.model.clone(),
         device: model.device(),
         mode: BenchMode::of(cfg.params.quantization).name(),
+        ranks,
         batch: cfg.batch,
         seq: cfg.seq,
         rank: cfg.rank,

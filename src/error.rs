@@ -45,6 +45,10 @@ pub enum Error {
         what: String,
         detail: String,
     },
+    /// A data-parallel group failed: a rank returned an error, died or did not answer within the
+    /// group's timeout. The group is aborted; the model must be loaded again to train together.
+    #[error("data-parallel group: {0}")]
+    Collective(String),
 }
 
 impl Error {

@@ -4,6 +4,7 @@
 //! (`batch · seq` rows). The decoder in `model::decoder` calls only the methods of [`Backend`], so a new
 //! backend is checked against the CPU reference op by op.
 
+pub mod collective;
 pub mod cpu;
 pub mod cuda;
 

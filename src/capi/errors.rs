@@ -30,6 +30,10 @@ pub const FT_ERR_DEVICE: ft_status = 9;
 /// A device allocation did not fit; the message gives the size asked for. The objects involved
 /// stay usable (a smaller batch may then work).
 pub const FT_ERR_OUT_OF_MEMORY: ft_status = 10;
+/// A data-parallel group failed: another rank returned an error, died or did not answer within
+/// the group's timeout. The group is aborted (load the model again to train together); the call
+/// returned instead of hanging.
+pub const FT_ERR_COLLECTIVE: ft_status = 11;
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -51,6 +55,7 @@ fn status_of(e: &Error) -> ft_status {
         Error::NonFinite(_) => FT_ERR_NON_FINITE,
         Error::Device(_) => FT_ERR_DEVICE,
         Error::OutOfMemory { .. } => FT_ERR_OUT_OF_MEMORY,
+        Error::Collective(_) => FT_ERR_COLLECTIVE,
     }
 }
 

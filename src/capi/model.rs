@@ -3,8 +3,10 @@
 use super::params::{dtype_arg, gguf_type_arg};
 use super::{
     ft_model_params, ft_status, guard, guard_void, mut_arg, path_arg, ref_arg, slice_arg, str_arg,
+    FT_NCCL_UNIQUE_ID_BYTES,
 };
-use crate::api::{Model, ModelParams};
+use crate::api::{nccl_unique_id, Model, ModelParams};
+use crate::backend::cuda::nccl::UNIQUE_ID_BYTES;
 use crate::error::{Error, Result};
 use crate::model::presets::preset;
 use std::ffi::c_char;
@@ -210,3 +212,29 @@ pub extern "C" fn ft_model_free(model: *mut ft_model) {
         guard_void(|| drop(unsafe { Box::from_raw(model) }));
     }
 }
+
+/// Makes a fresh NCCL unique id for a data-parallel group spanning processes
+/// (`ft_model_params.world_size` > 1) and writes its `FT_NCCL_UNIQUE_ID_BYTES` bytes to `out`
+/// (`out_len` must be at least that). Call it on one rank and hand the bytes to the others
+/// however the application likes (a file, an environment variable, its own messages); the
+/// process that made it hosts the group's rendezvous and must stay alive until every rank has
+/// loaded its model. Needs NCCL (libnccl.so.2): `FT_ERR_DEVICE` names it when absent.
+#[no_mangle]
+pub extern "C" fn ft_nccl_unique_id(out: *mut u8, out_len: usize) -> ft_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Error::InvalidArgument("out is NULL".into()));
+        }
+        if out_len < FT_NCCL_UNIQUE_ID_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "out_len is {out_len}; an NCCL unique id needs {FT_NCCL_UNIQUE_ID_BYTES} bytes"
+            )));
+        }
+        let id = nccl_unique_id()?;
+        // SAFETY: checked non-NULL; the caller promises `out_len` ≥ the id's length writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(id.as_ptr(), out, id.len()) };
+        Ok(())
+    })
+}
+
+const _: () = assert!(FT_NCCL_UNIQUE_ID_BYTES == UNIQUE_ID_BYTES);

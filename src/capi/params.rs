@@ -2,7 +2,7 @@
 //! their conversion to the Rust API's types.
 
 use super::{slice_arg, str_arg};
-use crate::api::{Device, ModelParams};
+use crate::api::{Device, ModelParams, ProcessGroup, DEFAULT_COLLECTIVE_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::io::gguf::GgmlType;
 use crate::io::safetensors::Dtype;
@@ -12,6 +12,7 @@ use crate::train::batch::Batch;
 use crate::train::schedule::ScheduleKind;
 use crate::train::trainer::{StepStats, TrainConfig};
 use std::ffi::c_char;
+use std::time::Duration;
 
 /// LoRA target bits for `ft_lora_params.target_modules`.
 pub const FT_TARGET_Q: u32 = 1;
@@ -54,8 +55,10 @@ pub const FT_GGUF_BF16: i32 = 30;
 /// How to load a model. Get defaults from `ft_model_default_params()`.
 #[repr(C)]
 pub struct ft_model_params {
-    /// "auto" (the first CUDA GPU when its driver, NVRTC and cuBLAS load, else the CPU), "cpu" or
-    /// "cuda:N"; NULL means "auto". Read during the call only.
+    /// "auto" (the first CUDA GPU when its driver, NVRTC and cuBLAS load, else the CPU), "cpu",
+    /// "cuda:N", a list such as "cuda:0,cuda:1" or "cuda:all" (several GPUs of this process
+    /// training as one data-parallel group over NCCL: each holds a replica and takes its share
+    /// of every batch's rows); NULL means "auto". Read during the call only.
     pub device: *const c_char,
     /// CPU worker threads; 0 means one per core.
     pub n_threads: u32,
@@ -68,7 +71,24 @@ pub struct ft_model_params {
     /// allocation past it fails with `FT_ERR_OUT_OF_MEMORY`, leaving the model and trainers
     /// usable. GPU only (ignored on the CPU).
     pub max_device_memory_mib: u64,
+    /// Ranks in a data-parallel group spanning processes or hosts; 0 or 1 means this process
+    /// trains alone (or over the GPUs `device` lists). With more, `device` must be one "cuda:N",
+    /// `rank` and `nccl_unique_id` say where this process stands, and each step's batches are
+    /// this rank's own share: the gradients are summed over the group as if one trainer had
+    /// taken the union of all ranks' batches. Loading waits until every rank has joined.
+    pub world_size: u32,
+    /// This process's rank, 0 ≤ rank < world_size.
+    pub rank: u32,
+    /// `FT_NCCL_UNIQUE_ID_BYTES` bytes made by `ft_nccl_unique_id` on one rank and handed to the
+    /// others by the application; read during the call only. Ignored when world_size ≤ 1.
+    pub nccl_unique_id: *const u8,
+    /// How long a rank waits for the others (joining, each step) before failing with
+    /// `FT_ERR_COLLECTIVE` instead of hanging, in milliseconds; 0 means 300000 (5 minutes).
+    pub collective_timeout_ms: u32,
 }
+
+/// Bytes of an NCCL unique id (`ft_nccl_unique_id`).
+pub const FT_NCCL_UNIQUE_ID_BYTES: usize = 128;
 
 /// LoRA shape. Get defaults from `ft_lora_default_params()`: r 16, alpha 16, all seven targets.
 #[repr(C)]
@@ -137,7 +157,8 @@ pub struct ft_step_stats {
     pub labelled_tokens: u64,
 }
 
-/// Defaults: device "auto", one thread per core, no quantization, no device-memory cap.
+/// Defaults: device "auto", one thread per core, no quantization, no device-memory cap, no
+/// process group.
 #[no_mangle]
 pub extern "C" fn ft_model_default_params() -> ft_model_params {
     ft_model_params {
@@ -145,6 +166,10 @@ pub extern "C" fn ft_model_default_params() -> ft_model_params {
         n_threads: 0,
         quantization: FT_QUANT_NONE,
         max_device_memory_mib: 0,
+        world_size: 0,
+        rank: 0,
+        nccl_unique_id: std::ptr::null(),
+        collective_timeout_ms: 0,
     }
 }
 
@@ -204,11 +229,42 @@ impl ft_model_params {
                 self.max_device_memory_mib
             ))
         })?;
+        let process_group = match self.world_size {
+            0 | 1 => None,
+            world_size => {
+                if self.rank >= world_size {
+                    return Err(Error::InvalidArgument(format!(
+                        "params->rank {} is outside a group of params->world_size {world_size}",
+                        self.rank
+                    )));
+                }
+                if self.nccl_unique_id.is_null() {
+                    return Err(Error::InvalidArgument(
+                        "params->nccl_unique_id is NULL but params->world_size is above 1".into(),
+                    ));
+                }
+                // SAFETY: the header asks for FT_NCCL_UNIQUE_ID_BYTES readable bytes.
+                let id = unsafe {
+                    std::slice::from_raw_parts(self.nccl_unique_id, FT_NCCL_UNIQUE_ID_BYTES)
+                };
+                Some(ProcessGroup {
+                    rank: self.rank as usize,
+                    world_size: world_size as usize,
+                    unique_id: id.try_into().expect("the slice has the id's length"),
+                })
+            }
+        };
+        let collective_timeout = match self.collective_timeout_ms {
+            0 => DEFAULT_COLLECTIVE_TIMEOUT,
+            ms => Duration::from_millis(ms as u64),
+        };
         Ok(ModelParams {
             device,
             threads: self.n_threads as usize,
             quantization,
             max_device_memory_mib,
+            process_group,
+            collective_timeout,
         })
     }
 }

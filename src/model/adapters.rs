@@ -103,6 +103,16 @@ impl<B: Backend> LoraTensors<B> {
             .flat_map(|p| [&mut p.a, &mut p.b])
     }
 
+    /// The tensors of one decoder layer, mutably, in the order of [`LoraTensors::tensors`].
+    pub fn layer_tensors_mut(&mut self, layer: usize) -> Vec<&mut B::Tensor> {
+        let n = TargetModule::ALL.len();
+        self.pairs[layer * n..(layer + 1) * n]
+            .iter_mut()
+            .flatten()
+            .flat_map(|p| [&mut p.a, &mut p.b])
+            .collect()
+    }
+
     /// Total number of trainable values.
     pub fn num_values(&self, backend: &B) -> usize {
         self.tensors()

@@ -484,6 +484,9 @@ impl<B: Backend> Decoder<B> {
     /// Forward and backward of one micro-batch. Adds the LoRA gradients of
     /// `Σ_labelled CE / normalizer` into `grads` and returns the un-normalised loss sum.
     /// With `checkpoint`, layers are recomputed in the backward instead of kept.
+    /// `layer_done(layer, grads)` runs once the backward of `layer` has queued its last write to
+    /// `grads` (last layer first), so a data-parallel sum of that layer's gradients can start
+    /// while the earlier layers' backward goes on.
     pub fn forward_backward(
         &self,
         batch: &DeviceBatch<B>,
@@ -491,6 +494,7 @@ impl<B: Backend> Decoder<B> {
         grads: &mut LoraTensors<B>,
         normalizer: f32,
         checkpoint: bool,
+        layer_done: &mut dyn FnMut(usize, &mut LoraTensors<B>) -> Result<()>,
     ) -> Result<f64> {
         let be = &self.backend;
         let cfg = &self.cfg;
@@ -550,6 +554,7 @@ impl<B: Backend> Decoder<B> {
                 }
             };
             dx = self.layer_backward(layer, dx, &x, &cache, batch, ad, grads)?;
+            layer_done(layer, grads)?;
         }
         Ok(loss)
     }

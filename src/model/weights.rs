@@ -168,70 +168,42 @@ impl<B: Backend> DecoderWeights<B> {
         cfg: &ModelConfig,
         backend: &B,
         quantization: Quantization,
-        mut fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
+        fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
     ) -> Result<Self> {
-        let mut embedding = None;
-        let mut final_norm = None;
-        let mut lm_head = None;
-        let mut layers: Vec<_> = (0..cfg.num_layers)
-            .map(|_| PartialLayer::<B>::default())
-            .collect();
+        let mut sets = Self::load_replicas(cfg, &[backend], quantization, fetch)?;
+        Ok(sets.pop().expect("one set per backend"))
+    }
+
+    /// As [`DecoderWeights::load_with`], onto each of `backends` (data-parallel replicas): every
+    /// tensor is fetched once and uploaded to each backend in turn.
+    pub fn load_replicas(
+        cfg: &ModelConfig,
+        backends: &[&B],
+        quantization: Quantization,
+        mut fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
+    ) -> Result<Vec<Self>> {
+        let mut sets: Vec<PartialWeights<B>> =
+            backends.iter().map(|_| PartialWeights::new(cfg)).collect();
         for spec in tensor_specs(cfg) {
-            let nf4 = quantization == Quantization::Nf4 && matches!(spec.slot, Slot::Proj(..));
-            let frozen = matches!(spec.slot, Slot::Embedding | Slot::LmHead | Slot::Proj(..));
-            let (rows, cols) = (spec.rows, spec.cols);
-            let in_context = |e| in_tensor(&spec.name, e);
-            let upload = |values: &[f32]| match spec.slot {
-                // Untied, the embedding table is read only by the lookup.
-                Slot::Embedding if !cfg.tie_word_embeddings => {
-                    backend.upload_lookup_table(values, rows, cols)
-                }
-                _ if frozen => backend.upload_frozen(values, rows, cols),
-                _ => backend.upload(values, rows, cols),
-            };
-            let t = match fetch(&spec)? {
-                TensorValues::Nf4(q) if q.shape() != [rows, cols] => {
+            let values = fetch(&spec)?;
+            if let TensorValues::Nf4(q) = &values {
+                if q.shape() != [spec.rows, spec.cols] {
                     return Err(Error::InvalidArgument(format!(
-                        "tensor {:?}: the NF4 matrix is {:?}, the model needs [{rows}, {cols}]",
+                        "tensor {:?}: the NF4 matrix is {:?}, the model needs [{}, {}]",
                         spec.name,
-                        q.shape()
-                    )))
+                        q.shape(),
+                        spec.rows,
+                        spec.cols
+                    )));
                 }
-                TensorValues::Nf4(q) if nf4 => backend.upload_nf4(q),
-                TensorValues::Nf4(q) => upload(&q.dequantize()),
-                TensorValues::F32(values) if nf4 => backend.upload_frozen_nf4(&values, rows, cols),
-                TensorValues::F32(values) => upload(&values),
             }
-            .map_err(in_context)?;
-            match spec.slot {
-                Slot::Embedding => embedding = Some(t),
-                Slot::FinalNorm => final_norm = Some(t),
-                Slot::LmHead => lm_head = Some(t),
-                Slot::AttnNorm(l) => layers[l].attn_norm = Some(t),
-                Slot::MlpNorm(l) => layers[l].mlp_norm = Some(t),
-                Slot::QNorm(l) => layers[l].q_norm = Some(t),
-                Slot::KNorm(l) => layers[l].k_norm = Some(t),
-                Slot::Proj(l, m) => layers[l].proj[m as usize] = Some(t),
-                Slot::Bias(l, m) => layers[l].bias[m as usize] = Some(t),
+            for (backend, set) in backends.iter().zip(&mut sets) {
+                let t = upload_tensor(cfg, *backend, &spec, &values, quantization)
+                    .map_err(|e| in_tensor(&spec.name, e))?;
+                set.place(spec.slot, t);
             }
         }
-        let complete = "tensor_specs lists every slot";
-        Ok(DecoderWeights {
-            embedding: embedding.expect(complete),
-            final_norm: final_norm.expect(complete),
-            lm_head,
-            layers: layers
-                .into_iter()
-                .map(|p| LayerWeights {
-                    attn_norm: p.attn_norm.expect(complete),
-                    mlp_norm: p.mlp_norm.expect(complete),
-                    proj: p.proj.into_iter().map(|t| t.expect(complete)).collect(),
-                    bias: p.bias,
-                    q_norm: p.q_norm,
-                    k_norm: p.k_norm,
-                })
-                .collect(),
-        })
+        Ok(sets.into_iter().map(PartialWeights::finish).collect())
     }
 
     /// Random weights (for tests, benchmarks and demos); see [`random_weights`].
@@ -267,6 +239,90 @@ fn in_tensor(name: &str, e: Error) -> Error {
     match e {
         Error::InvalidArgument(m) => Error::InvalidArgument(format!("tensor {name:?}: {m}")),
         other => other,
+    }
+}
+
+/// Stores one fetched tensor on `backend` in the form its slot and `quantization` call for.
+fn upload_tensor<B: Backend>(
+    cfg: &ModelConfig,
+    backend: &B,
+    spec: &TensorSpec,
+    values: &TensorValues,
+    quantization: Quantization,
+) -> Result<B::Tensor> {
+    let nf4 = quantization == Quantization::Nf4 && matches!(spec.slot, Slot::Proj(..));
+    let frozen = matches!(spec.slot, Slot::Embedding | Slot::LmHead | Slot::Proj(..));
+    let (rows, cols) = (spec.rows, spec.cols);
+    let upload = |values: &[f32]| match spec.slot {
+        // Untied, the embedding table is read only by the lookup.
+        Slot::Embedding if !cfg.tie_word_embeddings => {
+            backend.upload_lookup_table(values, rows, cols)
+        }
+        _ if frozen => backend.upload_frozen(values, rows, cols),
+        _ => backend.upload(values, rows, cols),
+    };
+    match values {
+        TensorValues::Nf4(q) if nf4 => backend.upload_nf4(q.clone()),
+        TensorValues::Nf4(q) => upload(&q.dequantize()),
+        TensorValues::F32(values) if nf4 => backend.upload_frozen_nf4(values, rows, cols),
+        TensorValues::F32(values) => upload(values),
+    }
+}
+
+/// The tensors of a [`DecoderWeights`] as they arrive.
+struct PartialWeights<B: Backend> {
+    embedding: Option<B::Tensor>,
+    final_norm: Option<B::Tensor>,
+    lm_head: Option<B::Tensor>,
+    layers: Vec<PartialLayer<B>>,
+}
+
+impl<B: Backend> PartialWeights<B> {
+    fn new(cfg: &ModelConfig) -> Self {
+        PartialWeights {
+            embedding: None,
+            final_norm: None,
+            lm_head: None,
+            layers: (0..cfg.num_layers)
+                .map(|_| PartialLayer::default())
+                .collect(),
+        }
+    }
+
+    fn place(&mut self, slot: Slot, t: B::Tensor) {
+        let layers = &mut self.layers;
+        match slot {
+            Slot::Embedding => self.embedding = Some(t),
+            Slot::FinalNorm => self.final_norm = Some(t),
+            Slot::LmHead => self.lm_head = Some(t),
+            Slot::AttnNorm(l) => layers[l].attn_norm = Some(t),
+            Slot::MlpNorm(l) => layers[l].mlp_norm = Some(t),
+            Slot::QNorm(l) => layers[l].q_norm = Some(t),
+            Slot::KNorm(l) => layers[l].k_norm = Some(t),
+            Slot::Proj(l, m) => layers[l].proj[m as usize] = Some(t),
+            Slot::Bias(l, m) => layers[l].bias[m as usize] = Some(t),
+        }
+    }
+
+    fn finish(self) -> DecoderWeights<B> {
+        let complete = "tensor_specs lists every slot";
+        DecoderWeights {
+            embedding: self.embedding.expect(complete),
+            final_norm: self.final_norm.expect(complete),
+            lm_head: self.lm_head,
+            layers: self
+                .layers
+                .into_iter()
+                .map(|p| LayerWeights {
+                    attn_norm: p.attn_norm.expect(complete),
+                    mlp_norm: p.mlp_norm.expect(complete),
+                    proj: p.proj.into_iter().map(|t| t.expect(complete)).collect(),
+                    bias: p.bias,
+                    q_norm: p.q_norm,
+                    k_norm: p.k_norm,
+                })
+                .collect(),
+        }
     }
 }
 

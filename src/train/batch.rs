@@ -60,6 +60,28 @@ impl Batch {
         Self::new(seqs.len(), seq_len, ids, labels)
     }
 
+    /// Rank `rank`'s share of the rows when `world_size` ranks split this batch: contiguous
+    /// rows, the counts differing by at most one. None
+    /// when the share is empty (fewer rows than ranks).
+    pub fn share(&self, rank: usize, world_size: usize) -> Option<Batch> {
+        let (start, end) = (
+            rank * self.batch_size / world_size,
+            (rank + 1) * self.batch_size / world_size,
+        );
+        if start == end {
+            return None;
+        }
+        let span = start * self.seq_len..end * self.seq_len;
+        Some(Batch {
+            batch_size: end - start,
+            seq_len: self.seq_len,
+            input_ids: self.input_ids[span.clone()].to_vec(),
+            labels: self.labels[span.clone()].to_vec(),
+            positions: self.positions[span.clone()].to_vec(),
+            segments: self.segments[span].to_vec(),
+        })
+    }
+
     /// Rows with a label.
     pub fn labelled(&self) -> usize {
         self.labels.iter().filter(|&&l| l != IGNORE_LABEL).count()

@@ -176,9 +176,10 @@ fn plan(model: &Model, cfg: &RunConfig) -> Result<Plan> {
     })
 }
 
-/// Settings that must match between a run and the checkpoint it resumes.
-fn fingerprint(cfg: &RunConfig, total_steps: u64) -> String {
-    format!(
+/// Settings that must match between a run and the checkpoint it resumes (a data-parallel run
+/// resumes with the same number of ranks).
+fn fingerprint(cfg: &RunConfig, total_steps: u64, world_size: usize) -> String {
+    let fp = format!(
         "{:?}|{}|{}|{}|{}|{}|{:?}|{:?}|{:?}|{}",
         cfg.dataset,
         cfg.max_seq_len,
@@ -190,7 +191,11 @@ fn fingerprint(cfg: &RunConfig, total_steps: u64) -> String {
         cfg.lora,
         cfg.train,
         total_steps
-    )
+    );
+    match world_size {
+        1 => fp,
+        n => format!("{fp}|ranks {n}"),
+    }
 }
 
 fn eval_loss(trainer: &Trainer, batches: &[Batch]) -> Result<Option<f32>> {
@@ -207,6 +212,13 @@ fn eval_loss(trainer: &Trainer, batches: &[Batch]) -> Result<Option<f32>> {
 
 /// Runs training; `on_progress` is called after every step and returns `false` to stop (a
 /// checkpoint is written first, and the call returns [`Error::Cancelled`]).
+///
+/// In a data-parallel group every rank runs this with the same settings and output directory
+/// (shared between hosts): each builds the same batches, the ranks of one process split them
+/// by rows inside the step, a group spanning processes gives each process its share first.
+/// Only rank 0 writes metrics, checkpoints, the adapter and the loss curve; every rank resumes
+/// from the newest checkpoint, which must have been made with as many ranks. A stop asked for
+/// by `on_progress` must be asked on every rank at the same step.
 pub fn run(
     model: &Model,
     cfg: &RunConfig,
@@ -218,7 +230,8 @@ pub fn run(
         seed: cfg.seed,
         ..cfg.train.clone()
     };
-    let fp = fingerprint(cfg, plan.total_steps);
+    let fp = fingerprint(cfg, plan.total_steps, model.world_size());
+    let writes = model.rank() == 0;
     let root = cfg.output_dir.join("checkpoints");
     std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
 
@@ -256,7 +269,9 @@ pub fn run(
         ),
     };
     let resumed_from = (state.step > 0).then_some(state.step);
-    let mut log = MetricsLog::open(&cfg.output_dir.join("metrics.jsonl"), resumed_from)?;
+    let mut log = writes
+        .then(|| MetricsLog::open(&cfg.output_dir.join("metrics.jsonl"), resumed_from))
+        .transpose()?;
     let eval_batches = plan.loader.eval_batches()?;
     let mut rows = plan.loader.epoch_rows(state.epoch).0;
     let (mut last_loss, mut last_eval) = (None, None);
@@ -265,9 +280,12 @@ pub fn run(
         let accum = cfg.grad_accum;
         let first = state.step_in_epoch as usize * accum;
         let n_batches = rows.len().div_ceil(cfg.batch_size);
-        let micro = (first..(first + accum).min(n_batches))
+        let mut micro = (first..(first + accum).min(n_batches))
             .map(|i| plan.loader.batch(&rows, i))
             .collect::<Result<Vec<_>>>()?;
+        if let Some((rank, world)) = model.process_share() {
+            micro = micro.iter().filter_map(|b| b.share(rank, world)).collect();
+        }
         let t0 = Instant::now();
         let stats = trainer.step(&micro)?;
         let tokens_per_second = stats.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
@@ -279,10 +297,13 @@ pub fn run(
             rows = plan.loader.epoch_rows(state.epoch).0;
         }
         last_loss = Some(stats.loss);
-        log.write(&json!({
-            "step": stats.step, "epoch": state.epoch, "loss": stats.loss, "lr": stats.lr,
-            "grad_norm": stats.grad_norm, "tokens": stats.tokens, "tokens_per_second": tokens_per_second,
-        }))?;
+        if let Some(log) = &mut log {
+            log.write(&json!({
+                "step": stats.step, "epoch": state.epoch, "loss": stats.loss, "lr": stats.lr,
+                "grad_norm": stats.grad_norm, "tokens": stats.tokens,
+                "tokens_per_second": tokens_per_second,
+            }))?;
+        }
         let done = state.step == plan.total_steps;
         let eval_now = !eval_batches.is_empty()
             && (done || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0));
@@ -291,10 +312,10 @@ pub fn run(
         } else {
             None
         };
-        if let Some(e) = eval {
-            last_eval = Some(e);
+        if let (Some(e), Some(log)) = (eval, &mut log) {
             log.write(&json!({"step": stats.step, "eval_loss": e}))?;
         }
+        last_eval = eval.or(last_eval);
         let progress = Progress {
             stats,
             total_steps: plan.total_steps,
@@ -303,7 +324,8 @@ pub fn run(
             eval_loss: eval,
         };
         let go_on = on_progress(&progress);
-        if !go_on || (cfg.save_every > 0 && state.step % cfg.save_every == 0 && !done) {
+        let save_now = !go_on || (cfg.save_every > 0 && state.step % cfg.save_every == 0 && !done);
+        if writes && save_now {
             checkpoint::save(&root, &trainer, &state, cfg.keep_checkpoints)?;
         }
         if !go_on {
@@ -311,8 +333,10 @@ pub fn run(
         }
     }
     let adapter_dir = cfg.output_dir.join("adapter");
-    trainer.save_adapter(&adapter_dir)?;
-    write_loss_curve(&cfg.output_dir)?;
+    if writes {
+        trainer.save_adapter(&adapter_dir)?;
+        write_loss_curve(&cfg.output_dir)?;
+    }
     Ok(RunSummary {
         steps: state.step,
         resumed_from,

@@ -2,6 +2,7 @@
 
 use super::batch::Batch;
 use super::schedule::{Schedule, ScheduleKind};
+use crate::backend::collective::Collective;
 use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
@@ -110,6 +111,8 @@ pub struct Trainer<B: Backend> {
     v: LoraTensors<B>,
     /// Optimizer steps taken.
     step: u64,
+    /// The data-parallel group this trainer is a rank of (none: it trains alone).
+    group: Option<Arc<dyn Collective<B>>>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -142,7 +145,15 @@ impl<B: Backend> Trainer<B> {
             m,
             v,
             step: 0,
+            group: None,
         })
+    }
+
+    /// Makes this trainer a rank of a data-parallel group: each step's gradients and loss are
+    /// then those of the union of every rank's batches (see [`Trainer::compute_gradients`]).
+    /// Every rank must start from the same adapters and take the same steps.
+    pub fn join_group(&mut self, group: Arc<dyn Collective<B>>) {
+        self.group = Some(group);
     }
 
     pub fn decoder(&self) -> &Arc<Decoder<B>> {
@@ -218,9 +229,18 @@ impl<B: Backend> Trainer<B> {
 
     /// Zeroes the gradients, then accumulates those of `micro_batches` (one optimizer step's worth).
     /// The loss is the mean over every labelled token of all micro-batches, so the result does
-    /// not depend on how the tokens are split into micro-batches. Returns that mean loss.
+    /// not depend on how the tokens are split into micro-batches. Returns that mean loss, the
+    /// tokens and the labelled tokens.
+    ///
+    /// In a data-parallel group the micro-batches are this rank's share (possibly none): the
+    /// labelled tokens are counted over all ranks first, each rank's gradients are normalised
+    /// by that total, and the sum over ranks (one bucket per layer, started as soon as the
+    /// layer's backward is queued, running beside the earlier layers' backward) is the gradient
+    /// of the mean loss over the union of all ranks' batches. The returned figures are totals
+    /// over the group.
     pub fn compute_gradients(&mut self, micro_batches: &[Batch]) -> Result<(f32, u64, u64)> {
-        if micro_batches.is_empty() {
+        let group = self.group.clone();
+        if micro_batches.is_empty() && group.is_none() {
             return Err(Error::InvalidArgument(
                 "a step needs at least one batch".into(),
             ));
@@ -231,8 +251,12 @@ impl<B: Backend> Trainer<B> {
             .iter()
             .map(|b| b.upload(be, dec.cfg.vocab_size))
             .collect::<Result<Vec<_>>>()?;
-        let labelled: usize = uploaded.iter().map(|b| b.labelled).sum();
-        if labelled == 0 {
+        let mut labelled = [uploaded.iter().map(|b| b.labelled).sum::<usize>() as f64];
+        if let Some(g) = &group {
+            g.sum_host(be, &mut labelled)?;
+        }
+        let labelled = labelled[0];
+        if labelled == 0.0 {
             return Err(Error::InvalidArgument(
                 "the batch has no labelled token (every label is -100)".into(),
             ));
@@ -242,10 +266,16 @@ impl<B: Backend> Trainer<B> {
         }
         let mut loss_sum = 0.0f64;
         for (i, batch) in uploaded.iter().enumerate() {
+            let last = i + 1 == uploaded.len();
             let ad = Adapters {
                 tensors: &self.params,
                 cfg: &self.lora,
-                dropout_seed: Some(derive(self.cfg.seed, &[self.step, i as u64])),
+                dropout_seed: Some(self.dropout_seed(i)),
+            };
+            // The gradients are final once the last micro-batch's backward leaves a layer.
+            let mut layer_done = |layer: usize, grads: &mut LoraTensors<B>| match &group {
+                Some(g) if last => g.start_sum(be, &mut grads.layer_tensors_mut(layer)),
+                _ => Ok(()),
             };
             loss_sum += dec.forward_backward(
                 batch,
@@ -253,21 +283,46 @@ impl<B: Backend> Trainer<B> {
                 &mut self.grads,
                 labelled as f32,
                 self.cfg.checkpointing,
+                &mut layer_done,
             )?;
         }
-        let tokens = micro_batches
-            .iter()
-            .map(|b| (b.batch_size * b.seq_len) as u64)
-            .sum();
-        Ok(((loss_sum / labelled as f64) as f32, tokens, labelled as u64))
+        let mut totals = [
+            loss_sum,
+            micro_batches
+                .iter()
+                .map(|b| (b.batch_size * b.seq_len) as f64)
+                .sum(),
+        ];
+        if let Some(g) = &group {
+            if uploaded.is_empty() {
+                // No share of this step: zero gradients, summed in the same buckets as the others'.
+                for layer in (0..dec.cfg.num_layers).rev() {
+                    g.start_sum(be, &mut self.grads.layer_tensors_mut(layer))?;
+                }
+            }
+            g.wait(be)?;
+            g.sum_host(be, &mut totals)?;
+        }
+        let [loss_sum, tokens] = totals;
+        Ok(((loss_sum / labelled) as f32, tokens as u64, labelled as u64))
+    }
+
+    /// The dropout seed of micro-batch `i` of this step. Rank 0 of a group draws the masks a
+    /// lone trainer would; the other ranks draw streams of their own.
+    fn dropout_seed(&self, i: usize) -> u64 {
+        let seed = derive(self.cfg.seed, &[self.step, i as u64]);
+        match &self.group {
+            Some(g) if g.rank() > 0 => derive(seed, &[g.rank() as u64]),
+            _ => seed,
+        }
     }
 
     /// One optimizer step over `micro_batches` (gradient accumulation when there are several).
     /// A non-finite loss or gradient is reported as [`Error::NonFinite`] and nothing is updated.
     pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
+        // In a data-parallel group the gradients come back summed over the ranks, identical on
+        // each, so the norm, clipping and AdamW below keep every replica the same.
         let (loss, tokens, labelled) = self.compute_gradients(micro_batches)?;
-        // Data-parallel training would all-reduce (average) the LoRA gradients across ranks
-        // here, before the norm, so that clipping and AdamW run identically on every rank.
         let be = &self.decoder.backend;
         let grads: Vec<&B::Tensor> = self.grads.tensors().collect();
         let grad_norm = be.sum_squares(&grads)?.sqrt();

@@ -101,17 +101,24 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// The number of CUDA GPUs on this machine; a clear error when the driver is absent.
+pub fn gpu_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(Error::Device(
+            "a CUDA GPU was asked for, but the NVIDIA driver library (libcuda.so) was not found; \
+             use \"cpu\" or install the driver"
+                .into(),
+        ));
+    }
+    let count = CudaContext::device_count().map_err(driver_error("counting GPUs"))?;
+    Ok(count.max(0) as usize)
+}
+
 impl Gpu {
     /// Opens GPU `ordinal`: a clear error when the driver or the GPU is absent.
     pub fn open(ordinal: usize) -> Result<Self> {
-        if !driver_present() {
-            return Err(Error::Device(format!(
-                "cuda:{ordinal} was asked for, but the NVIDIA driver library (libcuda.so) was not \
-                 found; use \"cpu\" or install the driver"
-            )));
-        }
-        let count = CudaContext::device_count().map_err(driver_error("counting GPUs"))?;
-        if ordinal >= count.max(0) as usize {
+        let count = gpu_count()?;
+        if ordinal >= count {
             return Err(Error::Device(format!(
                 "cuda:{ordinal} was asked for, but this machine has {count} CUDA GPU(s)"
             )));

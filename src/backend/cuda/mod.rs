@@ -8,6 +8,7 @@ mod blas;
 pub mod device;
 pub mod kernels;
 mod launch;
+pub mod nccl;
 mod nf4;
 mod profile;
 pub mod tensor;
@@ -126,6 +127,11 @@ fn count(x: usize) -> Arg {
 }
 
 impl CudaBackend {
+    /// The number of CUDA GPUs on this machine.
+    pub fn device_count() -> Result<usize> {
+        device::gpu_count()
+    }
+
     /// Opens GPU `ordinal` and its cuBLAS handle; kernels compile at their first use.
     pub fn new(ordinal: usize) -> Result<Self> {
         let gpu = Gpu::open(ordinal)?;

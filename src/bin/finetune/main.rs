@@ -48,6 +48,8 @@ enum Command {
         /// CPU threads (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// auto, cpu, cuda:N, or several GPUs as one data-parallel group (cuda:0,cuda:1 or
+        /// cuda:all), each taking --batch rows.
         #[arg(long, default_value = "auto")]
         device: String,
         /// Keep every layer's activations instead of recomputing them.
@@ -192,6 +194,7 @@ fn execute(command: Command) -> finetune::Result<()> {
                 threads,
                 quantization: BenchMode::parse(&mode)?.quantization(),
                 max_device_memory_mib: max_memory_mib,
+                ..ModelParams::default()
             };
             let cfg = BenchConfig {
                 model,

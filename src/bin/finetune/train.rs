@@ -215,6 +215,7 @@ pub fn execute(args: TrainArgs) -> Result<()> {
         threads: args.threads.unwrap_or(0),
         quantization: Quantization::parse(args.quantization.as_deref().unwrap_or("none"))?,
         max_device_memory_mib: args.max_memory_mib.unwrap_or(0),
+        ..ModelParams::default()
     };
     let model = Model::load(&model_path, &params)?;
     let bar = ProgressBar::new(0);
