@@ -31,7 +31,7 @@
 /**
  * Version of this C ABI. It changes only when an existing declaration changes incompatibly.
  */
-#define FT_ABI_VERSION 2
+#define FT_ABI_VERSION 3
 
 /**
  * LoRA target bits for `ft_lora_params.target_modules`.
@@ -100,6 +100,11 @@
 #define FT_GGUF_BF16 30
 
 /**
+ * Bytes of an NCCL unique id (`ft_nccl_unique_id`).
+ */
+#define FT_NCCL_UNIQUE_ID_BYTES 128
+
+/**
  * A frozen base model (opaque). Created by `ft_model_load` or `ft_model_random`, released by
  * `ft_model_free`. Read-only once created: it may be used from several threads at once and
  * shared by several trainers (each keeps the weights alive, so frees may come in any order).
@@ -123,8 +128,10 @@ typedef int32_t ft_status;
  */
 typedef struct ft_model_params {
   /**
-   * "auto" (the first CUDA GPU when its driver, NVRTC and cuBLAS load, else the CPU), "cpu" or
-   * "cuda:N"; NULL means "auto". Read during the call only.
+   * "auto" (the first CUDA GPU when its driver, NVRTC and cuBLAS load, else the CPU), "cpu",
+   * "cuda:N", a list such as "cuda:0,cuda:1" or "cuda:all" (several GPUs of this process
+   * training as one data-parallel group over NCCL: each holds a replica and takes its share
+   * of every batch's rows); NULL means "auto". Read during the call only.
    */
   const char *device;
   /**
@@ -144,6 +151,28 @@ typedef struct ft_model_params {
    * usable. GPU only (ignored on the CPU).
    */
   uint64_t max_device_memory_mib;
+  /**
+   * Ranks in a data-parallel group spanning processes or hosts; 0 or 1 means this process
+   * trains alone (or over the GPUs `device` lists). With more, `device` must be one "cuda:N",
+   * `rank` and `nccl_unique_id` say where this process stands, and each step's batches are
+   * this rank's own share: the gradients are summed over the group as if one trainer had
+   * taken the union of all ranks' batches. Loading waits until every rank has joined.
+   */
+  uint32_t world_size;
+  /**
+   * This process's rank, 0 ≤ rank < world_size.
+   */
+  uint32_t rank;
+  /**
+   * `FT_NCCL_UNIQUE_ID_BYTES` bytes made by `ft_nccl_unique_id` on one rank and handed to the
+   * others by the application; read during the call only. Ignored when world_size ≤ 1.
+   */
+  const uint8_t *nccl_unique_id;
+  /**
+   * How long a rank waits for the others (joining, each step) before failing with
+   * `FT_ERR_COLLECTIVE` instead of hanging, in milliseconds; 0 means 300000 (5 minutes).
+   */
+  uint32_t collective_timeout_ms;
 } ft_model_params;
 
 /**
@@ -416,6 +445,13 @@ typedef int32_t (*ft_progress_fn)(const struct ft_step_stats *stats, void *user_
  */
 #define FT_ERR_OUT_OF_MEMORY 10
 
+/**
+ * A data-parallel group failed: another rank returned an error, died or did not answer within
+ * the group's timeout. The group is aborted (load the model again to train together); the call
+ * returned instead of hanging.
+ */
+#define FT_ERR_COLLECTIVE 11
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -509,7 +545,18 @@ ft_status ft_model_generate(const struct ft_model *model,
 void ft_model_free(struct ft_model *model);
 
 /**
- * Defaults: device "auto", one thread per core, no quantization, no device-memory cap.
+ * Makes a fresh NCCL unique id for a data-parallel group spanning processes
+ * (`ft_model_params.world_size` > 1) and writes its `FT_NCCL_UNIQUE_ID_BYTES` bytes to `out`
+ * (`out_len` must be at least that). Call it on one rank and hand the bytes to the others
+ * however the application likes (a file, an environment variable, its own messages); the
+ * process that made it hosts the group's rendezvous and must stay alive until every rank has
+ * loaded its model. Needs NCCL (libnccl.so.2): `FT_ERR_DEVICE` names it when absent.
+ */
+ft_status ft_nccl_unique_id(uint8_t *out, size_t out_len);
+
+/**
+ * Defaults: device "auto", one thread per core, no quantization, no device-memory cap, no
+ * process group.
  */
 struct ft_model_params ft_model_default_params(void);
 
