@@ -12,12 +12,15 @@
  *   NULL for a parameter pointer means the defaults. The library keeps no pointer to caller
  *   memory after a call returns: strings and arrays are read during the call only.
  * - Paths are UTF-8, NUL-terminated.
+ * - A string the library allocates for the caller (the JSON of ft_bench) is released with
+ *   ft_string_free.
  *
  * Threads
  * - An ft_model is read-only after creation: any number of threads may use it at once.
  * - An ft_trainer must be used by one thread at a time.
  * - ft_last_error() is per thread, valid until the next ft_* call on that thread.
  * - Long calls (ft_trainer_train) report progress through a callback, which can cancel them.
+ *   ft_bench has none: it holds the calling thread for its whole measurement.
  * - No call lets a Rust panic cross into C: an internal defect surfaces as FT_ERR_INTERNAL.
  */
 
@@ -117,6 +120,56 @@ typedef struct ft_model ft_model;
  * model may be freed in either order.
  */
 typedef struct ft_trainer ft_trainer;
+
+/**
+ * What `ft_bench` measures: the options of `finetune bench`. Get defaults from
+ * `ft_bench_default_params()`. Strings are read during the call only.
+ */
+typedef struct ft_bench_params {
+  /**
+   * A named shape with random weights: "smollm2-135m", "llama3.2-1b", "llama3-8b",
+   * "mistral-7b", "qwen2.5-7b", "gemma-7b", or "tiny" (two layers, hidden size 32).
+   */
+  const char *model;
+  /**
+   * "lora" (frozen weights in the device's own format) or "qlora" (frozen projection
+   * matrices quantized to NF4 at load); NULL means "lora".
+   */
+  const char *mode;
+  /**
+   * Rows per step and GPU, at least 1.
+   */
+  uint32_t batch;
+  /**
+   * Tokens per row, at least 1.
+   */
+  uint32_t seq;
+  /**
+   * LoRA rank (alpha equals it), at least 1; all seven projections are adapted.
+   */
+  uint32_t rank;
+  /**
+   * Steps timed after one untimed warm-up step, at least 1.
+   */
+  uint32_t steps;
+  /**
+   * Non-zero: recompute each layer in the backward pass instead of keeping its activations.
+   */
+  int32_t checkpointing;
+  /**
+   * CPU worker threads; 0 means one per core.
+   */
+  uint32_t n_threads;
+  /**
+   * "auto", "cpu", "cuda:N" or several GPUs ("cuda:0,cuda:1", "cuda:all"; each takes `batch`
+   * rows), as in `ft_model_params`; NULL means "auto".
+   */
+  const char *device;
+  /**
+   * A cap on the device memory held, in MiB; 0 means none. GPU only (ignored on the CPU).
+   */
+  uint64_t max_device_memory_mib;
+} ft_bench_params;
 
 /**
  * Result of every fallible call: `FT_OK` (0) or one of the `FT_ERR_*` codes.
@@ -465,6 +518,34 @@ uint32_t ft_abi_version(void);
  * The library's version, a static NUL-terminated string such as "0.1.0".
  */
 const char *ft_version(void);
+
+/**
+ * Releases a string the library allocated for the caller (the JSON of `ft_bench`). NULL is
+ * ignored. Never pass it other strings: not `ft_last_error`, `ft_version` or `ft_status_name`
+ * (static or owned by the library), nor memory from malloc.
+ */
+void ft_string_free(char *s);
+
+/**
+ * Defaults, those of `finetune bench`: model "smollm2-135m", mode "lora", batch 4, seq 256,
+ * rank 16, 3 timed steps, checkpointing on, one thread per core, device "auto" (NULL), no
+ * device-memory cap.
+ */
+struct ft_bench_params ft_bench_default_params(void);
+
+/**
+ * Builds a model of the named shape with random weights on the device, runs one warm-up and
+ * `steps` timed training steps on random tokens, and sets `*json_out` to the JSON object that
+ * `finetune bench` prints: model, device, mode, batch, seq, rank, checkpointing, steps,
+ * step_seconds_median, cpu_seconds_median (null where the OS does not report it),
+ * tokens_per_second, first_loss, last_loss, peak_rss_mib (the whole process's peak resident
+ * memory), peak_device_mib (null on the CPU) and load_seconds. The caller frees the string with
+ * `ft_string_free`; on failure `*json_out` is left untouched. `params` may be NULL for the
+ * defaults. The call runs on the calling thread and may take minutes for the larger shapes.
+ * An unknown model or mode, or a batch, seq, rank or steps of 0 fails with
+ * `FT_ERR_INVALID_ARGUMENT` before any model is built.
+ */
+ft_status ft_bench(const struct ft_bench_params *params, char **json_out);
 
 /**
  * The message of the last failed call on this thread ("" after a successful one). The pointer

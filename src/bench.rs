@@ -70,6 +70,22 @@ pub struct BenchConfig {
     pub params: ModelParams,
 }
 
+impl Default for BenchConfig {
+    /// The defaults of `finetune bench` and `ft_bench_default_params()`: smollm2-135m, batch 4,
+    /// seq 256, rank 16, 3 timed steps, checkpointing on, LoRA on the default device.
+    fn default() -> Self {
+        BenchConfig {
+            model: "smollm2-135m".into(),
+            batch: 4,
+            seq: 256,
+            rank: 16,
+            steps: 3,
+            checkpointing: true,
+            params: ModelParams::default(),
+        }
+    }
+}
+
 /// The measurement.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -101,6 +117,13 @@ pub struct BenchResult {
     pub load_seconds: f64,
 }
 
+impl BenchResult {
+    /// The JSON that `finetune bench` prints and `ft_bench` returns (pretty-printed).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a bench result serializes")
+    }
+}
+
 /// Peak resident set size of this process in MiB, from /proc (Linux).
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -127,10 +150,17 @@ fn median(xs: &mut [f64]) -> f64 {
 
 /// Builds the model, runs one warm-up step and `steps` timed steps on random tokens.
 pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
-    if cfg.steps == 0 || cfg.batch == 0 || cfg.seq == 0 {
-        return Err(Error::InvalidArgument(
-            "bench needs steps, batch and seq of at least 1".into(),
-        ));
+    for (name, value) in [
+        ("steps", cfg.steps),
+        ("batch", cfg.batch),
+        ("seq", cfg.seq),
+        ("rank", cfg.rank),
+    ] {
+        if value == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "bench {name} is 0 (must be at least 1)"
+            )));
+        }
     }
     let shape = preset(&cfg.model)?;
     let t0 = Instant::now();
@@ -151,7 +181,12 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     // Every rank takes `batch` rows of the step's batch.
     let ranks = model.world_size();
     let rows = cfg.batch * ranks;
-    let n = rows * cfg.seq;
+    let n = rows.checked_mul(cfg.seq).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "bench batch {} x {ranks} ranks x seq {} is too large",
+            cfg.batch, cfg.seq
+        ))
+    })?;
     let ids: Vec<i32> = (0..n + 1)
         .map(|_| (rng.next_u64() % shape.vocab_size as u64) as i32)
         .collect();

@@ -93,6 +93,20 @@ struct RunProgress {
     eval_loss: f32,
 }
 
+#[repr(C)]
+struct BenchParams {
+    model: *const c_char,
+    mode: *const c_char,
+    batch: u32,
+    seq: u32,
+    rank: u32,
+    steps: u32,
+    checkpointing: i32,
+    n_threads: u32,
+    device: *const c_char,
+    max_device_memory_mib: u64,
+}
+
 type Opaque = c_void;
 type Progress = Option<extern "C" fn(*const StepStats, *mut c_void) -> i32>;
 
@@ -125,6 +139,9 @@ struct Api {
     trainer_export_gguf: extern "C" fn(*const Opaque, *const c_char, i32) -> i32,
     run_default_params: extern "C" fn() -> RunParams,
     run: RunFn,
+    bench_default_params: extern "C" fn() -> BenchParams,
+    bench: extern "C" fn(*const BenchParams, *mut *mut c_char) -> i32,
+    string_free: extern "C" fn(*mut c_char),
 }
 
 type RunFn = extern "C" fn(
@@ -166,6 +183,9 @@ impl Api {
                 model_save_gguf: sym!("ft_model_save_gguf"),
                 trainer_save_adapter_gguf: sym!("ft_trainer_save_adapter_gguf"),
                 trainer_export_gguf: sym!("ft_trainer_export_gguf"),
+                bench_default_params: sym!("ft_bench_default_params"),
+                bench: sym!("ft_bench"),
+                string_free: sym!("ft_string_free"),
                 _lib: lib,
             }
         }
@@ -587,4 +607,200 @@ fn one_call_trains_from_a_dataset_file() {
         "FT_ERR_IO"
     );
     (api.model_free)(model);
+}
+
+/// `ft_bench` on the tiny shape on the CPU returns the JSON of `finetune bench`.
+#[test]
+fn bench_returns_the_cli_json() {
+    let api = Api::load();
+    let d = (api.bench_default_params)();
+    // SAFETY: the defaults' strings are static NUL-terminated strings; device is NULL ("auto").
+    let (model, mode) = unsafe { (CStr::from_ptr(d.model), CStr::from_ptr(d.mode)) };
+    assert_eq!(
+        (model.to_str(), mode.to_str()),
+        (Ok("smollm2-135m"), Ok("lora"))
+    );
+    assert_eq!(
+        (
+            d.batch,
+            d.seq,
+            d.rank,
+            d.steps,
+            d.checkpointing,
+            d.n_threads
+        ),
+        (4, 256, 16, 3, 1, 0)
+    );
+    assert!(d.device.is_null());
+    assert_eq!(d.max_device_memory_mib, 0);
+
+    let (tiny, cpu, qlora) = (
+        CString::new("tiny").unwrap(),
+        CString::new("cpu").unwrap(),
+        CString::new("qlora").unwrap(),
+    );
+    let mut p = (api.bench_default_params)();
+    p.model = tiny.as_ptr();
+    p.device = cpu.as_ptr();
+    p.n_threads = 1;
+    p.batch = 2;
+    p.seq = 8;
+    p.rank = 4;
+    p.steps = 2;
+    for mode in [null(), qlora.as_ptr()] {
+        p.mode = mode;
+        let mut json = null_mut();
+        assert_eq!((api.bench)(&p, &mut json), 0, "{}", api.error());
+        assert!(!json.is_null());
+        // SAFETY: on success the library sets a NUL-terminated string, freed just below.
+        let text = unsafe { CStr::from_ptr(json) }.to_str().unwrap().to_owned();
+        (api.string_free)(json);
+        let v: serde_json::Value = serde_json::from_str(&text).expect(&text);
+        let expected_mode = if mode.is_null() { "lora" } else { "qlora" };
+        assert_eq!(v["model"], "tiny", "{text}");
+        assert_eq!(v["mode"], expected_mode, "{text}");
+        let size = |k: &str| v[k].as_u64();
+        assert_eq!(
+            (size("batch"), size("seq"), size("rank"), size("steps")),
+            (Some(2), Some(8), Some(4), Some(2)),
+            "{text}"
+        );
+        assert_eq!(v["checkpointing"], true, "{text}");
+        assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{text}");
+        assert!(v["peak_device_mib"].is_null(), "{text}");
+        let tps = v["tokens_per_second"].as_f64().expect(&text);
+        assert!(tps.is_finite() && tps > 0.0, "{text}");
+        let loss = v["first_loss"].as_f64().expect(&text);
+        // Random weights and tokens over a vocabulary of 64: the loss is near ln 64.
+        assert!(loss.is_finite() && loss > 1.0, "{text}");
+        // The fields of the CLI's output (serde_json's map sorts them).
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut expected = [
+            "model",
+            "device",
+            "mode",
+            "batch",
+            "seq",
+            "rank",
+            "checkpointing",
+            "steps",
+            "step_seconds_median",
+            "cpu_seconds_median",
+            "tokens_per_second",
+            "first_loss",
+            "last_loss",
+            "peak_rss_mib",
+            "peak_device_mib",
+            "load_seconds",
+        ];
+        expected.sort();
+        assert_eq!(keys, expected);
+    }
+    (api.string_free)(null_mut());
+}
+
+/// Bad arguments to `ft_bench` fail before any model is built, naming the field at fault, and
+/// leave the output untouched.
+#[test]
+fn bench_refuses_bad_arguments() {
+    let api = Api::load();
+    let (tiny, cpu) = (CString::new("tiny").unwrap(), CString::new("cpu").unwrap());
+    let good = || BenchParams {
+        model: tiny.as_ptr(),
+        device: cpu.as_ptr(),
+        n_threads: 1,
+        batch: 1,
+        seq: 4,
+        rank: 2,
+        steps: 1,
+        ..(api.bench_default_params)()
+    };
+    let sentinel = 0x5a as *mut c_char;
+    let check = |p: *const BenchParams, out: *mut *mut c_char, status: &str, words: &[&str]| {
+        let st = (api.bench)(p, out);
+        assert_eq!(api.name(st), status, "{}", api.error());
+        let e = api.error();
+        for w in words {
+            assert!(e.contains(w), "{w:?} not in {e:?}");
+        }
+    };
+    let mut out = sentinel;
+
+    check(
+        &good(),
+        null_mut(),
+        "FT_ERR_INVALID_ARGUMENT",
+        &["json_out is NULL"],
+    );
+    let p = BenchParams {
+        model: null(),
+        ..good()
+    };
+    check(
+        &p,
+        &mut out,
+        "FT_ERR_INVALID_ARGUMENT",
+        &["params->model is NULL"],
+    );
+    let nope = CString::new("gpt-5").unwrap();
+    let p = BenchParams {
+        model: nope.as_ptr(),
+        ..good()
+    };
+    check(
+        &p,
+        &mut out,
+        "FT_ERR_INVALID_ARGUMENT",
+        &["unknown model shape \"gpt-5\"", "smollm2-135m", "tiny"],
+    );
+    let int8 = CString::new("int8").unwrap();
+    let p = BenchParams {
+        mode: int8.as_ptr(),
+        ..good()
+    };
+    check(
+        &p,
+        &mut out,
+        "FT_ERR_INVALID_ARGUMENT",
+        &["mode \"int8\"", "lora or qlora"],
+    );
+    let tpu = CString::new("tpu").unwrap();
+    let p = BenchParams {
+        device: tpu.as_ptr(),
+        ..good()
+    };
+    check(&p, &mut out, "FT_ERR_INVALID_ARGUMENT", &["device \"tpu\""]);
+    let bad_utf8 = [0xffu8, 0];
+    let p = BenchParams {
+        mode: bad_utf8.as_ptr().cast(),
+        ..good()
+    };
+    check(
+        &p,
+        &mut out,
+        "FT_ERR_INVALID_ARGUMENT",
+        &["params->mode is not valid UTF-8"],
+    );
+    for field in ["batch", "seq", "rank", "steps"] {
+        let mut p = good();
+        match field {
+            "batch" => p.batch = 0,
+            "seq" => p.seq = 0,
+            "rank" => p.rank = 0,
+            _ => p.steps = 0,
+        }
+        check(
+            &p,
+            &mut out,
+            "FT_ERR_INVALID_ARGUMENT",
+            &[&format!("{field} is 0")],
+        );
+    }
+    assert_eq!(out, sentinel, "no output on failure");
+
+    // A good call succeeds and clears the last error.
+    assert_eq!((api.bench)(&good(), &mut out), 0, "{}", api.error());
+    assert!(out != sentinel && !out.is_null());
+    assert!(api.error().is_empty());
+    (api.string_free)(out);
 }

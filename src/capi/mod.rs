@@ -7,12 +7,14 @@
 // checked for NULL before use, and the header states what each must point to.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+mod bench;
 mod errors;
 mod model;
 mod params;
 mod run;
 mod trainer;
 
+pub use bench::*;
 pub use errors::*;
 pub use model::*;
 pub use params::*;
@@ -20,7 +22,7 @@ pub use run::*;
 pub use trainer::*;
 
 use crate::error::{Error, Result};
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, CStr, CString};
 use std::path::Path;
 
 /// Version of this C ABI. It changes only when an existing declaration changes incompatibly.
@@ -36,6 +38,25 @@ pub extern "C" fn ft_abi_version() -> u32 {
 #[no_mangle]
 pub extern "C" fn ft_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Releases a string the library allocated for the caller (the JSON of `ft_bench`). NULL is
+/// ignored. Never pass it other strings: not `ft_last_error`, `ft_version` or `ft_status_name`
+/// (static or owned by the library), nor memory from malloc.
+#[no_mangle]
+pub extern "C" fn ft_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        // SAFETY: the pointer came from CString::into_raw in `string_out`.
+        guard_void(|| drop(unsafe { CString::from_raw(s) }));
+    }
+}
+
+/// Hands `s` to the caller through `out` as a NUL-terminated string it frees with
+/// `ft_string_free`.
+fn string_out(s: String, out: &mut *mut c_char) {
+    *out = CString::new(s)
+        .expect("strings the library returns hold no NUL")
+        .into_raw();
 }
 
 /// A UTF-8 string argument; NULL and invalid UTF-8 are errors naming the argument.

@@ -34,16 +34,16 @@ enum Command {
     /// Time training steps on random weights of a named shape; prints JSON.
     Bench {
         /// smollm2-135m, llama3.2-1b, llama3-8b, mistral-7b, qwen2.5-7b, gemma-7b or tiny.
-        #[arg(long, default_value = "smollm2-135m")]
+        #[arg(long, default_value_t = BenchConfig::default().model)]
         model: String,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = BenchConfig::default().batch)]
         batch: usize,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = BenchConfig::default().seq)]
         seq: usize,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = BenchConfig::default().rank)]
         rank: usize,
         /// Timed steps after one warm-up step.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = BenchConfig::default().steps)]
         steps: usize,
         /// CPU threads (0: one per core).
         #[arg(long, default_value_t = 0)]
@@ -205,11 +205,7 @@ fn execute(command: Command) -> finetune::Result<()> {
                 checkpointing: !no_checkpointing,
                 params,
             };
-            let result = run(&cfg)?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&result).expect("serializable")
-            );
+            println!("{}", run(&cfg)?.to_json());
         }
         Command::Kernels { arch } => {
             let dir = finetune::backend::cuda::kernels::precompile(&arch)?;
