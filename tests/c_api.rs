@@ -12,6 +12,10 @@ struct ModelParams {
     n_threads: u32,
     quantization: i32,
     max_device_memory_mib: u64,
+    world_size: u32,
+    rank: u32,
+    nccl_unique_id: *const u8,
+    collective_timeout_ms: u32,
 }
 
 const FT_QUANT_NF4: i32 = 1;
@@ -142,6 +146,7 @@ struct Api {
     bench_default_params: extern "C" fn() -> BenchParams,
     bench: extern "C" fn(*const BenchParams, *mut *mut c_char) -> i32,
     string_free: extern "C" fn(*mut c_char),
+    nccl_unique_id: extern "C" fn(*mut u8, usize) -> i32,
 }
 
 type RunFn = extern "C" fn(
@@ -169,6 +174,7 @@ impl Api {
                 model_default_params: sym!("ft_model_default_params"),
                 lora_default_params: sym!("ft_lora_default_params"),
                 train_default_params: sym!("ft_train_default_params"),
+                nccl_unique_id: sym!("ft_nccl_unique_id"),
                 model_load: sym!("ft_model_load"),
                 model_free: sym!("ft_model_free"),
                 trainer_new: sym!("ft_trainer_new"),
@@ -271,7 +277,7 @@ impl Tokens {
 #[test]
 fn train_save_and_reload_through_the_abi() {
     let api = Api::load();
-    assert_eq!((api.abi_version)(), 2);
+    assert_eq!((api.abi_version)(), 3);
     let dir = common::tiny_model_dir();
     let model = api.load_model(dir.path());
     let mut tp = (api.train_default_params)();
@@ -435,8 +441,7 @@ fn errors_come_back_as_status_and_message() {
     let p = ModelParams {
         device: device.as_ptr(),
         n_threads: 1,
-        quantization: 0,
-        max_device_memory_mib: 0,
+        ..api.model_default_params()
     };
     assert_ne!((api.model_load)(path.as_ptr(), &p, &mut m), 0);
     assert!(api.error().contains("cuda:0"), "{}", api.error());
@@ -679,6 +684,7 @@ fn bench_returns_the_cli_json() {
             "model",
             "device",
             "mode",
+            "ranks",
             "batch",
             "seq",
             "rank",
@@ -803,4 +809,69 @@ fn bench_refuses_bad_arguments() {
     assert!(out != sentinel && !out.is_null());
     assert!(api.error().is_empty());
     (api.string_free)(out);
+}
+
+/// A data-parallel group's parameters are checked before anything loads; a unique id needs
+/// NCCL (present on GPU machines, absent in CI: then the error names it).
+#[test]
+fn process_group_parameters_are_checked() {
+    let api = Api::load();
+    let dir = common::tiny_model_dir();
+    let path = CString::new(dir.path().to_str().unwrap()).unwrap();
+    let device = CString::new("cuda:0").unwrap();
+    let mut m: *mut Opaque = null_mut();
+    let refused = |p: &ModelParams, needle: &str| {
+        let mut m: *mut Opaque = null_mut();
+        assert_eq!((api.model_load)(path.as_ptr(), p, &mut m), 1, "{needle}");
+        assert!(m.is_null());
+        assert!(api.error().contains(needle), "{}", api.error());
+    };
+    let id = [7u8; 128];
+    let group = ModelParams {
+        device: device.as_ptr(),
+        world_size: 2,
+        rank: 0,
+        nccl_unique_id: id.as_ptr(),
+        ..api.model_default_params()
+    };
+    refused(
+        &ModelParams {
+            nccl_unique_id: std::ptr::null(),
+            ..group
+        },
+        "params->nccl_unique_id",
+    );
+    refused(&ModelParams { rank: 2, ..group }, "params->rank 2");
+    let cpu = CString::new("cpu").unwrap();
+    refused(
+        &ModelParams {
+            device: cpu.as_ptr(),
+            ..group
+        },
+        "cuda:N",
+    );
+    // A world of one (or zero) is a model of its own: the id is not read.
+    let alone = ModelParams {
+        world_size: 1,
+        rank: 5,
+        nccl_unique_id: std::ptr::null(),
+        n_threads: 1,
+        ..api.model_default_params()
+    };
+    let cpu_alone = ModelParams {
+        device: cpu.as_ptr(),
+        ..alone
+    };
+    assert_eq!((api.model_load)(path.as_ptr(), &cpu_alone, &mut m), 0);
+    (api.model_free)(m);
+
+    let mut out = [0u8; 128];
+    assert_eq!((api.nccl_unique_id)(out.as_mut_ptr(), 127), 1);
+    assert!(api.error().contains("128 bytes"), "{}", api.error());
+    assert_eq!((api.nccl_unique_id)(null_mut(), 128), 1);
+    match (api.nccl_unique_id)(out.as_mut_ptr(), out.len()) {
+        0 => assert!(out.iter().any(|&b| b != 0), "an all-zero id"),
+        9 => assert!(api.error().contains("NCCL"), "{}", api.error()),
+        other => panic!("status {other}: {}", api.error()),
+    }
 }

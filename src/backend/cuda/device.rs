@@ -101,14 +101,18 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// The error for `wanted` (a device name) on a machine without the CUDA driver.
+fn no_driver(wanted: &str) -> Error {
+    Error::Device(format!(
+        "{wanted} was asked for, but the NVIDIA driver library (libcuda.so) was not found; use \
+         \"cpu\" or install the driver"
+    ))
+}
+
 /// The number of CUDA GPUs on this machine; a clear error when the driver is absent.
 pub fn gpu_count() -> Result<usize> {
     if !driver_present() {
-        return Err(Error::Device(
-            "a CUDA GPU was asked for, but the NVIDIA driver library (libcuda.so) was not found; \
-             use \"cpu\" or install the driver"
-                .into(),
-        ));
+        return Err(no_driver("a CUDA GPU"));
     }
     let count = CudaContext::device_count().map_err(driver_error("counting GPUs"))?;
     Ok(count.max(0) as usize)
@@ -117,6 +121,9 @@ pub fn gpu_count() -> Result<usize> {
 impl Gpu {
     /// Opens GPU `ordinal`: a clear error when the driver or the GPU is absent.
     pub fn open(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(no_driver(&format!("cuda:{ordinal}")));
+        }
         let count = gpu_count()?;
         if ordinal >= count {
             return Err(Error::Device(format!(
