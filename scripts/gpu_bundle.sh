@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds what a GPU machine without a Rust toolchain needs into .gpu/: the release `finetune`
-# binary, the release executables of the GPU tests, and the kernel cache for sm_90 (so the first
-# run there compiles nothing). Run scripts/test_gpu.sh there with the folder beside it.
+# binary, the release executables of the GPU tests, the multi-process C example, and the kernel
+# cache for sm_90 (so the first run there compiles nothing). Run scripts/test_gpu.sh there with
+# the folder beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .gpu && mkdir -p .gpu/tests .gpu/kernel-cache
 cargo build --release --quiet
 cp target/release/finetune target/release/libfinetune.so .gpu/
-for t in cuda_parity cuda_qlora; do
+for t in cuda_parity cuda_qlora cuda_data_parallel; do
     exe=$(cargo test --release --no-run --test "$t" --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
 for l in sys.stdin:
@@ -16,7 +17,9 @@ for l in sys.stdin:
         print(m["executable"])')
     cp "$exe" ".gpu/tests/$t"
 done
-strip .gpu/finetune .gpu/tests/* .gpu/libfinetune.so
+cc -std=c99 -Wall -Wextra -Werror -I include examples/c/data_parallel.c -L .gpu -lfinetune \
+    -Wl,-rpath,'$ORIGIN' -o .gpu/data_parallel
+strip .gpu/finetune .gpu/tests/* .gpu/libfinetune.so .gpu/data_parallel
 lib=$(scripts/fetch-nvrtc.sh)
 LD_LIBRARY_PATH="$lib" FINETUNE_KERNEL_CACHE="$PWD/.gpu/kernel-cache" .gpu/finetune kernels --arch sm_90
 du -sh .gpu

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs the GPU tests (GPU against CPU, op by op and whole training steps) on a machine with an
-# NVIDIA GPU, failing rather than skipping when no GPU is usable. With a Rust toolchain it builds
-# them; without one it runs the executables that scripts/gpu_bundle.sh put in .gpu/.
+# Runs the GPU tests (GPU against CPU, op by op and whole training steps; data-parallel training
+# over NCCL) on a machine with an NVIDIA GPU, failing rather than skipping when no GPU is usable,
+# then the multi-process C example with one rank per GPU (at most 2) and, with 2 GPUs, again with
+# a rank killed after its first step (the survivor must fail within its timeout, not hang). With
+# a Rust toolchain it builds them; without one it runs what scripts/gpu_bundle.sh put in .gpu/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FINETUNE_REQUIRE_GPU=1
@@ -12,7 +14,23 @@ if [ -d .gpu/tests ] && ! command -v cargo >/dev/null; then
         "$t" --test-threads=1 --nocapture
     done
 else
-    for t in cuda_parity cuda_qlora; do
+    for t in cuda_parity cuda_qlora cuda_data_parallel; do
         cargo test --release --test "$t" -- --test-threads=1 --nocapture
     done
+    cargo build --release --quiet
+    mkdir -p target/examples
+    cc -std=c99 -I include examples/c/data_parallel.c -L target/release -lfinetune \
+        -Wl,-rpath,"$PWD/target/release" -o target/examples/data_parallel
+fi
+example=.gpu/data_parallel
+[ -x "$example" ] || example=target/examples/data_parallel
+gpus=$(nvidia-smi -L | wc -l)
+ranks=$((gpus < 2 ? gpus : 2))
+out=$(mktemp -d)
+echo "== $example with $ranks rank(s)"
+"$example" "$ranks" "$out/adapter"
+test -f "$out/adapter/adapter_model.safetensors"
+if [ "$gpus" -ge 2 ]; then
+    echo "== $example with rank 1 killed after its first step"
+    timeout 120 "$example" 2 "$out/adapter-killed" 1
 fi

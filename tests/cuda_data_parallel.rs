@@ -1,0 +1,163 @@
+//! Data-parallel training over NCCL on GPUs. Each test skips (saying so) where it lacks the GPUs
+//! it needs, unless FINETUNE_REQUIRE_GPU=1 makes a missing first GPU a failure (tests that need
+//! two GPUs still skip on a machine with one, saying so).
+//!
+//! - A group of one rank (a process group of world size 1) runs every piece of the machinery
+//!   (NCCL communicator, per-layer sums on their own stream, host sums, waits) on one GPU and must
+//!   train exactly like a lone GPU: a sum over one rank changes no value, so the losses agree to
+//!   1e-6 relative.
+//! - A rank whose peers never join fails with `Error::Collective` within its timeout.
+//! - Two GPUs of one process ("cuda:0,cuda:1") against one GPU on the whole batch: each GPU
+//!   computes its rows exactly as the lone GPU does; only the order of f32 sums over rows
+//!   differs (the gradient products and the cross-entropy total), so the losses agree within
+//!   1e-3 relative over several steps.
+
+mod common;
+
+use finetune::api::{nccl_unique_id, Device, Model, ModelParams, ProcessGroup, Trainer};
+use finetune::backend::cuda::CudaBackend;
+use finetune::lora::LoraConfig;
+use finetune::model::config::{Family, ModelConfig};
+use finetune::model::presets::tiny;
+use finetune::rng::Rng;
+use finetune::train::batch::Batch;
+use finetune::train::schedule::ScheduleKind;
+use finetune::train::trainer::TrainConfig;
+use finetune::Error;
+use std::time::{Duration, Instant};
+
+/// The number of usable GPUs, or `None` (saying so) where there is none.
+fn gpus(needed: usize, test: &str) -> Option<usize> {
+    let count = match CudaBackend::device_count() {
+        Ok(n) if n > 0 => n,
+        other => {
+            if std::env::var("FINETUNE_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("FINETUNE_REQUIRE_GPU=1 but no GPU is usable: {other:?}");
+            }
+            eprintln!("skipping {test}: no CUDA GPU ({other:?})");
+            return None;
+        }
+    };
+    if count < needed {
+        eprintln!("skipping {test}: it needs {needed} GPUs, this machine has {count}");
+        return None;
+    }
+    Some(count)
+}
+
+/// A tiny model whose attention takes the tensor-core path (head_dim 64).
+fn shape() -> ModelConfig {
+    ModelConfig {
+        hidden_size: 128,
+        intermediate_size: 256,
+        head_dim: 64,
+        num_heads: 4,
+        num_kv_heads: 2,
+        ..tiny(Family::Llama)
+    }
+}
+
+fn train_config() -> TrainConfig {
+    TrainConfig {
+        learning_rate: 1e-2,
+        schedule: ScheduleKind::Constant,
+        total_steps: 10,
+        ..TrainConfig::default()
+    }
+}
+
+fn batch(seed: u64, rows: usize, seq: usize) -> Batch {
+    let mut rng = Rng::new(seed);
+    let n = rows * seq;
+    let ids: Vec<i32> = (0..n + 1).map(|_| (rng.next_u64() % 64) as i32).collect();
+    Batch::new(rows, seq, ids[..n].to_vec(), ids[1..].to_vec()).unwrap()
+}
+
+/// Losses of `steps` steps on `b` and the final evaluation loss.
+fn trajectory(params: &ModelParams, b: &Batch, steps: usize) -> (Vec<f32>, f32) {
+    let model = Model::random(shape(), 11, params).unwrap();
+    let mut t = Trainer::new(&model, LoraConfig::default(), train_config()).unwrap();
+    let losses = (0..steps)
+        .map(|_| t.step(std::slice::from_ref(b)).unwrap().loss)
+        .collect();
+    (losses, t.eval_loss(b).unwrap())
+}
+
+fn on(device: Device) -> ModelParams {
+    ModelParams {
+        device,
+        ..ModelParams::default()
+    }
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let rel = ((g - w) / w).abs();
+        assert!(
+            rel <= tol,
+            "{what}: step {i}: {g} vs {w} (rel {rel:.2e} > {tol:.0e})"
+        );
+    }
+}
+
+#[test]
+fn a_group_of_one_rank_trains_like_a_lone_gpu() {
+    if gpus(1, "a_group_of_one_rank_trains_like_a_lone_gpu").is_none() {
+        return;
+    }
+    let b = batch(1, 3, 48);
+    let group = ModelParams {
+        process_group: Some(ProcessGroup {
+            rank: 0,
+            world_size: 1,
+            unique_id: nccl_unique_id().unwrap(),
+        }),
+        ..on(Device::Cuda(0))
+    };
+    let (alone, alone_eval) = trajectory(&on(Device::Cuda(0)), &b, 4);
+    let (grouped, grouped_eval) = trajectory(&group, &b, 4);
+    eprintln!("alone {alone:?} -> {alone_eval}; group of one {grouped:?} -> {grouped_eval}");
+    assert_close("group of one", &grouped, &alone, 1e-6);
+    assert_close("eval", &[grouped_eval], &[alone_eval], 1e-6);
+    assert!(alone[3] < alone[0], "the loss did not fall: {alone:?}");
+}
+
+#[test]
+fn a_rank_whose_peers_never_join_fails_within_its_timeout() {
+    if gpus(1, "a_rank_whose_peers_never_join_fails_within_its_timeout").is_none() {
+        return;
+    }
+    let params = ModelParams {
+        process_group: Some(ProcessGroup {
+            rank: 0,
+            world_size: 2,
+            unique_id: nccl_unique_id().unwrap(),
+        }),
+        collective_timeout: Duration::from_secs(3),
+        ..on(Device::Cuda(0))
+    };
+    let t0 = Instant::now();
+    let result = Model::random(shape(), 11, &params);
+    let took = t0.elapsed();
+    eprintln!("joining alone took {took:?}");
+    match result {
+        Err(Error::Collective(m)) => assert!(m.contains("rank 0 of 2"), "{m}"),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a group of two formed with one rank"),
+    }
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+}
+
+#[test]
+fn two_gpus_train_like_one_on_the_whole_batch() {
+    if gpus(2, "two_gpus_train_like_one_on_the_whole_batch").is_none() {
+        return;
+    }
+    // 5 rows: shares of 2 and 3 rows, so the ranks' labelled counts differ.
+    let b = batch(2, 5, 64);
+    let (alone, alone_eval) = trajectory(&on(Device::Cuda(0)), &b, 4);
+    let (pair, pair_eval) = trajectory(&on(Device::CudaSet(vec![0, 1])), &b, 4);
+    eprintln!("one GPU {alone:?} -> {alone_eval}; two GPUs {pair:?} -> {pair_eval}");
+    assert_close("two GPUs", &pair, &alone, 1e-3);
+    assert_close("eval", &[pair_eval], &[alone_eval], 1e-3);
+}
