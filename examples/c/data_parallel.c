@@ -142,7 +142,11 @@ int main(int argc, char **argv) {
     for (int r = 0; r < world; r++) {
         pids[r] = fork();
         if (pids[r] < 0) return 1;
-        if (pids[r] == 0) _exit(run_rank(r, world, pipes, adapter_dir, kill_rank));
+        if (pids[r] == 0) {
+            int code = run_rank(r, world, pipes, adapter_dir, kill_rank);
+            fflush(NULL); /* _exit skips stdio's buffers */
+            _exit(code);
+        }
     }
     int failed = 0;
     for (int r = 0; r < world; r++) {
