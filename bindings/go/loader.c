@@ -28,6 +28,7 @@ static struct {
     ft_status (*trainer_save_adapter)(const ft_trainer *, const char *);
     ft_status (*trainer_export_merged)(const ft_trainer *, const char *, int32_t);
     void (*trainer_free)(ft_trainer *);
+    ft_status (*nccl_unique_id)(uint8_t *, size_t);
 } fn;
 
 #define RESOLVE(field, name)                                                          \
@@ -49,6 +50,14 @@ int ftgo_open(const char *path, char *err, size_t err_len) {
         return -1;
     }
     RESOLVE(abi_version, "ft_abi_version");
+    /* Before the other symbols: a library of another ABI may lack some of them, and its version
+     * is the clearer message. */
+    if (fn.abi_version() != FT_ABI_VERSION) {
+        snprintf(err, err_len, "%s has C ABI version %u, this package needs %d", path,
+                 (unsigned)fn.abi_version(), FT_ABI_VERSION);
+        dlclose(lib);
+        return -1;
+    }
     RESOLVE(version, "ft_version");
     RESOLVE(last_error, "ft_last_error");
     RESOLVE(status_name, "ft_status_name");
@@ -69,6 +78,7 @@ int ftgo_open(const char *path, char *err, size_t err_len) {
     RESOLVE(trainer_save_adapter, "ft_trainer_save_adapter");
     RESOLVE(trainer_export_merged, "ft_trainer_export_merged");
     RESOLVE(trainer_free, "ft_trainer_free");
+    RESOLVE(nccl_unique_id, "ft_nccl_unique_id");
     return 0;
 }
 
@@ -121,3 +131,5 @@ ft_status ftgo_trainer_export_merged(const ft_trainer *t, const char *dir, int32
     return fn.trainer_export_merged(t, dir, dtype);
 }
 void ftgo_trainer_free(ft_trainer *t) { fn.trainer_free(t); }
+
+ft_status ftgo_nccl_unique_id(uint8_t *out, size_t out_len) { return fn.nccl_unique_id(out, out_len); }
