@@ -2,6 +2,7 @@ package finetune
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"math"
 	"os"
@@ -334,5 +335,42 @@ func TestStatusCollective(t *testing.T) {
 	err := error(&Error{Op: "ft_trainer_step", Status: StatusCollective, Message: "rank 1 died"})
 	if !errors.Is(err, ErrCollective) || errors.Is(err, ErrDevice) {
 		t.Fatalf("errors.Is: %v", err)
+	}
+}
+
+func TestBenchTinyOnTheCPU(t *testing.T) {
+	d, err := DefaultBenchOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Model != "smollm2-135m" || d.Mode != "lora" || d.Batch != 4 || d.Steps != 3 || !d.Checkpointing {
+		t.Fatalf("defaults: %+v", d)
+	}
+	opts := d
+	opts.Model, opts.Device, opts.Threads = "tiny", "cpu", 1
+	opts.Batch, opts.Seq, opts.Steps = 1, 16, 2
+	out, err := Bench(&opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r struct {
+		Model           string  `json:"model"`
+		Device          string  `json:"device"`
+		Steps           int     `json:"steps"`
+		TokensPerSecond float64 `json:"tokens_per_second"`
+	}
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, out)
+	}
+	if r.Model != "tiny" || r.Steps != 2 || !(r.TokensPerSecond > 0) {
+		t.Fatalf("result: %s", out)
+	}
+	opts.Model = "no-such-shape"
+	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "no-such-shape") {
+		t.Fatalf("unknown shape: %v", err)
+	}
+	opts.Model, opts.Steps = "tiny", 0
+	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("zero steps: %v", err)
 	}
 }

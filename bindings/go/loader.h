@@ -36,5 +36,8 @@ ft_status ftgo_trainer_save_adapter(const ft_trainer *t, const char *dir);
 ft_status ftgo_trainer_export_merged(const ft_trainer *t, const char *dir, int32_t dtype);
 void ftgo_trainer_free(ft_trainer *t);
 ft_status ftgo_nccl_unique_id(uint8_t *out, size_t out_len);
+ft_bench_params ftgo_bench_default_params(void);
+ft_status ftgo_bench(const ft_bench_params *p, char **json_out);
+void ftgo_string_free(char *s);
 
 #endif
