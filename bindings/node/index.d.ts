@@ -59,6 +59,31 @@ export interface ModelOptions {
   collectiveTimeoutMs?: number;
 }
 
+/** What bench() measures: the options of `finetune bench`. */
+export interface BenchOptions {
+  /** A named shape with random weights: "smollm2-135m" (default), "llama3.2-1b", "llama3-8b",
+   * "mistral-7b", "qwen2.5-7b", "gemma-7b" or "tiny". */
+  model?: string;
+  /** "lora" (default) or "qlora" (frozen projection matrices in NF4). */
+  mode?: 'lora' | 'qlora';
+  /** Rows per step and GPU (default 4). */
+  batch?: number;
+  /** Tokens per row (default 256). */
+  seq?: number;
+  /** LoRA rank, alpha equal to it (default 16). */
+  rank?: number;
+  /** Timed steps after one untimed warm-up (default 3). */
+  steps?: number;
+  /** Recompute each layer in the backward pass (default true). */
+  checkpointing?: boolean;
+  /** CPU worker threads; 0 (default) means one per core. */
+  threads?: number;
+  /** "auto" (default), "cpu", "cuda:N", "cuda:0,cuda:1" or "cuda:all" (each GPU takes `batch` rows). */
+  device?: string;
+  /** Cap on the device memory held, in MiB (GPU only); 0 means none. */
+  maxDeviceMemoryMiB?: number;
+}
+
 export interface ModelInfo {
   vocabSize: number; hiddenSize: number; intermediateSize: number; numLayers: number;
   numHeads: number; numKvHeads: number; headDim: number;
@@ -156,3 +181,10 @@ export declare function version(): string;
  * make it on one rank and hand it to the others. Throws a FinetuneError (code FT_ERR_DEVICE, naming NCCL) where
  * libnccl.so.2 is absent. */
 export declare function ncclUniqueId(): Uint8Array;
+/** The library's defaults for bench(), those of `finetune bench`. */
+export declare function benchDefaults(): Required<BenchOptions>;
+/** Runs the training-step benchmark of `finetune bench` on the calling thread (blocking the event
+ * loop) and returns its JSON text: model, device, mode, batch, seq, rank, checkpointing, steps,
+ * step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
+ * peak_rss_mib, peak_device_mib, load_seconds. */
+export declare function bench(opts?: BenchOptions): string;

@@ -318,6 +318,41 @@ function ncclUniqueId() {
   return id;
 }
 
+/** The options of bench() as the library's defaults, those of `finetune bench`. */
+function benchDefaults() {
+  const d = lib().benchDefaultParams();
+  return {
+    model: d.model, mode: d.mode ?? 'lora', batch: d.batch, seq: d.seq, rank: d.rank, steps: d.steps,
+    checkpointing: d.checkpointing !== 0, threads: d.n_threads, device: d.device ?? 'auto',
+    maxDeviceMemoryMiB: Number(d.max_device_memory_mib),
+  };
+}
+
+/** The training-step benchmark of `finetune bench`: builds a model of the named shape with random
+ * weights, runs one warm-up and `steps` timed steps, and returns the JSON text `finetune bench`
+ * prints (tokens_per_second, step_seconds_median, peak_rss_mib, ...). Options left out keep
+ * benchDefaults(). It runs on the calling thread, blocking the event loop (minutes for the larger
+ * shapes). */
+function bench(opts) {
+  opts = opts ?? {};
+  const p = lib().benchDefaultParams();
+  if (opts.model != null) p.model = opts.model;
+  if (opts.mode != null) p.mode = opts.mode;
+  for (const [k, c] of [['batch', 'batch'], ['seq', 'seq'], ['rank', 'rank'], ['steps', 'steps'], ['threads', 'n_threads']]) {
+    if (opts[k] != null) p[c] = uint32(k, opts[k]);
+  }
+  if (opts.checkpointing != null) p.checkpointing = opts.checkpointing ? 1 : 0;
+  if (opts.device != null) p.device = opts.device;
+  if (opts.maxDeviceMemoryMiB != null) p.max_device_memory_mib = opts.maxDeviceMemoryMiB;
+  const out = [null];
+  check('ft_bench', lib().bench(p, out));
+  try {
+    return koffi.decode(out[0], 'char', -1);
+  } finally {
+    lib().stringFree(out[0]);
+  }
+}
+
 /** Opens the library now (it opens on first use otherwise); returns its path. */
 function loadLibrary() {
   return lib().path;
@@ -329,5 +364,5 @@ function version() {
 
 module.exports = {
   Model, Trainer, FinetuneError, Status, Target, DType, IGNORE_LABEL, ABI_VERSION, NCCL_UNIQUE_ID_BYTES,
-  loadLibrary, version, ncclUniqueId, LIBRARY_ENV: ffi.LIB_ENV,
+  loadLibrary, version, ncclUniqueId, bench, benchDefaults, LIBRARY_ENV: ffi.LIB_ENV,
 };

@@ -60,7 +60,11 @@ const ModelParams = koffi.struct('ft_model_params', {
   device: 'const char *', n_threads: 'uint32_t', quantization: 'int32_t', max_device_memory_mib: 'uint64_t',
   world_size: 'uint32_t', rank: 'uint32_t', nccl_unique_id: 'const uint8_t *', collective_timeout_ms: 'uint32_t',
 });
-
+const BenchParams = koffi.struct('ft_bench_params', {
+  model: 'const char *', mode: 'const char *', batch: 'uint32_t', seq: 'uint32_t', rank: 'uint32_t',
+  steps: 'uint32_t', checkpointing: 'int32_t', n_threads: 'uint32_t', device: 'const char *',
+  max_device_memory_mib: 'uint64_t',
+});
 const ModelInfo = koffi.struct('ft_model_info', {
   vocab_size: 'uint64_t', hidden_size: 'uint64_t', intermediate_size: 'uint64_t', num_layers: 'uint64_t',
   num_heads: 'uint64_t', num_kv_heads: 'uint64_t', head_dim: 'uint64_t',
@@ -124,6 +128,10 @@ function load(explicitPath) {
     trainerExportMerged: f('int32_t ft_trainer_export_merged(const ft_trainer *trainer, const char *dir, int32_t dtype)'),
     trainerFree: f('void ft_trainer_free(ft_trainer *trainer)'),
     ncclUniqueId: f('int32_t ft_nccl_unique_id(_Out_ uint8_t *out, size_t out_len)'),
+    benchDefaultParams: f('ft_bench_params ft_bench_default_params(void)'),
+    // The JSON comes back as a raw pointer, to be read and then released with ft_string_free.
+    bench: f('int32_t ft_bench(const ft_bench_params *params, _Out_ void **json_out)'),
+    stringFree: f('void ft_string_free(void *s)'),
   };
   return api;
 }
@@ -161,6 +169,6 @@ function statsOf(s) {
 }
 
 module.exports = {
-  koffi, load, toCBatches, statsOf, ProgressFn, StepStats, Batch, ModelParams, LIB_ENV, ABI_VERSION,
+  koffi, load, toCBatches, statsOf, ProgressFn, StepStats, Batch, ModelParams, BenchParams, LIB_ENV, ABI_VERSION,
   NCCL_UNIQUE_ID_BYTES,
 };

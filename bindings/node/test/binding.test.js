@@ -144,13 +144,14 @@ test('a missing library names every place looked', () => {
   assert.match(bad, /FINETUNE_LIB=\/nonexistent\/libfinetune.so/);
 });
 
-test('the ABI version is 3 and the struct has the header\'s size', () => {
+test('the ABI version is 3 and the structs have the header\'s sizes', () => {
   assert.strictEqual(ft.ABI_VERSION, 3);
   ft.loadLibrary();
   const ffi = require('../lib/ffi');
   assert.strictEqual(ffi.load().abiVersion(), 3);
-  // x86-64 size of ft_model_params in include/finetune.h.
+  // x86-64 sizes of the structs in include/finetune.h.
   assert.strictEqual(ffi.koffi.sizeof(ffi.ModelParams), 48);
+  assert.strictEqual(ffi.koffi.sizeof(ffi.BenchParams), 56);
 });
 
 test('a library of another ABI version is refused with both versions named', (t) => {
@@ -215,4 +216,20 @@ test('ncclUniqueId gives 128 bytes, or an error naming NCCL where it is absent',
   }
   assert.ok(id instanceof Uint8Array);
   assert.strictEqual(id.length, 128);
+});
+
+test('bench runs the tiny shape on the CPU and returns the JSON of finetune bench', () => {
+  const d = ft.benchDefaults();
+  assert.strictEqual(d.model, 'smollm2-135m');
+  assert.strictEqual(d.mode, 'lora');
+  assert.strictEqual(d.checkpointing, true);
+  const json = ft.bench({ model: 'tiny', device: 'cpu', threads: 1, batch: 1, seq: 16, steps: 2 });
+  assert.strictEqual(typeof json, 'string');
+  const r = JSON.parse(json);
+  assert.strictEqual(r.model, 'tiny');
+  assert.strictEqual(r.steps, 2);
+  assert.ok(r.tokens_per_second > 0, json);
+  assert.throws(() => ft.bench({ model: 'no-such-shape', device: 'cpu' }),
+    (e) => e instanceof ft.FinetuneError && e.code === 'FT_ERR_INVALID_ARGUMENT' && /no-such-shape/.test(e.message));
+  assert.throws(() => ft.bench({ model: 'tiny', device: 'cpu', steps: 0 }), (e) => e.code === 'FT_ERR_INVALID_ARGUMENT');
 });
