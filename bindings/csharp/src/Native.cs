@@ -23,6 +23,17 @@ namespace Finetune
     }
 
     [StructLayout(LayoutKind.Sequential)]
+    internal struct NativeBenchParams
+    {
+        public IntPtr model, mode;
+        public uint batch, seq, rank, steps;
+        public int checkpointing;
+        public uint n_threads;
+        public IntPtr device;
+        public ulong max_device_memory_mib;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
     internal struct NativeModelInfo
     {
         public ulong vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim;
@@ -92,6 +103,8 @@ namespace Finetune
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int TrainerWriteFn(IntPtr trainer, byte[] dir);
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int TrainerExportFn(IntPtr trainer, byte[] dir, int dtype);
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int NcclUniqueIdFn([Out] byte[] output, UIntPtr outLen);
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate NativeBenchParams BenchDefaultsFn();
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int BenchFn(ref NativeBenchParams p, out IntPtr json);
 
         // Filled by reflection in Bind().
 #pragma warning disable 649
@@ -109,7 +122,7 @@ namespace Finetune
             public ModelGetInfoFn ft_model_get_info;
             public ModelSaveFn ft_model_save;
             public ModelGenerateFn ft_model_generate;
-            public FreeFn ft_model_free, ft_trainer_free;
+            public FreeFn ft_model_free, ft_trainer_free, ft_string_free;
             public TrainerNewFn ft_trainer_new;
             public TrainerLoadAdapterFn ft_trainer_load_adapter;
             public TrainerStepFn ft_trainer_step;
@@ -118,6 +131,8 @@ namespace Finetune
             public TrainerWriteFn ft_trainer_save_adapter;
             public TrainerExportFn ft_trainer_export_merged;
             public NcclUniqueIdFn ft_nccl_unique_id;
+            public BenchDefaultsFn ft_bench_default_params;
+            public BenchFn ft_bench;
         }
 #pragma warning restore 649
 

@@ -5,6 +5,7 @@ using System.Collections.Generic;
 using System.Diagnostics;
 using System.IO;
 using System.Runtime.InteropServices;
+using System.Text.RegularExpressions;
 using System.Threading;
 using System.Threading.Tasks;
 using Finetune;
@@ -209,14 +210,16 @@ static class Tests
         Assert(trainer.Handle.IsClosed && model.Handle.IsClosed, "handles closed");
     }
 
-    static void AbiVersionIsThreeAndModelParamsHasTheHeadersSize()
+    static void AbiVersionIsThreeAndStructsHaveTheHeadersSizes()
     {
         Assert(Library.AbiVersion == 3, "AbiVersion 3");
         Assert(!string.IsNullOrEmpty(Library.Version) && !string.IsNullOrEmpty(Library.Path), "library opened");
-        // x86-64 size of ft_model_params in include/finetune.h.
+        // x86-64 sizes of the structs in include/finetune.h.
         var asm = typeof(Model).Assembly;
         int modelParams = Marshal.SizeOf(asm.GetType("Finetune.NativeModelParams", true));
+        int benchParams = Marshal.SizeOf(asm.GetType("Finetune.NativeBenchParams", true));
         Assert(modelParams == 48, "ft_model_params is 48 bytes, not " + modelParams);
+        Assert(benchParams == 56, "ft_bench_params is 56 bytes, not " + benchParams);
     }
 
     static void OtherAbiVersionIsRefused()
@@ -302,6 +305,24 @@ static class Tests
         Assert(id.Length == 128, "128 bytes, not " + id.Length);
     }
 
+    static void BenchRunsTheTinyShapeOnTheCpu()
+    {
+        var d = Library.DefaultBenchOptions();
+        Assert(d.Model == "smollm2-135m" && d.Mode == "lora" && d.Batch == 4 && d.Checkpointing == true, "defaults");
+        string json = Library.Bench(new BenchOptions { Model = "tiny", Device = "cpu", Threads = 1, Batch = 1, Seq = 16, Steps = 2 });
+        Assert(json.Contains("\"model\":\"tiny\"") || json.Contains("\"model\": \"tiny\""), json);
+        var m = Regex.Match(json, "\"tokens_per_second\"\\s*:\\s*([0-9.eE+-]+)");
+        Assert(m.Success, "tokens_per_second in " + json);
+        double tps = double.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
+        Assert(tps > 0, "tokens_per_second above 0: " + json);
+        try
+        {
+            Library.Bench(new BenchOptions { Model = "no-such-shape", Device = "cpu" });
+            Assert(false, "unknown shape accepted");
+        }
+        catch (FinetuneException e) { Assert(e.Status == Status.InvalidArgument && e.Message.Contains("no-such-shape"), e.Message); }
+    }
+
     static string RunLoadOnly(string lib)
     {
         string exe = typeof(Tests).Assembly.Location;
@@ -349,10 +370,11 @@ static class Tests
             new KeyValuePair<string, Action>("TrainingDoesNotBlockTheCaller", TrainingDoesNotBlockTheCaller),
             new KeyValuePair<string, Action>("DisposeIsIdempotentAndUseAfterDisposeThrows", DisposeIsIdempotentAndUseAfterDisposeThrows),
             new KeyValuePair<string, Action>("MissingLibraryNamesEveryPlaceLooked", MissingLibraryNamesEveryPlaceLooked),
-            new KeyValuePair<string, Action>("AbiVersionIsThreeAndModelParamsHasTheHeadersSize", AbiVersionIsThreeAndModelParamsHasTheHeadersSize),
+            new KeyValuePair<string, Action>("AbiVersionIsThreeAndStructsHaveTheHeadersSizes", AbiVersionIsThreeAndStructsHaveTheHeadersSizes),
             new KeyValuePair<string, Action>("OtherAbiVersionIsRefused", OtherAbiVersionIsRefused),
             new KeyValuePair<string, Action>("ProcessGroupOptionsAreChecked", ProcessGroupOptionsAreChecked),
             new KeyValuePair<string, Action>("NcclUniqueIdIs128BytesOrAnErrorNamingNccl", NcclUniqueIdIs128BytesOrAnErrorNamingNccl),
+            new KeyValuePair<string, Action>("BenchRunsTheTinyShapeOnTheCpu", BenchRunsTheTinyShapeOnTheCpu),
         };
         int passed = 0, failed = 0;
         foreach (var t in tests)
