@@ -26,6 +26,8 @@ const (
 	StatusInternal        Status = C.FT_ERR_INTERNAL
 	StatusDevice          Status = C.FT_ERR_DEVICE
 	StatusOutOfMemory     Status = C.FT_ERR_OUT_OF_MEMORY
+	// StatusCollective: a data-parallel group failed (another rank failed, died or timed out).
+	StatusCollective Status = C.FT_ERR_COLLECTIVE
 )
 
 // String gives the status's C name, such as "FT_ERR_IO".
@@ -71,6 +73,7 @@ var (
 	ErrInternal        = &Error{Status: StatusInternal}
 	ErrDevice          = &Error{Status: StatusDevice}
 	ErrOutOfMemory     = &Error{Status: StatusOutOfMemory}
+	ErrCollective      = &Error{Status: StatusCollective}
 )
 
 // call runs one C call and, on failure, reads ft_last_error on the same OS thread (the message

@@ -2,12 +2,15 @@ package finetune
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // countBatch is one row counting upwards: the model learns to continue the count.
@@ -215,5 +218,159 @@ func TestMissingLibraryErrorSaysWhereItLooked(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Fatalf("message lacks %q: %s", want, out)
 		}
+	}
+}
+
+func TestABIVersion(t *testing.T) {
+	if ABIVersion != 3 {
+		t.Fatalf("ABIVersion is %d", ABIVersion)
+	}
+	if _, err := Load(); err != nil {
+		t.Fatalf("the library of this tree is refused: %v", err)
+	}
+}
+
+// A library reporting another ABI is refused with both versions in the message, before any other
+// symbol is looked up (an older library lacks some). The check runs once per process: in a child.
+func TestOtherABIVersionIsRefused(t *testing.T) {
+	if os.Getenv("FINETUNE_GO_CHILD") == "1" {
+		if _, err := Load(); err != nil {
+			os.Stdout.WriteString(err.Error() + "\n")
+		} else {
+			os.Stdout.WriteString("LOADED\n")
+		}
+		return
+	}
+	cc, err := exec.LookPath("cc")
+	if err != nil {
+		t.Skip("no C compiler to build a stand-in library")
+	}
+	dir := t.TempDir()
+	src, lib := filepath.Join(dir, "old.c"), filepath.Join(dir, "libfinetune.so")
+	if err := os.WriteFile(src, []byte("unsigned ft_abi_version(void) { return 2; }\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(cc, "-shared", "-fPIC", "-o", lib, src).CombinedOutput(); err != nil {
+		t.Fatalf("cc: %v\n%s", err, out)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestOtherABIVersionIsRefused$")
+	cmd.Env = append(os.Environ(), "FINETUNE_GO_CHILD=1", "FINETUNE_LIB="+lib)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "C ABI version 2, this package needs 3") {
+		t.Fatalf("message: %s", out)
+	}
+}
+
+func TestProcessGroupOptionsAreChecked(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "model")
+	for _, c := range []struct {
+		name string
+		opts ModelOptions
+		want []string
+	}{
+		{"missing id", ModelOptions{Device: "cuda:0", WorldSize: 2}, []string{"NCCLUniqueID is missing", "WorldSize is 2"}},
+		{"short id", ModelOptions{Device: "cuda:0", WorldSize: 2, NCCLUniqueID: make([]byte, 5)}, []string{"NCCLUniqueID has 5 bytes", "128"}},
+		{"long id", ModelOptions{WorldSize: 2, NCCLUniqueID: make([]byte, 129)}, []string{"NCCLUniqueID has 129 bytes"}},
+		{"negative rank", ModelOptions{WorldSize: 2, Rank: -1, NCCLUniqueID: make([]byte, 128)}, []string{"Rank -1"}},
+		{"negative timeout", ModelOptions{CollectiveTimeout: -time.Second}, []string{"CollectiveTimeout"}},
+		{"huge timeout", ModelOptions{CollectiveTimeout: math.MaxInt64}, []string{"CollectiveTimeout"}},
+	} {
+		_, err := LoadModel(path, &c.opts)
+		if !errors.Is(err, ErrInvalidArgument) {
+			t.Fatalf("%s: want an invalid-argument error, got %v", c.name, err)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Fatalf("%s: message lacks %q: %v", c.name, w, err)
+			}
+		}
+		if _, err := RandomModel("tiny", 0, &c.opts); !errors.Is(err, ErrInvalidArgument) {
+			t.Fatalf("%s: RandomModel: %v", c.name, err)
+		}
+	}
+	// Valid options reach the library, which reads each field where the header puts it: the
+	// rank and world size it quotes, then (the id read) the device a rank needs.
+	id := make([]byte, NCCLUniqueIDBytes)
+	_, err := RandomModel("tiny", 0, &ModelOptions{Device: "cpu", WorldSize: 2, Rank: 5, NCCLUniqueID: id,
+		CollectiveTimeout: 1500 * time.Microsecond})
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "rank 5 is outside a group of params->world_size 2") {
+		t.Fatalf("rank outside the group: %v", err)
+	}
+	_, err = RandomModel("tiny", 0, &ModelOptions{Device: "cpu", Threads: 1, WorldSize: 2, Rank: 1, NCCLUniqueID: id})
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "rank 1 of a multi-process group") ||
+		!strings.Contains(err.Error(), "cuda:N") {
+		t.Fatalf("a rank on the CPU: %v", err)
+	}
+	// WorldSize 1 is alone: no id needed.
+	m, err := RandomModel("tiny", 0, &ModelOptions{Device: "cpu", Threads: 1, WorldSize: 1, CollectiveTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+}
+
+func TestNCCLUniqueID(t *testing.T) {
+	id, err := NCCLUniqueID()
+	if err == nil {
+		if len(id) != NCCLUniqueIDBytes || NCCLUniqueIDBytes != 128 {
+			t.Fatalf("an id of %d bytes", len(id))
+		}
+		return
+	}
+	// The usual case on a machine without NCCL.
+	var fe *Error
+	if !errors.As(err, &fe) || fe.Op != "ft_nccl_unique_id" || !strings.Contains(fe.Message, "NCCL") {
+		t.Fatalf("want an error naming NCCL, got %v", err)
+	}
+	t.Logf("no NCCL here: %v", err)
+}
+
+func TestStatusCollective(t *testing.T) {
+	if StatusCollective != 11 || StatusCollective.String() != "FT_ERR_COLLECTIVE" {
+		t.Fatalf("StatusCollective is %d %q", int32(StatusCollective), StatusCollective)
+	}
+	err := error(&Error{Op: "ft_trainer_step", Status: StatusCollective, Message: "rank 1 died"})
+	if !errors.Is(err, ErrCollective) || errors.Is(err, ErrDevice) {
+		t.Fatalf("errors.Is: %v", err)
+	}
+}
+
+func TestBenchTinyOnTheCPU(t *testing.T) {
+	d, err := DefaultBenchOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Model != "smollm2-135m" || d.Mode != "lora" || d.Batch != 4 || d.Steps != 3 || !d.Checkpointing {
+		t.Fatalf("defaults: %+v", d)
+	}
+	opts := d
+	opts.Model, opts.Device, opts.Threads = "tiny", "cpu", 1
+	opts.Batch, opts.Seq, opts.Steps = 1, 16, 2
+	out, err := Bench(&opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r struct {
+		Model           string  `json:"model"`
+		Device          string  `json:"device"`
+		Steps           int     `json:"steps"`
+		TokensPerSecond float64 `json:"tokens_per_second"`
+	}
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, out)
+	}
+	if r.Model != "tiny" || r.Steps != 2 || !(r.TokensPerSecond > 0) {
+		t.Fatalf("result: %s", out)
+	}
+	opts.Model = "no-such-shape"
+	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "no-such-shape") {
+		t.Fatalf("unknown shape: %v", err)
+	}
+	opts.Model, opts.Steps = "tiny", 0
+	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("zero steps: %v", err)
 	}
 }

@@ -5,6 +5,9 @@ package finetune
 #cgo LDFLAGS: -ldl
 #include <stdlib.h>
 #include "loader.h"
+
+// The Go types in this package mirror ABI 3's declarations: building against another header fails.
+_Static_assert(FT_ABI_VERSION == 3, "bindings/go is written for FT_ABI_VERSION 3");
 */
 import "C"
 
@@ -17,6 +20,10 @@ import (
 	"sync"
 	"unsafe"
 )
+
+// ABIVersion is the version of libfinetune's C ABI this package is written for: a library
+// reporting another ft_abi_version() is refused when it is loaded.
+const ABIVersion = 3
 
 // LibraryEnv names the environment variable that gives the full path of libfinetune.so.
 const LibraryEnv = "FINETUNE_LIB"
@@ -95,9 +102,10 @@ func load() error {
 		loadErr = fmt.Errorf("finetune: %s not found; set %s to its full path. Looked in: %s",
 			libName, LibraryEnv, strings.Join(looked, ", "))
 	})
-	if loadErr == nil && C.ftgo_abi_version() != C.FT_ABI_VERSION {
+	// ftgo_open refuses a library of another ABI; checked again here against the Go constant.
+	if loadErr == nil && C.ftgo_abi_version() != ABIVersion {
 		return fmt.Errorf("finetune: %s has C ABI version %d, this package needs %d",
-			loadPath, C.ftgo_abi_version(), C.FT_ABI_VERSION)
+			loadPath, C.ftgo_abi_version(), ABIVersion)
 	}
 	return loadErr
 }

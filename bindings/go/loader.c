@@ -28,6 +28,10 @@ static struct {
     ft_status (*trainer_save_adapter)(const ft_trainer *, const char *);
     ft_status (*trainer_export_merged)(const ft_trainer *, const char *, int32_t);
     void (*trainer_free)(ft_trainer *);
+    ft_status (*nccl_unique_id)(uint8_t *, size_t);
+    ft_bench_params (*bench_default_params)(void);
+    ft_status (*bench)(const ft_bench_params *, char **);
+    void (*string_free)(char *);
 } fn;
 
 #define RESOLVE(field, name)                                                          \
@@ -49,6 +53,14 @@ int ftgo_open(const char *path, char *err, size_t err_len) {
         return -1;
     }
     RESOLVE(abi_version, "ft_abi_version");
+    /* Before the other symbols: a library of another ABI may lack some of them, and its version
+     * is the clearer message. */
+    if (fn.abi_version() != FT_ABI_VERSION) {
+        snprintf(err, err_len, "%s has C ABI version %u, this package needs %d", path,
+                 (unsigned)fn.abi_version(), FT_ABI_VERSION);
+        dlclose(lib);
+        return -1;
+    }
     RESOLVE(version, "ft_version");
     RESOLVE(last_error, "ft_last_error");
     RESOLVE(status_name, "ft_status_name");
@@ -69,6 +81,10 @@ int ftgo_open(const char *path, char *err, size_t err_len) {
     RESOLVE(trainer_save_adapter, "ft_trainer_save_adapter");
     RESOLVE(trainer_export_merged, "ft_trainer_export_merged");
     RESOLVE(trainer_free, "ft_trainer_free");
+    RESOLVE(nccl_unique_id, "ft_nccl_unique_id");
+    RESOLVE(bench_default_params, "ft_bench_default_params");
+    RESOLVE(bench, "ft_bench");
+    RESOLVE(string_free, "ft_string_free");
     return 0;
 }
 
@@ -121,3 +137,8 @@ ft_status ftgo_trainer_export_merged(const ft_trainer *t, const char *dir, int32
     return fn.trainer_export_merged(t, dir, dtype);
 }
 void ftgo_trainer_free(ft_trainer *t) { fn.trainer_free(t); }
+
+ft_status ftgo_nccl_unique_id(uint8_t *out, size_t out_len) { return fn.nccl_unique_id(out, out_len); }
+ft_bench_params ftgo_bench_default_params(void) { return fn.bench_default_params(); }
+ft_status ftgo_bench(const ft_bench_params *p, char **json_out) { return fn.bench(p, json_out); }
+void ftgo_string_free(char *s) { fn.string_free(s); }

@@ -7,8 +7,9 @@
 
 #include <stdint.h>
 
-/* Opens `path` and resolves every entry point. Returns 0 on success; otherwise writes the reason to
- * `err` (room for `err_len` bytes) and returns -1. Safe to call again after a failure. */
+/* Opens `path`, checks that its ft_abi_version() is this header's FT_ABI_VERSION, and resolves every
+ * entry point. Returns 0 on success; otherwise writes the reason to `err` (room for `err_len` bytes)
+ * and returns -1. Safe to call again after a failure. */
 int ftgo_open(const char *path, char *err, size_t err_len);
 
 uint32_t ftgo_abi_version(void);
@@ -34,5 +35,9 @@ ft_status ftgo_trainer_eval_loss(const ft_trainer *t, const ft_batch *b, float *
 ft_status ftgo_trainer_save_adapter(const ft_trainer *t, const char *dir);
 ft_status ftgo_trainer_export_merged(const ft_trainer *t, const char *dir, int32_t dtype);
 void ftgo_trainer_free(ft_trainer *t);
+ft_status ftgo_nccl_unique_id(uint8_t *out, size_t out_len);
+ft_bench_params ftgo_bench_default_params(void);
+ft_status ftgo_bench(const ft_bench_params *p, char **json_out);
+void ftgo_string_free(char *s);
 
 #endif

@@ -8,8 +8,11 @@ import "C"
 
 import (
 	"errors"
+	"fmt"
+	"math"
 	"runtime"
 	"sync"
+	"time"
 	"unsafe"
 )
 
@@ -35,12 +38,64 @@ const (
 	QuantNF4 Quantization = C.FT_QUANT_NF4
 )
 
+// NCCLUniqueIDBytes is the length of an NCCL unique id (ModelOptions.NCCLUniqueID).
+const NCCLUniqueIDBytes = C.FT_NCCL_UNIQUE_ID_BYTES
+
 // ModelOptions says where and how to run a model. The zero value means the defaults.
 type ModelOptions struct {
-	Device             string       // "auto" (default), "cpu" or "cuda:N"
+	// "auto" (default), "cpu", "cuda:N", or several GPUs of this process training as one
+	// data-parallel group: "cuda:0,cuda:1" or "cuda:all".
+	Device             string
 	Threads            int          // CPU worker threads; 0 means one per core
 	Quantization       Quantization // QuantNone (default) or QuantNF4 (QLoRA)
 	MaxDeviceMemoryMiB uint64       // cap on the device memory held (GPU only); 0 means none
+
+	// A data-parallel group spanning processes: WorldSize ranks in all (0 or 1: this process
+	// trains alone, or over the GPUs Device lists). With more, Device must be one "cuda:N",
+	// Rank (0 ≤ Rank < WorldSize) says where this process stands, and NCCLUniqueID is the
+	// NCCLUniqueIDBytes bytes that NCCLUniqueID() made on one rank, handed by the application
+	// to every rank. Each step's batches are then this rank's share; loading waits until every
+	// rank has joined.
+	WorldSize    int
+	Rank         int
+	NCCLUniqueID []byte
+	// How long a rank waits for the others (joining, each step) before failing with
+	// ErrCollective instead of hanging, rounded up to whole milliseconds; 0 means 5 minutes.
+	CollectiveTimeout time.Duration
+}
+
+// check refuses options the C struct cannot carry, or a process group without its unique id,
+// before any call.
+func (o *ModelOptions) check(op string) error {
+	if o == nil {
+		return nil
+	}
+	bad := func(format string, args ...any) error {
+		return &Error{Op: op, Status: StatusInvalidArgument, Message: fmt.Sprintf(format, args...)}
+	}
+	if o.WorldSize < 0 || uint64(o.WorldSize) > math.MaxUint32 {
+		return bad("ModelOptions.WorldSize %d is out of range", o.WorldSize)
+	}
+	if o.Rank < 0 || uint64(o.Rank) > math.MaxUint32 {
+		return bad("ModelOptions.Rank %d is out of range", o.Rank)
+	}
+	if n := len(o.NCCLUniqueID); n != 0 && n != NCCLUniqueIDBytes {
+		return bad("ModelOptions.NCCLUniqueID has %d bytes; an NCCL unique id has %d", n, NCCLUniqueIDBytes)
+	}
+	if o.WorldSize > 1 && len(o.NCCLUniqueID) == 0 {
+		return bad("ModelOptions.NCCLUniqueID is missing but WorldSize is %d: make one with "+
+			"NCCLUniqueID() on one rank and give it to every rank", o.WorldSize)
+	}
+	if o.CollectiveTimeout < 0 || o.CollectiveTimeout > math.MaxUint32*time.Millisecond {
+		return bad("ModelOptions.CollectiveTimeout %v is out of range", o.CollectiveTimeout)
+	}
+	return nil
+}
+
+// timeoutMillis rounds d (checked: 0 ≤ d ≤ MaxUint32 ms) up to whole milliseconds, so that a
+// positive timeout never becomes 0 (the default).
+func timeoutMillis(d time.Duration) int64 {
+	return int64((d + time.Millisecond - 1) / time.Millisecond)
 }
 
 // ModelInfo holds a model's sizes.
@@ -64,12 +119,38 @@ func withModelParams(o *ModelOptions, f func(*C.ft_model_params) C.ft_status) C.
 		p.n_threads = C.uint32_t(o.Threads)
 		p.quantization = C.int32_t(o.Quantization)
 		p.max_device_memory_mib = C.uint64_t(o.MaxDeviceMemoryMiB)
+		p.world_size = C.uint32_t(o.WorldSize)
+		p.rank = C.uint32_t(o.Rank)
+		p.collective_timeout_ms = C.uint32_t(timeoutMillis(o.CollectiveTimeout))
 		if o.Device != "" {
 			p.device = C.CString(o.Device)
 			defer C.free(unsafe.Pointer(p.device))
 		}
+		// A C copy: the struct lives in Go memory and may not hold a Go pointer. Freed after
+		// the call, which reads it during the call only.
+		if len(o.NCCLUniqueID) != 0 {
+			id := C.CBytes(o.NCCLUniqueID)
+			defer C.free(id)
+			p.nccl_unique_id = (*C.uint8_t)(id)
+		}
 	}
 	return f(&p)
+}
+
+// NCCLUniqueID makes a fresh NCCL unique id (NCCLUniqueIDBytes bytes) for a data-parallel group
+// spanning processes (ModelOptions.WorldSize > 1). Call it on one rank and hand the bytes to
+// the others however the application likes; that process hosts the group's rendezvous and must
+// stay alive until every rank has loaded its model. It needs NCCL (libnccl.so.2): without it
+// the error is ErrDevice and names it.
+func NCCLUniqueID() ([]byte, error) {
+	id := make([]byte, NCCLUniqueIDBytes)
+	err := call("ft_nccl_unique_id", func() C.ft_status {
+		return C.ftgo_nccl_unique_id((*C.uint8_t)(unsafe.Pointer(&id[0])), C.size_t(len(id)))
+	})
+	if err != nil {
+		return nil, err
+	}
+	return id, nil
 }
 
 func newModel(h *C.ft_model) *Model {
@@ -80,6 +161,9 @@ func newModel(h *C.ft_model) *Model {
 
 // LoadModel loads a Hugging Face model directory (config.json + safetensors). opts may be nil.
 func LoadModel(path string, opts *ModelOptions) (*Model, error) {
+	if err := opts.check("ft_model_load"); err != nil {
+		return nil, err
+	}
 	var h *C.ft_model
 	err := call("ft_model_load", func() C.ft_status {
 		cpath := C.CString(path)
@@ -97,6 +181,9 @@ func LoadModel(path string, opts *ModelOptions) (*Model, error) {
 // RandomModel makes a model of a named shape ("tiny", "smollm2-135m", ...) with random weights,
 // for tests and demos.
 func RandomModel(shape string, seed uint64, opts *ModelOptions) (*Model, error) {
+	if err := opts.check("ft_model_random"); err != nil {
+		return nil, err
+	}
 	var h *C.ft_model
 	err := call("ft_model_random", func() C.ft_status {
 		cshape := C.CString(shape)

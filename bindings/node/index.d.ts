@@ -5,6 +5,8 @@ export declare const Status: {
   readonly OK: 0; readonly INVALID_ARGUMENT: 1; readonly IO: 2; readonly FORMAT: 3; readonly UNSUPPORTED: 4;
   readonly ADAPTER_MISMATCH: 5; readonly CANCELLED: 6; readonly NON_FINITE: 7; readonly INTERNAL: 8;
   readonly DEVICE: 9; readonly OUT_OF_MEMORY: 10;
+  /** A data-parallel group failed: another rank failed, died or timed out. */
+  readonly COLLECTIVE: 11;
 };
 /** LoRA target bits for `LoraOptions.targetModules`. */
 export declare const Target: {
@@ -15,7 +17,10 @@ export declare const Target: {
 export declare const DType: { readonly F32: 0; readonly F16: 1; readonly BF16: 2 };
 /** Label meaning "no loss at this position". */
 export declare const IGNORE_LABEL: -100;
+/** The C ABI version this package is written for (3); a library of another is refused. */
 export declare const ABI_VERSION: number;
+/** Bytes of an NCCL unique id: 128. */
+export declare const NCCL_UNIQUE_ID_BYTES: number;
 /** The environment variable naming the library's full path: "FINETUNE_LIB". */
 export declare const LIBRARY_ENV: string;
 
@@ -31,13 +36,51 @@ export declare class FinetuneError extends Error {
 }
 
 export interface ModelOptions {
-  /** "auto" (default), "cpu" or "cuda:N". */
+  /** "auto" (default), "cpu", "cuda:N", or several GPUs of this process training as one
+   * data-parallel group: "cuda:0,cuda:1" or "cuda:all". */
   device?: string;
   /** CPU worker threads; 0 means one per core. */
   threads?: number;
   /** Storage of the frozen projection matrices: "none" (default) or "nf4" (QLoRA). */
   quantization?: 'none' | 'nf4';
   /** Cap on the device memory held, in MiB (GPU only); 0 or absent means none. */
+  maxDeviceMemoryMiB?: number;
+  /** Ranks in a data-parallel group spanning processes; 0, 1 or absent: this process trains alone
+   * (or over the GPUs `device` lists). With more, `device` must be one "cuda:N" and `rank` and
+   * `ncclUniqueId` are needed; each step's batches are then this rank's share. */
+  worldSize?: number;
+  /** This process's rank, 0 ≤ rank < worldSize. */
+  rank?: number;
+  /** The NCCL_UNIQUE_ID_BYTES (128) bytes ncclUniqueId() made on one rank, the same on every rank;
+   * required when worldSize > 1 (a TypeError without it, a RangeError for another length). */
+  ncclUniqueId?: Uint8Array | null;
+  /** How long a rank waits for the others (joining, each step) before failing with
+   * FT_ERR_COLLECTIVE instead of hanging, in milliseconds; 0 or absent means 300000 (5 minutes). */
+  collectiveTimeoutMs?: number;
+}
+
+/** What bench() measures: the options of `finetune bench`. */
+export interface BenchOptions {
+  /** A named shape with random weights: "smollm2-135m" (default), "llama3.2-1b", "llama3-8b",
+   * "mistral-7b", "qwen2.5-7b", "gemma-7b" or "tiny". */
+  model?: string;
+  /** "lora" (default) or "qlora" (frozen projection matrices in NF4). */
+  mode?: 'lora' | 'qlora';
+  /** Rows per step and GPU (default 4). */
+  batch?: number;
+  /** Tokens per row (default 256). */
+  seq?: number;
+  /** LoRA rank, alpha equal to it (default 16). */
+  rank?: number;
+  /** Timed steps after one untimed warm-up (default 3). */
+  steps?: number;
+  /** Recompute each layer in the backward pass (default true). */
+  checkpointing?: boolean;
+  /** CPU worker threads; 0 (default) means one per core. */
+  threads?: number;
+  /** "auto" (default), "cpu", "cuda:N", "cuda:0,cuda:1" or "cuda:all" (each GPU takes `batch` rows). */
+  device?: string;
+  /** Cap on the device memory held, in MiB (GPU only); 0 means none. */
   maxDeviceMemoryMiB?: number;
 }
 
@@ -134,3 +177,14 @@ export declare class Trainer {
 export declare function loadLibrary(): string;
 /** The library's version, such as "0.1.0". */
 export declare function version(): string;
+/** A fresh NCCL unique id (a Buffer of NCCL_UNIQUE_ID_BYTES bytes) for ModelOptions.ncclUniqueId:
+ * make it on one rank and hand it to the others. Throws a FinetuneError (code FT_ERR_DEVICE, naming NCCL) where
+ * libnccl.so.2 is absent. */
+export declare function ncclUniqueId(): Uint8Array;
+/** The library's defaults for bench(), those of `finetune bench`. */
+export declare function benchDefaults(): Required<BenchOptions>;
+/** Runs the training-step benchmark of `finetune bench` on the calling thread (blocking the event
+ * loop) and returns its JSON text: model, device, mode, batch, seq, rank, checkpointing, steps,
+ * step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
+ * peak_rss_mib, peak_device_mib, load_seconds. */
+export declare function bench(opts?: BenchOptions): string;

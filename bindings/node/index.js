@@ -11,14 +11,15 @@ const { koffi } = ffi;
 
 const Status = Object.freeze({
   OK: 0, INVALID_ARGUMENT: 1, IO: 2, FORMAT: 3, UNSUPPORTED: 4, ADAPTER_MISMATCH: 5, CANCELLED: 6,
-  NON_FINITE: 7, INTERNAL: 8, DEVICE: 9, OUT_OF_MEMORY: 10,
+  NON_FINITE: 7, INTERNAL: 8, DEVICE: 9, OUT_OF_MEMORY: 10, COLLECTIVE: 11,
 });
 const Target = Object.freeze({ Q: 1, K: 2, V: 4, O: 8, GATE: 16, UP: 32, DOWN: 64, ALL: 127 });
 const DType = Object.freeze({ F32: 0, F16: 1, BF16: 2 });
 const SCHEDULES = { constant: 0, linear: 1, cosine: 2 };
 const QUANTIZATIONS = { none: 0, nf4: 1 };
 const IGNORE_LABEL = -100;
-const ABI_VERSION = 2;
+const { ABI_VERSION, NCCL_UNIQUE_ID_BYTES } = ffi;
+const UINT32_MAX = 0xffffffff;
 
 /** A failed library call: `status`, `code` ("FT_ERR_IO", ...), `op` (the C function) and the
  * library's message. Cancelled training rejects with one whose name is "AbortError". */
@@ -34,14 +35,9 @@ class FinetuneError extends Error {
 }
 
 let api = null;
+/** The library's functions; ffi.load refuses a library of another ABI version. */
 function lib() {
-  if (!api) {
-    const a = ffi.load();
-    if (a.abiVersion() !== ABI_VERSION) {
-      throw new Error(`finetune: ${a.path} has C ABI version ${a.abiVersion()}, this package needs ${ABI_VERSION}`);
-    }
-    api = a;
-  }
+  if (!api) api = ffi.load();
   return api;
 }
 
@@ -53,7 +49,16 @@ function check(op, status) {
   }
 }
 
-function modelParams(opts = {}) {
+/** `value` as a uint32_t field, or a RangeError naming the option. */
+function uint32(name, value) {
+  if (!Number.isInteger(value) || value < 0 || value > UINT32_MAX) {
+    throw new RangeError(`finetune: ${name} must be an integer from 0 to ${UINT32_MAX}, not ${value}`);
+  }
+  return value;
+}
+
+function modelParams(opts) {
+  opts = opts ?? {};
   const p = lib().modelDefaultParams();
   if (opts.device != null) p.device = opts.device;
   if (opts.threads != null) p.n_threads = opts.threads;
@@ -63,6 +68,25 @@ function modelParams(opts = {}) {
     p.quantization = q;
   }
   if (opts.maxDeviceMemoryMiB != null) p.max_device_memory_mib = opts.maxDeviceMemoryMiB;
+  if (opts.worldSize != null) p.world_size = uint32('worldSize', opts.worldSize);
+  if (opts.rank != null) p.rank = uint32('rank', opts.rank);
+  if (opts.collectiveTimeoutMs != null) p.collective_timeout_ms = uint32('collectiveTimeoutMs', opts.collectiveTimeoutMs);
+  const id = opts.ncclUniqueId;
+  if (id != null) {
+    if (!(id instanceof Uint8Array)) {
+      throw new TypeError('finetune: ncclUniqueId must be a Buffer or Uint8Array (from ncclUniqueId())');
+    }
+    if (id.length !== NCCL_UNIQUE_ID_BYTES) {
+      throw new RangeError(
+        `finetune: ncclUniqueId has ${id.length} bytes; an NCCL unique id has ${NCCL_UNIQUE_ID_BYTES}`);
+    }
+    // The struct refers to the bytes, which stay alive with it for the call (read during the
+    // call only).
+    p.nccl_unique_id = id;
+  } else if (p.world_size > 1) {
+    throw new TypeError(`finetune: ncclUniqueId is missing but worldSize is ${p.world_size}: make one with `
+      + 'ncclUniqueId() on one rank and give it to every rank');
+  }
   return p;
 }
 
@@ -106,7 +130,8 @@ class Model {
     modelRegistry.register(this, handle, this);
   }
 
-  /** Loads a Hugging Face model directory. opts: { device: 'auto'|'cpu'|'cuda:N', threads } */
+  /** Loads a Hugging Face model directory. opts: { device: 'auto'|'cpu'|'cuda:N'|'cuda:0,cuda:1'|'cuda:all',
+   * threads, quantization, maxDeviceMemoryMiB, worldSize, rank, ncclUniqueId, collectiveTimeoutMs } */
   static load(dir, opts) {
     const out = [null];
     check('ft_model_load', lib().modelLoad(dir, modelParams(opts), out));
@@ -282,6 +307,52 @@ class Trainer extends EventEmitter {
   }
 }
 
+/** A fresh NCCL unique id (a Buffer of NCCL_UNIQUE_ID_BYTES) for a data-parallel group spanning
+ * processes: make it on one rank, hand it to the others, and pass it to every rank as
+ * `ncclUniqueId` with `worldSize` and `rank`. This process hosts the group's rendezvous and must
+ * stay alive until every rank has loaded its model. Without NCCL (libnccl.so.2) it throws a
+ * FinetuneError with code FT_ERR_DEVICE that names it. */
+function ncclUniqueId() {
+  const id = Buffer.alloc(NCCL_UNIQUE_ID_BYTES);
+  check('ft_nccl_unique_id', lib().ncclUniqueId(id, id.length));
+  return id;
+}
+
+/** The options of bench() as the library's defaults, those of `finetune bench`. */
+function benchDefaults() {
+  const d = lib().benchDefaultParams();
+  return {
+    model: d.model, mode: d.mode ?? 'lora', batch: d.batch, seq: d.seq, rank: d.rank, steps: d.steps,
+    checkpointing: d.checkpointing !== 0, threads: d.n_threads, device: d.device ?? 'auto',
+    maxDeviceMemoryMiB: Number(d.max_device_memory_mib),
+  };
+}
+
+/** The training-step benchmark of `finetune bench`: builds a model of the named shape with random
+ * weights, runs one warm-up and `steps` timed steps, and returns the JSON text `finetune bench`
+ * prints (tokens_per_second, step_seconds_median, peak_rss_mib, ...). Options left out keep
+ * benchDefaults(). It runs on the calling thread, blocking the event loop (minutes for the larger
+ * shapes). */
+function bench(opts) {
+  opts = opts ?? {};
+  const p = lib().benchDefaultParams();
+  if (opts.model != null) p.model = opts.model;
+  if (opts.mode != null) p.mode = opts.mode;
+  for (const [k, c] of [['batch', 'batch'], ['seq', 'seq'], ['rank', 'rank'], ['steps', 'steps'], ['threads', 'n_threads']]) {
+    if (opts[k] != null) p[c] = uint32(k, opts[k]);
+  }
+  if (opts.checkpointing != null) p.checkpointing = opts.checkpointing ? 1 : 0;
+  if (opts.device != null) p.device = opts.device;
+  if (opts.maxDeviceMemoryMiB != null) p.max_device_memory_mib = opts.maxDeviceMemoryMiB;
+  const out = [null];
+  check('ft_bench', lib().bench(p, out));
+  try {
+    return koffi.decode(out[0], 'char', -1);
+  } finally {
+    lib().stringFree(out[0]);
+  }
+}
+
 /** Opens the library now (it opens on first use otherwise); returns its path. */
 function loadLibrary() {
   return lib().path;
@@ -292,6 +363,6 @@ function version() {
 }
 
 module.exports = {
-  Model, Trainer, FinetuneError, Status, Target, DType, IGNORE_LABEL, ABI_VERSION, loadLibrary, version,
-  LIBRARY_ENV: ffi.LIB_ENV,
+  Model, Trainer, FinetuneError, Status, Target, DType, IGNORE_LABEL, ABI_VERSION, NCCL_UNIQUE_ID_BYTES,
+  loadLibrary, version, ncclUniqueId, bench, benchDefaults, LIBRARY_ENV: ffi.LIB_ENV,
 };

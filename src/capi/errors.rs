@@ -110,6 +110,7 @@ pub extern "C" fn ft_status_name(status: ft_status) -> *const c_char {
         FT_ERR_INTERNAL => "FT_ERR_INTERNAL\0",
         FT_ERR_DEVICE => "FT_ERR_DEVICE\0",
         FT_ERR_OUT_OF_MEMORY => "FT_ERR_OUT_OF_MEMORY\0",
+        FT_ERR_COLLECTIVE => "FT_ERR_COLLECTIVE\0",
         _ => "FT_ERR_UNKNOWN\0",
     };
     s.as_ptr().cast()

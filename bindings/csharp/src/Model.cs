@@ -61,32 +61,64 @@ namespace Finetune
 
         Model(IntPtr h) { Handle = new ModelHandle(h); }
 
-        static NativeModelParams Params(ModelOptions o, out byte[] device)
+        static NativeModelParams Params(ModelOptions o, out byte[] device, out byte[] id)
         {
             var p = Native.Lib.ft_model_default_params();
             device = null;
+            id = null;
             if (o != null)
             {
                 p.n_threads = o.Threads;
                 p.quantization = (int)o.Quantization;
                 p.max_device_memory_mib = o.MaxDeviceMemoryMiB;
+                p.world_size = o.WorldSize;
+                p.rank = o.Rank;
                 if (o.Device != null) device = Native.Utf8Z(o.Device);
+                if (o.NcclUniqueId != null)
+                {
+                    if (o.NcclUniqueId.Length != Native.NcclUniqueIdBytes)
+                        throw new ArgumentException(string.Format(
+                            "ModelOptions.NcclUniqueId has {0} bytes; an NCCL unique id has {1}",
+                            o.NcclUniqueId.Length, Native.NcclUniqueIdBytes), "options");
+                    id = o.NcclUniqueId;
+                }
+                else if (o.WorldSize > 1)
+                    throw new ArgumentException(string.Format(
+                        "ModelOptions.NcclUniqueId is missing but WorldSize is {0}: make one with " +
+                        "Library.NcclUniqueId() on one rank and give it to every rank", o.WorldSize), "options");
+                double ms = Math.Ceiling(o.CollectiveTimeout.TotalMilliseconds);
+                if (ms < 0 || ms > uint.MaxValue)
+                    throw new ArgumentOutOfRangeException("options", o.CollectiveTimeout,
+                        "ModelOptions.CollectiveTimeout must be from zero to " + uint.MaxValue + " ms");
+                p.collective_timeout_ms = (uint)ms;
             }
             return p;
         }
 
         static int WithParams(ModelOptions o, Func<NativeModelParams, int> call)
         {
-            byte[] device;
-            var p = Params(o, out device);
-            if (device == null) return call(p);
-            var pin = GCHandle.Alloc(device, GCHandleType.Pinned);
+            byte[] device, id;
+            var p = Params(o, out device, out id);
+            // Pinned for the call, which reads them during the call only.
+            var pins = new System.Collections.Generic.List<GCHandle>();
             try
             {
-                p.device = pin.AddrOfPinnedObject();
+                if (device != null)
+                {
+                    pins.Add(GCHandle.Alloc(device, GCHandleType.Pinned));
+                    p.device = pins[pins.Count - 1].AddrOfPinnedObject();
+                }
+                if (id != null)
+                {
+                    pins.Add(GCHandle.Alloc(id, GCHandleType.Pinned));
+                    p.nccl_unique_id = pins[pins.Count - 1].AddrOfPinnedObject();
+                }
                 return call(p);
             }
-            finally { pin.Free(); }
+            finally
+            {
+                foreach (var pin in pins) pin.Free();
+            }
         }
 
         /// <summary>Loads a Hugging Face model directory (config.json + safetensors).</summary>

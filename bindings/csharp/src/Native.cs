@@ -7,12 +7,29 @@ using System.Runtime.InteropServices;
 
 namespace Finetune
 {
+    // Field for field, in order, as in include/finetune.h: a struct shorter than the library's
+    // would let it read past the end (the tests check the sizes).
     [StructLayout(LayoutKind.Sequential)]
     internal struct NativeModelParams
     {
         public IntPtr device;
         public uint n_threads;
         public int quantization;
+        public ulong max_device_memory_mib;
+        public uint world_size;
+        public uint rank;
+        public IntPtr nccl_unique_id;
+        public uint collective_timeout_ms;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct NativeBenchParams
+    {
+        public IntPtr model, mode;
+        public uint batch, seq, rank, steps;
+        public int checkpointing;
+        public uint n_threads;
+        public IntPtr device;
         public ulong max_device_memory_mib;
     }
 
@@ -62,7 +79,8 @@ namespace Finetune
     {
         public const string LibraryEnv = "FINETUNE_LIB";
         const string LibName = "libfinetune.so";
-        public const uint AbiVersion = 2;
+        public const uint AbiVersion = 3;
+        public const int NcclUniqueIdBytes = 128;
 
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate uint AbiVersionFn();
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate IntPtr StringFn();
@@ -84,6 +102,9 @@ namespace Finetune
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int TrainerEvalLossFn(IntPtr trainer, NativeBatch[] batch, out float loss);
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int TrainerWriteFn(IntPtr trainer, byte[] dir);
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int TrainerExportFn(IntPtr trainer, byte[] dir, int dtype);
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int NcclUniqueIdFn([Out] byte[] output, UIntPtr outLen);
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate NativeBenchParams BenchDefaultsFn();
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate int BenchFn(ref NativeBenchParams p, out IntPtr json);
 
         // Filled by reflection in Bind().
 #pragma warning disable 649
@@ -101,7 +122,7 @@ namespace Finetune
             public ModelGetInfoFn ft_model_get_info;
             public ModelSaveFn ft_model_save;
             public ModelGenerateFn ft_model_generate;
-            public FreeFn ft_model_free, ft_trainer_free;
+            public FreeFn ft_model_free, ft_trainer_free, ft_string_free;
             public TrainerNewFn ft_trainer_new;
             public TrainerLoadAdapterFn ft_trainer_load_adapter;
             public TrainerStepFn ft_trainer_step;
@@ -109,6 +130,9 @@ namespace Finetune
             public TrainerEvalLossFn ft_trainer_eval_loss;
             public TrainerWriteFn ft_trainer_save_adapter;
             public TrainerExportFn ft_trainer_export_merged;
+            public NcclUniqueIdFn ft_nccl_unique_id;
+            public BenchDefaultsFn ft_bench_default_params;
+            public BenchFn ft_bench;
         }
 #pragma warning restore 649
 
@@ -217,19 +241,26 @@ namespace Finetune
         static Api Bind(IntPtr lib, string path)
         {
             var a = new Api { Path = path };
-            foreach (var f in typeof(Api).GetFields())
+            Func<string, IntPtr> symbol = name =>
             {
-                if (f.FieldType == typeof(string)) continue;
-                IntPtr sym = DlSym(lib, f.Name);
+                IntPtr sym = DlSym(lib, name);
                 if (sym == IntPtr.Zero)
                     throw new EntryPointNotFoundException(string.Format(
-                        "finetune: {0} has no symbol {1} (a different library?)", path, f.Name));
-                f.SetValue(a, Marshal.GetDelegateForFunctionPointer(sym, f.FieldType));
-            }
-            uint abi = a.ft_abi_version();
+                        "finetune: {0} has no symbol {1} (a different library?)", path, name));
+                return sym;
+            };
+            // The version first: a library of another ABI may lack some of the other symbols, and
+            // its version is the clearer message.
+            var abiVersion = (AbiVersionFn)Marshal.GetDelegateForFunctionPointer(symbol("ft_abi_version"), typeof(AbiVersionFn));
+            uint abi = abiVersion();
             if (abi != AbiVersion)
                 throw new DllNotFoundException(string.Format(
                     "finetune: {0} has C ABI version {1}, this binding needs {2}", path, abi, AbiVersion));
+            foreach (var f in typeof(Api).GetFields())
+            {
+                if (f.FieldType == typeof(string)) continue;
+                f.SetValue(a, Marshal.GetDelegateForFunctionPointer(symbol(f.Name), f.FieldType));
+            }
             return a;
         }
 

@@ -8,6 +8,8 @@ namespace Finetune
     {
         Ok = 0, InvalidArgument = 1, Io = 2, Format = 3, Unsupported = 4, AdapterMismatch = 5,
         Cancelled = 6, NonFinite = 7, Internal = 8, Device = 9, OutOfMemory = 10,
+        /// <summary>A data-parallel group failed: another rank failed, died or timed out.</summary>
+        Collective = 11,
     }
 
     /// <summary>A failed library call, carrying the library's message.</summary>
@@ -53,7 +55,8 @@ namespace Finetune
     /// <summary>Where and how to run a model. Null fields keep the library's defaults.</summary>
     public sealed class ModelOptions
     {
-        /// <summary>"auto" (default), "cpu" or "cuda:N".</summary>
+        /// <summary>"auto" (default), "cpu", "cuda:N", or several GPUs of this process training as
+        /// one data-parallel group: "cuda:0,cuda:1" or "cuda:all".</summary>
         public string Device;
         /// <summary>CPU worker threads; 0 means one per core.</summary>
         public uint Threads;
@@ -61,6 +64,19 @@ namespace Finetune
         public Quantization Quantization;
         /// <summary>Cap on the device memory held, in MiB (GPU only); 0 means none.</summary>
         public ulong MaxDeviceMemoryMiB;
+        /// <summary>Ranks in a data-parallel group spanning processes; 0 or 1: this process trains
+        /// alone (or over the GPUs Device lists). With more, Device must be one "cuda:N", and Rank and
+        /// NcclUniqueId are needed; each step's batches are then this rank's share.</summary>
+        public uint WorldSize;
+        /// <summary>This process's rank, 0 ≤ Rank &lt; WorldSize.</summary>
+        public uint Rank;
+        /// <summary>The Library.NcclUniqueIdBytes (128) bytes Library.NcclUniqueId() made on one rank,
+        /// the same on every rank; required when WorldSize &gt; 1.</summary>
+        public byte[] NcclUniqueId;
+        /// <summary>How long a rank waits for the others (joining, each step) before failing with
+        /// Status.Collective instead of hanging, rounded up to whole milliseconds; zero means 5
+        /// minutes.</summary>
+        public TimeSpan CollectiveTimeout;
     }
 
     /// <summary>A model's sizes.</summary>

@@ -4,6 +4,8 @@ using System;
 using System.Collections.Generic;
 using System.Diagnostics;
 using System.IO;
+using System.Runtime.InteropServices;
+using System.Text.RegularExpressions;
 using System.Threading;
 using System.Threading.Tasks;
 using Finetune;
@@ -208,26 +210,141 @@ static class Tests
         Assert(trainer.Handle.IsClosed && model.Handle.IsClosed, "handles closed");
     }
 
+    static void AbiVersionIsThreeAndStructsHaveTheHeadersSizes()
+    {
+        Assert(Library.AbiVersion == 3, "AbiVersion 3");
+        Assert(!string.IsNullOrEmpty(Library.Version) && !string.IsNullOrEmpty(Library.Path), "library opened");
+        // x86-64 sizes of the structs in include/finetune.h.
+        var asm = typeof(Model).Assembly;
+        int modelParams = Marshal.SizeOf(asm.GetType("Finetune.NativeModelParams", true));
+        int benchParams = Marshal.SizeOf(asm.GetType("Finetune.NativeBenchParams", true));
+        Assert(modelParams == 48, "ft_model_params is 48 bytes, not " + modelParams);
+        Assert(benchParams == 56, "ft_bench_params is 56 bytes, not " + benchParams);
+    }
+
+    static void OtherAbiVersionIsRefused()
+    {
+        if (Environment.GetEnvironmentVariable("FT_CS_CHILD") == "1") return;
+        var dir = TempDir();
+        try
+        {
+            string src = Path.Combine(dir, "old.c"), lib = Path.Combine(dir, "libfinetune.so");
+            File.WriteAllText(src, "unsigned ft_abi_version(void) { return 2; }\n");
+            Process cc;
+            try { cc = Process.Start(new ProcessStartInfo("cc", "-shared -fPIC -o \"" + lib + "\" \"" + src + "\"") { UseShellExecute = false }); }
+            catch (System.ComponentModel.Win32Exception) { Console.WriteLine("     (no C compiler: not checked)"); return; }
+            cc.WaitForExit();
+            Assert(cc.ExitCode == 0, "cc built the stand-in library");
+            string output = RunLoadOnly(lib);
+            Assert(output.Contains("has C ABI version 2, this binding needs 3"), output);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    static void ExpectArgumentException(string what, Action f, params string[] needles)
+    {
+        try
+        {
+            f();
+            Assert(false, what + " accepted");
+        }
+        catch (ArgumentException e)
+        {
+            foreach (var n in needles) Assert(e.Message.Contains(n), what + ": message lacks \"" + n + "\": " + e.Message);
+        }
+    }
+
+    static void ProcessGroupOptionsAreChecked()
+    {
+        var missing = Path.Combine(Path.GetTempPath(), "no-such-model-dir");
+        ExpectArgumentException("missing id", () => Model.Load(missing, new ModelOptions { Device = "cuda:0", WorldSize = 2 }),
+            "NcclUniqueId is missing but WorldSize is 2");
+        ExpectArgumentException("short id", () => Model.Load(missing, new ModelOptions { Device = "cuda:0", WorldSize = 2, NcclUniqueId = new byte[5] }),
+            "NcclUniqueId has 5 bytes", "128");
+        ExpectArgumentException("long id", () => Model.Random("tiny", 0, new ModelOptions { WorldSize = 2, NcclUniqueId = new byte[129] }),
+            "NcclUniqueId has 129 bytes");
+        ExpectArgumentException("negative timeout", () => Model.Random("tiny", 0, new ModelOptions { CollectiveTimeout = TimeSpan.FromSeconds(-1) }),
+            "CollectiveTimeout");
+        // Valid options reach the library, which reads each field where the header puts it: the rank
+        // and world size it quotes, then (the id read) the device a rank needs.
+        var id = new byte[Library.NcclUniqueIdBytes];
+        try
+        {
+            Model.Random("tiny", 0, new ModelOptions { Device = "cpu", WorldSize = 2, Rank = 5, NcclUniqueId = id,
+                CollectiveTimeout = TimeSpan.FromMilliseconds(1.5) }).Dispose();
+            Assert(false, "rank 5 of 2 accepted");
+        }
+        catch (FinetuneException e)
+        {
+            Assert(e.Status == Status.InvalidArgument && e.Message.Contains("rank 5 is outside a group of params->world_size 2"), e.Message);
+        }
+        try
+        {
+            Model.Random("tiny", 0, new ModelOptions { Device = "cpu", Threads = 1, WorldSize = 2, Rank = 1, NcclUniqueId = id }).Dispose();
+            Assert(false, "a rank on the CPU accepted");
+        }
+        catch (FinetuneException e)
+        {
+            Assert(e.Message.Contains("rank 1 of a multi-process group") && e.Message.Contains("cuda:N"), e.Message);
+        }
+        // WorldSize 1 is alone: no id needed.
+        Model.Random("tiny", 0, new ModelOptions { Device = "cpu", Threads = 1, WorldSize = 1, CollectiveTimeout = TimeSpan.FromMinutes(1) }).Dispose();
+    }
+
+    static void NcclUniqueIdIs128BytesOrAnErrorNamingNccl()
+    {
+        Assert((int)Status.Collective == 11, "Status.Collective is 11");
+        byte[] id;
+        try { id = Library.NcclUniqueId(); }
+        catch (FinetuneException e)
+        {
+            Assert(e.Operation == "ft_nccl_unique_id" && e.Message.Contains("NCCL"), e.Message);
+            Console.WriteLine("     (no NCCL here: {0})", e.LibraryMessage);
+            return;
+        }
+        Assert(id.Length == 128, "128 bytes, not " + id.Length);
+    }
+
+    static void BenchRunsTheTinyShapeOnTheCpu()
+    {
+        var d = Library.DefaultBenchOptions();
+        Assert(d.Model == "smollm2-135m" && d.Mode == "lora" && d.Batch == 4 && d.Checkpointing == true, "defaults");
+        string json = Library.Bench(new BenchOptions { Model = "tiny", Device = "cpu", Threads = 1, Batch = 1, Seq = 16, Steps = 2 });
+        Assert(json.Contains("\"model\":\"tiny\"") || json.Contains("\"model\": \"tiny\""), json);
+        var m = Regex.Match(json, "\"tokens_per_second\"\\s*:\\s*([0-9.eE+-]+)");
+        Assert(m.Success, "tokens_per_second in " + json);
+        double tps = double.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
+        Assert(tps > 0, "tokens_per_second above 0: " + json);
+        try
+        {
+            Library.Bench(new BenchOptions { Model = "no-such-shape", Device = "cpu" });
+            Assert(false, "unknown shape accepted");
+        }
+        catch (FinetuneException e) { Assert(e.Status == Status.InvalidArgument && e.Message.Contains("no-such-shape"), e.Message); }
+    }
+
+    static string RunLoadOnly(string lib)
+    {
+        string exe = typeof(Tests).Assembly.Location;
+        var psi = new ProcessStartInfo("mono", "\"" + exe + "\" --load-only")
+        {
+            UseShellExecute = false, RedirectStandardOutput = true,
+        };
+        psi.EnvironmentVariables["FINETUNE_LIB"] = lib;
+        psi.EnvironmentVariables["LD_LIBRARY_PATH"] = "";
+        psi.EnvironmentVariables["FT_CS_CHILD"] = "1";
+        using (var p = Process.Start(psi))
+        {
+            string text = p.StandardOutput.ReadToEnd();
+            p.WaitForExit();
+            return text;
+        }
+    }
+
     static void MissingLibraryNamesEveryPlaceLooked()
     {
         if (Environment.GetEnvironmentVariable("FT_CS_CHILD") == "1") return;
-        string exe = typeof(Tests).Assembly.Location;
-        Func<string, string> run = (lib) =>
-        {
-            var psi = new ProcessStartInfo("mono", "\"" + exe + "\" --load-only")
-            {
-                UseShellExecute = false, RedirectStandardOutput = true,
-            };
-            psi.EnvironmentVariables["FINETUNE_LIB"] = lib;
-            psi.EnvironmentVariables["LD_LIBRARY_PATH"] = "";
-            psi.EnvironmentVariables["FT_CS_CHILD"] = "1";
-            using (var p = Process.Start(psi))
-            {
-                string text = p.StandardOutput.ReadToEnd();
-                p.WaitForExit();
-                return text;
-            }
-        };
+        Func<string, string> run = RunLoadOnly;
         string bad = run("/nonexistent/libfinetune.so");
         Assert(bad.Contains("FINETUNE_LIB=/nonexistent/libfinetune.so"), bad);
         string none = run("");
@@ -253,6 +370,11 @@ static class Tests
             new KeyValuePair<string, Action>("TrainingDoesNotBlockTheCaller", TrainingDoesNotBlockTheCaller),
             new KeyValuePair<string, Action>("DisposeIsIdempotentAndUseAfterDisposeThrows", DisposeIsIdempotentAndUseAfterDisposeThrows),
             new KeyValuePair<string, Action>("MissingLibraryNamesEveryPlaceLooked", MissingLibraryNamesEveryPlaceLooked),
+            new KeyValuePair<string, Action>("AbiVersionIsThreeAndStructsHaveTheHeadersSizes", AbiVersionIsThreeAndStructsHaveTheHeadersSizes),
+            new KeyValuePair<string, Action>("OtherAbiVersionIsRefused", OtherAbiVersionIsRefused),
+            new KeyValuePair<string, Action>("ProcessGroupOptionsAreChecked", ProcessGroupOptionsAreChecked),
+            new KeyValuePair<string, Action>("NcclUniqueIdIs128BytesOrAnErrorNamingNccl", NcclUniqueIdIs128BytesOrAnErrorNamingNccl),
+            new KeyValuePair<string, Action>("BenchRunsTheTinyShapeOnTheCpu", BenchRunsTheTinyShapeOnTheCpu),
         };
         int passed = 0, failed = 0;
         foreach (var t in tests)

@@ -8,6 +8,10 @@ const koffi = require('koffi');
 
 const LIB_ENV = 'FINETUNE_LIB';
 const LIB_NAME = 'libfinetune.so';
+/** The C ABI version the declarations below mirror (FT_ABI_VERSION of include/finetune.h). */
+const ABI_VERSION = 3;
+/** Bytes of an NCCL unique id (FT_NCCL_UNIQUE_ID_BYTES). */
+const NCCL_UNIQUE_ID_BYTES = 128;
 
 /** Where the library is looked for when FINETUNE_LIB is not set, in order. */
 function candidates() {
@@ -50,8 +54,16 @@ function openLibrary(explicitPath) {
   );
 }
 
+// Field for field, in order, as in include/finetune.h: a struct shorter than the library's would
+// let it read past the end (test/binding.test.js checks the sizes).
 const ModelParams = koffi.struct('ft_model_params', {
   device: 'const char *', n_threads: 'uint32_t', quantization: 'int32_t', max_device_memory_mib: 'uint64_t',
+  world_size: 'uint32_t', rank: 'uint32_t', nccl_unique_id: 'const uint8_t *', collective_timeout_ms: 'uint32_t',
+});
+const BenchParams = koffi.struct('ft_bench_params', {
+  model: 'const char *', mode: 'const char *', batch: 'uint32_t', seq: 'uint32_t', rank: 'uint32_t',
+  steps: 'uint32_t', checkpointing: 'int32_t', n_threads: 'uint32_t', device: 'const char *',
+  max_device_memory_mib: 'uint64_t',
 });
 const ModelInfo = koffi.struct('ft_model_info', {
   vocab_size: 'uint64_t', hidden_size: 'uint64_t', intermediate_size: 'uint64_t', num_layers: 'uint64_t',
@@ -80,14 +92,20 @@ const ProgressFn = koffi.proto('int32_t ft_progress_fn(const ft_step_stats *stat
 
 let api = null;
 
-/** Opens the library (once per thread) and returns its functions. */
+/** Opens the library (once per thread), checks its ABI version and returns its functions. */
 function load(explicitPath) {
   if (api) return api;
   const { lib, path: libPath } = openLibrary(explicitPath);
   const f = (decl) => lib.func(decl);
+  // Before the other declarations: a library of another ABI may lack some of their symbols, and
+  // its version is the clearer message.
+  const abiVersion = f('uint32_t ft_abi_version(void)');
+  if (abiVersion() !== ABI_VERSION) {
+    throw new Error(`finetune: ${libPath} has C ABI version ${abiVersion()}, this package needs ${ABI_VERSION}`);
+  }
   api = {
     path: libPath,
-    abiVersion: f('uint32_t ft_abi_version(void)'),
+    abiVersion,
     version: f('const char *ft_version(void)'),
     lastError: f('const char *ft_last_error(void)'),
     statusName: f('const char *ft_status_name(int32_t status)'),
@@ -109,6 +127,11 @@ function load(explicitPath) {
     trainerSaveAdapter: f('int32_t ft_trainer_save_adapter(const ft_trainer *trainer, const char *dir)'),
     trainerExportMerged: f('int32_t ft_trainer_export_merged(const ft_trainer *trainer, const char *dir, int32_t dtype)'),
     trainerFree: f('void ft_trainer_free(ft_trainer *trainer)'),
+    ncclUniqueId: f('int32_t ft_nccl_unique_id(_Out_ uint8_t *out, size_t out_len)'),
+    benchDefaultParams: f('ft_bench_params ft_bench_default_params(void)'),
+    // The JSON comes back as a raw pointer, to be read and then released with ft_string_free.
+    bench: f('int32_t ft_bench(const ft_bench_params *params, _Out_ void **json_out)'),
+    stringFree: f('void ft_string_free(void *s)'),
   };
   return api;
 }
@@ -145,4 +168,7 @@ function statsOf(s) {
   };
 }
 
-module.exports = { koffi, load, toCBatches, statsOf, ProgressFn, StepStats, Batch, LIB_ENV };
+module.exports = {
+  koffi, load, toCBatches, statsOf, ProgressFn, StepStats, Batch, ModelParams, BenchParams, LIB_ENV, ABI_VERSION,
+  NCCL_UNIQUE_ID_BYTES,
+};

@@ -143,3 +143,93 @@ test('a missing library names every place looked', () => {
   }).toString();
   assert.match(bad, /FINETUNE_LIB=\/nonexistent\/libfinetune.so/);
 });
+
+test('the ABI version is 3 and the structs have the header\'s sizes', () => {
+  assert.strictEqual(ft.ABI_VERSION, 3);
+  ft.loadLibrary();
+  const ffi = require('../lib/ffi');
+  assert.strictEqual(ffi.load().abiVersion(), 3);
+  // x86-64 sizes of the structs in include/finetune.h.
+  assert.strictEqual(ffi.koffi.sizeof(ffi.ModelParams), 48);
+  assert.strictEqual(ffi.koffi.sizeof(ffi.BenchParams), 56);
+});
+
+test('a library of another ABI version is refused with both versions named', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ft-node-abi-'));
+  try {
+    const src = path.join(dir, 'old.c');
+    const lib = path.join(dir, 'libfinetune.so');
+    fs.writeFileSync(src, 'unsigned ft_abi_version(void) { return 2; }\n');
+    try {
+      execFileSync('cc', ['-shared', '-fPIC', '-o', lib, src]);
+    } catch (e) {
+      t.skip('no C compiler to build a stand-in library');
+      return;
+    }
+    const script = "try { require('.').loadLibrary(); console.log('LOADED') } catch (e) { console.log(e.message) }";
+    const out = execFileSync(process.execPath, ['-e', script], {
+      cwd: path.join(__dirname, '..'), env: { ...process.env, FINETUNE_LIB: lib },
+    }).toString();
+    assert.ok(out.includes('has C ABI version 2, this package needs 3'), out);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('process-group options are checked before loading', () => {
+  const dir = path.join(os.tmpdir(), 'no-such-model-dir');
+  assert.throws(() => ft.Model.load(dir, { device: 'cuda:0', worldSize: 2 }),
+    (e) => e instanceof TypeError && /ncclUniqueId is missing but worldSize is 2/.test(e.message));
+  assert.throws(() => ft.Model.load(dir, { device: 'cuda:0', worldSize: 2, ncclUniqueId: Buffer.alloc(5) }),
+    (e) => e instanceof RangeError && /ncclUniqueId has 5 bytes; an NCCL unique id has 128/.test(e.message));
+  assert.throws(() => ft.Model.random('tiny', 0, { worldSize: 2, ncclUniqueId: new Uint8Array(200) }),
+    /ncclUniqueId has 200 bytes/);
+  assert.throws(() => ft.Model.random('tiny', 0, { worldSize: 2, ncclUniqueId: 'abc' }),
+    (e) => e instanceof TypeError && /Buffer or Uint8Array/.test(e.message));
+  assert.throws(() => ft.Model.random('tiny', 0, { worldSize: -1 }), (e) => e instanceof RangeError && /worldSize/.test(e.message));
+  assert.throws(() => ft.Model.random('tiny', 0, { collectiveTimeoutMs: 1.5 }), /collectiveTimeoutMs/);
+  // Valid options reach the library, which reads each field where the header puts it: the rank
+  // and world size it quotes, then (the id read) the device a rank needs. A Buffer slice of a
+  // larger allocation serves as well.
+  const id = Buffer.alloc(300).subarray(7, 7 + ft.NCCL_UNIQUE_ID_BYTES);
+  assert.throws(() => ft.Model.random('tiny', 0, { device: 'cpu', worldSize: 2, rank: 5, ncclUniqueId: id, collectiveTimeoutMs: 2000 }),
+    (e) => e instanceof ft.FinetuneError && e.code === 'FT_ERR_INVALID_ARGUMENT'
+      && e.message.includes('rank 5 is outside a group of params->world_size 2'));
+  assert.throws(() => ft.Model.random('tiny', 0, { device: 'cpu', threads: 1, worldSize: 2, rank: 1, ncclUniqueId: id }),
+    (e) => e instanceof ft.FinetuneError && /rank 1 of a multi-process group/.test(e.message) && /cuda:N/.test(e.message));
+  // worldSize 1 is alone: no id needed.
+  ft.Model.random('tiny', 0, { device: 'cpu', threads: 1, worldSize: 1, collectiveTimeoutMs: 60000 }).close();
+});
+
+test('ncclUniqueId gives 128 bytes, or an error naming NCCL where it is absent', (t) => {
+  assert.strictEqual(ft.Status.COLLECTIVE, 11);
+  assert.strictEqual(require('../lib/ffi').load().statusName(ft.Status.COLLECTIVE), 'FT_ERR_COLLECTIVE');
+  let id;
+  try {
+    id = ft.ncclUniqueId();
+  } catch (e) {
+    assert.ok(e instanceof ft.FinetuneError, String(e));
+    assert.strictEqual(e.op, 'ft_nccl_unique_id');
+    assert.match(e.message, /NCCL/);
+    t.diagnostic(`no NCCL here: ${e.message}`);
+    return;
+  }
+  assert.ok(id instanceof Uint8Array);
+  assert.strictEqual(id.length, 128);
+});
+
+test('bench runs the tiny shape on the CPU and returns the JSON of finetune bench', () => {
+  const d = ft.benchDefaults();
+  assert.strictEqual(d.model, 'smollm2-135m');
+  assert.strictEqual(d.mode, 'lora');
+  assert.strictEqual(d.checkpointing, true);
+  const json = ft.bench({ model: 'tiny', device: 'cpu', threads: 1, batch: 1, seq: 16, steps: 2 });
+  assert.strictEqual(typeof json, 'string');
+  const r = JSON.parse(json);
+  assert.strictEqual(r.model, 'tiny');
+  assert.strictEqual(r.steps, 2);
+  assert.ok(r.tokens_per_second > 0, json);
+  assert.throws(() => ft.bench({ model: 'no-such-shape', device: 'cpu' }),
+    (e) => e instanceof ft.FinetuneError && e.code === 'FT_ERR_INVALID_ARGUMENT' && /no-such-shape/.test(e.message));
+  assert.throws(() => ft.bench({ model: 'tiny', device: 'cpu', steps: 0 }), (e) => e.code === 'FT_ERR_INVALID_ARGUMENT');
+});
