@@ -311,6 +311,11 @@ typedef struct ft_train_params {
    * Seed of the dropout masks.
    */
   uint64_t seed;
+  /**
+   * Non-zero: keep the saved layer inputs in pinned host memory instead of device memory,
+   * copied out and back beside the compute (GPU only).
+   */
+  int32_t offload_activations;
 } ft_train_params;
 
 /**
@@ -536,7 +541,8 @@ struct ft_bench_params ft_bench_default_params(void);
 /**
  * Builds a model of the named shape with random weights on the device, runs one warm-up and
  * `steps` timed training steps on random tokens, and sets `*json_out` to the JSON object that
- * `finetune bench` prints: model, device, mode, batch, seq, rank, checkpointing, steps,
+ * `finetune bench` prints: model, device, mode, ranks, batch, seq, rank, checkpointing,
+ * offload_activations (always false here), steps,
  * step_seconds_median, cpu_seconds_median (null where the OS does not report it),
  * tokens_per_second, first_loss, last_loss, peak_rss_mib (the whole process's peak resident
  * memory), peak_device_mib (null on the CPU) and load_seconds. The caller frees the string with
@@ -648,7 +654,7 @@ struct ft_lora_params ft_lora_default_params(void);
 
 /**
  * Defaults: AdamW lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay, clip 1.0, linear
- * schedule over 100 steps without warmup, checkpointing on, seed 0.
+ * schedule over 100 steps without warmup, checkpointing on, no offload, seed 0.
  */
 struct ft_train_params ft_train_default_params(void);
 

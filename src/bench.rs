@@ -66,6 +66,8 @@ pub struct BenchConfig {
     /// Steps timed after the warm-up step.
     pub steps: usize,
     pub checkpointing: bool,
+    /// Keep the saved layer inputs in pinned host memory (GPU backends).
+    pub offload_activations: bool,
     /// Device, threads, quantization (which decides the mode) and device-memory cap.
     pub params: ModelParams,
 }
@@ -81,6 +83,7 @@ impl Default for BenchConfig {
             rank: 16,
             steps: 3,
             checkpointing: true,
+            offload_activations: false,
             params: ModelParams::default(),
         }
     }
@@ -100,6 +103,7 @@ pub struct BenchResult {
     pub seq: usize,
     pub rank: usize,
     pub checkpointing: bool,
+    pub offload_activations: bool,
     pub steps: usize,
     /// Median seconds per optimizer step over the timed steps.
     pub step_seconds_median: f64,
@@ -173,6 +177,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     };
     let train = TrainConfig {
         checkpointing: cfg.checkpointing,
+        offload_activations: cfg.offload_activations,
         total_steps: cfg.steps as u64 + 1,
         ..TrainConfig::default()
     };
@@ -212,6 +217,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         seq: cfg.seq,
         rank: cfg.rank,
         checkpointing: cfg.checkpointing,
+        offload_activations: cfg.offload_activations,
         steps: cfg.steps,
         step_seconds_median: median_wall,
         cpu_seconds_median,

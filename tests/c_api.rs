@@ -43,6 +43,7 @@ struct TrainParams {
     total_steps: u64,
     gradient_checkpointing: i32,
     seed: u64,
+    offload_activations: i32,
 }
 
 #[repr(C)]
@@ -689,6 +690,7 @@ fn bench_returns_the_cli_json() {
             "seq",
             "rank",
             "checkpointing",
+            "offload_activations",
             "steps",
             "step_seconds_median",
             "cpu_seconds_median",

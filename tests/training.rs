@@ -238,3 +238,30 @@ fn saved_model_directory_loads_back_identically() {
         .to_string();
     assert!(e.contains("nope"), "{e}");
 }
+
+/// With activation offload asked for, the CPU keeps the saved inputs where they are; the
+/// decoder's order of stashing, fetching and settling must still hand each layer its own
+/// input: the losses equal those without offload, with and without checkpointing.
+#[test]
+fn offloading_activations_changes_no_loss() {
+    let m = model(Family::Qwen3);
+    let b = batch(4, 2, 12);
+    for checkpointing in [true, false] {
+        let run = |offload_activations: bool| {
+            let cfg = TrainConfig {
+                checkpointing,
+                offload_activations,
+                ..train_config()
+            };
+            let lora = LoraConfig {
+                dropout: 0.1,
+                ..LoraConfig::default()
+            };
+            let mut t = Trainer::new(&m, lora, cfg).unwrap();
+            (0..3)
+                .map(|_| t.step(std::slice::from_ref(&b)).unwrap().loss)
+                .collect::<Vec<f32>>()
+        };
+        assert_eq!(run(true), run(false), "checkpointing {checkpointing}");
+    }
+}

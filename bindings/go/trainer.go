@@ -52,6 +52,7 @@ type TrainOptions struct {
 	WarmupSteps, TotalSteps                      uint64
 	GradientCheckpointing                        bool
 	Seed                                         uint64
+	OffloadActivations                           bool // saved layer inputs in pinned host memory (GPU only)
 }
 
 // DefaultLoRAOptions gives the library's defaults (rank 16, alpha 16, all projections).
@@ -74,7 +75,8 @@ func DefaultTrainOptions() (TrainOptions, error) {
 		Beta1: float32(p.beta1), Beta2: float32(p.beta2), Eps: float32(p.eps),
 		MaxGradNorm: float32(p.max_grad_norm), Schedule: int32(p.schedule),
 		WarmupSteps: uint64(p.warmup_steps), TotalSteps: uint64(p.total_steps),
-		GradientCheckpointing: p.gradient_checkpointing != 0, Seed: uint64(p.seed)}, nil
+		GradientCheckpointing: p.gradient_checkpointing != 0, Seed: uint64(p.seed),
+		OffloadActivations: p.offload_activations != 0}, nil
 }
 
 func (o *LoRAOptions) c() *C.ft_lora_params {
@@ -94,7 +96,8 @@ func (o *TrainOptions) c() *C.ft_train_params {
 		beta1: C.float(o.Beta1), beta2: C.float(o.Beta2), eps: C.float(o.Eps),
 		max_grad_norm: C.float(o.MaxGradNorm), schedule: C.int32_t(o.Schedule),
 		warmup_steps: C.uint64_t(o.WarmupSteps), total_steps: C.uint64_t(o.TotalSteps),
-		gradient_checkpointing: cbool(o.GradientCheckpointing), seed: C.uint64_t(o.Seed)}
+		gradient_checkpointing: cbool(o.GradientCheckpointing), seed: C.uint64_t(o.Seed),
+		offload_activations: cbool(o.OffloadActivations)}
 }
 
 func cbool(b bool) C.int32_t {

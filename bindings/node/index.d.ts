@@ -126,6 +126,8 @@ export interface TrainOptions {
   maxGradNorm?: number;
   schedule?: 'constant' | 'linear' | 'cosine' | number;
   warmupSteps?: number; totalSteps?: number; gradientCheckpointing?: boolean; seed?: number;
+  /** Keep the saved layer inputs in pinned host memory (GPU only). */
+  offloadActivations?: boolean;
 }
 
 export interface StepStats {

@@ -111,6 +111,7 @@ function trainParams(o) {
   };
   for (const [k, c] of Object.entries(map)) if (o[k] != null) p[c] = o[k];
   if (o.gradientCheckpointing != null) p.gradient_checkpointing = o.gradientCheckpointing ? 1 : 0;
+  if (o.offloadActivations != null) p.offload_activations = o.offloadActivations ? 1 : 0;
   if (o.schedule != null) {
     const s = typeof o.schedule === 'string' ? SCHEDULES[o.schedule] : o.schedule;
     if (s === undefined) throw new RangeError(`finetune: unknown schedule ${o.schedule}`);

@@ -195,6 +195,23 @@ pub trait Backend: Send + Sync + 'static {
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// `x *= s`.
+    /// Moves a layer input kept for the backward pass out of device memory: a GPU backend copies
+    /// it to pinned host memory on a stream of its own while later work runs, and frees the
+    /// device copy once done. Only [`Backend::fetch_stashed`] and [`Backend::settle`] read the
+    /// result. The CPU keeps the tensor as it is.
+    fn stash(&self, t: Self::Tensor) -> Result<Self::Tensor> {
+        Ok(t)
+    }
+    /// Starts bringing a stashed tensor back to the device; the copy overlaps the work queued
+    /// after it. [`Backend::settle`] must run before anything reads it.
+    fn fetch_stashed(&self, t: Self::Tensor) -> Result<Self::Tensor> {
+        Ok(t)
+    }
+    /// Makes later work wait until a fetched (or stashed) tensor is back on the device, and
+    /// returns it as an ordinary tensor.
+    fn settle(&self, t: Self::Tensor) -> Result<Self::Tensor> {
+        Ok(t)
+    }
     fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
     /// `Σ x²` over every element of every tensor in `xs`, accumulated in f64 (one result for a
     /// whole set, so a device backend waits once).

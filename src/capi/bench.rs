@@ -83,13 +83,15 @@ impl ft_bench_params {
             steps: self.steps as usize,
             checkpointing: self.checkpointing != 0,
             params: model_params.to_rust()?,
+            ..BenchConfig::default()
         })
     }
 }
 
 /// Builds a model of the named shape with random weights on the device, runs one warm-up and
 /// `steps` timed training steps on random tokens, and sets `*json_out` to the JSON object that
-/// `finetune bench` prints: model, device, mode, batch, seq, rank, checkpointing, steps,
+/// `finetune bench` prints: model, device, mode, ranks, batch, seq, rank, checkpointing,
+/// offload_activations (always false here), steps,
 /// step_seconds_median, cpu_seconds_median (null where the OS does not report it),
 /// tokens_per_second, first_loss, last_loss, peak_rss_mib (the whole process's peak resident
 /// memory), peak_device_mib (null on the CPU) and load_seconds. The caller frees the string with

@@ -124,6 +124,9 @@ pub struct ft_train_params {
     pub gradient_checkpointing: i32,
     /// Seed of the dropout masks.
     pub seed: u64,
+    /// Non-zero: keep the saved layer inputs in pinned host memory instead of device memory,
+    /// copied out and back beside the compute (GPU only).
+    pub offload_activations: i32,
 }
 
 /// A batch of `batch_size` rows of `seq_len` tokens, each array holding batch_size·seq_len values
@@ -188,7 +191,7 @@ pub extern "C" fn ft_lora_default_params() -> ft_lora_params {
 }
 
 /// Defaults: AdamW lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay, clip 1.0, linear
-/// schedule over 100 steps without warmup, checkpointing on, seed 0.
+/// schedule over 100 steps without warmup, checkpointing on, no offload, seed 0.
 #[no_mangle]
 pub extern "C" fn ft_train_default_params() -> ft_train_params {
     let d = TrainConfig::default();
@@ -204,6 +207,7 @@ pub extern "C" fn ft_train_default_params() -> ft_train_params {
         total_steps: d.total_steps,
         gradient_checkpointing: d.checkpointing as i32,
         seed: d.seed,
+        offload_activations: d.offload_activations as i32,
     }
 }
 
@@ -301,6 +305,7 @@ impl ft_train_params {
             warmup_steps: self.warmup_steps,
             total_steps: self.total_steps,
             checkpointing: self.gradient_checkpointing != 0,
+            offload_activations: self.offload_activations != 0,
             seed: self.seed,
         };
         cfg.validate()?;

@@ -33,6 +33,17 @@ pub struct DeviceBatch<B: Backend> {
     pub labelled: usize,
 }
 
+/// What a training forward pass keeps for its backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Saving {
+    /// Keep only each layer's input and recompute the layer in the backward pass (activation
+    /// checkpointing), instead of every intermediate.
+    pub recompute: bool,
+    /// Keep the layer inputs in host memory (`Backend::stash`): copied out while the next
+    /// layers compute, copied back while the layer after runs its backward.
+    pub offload_inputs: bool,
+}
+
 /// The decoder: configuration, frozen weights and the backend they live on.
 pub struct Decoder<B: Backend> {
     pub cfg: ModelConfig,
@@ -483,7 +494,7 @@ impl<B: Backend> Decoder<B> {
 
     /// Forward and backward of one micro-batch. Adds the LoRA gradients of
     /// `Σ_labelled CE / normalizer` into `grads` and returns the un-normalised loss sum.
-    /// With `checkpoint`, layers are recomputed in the backward instead of kept.
+    /// `saving` says what the forward pass keeps for the backward pass.
     /// `layer_done(layer, grads)` runs once the backward of `layer` has queued its last write to
     /// `grads` (last layer first), so a data-parallel sum of that layer's gradients can start
     /// while the earlier layers' backward goes on.
@@ -493,29 +504,34 @@ impl<B: Backend> Decoder<B> {
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
         normalizer: f32,
-        checkpoint: bool,
+        saving: Saving,
         layer_done: &mut dyn FnMut(usize, &mut LoraTensors<B>) -> Result<()>,
     ) -> Result<f64> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let n = cfg.num_layers;
-        let mut inputs = Vec::with_capacity(n + 1);
-        let mut caches = Vec::with_capacity(if checkpoint { 0 } else { n });
-        inputs.push(self.embed(batch)?);
+        let mut inputs = Vec::with_capacity(n);
+        let mut caches = Vec::with_capacity(if saving.recompute { 0 } else { n });
+        let mut x = self.embed(batch)?;
         for layer in 0..n {
             let (out, cache) = self.layer_forward(
                 layer,
-                &inputs[layer],
+                &x,
                 &batch.positions,
                 Some(ad),
                 self.batch_attention(batch),
             )?;
-            if !checkpoint {
+            if !saving.recompute {
                 caches.push(cache);
             }
-            inputs.push(out);
+            inputs.push(if saving.offload_inputs {
+                be.stash(x)?
+            } else {
+                x
+            });
+            x = out;
         }
-        let last = inputs.pop().expect("at least the embedding");
+        let last = x;
         let (h, r) = be.rmsnorm(
             &last,
             &self.weights.final_norm,
@@ -538,8 +554,12 @@ impl<B: Backend> Decoder<B> {
             &r,
             cfg.norm_unit_offset,
         )?;
+        // Each layer's input comes back (from host memory when offloaded) while the layer
+        // after it runs its backward.
+        let mut next = inputs.pop().map(|t| be.fetch_stashed(t)).transpose()?;
         for layer in (0..n).rev() {
-            let x = inputs.pop().expect("one input per layer");
+            let x = be.settle(next.take().expect("one input per layer"))?;
+            next = inputs.pop().map(|t| be.fetch_stashed(t)).transpose()?;
             let cache = match caches.pop() {
                 Some(c) => c,
                 None => {

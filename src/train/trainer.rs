@@ -7,7 +7,7 @@ use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
 use crate::model::adapters::LoraTensors;
-use crate::model::decoder::{Adapters, Decoder};
+use crate::model::decoder::{Adapters, Decoder, Saving};
 use crate::rng::derive;
 use std::sync::Arc;
 
@@ -27,6 +27,9 @@ pub struct TrainConfig {
     pub total_steps: u64,
     /// Recompute each layer in the backward pass instead of keeping its activations.
     pub checkpointing: bool,
+    /// Keep the saved layer inputs in pinned host memory instead of device memory, copied out
+    /// and back beside the compute (GPU backends; the CPU keeps them where they are).
+    pub offload_activations: bool,
     /// Seed of the dropout masks.
     pub seed: u64,
 }
@@ -44,6 +47,7 @@ impl Default for TrainConfig {
             warmup_steps: 0,
             total_steps: 100,
             checkpointing: true,
+            offload_activations: false,
             seed: 0,
         }
     }
@@ -282,7 +286,10 @@ impl<B: Backend> Trainer<B> {
                 &ad,
                 &mut self.grads,
                 labelled as f32,
-                self.cfg.checkpointing,
+                Saving {
+                    recompute: self.cfg.checkpointing,
+                    offload_inputs: self.cfg.offload_activations,
+                },
                 &mut layer_done,
             )?;
         }

@@ -58,6 +58,7 @@ namespace Finetune
         public ulong warmup_steps, total_steps;
         public int gradient_checkpointing;
         public ulong seed;
+        public int offload_activations;
     }
 
     [StructLayout(LayoutKind.Sequential)]

@@ -116,6 +116,8 @@ namespace Finetune
         public Schedule? Schedule;
         public ulong? WarmupSteps, TotalSteps, Seed;
         public bool? GradientCheckpointing;
+        /// <summary>Keep the saved layer inputs in pinned host memory (GPU only).</summary>
+        public bool? OffloadActivations;
 
         internal NativeTrainParams ToNative()
         {
@@ -131,6 +133,7 @@ namespace Finetune
             if (TotalSteps.HasValue) p.total_steps = TotalSteps.Value;
             if (Seed.HasValue) p.seed = Seed.Value;
             if (GradientCheckpointing.HasValue) p.gradient_checkpointing = GradientCheckpointing.Value ? 1 : 0;
+            if (OffloadActivations.HasValue) p.offload_activations = OffloadActivations.Value ? 1 : 0;
             return p;
         }
     }

@@ -220,6 +220,8 @@ static class Tests
         int benchParams = Marshal.SizeOf(asm.GetType("Finetune.NativeBenchParams", true));
         Assert(modelParams == 48, "ft_model_params is 48 bytes, not " + modelParams);
         Assert(benchParams == 56, "ft_bench_params is 56 bytes, not " + benchParams);
+        int trainParams = Marshal.SizeOf(asm.GetType("Finetune.NativeTrainParams", true));
+        Assert(trainParams == 72, "ft_train_params is 72 bytes, not " + trainParams);
     }
 
     static void OtherAbiVersionIsRefused()

@@ -76,7 +76,7 @@ const LoraParams = koffi.struct('ft_lora_params', {
 const TrainParams = koffi.struct('ft_train_params', {
   learning_rate: 'float', weight_decay: 'float', beta1: 'float', beta2: 'float', eps: 'float',
   max_grad_norm: 'float', schedule: 'int32_t', warmup_steps: 'uint64_t', total_steps: 'uint64_t',
-  gradient_checkpointing: 'int32_t', seed: 'uint64_t',
+  gradient_checkpointing: 'int32_t', seed: 'uint64_t', offload_activations: 'int32_t',
 });
 const Batch = koffi.struct('ft_batch', {
   input_ids: 'const int32_t *', labels: 'const int32_t *', positions: 'const int32_t *',
@@ -169,6 +169,7 @@ function statsOf(s) {
 }
 
 module.exports = {
-  koffi, load, toCBatches, statsOf, ProgressFn, StepStats, Batch, ModelParams, BenchParams, LIB_ENV, ABI_VERSION,
+  koffi, load, toCBatches, statsOf, ProgressFn, StepStats, Batch, ModelParams, BenchParams, TrainParams, LIB_ENV,
+  ABI_VERSION,
   NCCL_UNIQUE_ID_BYTES,
 };

@@ -152,6 +152,7 @@ test('the ABI version is 3 and the structs have the header\'s sizes', () => {
   // x86-64 sizes of the structs in include/finetune.h.
   assert.strictEqual(ffi.koffi.sizeof(ffi.ModelParams), 48);
   assert.strictEqual(ffi.koffi.sizeof(ffi.BenchParams), 56);
+  assert.strictEqual(ffi.koffi.sizeof(ffi.TrainParams), 72);
 });
 
 test('a library of another ABI version is refused with both versions named', (t) => {

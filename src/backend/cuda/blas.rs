@@ -35,6 +35,9 @@ fn data_type(d: Dtype) -> Result<sys::cudaDataType> {
         Dtype::HostBf16 => Err(Error::InvalidArgument(
             "matmul: a lookup table in host memory is read only by embedding".into(),
         )),
+        Dtype::Offloaded => Err(Error::InvalidArgument(
+            "matmul: an offloaded activation must be settled back on the device first".into(),
+        )),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod kernels;
 mod launch;
 pub mod nccl;
 mod nf4;
+mod offload;
 mod profile;
 pub mod tensor;
 
@@ -25,6 +26,7 @@ use cudarc::driver::{DevicePtr, DeviceRepr};
 use device::{driver_error, DeviceBuffer, Gpu};
 use kernels::KernelCache;
 use launch::{Arg, Shape};
+use offload::Offload;
 use profile::Profiler;
 use rayon::prelude::*;
 use std::sync::{Mutex, MutexGuard};
@@ -56,6 +58,8 @@ pub struct CudaBackend {
     profiler: Option<Profiler>,
     /// How products of two f32 matrices run (the LoRA products in training).
     f32_products: F32Products,
+    /// The copies of offloaded activations (offload.rs).
+    offload: Offload,
 }
 
 /// The arithmetic of products of two f32 matrices.
@@ -95,6 +99,7 @@ fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
         Dtype::Bf16 => "bf16",
         Dtype::Nf4 => "NF4",
         Dtype::HostBf16 => "host-resident",
+        Dtype::Offloaded => "offloaded",
     };
     Err(Error::InvalidArgument(format!(
         "{op} works on f32 tensors; a frozen {what} weight was passed"
@@ -137,6 +142,7 @@ impl CudaBackend {
         let gpu = Gpu::open(ordinal)?;
         let blas = Blas::new(&gpu)?;
         let kernels = KernelCache::new(&gpu);
+        let offload = Offload::new(&gpu)?;
         Ok(CudaBackend {
             gpu,
             kernels,
@@ -145,6 +151,7 @@ impl CudaBackend {
             nf4_scratch: Mutex::new(None),
             profiler: Profiler::from_env(),
             f32_products: F32Products::Tf32,
+            offload,
         })
     }
 
@@ -224,6 +231,11 @@ impl CudaBackend {
             Storage::Host(_) => Err(Error::InvalidArgument(
                 "a lookup table in host memory was passed where a device tensor is needed; only \
                  embedding reads it"
+                    .into(),
+            )),
+            Storage::Offloaded(_) => Err(Error::InvalidArgument(
+                "an offloaded activation was passed where a device tensor is needed; settle it \
+                 first"
                     .into(),
             )),
         }
@@ -452,7 +464,29 @@ impl Backend for CudaBackend {
                 .map(|x| half::bf16::from_bits(x).to_f32())
                 .collect()),
             Storage::Nf4(_) => Ok(self.download_nf4(t)?.dequantize()),
+            Storage::Offloaded(o) => match &o.host {
+                Some(host) => Ok(host
+                    .as_slice()
+                    .map_err(driver_error("reading an offloaded activation"))?
+                    .to_vec()),
+                None => Err(Error::InvalidArgument(
+                    "downloading an offloaded activation that was handed back".into(),
+                )),
+            },
         }
+    }
+
+    fn stash(&self, t: CudaTensor) -> Result<CudaTensor> {
+        self.offload.stash(&self.gpu, t)
+    }
+
+    fn fetch_stashed(&self, mut t: CudaTensor) -> Result<CudaTensor> {
+        self.offload.fetch(&self.gpu, &mut t)?;
+        Ok(t)
+    }
+
+    fn settle(&self, t: CudaTensor) -> Result<CudaTensor> {
+        self.offload.settle(&self.gpu, t)
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
@@ -473,6 +507,11 @@ impl Backend for CudaBackend {
             Storage::Bf16(b) => Storage::Bf16(self.copy_buffer(b, "a weight copy")?),
             Storage::Nf4(s) => Storage::Nf4(Box::new(self.duplicate_nf4(s)?)),
             Storage::Host(bits) => Storage::Host(bits.clone()),
+            Storage::Offloaded(_) => {
+                return Err(Error::InvalidArgument(
+                    "duplicate: an offloaded activation must be settled first".into(),
+                ))
+            }
         };
         Ok(CudaTensor {
             rows: t.rows,

@@ -3,6 +3,8 @@
 //! in host memory, and integer vectors with a host copy for validation.
 
 use super::device::DeviceBuffer;
+use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
+use std::sync::Arc;
 
 /// The element type a tensor is stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +16,9 @@ pub enum Dtype {
     Nf4,
     /// bfloat16 bits in host memory (a lookup table: only `embedding` reads it).
     HostBf16,
+    /// f32 values moved to pinned host memory (an offloaded activation: only the backend's
+    /// `fetch_stashed` and `settle` read it).
+    Offloaded,
 }
 
 #[derive(Debug)]
@@ -24,6 +29,28 @@ pub enum Storage {
     /// A frozen lookup table kept in host memory as bf16 bits: a step moves only the rows it
     /// looks up (an untied embedding table: 1 GiB of device memory saved on Llama 3).
     Host(Vec<u16>),
+    /// An f32 tensor moved to pinned host memory by `Backend::stash` (offload.rs).
+    Offloaded(Box<Offloaded>),
+}
+
+/// An f32 tensor in pinned host memory, or on its way back to the device.
+#[derive(Debug)]
+pub struct Offloaded {
+    /// The values (None once handed back to the spare buffers).
+    pub host: Option<PinnedHostSlice<f32>>,
+    /// While coming back: the device buffer being written and the event marking the copy's end.
+    pub arriving: Option<(DeviceBuffer<f32>, CudaEvent)>,
+    /// The compute stream, which frees `arriving`'s buffer.
+    pub compute: Arc<CudaStream>,
+}
+
+impl Drop for Offloaded {
+    fn drop(&mut self) {
+        // The buffer is freed on the compute stream: not before the copy into it has finished.
+        if let Some((_, ready)) = &self.arriving {
+            let _ = self.compute.wait(ready);
+        }
+    }
 }
 
 /// An NF4 matrix on the device, laid out as src/quant/nf4.rs describes (and as its
@@ -69,6 +96,7 @@ impl CudaTensor {
             Storage::Bf16(_) => Dtype::Bf16,
             Storage::Nf4(_) => Dtype::Nf4,
             Storage::Host(_) => Dtype::HostBf16,
+            Storage::Offloaded(_) => Dtype::Offloaded,
         }
     }
 }

@@ -55,6 +55,9 @@ enum Command {
         /// Keep every layer's activations instead of recomputing them.
         #[arg(long)]
         no_checkpointing: bool,
+        /// Keep the saved layer inputs in pinned host memory (GPU only).
+        #[arg(long)]
+        offload: bool,
         /// lora (frozen weights in the device's own format) or qlora (frozen projection
         /// matrices quantized to NF4 at load).
         #[arg(long, default_value = "lora")]
@@ -186,6 +189,7 @@ fn execute(command: Command) -> finetune::Result<()> {
             threads,
             device,
             no_checkpointing,
+            offload,
             mode,
             max_memory_mib,
         } => {
@@ -203,6 +207,7 @@ fn execute(command: Command) -> finetune::Result<()> {
                 rank,
                 steps,
                 checkpointing: !no_checkpointing,
+                offload_activations: offload,
                 params,
             };
             println!("{}", run(&cfg)?.to_json());

@@ -83,6 +83,9 @@ pub struct TrainArgs {
     pub seed: Option<u64>,
     #[arg(long)]
     pub checkpointing: Option<bool>,
+    /// Keep the saved layer inputs in pinned host memory (GPU only).
+    #[arg(long)]
+    pub offload_activations: Option<bool>,
     #[arg(long)]
     pub threads: Option<usize>,
     #[arg(long)]
@@ -142,6 +145,7 @@ impl TrainArgs {
             resume,
             seed,
             checkpointing,
+            offload_activations,
             threads,
             device,
             quantization,
@@ -172,6 +176,9 @@ impl TrainArgs {
         train.weight_decay = self.weight_decay.unwrap_or(train.weight_decay);
         train.max_grad_norm = self.max_grad_norm.unwrap_or(train.max_grad_norm);
         train.checkpointing = self.checkpointing.unwrap_or(train.checkpointing);
+        train.offload_activations = self
+            .offload_activations
+            .unwrap_or(train.offload_activations);
         if let Some(s) = &self.schedule {
             train.schedule = ScheduleKind::parse(s)?;
         }
