@@ -231,3 +231,86 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         load_seconds,
     })
 }
+
+/// One training step of the longest-sequence search.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SeqProbe {
+    pub seq: usize,
+    pub fits: bool,
+    /// Peak device memory of the step (MiB), when it fitted.
+    pub peak_device_mib: Option<f64>,
+    pub seconds: f64,
+}
+
+/// The longest single-row sequence whose training step fits in `cfg`'s device-memory cap
+/// (`cfg.params.max_device_memory_mib`, counted over every byte the library holds on the GPU:
+/// weights, adapters, optimizer state, activations; not the CUDA context or cuBLAS workspace),
+/// by bisection between `cfg.seq` (which must fit) and `upper` (assumed not to) down to
+/// `resolution` tokens. One model load; each probe is one step on fresh random tokens, handed
+/// to `report` as it ends. Returns the longest sequence that fitted.
+pub fn longest_sequence(
+    cfg: &BenchConfig,
+    upper: usize,
+    resolution: usize,
+    report: &mut dyn FnMut(&SeqProbe),
+) -> Result<usize> {
+    if cfg.seq == 0 || upper <= cfg.seq || resolution == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "the search needs 0 < seq ({}) < upper ({upper}) and a resolution above 0",
+            cfg.seq
+        )));
+    }
+    let shape = preset(&cfg.model)?;
+    let model = Model::random(shape.clone(), 1, &cfg.params)?;
+    let lora = LoraConfig {
+        rank: cfg.rank,
+        alpha: cfg.rank as f32,
+        ..LoraConfig::default()
+    };
+    let train = TrainConfig {
+        checkpointing: cfg.checkpointing,
+        offload_activations: cfg.offload_activations,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&model, lora, train)?;
+    let mut rng = Rng::new(3);
+    let mut probe = |seq: usize| -> Result<bool> {
+        let ids: Vec<i32> = (0..seq + 1)
+            .map(|_| (rng.next_u64() % shape.vocab_size as u64) as i32)
+            .collect();
+        let batch = Batch::new(1, seq, ids[..seq].to_vec(), ids[1..].to_vec())?;
+        model.reset_peak_memory();
+        let t = Instant::now();
+        let fits = match trainer.step(std::slice::from_ref(&batch)) {
+            Ok(_) => true,
+            Err(Error::OutOfMemory { .. }) => false,
+            Err(e) => return Err(e),
+        };
+        report(&SeqProbe {
+            seq,
+            fits,
+            peak_device_mib: model
+                .device_memory()
+                .filter(|_| fits)
+                .map(|m| m.peak_bytes as f64 / (1 << 20) as f64),
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        Ok(fits)
+    };
+    if !probe(cfg.seq)? {
+        return Err(Error::InvalidArgument(format!(
+            "the search's lower end, seq {}, does not fit",
+            cfg.seq
+        )));
+    }
+    let (mut fits, mut fails) = (cfg.seq, upper);
+    while fails - fits > resolution {
+        let mid = fits + (fails - fits) / 2;
+        if probe(mid)? {
+            fits = mid;
+        } else {
+            fails = mid;
+        }
+    }
+    Ok(fits)
+}

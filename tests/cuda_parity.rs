@@ -570,3 +570,35 @@ fn offloaded_activations_train_identically_with_less_device_memory() {
         "offload saved {saved} bytes"
     );
 }
+
+/// The longest-sequence search of `finetune bench`: under a device-memory cap, every probe at or
+/// below the answer fitted, every one above failed with out-of-memory, and a failure lies
+/// within the resolution above the answer.
+#[test]
+fn the_longest_sequence_search_ends_at_the_cap() {
+    if gpu().is_none() {
+        return;
+    }
+    use finetune::api::{Device, ModelParams};
+    use finetune::bench::{longest_sequence, BenchConfig};
+    let cfg = BenchConfig {
+        model: "tiny".into(),
+        seq: 64,
+        rank: 8,
+        params: ModelParams {
+            device: Device::Cuda(0),
+            max_device_memory_mib: 24,
+            ..ModelParams::default()
+        },
+        ..BenchConfig::default()
+    };
+    let mut probes = Vec::new();
+    let longest = longest_sequence(&cfg, 1 << 17, 256, &mut |p| probes.push(p.clone())).unwrap();
+    eprintln!("longest {longest}: {probes:?}");
+    assert!(probes.iter().all(|p| p.fits == (p.seq <= longest)), "{probes:?}");
+    assert!(
+        probes.iter().any(|p| !p.fits && p.seq <= longest + 256) || longest + 256 >= 1 << 17,
+        "{probes:?}"
+    );
+    assert!(longest > 64, "the cap leaves room for more than the lower end");
+}

@@ -1,7 +1,7 @@
 //! Activation offload: layer inputs saved for the backward pass wait in pinned host memory
-//! instead of device memory. Each is copied out on a stream of its own while the next layers
-//! compute (its device memory freed once the copy has finished) and copied back ahead of the
-//! backward that reads it, overlapping the layer before.
+//! instead of device memory. Each is copied out on a stream of its own while the next layer
+//! computes (its device memory freed in stream order after the copy) and copied back ahead of
+//! the backward that reads it, overlapping the layer after it.
 
 use super::device::{driver_error, DeviceBuffer, Gpu};
 use super::tensor::{CudaTensor, Offloaded, Storage};
@@ -14,7 +14,7 @@ pub(super) struct Offload {
     stream: Arc<CudaStream>,
     /// Pinned buffers no tensor holds, kept for the next step: allocating pinned memory is slow.
     spare: Mutex<Vec<PinnedHostSlice<f32>>>,
-    /// Device buffers being copied out, freed once their copy has finished.
+    /// Device buffers being copied out, freed (in stream order) at the next stash or fetch.
     leaving: Mutex<Vec<(CudaEvent, DeviceBuffer<f32>)>>,
 }
 
@@ -30,10 +30,19 @@ impl Offload {
         })
     }
 
-    /// Frees the device buffers whose copy out has finished.
-    fn reap(&self) {
-        let mut leaving = self.leaving.lock().unwrap_or_else(|e| e.into_inner());
-        leaving.retain(|(done, _)| !done.is_complete());
+    /// Frees the device buffers of earlier copies out, in stream order: the compute stream
+    /// waits for each copy's end, then the buffer goes back to the pool, usable by the work
+    /// queued after. Called one layer after the copy was queued, when it has long finished, so
+    /// the compute stream does not stall and the host never waits.
+    fn release_copied(&self, gpu: &Gpu) -> Result<()> {
+        let leaving = std::mem::take(&mut *self.leaving.lock().unwrap_or_else(|e| e.into_inner()));
+        for (done, buf) in leaving {
+            gpu.stream
+                .wait(&done)
+                .map_err(driver_error("ordering an offload"))?;
+            drop(buf);
+        }
+        Ok(())
     }
 
     /// A pinned buffer of exactly `len` values, reused when one is spare.
@@ -64,7 +73,7 @@ impl Offload {
                 storage,
             });
         };
-        self.reap();
+        self.release_copied(gpu)?;
         let mut host = self.pinned(gpu, buf.elements())?;
         let driver = driver_error("copying an activation to host memory");
         self.stream
@@ -102,7 +111,7 @@ impl Offload {
         let (Some(host), None) = (&o.host, &o.arriving) else {
             return Ok(());
         };
-        self.reap();
+        self.release_copied(gpu)?;
         let mut buf = gpu.alloc::<f32>(n, "an offloaded activation coming back")?;
         // After the allocation, which is ordered on the compute stream.
         self.stream

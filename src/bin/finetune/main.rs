@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use finetune::api::{Device, Model, ModelParams, Trainer};
-use finetune::bench::{run, BenchConfig, BenchMode};
+use finetune::bench::{longest_sequence, run, BenchConfig, BenchMode};
 use finetune::io::gguf::quant::can_encode;
 use finetune::io::gguf::GgmlType;
 use finetune::io::safetensors::Dtype;
@@ -66,6 +66,14 @@ enum Command {
         /// an out-of-memory error.
         #[arg(long, default_value_t = 0)]
         max_memory_mib: usize,
+        /// Instead of timing steps: the longest single-row sequence whose step fits in
+        /// --max-memory-mib, bisected between --seq (must fit) and this (assumed not to); one
+        /// JSON line per probe, then the result.
+        #[arg(long)]
+        longest_seq_below: Option<usize>,
+        /// Tokens the longest-sequence search stops at.
+        #[arg(long, default_value_t = 1024)]
+        resolution: usize,
     },
     /// Fine-tune LoRA adapters on a dataset (JSONL/JSON) from flags or a config file.
     Train(Box<train::TrainArgs>),
@@ -192,6 +200,8 @@ fn execute(command: Command) -> finetune::Result<()> {
             offload,
             mode,
             max_memory_mib,
+            longest_seq_below,
+            resolution,
         } => {
             let params = ModelParams {
                 device: Device::parse(&device)?,
@@ -210,7 +220,22 @@ fn execute(command: Command) -> finetune::Result<()> {
                 offload_activations: offload,
                 params,
             };
-            println!("{}", run(&cfg)?.to_json());
+            match longest_seq_below {
+                None => println!("{}", run(&cfg)?.to_json()),
+                Some(upper) => {
+                    let longest = longest_sequence(&cfg, upper, resolution, &mut |p| {
+                        println!("{}", serde_json::to_string(p).expect("a probe serializes"));
+                    })?;
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "model": cfg.model, "mode": mode,
+                            "max_memory_mib": max_memory_mib, "offload_activations": offload,
+                            "longest_seq": longest, "resolution": resolution,
+                        })
+                    );
+                }
+            }
         }
         Command::Kernels { arch } => {
             let dir = finetune::backend::cuda::kernels::precompile(&arch)?;
