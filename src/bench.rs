@@ -152,6 +152,23 @@ fn median(xs: &mut [f64]) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// The trainer of both measurements: rank `cfg.rank` (alpha equal to it) on all seven
+/// projections, AdamW with the default settings over `total_steps`.
+fn trainer_for(cfg: &BenchConfig, model: &Model, total_steps: u64) -> Result<Trainer> {
+    let lora = LoraConfig {
+        rank: cfg.rank,
+        alpha: cfg.rank as f32,
+        ..LoraConfig::default()
+    };
+    let train = TrainConfig {
+        checkpointing: cfg.checkpointing,
+        offload_activations: cfg.offload_activations,
+        total_steps,
+        ..TrainConfig::default()
+    };
+    Trainer::new(model, lora, train)
+}
+
 /// Builds the model, runs one warm-up step and `steps` timed steps on random tokens.
 pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     for (name, value) in [
@@ -170,18 +187,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     let t0 = Instant::now();
     let model = Model::random(shape.clone(), 1, &cfg.params)?;
     let load_seconds = t0.elapsed().as_secs_f64();
-    let lora = LoraConfig {
-        rank: cfg.rank,
-        alpha: cfg.rank as f32,
-        ..LoraConfig::default()
-    };
-    let train = TrainConfig {
-        checkpointing: cfg.checkpointing,
-        offload_activations: cfg.offload_activations,
-        total_steps: cfg.steps as u64 + 1,
-        ..TrainConfig::default()
-    };
-    let mut trainer = Trainer::new(&model, lora, train)?;
+    let mut trainer = trainer_for(cfg, &model, cfg.steps as u64 + 1)?;
     let mut rng = Rng::new(2);
     // Every rank takes `batch` rows of the step's batch.
     let ranks = model.world_size();
@@ -262,17 +268,7 @@ pub fn longest_sequence(
     }
     let shape = preset(&cfg.model)?;
     let model = Model::random(shape.clone(), 1, &cfg.params)?;
-    let lora = LoraConfig {
-        rank: cfg.rank,
-        alpha: cfg.rank as f32,
-        ..LoraConfig::default()
-    };
-    let train = TrainConfig {
-        checkpointing: cfg.checkpointing,
-        offload_activations: cfg.offload_activations,
-        ..TrainConfig::default()
-    };
-    let mut trainer = Trainer::new(&model, lora, train)?;
+    let mut trainer = trainer_for(cfg, &model, TrainConfig::default().total_steps)?;
     let mut rng = Rng::new(3);
     let mut probe = |seq: usize| -> Result<bool> {
         let ids: Vec<i32> = (0..seq + 1)

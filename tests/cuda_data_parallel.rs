@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::quick_train_config;
+
 use finetune::api::{nccl_unique_id, Device, Model, ModelParams, ProcessGroup, Trainer};
 use finetune::backend::cuda::CudaBackend;
 use finetune::lora::LoraConfig;
@@ -21,8 +23,6 @@ use finetune::model::config::{Family, ModelConfig};
 use finetune::model::presets::tiny;
 use finetune::rng::Rng;
 use finetune::train::batch::Batch;
-use finetune::train::schedule::ScheduleKind;
-use finetune::train::trainer::TrainConfig;
 use finetune::Error;
 use std::time::{Duration, Instant};
 
@@ -57,15 +57,6 @@ fn shape() -> ModelConfig {
     }
 }
 
-fn train_config() -> TrainConfig {
-    TrainConfig {
-        learning_rate: 1e-2,
-        schedule: ScheduleKind::Constant,
-        total_steps: 10,
-        ..TrainConfig::default()
-    }
-}
-
 fn batch(seed: u64, rows: usize, seq: usize) -> Batch {
     let mut rng = Rng::new(seed);
     let n = rows * seq;
@@ -76,7 +67,7 @@ fn batch(seed: u64, rows: usize, seq: usize) -> Batch {
 /// Losses of `steps` steps on `b` and the final evaluation loss.
 fn trajectory(params: &ModelParams, b: &Batch, steps: usize) -> (Vec<f32>, f32) {
     let model = Model::random(shape(), 11, params).unwrap();
-    let mut t = Trainer::new(&model, LoraConfig::default(), train_config()).unwrap();
+    let mut t = Trainer::new(&model, LoraConfig::default(), quick_train_config()).unwrap();
     let losses = (0..steps)
         .map(|_| t.step(std::slice::from_ref(b)).unwrap().loss)
         .collect();

@@ -595,10 +595,16 @@ fn the_longest_sequence_search_ends_at_the_cap() {
     let mut probes = Vec::new();
     let longest = longest_sequence(&cfg, 1 << 17, 256, &mut |p| probes.push(p.clone())).unwrap();
     eprintln!("longest {longest}: {probes:?}");
-    assert!(probes.iter().all(|p| p.fits == (p.seq <= longest)), "{probes:?}");
+    assert!(
+        probes.iter().all(|p| p.fits == (p.seq <= longest)),
+        "{probes:?}"
+    );
     assert!(
         probes.iter().any(|p| !p.fits && p.seq <= longest + 256) || longest + 256 >= 1 << 17,
         "{probes:?}"
     );
-    assert!(longest > 64, "the cap leaves room for more than the lower end");
+    assert!(
+        longest > 64,
+        "the cap leaves room for more than the lower end"
+    );
 }

@@ -5,6 +5,9 @@
 //! GPUs by tests/cuda_data_parallel.rs. Also: batch shares, device lists and the checks on
 //! group parameters, which need no GPU.
 
+mod common;
+
+use common::quick_train_config;
 use finetune::api::{Device, Model, ModelParams, ProcessGroup};
 use finetune::backend::collective::Collective;
 use finetune::backend::cpu::CpuBackend;
@@ -16,8 +19,7 @@ use finetune::model::presets::tiny;
 use finetune::model::weights::DecoderWeights;
 use finetune::rng::Rng;
 use finetune::train::batch::Batch;
-use finetune::train::schedule::ScheduleKind;
-use finetune::train::trainer::{StepStats, TrainConfig, Trainer};
+use finetune::train::trainer::{StepStats, Trainer};
 use finetune::Error;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -148,15 +150,6 @@ fn decoder() -> Arc<Decoder<CpuBackend>> {
     Arc::new(Decoder::new(cfg, be, weights))
 }
 
-fn train_config() -> TrainConfig {
-    TrainConfig {
-        learning_rate: 1e-2,
-        schedule: ScheduleKind::Constant,
-        total_steps: 10,
-        ..TrainConfig::default()
-    }
-}
-
 /// `rows` rows of 9 tokens; some labels masked so the ranks' labelled counts differ.
 fn batch(seed: u64, rows: usize) -> Batch {
     let mut rng = Rng::new(seed);
@@ -193,7 +186,8 @@ fn group_steps(
             .map(|rank| {
                 let (dec, group) = (dec.clone(), group.clone());
                 s.spawn(move || {
-                    let mut t = Trainer::new(dec, LoraConfig::default(), train_config()).unwrap();
+                    let mut t =
+                        Trainer::new(dec, LoraConfig::default(), quick_train_config()).unwrap();
                     t.join_group(Arc::new(HostRank { rank, group }));
                     steps
                         .iter()
@@ -217,7 +211,7 @@ fn group_steps(
 }
 
 fn alone_steps(steps: &[Vec<Batch>]) -> Vec<(StepStats, Vec<f32>)> {
-    let mut t = Trainer::new(decoder(), LoraConfig::default(), train_config()).unwrap();
+    let mut t = Trainer::new(decoder(), LoraConfig::default(), quick_train_config()).unwrap();
     steps
         .iter()
         .map(|micro| (t.step(micro).unwrap(), all_grads(&t)))

@@ -286,3 +286,13 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
 }
+
+/// AdamW at a constant learning rate of 1e-2 over 10 steps: tiny models learn within a few.
+pub fn quick_train_config() -> TrainConfig {
+    TrainConfig {
+        learning_rate: 1e-2,
+        schedule: finetune::train::schedule::ScheduleKind::Constant,
+        total_steps: 10,
+        ..TrainConfig::default()
+    }
+}
