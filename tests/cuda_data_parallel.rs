@@ -152,3 +152,101 @@ fn two_gpus_train_like_one_on_the_whole_batch() {
     assert_close("two GPUs", &pair, &alone, 1e-3);
     assert_close("eval", &[pair_eval], &[alone_eval], 1e-3);
 }
+
+const RUN_DATA: &str = r#"{"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Brannock, the smith."}]}
+{"messages": [{"role": "user", "content": "What do you make?"}, {"role": "assistant", "content": "Blades of star iron."}]}
+{"instruction": "Where is the forge?", "output": "Under the bell tower."}
+{"text": "Emberfall lies east of Greyhollow."}
+{"messages": [{"role": "user", "content": "Your apprentice?"}, {"role": "assistant", "content": "Tilda."}]}
+{"messages": [{"role": "user", "content": "A sword?"}, {"role": "assistant", "content": "Forty silver."}]}
+"#;
+
+/// A whole run (`train::run`) by a group of two processes, here two threads each holding a
+/// model that is one rank of a process group on its own GPU, each with its own output
+/// directory: only rank 0 writes metrics, checkpoints and the adapter; both ranks end with the
+/// same loss (the group's), which equals one GPU running the whole batches within bf16 drift.
+#[test]
+fn a_run_of_two_ranks_writes_from_rank_zero_only() {
+    if gpus(2, "a_run_of_two_ranks_writes_from_rank_zero_only").is_none() {
+        return;
+    }
+    use finetune::train::run::{run, RunConfig};
+    let dir = common::tiny_chat_model_dir();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(&data, RUN_DATA).unwrap();
+    let config = |out: &std::path::Path| RunConfig {
+        dataset: data.clone(),
+        output_dir: out.to_path_buf(),
+        max_seq_len: 128,
+        packing: false,
+        batch_size: 3,
+        epochs: 3,
+        save_every: 2,
+        seed: 5,
+        train: quick_train_config(),
+        ..RunConfig::default()
+    };
+    let alone_out = tempfile::tempdir().unwrap();
+    let alone_model = Model::load(dir.path(), &on(Device::Cuda(0))).unwrap();
+    let alone = run(&alone_model, &config(alone_out.path()), &mut |_| true).unwrap();
+    drop(alone_model);
+
+    let id = nccl_unique_id().unwrap();
+    let outs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let summaries: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let (out, config, dir) = (outs[rank].path(), &config, dir.path());
+                s.spawn(move || {
+                    let params = ModelParams {
+                        process_group: Some(ProcessGroup {
+                            rank,
+                            world_size: 2,
+                            unique_id: id,
+                        }),
+                        collective_timeout: Duration::from_secs(60),
+                        ..on(Device::Cuda(rank))
+                    };
+                    let model = Model::load(dir, &params).unwrap();
+                    run(&model, &config(out), &mut |_| true).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!(
+        "alone: {:?} in {} steps; ranks: {:?} / {:?}",
+        alone.final_loss, alone.steps, summaries[0].final_loss, summaries[1].final_loss
+    );
+    let written = |rank: usize| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(outs[rank].path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let zero = written(0);
+    for name in ["adapter", "checkpoints", "metrics.jsonl", "loss.svg"] {
+        assert!(zero.contains(&name.to_string()), "rank 0 wrote {zero:?}");
+    }
+    assert!(outs[0]
+        .path()
+        .join("adapter/adapter_model.safetensors")
+        .is_file());
+    let one = written(1);
+    assert!(
+        one.iter().all(|n| n == "checkpoints"),
+        "rank 1 wrote {one:?}"
+    );
+    assert!(
+        std::fs::read_dir(outs[1].path().join("checkpoints"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true),
+        "rank 1 wrote a checkpoint"
+    );
+    assert_eq!(summaries[0].final_loss, summaries[1].final_loss);
+    assert_eq!(summaries[0].steps, alone.steps);
+    let (a, g) = (alone.final_loss.unwrap(), summaries[0].final_loss.unwrap());
+    assert!(((a - g) / a).abs() < 1e-2, "alone {a}, group {g}");
+}
