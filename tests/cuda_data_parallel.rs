@@ -23,7 +23,9 @@ use finetune::model::config::{Family, ModelConfig};
 use finetune::model::presets::tiny;
 use finetune::rng::Rng;
 use finetune::train::batch::Batch;
+use finetune::train::run::{run, RunConfig};
 use finetune::Error;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The number of usable GPUs, or `None` (saying so) where there is none.
@@ -161,21 +163,9 @@ const RUN_DATA: &str = r#"{"messages": [{"role": "user", "content": "Who are you
 {"messages": [{"role": "user", "content": "A sword?"}, {"role": "assistant", "content": "Forty silver."}]}
 "#;
 
-/// A whole run (`train::run`) by a group of two processes, here two threads each holding a
-/// model that is one rank of a process group on its own GPU, each with its own output
-/// directory: only rank 0 writes metrics, checkpoints and the adapter; both ranks end with the
-/// same loss (the group's), which equals one GPU running the whole batches within bf16 drift.
-#[test]
-fn a_run_of_two_ranks_writes_from_rank_zero_only() {
-    if gpus(2, "a_run_of_two_ranks_writes_from_rank_zero_only").is_none() {
-        return;
-    }
-    use finetune::train::run::{run, RunConfig};
-    let dir = common::tiny_chat_model_dir();
-    let data = dir.path().join("data.jsonl");
-    std::fs::write(&data, RUN_DATA).unwrap();
-    let config = |out: &std::path::Path| RunConfig {
-        dataset: data.clone(),
+fn run_config(data: &Path, out: &Path) -> RunConfig {
+    RunConfig {
+        dataset: data.to_path_buf(),
         output_dir: out.to_path_buf(),
         max_seq_len: 128,
         packing: false,
@@ -185,7 +175,36 @@ fn a_run_of_two_ranks_writes_from_rank_zero_only() {
         seed: 5,
         train: quick_train_config(),
         ..RunConfig::default()
+    }
+}
+
+/// A model that is rank `rank` of a two-rank process group on GPU `rank`.
+fn rank_of_two(dir: &Path, rank: usize, id: [u8; 128]) -> Model {
+    let params = ModelParams {
+        process_group: Some(ProcessGroup {
+            rank,
+            world_size: 2,
+            unique_id: id,
+        }),
+        collective_timeout: Duration::from_secs(60),
+        ..on(Device::Cuda(rank))
     };
+    Model::load(dir, &params).unwrap()
+}
+
+/// A whole run (`train::run`) by a group of two processes, here two threads each holding a
+/// model that is one rank of a process group on its own GPU, each with its own output
+/// directory: only rank 0 writes metrics, checkpoints and the adapter; both ranks end with the
+/// same loss (the group's), which equals one GPU running the whole batches within bf16 drift.
+#[test]
+fn a_run_of_two_ranks_writes_from_rank_zero_only() {
+    if gpus(2, "a_run_of_two_ranks_writes_from_rank_zero_only").is_none() {
+        return;
+    }
+    let dir = common::tiny_chat_model_dir();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(&data, RUN_DATA).unwrap();
+    let config = |out: &Path| run_config(&data, out);
     let alone_out = tempfile::tempdir().unwrap();
     let alone_model = Model::load(dir.path(), &on(Device::Cuda(0))).unwrap();
     let alone = run(&alone_model, &config(alone_out.path()), &mut |_| true).unwrap();
@@ -198,16 +217,7 @@ fn a_run_of_two_ranks_writes_from_rank_zero_only() {
             .map(|rank| {
                 let (out, config, dir) = (outs[rank].path(), &config, dir.path());
                 s.spawn(move || {
-                    let params = ModelParams {
-                        process_group: Some(ProcessGroup {
-                            rank,
-                            world_size: 2,
-                            unique_id: id,
-                        }),
-                        collective_timeout: Duration::from_secs(60),
-                        ..on(Device::Cuda(rank))
-                    };
-                    let model = Model::load(dir, &params).unwrap();
+                    let model = rank_of_two(dir, rank, id);
                     run(&model, &config(out), &mut |_| true).unwrap()
                 })
             })
@@ -249,4 +259,64 @@ fn a_run_of_two_ranks_writes_from_rank_zero_only() {
     assert_eq!(summaries[0].steps, alone.steps);
     let (a, g) = (alone.final_loss.unwrap(), summaries[0].final_loss.unwrap());
     assert!(((a - g) / a).abs() < 1e-2, "alone {a}, group {g}");
+}
+
+/// A two-rank run in one shared output directory, stopped by both ranks after step 3 and run
+/// again, resumes on both ranks from rank 0's checkpoint and writes the same metrics as an
+/// uninterrupted two-rank run.
+#[test]
+fn a_run_of_two_ranks_stopped_and_resumed_matches_an_uninterrupted_one() {
+    if gpus(
+        2,
+        "a_run_of_two_ranks_stopped_and_resumed_matches_an_uninterrupted_one",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let dir = common::tiny_chat_model_dir();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(&data, RUN_DATA).unwrap();
+    let (stopped, whole) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let id = nccl_unique_id().unwrap();
+    let resumed_from: Vec<Option<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let (dir, data) = (dir.path(), &data);
+                let (stopped, whole) = (stopped.path(), whole.path());
+                s.spawn(move || {
+                    let model = rank_of_two(dir, rank, id);
+                    let first = run(&model, &run_config(data, stopped), &mut |p| {
+                        p.stats.step < 3
+                    });
+                    assert!(
+                        matches!(first, Err(Error::Cancelled)),
+                        "rank {rank}: {:?}",
+                        first.map(|s| s.steps)
+                    );
+                    let again = run(&model, &run_config(data, stopped), &mut |_| true).unwrap();
+                    run(&model, &run_config(data, whole), &mut |_| true).unwrap();
+                    again.resumed_from
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(resumed_from, vec![Some(3), Some(3)]);
+    let metrics = |out: &Path| std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let losses = |text: &str| -> Vec<(u64, String)> {
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let loss = v.get("loss").or(v.get("eval_loss")).unwrap().to_string();
+                (v["step"].as_u64().unwrap(), loss)
+            })
+            .collect()
+    };
+    let (a, b) = (
+        losses(&metrics(stopped.path())),
+        losses(&metrics(whole.path())),
+    );
+    eprintln!("stopped and resumed {a:?}\nuninterrupted {b:?}");
+    assert_eq!(a, b);
 }
