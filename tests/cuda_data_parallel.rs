@@ -294,7 +294,11 @@ fn a_run_of_two_ranks_stopped_and_resumed_matches_an_uninterrupted_one() {
                         "rank {rank}: {:?}",
                         first.map(|s| s.steps)
                     );
-                    let again = run(&model, &run_config(data, stopped), &mut |_| true).unwrap();
+                    let resume = RunConfig {
+                        resume: true,
+                        ..run_config(data, stopped)
+                    };
+                    let again = run(&model, &resume, &mut |_| true).unwrap();
                     run(&model, &run_config(data, whole), &mut |_| true).unwrap();
                     again.resumed_from
                 })
