@@ -770,6 +770,17 @@ impl Trainer {
         }
     }
 
+    /// Sums host values over the processes of a group spanning processes, one value per rank
+    /// (as they are otherwise): a run agrees on checkpoints with it. Every rank must call it.
+    pub fn sum_over_processes(&self, values: &mut [f64]) -> Result<()> {
+        match &self.core {
+            TrainerCore::Cuda(c) if self.model.process_share().is_some() => {
+                c.sum_over_group(values)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Mean loss on `batch`, no dropout, no update.
     pub fn eval_loss(&self, batch: &Batch) -> Result<f32> {
         on_core!(&self.core, c => c.eval_loss(batch))

@@ -216,8 +216,10 @@ fn eval_loss(trainer: &Trainer, batches: &[Batch]) -> Result<Option<f32>> {
 /// In a data-parallel group every rank runs this with the same settings and output directory
 /// (shared between hosts): each builds the same batches, the ranks of one process split them
 /// by rows inside the step, a group spanning processes gives each process its share first.
-/// Only rank 0 writes metrics, checkpoints, the adapter and the loss curve; every rank resumes
-/// from the newest checkpoint, which must have been made with as many ranks. A stop asked for
+/// Only rank 0 writes metrics, checkpoints, the adapter and the loss curve, and the ranks wait
+/// for each other after each checkpoint and at the end; every rank resumes from the newest
+/// checkpoint, which must have been made with as many ranks (the ranks check that they found
+/// the same one). A stop asked for
 /// by `on_progress` must be asked on every rank at the same step.
 pub fn run(
     model: &Model,
@@ -268,6 +270,19 @@ pub fn run(
             },
         ),
     };
+    // Every rank of a group spanning processes must resume from the same checkpoint.
+    let mut steps = [state.step as f64];
+    trainer.sum_over_processes(&mut steps)?;
+    if let Some((_, world)) = model.process_share() {
+        if steps[0] != (state.step * world as u64) as f64 {
+            return Err(Error::InvalidArgument(format!(
+                "the ranks found different checkpoints in {} (this rank: step {}); give every \
+                 rank the same output directory",
+                root.display(),
+                state.step
+            )));
+        }
+    }
     let resumed_from = (state.step > 0).then_some(state.step);
     let mut log = writes
         .then(|| MetricsLog::open(&cfg.output_dir.join("metrics.jsonl"), resumed_from))
@@ -328,6 +343,10 @@ pub fn run(
         if writes && save_now {
             checkpoint::save(&root, &trainer, &state, cfg.keep_checkpoints)?;
         }
+        if save_now {
+            // No rank goes on (or stops) before rank 0's checkpoint is whole.
+            trainer.sum_over_processes(&mut [0.0])?;
+        }
         if !go_on {
             return Err(Error::Cancelled);
         }
@@ -337,6 +356,7 @@ pub fn run(
         trainer.save_adapter(&adapter_dir)?;
         write_loss_curve(&cfg.output_dir)?;
     }
+    trainer.sum_over_processes(&mut [0.0])?;
     Ok(RunSummary {
         steps: state.step,
         resumed_from,

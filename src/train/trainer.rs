@@ -368,6 +368,14 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
+    /// Sums host values over the ranks of this trainer's group (as they are when alone).
+    pub fn sum_over_group(&self, values: &mut [f64]) -> Result<()> {
+        match &self.group {
+            Some(g) => g.sum_host(&self.decoder.backend, values),
+            None => Ok(()),
+        }
+    }
+
     /// Mean loss on `batch` without dropout and without touching any state.
     pub fn eval_loss(&self, batch: &Batch) -> Result<f32> {
         let dec = &self.decoder;
