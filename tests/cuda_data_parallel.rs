@@ -155,14 +155,6 @@ fn two_gpus_train_like_one_on_the_whole_batch() {
     assert_close("eval", &[pair_eval], &[alone_eval], 1e-3);
 }
 
-const RUN_DATA: &str = r#"{"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Brannock, the smith."}]}
-{"messages": [{"role": "user", "content": "What do you make?"}, {"role": "assistant", "content": "Blades of star iron."}]}
-{"instruction": "Where is the forge?", "output": "Under the bell tower."}
-{"text": "Emberfall lies east of Greyhollow."}
-{"messages": [{"role": "user", "content": "Your apprentice?"}, {"role": "assistant", "content": "Tilda."}]}
-{"messages": [{"role": "user", "content": "A sword?"}, {"role": "assistant", "content": "Forty silver."}]}
-"#;
-
 fn run_config(data: &Path, out: &Path) -> RunConfig {
     RunConfig {
         dataset: data.to_path_buf(),
@@ -203,7 +195,7 @@ fn a_run_of_two_ranks_writes_from_rank_zero_only() {
     }
     let dir = common::tiny_chat_model_dir();
     let data = dir.path().join("data.jsonl");
-    std::fs::write(&data, RUN_DATA).unwrap();
+    std::fs::write(&data, common::CHAT_DATA).unwrap();
     let config = |out: &Path| run_config(&data, out);
     let alone_out = tempfile::tempdir().unwrap();
     let alone_model = Model::load(dir.path(), &on(Device::Cuda(0))).unwrap();
@@ -276,7 +268,7 @@ fn a_run_of_two_ranks_stopped_and_resumed_matches_an_uninterrupted_one() {
     }
     let dir = common::tiny_chat_model_dir();
     let data = dir.path().join("data.jsonl");
-    std::fs::write(&data, RUN_DATA).unwrap();
+    std::fs::write(&data, common::CHAT_DATA).unwrap();
     let (stopped, whole) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let id = nccl_unique_id().unwrap();
     let resumed_from: Vec<Option<u64>> = std::thread::scope(|s| {

@@ -11,14 +11,6 @@ use finetune::Error;
 use std::path::Path;
 use std::process::Command;
 
-const DATA: &str = r#"{"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Brannock, the smith."}]}
-{"messages": [{"role": "user", "content": "What do you make?"}, {"role": "assistant", "content": "Blades of star iron."}]}
-{"instruction": "Where is the forge?", "output": "Under the bell tower."}
-{"text": "Emberfall lies east of Greyhollow."}
-{"messages": [{"role": "user", "content": "Your apprentice?"}, {"role": "assistant", "content": "Tilda."}]}
-{"messages": [{"role": "user", "content": "A sword?"}, {"role": "assistant", "content": "Forty silver."}]}
-"#;
-
 fn config(data: &Path, out: &Path) -> RunConfig {
     RunConfig {
         dataset: data.to_path_buf(),
@@ -69,7 +61,7 @@ fn setup() -> (tempfile::TempDir, Model, std::path::PathBuf) {
     )
     .unwrap();
     let data = dir.path().join("data.jsonl");
-    std::fs::write(&data, DATA).unwrap();
+    std::fs::write(&data, common::CHAT_DATA).unwrap();
     (dir, model, data)
 }
 

@@ -296,3 +296,12 @@ pub fn quick_train_config() -> TrainConfig {
         ..TrainConfig::default()
     }
 }
+
+/// Six records in the dataset formats a run reads (chat, alpaca, text), for whole runs.
+pub const CHAT_DATA: &str = r#"{"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Brannock, the smith."}]}
+{"messages": [{"role": "user", "content": "What do you make?"}, {"role": "assistant", "content": "Blades of star iron."}]}
+{"instruction": "Where is the forge?", "output": "Under the bell tower."}
+{"text": "Emberfall lies east of Greyhollow."}
+{"messages": [{"role": "user", "content": "Your apprentice?"}, {"role": "assistant", "content": "Tilda."}]}
+{"messages": [{"role": "user", "content": "A sword?"}, {"role": "assistant", "content": "Forty silver."}]}
+"#;
