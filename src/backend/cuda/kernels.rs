@@ -16,12 +16,13 @@ use std::sync::{Arc, Mutex};
 const PRELUDE: &str = include_str!("../../../kernels/prelude.cuh");
 
 /// The programs: (name, source after the prelude).
-pub const PROGRAMS: [(&str, &str); 6] = [
+pub const PROGRAMS: [(&str, &str); 7] = [
     ("pointwise", include_str!("../../../kernels/pointwise.cu")),
     ("norm", include_str!("../../../kernels/norm.cu")),
     ("rope", include_str!("../../../kernels/rope.cu")),
     ("loss", include_str!("../../../kernels/loss.cu")),
     ("attention", include_str!("../../../kernels/attention.cu")),
+    ("flash", include_str!("../../../kernels/flash.cu")),
     ("nf4", include_str!("../../../kernels/nf4.cu")),
 ];
 

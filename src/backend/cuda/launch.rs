@@ -3,7 +3,7 @@
 
 use super::device::{driver_error, Gpu};
 use crate::error::Result;
-use cudarc::driver::{result, CudaFunction};
+use cudarc::driver::{result, sys, CudaFunction};
 use std::ffi::c_void;
 
 /// One kernel argument.
@@ -30,15 +30,19 @@ impl Arg {
     }
 }
 
-/// Grid and block shape.
+/// Grid and block shape, and the bytes of dynamic shared memory per block.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
     pub grid: (u32, u32, u32),
     pub block: u32,
+    pub shared: u32,
 }
 
 /// Threads of the elementwise and row kernels' blocks.
 pub const BLOCK: u32 = 256;
+
+/// Bytes of shared memory a block may use without opting in.
+const STATIC_SHARED_LIMIT: u32 = 48 << 10;
 
 impl Shape {
     /// Grid-stride elementwise kernels over `n` elements.
@@ -46,6 +50,7 @@ impl Shape {
         Shape {
             grid: (n.div_ceil(BLOCK as usize).clamp(1, 65535) as u32, 1, 1),
             block: BLOCK,
+            shared: 0,
         }
     }
 
@@ -54,6 +59,7 @@ impl Shape {
         Shape {
             grid: (rows as u32, 1, 1),
             block: BLOCK,
+            shared: 0,
         }
     }
 
@@ -61,6 +67,15 @@ impl Shape {
         Shape {
             grid: (x as u32, y as u32, z as u32),
             block,
+            shared: 0,
+        }
+    }
+
+    /// The same shape with `bytes` of dynamic shared memory per block.
+    pub fn with_shared(self, bytes: usize) -> Self {
+        Shape {
+            shared: bytes as u32,
+            ..self
         }
     }
 }
@@ -83,11 +98,19 @@ pub unsafe fn launch(
         .map(|s| s as *mut u64 as *mut c_void)
         .collect();
     gpu.ctx.bind_to_thread().map_err(driver_error(name))?;
+    if shape.shared > STATIC_SHARED_LIMIT {
+        // Above 48 KiB a function must opt in to its dynamic shared memory.
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shape.shared as i32,
+        )
+        .map_err(driver_error(name))?;
+    }
     result::launch_kernel(
         f.cu_function(),
         shape.grid,
         (shape.block, 1, 1),
-        0,
+        shape.shared,
         gpu.stream.cu_stream(),
         &mut params,
     )

@@ -39,6 +39,9 @@ const ATTENTION_TILE: usize = 64;
 const ATTENTION_THREADS: u32 = 128;
 /// Largest head dimension the attention kernels support.
 const MAX_HEAD_DIM: usize = 256;
+/// Head dims whose training attention runs on tensor cores (kernels/flash.cu), reading bf16
+/// copies of q, k, v and dO; others take kernels/attention.cu's f32 kernels.
+const TENSOR_CORE_HEAD_DIMS: [usize; 2] = [64, 128];
 /// Blocks per multiprocessor the dK/dV launch aims at (several waves even out the causal
 /// imbalance: the first key tiles see every query, the last ones few).
 const DKDV_BLOCKS_PER_SM: usize = 8;
@@ -113,6 +116,19 @@ fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
 struct Staged<'a> {
     _bf16_copy: Option<DeviceBuffer<u16>>,
     _nf4_scratch: Option<MutexGuard<'a, Option<DeviceBuffer<u16>>>>,
+}
+
+/// bf16 copies of tensors and their addresses as kernel arguments (the copies live until this is
+/// dropped, after the kernels reading them are queued).
+struct Bf16Copies<const N: usize> {
+    args: [Arg; N],
+    _buffers: Vec<DeviceBuffer<u16>>,
+}
+
+/// Dynamic shared memory of a kernels/flash.cu launch: `tiles` bf16 tiles of 64 rows with a row
+/// pitch of head_dim + 8 elements, plus `extra` bytes.
+fn flash_shared_bytes(head_dim: usize, tiles: usize, extra: usize) -> usize {
+    tiles * ATTENTION_TILE * (head_dim + 8) * std::mem::size_of::<u16>() + extra
 }
 
 /// The kernels' code for an activation (kernels/pointwise.cu).
@@ -272,10 +288,24 @@ impl CudaBackend {
 
     /// bf16 copies of `n` f32 values at `src`.
     fn cast_to_bf16(&self, src: u64, n: usize) -> Result<DeviceBuffer<u16>> {
-        let out = self.gpu.alloc::<u16>(n, "a bf16 matmul operand")?;
+        let out = self.gpu.alloc::<u16>(n, "a bf16 copy of an operand")?;
         let dst = Arg::Ptr(self.buffer_ptr(&out));
         self.elementwise("cast_f32_bf16", n, &[Arg::Ptr(src), dst, count(n)])?;
         Ok(out)
+    }
+
+    /// bf16 copies of f32 tensors, as kernel arguments; `op` names the caller in errors.
+    fn bf16_copies<const N: usize>(&self, ts: [&CudaTensor; N], op: &str) -> Result<Bf16Copies<N>> {
+        let mut buffers = Vec::with_capacity(N);
+        for t in ts {
+            wants_f32(t, op)?;
+            buffers.push(self.cast_to_bf16(self.ptr(t)?, t.elements())?);
+        }
+        let args = std::array::from_fn(|i| Arg::Ptr(self.buffer_ptr(&buffers[i])));
+        Ok(Bf16Copies {
+            args,
+            _buffers: buffers,
+        })
     }
 
     /// `t` as a matrix-product operand: rounded to bf16 when `bf16` and stored in f32, an NF4
@@ -788,23 +818,33 @@ impl Backend for CudaBackend {
         if q.rows == 0 {
             return Ok((out, lse));
         }
-        let what = "attention";
-        let mut args = vec![
-            self.f32_arg(q, what)?,
-            self.f32_arg(k, what)?,
-            self.f32_arg(v, what)?,
-            self.ints_arg(segments),
-            Arg::Ptr(self.ptr(&out)?),
-            Arg::Ptr(self.ptr(&lse)?),
-        ];
-        args.extend(Self::attention_dims(s));
         let shape = Shape::grid(
             s.seq.div_ceil(ATTENTION_TILE),
             s.num_heads,
             s.batch,
             ATTENTION_THREADS,
         );
-        self.run("attention", "attention_fwd", shape, &args)?;
+        let what = "attention";
+        let outputs = [Arg::Ptr(self.ptr(&out)?), Arg::Ptr(self.ptr(&lse)?)];
+        if TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim) {
+            let copies = self.bf16_copies([q, k, v], what)?;
+            let mut args = copies.args.to_vec();
+            args.push(self.ints_arg(segments));
+            args.extend(outputs);
+            args.extend(Self::attention_dims(s));
+            let shape = shape.with_shared(flash_shared_bytes(s.head_dim, 4, 0));
+            self.run("flash", "flash_fwd", shape, &args)?;
+        } else {
+            let mut args = vec![
+                self.f32_arg(q, what)?,
+                self.f32_arg(k, what)?,
+                self.f32_arg(v, what)?,
+                self.ints_arg(segments),
+            ];
+            args.extend(outputs);
+            args.extend(Self::attention_dims(s));
+            self.run("attention", "attention_fwd", shape, &args)?;
+        }
         Ok((out, lse))
     }
 
@@ -841,21 +881,39 @@ impl Backend for CudaBackend {
         ];
         let warps = Shape::grid((q.rows * s.num_heads).div_ceil(8), 1, 1, 256);
         self.run("attention", "attention_bwd_delta", warps, &args)?;
-        let inputs = [
-            self.f32_arg(q, what)?,
-            self.f32_arg(k, what)?,
-            self.f32_arg(v, what)?,
-            self.f32_arg(d_out, what)?,
+        let statistics = [
             self.f32_arg(lse, what)?,
             Arg::Ptr(self.ptr(&delta)?),
             self.ints_arg(segments),
         ];
+        // Tensor-core kernels read bf16 copies (kept until both kernels are queued).
+        let flash = TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim);
+        let copies = flash
+            .then(|| self.bf16_copies([q, k, v, d_out], what))
+            .transpose()?;
+        let mut inputs = match &copies {
+            Some(c) => c.args.to_vec(),
+            None => [q, k, v, d_out]
+                .iter()
+                .map(|t| self.f32_arg(t, what))
+                .collect::<Result<_>>()?,
+        };
+        inputs.extend(statistics);
+        let (program, dq_kernel, dkdv_kernel) = if flash {
+            ("flash", "flash_bwd_dq", "flash_bwd_dkdv")
+        } else {
+            ("attention", "attention_bwd_dq", "attention_bwd_dkdv")
+        };
+        let shared = |tiles, extra| match flash {
+            true => flash_shared_bytes(s.head_dim, tiles, extra),
+            false => 0,
+        };
         let tiles = s.seq.div_ceil(ATTENTION_TILE);
-        let mut args = inputs.to_vec();
+        let mut args = inputs.clone();
         args.push(Arg::Ptr(self.ptr(&dq)?));
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(tiles, s.num_heads, s.batch, ATTENTION_THREADS);
-        self.run("attention", "attention_bwd_dq", shape, &args)?;
+        self.run(program, dq_kernel, shape.with_shared(shared(4, 0)), &args)?;
         // One block per (key tile, KV head) leaves a short sequence with too few blocks to fill
         // the GPU; then each query-head group is split into parts written to separate slabs.
         let blocks = tiles * s.num_kv_heads * s.batch;
@@ -874,12 +932,19 @@ impl Backend for CudaBackend {
             })
             .transpose()?;
         let (dk_out, dv_out) = slabs.as_ref().map_or((&dk, &dv), |(a, b)| (a, b));
-        let mut args = inputs.to_vec();
+        let mut args = inputs;
         args.push(Arg::Ptr(self.ptr(dk_out)?));
         args.push(Arg::Ptr(self.ptr(dv_out)?));
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(tiles, s.num_kv_heads * parts, s.batch, ATTENTION_THREADS);
-        self.run("attention", "attention_bwd_dkdv", shape, &args)?;
+        // flash_bwd_dkdv's lse·log2e and D of two query tiles: 2 × 2 × 64 f32.
+        let stats = 2 * 2 * ATTENTION_TILE * std::mem::size_of::<f32>();
+        self.run(
+            program,
+            dkdv_kernel,
+            shape.with_shared(shared(5, stats)),
+            &args,
+        )?;
         if let Some((dk_parts, dv_parts)) = &slabs {
             for (sum, slab) in [(&dk, dk_parts), (&dv, dv_parts)] {
                 let args = [
