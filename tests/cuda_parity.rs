@@ -140,6 +140,18 @@ fn pointwise_ops_match_cpu() {
     p.g.scale(&mut xg, -0.37).unwrap();
     p.c.scale(&mut xc, -0.37).unwrap();
     p.check("scale", &xg, &xc, 1e-6);
+    // Rows 13..13+29 of y added into rows 31.. of x, and copied out.
+    let (start, part) = (13, 29);
+    let (pg, pc) = (
+        p.g.copy_rows(&yg, start, part).unwrap(),
+        p.c.copy_rows(&yc, start, part).unwrap(),
+    );
+    p.check("copy_rows", &pg, &pc, 1e-12);
+    p.g.add_rows(&mut xg, 31, &pg).unwrap();
+    p.c.add_rows(&mut xc, 31, &pc).unwrap();
+    p.check("add_rows", &xg, &xc, 1e-6);
+    assert!(p.g.add_rows(&mut xg, rows - part + 1, &pg).is_err());
+    assert!(p.g.copy_rows(&yg, rows - part + 1, part).is_err());
     let (sg, sc) = (
         p.g.sum_squares(&[&xg, &yg]).unwrap(),
         p.c.sum_squares(&[&xc, &yc]).unwrap(),

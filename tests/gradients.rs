@@ -9,12 +9,17 @@
 //!
 //! With the projection matrices in NF4 (QLoRA) the same holds: the base weights are other (the
 //! dequantized values) but fixed, and the LoRA gradients flow through the dequantized matrices.
+//!
+//! The batch has 14 token rows, so the MLP runs as one chunk unless a test asks for smaller ones.
 
+mod common;
+
+use common::rel_err;
 use finetune::backend::cpu::CpuBackend;
 use finetune::backend::IGNORE_LABEL;
 use finetune::lora::LoraConfig;
 use finetune::model::config::Family;
-use finetune::model::decoder::Decoder;
+use finetune::model::decoder::{Decoder, MLP_CHUNK_ROWS};
 use finetune::model::presets::tiny;
 use finetune::model::weights::{random_weights, DecoderWeights, Slot, TensorValues};
 use finetune::quant::Quantization;
@@ -23,12 +28,29 @@ use finetune::train::batch::Batch;
 use finetune::train::trainer::{TrainConfig, Trainer};
 use std::sync::Arc;
 
-fn trainer(
-    family: Family,
+/// What a test varies.
+#[derive(Clone, Copy)]
+struct Setup {
     checkpointing: bool,
     quantization: Quantization,
     dropout: f32,
-) -> Trainer<CpuBackend> {
+    mlp_chunk_rows: usize,
+}
+
+const LORA: Setup = Setup {
+    checkpointing: true,
+    quantization: Quantization::None,
+    dropout: 0.0,
+    mlp_chunk_rows: MLP_CHUNK_ROWS,
+};
+
+fn trainer(family: Family, setup: Setup) -> Trainer<CpuBackend> {
+    let Setup {
+        checkpointing,
+        quantization,
+        dropout,
+        mlp_chunk_rows,
+    } = setup;
     let cfg = tiny(family);
     let be = CpuBackend::new(2).unwrap();
     // Larger weights than an initialised model so that logits and gradients are far from uniform.
@@ -45,7 +67,9 @@ fn trainer(
         Ok(TensorValues::F32(values))
     })
     .unwrap();
-    let dec = Arc::new(Decoder::new(cfg, be, weights));
+    let mut dec = Decoder::new(cfg, be, weights);
+    dec.set_mlp_chunk_rows(mlp_chunk_rows);
+    let dec = Arc::new(dec);
     let lora = LoraConfig {
         rank: 4,
         alpha: 8.0,
@@ -86,8 +110,14 @@ fn batch() -> Batch {
 /// With `dropout`, the function differentiated is the training loss under the masks of the first
 /// step (the dropout seed comes from the step count, so every evaluation draws the same masks);
 /// without, it is the evaluation loss, which must then equal the training loss.
-fn check_family(family: Family, checkpointing: bool, quantization: Quantization, dropout: f32) {
-    let mut t = trainer(family, checkpointing, quantization, dropout);
+fn check_family(family: Family, setup: Setup) {
+    let mut t = trainer(family, setup);
+    let Setup {
+        checkpointing,
+        quantization,
+        dropout,
+        mlp_chunk_rows,
+    } = setup;
     let b = batch();
     let (loss, _, _) = t.compute_gradients(std::slice::from_ref(&b)).unwrap();
     let eval = t.eval_loss(&b).unwrap();
@@ -136,57 +166,103 @@ fn check_family(family: Family, checkpointing: bool, quantization: Quantization,
         worst = worst.max(err / tolerance);
     }
     eprintln!(
-        "{family:?} (checkpointing {checkpointing}, {quantization:?}, dropout {dropout}): {} \
-         tensors, largest error/tolerance {worst:.2}",
+        "{family:?} (checkpointing {checkpointing}, {quantization:?}, dropout {dropout}, MLP \
+         chunks of {mlp_chunk_rows} rows): {} tensors, largest error/tolerance {worst:.2}",
         grads.len()
     );
 }
 
 #[test]
 fn llama_lora_gradients_match_finite_differences() {
-    check_family(Family::Llama, true, Quantization::None, 0.0);
+    check_family(Family::Llama, LORA);
 }
+
+const QLORA: Setup = Setup {
+    quantization: Quantization::Nf4,
+    ..LORA
+};
 
 #[test]
 fn llama_qlora_gradients_match_finite_differences() {
-    check_family(Family::Llama, true, Quantization::Nf4, 0.0);
+    check_family(Family::Llama, QLORA);
 }
 
 #[test]
 fn qwen2_qlora_gradients_match_finite_differences() {
-    check_family(Family::Qwen2, false, Quantization::Nf4, 0.0);
+    check_family(
+        Family::Qwen2,
+        Setup {
+            checkpointing: false,
+            ..QLORA
+        },
+    );
+}
+
+/// The gradients of the LoRA tensors (all of them, in order) after one batch.
+fn gradients(setup: Setup) -> Vec<Vec<f32>> {
+    let mut t = trainer(Family::Llama, setup);
+    t.compute_gradients(&[batch()]).unwrap();
+    t.grads().tensors().map(|g| g.data.clone()).collect()
 }
 
 #[test]
 fn llama_without_checkpointing_gives_the_same_gradients() {
-    check_family(Family::Llama, false, Quantization::None, 0.0);
-    let grads = |ckpt| {
-        let mut t = trainer(Family::Llama, ckpt, Quantization::None, 0.0);
-        t.compute_gradients(&[batch()]).unwrap();
-        t.grads()
-            .tensors()
-            .map(|g| g.data.clone())
-            .collect::<Vec<_>>()
+    let setup = Setup {
+        checkpointing: false,
+        ..LORA
     };
-    assert_eq!(grads(true), grads(false));
+    check_family(Family::Llama, setup);
+    assert_eq!(gradients(LORA), gradients(setup));
+}
+
+/// 14 rows in chunks of 5: three chunks, the last one short.
+const CHUNKED: Setup = Setup {
+    mlp_chunk_rows: 5,
+    ..LORA
+};
+
+#[test]
+fn mlp_chunks_give_the_gradients_of_one_chunk() {
+    // Only the order of the sums over rows in dA and dB differs.
+    for (i, (chunked, whole)) in gradients(CHUNKED).iter().zip(gradients(LORA)).enumerate() {
+        let err = rel_err(chunked, &whole);
+        assert!(err < 1e-5, "tensor {i}: relative error {err}");
+    }
+}
+
+#[test]
+fn llama_lora_gradients_with_mlp_chunks_and_dropout_match_finite_differences() {
+    check_family(
+        Family::Llama,
+        Setup {
+            dropout: 0.1,
+            ..CHUNKED
+        },
+    );
 }
 
 #[test]
 fn qwen2_lora_gradients_match_finite_differences() {
-    check_family(Family::Qwen2, true, Quantization::None, 0.0);
+    check_family(Family::Qwen2, LORA);
 }
 
 #[test]
 fn qwen3_lora_gradients_match_finite_differences() {
-    check_family(Family::Qwen3, true, Quantization::None, 0.0);
+    check_family(Family::Qwen3, LORA);
 }
 
 #[test]
 fn gemma_lora_gradients_match_finite_differences() {
-    check_family(Family::Gemma, true, Quantization::None, 0.0);
+    check_family(Family::Gemma, LORA);
 }
 
 #[test]
 fn llama_lora_gradients_with_dropout_match_finite_differences() {
-    check_family(Family::Llama, true, Quantization::None, 0.1);
+    check_family(
+        Family::Llama,
+        Setup {
+            dropout: 0.1,
+            ..LORA
+        },
+    );
 }

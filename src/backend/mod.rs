@@ -48,6 +48,26 @@ pub fn check_same_shape(a: (usize, usize), b: (usize, usize), what: &str) -> Res
     Ok(())
 }
 
+/// Fails unless rows `[start, start + rows)` exist in a tensor of `total` rows and, when
+/// `cols` is given as `(tensor's, other's)`, the two column counts agree.
+pub fn check_rows(
+    total: usize,
+    start: usize,
+    rows: usize,
+    cols: (usize, usize),
+    what: &str,
+) -> Result<()> {
+    if start.checked_add(rows).is_none_or(|end| end > total) || cols.0 != cols.1 {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "{what}: rows {start}..{} of {} values in a tensor of {total} rows of {} values",
+            start.saturating_add(rows),
+            cols.1,
+            cols.0
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the `(rows, cols)` of q, k, v and the number of segment ids against `s`; where a
 /// backend bounds the head dimension, `max_head_dim` also requires it even and at most that.
 pub fn check_attention_shapes(
@@ -295,6 +315,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Appends the rows of `src` below those of `dst` (same column count).
     fn append_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
+
+    /// A copy of rows `[start, start + rows)` of `t`.
+    fn copy_rows(&self, t: &Self::Tensor, start: usize, rows: usize) -> Result<Self::Tensor>;
+
+    /// `dst[start + i] += src[i]` for every row `i` of `src` (same column count).
+    fn add_rows(&self, dst: &mut Self::Tensor, start: usize, src: &Self::Tensor) -> Result<()>;
 
     /// Gated MLP activation `h = act(g) · u`.
     fn gated_activation(

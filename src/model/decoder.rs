@@ -12,6 +12,12 @@
 //! After the last layer: `loss = CE(rmsnorm(x)·W_outᵀ, labels)`. The backward pass walks the same
 //! steps in reverse and produces gradients for the LoRA tensors only; the base weights are frozen.
 //! With checkpointing, only each layer's input is kept and the layer is recomputed in the backward.
+//!
+//! The MLP runs over chunks of at most [`Decoder::mlp_chunk_rows`] token rows (its intermediates,
+//! three `[rows, intermediate]` tensors and their gradients, are the largest of a layer), and its
+//! intermediates are never kept: the backward recomputes `gate`, `up` and `m` chunk by chunk from
+//! `h2`. So a layer's memory beyond `[rows, hidden]` tensors stops growing with the sequence, and
+//! a recomputed layer runs only up to `h2` (its `down` product is never needed again).
 
 use super::adapters::LoraTensors;
 use super::config::ModelConfig;
@@ -44,12 +50,17 @@ pub struct Saving {
     pub offload_inputs: bool,
 }
 
+/// Token rows per MLP chunk unless set otherwise ([`Decoder::set_mlp_chunk_rows`]): Llama 3
+/// 8B's three intermediates are then 3 × 56 MiB in f32, and its products still fill a GPU.
+pub const MLP_CHUNK_ROWS: usize = 1024;
+
 /// The decoder: configuration, frozen weights and the backend they live on.
 pub struct Decoder<B: Backend> {
     pub cfg: ModelConfig,
     pub backend: B,
     pub weights: DecoderWeights<B>,
     inv_freq: Vec<f32>,
+    mlp_chunk_rows: usize,
 }
 
 /// Keys and values of the tokens seen so far, per layer (`[len, kv_heads·head_dim]`), for
@@ -87,11 +98,11 @@ struct QkNormCache<B: Backend> {
     rk: B::Tensor,
 }
 
-/// Intermediate values of one layer kept for its backward pass.
+/// Intermediate values of one layer kept for its backward pass (the MLP's are recomputed).
 struct LayerCache<B: Backend> {
     h1: B::Tensor,
     r1: B::Tensor,
-    /// `dropout(input)·Aᵀ` of each adapted projection.
+    /// `dropout(input)·Aᵀ` of each adapted attention projection (q, k, v, o).
     xa: Vec<Option<B::Tensor>>,
     /// q and k before their per-head norm (qwen3).
     qk_raw: Option<QkNormCache<B>>,
@@ -103,9 +114,31 @@ struct LayerCache<B: Backend> {
     x1: B::Tensor,
     h2: B::Tensor,
     r2: B::Tensor,
+}
+
+/// One MLP chunk's intermediates: `g = Pgate(h)`, `u = Pup(h)`, `m = act(g)·u`, and the adapter
+/// inputs `dropout(h)·Aᵀ` of gate and up.
+struct MlpChunk<B: Backend> {
     g: B::Tensor,
     u: B::Tensor,
     m: B::Tensor,
+    xa: [Option<B::Tensor>; 2],
+}
+
+/// Rows of a tensor: all of it (borrowed) or a copy of some.
+enum Rows<'a, T> {
+    All(&'a T),
+    Part(T),
+}
+
+impl<T> std::ops::Deref for Rows<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Rows::All(t) => t,
+            Rows::Part(t) => t,
+        }
+    }
 }
 
 impl<B: Backend> Decoder<B> {
@@ -116,7 +149,27 @@ impl<B: Backend> Decoder<B> {
             backend,
             weights,
             inv_freq,
+            mlp_chunk_rows: MLP_CHUNK_ROWS,
         }
+    }
+
+    /// Token rows per MLP chunk.
+    pub fn mlp_chunk_rows(&self) -> usize {
+        self.mlp_chunk_rows
+    }
+
+    /// Sets the token rows per MLP chunk (at least 1). Results depend on it only through the
+    /// order of floating-point sums and, with dropout, through the masks (one stream per chunk).
+    pub fn set_mlp_chunk_rows(&mut self, rows: usize) {
+        self.mlp_chunk_rows = rows.max(1);
+    }
+
+    /// The row ranges `(start, rows)` of the MLP chunks of `total` rows.
+    fn mlp_chunks(&self, total: usize) -> impl Iterator<Item = (usize, usize)> {
+        let step = self.mlp_chunk_rows;
+        (0..total)
+            .step_by(step)
+            .map(move |start| (start, step.min(total - start)))
     }
 
     fn attention_shape(&self, batch: &DeviceBatch<B>) -> AttentionShape {
@@ -129,10 +182,15 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    fn dropout_seed(ad: &Adapters<B>, layer: usize, m: TargetModule) -> Option<u64> {
+    /// The dropout seed of module `m` of `layer`; MLP chunks after the first (`chunk` > 0) each
+    /// draw their own.
+    fn dropout_seed(ad: &Adapters<B>, layer: usize, m: TargetModule, chunk: usize) -> Option<u64> {
         ad.dropout_seed
             .filter(|_| ad.cfg.dropout > 0.0)
-            .map(|s| derive(s, &[layer as u64, m as u64]))
+            .map(|s| match chunk {
+                0 => derive(s, &[layer as u64, m as u64]),
+                c => derive(s, &[layer as u64, m as u64, c as u64]),
+            })
     }
 
     /// `dropout(x)` while training with dropout; `None` when the adapter reads `x` itself.
@@ -141,12 +199,14 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`; also returns `dropout(x)·Aᵀ` for the backward pass.
+    /// `chunk` is the MLP chunk `x` is (0 elsewhere): it picks the dropout stream.
     fn project(
         &self,
         layer: usize,
         m: TargetModule,
         x: &B::Tensor,
         ad: Option<&Adapters<B>>,
+        chunk: usize,
     ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let be = &self.backend;
         let lw: &LayerWeights<B> = &self.weights.layers[layer];
@@ -154,13 +214,33 @@ impl<B: Backend> Decoder<B> {
         if let Some(b) = &lw.bias[m as usize] {
             be.add_row_vector(&mut y, b)?;
         }
+        let xa = self.adapter_input(layer, m, x, ad, chunk)?;
+        if let (Some(xa), Some(ad)) = (&xa, ad) {
+            let pair = ad
+                .tensors
+                .get(layer, m)
+                .expect("an adapter input has its pair");
+            be.matmul(xa, false, &pair.b, true, ad.cfg.scale(), &mut y, true)?;
+        }
+        Ok((y, xa))
+    }
+
+    /// `dropout(x)·Aᵀ` of module `m` when it is adapted.
+    fn adapter_input(
+        &self,
+        layer: usize,
+        m: TargetModule,
+        x: &B::Tensor,
+        ad: Option<&Adapters<B>>,
+        chunk: usize,
+    ) -> Result<Option<B::Tensor>> {
         let Some((ad, pair)) = ad.and_then(|ad| ad.tensors.get(layer, m).map(|p| (ad, p))) else {
-            return Ok((y, None));
+            return Ok(None);
         };
-        let dropped = self.dropped_out(x, Self::dropout_seed(ad, layer, m), ad.cfg.dropout)?;
-        let xa = be.product(dropped.as_ref().unwrap_or(x), false, &pair.a, true, 1.0)?;
-        be.matmul(&xa, false, &pair.b, true, ad.cfg.scale(), &mut y, true)?;
-        Ok((y, Some(xa)))
+        let seed = Self::dropout_seed(ad, layer, m, chunk);
+        let dropped = self.dropped_out(x, seed, ad.cfg.dropout)?;
+        let x = dropped.as_ref().unwrap_or(x);
+        Ok(Some(self.backend.product(x, false, &pair.a, true, 1.0)?))
     }
 
     /// Backward of [`Decoder::project`]: returns dx, added into `acc` when given (the inputs
@@ -177,6 +257,7 @@ impl<B: Backend> Decoder<B> {
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
         acc: Option<B::Tensor>,
+        chunk: usize,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let w = &self.weights.layers[layer].proj[m as usize];
@@ -195,7 +276,7 @@ impl<B: Backend> Decoder<B> {
         let s = ad.cfg.scale();
         be.matmul(dy, true, xa, false, s, &mut grad.b, true)?;
         let dxa = be.product(dy, false, &pair.b, false, s)?;
-        let seed = Self::dropout_seed(ad, layer, m);
+        let seed = Self::dropout_seed(ad, layer, m, chunk);
         let dropped = self.dropped_out(x, seed, ad.cfg.dropout)?;
         be.matmul(
             &dxa,
@@ -243,7 +324,7 @@ impl<B: Backend> Decoder<B> {
         Ok(be.reshape(dx, rows, cols))
     }
 
-    /// One layer forward; returns the output and, when asked, the cache for its backward.
+    /// One layer forward; returns the output and the cache for its backward.
     ///
     /// `attend(q, k, v)` returns the attention output and its log-sum-exp: over the batch's own
     /// rows in training, over a KV cache when decoding.
@@ -255,15 +336,29 @@ impl<B: Backend> Decoder<B> {
         ad: Option<&Adapters<B>>,
         attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
     ) -> Result<(B::Tensor, LayerCache<B>)> {
+        let cache = self.layer_cache(layer, x, positions, ad, attend)?;
+        let out = self.mlp_forward(layer, &cache.x1, &cache.h2, ad)?;
+        Ok((out, cache))
+    }
+
+    /// One layer forward up to the MLP's input `h2`: what its backward keeps.
+    fn layer_cache(
+        &self,
+        layer: usize,
+        x: &B::Tensor,
+        positions: &B::Ints,
+        ad: Option<&Adapters<B>>,
+        attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
+    ) -> Result<LayerCache<B>> {
         use TargetModule::*;
         let be = &self.backend;
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
-        let mut xa: Vec<Option<B::Tensor>> = (0..7).map(|_| None).collect();
+        let mut xa: Vec<Option<B::Tensor>> = (0..4).map(|_| None).collect();
         let (h1, r1) = be.rmsnorm(x, &lw.attn_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
-        let (q, xq) = self.project(layer, Q, &h1, ad)?;
-        let (k, xk) = self.project(layer, K, &h1, ad)?;
-        let (v, xv) = self.project(layer, V, &h1, ad)?;
+        let (q, xq) = self.project(layer, Q, &h1, ad, 0)?;
+        let (k, xk) = self.project(layer, K, &h1, ad, 0)?;
+        let (v, xv) = self.project(layer, V, &h1, ad, 0)?;
         (xa[Q as usize], xa[K as usize], xa[V as usize]) = (xq, xk, xv);
         let (mut q, mut k, qk_raw) = match (&lw.q_norm, &lw.k_norm) {
             (Some(qn), Some(kn)) => {
@@ -276,20 +371,12 @@ impl<B: Backend> Decoder<B> {
         be.rope(&mut q, positions, &self.inv_freq, cfg.head_dim, false)?;
         be.rope(&mut k, positions, &self.inv_freq, cfg.head_dim, false)?;
         let (attn, lse) = attend(&q, &k, &v)?;
-        let (o, xo) = self.project(layer, O, &attn, ad)?;
+        let (o, xo) = self.project(layer, O, &attn, ad, 0)?;
         xa[O as usize] = xo;
         let mut x1 = be.duplicate(x)?;
         be.add_assign(&mut x1, &o)?;
         let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
-        let (g, xg) = self.project(layer, Gate, &h2, ad)?;
-        let (u, xu) = self.project(layer, Up, &h2, ad)?;
-        (xa[Gate as usize], xa[Up as usize]) = (xg, xu);
-        let m = be.gated_activation(&g, &u, cfg.activation)?;
-        let (down, xd) = self.project(layer, Down, &m, ad)?;
-        xa[Down as usize] = xd;
-        let mut out = be.duplicate(&x1)?;
-        be.add_assign(&mut out, &down)?;
-        let cache = LayerCache {
+        Ok(LayerCache {
             h1,
             r1,
             xa,
@@ -302,11 +389,109 @@ impl<B: Backend> Decoder<B> {
             x1,
             h2,
             r2,
+        })
+    }
+
+    /// Rows `[start, start + rows)` of `t`, copied only when that is not all of it.
+    fn rows_of<'t>(
+        &self,
+        t: &'t B::Tensor,
+        start: usize,
+        rows: usize,
+    ) -> Result<Rows<'t, B::Tensor>> {
+        Ok(if start == 0 && rows == self.backend.shape(t).0 {
+            Rows::All(t)
+        } else {
+            Rows::Part(self.backend.copy_rows(t, start, rows)?)
+        })
+    }
+
+    /// `gate`, `up`, `m = act(gate)·up` of one MLP chunk `h`, with the adapter inputs of gate and
+    /// up (down's is left to the caller).
+    fn mlp_chunk(
+        &self,
+        layer: usize,
+        h: &B::Tensor,
+        ad: Option<&Adapters<B>>,
+        chunk: usize,
+    ) -> Result<MlpChunk<B>> {
+        let (g, xg) = self.project(layer, TargetModule::Gate, h, ad, chunk)?;
+        let (u, xu) = self.project(layer, TargetModule::Up, h, ad, chunk)?;
+        let m = self.backend.gated_activation(&g, &u, self.cfg.activation)?;
+        Ok(MlpChunk {
             g,
             u,
             m,
+            xa: [xg, xu],
+        })
+    }
+
+    /// `out = x1 + Pdown(act(Pgate(h2))·Pup(h2))`, chunk by chunk.
+    fn mlp_forward(
+        &self,
+        layer: usize,
+        x1: &B::Tensor,
+        h2: &B::Tensor,
+        ad: Option<&Adapters<B>>,
+    ) -> Result<B::Tensor> {
+        let be = &self.backend;
+        let mut out = be.duplicate(x1)?;
+        for (c, (start, rows)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
+            let m = self
+                .mlp_chunk(layer, &*self.rows_of(h2, start, rows)?, ad, c)?
+                .m;
+            let (down, _) = self.project(layer, TargetModule::Down, &m, ad, c)?;
+            be.add_rows(&mut out, start, &down)?;
+        }
+        Ok(out)
+    }
+
+    /// Backward of the MLP (the residual excluded): recomputes each chunk's intermediates from
+    /// `h2`, adds the LoRA gradients of gate, up and down into `grads` and returns dL/dh2.
+    fn mlp_backward(
+        &self,
+        layer: usize,
+        d_out: &B::Tensor,
+        h2: &B::Tensor,
+        ad: &Adapters<B>,
+        grads: &mut LoraTensors<B>,
+    ) -> Result<B::Tensor> {
+        use TargetModule::*;
+        let be = &self.backend;
+        let (rows, hidden) = be.shape(h2);
+        let chunks: Vec<_> = self.mlp_chunks(rows).collect();
+        let mut dh2 = match chunks.len() {
+            1 => None,
+            _ => Some(be.zeros(rows, hidden)?),
         };
-        Ok((out, cache))
+        for (c, &(start, n)) in chunks.iter().enumerate() {
+            let h = self.rows_of(h2, start, n)?;
+            let dy = self.rows_of(d_out, start, n)?;
+            let MlpChunk {
+                g,
+                u,
+                m,
+                xa: [xg, xu],
+            } = self.mlp_chunk(layer, &h, Some(ad), c)?;
+            let xd = self.adapter_input(layer, Down, &m, Some(ad), c)?;
+            let dm =
+                self.project_backward(layer, Down, &dy, &m, xd.as_ref(), ad, grads, None, c)?;
+            drop(m);
+            let (dg, du) = be.gated_activation_backward(&dm, &g, &u, self.cfg.activation)?;
+            drop((g, u, dm));
+            let dh =
+                self.project_backward(layer, Gate, &dg, &h, xg.as_ref(), ad, grads, None, c)?;
+            let dh =
+                self.project_backward(layer, Up, &du, &h, xu.as_ref(), ad, grads, Some(dh), c)?;
+            match &mut dh2 {
+                Some(sum) => be.add_rows(sum, start, &dh)?,
+                None => return Ok(dh),
+            }
+        }
+        match dh2 {
+            Some(sum) => Ok(sum),
+            None => be.zeros(rows, hidden),
+        }
     }
 
     /// One layer backward: takes dL/d(out) and the layer input, returns dL/dx.
@@ -326,16 +511,13 @@ impl<B: Backend> Decoder<B> {
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
         let xa = |m: TargetModule| c.xa[m as usize].as_ref();
-        // out = x1 + down(m): dx1 starts as d_out.
-        let dm = self.project_backward(layer, Down, &d_out, &c.m, xa(Down), ad, grads, None)?;
-        let (dg, du) = be.gated_activation_backward(&dm, &c.g, &c.u, cfg.activation)?;
-        let dh2 = self.project_backward(layer, Gate, &dg, &c.h2, xa(Gate), ad, grads, None)?;
-        let dh2 = self.project_backward(layer, Up, &du, &c.h2, xa(Up), ad, grads, Some(dh2))?;
+        // out = x1 + mlp(h2): dx1 starts as d_out.
+        let dh2 = self.mlp_backward(layer, &d_out, &c.h2, ad, grads)?;
         let mut dx1 =
             be.rmsnorm_backward(&dh2, &c.x1, &lw.mlp_norm, &c.r2, cfg.norm_unit_offset)?;
         be.add_assign(&mut dx1, &d_out)?;
         // x1 = x + o(attn)
-        let dattn = self.project_backward(layer, O, &dx1, &c.attn, xa(O), ad, grads, None)?;
+        let dattn = self.project_backward(layer, O, &dx1, &c.attn, xa(O), ad, grads, None, 0)?;
         let (mut dq, mut dk, dv) = be.attention_backward(
             &c.q,
             &c.k,
@@ -364,9 +546,9 @@ impl<B: Backend> Decoder<B> {
             dq = self.head_norm_backward(dq, &raw.q, qn, &raw.rq)?;
             dk = self.head_norm_backward(dk, &raw.k, kn, &raw.rk)?;
         }
-        let dh1 = self.project_backward(layer, Q, &dq, &c.h1, xa(Q), ad, grads, None)?;
-        let dh1 = self.project_backward(layer, K, &dk, &c.h1, xa(K), ad, grads, Some(dh1))?;
-        let dh1 = self.project_backward(layer, V, &dv, &c.h1, xa(V), ad, grads, Some(dh1))?;
+        let dh1 = self.project_backward(layer, Q, &dq, &c.h1, xa(Q), ad, grads, None, 0)?;
+        let dh1 = self.project_backward(layer, K, &dk, &c.h1, xa(K), ad, grads, Some(dh1), 0)?;
+        let dh1 = self.project_backward(layer, V, &dv, &c.h1, xa(V), ad, grads, Some(dh1), 0)?;
         let mut dx = be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &c.r1, cfg.norm_unit_offset)?;
         be.add_assign(&mut dx, &dx1)?;
         Ok(dx)
@@ -562,16 +744,13 @@ impl<B: Backend> Decoder<B> {
             next = inputs.pop().map(|t| be.fetch_stashed(t)).transpose()?;
             let cache = match caches.pop() {
                 Some(c) => c,
-                None => {
-                    self.layer_forward(
-                        layer,
-                        &x,
-                        &batch.positions,
-                        Some(ad),
-                        self.batch_attention(batch),
-                    )?
-                    .1
-                }
+                None => self.layer_cache(
+                    layer,
+                    &x,
+                    &batch.positions,
+                    Some(ad),
+                    self.batch_attention(batch),
+                )?,
             };
             dx = self.layer_backward(layer, dx, &x, &cache, batch, ad, grads)?;
             layer_done(layer, grads)?;

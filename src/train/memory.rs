@@ -2,6 +2,7 @@
 
 use crate::lora::LoraConfig;
 use crate::model::config::ModelConfig;
+use crate::model::decoder::MLP_CHUNK_ROWS;
 
 /// Bytes by part; `total` is their sum.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -16,9 +17,11 @@ pub struct MemoryEstimate {
 }
 
 /// Counts f32 values: weights from the tensor list; per token and layer the cached activations
-/// (norm inputs/outputs, q/k/v, attention output, gate/up/activation, LoRA intermediates); with
-/// checkpointing only each layer's input is kept for every layer, plus one layer's cache.
-/// Transients: one sequence's score matrix per head group and one LM-head chunk of logits.
+/// (norm inputs/outputs, q/k/v, attention output, the attention projections' LoRA
+/// intermediates); with checkpointing only each layer's input is kept for every layer, plus one
+/// layer's cache. Transients: one sequence's score matrix per head group, one LM-head chunk of
+/// logits, a few `[tokens, hidden]` gradients and one MLP chunk's intermediates and their
+/// gradients (gate, up, activation: the MLP never keeps them).
 pub fn estimate(
     cfg: &ModelConfig,
     lora: &LoraConfig,
@@ -42,16 +45,16 @@ pub fn estimate(
     let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let q = (cfg.num_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
-    let layer_cache = tokens
-        * (4 * d + 2 * q + 2 * kv + 3 * i + cfg.num_heads as u64 + 7 * lora.rank as u64)
-        * F32;
+    let layer_cache =
+        tokens * (4 * d + 2 * q + 2 * kv + cfg.num_heads as u64 + 4 * lora.rank as u64) * F32;
     let kept = if checkpointing {
         cfg.num_layers as u64 * tokens * d * F32 + layer_cache
     } else {
         cfg.num_layers as u64 * (tokens * d * F32 + layer_cache)
     };
-    let transient =
-        (2 * (seq * seq) as u64 + 256 * cfg.vocab_size as u64) * F32 + 4 * tokens * i.max(d) * F32;
+    let mlp_chunk = tokens.min(MLP_CHUNK_ROWS as u64);
+    let transient = (2 * (seq * seq) as u64 + 256 * cfg.vocab_size as u64) * F32
+        + (4 * tokens * d + 6 * mlp_chunk * i) * F32;
     let activations = kept + transient;
     MemoryEstimate {
         weights,

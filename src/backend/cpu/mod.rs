@@ -383,6 +383,21 @@ impl Backend for CpuBackend {
         Ok(self.install(|| decode::attention(q, k, v, heads)))
     }
 
+    fn copy_rows(&self, t: &CpuTensor, start: usize, rows: usize) -> Result<CpuTensor> {
+        Self::dense(&[t], "copy_rows")?;
+        super::check_rows(t.rows, start, rows, (t.cols, t.cols), "copy_rows")?;
+        let values = &t.data[start * t.cols..(start + rows) * t.cols];
+        Ok(CpuTensor::new(rows, t.cols, values.to_vec()))
+    }
+
+    fn add_rows(&self, dst: &mut CpuTensor, start: usize, src: &CpuTensor) -> Result<()> {
+        Self::dense(&[dst, src], "add_rows")?;
+        super::check_rows(dst.rows, start, src.rows, (dst.cols, src.cols), "add_rows")?;
+        let part = &mut dst.data[start * src.cols..(start + src.rows) * src.cols];
+        self.install(|| pointwise::zip_apply(part, &src.data, |a, b| *a += b));
+        Ok(())
+    }
+
     fn append_rows(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {
         Self::dense(&[dst, src], "append_rows")?;
         if dst.cols != src.cols {

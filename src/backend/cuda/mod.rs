@@ -1006,6 +1006,37 @@ impl Backend for CudaBackend {
         Ok((out, lse))
     }
 
+    fn copy_rows(&self, t: &CudaTensor, start: usize, rows: usize) -> Result<CudaTensor> {
+        super::check_rows(t.rows, start, rows, (t.cols, t.cols), "copy_rows")?;
+        let Storage::F32(b) = &t.storage else {
+            return Err(wants_f32(t, "copy_rows").expect_err("not f32"));
+        };
+        let mut out = self.gpu.alloc::<f32>(rows * t.cols, "a copy of rows")?;
+        let range = start * t.cols..(start + rows) * t.cols;
+        self.gpu
+            .stream
+            .memcpy_dtod(&b.slice.slice(range), &mut out.slice)
+            .map_err(driver_error("copying rows"))?;
+        Ok(CudaTensor {
+            rows,
+            cols: t.cols,
+            storage: Storage::F32(out),
+        })
+    }
+
+    fn add_rows(&self, dst: &mut CudaTensor, start: usize, src: &CudaTensor) -> Result<()> {
+        let cols = (dst.cols, src.cols);
+        super::check_rows(dst.rows, start, src.rows, cols, "add_rows")?;
+        wants_f32(dst, "add_rows")?;
+        let offset = start * dst.cols * std::mem::size_of::<f32>();
+        let args = [
+            Arg::Ptr(self.ptr(dst)? + offset as u64),
+            self.f32_arg(src, "add_rows")?,
+            count(src.elements()),
+        ];
+        self.elementwise("add_assign_f32", src.elements(), &args)
+    }
+
     fn append_rows(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
         if dst.cols != src.cols {
             return Err(Error::InvalidArgument(format!(
