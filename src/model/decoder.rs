@@ -494,14 +494,16 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    /// One layer backward: takes dL/d(out) and the layer input, returns dL/dx.
+    /// One layer backward: takes dL/d(out), the layer input and its cache, returns dL/dx. Each
+    /// cached value and gradient is dropped as soon as it is used up (the peak memory of a long
+    /// sequence is set here).
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
         layer: usize,
         d_out: B::Tensor,
         x: &B::Tensor,
-        c: &LayerCache<B>,
+        c: LayerCache<B>,
         batch: &DeviceBatch<B>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
@@ -510,46 +512,49 @@ impl<B: Backend> Decoder<B> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
-        let xa = |m: TargetModule| c.xa[m as usize].as_ref();
+        let LayerCache {
+            h1,
+            r1,
+            xa,
+            qk_raw,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            x1,
+            h2,
+            r2,
+        } = c;
+        let xa = |m: TargetModule| xa[m as usize].as_ref();
         // out = x1 + mlp(h2): dx1 starts as d_out.
-        let dh2 = self.mlp_backward(layer, &d_out, &c.h2, ad, grads)?;
-        let mut dx1 =
-            be.rmsnorm_backward(&dh2, &c.x1, &lw.mlp_norm, &c.r2, cfg.norm_unit_offset)?;
+        let dh2 = self.mlp_backward(layer, &d_out, &h2, ad, grads)?;
+        drop(h2);
+        let mut dx1 = be.rmsnorm_backward(&dh2, &x1, &lw.mlp_norm, &r2, cfg.norm_unit_offset)?;
+        drop((dh2, x1, r2));
         be.add_assign(&mut dx1, &d_out)?;
+        drop(d_out);
         // x1 = x + o(attn)
-        let dattn = self.project_backward(layer, O, &dx1, &c.attn, xa(O), ad, grads, None, 0)?;
-        let (mut dq, mut dk, dv) = be.attention_backward(
-            &c.q,
-            &c.k,
-            &c.v,
-            &c.attn,
-            &c.lse,
-            &dattn,
-            &batch.segments,
-            self.attention_shape(batch),
-        )?;
-        be.rope(
-            &mut dq,
-            &batch.positions,
-            &self.inv_freq,
-            cfg.head_dim,
-            true,
-        )?;
-        be.rope(
-            &mut dk,
-            &batch.positions,
-            &self.inv_freq,
-            cfg.head_dim,
-            true,
-        )?;
-        if let (Some(raw), Some(qn), Some(kn)) = (&c.qk_raw, &lw.q_norm, &lw.k_norm) {
+        let dattn = self.project_backward(layer, O, &dx1, &attn, xa(O), ad, grads, None, 0)?;
+        let shape = self.attention_shape(batch);
+        let (mut dq, mut dk, dv) =
+            be.attention_backward(&q, &k, &v, &attn, &lse, &dattn, &batch.segments, shape)?;
+        drop((q, k, v, attn, lse, dattn));
+        let pos = &batch.positions;
+        be.rope(&mut dq, pos, &self.inv_freq, cfg.head_dim, true)?;
+        be.rope(&mut dk, pos, &self.inv_freq, cfg.head_dim, true)?;
+        if let (Some(raw), Some(qn), Some(kn)) = (qk_raw, &lw.q_norm, &lw.k_norm) {
             dq = self.head_norm_backward(dq, &raw.q, qn, &raw.rq)?;
             dk = self.head_norm_backward(dk, &raw.k, kn, &raw.rk)?;
         }
-        let dh1 = self.project_backward(layer, Q, &dq, &c.h1, xa(Q), ad, grads, None, 0)?;
-        let dh1 = self.project_backward(layer, K, &dk, &c.h1, xa(K), ad, grads, Some(dh1), 0)?;
-        let dh1 = self.project_backward(layer, V, &dv, &c.h1, xa(V), ad, grads, Some(dh1), 0)?;
-        let mut dx = be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &c.r1, cfg.norm_unit_offset)?;
+        let dh1 = self.project_backward(layer, Q, &dq, &h1, xa(Q), ad, grads, None, 0)?;
+        drop(dq);
+        let dh1 = self.project_backward(layer, K, &dk, &h1, xa(K), ad, grads, Some(dh1), 0)?;
+        drop(dk);
+        let dh1 = self.project_backward(layer, V, &dv, &h1, xa(V), ad, grads, Some(dh1), 0)?;
+        drop((dv, h1));
+        let mut dx = be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &r1, cfg.norm_unit_offset)?;
+        drop(dh1);
         be.add_assign(&mut dx, &dx1)?;
         Ok(dx)
     }
@@ -674,6 +679,27 @@ impl<B: Backend> Decoder<B> {
         Ok(z)
     }
 
+    /// The final norm, LM head and loss of the last layer's output `last`: returns the loss sum
+    /// and dL/d(last), every other value freed before the layers' backward starts.
+    fn head_forward_backward(
+        &self,
+        last: B::Tensor,
+        batch: &DeviceBatch<B>,
+        normalizer: f32,
+    ) -> Result<(f64, B::Tensor)> {
+        let be = &self.backend;
+        let (eps, offset) = (self.cfg.rms_norm_eps, self.cfg.norm_unit_offset);
+        let norm = &self.weights.final_norm;
+        let (h, r) = be.rmsnorm(&last, norm, eps, offset)?;
+        let head = self.weights.output_projection();
+        let (loss, dh) = be.lm_head_cross_entropy(&h, head, &batch.labels, normalizer)?;
+        drop(h);
+        if !loss.is_finite() {
+            return Err(Error::NonFinite(format!("loss ({loss})")));
+        }
+        Ok((loss, be.rmsnorm_backward(&dh, &last, norm, &r, offset)?))
+    }
+
     /// Forward and backward of one micro-batch. Adds the LoRA gradients of
     /// `Σ_labelled CE / normalizer` into `grads` and returns the un-normalised loss sum.
     /// `saving` says what the forward pass keeps for the backward pass.
@@ -713,29 +739,7 @@ impl<B: Backend> Decoder<B> {
             });
             x = out;
         }
-        let last = x;
-        let (h, r) = be.rmsnorm(
-            &last,
-            &self.weights.final_norm,
-            cfg.rms_norm_eps,
-            cfg.norm_unit_offset,
-        )?;
-        let (loss, dh) = be.lm_head_cross_entropy(
-            &h,
-            self.weights.output_projection(),
-            &batch.labels,
-            normalizer,
-        )?;
-        if !loss.is_finite() {
-            return Err(Error::NonFinite(format!("loss ({loss})")));
-        }
-        let mut dx = be.rmsnorm_backward(
-            &dh,
-            &last,
-            &self.weights.final_norm,
-            &r,
-            cfg.norm_unit_offset,
-        )?;
+        let (loss, mut dx) = self.head_forward_backward(x, batch, normalizer)?;
         // Each layer's input comes back (from host memory when offloaded) while the layer
         // after it runs its backward.
         let mut next = inputs.pop().map(|t| be.fetch_stashed(t)).transpose()?;
@@ -752,7 +756,7 @@ impl<B: Backend> Decoder<B> {
                     self.batch_attention(batch),
                 )?,
             };
-            dx = self.layer_backward(layer, dx, &x, &cache, batch, ad, grads)?;
+            dx = self.layer_backward(layer, dx, &x, cache, batch, ad, grads)?;
             layer_done(layer, grads)?;
         }
         Ok(loss)
