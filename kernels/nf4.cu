@@ -145,8 +145,9 @@ extern "C" __global__ void nf4_double_quantize(const float* absmax, long long bl
 // x'_j = NF4[q_j] · M'_b (b = j/64), written as bf16 (round to nearest even). M'_b is absmax[b]
 // when `absmax` is not NULL (plain f32 absmax), else the double-quantized value
 //     M'_b = map[codes[b]] · nested_absmax[b/256] + *offset      (two roundings, in this order).
-// One thread per packed byte k (values 2k and 2k+1, always in the same block). The bf16 pair is
-// stored as one 32-bit word (out is 4-byte aligned, 2k is even).
+// One thread per group of 8 values (4 packed bytes, always in one block): one 32-bit load, one
+// 128-bit store (packed and out are allocation starts: 4- and 16-byte aligned); a short last
+// group goes pair by pair.
 // Launch: block 256, grid min(ceil(ceil(n/2)/256), 65535), grid-stride.
 extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, const float* absmax,
                                                const unsigned char* codes, const float* nested_absmax,
@@ -155,20 +156,31 @@ extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, cons
     __shared__ float code[16];  // indexed per thread: shared memory, not a serialised constant read
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
-    const long long bytes = (n + 1) / 2;
-    GRID_STRIDE_LOOP(k, bytes) {
-        const long long i = 2 * k, b = i / NF4_BLOCK;
+    // The bf16 pair (lo, hi) of byte v scaled by m, as one 32-bit word.
+    auto pair = [&](unsigned int v, float m) {
+        return (unsigned int)f32_to_bf16(__fmul_rn(code[v >> 4], m)) |
+               ((unsigned int)f32_to_bf16(__fmul_rn(code[v & 15u], m)) << 16);
+    };
+    GRID_STRIDE_LOOP(w, (n + 7) / 8) {
+        const long long i = 8 * w, b = i / NF4_BLOCK;
         const float m =
             absmax != nullptr
                 ? absmax[b]
                 : __fadd_rn(__fmul_rn(map[codes[b]], nested_absmax[b / NF4_NESTED_BLOCK]), *offset);
-        const unsigned int byte = packed[k];
-        const bf16_t first = f32_to_bf16(__fmul_rn(code[byte >> 4], m));
-        if (i + 1 < n) {
-            const bf16_t second = f32_to_bf16(__fmul_rn(code[byte & 15u], m));
-            *(unsigned int*)(out + i) = (unsigned int)first | ((unsigned int)second << 16);
+        if (i + 8 <= n) {
+            const unsigned int word = *reinterpret_cast<const unsigned int*>(packed + 4 * w);
+            *reinterpret_cast<uint4*>(out + i) =
+                make_uint4(pair(word & 255u, m), pair((word >> 8) & 255u, m),
+                           pair((word >> 16) & 255u, m), pair(word >> 24, m));
         } else {
-            out[i] = first;
+            for (long long j = i; j < n; j += 2) {
+                const unsigned int v = pair(packed[j / 2], m);
+                if (j + 1 < n) {
+                    *reinterpret_cast<unsigned int*>(out + j) = v;
+                } else {
+                    out[j] = (bf16_t)(v & 0xffffu);
+                }
+            }
         }
     }
 }

@@ -45,12 +45,15 @@ impl Offload {
         Ok(())
     }
 
-    /// A pinned buffer of exactly `len` values, reused when one is spare.
+    /// A pinned buffer of exactly `len` values, reused when one is spare. When none is, the
+    /// spare buffers of other lengths are freed first: the activations changed size (another
+    /// sequence length), and keeping every size seen would let host memory grow without bound.
     fn pinned(&self, gpu: &Gpu, len: usize) -> Result<PinnedHostSlice<f32>> {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = spare.iter().position(|p| p.len() == len) {
             return Ok(spare.swap_remove(i));
         }
+        spare.clear();
         // SAFETY: the buffer is written by the copy out before anything reads it.
         unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.map_err(|e| Error::OutOfMemory {
             requested: len * 4,
