@@ -101,6 +101,18 @@ __device__ __forceinline__ void flash_zero(float (&x)[NT][4]) {
     }
 }
 
+// Row `half` (0: gid, 1: gid + 8) of an accumulator set over the head dim, times `mul`, to
+// p[8n + 2tig..+1] (p: the row's first element for this thread's tig, 8-byte aligned).
+template <int NDT>
+__device__ __forceinline__ void flash_store_row(float* p, const float (&acc)[NDT][4], int half,
+                                                float mul) {
+#pragma unroll
+    for (int n = 0; n < NDT; ++n) {
+        *reinterpret_cast<float2*>(p + 8 * n) =
+            make_float2(acc[n][2 * half] * mul, acc[n][2 * half + 1] * mul);
+    }
+}
+
 // max / Σ over the 4 lanes of a quad (the lanes holding one accumulator row).
 __device__ __forceinline__ float flash_max4(float v) {
     v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, 1));
@@ -223,6 +235,45 @@ __device__ __forceinline__ bool flash_block_whole(const int* seg, int seq, int r
     return !__syncthreads_or(!(r0 + FLASH_TILE <= seq && (t >= FLASH_TILE || seg[r0 + t] == seg[r0])));
 }
 
+// Where a block of 64 queries (fwd, dq) works: query head h = blockIdx.y of sequence b =
+// blockIdx.z, queries from r0 (reverse blockIdx.x order: the longest causal rows start first),
+// the rows of its KV head in k and v, and the key tiles up to the diagonal.
+template <int HD>
+struct FlashQueryBlock {
+    int h, r0, ntiles;
+    long long ldq, ldk, tok0;
+    const int* seg;
+    const bf16_t* kh;
+    const bf16_t* vh;
+    __device__ FlashQueryBlock(const bf16_t* k, const bf16_t* v, const int* segments, int seq,
+                               int heads, int kv_heads)
+        : h(blockIdx.y),
+          r0((gridDim.x - 1 - blockIdx.x) * FLASH_TILE),
+          ntiles(min(r0 + FLASH_TILE - 1, seq - 1) / FLASH_TILE + 1),
+          ldq((long long)heads * HD),
+          ldk((long long)kv_heads * HD),
+          tok0((long long)blockIdx.z * seq),
+          seg(segments + tok0),
+          kh(k + tok0 * ldk + (long long)(h / (heads / kv_heads)) * HD),
+          vh(v + tok0 * ldk + (long long)(h / (heads / kv_heads)) * HD) {}
+
+    // Starts copying key tile kt + 1 (if there is one) into `kbuf` and `vbuf`, and commits a
+    // copy group either way. Returns, in every thread, whether tile kt is wholly below the
+    // diagonal within the queries' one segment (`qwhole`): then it needs no mask. Contains
+    // __syncthreads_or: every thread must call it.
+    __device__ bool prefetch(int kt, bf16_t* kbuf, bf16_t* vbuf, int seq, bool qwhole) const {
+        const int j0 = kt * FLASH_TILE, next = j0 + FLASH_TILE;
+        if (kt + 1 < ntiles) {
+            flash_load_tile<HD>(kbuf, kh + next * ldk, ldk, seq - next);
+            flash_load_tile<HD>(vbuf, vh + next * ldk, ldk, seq - next);
+        }
+        flash_commit();
+        const int t = threadIdx.x;
+        return !__syncthreads_or(
+            !(qwhole && next <= r0 && (t >= FLASH_TILE || seg[j0 + t] == seg[r0])));
+    }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Forward. Block: 64 queries from r0 (reverse blockIdx.x order: the longest causal rows first).
 // Per key tile of 64, with the online softmax in the log2 domain (x = c·log2(e)·q·k):
@@ -243,14 +294,12 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
     auto Vb = [&](int u) { return sm + (2 * u + 1) * TE; };
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
-    const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
-    const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
-    const long long tok0 = (long long)b * seq;
-    const int* seg = segments + tok0;
-    const bf16_t* kh = k + tok0 * ldk + (long long)g * HD;
-    const bf16_t* vh = v + tok0 * ldk + (long long)g * HD;
-    const int r0 = (gridDim.x - 1 - blockIdx.x) * 64;
-    const int ntiles = min(r0 + 63, seq - 1) / BC + 1;
+    const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads);
+    const int h = blk.h, r0 = blk.r0, ntiles = blk.ntiles;
+    const long long ldq = blk.ldq, ldk = blk.ldk, tok0 = blk.tok0;
+    const int* seg = blk.seg;
+    const bf16_t* kh = blk.kh;
+    const bf16_t* vh = blk.vh;
 
     // Q goes through buffer 1's K area; tile 0 into buffer 0.
     flash_load_tile<HD>(Kb(1), q + tok0 * ldq + (long long)h * HD + r0 * ldq, ldq, seq - r0);
@@ -272,14 +321,7 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
-        if (kt + 1 < ntiles) {
-            flash_load_tile<HD>(Kb(buf ^ 1), kh + (j0 + BC) * ldk, ldk, seq - j0 - BC);
-            flash_load_tile<HD>(Vb(buf ^ 1), vh + (j0 + BC) * ldk, ldk, seq - j0 - BC);
-        }
-        flash_commit();
-        // Below the diagonal with one segment throughout: no mask.
-        const bool whole = !__syncthreads_or(
-            !(qwhole && j0 + BC <= r0 && (tid >= BC || seg[j0 + tid] == seg[r0])));
+        const bool whole = blk.prefetch(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq, qwhole);
         const unsigned int vis = whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
         const bool any = whole || __syncthreads_or(vis != 0);
         flash_wait<1>();
@@ -339,19 +381,11 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
     const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
     float* ob = out + (long long)h * HD + 2 * tig;
     if (i0 < seq) {
-        float* p = ob + (tok0 + i0) * ldq;
-#pragma unroll
-        for (int n = 0; n < NDT; ++n) {
-            *reinterpret_cast<float2*>(p + 8 * n) = make_float2(o[n][0] * inv0, o[n][1] * inv0);
-        }
+        flash_store_row<NDT>(ob + (tok0 + i0) * ldq, o, 0, inv0);
         if (tig == 0) lse[(tok0 + i0) * heads + h] = (m0 + log2f(l0)) * FLASH_LN2;
     }
     if (i1 < seq) {
-        float* p = ob + (tok0 + i1) * ldq;
-#pragma unroll
-        for (int n = 0; n < NDT; ++n) {
-            *reinterpret_cast<float2*>(p + 8 * n) = make_float2(o[n][2] * inv1, o[n][3] * inv1);
-        }
+        flash_store_row<NDT>(ob + (tok0 + i1) * ldq, o, 1, inv1);
         if (tig == 0) lse[(tok0 + i1) * heads + h] = (m1 + log2f(l1)) * FLASH_LN2;
     }
 }
@@ -395,14 +429,12 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
     auto Vb = [&](int u) { return sm + (2 * u + 1) * TE; };
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
-    const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
-    const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
-    const long long tok0 = (long long)b * seq;
-    const int* seg = segments + tok0;
-    const bf16_t* kh = k + tok0 * ldk + (long long)g * HD;
-    const bf16_t* vh = v + tok0 * ldk + (long long)g * HD;
-    const int r0 = (gridDim.x - 1 - blockIdx.x) * 64;
-    const int ntiles = min(r0 + 63, seq - 1) / BC + 1;
+    const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads);
+    const int h = blk.h, r0 = blk.r0, ntiles = blk.ntiles;
+    const long long ldq = blk.ldq, ldk = blk.ldk, tok0 = blk.tok0;
+    const int* seg = blk.seg;
+    const bf16_t* kh = blk.kh;
+    const bf16_t* vh = blk.vh;
     const long long qoff = (tok0 + r0) * ldq + (long long)h * HD;
 
     // Q and dO go through buffer 1; tile 0 into buffer 0.
@@ -430,13 +462,7 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
-        if (kt + 1 < ntiles) {
-            flash_load_tile<HD>(Kb(buf ^ 1), kh + (j0 + BC) * ldk, ldk, seq - j0 - BC);
-            flash_load_tile<HD>(Vb(buf ^ 1), vh + (j0 + BC) * ldk, ldk, seq - j0 - BC);
-        }
-        flash_commit();
-        const bool whole = !__syncthreads_or(
-            !(qwhole && j0 + BC <= r0 && (tid >= BC || seg[j0 + tid] == seg[r0])));
+        const bool whole = blk.prefetch(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq, qwhole);
         flash_wait<1>();
         __syncthreads();
 #pragma unroll
@@ -470,20 +496,8 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
         __syncthreads();
     }
     float* base = dq + (long long)h * HD + 2 * tig;
-    if (i0 < seq) {
-        float* p = base + (tok0 + i0) * ldq;
-#pragma unroll
-        for (int n = 0; n < NDT; ++n) {
-            *reinterpret_cast<float2*>(p + 8 * n) = make_float2(acc[n][0] * scale, acc[n][1] * scale);
-        }
-    }
-    if (i1 < seq) {
-        float* p = base + (tok0 + i1) * ldq;
-#pragma unroll
-        for (int n = 0; n < NDT; ++n) {
-            *reinterpret_cast<float2*>(p + 8 * n) = make_float2(acc[n][2] * scale, acc[n][3] * scale);
-        }
-    }
+    if (i0 < seq) flash_store_row<NDT>(base + (tok0 + i0) * ldq, acc, 0, scale);
+    if (i1 < seq) flash_store_row<NDT>(base + (tok0 + i1) * ldq, acc, 1, scale);
 }
 
 // q, k, v, d_out bf16; lse, delta f32 [batch·seq, heads]; dq f32 like q (every element written).
@@ -625,20 +639,13 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         store_stats(buf ^ 1);
     }
     const long long off = (long long)g * HD + 2 * tig;
-    if (k0 < seq) {
-        const long long row = (tok0 + k0) * ldk + off;
 #pragma unroll
-        for (int n = 0; n < NDT; ++n) {
-            *reinterpret_cast<float2*>(dk + row + 8 * n) = make_float2(dka[n][0] * scale, dka[n][1] * scale);
-            *reinterpret_cast<float2*>(dv + row + 8 * n) = make_float2(dva[n][0], dva[n][1]);
-        }
-    }
-    if (k1 < seq) {
-        const long long row = (tok0 + k1) * ldk + off;
-#pragma unroll
-        for (int n = 0; n < NDT; ++n) {
-            *reinterpret_cast<float2*>(dk + row + 8 * n) = make_float2(dka[n][2] * scale, dka[n][3] * scale);
-            *reinterpret_cast<float2*>(dv + row + 8 * n) = make_float2(dva[n][2], dva[n][3]);
+    for (int half = 0; half < 2; ++half) {
+        const int key = half == 0 ? k0 : k1;
+        if (key < seq) {
+            const long long row = (tok0 + key) * ldk + off;
+            flash_store_row<NDT>(dk + row, dka, half, scale);
+            flash_store_row<NDT>(dv + row, dva, half, 1.0f);
         }
     }
 }
