@@ -29,7 +29,7 @@ use finetune::train::trainer::{TrainConfig, Trainer};
 use std::sync::Arc;
 
 /// What a test varies.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Setup {
     checkpointing: bool,
     quantization: Quantization,
@@ -112,12 +112,7 @@ fn batch() -> Batch {
 /// without, it is the evaluation loss, which must then equal the training loss.
 fn check_family(family: Family, setup: Setup) {
     let mut t = trainer(family, setup);
-    let Setup {
-        checkpointing,
-        quantization,
-        dropout,
-        mlp_chunk_rows,
-    } = setup;
+    let dropout = setup.dropout;
     let b = batch();
     let (loss, _, _) = t.compute_gradients(std::slice::from_ref(&b)).unwrap();
     let eval = t.eval_loss(&b).unwrap();
@@ -166,8 +161,7 @@ fn check_family(family: Family, setup: Setup) {
         worst = worst.max(err / tolerance);
     }
     eprintln!(
-        "{family:?} (checkpointing {checkpointing}, {quantization:?}, dropout {dropout}, MLP \
-         chunks of {mlp_chunk_rows} rows): {} tensors, largest error/tolerance {worst:.2}",
+        "{family:?} ({setup:?}): {} tensors, largest error/tolerance {worst:.2}",
         grads.len()
     );
 }

@@ -19,7 +19,7 @@
 //! `h2`. So a layer's memory beyond `[rows, hidden]` tensors stops growing with the sequence, and
 //! a recomputed layer runs only up to `h2` (its `down` product is never needed again).
 
-use super::adapters::LoraTensors;
+use super::adapters::{LoraPair, LoraTensors};
 use super::config::ModelConfig;
 use super::weights::{DecoderWeights, LayerWeights};
 use crate::backend::{AttentionShape, Backend};
@@ -215,14 +215,19 @@ impl<B: Backend> Decoder<B> {
             be.add_row_vector(&mut y, b)?;
         }
         let xa = self.adapter_input(layer, m, x, ad, chunk)?;
-        if let (Some(xa), Some(ad)) = (&xa, ad) {
-            let pair = ad
-                .tensors
-                .get(layer, m)
-                .expect("an adapter input has its pair");
+        if let (Some(xa), Some((ad, pair))) = (&xa, Self::adapted(ad, layer, m)) {
             be.matmul(xa, false, &pair.b, true, ad.cfg.scale(), &mut y, true)?;
         }
         Ok((y, xa))
+    }
+
+    /// The adapters and module `m`'s pair when `m` of `layer` is adapted.
+    fn adapted<'a>(
+        ad: Option<&'a Adapters<'a, B>>,
+        layer: usize,
+        m: TargetModule,
+    ) -> Option<(&'a Adapters<'a, B>, &'a LoraPair<B>)> {
+        ad.and_then(|ad| ad.tensors.get(layer, m).map(|p| (ad, p)))
     }
 
     /// `dropout(x)·Aᵀ` of module `m` when it is adapted.
@@ -234,7 +239,7 @@ impl<B: Backend> Decoder<B> {
         ad: Option<&Adapters<B>>,
         chunk: usize,
     ) -> Result<Option<B::Tensor>> {
-        let Some((ad, pair)) = ad.and_then(|ad| ad.tensors.get(layer, m).map(|p| (ad, p))) else {
+        let Some((ad, pair)) = Self::adapted(ad, layer, m) else {
             return Ok(None);
         };
         let seed = Self::dropout_seed(ad, layer, m, chunk);
@@ -456,42 +461,47 @@ impl<B: Backend> Decoder<B> {
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
     ) -> Result<B::Tensor> {
-        use TargetModule::*;
         let be = &self.backend;
         let (rows, hidden) = be.shape(h2);
         let chunks: Vec<_> = self.mlp_chunks(rows).collect();
-        let mut dh2 = match chunks.len() {
-            1 => None,
-            _ => Some(be.zeros(rows, hidden)?),
-        };
+        if chunks.len() == 1 {
+            return self.mlp_chunk_backward(layer, d_out, h2, ad, grads, 0);
+        }
+        let mut dh2 = be.zeros(rows, hidden)?;
         for (c, &(start, n)) in chunks.iter().enumerate() {
             let h = self.rows_of(h2, start, n)?;
             let dy = self.rows_of(d_out, start, n)?;
-            let MlpChunk {
-                g,
-                u,
-                m,
-                xa: [xg, xu],
-            } = self.mlp_chunk(layer, &h, Some(ad), c)?;
-            let xd = self.adapter_input(layer, Down, &m, Some(ad), c)?;
-            let dm =
-                self.project_backward(layer, Down, &dy, &m, xd.as_ref(), ad, grads, None, c)?;
-            drop(m);
-            let (dg, du) = be.gated_activation_backward(&dm, &g, &u, self.cfg.activation)?;
-            drop((g, u, dm));
-            let dh =
-                self.project_backward(layer, Gate, &dg, &h, xg.as_ref(), ad, grads, None, c)?;
-            let dh =
-                self.project_backward(layer, Up, &du, &h, xu.as_ref(), ad, grads, Some(dh), c)?;
-            match &mut dh2 {
-                Some(sum) => be.add_rows(sum, start, &dh)?,
-                None => return Ok(dh),
-            }
+            let dh = self.mlp_chunk_backward(layer, &dy, &h, ad, grads, c)?;
+            be.add_rows(&mut dh2, start, &dh)?;
         }
-        match dh2 {
-            Some(sum) => Ok(sum),
-            None => be.zeros(rows, hidden),
-        }
+        Ok(dh2)
+    }
+
+    /// The MLP backward of chunk `c` (rows `h` of h2, `dy` of dL/d(out)): returns dL/dh.
+    fn mlp_chunk_backward(
+        &self,
+        layer: usize,
+        dy: &B::Tensor,
+        h: &B::Tensor,
+        ad: &Adapters<B>,
+        grads: &mut LoraTensors<B>,
+        c: usize,
+    ) -> Result<B::Tensor> {
+        use TargetModule::*;
+        let be = &self.backend;
+        let MlpChunk {
+            g,
+            u,
+            m,
+            xa: [xg, xu],
+        } = self.mlp_chunk(layer, h, Some(ad), c)?;
+        let xd = self.adapter_input(layer, Down, &m, Some(ad), c)?;
+        let dm = self.project_backward(layer, Down, dy, &m, xd.as_ref(), ad, grads, None, c)?;
+        drop(m);
+        let (dg, du) = be.gated_activation_backward(&dm, &g, &u, self.cfg.activation)?;
+        drop((g, u, dm));
+        let dh = self.project_backward(layer, Gate, &dg, h, xg.as_ref(), ad, grads, None, c)?;
+        self.project_backward(layer, Up, &du, h, xu.as_ref(), ad, grads, Some(dh), c)
     }
 
     /// One layer backward: takes dL/d(out), the layer input and its cache, returns dL/dx. Each

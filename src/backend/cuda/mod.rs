@@ -96,17 +96,22 @@ fn bf16_bits(data: &[f32]) -> Vec<u16> {
         .collect()
 }
 
-fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
-    let what = match t.dtype() {
-        Dtype::F32 => return Ok(()),
-        Dtype::Bf16 => "bf16",
-        Dtype::Nf4 => "NF4",
-        Dtype::HostBf16 => "host-resident",
-        Dtype::Offloaded => "offloaded",
+/// The values of an f32 tensor; an error naming `op` for any other kind.
+fn f32_buffer<'t>(t: &'t CudaTensor, op: &str) -> Result<&'t DeviceBuffer<f32>> {
+    let what = match &t.storage {
+        Storage::F32(b) => return Ok(b),
+        Storage::Bf16(_) => "bf16",
+        Storage::Nf4(_) => "NF4",
+        Storage::Host(_) => "host-resident",
+        Storage::Offloaded(_) => "offloaded",
     };
     Err(Error::InvalidArgument(format!(
         "{op} works on f32 tensors; a frozen {what} weight was passed"
     )))
+}
+
+fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
+    f32_buffer(t, op).map(|_| ())
 }
 
 /// What a queued product reads besides its tensors: a bf16 copy of an f32 operand, or the NF4
@@ -1008,9 +1013,7 @@ impl Backend for CudaBackend {
 
     fn copy_rows(&self, t: &CudaTensor, start: usize, rows: usize) -> Result<CudaTensor> {
         super::check_rows(t.rows, start, rows, (t.cols, t.cols), "copy_rows")?;
-        let Storage::F32(b) = &t.storage else {
-            return Err(wants_f32(t, "copy_rows").expect_err("not f32"));
-        };
+        let b = f32_buffer(t, "copy_rows")?;
         let mut out = self.gpu.alloc::<f32>(rows * t.cols, "a copy of rows")?;
         let range = start * t.cols..(start + rows) * t.cols;
         self.gpu
