@@ -98,7 +98,7 @@ struct QkNormCache<B: Backend> {
     rk: B::Tensor,
 }
 
-/// Intermediate values of one layer kept for its backward pass (the MLP's are recomputed).
+/// Intermediate values of one layer kept for its backward pass.
 struct LayerCache<B: Backend> {
     h1: B::Tensor,
     r1: B::Tensor,
@@ -114,14 +114,16 @@ struct LayerCache<B: Backend> {
     x1: B::Tensor,
     h2: B::Tensor,
     r2: B::Tensor,
+    /// Each MLP chunk's `gate` and `up` when the forward pass kept them; empty when the backward
+    /// recomputes them from `h2`.
+    mlp: Vec<MlpChunk<B>>,
 }
 
-/// One MLP chunk's intermediates: `g = Pgate(h)`, `u = Pup(h)`, `m = act(g)·u`, and the adapter
-/// inputs `dropout(h)·Aᵀ` of gate and up.
+/// One MLP chunk's products `g = Pgate(h)`, `u = Pup(h)` and the adapter inputs `dropout(h)·Aᵀ`
+/// of gate and up.
 struct MlpChunk<B: Backend> {
     g: B::Tensor,
     u: B::Tensor,
-    m: B::Tensor,
     xa: [Option<B::Tensor>; 2],
 }
 
@@ -329,7 +331,8 @@ impl<B: Backend> Decoder<B> {
         Ok(be.reshape(dx, rows, cols))
     }
 
-    /// One layer forward; returns the output and the cache for its backward.
+    /// One layer forward; returns the output and the cache for its backward, which holds the
+    /// MLP's products too when `keep_mlp` is set.
     ///
     /// `attend(q, k, v)` returns the attention output and its log-sum-exp: over the batch's own
     /// rows in training, over a KV cache when decoding.
@@ -340,9 +343,11 @@ impl<B: Backend> Decoder<B> {
         positions: &B::Ints,
         ad: Option<&Adapters<B>>,
         attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
+        keep_mlp: bool,
     ) -> Result<(B::Tensor, LayerCache<B>)> {
-        let cache = self.layer_cache(layer, x, positions, ad, attend)?;
-        let out = self.mlp_forward(layer, &cache.x1, &cache.h2, ad)?;
+        let mut cache = self.layer_cache(layer, x, positions, ad, attend)?;
+        let (out, mlp) = self.mlp_forward(layer, &cache.x1, &cache.h2, ad, keep_mlp)?;
+        cache.mlp = mlp;
         Ok((out, cache))
     }
 
@@ -394,6 +399,7 @@ impl<B: Backend> Decoder<B> {
             x1,
             h2,
             r2,
+            mlp: Vec::new(),
         })
     }
 
@@ -411,8 +417,7 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
-    /// `gate`, `up`, `m = act(gate)·up` of one MLP chunk `h`, with the adapter inputs of gate and
-    /// up (down's is left to the caller).
+    /// `gate` and `up` of one MLP chunk `h`, with their adapter inputs.
     fn mlp_chunk(
         &self,
         layer: usize,
@@ -422,79 +427,83 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<MlpChunk<B>> {
         let (g, xg) = self.project(layer, TargetModule::Gate, h, ad, chunk)?;
         let (u, xu) = self.project(layer, TargetModule::Up, h, ad, chunk)?;
-        let m = self.backend.gated_activation(&g, &u, self.cfg.activation)?;
-        Ok(MlpChunk {
-            g,
-            u,
-            m,
-            xa: [xg, xu],
-        })
+        Ok(MlpChunk { g, u, xa: [xg, xu] })
     }
 
-    /// `out = x1 + Pdown(act(Pgate(h2))·Pup(h2))`, chunk by chunk.
+    /// `out = x1 + Pdown(act(Pgate(h2))·Pup(h2))`, chunk by chunk; returns `out` and, when
+    /// `keep` is set, each chunk's products for the backward pass.
     fn mlp_forward(
         &self,
         layer: usize,
         x1: &B::Tensor,
         h2: &B::Tensor,
         ad: Option<&Adapters<B>>,
-    ) -> Result<B::Tensor> {
+        keep: bool,
+    ) -> Result<(B::Tensor, Vec<MlpChunk<B>>)> {
         let be = &self.backend;
         let mut out = be.duplicate(x1)?;
+        let mut kept = Vec::new();
         for (c, (start, rows)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
-            let m = self
-                .mlp_chunk(layer, &*self.rows_of(h2, start, rows)?, ad, c)?
-                .m;
+            let chunk = self.mlp_chunk(layer, &*self.rows_of(h2, start, rows)?, ad, c)?;
+            let m = be.gated_activation(&chunk.g, &chunk.u, self.cfg.activation)?;
             let (down, _) = self.project(layer, TargetModule::Down, &m, ad, c)?;
             be.add_rows(&mut out, start, &down)?;
+            if keep {
+                kept.push(chunk);
+            }
         }
-        Ok(out)
+        Ok((out, kept))
     }
 
-    /// Backward of the MLP (the residual excluded): recomputes each chunk's intermediates from
-    /// `h2`, adds the LoRA gradients of gate, up and down into `grads` and returns dL/dh2.
+    /// Backward of the MLP (the residual excluded): takes each chunk's products from `kept` or
+    /// recomputes them from `h2`, adds the LoRA gradients of gate, up and down into `grads` and
+    /// returns dL/dh2.
     fn mlp_backward(
         &self,
         layer: usize,
         d_out: &B::Tensor,
         h2: &B::Tensor,
+        kept: Vec<MlpChunk<B>>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let (rows, hidden) = be.shape(h2);
         let chunks: Vec<_> = self.mlp_chunks(rows).collect();
+        let mut kept = kept.into_iter();
         if chunks.len() == 1 {
-            return self.mlp_chunk_backward(layer, d_out, h2, ad, grads, 0);
+            return self.mlp_chunk_backward(layer, d_out, h2, kept.next(), ad, grads, 0);
         }
         let mut dh2 = be.zeros(rows, hidden)?;
         for (c, &(start, n)) in chunks.iter().enumerate() {
             let h = self.rows_of(h2, start, n)?;
             let dy = self.rows_of(d_out, start, n)?;
-            let dh = self.mlp_chunk_backward(layer, &dy, &h, ad, grads, c)?;
+            let dh = self.mlp_chunk_backward(layer, &dy, &h, kept.next(), ad, grads, c)?;
             be.add_rows(&mut dh2, start, &dh)?;
         }
         Ok(dh2)
     }
 
-    /// The MLP backward of chunk `c` (rows `h` of h2, `dy` of dL/d(out)): returns dL/dh.
+    /// The MLP backward of chunk `c` (rows `h` of h2, `dy` of dL/d(out), its products if the
+    /// forward kept them): returns dL/dh.
+    #[allow(clippy::too_many_arguments)]
     fn mlp_chunk_backward(
         &self,
         layer: usize,
         dy: &B::Tensor,
         h: &B::Tensor,
+        kept: Option<MlpChunk<B>>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
         c: usize,
     ) -> Result<B::Tensor> {
         use TargetModule::*;
         let be = &self.backend;
-        let MlpChunk {
-            g,
-            u,
-            m,
-            xa: [xg, xu],
-        } = self.mlp_chunk(layer, h, Some(ad), c)?;
+        let MlpChunk { g, u, xa: [xg, xu] } = match kept {
+            Some(chunk) => chunk,
+            None => self.mlp_chunk(layer, h, Some(ad), c)?,
+        };
+        let m = be.gated_activation(&g, &u, self.cfg.activation)?;
         let xd = self.adapter_input(layer, Down, &m, Some(ad), c)?;
         let dm = self.project_backward(layer, Down, dy, &m, xd.as_ref(), ad, grads, None, c)?;
         drop(m);
@@ -535,10 +544,11 @@ impl<B: Backend> Decoder<B> {
             x1,
             h2,
             r2,
+            mlp,
         } = c;
         let xa = |m: TargetModule| xa[m as usize].as_ref();
         // out = x1 + mlp(h2): dx1 starts as d_out.
-        let dh2 = self.mlp_backward(layer, &d_out, &h2, ad, grads)?;
+        let dh2 = self.mlp_backward(layer, &d_out, &h2, mlp, ad, grads)?;
         drop(h2);
         let mut dx1 = be.rmsnorm_backward(&dh2, &x1, &lw.mlp_norm, &r2, cfg.norm_unit_offset)?;
         drop((dh2, x1, r2));
@@ -626,11 +636,18 @@ impl<B: Backend> Decoder<B> {
         for layer in 0..cfg.num_layers {
             let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
             x = self
-                .layer_forward(layer, &x, &batch.positions, ad, |q, k, v| {
-                    be.append_rows(kc, k)?;
-                    be.append_rows(vc, v)?;
-                    be.attention_decode(q, kc, vc, heads)
-                })?
+                .layer_forward(
+                    layer,
+                    &x,
+                    &batch.positions,
+                    ad,
+                    |q, k, v| {
+                        be.append_rows(kc, k)?;
+                        be.append_rows(vc, v)?;
+                        be.attention_decode(q, kc, vc, heads)
+                    },
+                    false,
+                )?
                 .0;
         }
         cache.len += ids.len();
@@ -666,8 +683,9 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<B::Tensor> {
         let mut x = self.embed(batch)?;
         for layer in 0..self.cfg.num_layers {
+            let attend = self.batch_attention(batch);
             x = self
-                .layer_forward(layer, &x, &batch.positions, ad, self.batch_attention(batch))?
+                .layer_forward(layer, &x, &batch.positions, ad, attend, false)?
                 .0;
         }
         let (h, _) = self.backend.rmsnorm(
@@ -738,6 +756,7 @@ impl<B: Backend> Decoder<B> {
                 &batch.positions,
                 Some(ad),
                 self.batch_attention(batch),
+                !saving.recompute,
             )?;
             if !saving.recompute {
                 caches.push(cache);

@@ -18,10 +18,10 @@ pub struct MemoryEstimate {
 
 /// Counts f32 values: weights from the tensor list; per token and layer the cached activations
 /// (norm inputs/outputs, q/k/v, attention output, the attention projections' LoRA
-/// intermediates); with checkpointing only each layer's input is kept for every layer, plus one
-/// layer's cache. Transients: one sequence's score matrix per head group, one LM-head chunk of
-/// logits, a few `[tokens, hidden]` gradients and one MLP chunk's intermediates and their
-/// gradients (gate, up, activation: the MLP never keeps them).
+/// intermediates, and without checkpointing the MLP's gate and up products); with checkpointing
+/// only each layer's input is kept for every layer, plus one layer's cache. Transients: one
+/// sequence's score matrix per head group, one LM-head chunk of logits, a few `[tokens, hidden]`
+/// gradients and one MLP chunk's intermediates and their gradients.
 pub fn estimate(
     cfg: &ModelConfig,
     lora: &LoraConfig,
@@ -50,7 +50,8 @@ pub fn estimate(
     let kept = if checkpointing {
         cfg.num_layers as u64 * tokens * d * F32 + layer_cache
     } else {
-        cfg.num_layers as u64 * (tokens * d * F32 + layer_cache)
+        let mlp_products = 2 * tokens * i * F32;
+        cfg.num_layers as u64 * (tokens * d * F32 + layer_cache + mlp_products)
     };
     let mlp_chunk = tokens.min(MLP_CHUNK_ROWS as u64);
     let transient = (2 * (seq * seq) as u64 + 256 * cfg.vocab_size as u64) * F32

@@ -12,6 +12,7 @@
 
 use super::gemm::{gemm, MatRef};
 use super::pointwise::{exp, max, sum_exp};
+use super::pool::{Buffer, BufferPool};
 use super::CpuTensor;
 use crate::backend::AttentionShape;
 use gemm::Parallelism;
@@ -32,15 +33,17 @@ struct HeadViews<'a> {
     s: AttentionShape,
     seq_start: usize,
     segments: &'a [i32],
+    buffers: &'a BufferPool,
 }
 
 impl<'a> HeadViews<'a> {
-    fn new(s: AttentionShape, b: usize, segments: &'a [i32]) -> Self {
+    fn new(s: AttentionShape, b: usize, segments: &'a [i32], buffers: &'a BufferPool) -> Self {
         let seq_start = b * s.seq;
         HeadViews {
             s,
             seq_start,
             segments: &segments[seq_start..seq_start + s.seq],
+            buffers,
         }
     }
 
@@ -57,10 +60,10 @@ impl<'a> HeadViews<'a> {
 
     /// P = softmax(c·Q·Kᵀ) with the mask applied, and the log-sum-exp of each row (if not given).
     /// Entries above the diagonal are 0.
-    fn probabilities(&self, q: MatRef, k: MatRef, lse: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+    fn probabilities(&self, q: MatRef, k: MatRef, lse: Option<&[f32]>) -> (Buffer, Vec<f32>) {
         let n = self.s.seq;
         let c = 1.0 / (self.s.head_dim as f32).sqrt();
-        let mut p = vec![0.0f32; n * n];
+        let mut p = self.buffers.zeroed(n * n);
         let mut lse_out = vec![0.0f32; n];
         for (i0, i1) in blocks(n) {
             let scores = &mut p[i0 * n..];
@@ -122,22 +125,25 @@ fn scatter_head(dst: &mut CpuTensor, src: &[f32], row0: usize, rows: usize, col0
     }
 }
 
+/// The output and the log-sum-exp of every score row; each head's pieces are written over the
+/// two results, so every element is set.
 pub fn forward(
     q: &CpuTensor,
     k: &CpuTensor,
     v: &CpuTensor,
     segments: &[i32],
     s: AttentionShape,
+    buffers: &BufferPool,
 ) -> (CpuTensor, CpuTensor) {
     let group = s.num_heads / s.num_kv_heads;
     let (n, d) = (s.seq, s.head_dim);
-    let heads: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = (0..s.batch * s.num_heads)
+    let heads: Vec<(usize, usize, Buffer, Vec<f32>)> = (0..s.batch * s.num_heads)
         .into_par_iter()
         .map(|task| {
             let (b, h) = (task / s.num_heads, task % s.num_heads);
-            let views = HeadViews::new(s, b, segments);
+            let views = HeadViews::new(s, b, segments, buffers);
             let (p, lse) = views.probabilities(views.head(q, h), views.head(k, h / group), None);
-            let mut o = vec![0.0f32; n * d];
+            let mut o = buffers.uninit(n * d);
             let vh = views.head(v, h / group);
             for (i0, i1) in blocks(n) {
                 let pb = MatRef::strided(&p[i0 * n..], i1 - i0, i1, n);
@@ -148,8 +154,8 @@ pub fn forward(
         })
         .collect();
     let tokens = s.batch * n;
-    let mut out = CpuTensor::new(tokens, s.num_heads * d, vec![0.0; tokens * s.num_heads * d]);
-    let mut lse_all = CpuTensor::new(tokens, s.num_heads, vec![0.0; tokens * s.num_heads]);
+    let uninit = |cols: usize| CpuTensor::from_buffer(tokens, cols, buffers.uninit(tokens * cols));
+    let (mut out, mut lse_all) = (uninit(s.num_heads * d), uninit(s.num_heads));
     for (b, h, o, lse) in heads {
         scatter_head(&mut out, &o, b * n, n, h * d);
         scatter_head(&mut lse_all, &lse, b * n, n, h);
@@ -157,30 +163,44 @@ pub fn forward(
     (out, lse_all)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The tensors [`backward`] reads: the forward's inputs and results and the output gradient.
+pub struct BackwardInputs<'a> {
+    pub q: &'a CpuTensor,
+    pub k: &'a CpuTensor,
+    pub v: &'a CpuTensor,
+    pub out: &'a CpuTensor,
+    pub lse: &'a CpuTensor,
+    pub d_out: &'a CpuTensor,
+}
+
+/// `(dq, dk, dv)`; as in [`forward`], the heads' pieces cover the three results.
 pub fn backward(
-    q: &CpuTensor,
-    k: &CpuTensor,
-    v: &CpuTensor,
-    out: &CpuTensor,
-    lse: &CpuTensor,
-    d_out: &CpuTensor,
+    x: BackwardInputs,
     segments: &[i32],
     s: AttentionShape,
+    buffers: &BufferPool,
 ) -> (CpuTensor, CpuTensor, CpuTensor) {
+    let BackwardInputs {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        d_out,
+    } = x;
     let group = s.num_heads / s.num_kv_heads;
     let (n, d) = (s.seq, s.head_dim);
     let c = 1.0 / (d as f32).sqrt();
     // One task per (sequence, KV head): it owns dK and dV of that head, and dQ of its query heads.
-    type Grads = (usize, usize, Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+    type Grads = (usize, usize, Vec<Buffer>, Buffer, Buffer);
     let grads: Vec<Grads> = (0..s.batch * s.num_kv_heads)
         .into_par_iter()
         .map(|task| {
             let (b, g) = (task / s.num_kv_heads, task % s.num_kv_heads);
-            let views = HeadViews::new(s, b, segments);
+            let views = HeadViews::new(s, b, segments, buffers);
             let (kg, vg) = (views.head(k, g), views.head(v, g));
-            let mut dk = vec![0.0f32; n * d];
-            let mut dv = vec![0.0f32; n * d];
+            let mut dk = buffers.zeroed(n * d);
+            let mut dv = buffers.zeroed(n * d);
             let mut dqs = Vec::with_capacity(group);
             for h in g * group..(g + 1) * group {
                 let lse_h: Vec<f32> = (0..n)
@@ -190,8 +210,8 @@ pub fn backward(
                 let (doh, oh) = (views.head(d_out, h), views.head(out, h));
                 let (p, _) = views.probabilities(qh, kg, Some(&lse_h));
                 let di = row_dots(doh, oh);
-                let mut dq = vec![0.0f32; n * d];
-                let mut ds = vec![0.0f32; n * n];
+                let mut dq = buffers.uninit(n * d);
+                let mut ds = buffers.zeroed(n * n);
                 for (i0, i1) in blocks(n) {
                     let (pb, dob) = (
                         MatRef::strided(&p[i0 * n..], i1 - i0, i1, n),
@@ -234,8 +254,8 @@ pub fn backward(
         })
         .collect();
     let tokens = s.batch * n;
-    let zeros = |cols: usize| CpuTensor::new(tokens, cols, vec![0.0; tokens * cols]);
-    let (mut dq, mut dk, mut dv) = (zeros(q.cols), zeros(k.cols), zeros(v.cols));
+    let uninit = |cols: usize| CpuTensor::from_buffer(tokens, cols, buffers.uninit(tokens * cols));
+    let (mut dq, mut dk, mut dv) = (uninit(q.cols), uninit(k.cols), uninit(v.cols));
     for (b, g, dqs, dkg, dvg) in grads {
         for (i, dqh) in dqs.iter().enumerate() {
             scatter_head(&mut dq, dqh, b * n, n, (g * group + i) * d);
@@ -353,8 +373,17 @@ mod tests {
         let v = random(tokens, S.num_kv_heads * S.head_dim, &mut rng);
         let d_out = random(tokens, S.num_heads * S.head_dim, &mut rng);
         let seg = segments();
-        let (out, lse) = forward(&q, &k, &v, &seg, S);
-        let (dq, dk, dv) = backward(&q, &k, &v, &out, &lse, &d_out, &seg, S);
+        let buffers = BufferPool::default();
+        let (out, lse) = forward(&q, &k, &v, &seg, S, &buffers);
+        let inputs = BackwardInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: &lse,
+            d_out: &d_out,
+        };
+        let (dq, dk, dv) = backward(inputs, &seg, S, &buffers);
         let want = reference(&q, &k, &v, &d_out, &seg);
         assert_close(&out.data, &want.0, "out");
         assert_close(&lse.data, &want.1, "lse");

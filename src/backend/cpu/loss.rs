@@ -6,6 +6,7 @@
 
 use super::gemm::{gemm, parallelism, MatRef};
 use super::pointwise::{exp, max, sum_exp};
+use super::pool::BufferPool;
 use super::CpuTensor;
 use crate::backend::IGNORE_LABEL;
 use crate::error::{Error, Result};
@@ -20,6 +21,7 @@ pub fn lm_head_cross_entropy(
     labels: &[i32],
     normalizer: f32,
     threads: usize,
+    buffers: &BufferPool,
 ) -> Result<(f64, CpuTensor)> {
     let (d, vocab) = (h.cols, w.rows);
     let mut labelled = Vec::new();
@@ -34,21 +36,28 @@ pub fn lm_head_cross_entropy(
         }
         labelled.push(t);
     }
-    let mut dh = CpuTensor::new(h.rows, d, vec![0.0; h.data.len()]);
+    // Rows without a label get a zero gradient.
+    let mut dh = CpuTensor::from_buffer(h.rows, d, buffers.zeroed(h.data.len()));
     let mut total = 0.0f64;
     let wv = MatRef::new(&w.data, vocab, d);
+    // One set of chunk buffers for every chunk (each is overwritten before it is read).
+    let most = labelled.len().min(CHUNK);
+    let (mut hc, mut z, mut dhc) = (
+        buffers.uninit(most * d),
+        buffers.uninit(most * vocab),
+        buffers.uninit(most * d),
+    );
     for rows in labelled.chunks(CHUNK) {
         let m = rows.len();
-        let mut hc = vec![0.0f32; m * d];
+        let (hc, z, dhc) = (&mut hc[..m * d], &mut z[..m * vocab], &mut dhc[..m * d]);
         for (dst, &t) in hc.chunks_mut(d).zip(rows) {
             dst.copy_from_slice(&h.data[t * d..(t + 1) * d]);
         }
-        let mut z = vec![0.0f32; m * vocab];
         gemm(
-            MatRef::new(&hc, m, d),
+            MatRef::new(hc, m, d),
             wv.t(),
             1.0,
-            &mut z,
+            z,
             vocab,
             false,
             parallelism(m, vocab, d, threads),
@@ -59,12 +68,11 @@ pub fn lm_head_cross_entropy(
             .zip(rows.par_iter())
             .map(|(zr, &t)| softmax_gradient(zr, labels[t] as usize, normalizer))
             .sum::<f64>();
-        let mut dhc = vec![0.0f32; m * d];
         gemm(
-            MatRef::new(&z, m, vocab),
+            MatRef::new(z, m, vocab),
             wv,
             1.0,
-            &mut dhc,
+            dhc,
             d,
             false,
             parallelism(m, d, vocab, threads),

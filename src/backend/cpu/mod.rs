@@ -8,12 +8,14 @@ pub mod gemm;
 mod loss;
 mod nf4;
 mod pointwise;
+pub mod pool;
 
 use super::{AdamWStep, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::quant::Nf4Tensor;
 use gemm::{parallelism, MatRef};
+use pool::{Buffer, BufferPool};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -23,7 +25,7 @@ pub struct CpuTensor {
     pub rows: usize,
     pub cols: usize,
     /// The values; empty when the matrix is in `nf4`.
-    pub data: Vec<f32>,
+    pub data: Buffer,
     /// An NF4 base matrix (flattened row-major like `data`). Only matmul, which dequantizes a
     /// block of rows at a time, and download read it; every other op refuses it.
     pub nf4: Option<Arc<Nf4Tensor>>,
@@ -32,6 +34,11 @@ pub struct CpuTensor {
 impl CpuTensor {
     /// A matrix of f32 values.
     pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        Self::from_buffer(rows, cols, Buffer::unpooled(data))
+    }
+
+    /// A matrix of f32 values held by a (pooled) buffer.
+    pub fn from_buffer(rows: usize, cols: usize, data: Buffer) -> Self {
         CpuTensor {
             rows,
             cols,
@@ -54,10 +61,11 @@ impl CpuTensor {
     }
 }
 
-/// The CPU backend and its thread pool.
+/// The CPU backend, its thread pool and its recycled buffers.
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    workers: rayon::ThreadPool,
     threads: usize,
+    buffers: BufferPool,
 }
 
 impl CpuBackend {
@@ -68,19 +76,29 @@ impl CpuBackend {
         } else {
             threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
+        let workers = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("finetune-cpu-{i}"))
             .build()
             .map_err(|e| {
                 Error::InvalidArgument(format!("cannot start {threads} CPU threads: {e}"))
             })?;
-        Ok(CpuBackend { pool, threads })
+        Ok(CpuBackend {
+            workers,
+            threads,
+            buffers: BufferPool::default(),
+        })
     }
 
     /// Runs `f` on this backend's pool, so nested parallel work uses its threads.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+        self.workers.install(f)
+    }
+
+    /// A `[rows, cols]` tensor whose values the caller overwrites (a recycled buffer keeps its
+    /// old values).
+    fn uninit(&self, rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor::from_buffer(rows, cols, self.buffers.uninit(rows * cols))
     }
 
     fn check_attention(
@@ -125,7 +143,11 @@ impl Backend for CpuBackend {
                 data.len()
             )));
         }
-        Ok(CpuTensor::new(rows, cols, data.to_vec()))
+        Ok(CpuTensor::from_buffer(
+            rows,
+            cols,
+            self.buffers.copy_of(data),
+        ))
     }
 
     fn upload_frozen_nf4(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
@@ -136,7 +158,7 @@ impl Backend for CpuBackend {
         Ok(CpuTensor {
             rows: q.rows(),
             cols: q.cols(),
-            data: Vec::new(),
+            data: Buffer::default(),
             nf4: Some(Arc::new(q)),
         })
     }
@@ -148,12 +170,20 @@ impl Backend for CpuBackend {
     fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
         Ok(match &t.nf4 {
             Some(q) => self.install(|| q.dequantize()),
-            None => t.data.clone(),
+            None => t.data.to_vec(),
         })
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
-        Ok(CpuTensor::new(rows, cols, vec![0.0; rows * cols]))
+        Ok(CpuTensor::from_buffer(
+            rows,
+            cols,
+            self.buffers.zeroed(rows * cols),
+        ))
+    }
+
+    fn output(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
+        Ok(self.uninit(rows, cols))
     }
 
     fn duplicate(&self, t: &CpuTensor) -> Result<CpuTensor> {
@@ -198,7 +228,7 @@ impl Backend for CpuBackend {
                 c.rows, c.cols
             )));
         }
-        let threads = self.threads;
+        let (threads, scratch) = (self.threads, &self.buffers);
         match (&a.nf4, &b.nf4) {
             (None, None) => {
                 let (av, bv) = (a.op_view(trans_a), b.op_view(trans_b));
@@ -210,12 +240,12 @@ impl Backend for CpuBackend {
             (Some(w), None) => {
                 let w = nf4::Nf4Operand::new(w, a, nf4::Side::A, trans_a);
                 let other = b.op_view(trans_b);
-                self.install(|| nf4::matmul(w, other, alpha, c, accumulate, threads))
+                self.install(|| nf4::matmul(w, other, alpha, c, accumulate, threads, scratch))
             }
             (None, Some(w)) => {
                 let w = nf4::Nf4Operand::new(w, b, nf4::Side::B, trans_b);
                 let other = a.op_view(trans_a);
-                self.install(|| nf4::matmul(w, other, alpha, c, accumulate, threads))
+                self.install(|| nf4::matmul(w, other, alpha, c, accumulate, threads, scratch))
             }
             (Some(_), Some(_)) => Err(Error::InvalidArgument(
                 "matmul of two NF4 matrices: at most one operand may be NF4".into(),
@@ -271,8 +301,8 @@ impl Backend for CpuBackend {
     fn embedding(&self, table: &CpuTensor, ids: &Vec<i32>, scale: f32) -> Result<CpuTensor> {
         Self::dense(&[table], "embedding")?;
         let d = table.cols;
-        let mut out = vec![0.0f32; ids.len() * d];
-        for (t, (row, &id)) in out.chunks_mut(d).zip(ids).enumerate() {
+        let mut out = self.uninit(ids.len(), d);
+        for (t, (row, &id)) in out.data.chunks_mut(d).zip(ids).enumerate() {
             let id = usize::try_from(id)
                 .ok()
                 .filter(|&i| i < table.rows)
@@ -286,7 +316,7 @@ impl Backend for CpuBackend {
                 .zip(&table.data[id * d..(id + 1) * d])
                 .for_each(|(o, &w)| *o = w * scale);
         }
-        Ok(CpuTensor::new(ids.len(), d, out))
+        Ok(out)
     }
 
     fn rmsnorm(
@@ -304,7 +334,8 @@ impl Backend for CpuBackend {
                 x.cols
             )));
         }
-        let (y, r) = self.install(|| pointwise::rmsnorm(x, &w.data, eps, unit_offset));
+        let (mut y, mut r) = (self.uninit(x.rows, x.cols), self.uninit(x.rows, 1));
+        self.install(|| pointwise::rmsnorm(x, &w.data, eps, unit_offset, &mut y.data, &mut r.data));
         Ok((y, r))
     }
 
@@ -318,7 +349,11 @@ impl Backend for CpuBackend {
     ) -> Result<CpuTensor> {
         Self::same_shape(dy, x, "rmsnorm backward")?;
         Self::dense(&[dy, x, w, r], "rmsnorm backward")?;
-        Ok(self.install(|| pointwise::rmsnorm_backward(dy, x, &w.data, &r.data, unit_offset)))
+        let mut dx = self.uninit(x.rows, x.cols);
+        self.install(|| {
+            pointwise::rmsnorm_backward(dy, x, &w.data, &r.data, unit_offset, &mut dx.data)
+        });
+        Ok(dx)
     }
 
     fn rope(
@@ -351,7 +386,7 @@ impl Backend for CpuBackend {
         shape: AttentionShape,
     ) -> Result<(CpuTensor, CpuTensor)> {
         Self::check_attention(q, k, v, segments, shape)?;
-        Ok(self.install(|| attention::forward(q, k, v, segments, shape)))
+        Ok(self.install(|| attention::forward(q, k, v, segments, shape, &self.buffers)))
     }
 
     fn attention_backward(
@@ -368,7 +403,15 @@ impl Backend for CpuBackend {
         Self::check_attention(q, k, v, segments, shape)?;
         Self::same_shape(out, d_out, "attention backward")?;
         Self::dense(&[out, lse, d_out], "attention backward")?;
-        Ok(self.install(|| attention::backward(q, k, v, out, lse, d_out, segments, shape)))
+        let inputs = attention::BackwardInputs {
+            q,
+            k,
+            v,
+            out,
+            lse,
+            d_out,
+        };
+        Ok(self.install(|| attention::backward(inputs, segments, shape, &self.buffers)))
     }
 
     fn attention_decode(
@@ -387,7 +430,11 @@ impl Backend for CpuBackend {
         Self::dense(&[t], "copy_rows")?;
         super::check_rows(t.rows, start, rows, (t.cols, t.cols), "copy_rows")?;
         let values = &t.data[start * t.cols..(start + rows) * t.cols];
-        Ok(CpuTensor::new(rows, t.cols, values.to_vec()))
+        Ok(CpuTensor::from_buffer(
+            rows,
+            t.cols,
+            self.buffers.copy_of(values),
+        ))
     }
 
     fn add_rows(&self, dst: &mut CpuTensor, start: usize, src: &CpuTensor) -> Result<()> {
@@ -429,10 +476,16 @@ impl Backend for CpuBackend {
         Self::same_shape(g, u, "gated activation backward")?;
         Self::same_shape(dh, g, "gated activation backward")?;
         Self::dense(&[dh, g, u], "gated activation backward")?;
-        let (dg, du) =
-            self.install(|| pointwise::gated_activation_backward(&dh.data, &g.data, &u.data, act));
-        let shaped = |data| CpuTensor::new(dh.rows, dh.cols, data);
-        Ok((shaped(dg), shaped(du)))
+        let (mut dg, mut du) = (self.uninit(dh.rows, dh.cols), self.uninit(dh.rows, dh.cols));
+        let inputs = pointwise::GatedInputs {
+            dh: &dh.data,
+            g: &g.data,
+            u: &u.data,
+        };
+        self.install(|| {
+            pointwise::gated_activation_backward(inputs, act, &mut dg.data, &mut du.data)
+        });
+        Ok((dg, du))
     }
 
     fn dropout(&self, x: &CpuTensor, p: f32, seed: u64) -> Result<CpuTensor> {
@@ -471,7 +524,9 @@ impl Backend for CpuBackend {
                 labels.len()
             )));
         }
-        self.install(|| loss::lm_head_cross_entropy(h, w, labels, normalizer, self.threads))
+        self.install(|| {
+            loss::lm_head_cross_entropy(h, w, labels, normalizer, self.threads, &self.buffers)
+        })
     }
 
     fn adamw(

@@ -16,6 +16,7 @@
 //! it, so the result is the product with the whole dequantized matrix (summed in another order).
 
 use super::gemm::{self, parallelism, MatRef};
+use super::pool::BufferPool;
 use super::CpuTensor;
 use crate::error::Result;
 use crate::quant::Nf4Tensor;
@@ -61,6 +62,7 @@ pub fn matmul(
     c: &mut CpuTensor,
     accumulate: bool,
     threads: usize,
+    buffers: &BufferPool,
 ) -> Result<()> {
     if c.data.is_empty() {
         return Ok(());
@@ -71,7 +73,7 @@ pub fn matmul(
         gemm::gemm(a, b, alpha, out, c_cols, acc, par);
     };
     let block_rows = (SCRATCH_VALUES / w.cols).clamp(1, w.rows);
-    let mut scratch = vec![0.0f32; block_rows * w.cols];
+    let mut scratch = buffers.uninit(block_rows * w.cols);
     for r0 in (0..w.rows).step_by(block_rows) {
         let r1 = (r0 + block_rows).min(w.rows);
         let values = &mut scratch[..(r1 - r0) * w.cols];

@@ -88,31 +88,33 @@ pub fn gated_activation(h: &mut [f32], g: &[f32], act: Activation) {
     }
 }
 
-/// `(dg, du) = (dh·u·act'(g), dh·act(g))` in one pass; silu' = σ(g)·(1 + g·(1 − σ(g))).
-pub fn gated_activation_backward(
-    dh: &[f32],
-    g: &[f32],
-    u: &[f32],
-    act: Activation,
-) -> (Vec<f32>, Vec<f32>) {
+/// The inputs of [`gated_activation_backward`].
+pub struct GatedInputs<'a> {
+    pub dh: &'a [f32],
+    pub g: &'a [f32],
+    pub u: &'a [f32],
+}
+
+/// `(dg, du) = (dh·u·act'(g), dh·act(g))` in one pass, written over `dg` and `du`;
+/// silu' = σ(g)·(1 + g·(1 − σ(g))).
+pub fn gated_activation_backward(x: GatedInputs, act: Activation, dg: &mut [f32], du: &mut [f32]) {
     match act {
-        Activation::Silu => gated_backward_with(dh, g, u, |g| {
+        Activation::Silu => gated_backward_with(x, dg, du, |g| {
             let s = sigmoid(g);
             (g * s, s * (1.0 + g * (1.0 - s)))
         }),
-        _ => gated_backward_with(dh, g, u, |g| (act.value(g), act.derivative(g))),
+        _ => gated_backward_with(x, dg, du, |g| (act.value(g), act.derivative(g))),
     }
 }
 
 /// [`gated_activation_backward`] with `f(g) = (act(g), act'(g))`.
 fn gated_backward_with(
-    dh: &[f32],
-    g: &[f32],
-    u: &[f32],
+    GatedInputs { dh, g, u }: GatedInputs,
+    dg: &mut [f32],
+    du: &mut [f32],
     f: impl Fn(f32) -> (f32, f32) + Sync,
-) -> (Vec<f32>, Vec<f32>) {
+) {
     const CHUNK: usize = 4096;
-    let (mut dg, mut du) = (vec![0.0f32; dh.len()], vec![0.0f32; dh.len()]);
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))
         .zip(
@@ -128,7 +130,6 @@ fn gated_backward_with(
                 *du = dh * a;
             }
         });
-    (dg, du)
 }
 
 fn norm_weight(w: f32, unit_offset: bool) -> f32 {
@@ -139,11 +140,16 @@ fn norm_weight(w: f32, unit_offset: bool) -> f32 {
     }
 }
 
-/// See `Backend::rmsnorm`.
-pub fn rmsnorm(x: &CpuTensor, w: &[f32], eps: f32, unit_offset: bool) -> (CpuTensor, CpuTensor) {
+/// See `Backend::rmsnorm`; `y` and `r` are written over.
+pub fn rmsnorm(
+    x: &CpuTensor,
+    w: &[f32],
+    eps: f32,
+    unit_offset: bool,
+    y: &mut [f32],
+    r: &mut [f32],
+) {
     let n = x.cols;
-    let mut y = vec![0.0f32; x.data.len()];
-    let mut r = vec![0.0f32; x.rows];
     y.par_chunks_mut(n * ROWS_PER_TASK)
         .zip(r.par_chunks_mut(ROWS_PER_TASK))
         .zip(x.data.par_chunks(n * ROWS_PER_TASK))
@@ -156,19 +162,18 @@ pub fn rmsnorm(x: &CpuTensor, w: &[f32], eps: f32, unit_offset: bool) -> (CpuTen
                 }
             }
         });
-    (CpuTensor::new(x.rows, n, y), CpuTensor::new(x.rows, 1, r))
 }
 
-/// See `Backend::rmsnorm_backward`.
+/// See `Backend::rmsnorm_backward`; `dx` is written over.
 pub fn rmsnorm_backward(
     dy: &CpuTensor,
     x: &CpuTensor,
     w: &[f32],
     r: &[f32],
     unit_offset: bool,
-) -> CpuTensor {
+    dx: &mut [f32],
+) {
     let n = x.cols;
-    let mut dx = vec![0.0f32; x.data.len()];
     dx.par_chunks_mut(n)
         .zip(dy.data.par_chunks(n))
         .zip(x.data.par_chunks(n))
@@ -185,7 +190,6 @@ pub fn rmsnorm_backward(
                 *o = rr * norm_weight(wi, unit_offset) * d - c * a;
             }
         });
-    CpuTensor::new(x.rows, n, dx)
 }
 
 /// See `Backend::rope`.
