@@ -28,6 +28,7 @@ mod common;
 use common::gpu::{cpu, gpu, steps_match, Base};
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::api::{Device, Model, ModelParams};
+use finetune::backend::cuda::DEQUANTIZED_SLOTS;
 use finetune::backend::Backend;
 use finetune::error::Error;
 use finetune::model::presets::preset;
@@ -170,15 +171,18 @@ fn nf4_products_match_the_cpu() {
     let Some(g) = gpu() else { return };
     let c = cpu();
     let mut rng = fresh_rng("nf4 products");
-    // The second matrix is larger than the first, so the scratch grows between products; the
-    // first is used again after that.
+    // The second matrix is larger than the first, so the scratch grows between products; more
+    // matrices than scratch slots, used in an order that finds some still dequantized and
+    // refills the least recently used slot for others.
     let mut matrices = Vec::new();
-    for (rows, cols) in [(96, 200), (300, 260)] {
+    for (rows, cols) in [(96, 200), (300, 260), (64, 64), (128, 96), (50, 300)] {
         let q = Nf4Tensor::quantize(&weights(&mut rng, rows * cols), rows, cols).unwrap();
         let reference = bf16_round(&q.dequantize());
         matrices.push((g.upload_nf4(q).unwrap(), reference, rows, cols));
     }
-    for (wg, reference, rows, cols) in [&matrices[0], &matrices[1], &matrices[0]] {
+    assert!(matrices.len() > DEQUANTIZED_SLOTS);
+    for i in [0, 1, 0, 2, 3, 0, 4, 1, 1, 0, 2] {
+        let (wg, reference, rows, cols) = &matrices[i];
         let wc = c.upload(reference, *rows, *cols).unwrap();
         for w_is_a in [false, true] {
             for trans_w in [false, true] {
@@ -239,21 +243,23 @@ fn nf4_bytes(n: usize) -> usize {
 }
 
 #[test]
-fn memory_account_counts_packed_storage_and_one_scratch() {
+fn memory_account_counts_packed_storage_and_the_scratch() {
     let Some(g) = gpu() else { return };
     let mut rng = fresh_rng("nf4 memory");
     let live = || g.device_memory().unwrap().live_bytes;
     let start = live();
-    // The first NF4 matrix brings the scratch: 2 bytes a value of the largest matrix so far.
+    // The first NF4 matrix brings the scratch: its slots of 2 bytes a value of the largest
+    // matrix so far.
+    let scratch = |n: usize| DEQUANTIZED_SLOTS * 2 * n;
     let (n1, n2, n3) = (300 * 260, 100 * 64, 512 * 512);
     let a = g
         .upload_frozen_nf4(&weights(&mut rng, n1), 300, 260)
         .unwrap();
-    assert_eq!(live() - start, nf4_bytes(n1) + 2 * n1);
+    assert_eq!(live() - start, nf4_bytes(n1) + scratch(n1));
     let b = g
         .upload_frozen_nf4(&weights(&mut rng, n2), 100, 64)
         .unwrap();
-    assert_eq!(live() - start, nf4_bytes(n1) + nf4_bytes(n2) + 2 * n1);
+    assert_eq!(live() - start, nf4_bytes(n1) + nf4_bytes(n2) + scratch(n1));
     g.reset_peak_memory();
     let before = live();
     let c = g
@@ -262,14 +268,14 @@ fn memory_account_counts_packed_storage_and_one_scratch() {
     // The scratch grew to the new largest matrix; the f32 copy quantized from is gone.
     assert_eq!(
         live() - start,
-        nf4_bytes(n1) + nf4_bytes(n2) + nf4_bytes(n3) + 2 * n3
+        nf4_bytes(n1) + nf4_bytes(n2) + nf4_bytes(n3) + scratch(n3)
     );
     let peak = g.device_memory().unwrap().peak_bytes;
     assert!(
         peak - before >= 4 * n3 + n3 / 2,
         "peak {peak}, before {before}"
     );
-    // Products allocate no second scratch.
+    // Products allocate no more scratch.
     let x = g.upload(&randn(&mut rng, 7 * 512, 1.0), 7, 512).unwrap();
     let mut y = g.zeros(7, 512).unwrap();
     let held = live();
@@ -277,7 +283,7 @@ fn memory_account_counts_packed_storage_and_one_scratch() {
     g.matmul(&x, false, &c, false, 1.0, &mut y, false).unwrap();
     assert_eq!(live(), held);
     drop((a, b, c, x, y));
-    assert_eq!(live() - start, 2 * n3, "only the scratch stays");
+    assert_eq!(live() - start, scratch(n3), "only the scratch stays");
 
     // A cap below the next matrix: an out-of-memory error, and the backend stays usable.
     g.gpu().memory.set_limit(live() + 1024);
@@ -317,9 +323,12 @@ fn qlora_model_holds_less_and_the_cap_applies() {
     eprintln!(
         "smollm2-135m: {bf16} bytes with bf16 projections, {nf4} with NF4 ({nf4_total} packed + \
          {} scratch)",
-        2 * largest
+        DEQUANTIZED_SLOTS * 2 * largest
     );
-    assert_eq!(bf16 - nf4, bf16_total - nf4_total - 2 * largest);
+    assert_eq!(
+        bf16 - nf4,
+        bf16_total - nf4_total - DEQUANTIZED_SLOTS * 2 * largest
+    );
     // The embedding alone (49152×576 bf16, 54 MiB) passes a 16 MiB cap.
     match Model::random(cfg, 1, &params(Quantization::Nf4, 16)) {
         Err(Error::OutOfMemory { detail, .. }) => eprintln!("capped load: {detail}"),

@@ -10,6 +10,7 @@ pub mod kernels;
 mod launch;
 pub mod nccl;
 mod nf4;
+pub use nf4::DEQUANTIZED_SLOTS;
 mod offload;
 mod profile;
 pub mod tensor;
@@ -29,7 +30,7 @@ use launch::{Arg, Shape};
 use offload::Offload;
 use profile::Profiler;
 use rayon::prelude::*;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use tensor::Storage;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
 
@@ -55,8 +56,8 @@ pub struct CudaBackend {
     blas: Blas,
     /// The last RoPE frequency table uploaded, reused while it stays the same.
     inv_freq: Mutex<Option<(Vec<f32>, DeviceBuffer<f32>)>>,
-    /// bf16 values of the NF4 matrix a product is reading (nf4.rs), sized for the largest one.
-    nf4_scratch: Mutex<Option<DeviceBuffer<u16>>>,
+    /// bf16 values of the NF4 matrices products read (nf4.rs).
+    nf4_scratch: Mutex<nf4::Nf4Scratch>,
     /// Per-operation timing when FINETUNE_CUDA_PROFILE=1 (printed when the backend is dropped).
     profiler: Option<Profiler>,
     /// How products of two f32 matrices run (the LoRA products in training).
@@ -120,7 +121,7 @@ fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
 #[derive(Default)]
 struct Staged<'a> {
     _bf16_copy: Option<DeviceBuffer<u16>>,
-    _nf4_scratch: Option<MutexGuard<'a, Option<DeviceBuffer<u16>>>>,
+    _nf4_scratch: Option<nf4::ScratchGuard<'a>>,
 }
 
 /// bf16 copies of tensors and their addresses as kernel arguments (the copies live until this is
@@ -169,7 +170,7 @@ impl CudaBackend {
             kernels,
             blas,
             inv_freq: Mutex::new(None),
-            nf4_scratch: Mutex::new(None),
+            nf4_scratch: Mutex::default(),
             profiler: Profiler::from_env(),
             f32_products: F32Products::Tf32,
             offload,

@@ -1,20 +1,42 @@
 //! NF4 projection matrices on the GPU (kernels/nf4.cu): quantized on the device at upload, kept
 //! packed (codes and double-quantized absmax, ~0.52 bytes a value), and dequantized to bf16 into
-//! one scratch buffer right before each product that reads them, which then runs as the bf16
-//! product of a bf16 weight. The scratch is sized for the largest NF4 matrix uploaded (2 bytes a
-//! value of that one matrix) and reused by every product; it stays locked from the dequantization
-//! to the queuing of the product, so concurrent products cannot overwrite each other's values.
+//! a scratch slot right before a product that reads them, which then runs as the bf16 product of
+//! a bf16 weight.
+//!
+//! The scratch has [`DEQUANTIZED_SLOTS`] slots, each sized for the largest NF4 matrix uploaded
+//! (2 bytes a value of that matrix) and remembering which matrix it holds: a product whose matrix
+//! is still in a slot skips the dequantization. Slots are reused least recently used first. Three
+//! slots hold gate, up and down, the matrices an MLP cycles through chunk after chunk, so a
+//! sequence in several MLP chunks dequantizes each once per layer and pass instead of once per
+//! chunk and product. One stream runs every kernel in order, so a slot refilled for a later
+//! product is not written before the products queued earlier have read it; the scratch stays
+//! locked from the dequantization to the queuing of the product, so threads cannot interleave.
 
 use super::launch::{Arg, Shape};
 use super::tensor::{DeviceAbsmax, Nf4Storage, Storage};
 use super::{count, CudaBackend, CudaTensor};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::quant::nf4::{check_quantizable, dynamic_map, BLOCK, NESTED_BLOCK};
 use crate::quant::{Absmax, DoubleQuant, Nf4Tensor};
 use std::sync::MutexGuard;
 
+/// NF4 matrices whose bf16 values the scratch holds at once (see the module comment).
+pub const DEQUANTIZED_SLOTS: usize = 3;
+
+/// The dequantization scratch: slots of bf16 values, least recently used first.
+#[derive(Default)]
+pub(super) struct Nf4Scratch {
+    slots: Vec<Slot>,
+}
+
+struct Slot {
+    values: super::DeviceBuffer<u16>,
+    /// The [`Nf4Storage::id`] of the matrix whose values are in `values`.
+    holds: Option<u64>,
+}
+
 /// The locked NF4 scratch.
-pub(super) type ScratchGuard<'a> = MutexGuard<'a, Option<super::DeviceBuffer<u16>>>;
+pub(super) type ScratchGuard<'a> = MutexGuard<'a, Nf4Scratch>;
 
 /// NF4 blocks quantized per CUDA block of `nf4_quantize_blocks` (a warp each).
 const BLOCKS_PER_CUDA_BLOCK: usize = 8;
@@ -75,7 +97,7 @@ impl CudaBackend {
             map,
             offset,
         };
-        self.nf4_tensor(rows, cols, Nf4Storage { packed, absmax })
+        self.nf4_tensor(rows, cols, Nf4Storage::new(packed, absmax))
     }
 
     /// Uploads an NF4 matrix as it is (plain or double-quantized absmax).
@@ -92,13 +114,28 @@ impl CudaBackend {
                 offset: self.gpu.upload(&[d.offset()], "the NF4 absmax offset")?,
             },
         };
-        self.nf4_tensor(q.rows(), q.cols(), Nf4Storage { packed, absmax })
+        self.nf4_tensor(q.rows(), q.cols(), Nf4Storage::new(packed, absmax))
     }
 
-    /// The tensor of `storage`, with the scratch grown to hold its values in bf16 (so that the
-    /// memory account knows at load time what the products will need).
+    /// The tensor of `storage`, with the scratch slots grown to hold its values in bf16 (so that
+    /// the memory account knows at load time what the products will need).
     fn nf4_tensor(&self, rows: usize, cols: usize, storage: Nf4Storage) -> Result<CudaTensor> {
-        drop(self.nf4_scratch(rows * cols)?);
+        let elements = rows * cols;
+        let mut scratch = self.lock_nf4_scratch();
+        let big_enough = |slot: &Slot| slot.values.elements() >= elements;
+        if scratch.slots.len() < DEQUANTIZED_SLOTS || !scratch.slots.iter().all(big_enough) {
+            // The smaller slots leave the memory account before the larger ones enter.
+            scratch.slots.clear();
+            for _ in 0..DEQUANTIZED_SLOTS {
+                let values = self
+                    .gpu
+                    .alloc::<u16>(elements, "the NF4 dequantization scratch")?;
+                scratch.slots.push(Slot {
+                    values,
+                    holds: None,
+                });
+            }
+        }
         Ok(CudaTensor {
             rows,
             cols,
@@ -106,33 +143,51 @@ impl CudaBackend {
         })
     }
 
-    /// The scratch, locked, holding at least `elements` bf16 values, and its address.
-    fn nf4_scratch(&self, elements: usize) -> Result<(ScratchGuard<'_>, u64)> {
-        let mut scratch = self.nf4_scratch.lock().expect("no panic holds it");
-        let ptr = match scratch.as_ref() {
-            Some(b) if b.elements() >= elements => self.buffer_ptr(b),
-            _ => {
-                // The smaller buffer leaves the memory account before the larger one enters.
-                *scratch = None;
-                let b = self
-                    .gpu
-                    .alloc::<u16>(elements, "the NF4 dequantization scratch")?;
-                let ptr = self.buffer_ptr(&b);
-                *scratch = Some(b);
-                ptr
-            }
-        };
-        Ok((scratch, ptr))
+    fn lock_nf4_scratch(&self) -> ScratchGuard<'_> {
+        // Slot bookkeeping is a few assignments; a panic elsewhere cannot leave it half-done.
+        self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues the dequantization of the first `elements` values of `s` to bf16 into the scratch;
-    /// returns the scratch's address and its lock, to hold until the product reading it is queued.
+    /// The address of a scratch slot holding the bf16 values of `s` (`elements` values): the
+    /// slot that already holds them, else the least recently used one, into which their
+    /// dequantization is queued. Returns the scratch's lock too, to hold until the product
+    /// reading the slot is queued.
     pub(super) fn dequantize_nf4(
         &self,
         s: &Nf4Storage,
         elements: usize,
     ) -> Result<(u64, ScratchGuard<'_>)> {
-        let (scratch, out) = self.nf4_scratch(elements)?;
+        let mut scratch = self.lock_nf4_scratch();
+        let held = scratch
+            .slots
+            .iter()
+            .position(|slot| slot.holds == Some(s.id));
+        let i = match held {
+            Some(i) => i,
+            None => {
+                let slot = scratch
+                    .slots
+                    .first_mut()
+                    .filter(|slot| slot.values.elements() >= elements)
+                    .ok_or_else(|| {
+                        Error::Device(format!(
+                            "no NF4 scratch slot of {elements} values (NF4 tensors come from nf4_tensor)"
+                        ))
+                    })?;
+                slot.holds = None;
+                self.queue_dequantize(s, elements, self.buffer_ptr(&slot.values))?;
+                slot.holds = Some(s.id);
+                0
+            }
+        };
+        let slot = scratch.slots.remove(i);
+        let out = self.buffer_ptr(&slot.values);
+        scratch.slots.push(slot);
+        Ok((out, scratch))
+    }
+
+    /// Queues the dequantization of the first `elements` values of `s` to bf16 at `out`.
+    fn queue_dequantize(&self, s: &Nf4Storage, elements: usize, out: u64) -> Result<()> {
         let [absmax, codes, nested, map, offset] = match &s.absmax {
             DeviceAbsmax::Plain(a) => [self.buffer_ptr(a), 0, 0, 0, 0],
             DeviceAbsmax::Double {
@@ -159,8 +214,7 @@ impl CudaBackend {
             count(elements),
         ];
         let shape = Shape::elementwise(elements.div_ceil(2));
-        self.run("nf4", "nf4_dequantize_bf16", shape, &args)?;
-        Ok((out, scratch))
+        self.run("nf4", "nf4_dequantize_bf16", shape, &args)
     }
 
     /// A device copy of an NF4 matrix.
@@ -180,10 +234,7 @@ impl CudaBackend {
                 offset: self.copy_buffer(offset, what)?,
             },
         };
-        Ok(Nf4Storage {
-            packed: self.copy_buffer(&s.packed, what)?,
-            absmax,
-        })
+        Ok(Nf4Storage::new(self.copy_buffer(&s.packed, what)?, absmax))
     }
 
     /// The packed codes and absmax values of an NF4 tensor, as stored on the device.

@@ -4,6 +4,7 @@
 
 use super::device::DeviceBuffer;
 use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The element type a tensor is stored in.
@@ -60,6 +61,19 @@ pub struct Nf4Storage {
     /// ⌈n/2⌉ bytes, value 2k in the high nibble of byte k.
     pub packed: DeviceBuffer<u8>,
     pub absmax: DeviceAbsmax,
+    /// Unique in the process: names these values in the dequantization scratch.
+    pub id: u64,
+}
+
+impl Nf4Storage {
+    pub fn new(packed: DeviceBuffer<u8>, absmax: DeviceAbsmax) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        Nf4Storage {
+            packed,
+            absmax,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 }
 
 /// The per-block absmax values of an [`Nf4Storage`].
