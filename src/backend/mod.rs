@@ -214,7 +214,6 @@ pub trait Backend: Send + Sync + 'static {
     fn add_row_vector(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> Result<()>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
-    /// `x *= s`.
     /// Moves a layer input kept for the backward pass out of device memory: a GPU backend copies
     /// it to pinned host memory on a stream of its own while later work runs, and frees the
     /// device copy once done. Only [`Backend::fetch_stashed`] and [`Backend::settle`] read the
@@ -232,6 +231,7 @@ pub trait Backend: Send + Sync + 'static {
     fn settle(&self, t: Self::Tensor) -> Result<Self::Tensor> {
         Ok(t)
     }
+    /// `x *= s`.
     fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
     /// `Σ x²` over every element of every tensor in `xs`, accumulated in f64 (one result for a
     /// whole set, so a device backend waits once).
