@@ -248,6 +248,35 @@ mod tests {
     }
 
     #[test]
+    fn threads_taking_and_returning_buffers_keep_the_account() {
+        let pool = BufferPool::default();
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let pool = &pool;
+                scope.spawn(move || {
+                    for i in 0..200 {
+                        let len = N * (1 + (i + t) % 3) + i;
+                        let mut b = pool.uninit(len);
+                        b[len - 1] = t as f32;
+                        let kept = (i % 5 == 0).then(|| pool.zeroed(len / 2 + N));
+                        assert_eq!(b[len - 1], t as f32);
+                        drop((b, kept));
+                    }
+                });
+            }
+        });
+        let s = pool.lock();
+        assert_eq!(s.live, 0, "every buffer came back");
+        assert_eq!(s.spare, s.buffers.iter().map(Vec::capacity).sum::<usize>());
+        assert!(
+            s.spare <= s.high_water,
+            "{} spare > {}",
+            s.spare,
+            s.high_water
+        );
+    }
+
+    #[test]
     fn small_and_orphaned_buffers_are_plain_allocations() {
         let pool = BufferPool::default();
         drop(pool.uninit(N - 1));
