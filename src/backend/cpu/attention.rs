@@ -154,7 +154,7 @@ pub fn forward(
         })
         .collect();
     let tokens = s.batch * n;
-    let uninit = |cols: usize| CpuTensor::from_buffer(tokens, cols, buffers.uninit(tokens * cols));
+    let uninit = |cols| CpuTensor::uninit(buffers, tokens, cols);
     let (mut out, mut lse_all) = (uninit(s.num_heads * d), uninit(s.num_heads));
     for (b, h, o, lse) in heads {
         scatter_head(&mut out, &o, b * n, n, h * d);
@@ -254,7 +254,7 @@ pub fn backward(
         })
         .collect();
     let tokens = s.batch * n;
-    let uninit = |cols: usize| CpuTensor::from_buffer(tokens, cols, buffers.uninit(tokens * cols));
+    let uninit = |cols| CpuTensor::uninit(buffers, tokens, cols);
     let (mut dq, mut dk, mut dv) = (uninit(q.cols), uninit(k.cols), uninit(v.cols));
     for (b, g, dqs, dkg, dvg) in grads {
         for (i, dqh) in dqs.iter().enumerate() {

@@ -37,7 +37,7 @@ pub fn lm_head_cross_entropy(
         labelled.push(t);
     }
     // Rows without a label get a zero gradient.
-    let mut dh = CpuTensor::from_buffer(h.rows, d, buffers.zeroed(h.data.len()));
+    let mut dh = CpuTensor::zeros(buffers, h.rows, d);
     let mut total = 0.0f64;
     let wv = MatRef::new(&w.data, vocab, d);
     // One set of chunk buffers for every chunk (each is overwritten before it is read).

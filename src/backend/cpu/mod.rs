@@ -47,6 +47,17 @@ impl CpuTensor {
         }
     }
 
+    /// A `[rows, cols]` matrix from `buffers` whose values the caller overwrites (a recycled
+    /// buffer keeps its old values).
+    pub fn uninit(buffers: &BufferPool, rows: usize, cols: usize) -> Self {
+        Self::from_buffer(rows, cols, buffers.uninit(rows * cols))
+    }
+
+    /// A `[rows, cols]` matrix of zeros from `buffers`.
+    pub fn zeros(buffers: &BufferPool, rows: usize, cols: usize) -> Self {
+        Self::from_buffer(rows, cols, buffers.zeroed(rows * cols))
+    }
+
     fn view(&self) -> MatRef<'_> {
         MatRef::new(&self.data, self.rows, self.cols)
     }
@@ -95,10 +106,9 @@ impl CpuBackend {
         self.workers.install(f)
     }
 
-    /// A `[rows, cols]` tensor whose values the caller overwrites (a recycled buffer keeps its
-    /// old values).
+    /// [`CpuTensor::uninit`] from this backend's buffers.
     fn uninit(&self, rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor::from_buffer(rows, cols, self.buffers.uninit(rows * cols))
+        CpuTensor::uninit(&self.buffers, rows, cols)
     }
 
     fn check_attention(
@@ -175,11 +185,7 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
-        Ok(CpuTensor::from_buffer(
-            rows,
-            cols,
-            self.buffers.zeroed(rows * cols),
-        ))
+        Ok(CpuTensor::zeros(&self.buffers, rows, cols))
     }
 
     fn output(&self, rows: usize, cols: usize) -> Result<CpuTensor> {

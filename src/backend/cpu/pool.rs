@@ -96,11 +96,6 @@ impl BufferPool {
         b
     }
 
-    /// Values held by spare buffers.
-    pub fn spare_values(&self) -> usize {
-        self.lock().spare
-    }
-
     fn lock(&self) -> MutexGuard<'_, Spares> {
         lock(&self.shared)
     }
@@ -204,10 +199,10 @@ mod tests {
         a[0] = 7.0;
         let addr = a.as_ptr();
         drop(a);
-        assert_eq!(pool.spare_values(), 2 * N);
+        assert_eq!(pool.lock().spare, 2 * N);
         let b = pool.take(2 * N - 5);
         assert_eq!((b.as_ptr(), b.len(), b[0]), (addr, 2 * N - 5, 7.0));
-        assert_eq!(pool.spare_values(), 0);
+        assert_eq!(pool.lock().spare, 0);
         let z = {
             drop(b);
             pool.zeroed(2 * N)
@@ -230,7 +225,7 @@ mod tests {
         let pool = BufferPool::default();
         drop(pool.uninit(4 * N));
         let small = pool.uninit(N);
-        assert_eq!(pool.spare_values(), 4 * N, "the large spare stays");
+        assert_eq!(pool.lock().spare, 4 * N, "the large spare stays");
         drop(small);
     }
 
@@ -239,12 +234,12 @@ mod tests {
         let pool = BufferPool::default();
         let (a, b) = (pool.uninit(3 * N), pool.uninit(3 * N));
         drop((a, b));
-        assert_eq!(pool.spare_values(), 6 * N);
+        assert_eq!(pool.lock().spare, 6 * N);
         // A request no spare fits: a fresh buffer, so 6N spare + 2N live > 6N high water; the
         // oldest spare goes when the new buffer comes back.
         let c = pool.uninit(N * 2);
         drop(c);
-        assert_eq!(pool.spare_values(), 3 * N + 2 * N);
+        assert_eq!(pool.lock().spare, 3 * N + 2 * N);
     }
 
     #[test]
@@ -280,7 +275,7 @@ mod tests {
     fn small_and_orphaned_buffers_are_plain_allocations() {
         let pool = BufferPool::default();
         drop(pool.uninit(N - 1));
-        assert_eq!(pool.spare_values(), 0);
+        assert_eq!(pool.lock().spare, 0);
         let kept = pool.copy_of(&vec![1.5; N]);
         let twin = kept.clone();
         assert_eq!(kept, twin);
