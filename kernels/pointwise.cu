@@ -66,22 +66,27 @@ __device__ __forceinline__ unsigned long long rng_hash(unsigned long long seed,
     return rng_mix(rng_mix(seed ^ 0x9e3779b97f4a7c15ull) + i * 0x9e3779b97f4a7c15ull);
 }
 
-// y_i = x_i · (u_i >= p ? 1/(1−p) : 0), u_i = (hash(seed, i) >> 40)·2^-24 (src/rng.rs `unit_f32`,
-// bit-exact: a 24-bit integer times a power of two is exact in f32); 1/(1−p) in f32. As on the
-// CPU (CpuBackend::dropout), p <= 0 copies x unchanged.
+// The inverted-dropout factor of element i: u_i >= p ? 1/(1−p) : 0, with
+// u_i = (hash(seed, i) >> 40)·2^-24 (src/rng.rs `unit_f32`, bit-exact: a 24-bit integer times a
+// power of two is exact in f32) and 1/(1−p) in f32. As on the CPU (CpuBackend::dropout), p <= 0
+// keeps every element unchanged.
+__device__ __forceinline__ float dropout_factor(unsigned long long seed, long long i, float p) {
+    if (!(p > 0.0f)) return 1.0f;
+    const float u = (float)(unsigned int)(rng_hash(seed, (unsigned long long)i) >> 40) *
+                    (1.0f / 16777216.0f);
+    return u >= p ? 1.0f / (1.0f - p) : 0.0f;
+}
+
+// y_i = x_i · dropout_factor(seed, i, p).
 extern "C" __global__ void dropout_f32(const float* x, float* y, long long n, float p,
                                        unsigned long long seed) {
-    if (!(p > 0.0f)) {
-        GRID_STRIDE_LOOP(i, n) { y[i] = x[i]; }
-        return;
-    }
-    const float keep = 1.0f / (1.0f - p);
-    const unsigned long long mixed_seed = rng_mix(seed ^ 0x9e3779b97f4a7c15ull);
-    GRID_STRIDE_LOOP(i, n) {
-        const unsigned long long h = rng_mix(mixed_seed + (unsigned long long)i * 0x9e3779b97f4a7c15ull);
-        const float u = (float)(unsigned int)(h >> 40) * (1.0f / 16777216.0f);
-        y[i] = x[i] * (u >= p ? keep : 0.0f);
-    }
+    GRID_STRIDE_LOOP(i, n) { y[i] = x[i] * dropout_factor(seed, i, p); }
+}
+
+// The same on bf16 values (a product input): y_i = bf16(x_i · dropout_factor(seed, i, p)).
+extern "C" __global__ void dropout_bf16(const bf16_t* x, bf16_t* y, long long n, float p,
+                                        unsigned long long seed) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = f32_to_bf16(bf16_to_f32(x[i]) * dropout_factor(seed, i, p)); }
 }
 
 #define GELU_C 0.7978846f  // sqrt(2/π), as Activation::GELU_C (0.797_884_6)
@@ -102,22 +107,43 @@ __device__ __forceinline__ float act_value_deriv(float g, int act, float* d) {
     return 0.5f * g * (1.0f + t);
 }
 
+// An output element: f32 as computed, or rounded to bf16 (a product input).
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(bf16_t* p, float v) { *p = f32_to_bf16(v); }
+
 // h_i = act(g_i)·u_i (act 0 = silu, 1 = gelu_tanh; see act_value_deriv).
+template <typename Out>
+__device__ void gated_act_fwd_impl(const float* g, const float* u, Out* h, long long n, int act) {
+    GRID_STRIDE_LOOP(i, n) { store(h + i, u[i] * act_value_deriv(g[i], act, nullptr)); }
+}
 extern "C" __global__ void gated_act_fwd(const float* g, const float* u, float* h, long long n,
                                          int act) {
-    GRID_STRIDE_LOOP(i, n) { h[i] = u[i] * act_value_deriv(g[i], act, nullptr); }
+    gated_act_fwd_impl(g, u, h, n, act);
+}
+extern "C" __global__ void gated_act_fwd_bf16(const float* g, const float* u, bf16_t* h,
+                                              long long n, int act) {
+    gated_act_fwd_impl(g, u, h, n, act);
 }
 
 // dg_i = dh_i·u_i·act'(g_i), du_i = dh_i·act(g_i).
-extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const float* u,
-                                         float* dg, float* du, long long n, int act) {
+template <typename Out>
+__device__ void gated_act_bwd_impl(const float* dh, const float* g, const float* u, Out* dg,
+                                   Out* du, long long n, int act) {
     GRID_STRIDE_LOOP(i, n) {
         float da;
         const float a = act_value_deriv(g[i], act, &da);
         const float d = dh[i];
-        dg[i] = d * u[i] * da;
-        du[i] = d * a;
+        store(dg + i, d * u[i] * da);
+        store(du + i, d * a);
     }
+}
+extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const float* u,
+                                         float* dg, float* du, long long n, int act) {
+    gated_act_bwd_impl(dh, g, u, dg, du, n, act);
+}
+extern "C" __global__ void gated_act_bwd_bf16(const float* dh, const float* g, const float* u,
+                                              bf16_t* dg, bf16_t* du, long long n, int act) {
+    gated_act_bwd_impl(dh, g, u, dg, du, n, act);
 }
 
 // out[t, c] = f32(table[ids[t], c])·scale for t < rows, c < cols (ids validated by the host;

@@ -118,6 +118,11 @@ pub struct BenchResult {
     /// Peak device memory held by the library's tensors (weights included), MiB; `null` on the
     /// CPU.
     pub peak_device_mib: Option<f64>,
+    /// What the allocation that reached that peak was for; `null` on the CPU.
+    pub peak_device_set_by: Option<String>,
+    /// Device memory held between steps (weights, adapters, optimizer state), MiB; `null` on
+    /// the CPU.
+    pub held_device_mib: Option<f64>,
     pub load_seconds: f64,
 }
 
@@ -147,6 +152,10 @@ pub fn cpu_seconds() -> Option<f64> {
 }
 
 /// The median of `xs` (sorted in place); `xs` is not empty.
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
 fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
@@ -214,6 +223,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     }
     let median_wall = median(&mut times);
     let cpu_seconds_median = (cpu_times.len() == cfg.steps).then(|| median(&mut cpu_times));
+    let memory = model.device_memory();
     Ok(BenchResult {
         model: cfg.model.clone(),
         device: model.device(),
@@ -231,9 +241,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         first_loss,
         last_loss,
         peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
-        peak_device_mib: model
-            .device_memory()
-            .map(|m| m.peak_bytes as f64 / (1 << 20) as f64),
+        peak_device_mib: memory.as_ref().map(|m| mib(m.peak_bytes)),
+        held_device_mib: memory.as_ref().map(|m| mib(m.live_bytes)),
+        peak_device_set_by: memory.map(|m| m.peak_set_by),
         load_seconds,
     })
 }
@@ -288,7 +298,7 @@ pub fn longest_sequence(
             peak_device_mib: model
                 .device_memory()
                 .filter(|_| fits)
-                .map(|m| m.peak_bytes as f64 / (1 << 20) as f64),
+                .map(|m| mib(m.peak_bytes)),
             seconds: t.elapsed().as_secs_f64(),
         });
         Ok(fits)

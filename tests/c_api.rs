@@ -673,7 +673,9 @@ fn bench_returns_the_cli_json() {
         );
         assert_eq!(v["checkpointing"], true, "{text}");
         assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{text}");
-        assert!(v["peak_device_mib"].is_null(), "{text}");
+        for k in ["peak_device_mib", "peak_device_set_by", "held_device_mib"] {
+            assert!(v[k].is_null(), "{k}: {text}");
+        }
         let tps = v["tokens_per_second"].as_f64().expect(&text);
         assert!(tps.is_finite() && tps > 0.0, "{text}");
         let loss = v["first_loss"].as_f64().expect(&text);
@@ -699,6 +701,8 @@ fn bench_returns_the_cli_json() {
             "last_loss",
             "peak_rss_mib",
             "peak_device_mib",
+            "peak_device_set_by",
+            "held_device_mib",
             "load_seconds",
         ];
         expected.sort();

@@ -6,12 +6,15 @@
 //! 1e-5 (f32 sums in another order; attention and cross-entropy sum longer rows: 1e-4). Products
 //! with a frozen bf16 weight: the GPU rounds the f32 operand to bf16, so the CPU reference gets the
 //! same rounded operand and the same 1e-5 holds. Whole steps: the GPU rounds every activation
-//! entering a base-weight product to bf16 (a relative error of 2^-9 each) and the CPU does not, so
-//! the loss must agree within 1e-2 relative and each LoRA gradient with cosine similarity ≥ 0.999.
+//! entering a base-weight product to bf16 (a relative error of 2^-9 each; the LoRA products read
+//! the same rounded values) and the CPU does not, so the loss must agree within 1e-2 relative and
+//! each LoRA gradient with cosine similarity ≥ 0.999.
 
 mod common;
 
-use common::gpu::{cpu, gpu, parity_batch, steps_match, trainer_on, Base};
+use common::gpu::{
+    cpu, gpu, non_finite_step_is_refused_and_training_goes_on, steps_match, trainer_on, Base,
+};
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
 use finetune::backend::cuda::{CudaBackend, F32Products};
@@ -121,7 +124,7 @@ fn matmul_matches_cpu_in_f32_and_with_bf16_weights() {
 
 #[test]
 fn pointwise_ops_match_cpu() {
-    let Some(p) = Pair::new() else { return };
+    let Some(mut p) = Pair::new() else { return };
     let mut rng = fresh_rng("pointwise");
     let (rows, cols) = (67, 129);
     let n = rows * cols;
@@ -140,6 +143,15 @@ fn pointwise_ops_match_cpu() {
     p.g.scale(&mut xg, -0.37).unwrap();
     p.c.scale(&mut xc, -0.37).unwrap();
     p.check("scale", &xg, &xc, 1e-6);
+    // fill_zero clears whatever a tensor held, NaN and infinities too (scaling by 0 would not).
+    let mut poisoned = randn(&mut rng, n, 1.0);
+    poisoned[..3].copy_from_slice(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
+    let (mut zg, _) = p.up(&poisoned, rows, cols);
+    p.g.fill_zero(&mut zg).unwrap();
+    assert!(
+        p.g.download(&zg).unwrap().iter().all(|&z| z == 0.0),
+        "fill_zero"
+    );
     // Rows 13..13+29 of y added into rows 31.. of x, and copied out.
     let (start, part) = (13, 29);
     let (pg, pc) = (
@@ -175,6 +187,24 @@ fn pointwise_ops_match_cpu() {
         let (c, d) = p.c.gated_activation_backward(&dc_, &gc, &uc, act).unwrap();
         p.check(&format!("{act:?} backward dg"), &a, &c, 1e-5);
         p.check(&format!("{act:?} backward du"), &b, &d, 1e-5);
+        // As product inputs: the same values rounded to bf16 as they are written (within
+        // bf16's half unit, 2⁻⁹ relative; f32 ulps can tip a rounding either way).
+        p.g.set_f32_products(F32Products::Tf32);
+        let rh = p.g.gated_activation_for_products(&gg, &ug, act).unwrap();
+        let (rdg, rdu) =
+            p.g.gated_activation_backward_for_products(&dg_, &gg, &ug, act)
+                .unwrap();
+        let rounded = [rh, rdg, rdu];
+        p.g.set_f32_products(F32Products::Exact);
+        for (what, g, c) in [
+            ("forward", &rounded[0], &hc),
+            ("dg", &rounded[1], &c),
+            ("du", &rounded[2], &d),
+        ] {
+            let values = p.g.download(g).unwrap();
+            assert_eq!(values, bf16_round(&values), "{act:?} {what}: not bf16");
+            p.check(&format!("{act:?} {what} as a product input"), g, c, 4e-3);
+        }
     }
     // The dropout mask is a hash of (seed, index): bit-identical on both sides.
     let seed = rng.next_u64();
@@ -184,6 +214,30 @@ fn pointwise_ops_match_cpu() {
         p.g.download(&dg).unwrap(),
         p.c.download(&dc).unwrap(),
         "dropout"
+    );
+    // A product input is y rounded to bf16 once; copying its rows and dropping it out give
+    // exactly the rounded values' rows and their dropout, rounded.
+    let rounded = bf16_round(&yv);
+    let (_, rc) = p.up(&rounded, rows, cols);
+    p.g.set_f32_products(F32Products::Tf32);
+    let ig = p.g.product_input(p.g.duplicate(&yg).unwrap()).unwrap();
+    p.g.set_f32_products(F32Products::Exact);
+    assert_eq!(p.g.download(&ig).unwrap(), rounded, "product_input");
+    let (part_g, part_c) = (
+        p.g.copy_rows(&ig, start, part).unwrap(),
+        p.c.copy_rows(&rc, start, part).unwrap(),
+    );
+    assert_eq!(
+        p.g.download(&part_g).unwrap(),
+        p.c.download(&part_c).unwrap(),
+        "copy_rows of a product input"
+    );
+    let dg = p.g.dropout(&ig, 0.3, seed).unwrap();
+    let dc = p.c.dropout(&rc, 0.3, seed).unwrap();
+    assert_eq!(
+        p.g.download(&dg).unwrap(),
+        bf16_round(&p.c.download(&dc).unwrap()),
+        "dropout of a product input"
     );
 }
 
@@ -486,41 +540,13 @@ fn out_of_memory_is_an_error_naming_the_size_and_the_trainer_stays_usable() {
     gpu.set_limit(0);
 }
 
+/// A NaN in an adapter matrix is reported, never applied, and training goes on once mended.
 #[test]
 fn non_finite_loss_is_reported_and_not_applied() {
     let Some(be) = gpu() else { return };
-    let mut t = trainer_on(be, Family::Llama, Base::Frozen);
-    let before: Vec<Vec<f32>> = {
-        let be = &t.decoder().backend;
-        t.params()
-            .tensors()
-            .map(|p| be.download(p).unwrap())
-            .collect()
-    };
-    // A NaN in the adapter's A poisons the loss.
-    let dec = t.decoder().clone();
-    let be = &dec.backend;
-    let pair = t.params_mut().pairs.iter_mut().flatten().next().unwrap();
-    let (r, c) = be.shape(&pair.a);
-    let mut a = be.download(&pair.a).unwrap();
-    a[0] = f32::NAN;
-    pair.a = be.upload(&a, r, c).unwrap();
-    let err = t.step(std::slice::from_ref(&parity_batch())).unwrap_err();
-    assert!(matches!(err, Error::NonFinite(_)), "{err}");
-    let after: Vec<Vec<f32>> = t
-        .params()
-        .tensors()
-        .map(|p| be.download(p).unwrap())
-        .collect();
-    assert_eq!(before.len(), after.len());
-    for (i, (b, a)) in before.iter().zip(&after).enumerate().skip(1) {
-        assert_eq!(b, a, "tensor {i} changed");
-    }
+    non_finite_step_is_refused_and_training_goes_on(be);
 }
 
-/// Offloading the saved layer inputs moves values, never changes them: the losses are
-/// identical to keeping them on the device, and the peak device memory drops by at least all
-/// but three layers' inputs (the one being copied out or back, the one in use, the output).
 #[test]
 fn offloaded_activations_train_identically_with_less_device_memory() {
     if gpu().is_none() {

@@ -265,3 +265,9 @@ fn offloading_activations_changes_no_loss() {
         assert_eq!(run(true), run(false), "checkpointing {checkpointing}");
     }
 }
+
+/// A NaN in an adapter matrix is reported and never applied; once mended, training goes on.
+#[test]
+fn non_finite_step_is_refused_and_training_goes_on() {
+    common::gpu::non_finite_step_is_refused_and_training_goes_on(common::gpu::cpu());
+}

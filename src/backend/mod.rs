@@ -123,11 +123,13 @@ impl AdamWConstants {
 }
 
 /// Device memory held by a backend's tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceMemory {
     pub live_bytes: usize,
     /// The most held at once since the backend started or the peak was last reset.
     pub peak_bytes: usize,
+    /// What the allocation that reached the peak was for (named as in out-of-memory errors).
+    pub peak_set_by: String,
 }
 
 /// A compute device. Methods that allocate return new tensors; methods taking `&mut` work in place.
@@ -210,6 +212,13 @@ pub trait Backend: Send + Sync + 'static {
         self.matmul(a, trans_a, b, trans_b, alpha, &mut c, false)?;
         Ok(c)
     }
+    /// `x` made ready to be an operand of products with frozen matrices, for a caller that reads
+    /// it no other way afterwards (only matmul, dropout, copy_rows and download). A backend whose
+    /// products round their activation operand anyway (the CUDA backend: to bf16) rounds it here
+    /// once for all the products that share it, and keeps half the bytes; the CPU returns `x`.
+    fn product_input(&self, x: Self::Tensor) -> Result<Self::Tensor> {
+        Ok(x)
+    }
     /// `x[r, :] += bias` for every row.
     fn add_row_vector(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> Result<()>;
     /// `x += y`.
@@ -233,6 +242,8 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// `x *= s`.
     fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
+    /// Sets every element of `x` to 0, whatever it held (NaN too, which `scale` by 0 keeps).
+    fn fill_zero(&self, x: &mut Self::Tensor) -> Result<()>;
     /// `Σ x²` over every element of every tensor in `xs`, accumulated in f64 (one result for a
     /// whole set, so a device backend waits once).
     fn sum_squares(&self, xs: &[&Self::Tensor]) -> Result<f64>;
@@ -337,6 +348,27 @@ pub trait Backend: Send + Sync + 'static {
         u: &Self::Tensor,
         act: Activation,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// [`Backend::gated_activation`] as a product input ([`Backend::product_input`]); a backend
+    /// that rounds product inputs may write the rounded values directly.
+    fn gated_activation_for_products(
+        &self,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        self.product_input(self.gated_activation(g, u, act)?)
+    }
+    /// [`Backend::gated_activation_backward`] with both gradients as product inputs.
+    fn gated_activation_backward_for_products(
+        &self,
+        dh: &Self::Tensor,
+        g: &Self::Tensor,
+        u: &Self::Tensor,
+        act: Activation,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (dg, du) = self.gated_activation_backward(dh, g, u, act)?;
+        Ok((self.product_input(dg)?, self.product_input(du)?))
+    }
 
     /// Inverted dropout with a counter-based mask: element i is kept when
     /// `hash(seed, i) ≥ p` and then scaled by `1/(1−p)`. The same seed gives the same mask, so the

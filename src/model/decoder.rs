@@ -202,6 +202,10 @@ impl<B: Backend> Decoder<B> {
 
     /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`; also returns `dropout(x)·Aᵀ` for the backward pass.
     /// `chunk` is the MLP chunk `x` is (0 elsewhere): it picks the dropout stream.
+    ///
+    /// The adapter's term is written first and the base product accumulated onto it: the large
+    /// product reads `y` as part of its own work, where adding the rank-wide term afterwards
+    /// would be one more pass reading and writing `y`.
     fn project(
         &self,
         layer: usize,
@@ -212,13 +216,18 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let be = &self.backend;
         let lw: &LayerWeights<B> = &self.weights.layers[layer];
-        let mut y = be.product(x, false, &lw.proj[m as usize], true, 1.0)?;
+        let w = &lw.proj[m as usize];
+        let xa = self.adapter_input(layer, m, x, ad, chunk)?;
+        let mut y = match (&xa, Self::adapted(ad, layer, m)) {
+            (Some(xa), Some((ad, pair))) => {
+                let mut y = be.product(xa, false, &pair.b, true, ad.cfg.scale())?;
+                be.matmul(x, false, w, true, 1.0, &mut y, true)?;
+                y
+            }
+            _ => be.product(x, false, w, true, 1.0)?,
+        };
         if let Some(b) = &lw.bias[m as usize] {
             be.add_row_vector(&mut y, b)?;
-        }
-        let xa = self.adapter_input(layer, m, x, ad, chunk)?;
-        if let (Some(xa), Some((ad, pair))) = (&xa, Self::adapted(ad, layer, m)) {
-            be.matmul(xa, false, &pair.b, true, ad.cfg.scale(), &mut y, true)?;
         }
         Ok((y, xa))
     }
@@ -252,7 +261,8 @@ impl<B: Backend> Decoder<B> {
 
     /// Backward of [`Decoder::project`]: returns dx, added into `acc` when given (the inputs
     /// shared by several projections), and adds into the pair's gradients `dB += s·dyᵀ·xa`,
-    /// `dA += (s·dy·B)ᵀ·dropout(x)`.
+    /// `dA += (s·dy·B)ᵀ·dropout(x)`. As in the forward, the base product comes last and
+    /// accumulates onto the adapter's share of dx.
     #[allow(clippy::too_many_arguments)]
     fn project_backward(
         &self,
@@ -268,17 +278,36 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let w = &self.weights.layers[layer].proj[m as usize];
-        let mut dx = match acc {
+        match self.adapter_backward(layer, m, dy, x, xa, ad, grads, acc, chunk)? {
             Some(mut dx) => {
                 be.matmul(dy, false, w, false, 1.0, &mut dx, true)?;
-                dx
+                Ok(dx)
             }
-            None => be.product(dy, false, w, false, 1.0)?,
-        };
+            None => be.product(dy, false, w, false, 1.0),
+        }
+    }
+
+    /// The adapter's part of [`Decoder::project_backward`]: adds into the pair's gradients and
+    /// returns its share of dx, added into `acc` when given; returns `acc` as it is when `m` of
+    /// `layer` is not adapted.
+    #[allow(clippy::too_many_arguments)]
+    fn adapter_backward(
+        &self,
+        layer: usize,
+        m: TargetModule,
+        dy: &B::Tensor,
+        x: &B::Tensor,
+        xa: Option<&B::Tensor>,
+        ad: &Adapters<B>,
+        grads: &mut LoraTensors<B>,
+        acc: Option<B::Tensor>,
+        chunk: usize,
+    ) -> Result<Option<B::Tensor>> {
+        let be = &self.backend;
         let (Some(xa), Some(pair), Some(grad)) =
             (xa, ad.tensors.get(layer, m), grads.get_mut(layer, m))
         else {
-            return Ok(dx);
+            return Ok(acc);
         };
         let s = ad.cfg.scale();
         be.matmul(dy, true, xa, false, s, &mut grad.b, true)?;
@@ -294,15 +323,27 @@ impl<B: Backend> Decoder<B> {
             &mut grad.a,
             true,
         )?;
-        match seed {
-            // d dropout(x) = dxa·A, masked and scaled as the forward was.
-            Some(seed) => {
+        drop(dropped);
+        let dx = match (seed, acc) {
+            // d dropout(x) = dropout(dxa·A): masked and scaled as the forward was.
+            (Some(seed), acc) => {
                 let dxin = be.product(&dxa, false, &pair.a, false, 1.0)?;
-                be.add_assign(&mut dx, &be.dropout(&dxin, ad.cfg.dropout, seed)?)?;
+                let dxin = be.dropout(&dxin, ad.cfg.dropout, seed)?;
+                match acc {
+                    Some(mut dx) => {
+                        be.add_assign(&mut dx, &dxin)?;
+                        dx
+                    }
+                    None => dxin,
+                }
             }
-            None => be.matmul(&dxa, false, &pair.a, false, 1.0, &mut dx, true)?,
-        }
-        Ok(dx)
+            (None, Some(mut dx)) => {
+                be.matmul(&dxa, false, &pair.a, false, 1.0, &mut dx, true)?;
+                dx
+            }
+            (None, None) => be.product(&dxa, false, &pair.a, false, 1.0)?,
+        };
+        Ok(Some(dx))
     }
 
     /// Per-head RMSNorm of q or k (qwen3): rows of `head_dim` values.
@@ -366,6 +407,7 @@ impl<B: Backend> Decoder<B> {
         let lw = &self.weights.layers[layer];
         let mut xa: Vec<Option<B::Tensor>> = (0..4).map(|_| None).collect();
         let (h1, r1) = be.rmsnorm(x, &lw.attn_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
+        let h1 = be.product_input(h1)?;
         let (q, xq) = self.project(layer, Q, &h1, ad, 0)?;
         let (k, xk) = self.project(layer, K, &h1, ad, 0)?;
         let (v, xv) = self.project(layer, V, &h1, ad, 0)?;
@@ -386,6 +428,7 @@ impl<B: Backend> Decoder<B> {
         let mut x1 = be.duplicate(x)?;
         be.add_assign(&mut x1, &o)?;
         let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
+        let h2 = be.product_input(h2)?;
         Ok(LayerCache {
             h1,
             r1,
@@ -445,7 +488,7 @@ impl<B: Backend> Decoder<B> {
         let mut kept = Vec::new();
         for (c, (start, rows)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
             let chunk = self.mlp_chunk(layer, &*self.rows_of(h2, start, rows)?, ad, c)?;
-            let m = be.gated_activation(&chunk.g, &chunk.u, self.cfg.activation)?;
+            let m = be.gated_activation_for_products(&chunk.g, &chunk.u, self.cfg.activation)?;
             let (down, _) = self.project(layer, TargetModule::Down, &m, ad, c)?;
             be.add_rows(&mut out, start, &down)?;
             if keep {
@@ -503,11 +546,12 @@ impl<B: Backend> Decoder<B> {
             Some(chunk) => chunk,
             None => self.mlp_chunk(layer, h, Some(ad), c)?,
         };
-        let m = be.gated_activation(&g, &u, self.cfg.activation)?;
+        let m = be.gated_activation_for_products(&g, &u, self.cfg.activation)?;
         let xd = self.adapter_input(layer, Down, &m, Some(ad), c)?;
         let dm = self.project_backward(layer, Down, dy, &m, xd.as_ref(), ad, grads, None, c)?;
         drop(m);
-        let (dg, du) = be.gated_activation_backward(&dm, &g, &u, self.cfg.activation)?;
+        let act = self.cfg.activation;
+        let (dg, du) = be.gated_activation_backward_for_products(&dm, &g, &u, act)?;
         drop((g, u, dm));
         let dh = self.project_backward(layer, Gate, &dg, h, xg.as_ref(), ad, grads, None, c)?;
         self.project_backward(layer, Up, &du, h, xu.as_ref(), ad, grads, Some(dh), c)
@@ -567,6 +611,11 @@ impl<B: Backend> Decoder<B> {
             dq = self.head_norm_backward(dq, &raw.q, qn, &raw.rq)?;
             dk = self.head_norm_backward(dk, &raw.k, kn, &raw.rk)?;
         }
+        let (dq, dk, dv) = (
+            be.product_input(dq)?,
+            be.product_input(dk)?,
+            be.product_input(dv)?,
+        );
         let dh1 = self.project_backward(layer, Q, &dq, &h1, xa(Q), ad, grads, None, 0)?;
         drop(dq);
         let dh1 = self.project_backward(layer, K, &dk, &h1, xa(K), ad, grads, Some(dh1), 0)?;

@@ -266,7 +266,7 @@ impl<B: Backend> Trainer<B> {
             ));
         }
         for g in self.grads.tensors_mut() {
-            be.scale(g, 0.0)?;
+            be.fill_zero(g)?;
         }
         let mut loss_sum = 0.0f64;
         for (i, batch) in uploaded.iter().enumerate() {

@@ -5,6 +5,7 @@ use super::{bf16_round, cosine, randn};
 use finetune::backend::cpu::CpuBackend;
 use finetune::backend::cuda::{CudaBackend, F32Products};
 use finetune::backend::{Backend, IGNORE_LABEL};
+use finetune::error::Error;
 use finetune::lora::LoraConfig;
 use finetune::model::config::{Family, ModelConfig};
 use finetune::model::decoder::Decoder;
@@ -113,12 +114,10 @@ pub fn trainer_on<B: Backend>(be: B, family: Family, base: Base) -> Trainer<B> {
         seed: 3,
         ..LoraConfig::default()
     };
-    let mut t = Trainer::new(
-        Arc::new(Decoder::new(cfg, be, weights)),
-        lora,
-        TrainConfig::default(),
-    )
-    .unwrap();
+    let mut decoder = Decoder::new(cfg, be, weights);
+    // Three MLP chunks over the 66 rows of the parity batch, as a long sequence runs.
+    decoder.set_mlp_chunk_rows(24);
+    let mut t = Trainer::new(Arc::new(decoder), lora, TrainConfig::default()).unwrap();
     // PEFT starts B at zero; give it values so that A's gradients are not zero too.
     let mut rng = Rng::new(21);
     let dec = t.decoder().clone();
@@ -194,4 +193,41 @@ pub fn steps_match(base: Base, loss_tol: f32, min_cosine: f64) {
     }
     // Every family runs before the verdict, so a failure shows the whole picture.
     assert!(failures.is_empty(), "out of tolerance: {failures:#?}");
+}
+
+/// A NaN in an adapter matrix poisons the loss: the step reports it and changes no other
+/// parameter, and once the matrix is mended the next step trains again.
+pub fn non_finite_step_is_refused_and_training_goes_on<B: Backend>(be: B) {
+    let mut t = trainer_on(be, Family::Llama, Base::Frozen);
+    let dec = t.decoder().clone();
+    let be = &dec.backend;
+    let download_all = |t: &Trainer<B>| -> Vec<Vec<f32>> {
+        t.params()
+            .tensors()
+            .map(|p| be.download(p).unwrap())
+            .collect()
+    };
+    let before = download_all(&t);
+    let pair = t.params_mut().pairs.iter_mut().flatten().next().unwrap();
+    let (r, c) = be.shape(&pair.a);
+    let clean = be.download(&pair.a).unwrap();
+    let mut poisoned = clean.clone();
+    poisoned[0] = f32::NAN;
+    pair.a = be.upload(&poisoned, r, c).unwrap();
+    let err = t.step(std::slice::from_ref(&parity_batch())).unwrap_err();
+    assert!(matches!(err, Error::NonFinite(_)), "{err}");
+    let after = download_all(&t);
+    assert_eq!(before.len(), after.len());
+    for (i, (b, a)) in before.iter().zip(&after).enumerate().skip(1) {
+        assert_eq!(b, a, "tensor {i} changed");
+    }
+    let pair = t.params_mut().pairs.iter_mut().flatten().next().unwrap();
+    pair.a = be.upload(&clean, r, c).unwrap();
+    let stats = t.step(std::slice::from_ref(&parity_batch())).unwrap();
+    assert!(
+        stats.loss.is_finite() && stats.grad_norm.is_finite(),
+        "the step after mending: loss {}, gradient norm {}",
+        stats.loss,
+        stats.grad_norm
+    );
 }

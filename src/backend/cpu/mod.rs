@@ -290,6 +290,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn fill_zero(&self, x: &mut CpuTensor) -> Result<()> {
+        Self::dense(&[x], "fill_zero")?;
+        x.data.fill(0.0);
+        Ok(())
+    }
+
     fn sum_squares(&self, xs: &[&CpuTensor]) -> Result<f64> {
         Self::dense(xs, "sum_squares")?;
         Ok(xs

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, DriverError};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Live and peak bytes of the device buffers this library allocated, and an optional cap.
 #[derive(Debug, Default)]
@@ -13,6 +13,8 @@ pub struct MemoryAccount {
     peak: AtomicUsize,
     /// Allocations that would take `live` past this many bytes fail (0: no cap).
     limit: AtomicUsize,
+    /// What the allocation that reached `peak` was for.
+    peak_set_by: Mutex<String>,
 }
 
 impl MemoryAccount {
@@ -26,8 +28,14 @@ impl MemoryAccount {
         self.peak.load(Ordering::Relaxed)
     }
 
+    /// What the allocation that reached [`MemoryAccount::peak`] was for.
+    pub fn peak_set_by(&self) -> String {
+        self.peak_set_by.lock().expect("no panic holds it").clone()
+    }
+
     pub fn reset_peak(&self) {
         self.peak.store(self.live(), Ordering::Relaxed);
+        *self.peak_set_by.lock().expect("no panic holds it") = "what was held at the reset".into();
     }
 
     /// Caps the bytes held at once (0 removes the cap).
@@ -49,7 +57,9 @@ impl MemoryAccount {
                 ),
             });
         }
-        self.peak.fetch_max(live, Ordering::Relaxed);
+        if self.peak.fetch_max(live, Ordering::Relaxed) < live {
+            *self.peak_set_by.lock().expect("no panic holds it") = what.to_string();
+        }
         Ok(())
     }
 

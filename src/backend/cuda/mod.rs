@@ -66,15 +66,19 @@ pub struct CudaBackend {
     offload: Offload,
 }
 
-/// The arithmetic of products of two f32 matrices.
+/// The arithmetic of products of two f32 matrices, and whether activations are rounded once
+/// before the products that read them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum F32Products {
-    /// Operands rounded to TF32 (10-bit mantissa, relative error 2⁻¹¹, finer than the bf16 that
-    /// every base product rounds its activations to) on the tensor cores, f32 accumulation. The
-    /// LoRA products are rank-wide and memory-bound: the tensor cores' wider tiles run them
-    /// about 1.5x faster than f32 FFMA.
+    /// Operands rounded to TF32 (10-bit mantissa, relative error 2⁻¹¹) on the tensor cores, f32
+    /// accumulation: the rank-wide LoRA products are memory-bound, and the tensor cores' wider
+    /// tiles run them about 1.5x faster than f32 FFMA. `product_input` rounds the activations
+    /// that feed products with frozen matrices to bf16 once (those products round them anyway),
+    /// so the LoRA products reading them run on bf16 operands, as in bf16 mixed-precision
+    /// training, and read half the bytes.
     Tf32,
-    /// Full f32 (FFMA): for checking against the CPU with nothing but summation order differing.
+    /// Full f32 (FFMA), nothing rounded by `product_input`: for checking against the CPU with
+    /// nothing but summation order differing.
     Exact,
 }
 
@@ -107,12 +111,20 @@ fn f32_buffer<'t>(t: &'t CudaTensor, op: &str) -> Result<&'t DeviceBuffer<f32>> 
         Storage::Offloaded(_) => "offloaded",
     };
     Err(Error::InvalidArgument(format!(
-        "{op} works on f32 tensors; a frozen {what} weight was passed"
+        "{op} works on f32 tensors; a {what} tensor was passed"
     )))
 }
 
 fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
     f32_buffer(t, op).map(|_| ())
+}
+
+/// The error of an operation on f32 or bf16 tensors given another kind.
+fn wants_f32_or_bf16(t: &CudaTensor, op: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "{op} works on f32 or bf16 tensors; a {:?} tensor was passed",
+        t.dtype()
+    ))
 }
 
 /// What a queued product reads besides its tensors: a bf16 copy of an f32 operand, or the NF4
@@ -273,22 +285,91 @@ impl CudaBackend {
         Arg::Ptr(self.buffer_ptr(&i.device))
     }
 
-    /// Sets every element of an f32 tensor to 0 (whatever its bits were: NaN too).
-    fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
-        let Storage::F32(b) = &mut t.storage else {
-            return wants_f32(t, "fill_zero");
-        };
-        self.gpu
-            .stream
-            .memset_zeros(&mut b.slice)
-            .map_err(driver_error("zeroing a tensor"))
-    }
-
     fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
         Ok(CudaTensor {
             rows,
             cols,
             storage: Storage::F32(self.gpu.alloc::<f32>(rows * cols, what)?),
+        })
+    }
+
+    /// Whether `product_input` rounds to bf16 (not with [`F32Products::Exact`]).
+    fn rounds_product_inputs(&self) -> bool {
+        self.f32_products != F32Products::Exact
+    }
+
+    /// An uninitialised f32 tensor, or bf16 when `rounded`.
+    fn tensor_as(&self, rows: usize, cols: usize, rounded: bool, what: &str) -> Result<CudaTensor> {
+        match rounded {
+            true => self.bf16_tensor(rows, cols, what),
+            false => self.tensor(rows, cols, what),
+        }
+    }
+
+    /// `gated_activation`, written in bf16 when `rounded`.
+    fn gated_activation_as(
+        &self,
+        g: &CudaTensor,
+        u: &CudaTensor,
+        act: Activation,
+        rounded: bool,
+    ) -> Result<CudaTensor> {
+        same_shape(g, u, "gated_activation")?;
+        let h = self.tensor_as(g.rows, g.cols, rounded, "MLP activation")?;
+        let args = [
+            self.f32_arg(g, "gated_activation")?,
+            self.f32_arg(u, "gated_activation")?,
+            Arg::Ptr(self.ptr(&h)?),
+            count(g.elements()),
+            Arg::I32(activation_code(act)),
+        ];
+        let kernel = if rounded {
+            "gated_act_fwd_bf16"
+        } else {
+            "gated_act_fwd"
+        };
+        self.elementwise(kernel, g.elements(), &args)?;
+        Ok(h)
+    }
+
+    /// `gated_activation_backward`, both gradients written in bf16 when `rounded`.
+    fn gated_activation_backward_as(
+        &self,
+        dh: &CudaTensor,
+        g: &CudaTensor,
+        u: &CudaTensor,
+        act: Activation,
+        rounded: bool,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        same_shape(g, u, "gated_activation_backward")?;
+        same_shape(g, dh, "gated_activation_backward")?;
+        let dg = self.tensor_as(g.rows, g.cols, rounded, "MLP gradient")?;
+        let du = self.tensor_as(g.rows, g.cols, rounded, "MLP gradient")?;
+        let what = "gated_activation_backward";
+        let args = [
+            self.f32_arg(dh, what)?,
+            self.f32_arg(g, what)?,
+            self.f32_arg(u, what)?,
+            Arg::Ptr(self.ptr(&dg)?),
+            Arg::Ptr(self.ptr(&du)?),
+            count(g.elements()),
+            Arg::I32(activation_code(act)),
+        ];
+        let kernel = if rounded {
+            "gated_act_bwd_bf16"
+        } else {
+            "gated_act_bwd"
+        };
+        self.elementwise(kernel, g.elements(), &args)?;
+        Ok((dg, du))
+    }
+
+    /// An uninitialised bf16 tensor.
+    fn bf16_tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::Bf16(self.gpu.alloc::<u16>(rows * cols, what)?),
         })
     }
 
@@ -348,10 +429,20 @@ impl CudaBackend {
         b: &DeviceBuffer<T>,
         what: &str,
     ) -> Result<DeviceBuffer<T>> {
-        let mut out = self.gpu.alloc::<T>(b.elements(), what)?;
+        self.copy_range(b, 0..b.elements(), what)
+    }
+
+    /// A device copy of elements `range` of `b`.
+    fn copy_range<T: DeviceRepr>(
+        &self,
+        b: &DeviceBuffer<T>,
+        range: std::ops::Range<usize>,
+        what: &str,
+    ) -> Result<DeviceBuffer<T>> {
+        let mut out = self.gpu.alloc::<T>(range.len(), what)?;
         self.gpu
             .stream
-            .memcpy_dtod(&b.slice, &mut out.slice)
+            .memcpy_dtod(&b.slice.slice(range), &mut out.slice)
             .map_err(driver_error(what))?;
         Ok(out)
     }
@@ -437,6 +528,7 @@ impl Backend for CudaBackend {
         Some(DeviceMemory {
             live_bytes: self.gpu.memory.live(),
             peak_bytes: self.gpu.memory.peak(),
+            peak_set_by: self.gpu.memory.peak_set_by(),
         })
     }
 
@@ -608,6 +700,20 @@ impl Backend for CudaBackend {
         self.gemm(name, oa, trans_a, ob, trans_b, alpha, beta, oc)
     }
 
+    /// Rounds an f32 `x` to bf16 once (the products would each round it otherwise); with
+    /// [`F32Products::Exact`] nothing is rounded.
+    fn product_input(&self, x: CudaTensor) -> Result<CudaTensor> {
+        if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
+            return Ok(x);
+        }
+        let rounded = self.cast_to_bf16(self.ptr(&x)?, x.elements())?;
+        Ok(CudaTensor {
+            rows: x.rows,
+            cols: x.cols,
+            storage: Storage::Bf16(rounded),
+        })
+    }
+
     fn add_row_vector(&self, x: &mut CudaTensor, bias: &CudaTensor) -> Result<()> {
         if bias.elements() != x.cols {
             return Err(Error::InvalidArgument(format!(
@@ -638,6 +744,16 @@ impl Backend for CudaBackend {
     fn scale(&self, x: &mut CudaTensor, s: f32) -> Result<()> {
         let args = [self.f32_arg(x, "scale")?, Arg::F32(s), count(x.elements())];
         self.elementwise("scale_f32", x.elements(), &args)
+    }
+
+    fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
+        let Storage::F32(b) = &mut t.storage else {
+            return wants_f32(t, "fill_zero");
+        };
+        self.gpu
+            .stream
+            .memset_zeros(&mut b.slice)
+            .map_err(driver_error("zeroing a tensor"))
     }
 
     fn sum_squares(&self, xs: &[&CudaTensor]) -> Result<f64> {
@@ -1014,17 +1130,16 @@ impl Backend for CudaBackend {
 
     fn copy_rows(&self, t: &CudaTensor, start: usize, rows: usize) -> Result<CudaTensor> {
         super::check_rows(t.rows, start, rows, (t.cols, t.cols), "copy_rows")?;
-        let b = f32_buffer(t, "copy_rows")?;
-        let mut out = self.gpu.alloc::<f32>(rows * t.cols, "a copy of rows")?;
         let range = start * t.cols..(start + rows) * t.cols;
-        self.gpu
-            .stream
-            .memcpy_dtod(&b.slice.slice(range), &mut out.slice)
-            .map_err(driver_error("copying rows"))?;
+        let storage = match &t.storage {
+            Storage::F32(b) => Storage::F32(self.copy_range(b, range, "a copy of rows")?),
+            Storage::Bf16(b) => Storage::Bf16(self.copy_range(b, range, "a copy of rows")?),
+            _ => return Err(wants_f32_or_bf16(t, "copy_rows")),
+        };
         Ok(CudaTensor {
             rows,
             cols: t.cols,
-            storage: Storage::F32(out),
+            storage,
         })
     }
 
@@ -1073,17 +1188,7 @@ impl Backend for CudaBackend {
         u: &CudaTensor,
         act: Activation,
     ) -> Result<CudaTensor> {
-        same_shape(g, u, "gated_activation")?;
-        let h = self.tensor(g.rows, g.cols, "MLP activation")?;
-        let args = [
-            self.f32_arg(g, "gated_activation")?,
-            self.f32_arg(u, "gated_activation")?,
-            Arg::Ptr(self.ptr(&h)?),
-            count(g.elements()),
-            Arg::I32(activation_code(act)),
-        ];
-        self.elementwise("gated_act_fwd", g.elements(), &args)?;
-        Ok(h)
+        self.gated_activation_as(g, u, act, false)
     }
 
     fn gated_activation_backward(
@@ -1093,37 +1198,51 @@ impl Backend for CudaBackend {
         u: &CudaTensor,
         act: Activation,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        same_shape(g, u, "gated_activation_backward")?;
-        same_shape(g, dh, "gated_activation_backward")?;
-        let dg = self.tensor(g.rows, g.cols, "MLP gradient")?;
-        let du = self.tensor(g.rows, g.cols, "MLP gradient")?;
-        let what = "gated_activation_backward";
-        let args = [
-            self.f32_arg(dh, what)?,
-            self.f32_arg(g, what)?,
-            self.f32_arg(u, what)?,
-            Arg::Ptr(self.ptr(&dg)?),
-            Arg::Ptr(self.ptr(&du)?),
-            count(g.elements()),
-            Arg::I32(activation_code(act)),
-        ];
-        self.elementwise("gated_act_bwd", g.elements(), &args)?;
-        Ok((dg, du))
+        self.gated_activation_backward_as(dh, g, u, act, false)
+    }
+
+    fn gated_activation_for_products(
+        &self,
+        g: &CudaTensor,
+        u: &CudaTensor,
+        act: Activation,
+    ) -> Result<CudaTensor> {
+        self.gated_activation_as(g, u, act, self.rounds_product_inputs())
+    }
+
+    fn gated_activation_backward_for_products(
+        &self,
+        dh: &CudaTensor,
+        g: &CudaTensor,
+        u: &CudaTensor,
+        act: Activation,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        self.gated_activation_backward_as(dh, g, u, act, self.rounds_product_inputs())
     }
 
     fn dropout(&self, x: &CudaTensor, p: f32, seed: u64) -> Result<CudaTensor> {
         if p <= 0.0 {
             return self.duplicate(x);
         }
-        let y = self.tensor(x.rows, x.cols, "dropout output")?;
+        let (kernel, y) = match &x.storage {
+            Storage::F32(_) => (
+                "dropout_f32",
+                self.tensor(x.rows, x.cols, "dropout output")?,
+            ),
+            Storage::Bf16(_) => (
+                "dropout_bf16",
+                self.bf16_tensor(x.rows, x.cols, "dropout output")?,
+            ),
+            _ => return Err(wants_f32_or_bf16(x, "dropout")),
+        };
         let args = [
-            self.f32_arg(x, "dropout")?,
+            Arg::Ptr(self.ptr(x)?),
             Arg::Ptr(self.ptr(&y)?),
             count(x.elements()),
             Arg::F32(p),
             Arg::U64(seed),
         ];
-        self.elementwise("dropout_f32", x.elements(), &args)?;
+        self.elementwise(kernel, x.elements(), &args)?;
         Ok(y)
     }
 
