@@ -151,11 +151,12 @@ pub fn cpu_seconds() -> Option<f64> {
     Some(ns as f64 * 1e-9)
 }
 
-/// The median of `xs` (sorted in place); `xs` is not empty.
+/// `bytes` in MiB.
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
+/// The median of `xs` (sorted in place); `xs` is not empty.
 fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]

@@ -1224,17 +1224,12 @@ impl Backend for CudaBackend {
         if p <= 0.0 {
             return self.duplicate(x);
         }
-        let (kernel, y) = match &x.storage {
-            Storage::F32(_) => (
-                "dropout_f32",
-                self.tensor(x.rows, x.cols, "dropout output")?,
-            ),
-            Storage::Bf16(_) => (
-                "dropout_bf16",
-                self.bf16_tensor(x.rows, x.cols, "dropout output")?,
-            ),
+        let (kernel, rounded) = match &x.storage {
+            Storage::F32(_) => ("dropout_f32", false),
+            Storage::Bf16(_) => ("dropout_bf16", true),
             _ => return Err(wants_f32_or_bf16(x, "dropout")),
         };
+        let y = self.tensor_as(x.rows, x.cols, rounded, "dropout output")?;
         let args = [
             Arg::Ptr(self.ptr(x)?),
             Arg::Ptr(self.ptr(&y)?),
