@@ -1,16 +1,30 @@
 //! Optional per-operation GPU timing: with `FINETUNE_CUDA_PROFILE=1`, every kernel launch and
 //! matrix product is bracketed by CUDA events, and the backend prints, when dropped, the GPU time
-//! of each operation name (calls, total, share). Off by default: events cost a little per launch.
+//! of each operation name (calls, total, share) beside the host time spent queueing it. Off by
+//! default: events cost a little per launch.
+//!
+//! Reading it: a span runs from its start event to its end event on the GPU, so when the GPU
+//! waits for the host, the span also holds the host's time to queue the operation. Host time
+//! near the step time means the step is bound by queueing, not by the GPU.
 
 use super::device::{driver_error, Gpu};
 use crate::error::Result;
 use cudarc::driver::{sys, CudaEvent};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One timed operation: its name, the events around it, the host time its queueing took.
+struct Span {
+    name: &'static str,
+    start: CudaEvent,
+    end: CudaEvent,
+    host: Duration,
+}
 
 /// Events recorded around each timed operation, in order.
 pub struct Profiler {
-    spans: Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>,
+    spans: Mutex<Vec<Span>>,
 }
 
 impl Profiler {
@@ -35,35 +49,45 @@ impl Profiler {
         };
         let (start, end) = (event()?, event()?);
         start.record(&gpu.stream).map_err(driver_error(name))?;
+        let queued = Instant::now();
         let out = f()?;
+        let host = queued.elapsed();
         end.record(&gpu.stream).map_err(driver_error(name))?;
-        self.spans
-            .lock()
-            .expect("no panic holds it")
-            .push((name, start, end));
+        self.spans.lock().expect("no panic holds it").push(Span {
+            name,
+            start,
+            end,
+            host,
+        });
         Ok(out)
     }
 
-    /// GPU milliseconds per operation name, largest first, as a printable table.
+    /// GPU and host milliseconds per operation name, largest GPU time first, as a printable
+    /// table.
     pub fn report(&self) -> String {
         let spans = self.spans.lock().expect("no panic holds it");
-        let mut by_name: BTreeMap<&str, (usize, f64)> = BTreeMap::new();
-        for (name, start, end) in spans.iter() {
-            let ms = end
+        // name -> (calls, GPU ms, host ms)
+        let mut by_name: BTreeMap<&str, (usize, f64, f64)> = BTreeMap::new();
+        for s in spans.iter() {
+            let ms = s
+                .end
                 .synchronize()
-                .and_then(|_| start.elapsed_ms(end))
+                .and_then(|_| s.start.elapsed_ms(&s.end))
                 .map_or(f64::NAN, f64::from);
-            let e = by_name.entry(name).or_default();
-            *e = (e.0 + 1, e.1 + ms);
+            let e = by_name.entry(s.name).or_default();
+            *e = (e.0 + 1, e.1 + ms, e.2 + s.host.as_secs_f64() * 1e3);
         }
-        let total: f64 = by_name.values().map(|v| v.1).sum();
+        let gpu: f64 = by_name.values().map(|v| v.1).sum();
+        let host: f64 = by_name.values().map(|v| v.2).sum();
         let mut rows: Vec<_> = by_name.into_iter().collect();
         rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        let mut out = format!("GPU time by operation ({total:.1} ms in all):\n");
-        for (name, (calls, ms)) in rows {
+        let mut out = format!(
+            "GPU time by operation ({gpu:.1} ms in all; {host:.1} ms of host time queueing):\n"
+        );
+        for (name, (calls, ms, host_ms)) in rows {
             out += &format!(
-                "{name:>24} {calls:>7} calls {ms:>10.2} ms {:>5.1} %\n",
-                100.0 * ms / total
+                "{name:>24} {calls:>7} calls {ms:>10.2} ms {:>5.1} % host {host_ms:>9.2} ms\n",
+                100.0 * ms / gpu
             );
         }
         out
