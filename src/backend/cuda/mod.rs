@@ -30,6 +30,7 @@ use launch::{Arg, Shape};
 use offload::Offload;
 use profile::Profiler;
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::sync::Mutex;
 use tensor::Storage;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
@@ -210,20 +211,26 @@ impl CudaBackend {
         let f = self.kernels.function(&self.gpu, program, name)?;
         // SAFETY: every call site passes the argument list of kernels/README.md for `name`,
         // with addresses of live buffers of the sizes checked before the call.
-        self.timed(name, || unsafe {
-            launch::launch(&self.gpu, &f, name, shape, args)
-        })
+        self.timed(
+            || name.into(),
+            || unsafe { launch::launch(&self.gpu, &f, name, shape, args) },
+        )
     }
 
-    /// Runs `f`, timed under `name` when profiling.
-    fn timed<T>(&self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Runs `f`, timed under the name `name()` gives when profiling.
+    fn timed<T>(
+        &self,
+        name: impl FnOnce() -> Cow<'static, str>,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         match &self.profiler {
-            Some(p) => p.time(&self.gpu, name, f),
+            Some(p) => p.time(&self.gpu, name(), f),
             None => f(),
         }
     }
 
-    /// A cuBLAS product (see [`Blas::gemm`]), timed under `name` when profiling.
+    /// A cuBLAS product (see [`Blas::gemm`]), timed under `name` and its shape `m×k×n` (with
+    /// `T` for a transposed operand) when profiling.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -237,7 +244,13 @@ impl CudaBackend {
         c: Operand,
     ) -> Result<()> {
         let tf32 = a.dtype == Dtype::F32 && self.f32_products == F32Products::Tf32;
-        self.timed(name, || {
+        let shape = || {
+            let k = if trans_a { a.rows } else { a.cols };
+            let t = |x: bool| if x { "T" } else { "" };
+            let (ta, tb) = (t(trans_a), t(trans_b));
+            format!("{name} {}{ta}x{k}x{}{tb}", c.rows, c.cols).into()
+        };
+        self.timed(shape, || {
             self.blas
                 .gemm(&self.gpu, a, trans_a, b, trans_b, alpha, beta, c, tf32)
         })
@@ -249,6 +262,15 @@ impl CudaBackend {
             return Ok(());
         }
         self.run("pointwise", name, Shape::elementwise(n), args)
+    }
+
+    /// An elementwise kernel run by a thread per quad of the `n` elements (the gated kernels;
+    /// nothing is queued for `n == 0`).
+    fn elementwise_by_quads(&self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.run("pointwise", name, Shape::elementwise(n.div_ceil(4)), args)
     }
 
     fn buffer_ptr<T>(&self, b: &DeviceBuffer<T>) -> u64 {
@@ -328,7 +350,7 @@ impl CudaBackend {
         } else {
             "gated_act_fwd"
         };
-        self.elementwise(kernel, g.elements(), &args)?;
+        self.elementwise_by_quads(kernel, g.elements(), &args)?;
         Ok(h)
     }
 
@@ -360,7 +382,7 @@ impl CudaBackend {
         } else {
             "gated_act_bwd"
         };
-        self.elementwise(kernel, g.elements(), &args)?;
+        self.elementwise_by_quads(kernel, g.elements(), &args)?;
         Ok((dg, du))
     }
 

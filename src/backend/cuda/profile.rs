@@ -10,13 +10,14 @@
 use super::device::{driver_error, Gpu};
 use crate::error::Result;
 use cudarc::driver::{sys, CudaEvent};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// One timed operation: its name, the events around it, the host time its queueing took.
 struct Span {
-    name: &'static str,
+    name: Cow<'static, str>,
     start: CudaEvent,
     end: CudaEvent,
     host: Duration,
@@ -39,7 +40,7 @@ impl Profiler {
     pub fn time<T>(
         &self,
         gpu: &Gpu,
-        name: &'static str,
+        name: Cow<'static, str>,
         f: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         let event = || {
@@ -48,11 +49,11 @@ impl Profiler {
                 .map_err(driver_error("creating a timing event"))
         };
         let (start, end) = (event()?, event()?);
-        start.record(&gpu.stream).map_err(driver_error(name))?;
+        start.record(&gpu.stream).map_err(driver_error(&name))?;
         let queued = Instant::now();
         let out = f()?;
         let host = queued.elapsed();
-        end.record(&gpu.stream).map_err(driver_error(name))?;
+        end.record(&gpu.stream).map_err(driver_error(&name))?;
         self.spans.lock().expect("no panic holds it").push(Span {
             name,
             start,
@@ -74,7 +75,7 @@ impl Profiler {
                 .synchronize()
                 .and_then(|_| s.start.elapsed_ms(&s.end))
                 .map_or(f64::NAN, f64::from);
-            let e = by_name.entry(s.name).or_default();
+            let e = by_name.entry(&s.name).or_default();
             *e = (e.0 + 1, e.1 + ms, e.2 + s.host.as_secs_f64() * 1e3);
         }
         let gpu: f64 = by_name.values().map(|v| v.1).sum();
@@ -86,7 +87,7 @@ impl Profiler {
         );
         for (name, (calls, ms, host_ms)) in rows {
             out += &format!(
-                "{name:>24} {calls:>7} calls {ms:>10.2} ms {:>5.1} % host {host_ms:>9.2} ms\n",
+                "{name:>36} {calls:>7} calls {ms:>10.2} ms {:>5.1} % host {host_ms:>9.2} ms\n",
                 100.0 * ms / gpu
             );
         }
