@@ -126,6 +126,9 @@ __device__ __forceinline__ void store4(bf16_t* p, float a, float b, float c, flo
 #define QUAD_LOOP(q, n) GRID_STRIDE_LOOP(q, ((n) + 3) / 4)
 
 // h_i = act(g_i)·u_i (act 0 = silu, 1 = gelu_tanh; see act_value_deriv).
+__device__ __forceinline__ float gated_value(float g, float u, int act) {
+    return u * act_value_deriv(g, act, nullptr);
+}
 template <typename Out>
 __device__ void gated_act_fwd_impl(const float* g, const float* u, Out* h, long long n, int act) {
     QUAD_LOOP(q, n) {
@@ -133,14 +136,10 @@ __device__ void gated_act_fwd_impl(const float* g, const float* u, Out* h, long 
         if (i0 + 4 <= n) {
             const float4 gv = reinterpret_cast<const float4*>(g)[q];
             const float4 uv = reinterpret_cast<const float4*>(u)[q];
-            store4(h + i0, uv.x * act_value_deriv(gv.x, act, nullptr),
-                   uv.y * act_value_deriv(gv.y, act, nullptr),
-                   uv.z * act_value_deriv(gv.z, act, nullptr),
-                   uv.w * act_value_deriv(gv.w, act, nullptr));
+            store4(h + i0, gated_value(gv.x, uv.x, act), gated_value(gv.y, uv.y, act),
+                   gated_value(gv.z, uv.z, act), gated_value(gv.w, uv.w, act));
         } else {
-            for (long long i = i0; i < n; ++i) {
-                store(h + i, u[i] * act_value_deriv(g[i], act, nullptr));
-            }
+            for (long long i = i0; i < n; ++i) store(h + i, gated_value(g[i], u[i], act));
         }
     }
 }
@@ -154,6 +153,11 @@ extern "C" __global__ void gated_act_fwd_bf16(const float* g, const float* u, bf
 }
 
 // dg_i = dh_i·u_i·act'(g_i), du_i = dh_i·act(g_i).
+__device__ __forceinline__ float2 gated_grads(float dh, float g, float u, int act) {
+    float da;
+    const float a = act_value_deriv(g, act, &da);
+    return make_float2(dh * u * da, dh * a);
+}
 template <typename Out>
 __device__ void gated_act_bwd_impl(const float* dh, const float* g, const float* u, Out* dg,
                                    Out* du, long long n, int act) {
@@ -163,21 +167,17 @@ __device__ void gated_act_bwd_impl(const float* dh, const float* g, const float*
             const float4 gv = reinterpret_cast<const float4*>(g)[q];
             const float4 uv = reinterpret_cast<const float4*>(u)[q];
             const float4 dv = reinterpret_cast<const float4*>(dh)[q];
-            float da[4];
-            const float a0 = act_value_deriv(gv.x, act, &da[0]);
-            const float a1 = act_value_deriv(gv.y, act, &da[1]);
-            const float a2 = act_value_deriv(gv.z, act, &da[2]);
-            const float a3 = act_value_deriv(gv.w, act, &da[3]);
-            store4(dg + i0, dv.x * uv.x * da[0], dv.y * uv.y * da[1], dv.z * uv.z * da[2],
-                   dv.w * uv.w * da[3]);
-            store4(du + i0, dv.x * a0, dv.y * a1, dv.z * a2, dv.w * a3);
+            const float2 x = gated_grads(dv.x, gv.x, uv.x, act);
+            const float2 y = gated_grads(dv.y, gv.y, uv.y, act);
+            const float2 z = gated_grads(dv.z, gv.z, uv.z, act);
+            const float2 w = gated_grads(dv.w, gv.w, uv.w, act);
+            store4(dg + i0, x.x, y.x, z.x, w.x);
+            store4(du + i0, x.y, y.y, z.y, w.y);
         } else {
             for (long long i = i0; i < n; ++i) {
-                float da;
-                const float a = act_value_deriv(g[i], act, &da);
-                const float d = dh[i];
-                store(dg + i, d * u[i] * da);
-                store(du + i, d * a);
+                const float2 d = gated_grads(dh[i], g[i], u[i], act);
+                store(dg + i, d.x);
+                store(du + i, d.y);
             }
         }
     }
