@@ -1,15 +1,27 @@
-//! Matrix products through cuBLAS: bf16 or f32 operands, f32 output, f32 accumulation.
+//! Matrix products through cuBLASLt: bf16 or f32 operands, f32 output, f32 accumulation.
 //!
-//! cuBLAS is column-major. A row-major `[r, c]` matrix read column-major is its transpose, so the
-//! row-major product `C = op(A)·op(B)` is computed as the column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`:
+//! cuBLASLt is column-major. A row-major `[r, c]` matrix read column-major is its transpose, so
+//! the row-major product `C = op(A)·op(B)` is computed as the column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`:
 //! B goes first, the transposition flags keep their meaning, and each leading dimension is the
 //! row-major column count.
+//!
+//! Each distinct product (shape, transpositions, dtype, compute mode, operand alignments) is
+//! planned once: its descriptors are made and cuBLASLt's heuristic picks an algorithm, and the
+//! plan is kept. A call then only launches (`cublasGemmEx` asks the heuristic at every call),
+//! and the same product always runs the same algorithm, whatever else the process has done.
 
-use super::device::Gpu;
+use super::device::{DeviceBuffer, Gpu};
 use super::tensor::Dtype;
 use crate::error::{Error, Result};
-use cudarc::cublas::{result as cublas, sys, CudaBlas};
+use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::DevicePtr;
+use std::collections::hash_map::{Entry, HashMap};
+use std::ffi::c_void;
 use std::sync::Mutex;
+
+/// Scratch memory the algorithms may use (split-K partial sums); the heuristic picks among the
+/// algorithms that fit. The products of a training step ask for at most 2 MiB.
+const WORKSPACE_BYTES: usize = 8 << 20;
 
 /// A row-major matrix operand by device address.
 #[derive(Debug, Clone, Copy)]
@@ -18,11 +30,6 @@ pub struct Operand {
     pub dtype: Dtype,
     pub rows: usize,
     pub cols: usize,
-}
-
-/// One cuBLAS handle bound to the GPU's stream.
-pub struct Blas {
-    handle: Mutex<CudaBlas>,
 }
 
 fn data_type(d: Dtype) -> Result<sys::cudaDataType> {
@@ -41,19 +48,205 @@ fn data_type(d: Dtype) -> Result<sys::cudaDataType> {
     }
 }
 
+fn blas_error(what: String) -> impl FnOnce(lt::CublasError) -> Error {
+    move |e| Error::Device(format!("cuBLASLt {what}: {e:?}"))
+}
+
+/// The largest power of two up to 256 that divides `ptr`: what the heuristic may assume.
+fn alignment(ptr: u64) -> u32 {
+    1 << ptr.trailing_zeros().min(8)
+}
+
+/// What makes two products the same to cuBLASLt: the column-major call's dimensions
+/// `[m, k]·[k, n]`, its transpositions, dtypes, compute mode and operand alignments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Product {
+    m: u64,
+    n: u64,
+    k: u64,
+    trans_a: bool,
+    trans_b: bool,
+    bf16: bool,
+    tf32: bool,
+    /// Alignment in bytes of A, B and C (C is also the output D).
+    align: [u32; 3],
+}
+
+/// A planned product: its descriptors and the algorithm chosen for it.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    /// Layouts of A, B and C (= D).
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the descriptors are host-side objects, only read by cuBLASLt calls made while the plan
+// table's lock is held.
+unsafe impl Send for Plan {}
+
+impl Plan {
+    fn new(handle: sys::cublasLtHandle_t, p: &Product) -> Result<Plan> {
+        let what = || format!("planning [{}, {}]·[{}, {}]", p.m, p.k, p.k, p.n);
+        let elem = if p.bf16 {
+            sys::cudaDataType::CUDA_R_16BF
+        } else {
+            sys::cudaDataType::CUDA_R_32F
+        };
+        let compute = if p.tf32 {
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let desc = lt::create_matmul_desc(compute, sys::cudaDataType::CUDA_R_32F)
+            .map_err(blas_error(what()))?;
+        // From here on the plan owns what is made, so an early return frees it.
+        let mut plan = Plan {
+            desc,
+            layouts: [std::ptr::null_mut(); 3],
+            // SAFETY: the algorithm is plain data (an array of integers); all zeros is a valid
+            // value, replaced by the heuristic's choice below.
+            algo: unsafe { std::mem::zeroed() },
+        };
+        // Stored shapes: op(A) is [m, k], op(B) is [k, n], each stored transposed when flagged.
+        let stored = |t: bool, r: u64, c: u64| if t { (c, r) } else { (r, c) };
+        let (ar, ac) = stored(p.trans_a, p.m, p.k);
+        let (br, bc) = stored(p.trans_b, p.k, p.n);
+        for (i, (ty, rows, cols)) in [
+            (elem, ar, ac),
+            (elem, br, bc),
+            (sys::cudaDataType::CUDA_R_32F, p.m, p.n),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            plan.layouts[i] = lt::create_matrix_layout(ty, rows, cols, rows.max(1) as i64)
+                .map_err(blas_error(what()))?;
+        }
+        for (attr, t) in [
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                p.trans_a,
+            ),
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                p.trans_b,
+            ),
+        ] {
+            // CUBLAS_OP_T = 1, CUBLAS_OP_N = 0.
+            let op = t as i32;
+            // SAFETY: a live descriptor; the value is an i32 the size given.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    attr,
+                    &op as *const i32 as *const c_void,
+                    4,
+                )
+            }
+            .map_err(blas_error(what()))?;
+        }
+        plan.algo = plan
+            .choose_algorithm(handle, p)
+            .map_err(blas_error(what()))?;
+        Ok(plan)
+    }
+
+    /// The heuristic's first choice for `p` within the workspace and the operands' alignments.
+    fn choose_algorithm(
+        &self,
+        handle: sys::cublasLtHandle_t,
+        p: &Product,
+    ) -> std::result::Result<sys::cublasLtMatmulAlgo_t, lt::CublasError> {
+        use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+        let pref = lt::create_matmul_pref()?;
+        let workspace = WORKSPACE_BYTES as u64;
+        let settings = [
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &workspace as *const u64 as *const c_void,
+                8,
+            ),
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                &p.align[0] as *const u32 as *const c_void,
+                4,
+            ),
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                &p.align[1] as *const u32 as *const c_void,
+                4,
+            ),
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                &p.align[2] as *const u32 as *const c_void,
+                4,
+            ),
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                &p.align[2] as *const u32 as *const c_void,
+                4,
+            ),
+        ];
+        // SAFETY: live descriptors; each value lives across its call and has the size given.
+        let chosen = unsafe {
+            settings
+                .iter()
+                .try_for_each(|&(attr, value, size)| {
+                    lt::set_matmul_pref_attribute(pref, attr, value, size)
+                })
+                .and_then(|()| {
+                    let [a, b, c] = self.layouts;
+                    lt::get_matmul_algo_heuristic(handle, self.desc, a, b, c, c, pref)
+                })
+        };
+        // SAFETY: made above, used by nothing else.
+        unsafe { lt::destroy_matmul_pref(pref) }?;
+        Ok(chosen?.algo)
+    }
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each descriptor was made by this plan and is destroyed once; null layouts
+        // (a plan abandoned while being made) are skipped.
+        unsafe {
+            for l in self.layouts.into_iter().filter(|l| !l.is_null()) {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// One cuBLASLt handle, the plans of the products seen so far, and the algorithms' workspace.
+pub struct Blas {
+    handle: sys::cublasLtHandle_t,
+    plans: Mutex<HashMap<Product, Plan>>,
+    workspace: DeviceBuffer<u8>,
+}
+
+// SAFETY: a cuBLASLt handle may be used from any thread; the plans sit behind a lock.
+unsafe impl Send for Blas {}
+unsafe impl Sync for Blas {}
+
 impl Blas {
     pub fn new(gpu: &Gpu) -> Result<Self> {
         if !unsafe { sys::is_culib_present() } {
             return Err(Error::Device(
-                "the cuBLAS library (libcublas.so) was not found; install the CUDA toolkit's \
+                "the cuBLASLt library (libcublasLt.so) was not found; install the CUDA toolkit's \
                  cuBLAS or put it on LD_LIBRARY_PATH"
                     .into(),
             ));
         }
-        let blas = CudaBlas::new(gpu.stream.clone())
-            .map_err(|e| Error::Device(format!("creating the cuBLAS handle: {e:?}")))?;
+        gpu.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::Device(format!("binding the CUDA context: {e}")))?;
+        let handle = lt::create_handle().map_err(blas_error("creating the handle".into()))?;
+        let workspace = gpu.alloc::<u8>(WORKSPACE_BYTES, "the matrix products' workspace")?;
         Ok(Blas {
-            handle: Mutex::new(blas),
+            handle,
+            plans: Mutex::new(HashMap::new()),
+            workspace,
         })
     }
 
@@ -88,57 +281,65 @@ impl Blas {
                 a.dtype, b.dtype, c.rows, c.cols, c.dtype
             )));
         }
-        let dim = |x: usize| {
-            i32::try_from(x).map_err(|_| {
-                Error::InvalidArgument(format!("matmul dimension {x} exceeds cuBLAS's int range"))
-            })
+        let bf16 = data_type(a.dtype)? == sys::cudaDataType::CUDA_R_16BF;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // The column-major call: Cᵀ [n, m] = op(B)ᵀ [n, k]·op(A)ᵀ [k, m].
+        let product = Product {
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            trans_a: trans_b,
+            trans_b: trans_a,
+            bf16,
+            tf32: tf32 && !bf16,
+            align: [alignment(b.ptr), alignment(a.ptr), alignment(c.ptr)],
         };
-        let op = |t: bool| {
-            if t {
-                sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                sys::cublasOperation_t::CUBLAS_OP_N
-            }
+        let mut plans = self.plans.lock().expect("no panic holds it");
+        let plan = match plans.entry(product) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Plan::new(self.handle, &product)?),
         };
-        let (a_type, b_type) = (data_type(a.dtype)?, data_type(b.dtype)?);
-        let handle = self.handle.lock().expect("no panic holds it");
         gpu.ctx
             .bind_to_thread()
             .map_err(|e| Error::Device(format!("binding the CUDA context: {e}")))?;
-        // SAFETY: the operands are live device allocations of at least rows·cols elements of their
-        // dtype (checked by the callers), and alpha/beta are host scalars that outlive the call.
+        let workspace = self.workspace.slice.device_ptr(&gpu.stream).0;
+        let [la, lb, lc] = plan.layouts;
+        // SAFETY: the operands are live device allocations of at least rows·cols elements of
+        // their dtype (checked by the callers) at the alignments planned for; alpha and beta are
+        // host scalars that outlive the call; the workspace is this handle's own.
         unsafe {
-            cublas::gemm_ex(
-                *handle.handle(),
-                op(trans_b),
-                op(trans_a),
-                dim(n)?,
-                dim(m)?,
-                dim(k)?,
-                &alpha as *const f32 as *const _,
-                b.ptr as *const _,
-                b_type,
-                dim(b.cols.max(1))?,
-                a.ptr as *const _,
-                a_type,
-                dim(a.cols.max(1))?,
-                &beta as *const f32 as *const _,
-                c.ptr as *mut _,
-                sys::cudaDataType::CUDA_R_32F,
-                dim(n.max(1))?,
-                if tf32 {
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-                } else {
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-                },
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                b.ptr as *const c_void,
+                la,
+                a.ptr as *const c_void,
+                lb,
+                c.ptr as *const c_void,
+                lc,
+                c.ptr as *mut c_void,
+                lc,
+                &plan.algo,
+                workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                gpu.stream.cu_stream() as sys::cudaStream_t,
             )
         }
-        .map_err(|e| {
-            Error::Device(format!(
-                "cuBLAS matmul [{m}, {k}]·[{k}, {n}] ({:?}): {e:?}",
-                a.dtype
-            ))
-        })
+        .map_err(blas_error(format!(
+            "matmul [{m}, {k}]·[{k}, {n}] ({:?})",
+            a.dtype
+        )))
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        self.plans.lock().expect("no panic holds it").clear();
+        // SAFETY: made in `new`, destroyed once, after every plan made with it.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
     }
 }

@@ -59,7 +59,7 @@ pub struct CudaBackend {
     inv_freq: Mutex<Option<(Vec<f32>, DeviceBuffer<f32>)>>,
     /// bf16 values of the NF4 matrices products read (nf4.rs).
     nf4_scratch: Mutex<nf4::Nf4Scratch>,
-    /// Per-operation timing when FINETUNE_CUDA_PROFILE=1 (printed when the backend is dropped).
+    /// Per-operation timing when FINETUNE_CUDA_PROFILE is set (printed when the backend is dropped).
     profiler: Option<Profiler>,
     /// How products of two f32 matrices run (the LoRA products in training).
     f32_products: F32Products,

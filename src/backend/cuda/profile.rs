@@ -5,7 +5,14 @@
 //!
 //! Reading it: a span runs from its start event to its end event on the GPU, so when the GPU
 //! waits for the host, the span also holds the host's time to queue the operation. Host time
-//! near the step time means the step is bound by queueing, not by the GPU.
+//! near the step time means the step is bound by queueing, not by the GPU. And when the queue of
+//! launches is full, the host time of a call holds its wait for a free slot, i.e. for whatever
+//! earlier operation the GPU is running.
+//!
+//! `FINETUNE_CUDA_PROFILE=isolated` separates the two: the host waits for the GPU to be idle
+//! before each operation, so its queueing time is its own work alone, and the GPU time of the
+//! operation itself is the span less that host time (the GPU idles while the host queues).
+//! Much slower; for reading what each operation costs, not for step times.
 
 use super::device::{driver_error, Gpu};
 use crate::error::Result;
@@ -26,13 +33,21 @@ struct Span {
 /// Events recorded around each timed operation, in order.
 pub struct Profiler {
     spans: Mutex<Vec<Span>>,
+    /// Wait for the GPU to be idle before each operation.
+    isolated: bool,
 }
 
 impl Profiler {
-    /// A profiler when `FINETUNE_CUDA_PROFILE=1`.
+    /// A profiler when `FINETUNE_CUDA_PROFILE` is `1` or `isolated`.
     pub fn from_env() -> Option<Self> {
-        (std::env::var("FINETUNE_CUDA_PROFILE").as_deref() == Ok("1")).then(|| Profiler {
+        let isolated = match std::env::var("FINETUNE_CUDA_PROFILE").as_deref() {
+            Ok("1") => false,
+            Ok("isolated") => true,
+            _ => return None,
+        };
+        Some(Profiler {
             spans: Mutex::new(Vec::new()),
+            isolated,
         })
     }
 
@@ -49,6 +64,9 @@ impl Profiler {
                 .map_err(driver_error("creating a timing event"))
         };
         let (start, end) = (event()?, event()?);
+        if self.isolated {
+            gpu.synchronize()?;
+        }
         start.record(&gpu.stream).map_err(driver_error(&name))?;
         let queued = Instant::now();
         let out = f()?;
@@ -83,12 +101,20 @@ impl Profiler {
         let mut rows: Vec<_> = by_name.into_iter().collect();
         rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
         let mut out = format!(
-            "GPU time by operation ({gpu:.1} ms in all; {host:.1} ms of host time queueing):\n"
+            "GPU time by operation ({gpu:.1} ms in all; {host:.1} ms of host time queueing{}):\n",
+            if self.isolated {
+                "; isolated: the operation's own GPU time is GPU less host"
+            } else {
+                ""
+            }
         );
         for (name, (calls, ms, host_ms)) in rows {
             out += &format!(
-                "{name:>36} {calls:>7} calls {ms:>10.2} ms {:>5.1} % host {host_ms:>9.2} ms\n",
-                100.0 * ms / gpu
+                "{name:>36} {calls:>7} calls {ms:>10.2} ms {:>5.1} % host {host_ms:>9.2} ms \
+                 ({:>7.1} µs a call, host {:>6.1})\n",
+                100.0 * ms / gpu,
+                1e3 * ms / calls as f64,
+                1e3 * host_ms / calls as f64,
             );
         }
         out
