@@ -11,7 +11,9 @@
 //! ```
 //! After the last layer: `loss = CE(rmsnorm(x)·W_outᵀ, labels)`. The backward pass walks the same
 //! steps in reverse and produces gradients for the LoRA tensors only; the base weights are frozen.
-//! With checkpointing, only each layer's input is kept and the layer is recomputed in the backward.
+//! With checkpointing, only each layer's input is kept and the layer is recomputed in the backward,
+//! except the adapters' inputs `dropout(x)·Aᵀ` (r columns each, ~1 MiB a layer at 2,048 tokens
+//! and rank 16): the recomputation reuses them instead of running those rank-wide products again.
 //!
 //! The MLP runs over chunks of at most [`Decoder::mlp_chunk_rows`] token rows (its intermediates,
 //! three `[rows, intermediate]` tensors and their gradients, are the largest of a layer), and its
@@ -103,7 +105,7 @@ struct LayerCache<B: Backend> {
     h1: B::Tensor,
     r1: B::Tensor,
     /// `dropout(input)·Aᵀ` of each adapted attention projection (q, k, v, o).
-    xa: Vec<Option<B::Tensor>>,
+    xa: [Option<B::Tensor>; 4],
     /// q and k before their per-head norm (qwen3).
     qk_raw: Option<QkNormCache<B>>,
     q: B::Tensor,
@@ -119,12 +121,18 @@ struct LayerCache<B: Backend> {
     mlp: Vec<MlpChunk<B>>,
 }
 
-/// One MLP chunk's products `g = Pgate(h)`, `u = Pup(h)` and the adapter inputs `dropout(h)·Aᵀ`
-/// of gate and up.
+/// What the forward pass keeps of one MLP chunk: the adapter inputs `dropout(·)·Aᵀ` of gate, up
+/// and down, and the products `g = Pgate(h)`, `u = Pup(h)` unless the backward recomputes them.
 struct MlpChunk<B: Backend> {
-    g: B::Tensor,
-    u: B::Tensor,
-    xa: [Option<B::Tensor>; 2],
+    products: Option<(B::Tensor, B::Tensor)>,
+    xa: [Option<B::Tensor>; 3],
+}
+
+/// What a checkpointed layer keeps for its backward besides its input: the adapter inputs of
+/// the attention projections and of each MLP chunk.
+struct AdapterInputs<B: Backend> {
+    attention: [Option<B::Tensor>; 4],
+    mlp: Vec<MlpChunk<B>>,
 }
 
 /// Rows of a tensor: all of it (borrowed) or a copy of some.
@@ -200,8 +208,9 @@ impl<B: Backend> Decoder<B> {
         seed.map(|s| self.backend.dropout(x, p, s)).transpose()
     }
 
-    /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`; also returns `dropout(x)·Aᵀ` for the backward pass.
-    /// `chunk` is the MLP chunk `x` is (0 elsewhere): it picks the dropout stream.
+    /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`; also returns `dropout(x)·Aᵀ` for the backward pass,
+    /// `kept` when the forward pass kept it (a recomputation), else computed here. `chunk` is the
+    /// MLP chunk `x` is (0 elsewhere): it picks the dropout stream.
     ///
     /// The adapter's term is written first and the base product accumulated onto it: the large
     /// product reads `y` as part of its own work, where adding the rank-wide term afterwards
@@ -213,11 +222,15 @@ impl<B: Backend> Decoder<B> {
         x: &B::Tensor,
         ad: Option<&Adapters<B>>,
         chunk: usize,
+        kept: Option<B::Tensor>,
     ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let be = &self.backend;
         let lw: &LayerWeights<B> = &self.weights.layers[layer];
         let w = &lw.proj[m as usize];
-        let xa = self.adapter_input(layer, m, x, ad, chunk)?;
+        let xa = match kept {
+            Some(xa) => Some(xa),
+            None => self.adapter_input(layer, m, x, ad, chunk)?,
+        };
         let mut y = match (&xa, Self::adapted(ad, layer, m)) {
             (Some(xa), Some((ad, pair))) => {
                 let mut y = be.product(xa, false, &pair.b, true, ad.cfg.scale())?;
@@ -386,13 +399,14 @@ impl<B: Backend> Decoder<B> {
         attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
         keep_mlp: bool,
     ) -> Result<(B::Tensor, LayerCache<B>)> {
-        let mut cache = self.layer_cache(layer, x, positions, ad, attend)?;
+        let mut cache = self.layer_cache(layer, x, positions, ad, attend, Default::default())?;
         let (out, mlp) = self.mlp_forward(layer, &cache.x1, &cache.h2, ad, keep_mlp)?;
         cache.mlp = mlp;
         Ok((out, cache))
     }
 
-    /// One layer forward up to the MLP's input `h2`: what its backward keeps.
+    /// One layer forward up to the MLP's input `h2`: what its backward keeps. `kept` holds the
+    /// adapter inputs of q, k, v and o when the forward pass kept them (a recomputation).
     fn layer_cache(
         &self,
         layer: usize,
@@ -400,18 +414,18 @@ impl<B: Backend> Decoder<B> {
         positions: &B::Ints,
         ad: Option<&Adapters<B>>,
         attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
+        kept: [Option<B::Tensor>; 4],
     ) -> Result<LayerCache<B>> {
         use TargetModule::*;
         let be = &self.backend;
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
-        let mut xa: Vec<Option<B::Tensor>> = (0..4).map(|_| None).collect();
+        let [kq, kk, kv, ko] = kept;
         let (h1, r1) = be.rmsnorm(x, &lw.attn_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
         let h1 = be.product_input(h1)?;
-        let (q, xq) = self.project(layer, Q, &h1, ad, 0)?;
-        let (k, xk) = self.project(layer, K, &h1, ad, 0)?;
-        let (v, xv) = self.project(layer, V, &h1, ad, 0)?;
-        (xa[Q as usize], xa[K as usize], xa[V as usize]) = (xq, xk, xv);
+        let (q, xq) = self.project(layer, Q, &h1, ad, 0, kq)?;
+        let (k, xk) = self.project(layer, K, &h1, ad, 0, kk)?;
+        let (v, xv) = self.project(layer, V, &h1, ad, 0, kv)?;
         let (mut q, mut k, qk_raw) = match (&lw.q_norm, &lw.k_norm) {
             (Some(qn), Some(kn)) => {
                 let (qn_out, rq) = self.head_norm(be.duplicate(&q)?, qn)?;
@@ -423,8 +437,7 @@ impl<B: Backend> Decoder<B> {
         be.rope(&mut q, positions, &self.inv_freq, cfg.head_dim, false)?;
         be.rope(&mut k, positions, &self.inv_freq, cfg.head_dim, false)?;
         let (attn, lse) = attend(&q, &k, &v)?;
-        let (o, xo) = self.project(layer, O, &attn, ad, 0)?;
-        xa[O as usize] = xo;
+        let (o, xo) = self.project(layer, O, &attn, ad, 0, ko)?;
         let mut x1 = be.duplicate(x)?;
         be.add_assign(&mut x1, &o)?;
         let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
@@ -432,7 +445,7 @@ impl<B: Backend> Decoder<B> {
         Ok(LayerCache {
             h1,
             r1,
-            xa,
+            xa: [xq, xk, xv, xo],
             qk_raw,
             q,
             k,
@@ -460,21 +473,24 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
-    /// `gate` and `up` of one MLP chunk `h`, with their adapter inputs.
-    fn mlp_chunk(
+    /// `gate` and `up` of one MLP chunk `h`, with their adapter inputs (`kept` ones reused).
+    #[allow(clippy::type_complexity)]
+    fn gate_up(
         &self,
         layer: usize,
         h: &B::Tensor,
         ad: Option<&Adapters<B>>,
         chunk: usize,
-    ) -> Result<MlpChunk<B>> {
-        let (g, xg) = self.project(layer, TargetModule::Gate, h, ad, chunk)?;
-        let (u, xu) = self.project(layer, TargetModule::Up, h, ad, chunk)?;
-        Ok(MlpChunk { g, u, xa: [xg, xu] })
+        kept: [Option<B::Tensor>; 2],
+    ) -> Result<((B::Tensor, B::Tensor), [Option<B::Tensor>; 2])> {
+        let [kg, ku] = kept;
+        let (g, xg) = self.project(layer, TargetModule::Gate, h, ad, chunk, kg)?;
+        let (u, xu) = self.project(layer, TargetModule::Up, h, ad, chunk, ku)?;
+        Ok(((g, u), [xg, xu]))
     }
 
-    /// `out = x1 + Pdown(act(Pgate(h2))·Pup(h2))`, chunk by chunk; returns `out` and, when
-    /// `keep` is set, each chunk's products for the backward pass.
+    /// `out = x1 + Pdown(act(Pgate(h2))·Pup(h2))`, chunk by chunk; returns `out` and what each
+    /// chunk keeps for the backward pass (its products too when `keep` is set).
     fn mlp_forward(
         &self,
         layer: usize,
@@ -487,20 +503,22 @@ impl<B: Backend> Decoder<B> {
         let mut out = be.duplicate(x1)?;
         let mut kept = Vec::new();
         for (c, (start, rows)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
-            let chunk = self.mlp_chunk(layer, &*self.rows_of(h2, start, rows)?, ad, c)?;
-            let m = be.gated_activation_for_products(&chunk.g, &chunk.u, self.cfg.activation)?;
-            let (down, _) = self.project(layer, TargetModule::Down, &m, ad, c)?;
+            let h = self.rows_of(h2, start, rows)?;
+            let ((g, u), [xg, xu]) = self.gate_up(layer, &h, ad, c, [None, None])?;
+            let m = be.gated_activation_for_products(&g, &u, self.cfg.activation)?;
+            let (down, xd) = self.project(layer, TargetModule::Down, &m, ad, c, None)?;
             be.add_rows(&mut out, start, &down)?;
-            if keep {
-                kept.push(chunk);
-            }
+            kept.push(MlpChunk {
+                products: keep.then_some((g, u)),
+                xa: [xg, xu, xd],
+            });
         }
         Ok((out, kept))
     }
 
-    /// Backward of the MLP (the residual excluded): takes each chunk's products from `kept` or
-    /// recomputes them from `h2`, adds the LoRA gradients of gate, up and down into `grads` and
-    /// returns dL/dh2.
+    /// Backward of the MLP (the residual excluded): takes each chunk's products and adapter
+    /// inputs from `kept` or recomputes them from `h2`, adds the LoRA gradients of gate, up and
+    /// down into `grads` and returns dL/dh2.
     fn mlp_backward(
         &self,
         layer: usize,
@@ -527,8 +545,8 @@ impl<B: Backend> Decoder<B> {
         Ok(dh2)
     }
 
-    /// The MLP backward of chunk `c` (rows `h` of h2, `dy` of dL/d(out), its products if the
-    /// forward kept them): returns dL/dh.
+    /// The MLP backward of chunk `c` (rows `h` of h2, `dy` of dL/d(out), what the forward kept of
+    /// it): returns dL/dh.
     #[allow(clippy::too_many_arguments)]
     fn mlp_chunk_backward(
         &self,
@@ -542,12 +560,19 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<B::Tensor> {
         use TargetModule::*;
         let be = &self.backend;
-        let MlpChunk { g, u, xa: [xg, xu] } = match kept {
-            Some(chunk) => chunk,
-            None => self.mlp_chunk(layer, h, Some(ad), c)?,
+        let (products, [xg, xu, xd]) = match kept {
+            Some(chunk) => (chunk.products, chunk.xa),
+            None => (None, [None, None, None]),
+        };
+        let ((g, u), [xg, xu]) = match products {
+            Some(gu) => (gu, [xg, xu]),
+            None => self.gate_up(layer, h, Some(ad), c, [xg, xu])?,
         };
         let m = be.gated_activation_for_products(&g, &u, self.cfg.activation)?;
-        let xd = self.adapter_input(layer, Down, &m, Some(ad), c)?;
+        let xd = match xd {
+            Some(xd) => Some(xd),
+            None => self.adapter_input(layer, Down, &m, Some(ad), c)?,
+        };
         let dm = self.project_backward(layer, Down, dy, &m, xd.as_ref(), ad, grads, None, c)?;
         drop(m);
         let act = self.cfg.activation;
@@ -797,6 +822,7 @@ impl<B: Backend> Decoder<B> {
         let n = cfg.num_layers;
         let mut inputs = Vec::with_capacity(n);
         let mut caches = Vec::with_capacity(if saving.recompute { 0 } else { n });
+        let mut adapter_inputs = Vec::with_capacity(if saving.recompute { n } else { 0 });
         let mut x = self.embed(batch)?;
         for layer in 0..n {
             let (out, cache) = self.layer_forward(
@@ -807,7 +833,10 @@ impl<B: Backend> Decoder<B> {
                 self.batch_attention(batch),
                 !saving.recompute,
             )?;
-            if !saving.recompute {
+            if saving.recompute {
+                let LayerCache { xa, mlp, .. } = cache;
+                adapter_inputs.push(AdapterInputs { attention: xa, mlp });
+            } else {
                 caches.push(cache);
             }
             inputs.push(if saving.offload_inputs {
@@ -826,13 +855,19 @@ impl<B: Backend> Decoder<B> {
             next = inputs.pop().map(|t| be.fetch_stashed(t)).transpose()?;
             let cache = match caches.pop() {
                 Some(c) => c,
-                None => self.layer_cache(
-                    layer,
-                    &x,
-                    &batch.positions,
-                    Some(ad),
-                    self.batch_attention(batch),
-                )?,
+                None => {
+                    let kept = adapter_inputs.pop().expect("one per layer");
+                    let mut c = self.layer_cache(
+                        layer,
+                        &x,
+                        &batch.positions,
+                        Some(ad),
+                        self.batch_attention(batch),
+                        kept.attention,
+                    )?;
+                    c.mlp = kept.mlp;
+                    c
+                }
             };
             dx = self.layer_backward(layer, dx, &x, cache, batch, ad, grads)?;
             layer_done(layer, grads)?;
