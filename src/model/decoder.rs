@@ -227,10 +227,7 @@ impl<B: Backend> Decoder<B> {
         let be = &self.backend;
         let lw: &LayerWeights<B> = &self.weights.layers[layer];
         let w = &lw.proj[m as usize];
-        let xa = match kept {
-            Some(xa) => Some(xa),
-            None => self.adapter_input(layer, m, x, ad, chunk)?,
-        };
+        let xa = self.adapter_input(layer, m, x, ad, chunk, kept)?;
         let mut y = match (&xa, Self::adapted(ad, layer, m)) {
             (Some(xa), Some((ad, pair))) => {
                 let mut y = be.product(xa, false, &pair.b, true, ad.cfg.scale())?;
@@ -254,7 +251,8 @@ impl<B: Backend> Decoder<B> {
         ad.and_then(|ad| ad.tensors.get(layer, m).map(|p| (ad, p)))
     }
 
-    /// `dropout(x)·Aᵀ` of module `m` when it is adapted.
+    /// `dropout(x)·Aᵀ` of module `m` when it is adapted: `kept` when the forward pass kept it (a
+    /// recomputation), else computed here.
     fn adapter_input(
         &self,
         layer: usize,
@@ -262,7 +260,11 @@ impl<B: Backend> Decoder<B> {
         x: &B::Tensor,
         ad: Option<&Adapters<B>>,
         chunk: usize,
+        kept: Option<B::Tensor>,
     ) -> Result<Option<B::Tensor>> {
+        if kept.is_some() {
+            return Ok(kept);
+        }
         let Some((ad, pair)) = Self::adapted(ad, layer, m) else {
             return Ok(None);
         };
@@ -516,9 +518,9 @@ impl<B: Backend> Decoder<B> {
         Ok((out, kept))
     }
 
-    /// Backward of the MLP (the residual excluded): takes each chunk's products and adapter
-    /// inputs from `kept` or recomputes them from `h2`, adds the LoRA gradients of gate, up and
-    /// down into `grads` and returns dL/dh2.
+    /// Backward of the MLP (the residual excluded): `kept` holds what the forward kept of each
+    /// chunk (its adapter inputs; its products unless they are recomputed from `h2`). Adds the
+    /// LoRA gradients of gate, up and down into `grads` and returns dL/dh2.
     fn mlp_backward(
         &self,
         layer: usize,
@@ -532,14 +534,15 @@ impl<B: Backend> Decoder<B> {
         let (rows, hidden) = be.shape(h2);
         let chunks: Vec<_> = self.mlp_chunks(rows).collect();
         let mut kept = kept.into_iter();
+        let mut next_kept = || kept.next().expect("the forward keeps one per chunk");
         if chunks.len() == 1 {
-            return self.mlp_chunk_backward(layer, d_out, h2, kept.next(), ad, grads, 0);
+            return self.mlp_chunk_backward(layer, d_out, h2, next_kept(), ad, grads, 0);
         }
         let mut dh2 = be.zeros(rows, hidden)?;
         for (c, &(start, n)) in chunks.iter().enumerate() {
             let h = self.rows_of(h2, start, n)?;
             let dy = self.rows_of(d_out, start, n)?;
-            let dh = self.mlp_chunk_backward(layer, &dy, &h, kept.next(), ad, grads, c)?;
+            let dh = self.mlp_chunk_backward(layer, &dy, &h, next_kept(), ad, grads, c)?;
             be.add_rows(&mut dh2, start, &dh)?;
         }
         Ok(dh2)
@@ -553,26 +556,23 @@ impl<B: Backend> Decoder<B> {
         layer: usize,
         dy: &B::Tensor,
         h: &B::Tensor,
-        kept: Option<MlpChunk<B>>,
+        kept: MlpChunk<B>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
         c: usize,
     ) -> Result<B::Tensor> {
         use TargetModule::*;
         let be = &self.backend;
-        let (products, [xg, xu, xd]) = match kept {
-            Some(chunk) => (chunk.products, chunk.xa),
-            None => (None, [None, None, None]),
-        };
+        let MlpChunk {
+            products,
+            xa: [xg, xu, xd],
+        } = kept;
         let ((g, u), [xg, xu]) = match products {
             Some(gu) => (gu, [xg, xu]),
             None => self.gate_up(layer, h, Some(ad), c, [xg, xu])?,
         };
         let m = be.gated_activation_for_products(&g, &u, self.cfg.activation)?;
-        let xd = match xd {
-            Some(xd) => Some(xd),
-            None => self.adapter_input(layer, Down, &m, Some(ad), c)?,
-        };
+        let xd = self.adapter_input(layer, Down, &m, Some(ad), c, xd)?;
         let dm = self.project_backward(layer, Down, dy, &m, xd.as_ref(), ad, grads, None, c)?;
         drop(m);
         let act = self.cfg.activation;
