@@ -10,7 +10,7 @@
 //! plan is kept. A call then only launches (`cublasGemmEx` asks the heuristic at every call),
 //! and the same product always runs the same algorithm, whatever else the process has done.
 
-use super::device::{DeviceBuffer, Gpu};
+use super::device::{driver_error, DeviceBuffer, Gpu};
 use super::tensor::Dtype;
 use crate::error::{Error, Result};
 use cudarc::cublaslt::{result as lt, sys};
@@ -240,7 +240,7 @@ impl Blas {
         }
         gpu.ctx
             .bind_to_thread()
-            .map_err(|e| Error::Device(format!("binding the CUDA context: {e}")))?;
+            .map_err(driver_error("binding the CUDA context"))?;
         let handle = lt::create_handle().map_err(blas_error("creating the handle".into()))?;
         let workspace = gpu.alloc::<u8>(WORKSPACE_BYTES, "the matrix products' workspace")?;
         Ok(Blas {
@@ -303,7 +303,7 @@ impl Blas {
         };
         gpu.ctx
             .bind_to_thread()
-            .map_err(|e| Error::Device(format!("binding the CUDA context: {e}")))?;
+            .map_err(driver_error("binding the CUDA context"))?;
         let workspace = self.workspace.slice.device_ptr(&gpu.stream).0;
         let [la, lb, lc] = plan.layouts;
         // SAFETY: the operands are live device allocations of at least rows·cols elements of
