@@ -5,22 +5,25 @@
 #define IGNORE_LABEL (-100)
 
 // Row t of logits z (length vocab), label y = labels[t]:
-//   y == −100: the row is set to 0, no loss.
+//   y == −100: the row is set to 0, row_loss[t] = 0.
 //   otherwise: m = max z, lse = m + log Σ_c exp(z_c − m)   (the sum and lse in double),
-//              *loss_sum += lse − z_y   (one atomicAdd(double) per row),
-//              z ← (softmax(z) − onehot(y))·inv_normalizer, i.e. z_c ← exp(z_c − lse)·inv, z_y −= inv.
+//              row_loss[t] = lse − z_y,
+//              z ← (softmax(z) − onehot(y))·s with s = *scale, i.e. z_c ← exp(z_c − lse)·s, z_y −= s.
+// The scale is read from device memory so that a recorded launch can be replayed with another.
 // The max and the sum come from one pass (each thread keeps a running max m_t and a sum s_t
 // rescaled when m_t grows: s_t ← s_t·exp(m_old − m_new)), combined as Σ_t s_t·exp(m_t − m); a
 // second pass writes the gradient. −∞ logits add nothing (gradient 0 there); a NaN logit makes the
 // loss and the whole row NaN, as on the CPU; so does a row that is all −∞ (as on the CPU).
 extern "C" __global__ void cross_entropy_rows(float* logits, const int* labels, int rows,
-                                              int vocab, float inv_normalizer, double* loss_sum) {
+                                              int vocab, const float* scale, float* row_loss) {
     float* z = logits + (long long)blockIdx.x * vocab;
     const int y = labels[blockIdx.x];
     if (y == IGNORE_LABEL) {  // uniform over the block: no thread reaches a barrier below
         for (int c = threadIdx.x; c < vocab; c += blockDim.x) z[c] = 0.0f;
+        if (threadIdx.x == 0) row_loss[blockIdx.x] = 0.0f;
         return;
     }
+    const float s_grad = *scale;
     const float neg_inf = -f32_inf();
     // z_y is read before any thread writes the row (the writes follow the block reductions).
     const float zy = threadIdx.x == 0 ? z[y] : 0.0f;
@@ -40,11 +43,11 @@ extern "C" __global__ void cross_entropy_rows(float* logits, const int* labels, 
     const double part = s * (double)expf(m - mx);
     const double total = block_sum_f64(part);
     const double lse_d = (double)mx + log(total);
-    if (threadIdx.x == 0) atomicAdd(loss_sum, lse_d - (double)zy);
+    if (threadIdx.x == 0) row_loss[blockIdx.x] = (float)(lse_d - (double)zy);
     const float lse = (float)lse_d;
     for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-        float g = expf(z[c] - lse) * inv_normalizer;
-        if (c == y) g -= inv_normalizer;
+        float g = expf(z[c] - lse) * s_grad;
+        if (c == y) g -= s_grad;
         z[c] = g;
     }
 }

@@ -206,8 +206,7 @@ __device__ void embedding_rows(const T* table, const int* ids, float* out, int r
     GRID_STRIDE_LOOP(i, n) {
         const long long t = i / cols;
         const long long c = i - t * cols;
-        const long long row = ids ? (long long)ids[t] : t;
-        out[i] = table_value(table, row * cols + c) * scale;
+        out[i] = table_value(table, (long long)ids[t] * cols + c) * scale;
     }
 }
 

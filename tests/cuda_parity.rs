@@ -13,7 +13,8 @@
 mod common;
 
 use common::gpu::{
-    cpu, gpu, non_finite_step_is_refused_and_training_goes_on, steps_match, trainer_on, Base,
+    cpu, gpu, non_finite_step_is_refused_and_training_goes_on, recorded_steps_match_unrecorded,
+    steps_match, trainer_on, Base,
 };
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
@@ -450,24 +451,29 @@ fn lm_head_cross_entropy_and_adamw_match_cpu() {
     // f32 weight (tests, small heads) and frozen bf16 weight (every loaded model).
     let (hg, hc) = p.up(&hv, tokens, hidden);
     let (wg, wc) = p.up(&wv, vocab, hidden);
-    let (lossg, dhg) = p.g.lm_head_cross_entropy(&hg, &wg, &lg, 33.0).unwrap();
-    let (lossc, dhc) = p.c.lm_head_cross_entropy(&hc, &wc, &lc, 33.0).unwrap();
-    assert!(
-        ((lossg - lossc) / lossc).abs() < 1e-5,
-        "loss {lossg} vs {lossc}"
-    );
+    // Row losses start as NaN: every row must be written (0 where the label is ignored).
+    let (sg, sc) = p.up(&[1.0 / 33.0], 1, 1);
+    let (mut rg, mut rc) = p.up(&vec![f32::NAN; tokens], tokens, 1);
+    let dhg =
+        p.g.lm_head_cross_entropy(&hg, &wg, &lg, &sg, &mut rg)
+            .unwrap();
+    let dhc =
+        p.c.lm_head_cross_entropy(&hc, &wc, &lc, &sc, &mut rc)
+            .unwrap();
+    p.check("lm head row losses (f32 weight)", &rg, &rc, 1e-5);
     p.check("lm head dh (f32 weight)", &dhg, &dhc, 1e-4);
     let wg16 = p.g.upload_frozen(&wv, vocab, hidden).unwrap();
     let hc16 = p.c.upload(&bf16_round(&hv), tokens, hidden).unwrap();
-    let (lossg, _) = p.g.lm_head_cross_entropy(&hg, &wg16, &lg, 33.0).unwrap();
-    let (lossc, _) = p.c.lm_head_cross_entropy(&hc16, &wc, &lc, 33.0).unwrap();
-    assert!(
-        ((lossg - lossc) / lossc).abs() < 1e-5,
-        "bf16 loss {lossg} vs {lossc}"
-    );
+    let (mut rg, mut rc) = p.up(&vec![f32::NAN; tokens], tokens, 1);
+    p.g.lm_head_cross_entropy(&hg, &wg16, &lg, &sg, &mut rg)
+        .unwrap();
+    p.c.lm_head_cross_entropy(&hc16, &wc, &lc, &sc, &mut rc)
+        .unwrap();
+    p.check("lm head row losses (bf16 weight)", &rg, &rc, 1e-5);
     let (bad, _) = p.ints(&vec![vocab as i32; tokens]);
     assert!(
-        p.g.lm_head_cross_entropy(&hg, &wg, &bad, 1.0).is_err(),
+        p.g.lm_head_cross_entropy(&hg, &wg, &bad, &sg, &mut rg)
+            .is_err(),
         "label past the vocabulary"
     );
 
@@ -510,6 +516,14 @@ fn training_steps_match_cpu_with_bf16_weights() {
     let Some(g) = gpu() else { return };
     drop(g);
     steps_match(Base::Frozen, 1e-2, 0.999);
+}
+
+/// A recorded and replayed step (CUDA graph) computes what the step queued op by op does.
+#[test]
+fn recorded_steps_match_unrecorded_steps() {
+    let Some(g) = gpu() else { return };
+    drop(g);
+    recorded_steps_match_unrecorded(Base::Frozen, 1e-5);
 }
 
 #[test]

@@ -25,7 +25,7 @@
 
 mod common;
 
-use common::gpu::{cpu, gpu, steps_match, Base};
+use common::gpu::{cpu, gpu, recorded_steps_match_unrecorded, steps_match, Base};
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::api::{Device, Model, ModelParams};
 use finetune::backend::cuda::DEQUANTIZED_SLOTS;
@@ -344,4 +344,12 @@ fn qlora_training_steps_match_cpu() {
     let Some(g) = gpu() else { return };
     drop(g);
     steps_match(Base::Nf4, 1e-2, 0.999);
+}
+
+/// Recorded NF4 steps dequantize what they read whatever the scratch held when recorded.
+#[test]
+fn recorded_qlora_steps_match_unrecorded_steps() {
+    let Some(g) = gpu() else { return };
+    drop(g);
+    recorded_steps_match_unrecorded(Base::Nf4, 1e-5);
 }

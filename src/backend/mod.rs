@@ -48,6 +48,16 @@ pub fn check_same_shape(a: (usize, usize), b: (usize, usize), what: &str) -> Res
     Ok(())
 }
 
+/// Fails unless `values` values fill a `[rows, cols]` matrix exactly.
+pub fn check_len(values: usize, rows: usize, cols: usize) -> Result<()> {
+    if values != rows * cols {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "{values} values do not fill a [{rows}, {cols}] matrix"
+        )));
+    }
+    Ok(())
+}
+
 /// Fails unless rows `[start, start + rows)` exist in a tensor of `total` rows and, when
 /// `cols` is given as `(tensor's, other's)`, the two column counts agree.
 pub fn check_rows(
@@ -138,6 +148,8 @@ pub trait Backend: Send + Sync + 'static {
     type Tensor: Send + Sync;
     /// A vector of 32-bit integers (token ids, positions, labels, segment ids).
     type Ints: Send + Sync;
+    /// Work recorded once by [`Backend::record`] and run again by [`Backend::replay`].
+    type Recording: Send;
 
     /// A short human-readable description ("cpu (2 threads)").
     fn describe(&self) -> String;
@@ -169,6 +181,11 @@ pub trait Backend: Send + Sync + 'static {
         self.upload_frozen(data, rows, cols)
     }
     fn upload_ints(&self, data: &[i32]) -> Result<Self::Ints>;
+    /// Overwrites the values of `t` with `data` (as many as `t` holds), in place: the buffer
+    /// stays where it is, so recorded work reading it sees the new values.
+    fn write(&self, t: &mut Self::Tensor, data: &[f32]) -> Result<()>;
+    /// [`Backend::write`] for a vector of integers.
+    fn write_ints(&self, ints: &mut Self::Ints, data: &[i32]) -> Result<()>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// A tensor whose every element the caller overwrites before reading it (a backend may skip
@@ -376,16 +393,18 @@ pub trait Backend: Send + Sync + 'static {
     fn dropout(&self, x: &Self::Tensor, p: f32, seed: u64) -> Result<Self::Tensor>;
 
     /// LM head fused with cross-entropy: `logits = h·Wᵀ` computed a chunk of rows at a time so the
-    /// whole `[tokens, vocab]` matrix never exists. Returns `Σ_t (lse_t − logit_t[label_t])` over
-    /// labelled rows and `dh = Σ (softmax − onehot)·W / normalizer`; rows labelled [`IGNORE_LABEL`]
-    /// contribute nothing.
+    /// whole `[tokens, vocab]` matrix never exists. Writes row t's loss `lse_t − logit_t[label_t]`
+    /// into `row_loss` (`[tokens, 1]`; 0 where the label is [`IGNORE_LABEL`]) and returns
+    /// `dh = (softmax − onehot)·W · scale`, where `scale` is a `[1, 1]` tensor read by the device
+    /// work itself (so recorded work can be replayed with another scale); ignored rows get 0.
     fn lm_head_cross_entropy(
         &self,
         h: &Self::Tensor,
         w: &Self::Tensor,
         labels: &Self::Ints,
-        normalizer: f32,
-    ) -> Result<(f64, Self::Tensor)>;
+        scale: &Self::Tensor,
+        row_loss: &mut Self::Tensor,
+    ) -> Result<Self::Tensor>;
 
     /// Decoupled-weight-decay Adam (as `torch.optim.AdamW`): `p ← p·(1 − lr·wd)`, then
     /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`, `p ← p − lr·m̂/(sqrt(v̂) + eps)` with
@@ -398,4 +417,16 @@ pub trait Backend: Send + Sync + 'static {
         v: &mut Self::Tensor,
         h: AdamWStep,
     ) -> Result<()>;
+
+    /// Records the device work `work` queues, without running it, for [`Backend::replay`]:
+    /// `Ok(None)` (and `work` not called) where this backend does not record. Recorded work
+    /// must queue device operations only (nothing read back, nothing uploaded from the host),
+    /// and every buffer it allocates must be freed within it; a replay runs the same
+    /// operations on the same buffers, with whatever values they hold then.
+    fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Recording>> {
+        let _ = work;
+        Ok(None)
+    }
+    /// Runs recorded work again (queued like any other operation).
+    fn replay(&self, recording: &Self::Recording) -> Result<()>;
 }

@@ -41,6 +41,14 @@ pub struct DeviceBatch<B: Backend> {
     pub labelled: usize,
 }
 
+/// Where a training pass puts its loss: `row_loss` (`[rows, 1]`) receives each row's
+/// cross-entropy (0 for unlabelled rows), and the gradients are those of `scale · Σ CE`, `scale`
+/// a `[1, 1]` tensor (1/normalizer) that the device work reads itself.
+pub struct LossOutput<'a, B: Backend> {
+    pub scale: &'a B::Tensor,
+    pub row_loss: &'a mut B::Tensor,
+}
+
 /// What a training forward pass keeps for its backward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Saving {
@@ -781,29 +789,29 @@ impl<B: Backend> Decoder<B> {
         Ok(z)
     }
 
-    /// The final norm, LM head and loss of the last layer's output `last`: returns the loss sum
-    /// and dL/d(last), every other value freed before the layers' backward starts.
+    /// The final norm, LM head and loss of the last layer's output `last`: writes each row's loss
+    /// and returns dL/d(last) (see [`LossOutput`]), every other value freed before the layers'
+    /// backward starts.
     fn head_forward_backward(
         &self,
         last: B::Tensor,
         batch: &DeviceBatch<B>,
-        normalizer: f32,
-    ) -> Result<(f64, B::Tensor)> {
+        loss: &mut LossOutput<B>,
+    ) -> Result<B::Tensor> {
         let be = &self.backend;
         let (eps, offset) = (self.cfg.rms_norm_eps, self.cfg.norm_unit_offset);
         let norm = &self.weights.final_norm;
         let (h, r) = be.rmsnorm(&last, norm, eps, offset)?;
         let head = self.weights.output_projection();
-        let (loss, dh) = be.lm_head_cross_entropy(&h, head, &batch.labels, normalizer)?;
+        let dh = be.lm_head_cross_entropy(&h, head, &batch.labels, loss.scale, loss.row_loss)?;
         drop(h);
-        if !loss.is_finite() {
-            return Err(Error::NonFinite(format!("loss ({loss})")));
-        }
-        Ok((loss, be.rmsnorm_backward(&dh, &last, norm, &r, offset)?))
+        be.rmsnorm_backward(&dh, &last, norm, &r, offset)
     }
 
     /// Forward and backward of one micro-batch. Adds the LoRA gradients of
-    /// `Σ_labelled CE / normalizer` into `grads` and returns the un-normalised loss sum.
+    /// `scale · Σ_labelled CE` into `grads` and writes each row's cross-entropy (see
+    /// [`LossOutput`]); nothing is read back, so the whole pass can be recorded
+    /// ([`Backend::record`]).
     /// `saving` says what the forward pass keeps for the backward pass.
     /// `layer_done(layer, grads)` runs once the backward of `layer` has queued its last write to
     /// `grads` (last layer first), so a data-parallel sum of that layer's gradients can start
@@ -813,10 +821,10 @@ impl<B: Backend> Decoder<B> {
         batch: &DeviceBatch<B>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
-        normalizer: f32,
+        loss: &mut LossOutput<B>,
         saving: Saving,
         layer_done: &mut dyn FnMut(usize, &mut LoraTensors<B>) -> Result<()>,
-    ) -> Result<f64> {
+    ) -> Result<()> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let n = cfg.num_layers;
@@ -846,7 +854,7 @@ impl<B: Backend> Decoder<B> {
             });
             x = out;
         }
-        let (loss, mut dx) = self.head_forward_backward(x, batch, normalizer)?;
+        let mut dx = self.head_forward_backward(x, batch, loss)?;
         // Each layer's input comes back (from host memory when offloaded) while the layer
         // after it runs its backward.
         let mut next = inputs.pop().map(|t| be.fetch_stashed(t)).transpose()?;
@@ -872,6 +880,6 @@ impl<B: Backend> Decoder<B> {
             dx = self.layer_backward(layer, dx, &x, cache, batch, ad, grads)?;
             layer_done(layer, grads)?;
         }
-        Ok(loss)
+        Ok(())
     }
 }

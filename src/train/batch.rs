@@ -129,6 +129,29 @@ impl Batch {
         Ok(())
     }
 
+    /// Validates the batch and writes it into `dst`, a batch of the same shape already on the
+    /// backend (its buffers stay where they are).
+    pub fn write_into<B: Backend>(
+        &self,
+        backend: &B,
+        vocab: usize,
+        dst: &mut DeviceBatch<B>,
+    ) -> Result<()> {
+        self.validate(vocab)?;
+        if (dst.batch, dst.seq) != (self.batch_size, self.seq_len) {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {} x {} cannot be written over one of {} x {}",
+                self.batch_size, self.seq_len, dst.batch, dst.seq
+            )));
+        }
+        backend.write_ints(&mut dst.ids, &self.input_ids)?;
+        backend.write_ints(&mut dst.labels, &self.labels)?;
+        backend.write_ints(&mut dst.positions, &self.positions)?;
+        backend.write_ints(&mut dst.segments, &self.segments)?;
+        dst.labelled = self.labelled();
+        Ok(())
+    }
+
     /// Validates and copies the batch to a backend.
     pub fn upload<B: Backend>(&self, backend: &B, vocab: usize) -> Result<DeviceBatch<B>> {
         self.validate(vocab)?;

@@ -4,6 +4,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod memory;
 pub mod metrics;
+mod replay;
 pub mod run;
 pub mod schedule;
 pub mod trainer;

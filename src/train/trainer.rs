@@ -1,13 +1,14 @@
 //! The trainer: LoRA tensors, their gradients and AdamW state over a frozen decoder.
 
 use super::batch::Batch;
+use super::replay::{row_loss_sum, Replayer};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::backend::collective::Collective;
 use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
 use crate::model::adapters::LoraTensors;
-use crate::model::decoder::{Adapters, Decoder, Saving};
+use crate::model::decoder::{Adapters, Decoder, LossOutput, Saving};
 use crate::rng::derive;
 use std::sync::Arc;
 
@@ -117,6 +118,8 @@ pub struct Trainer<B: Backend> {
     step: u64,
     /// The data-parallel group this trainer is a rank of (none: it trains alone).
     group: Option<Arc<dyn Collective<B>>>,
+    /// The recorded micro-batch pass, replayed while batches keep their shape.
+    replayer: Replayer<B>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -150,6 +153,7 @@ impl<B: Backend> Trainer<B> {
             v,
             step: 0,
             group: None,
+            replayer: Replayer::new(),
         })
     }
 
@@ -173,11 +177,20 @@ impl<B: Backend> Trainer<B> {
         &self.params
     }
     pub fn params_mut(&mut self) -> &mut LoraTensors<B> {
+        // The caller may put new tensors in place of those a recording reads.
+        self.replayer.forget();
         &mut self.params
     }
     /// Gradients of the last [`Trainer::compute_gradients`] or step.
     pub fn grads(&self) -> &LoraTensors<B> {
         &self.grads
+    }
+    /// Whether micro-batches may be recorded once and replayed while batches keep their shape
+    /// (CUDA graphs on a GPU; see [`Backend::record`]). On by default, unless the environment
+    /// variable `FINETUNE_CUDA_GRAPHS` is `0`; never with dropout, offloaded activations or in
+    /// a data-parallel group.
+    pub fn set_recording(&mut self, on: bool) {
+        self.replayer.set_enabled(on);
     }
     pub fn steps_taken(&self) -> u64 {
         self.step
@@ -251,11 +264,10 @@ impl<B: Backend> Trainer<B> {
         }
         let dec = &self.decoder;
         let be = &dec.backend;
-        let uploaded = micro_batches
-            .iter()
-            .map(|b| b.upload(be, dec.cfg.vocab_size))
-            .collect::<Result<Vec<_>>>()?;
-        let mut labelled = [uploaded.iter().map(|b| b.labelled).sum::<usize>() as f64];
+        for b in micro_batches {
+            b.validate(dec.cfg.vocab_size)?;
+        }
+        let mut labelled = [micro_batches.iter().map(|b| b.labelled()).sum::<usize>() as f64];
         if let Some(g) = &group {
             g.sum_host(be, &mut labelled)?;
         }
@@ -268,30 +280,49 @@ impl<B: Backend> Trainer<B> {
         for g in self.grads.tensors_mut() {
             be.fill_zero(g)?;
         }
+        let saving = Saving {
+            recompute: self.cfg.checkpointing,
+            offload_inputs: self.cfg.offload_activations,
+        };
+        let replays = self.replayer.applies(&self.lora, saving, group.is_some());
+        let scale = 1.0 / labelled as f32;
         let mut loss_sum = 0.0f64;
-        for (i, batch) in uploaded.iter().enumerate() {
-            let last = i + 1 == uploaded.len();
+        for (i, batch) in micro_batches.iter().enumerate() {
+            let last = i + 1 == micro_batches.len();
             let ad = Adapters {
                 tensors: &self.params,
                 cfg: &self.lora,
                 dropout_seed: Some(self.dropout_seed(i)),
             };
+            if replays {
+                loss_sum += self
+                    .replayer
+                    .run(dec, batch, &ad, &mut self.grads, scale, saving)?;
+                continue;
+            }
             // The gradients are final once the last micro-batch's backward leaves a layer.
             let mut layer_done = |layer: usize, grads: &mut LoraTensors<B>| match &group {
                 Some(g) if last => g.start_sum(be, &mut grads.layer_tensors_mut(layer)),
                 _ => Ok(()),
             };
-            loss_sum += dec.forward_backward(
-                batch,
+            let uploaded = batch.upload(be, dec.cfg.vocab_size)?;
+            let mut row_loss = be.zeros(batch.batch_size * batch.seq_len, 1)?;
+            let mut loss = LossOutput {
+                scale: &be.upload(&[scale], 1, 1)?,
+                row_loss: &mut row_loss,
+            };
+            dec.forward_backward(
+                &uploaded,
                 &ad,
                 &mut self.grads,
-                labelled as f32,
-                Saving {
-                    recompute: self.cfg.checkpointing,
-                    offload_inputs: self.cfg.offload_activations,
-                },
+                &mut loss,
+                saving,
                 &mut layer_done,
             )?;
+            loss_sum += row_loss_sum(be, &row_loss)?;
+        }
+        if !loss_sum.is_finite() {
+            return Err(Error::NonFinite(format!("loss ({loss_sum})")));
         }
         let mut totals = [
             loss_sum,
@@ -301,7 +332,7 @@ impl<B: Backend> Trainer<B> {
                 .sum(),
         ];
         if let Some(g) = &group {
-            if uploaded.is_empty() {
+            if micro_batches.is_empty() {
                 // No share of this step: zero gradients, summed in the same buckets as the others'.
                 for layer in (0..dec.cfg.num_layers).rev() {
                     g.start_sum(be, &mut self.grads.layer_tensors_mut(layer))?;
@@ -388,8 +419,10 @@ impl<B: Backend> Trainer<B> {
         }
         let h = dec.hidden_states(&b, Some(&self.inference_adapters()))?;
         // The fused loss also returns a gradient we do not need; evaluation is rare enough.
-        let (loss, _) =
-            be.lm_head_cross_entropy(&h, dec.weights.output_projection(), &b.labels, 1.0)?;
-        Ok((loss / b.labelled as f64) as f32)
+        let mut row_loss = be.zeros(batch.batch_size * batch.seq_len, 1)?;
+        let head = dec.weights.output_projection();
+        let one = be.upload(&[1.0], 1, 1)?;
+        be.lm_head_cross_entropy(&h, head, &b.labels, &one, &mut row_loss)?;
+        Ok((row_loss_sum(be, &row_loss)? / b.labelled as f64) as f32)
     }
 }

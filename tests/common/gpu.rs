@@ -1,7 +1,7 @@
 //! What the GPU tests share: the backends, and whole training steps of tiny models of every
 //! family run on both backends side by side.
 
-use super::{bf16_round, cosine, randn};
+use super::{bf16_round, cosine, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
 use finetune::backend::cuda::{CudaBackend, F32Products};
 use finetune::backend::{Backend, IGNORE_LABEL};
@@ -230,4 +230,85 @@ pub fn non_finite_step_is_refused_and_training_goes_on<B: Backend>(be: B) {
         stats.loss,
         stats.grad_norm
     );
+}
+
+/// Batches of the parity batch's shape with other values each step: ids, labels (and which are
+/// ignored) and the packing differ, so a replayed recording must read every one of them.
+fn varied_batches(steps: usize) -> Vec<Batch> {
+    let mut rng = Rng::new(17);
+    (0..steps)
+        .map(|step| {
+            let mut b = parity_batch();
+            for id in &mut b.input_ids {
+                *id = (rng.next_u64() % 64) as i32;
+            }
+            for (t, label) in b.labels.iter_mut().enumerate() {
+                *label = if (t + step) % (3 + step) == 0 {
+                    IGNORE_LABEL
+                } else {
+                    (rng.next_u64() % 64) as i32
+                };
+            }
+            let split = 5 + 4 * step;
+            for (i, t) in (b.seq_len..2 * b.seq_len).enumerate() {
+                b.positions[t] = if i < split { i } else { i - split } as i32;
+                b.segments[t] = if i < split { 1 } else { 2 };
+            }
+            b
+        })
+        .collect()
+}
+
+/// Steps with recording (CUDA graphs) against the same steps queued operation by operation:
+/// every loss and every adapter value after the steps within `tol` relative. A batch of another
+/// shape comes in the middle (the recording is dropped, then made again).
+pub fn recorded_steps_match_unrecorded(base: Base, tol: f64) {
+    let run = |record: bool| {
+        let t = trainer_on(CudaBackend::new(0).unwrap(), Family::Llama, base);
+        let mut lora = t.lora_config().clone();
+        lora.dropout = 0.0;
+        let params = t
+            .params()
+            .tensors()
+            .map(|p| {
+                let be = &t.decoder().backend;
+                let (r, c) = be.shape(p);
+                (be.download(p).unwrap(), r, c)
+            })
+            .collect::<Vec<_>>();
+        // The same adapters, without dropout (recording needs none).
+        let dec = t.decoder().clone();
+        let mut t = Trainer::new(dec.clone(), lora, TrainConfig::default()).unwrap();
+        for (p, (values, r, c)) in t.params_mut().tensors_mut().zip(params) {
+            *p = dec.backend.upload(&values, r, c).unwrap();
+        }
+        t.set_recording(record);
+        let mut batches = varied_batches(6);
+        batches[3] = Batch::new(1, 20, vec![3; 20], vec![4; 20]).unwrap();
+        let losses: Vec<f32> = batches
+            .iter()
+            .map(|b| t.step(std::slice::from_ref(b)).unwrap().loss)
+            .collect();
+        let be = &t.decoder().backend;
+        let values: Vec<Vec<f32>> = t
+            .params()
+            .tensors()
+            .map(|p| be.download(p).unwrap())
+            .collect();
+        (losses, values)
+    };
+    let (eager_losses, eager) = run(false);
+    let (replayed_losses, replayed) = run(true);
+    eprintln!("{base:?} losses queued {eager_losses:?} recorded {replayed_losses:?}");
+    for (i, (a, b)) in eager_losses.iter().zip(&replayed_losses).enumerate() {
+        let rel = ((a - b) / a).abs() as f64;
+        assert!(rel <= tol, "step {i}: loss {a} queued, {b} recorded");
+    }
+    let worst = eager
+        .iter()
+        .zip(&replayed)
+        .map(|(a, b)| rel_err(b, a))
+        .fold(0.0f64, |m, e| if e.is_nan() { f64::NAN } else { m.max(e) });
+    eprintln!("{base:?} adapters after the steps: largest relative difference {worst:.2e}");
+    assert!(worst <= tol, "adapters differ: {worst}");
 }

@@ -19,10 +19,11 @@ pub fn lm_head_cross_entropy(
     h: &CpuTensor,
     w: &CpuTensor,
     labels: &[i32],
-    normalizer: f32,
+    scale: f32,
+    row_loss: &mut [f32],
     threads: usize,
     buffers: &BufferPool,
-) -> Result<(f64, CpuTensor)> {
+) -> Result<CpuTensor> {
     let (d, vocab) = (h.cols, w.rows);
     let mut labelled = Vec::new();
     for (t, &y) in labels.iter().enumerate() {
@@ -38,7 +39,7 @@ pub fn lm_head_cross_entropy(
     }
     // Rows without a label get a zero gradient.
     let mut dh = CpuTensor::zeros(buffers, h.rows, d);
-    let mut total = 0.0f64;
+    row_loss.fill(0.0);
     let wv = MatRef::new(&w.data, vocab, d);
     // One set of chunk buffers for every chunk (each is overwritten before it is read).
     let most = labelled.len().min(CHUNK);
@@ -62,12 +63,15 @@ pub fn lm_head_cross_entropy(
             false,
             parallelism(m, vocab, d, threads),
         );
-        // z ← (softmax(z) − onehot(y)) / normalizer, row by row; the loss of each row comes back.
-        total += z
+        // z ← (softmax(z) − onehot(y)) · scale, row by row; the loss of each row comes back.
+        let losses: Vec<f32> = z
             .par_chunks_mut(vocab)
             .zip(rows.par_iter())
-            .map(|(zr, &t)| softmax_gradient(zr, labels[t] as usize, normalizer))
-            .sum::<f64>();
+            .map(|(zr, &t)| softmax_gradient(zr, labels[t] as usize, scale))
+            .collect();
+        for (&t, loss) in rows.iter().zip(losses) {
+            row_loss[t] = loss;
+        }
         gemm(
             MatRef::new(z, m, vocab),
             wv,
@@ -81,19 +85,19 @@ pub fn lm_head_cross_entropy(
             dh.data[t * d..(t + 1) * d].copy_from_slice(src);
         }
     }
-    Ok((total, dh))
+    Ok(dh)
 }
 
-/// Turns the logits `z` of one row into `(softmax(z) − onehot(y)) / normalizer` in place and
+/// Turns the logits `z` of one row into `(softmax(z) − onehot(y)) · scale` in place and
 /// returns that row's loss `lse(z) − z_y`, with `lse(z) = max + ln Σ e^(z − max)`.
-fn softmax_gradient(z: &mut [f32], y: usize, normalizer: f32) -> f64 {
+fn softmax_gradient(z: &mut [f32], y: usize, scale: f32) -> f32 {
     let m = max(z);
     let lse = m as f64 + sum_exp(z, m).ln();
-    let loss = lse - z[y] as f64;
-    let (lse, inv) = (lse as f32, 1.0 / normalizer);
+    let loss = (lse - z[y] as f64) as f32;
+    let lse = lse as f32;
     for x in z.iter_mut() {
-        *x = exp(*x - lse) * inv;
+        *x = exp(*x - lse) * scale;
     }
-    z[y] -= inv;
+    z[y] -= scale;
     loss
 }

@@ -138,9 +138,22 @@ impl CpuBackend {
     }
 }
 
+/// The value of a `[1, 1]` tensor.
+fn scalar(t: &CpuTensor, what: &str) -> Result<f32> {
+    match t.data[..] {
+        [x] => Ok(x),
+        _ => Err(Error::InvalidArgument(format!(
+            "{what}: a [1, 1] tensor was expected, got [{}, {}]",
+            t.rows, t.cols
+        ))),
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Ints = Vec<i32>;
+    /// The CPU runs its work as it is queued: nothing to record.
+    type Recording = std::convert::Infallible;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", self.threads)
@@ -175,6 +188,19 @@ impl Backend for CpuBackend {
 
     fn upload_ints(&self, data: &[i32]) -> Result<Vec<i32>> {
         Ok(data.to_vec())
+    }
+
+    fn write(&self, t: &mut CpuTensor, data: &[f32]) -> Result<()> {
+        Self::dense(&[t], "write")?;
+        super::check_len(data.len(), t.rows, t.cols)?;
+        t.data.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn write_ints(&self, ints: &mut Vec<i32>, data: &[i32]) -> Result<()> {
+        super::check_len(data.len(), ints.len(), 1)?;
+        ints.copy_from_slice(data);
+        Ok(())
     }
 
     fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
@@ -523,21 +549,32 @@ impl Backend for CpuBackend {
         h: &CpuTensor,
         w: &CpuTensor,
         labels: &Vec<i32>,
-        normalizer: f32,
-    ) -> Result<(f64, CpuTensor)> {
-        Self::dense(&[h, w], "lm head")?;
-        if h.cols != w.cols || labels.len() != h.rows {
+        scale: &CpuTensor,
+        row_loss: &mut CpuTensor,
+    ) -> Result<CpuTensor> {
+        Self::dense(&[h, w, scale, row_loss], "lm head")?;
+        if h.cols != w.cols || labels.len() != h.rows || row_loss.data.len() != h.rows {
             return Err(Error::InvalidArgument(format!(
-                "lm head: hidden [{}, {}], weight [{}, {}], {} labels",
+                "lm head: hidden [{}, {}], weight [{}, {}], {} labels, {} row losses",
                 h.rows,
                 h.cols,
                 w.rows,
                 w.cols,
-                labels.len()
+                labels.len(),
+                row_loss.data.len()
             )));
         }
         self.install(|| {
-            loss::lm_head_cross_entropy(h, w, labels, normalizer, self.threads, &self.buffers)
+            let scale = scalar(scale, "lm head scale")?;
+            loss::lm_head_cross_entropy(
+                h,
+                w,
+                labels,
+                scale,
+                &mut row_loss.data,
+                self.threads,
+                &self.buffers,
+            )
         })
     }
 
@@ -555,5 +592,9 @@ impl Backend for CpuBackend {
         Self::dense(&[p, g, m, v], "adamw")?;
         pointwise::adamw(&mut p.data, &g.data, &mut m.data, &mut v.data, h);
         Ok(())
+    }
+
+    fn replay(&self, recording: &std::convert::Infallible) -> Result<()> {
+        match *recording {}
     }
 }

@@ -63,6 +63,15 @@ impl MemoryAccount {
         Ok(())
     }
 
+    /// Counts `bytes` held outside this account's allocations (recorded work's own memory) on
+    /// top of what is live now, for the peak.
+    pub fn note_held_beside(&self, bytes: usize, what: &str) {
+        let total = self.live() + bytes;
+        if self.peak.fetch_max(total, Ordering::Relaxed) < total {
+            *self.peak_set_by.lock().expect("no panic holds it") = what.to_string();
+        }
+    }
+
     fn release(&self, bytes: usize) {
         self.live.fetch_sub(bytes, Ordering::Relaxed);
     }
@@ -223,6 +232,55 @@ impl Gpu {
             .map_err(driver_error("waiting for the GPU"))
     }
 
+    /// Gives the blocks the stream-ordered pool keeps (freed, none in use) back to the system.
+    pub fn release_pooled_memory(&self) -> Result<()> {
+        let pool = default_pool(&self.ctx)?;
+        // SAFETY: a driver call on this device's live default pool; blocks in use are kept.
+        unsafe { sys::cuMemPoolTrimTo(pool, 0) }
+            .result()
+            .map_err(driver_error("releasing pooled device memory"))
+    }
+
+    /// The most device memory recorded work (CUDA graphs) has held at once for its own
+    /// allocations since the last [`Gpu::reset_graph_memory_peak`].
+    pub fn graph_memory_peak(&self) -> Result<usize> {
+        let mut bytes: u64 = 0;
+        // SAFETY: a plain query on a live device; the value outlives the call.
+        unsafe {
+            sys::cuDeviceGetGraphMemAttribute(
+                self.ctx.cu_device(),
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+                &mut bytes as *mut u64 as *mut std::ffi::c_void,
+            )
+        }
+        .result()
+        .map_err(driver_error("reading the recorded work's memory"))?;
+        Ok(bytes as usize)
+    }
+
+    /// Starts a new measurement of [`Gpu::graph_memory_peak`] (from what is held now).
+    pub fn reset_graph_memory_peak(&self) -> Result<()> {
+        let mut zero: u64 = 0;
+        // SAFETY: as above; 0 is the one value the driver accepts for this attribute.
+        unsafe {
+            sys::cuDeviceSetGraphMemAttribute(
+                self.ctx.cu_device(),
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut std::ffi::c_void,
+            )
+        }
+        .result()
+        .map_err(driver_error("resetting the recorded work's memory peak"))
+    }
+
+    /// Gives the memory of destroyed recorded work back to the system.
+    pub fn release_graph_memory(&self) -> Result<()> {
+        // SAFETY: a driver call on a live device; memory still in use is kept.
+        unsafe { sys::cuDeviceGraphMemTrim(self.ctx.cu_device()) }
+            .result()
+            .map_err(driver_error("releasing the recorded work's memory"))
+    }
+
     fn allocation_error(&self, bytes: usize, what: &str, e: DriverError) -> Error {
         if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
             let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
@@ -245,12 +303,9 @@ impl Gpu {
 /// every synchronisation, so a training step's allocations are served from the pool after the
 /// first step.
 fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<()> {
-    let mut pool = std::ptr::null_mut();
-    // SAFETY: plain driver queries on a live device; the value outlives the call.
+    let pool = default_pool(ctx)?;
+    // SAFETY: a plain driver call on a live pool; the value outlives the call.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .map_err(driver_error("reading the device memory pool"))?;
         let mut threshold: u64 = u64::MAX;
         sys::cuMemPoolSetAttribute(
             pool,
@@ -261,4 +316,14 @@ fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<()> {
         .map_err(driver_error("configuring the device memory pool"))?;
     }
     Ok(())
+}
+
+/// The device's default stream-ordered memory pool (the one every allocation here uses).
+fn default_pool(ctx: &CudaContext) -> Result<sys::CUmemoryPool> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: a plain driver query on a live device; the value outlives the call.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(driver_error("reading the device memory pool"))?;
+    Ok(pool)
 }

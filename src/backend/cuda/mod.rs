@@ -6,6 +6,8 @@
 
 mod blas;
 pub mod device;
+mod graph;
+mod host_table;
 pub mod kernels;
 mod launch;
 pub mod nccl;
@@ -16,8 +18,8 @@ mod profile;
 pub mod tensor;
 
 use super::{
-    check_attention_shapes, check_same_shape, AdamWConstants, AdamWStep, AttentionShape, Backend,
-    DeviceMemory, IGNORE_LABEL,
+    check_attention_shapes, check_len, check_same_shape, AdamWConstants, AdamWStep, AttentionShape,
+    Backend, DeviceMemory, IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -25,12 +27,14 @@ use crate::quant::Nf4Tensor;
 use blas::{Blas, Operand};
 use cudarc::driver::{DevicePtr, DeviceRepr};
 use device::{driver_error, DeviceBuffer, Gpu};
+use host_table::HostTable;
 use kernels::KernelCache;
 use launch::{Arg, Shape};
 use offload::Offload;
 use profile::Profiler;
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use tensor::Storage;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
@@ -65,6 +69,9 @@ pub struct CudaBackend {
     f32_products: F32Products,
     /// The copies of offloaded activations (offload.rs).
     offload: Offload,
+    /// True while work is being recorded (graph.rs): operations must not decide anything from
+    /// host-side values that a replay could see differently.
+    recording: AtomicBool,
 }
 
 /// The arithmetic of products of two f32 matrices, and whether activations are rounded once
@@ -102,18 +109,26 @@ fn bf16_bits(data: &[f32]) -> Vec<u16> {
         .collect()
 }
 
-/// The values of an f32 tensor; an error naming `op` for any other kind.
-fn f32_buffer<'t>(t: &'t CudaTensor, op: &str) -> Result<&'t DeviceBuffer<f32>> {
-    let what = match &t.storage {
-        Storage::F32(b) => return Ok(b),
+/// What kind of tensor `s` holds, for errors.
+fn storage_name(s: &Storage) -> &'static str {
+    match s {
+        Storage::F32(_) => "f32",
         Storage::Bf16(_) => "bf16",
         Storage::Nf4(_) => "NF4",
         Storage::Host(_) => "host-resident",
         Storage::Offloaded(_) => "offloaded",
-    };
-    Err(Error::InvalidArgument(format!(
-        "{op} works on f32 tensors; a {what} tensor was passed"
-    )))
+    }
+}
+
+/// The values of an f32 tensor; an error naming `op` for any other kind.
+fn f32_buffer<'t>(t: &'t CudaTensor, op: &str) -> Result<&'t DeviceBuffer<f32>> {
+    match &t.storage {
+        Storage::F32(b) => Ok(b),
+        other => Err(Error::InvalidArgument(format!(
+            "{op} works on f32 tensors; a {} tensor was passed",
+            storage_name(other)
+        ))),
+    }
 }
 
 fn wants_f32(t: &CudaTensor, op: &str) -> Result<()> {
@@ -187,6 +202,7 @@ impl CudaBackend {
             profiler: Profiler::from_env(),
             f32_products: F32Products::Tf32,
             offload,
+            recording: AtomicBool::new(false),
         })
     }
 
@@ -523,20 +539,12 @@ impl CudaBackend {
             Arg::F32(1.0 / (s.head_dim as f32).sqrt()),
         ]
     }
-
-    fn check_len(values: usize, rows: usize, cols: usize) -> Result<()> {
-        if values != rows * cols {
-            return Err(Error::InvalidArgument(format!(
-                "{values} values do not fill a [{rows}, {cols}] matrix"
-            )));
-        }
-        Ok(())
-    }
 }
 
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Ints = CudaInts;
+    type Recording = graph::Recording;
 
     fn describe(&self) -> String {
         let (major, minor) = self.gpu.capability;
@@ -556,10 +564,12 @@ impl Backend for CudaBackend {
 
     fn reset_peak_memory(&self) {
         self.gpu.memory.reset_peak();
+        // Only fails where the driver lacks graph memory, and then no graph holds any.
+        let _ = self.gpu.reset_graph_memory_peak();
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
-        Self::check_len(data.len(), rows, cols)?;
+        check_len(data.len(), rows, cols)?;
         Ok(CudaTensor {
             rows,
             cols,
@@ -568,7 +578,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_frozen(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
-        Self::check_len(data.len(), rows, cols)?;
+        check_len(data.len(), rows, cols)?;
         Ok(CudaTensor {
             rows,
             cols,
@@ -577,11 +587,11 @@ impl Backend for CudaBackend {
     }
 
     fn upload_lookup_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
-        Self::check_len(data.len(), rows, cols)?;
+        check_len(data.len(), rows, cols)?;
         Ok(CudaTensor {
             rows,
             cols,
-            storage: Storage::Host(bf16_bits(data)),
+            storage: Storage::Host(HostTable::new(&self.gpu, &bf16_bits(data))?),
         })
     }
 
@@ -600,9 +610,31 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn write(&self, t: &mut CudaTensor, data: &[f32]) -> Result<()> {
+        check_len(data.len(), t.rows, t.cols)?;
+        let Storage::F32(b) = &mut t.storage else {
+            return wants_f32(t, "write");
+        };
+        self.gpu
+            .stream
+            .memcpy_htod(data, &mut b.slice)
+            .map_err(driver_error("writing a tensor"))
+    }
+
+    fn write_ints(&self, ints: &mut CudaInts, data: &[i32]) -> Result<()> {
+        check_len(data.len(), ints.host.len(), 1)?;
+        self.gpu
+            .stream
+            .memcpy_htod(data, &mut ints.device.slice)
+            .map_err(driver_error("writing token ids"))?;
+        ints.host.copy_from_slice(data);
+        Ok(())
+    }
+
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         match &t.storage {
-            Storage::Host(bits) => Ok(bits
+            Storage::Host(table) => Ok(table
+                .bits()?
                 .iter()
                 .map(|&x| half::bf16::from_bits(x).to_f32())
                 .collect()),
@@ -627,6 +659,13 @@ impl Backend for CudaBackend {
     }
 
     fn stash(&self, t: CudaTensor) -> Result<CudaTensor> {
+        if self.recording.load(Ordering::Relaxed) {
+            return Err(Error::InvalidArgument(
+                "offloading activations cannot be recorded: the copies' host buffers live \
+                 outside the recording"
+                    .into(),
+            ));
+        }
         self.offload.stash(&self.gpu, t)
     }
 
@@ -656,7 +695,7 @@ impl Backend for CudaBackend {
             Storage::F32(b) => Storage::F32(self.copy_buffer(b, "a tensor copy")?),
             Storage::Bf16(b) => Storage::Bf16(self.copy_buffer(b, "a weight copy")?),
             Storage::Nf4(s) => Storage::Nf4(Box::new(self.duplicate_nf4(s)?)),
-            Storage::Host(bits) => Storage::Host(bits.clone()),
+            Storage::Host(table) => Storage::Host(HostTable::new(&self.gpu, table.bits()?)?),
             Storage::Offloaded(_) => {
                 return Err(Error::InvalidArgument(
                     "duplicate: an offloaded activation must be settled first".into(),
@@ -805,35 +844,21 @@ impl Backend for CudaBackend {
     fn embedding(&self, table: &CudaTensor, ids: &CudaInts, scale: f32) -> Result<CudaTensor> {
         Self::check_ids(ids, table.rows, "token id", false)?;
         let (rows, cols) = (ids.host.len(), table.cols);
-        // A table in host memory: its looked-up rows (bf16) go up, and the kernel reads them in
-        // order (no ids).
-        let gathered = match &table.storage {
-            Storage::Host(bits) => {
-                let mut picked = Vec::with_capacity(rows * cols);
-                for &id in &ids.host {
-                    let start = id as usize * cols;
-                    picked.extend_from_slice(&bits[start..start + cols]);
-                }
-                Some(self.gpu.upload(&picked, "looked-up embedding rows")?)
-            }
-            _ => None,
-        };
-        let (kernel, table_ptr, ids_ptr) = match (table.dtype(), &gathered) {
-            (Dtype::HostBf16, Some(rows_up)) => {
-                ("embedding_bf16", self.buffer_ptr(rows_up), Arg::Ptr(0))
-            }
-            (Dtype::Bf16, _) => ("embedding_bf16", self.ptr(table)?, self.ints_arg(ids)),
-            (Dtype::F32, _) => ("embedding_f32", self.ptr(table)?, self.ints_arg(ids)),
+        let (kernel, table_ptr) = match &table.storage {
+            Storage::Host(t) => ("embedding_bf16", t.device_ptr()),
+            Storage::Bf16(_) => ("embedding_bf16", self.ptr(table)?),
+            Storage::F32(_) => ("embedding_f32", self.ptr(table)?),
             _ => {
-                return Err(Error::InvalidArgument(
-                    "embedding: the table is an NF4 matrix; embeddings are never quantized".into(),
-                ))
+                return Err(Error::InvalidArgument(format!(
+                    "embedding: the table is {}; embeddings are never quantized or offloaded",
+                    storage_name(&table.storage)
+                )))
             }
         };
         let out = self.tensor(rows, cols, "embeddings")?;
         let args = [
             Arg::Ptr(table_ptr),
-            ids_ptr,
+            self.ints_arg(ids),
             Arg::Ptr(self.ptr(&out)?),
             dim(rows),
             dim(cols),
@@ -1268,19 +1293,30 @@ impl Backend for CudaBackend {
         h: &CudaTensor,
         w: &CudaTensor,
         labels: &CudaInts,
-        normalizer: f32,
-    ) -> Result<(f64, CudaTensor)> {
-        if h.cols != w.cols || labels.host.len() != h.rows {
+        scale: &CudaTensor,
+        row_loss: &mut CudaTensor,
+    ) -> Result<CudaTensor> {
+        if h.cols != w.cols || labels.host.len() != h.rows || row_loss.elements() != h.rows {
             return Err(Error::InvalidArgument(format!(
-                "lm head: hidden [{}, {}], weight [{}, {}], {} labels",
+                "lm head: hidden [{}, {}], weight [{}, {}], {} labels, {} row losses",
                 h.rows,
                 h.cols,
                 w.rows,
                 w.cols,
-                labels.host.len()
+                labels.host.len(),
+                row_loss.elements()
             )));
         }
         wants_f32(h, "lm head input")?;
+        if scale.elements() != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "lm head: the scale is a [{}, {}] tensor; a [1, 1] one was expected",
+                scale.rows, scale.cols
+            )));
+        }
+        let scale_ptr = self.f32_arg(scale, "lm head scale")?;
+        let row_loss_ptr = self.ptr(row_loss)?;
+        wants_f32(row_loss, "lm head row losses")?;
         if w.dtype() == Dtype::Nf4 {
             return Err(Error::InvalidArgument(
                 "lm head: the weight is an NF4 matrix; the LM head is never quantized".into(),
@@ -1289,7 +1325,10 @@ impl Backend for CudaBackend {
         let vocab = w.rows;
         Self::check_ids(labels, vocab, "label", true)?;
         let dh = self.zeros(h.rows, h.cols)?;
-        let loss = self.gpu.alloc_zeros::<f64>(1, "the loss")?;
+        // Rows of skipped chunks keep this 0.
+        self.fill_zero(row_loss)?;
+        // Recorded work runs every chunk: which chunks have labels can differ between replays.
+        let skip_unlabelled = !self.recording.load(Ordering::Relaxed);
         let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab.max(1))).clamp(1, h.rows.max(1));
         let logits = self.gpu.alloc::<f32>(chunk * vocab, "a chunk of logits")?;
         let bf16 = w.dtype() == Dtype::Bf16;
@@ -1304,9 +1343,10 @@ impl Backend for CudaBackend {
         let logits_ptr = self.buffer_ptr(&logits);
         for start in (0..h.rows).step_by(chunk) {
             let rows = chunk.min(h.rows - start);
-            if labels.host[start..start + rows]
-                .iter()
-                .all(|&l| l == IGNORE_LABEL)
+            if skip_unlabelled
+                && labels.host[start..start + rows]
+                    .iter()
+                    .all(|&l| l == IGNORE_LABEL)
             {
                 continue;
             }
@@ -1329,8 +1369,8 @@ impl Backend for CudaBackend {
                 Arg::Ptr(self.buffer_ptr(&labels.device) + (start * 4) as u64),
                 dim(rows),
                 dim(vocab),
-                Arg::F32(1.0 / normalizer),
-                Arg::Ptr(self.buffer_ptr(&loss)),
+                scale_ptr,
+                Arg::Ptr(row_loss_ptr + (start * 4) as u64),
             ];
             self.run("loss", "cross_entropy_rows", Shape::per_row(rows), &args)?;
             let dz = match &dlogits_bf16 {
@@ -1359,8 +1399,7 @@ impl Backend for CudaBackend {
             };
             self.gemm("lm_head_dh", dz, false, wo, false, 1.0, 0.0, dh_rows)?;
         }
-        let loss = self.gpu.download(&loss.slice, "the loss")?[0];
-        Ok((loss, dh))
+        Ok(dh)
     }
 
     fn adamw(
@@ -1389,5 +1428,13 @@ impl Backend for CudaBackend {
             Arg::F32(h.eps),
         ];
         self.elementwise("adamw_f32", p.elements(), &args)
+    }
+
+    fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Option<graph::Recording>> {
+        self.record_work(work)
+    }
+
+    fn replay(&self, recording: &graph::Recording) -> Result<()> {
+        self.replay_work(recording)
     }
 }

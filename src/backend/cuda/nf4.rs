@@ -143,6 +143,14 @@ impl CudaBackend {
         })
     }
 
+    /// Forgets which matrix each scratch slot holds: the next product with any NF4 matrix
+    /// dequantizes it again.
+    pub(super) fn forget_dequantized(&self) {
+        for slot in &mut self.lock_nf4_scratch().slots {
+            slot.holds = None;
+        }
+    }
+
     fn lock_nf4_scratch(&self) -> ScratchGuard<'_> {
         // Slot bookkeeping is a few assignments; a panic elsewhere cannot leave it half-done.
         self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner())

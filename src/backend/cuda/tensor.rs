@@ -3,6 +3,7 @@
 //! in host memory, and integer vectors with a host copy for validation.
 
 use super::device::DeviceBuffer;
+use super::host_table::HostTable;
 use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,9 +28,9 @@ pub enum Storage {
     F32(DeviceBuffer<f32>),
     Bf16(DeviceBuffer<u16>),
     Nf4(Box<Nf4Storage>),
-    /// A frozen lookup table kept in host memory as bf16 bits: a step moves only the rows it
-    /// looks up (an untied embedding table: 1 GiB of device memory saved on Llama 3).
-    Host(Vec<u16>),
+    /// A frozen lookup table kept in pinned host memory as bf16 bits, read by the embedding
+    /// kernel over the bus (an untied embedding table: 1 GiB of device memory saved on Llama 3).
+    Host(HostTable),
     /// An f32 tensor moved to pinned host memory by `Backend::stash` (offload.rs).
     Offloaded(Box<Offloaded>),
 }

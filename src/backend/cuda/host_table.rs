@@ -1,0 +1,62 @@
+//! A frozen lookup table in pinned host memory mapped into the GPU's address space: kernels read
+//! the rows they look up straight over the bus, so the table costs no device memory and a step
+//! needs no host-side gather (the embedding kernel reads `table[ids[t]]` itself, which also lets
+//! a recorded step replay with other ids).
+
+use super::device::{driver_error, Gpu};
+use crate::error::{Error, Result};
+use cudarc::driver::{sys, PinnedHostSlice};
+
+/// bf16 bits in pinned, device-mapped host memory.
+#[derive(Debug)]
+pub struct HostTable {
+    values: PinnedHostSlice<u16>,
+    /// The address kernels read the values at.
+    device_ptr: u64,
+}
+
+impl HostTable {
+    /// A table holding `bits`.
+    pub fn new(gpu: &Gpu, bits: &[u16]) -> Result<Self> {
+        let bytes = std::mem::size_of_val(bits);
+        // SAFETY: every value is written below before anything reads the table.
+        let mut values = unsafe {
+            gpu.ctx.alloc_pinned_with_flags::<u16>(
+                bits.len(),
+                sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
+            )
+        }
+        .map_err(|e| Error::OutOfMemory {
+            requested: bytes,
+            what: "pinned host memory for a lookup table".into(),
+            detail: e.to_string(),
+        })?;
+        let host = values
+            .as_mut_slice()
+            .map_err(driver_error("writing a lookup table"))?;
+        host.copy_from_slice(bits);
+        let mut device_ptr = 0;
+        // SAFETY: `host` is a live allocation made with CU_MEMHOSTALLOC_DEVICEMAP in this
+        // context; the call only writes `device_ptr`.
+        unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut device_ptr, host.as_mut_ptr().cast(), 0)
+                .result()
+                .map_err(driver_error(
+                    "mapping a lookup table into the GPU's address space",
+                ))?;
+        }
+        Ok(HostTable { values, device_ptr })
+    }
+
+    /// The address kernels read the values at.
+    pub fn device_ptr(&self) -> u64 {
+        self.device_ptr
+    }
+
+    /// The bf16 bits.
+    pub fn bits(&self) -> Result<&[u16]> {
+        self.values
+            .as_slice()
+            .map_err(driver_error("reading a lookup table"))
+    }
+}

@@ -1,0 +1,140 @@
+//! Micro-batches recorded once and replayed ([`Backend::record`]): while batches keep one shape,
+//! a micro-batch's forward and backward pass is queued as one recorded unit instead of
+//! thousands of operations, each with its own host-side cost (on a GPU the recording is a CUDA
+//! graph). The recording reads the batch, the loss scale and the adapters from buffers that stay
+//! in place, and each micro-batch writes its values into them first.
+//!
+//! The first micro-batch of a new shape runs as usual (compiling kernels and planning products
+//! on the way); the next one of that shape is recorded, and every later one replays. One
+//! recording is held at a time: a batch of another shape drops it (and its memory).
+
+use super::batch::Batch;
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::lora::LoraConfig;
+use crate::model::adapters::LoraTensors;
+use crate::model::decoder::{Adapters, Decoder, DeviceBatch, LossOutput, Saving};
+
+/// `FINETUNE_CUDA_GRAPHS=0` turns recording off (every micro-batch queued operation by operation).
+const SWITCH: &str = "FINETUNE_CUDA_GRAPHS";
+
+/// What a recording depends on besides the values in its buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    batch: usize,
+    seq: usize,
+    saving: Saving,
+    mlp_chunk_rows: usize,
+}
+
+/// A batch's buffers on the backend and the work recorded over them.
+struct Held<B: Backend> {
+    layout: Layout,
+    batch: DeviceBatch<B>,
+    /// `[1, 1]`: 1 / the labelled tokens of the step.
+    scale: B::Tensor,
+    /// `[rows, 1]`: each row's cross-entropy.
+    row_loss: B::Tensor,
+    recording: Option<B::Recording>,
+}
+
+/// Runs micro-batches through a held recording where it can.
+pub(super) struct Replayer<B: Backend> {
+    /// Boxed: a trainer without a recording stays small.
+    held: Option<Box<Held<B>>>,
+    enabled: bool,
+}
+
+impl<B: Backend> Replayer<B> {
+    pub(super) fn new() -> Self {
+        Replayer {
+            held: None,
+            enabled: std::env::var(SWITCH).map_or(true, |v| v != "0"),
+        }
+    }
+
+    /// Turns recording on or off (off drops the held recording).
+    pub(super) fn set_enabled(&mut self, on: bool) {
+        self.enabled = on;
+        if !on {
+            self.forget();
+        }
+    }
+
+    /// Whether micro-batches trained with these settings can be recorded: not in a
+    /// data-parallel group (its sums are queued between layers), not with dropout (its masks
+    /// change every step), not with offloaded activations (their host buffers live outside
+    /// the recording).
+    pub(super) fn applies(&self, lora: &LoraConfig, saving: Saving, in_group: bool) -> bool {
+        self.enabled && !in_group && lora.dropout == 0.0 && !saving.offload_inputs
+    }
+
+    /// Drops the held recording: the buffers it reads (the adapters) may be replaced.
+    pub(super) fn forget(&mut self) {
+        self.held = None;
+    }
+
+    /// Forward and backward of `batch` (see [`Decoder::forward_backward`]), gradients of
+    /// `scale · Σ CE` added into `grads`; returns the sum of the rows' cross-entropies.
+    pub(super) fn run(
+        &mut self,
+        dec: &Decoder<B>,
+        batch: &Batch,
+        ad: &Adapters<B>,
+        grads: &mut LoraTensors<B>,
+        scale: f32,
+        saving: Saving,
+    ) -> Result<f64> {
+        let be = &dec.backend;
+        let vocab = dec.cfg.vocab_size;
+        let layout = Layout {
+            batch: batch.batch_size,
+            seq: batch.seq_len,
+            saving,
+            mlp_chunk_rows: dec.mlp_chunk_rows(),
+        };
+        let seen = match &mut self.held {
+            Some(h) if h.layout == layout => {
+                batch.write_into(be, vocab, &mut h.batch)?;
+                be.write(&mut h.scale, &[scale])?;
+                true
+            }
+            _ => {
+                // The old recording's memory goes before the new buffers come.
+                self.held = None;
+                self.held = Some(Box::new(Held {
+                    layout,
+                    batch: batch.upload(be, vocab)?,
+                    scale: be.upload(&[scale], 1, 1)?,
+                    row_loss: be.zeros(batch.batch_size * batch.seq_len, 1)?,
+                    recording: None,
+                }));
+                false
+            }
+        };
+        let Held {
+            batch,
+            scale,
+            row_loss,
+            recording,
+            ..
+        } = &mut **self.held.as_mut().expect("set above");
+        let mut pass = || {
+            let mut loss = LossOutput { scale, row_loss };
+            dec.forward_backward(batch, ad, grads, &mut loss, saving, &mut |_, _| Ok(()))
+        };
+        if seen && recording.is_none() {
+            *recording = be.record(&mut pass)?;
+        }
+        match recording {
+            Some(r) => be.replay(r)?,
+            None => pass()?,
+        }
+        row_loss_sum(be, row_loss)
+    }
+}
+
+/// `Σ` of a `[rows, 1]` tensor of row losses, in f64 (waits for the work queued before).
+pub(super) fn row_loss_sum<B: Backend>(be: &B, row_loss: &B::Tensor) -> Result<f64> {
+    Ok(be.download(row_loss)?.iter().map(|&x| x as f64).sum())
+}
