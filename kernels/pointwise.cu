@@ -23,19 +23,27 @@ extern "C" __global__ void sum_slabs_f32(const float* x, float* y, int parts, lo
 }
 
 // x_i *= s.
-extern "C" __global__ void scale_f32(float* x, float s, long long n) {
-    GRID_STRIDE_LOOP(i, n) { x[i] *= s; }
-}
-
 // x[r, c] += b[c] for a row-major [rows, cols] x; the loop runs over n = rows·cols elements.
 extern "C" __global__ void add_row_vector_f32(float* x, const float* b, long long rows, int cols) {
     const long long n = rows * (long long)cols;
     GRID_STRIDE_LOOP(i, n) { x[i] += b[i % cols]; }
 }
 
-// *out += Σ_i x_i² (each term and the sum in double; one atomicAdd per block; the host zeroes
-// *out first). Every thread reaches block_sum_f64 (the loop is the only divergent part).
-extern "C" __global__ void sum_squares_f32(const float* x, long long n, double* out) {
+// Kernels over many tensors in one launch read a table with one row per tensor: the tensor's
+// device addresses, then its element count, each an unsigned 64-bit value. blockIdx.y picks the
+// row; blockIdx.x and threadIdx.x stride over that tensor's elements (GRID_STRIDE_LOOP).
+__device__ __forceinline__ const unsigned long long* table_row(const unsigned long long* table,
+                                                               int cols) {
+    return table + (long long)blockIdx.y * cols;
+}
+
+// *out += Σ over the tensors of Σ_i x_i² (table rows {x, n}; each term and the sum in double; one
+// atomicAdd per block; the host zeroes *out first). Every thread reaches block_sum_f64 (the loop
+// is the only divergent part).
+extern "C" __global__ void sum_squares_many_f32(const unsigned long long* table, double* out) {
+    const unsigned long long* row = table_row(table, 2);
+    const float* x = (const float*)row[0];
+    const long long n = (long long)row[1];
     double acc = 0.0;
     GRID_STRIDE_LOOP(i, n) {
         const double a = (double)x[i];
@@ -226,13 +234,20 @@ extern "C" __global__ void embedding_f32(const float* table, const int* ids, flo
 //   p ← p·decay; m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g·g;
 //   p ← p − step_size·m / (sqrt(v)/bc2_sqrt + eps)
 // (the host computes decay = 1 − lr·wd, step_size = lr/(1 − β1^t), bc2_sqrt = sqrt(1 − β2^t)).
-extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, long long n,
-                                     float decay, float beta1, float beta2, float step_size,
-                                     float bc2_sqrt, float eps) {
+// Table rows {p, g, m, v, n}; the gradient is multiplied by grad_scale first (clipping).
+extern "C" __global__ void adamw_many_f32(const unsigned long long* table, float decay,
+                                          float beta1, float beta2, float step_size,
+                                          float bc2_sqrt, float eps, float grad_scale) {
+    const unsigned long long* row = table_row(table, 5);
+    float* p = (float*)row[0];
+    const float* g = (const float*)row[1];
+    float* m = (float*)row[2];
+    float* v = (float*)row[3];
+    const long long n = (long long)row[4];
     const float one_minus_b1 = __fsub_rn(1.0f, beta1);
     const float one_minus_b2 = __fsub_rn(1.0f, beta2);
     GRID_STRIDE_LOOP(i, n) {
-        const float gi = g[i];
+        const float gi = __fmul_rn(g[i], grad_scale);
         const float pi = __fmul_rn(p[i], decay);
         const float mi = __fadd_rn(__fmul_rn(beta1, m[i]), __fmul_rn(one_minus_b1, gi));
         const float vi = __fadd_rn(__fmul_rn(beta2, v[i]), __fmul_rn(__fmul_rn(one_minus_b2, gi), gi));

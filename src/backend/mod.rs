@@ -35,6 +35,16 @@ pub struct AdamWStep {
     pub weight_decay: f32,
     /// 1-based step number, for bias correction.
     pub step: u64,
+    /// Each gradient is multiplied by this first (global-norm clipping; 1 when not clipping).
+    pub grad_scale: f32,
+}
+
+/// One parameter tensor's AdamW state: the parameter, its gradient and both moments.
+pub struct AdamWSlot<'a, T> {
+    pub param: &'a mut T,
+    pub grad: &'a T,
+    pub m: &'a mut T,
+    pub v: &'a mut T,
 }
 
 /// Fails unless matrices `a` and `b` (`(rows, cols)`) have one shape; `what` names the operation.
@@ -257,9 +267,7 @@ pub trait Backend: Send + Sync + 'static {
     fn settle(&self, t: Self::Tensor) -> Result<Self::Tensor> {
         Ok(t)
     }
-    /// `x *= s`.
-    fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
-    /// Sets every element of `x` to 0, whatever it held (NaN too, which `scale` by 0 keeps).
+    /// Sets every element of `x` to 0, whatever it held (NaN too, which a product with 0 keeps).
     fn fill_zero(&self, x: &mut Self::Tensor) -> Result<()>;
     /// `Σ x²` over every element of every tensor in `xs`, accumulated in f64 (one result for a
     /// whole set, so a device backend waits once).
@@ -406,17 +414,11 @@ pub trait Backend: Send + Sync + 'static {
         row_loss: &mut Self::Tensor,
     ) -> Result<Self::Tensor>;
 
-    /// Decoupled-weight-decay Adam (as `torch.optim.AdamW`): `p ← p·(1 − lr·wd)`, then
-    /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`, `p ← p − lr·m̂/(sqrt(v̂) + eps)` with
-    /// `m̂ = m/(1−β1^t)`, `v̂ = v/(1−β2^t)`.
-    fn adamw(
-        &self,
-        p: &mut Self::Tensor,
-        g: &Self::Tensor,
-        m: &mut Self::Tensor,
-        v: &mut Self::Tensor,
-        h: AdamWStep,
-    ) -> Result<()>;
+    /// Decoupled-weight-decay Adam (as `torch.optim.AdamW`) on every slot: `g ← g·grad_scale`,
+    /// `p ← p·(1 − lr·wd)`, then `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+    /// `p ← p − lr·m̂/(sqrt(v̂) + eps)` with `m̂ = m/(1−β1^t)`, `v̂ = v/(1−β2^t)`. All slots in
+    /// one call, so a device backend can update them in one launch.
+    fn adamw(&self, slots: &mut [AdamWSlot<'_, Self::Tensor>], h: AdamWStep) -> Result<()>;
 
     /// Records the device work `work` queues, without running it, for [`Backend::replay`]:
     /// `Ok(None)` (and `work` not called) where this backend does not record. Recorded work

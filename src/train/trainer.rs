@@ -4,7 +4,7 @@ use super::batch::Batch;
 use super::replay::{row_loss_sum, Replayer};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::backend::collective::Collective;
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::{AdamWSlot, AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
 use crate::model::adapters::LoraTensors;
@@ -181,7 +181,8 @@ impl<B: Backend> Trainer<B> {
         self.replayer.forget();
         &mut self.params
     }
-    /// Gradients of the last [`Trainer::compute_gradients`] or step.
+    /// Gradients of the last [`Trainer::compute_gradients`] or step (before clipping: the step
+    /// scales them as AdamW reads them).
     pub fn grads(&self) -> &LoraTensors<B> {
         &self.grads
     }
@@ -367,14 +368,14 @@ impl<B: Backend> Trainer<B> {
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite(format!("gradient norm ({grad_norm})")));
         }
-        // torch.nn.utils.clip_grad_norm_: g ← g · max / (norm + 1e-6) when norm > max.
+        // torch.nn.utils.clip_grad_norm_: g ← g · max / (norm + 1e-6) when norm > max, applied
+        // by AdamW as it reads each gradient.
         let max = self.cfg.max_grad_norm as f64;
-        if max > 0.0 && grad_norm > max {
-            let c = (max / (grad_norm + 1e-6)) as f32;
-            for g in self.grads.tensors_mut() {
-                be.scale(g, c)?;
-            }
-        }
+        let grad_scale = if max > 0.0 && grad_norm > max {
+            (max / (grad_norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
         let lr = self.cfg.schedule().lr(self.step);
         let h = AdamWStep {
             lr,
@@ -383,11 +384,14 @@ impl<B: Backend> Trainer<B> {
             eps: self.cfg.eps,
             weight_decay: self.cfg.weight_decay,
             step: self.step + 1,
+            grad_scale,
         };
         let tensors = self.params.tensors_mut().zip(self.grads.tensors());
-        for ((p, g), (m, v)) in tensors.zip(self.m.tensors_mut().zip(self.v.tensors_mut())) {
-            be.adamw(p, g, m, v, h)?;
-        }
+        let mut slots: Vec<AdamWSlot<'_, B::Tensor>> = tensors
+            .zip(self.m.tensors_mut().zip(self.v.tensors_mut()))
+            .map(|((param, grad), (m, v))| AdamWSlot { param, grad, m, v })
+            .collect();
+        be.adamw(&mut slots, h)?;
         self.step += 1;
         Ok(StepStats {
             step: self.step,

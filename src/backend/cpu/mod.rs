@@ -10,7 +10,7 @@ mod nf4;
 mod pointwise;
 pub mod pool;
 
-use super::{AdamWStep, AttentionShape, Backend};
+use super::{AdamWSlot, AdamWStep, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::quant::Nf4Tensor;
@@ -310,12 +310,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn scale(&self, x: &mut CpuTensor, s: f32) -> Result<()> {
-        Self::dense(&[x], "scale")?;
-        x.data.iter_mut().for_each(|a| *a *= s);
-        Ok(())
-    }
-
     fn fill_zero(&self, x: &mut CpuTensor) -> Result<()> {
         Self::dense(&[x], "fill_zero")?;
         x.data.fill(0.0);
@@ -578,19 +572,20 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn adamw(
-        &self,
-        p: &mut CpuTensor,
-        g: &CpuTensor,
-        m: &mut CpuTensor,
-        v: &mut CpuTensor,
-        h: AdamWStep,
-    ) -> Result<()> {
-        Self::same_shape(p, g, "adamw")?;
-        Self::same_shape(p, m, "adamw")?;
-        Self::same_shape(p, v, "adamw")?;
-        Self::dense(&[p, g, m, v], "adamw")?;
-        pointwise::adamw(&mut p.data, &g.data, &mut m.data, &mut v.data, h);
+    fn adamw(&self, slots: &mut [AdamWSlot<'_, CpuTensor>], h: AdamWStep) -> Result<()> {
+        for s in slots {
+            Self::same_shape(s.param, s.grad, "adamw")?;
+            Self::same_shape(s.param, s.m, "adamw")?;
+            Self::same_shape(s.param, s.v, "adamw")?;
+            Self::dense(&[s.param, s.grad, s.m, s.v], "adamw")?;
+            pointwise::adamw(
+                &mut s.param.data,
+                &s.grad.data,
+                &mut s.m.data,
+                &mut s.v.data,
+                h,
+            );
+        }
         Ok(())
     }
 

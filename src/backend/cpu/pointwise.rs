@@ -229,6 +229,7 @@ pub fn rope(
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamWStep) {
     let c = AdamWConstants::of(h);
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let g = g * h.grad_scale;
         *p *= c.decay;
         *m = h.beta1 * *m + (1.0 - h.beta1) * g;
         *v = h.beta2 * *v + (1.0 - h.beta2) * g * g;

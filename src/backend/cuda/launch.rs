@@ -41,6 +41,9 @@ pub struct Shape {
 /// Threads of the elementwise and row kernels' blocks.
 pub const BLOCK: u32 = 256;
 
+/// The most blocks this backend puts along a grid's x (and, at most, y) dimension.
+pub const MAX_GRID: usize = 65535;
+
 /// Bytes of shared memory a block may use without opting in.
 const STATIC_SHARED_LIMIT: u32 = 48 << 10;
 
@@ -48,7 +51,7 @@ impl Shape {
     /// Grid-stride elementwise kernels over `n` elements.
     pub fn elementwise(n: usize) -> Self {
         Shape {
-            grid: (n.div_ceil(BLOCK as usize).clamp(1, 65535) as u32, 1, 1),
+            grid: (n.div_ceil(BLOCK as usize).clamp(1, MAX_GRID) as u32, 1, 1),
             block: BLOCK,
             shared: 0,
         }

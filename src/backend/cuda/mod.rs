@@ -18,8 +18,8 @@ mod profile;
 pub mod tensor;
 
 use super::{
-    check_attention_shapes, check_len, check_same_shape, AdamWConstants, AdamWStep, AttentionShape,
-    Backend, DeviceMemory, IGNORE_LABEL,
+    check_attention_shapes, check_len, check_same_shape, AdamWConstants, AdamWSlot, AdamWStep,
+    AttentionShape, Backend, DeviceMemory, IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -29,7 +29,7 @@ use cudarc::driver::{DevicePtr, DeviceRepr};
 use device::{driver_error, DeviceBuffer, Gpu};
 use host_table::HostTable;
 use kernels::KernelCache;
-use launch::{Arg, Shape};
+use launch::{Arg, Shape, BLOCK, MAX_GRID};
 use offload::Offload;
 use profile::Profiler;
 use rayon::prelude::*;
@@ -270,6 +270,36 @@ impl CudaBackend {
             self.blas
                 .gemm(&self.gpu, a, trans_a, b, trans_b, alpha, beta, c, tf32)
         })
+    }
+
+    /// A kernel over many f32 tensors in one launch (kernels/README.md, `*_many_*`): each row
+    /// of `rows` is one tensor's operands, the first giving the element count; the kernel reads
+    /// their addresses from a table uploaded here, then `args`.
+    fn elementwise_many<const N: usize>(
+        &self,
+        name: &'static str,
+        rows: &[[&CudaTensor; N]],
+        args: &[Arg],
+    ) -> Result<()> {
+        let cols = N + 1;
+        let mut table = Vec::with_capacity(rows.len() * cols);
+        let mut longest = 0;
+        for row in rows {
+            for t in row {
+                table.push(self.buffer_ptr(f32_buffer(t, name)?));
+            }
+            table.push(row[0].elements() as u64);
+            longest = longest.max(row[0].elements());
+        }
+        let blocks = longest.div_ceil(BLOCK as usize).clamp(1, MAX_GRID);
+        for part in table.chunks(cols * MAX_GRID) {
+            let table = self.gpu.upload(part, "a table of tensors")?;
+            let mut all = vec![Arg::Ptr(self.buffer_ptr(&table))];
+            all.extend_from_slice(args);
+            let shape = Shape::grid(blocks, part.len() / cols, 1, BLOCK);
+            self.run("pointwise", name, shape, &all)?;
+        }
+        Ok(())
     }
 
     /// An elementwise kernel over `n` elements (nothing is queued for `n == 0`).
@@ -802,11 +832,6 @@ impl Backend for CudaBackend {
         self.elementwise("add_assign_f32", x.elements(), &args)
     }
 
-    fn scale(&self, x: &mut CudaTensor, s: f32) -> Result<()> {
-        let args = [self.f32_arg(x, "scale")?, Arg::F32(s), count(x.elements())];
-        self.elementwise("scale_f32", x.elements(), &args)
-    }
-
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
         let Storage::F32(b) = &mut t.storage else {
             return wants_f32(t, "fill_zero");
@@ -819,14 +844,9 @@ impl Backend for CudaBackend {
 
     fn sum_squares(&self, xs: &[&CudaTensor]) -> Result<f64> {
         let out = self.gpu.alloc_zeros::<f64>(1, "a sum")?;
-        for x in xs {
-            let args = [
-                self.f32_arg(x, "sum_squares")?,
-                count(x.elements()),
-                Arg::Ptr(self.buffer_ptr(&out)),
-            ];
-            self.elementwise("sum_squares_f32", x.elements(), &args)?;
-        }
+        let rows: Vec<[&CudaTensor; 1]> = xs.iter().map(|&x| [x]).collect();
+        let args = [Arg::Ptr(self.buffer_ptr(&out))];
+        self.elementwise_many("sum_squares_many_f32", &rows, &args)?;
         Ok(self.gpu.download(&out.slice, "a sum")?[0])
     }
 
@@ -1402,32 +1422,25 @@ impl Backend for CudaBackend {
         Ok(dh)
     }
 
-    fn adamw(
-        &self,
-        p: &mut CudaTensor,
-        g: &CudaTensor,
-        m: &mut CudaTensor,
-        v: &mut CudaTensor,
-        h: AdamWStep,
-    ) -> Result<()> {
-        same_shape(p, g, "adamw")?;
-        same_shape(p, m, "adamw")?;
-        same_shape(p, v, "adamw")?;
+    fn adamw(&self, slots: &mut [AdamWSlot<'_, CudaTensor>], h: AdamWStep) -> Result<()> {
+        let mut rows = Vec::with_capacity(slots.len());
+        for s in slots.iter() {
+            same_shape(s.param, s.grad, "adamw")?;
+            same_shape(s.param, s.m, "adamw")?;
+            same_shape(s.param, s.v, "adamw")?;
+            rows.push([&*s.param, s.grad, &*s.m, &*s.v]);
+        }
         let c = AdamWConstants::of(h);
         let args = [
-            self.f32_arg(p, "adamw")?,
-            self.f32_arg(g, "adamw")?,
-            self.f32_arg(m, "adamw")?,
-            self.f32_arg(v, "adamw")?,
-            count(p.elements()),
             Arg::F32(c.decay),
             Arg::F32(h.beta1),
             Arg::F32(h.beta2),
             Arg::F32(c.step_size),
             Arg::F32(c.bc2_sqrt),
             Arg::F32(h.eps),
+            Arg::F32(h.grad_scale),
         ];
-        self.elementwise("adamw_f32", p.elements(), &args)
+        self.elementwise_many("adamw_many_f32", &rows, &args)
     }
 
     fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Option<graph::Recording>> {

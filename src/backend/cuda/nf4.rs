@@ -12,7 +12,7 @@
 //! product is not written before the products queued earlier have read it; the scratch stays
 //! locked from the dequantization to the queuing of the product, so threads cannot interleave.
 
-use super::launch::{Arg, Shape};
+use super::launch::{Arg, Shape, MAX_GRID};
 use super::tensor::{DeviceAbsmax, Nf4Storage, Storage};
 use super::{count, CudaBackend, CudaTensor};
 use crate::error::{Error, Result};
@@ -58,7 +58,7 @@ impl CudaBackend {
         let packed = self.gpu.alloc::<u8>(n.div_ceil(2), "NF4 codes")?;
         let absmax = self.gpu.alloc::<f32>(blocks, "NF4 block absmax values")?;
         let warps = Shape::grid(
-            blocks.div_ceil(BLOCKS_PER_CUDA_BLOCK).min(65535),
+            blocks.div_ceil(BLOCKS_PER_CUDA_BLOCK).min(MAX_GRID),
             1,
             1,
             32 * BLOCKS_PER_CUDA_BLOCK as u32,
