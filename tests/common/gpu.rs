@@ -259,56 +259,104 @@ fn varied_batches(steps: usize) -> Vec<Batch> {
         .collect()
 }
 
-/// Steps with recording (CUDA graphs) against the same steps queued operation by operation:
-/// every loss and every adapter value after the steps within `tol` relative. A batch of another
-/// shape comes in the middle (the recording is dropped, then made again).
-pub fn recorded_steps_match_unrecorded(base: Base, tol: f64) {
-    let run = |record: bool| {
-        let t = trainer_on(CudaBackend::new(0).unwrap(), Family::Llama, base);
-        let mut lora = t.lora_config().clone();
-        lora.dropout = 0.0;
-        let params = t
-            .params()
-            .tensors()
-            .map(|p| {
-                let be = &t.decoder().backend;
-                let (r, c) = be.shape(p);
-                (be.download(p).unwrap(), r, c)
-            })
-            .collect::<Vec<_>>();
-        // The same adapters, without dropout (recording needs none).
-        let dec = t.decoder().clone();
-        let mut t = Trainer::new(dec.clone(), lora, TrainConfig::default()).unwrap();
-        for (p, (values, r, c)) in t.params_mut().tensors_mut().zip(params) {
-            *p = dec.backend.upload(&values, r, c).unwrap();
+/// A trainer on a tiny model (as [`trainer_on`]) without dropout, which recording needs; the
+/// second value makes more trainers with the same adapters on the same decoder.
+fn recordable_trainer(base: Base) -> Arc<dyn Fn() -> Trainer<CudaBackend> + Send + Sync> {
+    let t = trainer_on(CudaBackend::new(0).unwrap(), Family::Llama, base);
+    let mut lora = t.lora_config().clone();
+    lora.dropout = 0.0;
+    let dec = t.decoder().clone();
+    let params: Vec<_> = t
+        .params()
+        .tensors()
+        .map(|p| {
+            let (r, c) = dec.backend.shape(p);
+            (dec.backend.download(p).unwrap(), r, c)
+        })
+        .collect();
+    Arc::new(move || {
+        let mut t = Trainer::new(dec.clone(), lora.clone(), TrainConfig::default()).unwrap();
+        for (p, (values, r, c)) in t.params_mut().tensors_mut().zip(&params) {
+            *p = dec.backend.upload(values, *r, *c).unwrap();
         }
-        t.set_recording(record);
-        let mut batches = varied_batches(6);
-        batches[3] = Batch::new(1, 20, vec![3; 20], vec![4; 20]).unwrap();
-        let losses: Vec<f32> = batches
-            .iter()
-            .map(|b| t.step(std::slice::from_ref(b)).unwrap().loss)
-            .collect();
-        let be = &t.decoder().backend;
-        let values: Vec<Vec<f32>> = t
-            .params()
-            .tensors()
-            .map(|p| be.download(p).unwrap())
-            .collect();
-        (losses, values)
-    };
-    let (eager_losses, eager) = run(false);
-    let (replayed_losses, replayed) = run(true);
-    eprintln!("{base:?} losses queued {eager_losses:?} recorded {replayed_losses:?}");
-    for (i, (a, b)) in eager_losses.iter().zip(&replayed_losses).enumerate() {
-        let rel = ((a - b) / a).abs() as f64;
-        assert!(rel <= tol, "step {i}: loss {a} queued, {b} recorded");
-    }
-    let worst = eager
+        t
+    })
+}
+
+/// Six steps of `t` (varied values, a batch of another shape fourth): the losses and the
+/// adapters after them.
+fn six_steps(t: &mut Trainer<CudaBackend>) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut batches = varied_batches(6);
+    batches[3] = Batch::new(1, 20, vec![3; 20], vec![4; 20]).unwrap();
+    let losses = batches
         .iter()
-        .zip(&replayed)
+        .map(|b| t.step(std::slice::from_ref(b)).unwrap().loss)
+        .collect();
+    let be = &t.decoder().backend;
+    let values = t
+        .params()
+        .tensors()
+        .map(|p| be.download(p).unwrap())
+        .collect();
+    (losses, values)
+}
+
+/// Fails unless two runs' losses and adapters agree within `tol` relative.
+fn assert_same_run(
+    what: &str,
+    (la, pa): &(Vec<f32>, Vec<Vec<f32>>),
+    (lb, pb): &(Vec<f32>, Vec<Vec<f32>>),
+    tol: f64,
+) {
+    eprintln!("{what}: losses {la:?} and {lb:?}");
+    for (i, (a, b)) in la.iter().zip(lb).enumerate() {
+        let rel = ((a - b) / a).abs() as f64;
+        assert!(rel <= tol, "{what}, step {i}: loss {a} against {b}");
+    }
+    let worst = pa
+        .iter()
+        .zip(pb)
         .map(|(a, b)| rel_err(b, a))
         .fold(0.0f64, |m, e| if e.is_nan() { f64::NAN } else { m.max(e) });
-    eprintln!("{base:?} adapters after the steps: largest relative difference {worst:.2e}");
-    assert!(worst <= tol, "adapters differ: {worst}");
+    eprintln!("{what}: adapters after the steps differ by {worst:.2e} at most (relative)");
+    assert!(worst <= tol, "{what}: adapters differ by {worst}");
+}
+
+/// Steps with recording (CUDA graphs) against the same steps queued operation by operation:
+/// every loss and every adapter value after the steps within `tol` relative. A batch of another
+/// shape comes in the middle (the recording is dropped, then made again). Then the same two
+/// trainers again side by side on two threads sharing the model: recording on one thread
+/// captures none of the other's work.
+pub fn recorded_steps_match_unrecorded(base: Base, tol: f64) {
+    let make = recordable_trainer(base);
+    let run = |record: bool| {
+        let mut t = make();
+        t.set_recording(record);
+        six_steps(&mut t)
+    };
+    let queued = run(false);
+    let recorded = run(true);
+    assert_same_run(
+        &format!("{base:?} queued / recorded"),
+        &queued,
+        &recorded,
+        tol,
+    );
+    let (beside_queued, beside_recorded) = std::thread::scope(|s| {
+        let a = s.spawn(|| run(false));
+        let b = s.spawn(|| run(true));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_same_run(
+        &format!("{base:?} queued, two threads"),
+        &queued,
+        &beside_queued,
+        tol,
+    );
+    assert_same_run(
+        &format!("{base:?} recorded, two threads"),
+        &recorded,
+        &beside_recorded,
+        tol,
+    );
 }

@@ -304,7 +304,7 @@ impl Blas {
         gpu.ctx
             .bind_to_thread()
             .map_err(driver_error("binding the CUDA context"))?;
-        let workspace = self.workspace.slice.device_ptr(&gpu.stream).0;
+        let workspace = self.workspace.slice.device_ptr(gpu.stream()).0;
         let [la, lb, lc] = plan.layouts;
         // SAFETY: the operands are live device allocations of at least rows·cols elements of
         // their dtype (checked by the callers) at the alignments planned for; alpha and beta are
@@ -326,7 +326,7 @@ impl Blas {
                 &plan.algo,
                 workspace as *mut c_void,
                 WORKSPACE_BYTES,
-                gpu.stream.cu_stream() as sys::cudaStream_t,
+                gpu.stream().cu_stream() as sys::cudaStream_t,
             )
         }
         .map_err(blas_error(format!(

@@ -3,8 +3,9 @@
 
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, DriverError};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::{self, ThreadId};
 
 /// Live and peak bytes of the device buffers this library allocated, and an optional cap.
 #[derive(Debug, Default)]
@@ -96,11 +97,30 @@ impl<T> Drop for DeviceBuffer<T> {
     }
 }
 
+/// High-water marks of recorded work's own device memory (bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct GraphMemoryPeak {
+    /// Backing allocations in use.
+    pub used: usize,
+    /// Held by the graph memory pool, in use or cached.
+    pub reserved: usize,
+}
+
 /// The context, the one stream all work runs on in order, and the memory account.
 pub struct Gpu {
     pub ordinal: usize,
     pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
+    /// The stream all work runs on, in order.
+    main: Arc<CudaStream>,
+    /// The stream a thread recording work (graph.rs) queues it on instead, so that other
+    /// threads' work on `main` meanwhile is not recorded with it.
+    recording_stream: Arc<CudaStream>,
+    /// The thread recording now, if one is.
+    recorder: Mutex<Option<ThreadId>>,
+    /// Held by the thread recording (see [`Gpu::recording_here`]).
+    recording_turn: Mutex<()>,
+    /// Whether one is (read before taking the lock: the common case needs no lock).
+    recording_somewhere: AtomicBool,
     pub memory: Arc<MemoryAccount>,
     pub name: String,
     /// `(major, minor)` compute capability.
@@ -154,9 +174,8 @@ impl Gpu {
         // for cross-stream safety are pure overhead.
         // SAFETY: no buffer of this context is ever used on a second stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx
-            .new_stream()
-            .map_err(driver_error("creating a stream"))?;
+        let new_stream = || ctx.new_stream().map_err(driver_error("creating a stream"));
+        let (main, recording_stream) = (new_stream()?, new_stream()?);
         keep_freed_memory_pooled(&ctx)?;
         let name = ctx.name().map_err(driver_error("reading the GPU name"))?;
         let capability = ctx
@@ -169,7 +188,11 @@ impl Gpu {
         Ok(Gpu {
             ordinal,
             ctx,
-            stream,
+            main,
+            recording_stream,
+            recorder: Mutex::new(None),
+            recording_turn: Mutex::new(()),
+            recording_somewhere: AtomicBool::new(false),
             memory: Arc::new(MemoryAccount::default()),
             name,
             capability,
@@ -177,12 +200,61 @@ impl Gpu {
         })
     }
 
+    /// The stream this thread's work goes to: the main stream, or the recording stream while
+    /// this thread records.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        if self.records_here() {
+            &self.recording_stream
+        } else {
+            &self.main
+        }
+    }
+
+    /// The stream all work runs on (where recorded work is replayed).
+    pub fn main_stream(&self) -> &Arc<CudaStream> {
+        &self.main
+    }
+
+    /// Whether this thread is recording work.
+    pub fn records_here(&self) -> bool {
+        self.recording_somewhere.load(Ordering::Acquire)
+            && *self.recorder.lock().unwrap_or_else(|e| e.into_inner())
+                == Some(thread::current().id())
+    }
+
+    /// Runs `f` with this thread's work going to the recording stream; a thread wanting to
+    /// record meanwhile waits until `f` returns (one recording at a time).
+    pub fn recording_here<T>(&self, f: impl FnOnce() -> T) -> T {
+        /// Sets the recorder and clears it when dropped (a panic in `f` included).
+        struct Recorder<'a>(&'a Gpu);
+        impl Recorder<'_> {
+            fn set(&self, who: Option<ThreadId>) {
+                *self.0.recorder.lock().unwrap_or_else(|e| e.into_inner()) = who;
+                self.0
+                    .recording_somewhere
+                    .store(who.is_some(), Ordering::Release);
+            }
+        }
+        impl Drop for Recorder<'_> {
+            fn drop(&mut self) {
+                self.set(None);
+            }
+        }
+        let _one_at_a_time = self
+            .recording_turn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let recorder = Recorder(self);
+        recorder.set(Some(thread::current().id()));
+        f()
+    }
+
     /// An uninitialised device array of `len` elements, for `what` (named in errors).
     pub fn alloc<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<DeviceBuffer<T>> {
         let bytes = len * std::mem::size_of::<T>();
         self.memory.reserve(bytes, what)?;
         // SAFETY: every caller writes the array (kernel output, copy or memset) before reading it.
-        match unsafe { self.stream.alloc::<T>(len) } {
+        match unsafe { self.stream().alloc::<T>(len) } {
             Ok(slice) => Ok(DeviceBuffer {
                 slice,
                 account: self.memory.clone(),
@@ -201,7 +273,7 @@ impl Gpu {
         what: &str,
     ) -> Result<DeviceBuffer<T>> {
         let mut b = self.alloc::<T>(len, what)?;
-        self.stream
+        self.stream()
             .memset_zeros(&mut b.slice)
             .map_err(driver_error(what))?;
         Ok(b)
@@ -210,7 +282,7 @@ impl Gpu {
     /// A device copy of `data`.
     pub fn upload<T: DeviceRepr>(&self, data: &[T], what: &str) -> Result<DeviceBuffer<T>> {
         let mut b = self.alloc::<T>(data.len(), what)?;
-        self.stream
+        self.stream()
             .memcpy_htod(data, &mut b.slice)
             .map_err(driver_error(what))?;
         Ok(b)
@@ -222,12 +294,12 @@ impl Gpu {
         b: &CudaSlice<T>,
         what: &str,
     ) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(b).map_err(driver_error(what))
+        self.stream().clone_dtoh(b).map_err(driver_error(what))
     }
 
     /// Waits for all queued work; a failure of any earlier launch surfaces here.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
+        self.stream()
             .synchronize()
             .map_err(driver_error("waiting for the GPU"))
     }
@@ -241,44 +313,50 @@ impl Gpu {
             .map_err(driver_error("releasing pooled device memory"))
     }
 
-    /// The most device memory recorded work (CUDA graphs) has held at once for its own
-    /// allocations since the last [`Gpu::reset_graph_memory_peak`].
-    pub fn graph_memory_peak(&self) -> Result<usize> {
-        let mut bytes: u64 = 0;
-        // SAFETY: a plain query on a live device; the value outlives the call.
-        unsafe {
-            sys::cuDeviceGetGraphMemAttribute(
-                self.ctx.cu_device(),
-                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
-                &mut bytes as *mut u64 as *mut std::ffi::c_void,
-            )
-        }
-        .result()
-        .map_err(driver_error("reading the recorded work's memory"))?;
-        Ok(bytes as usize)
+    /// The most device memory recorded work (CUDA graphs) has used for its own allocations,
+    /// and the most its pool has reserved, since the last [`Gpu::reset_graph_memory_peak`].
+    pub fn graph_memory_peak(&self) -> Result<GraphMemoryPeak> {
+        use sys::CUgraphMem_attribute::*;
+        Ok(GraphMemoryPeak {
+            used: self.graph_memory_attribute(CU_GRAPH_MEM_ATTR_USED_MEM_HIGH, None)? as usize,
+            reserved: self.graph_memory_attribute(CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH, None)?
+                as usize,
+        })
     }
 
     /// Starts a new measurement of [`Gpu::graph_memory_peak`] (from what is held now).
     pub fn reset_graph_memory_peak(&self) -> Result<()> {
-        let mut zero: u64 = 0;
-        // SAFETY: as above; 0 is the one value the driver accepts for this attribute.
-        unsafe {
-            sys::cuDeviceSetGraphMemAttribute(
-                self.ctx.cu_device(),
-                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
-                &mut zero as *mut u64 as *mut std::ffi::c_void,
-            )
+        use sys::CUgraphMem_attribute::*;
+        for attr in [
+            CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+            CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+        ] {
+            // 0 is the one value the driver accepts for a high-water mark: a reset.
+            self.graph_memory_attribute(attr, Some(0))?;
         }
-        .result()
-        .map_err(driver_error("resetting the recorded work's memory peak"))
+        Ok(())
     }
 
-    /// Gives the memory of destroyed recorded work back to the system.
-    pub fn release_graph_memory(&self) -> Result<()> {
-        // SAFETY: a driver call on a live device; memory still in use is kept.
-        unsafe { sys::cuDeviceGraphMemTrim(self.ctx.cu_device()) }
+    /// Reads a graph-memory attribute of this device, or sets it to `set`.
+    fn graph_memory_attribute(
+        &self,
+        attr: sys::CUgraphMem_attribute,
+        set: Option<u64>,
+    ) -> Result<u64> {
+        let mut value = set.unwrap_or(0);
+        let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
+        let device = self.ctx.cu_device();
+        // SAFETY: plain driver calls on a live device; `value` outlives them.
+        let status = unsafe {
+            match set {
+                None => sys::cuDeviceGetGraphMemAttribute(device, attr, ptr),
+                Some(_) => sys::cuDeviceSetGraphMemAttribute(device, attr, ptr),
+            }
+        };
+        status
             .result()
-            .map_err(driver_error("releasing the recorded work's memory"))
+            .map_err(driver_error("the recorded work's memory figures"))?;
+        Ok(value)
     }
 
     fn allocation_error(&self, bytes: usize, what: &str, e: DriverError) -> Error {

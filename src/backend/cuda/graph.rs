@@ -11,8 +11,7 @@
 use super::device::driver_error;
 use super::CudaBackend;
 use crate::error::{Error, Result};
-use cudarc::driver::{sys, CudaContext, CudaGraph};
-use std::sync::atomic::Ordering;
+use cudarc::driver::{sys, CudaContext, CudaGraph, CudaStream};
 use std::sync::Arc;
 
 /// A recorded piece of work, ready to replay.
@@ -36,8 +35,9 @@ impl Drop for Recording {
 }
 
 impl CudaBackend {
-    /// See [`crate::backend::Backend::record`]. Profiling times operations one by one, so a
-    /// profiling backend does not record.
+    /// See [`crate::backend::Backend::record`]. The work is captured from a stream of its own
+    /// (`Gpu::stream` while this thread records), so work other threads queue meanwhile is not
+    /// part of it. Profiling times operations one by one, so a profiling backend does not record.
     pub(super) fn record_work(
         &self,
         work: &mut dyn FnMut() -> Result<()>,
@@ -45,22 +45,10 @@ impl CudaBackend {
         if self.profiler.is_some() {
             return Ok(None);
         }
-        let stream = &self.gpu.stream;
-        // Which matrices the NF4 scratch holds is host-side knowledge the recording would bake
-        // in: recorded work dequantizes whatever it reads, and afterwards nothing is assumed.
-        self.forget_dequantized();
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(driver_error("starting a recording"))?;
-        self.recording.store(true, Ordering::Relaxed);
-        let queued = work();
-        self.recording.store(false, Ordering::Relaxed);
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        self.forget_dequantized();
-        queued?;
-        let graph = graph
-            .map_err(driver_error("finishing a recording"))?
-            .ok_or_else(|| Error::Device("a recording captured no work".into()))?;
+        let graph = self.gpu.recording_here(|| {
+            self.start_recording_dequantized();
+            capture(self.gpu.stream(), work)
+        })?;
         // Blocks the pool kept from earlier, unrecorded steps would sit beside the graph's own.
         self.gpu.release_pooled_memory()?;
         Ok(Some(Recording {
@@ -69,17 +57,47 @@ impl CudaBackend {
         }))
     }
 
-    /// See [`crate::backend::Backend::replay`]; the graph's memory counts toward the peak.
+    /// See [`crate::backend::Backend::replay`]: launched on the main stream, behind the work
+    /// queued there so far. The graph's memory counts toward the peak.
     pub(super) fn replay_work(&self, r: &Recording) -> Result<()> {
-        r.graph
+        let exec = r
+            .graph
             .as_ref()
             .expect("Some until dropped")
-            .launch()
-            .map_err(driver_error("replaying recorded work"))?;
-        let graph_bytes = self.gpu.graph_memory_peak()?;
-        self.gpu
-            .memory
-            .note_held_beside(graph_bytes, "recorded work's own allocations");
+            .cu_graph_exec();
+        // The replay rewrites the NF4 scratch: launched under its lock, after which the slots
+        // are taken to hold nothing known.
+        self.replacing_dequantized(|| {
+            // SAFETY: a live executable graph of this context, launched on a live stream.
+            unsafe { sys::cuGraphLaunch(exec, self.gpu.main_stream().cu_stream()) }
+                .result()
+                .map_err(driver_error("replaying recorded work"))
+        })?;
+        let peak = self.gpu.graph_memory_peak()?;
+        let mib = |b: usize| b >> 20;
+        self.gpu.memory.note_held_beside(
+            peak.reserved,
+            &format!(
+                "recorded work's own allocations ({} MiB in use, {} MiB reserved at most)",
+                mib(peak.used),
+                mib(peak.reserved)
+            ),
+        );
         Ok(())
     }
+}
+
+/// Captures what `work` queues on `stream` (thread-local mode: other threads may go on
+/// queueing elsewhere) into an executable graph.
+fn capture(stream: &Arc<CudaStream>, work: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> {
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(driver_error("starting a recording"))?;
+    let queued = work();
+    // The capture ends whatever happened, so that the stream is usable again.
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    queued?;
+    graph
+        .map_err(driver_error("finishing a recording"))?
+        .ok_or_else(|| Error::Device("a recording captured no work".into()))
 }

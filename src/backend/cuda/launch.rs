@@ -114,7 +114,7 @@ pub unsafe fn launch(
         shape.grid,
         (shape.block, 1, 1),
         shape.shared,
-        gpu.stream.cu_stream(),
+        gpu.stream().cu_stream(),
         &mut params,
     )
     .map_err(driver_error(name))

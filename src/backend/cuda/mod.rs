@@ -34,7 +34,6 @@ use offload::Offload;
 use profile::Profiler;
 use rayon::prelude::*;
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use tensor::Storage;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
@@ -69,9 +68,6 @@ pub struct CudaBackend {
     f32_products: F32Products,
     /// The copies of offloaded activations (offload.rs).
     offload: Offload,
-    /// True while work is being recorded (graph.rs): operations must not decide anything from
-    /// host-side values that a replay could see differently.
-    recording: AtomicBool,
 }
 
 /// The arithmetic of products of two f32 matrices, and whether activations are rounded once
@@ -202,7 +198,6 @@ impl CudaBackend {
             profiler: Profiler::from_env(),
             f32_products: F32Products::Tf32,
             offload,
-            recording: AtomicBool::new(false),
         })
     }
 
@@ -320,7 +315,7 @@ impl CudaBackend {
     }
 
     fn buffer_ptr<T>(&self, b: &DeviceBuffer<T>) -> u64 {
-        b.slice.device_ptr(&self.gpu.stream).0
+        b.slice.device_ptr(self.gpu.stream()).0
     }
 
     /// The device address of a tensor's values (an NF4 matrix's packed codes); a table in host
@@ -509,7 +504,7 @@ impl CudaBackend {
     ) -> Result<DeviceBuffer<T>> {
         let mut out = self.gpu.alloc::<T>(range.len(), what)?;
         self.gpu
-            .stream
+            .stream()
             .memcpy_dtod(&b.slice.slice(range), &mut out.slice)
             .map_err(driver_error(what))?;
         Ok(out)
@@ -646,7 +641,7 @@ impl Backend for CudaBackend {
             return wants_f32(t, "write");
         };
         self.gpu
-            .stream
+            .stream()
             .memcpy_htod(data, &mut b.slice)
             .map_err(driver_error("writing a tensor"))
     }
@@ -654,7 +649,7 @@ impl Backend for CudaBackend {
     fn write_ints(&self, ints: &mut CudaInts, data: &[i32]) -> Result<()> {
         check_len(data.len(), ints.host.len(), 1)?;
         self.gpu
-            .stream
+            .stream()
             .memcpy_htod(data, &mut ints.device.slice)
             .map_err(driver_error("writing token ids"))?;
         ints.host.copy_from_slice(data);
@@ -689,7 +684,7 @@ impl Backend for CudaBackend {
     }
 
     fn stash(&self, t: CudaTensor) -> Result<CudaTensor> {
-        if self.recording.load(Ordering::Relaxed) {
+        if self.gpu.records_here() {
             return Err(Error::InvalidArgument(
                 "offloading activations cannot be recorded: the copies' host buffers live \
                  outside the recording"
@@ -837,7 +832,7 @@ impl Backend for CudaBackend {
             return wants_f32(t, "fill_zero");
         };
         self.gpu
-            .stream
+            .stream()
             .memset_zeros(&mut b.slice)
             .map_err(driver_error("zeroing a tensor"))
     }
@@ -1237,7 +1232,7 @@ impl Backend for CudaBackend {
         };
         let old = d.elements();
         let mut grown = self.gpu.alloc::<f32>(old + s.elements(), "a KV cache")?;
-        let stream = &self.gpu.stream;
+        let stream = &self.gpu.stream();
         stream
             .memcpy_dtod(&d.slice, &mut grown.slice.slice_mut(..old))
             .map_err(driver_error("growing a KV cache"))?;
@@ -1348,7 +1343,7 @@ impl Backend for CudaBackend {
         // Rows of skipped chunks keep this 0.
         self.fill_zero(row_loss)?;
         // Recorded work runs every chunk: which chunks have labels can differ between replays.
-        let skip_unlabelled = !self.recording.load(Ordering::Relaxed);
+        let skip_unlabelled = !self.gpu.records_here();
         let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab.max(1))).clamp(1, h.rows.max(1));
         let logits = self.gpu.alloc::<f32>(chunk * vocab, "a chunk of logits")?;
         let bf16 = w.dtype() == Dtype::Bf16;

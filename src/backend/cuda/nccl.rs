@@ -310,7 +310,7 @@ impl NcclRank {
         self.usable()?;
         let driver = |e| Error::Device(format!("{}: ordering the gradient sums: {e}", self.who()));
         be.gpu().ctx.bind_to_thread().map_err(driver)?;
-        self.stream.join(&be.gpu().stream).map_err(driver)?;
+        self.stream.join(be.gpu().stream()).map_err(driver)?;
         let cu_stream = self.stream.cu_stream() as sys::cudaStream_t;
         // SAFETY: each address is a live device buffer of `count` elements of its type, which
         // the caller leaves untouched until `wait`; the stream and communicator are live.
@@ -423,7 +423,7 @@ impl Collective<CudaBackend> for NcclRank {
         })?;
         // Later work on the compute stream reads the sums.
         be.gpu()
-            .stream
+            .stream()
             .wait(&done)
             .map_err(|e| Error::Device(format!("{}: ordering after the sums: {e}", self.who())))
     }

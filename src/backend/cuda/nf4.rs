@@ -33,6 +33,9 @@ struct Slot {
     values: super::DeviceBuffer<u16>,
     /// The [`Nf4Storage::id`] of the matrix whose values are in `values`.
     holds: Option<u64>,
+    /// The same as the work being recorded will find it when replayed (recorded work starts
+    /// from nothing known, whatever the slots hold when it is recorded or replayed).
+    recorded: Option<u64>,
 }
 
 /// The locked NF4 scratch.
@@ -133,6 +136,7 @@ impl CudaBackend {
                 scratch.slots.push(Slot {
                     values,
                     holds: None,
+                    recorded: None,
                 });
             }
         }
@@ -143,12 +147,23 @@ impl CudaBackend {
         })
     }
 
-    /// Forgets which matrix each scratch slot holds: the next product with any NF4 matrix
-    /// dequantizes it again.
-    pub(super) fn forget_dequantized(&self) {
+    /// Starts the recorded view of the scratch (`Slot::recorded`) from nothing known.
+    pub(super) fn start_recording_dequantized(&self) {
         for slot in &mut self.lock_nf4_scratch().slots {
+            slot.recorded = None;
+        }
+    }
+
+    /// Runs `replay` (queueing recorded work that may dequantize into any slot) under the
+    /// scratch's lock, so that no dequantization and its product are queued apart around it,
+    /// then takes every slot to hold nothing known.
+    pub(super) fn replacing_dequantized<T>(&self, replay: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut scratch = self.lock_nf4_scratch();
+        let queued = replay();
+        for slot in &mut scratch.slots {
             slot.holds = None;
         }
+        queued
     }
 
     fn lock_nf4_scratch(&self) -> ScratchGuard<'_> {
@@ -166,10 +181,19 @@ impl CudaBackend {
         elements: usize,
     ) -> Result<(u64, ScratchGuard<'_>)> {
         let mut scratch = self.lock_nf4_scratch();
+        // Recorded work keeps its own view of the slots and leaves the queued work's alone.
+        let recording = self.gpu.records_here();
+        fn known(slot: &mut Slot, recording: bool) -> &mut Option<u64> {
+            if recording {
+                &mut slot.recorded
+            } else {
+                &mut slot.holds
+            }
+        }
         let held = scratch
             .slots
-            .iter()
-            .position(|slot| slot.holds == Some(s.id));
+            .iter_mut()
+            .position(|slot| *known(slot, recording) == Some(s.id));
         let i = match held {
             Some(i) => i,
             None => {
@@ -182,9 +206,9 @@ impl CudaBackend {
                             "no NF4 scratch slot of {elements} values (NF4 tensors come from nf4_tensor)"
                         ))
                     })?;
-                slot.holds = None;
+                *known(slot, recording) = None;
                 self.queue_dequantize(s, elements, self.buffer_ptr(&slot.values))?;
-                slot.holds = Some(s.id);
+                *known(slot, recording) = Some(s.id);
                 0
             }
         };

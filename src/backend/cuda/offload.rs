@@ -37,7 +37,7 @@ impl Offload {
     fn release_copied(&self, gpu: &Gpu) -> Result<()> {
         let leaving = std::mem::take(&mut *self.leaving.lock().unwrap_or_else(|e| e.into_inner()));
         for (done, buf) in leaving {
-            gpu.stream
+            gpu.stream()
                 .wait(&done)
                 .map_err(driver_error("ordering an offload"))?;
             drop(buf);
@@ -80,7 +80,7 @@ impl Offload {
         let mut host = self.pinned(gpu, buf.elements())?;
         let driver = driver_error("copying an activation to host memory");
         self.stream
-            .join(&gpu.stream)
+            .join(gpu.stream())
             .map_err(driver_error("ordering an offload"))?;
         self.stream
             .memcpy_dtoh(&buf.slice, &mut host)
@@ -99,7 +99,7 @@ impl Offload {
             storage: Storage::Offloaded(Box::new(Offloaded {
                 host: Some(host),
                 arriving: None,
-                compute: gpu.stream.clone(),
+                compute: gpu.stream().clone(),
             })),
         })
     }
@@ -118,7 +118,7 @@ impl Offload {
         let mut buf = gpu.alloc::<f32>(n, "an offloaded activation coming back")?;
         // After the allocation, which is ordered on the compute stream.
         self.stream
-            .join(&gpu.stream)
+            .join(gpu.stream())
             .map_err(driver_error("ordering a fetch"))?;
         self.stream
             .memcpy_htod(host, &mut buf.slice)
@@ -148,7 +148,7 @@ impl Offload {
             });
         };
         let (buf, ready) = o.arriving.take().expect("fetched above");
-        gpu.stream
+        gpu.stream()
             .wait(&ready)
             .map_err(driver_error("waiting for a fetch"))?;
         if let Some(host) = o.host.take() {

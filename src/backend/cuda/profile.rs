@@ -67,11 +67,11 @@ impl Profiler {
         if self.isolated {
             gpu.synchronize()?;
         }
-        start.record(&gpu.stream).map_err(driver_error(&name))?;
+        start.record(gpu.stream()).map_err(driver_error(&name))?;
         let queued = Instant::now();
         let out = f()?;
         let host = queued.elapsed();
-        end.record(&gpu.stream).map_err(driver_error(&name))?;
+        end.record(gpu.stream()).map_err(driver_error(&name))?;
         self.spans.lock().expect("no panic holds it").push(Span {
             name,
             start,
