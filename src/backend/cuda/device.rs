@@ -1,8 +1,10 @@
 //! One GPU: its context and stream, found through the driver loaded at run time, and the
 //! accounting of every byte this library holds on it.
 
+use super::arena::Arena;
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, DriverError};
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
@@ -78,11 +80,24 @@ impl MemoryAccount {
     }
 }
 
-/// A device array whose bytes are counted in a [`MemoryAccount`] while it lives.
+/// A device array whose bytes are counted in a [`MemoryAccount`] while it lives, or a place
+/// in a recording's block (arena.rs), which the block's own buffer counts.
 #[derive(Debug)]
 pub struct DeviceBuffer<T> {
-    pub slice: CudaSlice<T>,
+    pub slice: ManuallyDrop<CudaSlice<T>>,
     account: Arc<MemoryAccount>,
+    /// Its place in a recording's arena (boxed: most buffers have none).
+    placed: Option<Box<Place>>,
+}
+
+/// Where a buffer allocated while recording goes in the recording's arena.
+#[derive(Debug)]
+struct Place {
+    arena: Arc<Arena>,
+    at: usize,
+    /// Whether the buffer lies in the arena's block (else it is an allocation of its own whose
+    /// place is only planned).
+    in_block: bool,
 }
 
 impl<T> DeviceBuffer<T> {
@@ -93,7 +108,18 @@ impl<T> DeviceBuffer<T> {
 
 impl<T> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
-        self.account.release(self.slice.num_bytes());
+        // SAFETY: `slice` is not touched again.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        let bytes = slice.num_bytes();
+        if let Some(place) = self.placed.take() {
+            place.arena.release(place.at, bytes);
+            if place.in_block {
+                // The block owns the memory.
+                slice.leak();
+                return;
+            }
+        }
+        self.account.release(bytes);
     }
 }
 
@@ -119,6 +145,8 @@ pub struct Gpu {
     recorder: Mutex<Option<ThreadId>>,
     /// Held by the thread recording (see [`Gpu::recording_here`]).
     recording_turn: Mutex<()>,
+    /// Where the recording thread's allocations are placed (arena.rs).
+    arena: Mutex<Option<Arc<Arena>>>,
     /// Whether one is (read before taking the lock: the common case needs no lock).
     recording_somewhere: AtomicBool,
     pub memory: Arc<MemoryAccount>,
@@ -192,6 +220,7 @@ impl Gpu {
             recording_stream,
             recorder: Mutex::new(None),
             recording_turn: Mutex::new(()),
+            arena: Mutex::new(None),
             recording_somewhere: AtomicBool::new(false),
             memory: Arc::new(MemoryAccount::default()),
             name,
@@ -249,15 +278,69 @@ impl Gpu {
         f()
     }
 
+    /// Sets (or clears) the arena this thread's allocations are placed in while it records.
+    pub fn set_arena(&self, arena: Option<Arc<Arena>>) {
+        *self.arena.lock().unwrap_or_else(|e| e.into_inner()) = arena;
+    }
+
     /// An uninitialised device array of `len` elements, for `what` (named in errors).
     pub fn alloc<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<DeviceBuffer<T>> {
+        let arena = match self.records_here() {
+            true => self.arena.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            false => None,
+        };
+        let Some(arena) = arena else {
+            return self.alloc_on(self.stream(), len, what);
+        };
+        let bytes = len * std::mem::size_of::<T>();
+        match arena.place(bytes) {
+            (at, None) => {
+                let mut b = self.alloc_on(self.stream(), len, what)?;
+                b.placed = Some(Box::new(Place {
+                    arena,
+                    at,
+                    in_block: false,
+                }));
+                Ok(b)
+            }
+            (at, Some(Some(address))) => Ok(DeviceBuffer {
+                // SAFETY: the range lies in the arena's block, which outlives the recording
+                // and every replay; it is never freed through this slice (see Drop).
+                slice: ManuallyDrop::new(unsafe {
+                    self.stream().upgrade_device_ptr::<T>(address, len)
+                }),
+                account: self.memory.clone(),
+                placed: Some(Box::new(Place {
+                    arena,
+                    at,
+                    in_block: true,
+                })),
+            }),
+            (at, Some(None)) => {
+                arena.release(at, bytes);
+                Err(Error::Device(format!(
+                    "recorded work asked for more memory than its first capture planned \
+                     ({bytes} bytes for {what}); the two captures differ"
+                )))
+            }
+        }
+    }
+
+    /// [`Gpu::alloc`] of an allocation of its own, ordered on `stream`.
+    pub fn alloc_on<T: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        len: usize,
+        what: &str,
+    ) -> Result<DeviceBuffer<T>> {
         let bytes = len * std::mem::size_of::<T>();
         self.memory.reserve(bytes, what)?;
         // SAFETY: every caller writes the array (kernel output, copy or memset) before reading it.
-        match unsafe { self.stream().alloc::<T>(len) } {
+        match unsafe { stream.alloc::<T>(len) } {
             Ok(slice) => Ok(DeviceBuffer {
-                slice,
+                slice: ManuallyDrop::new(slice),
                 account: self.memory.clone(),
+                placed: None,
             }),
             Err(e) => {
                 self.memory.release(bytes);
@@ -274,7 +357,7 @@ impl Gpu {
     ) -> Result<DeviceBuffer<T>> {
         let mut b = self.alloc::<T>(len, what)?;
         self.stream()
-            .memset_zeros(&mut b.slice)
+            .memset_zeros(&mut *b.slice)
             .map_err(driver_error(what))?;
         Ok(b)
     }
@@ -283,7 +366,7 @@ impl Gpu {
     pub fn upload<T: DeviceRepr>(&self, data: &[T], what: &str) -> Result<DeviceBuffer<T>> {
         let mut b = self.alloc::<T>(data.len(), what)?;
         self.stream()
-            .memcpy_htod(data, &mut b.slice)
+            .memcpy_htod(data, &mut *b.slice)
             .map_err(driver_error(what))?;
         Ok(b)
     }

@@ -3,12 +3,13 @@
 //! (argument checks, cuBLASLt's launch path, the launches themselves), which in a training step
 //! is tens of microseconds an operation while the GPU waits.
 //!
-//! The allocations made while recording become the graph's own memory (allocation and free
-//! nodes, from the driver's graph memory pool) and must all be freed within the recording;
+//! The allocations made while recording are placed in one block of device memory the recording
+//! owns (arena.rs) and must all be freed within the recording;
 //! buffers made before it (weights, adapters, gradients, a batch's inputs) are read and written
 //! in place, so new values written into them between replays are what a replay computes with.
 
-use super::device::driver_error;
+use super::arena::Arena;
+use super::device::{driver_error, DeviceBuffer};
 use super::CudaBackend;
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaGraph, CudaStream};
@@ -19,6 +20,9 @@ pub struct Recording {
     /// Always `Some` until dropped.
     graph: Option<CudaGraph>,
     ctx: Arc<CudaContext>,
+    /// The memory the work's allocations are placed in (arena.rs); freed after the graph, in
+    /// order on the main stream behind the last replay.
+    _block: DeviceBuffer<u8>,
 }
 
 // SAFETY: a graph is only ever used through `&Recording` by the one thread driving the backend
@@ -45,16 +49,44 @@ impl CudaBackend {
         if self.profiler.is_some() {
             return Ok(None);
         }
-        let graph = self.gpu.recording_here(|| {
-            self.start_recording_dequantized();
-            capture(self.gpu.stream(), work)
+        let (graph, block) = self.gpu.recording_here(|| {
+            // First capture: ordinary allocations, their places in one block planned.
+            let plan = Arena::planning();
+            let planned = self.capture_placed(plan.clone(), work);
+            drop(planned?);
+            // SAFETY: a driver call on a live device; the discarded graph never ran.
+            let _ = unsafe { sys::cuDeviceGraphMemTrim(self.gpu.ctx.cu_device()) };
+            let bytes = plan.size();
+            let block = self.gpu.alloc_on::<u8>(
+                self.gpu.main_stream(),
+                bytes.max(1),
+                "recorded work's memory",
+            )?;
+            // The kept capture: the same allocations, in the block.
+            let graph =
+                self.capture_placed(Arena::in_block(self.buffer_ptr(&block), bytes), work)?;
+            Ok::<_, Error>((graph, block))
         })?;
-        // Blocks the pool kept from earlier, unrecorded steps would sit beside the graph's own.
+        // Blocks the pool kept from earlier, unrecorded steps would sit beside the block.
         self.gpu.release_pooled_memory()?;
         Ok(Some(Recording {
             graph: Some(graph),
             ctx: self.gpu.ctx.clone(),
+            _block: block,
         }))
+    }
+
+    /// Captures `work` with its allocations placed by `arena`.
+    fn capture_placed(
+        &self,
+        arena: Arc<Arena>,
+        work: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<CudaGraph> {
+        self.start_recording_dequantized();
+        self.gpu.set_arena(Some(arena));
+        let graph = capture(self.gpu.stream(), work);
+        self.gpu.set_arena(None);
+        graph
     }
 
     /// See [`crate::backend::Backend::replay`]: launched on the main stream, behind the work

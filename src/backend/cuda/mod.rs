@@ -4,6 +4,7 @@
 //! f32, matrix products through cuBLAS with f32 accumulation, every other op a kernel from
 //! `kernels/` (kernels/README.md is their contract).
 
+mod arena;
 mod blas;
 pub mod device;
 mod graph;
@@ -505,7 +506,7 @@ impl CudaBackend {
         let mut out = self.gpu.alloc::<T>(range.len(), what)?;
         self.gpu
             .stream()
-            .memcpy_dtod(&b.slice.slice(range), &mut out.slice)
+            .memcpy_dtod(&b.slice.slice(range), &mut *out.slice)
             .map_err(driver_error(what))?;
         Ok(out)
     }
@@ -642,7 +643,7 @@ impl Backend for CudaBackend {
         };
         self.gpu
             .stream()
-            .memcpy_htod(data, &mut b.slice)
+            .memcpy_htod(data, &mut *b.slice)
             .map_err(driver_error("writing a tensor"))
     }
 
@@ -650,7 +651,7 @@ impl Backend for CudaBackend {
         check_len(data.len(), ints.host.len(), 1)?;
         self.gpu
             .stream()
-            .memcpy_htod(data, &mut ints.device.slice)
+            .memcpy_htod(data, &mut *ints.device.slice)
             .map_err(driver_error("writing token ids"))?;
         ints.host.copy_from_slice(data);
         Ok(())
@@ -833,7 +834,7 @@ impl Backend for CudaBackend {
         };
         self.gpu
             .stream()
-            .memset_zeros(&mut b.slice)
+            .memset_zeros(&mut *b.slice)
             .map_err(driver_error("zeroing a tensor"))
     }
 
@@ -1234,10 +1235,10 @@ impl Backend for CudaBackend {
         let mut grown = self.gpu.alloc::<f32>(old + s.elements(), "a KV cache")?;
         let stream = &self.gpu.stream();
         stream
-            .memcpy_dtod(&d.slice, &mut grown.slice.slice_mut(..old))
+            .memcpy_dtod(&*d.slice, &mut grown.slice.slice_mut(..old))
             .map_err(driver_error("growing a KV cache"))?;
         stream
-            .memcpy_dtod(&s.slice, &mut grown.slice.slice_mut(old..))
+            .memcpy_dtod(&*s.slice, &mut grown.slice.slice_mut(old..))
             .map_err(driver_error("growing a KV cache"))?;
         dst.rows += src.rows;
         dst.storage = Storage::F32(grown);

@@ -83,7 +83,7 @@ impl Offload {
             .join(gpu.stream())
             .map_err(driver_error("ordering an offload"))?;
         self.stream
-            .memcpy_dtoh(&buf.slice, &mut host)
+            .memcpy_dtoh(&*buf.slice, &mut host)
             .map_err(driver)?;
         let done = self
             .stream
@@ -121,7 +121,7 @@ impl Offload {
             .join(gpu.stream())
             .map_err(driver_error("ordering a fetch"))?;
         self.stream
-            .memcpy_htod(host, &mut buf.slice)
+            .memcpy_htod(host, &mut *buf.slice)
             .map_err(driver_error("copying an activation back"))?;
         let ready = self
             .stream

@@ -79,6 +79,8 @@ impl Nf4Storage {
 
 /// The per-block absmax values of an [`Nf4Storage`].
 #[derive(Debug)]
+// One per NF4 matrix (a few hundred in a model): boxing the larger variant would save nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum DeviceAbsmax {
     /// One f32 per block of 64 values.
     Plain(DeviceBuffer<f32>),
