@@ -21,12 +21,15 @@ pub struct Placement {
     free: Vec<Range<usize>>,
     /// The block's size so far: the end of the highest range ever placed.
     end: usize,
+    /// Ranges placed and not released.
+    live: usize,
 }
 
 impl Placement {
     /// The offset of a new range of `bytes` (rounded up to [`ALIGN`]).
     pub fn place(&mut self, bytes: usize) -> usize {
         let bytes = bytes.max(1).next_multiple_of(ALIGN);
+        self.live += 1;
         if let Some(i) = self.free.iter().position(|r| r.len() >= bytes) {
             let at = self.free[i].start;
             self.free[i].start += bytes;
@@ -47,6 +50,7 @@ impl Placement {
     /// Frees the range of `bytes` placed at `at`.
     pub fn release(&mut self, at: usize, bytes: usize) {
         let range = at..at + bytes.max(1).next_multiple_of(ALIGN);
+        self.live -= 1;
         let i = self.free.partition_point(|r| r.end <= range.start);
         self.free.insert(i, range);
         // Merge with the next range, then with the previous one.
@@ -61,6 +65,11 @@ impl Placement {
     /// The bytes the block needs for every range placed so far.
     pub fn size(&self) -> usize {
         self.end
+    }
+
+    /// How many ranges are placed and not released.
+    pub fn live(&self) -> usize {
+        self.live
     }
 }
 
@@ -115,6 +124,14 @@ impl Arena {
             .unwrap_or_else(|e| e.into_inner())
             .size()
     }
+
+    /// How many of its allocations are still held.
+    pub fn live(&self) -> usize {
+        self.placement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live()
+    }
 }
 
 #[cfg(test)]
@@ -163,5 +180,6 @@ mod tests {
             p.release(*at, (i + 1) * 300);
         }
         assert_eq!(p.free, vec![0..p.size()]);
+        assert_eq!(p.live(), 0);
     }
 }

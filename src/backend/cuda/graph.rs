@@ -83,10 +83,18 @@ impl CudaBackend {
         work: &mut dyn FnMut() -> Result<()>,
     ) -> Result<CudaGraph> {
         self.start_recording_dequantized();
-        self.gpu.set_arena(Some(arena));
+        self.gpu.set_arena(Some(arena.clone()));
         let graph = capture(self.gpu.stream(), work);
         self.gpu.set_arena(None);
-        graph
+        // A buffer made while recording and kept after it would share its memory with the
+        // replays' own allocations.
+        match arena.live() {
+            0 => graph,
+            kept => Err(Error::Device(format!(
+                "recorded work kept {kept} of the buffers it allocated past the recording; a \
+                 recorded pass must free everything it allocates"
+            ))),
+        }
     }
 
     /// See [`crate::backend::Backend::replay`]: launched on the main stream, behind the work
