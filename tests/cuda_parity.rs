@@ -476,22 +476,31 @@ fn lm_head_cross_entropy_and_adamw_match_cpu() {
 
     // Several tensors of different lengths in one call (one launch on the GPU).
     let sizes = [1000, 70, 3];
-    let mut state: Vec<_> = sizes
+    let (mut state_g, mut state_c): (Vec<_>, Vec<_>) = sizes
         .iter()
         .map(|&n| {
             let v0: Vec<f32> = randn(&mut rng, n, 0.1).iter().map(|x| x * x).collect();
-            [
+            let [(pg, pc), (mg, mc), (vg, vc)] = [
                 p.up(&randn(&mut rng, n, 1.0), 1, n),
                 p.up(&randn(&mut rng, n, 0.1), 1, n),
                 p.up(&v0, 1, n),
-            ]
+            ];
+            ([pg, mg, vg], [pc, mc, vc])
         })
-        .collect();
+        .unzip();
+    /// AdamW slots over `[param, m, v]` triples and their gradients.
+    fn slots<'a, T>(state: &'a mut [[T; 3]], grads: &'a [T]) -> Vec<AdamWSlot<'a, T>> {
+        state
+            .iter_mut()
+            .zip(grads)
+            .map(|([param, m, v], grad)| AdamWSlot { param, grad, m, v })
+            .collect()
+    }
     for step in 1..=3 {
-        let grads: Vec<_> = sizes
+        let (grads_g, grads_c): (Vec<_>, Vec<_>) = sizes
             .iter()
             .map(|&n| p.up(&randn(&mut rng, n, 1.0), 1, n))
-            .collect();
+            .unzip();
         let h = AdamWStep {
             lr: 1e-3,
             beta1: 0.9,
@@ -501,33 +510,13 @@ fn lm_head_cross_entropy_and_adamw_match_cpu() {
             step,
             grad_scale: 0.75,
         };
-        let mut gpu_slots: Vec<_> = state
-            .iter_mut()
-            .zip(&grads)
-            .map(|([(pg, _), (mg, _), (vg, _)], (gg, _))| AdamWSlot {
-                param: pg,
-                grad: gg,
-                m: mg,
-                v: vg,
-            })
-            .collect();
-        p.g.adamw(&mut gpu_slots, h).unwrap();
-        let mut cpu_slots: Vec<_> = state
-            .iter_mut()
-            .zip(&grads)
-            .map(|([(_, pc), (_, mc), (_, vc)], (_, gc))| AdamWSlot {
-                param: pc,
-                grad: gc,
-                m: mc,
-                v: vc,
-            })
-            .collect();
-        p.c.adamw(&mut cpu_slots, h).unwrap();
+        p.g.adamw(&mut slots(&mut state_g, &grads_g), h).unwrap();
+        p.c.adamw(&mut slots(&mut state_c, &grads_c), h).unwrap();
     }
-    for (i, [(pg, pc), (mg, mc), (vg, vc)]) in state.iter().enumerate() {
-        p.check(&format!("adamw p {i}"), pg, pc, 1e-6);
-        p.check(&format!("adamw m {i}"), mg, mc, 1e-6);
-        p.check(&format!("adamw v {i}"), vg, vc, 1e-6);
+    for (i, (g, c)) in state_g.iter().zip(&state_c).enumerate() {
+        for (name, (tg, tc)) in ["p", "m", "v"].iter().zip(g.iter().zip(c)) {
+            p.check(&format!("adamw {name} {i}"), tg, tc, 1e-6);
+        }
     }
 }
 

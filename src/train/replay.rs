@@ -38,7 +38,7 @@ struct Held<B: Backend> {
     recording: Option<B::Recording>,
 }
 
-/// Runs micro-batches through a held recording where it can.
+/// Runs micro-batches through held buffers, and a held recording where it can.
 pub(super) struct Replayer<B: Backend> {
     /// Boxed: a trainer without a recording stays small.
     held: Option<Box<Held<B>>>,
@@ -75,7 +75,10 @@ impl<B: Backend> Replayer<B> {
     }
 
     /// Forward and backward of `batch` (see [`Decoder::forward_backward`]), gradients of
-    /// `scale · Σ CE` added into `grads`; returns the sum of the rows' cross-entropies.
+    /// `scale · Σ CE` added into `grads`; returns the sum of the rows' cross-entropies. The
+    /// batch goes into the held buffers either way; the pass is recorded and replayed only when
+    /// `record` (see [`Replayer::applies`]; `layer_done` then never runs), else queued op by op.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn run(
         &mut self,
         dec: &Decoder<B>,
@@ -84,6 +87,8 @@ impl<B: Backend> Replayer<B> {
         grads: &mut LoraTensors<B>,
         scale: f32,
         saving: Saving,
+        record: bool,
+        layer_done: &mut dyn FnMut(usize, &mut LoraTensors<B>) -> Result<()>,
     ) -> Result<f64> {
         let be = &dec.backend;
         let vocab = dec.cfg.vocab_size;
@@ -121,9 +126,12 @@ impl<B: Backend> Replayer<B> {
         } = &mut **self.held.as_mut().expect("set above");
         let mut pass = || {
             let mut loss = LossOutput { scale, row_loss };
-            dec.forward_backward(batch, ad, grads, &mut loss, saving, &mut |_, _| Ok(()))
+            dec.forward_backward(batch, ad, grads, &mut loss, saving, layer_done)
         };
-        if seen && recording.is_none() {
+        if !record {
+            // Settings changed since it was made (a trainer that joined a group, say).
+            *recording = None;
+        } else if seen && recording.is_none() {
             *recording = be.record(&mut pass)?;
         }
         match recording {

@@ -8,7 +8,7 @@ use crate::backend::{AdamWSlot, AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
 use crate::model::adapters::LoraTensors;
-use crate::model::decoder::{Adapters, Decoder, LossOutput, Saving};
+use crate::model::decoder::{Adapters, Decoder, Saving};
 use crate::rng::derive;
 use std::sync::Arc;
 
@@ -285,7 +285,7 @@ impl<B: Backend> Trainer<B> {
             recompute: self.cfg.checkpointing,
             offload_inputs: self.cfg.offload_activations,
         };
-        let replays = self.replayer.applies(&self.lora, saving, group.is_some());
+        let record = self.replayer.applies(&self.lora, saving, group.is_some());
         let scale = 1.0 / labelled as f32;
         let mut loss_sum = 0.0f64;
         for (i, batch) in micro_batches.iter().enumerate() {
@@ -295,32 +295,21 @@ impl<B: Backend> Trainer<B> {
                 cfg: &self.lora,
                 dropout_seed: Some(self.dropout_seed(i)),
             };
-            if replays {
-                loss_sum += self
-                    .replayer
-                    .run(dec, batch, &ad, &mut self.grads, scale, saving)?;
-                continue;
-            }
             // The gradients are final once the last micro-batch's backward leaves a layer.
             let mut layer_done = |layer: usize, grads: &mut LoraTensors<B>| match &group {
                 Some(g) if last => g.start_sum(be, &mut grads.layer_tensors_mut(layer)),
                 _ => Ok(()),
             };
-            let uploaded = batch.upload(be, dec.cfg.vocab_size)?;
-            let mut row_loss = be.zeros(batch.batch_size * batch.seq_len, 1)?;
-            let mut loss = LossOutput {
-                scale: &be.upload(&[scale], 1, 1)?,
-                row_loss: &mut row_loss,
-            };
-            dec.forward_backward(
-                &uploaded,
+            loss_sum += self.replayer.run(
+                dec,
+                batch,
                 &ad,
                 &mut self.grads,
-                &mut loss,
+                scale,
                 saving,
+                record,
                 &mut layer_done,
             )?;
-            loss_sum += row_loss_sum(be, &row_loss)?;
         }
         if !loss_sum.is_finite() {
             return Err(Error::NonFinite(format!("loss ({loss_sum})")));

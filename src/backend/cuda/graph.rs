@@ -32,10 +32,15 @@ unsafe impl Send for Recording {}
 impl Drop for Recording {
     fn drop(&mut self) {
         drop(self.graph.take());
-        // The graph's memory goes back to the system once no launch uses it any more.
-        // SAFETY: a driver call on a live device.
-        let _ = unsafe { sys::cuDeviceGraphMemTrim(self.ctx.cu_device()) };
+        release_graph_memory(&self.ctx);
     }
+}
+
+/// Gives the graph memory pool's unused memory (that of destroyed graphs, once no launch uses
+/// it any more) back to the system.
+fn release_graph_memory(ctx: &CudaContext) {
+    // SAFETY: a driver call on a live device. A failure only leaves memory cached.
+    let _ = unsafe { sys::cuDeviceGraphMemTrim(ctx.cu_device()) };
 }
 
 impl CudaBackend {
@@ -54,8 +59,7 @@ impl CudaBackend {
             let plan = Arena::planning();
             let planned = self.capture_placed(plan.clone(), work);
             drop(planned?);
-            // SAFETY: a driver call on a live device; the discarded graph never ran.
-            let _ = unsafe { sys::cuDeviceGraphMemTrim(self.gpu.ctx.cu_device()) };
+            release_graph_memory(&self.gpu.ctx);
             let bytes = plan.size();
             let block = self.gpu.alloc_on::<u8>(
                 self.gpu.main_stream(),
