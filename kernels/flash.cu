@@ -78,9 +78,12 @@ __device__ __forceinline__ void flash_mma(float (&d)[4], const unsigned int (&a)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two f32 -> one register of two bf16 (lo in the low half).
+// Two f32 -> one register of two bf16 (lo in the low half), rounded to nearest even by one
+// conversion instruction (a NaN becomes the canonical NaN).
 __device__ __forceinline__ unsigned int flash_pack(float lo, float hi) {
-    return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 
 // The accumulator tiles 2kb, 2kb+1 of x as a bf16 A fragment (16 rows × 16 k).
@@ -279,6 +282,8 @@ struct FlashQueryBlock {
 // Per key tile of 64, with the online softmax in the log2 domain (x = c·log2(e)·q·k):
 //   m' = max(m, max_j x_j);  α = 2^(m − m');  p_j = 2^(x_j − m');  l = α·l + Σ_j p_j;
 //   o = α·o + Σ_j p_j·v_j;  m = m'.   Finally out = o / l, lse = (m + log2 l)·ln 2.
+// The max is taken over the raw scores and then scaled (c·log2(e) > 0), and each p_j is one
+// fused multiply-add and an exp2: p_j = 2^(fma(q·k_j, c·log2(e), −m')).
 // Registers: qa HD/2, o HD/2, s 32. Shared: K and V, two buffers each.
 // ---------------------------------------------------------------------------------------------
 template <int HD>
@@ -335,12 +340,13 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
             for (int t = 0; t < NT; ++t) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    s[t][e] = (vis >> (4 * t + e)) & 1u ? s[t][e] * sl2 : flash_neg_inf();
+                    s[t][e] = (vis >> (4 * t + e)) & 1u ? s[t][e] : flash_neg_inf();
                 }
                 mx0 = fmaxf(mx0, fmaxf(s[t][0], s[t][1]));
                 mx1 = fmaxf(mx1, fmaxf(s[t][2], s[t][3]));
             }
-            const float mn0 = fmaxf(m0, flash_max4(mx0)), mn1 = fmaxf(m1, flash_max4(mx1));
+            const float mn0 = fmaxf(m0, flash_max4(mx0) * sl2);
+            const float mn1 = fmaxf(m1, flash_max4(mx1) * sl2);
             // A row with nothing visible yet keeps m = −∞ (subtract 0 instead: 2^−∞ = 0).
             const float ms0 = mn0 == flash_neg_inf() ? 0.0f : mn0;
             const float ms1 = mn1 == flash_neg_inf() ? 0.0f : mn1;
@@ -350,10 +356,10 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
             float ps0 = 0.0f, ps1 = 0.0f;
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
-                s[t][0] = exp2f(s[t][0] - ms0);
-                s[t][1] = exp2f(s[t][1] - ms0);
-                s[t][2] = exp2f(s[t][2] - ms1);
-                s[t][3] = exp2f(s[t][3] - ms1);
+                s[t][0] = exp2f(fmaf(s[t][0], sl2, -ms0));
+                s[t][1] = exp2f(fmaf(s[t][1], sl2, -ms0));
+                s[t][2] = exp2f(fmaf(s[t][2], sl2, -ms1));
+                s[t][3] = exp2f(fmaf(s[t][3], sl2, -ms1));
                 ps0 += s[t][0] + s[t][1];
                 ps1 += s[t][2] + s[t][3];
             }
@@ -470,7 +476,7 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
             const int c0 = j0 + HALF * half;
             const unsigned int vis =
                 whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, c0, tig);
-            if (!__syncthreads_or(vis != 0)) continue;
+            if (!__any_sync(FULL_MASK, vis != 0)) continue;
             float s[NT][4], dp[NT][4];
             flash_zero<NT>(s);
             flash_zero<NT>(dp);
@@ -612,7 +618,7 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
             const int c0 = QT * qq;
             const unsigned int vis =
                 whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0 + c0, tig);
-            if (!__syncthreads_or(vis != 0)) continue;
+            if (!__any_sync(FULL_MASK, vis != 0)) continue;
             float s[NT][4], dp[NT][4];
             flash_zero<NT>(s);
             flash_zero<NT>(dp);

@@ -1,0 +1,185 @@
+// flash_bench.cu: times kernels/flash.cu's three training kernels alone and writes their outputs,
+// so kernel variants can be compared for speed and against each other for values without the
+// library. Build (nvcc, on a GPU machine): see bench/flash/run.sh.
+//   flash_bench SEQ HEADS KV_HEADS HEAD_DIM SPLIT REPS OUTDIR
+// SPLIT > 0 packs two segments into the row (tokens >= SPLIT are segment 1).
+#include <cuda_runtime.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "prelude.cuh"
+#include FLASH_SRC
+
+// Kernels of 64 query rows unless the source says more (then Q has tiles of its own).
+#ifdef FLASH_FWD_ROWS
+#define FLASH_FWD_TILES (FLASH_FWD_ROWS / 64 + 4)
+#else
+#define FLASH_FWD_ROWS 64
+#define FLASH_FWD_TILES 4
+#endif
+#ifndef FLASH_DQ_ROWS
+#define FLASH_DQ_ROWS 64
+#endif
+#ifndef FLASH_DQ_TILES
+#define FLASH_DQ_TILES 4
+#endif
+
+#define CK(x)                                                                         \
+    do {                                                                              \
+        cudaError_t e = (x);                                                          \
+        if (e != cudaSuccess) {                                                       \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+            exit(1);                                                                  \
+        }                                                                             \
+    } while (0)
+
+// delta[t, h] = Σ_d dO·O (one warp per (t, h)).
+__global__ void bench_delta(const float* o, const bf16_t* d_o, float* delta, int n, int hd) {
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x & 31;
+    if (w >= n) return;
+    float s = 0.0f;
+    for (int d = lane; d < hd; d += 32) s += o[w * hd + d] * bf16_to_f32(d_o[w * hd + d]);
+    s = warp_sum(s);
+    if (lane == 0) delta[w] = s;
+}
+
+static unsigned long long rng_state = 0x9e3779b97f4a7c15ull;
+static double uniform() {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return ((rng_state >> 11) + 0.5) / 9007199254740992.0;
+}
+static std::vector<bf16_t> randn_bf16(size_t n) {
+    std::vector<bf16_t> v(n);
+    for (size_t i = 0; i < n; ++i) {
+        float x = (float)(sqrt(-2.0 * log(uniform())) * cos(6.283185307179586 * uniform()));
+        unsigned int u;
+        memcpy(&u, &x, 4);
+        u += 0x7fffu + ((u >> 16) & 1u);
+        v[i] = (bf16_t)(u >> 16);
+    }
+    return v;
+}
+
+template <typename T>
+static T* upload(const std::vector<T>& h) {
+    T* d;
+    CK(cudaMalloc(&d, h.size() * sizeof(T)));
+    CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+static float* zeros(size_t n) {
+    float* d;
+    CK(cudaMalloc(&d, n * sizeof(float)));
+    CK(cudaMemset(d, 0, n * sizeof(float)));
+    return d;
+}
+static void save(const std::string& dir, const char* name, const float* d, size_t n) {
+    std::vector<float> h(n);
+    CK(cudaMemcpy(h.data(), d, n * sizeof(float), cudaMemcpyDeviceToHost));
+    FILE* f = fopen((dir + "/" + name + ".f32").c_str(), "wb");
+    fwrite(h.data(), 4, n, f);
+    fclose(f);
+}
+
+// Median milliseconds of `reps` launches of `launch`.
+template <typename F>
+static double time_ms(int reps, F launch) {
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    launch();
+    CK(cudaDeviceSynchronize());
+    std::vector<double> t;
+    for (int i = 0; i < reps; ++i) {
+        CK(cudaEventRecord(a));
+        launch();
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        t.push_back(ms);
+    }
+    CK(cudaGetLastError());
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+int main(int argc, char** argv) {
+    if (argc != 8) {
+        fprintf(stderr, "usage: flash_bench SEQ HEADS KV_HEADS HEAD_DIM SPLIT REPS OUTDIR\n");
+        return 2;
+    }
+    const int seq = atoi(argv[1]), heads = atoi(argv[2]), kv = atoi(argv[3]), hd = atoi(argv[4]);
+    const int split = atoi(argv[5]), reps = atoi(argv[6]);
+    const std::string dir = argv[7];
+    const int batch = 1;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const size_t nq = (size_t)seq * heads * hd, nk = (size_t)seq * kv * hd;
+    bf16_t* q = upload(randn_bf16(nq));
+    bf16_t* k = upload(randn_bf16(nk));
+    bf16_t* v = upload(randn_bf16(nk));
+    bf16_t* d_o = upload(randn_bf16(nq));
+    std::vector<int> segh(seq);
+    for (int t = 0; t < seq; ++t) segh[t] = split > 0 && t >= split ? 1 : 0;
+    int* seg = upload(segh);
+    float* out = zeros(nq);
+    float* lse = zeros((size_t)seq * heads);
+    float* delta = zeros((size_t)seq * heads);
+    float* dq = zeros(nq);
+    int sms;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    // The library's choice of dK/dV parts (src/backend/cuda/mod.rs).
+    const int tiles = (seq + 63) / 64, group = heads / kv;
+    int parts = group;
+    for (int p = 1; p <= group; ++p) {
+        if (group % p == 0 && tiles * kv * batch * p >= 8 * sms) {
+            parts = p;
+            break;
+        }
+    }
+    float* dk = zeros(nk * parts);
+    float* dv = zeros(nk * parts);
+    const int row_bytes = (hd + 8) * 2;
+    const int fwd_sm = FLASH_FWD_TILES * 64 * row_bytes, dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
+    const int dkdv_sm = 5 * 64 * row_bytes + 2 * 2 * 64 * 4;
+    CK(cudaFuncSetAttribute(flash_fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd_sm));
+    CK(cudaFuncSetAttribute(flash_bwd_dq, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_sm));
+    CK(cudaFuncSetAttribute(flash_bwd_dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, dkdv_sm));
+    const dim3 gf((seq + FLASH_FWD_ROWS - 1) / FLASH_FWD_ROWS, heads, batch);
+    const dim3 gq((seq + FLASH_DQ_ROWS - 1) / FLASH_DQ_ROWS, heads, batch);
+    const dim3 gk(tiles, kv * parts, batch);
+    const double t_fwd = time_ms(reps, [&] {
+        flash_fwd<<<gf, 128, fwd_sm>>>(q, k, v, seg, out, lse, batch, seq, heads, kv, hd, scale);
+    });
+    bench_delta<<<(seq * heads * 32 + 255) / 256, 256>>>(out, d_o, delta, seq * heads, hd);
+    const double t_dq = time_ms(reps, [&] {
+        flash_bwd_dq<<<gq, 128, dq_sm>>>(q, k, v, d_o, lse, delta, seg, dq, batch, seq, heads, kv,
+                                         hd, scale);
+    });
+    const double t_dkdv = time_ms(reps, [&] {
+        flash_bwd_dkdv<<<gk, 128, dkdv_sm>>>(q, k, v, d_o, lse, delta, seg, dk, dv, batch, seq,
+                                             heads, kv, hd, scale);
+    });
+    CK(cudaDeviceSynchronize());
+    // Causal products: each is S²/2·hd multiply-adds per head.
+    const double unit = (double)seq * seq * hd * heads * batch / 1e9;  // GFLOP of one product ×2
+    printf("{\"seq\": %d, \"heads\": %d, \"kv_heads\": %d, \"head_dim\": %d, \"split\": %d, "
+           "\"fwd_ms\": %.3f, \"dq_ms\": %.3f, \"dkdv_ms\": %.3f, \"fwd_tflops\": %.1f, "
+           "\"dq_tflops\": %.1f, \"dkdv_tflops\": %.1f}\n",
+           seq, heads, kv, hd, split, t_fwd, t_dq, t_dkdv, 2 * unit / t_fwd, 3 * unit / t_dq,
+           4 * unit / t_dkdv);
+    save(dir, "out", out, nq);
+    save(dir, "lse", lse, (size_t)seq * heads);
+    save(dir, "dq", dq, nq);
+    save(dir, "dk", dk, nk * parts);
+    save(dir, "dv", dv, nk * parts);
+    return 0;
+}

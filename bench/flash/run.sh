@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# On a GPU machine with nvcc: builds flash_bench.cu against each variant of kernels/flash.cu given
+# as NAME=FILE[:NVCC_DEFINES] (FILE absolute or relative to the repository), runs every case with
+# each, and prints the timings (JSON lines, also in OUTDIR/times.jsonl), the registers and spills
+# ptxas reports, and each variant's relative L2 difference from the first one's outputs.
+# Usage: bench/flash/run.sh OUTDIR base=/tmp/flash-head.cu new=kernels/flash.cu ...
+# (git show HEAD:kernels/flash.cu > /tmp/flash-head.cu gives the committed kernels as a base.)
+set -uo pipefail
+out=$1; shift
+here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
+mkdir -p "$out"
+names=()
+build() {
+    local name=$1 file=$2 defs=$3
+    [[ $file == /* ]] || file=$root/$file
+    ( cd "$root" && nvcc -O3 -std=c++17 -arch=sm_90 -I kernels -DFLASH_SRC="\"$file\"" $defs \
+        -Xptxas -v "$here/flash_bench.cu" -o "$out/bench_$name" ) > "$out/ptxas_$name.txt" 2>&1
+}
+for spec in "$@"; do
+    name=${spec%%=*}; rest=${spec#*=}; file=${rest%%:*}; defs=""
+    [[ $rest == *:* ]] && defs=${rest#*:}
+    build "$name" "$file" "$defs" &
+    names+=("$name")
+done
+wait
+built=()
+for name in "${names[@]}"; do
+    if [ ! -x "$out/bench_$name" ]; then
+        echo "build $name failed"; tail -20 "$out/ptxas_$name.txt"; continue
+    fi
+    grep -A2 "Compiling entry function '_*flash_\(fwd\|bwd_dq\|bwd_dkdv\)'" "$out/ptxas_$name.txt" |
+        grep -o "Used [0-9]* registers\|[0-9]* bytes spill stores" | paste -sd' ' | sed "s/^/$name: /"
+    built+=("$name")
+done
+names=("${built[@]}")
+cases=("2048 32 8 128 0 20" "8192 32 8 128 0 8" "2048 32 8 128 700 10" "2048 32 8 64 0 20" "4096 28 4 128 0 10" "300 4 4 64 0 5" "130 4 1 128 50 5" "1000 8 2 128 999 5")
+for c in "${cases[@]}"; do
+    tag=$(echo "$c" | cut -d' ' -f1-5 | tr ' ' _)
+    for n in "${names[@]}"; do
+        mkdir -p "$out/$n/$tag"
+        echo -n "$n " >> "$out/times.jsonl"
+        "$out/bench_$n" $c "$out/$n/$tag" >> "$out/times.jsonl" 2>&1 || echo "run $n $tag failed" >> "$out/times.jsonl"
+    done
+done
+cat "$out/times.jsonl"
+python3 "$here/compare.py" "$out" "${names[@]}"
