@@ -313,7 +313,9 @@ typedef struct ft_train_params {
   uint64_t seed;
   /**
    * Non-zero: keep the saved layer inputs in pinned host memory instead of device memory,
-   * copied out and back beside the compute (GPU only).
+   * copied out and back beside the compute (GPU only); with checkpointing, each layer's
+   * attention output too when all of them take at most a quarter of the host's memory (the
+   * backward then skips the recomputed attention forward).
    */
   int32_t offload_activations;
 } ft_train_params;

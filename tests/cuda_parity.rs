@@ -636,9 +636,12 @@ fn offloaded_activations_train_identically_with_less_device_memory() {
          (one layer input: {input_bytes})"
     );
     assert_eq!(kept, moved);
+    // Offloaded, the device still holds a few layer inputs at a time (the one in use, the next
+    // one coming back) and, as the attention outputs are offloaded too, one of those coming
+    // back and every layer's log-sum-exp (1/16 of an input here).
     let saved = kept_peak.saturating_sub(moved_peak);
     assert!(
-        saved >= (shape.num_layers - 3) * input_bytes,
+        saved >= (shape.num_layers - 4) * input_bytes,
         "offload saved {saved} bytes"
     );
 }

@@ -257,6 +257,12 @@ pub trait Backend: Send + Sync + 'static {
     fn stash(&self, t: Self::Tensor) -> Result<Self::Tensor> {
         Ok(t)
     }
+    /// Whether [`Backend::stash`] moves tensors out of the memory the backend computes in (a GPU
+    /// backend's copies in host memory): then keeping more of them stashed costs host memory
+    /// only. The CPU's stash keeps tensors where they are.
+    fn stash_moves(&self) -> bool {
+        false
+    }
     /// Starts bringing a stashed tensor back to the device; the copy overlaps the work queued
     /// after it. [`Backend::settle`] must run before anything reads it.
     fn fetch_stashed(&self, t: Self::Tensor) -> Result<Self::Tensor> {

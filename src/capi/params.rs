@@ -125,7 +125,9 @@ pub struct ft_train_params {
     /// Seed of the dropout masks.
     pub seed: u64,
     /// Non-zero: keep the saved layer inputs in pinned host memory instead of device memory,
-    /// copied out and back beside the compute (GPU only).
+    /// copied out and back beside the compute (GPU only); with checkpointing, each layer's
+    /// attention output too when all of them take at most a quarter of the host's memory (the
+    /// backward then skips the recomputed attention forward).
     pub offload_activations: i32,
 }
 

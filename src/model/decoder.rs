@@ -14,6 +14,9 @@
 //! With checkpointing, only each layer's input is kept and the layer is recomputed in the backward,
 //! except the adapters' inputs `dropout(x)·Aᵀ` (r columns each, ~1 MiB a layer at 2,048 tokens
 //! and rank 16): the recomputation reuses them instead of running those rank-wide products again.
+//! When the inputs are offloaded to host memory, the attention output may go there too
+//! ([`Saving::offload_attention`]): the recomputation then skips the attention forward, the
+//! part of a layer that grows with the square of the sequence.
 //!
 //! The MLP runs over chunks of at most [`Decoder::mlp_chunk_rows`] token rows (its intermediates,
 //! three `[rows, intermediate]` tensors and their gradients, are the largest of a layer), and its
@@ -58,6 +61,9 @@ pub struct Saving {
     /// Keep the layer inputs in host memory (`Backend::stash`): copied out while the next
     /// layers compute, copied back while the layer after runs its backward.
     pub offload_inputs: bool,
+    /// With `recompute`: keep each layer's attention output in host memory too (stashed like the
+    /// inputs, its log-sum-exp on the device), so the recomputation skips the attention forward.
+    pub offload_attention: bool,
 }
 
 /// Token rows per MLP chunk unless set otherwise ([`Decoder::set_mlp_chunk_rows`]): Llama 3
@@ -137,10 +143,23 @@ struct MlpChunk<B: Backend> {
 }
 
 /// What a checkpointed layer keeps for its backward besides its input: the adapter inputs of
-/// the attention projections and of each MLP chunk.
-struct AdapterInputs<B: Backend> {
-    attention: [Option<B::Tensor>; 4],
+/// the attention projections and of each MLP chunk, and with [`Saving::offload_attention`] the
+/// attention output (stashed) and its log-sum-exp.
+struct Checkpoint<B: Backend> {
+    adapter_inputs: [Option<B::Tensor>; 4],
     mlp: Vec<MlpChunk<B>>,
+    attention: Option<(B::Tensor, B::Tensor)>,
+}
+
+impl<B: Backend> Checkpoint<B> {
+    /// Starts bringing the kept attention output back to the device (`Backend::fetch_stashed`).
+    fn fetch(self, be: &B) -> Result<Self> {
+        let attention = match self.attention {
+            Some((out, lse)) => Some((be.fetch_stashed(out)?, lse)),
+            None => None,
+        };
+        Ok(Checkpoint { attention, ..self })
+    }
 }
 
 /// Rows of a tensor: all of it (borrowed) or a copy of some.
@@ -830,7 +849,7 @@ impl<B: Backend> Decoder<B> {
         let n = cfg.num_layers;
         let mut inputs = Vec::with_capacity(n);
         let mut caches = Vec::with_capacity(if saving.recompute { 0 } else { n });
-        let mut adapter_inputs = Vec::with_capacity(if saving.recompute { n } else { 0 });
+        let mut checkpoints = Vec::with_capacity(if saving.recompute { n } else { 0 });
         let mut x = self.embed(batch)?;
         for layer in 0..n {
             let (out, cache) = self.layer_forward(
@@ -842,8 +861,18 @@ impl<B: Backend> Decoder<B> {
                 !saving.recompute,
             )?;
             if saving.recompute {
-                let LayerCache { xa, mlp, .. } = cache;
-                adapter_inputs.push(AdapterInputs { attention: xa, mlp });
+                let LayerCache {
+                    xa, mlp, attn, lse, ..
+                } = cache;
+                let attention = match saving.offload_attention {
+                    true => Some((be.stash(attn)?, lse)),
+                    false => None,
+                };
+                checkpoints.push(Checkpoint {
+                    adapter_inputs: xa,
+                    mlp,
+                    attention,
+                });
             } else {
                 caches.push(cache);
             }
@@ -855,23 +884,33 @@ impl<B: Backend> Decoder<B> {
             x = out;
         }
         let mut dx = self.head_forward_backward(x, batch, loss)?;
-        // Each layer's input comes back (from host memory when offloaded) while the layer
-        // after it runs its backward.
-        let mut next = inputs.pop().map(|t| be.fetch_stashed(t)).transpose()?;
+        // Each layer's input (and kept attention output) comes back from host memory, when
+        // offloaded, while the layer after it runs its backward.
+        let fetch = |t: B::Tensor| be.fetch_stashed(t);
+        let mut next = inputs.pop().map(fetch).transpose()?;
+        let mut next_kept = checkpoints.pop().map(|c| c.fetch(be)).transpose()?;
         for layer in (0..n).rev() {
             let x = be.settle(next.take().expect("one input per layer"))?;
-            next = inputs.pop().map(|t| be.fetch_stashed(t)).transpose()?;
+            next = inputs.pop().map(fetch).transpose()?;
+            let kept = next_kept.take();
+            next_kept = checkpoints.pop().map(|c| c.fetch(be)).transpose()?;
             let cache = match caches.pop() {
                 Some(c) => c,
                 None => {
-                    let kept = adapter_inputs.pop().expect("one per layer");
+                    let kept = kept.expect("one per layer");
+                    let kept_attention = kept.attention;
+                    let attend = |q: &B::Tensor, k: &B::Tensor, v: &B::Tensor| match kept_attention
+                    {
+                        Some((out, lse)) => Ok((be.settle(out)?, lse)),
+                        None => self.batch_attention(batch)(q, k, v),
+                    };
                     let mut c = self.layer_cache(
                         layer,
                         &x,
                         &batch.positions,
                         Some(ad),
-                        self.batch_attention(batch),
-                        kept.attention,
+                        attend,
+                        kept.adapter_inputs,
                     )?;
                     c.mlp = kept.mlp;
                     c

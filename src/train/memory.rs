@@ -1,4 +1,5 @@
-//! An estimate of the memory a training configuration needs on the CPU backend (f32), by part.
+//! An estimate of the memory a training configuration needs on the CPU backend (f32), by part,
+//! and the host's physical memory.
 
 use crate::lora::LoraConfig;
 use crate::model::config::ModelConfig;
@@ -63,4 +64,13 @@ pub fn estimate(
         activations,
         total: weights + adapters + activations,
     }
+}
+
+/// The host's physical memory in bytes (`MemTotal` of /proc/meminfo); None where that is not
+/// readable (not Linux).
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -63,10 +63,9 @@ impl<B: Backend> Replayer<B> {
 
     /// Whether micro-batches trained with these settings can be recorded: not in a
     /// data-parallel group (its sums are queued between layers), not with dropout (its masks
-    /// change every step), not with offloaded activations (their host buffers live outside
-    /// the recording).
-    pub(super) fn applies(&self, lora: &LoraConfig, saving: Saving, in_group: bool) -> bool {
-        self.enabled && !in_group && lora.dropout == 0.0 && !saving.offload_inputs
+    /// change every step).
+    pub(super) fn applies(&self, lora: &LoraConfig, in_group: bool) -> bool {
+        self.enabled && !in_group && lora.dropout == 0.0
     }
 
     /// Drops the held recording: the buffers it reads (the adapters) may be replaced.

@@ -1,6 +1,7 @@
 //! The trainer: LoRA tensors, their gradients and AdamW state over a frozen decoder.
 
 use super::batch::Batch;
+use super::memory::host_memory_bytes;
 use super::replay::{row_loss_sum, Replayer};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::backend::collective::Collective;
@@ -29,7 +30,9 @@ pub struct TrainConfig {
     /// Recompute each layer in the backward pass instead of keeping its activations.
     pub checkpointing: bool,
     /// Keep the saved layer inputs in pinned host memory instead of device memory, copied out
-    /// and back beside the compute (GPU backends; the CPU keeps them where they are).
+    /// and back beside the compute (GPU backends; the CPU keeps them where they are); with
+    /// checkpointing, each layer's attention output too when all of them take at most a
+    /// quarter of the host's memory (`Trainer::offloads_attention`).
     pub offload_activations: bool,
     /// Seed of the dropout masks.
     pub seed: u64,
@@ -281,11 +284,13 @@ impl<B: Backend> Trainer<B> {
         for g in self.grads.tensors_mut() {
             be.fill_zero(g)?;
         }
+        let largest = micro_batches.iter().map(|b| b.batch_size * b.seq_len).max();
         let saving = Saving {
             recompute: self.cfg.checkpointing,
             offload_inputs: self.cfg.offload_activations,
+            offload_attention: self.offloads_attention(largest.unwrap_or(0)),
         };
-        let record = self.replayer.applies(&self.lora, saving, group.is_some());
+        let record = self.replayer.applies(&self.lora, group.is_some());
         let scale = 1.0 / labelled as f32;
         let mut loss_sum = 0.0f64;
         for (i, batch) in micro_batches.iter().enumerate() {
@@ -333,6 +338,20 @@ impl<B: Backend> Trainer<B> {
         }
         let [loss_sum, tokens] = totals;
         Ok(((loss_sum / labelled) as f32, tokens as u64, labelled as u64))
+    }
+
+    /// Whether a checkpointed, offloaded step of micro-batches of at most `tokens` keeps the
+    /// attention outputs in host memory too ([`Saving::offload_attention`]): when the stash
+    /// really moves them off the device and all layers' outputs (`tokens × heads × head_dim`
+    /// f32 each) take at most a quarter of the host's memory. Longer sequences (the inputs
+    /// take as much again) recompute the attention instead.
+    fn offloads_attention(&self, tokens: usize) -> bool {
+        let cfg = &self.decoder.cfg;
+        let bytes = (tokens * cfg.num_heads * cfg.head_dim * cfg.num_layers) as u64 * 4;
+        self.cfg.checkpointing
+            && self.cfg.offload_activations
+            && self.decoder.backend.stash_moves()
+            && host_memory_bytes().is_some_and(|host| bytes <= host / 4)
     }
 
     /// The dropout seed of micro-batch `i` of this step. Rank 0 of a group draws the masks a

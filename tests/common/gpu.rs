@@ -259,9 +259,13 @@ fn varied_batches(steps: usize) -> Vec<Batch> {
         .collect()
 }
 
-/// A trainer on a tiny model (as [`trainer_on`]) without dropout, which recording needs; the
-/// second value makes more trainers with the same adapters on the same decoder.
-fn recordable_trainer(base: Base) -> Arc<dyn Fn() -> Trainer<CudaBackend> + Send + Sync> {
+/// A trainer on a tiny model (as [`trainer_on`]) without dropout, which recording needs, its
+/// activations offloaded when `offload`; the value returned makes more trainers with the same
+/// adapters on the same decoder.
+fn recordable_trainer(
+    base: Base,
+    offload: bool,
+) -> Arc<dyn Fn() -> Trainer<CudaBackend> + Send + Sync> {
     let t = trainer_on(CudaBackend::new(0).unwrap(), Family::Llama, base);
     let mut lora = t.lora_config().clone();
     lora.dropout = 0.0;
@@ -275,7 +279,11 @@ fn recordable_trainer(base: Base) -> Arc<dyn Fn() -> Trainer<CudaBackend> + Send
         })
         .collect();
     Arc::new(move || {
-        let mut t = Trainer::new(dec.clone(), lora.clone(), TrainConfig::default()).unwrap();
+        let train = TrainConfig {
+            offload_activations: offload,
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(dec.clone(), lora.clone(), train).unwrap();
         for (p, (values, r, c)) in t.params_mut().tensors_mut().zip(&params) {
             *p = dec.backend.upload(values, *r, *c).unwrap();
         }
@@ -326,9 +334,27 @@ fn assert_same_run(
 /// every loss and every adapter value after the steps within `tol` relative. A batch of another
 /// shape comes in the middle (the recording is dropped, then made again). Then the same two
 /// trainers again side by side on two threads sharing the model: recording on one thread
-/// captures none of the other's work.
+/// captures none of the other's work. All of it with activations kept on the device and
+/// offloaded to host memory (the layer inputs and attention outputs, copied on a stream of
+/// their own, recorded too), which must train alike.
 pub fn recorded_steps_match_unrecorded(base: Base, tol: f64) {
-    let make = recordable_trainer(base);
+    let on_device = recorded_steps_match_unrecorded_with(base, tol, false);
+    let offloaded = recorded_steps_match_unrecorded_with(base, tol, true);
+    assert_same_run(
+        &format!("{base:?} queued, offloaded"),
+        &on_device,
+        &offloaded,
+        tol,
+    );
+}
+
+/// [`recorded_steps_match_unrecorded`] with activations offloaded or not; returns the queued run.
+fn recorded_steps_match_unrecorded_with(
+    base: Base,
+    tol: f64,
+    offload: bool,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let make = recordable_trainer(base, offload);
     let run = |record: bool| {
         let mut t = make();
         t.set_recording(record);
@@ -336,8 +362,9 @@ pub fn recorded_steps_match_unrecorded(base: Base, tol: f64) {
     };
     let queued = run(false);
     let recorded = run(true);
+    let base = format!("{base:?}{}", if offload { " offloaded" } else { "" });
     assert_same_run(
-        &format!("{base:?} queued / recorded"),
+        &format!("{base} queued / recorded"),
         &queued,
         &recorded,
         tol,
@@ -348,15 +375,16 @@ pub fn recorded_steps_match_unrecorded(base: Base, tol: f64) {
         (a.join().unwrap(), b.join().unwrap())
     });
     assert_same_run(
-        &format!("{base:?} queued, two threads"),
+        &format!("{base} queued, two threads"),
         &queued,
         &beside_queued,
         tol,
     );
     assert_same_run(
-        &format!("{base:?} recorded, two threads"),
+        &format!("{base} recorded, two threads"),
         &recorded,
         &beside_recorded,
         tol,
     );
+    queued
 }

@@ -4,12 +4,14 @@
 //! is tens of microseconds an operation while the GPU waits.
 //!
 //! The allocations made while recording are placed in one block of device memory the recording
-//! owns (arena.rs) and must all be freed within the recording;
+//! owns (arena.rs) and must all be freed within the recording; so are the pinned host buffers
+//! offloaded activations are copied to (offload.rs);
 //! buffers made before it (weights, adapters, gradients, a batch's inputs) are read and written
 //! in place, so new values written into them between replays are what a replay computes with.
 
 use super::arena::Arena;
 use super::device::{driver_error, DeviceBuffer};
+use super::offload::HostBuffer;
 use super::CudaBackend;
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaGraph, CudaStream};
@@ -23,6 +25,10 @@ pub struct Recording {
     /// The memory the work's allocations are placed in (arena.rs); freed after the graph, in
     /// order on the main stream behind the last replay.
     _block: DeviceBuffer<u8>,
+    /// The pinned host buffers of the work's offloaded activations; freed once the main stream
+    /// has finished the last replay.
+    host: Vec<HostBuffer>,
+    main: Arc<CudaStream>,
 }
 
 // SAFETY: a graph is only ever used through `&Recording` by the one thread driving the backend
@@ -33,6 +39,10 @@ impl Drop for Recording {
     fn drop(&mut self) {
         drop(self.graph.take());
         release_graph_memory(&self.ctx);
+        if !self.host.is_empty() {
+            // A failure leaves nothing better to do than to free them anyway.
+            let _ = self.main.synchronize();
+        }
     }
 }
 
@@ -54,10 +64,11 @@ impl CudaBackend {
         if self.profiler.is_some() {
             return Ok(None);
         }
-        let (graph, block) = self.gpu.recording_here(|| {
+        let (graph, block, host) = self.gpu.recording_here(|| {
             // First capture: ordinary allocations, their places in one block planned.
             let plan = Arena::planning();
             let planned = self.capture_placed(plan.clone(), work);
+            self.offload.end_recording(false);
             drop(planned?);
             release_graph_memory(&self.gpu.ctx);
             let bytes = plan.size();
@@ -67,9 +78,9 @@ impl CudaBackend {
                 "recorded work's memory",
             )?;
             // The kept capture: the same allocations, in the block.
-            let graph =
-                self.capture_placed(Arena::in_block(self.buffer_ptr(&block), bytes), work)?;
-            Ok::<_, Error>((graph, block))
+            let graph = self.capture_placed(Arena::in_block(self.buffer_ptr(&block), bytes), work);
+            let host = self.offload.end_recording(graph.is_ok());
+            Ok::<_, Error>((graph?, block, host))
         })?;
         // Blocks the pool kept from earlier, unrecorded steps would sit beside the block.
         self.gpu.release_pooled_memory()?;
@@ -77,6 +88,8 @@ impl CudaBackend {
             graph: Some(graph),
             ctx: self.gpu.ctx.clone(),
             _block: block,
+            host,
+            main: self.gpu.main_stream().clone(),
         }))
     }
 

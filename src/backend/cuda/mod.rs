@@ -674,6 +674,7 @@ impl Backend for CudaBackend {
             Storage::Nf4(_) => Ok(self.download_nf4(t)?.dequantize()),
             Storage::Offloaded(o) => match &o.host {
                 Some(host) => Ok(host
+                    .values
                     .as_slice()
                     .map_err(driver_error("reading an offloaded activation"))?
                     .to_vec()),
@@ -684,14 +685,11 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn stash_moves(&self) -> bool {
+        true
+    }
+
     fn stash(&self, t: CudaTensor) -> Result<CudaTensor> {
-        if self.gpu.records_here() {
-            return Err(Error::InvalidArgument(
-                "offloading activations cannot be recorded: the copies' host buffers live \
-                 outside the recording"
-                    .into(),
-            ));
-        }
         self.offload.stash(&self.gpu, t)
     }
 

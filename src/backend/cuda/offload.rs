@@ -2,32 +2,91 @@
 //! instead of device memory. Each is copied out on a stream of its own while the next layer
 //! computes (its device memory freed in stream order after the copy) and copied back ahead of
 //! the backward that reads it, overlapping the layer after it.
+//!
+//! A pass being recorded (graph.rs) copies on a stream of its own with plain driver copies
+//! (cudarc's pinned buffers record events of their own, which a recording must not hold), from
+//! pinned buffers an unrecorded pass of the same shape left spare: the recording takes them
+//! ([`Offload::end_recording`]), as its replays copy to and from the same host addresses.
 
 use super::device::{driver_error, DeviceBuffer, Gpu};
 use super::tensor::{CudaTensor, Offloaded, Storage};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
+use cudarc::driver::{sys, CudaEvent, CudaStream, DevicePtr, PinnedHostSlice};
+
+/// A pinned host buffer of f32 values and its address. The address is read once, when the
+/// buffer is made: cudarc's accessors wait for the buffer's last copy on the host, which is not
+/// allowed while a stream is being captured.
+#[derive(Debug)]
+pub struct HostBuffer {
+    pub values: PinnedHostSlice<f32>,
+    addr: usize,
+}
+
+impl HostBuffer {
+    fn bytes(&self) -> usize {
+        self.values.len() * std::mem::size_of::<f32>()
+    }
+}
 use std::sync::{Arc, Mutex};
 
-/// The copy stream and the buffers it moves.
+/// Device buffers being copied out, each with the event marking its copy's end.
+type Leaving = Mutex<Vec<(CudaEvent, DeviceBuffer<f32>)>>;
+
+/// The copy streams and the buffers they move.
 pub(super) struct Offload {
     stream: Arc<CudaStream>,
+    /// The copy stream of the thread recording (`Gpu::records_here`).
+    recording_stream: Arc<CudaStream>,
     /// Pinned buffers no tensor holds, kept for the next step: allocating pinned memory is slow.
-    spare: Mutex<Vec<PinnedHostSlice<f32>>>,
-    /// Device buffers being copied out, freed (in stream order) at the next stash or fetch.
-    leaving: Mutex<Vec<(CudaEvent, DeviceBuffer<f32>)>>,
+    spare: Mutex<Vec<HostBuffer>>,
+    /// The pinned buffers the pass being recorded used, for the recording to keep.
+    recorded: Mutex<Vec<HostBuffer>>,
+    /// Device buffers being copied out, freed (in stream order) at the next stash or fetch: those
+    /// of unrecorded work and those of the pass being recorded.
+    leaving: [Leaving; 2],
 }
 
 impl Offload {
     pub(super) fn new(gpu: &Gpu) -> Result<Self> {
-        Ok(Offload {
-            stream: gpu
-                .ctx
+        let new_stream = || {
+            gpu.ctx
                 .new_stream()
-                .map_err(driver_error("creating the offload stream"))?,
+                .map_err(driver_error("creating an offload stream"))
+        };
+        Ok(Offload {
+            stream: new_stream()?,
+            recording_stream: new_stream()?,
             spare: Mutex::new(Vec::new()),
-            leaving: Mutex::new(Vec::new()),
+            recorded: Mutex::new(Vec::new()),
+            leaving: Default::default(),
         })
+    }
+
+    /// The copy stream of this thread's work.
+    fn copy_stream(&self, gpu: &Gpu) -> &Arc<CudaStream> {
+        match gpu.records_here() {
+            true => &self.recording_stream,
+            false => &self.stream,
+        }
+    }
+
+    /// The device buffers this thread's copies out are freeing.
+    fn leaving(&self, gpu: &Gpu) -> &Leaving {
+        &self.leaving[gpu.records_here() as usize]
+    }
+
+    /// Hands over the pinned buffers the pass just recorded used: the recording keeps them
+    /// (`keep`), or they go back to the spare ones (a capture that only planned, or failed).
+    pub(super) fn end_recording(&self, keep: bool) -> Vec<HostBuffer> {
+        let used = std::mem::take(&mut *self.recorded.lock().unwrap_or_else(|e| e.into_inner()));
+        if keep {
+            return used;
+        }
+        self.spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(used);
+        Vec::new()
     }
 
     /// Frees the device buffers of earlier copies out, in stream order: the compute stream
@@ -35,7 +94,8 @@ impl Offload {
     /// queued after. Called one layer after the copy was queued, when it has long finished, so
     /// the compute stream does not stall and the host never waits.
     fn release_copied(&self, gpu: &Gpu) -> Result<()> {
-        let leaving = std::mem::take(&mut *self.leaving.lock().unwrap_or_else(|e| e.into_inner()));
+        let leaving =
+            std::mem::take(&mut *self.leaving(gpu).lock().unwrap_or_else(|e| e.into_inner()));
         for (done, buf) in leaving {
             gpu.stream()
                 .wait(&done)
@@ -48,18 +108,33 @@ impl Offload {
     /// A pinned buffer of exactly `len` values, reused when one is spare. When none is, the
     /// spare buffers of other lengths are freed first: the activations changed size (another
     /// sequence length), and keeping every size seen would let host memory grow without bound.
-    fn pinned(&self, gpu: &Gpu, len: usize) -> Result<PinnedHostSlice<f32>> {
+    fn pinned(&self, gpu: &Gpu, len: usize) -> Result<HostBuffer> {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = spare.iter().position(|p| p.len() == len) {
+        if let Some(i) = spare.iter().position(|p| p.values.len() == len) {
             return Ok(spare.swap_remove(i));
+        }
+        if gpu.records_here() {
+            return Err(Error::Device(
+                "recording offloaded activations needs the pinned buffers of an unrecorded pass \
+                 of the same shape, and another pass took them"
+                    .into(),
+            ));
         }
         spare.clear();
         // SAFETY: the buffer is written by the copy out before anything reads it.
-        unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.map_err(|e| Error::OutOfMemory {
-            requested: len * 4,
-            what: "pinned host memory for an offloaded activation".into(),
-            detail: e.to_string(),
-        })
+        let mut values =
+            unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.map_err(|e| {
+                Error::OutOfMemory {
+                    requested: len * 4,
+                    what: "pinned host memory for an offloaded activation".into(),
+                    detail: e.to_string(),
+                }
+            })?;
+        let addr = values
+            .as_mut_ptr()
+            .map_err(driver_error("reading a pinned buffer's address"))?
+            as usize;
+        Ok(HostBuffer { values, addr })
     }
 
     /// Starts copying `t` (f32) to pinned host memory behind the work queued so far.
@@ -78,18 +153,36 @@ impl Offload {
         };
         self.release_copied(gpu)?;
         let mut host = self.pinned(gpu, buf.elements())?;
-        let driver = driver_error("copying an activation to host memory");
-        self.stream
+        let driver = || driver_error("copying an activation to host memory");
+        let stream = self.copy_stream(gpu);
+        stream
             .join(gpu.stream())
             .map_err(driver_error("ordering an offload"))?;
-        self.stream
-            .memcpy_dtoh(&*buf.slice, &mut host)
-            .map_err(driver)?;
-        let done = self
-            .stream
+        if gpu.records_here() {
+            let src = buf.slice.device_ptr(stream).0;
+            // SAFETY: both ranges hold the buffer's values and outlive the copy: the device
+            // buffer is freed behind it (`release_copied`), the host one belongs to the
+            // recording. Earlier copies of the host buffer ran on streams the main stream
+            // waited for before anything it queues after them, a replay included.
+            unsafe {
+                sys::cuMemcpyDtoHAsync_v2(
+                    host.addr as *mut _,
+                    src,
+                    host.bytes(),
+                    stream.cu_stream(),
+                )
+            }
+            .result()
+            .map_err(driver())?;
+        } else {
+            stream
+                .memcpy_dtoh(&*buf.slice, &mut host.values)
+                .map_err(driver())?;
+        }
+        let done = stream
             .record_event(None)
             .map_err(driver_error("ordering an offload"))?;
-        self.leaving
+        self.leaving(gpu)
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((done, buf));
@@ -116,15 +209,32 @@ impl Offload {
         };
         self.release_copied(gpu)?;
         let mut buf = gpu.alloc::<f32>(n, "an offloaded activation coming back")?;
+        let driver = || driver_error("copying an activation back");
         // After the allocation, which is ordered on the compute stream.
-        self.stream
+        let stream = self.copy_stream(gpu);
+        stream
             .join(gpu.stream())
             .map_err(driver_error("ordering a fetch"))?;
-        self.stream
-            .memcpy_htod(host, &mut *buf.slice)
-            .map_err(driver_error("copying an activation back"))?;
-        let ready = self
-            .stream
+        if gpu.records_here() {
+            let dst = buf.slice.device_ptr(stream).0;
+            // SAFETY: as in `stash`; the device buffer is freed after the compute stream has
+            // waited for `ready`.
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    dst,
+                    host.addr as *const _,
+                    host.bytes(),
+                    stream.cu_stream(),
+                )
+            }
+            .result()
+            .map_err(driver())?;
+        } else {
+            stream
+                .memcpy_htod(&host.values, &mut *buf.slice)
+                .map_err(driver())?;
+        }
+        let ready = stream
             .record_event(None)
             .map_err(driver_error("ordering a fetch"))?;
         o.arriving = Some((buf, ready));
@@ -152,11 +262,13 @@ impl Offload {
             .wait(&ready)
             .map_err(driver_error("waiting for a fetch"))?;
         if let Some(host) = o.host.take() {
-            // Its own event orders a reuse after the copy that reads it.
-            self.spare
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(host);
+            // Its own event orders a reuse after the copy that reads it; a recorded pass's
+            // copies are the recording's.
+            let to = match gpu.records_here() {
+                true => &self.recorded,
+                false => &self.spare,
+            };
+            to.lock().unwrap_or_else(|e| e.into_inner()).push(host);
         }
         Ok(CudaTensor {
             rows,

@@ -4,7 +4,8 @@
 
 use super::device::DeviceBuffer;
 use super::host_table::HostTable;
-use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
+use super::offload::HostBuffer;
+use cudarc::driver::{CudaEvent, CudaStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -39,7 +40,7 @@ pub enum Storage {
 #[derive(Debug)]
 pub struct Offloaded {
     /// The values (None once handed back to the spare buffers).
-    pub host: Option<PinnedHostSlice<f32>>,
+    pub host: Option<HostBuffer>,
     /// While coming back: the device buffer being written and the event marking the copy's end.
     pub arriving: Option<(DeviceBuffer<f32>, CudaEvent)>,
     /// The compute stream, which frees `arriving`'s buffer.
