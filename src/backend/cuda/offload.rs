@@ -11,7 +11,7 @@
 use super::device::{driver_error, DeviceBuffer, Gpu};
 use super::tensor::{CudaTensor, Offloaded, Storage};
 use crate::error::{Error, Result};
-use cudarc::driver::{sys, CudaEvent, CudaStream, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{sys, CudaEvent, CudaStream, DevicePtr, DriverError, PinnedHostSlice};
 
 /// A pinned host buffer of f32 values and its address. The address is read once, when the
 /// buffer is made: cudarc's accessors wait for the buffer's last copy on the host, which is not
@@ -153,35 +153,23 @@ impl Offload {
         };
         self.release_copied(gpu)?;
         let mut host = self.pinned(gpu, buf.elements())?;
-        let driver = || driver_error("copying an activation to host memory");
-        let stream = self.copy_stream(gpu);
-        stream
-            .join(gpu.stream())
-            .map_err(driver_error("ordering an offload"))?;
-        if gpu.records_here() {
-            let src = buf.slice.device_ptr(stream).0;
+        let (addr, bytes) = (host.addr, host.bytes());
+        let done = self.copy(
+            gpu,
+            "copying an activation to host memory",
             // SAFETY: both ranges hold the buffer's values and outlive the copy: the device
             // buffer is freed behind it (`release_copied`), the host one belongs to the
-            // recording. Earlier copies of the host buffer ran on streams the main stream
-            // waited for before anything it queues after them, a replay included.
-            unsafe {
+            // recording.
+            |s| unsafe {
                 sys::cuMemcpyDtoHAsync_v2(
-                    host.addr as *mut _,
-                    src,
-                    host.bytes(),
-                    stream.cu_stream(),
+                    addr as *mut _,
+                    buf.slice.device_ptr(s).0,
+                    bytes,
+                    s.cu_stream(),
                 )
-            }
-            .result()
-            .map_err(driver())?;
-        } else {
-            stream
-                .memcpy_dtoh(&*buf.slice, &mut host.values)
-                .map_err(driver())?;
-        }
-        let done = stream
-            .record_event(None)
-            .map_err(driver_error("ordering an offload"))?;
+            },
+            |s| s.memcpy_dtoh(&*buf.slice, &mut host.values),
+        )?;
         self.leaving(gpu)
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -208,37 +196,44 @@ impl Offload {
             return Ok(());
         };
         self.release_copied(gpu)?;
+        // The copy is ordered after the allocation, which is ordered on the compute stream.
         let mut buf = gpu.alloc::<f32>(n, "an offloaded activation coming back")?;
-        let driver = || driver_error("copying an activation back");
-        // After the allocation, which is ordered on the compute stream.
-        let stream = self.copy_stream(gpu);
-        stream
-            .join(gpu.stream())
-            .map_err(driver_error("ordering a fetch"))?;
-        if gpu.records_here() {
-            let dst = buf.slice.device_ptr(stream).0;
-            // SAFETY: as in `stash`; the device buffer is freed after the compute stream has
-            // waited for `ready`.
-            unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    dst,
-                    host.addr as *const _,
-                    host.bytes(),
-                    stream.cu_stream(),
-                )
-            }
-            .result()
-            .map_err(driver())?;
-        } else {
-            stream
-                .memcpy_htod(&host.values, &mut *buf.slice)
-                .map_err(driver())?;
-        }
-        let ready = stream
-            .record_event(None)
-            .map_err(driver_error("ordering a fetch"))?;
+        let dst = buf.slice.device_ptr(gpu.stream()).0;
+        let ready = self.copy(
+            gpu,
+            "copying an activation back",
+            // SAFETY: as in `stash`; the device buffer is freed only after the compute stream
+            // has waited for `ready`.
+            |s| unsafe {
+                sys::cuMemcpyHtoDAsync_v2(dst, host.addr as *const _, host.bytes(), s.cu_stream())
+            },
+            |s| s.memcpy_htod(&host.values, &mut *buf.slice),
+        )?;
         o.arriving = Some((buf, ready));
         Ok(())
+    }
+
+    /// Queues a copy on this thread's copy stream behind the work queued on its compute stream
+    /// and returns the event marking the copy's end: `recorded`, a plain driver copy, while this
+    /// thread records (cudarc's copies record the pinned buffer's own event, which a recording
+    /// must not hold; earlier copies of a buffer ran on streams the main stream waited for before
+    /// anything it queued after them, a replay included), else `queued`.
+    fn copy(
+        &self,
+        gpu: &Gpu,
+        what: &'static str,
+        recorded: impl FnOnce(&Arc<CudaStream>) -> sys::CUresult,
+        queued: impl FnOnce(&Arc<CudaStream>) -> std::result::Result<(), DriverError>,
+    ) -> Result<CudaEvent> {
+        let stream = self.copy_stream(gpu);
+        let order = || driver_error("ordering an offload copy");
+        stream.join(gpu.stream()).map_err(order())?;
+        match gpu.records_here() {
+            true => recorded(stream).result(),
+            false => queued(stream),
+        }
+        .map_err(driver_error(what))?;
+        stream.record_event(None).map_err(order())
     }
 
     /// Makes the compute stream wait for a fetched tensor and returns it as a device tensor
