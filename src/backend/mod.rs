@@ -427,7 +427,8 @@ pub trait Backend: Send + Sync + 'static {
     fn adamw(&self, slots: &mut [AdamWSlot<'_, Self::Tensor>], h: AdamWStep) -> Result<()>;
 
     /// Records the device work `work` queues, without running it, for [`Backend::replay`]:
-    /// `Ok(None)` (and `work` not called) where this backend does not record. Recorded work
+    /// `Ok(None)` where this backend does not record (`work` not called) or cannot record it
+    /// now (a resource it needs is in use elsewhere; the caller runs the work unrecorded). Recorded work
     /// must queue device operations only (nothing read back, nothing uploaded from the host),
     /// and every buffer it allocates must be freed within it; a replay runs the same
     /// operations on the same buffers, with whatever values they hold then.

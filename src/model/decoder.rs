@@ -852,30 +852,42 @@ impl<B: Backend> Decoder<B> {
         let mut checkpoints = Vec::with_capacity(if saving.recompute { n } else { 0 });
         let mut x = self.embed(batch)?;
         for layer in 0..n {
-            let (out, cache) = self.layer_forward(
-                layer,
-                &x,
-                &batch.positions,
-                Some(ad),
-                self.batch_attention(batch),
-                !saving.recompute,
-            )?;
-            if saving.recompute {
+            let attend = self.batch_attention(batch);
+            let out = if saving.recompute {
                 let LayerCache {
-                    xa, mlp, attn, lse, ..
-                } = cache;
+                    xa,
+                    attn,
+                    lse,
+                    x1,
+                    h2,
+                    ..
+                } = self.layer_cache(
+                    layer,
+                    &x,
+                    &batch.positions,
+                    Some(ad),
+                    attend,
+                    Default::default(),
+                )?;
+                // Stashed before the MLP is queued, so that its copy runs beside the MLP: the
+                // next stash makes the compute stream wait for it.
                 let attention = match saving.offload_attention {
                     true => Some((be.stash(attn)?, lse)),
                     false => None,
                 };
+                let (out, mlp) = self.mlp_forward(layer, &x1, &h2, Some(ad), false)?;
                 checkpoints.push(Checkpoint {
                     adapter_inputs: xa,
                     mlp,
                     attention,
                 });
+                out
             } else {
+                let (out, cache) =
+                    self.layer_forward(layer, &x, &batch.positions, Some(ad), attend, true)?;
                 caches.push(cache);
-            }
+                out
+            };
             inputs.push(if saving.offload_inputs {
                 be.stash(x)?
             } else {

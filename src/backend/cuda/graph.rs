@@ -64,11 +64,14 @@ impl CudaBackend {
         if self.profiler.is_some() {
             return Ok(None);
         }
-        let (graph, block, host) = self.gpu.recording_here(|| {
+        let recorded = self.gpu.recording_here(|| {
+            self.offload.finish_copies()?;
             // First capture: ordinary allocations, their places in one block planned.
             let plan = Arena::planning();
             let planned = self.capture_placed(plan.clone(), work);
-            self.offload.end_recording(false);
+            if let (_, true) = self.offload.end_recording(false) {
+                return Ok(None);
+            }
             drop(planned?);
             release_graph_memory(&self.gpu.ctx);
             let bytes = plan.size();
@@ -79,9 +82,15 @@ impl CudaBackend {
             )?;
             // The kept capture: the same allocations, in the block.
             let graph = self.capture_placed(Arena::in_block(self.buffer_ptr(&block), bytes), work);
-            let host = self.offload.end_recording(graph.is_ok());
-            Ok::<_, Error>((graph?, block, host))
+            match self.offload.end_recording(graph.is_ok()) {
+                (_, true) => Ok(None),
+                (host, false) => Ok::<_, Error>(Some((graph?, block, host))),
+            }
         })?;
+        // Another pass held the offload buffers this one needs: it runs unrecorded this time.
+        let Some((graph, block, host)) = recorded else {
+            return Ok(None);
+        };
         // Blocks the pool kept from earlier, unrecorded steps would sit beside the block.
         self.gpu.release_pooled_memory()?;
         Ok(Some(Recording {
@@ -101,7 +110,10 @@ impl CudaBackend {
     ) -> Result<CudaGraph> {
         self.start_recording_dequantized();
         self.gpu.set_arena(Some(arena.clone()));
-        let graph = capture(self.gpu.stream(), work);
+        let graph = capture(self.gpu.stream(), &mut || {
+            let queued = work();
+            queued.and(self.offload.release_copied(&self.gpu))
+        });
         self.gpu.set_arena(None);
         // A buffer made while recording and kept after it would share its memory with the
         // replays' own allocations.

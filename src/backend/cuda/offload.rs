@@ -22,11 +22,15 @@ pub struct HostBuffer {
     addr: usize,
 }
 
+/// A list of pinned buffers shared with the tensors that hold one (they return it when dropped).
+pub type HostBuffers = Arc<Mutex<Vec<HostBuffer>>>;
+
 impl HostBuffer {
     fn bytes(&self) -> usize {
         self.values.len() * std::mem::size_of::<f32>()
     }
 }
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Device buffers being copied out, each with the event marking its copy's end.
@@ -38,9 +42,11 @@ pub(super) struct Offload {
     /// The copy stream of the thread recording (`Gpu::records_here`).
     recording_stream: Arc<CudaStream>,
     /// Pinned buffers no tensor holds, kept for the next step: allocating pinned memory is slow.
-    spare: Mutex<Vec<HostBuffer>>,
+    spare: HostBuffers,
     /// The pinned buffers the pass being recorded used, for the recording to keep.
-    recorded: Mutex<Vec<HostBuffer>>,
+    recorded: HostBuffers,
+    /// Set when the pass being recorded found no spare buffer (another pass holds them).
+    short: AtomicBool,
     /// Device buffers being copied out, freed (in stream order) at the next stash or fetch: those
     /// of unrecorded work and those of the pass being recorded.
     leaving: [Leaving; 2],
@@ -56,8 +62,9 @@ impl Offload {
         Ok(Offload {
             stream: new_stream()?,
             recording_stream: new_stream()?,
-            spare: Mutex::new(Vec::new()),
-            recorded: Mutex::new(Vec::new()),
+            spare: HostBuffers::default(),
+            recorded: HostBuffers::default(),
+            short: AtomicBool::new(false),
             leaving: Default::default(),
         })
     }
@@ -75,25 +82,48 @@ impl Offload {
         &self.leaving[gpu.records_here() as usize]
     }
 
+    /// Where this thread's offloaded tensors return their pinned buffers when dropped: the spare
+    /// ones, or, while recording, the recording's (a buffer freed during a capture would fail).
+    fn home(&self, gpu: &Gpu) -> &HostBuffers {
+        match gpu.records_here() {
+            true => &self.recorded,
+            false => &self.spare,
+        }
+    }
+
+    /// Waits on the host until the unrecorded copies queued so far have finished: a recording
+    /// about to be captured may take their pinned buffers, and its copies wait for nothing.
+    pub(super) fn finish_copies(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver_error("finishing the offload copies"))
+    }
+
     /// Hands over the pinned buffers the pass just recorded used: the recording keeps them
     /// (`keep`), or they go back to the spare ones (a capture that only planned, or failed).
-    pub(super) fn end_recording(&self, keep: bool) -> Vec<HostBuffer> {
+    /// Also says whether the pass found no spare buffer it needed (then it failed for that
+    /// reason only, and can run unrecorded).
+    pub(super) fn end_recording(&self, keep: bool) -> (Vec<HostBuffer>, bool) {
+        let short = self.short.swap(false, Ordering::AcqRel);
         let used = std::mem::take(&mut *self.recorded.lock().unwrap_or_else(|e| e.into_inner()));
         if keep {
-            return used;
+            return (used, short);
         }
         self.spare
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(used);
-        Vec::new()
+        (Vec::new(), short)
     }
 
     /// Frees the device buffers of earlier copies out, in stream order: the compute stream
     /// waits for each copy's end, then the buffer goes back to the pool, usable by the work
-    /// queued after. Called one layer after the copy was queued, when it has long finished, so
-    /// the compute stream does not stall and the host never waits.
-    fn release_copied(&self, gpu: &Gpu) -> Result<()> {
+    /// queued after. Called at the next stash or fetch, with other work queued in between (the
+    /// decoder stashes a layer's attention output before its MLP and its input after it), so
+    /// that the copy has finished and the compute stream does not stall; the host never waits.
+    /// A recorded pass also calls it at its end (graph.rs): a failed capture leaves no copy of
+    /// its own behind.
+    pub(super) fn release_copied(&self, gpu: &Gpu) -> Result<()> {
         let leaving =
             std::mem::take(&mut *self.leaving(gpu).lock().unwrap_or_else(|e| e.into_inner()));
         for (done, buf) in leaving {
@@ -114,6 +144,7 @@ impl Offload {
             return Ok(spare.swap_remove(i));
         }
         if gpu.records_here() {
+            self.short.store(true, Ordering::Release);
             return Err(Error::Device(
                 "recording offloaded activations needs the pinned buffers of an unrecorded pass \
                  of the same shape, and another pass took them"
@@ -181,6 +212,7 @@ impl Offload {
                 host: Some(host),
                 arriving: None,
                 compute: gpu.stream().clone(),
+                home: self.home(gpu).clone(),
             })),
         })
     }
@@ -216,8 +248,8 @@ impl Offload {
     /// Queues a copy on this thread's copy stream behind the work queued on its compute stream
     /// and returns the event marking the copy's end: `recorded`, a plain driver copy, while this
     /// thread records (cudarc's copies record the pinned buffer's own event, which a recording
-    /// must not hold; earlier copies of a buffer ran on streams the main stream waited for before
-    /// anything it queued after them, a replay included), else `queued`.
+    /// must not hold; the unrecorded copies of its buffers finished before the capture began,
+    /// `finish_copies`), else `queued`.
     fn copy(
         &self,
         gpu: &Gpu,
@@ -256,15 +288,8 @@ impl Offload {
         gpu.stream()
             .wait(&ready)
             .map_err(driver_error("waiting for a fetch"))?;
-        if let Some(host) = o.host.take() {
-            // Its own event orders a reuse after the copy that reads it; a recorded pass's
-            // copies are the recording's.
-            let to = match gpu.records_here() {
-                true => &self.recorded,
-                false => &self.spare,
-            };
-            to.lock().unwrap_or_else(|e| e.into_inner()).push(host);
-        }
+        // The pinned buffer goes home as `o` drops.
+        drop(o);
         Ok(CudaTensor {
             rows,
             cols,

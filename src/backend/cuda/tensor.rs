@@ -4,7 +4,7 @@
 
 use super::device::DeviceBuffer;
 use super::host_table::HostTable;
-use super::offload::HostBuffer;
+use super::offload::{HostBuffer, HostBuffers};
 use cudarc::driver::{CudaEvent, CudaStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,12 +39,14 @@ pub enum Storage {
 /// An f32 tensor in pinned host memory, or on its way back to the device.
 #[derive(Debug)]
 pub struct Offloaded {
-    /// The values (None once handed back to the spare buffers).
+    /// The values.
     pub host: Option<HostBuffer>,
     /// While coming back: the device buffer being written and the event marking the copy's end.
     pub arriving: Option<(DeviceBuffer<f32>, CudaEvent)>,
     /// The compute stream, which frees `arriving`'s buffer.
     pub compute: Arc<CudaStream>,
+    /// Where `host` goes when this is dropped (offload.rs): kept for reuse, never freed here.
+    pub home: HostBuffers,
 }
 
 impl Drop for Offloaded {
@@ -52,6 +54,15 @@ impl Drop for Offloaded {
         // The buffer is freed on the compute stream: not before the copy into it has finished.
         if let Some((_, ready)) = &self.arriving {
             let _ = self.compute.wait(ready);
+        }
+        // A reuse waits for the copies that read it: cudarc's copies wait for the buffer's own
+        // event; a recording is captured after the earlier copies finished
+        // (`Offload::finish_copies`).
+        if let Some(host) = self.host.take() {
+            self.home
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(host);
         }
     }
 }
