@@ -12,6 +12,8 @@ use super::device::{driver_error, DeviceBuffer, Gpu};
 use super::tensor::{CudaTensor, Offloaded, Storage};
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaEvent, CudaStream, DevicePtr, DriverError, PinnedHostSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A pinned host buffer of f32 values and its address. The address is read once, when the
 /// buffer is made: cudarc's accessors wait for the buffer's last copy on the host, which is not
@@ -30,8 +32,6 @@ impl HostBuffer {
         self.values.len() * std::mem::size_of::<f32>()
     }
 }
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 /// Device buffers being copied out, each with the event marking its copy's end.
 type Leaving = Mutex<Vec<(CudaEvent, DeviceBuffer<f32>)>>;
