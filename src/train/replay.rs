@@ -53,6 +53,11 @@ impl<B: Backend> Replayer<B> {
         }
     }
 
+    /// Whether a recording is held.
+    pub(super) fn holds_recording(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| h.recording.is_some())
+    }
+
     /// Turns recording on or off (off drops the held recording).
     pub(super) fn set_enabled(&mut self, on: bool) {
         self.enabled = on;

@@ -191,10 +191,14 @@ impl<B: Backend> Trainer<B> {
     }
     /// Whether micro-batches may be recorded once and replayed while batches keep their shape
     /// (CUDA graphs on a GPU; see [`Backend::record`]). On by default, unless the environment
-    /// variable `FINETUNE_CUDA_GRAPHS` is `0`; never with dropout, offloaded activations or in
-    /// a data-parallel group.
+    /// variable `FINETUNE_CUDA_GRAPHS` is `0`; never with dropout or in a data-parallel group.
     pub fn set_recording(&mut self, on: bool) {
         self.replayer.set_enabled(on);
+    }
+    /// Whether a recorded pass is held, which the next micro-batch of the last one's shape
+    /// replays.
+    pub fn holds_recording(&self) -> bool {
+        self.replayer.holds_recording()
     }
     pub fn steps_taken(&self) -> u64 {
         self.step

@@ -358,11 +358,18 @@ fn recorded_steps_match_unrecorded_with(
     let run = |record: bool| {
         let mut t = make();
         t.set_recording(record);
-        six_steps(&mut t)
+        let run = six_steps(&mut t);
+        (run, t.holds_recording())
     };
-    let queued = run(false);
-    let recorded = run(true);
+    let (queued, queued_holds) = run(false);
+    let (recorded, recorded_holds) = run(true);
     let base = format!("{base:?}{}", if offload { " offloaded" } else { "" });
+    // The sixth step, the second of its shape, was recorded (alone, nothing else held the
+    // offload's buffers): the recorded run did not fall back to queueing.
+    assert!(
+        !queued_holds && recorded_holds,
+        "{base}: a recording held after the queued run {queued_holds}, the recorded {recorded_holds}"
+    );
     assert_same_run(
         &format!("{base} queued / recorded"),
         &queued,
@@ -370,8 +377,8 @@ fn recorded_steps_match_unrecorded_with(
         tol,
     );
     let (beside_queued, beside_recorded) = std::thread::scope(|s| {
-        let a = s.spawn(|| run(false));
-        let b = s.spawn(|| run(true));
+        let a = s.spawn(|| run(false).0);
+        let b = s.spawn(|| run(true).0);
         (a.join().unwrap(), b.join().unwrap())
     });
     assert_same_run(
