@@ -428,10 +428,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Records the device work `work` queues, without running it, for [`Backend::replay`]:
     /// `Ok(None)` where this backend does not record (`work` not called) or cannot record it
-    /// now (a resource it needs is in use elsewhere; the caller runs the work unrecorded). Recorded work
-    /// must queue device operations only (nothing read back, nothing uploaded from the host),
-    /// and every buffer it allocates must be freed within it; a replay runs the same
-    /// operations on the same buffers, with whatever values they hold then.
+    /// now (a resource it needs is in use elsewhere; the caller runs the work unrecorded).
+    /// Recorded work must queue device operations only (nothing read back, nothing uploaded
+    /// from the host), and every buffer it allocates must be freed within it; a replay runs the
+    /// same operations on the same buffers, with whatever values they hold then.
     fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Recording>> {
         let _ = work;
         Ok(None)

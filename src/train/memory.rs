@@ -66,11 +66,14 @@ pub fn estimate(
     }
 }
 
-/// The host's physical memory in bytes (`MemTotal` of /proc/meminfo); None where that is not
-/// readable (not Linux).
+/// The host's physical memory in bytes (`MemTotal` of /proc/meminfo, read once); None where
+/// that is not readable (not Linux).
 pub fn host_memory_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    static TOTAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(|| {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    })
 }

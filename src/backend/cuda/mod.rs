@@ -1231,7 +1231,7 @@ impl Backend for CudaBackend {
         };
         let old = d.elements();
         let mut grown = self.gpu.alloc::<f32>(old + s.elements(), "a KV cache")?;
-        let stream = &self.gpu.stream();
+        let stream = self.gpu.stream();
         stream
             .memcpy_dtod(&*d.slice, &mut grown.slice.slice_mut(..old))
             .map_err(driver_error("growing a KV cache"))?;

@@ -27,12 +27,6 @@ pub struct HostBuffer {
 /// A list of pinned buffers shared with the tensors that hold one (they return it when dropped).
 pub type HostBuffers = Arc<Mutex<Vec<HostBuffer>>>;
 
-impl HostBuffer {
-    fn bytes(&self) -> usize {
-        self.values.len() * std::mem::size_of::<f32>()
-    }
-}
-
 /// Device buffers being copied out, each with the event marking its copy's end.
 type Leaving = Mutex<Vec<(CudaEvent, DeviceBuffer<f32>)>>;
 
@@ -184,7 +178,7 @@ impl Offload {
         };
         self.release_copied(gpu)?;
         let mut host = self.pinned(gpu, buf.elements())?;
-        let (addr, bytes) = (host.addr, host.bytes());
+        let (addr, bytes) = (host.addr, host.values.num_bytes());
         let done = self.copy(
             gpu,
             "copying an activation to host memory",
@@ -237,7 +231,12 @@ impl Offload {
             // SAFETY: as in `stash`; the device buffer is freed only after the compute stream
             // has waited for `ready`.
             |s| unsafe {
-                sys::cuMemcpyHtoDAsync_v2(dst, host.addr as *const _, host.bytes(), s.cu_stream())
+                sys::cuMemcpyHtoDAsync_v2(
+                    dst,
+                    host.addr as *const _,
+                    host.values.num_bytes(),
+                    s.cu_stream(),
+                )
             },
             |s| s.memcpy_htod(&host.values, &mut *buf.slice),
         )?;
