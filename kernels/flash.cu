@@ -127,8 +127,9 @@ __device__ __forceinline__ float flash_sum4(float v) {
 }
 
 // Starts copying rows [0, 64) × HD of a row-major bf16 matrix (row stride ld elements, `src` at
-// row 0 of the tile) into `dst` (pitch HD + 8); rows >= nrows are zero-filled.
-template <int HD>
+// row 0 of the tile) into `dst`; rows >= nrows are zero-filled. Layout: rows of pitch HD + 8, or
+// with SWIZZLED the warpgroup products' (see "Hopper" below).
+template <int HD, bool SWIZZLED = false>
 __device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
                                                 long long ld, int nrows) {
     constexpr int CPR = HD / 8, P = HD + 8, N = FLASH_TILE * CPR / FLASH_THREADS;
@@ -136,8 +137,11 @@ __device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __res
     for (int it = 0; it < N; ++it) {
         const int c = it * FLASH_THREADS + threadIdx.x;
         const int r = c / CPR, x = 8 * (c % CPR);
+        const int at = SWIZZLED
+                           ? FLASH_TILE * 64 * (x / 64) + 64 * r + 8 * (((x / 8) & 7) ^ (r & 7))
+                           : r * P + x;
         const bool ok = r < nrows;
-        flash_cp16(flash_smem(dst + r * P + x), src + (ok ? r * ld + x : 0), ok);
+        flash_cp16(flash_smem(dst + at), src + (ok ? r * ld + x : 0), ok);
     }
 }
 
@@ -264,11 +268,12 @@ struct FlashQueryBlock {
     // copy group either way. Returns, in every thread, whether tile kt is wholly below the
     // diagonal within the queries' one segment (`qwhole`): then it needs no mask. Contains
     // __syncthreads_or: every thread must call it.
+    template <bool SWIZZLED = false>
     __device__ bool prefetch(int kt, bf16_t* kbuf, bf16_t* vbuf, int seq, bool qwhole) const {
         const int j0 = kt * FLASH_TILE, next = j0 + FLASH_TILE;
         if (kt + 1 < ntiles) {
-            flash_load_tile<HD>(kbuf, kh + next * ldk, ldk, seq - next);
-            flash_load_tile<HD>(vbuf, vh + next * ldk, ldk, seq - next);
+            flash_load_tile<HD, SWIZZLED>(kbuf, kh + next * ldk, ldk, seq - next);
+            flash_load_tile<HD, SWIZZLED>(vbuf, vh + next * ldk, ldk, seq - next);
         }
         flash_commit();
         const int t = threadIdx.x;
@@ -278,14 +283,227 @@ struct FlashQueryBlock {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Hopper (sm_90a): warpgroup products. The block's 4 warps are one warpgroup, and
+// wgmma.mma_async.m64nNk16 multiplies 64 rows at once, asynchronously, with B (and A, or A from
+// registers) read by the tensor cores straight from shared memory: no ldmatrix, no Q fragments
+// held in registers. Its f32 accumulator holds, in warp w's lanes, rows 16w + gid and
+// 16w + gid + 8 in mma.m16n8k16's C layout repeated over the n-tiles, and a register A operand is
+// mma.m16n8k16's A fragment of the warp's 16 rows: the layouts of the kernels above, so their
+// masks, softmax steps and stores serve both.
+//
+// wgmma operands in shared memory use the 128-byte swizzle (PTX ISA, "Shared Memory Matrix
+// Layout"): a 64×HD tile is HD/64 panels of 64 columns, each 64 rows of 128 bytes; the 16-byte
+// chunk j of row r is stored at chunk j ^ (r % 8) of its row (the XOR the tensor cores apply to
+// address bits 4-6 from bits 7-9; tiles are 1024-byte aligned), so the 8 rows of any 8×8 block
+// fall in distinct bank groups. Element (r, c) lies at byte (flash_load_tile<HD, true>)
+//   8192·(c / 64) + 128·r + 16·(((c % 64) / 8) ^ (r % 8)) + 2·(c % 8).
+// A descriptor (PTX ISA, "Matrix Descriptor Format") holds the start address >> 4 (bits 0-13),
+// the leading and stride byte offsets >> 4 (bits 16-29, 32-45) and the layout (bits 62-63: 1,
+// 128-byte swizzle). K-major operand (rows × k as stored: Q, K, V, dO with the head dim as k):
+// stride offset 1024 (8 rows), the leading one unused; a k step of 16 moves the start by 32
+// bytes within a panel. N-major B operand (the tile's row index is k: V in P·V, K in dS·K, dO in
+// Pᵀ·dO, Q in dSᵀ·Q; transposed by the instruction's trans-b): the leading offset is the panel
+// step along n (8192), the stride offset the 8-row step along k (1024).
+// Shared memory written by the threads (cp.async) is made visible to the tensor cores' async
+// proxy by fence.proxy.async before the barrier that precedes the products.
+// ---------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FLASH_WGMMA 1
+#define FLASH_WG true
+
+__device__ __forceinline__ unsigned long long wg_desc(unsigned int addr, unsigned int lbo,
+                                                      unsigned int sbo) {
+    return (unsigned long long)((addr & 0x3ffff) >> 4) |
+           ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32) |
+           (1ull << 62);
+}
+// K-major operand: rows row0.. (a multiple of 8) of a swizzled tile, k = 16kb..16kb+15.
+template <int HD>
+__device__ __forceinline__ unsigned long long wg_desc_k(const bf16_t* tile, int row0, int kb) {
+    return wg_desc(flash_smem(tile) + 8192 * (kb / 4) + 128 * row0 + 32 * (kb % 4), 16, 1024);
+}
+// N-major B operand: k = rows k0..k0+15 (k0 a multiple of 8) of a swizzled tile, n = its HD
+// columns.
+template <int HD>
+__device__ __forceinline__ unsigned long long wg_desc_n(const bf16_t* tile, int k0) {
+    return wg_desc(flash_smem(tile) + 128 * k0, 8192, 1024);
+}
+__device__ __forceinline__ void wg_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most N committed product groups are in flight.
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Ties the registers of x to this point of the program: accumulators read after wg_wait or
+// written before a product is issued are not moved across it by the compiler.
+template <int N>
+__device__ __forceinline__ void wg_hold(float (&x)[N][4]) {
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(x[t][e])::"memory");
+    }
+}
+__device__ __forceinline__ void flash_fence_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// D (64×64, f32) = D·[accumulate] + A·B, A (64×16) and B (64×16 as stored, K-major) in shared
+// memory given by descriptors.
+__device__ __forceinline__ void wg_ss_n64(float (&d)[32], unsigned long long a,
+                                          unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" "}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+          "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// D (64×64, f32) += A·B, A (64×16 bf16) in registers (this warp's 16 rows, mma.m16n8k16's
+// A fragment), B (16×64) in shared memory stored N-major (row k holds B[k][0..64)).
+__device__ __forceinline__ void wg_rs_n64(float (&d)[32], const unsigned int (&a)[4],
+                                          unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" "}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+          "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
+// D (64×128, f32) += A·B, A (64×16 bf16) in registers (this warp's 16 rows, mma.m16n8k16's
+// A fragment), B (16×128) in shared memory stored N-major (row k holds B[k][0..128)).
+__device__ __forceinline__ void wg_rs_n128(float (&d)[64], const unsigned int (&a)[4],
+                                          unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+          "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+          "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+          "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
+// The B operand of the head-dim products (P·V, dS·K, ...): HD columns.
+template <int HD>
+__device__ __forceinline__ void wg_rs_hd(float (&d)[HD / 8][4], const unsigned int (&a)[4],
+                                         unsigned long long b) {
+    if constexpr (HD == 128) {
+        wg_rs_n128(reinterpret_cast<float(&)[64]>(d), a, b);
+    } else {
+        wg_rs_n64(reinterpret_cast<float(&)[32]>(d), a, b);
+    }
+}
+#else
+#define FLASH_WG false
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Forward. Block: 64 queries from r0 (reverse blockIdx.x order: the longest causal rows first).
 // Per key tile of 64, with the online softmax in the log2 domain (x = c·log2(e)·q·k):
 //   m' = max(m, max_j x_j);  α = 2^(m − m');  p_j = 2^(x_j − m');  l = α·l + Σ_j p_j;
 //   o = α·o + Σ_j p_j·v_j;  m = m'.   Finally out = o / l, lse = (m + log2 l)·ln 2.
 // The max is taken over the raw scores and then scaled (c·log2(e) > 0), and each p_j is one
 // fused multiply-add and an exp2: p_j = 2^(fma(q·k_j, c·log2(e), −m')).
-// Registers: qa HD/2, o HD/2, s 32. Shared: K and V, two buffers each.
 // ---------------------------------------------------------------------------------------------
+
+// This thread's softmax state of its two rows (gid, gid + 8 of its warp's 16).
+struct FlashSoftmax {
+    float m[2] = {flash_neg_inf(), flash_neg_inf()};
+    float l[2] = {0.0f, 0.0f};
+
+    // One key tile: masks s (raw scores; bit 4t + e of vis: entry s[t][e] visible), replaces it
+    // by p, and rescales o by α.
+    template <int NT, int NDT>
+    __device__ __forceinline__ void step(float (&s)[NT][4], unsigned int vis, float sl2,
+                                         float (&o)[NDT][4]) {
+        float mx[2] = {flash_neg_inf(), flash_neg_inf()};
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[t][e] = (vis >> (4 * t + e)) & 1u ? s[t][e] : flash_neg_inf();
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
+            }
+        }
+        float ms[2], al[2], ps[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float mn = fmaxf(m[r], flash_max4(mx[r]) * sl2);
+            // A row with nothing visible yet keeps m = −∞ (subtract 0 instead: 2^−∞ = 0).
+            ms[r] = mn == flash_neg_inf() ? 0.0f : mn;
+            al[r] = exp2f(m[r] - ms[r]);
+            m[r] = mn;
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[t][e] = exp2f(fmaf(s[t][e], sl2, -ms[e >> 1]));
+                ps[e >> 1] += s[t][e];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l[r] = l[r] * al[r] + ps[r];
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[n][e] *= al[e >> 1];
+        }
+    }
+
+    // out rows i0 = gid row, i1 = i0 + 8 (if < seq) = o / l, and their lse.
+    template <int NDT>
+    __device__ __forceinline__ void finish(const float (&o)[NDT][4], float* ob, float* lse,
+                                           long long tok0, long long ldq, int heads, int h,
+                                           int i0, int seq, int tig) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float sum = flash_sum4(l[r]);
+            const int i = i0 + 8 * r;
+            if (i < seq) {
+                flash_store_row<NDT>(ob + (tok0 + i) * ldq, o, r, 1.0f / sum);
+                if (tig == 0) lse[(tok0 + i) * heads + h] = (m[r] + log2f(sum)) * FLASH_LN2;
+            }
+        }
+    }
+};
+
+// mma.sync. Registers: qa HD/2, o HD/2, s 32. Shared: K and V, two buffers each (Q passes
+// through buffer 1).
 template <int HD>
 __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                const bf16_t* __restrict__ k,
@@ -294,7 +512,7 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
                                                float* __restrict__ out, float* __restrict__ lse,
                                                int seq, int heads, int kv_heads, float scale) {
     constexpr int NKB = HD / 16, NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * (HD + 8);
-    // Buffer u: K (or Q) at sm + 2u·TE, V (or dO) after it.
+    // Buffer u: K at sm + 2u·TE, V after it.
     auto Kb = [&](int u) { return sm + 2 * u * TE; };
     auto Vb = [&](int u) { return sm + (2 * u + 1) * TE; };
 
@@ -303,14 +521,12 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
     const int h = blk.h, r0 = blk.r0, ntiles = blk.ntiles;
     const long long ldq = blk.ldq, ldk = blk.ldk, tok0 = blk.tok0;
     const int* seg = blk.seg;
-    const bf16_t* kh = blk.kh;
-    const bf16_t* vh = blk.vh;
 
     // Q goes through buffer 1's K area; tile 0 into buffer 0.
     flash_load_tile<HD>(Kb(1), q + tok0 * ldq + (long long)h * HD + r0 * ldq, ldq, seq - r0);
     flash_commit();
-    flash_load_tile<HD>(Kb(0), kh, ldk, seq);
-    flash_load_tile<HD>(Vb(0), vh, ldk, seq);
+    flash_load_tile<HD>(Kb(0), blk.kh, ldk, seq);
+    flash_load_tile<HD>(Vb(0), blk.vh, ldk, seq);
     flash_commit();
     flash_wait<1>();
     __syncthreads();
@@ -322,7 +538,7 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
     const float sl2 = scale * FLASH_LOG2E;
     float o[NDT][4];
     flash_zero<NDT>(o);
-    float m0 = flash_neg_inf(), m1 = flash_neg_inf(), l0 = 0.0f, l1 = 0.0f;
+    FlashSoftmax sm_state;
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
@@ -335,43 +551,7 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
             float s[NT][4];
             flash_zero<NT>(s);
             flash_mma_nt<HD, NT>(s, qa, Kb(buf), 0, lane);
-            float mx0 = flash_neg_inf(), mx1 = flash_neg_inf();
-#pragma unroll
-            for (int t = 0; t < NT; ++t) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[t][e] = (vis >> (4 * t + e)) & 1u ? s[t][e] : flash_neg_inf();
-                }
-                mx0 = fmaxf(mx0, fmaxf(s[t][0], s[t][1]));
-                mx1 = fmaxf(mx1, fmaxf(s[t][2], s[t][3]));
-            }
-            const float mn0 = fmaxf(m0, flash_max4(mx0) * sl2);
-            const float mn1 = fmaxf(m1, flash_max4(mx1) * sl2);
-            // A row with nothing visible yet keeps m = −∞ (subtract 0 instead: 2^−∞ = 0).
-            const float ms0 = mn0 == flash_neg_inf() ? 0.0f : mn0;
-            const float ms1 = mn1 == flash_neg_inf() ? 0.0f : mn1;
-            const float al0 = exp2f(m0 - ms0), al1 = exp2f(m1 - ms1);
-            m0 = mn0;
-            m1 = mn1;
-            float ps0 = 0.0f, ps1 = 0.0f;
-#pragma unroll
-            for (int t = 0; t < NT; ++t) {
-                s[t][0] = exp2f(fmaf(s[t][0], sl2, -ms0));
-                s[t][1] = exp2f(fmaf(s[t][1], sl2, -ms0));
-                s[t][2] = exp2f(fmaf(s[t][2], sl2, -ms1));
-                s[t][3] = exp2f(fmaf(s[t][3], sl2, -ms1));
-                ps0 += s[t][0] + s[t][1];
-                ps1 += s[t][2] + s[t][3];
-            }
-            l0 = l0 * al0 + ps0;
-            l1 = l1 * al1 + ps1;
-#pragma unroll
-            for (int n = 0; n < NDT; ++n) {
-                o[n][0] *= al0;
-                o[n][1] *= al0;
-                o[n][2] *= al1;
-                o[n][3] *= al1;
-            }
+            sm_state.step<NT, NDT>(s, vis, sl2, o);
 #pragma unroll
             for (int kb = 0; kb < BC / 16; ++kb) {
                 unsigned int pa[4];
@@ -381,34 +561,150 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
         }
         __syncthreads();  // buffer `buf` is refilled by the next iteration's prefetch
     }
-
-    l0 = flash_sum4(l0);
-    l1 = flash_sum4(l1);
-    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-    float* ob = out + (long long)h * HD + 2 * tig;
-    if (i0 < seq) {
-        flash_store_row<NDT>(ob + (tok0 + i0) * ldq, o, 0, inv0);
-        if (tig == 0) lse[(tok0 + i0) * heads + h] = (m0 + log2f(l0)) * FLASH_LN2;
-    }
-    if (i1 < seq) {
-        flash_store_row<NDT>(ob + (tok0 + i1) * ldq, o, 1, inv1);
-        if (tig == 0) lse[(tok0 + i1) * heads + h] = (m1 + log2f(l1)) * FLASH_LN2;
-    }
+    sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
+                         tig);
 }
+
+#ifdef FLASH_WGMMA
+// Warpgroup products, pipelined: the scores of key tile t + 1 are computed by the tensor cores
+// while the threads run tile t's softmax step. Shared (swizzled tiles): Q, then K and V in
+// two buffers; tile t + 2 is loaded while t + 1 is used. Registers: o HD/2, s 2 × 32. Tiles
+// with no visible pair are computed anyway (their p is 0).
+template <int HD>
+__device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __restrict__ q,
+                                                  const bf16_t* __restrict__ k,
+                                                  const bf16_t* __restrict__ v,
+                                                  const int* __restrict__ segments,
+                                                  float* __restrict__ out, float* __restrict__ lse,
+                                                  int seq, int heads, int kv_heads, float scale) {
+    constexpr int NKB = HD / 16, NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
+    bf16_t* Qs = sm;
+    auto Kb = [&](int u) { return sm + (1 + 2 * u) * TE; };
+    auto Vb = [&](int u) { return sm + (2 + 2 * u) * TE; };
+    // s = Q·Kᵀ of the key tile in buffer u, queued.
+    auto scores = [&](float (&s)[NT][4], int u) {
+        wg_fence();
+#pragma unroll
+        for (int kb = 0; kb < NKB; ++kb) {
+            wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(s), wg_desc_k<HD>(Qs, 0, kb),
+                      wg_desc_k<HD>(Kb(u), 0, kb), kb);
+        }
+        wg_commit();
+    };
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads);
+    const int h = blk.h, r0 = blk.r0, ntiles = blk.ntiles;
+    const long long ldq = blk.ldq, ldk = blk.ldk, tok0 = blk.tok0;
+    const int* seg = blk.seg;
+
+    flash_load_tile<HD, true>(Qs, q + tok0 * ldq + (long long)h * HD + r0 * ldq, ldq, seq - r0);
+    flash_load_tile<HD, true>(Kb(0), blk.kh, ldk, seq);
+    flash_load_tile<HD, true>(Vb(0), blk.vh, ldk, seq);
+    flash_commit();
+    const bool qwhole = flash_block_whole(seg, seq, r0);
+    // Tile 1 starts loading; tile 0's mask need.
+    bool whole = blk.template prefetch<true>(0, Kb(1), Vb(1), seq, qwhole);
+    flash_wait<1>();
+    flash_fence_async();
+    __syncthreads();
+
+    const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
+    const float sl2 = scale * FLASH_LOG2E;
+    float o[NDT][4], s[NT][4], next[NT][4];
+    flash_zero<NDT>(o);
+    FlashSoftmax sm_state;
+    scores(s, 0);
+    wg_wait<0>();
+    wg_hold<NT>(s);
+#pragma unroll 1
+    for (int kt = 0; kt < ntiles; ++kt) {
+        const int buf = kt & 1, j0 = kt * BC;
+        const bool more = kt + 1 < ntiles;
+        if (more) {
+            flash_wait<0>();
+            flash_fence_async();
+            __syncthreads();
+            scores(next, buf ^ 1);
+        }
+        const unsigned int vis =
+            whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
+        sm_state.step<NT, NDT>(s, vis, sl2, o);
+        unsigned int pa[BC / 16][4];
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
+        wg_hold<NDT>(o);
+        wg_fence();
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; ++kb) {
+            wg_rs_hd<HD>(o, pa[kb], wg_desc_n<HD>(Vb(buf), 16 * kb));
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_hold<NDT>(o);
+        if (more) {
+            wg_hold<NT>(next);
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[t][e] = next[t][e];
+            }
+            __syncthreads();  // every warp is done with buffer `buf`
+            whole = blk.template prefetch<true>(kt + 1, Kb(buf), Vb(buf), seq, qwhole);
+        }
+    }
+    sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
+                         tig);
+}
+// The forward of this architecture (the host gives the warpgroup versions more shared memory:
+// src/backend/cuda/mod.rs, flash_tiles).
+#define FLASH_FWD_IMPL flash_fwd_wg_impl
+#else
+#define FLASH_FWD_IMPL flash_fwd_impl
+#endif
 
 // q, k, v bf16 ([batch·seq, heads·hd], [batch·seq, kv_heads·hd] twice); out f32 like q, lse f32
 // [batch·seq, heads]. Launch: grid (ceil(seq/64), heads, batch), block 128, dynamic shared
-// memory 4·64·(hd + 8)·2 bytes.
+// memory T·64·(hd + 8)·2 bytes, T = 4 (5 for the warpgroup version).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
               const bf16_t* __restrict__ v, const int* __restrict__ segments,
               float* __restrict__ out, float* __restrict__ lse, int batch, int seq, int heads,
               int kv_heads, int head_dim, float scale) {
-    extern __shared__ __align__(16) bf16_t flash_sm[];
+    extern __shared__ __align__(1024) bf16_t flash_sm[];
     if (head_dim == 128) {
-        flash_fwd_impl<128>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+        FLASH_FWD_IMPL<128>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
     } else {
-        flash_fwd_impl<64>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+        FLASH_FWD_IMPL<64>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+    }
+}
+
+// lse·log2e and D of this thread's rows i0, i0 + 8 (0 past the end).
+__device__ __forceinline__ void flash_row_stats(float (&ls)[2], float (&de)[2],
+                                                const float* __restrict__ lse,
+                                                const float* __restrict__ delta, long long tok0,
+                                                int heads, int h, int i0, int seq) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = i0 + 8 * r;
+        ls[r] = i < seq ? lse[(tok0 + i) * heads + h] * FLASH_LOG2E : 0.0f;
+        de[r] = i < seq ? delta[(tok0 + i) * heads + h] : 0.0f;
+    }
+}
+
+// dS = P ∘ (dP − D) in s, P = 2^(c·log2e·S − lse·log2e) where visible (bit 4t + e of vis),
+// else 0; rows as the accumulators' (ls, de: this thread's two rows).
+template <int NT>
+__device__ __forceinline__ void flash_dq_scores(float (&s)[NT][4], const float (&dp)[NT][4],
+                                                unsigned int vis, float sl2, const float (&ls)[2],
+                                                const float (&de)[2]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float p = (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - ls[e >> 1]) : 0.0f;
+            s[t][e] = p * (dp[t][e] - de[e >> 1]);
+        }
     }
 }
 
@@ -458,10 +754,8 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
     const bool qwhole = flash_block_whole(seg, seq, r0);  // also: every warp has read Q and dO
 
     const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
-    const float ls0 = i0 < seq ? lse[(tok0 + i0) * heads + h] * FLASH_LOG2E : 0.0f;
-    const float ls1 = i1 < seq ? lse[(tok0 + i1) * heads + h] * FLASH_LOG2E : 0.0f;
-    const float de0 = i0 < seq ? delta[(tok0 + i0) * heads + h] : 0.0f;
-    const float de1 = i1 < seq ? delta[(tok0 + i1) * heads + h] : 0.0f;
+    float ls[2], de[2];
+    flash_row_stats(ls, de, lse, delta, tok0, heads, h, i0, seq);
     const float sl2 = scale * FLASH_LOG2E;
     float acc[NDT][4];
     flash_zero<NDT>(acc);
@@ -482,16 +776,7 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
             flash_zero<NT>(dp);
             flash_mma_nt<HD, NT>(s, qa, Kb(buf), HALF * half, lane);
             flash_mma_nt<HD, NT>(dp, da, Vb(buf), HALF * half, lane);
-#pragma unroll
-            for (int t = 0; t < NT; ++t) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float p = (vis >> (4 * t + e)) & 1u
-                                        ? exp2f(s[t][e] * sl2 - (e < 2 ? ls0 : ls1))
-                                        : 0.0f;
-                    s[t][e] = p * (dp[t][e] - (e < 2 ? de0 : de1));  // dS
-                }
-            }
+            flash_dq_scores<NT>(s, dp, vis, sl2, ls, de);
 #pragma unroll
             for (int kb = 0; kb < HALF / 16; ++kb) {
                 unsigned int sa[4];
@@ -506,22 +791,134 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
     if (i1 < seq) flash_store_row<NDT>(base + (tok0 + i1) * ldq, acc, 1, scale);
 }
 
+#ifdef FLASH_WGMMA
+// dQ on warpgroup products: per key tile, S = Q·Kᵀ and dP = dO·Vᵀ as two 64 × 64 products from
+// shared memory, dS formed in registers, dQ += dS·K from them. Shared (swizzled tiles): Q, dO,
+// then K and V in two buffers. Registers: acc HD/2, s + dp 64. Tiles with no visible pair are
+// computed anyway (their dS is 0). (Computing tile t + 1's products during tile t's dS, as the
+// forward does, needs 64 more registers: it spilled and ran 30 % slower at seq 8192.)
+template <int HD>
+__device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __restrict__ q,
+                                                 const bf16_t* __restrict__ k,
+                                                 const bf16_t* __restrict__ v,
+                                                 const bf16_t* __restrict__ d_out,
+                                                 const float* __restrict__ lse,
+                                                 const float* __restrict__ delta,
+                                                 const int* __restrict__ segments,
+                                                 float* __restrict__ dq, int seq, int heads,
+                                                 int kv_heads, float scale) {
+    constexpr int NKB = HD / 16, NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
+    bf16_t* Qs = sm;
+    bf16_t* Ds = sm + TE;
+    auto Kb = [&](int u) { return sm + (2 + 2 * u) * TE; };
+    auto Vb = [&](int u) { return sm + (3 + 2 * u) * TE; };
+    // s = Q·Kᵀ and dp = dO·Vᵀ of the key tile in buffer u, queued.
+    auto scores = [&](float (&s)[NT][4], float (&dp)[NT][4], int u) {
+        wg_fence();
+#pragma unroll
+        for (int kb = 0; kb < NKB; ++kb) {
+            wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(s), wg_desc_k<HD>(Qs, 0, kb),
+                      wg_desc_k<HD>(Kb(u), 0, kb), kb);
+        }
+#pragma unroll
+        for (int kb = 0; kb < NKB; ++kb) {
+            wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(dp), wg_desc_k<HD>(Ds, 0, kb),
+                      wg_desc_k<HD>(Vb(u), 0, kb), kb);
+        }
+        wg_commit();
+    };
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads);
+    const int h = blk.h, r0 = blk.r0, ntiles = blk.ntiles;
+    const long long ldq = blk.ldq, ldk = blk.ldk, tok0 = blk.tok0;
+    const int* seg = blk.seg;
+    const long long qoff = (tok0 + r0) * ldq + (long long)h * HD;
+
+    flash_load_tile<HD, true>(Qs, q + qoff, ldq, seq - r0);
+    flash_load_tile<HD, true>(Ds, d_out + qoff, ldq, seq - r0);
+    flash_load_tile<HD, true>(Kb(0), blk.kh, ldk, seq);
+    flash_load_tile<HD, true>(Vb(0), blk.vh, ldk, seq);
+    flash_commit();
+    const bool qwhole = flash_block_whole(seg, seq, r0);
+    const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
+    float ls[2], de[2];
+    flash_row_stats(ls, de, lse, delta, tok0, heads, h, i0, seq);
+    const float sl2 = scale * FLASH_LOG2E;
+    float acc[NDT][4];
+    flash_zero<NDT>(acc);
+#pragma unroll 1
+    for (int kt = 0; kt < ntiles; ++kt) {
+        const int buf = kt & 1, j0 = kt * BC;
+        const bool whole = blk.template prefetch<true>(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq, qwhole);
+        flash_wait<1>();
+        flash_fence_async();
+        __syncthreads();
+        float s[NT][4], dp[NT][4];
+        scores(s, dp, buf);
+        wg_wait<0>();
+        wg_hold<NT>(s);
+        wg_hold<NT>(dp);
+        const unsigned int vis =
+            whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
+        flash_dq_scores<NT>(s, dp, vis, sl2, ls, de);
+        unsigned int sa[BC / 16][4];
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(sa[kb], s, kb);
+        wg_hold<NDT>(acc);
+        wg_fence();
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; ++kb) {
+            wg_rs_hd<HD>(acc, sa[kb], wg_desc_n<HD>(Kb(buf), 16 * kb));
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_hold<NDT>(acc);
+        __syncthreads();
+    }
+    float* base = dq + (long long)h * HD + 2 * tig;
+    if (i0 < seq) flash_store_row<NDT>(base + (tok0 + i0) * ldq, acc, 0, scale);
+    if (i1 < seq) flash_store_row<NDT>(base + (tok0 + i1) * ldq, acc, 1, scale);
+}
+#define FLASH_DQ_IMPL flash_dq_wg_impl
+#else
+#define FLASH_DQ_IMPL flash_dq_impl
+#endif
+
 // q, k, v, d_out bf16; lse, delta f32 [batch·seq, heads]; dq f32 like q (every element written).
-// Launch: grid (ceil(seq/64), heads, batch), block 128, dynamic shared memory 4·64·(hd + 8)·2
-// bytes.
+// Launch: grid (ceil(seq/64), heads, batch), block 128, dynamic shared memory T·64·(hd + 8)·2
+// bytes, T = 4 (6 for the warpgroup version).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                  const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
                  const float* __restrict__ lse, const float* __restrict__ delta,
                  const int* __restrict__ segments, float* __restrict__ dq, int batch, int seq,
                  int heads, int kv_heads, int head_dim, float scale) {
-    extern __shared__ __align__(16) bf16_t flash_sm[];
+    extern __shared__ __align__(1024) bf16_t flash_sm[];
     if (head_dim == 128) {
-        flash_dq_impl<128>(flash_sm, q, k, v, d_out, lse, delta, segments, dq, seq, heads,
+        FLASH_DQ_IMPL<128>(flash_sm, q, k, v, d_out, lse, delta, segments, dq, seq, heads,
                            kv_heads, scale);
     } else {
-        flash_dq_impl<64>(flash_sm, q, k, v, d_out, lse, delta, segments, dq, seq, heads,
+        FLASH_DQ_IMPL<64>(flash_sm, q, k, v, d_out, lse, delta, segments, dq, seq, heads,
                           kv_heads, scale);
+    }
+}
+
+// Pᵀ in s and dSᵀ = Pᵀ ∘ (dPᵀ − D) in dp, Pᵀ = 2^(c·log2e·Sᵀ − lse·log2e) where visible (bit
+// 4t + e of vis), else 0; the statistics of column (query) 8t + 2tig + (e & 1) from ls and ds.
+template <int NT>
+__device__ __forceinline__ void flash_dkdv_scores(float (&s)[NT][4], float (&dp)[NT][4],
+                                                  unsigned int vis, float sl2, const float* ls,
+                                                  const float* ds, int tig) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int col = 8 * t + 2 * tig + (e & 1);
+            const float p = (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - ls[col]) : 0.0f;
+            s[t][e] = p;
+            dp[t][e] = p * (dp[t][e] - ds[col]);
+        }
     }
 }
 
@@ -533,8 +930,11 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 // queries (registers): Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ; Pᵀ = 2^(c·log2e·Sᵀ − lse·log2e),
 // dSᵀ = Pᵀ ∘ (dPᵀ − D); dV += Pᵀ·dO, dK += dSᵀ·Q.
 // Registers: ka HD/2, dk + dv HD, s + dp 16. Shared: V, Q and dO two buffers each, lse and D.
+// On warpgroup products (WG, sm_90a) each pair is one 64 × 64 product per score matrix with K and
+// V read from shared memory (swizzled tiles: K, V, then Q and dO two buffers each); registers
+// dk + dv HD, s + dp 64; a pair with no visible entry is skipped by the whole block.
 // ---------------------------------------------------------------------------------------------
-template <int HD>
+template <int HD, bool WG>
 __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                 const bf16_t* __restrict__ k,
                                                 const bf16_t* __restrict__ v,
@@ -545,13 +945,14 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
                                                 float* __restrict__ dk, float* __restrict__ dv,
                                                 int seq, int heads, int kv_heads, float scale,
                                                 int h0, int h1) {
-    constexpr int NKB = HD / 16, NDT = HD / 8, BR = FLASH_TILE, QT = 16, NT = QT / 8;
-    constexpr int TE = BR * (HD + 8);
-    bf16_t* Vs = sm;
-    // Buffer u: Q at sm + (1 + 2u)·TE, dO after it.
-    auto Qb = [&](int u) { return sm + (1 + 2 * u) * TE; };
-    auto Db = [&](int u) { return sm + (2 + 2 * u) * TE; };
-    float* stats = reinterpret_cast<float*>(sm + 5 * TE);  // [buf][lse·log2e | D][64]
+    constexpr int NKB = HD / 16, NDT = HD / 8, BR = FLASH_TILE, QT = WG ? BR : 16, NT = QT / 8;
+    constexpr int TE = BR * (WG ? HD : HD + 8), KT = WG ? 1 : 0;
+    // WG: K first. Then V, and buffer u: Q at (1 + 2u)·TE, dO after it.
+    bf16_t* Ks = sm;
+    bf16_t* Vs = sm + KT * TE;
+    auto Qb = [&](int u) { return sm + (KT + 1 + 2 * u) * TE; };
+    auto Db = [&](int u) { return sm + (KT + 2 + 2 * u) * TE; };
+    float* stats = reinterpret_cast<float*>(sm + (KT + 5) * TE);  // [buf][lse·log2e | D][64]
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
     const int g = blockIdx.y / (gridDim.y / kv_heads), b = blockIdx.z;
@@ -569,8 +970,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
     auto prefetch = [&](int it, int buf) {
         const int h = h0 + it / per_head, i0 = (first + it % per_head) * BR;
         const long long off = (tok0 + i0) * ldq + (long long)h * HD;
-        flash_load_tile<HD>(Qb(buf), q + off, ldq, seq - i0);
-        flash_load_tile<HD>(Db(buf), d_out + off, ldq, seq - i0);
+        flash_load_tile<HD, WG>(Qb(buf), q + off, ldq, seq - i0);
+        flash_load_tile<HD, WG>(Db(buf), d_out + off, ldq, seq - i0);
         if (tid < BR) {
             const int i = i0 + tid;
             st_lse = i < seq ? lse[(tok0 + i) * heads + h] * FLASH_LOG2E : 0.0f;
@@ -584,14 +985,16 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         }
     };
 
-    // K goes through Q buffer 0 and V into place, then pair 0 into buffer 1... buffer 0 after K.
-    flash_load_tile<HD>(Qb(0), k + koff, ldk, seq - r0);
-    flash_load_tile<HD>(Vs, v + koff, ldk, seq - r0);
+    // K (mma.sync: through Q buffer 0, into registers) and V, then pair 0 into buffer 0.
+    flash_load_tile<HD, WG>(WG ? Ks : Qb(0), k + koff, ldk, seq - r0);
+    flash_load_tile<HD, WG>(Vs, v + koff, ldk, seq - r0);
     flash_commit();
-    flash_wait<0>();
-    __syncthreads();
-    unsigned int ka[NKB][4];
-    flash_afrags<HD>(ka, Qb(0), 16 * warp, lane);
+    unsigned int ka[WG ? 1 : NKB][4];
+    if constexpr (!WG) {
+        flash_wait<0>();
+        __syncthreads();
+        flash_afrags<HD>(ka, Qb(0), 16 * warp, lane);
+    }
     const bool kwhole = flash_block_whole(seg, seq, r0);  // also: every warp has read K
     prefetch(0, 0);
     flash_commit();
@@ -610,36 +1013,77 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         const bool whole = !__syncthreads_or(
             !(kwhole && i0 >= r0 + 64 && i0 + BR <= seq && (tid >= BR || seg[i0 + tid] == seg[r0])));
         flash_wait<1>();
+#ifdef FLASH_WGMMA
+        if constexpr (WG) flash_fence_async();
+#endif
         __syncthreads();
         const float* ls = stats + buf * 2 * BR;
         const float* ds = ls + BR;
-#pragma unroll
-        for (int qq = 0; qq < BR / QT; ++qq) {
-            const int c0 = QT * qq;
+#ifdef FLASH_WGMMA
+        if constexpr (WG) {
             const unsigned int vis =
-                whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0 + c0, tig);
-            if (!__any_sync(FULL_MASK, vis != 0)) continue;
-            float s[NT][4], dp[NT][4];
-            flash_zero<NT>(s);
-            flash_zero<NT>(dp);
-            flash_mma_nt<HD, NT>(s, ka, Qb(buf), c0, lane);
-            flash_mma_nt_shared_a<HD, NT>(dp, Vs, 16 * warp, Db(buf), c0, lane);
+                whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0, tig);
+            if (whole || __syncthreads_or(vis != 0)) {
+                float s[NT][4], dp[NT][4];
+                wg_fence();
 #pragma unroll
-            for (int t = 0; t < NT; ++t) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int col = c0 + 8 * t + 2 * tig + (e & 1);
-                    const float p =
-                        (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - ls[col]) : 0.0f;
-                    s[t][e] = p;
-                    dp[t][e] = p * (dp[t][e] - ds[col]);  // dSᵀ
+                for (int kb = 0; kb < NKB; ++kb) {
+                    wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(s), wg_desc_k<HD>(Ks, 0, kb),
+                              wg_desc_k<HD>(Qb(buf), 0, kb), kb);
                 }
+#pragma unroll
+                for (int kb = 0; kb < NKB; ++kb) {
+                    wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(dp), wg_desc_k<HD>(Vs, 0, kb),
+                              wg_desc_k<HD>(Db(buf), 0, kb), kb);
+                }
+                wg_commit();
+                wg_wait<0>();
+                wg_hold<NT>(s);
+                wg_hold<NT>(dp);
+                flash_dkdv_scores<NT>(s, dp, vis, sl2, ls, ds, tig);
+                unsigned int pa[BR / 16][4], sa[BR / 16][4];
+#pragma unroll
+                for (int kb = 0; kb < BR / 16; ++kb) {
+                    flash_c_to_a<NT>(pa[kb], s, kb);
+                    flash_c_to_a<NT>(sa[kb], dp, kb);
+                }
+                wg_hold<NDT>(dva);
+                wg_hold<NDT>(dka);
+                wg_fence();
+#pragma unroll
+                for (int kb = 0; kb < BR / 16; ++kb) {
+                    wg_rs_hd<HD>(dva, pa[kb], wg_desc_n<HD>(Db(buf), 16 * kb));
+                }
+#pragma unroll
+                for (int kb = 0; kb < BR / 16; ++kb) {
+                    wg_rs_hd<HD>(dka, sa[kb], wg_desc_n<HD>(Qb(buf), 16 * kb));
+                }
+                wg_commit();
+                wg_wait<0>();
+                wg_hold<NDT>(dva);
+                wg_hold<NDT>(dka);
             }
-            unsigned int pa[4], sa[4];
-            flash_c_to_a<NT>(pa, s, 0);
-            flash_c_to_a<NT>(sa, dp, 0);
-            flash_mma_nn<HD>(dva, pa, Db(buf), c0, lane);
-            flash_mma_nn<HD>(dka, sa, Qb(buf), c0, lane);
+        }
+#endif
+        if constexpr (!WG) {
+    #pragma unroll
+            for (int qq = 0; qq < BR / QT; ++qq) {
+                const int c0 = QT * qq;
+                const unsigned int vis =
+                    whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0 + c0, tig);
+                if (!__any_sync(FULL_MASK, vis != 0)) continue;
+                float s[NT][4], dp[NT][4];
+                flash_zero<NT>(s);
+                flash_zero<NT>(dp);
+                flash_mma_nt<HD, NT>(s, ka, Qb(buf), c0, lane);
+                flash_mma_nt_shared_a<HD, NT>(dp, Vs, 16 * warp, Db(buf), c0, lane);
+                flash_dkdv_scores<NT>(s, dp, vis, sl2, ls + c0, ds + c0, tig);
+                unsigned int pa[4], sa[4];
+                flash_c_to_a<NT>(pa, s, 0);
+                flash_c_to_a<NT>(sa, dp, 0);
+                flash_mma_nn<HD>(dva, pa, Db(buf), c0, lane);
+                flash_mma_nn<HD>(dka, sa, Qb(buf), c0, lane);
+            }
         }
         __syncthreads();  // buffer `buf` and its statistics are refilled next
         store_stats(buf ^ 1);
@@ -657,7 +1101,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
 }
 
 // Inputs as flash_bwd_dq; dk, dv f32. Launch: grid (ceil(seq/64), kv_heads·parts, batch), block
-// 128, dynamic shared memory 5·64·(hd + 8)·2 + 2·2·64·4 bytes; parts divides heads / kv_heads:
+// 128, dynamic shared memory T·64·(hd + 8)·2 + 2·2·64·4 bytes, T = 5 (6 for the warpgroup
+// version); parts divides heads / kv_heads:
 // block y = g·parts + part adds up the query heads g·group + part·(group/parts) + [0,
 // group/parts) and writes every element of slab `part` of dk and dv (slabs of
 // batch·seq·kv_heads·hd floats, one after another; the caller sums them).
@@ -668,16 +1113,16 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
                    const int* __restrict__ segments, float* __restrict__ dk,
                    float* __restrict__ dv, int batch, int seq, int heads, int kv_heads,
                    int head_dim, float scale) {
-    extern __shared__ __align__(16) bf16_t flash_sm[];
+    extern __shared__ __align__(1024) bf16_t flash_sm[];
     const int parts = gridDim.y / kv_heads, part = blockIdx.y % parts;
     const int per = heads / kv_heads / parts;
     const int h0 = (blockIdx.y / parts) * (heads / kv_heads) + part * per;
     const long long slab = (long long)part * batch * seq * kv_heads * head_dim;
     if (head_dim == 128) {
-        flash_dkdv_impl<128>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + slab, dv + slab,
-                             seq, heads, kv_heads, scale, h0, h0 + per);
+        flash_dkdv_impl<128, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + slab,
+                                       dv + slab, seq, heads, kv_heads, scale, h0, h0 + per);
     } else {
-        flash_dkdv_impl<64>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + slab, dv + slab,
-                            seq, heads, kv_heads, scale, h0, h0 + per);
+        flash_dkdv_impl<64, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + slab,
+                                      dv + slab, seq, heads, kv_heads, scale, h0, h0 + per);
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds what a GPU machine without a Rust toolchain needs into .gpu/: the release `finetune`
 # binary, the release executables of the GPU tests, the multi-process C example, and the kernel
-# cache for sm_90 (so the first run there compiles nothing). Run scripts/test_gpu.sh there with
+# cache for sm_90a (so the first run there compiles nothing). Run scripts/test_gpu.sh there with
 # the folder beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +21,5 @@ cc -std=c99 -Wall -Wextra -Werror -I include examples/c/data_parallel.c -L .gpu 
     -Wl,-rpath,'$ORIGIN' -o .gpu/data_parallel
 strip .gpu/finetune .gpu/tests/* .gpu/libfinetune.so .gpu/data_parallel
 lib=$(scripts/fetch-nvrtc.sh)
-LD_LIBRARY_PATH="$lib" FINETUNE_KERNEL_CACHE="$PWD/.gpu/kernel-cache" .gpu/finetune kernels --arch sm_90
+LD_LIBRARY_PATH="$lib" FINETUNE_KERNEL_CACHE="$PWD/.gpu/kernel-cache" .gpu/finetune kernels --arch sm_90a
 du -sh .gpu

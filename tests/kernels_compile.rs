@@ -14,7 +14,7 @@ fn every_kernel_program_compiles_for_hopper_and_ampere() {
         eprintln!("skipping: the CUDA runtime compiler (libnvrtc.so) is not installed");
         return;
     }
-    for arch in ["sm_90", "sm_80"] {
+    for arch in ["sm_90a", "sm_90", "sm_80"] {
         for (name, _) in PROGRAMS {
             let cubin = compile(name, arch).unwrap_or_else(|e| panic!("{e}"));
             assert!(

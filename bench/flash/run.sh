@@ -13,7 +13,7 @@ names=()
 build() {
     local name=$1 file=$2 defs=$3
     [[ $file == /* ]] || file=$root/$file
-    ( cd "$root" && nvcc -O3 -std=c++17 -arch=sm_90 -I kernels -DFLASH_SRC="\"$file\"" $defs \
+    ( cd "$root" && nvcc -O3 -std=c++17 -arch=sm_90a -I kernels -DFLASH_SRC="\"$file\"" $defs \
         -Xptxas -v "$here/flash_bench.cu" -o "$out/bench_$name" ) > "$out/ptxas_$name.txt" 2>&1
 }
 for spec in "$@"; do

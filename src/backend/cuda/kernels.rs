@@ -56,7 +56,7 @@ pub fn nvrtc_present() -> bool {
     unsafe { nvrtc_sys::is_culib_present() }
 }
 
-/// Compiles program `name` for `arch` ("sm_90") to CUBIN. Needs only the NVRTC library, no GPU.
+/// Compiles program `name` for `arch` ("sm_90a", "sm_80") to CUBIN. Needs only the NVRTC library, no GPU.
 pub fn compile(name: &str, arch: &str) -> Result<Vec<u8>> {
     if !nvrtc_present() {
         return Err(Error::Device(
@@ -140,14 +140,33 @@ pub struct KernelCache {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
+/// The compilation target of a GPU of compute capability `major.minor`: "sm_90a" on Hopper
+/// (its architecture-specific features: the warpgroup products of kernels/flash.cu), else
+/// "sm_{major}{minor}".
+pub fn target_arch(major: i32, minor: i32) -> String {
+    let specific = if (major, minor) == (9, 0) { "a" } else { "" };
+    format!("sm_{major}{minor}{specific}")
+}
+
+/// Whether kernels compiled for `arch` run the attention forward on warpgroup products (then
+/// it takes 5 shared tiles instead of 4, kernels/flash.cu's FLASH_FWD_SHARED_TILES).
+pub fn warpgroup_products(arch: &str) -> bool {
+    arch == "sm_90a"
+}
+
 impl KernelCache {
     pub fn new(gpu: &Gpu) -> Self {
         let (major, minor) = gpu.capability;
         KernelCache {
-            arch: format!("sm_{major}{minor}"),
+            arch: target_arch(major, minor),
             modules: Mutex::default(),
             functions: Mutex::default(),
         }
+    }
+
+    /// The architecture the kernels are compiled for.
+    pub fn arch(&self) -> &str {
+        &self.arch
     }
 
     /// Kernel `function` of program `program`.

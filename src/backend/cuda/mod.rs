@@ -156,6 +156,14 @@ struct Bf16Copies<const N: usize> {
     _buffers: Vec<DeviceBuffer<u16>>,
 }
 
+/// The three kernels of kernels/flash.cu.
+#[derive(Clone, Copy)]
+enum FlashKernel {
+    Forward,
+    Dq,
+    DkDv,
+}
+
 /// Dynamic shared memory of a kernels/flash.cu launch: `tiles` bf16 tiles of 64 rows with a row
 /// pitch of head_dim + 8 elements, plus `extra` bytes.
 fn flash_shared_bytes(head_dim: usize, tiles: usize, extra: usize) -> usize {
@@ -552,6 +560,20 @@ impl CudaBackend {
             s,
             Some(MAX_HEAD_DIM),
         )
+    }
+
+    /// The shared tiles `kernel` takes (kernels/flash.cu, each launch line): the warpgroup
+    /// versions (sm_90a) keep Q, K or both in shared memory beside the streamed buffers.
+    fn flash_tiles(&self, kernel: FlashKernel) -> usize {
+        let warpgroup = kernels::warpgroup_products(self.kernels.arch());
+        match (kernel, warpgroup) {
+            (FlashKernel::Forward, false) => 4,
+            (FlashKernel::Forward, true) => 5,
+            (FlashKernel::Dq, false) => 4,
+            (FlashKernel::Dq, true) => 6,
+            (FlashKernel::DkDv, false) => 5,
+            (FlashKernel::DkDv, true) => 6,
+        }
     }
 
     /// The trailing arguments shared by the attention kernels.
@@ -1015,7 +1037,8 @@ impl Backend for CudaBackend {
             args.push(self.ints_arg(segments));
             args.extend(outputs);
             args.extend(Self::attention_dims(s));
-            let shape = shape.with_shared(flash_shared_bytes(s.head_dim, 4, 0));
+            let tiles = self.flash_tiles(FlashKernel::Forward);
+            let shape = shape.with_shared(flash_shared_bytes(s.head_dim, tiles, 0));
             self.run("flash", "flash_fwd", shape, &args)?;
         } else {
             let mut args = vec![
@@ -1096,7 +1119,13 @@ impl Backend for CudaBackend {
         args.push(Arg::Ptr(self.ptr(&dq)?));
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(tiles, s.num_heads, s.batch, ATTENTION_THREADS);
-        self.run(program, dq_kernel, shape.with_shared(shared(4, 0)), &args)?;
+        let dq_tiles = self.flash_tiles(FlashKernel::Dq);
+        self.run(
+            program,
+            dq_kernel,
+            shape.with_shared(shared(dq_tiles, 0)),
+            &args,
+        )?;
         // One block per (key tile, KV head) leaves a short sequence with too few blocks to fill
         // the GPU; then each query-head group is split into parts written to separate slabs.
         let blocks = tiles * s.num_kv_heads * s.batch;
@@ -1125,7 +1154,7 @@ impl Backend for CudaBackend {
         self.run(
             program,
             dkdv_kernel,
-            shape.with_shared(shared(5, stats)),
+            shape.with_shared(shared(self.flash_tiles(FlashKernel::DkDv), stats)),
             &args,
         )?;
         if let Some((dk_parts, dv_parts)) = &slabs {

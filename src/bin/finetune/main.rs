@@ -120,8 +120,8 @@ enum Command {
     /// (needs only the NVRTC library, no GPU). The cache is $FINETUNE_KERNEL_CACHE, else
     /// ~/.cache/finetune/kernels.
     Kernels {
-        /// sm_80 (A100), sm_89 (L4, RTX 40), sm_90 (H100, H200), ...
-        #[arg(long, default_value = "sm_90")]
+        /// sm_80 (A100), sm_89 (L4, RTX 40), sm_90a (H100, H200), ...
+        #[arg(long, default_value = "sm_90a")]
         arch: String,
     },
     /// Write a model of a named shape with random weights as a Hugging Face directory.
