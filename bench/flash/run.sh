@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine with nvcc: builds flash_bench.cu against each variant of kernels/flash.cu given
-# as NAME=FILE[:NVCC_DEFINES] (FILE absolute or relative to the repository), runs every case with
+# as NAME=FILE[:NVCC_OPTIONS] (FILE absolute or relative to the repository; options such as -DX or
+# -arch=sm_90 for the mma.sync kernels, sm_90a by default), runs every case with
 # each, and prints the timings (JSON lines, also in OUTDIR/times.jsonl), the registers and spills
 # ptxas reports, and each variant's relative L2 difference from the first one's outputs.
 # Usage: bench/flash/run.sh OUTDIR base=/tmp/flash-head.cu new=kernels/flash.cu ...
@@ -13,7 +14,10 @@ names=()
 build() {
     local name=$1 file=$2 defs=$3
     [[ $file == /* ]] || file=$root/$file
-    ( cd "$root" && nvcc -O3 -std=c++17 -arch=sm_90a -I kernels -DFLASH_SRC="\"$file\"" $defs \
+    # sm_90a (the warpgroup kernels) unless the defines name another -arch.
+    local arch=-arch=sm_90a
+    [[ $defs == *-arch=* ]] && arch=
+    ( cd "$root" && nvcc -O3 -std=c++17 $arch -I kernels -DFLASH_SRC="\"$file\"" $defs \
         -Xptxas -v "$here/flash_bench.cu" -o "$out/bench_$name" ) > "$out/ptxas_$name.txt" 2>&1
 }
 for spec in "$@"; do
