@@ -353,22 +353,34 @@ __device__ __forceinline__ void flash_fence_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// The operand lists of the wrappers below: accumulator registers d[o .. o + 31], read and
+// written, and the instruction text naming the first 32 or 64 operands.
+#define WG_ACC32(d, o)                                                                        \
+    "+f"(d[o + 0]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]), "+f"(d[o + 4]),            \
+        "+f"(d[o + 5]), "+f"(d[o + 6]), "+f"(d[o + 7]), "+f"(d[o + 8]), "+f"(d[o + 9]),        \
+        "+f"(d[o + 10]), "+f"(d[o + 11]), "+f"(d[o + 12]), "+f"(d[o + 13]), "+f"(d[o + 14]),   \
+        "+f"(d[o + 15]), "+f"(d[o + 16]), "+f"(d[o + 17]), "+f"(d[o + 18]), "+f"(d[o + 19]),   \
+        "+f"(d[o + 20]), "+f"(d[o + 21]), "+f"(d[o + 22]), "+f"(d[o + 23]), "+f"(d[o + 24]),   \
+        "+f"(d[o + 25]), "+f"(d[o + 26]), "+f"(d[o + 27]), "+f"(d[o + 28]), "+f"(d[o + 29]),   \
+        "+f"(d[o + 30]), "+f"(d[o + 31])
+#define WG_D32                                                                                \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+    "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_D64                                                                                \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+    "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "    \
+    "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "     \
+    "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
 // D (64×64, f32) = D·[accumulate] + A·B, A (64×16) and B (64×16 as stored, K-major) in shared
 // memory given by descriptors.
 __device__ __forceinline__ void wg_ss_n64(float (&d)[32], unsigned long long a,
                                           unsigned long long b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" "}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-          "+f"(d[30]), "+f"(d[31])
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", %32, %33, p, 1, 1, 0, 0;"
+        "\n}\n"
+        : WG_ACC32(d, 0)
         : "l"(a), "l"(b), "r"(accumulate));
 }
 
@@ -378,42 +390,21 @@ __device__ __forceinline__ void wg_rs_n64(float (&d)[32], const unsigned int (&a
                                           unsigned long long b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" "}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-          "+f"(d[30]), "+f"(d[31])
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : WG_ACC32(d, 0)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
 // D (64×128, f32) += A·B, A (64×16 bf16) in registers (this warp's 16 rows, mma.m16n8k16's
 // A fragment), B (16×128) in shared memory stored N-major (row k holds B[k][0..128)).
 __device__ __forceinline__ void wg_rs_n128(float (&d)[64], const unsigned int (&a)[4],
-                                          unsigned long long b) {
+                                           unsigned long long b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}, "
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-          "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-          "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
-          "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_D64
+        ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : WG_ACC32(d, 0), WG_ACC32(d, 32)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
@@ -425,6 +416,29 @@ __device__ __forceinline__ void wg_rs_hd(float (&d)[HD / 8][4], const unsigned i
         wg_rs_n128(reinterpret_cast<float(&)[64]>(d), a, b);
     } else {
         wg_rs_n64(reinterpret_cast<float(&)[32]>(d), a, b);
+    }
+}
+
+// acc (64 × 64) = A·Bᵀ over the head dim, A and B the 64 rows of swizzled tiles (K-major: S = Q·Kᵀ,
+// dP = dO·Vᵀ, Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ). Queued, not committed.
+template <int HD, int NT>
+__device__ __forceinline__ void wg_scores(float (&acc)[NT][4], const bf16_t* a, const bf16_t* b) {
+#pragma unroll
+    for (int kb = 0; kb < HD / 16; ++kb) {
+        wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(acc), wg_desc_k<HD>(a, 0, kb),
+                  wg_desc_k<HD>(b, 0, kb), kb);
+    }
+}
+
+// acc (64 × HD) += A·B over 64 k: A = a[kb] for k = 16kb.. (registers), B the 64 rows of a swizzled
+// tile (N-major: V in P·V, K in dS·K, dO in Pᵀ·dO, Q in dSᵀ·Q). Queued, not committed.
+template <int HD>
+__device__ __forceinline__ void wg_accumulate(float (&acc)[HD / 8][4],
+                                              const unsigned int (&a)[FLASH_TILE / 16][4],
+                                              const bf16_t* tile) {
+#pragma unroll
+    for (int kb = 0; kb < FLASH_TILE / 16; ++kb) {
+        wg_rs_hd<HD>(acc, a[kb], wg_desc_n<HD>(tile, 16 * kb));
     }
 }
 #else
@@ -577,18 +591,14 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
                                                   const int* __restrict__ segments,
                                                   float* __restrict__ out, float* __restrict__ lse,
                                                   int seq, int heads, int kv_heads, float scale) {
-    constexpr int NKB = HD / 16, NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
+    constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
     bf16_t* Qs = sm;
     auto Kb = [&](int u) { return sm + (1 + 2 * u) * TE; };
     auto Vb = [&](int u) { return sm + (2 + 2 * u) * TE; };
     // s = Q·Kᵀ of the key tile in buffer u, queued.
     auto scores = [&](float (&s)[NT][4], int u) {
         wg_fence();
-#pragma unroll
-        for (int kb = 0; kb < NKB; ++kb) {
-            wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(s), wg_desc_k<HD>(Qs, 0, kb),
-                      wg_desc_k<HD>(Kb(u), 0, kb), kb);
-        }
+        wg_scores<HD, NT>(s, Qs, Kb(u));
         wg_commit();
     };
 
@@ -635,10 +645,7 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
         for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
         wg_hold<NDT>(o);
         wg_fence();
-#pragma unroll
-        for (int kb = 0; kb < BC / 16; ++kb) {
-            wg_rs_hd<HD>(o, pa[kb], wg_desc_n<HD>(Vb(buf), 16 * kb));
-        }
+        wg_accumulate<HD>(o, pa, Vb(buf));
         wg_commit();
         wg_wait<0>();
         wg_hold<NDT>(o);
@@ -807,7 +814,7 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
                                                  const int* __restrict__ segments,
                                                  float* __restrict__ dq, int seq, int heads,
                                                  int kv_heads, float scale) {
-    constexpr int NKB = HD / 16, NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
+    constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
     bf16_t* Qs = sm;
     bf16_t* Ds = sm + TE;
     auto Kb = [&](int u) { return sm + (2 + 2 * u) * TE; };
@@ -816,12 +823,12 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
     auto scores = [&](float (&s)[NT][4], float (&dp)[NT][4], int u) {
         wg_fence();
 #pragma unroll
-        for (int kb = 0; kb < NKB; ++kb) {
+        for (int kb = 0; kb < HD / 16; ++kb) {
             wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(s), wg_desc_k<HD>(Qs, 0, kb),
                       wg_desc_k<HD>(Kb(u), 0, kb), kb);
         }
 #pragma unroll
-        for (int kb = 0; kb < NKB; ++kb) {
+        for (int kb = 0; kb < HD / 16; ++kb) {
             wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(dp), wg_desc_k<HD>(Ds, 0, kb),
                       wg_desc_k<HD>(Vb(u), 0, kb), kb);
         }
@@ -867,10 +874,7 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
         for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(sa[kb], s, kb);
         wg_hold<NDT>(acc);
         wg_fence();
-#pragma unroll
-        for (int kb = 0; kb < BC / 16; ++kb) {
-            wg_rs_hd<HD>(acc, sa[kb], wg_desc_n<HD>(Kb(buf), 16 * kb));
-        }
+        wg_accumulate<HD>(acc, sa, Kb(buf));
         wg_commit();
         wg_wait<0>();
         wg_hold<NDT>(acc);
@@ -1026,16 +1030,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
             if (whole || __syncthreads_or(vis != 0)) {
                 float s[NT][4], dp[NT][4];
                 wg_fence();
-#pragma unroll
-                for (int kb = 0; kb < NKB; ++kb) {
-                    wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(s), wg_desc_k<HD>(Ks, 0, kb),
-                              wg_desc_k<HD>(Qb(buf), 0, kb), kb);
-                }
-#pragma unroll
-                for (int kb = 0; kb < NKB; ++kb) {
-                    wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(dp), wg_desc_k<HD>(Vs, 0, kb),
-                              wg_desc_k<HD>(Db(buf), 0, kb), kb);
-                }
+                wg_scores<HD, NT>(s, Ks, Qb(buf));
+                wg_scores<HD, NT>(dp, Vs, Db(buf));
                 wg_commit();
                 wg_wait<0>();
                 wg_hold<NT>(s);
@@ -1050,14 +1046,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
                 wg_hold<NDT>(dva);
                 wg_hold<NDT>(dka);
                 wg_fence();
-#pragma unroll
-                for (int kb = 0; kb < BR / 16; ++kb) {
-                    wg_rs_hd<HD>(dva, pa[kb], wg_desc_n<HD>(Db(buf), 16 * kb));
-                }
-#pragma unroll
-                for (int kb = 0; kb < BR / 16; ++kb) {
-                    wg_rs_hd<HD>(dka, sa[kb], wg_desc_n<HD>(Qb(buf), 16 * kb));
-                }
+                wg_accumulate<HD>(dva, pa, Db(buf));
+                wg_accumulate<HD>(dka, sa, Qb(buf));
                 wg_commit();
                 wg_wait<0>();
                 wg_hold<NDT>(dva);
