@@ -120,6 +120,10 @@ pub struct BenchResult {
     pub peak_device_mib: Option<f64>,
     /// What the allocation that reached that peak was for; `null` on the CPU.
     pub peak_device_set_by: Option<String>,
+    /// What the peak was made of: MiB held per purpose (as out-of-memory errors name them),
+    /// largest first, those under 1 MiB summed into one "smaller purposes" entry; `null` on
+    /// the CPU.
+    pub peak_device_purposes_mib: Option<Vec<(String, f64)>>,
     /// Device memory held between steps (weights, adapters, optimizer state), MiB; `null` on
     /// the CPU.
     pub held_device_mib: Option<f64>,
@@ -154,6 +158,17 @@ pub fn cpu_seconds() -> Option<f64> {
 /// `bytes` in MiB.
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1 << 20) as f64
+}
+
+/// `purposes` (bytes, largest first) in MiB, those under 1 MiB summed into one last entry.
+fn purposes_mib(purposes: &[(String, usize)]) -> Vec<(String, f64)> {
+    let (large, small): (Vec<_>, Vec<_>) = purposes.iter().partition(|(_, b)| *b >= 1 << 20);
+    let mut out: Vec<(String, f64)> = large.iter().map(|(w, b)| (w.clone(), mib(*b))).collect();
+    if !small.is_empty() {
+        let rest = small.iter().map(|(_, b)| b).sum();
+        out.push(("smaller purposes".to_string(), mib(rest)));
+    }
+    out
 }
 
 /// The median of `xs` (sorted in place); `xs` is not empty.
@@ -244,6 +259,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
         peak_device_mib: memory.as_ref().map(|m| mib(m.peak_bytes)),
         held_device_mib: memory.as_ref().map(|m| mib(m.live_bytes)),
+        peak_device_purposes_mib: memory.as_ref().map(|m| purposes_mib(&m.peak_purposes)),
         peak_device_set_by: memory.map(|m| m.peak_set_by),
         load_seconds,
     })
@@ -320,4 +336,31 @@ pub fn longest_sequence(
         }
     }
     Ok(fits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purposes_under_a_mib_are_summed_last() {
+        let m = 1usize << 20;
+        let purposes = [
+            ("weights".to_string(), 3 * m),
+            ("logits".to_string(), m),
+            ("flag".to_string(), 4),
+            ("sum".to_string(), m / 2),
+        ];
+        let out = purposes_mib(&purposes);
+        let expected = [("weights", 3.0), ("logits", 1.0)];
+        assert_eq!(out.len(), 3);
+        for ((w, mib), (ew, emib)) in out.iter().zip(expected) {
+            assert_eq!((w.as_str(), *mib), (ew, emib));
+        }
+        assert_eq!(out[2].0, "smaller purposes");
+        assert!((out[2].1 - (m / 2 + 4) as f64 / m as f64).abs() < 1e-12);
+        assert!(purposes_mib(&purposes[..2])
+            .iter()
+            .all(|(w, _)| w != "smaller purposes"));
+    }
 }

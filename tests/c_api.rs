@@ -673,7 +673,12 @@ fn bench_returns_the_cli_json() {
         );
         assert_eq!(v["checkpointing"], true, "{text}");
         assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{text}");
-        for k in ["peak_device_mib", "peak_device_set_by", "held_device_mib"] {
+        for k in [
+            "peak_device_mib",
+            "peak_device_set_by",
+            "peak_device_purposes_mib",
+            "held_device_mib",
+        ] {
             assert!(v[k].is_null(), "{k}: {text}");
         }
         let tps = v["tokens_per_second"].as_f64().expect(&text);
@@ -702,6 +707,7 @@ fn bench_returns_the_cli_json() {
             "peak_rss_mib",
             "peak_device_mib",
             "peak_device_set_by",
+            "peak_device_purposes_mib",
             "held_device_mib",
             "load_seconds",
         ];

@@ -61,7 +61,8 @@ func DefaultBenchOptions() (BenchOptions, error) {
 // warm-up and opts.Steps timed training steps on random tokens, and returns the JSON object
 // that `finetune bench` prints (model, device, mode, batch, seq, rank, checkpointing, steps,
 // step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
-// peak_rss_mib, peak_device_mib, peak_device_set_by, held_device_mib, load_seconds). opts may be nil for the defaults. It holds the
+// peak_rss_mib, peak_device_mib, peak_device_set_by, peak_device_purposes_mib, held_device_mib,
+// load_seconds). opts may be nil for the defaults. It holds the
 // calling goroutine's thread for the whole measurement, minutes for the larger shapes.
 func Bench(opts *BenchOptions) (string, error) {
 	if opts != nil && (opts.Threads < 0 || uint64(opts.Threads) > math.MaxUint32) {

@@ -188,5 +188,6 @@ export declare function benchDefaults(): Required<BenchOptions>;
 /** Runs the training-step benchmark of `finetune bench` on the calling thread (blocking the event
  * loop) and returns its JSON text: model, device, mode, batch, seq, rank, checkpointing, steps,
  * step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
- * peak_rss_mib, peak_device_mib, peak_device_set_by, held_device_mib, load_seconds. */
+ * peak_rss_mib, peak_device_mib, peak_device_set_by, peak_device_purposes_mib, held_device_mib,
+ * load_seconds. */
 export declare function bench(opts?: BenchOptions): string;

@@ -150,6 +150,9 @@ pub struct DeviceMemory {
     pub peak_bytes: usize,
     /// What the allocation that reached the peak was for (named as in out-of-memory errors).
     pub peak_set_by: String,
+    /// Bytes held per purpose (as named in out-of-memory errors) at the peak, largest first;
+    /// they add up to `peak_bytes`.
+    pub peak_purposes: Vec<(String, usize)>,
 }
 
 /// A compute device. Methods that allocate return new tensors; methods taking `&mut` work in place.

@@ -76,7 +76,7 @@ namespace Finetune
         /// returns the JSON text `finetune bench` prints (model, device, mode, batch, seq, rank,
         /// checkpointing, steps, step_seconds_median, cpu_seconds_median, tokens_per_second,
         /// first_loss, last_loss, peak_rss_mib, peak_device_mib, peak_device_set_by,
-        /// held_device_mib, load_seconds). Runs on the calling thread: minutes for the larger
+        /// peak_device_purposes_mib, held_device_mib, load_seconds). Runs on the calling thread: minutes for the larger
         /// shapes.</summary>
         public static string Bench(BenchOptions options = null)
         {

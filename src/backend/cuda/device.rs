@@ -4,6 +4,7 @@
 use super::arena::Arena;
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, DriverError};
+use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,8 +17,43 @@ pub struct MemoryAccount {
     peak: AtomicUsize,
     /// Allocations that would take `live` past this many bytes fail (0: no cap).
     limit: AtomicUsize,
-    /// What the allocation that reached `peak` was for.
-    peak_set_by: Mutex<String>,
+    /// What the bytes are held for, now and at the peak. Updated with `live` and `peak` under
+    /// its lock, so a snapshot adds up to the peak.
+    purposes: Mutex<Purposes>,
+}
+
+/// Bytes held per purpose (the `what` an allocation names, as in out-of-memory errors).
+#[derive(Debug, Default)]
+struct Purposes {
+    live: HashMap<Arc<str>, usize>,
+    /// `live` when the peak was reached (plus memory noted beside it), and what reached it.
+    at_peak: Vec<(Arc<str>, usize)>,
+    peak_set_by: String,
+}
+
+impl Purposes {
+    /// The purpose named `what`, interned (one string per purpose, however many buffers).
+    fn intern(&mut self, what: &str) -> Arc<str> {
+        match self.live.get_key_value(what) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let k: Arc<str> = Arc::from(what);
+                self.live.insert(k.clone(), 0);
+                k
+            }
+        }
+    }
+
+    /// Takes what is held now (and `beside`, held outside the account) as the peak's makeup.
+    fn mark_peak(&mut self, set_by: &str, beside: Option<(&str, usize)>) {
+        self.at_peak.clear();
+        let held = self.live.iter().filter(|(_, &b)| b > 0);
+        self.at_peak.extend(held.map(|(k, &b)| (k.clone(), b)));
+        if let Some((what, bytes)) = beside {
+            self.at_peak.push((Arc::from(what), bytes));
+        }
+        self.peak_set_by = set_by.to_string();
+    }
 }
 
 impl MemoryAccount {
@@ -33,12 +69,23 @@ impl MemoryAccount {
 
     /// What the allocation that reached [`MemoryAccount::peak`] was for.
     pub fn peak_set_by(&self) -> String {
-        self.peak_set_by.lock().expect("no panic holds it").clone()
+        self.purposes().peak_set_by.clone()
+    }
+
+    /// The bytes held per purpose when [`MemoryAccount::peak`] was reached, largest first
+    /// (they add up to the peak).
+    pub fn peak_purposes(&self) -> Vec<(String, usize)> {
+        let mut at_peak: Vec<(String, usize)> = (self.purposes().at_peak.iter())
+            .map(|(k, b)| (k.to_string(), *b))
+            .collect();
+        at_peak.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        at_peak
     }
 
     pub fn reset_peak(&self) {
+        let mut purposes = self.purposes();
         self.peak.store(self.live(), Ordering::Relaxed);
-        *self.peak_set_by.lock().expect("no panic holds it") = "what was held at the reset".into();
+        purposes.mark_peak("what was held at the reset", None);
     }
 
     /// Caps the bytes held at once (0 removes the cap).
@@ -46,11 +93,16 @@ impl MemoryAccount {
         self.limit.store(bytes, Ordering::Relaxed);
     }
 
-    fn reserve(&self, bytes: usize, what: &str) -> Result<()> {
+    fn purposes(&self) -> std::sync::MutexGuard<'_, Purposes> {
+        self.purposes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts `bytes` for `what`; returns the purpose to release them under.
+    fn reserve(&self, bytes: usize, what: &str) -> Result<Arc<str>> {
+        let mut purposes = self.purposes();
         let limit = self.limit.load(Ordering::Relaxed);
-        let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let live = self.live() + bytes;
         if limit > 0 && live > limit {
-            self.live.fetch_sub(bytes, Ordering::Relaxed);
             return Err(Error::OutOfMemory {
                 requested: bytes,
                 what: what.to_string(),
@@ -60,23 +112,33 @@ impl MemoryAccount {
                 ),
             });
         }
-        if self.peak.fetch_max(live, Ordering::Relaxed) < live {
-            *self.peak_set_by.lock().expect("no panic holds it") = what.to_string();
+        self.live.store(live, Ordering::Relaxed);
+        let purpose = purposes.intern(what);
+        *purposes.live.get_mut(&purpose).expect("interned above") += bytes;
+        if live > self.peak() {
+            self.peak.store(live, Ordering::Relaxed);
+            purposes.mark_peak(what, None);
         }
-        Ok(())
+        Ok(purpose)
     }
 
     /// Counts `bytes` held outside this account's allocations (recorded work's own memory) on
     /// top of what is live now, for the peak.
     pub fn note_held_beside(&self, bytes: usize, what: &str) {
+        let mut purposes = self.purposes();
         let total = self.live() + bytes;
-        if self.peak.fetch_max(total, Ordering::Relaxed) < total {
-            *self.peak_set_by.lock().expect("no panic holds it") = what.to_string();
+        if total > self.peak() {
+            self.peak.store(total, Ordering::Relaxed);
+            purposes.mark_peak(what, Some((what, bytes)));
         }
     }
 
-    fn release(&self, bytes: usize) {
+    fn release(&self, bytes: usize, purpose: &Arc<str>) {
+        let mut purposes = self.purposes();
         self.live.fetch_sub(bytes, Ordering::Relaxed);
+        if let Some(held) = purposes.live.get_mut(purpose) {
+            *held -= bytes;
+        }
     }
 }
 
@@ -86,6 +148,8 @@ impl MemoryAccount {
 pub struct DeviceBuffer<T> {
     pub slice: ManuallyDrop<CudaSlice<T>>,
     account: Arc<MemoryAccount>,
+    /// What its bytes are counted for (None: a place in an arena's block, counted there).
+    purpose: Option<Arc<str>>,
     /// Its place in a recording's arena (boxed: most buffers have none).
     placed: Option<Box<Place>>,
 }
@@ -119,7 +183,9 @@ impl<T> Drop for DeviceBuffer<T> {
                 return;
             }
         }
-        self.account.release(bytes);
+        if let Some(purpose) = &self.purpose {
+            self.account.release(bytes, purpose);
+        }
     }
 }
 
@@ -310,6 +376,7 @@ impl Gpu {
                     self.stream().upgrade_device_ptr::<T>(address, len)
                 }),
                 account: self.memory.clone(),
+                purpose: None,
                 placed: Some(Box::new(Place {
                     arena,
                     at,
@@ -334,16 +401,17 @@ impl Gpu {
         what: &str,
     ) -> Result<DeviceBuffer<T>> {
         let bytes = len * std::mem::size_of::<T>();
-        self.memory.reserve(bytes, what)?;
+        let purpose = self.memory.reserve(bytes, what)?;
         // SAFETY: every caller writes the array (kernel output, copy or memset) before reading it.
         match unsafe { stream.alloc::<T>(len) } {
             Ok(slice) => Ok(DeviceBuffer {
                 slice: ManuallyDrop::new(slice),
                 account: self.memory.clone(),
+                purpose: Some(purpose),
                 placed: None,
             }),
             Err(e) => {
-                self.memory.release(bytes);
+                self.memory.release(bytes, &purpose);
                 Err(self.allocation_error(bytes, what, e))
             }
         }
@@ -487,4 +555,59 @@ fn default_pool(ctx: &CudaContext) -> Result<sys::CUmemoryPool> {
         .result()
         .map_err(driver_error("reading the device memory pool"))?;
     Ok(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The peak's makeup, as (purpose, bytes) largest first, and a check that it adds up.
+    fn makeup(a: &MemoryAccount) -> Vec<(String, usize)> {
+        let p = a.peak_purposes();
+        assert_eq!(p.iter().map(|(_, b)| b).sum::<usize>(), a.peak());
+        p
+    }
+
+    fn pairs(v: &[(&str, usize)]) -> Vec<(String, usize)> {
+        v.iter().map(|(w, b)| (w.to_string(), *b)).collect()
+    }
+
+    #[test]
+    fn the_peak_is_broken_down_by_purpose() {
+        let a = MemoryAccount::default();
+        let weights = a.reserve(100, "weights").unwrap();
+        let scratch = a.reserve(50, "scratch").unwrap();
+        a.release(50, &scratch);
+        let logits = a.reserve(30, "logits").unwrap();
+        assert_eq!((a.live(), a.peak()), (130, 150));
+        assert_eq!(makeup(&a), pairs(&[("weights", 100), ("scratch", 50)]));
+        assert_eq!(a.peak_set_by(), "scratch");
+
+        // A second buffer of one purpose adds to it; a new peak replaces the makeup.
+        let more = a.reserve(40, "logits").unwrap();
+        assert_eq!(makeup(&a), pairs(&[("weights", 100), ("logits", 70)]));
+        assert_eq!(a.peak_set_by(), "logits");
+
+        a.note_held_beside(20, "recorded work");
+        assert_eq!(a.peak(), 190);
+        let expected = [("weights", 100), ("logits", 70), ("recorded work", 20)];
+        assert_eq!(makeup(&a), pairs(&expected));
+
+        // Refused by the cap: nothing counted.
+        a.set_limit(175);
+        assert!(matches!(
+            a.reserve(10, "too much"),
+            Err(Error::OutOfMemory { requested: 10, .. })
+        ));
+        assert_eq!(a.live(), 170);
+        assert_eq!(makeup(&a), pairs(&expected));
+
+        a.release(40, &more);
+        a.release(30, &logits);
+        a.reset_peak();
+        assert_eq!(makeup(&a), pairs(&[("weights", 100)]));
+        assert_eq!(a.peak_set_by(), "what was held at the reset");
+        a.release(100, &weights);
+        assert_eq!(a.live(), 0);
+    }
 }

@@ -607,6 +607,7 @@ impl Backend for CudaBackend {
             live_bytes: self.gpu.memory.live(),
             peak_bytes: self.gpu.memory.peak(),
             peak_set_by: self.gpu.memory.peak_set_by(),
+            peak_purposes: self.gpu.memory.peak_purposes(),
         })
     }
 
