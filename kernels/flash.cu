@@ -3,8 +3,9 @@
 // (its header states them), with q, k, v and dO read as bf16 copies of the f32 tensors:
 //   forward:  S = c·Q·Kᵀ (invisible entries −∞), lse_i = log Σ_j exp S_ij, P = exp(S − lse), O = P·V
 //   backward: dP = dO·Vᵀ, dS = P ∘ (dP − D), dQ = c·dS·K, dV = Pᵀ·dO, dK = c·dSᵀ·Q
-// Every product is mma.sync.m16n8k16 (bf16 operands, f32 accumulation); the softmax statistics
-// stay f32; P and dS are rounded to bf16 only as operands of the second product.
+// Every product is mma.sync.m16n8k16, or on sm_90a a warpgroup product (see "Hopper" below),
+// with bf16 operands and f32 accumulation; the softmax statistics stay f32; P and dS are rounded
+// to bf16 only as operands of the second product.
 //
 // Scheme (FlashAttention-2): a block of 4 warps owns 64 rows (queries in fwd and dq, keys in
 // dkdv), 16 per warp; the other side streams through shared memory in tiles of 64 rows, copied
@@ -12,7 +13,7 @@
 // Tiles above the causal diagonal are never loaded; tiles with no visible (query, key) pair
 // (other segments of a packed row) are loaded but not computed.
 //
-// Shared tiles are row-major bf16 [64][HD + 8]: a row pitch of HD + 8 elements (≡ 16 bytes mod
+// Shared tiles (mma.sync versions) are row-major bf16 [64][HD + 8]: a row pitch of HD + 8 elements (≡ 16 bytes mod
 // 128) puts the 8 rows one ldmatrix phase reads into 8 distinct 16-byte bank groups. Operand
 // fragments come from ldmatrix: .x4 for the operands whose k index is the head dim (rows of Q,
 // K, V, dO as stored), .x4.trans for those whose k index is the row index (V in P·V, K in dS·K,
