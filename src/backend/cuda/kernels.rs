@@ -245,3 +245,19 @@ pub fn precompile(arch: &str) -> Result<PathBuf> {
     })?;
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hopper_alone_compiles_for_its_specific_target() {
+        assert_eq!(target_arch(9, 0), "sm_90a");
+        for ((major, minor), arch) in [((8, 0), "sm_80"), ((8, 9), "sm_89"), ((10, 0), "sm_100")] {
+            assert_eq!(target_arch(major, minor), arch);
+            assert!(!warpgroup_products(arch), "{arch}");
+        }
+        assert!(warpgroup_products(&target_arch(9, 0)));
+        assert!(!warpgroup_products("sm_90"));
+    }
+}
