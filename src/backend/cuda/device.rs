@@ -32,16 +32,15 @@ struct Purposes {
 }
 
 impl Purposes {
-    /// The purpose named `what`, interned (one string per purpose, however many buffers).
-    fn intern(&mut self, what: &str) -> Arc<str> {
-        match self.live.get_key_value(what) {
+    /// Counts `bytes` more for the purpose named `what`, interned (one string per purpose,
+    /// however many buffers), and returns it.
+    fn add(&mut self, what: &str, bytes: usize) -> Arc<str> {
+        let k = match self.live.get_key_value(what) {
             Some((k, _)) => k.clone(),
-            None => {
-                let k: Arc<str> = Arc::from(what);
-                self.live.insert(k.clone(), 0);
-                k
-            }
-        }
+            None => Arc::from(what),
+        };
+        *self.live.entry(k.clone()).or_insert(0) += bytes;
+        k
     }
 
     /// Takes what is held now (and `beside`, held outside the account) as the peak's makeup.
@@ -113,8 +112,7 @@ impl MemoryAccount {
             });
         }
         self.live.store(live, Ordering::Relaxed);
-        let purpose = purposes.intern(what);
-        *purposes.live.get_mut(&purpose).expect("interned above") += bytes;
+        let purpose = purposes.add(what, bytes);
         if live > self.peak() {
             self.peak.store(live, Ordering::Relaxed);
             purposes.mark_peak(what, None);

@@ -56,7 +56,8 @@ pub fn nvrtc_present() -> bool {
     unsafe { nvrtc_sys::is_culib_present() }
 }
 
-/// Compiles program `name` for `arch` ("sm_90a", "sm_80") to CUBIN. Needs only the NVRTC library, no GPU.
+/// Compiles program `name` for `arch` ("sm_90a", "sm_80") to CUBIN. Needs only the NVRTC
+/// library, no GPU.
 pub fn compile(name: &str, arch: &str) -> Result<Vec<u8>> {
     if !nvrtc_present() {
         return Err(Error::Device(
@@ -148,8 +149,8 @@ pub fn target_arch(major: i32, minor: i32) -> String {
     format!("sm_{major}{minor}{specific}")
 }
 
-/// Whether kernels compiled for `arch` run the attention forward on warpgroup products (then
-/// it takes 5 shared tiles instead of 4, kernels/flash.cu's FLASH_FWD_SHARED_TILES).
+/// Whether kernels compiled for `arch` run the attention on warpgroup products (then each
+/// kernel takes more shared memory: `flash_tiles` in mod.rs).
 pub fn warpgroup_products(arch: &str) -> bool {
     arch == "sm_90a"
 }
