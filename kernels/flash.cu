@@ -823,16 +823,8 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
     // s = Q·Kᵀ and dp = dO·Vᵀ of the key tile in buffer u, queued.
     auto scores = [&](float (&s)[NT][4], float (&dp)[NT][4], int u) {
         wg_fence();
-#pragma unroll
-        for (int kb = 0; kb < HD / 16; ++kb) {
-            wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(s), wg_desc_k<HD>(Qs, 0, kb),
-                      wg_desc_k<HD>(Kb(u), 0, kb), kb);
-        }
-#pragma unroll
-        for (int kb = 0; kb < HD / 16; ++kb) {
-            wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(dp), wg_desc_k<HD>(Ds, 0, kb),
-                      wg_desc_k<HD>(Vb(u), 0, kb), kb);
-        }
+        wg_scores<HD, NT>(s, Qs, Kb(u));
+        wg_scores<HD, NT>(dp, Ds, Vb(u));
         wg_commit();
     };
 
