@@ -174,7 +174,7 @@ impl<T> Drop for DeviceBuffer<T> {
         let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
         let bytes = slice.num_bytes();
         if let Some(place) = self.placed.take() {
-            place.arena.release(place.at, bytes);
+            place.arena.release(place.at);
             if place.in_block {
                 // The block owns the memory.
                 slice.leak();
@@ -382,10 +382,10 @@ impl Gpu {
                 })),
             }),
             (at, Some(None)) => {
-                arena.release(at, bytes);
+                arena.release(at);
                 Err(Error::Device(format!(
-                    "recorded work asked for more memory than its first capture planned \
-                     ({bytes} bytes for {what}); the two captures differ"
+                    "recorded work's allocation {at} ({bytes} bytes for {what}) is not the one \
+                     its first capture made there; the two captures differ"
                 )))
             }
         }

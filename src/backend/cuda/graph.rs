@@ -66,14 +66,15 @@ impl CudaBackend {
         }
         let recorded = self.gpu.recording_here(|| {
             self.offload.finish_copies()?;
-            // First capture: ordinary allocations, their places in one block planned.
-            let plan = Arena::planning();
-            let planned = self.capture_placed(plan.clone(), work);
+            // First capture: ordinary allocations, their sizes and lifetimes traced.
+            let traced = Arena::tracing();
+            let planned = self.capture_placed(traced.clone(), work);
             if let (_, true) = self.offload.end_recording(false) {
                 return Ok(None);
             }
             drop(planned?);
             release_graph_memory(&self.gpu.ctx);
+            let plan = traced.plan();
             let bytes = plan.size();
             let block = self.gpu.alloc_on::<u8>(
                 self.gpu.main_stream(),
@@ -81,7 +82,7 @@ impl CudaBackend {
                 "recorded work's memory",
             )?;
             // The kept capture: the same allocations, in the block.
-            let graph = self.capture_placed(Arena::in_block(self.buffer_ptr(&block), bytes), work);
+            let graph = self.capture_placed(Arena::in_block(self.buffer_ptr(&block), plan), work);
             match self.offload.end_recording(graph.is_ok()) {
                 (_, true) => Ok(None),
                 (host, false) => Ok::<_, Error>(Some((graph?, block, host))),
@@ -117,6 +118,13 @@ impl CudaBackend {
         self.gpu.set_arena(None);
         // A buffer made while recording and kept after it would share its memory with the
         // replays' own allocations.
+        if !arena.follows_plan() {
+            return Err(Error::Device(
+                "recorded work allocated or freed memory otherwise than its first capture; \
+                 the places planned for it could overlap"
+                    .into(),
+            ));
+        }
         match arena.live() {
             0 => graph,
             kept => Err(Error::Device(format!(
