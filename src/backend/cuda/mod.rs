@@ -11,6 +11,7 @@ mod graph;
 mod host_table;
 pub mod kernels;
 mod launch;
+mod lowrank;
 pub mod nccl;
 mod nf4;
 pub use nf4::DEQUANTIZED_SLOTS;
@@ -314,13 +315,31 @@ impl CudaBackend {
         self.run("pointwise", name, Shape::elementwise(n), args)
     }
 
-    /// An elementwise kernel run by a thread per quad of the `n` elements (the gated kernels;
-    /// nothing is queued for `n == 0`).
-    fn elementwise_by_quads(&self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
+    /// An elementwise kernel whose threads take `group` of the `n` elements each (16-byte
+    /// loads: 4 for the gated kernels and `add_assign_f32`, 8 for `cast_f32_bf16`); nothing is
+    /// queued for `n == 0`.
+    fn elementwise_grouped(
+        &self,
+        name: &'static str,
+        n: usize,
+        group: usize,
+        args: &[Arg],
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        self.run("pointwise", name, Shape::elementwise(n.div_ceil(4)), args)
+        self.run(
+            "pointwise",
+            name,
+            Shape::elementwise(n.div_ceil(group)),
+            args,
+        )
+    }
+
+    /// bf16 values of the `n` f32 values at `src`, written at `dst`.
+    fn cast_f32_bf16(&self, src: u64, dst: u64, n: usize) -> Result<()> {
+        let args = [Arg::Ptr(src), Arg::Ptr(dst), count(n)];
+        self.elementwise_grouped("cast_f32_bf16", n, 8, &args)
     }
 
     fn buffer_ptr<T>(&self, b: &DeviceBuffer<T>) -> u64 {
@@ -400,7 +419,7 @@ impl CudaBackend {
         } else {
             "gated_act_fwd"
         };
-        self.elementwise_by_quads(kernel, g.elements(), &args)?;
+        self.elementwise_grouped(kernel, g.elements(), 4, &args)?;
         Ok(h)
     }
 
@@ -432,7 +451,7 @@ impl CudaBackend {
         } else {
             "gated_act_bwd"
         };
-        self.elementwise_by_quads(kernel, g.elements(), &args)?;
+        self.elementwise_grouped(kernel, g.elements(), 4, &args)?;
         Ok((dg, du))
     }
 
@@ -448,8 +467,7 @@ impl CudaBackend {
     /// bf16 copies of `n` f32 values at `src`.
     fn cast_to_bf16(&self, src: u64, n: usize) -> Result<DeviceBuffer<u16>> {
         let out = self.gpu.alloc::<u16>(n, "a bf16 copy of an operand")?;
-        let dst = Arg::Ptr(self.buffer_ptr(&out));
-        self.elementwise("cast_f32_bf16", n, &[Arg::Ptr(src), dst, count(n)])?;
+        self.cast_f32_bf16(src, self.buffer_ptr(&out), n)?;
         Ok(out)
     }
 
@@ -796,6 +814,9 @@ impl Backend for CudaBackend {
             ));
         }
         let bf16 = a.dtype() != Dtype::F32 || b.dtype() != Dtype::F32;
+        if !bf16 && !trans_a && self.lowrank_expand(a, b, trans_b, alpha, c, accumulate)? {
+            return Ok(());
+        }
         let (oa, _a_tmp) = self.operand(a, bf16)?;
         let (ob, _b_tmp) = self.operand(b, bf16)?;
         let (oc, _) = self.operand(c, false)?;
@@ -846,7 +867,7 @@ impl Backend for CudaBackend {
             self.f32_arg(y, "add_assign")?,
             count(x.elements()),
         ];
-        self.elementwise("add_assign_f32", x.elements(), &args)
+        self.elementwise_grouped("add_assign_f32", x.elements(), 4, &args)
     }
 
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
@@ -1244,7 +1265,7 @@ impl Backend for CudaBackend {
             self.f32_arg(src, "add_rows")?,
             count(src.elements()),
         ];
-        self.elementwise("add_assign_f32", src.elements(), &args)
+        self.elementwise_grouped("add_assign_f32", src.elements(), 4, &args)
     }
 
     fn append_rows(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
@@ -1420,12 +1441,7 @@ impl Backend for CudaBackend {
             let dz = match &dlogits_bf16 {
                 Some(b) => {
                     let ptr = self.buffer_ptr(b);
-                    let n = rows * vocab;
-                    self.elementwise(
-                        "cast_f32_bf16",
-                        n,
-                        &[Arg::Ptr(logits_ptr), Arg::Ptr(ptr), count(n)],
-                    )?;
+                    self.cast_f32_bf16(logits_ptr, ptr, rows * vocab)?;
                     Operand {
                         ptr,
                         dtype: Dtype::Bf16,
