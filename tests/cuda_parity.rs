@@ -123,53 +123,6 @@ fn matmul_matches_cpu_in_f32_and_with_bf16_weights() {
     }
 }
 
-/// The rank expansions `c = α·a·op(b) (+ c)` with a rank-wide `a` (kernels/lowrank.cu: LoRA's
-/// xa·Bᵀ and dxa·A), in both precisions the GPU runs f32 products in, each template rank and
-/// its padding (ranks 5 and 20), rows not a multiple of the block's, and columns that are not
-/// whole 16-byte groups (the general product then). Without accumulation `c` starts as NaN:
-/// the kernel must not read it.
-#[test]
-fn rank_expansions_match_cpu() {
-    let Some(mut p) = Pair::new() else { return };
-    let mut rng = fresh_rng("rank expansions");
-    for (m, r, n) in [
-        (70, 16, 1028),
-        (33, 5, 600),
-        (130, 32, 516),
-        (64, 20, 4096),
-        (9, 16, 30),
-    ] {
-        for (tb, accumulate, tf32) in [
-            (true, false, true),
-            (false, true, false),
-            (true, true, false),
-        ] {
-            let av = randn(&mut rng, m * r, 1.0);
-            let bv = randn(&mut rng, r * n, 1.0);
-            let cv = match accumulate {
-                true => randn(&mut rng, m * n, 1.0),
-                false => vec![f32::NAN; m * n],
-            };
-            let (ag, ac) = p.up(&av, m, r);
-            let (bg, bc) = if tb { p.up(&bv, n, r) } else { p.up(&bv, r, n) };
-            let (mut cg, mut cc) = p.up(&cv, m, n);
-            if tf32 {
-                p.g.set_f32_products(F32Products::Tf32);
-            }
-            p.g.matmul(&ag, false, &bg, tb, 0.5, &mut cg, accumulate)
-                .unwrap();
-            p.g.set_f32_products(F32Products::Exact);
-            p.c.matmul(&ac, false, &bc, tb, 0.5, &mut cc, accumulate)
-                .unwrap();
-            let what = format!("{m}x{r}x{n} tb={tb} accumulate={accumulate} tf32={tf32}");
-            // Columns in 16-byte groups take the kernel, exact in f32 in either mode; others
-            // the general product (TF32 operands: see the matmul test).
-            let tol = if tf32 && n % 4 != 0 { 2e-3 } else { 1e-5 };
-            p.check(&what, &cg, &cc, tol);
-        }
-    }
-}
-
 #[test]
 fn pointwise_ops_match_cpu() {
     let Some(mut p) = Pair::new() else { return };

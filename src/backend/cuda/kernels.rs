@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 const PRELUDE: &str = include_str!("../../../kernels/prelude.cuh");
 
 /// The programs: (name, source after the prelude).
-pub const PROGRAMS: [(&str, &str); 8] = [
+pub const PROGRAMS: [(&str, &str); 7] = [
     ("pointwise", include_str!("../../../kernels/pointwise.cu")),
     ("norm", include_str!("../../../kernels/norm.cu")),
     ("rope", include_str!("../../../kernels/rope.cu")),
@@ -24,7 +24,6 @@ pub const PROGRAMS: [(&str, &str); 8] = [
     ("attention", include_str!("../../../kernels/attention.cu")),
     ("flash", include_str!("../../../kernels/flash.cu")),
     ("nf4", include_str!("../../../kernels/nf4.cu")),
-    ("lowrank", include_str!("../../../kernels/lowrank.cu")),
 ];
 
 /// NVRTC options besides the architecture.

@@ -11,7 +11,6 @@ mod graph;
 mod host_table;
 pub mod kernels;
 mod launch;
-mod lowrank;
 pub mod nccl;
 mod nf4;
 pub use nf4::DEQUANTIZED_SLOTS;
@@ -814,9 +813,6 @@ impl Backend for CudaBackend {
             ));
         }
         let bf16 = a.dtype() != Dtype::F32 || b.dtype() != Dtype::F32;
-        if !bf16 && !trans_a && self.lowrank_expand(a, b, trans_b, alpha, c, accumulate)? {
-            return Ok(());
-        }
         let (oa, _a_tmp) = self.operand(a, bf16)?;
         let (ob, _b_tmp) = self.operand(b, bf16)?;
         let (oc, _) = self.operand(c, false)?;
