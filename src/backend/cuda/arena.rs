@@ -94,6 +94,11 @@ impl Trace {
         self.sizes.len() - 1
     }
 
+    /// How many allocations are not released.
+    fn unreleased(&self) -> usize {
+        self.lifetimes.iter().filter(|l| l.end == u64::MAX).count()
+    }
+
     /// Notes the release of allocation `index`.
     fn release(&mut self, index: usize) {
         self.clock += 1;
@@ -187,18 +192,13 @@ impl Trace {
                 .max()
                 .unwrap_or(0)
         };
-        let first_fit = self.first_fit();
-        let offsets = match self.sizes.len() <= GREEDY_MAX_ALLOCATIONS {
-            true => {
-                let greedy = self.greedy_by_size();
-                if size(&first_fit) < size(&greedy) {
-                    first_fit
-                } else {
-                    greedy
-                }
+        let mut offsets = self.first_fit();
+        if self.sizes.len() <= GREEDY_MAX_ALLOCATIONS {
+            let greedy = self.greedy_by_size();
+            if size(&greedy) <= size(&offsets) {
+                offsets = greedy;
             }
-            false => first_fit,
-        };
+        }
         Plan {
             size: size(&offsets),
             offsets,
@@ -240,8 +240,6 @@ struct Inner {
     trace: Trace,
     /// Set when the places are handed out in a block.
     block: Option<Block>,
-    /// Allocations made and not released.
-    live: usize,
 }
 
 /// The places of one recording's allocations. The first capture's are only traced (its
@@ -285,7 +283,6 @@ impl Arena {
     /// the plan's (the recording differs from its first capture).
     pub fn place(&self, bytes: usize) -> (usize, Option<Option<u64>>) {
         let inner = &mut *self.inner();
-        inner.live += 1;
         let i = inner.trace.allocate(bytes);
         let Some(block) = &mut inner.block else {
             return (i, None);
@@ -300,7 +297,6 @@ impl Arena {
     /// Releases the allocation `key` of [`Arena::place`].
     pub fn release(&self, key: usize) {
         let inner = &mut *self.inner();
-        inner.live -= 1;
         inner.trace.release(key);
         if let Some(block) = &mut inner.block {
             let planned = block.plan.trace.lifetimes.get(key).map(|l| l.end);
@@ -320,7 +316,7 @@ impl Arena {
 
     /// How many of its allocations are still held.
     pub fn live(&self) -> usize {
-        self.inner().live
+        self.inner().trace.unreleased()
     }
 }
 

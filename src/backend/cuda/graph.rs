@@ -116,8 +116,6 @@ impl CudaBackend {
             queued.and(self.offload.release_copied(&self.gpu))
         });
         self.gpu.set_arena(None);
-        // A buffer made while recording and kept after it would share its memory with the
-        // replays' own allocations.
         if !arena.follows_plan() {
             return Err(Error::Device(
                 "recorded work allocated or freed memory otherwise than its first capture; \
@@ -125,6 +123,8 @@ impl CudaBackend {
                     .into(),
             ));
         }
+        // A buffer made while recording and kept after it would share its memory with the
+        // replays' own allocations.
         match arena.live() {
             0 => graph,
             kept => Err(Error::Device(format!(

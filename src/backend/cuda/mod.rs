@@ -306,12 +306,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// An elementwise kernel over `n` elements (nothing is queued for `n == 0`).
+    /// An elementwise kernel over `n` elements, a thread each (nothing is queued for `n == 0`).
     fn elementwise(&self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        self.run("pointwise", name, Shape::elementwise(n), args)
+        self.elementwise_grouped(name, n, 1, args)
     }
 
     /// An elementwise kernel whose threads take `group` of the `n` elements each (16-byte
