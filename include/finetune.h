@@ -34,7 +34,7 @@
 /**
  * Version of this C ABI. It changes only when an existing declaration changes incompatibly.
  */
-#define FT_ABI_VERSION 3
+#define FT_ABI_VERSION 4
 
 /**
  * LoRA target bits for `ft_lora_params.target_modules`.
@@ -169,6 +169,16 @@ typedef struct ft_bench_params {
    * A cap on the device memory held, in MiB; 0 means none. GPU only (ignored on the CPU).
    */
   uint64_t max_device_memory_mib;
+  /**
+   * Non-zero: keep the saved layer inputs in pinned host memory (GPU only), as
+   * `ft_train_params.offload_activations`.
+   */
+  int32_t offload_activations;
+  /**
+   * Non-zero: keep the LM head in pinned host memory (GPU only), as
+   * `ft_model_params.lm_head_in_host_memory`.
+   */
+  int32_t lm_head_in_host_memory;
 } ft_bench_params;
 
 /**
@@ -226,6 +236,14 @@ typedef struct ft_model_params {
    * `FT_ERR_COLLECTIVE` instead of hanging, in milliseconds; 0 means 300000 (5 minutes).
    */
   uint32_t collective_timeout_ms;
+  /**
+   * Non-zero: keep the LM head (or, tied, the embedding table serving as one) in pinned host
+   * memory instead of device memory (GPU only; 1 GiB less device memory on Llama 3). A
+   * training step copies it to the device beside the last quarter of its forward pass and
+   * frees the copy after the loss; evaluation and generation copy it for each product (a
+   * generated token then costs one copy of it over the bus).
+   */
+  int32_t lm_head_in_host_memory;
 } ft_model_params;
 
 /**
@@ -536,7 +554,7 @@ void ft_string_free(char *s);
 /**
  * Defaults, those of `finetune bench`: model "smollm2-135m", mode "lora", batch 4, seq 256,
  * rank 16, 3 timed steps, checkpointing on, one thread per core, device "auto" (NULL), no
- * device-memory cap.
+ * device-memory cap, no offload, the LM head in device memory.
  */
 struct ft_bench_params ft_bench_default_params(void);
 
@@ -544,7 +562,7 @@ struct ft_bench_params ft_bench_default_params(void);
  * Builds a model of the named shape with random weights on the device, runs one warm-up and
  * `steps` timed training steps on random tokens, and sets `*json_out` to the JSON object that
  * `finetune bench` prints: model, device, mode, ranks, batch, seq, rank, checkpointing,
- * offload_activations (always false here), steps,
+ * offload_activations, lm_head_in_host, steps,
  * step_seconds_median, cpu_seconds_median (null where the OS does not report it),
  * tokens_per_second, first_loss, last_loss, peak_rss_mib (the whole process's peak resident
  * memory), peak_device_mib, peak_device_set_by (what the allocation that reached the peak was
@@ -648,7 +666,7 @@ ft_status ft_nccl_unique_id(uint8_t *out, size_t out_len);
 
 /**
  * Defaults: device "auto", one thread per core, no quantization, no device-memory cap, no
- * process group.
+ * process group, the LM head in device memory.
  */
 struct ft_model_params ft_model_default_params(void);
 

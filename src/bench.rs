@@ -104,6 +104,8 @@ pub struct BenchResult {
     pub rank: usize,
     pub checkpointing: bool,
     pub offload_activations: bool,
+    /// The LM head kept in host memory ([`ModelParams::lm_head_in_host`]).
+    pub lm_head_in_host: bool,
     pub steps: usize,
     /// Median seconds per optimizer step over the timed steps.
     pub step_seconds_median: f64,
@@ -250,6 +252,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         rank: cfg.rank,
         checkpointing: cfg.checkpointing,
         offload_activations: cfg.offload_activations,
+        lm_head_in_host: cfg.params.lm_head_in_host,
         steps: cfg.steps,
         step_seconds_median: median_wall,
         cpu_seconds_median,

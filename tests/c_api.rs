@@ -16,6 +16,7 @@ struct ModelParams {
     rank: u32,
     nccl_unique_id: *const u8,
     collective_timeout_ms: u32,
+    lm_head_in_host_memory: i32,
 }
 
 const FT_QUANT_NF4: i32 = 1;
@@ -110,6 +111,8 @@ struct BenchParams {
     n_threads: u32,
     device: *const c_char,
     max_device_memory_mib: u64,
+    offload_activations: i32,
+    lm_head_in_host_memory: i32,
 }
 
 type Opaque = c_void;
@@ -278,7 +281,7 @@ impl Tokens {
 #[test]
 fn train_save_and_reload_through_the_abi() {
     let api = Api::load();
-    assert_eq!((api.abi_version)(), 3);
+    assert_eq!((api.abi_version)(), 4);
     let dir = common::tiny_model_dir();
     let model = api.load_model(dir.path());
     let mut tp = (api.train_default_params)();
@@ -639,6 +642,7 @@ fn bench_returns_the_cli_json() {
     );
     assert!(d.device.is_null());
     assert_eq!(d.max_device_memory_mib, 0);
+    assert_eq!((d.offload_activations, d.lm_head_in_host_memory), (0, 0));
 
     let (tiny, cpu, qlora) = (
         CString::new("tiny").unwrap(),
@@ -655,6 +659,11 @@ fn bench_returns_the_cli_json() {
     p.steps = 2;
     for mode in [null(), qlora.as_ptr()] {
         p.mode = mode;
+        // The QLoRA run also asks for the host-memory options (the CPU ignores them; the JSON
+        // says what was asked for).
+        let host_options = !mode.is_null();
+        p.offload_activations = host_options as i32;
+        p.lm_head_in_host_memory = host_options as i32;
         let mut json = null_mut();
         assert_eq!((api.bench)(&p, &mut json), 0, "{}", api.error());
         assert!(!json.is_null());
@@ -672,6 +681,8 @@ fn bench_returns_the_cli_json() {
             "{text}"
         );
         assert_eq!(v["checkpointing"], true, "{text}");
+        assert_eq!(v["offload_activations"], host_options, "{text}");
+        assert_eq!(v["lm_head_in_host"], host_options, "{text}");
         assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{text}");
         for k in [
             "peak_device_mib",
@@ -698,6 +709,7 @@ fn bench_returns_the_cli_json() {
             "rank",
             "checkpointing",
             "offload_activations",
+            "lm_head_in_host",
             "steps",
             "step_seconds_median",
             "cpu_seconds_median",

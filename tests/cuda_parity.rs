@@ -259,8 +259,8 @@ fn embedding_norm_and_rope_match_cpu() {
         p.g.embedding(&tg, &bad, 1.0).is_err(),
         "id past the vocabulary"
     );
-    // A lookup table kept in host memory: no device memory held, the same rows, and nothing but
-    // the lookup accepts it.
+    // A table kept in host memory: no device memory held, the same rows, and products read a
+    // device copy of the same values (made per product, or ahead with `prefetch_copy`).
     let live = p.g.gpu().memory.live();
     let th = p.g.upload_lookup_table(&table, vocab, hidden).unwrap();
     assert_eq!(
@@ -275,9 +275,26 @@ fn embedding_norm_and_rope_match_cpu() {
         p.g.embedding(&th, &bad, 1.0).is_err(),
         "id past the vocabulary"
     );
-    let mut out = p.g.zeros(tokens, vocab).unwrap();
-    let err = p.g.matmul(&eg, false, &th, true, 1.0, &mut out, false);
-    assert!(err.is_err(), "a host table in a product");
+    let product = |t| {
+        let mut out = p.g.zeros(tokens, vocab).unwrap();
+        p.g.matmul(&eg, false, t, true, 1.0, &mut out, false)
+            .unwrap();
+        p.g.download(&out).unwrap()
+    };
+    assert_eq!(product(&th), product(&tg), "a product with a host table");
+    assert!(p.g.prefetch_copy(&tg).unwrap().is_none(), "a device table");
+    let arriving =
+        p.g.prefetch_copy(&th)
+            .unwrap()
+            .expect("a host table's copy");
+    assert!(p.g.download(&arriving).is_err(), "read before it settled");
+    let copy = p.g.settle(arriving).unwrap();
+    assert_eq!(p.g.download(&copy).unwrap(), table, "the settled copy");
+    assert_eq!(
+        product(&copy),
+        product(&tg),
+        "a product with the settled copy"
+    );
 
     for unit_offset in [false, true] {
         let (wg, wc) = p.up(&randn(&mut rng, hidden, 0.5), 1, hidden);
@@ -644,6 +661,89 @@ fn offloaded_activations_train_identically_with_less_device_memory() {
         saved >= (shape.num_layers - 4) * input_bytes,
         "offload saved {saved} bytes"
     );
+}
+
+/// The LM head kept in host memory (`ModelParams::lm_head_in_host`), untied (Llama) and tied
+/// (Gemma, whose embedding table is the head): the device holds exactly its bytes less once
+/// loaded and never more at the peak, and training (recorded and unrecorded steps, with and
+/// without offload), evaluation, logits and generation give bit-identical numbers, as the
+/// products read a device copy of the same bf16 values.
+#[test]
+fn lm_head_in_host_memory_changes_no_number_and_frees_its_bytes() {
+    if gpu().is_none() {
+        return;
+    }
+    use finetune::api::{Device, Model, ModelParams, Trainer};
+    use finetune::lora::LoraConfig;
+    use finetune::model::config::ModelConfig;
+    use finetune::model::presets::tiny;
+    use finetune::train::trainer::TrainConfig;
+    for family in [Family::Llama, Family::Gemma] {
+        let shape = ModelConfig {
+            num_layers: 4,
+            vocab_size: 4096,
+            hidden_size: 128,
+            intermediate_size: 256,
+            head_dim: 64,
+            num_heads: 4,
+            num_kv_heads: 2,
+            ..tiny(family)
+        };
+        let (rows, seq) = (2, 64);
+        let mut rng = Rng::new(9);
+        let ids: Vec<i32> = (0..rows * seq + 1)
+            .map(|_| (rng.next_u64() % 4096) as i32)
+            .collect();
+        let b = Batch::new(rows, seq, ids[..rows * seq].to_vec(), ids[1..].to_vec()).unwrap();
+        let run = |in_host: bool, offload: bool| {
+            let params = ModelParams {
+                device: Device::Cuda(0),
+                lm_head_in_host: in_host,
+                ..ModelParams::default()
+            };
+            let model = Model::random(shape.clone(), 5, &params).unwrap();
+            let loaded = model.device_memory().unwrap().live_bytes;
+            let train = TrainConfig {
+                learning_rate: 1e-2,
+                offload_activations: offload,
+                ..TrainConfig::default()
+            };
+            let mut t = Trainer::new(&model, LoraConfig::default(), train).unwrap();
+            model.reset_peak_memory();
+            // Four steps: the first runs unrecorded, the later ones record and replay.
+            let losses: Vec<f32> = (0..4)
+                .map(|_| t.step(std::slice::from_ref(&b)).unwrap().loss)
+                .collect();
+            let peak = model.device_memory().unwrap().peak_bytes;
+            let eval = t.eval_loss(&b).unwrap();
+            let logits = model.logits(&b, Some(&t)).unwrap();
+            let mut session = model.decode_session(Some(&t)).unwrap();
+            let mut generated = session.feed(&ids[..5]).unwrap();
+            generated.extend(session.feed(&ids[5..6]).unwrap());
+            (loaded, peak, losses, eval, logits, generated)
+        };
+        let head_bytes = shape.vocab_size * shape.hidden_size * 2;
+        for offload in [false, true] {
+            let on_device = run(false, offload);
+            let in_host = run(true, offload);
+            eprintln!(
+                "{family:?} offload {offload}: loaded {} -> {} bytes, peak {} -> {} bytes, \
+                 losses {:?} / {:?}",
+                on_device.0, in_host.0, on_device.1, in_host.1, on_device.2, in_host.2
+            );
+            assert_eq!(
+                on_device.0 - in_host.0,
+                head_bytes,
+                "{family:?}: held when loaded"
+            );
+            assert!(in_host.1 <= on_device.1, "{family:?}: peak");
+            assert_eq!(on_device.2, in_host.2, "{family:?}: losses");
+            assert!(in_host.2.iter().all(|l| l.is_finite()), "{family:?}");
+            assert_eq!(on_device.3, in_host.3, "{family:?}: evaluation loss");
+            assert_eq!(on_device.4, in_host.4, "{family:?}: logits");
+            assert_eq!(on_device.5, in_host.5, "{family:?}: generation logits");
+        }
+    }
 }
 
 /// The longest-sequence search of `finetune bench`: under a device-memory cap, every probe at or

@@ -32,6 +32,12 @@ type BenchOptions struct {
 	Device string
 	// Cap on the device memory held, in MiB (GPU only); 0 means none.
 	MaxDeviceMemoryMiB uint64
+	// Keep the saved layer inputs in pinned host memory (GPU only), as
+	// TrainOptions.OffloadActivations.
+	OffloadActivations bool
+	// Keep the LM head in pinned host memory instead of device memory (GPU only), as
+	// ModelOptions.LmHeadInHost.
+	LmHeadInHost bool
 }
 
 // DefaultBenchOptions gives the defaults of `finetune bench`: model "smollm2-135m", mode
@@ -43,7 +49,8 @@ func DefaultBenchOptions() (BenchOptions, error) {
 	p := C.ftgo_bench_default_params()
 	o := BenchOptions{Batch: uint32(p.batch), Seq: uint32(p.seq), Rank: uint32(p.rank),
 		Steps: uint32(p.steps), Checkpointing: p.checkpointing != 0, Threads: int(p.n_threads),
-		MaxDeviceMemoryMiB: uint64(p.max_device_memory_mib)}
+		MaxDeviceMemoryMiB: uint64(p.max_device_memory_mib),
+		OffloadActivations: p.offload_activations != 0, LmHeadInHost: p.lm_head_in_host_memory != 0}
 	// Static strings of the library (NULL means the default).
 	if p.model != nil {
 		o.Model = C.GoString(p.model)
@@ -59,11 +66,12 @@ func DefaultBenchOptions() (BenchOptions, error) {
 
 // Bench builds a model of opts.Model's shape with random weights on the device, runs one
 // warm-up and opts.Steps timed training steps on random tokens, and returns the JSON object
-// that `finetune bench` prints (model, device, mode, batch, seq, rank, checkpointing, steps,
-// step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
-// peak_rss_mib, peak_device_mib, peak_device_set_by, peak_device_purposes_mib, held_device_mib,
-// load_seconds). opts may be nil for the defaults. It holds the
-// calling goroutine's thread for the whole measurement, minutes for the larger shapes.
+// that `finetune bench` prints (model, device, mode, batch, seq, rank, checkpointing,
+// offload_activations, lm_head_in_host, steps, step_seconds_median, cpu_seconds_median,
+// tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib, peak_device_set_by,
+// peak_device_purposes_mib, held_device_mib, load_seconds). opts may be nil for the defaults.
+// It holds the calling goroutine's thread for the whole measurement, minutes for the larger
+// shapes.
 func Bench(opts *BenchOptions) (string, error) {
 	if opts != nil && (opts.Threads < 0 || uint64(opts.Threads) > math.MaxUint32) {
 		return "", &Error{Op: "ft_bench", Status: StatusInvalidArgument,
@@ -77,7 +85,9 @@ func Bench(opts *BenchOptions) (string, error) {
 		p := C.ft_bench_params{batch: C.uint32_t(opts.Batch), seq: C.uint32_t(opts.Seq),
 			rank: C.uint32_t(opts.Rank), steps: C.uint32_t(opts.Steps),
 			checkpointing: cbool(opts.Checkpointing), n_threads: C.uint32_t(opts.Threads),
-			max_device_memory_mib: C.uint64_t(opts.MaxDeviceMemoryMiB)}
+			max_device_memory_mib:  C.uint64_t(opts.MaxDeviceMemoryMiB),
+			offload_activations:    cbool(opts.OffloadActivations),
+			lm_head_in_host_memory: cbool(opts.LmHeadInHost)}
 		// An empty model is passed as NULL, which the library refuses by name.
 		for _, s := range []struct {
 			dst **C.char

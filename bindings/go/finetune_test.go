@@ -222,7 +222,7 @@ func TestMissingLibraryErrorSaysWhereItLooked(t *testing.T) {
 }
 
 func TestABIVersion(t *testing.T) {
-	if ABIVersion != 3 {
+	if ABIVersion != 4 {
 		t.Fatalf("ABIVersion is %d", ABIVersion)
 	}
 	if _, err := Load(); err != nil {
@@ -259,7 +259,7 @@ func TestOtherABIVersionIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatalf("child: %v\n%s", err, out)
 	}
-	if !strings.Contains(string(out), "C ABI version 2, this package needs 3") {
+	if !strings.Contains(string(out), "C ABI version 2, this package needs 4") {
 		t.Fatalf("message: %s", out)
 	}
 }
@@ -372,5 +372,73 @@ func TestBenchTinyOnTheCPU(t *testing.T) {
 	opts.Model, opts.Steps = "tiny", 0
 	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("zero steps: %v", err)
+	}
+}
+
+// LmHeadInHost is GPU only: on the CPU the flag is read and ignored, and the model trains as usual.
+func TestLmHeadInHostIsAcceptedOnTheCPU(t *testing.T) {
+	m, err := RandomModel("tiny", 1, &ModelOptions{Device: "cpu", Threads: 1, LmHeadInHost: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	train, _ := DefaultTrainOptions()
+	train.LearningRate = 1e-2
+	tr, err := NewTrainer(m, nil, &train)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	b := countBatch(12)
+	before, err := tr.EvalLoss(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Train(context.Background(), []Batch{b}, 8, nil); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := tr.EvalLoss(b); !(after < before) {
+		t.Fatalf("loss %v -> %v", before, after)
+	}
+	if out, err := m.Generate([]int32{3, 4, 5}, 4, -1, nil); err != nil || len(out) != 4 {
+		t.Fatalf("generate: %v %v", out, err)
+	}
+}
+
+func TestBenchPassesTheOffloadOptions(t *testing.T) {
+	d, err := DefaultBenchOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.OffloadActivations || d.LmHeadInHost {
+		t.Fatalf("defaults: %+v", d)
+	}
+	opts := d
+	opts.Model, opts.Device, opts.Threads = "tiny", "cpu", 1
+	opts.Batch, opts.Seq, opts.Steps = 1, 16, 1
+	flags := func(o BenchOptions) (offload, lmHead bool) {
+		t.Helper()
+		out, err := Bench(&o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r struct {
+			OffloadActivations *bool `json:"offload_activations"`
+			LmHeadInHost       *bool `json:"lm_head_in_host"`
+		}
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			t.Fatalf("not JSON: %v\n%s", err, out)
+		}
+		if r.OffloadActivations == nil || r.LmHeadInHost == nil {
+			t.Fatalf("keys missing: %s", out)
+		}
+		return *r.OffloadActivations, *r.LmHeadInHost
+	}
+	if offload, lmHead := flags(opts); offload || lmHead {
+		t.Fatalf("off by default, got offload_activations %v, lm_head_in_host %v", offload, lmHead)
+	}
+	opts.OffloadActivations, opts.LmHeadInHost = true, true
+	if offload, lmHead := flags(opts); !offload || !lmHead {
+		t.Fatalf("set, got offload_activations %v, lm_head_in_host %v", offload, lmHead)
 	}
 }

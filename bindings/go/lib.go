@@ -6,8 +6,8 @@ package finetune
 #include <stdlib.h>
 #include "loader.h"
 
-// The Go types in this package mirror ABI 3's declarations: building against another header fails.
-_Static_assert(FT_ABI_VERSION == 3, "bindings/go is written for FT_ABI_VERSION 3");
+// The Go types in this package mirror ABI 4's declarations: building against another header fails.
+_Static_assert(FT_ABI_VERSION == 4, "bindings/go is written for FT_ABI_VERSION 4");
 */
 import "C"
 
@@ -23,7 +23,7 @@ import (
 
 // ABIVersion is the version of libfinetune's C ABI this package is written for: a library
 // reporting another ft_abi_version() is refused when it is loaded.
-const ABIVersion = 3
+const ABIVersion = 4
 
 // LibraryEnv names the environment variable that gives the full path of libfinetune.so.
 const LibraryEnv = "FINETUNE_LIB"

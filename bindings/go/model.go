@@ -49,6 +49,9 @@ type ModelOptions struct {
 	Threads            int          // CPU worker threads; 0 means one per core
 	Quantization       Quantization // QuantNone (default) or QuantNF4 (QLoRA)
 	MaxDeviceMemoryMiB uint64       // cap on the device memory held (GPU only); 0 means none
+	// Keep the LM head (or, tied, the embedding table serving as one) in pinned host memory
+	// instead of device memory (GPU only; ignored on the CPU).
+	LmHeadInHost bool
 
 	// A data-parallel group spanning processes: WorldSize ranks in all (0 or 1: this process
 	// trains alone, or over the GPUs Device lists). With more, Device must be one "cuda:N",
@@ -122,6 +125,7 @@ func withModelParams(o *ModelOptions, f func(*C.ft_model_params) C.ft_status) C.
 		p.world_size = C.uint32_t(o.WorldSize)
 		p.rank = C.uint32_t(o.Rank)
 		p.collective_timeout_ms = C.uint32_t(timeoutMillis(o.CollectiveTimeout))
+		p.lm_head_in_host_memory = cbool(o.LmHeadInHost)
 		if o.Device != "" {
 			p.device = C.CString(o.Device)
 			defer C.free(unsafe.Pointer(p.device))

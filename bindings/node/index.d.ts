@@ -17,7 +17,7 @@ export declare const Target: {
 export declare const DType: { readonly F32: 0; readonly F16: 1; readonly BF16: 2 };
 /** Label meaning "no loss at this position". */
 export declare const IGNORE_LABEL: -100;
-/** The C ABI version this package is written for (3); a library of another is refused. */
+/** The C ABI version this package is written for (4); a library of another is refused. */
 export declare const ABI_VERSION: number;
 /** Bytes of an NCCL unique id: 128. */
 export declare const NCCL_UNIQUE_ID_BYTES: number;
@@ -57,6 +57,9 @@ export interface ModelOptions {
   /** How long a rank waits for the others (joining, each step) before failing with
    * FT_ERR_COLLECTIVE instead of hanging, in milliseconds; 0 or absent means 300000 (5 minutes). */
   collectiveTimeoutMs?: number;
+  /** Keep the LM head (or, tied, the embedding table serving as one) in pinned host memory
+   * instead of device memory (GPU only; ignored on the CPU). Default false. */
+  lmHeadInHost?: boolean;
 }
 
 /** What bench() measures: the options of `finetune bench`. */
@@ -82,6 +85,10 @@ export interface BenchOptions {
   device?: string;
   /** Cap on the device memory held, in MiB (GPU only); 0 means none. */
   maxDeviceMemoryMiB?: number;
+  /** Keep the saved layer inputs in pinned host memory (GPU only; default false). */
+  offloadActivations?: boolean;
+  /** Keep the LM head in pinned host memory instead of device memory (GPU only; default false). */
+  lmHeadInHost?: boolean;
 }
 
 export interface ModelInfo {
@@ -186,8 +193,8 @@ export declare function ncclUniqueId(): Uint8Array;
 /** The library's defaults for bench(), those of `finetune bench`. */
 export declare function benchDefaults(): Required<BenchOptions>;
 /** Runs the training-step benchmark of `finetune bench` on the calling thread (blocking the event
- * loop) and returns its JSON text: model, device, mode, batch, seq, rank, checkpointing, steps,
- * step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
- * peak_rss_mib, peak_device_mib, peak_device_set_by, peak_device_purposes_mib, held_device_mib,
- * load_seconds. */
+ * loop) and returns its JSON text: model, device, mode, batch, seq, rank, checkpointing,
+ * offload_activations, lm_head_in_host, steps, step_seconds_median, cpu_seconds_median,
+ * tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib, peak_device_set_by,
+ * peak_device_purposes_mib, held_device_mib, load_seconds. */
 export declare function bench(opts?: BenchOptions): string;

@@ -71,6 +71,7 @@ function modelParams(opts) {
   if (opts.worldSize != null) p.world_size = uint32('worldSize', opts.worldSize);
   if (opts.rank != null) p.rank = uint32('rank', opts.rank);
   if (opts.collectiveTimeoutMs != null) p.collective_timeout_ms = uint32('collectiveTimeoutMs', opts.collectiveTimeoutMs);
+  if (opts.lmHeadInHost != null) p.lm_head_in_host_memory = opts.lmHeadInHost ? 1 : 0;
   const id = opts.ncclUniqueId;
   if (id != null) {
     if (!(id instanceof Uint8Array)) {
@@ -132,7 +133,7 @@ class Model {
   }
 
   /** Loads a Hugging Face model directory. opts: { device: 'auto'|'cpu'|'cuda:N'|'cuda:0,cuda:1'|'cuda:all',
-   * threads, quantization, maxDeviceMemoryMiB, worldSize, rank, ncclUniqueId, collectiveTimeoutMs } */
+   * threads, quantization, maxDeviceMemoryMiB, worldSize, rank, ncclUniqueId, collectiveTimeoutMs, lmHeadInHost } */
   static load(dir, opts) {
     const out = [null];
     check('ft_model_load', lib().modelLoad(dir, modelParams(opts), out));
@@ -325,7 +326,8 @@ function benchDefaults() {
   return {
     model: d.model, mode: d.mode ?? 'lora', batch: d.batch, seq: d.seq, rank: d.rank, steps: d.steps,
     checkpointing: d.checkpointing !== 0, threads: d.n_threads, device: d.device ?? 'auto',
-    maxDeviceMemoryMiB: Number(d.max_device_memory_mib),
+    maxDeviceMemoryMiB: Number(d.max_device_memory_mib), offloadActivations: d.offload_activations !== 0,
+    lmHeadInHost: d.lm_head_in_host_memory !== 0,
   };
 }
 
@@ -345,6 +347,8 @@ function bench(opts) {
   if (opts.checkpointing != null) p.checkpointing = opts.checkpointing ? 1 : 0;
   if (opts.device != null) p.device = opts.device;
   if (opts.maxDeviceMemoryMiB != null) p.max_device_memory_mib = opts.maxDeviceMemoryMiB;
+  if (opts.offloadActivations != null) p.offload_activations = opts.offloadActivations ? 1 : 0;
+  if (opts.lmHeadInHost != null) p.lm_head_in_host_memory = opts.lmHeadInHost ? 1 : 0;
   const out = [null];
   check('ft_bench', lib().bench(p, out));
   try {

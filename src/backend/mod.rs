@@ -193,6 +193,18 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_lookup_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
         self.upload_frozen(data, rows, cols)
     }
+    /// Uploads the output projection (the LM head, or the embedding table when tied): frozen,
+    /// read by the LM head's products, by [`Backend::embedding`] when tied and by download. A
+    /// backend may keep it in host memory, where [`Backend::prefetch_copy`] brings a copy ahead
+    /// of the training step's LM head.
+    fn upload_output_projection(
+        &self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Tensor> {
+        self.upload_frozen(data, rows, cols)
+    }
     fn upload_ints(&self, data: &[i32]) -> Result<Self::Ints>;
     /// Overwrites the values of `t` with `data` (as many as `t` holds), in place: the buffer
     /// stays where it is, so recorded work reading it sees the new values.
@@ -275,6 +287,14 @@ pub trait Backend: Send + Sync + 'static {
     /// returns it as an ordinary tensor.
     fn settle(&self, t: Self::Tensor) -> Result<Self::Tensor> {
         Ok(t)
+    }
+    /// Starts copying a frozen matrix kept in host memory ([`Backend::upload_output_projection`])
+    /// to the device, beside the work queued after it; [`Backend::settle`] must run before
+    /// anything reads the copy, which is freed when dropped. `None` when `t` is already where
+    /// products read it (always on the CPU).
+    fn prefetch_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
+        let _ = t;
+        Ok(None)
     }
     /// Sets every element of `x` to 0, whatever it held (NaN too, which a product with 0 keeps).
     fn fill_zero(&self, x: &mut Self::Tensor) -> Result<()>;

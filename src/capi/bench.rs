@@ -33,11 +33,17 @@ pub struct ft_bench_params {
     pub device: *const c_char,
     /// A cap on the device memory held, in MiB; 0 means none. GPU only (ignored on the CPU).
     pub max_device_memory_mib: u64,
+    /// Non-zero: keep the saved layer inputs in pinned host memory (GPU only), as
+    /// `ft_train_params.offload_activations`.
+    pub offload_activations: i32,
+    /// Non-zero: keep the LM head in pinned host memory (GPU only), as
+    /// `ft_model_params.lm_head_in_host_memory`.
+    pub lm_head_in_host_memory: i32,
 }
 
 /// Defaults, those of `finetune bench`: model "smollm2-135m", mode "lora", batch 4, seq 256,
 /// rank 16, 3 timed steps, checkpointing on, one thread per core, device "auto" (NULL), no
-/// device-memory cap.
+/// device-memory cap, no offload, the LM head in device memory.
 #[no_mangle]
 pub extern "C" fn ft_bench_default_params() -> ft_bench_params {
     let d = BenchConfig::default();
@@ -55,6 +61,8 @@ pub extern "C" fn ft_bench_default_params() -> ft_bench_params {
         n_threads: m.n_threads,
         device: m.device,
         max_device_memory_mib: m.max_device_memory_mib,
+        offload_activations: d.offload_activations as i32,
+        lm_head_in_host_memory: m.lm_head_in_host_memory,
     }
 }
 
@@ -73,6 +81,7 @@ impl ft_bench_params {
                 BenchMode::Qlora => FT_QUANT_NF4,
             },
             max_device_memory_mib: self.max_device_memory_mib,
+            lm_head_in_host_memory: self.lm_head_in_host_memory,
             ..ft_model_default_params()
         };
         Ok(BenchConfig {
@@ -82,8 +91,8 @@ impl ft_bench_params {
             rank: self.rank as usize,
             steps: self.steps as usize,
             checkpointing: self.checkpointing != 0,
+            offload_activations: self.offload_activations != 0,
             params: model_params.to_rust()?,
-            ..BenchConfig::default()
         })
     }
 }
@@ -91,7 +100,7 @@ impl ft_bench_params {
 /// Builds a model of the named shape with random weights on the device, runs one warm-up and
 /// `steps` timed training steps on random tokens, and sets `*json_out` to the JSON object that
 /// `finetune bench` prints: model, device, mode, ranks, batch, seq, rank, checkpointing,
-/// offload_activations (always false here), steps,
+/// offload_activations, lm_head_in_host, steps,
 /// step_seconds_median, cpu_seconds_median (null where the OS does not report it),
 /// tokens_per_second, first_loss, last_loss, peak_rss_mib (the whole process's peak resident
 /// memory), peak_device_mib, peak_device_set_by (what the allocation that reached the peak was

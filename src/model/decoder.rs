@@ -810,20 +810,25 @@ impl<B: Backend> Decoder<B> {
 
     /// The final norm, LM head and loss of the last layer's output `last`: writes each row's loss
     /// and returns dL/d(last) (see [`LossOutput`]), every other value freed before the layers'
-    /// backward starts.
+    /// backward starts. `head_copy` is the output projection's copy on its way from host memory
+    /// ([`Backend::prefetch_copy`]), if it lives there.
     fn head_forward_backward(
         &self,
         last: B::Tensor,
         batch: &DeviceBatch<B>,
         loss: &mut LossOutput<B>,
+        head_copy: Option<B::Tensor>,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let (eps, offset) = (self.cfg.rms_norm_eps, self.cfg.norm_unit_offset);
         let norm = &self.weights.final_norm;
         let (h, r) = be.rmsnorm(&last, norm, eps, offset)?;
-        let head = self.weights.output_projection();
+        let head_copy = head_copy.map(|t| be.settle(t)).transpose()?;
+        let head = head_copy
+            .as_ref()
+            .unwrap_or_else(|| self.weights.output_projection());
         let dh = be.lm_head_cross_entropy(&h, head, &batch.labels, loss.scale, loss.row_loss)?;
-        drop(h);
+        drop((h, head_copy));
         be.rmsnorm_backward(&dh, &last, norm, &r, offset)
     }
 
@@ -850,8 +855,18 @@ impl<B: Backend> Decoder<B> {
         let mut inputs = Vec::with_capacity(n);
         let mut caches = Vec::with_capacity(if saving.recompute { 0 } else { n });
         let mut checkpoints = Vec::with_capacity(if saving.recompute { n } else { 0 });
+        // An output projection kept in host memory starts coming over with the last quarter
+        // of the layers' forward pass (on its own copy stream, beside the copies out of `stash`):
+        // early enough for the copy to finish behind their compute (~1 GiB on Llama 3, a few
+        // ms a layer), late enough that its device copy adds to the forward pass's smaller
+        // working set only.
+        let head_copy_from = n - n.div_ceil(4);
+        let mut head_copy = None;
         let mut x = self.embed(batch)?;
         for layer in 0..n {
+            if layer == head_copy_from {
+                head_copy = be.prefetch_copy(self.weights.output_projection())?;
+            }
             let attend = self.batch_attention(batch);
             let out = if saving.recompute {
                 let LayerCache {
@@ -895,7 +910,7 @@ impl<B: Backend> Decoder<B> {
             });
             x = out;
         }
-        let mut dx = self.head_forward_backward(x, batch, loss)?;
+        let mut dx = self.head_forward_backward(x, batch, loss, head_copy)?;
         // Each layer's input (and kept attention output) comes back from host memory, when
         // offloaded, while the layer after it runs its backward.
         let fetch = |t: B::Tensor| be.fetch_stashed(t);

@@ -258,6 +258,7 @@ fn upload_tensor<B: Backend>(
         Slot::Embedding if !cfg.tie_word_embeddings => {
             backend.upload_lookup_table(values, rows, cols)
         }
+        Slot::Embedding | Slot::LmHead => backend.upload_output_projection(values, rows, cols),
         _ if frozen => backend.upload_frozen(values, rows, cols),
         _ => backend.upload(values, rows, cols),
     };

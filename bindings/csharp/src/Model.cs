@@ -91,6 +91,7 @@ namespace Finetune
                     throw new ArgumentOutOfRangeException("options", o.CollectiveTimeout,
                         "ModelOptions.CollectiveTimeout must be from zero to " + uint.MaxValue + " ms");
                 p.collective_timeout_ms = (uint)ms;
+                p.lm_head_in_host_memory = o.LmHeadInHost ? 1 : 0;
             }
             return p;
         }

@@ -20,6 +20,7 @@ namespace Finetune
         public uint rank;
         public IntPtr nccl_unique_id;
         public uint collective_timeout_ms;
+        public int lm_head_in_host_memory;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -31,6 +32,8 @@ namespace Finetune
         public uint n_threads;
         public IntPtr device;
         public ulong max_device_memory_mib;
+        public int offload_activations;
+        public int lm_head_in_host_memory;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -80,7 +83,7 @@ namespace Finetune
     {
         public const string LibraryEnv = "FINETUNE_LIB";
         const string LibName = "libfinetune.so";
-        public const uint AbiVersion = 3;
+        public const uint AbiVersion = 4;
         public const int NcclUniqueIdBytes = 128;
 
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate uint AbiVersionFn();

@@ -77,6 +77,9 @@ namespace Finetune
         /// Status.Collective instead of hanging, rounded up to whole milliseconds; zero means 5
         /// minutes.</summary>
         public TimeSpan CollectiveTimeout;
+        /// <summary>Keep the LM head (or, tied, the embedding table serving as one) in pinned host
+        /// memory instead of device memory (GPU only; ignored on the CPU).</summary>
+        public bool LmHeadInHost;
     }
 
     /// <summary>A model's sizes.</summary>

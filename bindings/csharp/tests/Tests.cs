@@ -210,16 +210,23 @@ static class Tests
         Assert(trainer.Handle.IsClosed && model.Handle.IsClosed, "handles closed");
     }
 
-    static void AbiVersionIsThreeAndStructsHaveTheHeadersSizes()
+    static void AbiVersionIsFourAndStructsHaveTheHeadersSizes()
     {
-        Assert(Library.AbiVersion == 3, "AbiVersion 3");
+        Assert(Library.AbiVersion == 4, "AbiVersion 4");
         Assert(!string.IsNullOrEmpty(Library.Version) && !string.IsNullOrEmpty(Library.Path), "library opened");
         // x86-64 sizes of the structs in include/finetune.h.
         var asm = typeof(Model).Assembly;
         int modelParams = Marshal.SizeOf(asm.GetType("Finetune.NativeModelParams", true));
         int benchParams = Marshal.SizeOf(asm.GetType("Finetune.NativeBenchParams", true));
         Assert(modelParams == 48, "ft_model_params is 48 bytes, not " + modelParams);
-        Assert(benchParams == 56, "ft_bench_params is 56 bytes, not " + benchParams);
+        Assert(benchParams == 64, "ft_bench_params is 64 bytes, not " + benchParams);
+        // The fields added last sit where the header puts them (ft_model_params's in its tail padding).
+        int lmHead = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeModelParams", true), "lm_head_in_host_memory");
+        Assert(lmHead == 44, "ft_model_params.lm_head_in_host_memory at 44, not " + lmHead);
+        int benchOffload = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeBenchParams", true), "offload_activations");
+        int benchLmHead = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeBenchParams", true), "lm_head_in_host_memory");
+        Assert(benchOffload == 56 && benchLmHead == 60,
+            "ft_bench_params.offload_activations at 56 and lm_head_in_host_memory at 60, not " + benchOffload + " and " + benchLmHead);
         int trainParams = Marshal.SizeOf(asm.GetType("Finetune.NativeTrainParams", true));
         Assert(trainParams == 72, "ft_train_params is 72 bytes, not " + trainParams);
     }
@@ -238,7 +245,7 @@ static class Tests
             cc.WaitForExit();
             Assert(cc.ExitCode == 0, "cc built the stand-in library");
             string output = RunLoadOnly(lib);
-            Assert(output.Contains("has C ABI version 2, this binding needs 3"), output);
+            Assert(output.Contains("has C ABI version 2, this binding needs 4"), output);
         }
         finally { Directory.Delete(dir, true); }
     }
@@ -325,6 +332,40 @@ static class Tests
         catch (FinetuneException e) { Assert(e.Status == Status.InvalidArgument && e.Message.Contains("no-such-shape"), e.Message); }
     }
 
+    // GPU only: on the CPU the flag is read and ignored, and the model trains as usual.
+    static void LmHeadInHostIsAcceptedOnTheCpu()
+    {
+        using (var model = Model.Random("tiny", 1, new ModelOptions { Device = "cpu", Threads = 1, LmHeadInHost = true }))
+        using (var trainer = TinyTrainer(model))
+        {
+            var b = CountBatch(12);
+            float before = trainer.EvalLoss(b);
+            trainer.Train(new[] { b }, 8);
+            Assert(trainer.EvalLoss(b) < before, "loss fell");
+            Assert(model.Generate(new[] { 3, 4, 5 }, 4).Length == 4, "4 tokens generated");
+        }
+    }
+
+    static bool JsonFlag(string json, string key)
+    {
+        var m = Regex.Match(json, "\"" + key + "\"\\s*:\\s*(true|false)");
+        Assert(m.Success, key + " in " + json);
+        return m.Groups[1].Value == "true";
+    }
+
+    static void BenchPassesTheOffloadOptions()
+    {
+        var d = Library.DefaultBenchOptions();
+        Assert(d.OffloadActivations == false && d.LmHeadInHost == false, "offload defaults off");
+        var o = new BenchOptions { Model = "tiny", Device = "cpu", Threads = 1, Batch = 1, Seq = 16, Steps = 1 };
+        string plain = Library.Bench(o);
+        Assert(!JsonFlag(plain, "offload_activations") && !JsonFlag(plain, "lm_head_in_host"), plain);
+        o.OffloadActivations = true;
+        o.LmHeadInHost = true;
+        string json = Library.Bench(o);
+        Assert(JsonFlag(json, "offload_activations") && JsonFlag(json, "lm_head_in_host"), json);
+    }
+
     static string RunLoadOnly(string lib)
     {
         string exe = typeof(Tests).Assembly.Location;
@@ -372,11 +413,13 @@ static class Tests
             new KeyValuePair<string, Action>("TrainingDoesNotBlockTheCaller", TrainingDoesNotBlockTheCaller),
             new KeyValuePair<string, Action>("DisposeIsIdempotentAndUseAfterDisposeThrows", DisposeIsIdempotentAndUseAfterDisposeThrows),
             new KeyValuePair<string, Action>("MissingLibraryNamesEveryPlaceLooked", MissingLibraryNamesEveryPlaceLooked),
-            new KeyValuePair<string, Action>("AbiVersionIsThreeAndStructsHaveTheHeadersSizes", AbiVersionIsThreeAndStructsHaveTheHeadersSizes),
+            new KeyValuePair<string, Action>("AbiVersionIsFourAndStructsHaveTheHeadersSizes", AbiVersionIsFourAndStructsHaveTheHeadersSizes),
             new KeyValuePair<string, Action>("OtherAbiVersionIsRefused", OtherAbiVersionIsRefused),
             new KeyValuePair<string, Action>("ProcessGroupOptionsAreChecked", ProcessGroupOptionsAreChecked),
             new KeyValuePair<string, Action>("NcclUniqueIdIs128BytesOrAnErrorNamingNccl", NcclUniqueIdIs128BytesOrAnErrorNamingNccl),
             new KeyValuePair<string, Action>("BenchRunsTheTinyShapeOnTheCpu", BenchRunsTheTinyShapeOnTheCpu),
+            new KeyValuePair<string, Action>("LmHeadInHostIsAcceptedOnTheCpu", LmHeadInHostIsAcceptedOnTheCpu),
+            new KeyValuePair<string, Action>("BenchPassesTheOffloadOptions", BenchPassesTheOffloadOptions),
         };
         int passed = 0, failed = 0;
         foreach (var t in tests)

@@ -144,15 +144,19 @@ test('a missing library names every place looked', () => {
   assert.match(bad, /FINETUNE_LIB=\/nonexistent\/libfinetune.so/);
 });
 
-test('the ABI version is 3 and the structs have the header\'s sizes', () => {
-  assert.strictEqual(ft.ABI_VERSION, 3);
+test('the ABI version is 4 and the structs have the header\'s sizes', () => {
+  assert.strictEqual(ft.ABI_VERSION, 4);
   ft.loadLibrary();
   const ffi = require('../lib/ffi');
-  assert.strictEqual(ffi.load().abiVersion(), 3);
+  assert.strictEqual(ffi.load().abiVersion(), 4);
   // x86-64 sizes of the structs in include/finetune.h.
   assert.strictEqual(ffi.koffi.sizeof(ffi.ModelParams), 48);
-  assert.strictEqual(ffi.koffi.sizeof(ffi.BenchParams), 56);
+  assert.strictEqual(ffi.koffi.sizeof(ffi.BenchParams), 64);
   assert.strictEqual(ffi.koffi.sizeof(ffi.TrainParams), 72);
+  // The fields added last sit where the header puts them (ft_model_params's in its tail padding).
+  assert.strictEqual(ffi.koffi.offsetof(ffi.ModelParams, 'lm_head_in_host_memory'), 44);
+  assert.strictEqual(ffi.koffi.offsetof(ffi.BenchParams, 'offload_activations'), 56);
+  assert.strictEqual(ffi.koffi.offsetof(ffi.BenchParams, 'lm_head_in_host_memory'), 60);
 });
 
 test('a library of another ABI version is refused with both versions named', (t) => {
@@ -171,7 +175,7 @@ test('a library of another ABI version is refused with both versions named', (t)
     const out = execFileSync(process.execPath, ['-e', script], {
       cwd: path.join(__dirname, '..'), env: { ...process.env, FINETUNE_LIB: lib },
     }).toString();
-    assert.ok(out.includes('has C ABI version 2, this package needs 3'), out);
+    assert.ok(out.includes('has C ABI version 2, this package needs 4'), out);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -233,4 +237,31 @@ test('bench runs the tiny shape on the CPU and returns the JSON of finetune benc
   assert.throws(() => ft.bench({ model: 'no-such-shape', device: 'cpu' }),
     (e) => e instanceof ft.FinetuneError && e.code === 'FT_ERR_INVALID_ARGUMENT' && /no-such-shape/.test(e.message));
   assert.throws(() => ft.bench({ model: 'tiny', device: 'cpu', steps: 0 }), (e) => e.code === 'FT_ERR_INVALID_ARGUMENT');
+});
+
+test('lmHeadInHost is accepted on the CPU, where it is ignored', async () => {
+  const model = ft.Model.random('tiny', 1, { device: 'cpu', threads: 1, lmHeadInHost: true });
+  const trainer = ft.Trainer.create(model, { train: { learningRate: 1e-2 } });
+  try {
+    const before = trainer.evalLoss(batch);
+    await trainer.train([batch], { steps: 8 });
+    assert.ok(trainer.evalLoss(batch) < before, 'loss fell');
+    assert.strictEqual(model.generate(ids.slice(0, 3), { maxNewTokens: 4 }).length, 4);
+  } finally {
+    trainer.close();
+    model.close();
+  }
+});
+
+test('bench passes offloadActivations and lmHeadInHost', () => {
+  const d = ft.benchDefaults();
+  assert.strictEqual(d.offloadActivations, false);
+  assert.strictEqual(d.lmHeadInHost, false);
+  const opts = { model: 'tiny', device: 'cpu', threads: 1, batch: 1, seq: 16, steps: 1 };
+  const plain = JSON.parse(ft.bench(opts));
+  assert.strictEqual(plain.offload_activations, false);
+  assert.strictEqual(plain.lm_head_in_host, false);
+  const r = JSON.parse(ft.bench({ ...opts, offloadActivations: true, lmHeadInHost: true }));
+  assert.strictEqual(r.offload_activations, true);
+  assert.strictEqual(r.lm_head_in_host, true);
 });

@@ -30,6 +30,21 @@ pub struct Operand {
     pub dtype: Dtype,
     pub rows: usize,
     pub cols: usize,
+    /// Elements from the start of one row to the next (at least `cols`).
+    pub pitch: usize,
+}
+
+impl Operand {
+    /// A matrix whose rows follow each other with no gap.
+    pub fn dense(ptr: u64, dtype: Dtype, rows: usize, cols: usize) -> Self {
+        Operand {
+            ptr,
+            dtype,
+            rows,
+            cols,
+            pitch: cols,
+        }
+    }
 }
 
 fn data_type(d: Dtype) -> Result<sys::cudaDataType> {
@@ -42,8 +57,10 @@ fn data_type(d: Dtype) -> Result<sys::cudaDataType> {
         Dtype::HostBf16 => Err(Error::InvalidArgument(
             "matmul: a lookup table in host memory is read only by embedding".into(),
         )),
-        Dtype::Offloaded => Err(Error::InvalidArgument(
-            "matmul: an offloaded activation must be settled back on the device first".into(),
+        Dtype::Offloaded | Dtype::Arriving => Err(Error::InvalidArgument(
+            "matmul: an offloaded activation or a table's copy on its way must be settled on the \
+             device first"
+                .into(),
         )),
     }
 }
@@ -70,6 +87,8 @@ struct Product {
     tf32: bool,
     /// Alignment in bytes of A, B and C (C is also the output D).
     align: [u32; 3],
+    /// Leading dimensions (elements between columns) of A, B and C.
+    ld: [u64; 3],
 }
 
 /// A planned product: its descriptors and the algorithm chosen for it.
@@ -119,7 +138,7 @@ impl Plan {
         .into_iter()
         .enumerate()
         {
-            plan.layouts[i] = lt::create_matrix_layout(ty, rows, cols, rows.max(1) as i64)
+            plan.layouts[i] = lt::create_matrix_layout(ty, rows, cols, p.ld[i].max(1) as i64)
                 .map_err(blas_error(what()))?;
         }
         for (attr, t) in [
@@ -275,10 +294,17 @@ impl Blas {
         } else {
             (b.rows, b.cols)
         };
-        if k != kb || (c.rows, c.cols) != (m, n) || a.dtype != b.dtype || c.dtype != Dtype::F32 {
+        let pitched = [a, b, c].iter().all(|o| o.pitch >= o.cols);
+        if k != kb
+            || (c.rows, c.cols) != (m, n)
+            || a.dtype != b.dtype
+            || c.dtype != Dtype::F32
+            || !pitched
+        {
             return Err(Error::InvalidArgument(format!(
-                "matmul: op(a) [{m}, {k}] ({:?}), op(b) [{kb}, {n}] ({:?}), c [{}, {}] ({:?})",
-                a.dtype, b.dtype, c.rows, c.cols, c.dtype
+                "matmul: op(a) [{m}, {k}] ({:?}), op(b) [{kb}, {n}] ({:?}), c [{}, {}] ({:?}); \
+                 row pitches {}, {}, {}",
+                a.dtype, b.dtype, c.rows, c.cols, c.dtype, a.pitch, b.pitch, c.pitch
             )));
         }
         let bf16 = data_type(a.dtype)? == sys::cudaDataType::CUDA_R_16BF;
@@ -295,6 +321,8 @@ impl Blas {
             bf16,
             tf32: tf32 && !bf16,
             align: [alignment(b.ptr), alignment(a.ptr), alignment(c.ptr)],
+            // A row-major matrix with row pitch p is column-major with leading dimension p.
+            ld: [b.pitch as u64, a.pitch as u64, c.pitch as u64],
         };
         let mut plans = self.plans.lock().expect("no panic holds it");
         let plan = match plans.entry(product) {

@@ -1,16 +1,19 @@
-//! A frozen lookup table in pinned host memory mapped into the GPU's address space: kernels read
-//! the rows they look up straight over the bus, so the table costs no device memory and a step
+//! A frozen table in pinned host memory mapped into the GPU's address space: kernels read the
+//! rows they look up straight over the bus, so the table costs no device memory and a step
 //! needs no host-side gather (the embedding kernel reads `table[ids[t]]` itself, which also lets
-//! a recorded step replay with other ids).
+//! a recorded step replay with other ids); products read a device copy made for the step.
 
 use super::device::{driver_error, Gpu};
 use crate::error::{Error, Result};
-use cudarc::driver::{sys, PinnedHostSlice};
+use cudarc::driver::{sys, CudaStream, PinnedHostSlice};
 
 /// bf16 bits in pinned, device-mapped host memory.
 #[derive(Debug)]
 pub struct HostTable {
     values: PinnedHostSlice<u16>,
+    /// The host address of the values, read once: cudarc's accessors wait for the buffer's last
+    /// copy, which is not allowed while a stream is being captured.
+    host_addr: usize,
     /// The address kernels read the values at.
     device_ptr: u64,
 }
@@ -35,6 +38,7 @@ impl HostTable {
             .as_mut_slice()
             .map_err(driver_error("writing a lookup table"))?;
         host.copy_from_slice(bits);
+        let host_addr = host.as_ptr() as usize;
         let mut device_ptr = 0;
         // SAFETY: `host` is a live allocation made with CU_MEMHOSTALLOC_DEVICEMAP in this
         // context; the call only writes `device_ptr`.
@@ -45,7 +49,27 @@ impl HostTable {
                     "mapping a lookup table into the GPU's address space",
                 ))?;
         }
-        Ok(HostTable { values, device_ptr })
+        Ok(HostTable {
+            values,
+            host_addr,
+            device_ptr,
+        })
+    }
+
+    /// Queues a copy of the whole table to device address `dst` on `stream` (a plain driver
+    /// copy, which a recording may hold).
+    ///
+    /// # Safety
+    /// `dst` must be a device allocation of at least the table's bytes that lives until the copy
+    /// has finished, and the table must outlive the copy (and every replay of a recording that
+    /// holds it).
+    pub unsafe fn copy_to_device(&self, dst: u64, stream: &CudaStream) -> sys::CUresult {
+        sys::cuMemcpyHtoDAsync_v2(
+            dst,
+            self.host_addr as *const _,
+            self.values.num_bytes(),
+            stream.cu_stream(),
+        )
     }
 
     /// The address kernels read the values at.

@@ -69,6 +69,9 @@ pub struct CudaBackend {
     f32_products: F32Products,
     /// The copies of offloaded activations (offload.rs).
     offload: Offload,
+    /// Whether the output projection (the LM head, or the tied embedding table) is kept in
+    /// pinned host memory and copied to the device for the products that read it.
+    output_projection_in_host: bool,
 }
 
 /// The arithmetic of products of two f32 matrices, and whether activations are rounded once
@@ -114,6 +117,7 @@ fn storage_name(s: &Storage) -> &'static str {
         Storage::Nf4(_) => "NF4",
         Storage::Host(_) => "host-resident",
         Storage::Offloaded(_) => "offloaded",
+        Storage::Arriving(_) => "arriving",
     }
 }
 
@@ -207,12 +211,22 @@ impl CudaBackend {
             profiler: Profiler::from_env(),
             f32_products: F32Products::Tf32,
             offload,
+            output_projection_in_host: false,
         })
     }
 
     /// Chooses how products of two f32 matrices run (TF32 unless set otherwise).
     pub fn set_f32_products(&mut self, p: F32Products) {
         self.f32_products = p;
+    }
+
+    /// Keeps the output projection (the LM head, or the tied embedding table) that later
+    /// [`Backend::upload_output_projection`] calls store in pinned host memory instead of device
+    /// memory (1 GiB less on Llama 3): a training step copies it to the device during the last
+    /// layers' forward pass and frees the copy after the loss; other products that read it
+    /// (evaluation, generation) copy it for each product.
+    pub fn set_output_projection_in_host(&mut self, in_host: bool) {
+        self.output_projection_in_host = in_host;
     }
 
     /// The device, its stream and its memory account.
@@ -354,9 +368,9 @@ impl CudaBackend {
                  embedding reads it"
                     .into(),
             )),
-            Storage::Offloaded(_) => Err(Error::InvalidArgument(
-                "an offloaded activation was passed where a device tensor is needed; settle it \
-                 first"
+            Storage::Offloaded(_) | Storage::Arriving(_) => Err(Error::InvalidArgument(
+                "an offloaded activation or a table's copy on its way was passed where a device \
+                 tensor is needed; settle it first"
                     .into(),
             )),
         }
@@ -492,6 +506,19 @@ impl CudaBackend {
                 staged._nf4_scratch = Some(scratch);
                 (ptr, Dtype::Bf16)
             }
+            (Storage::Host(table), _) => {
+                let copy = self
+                    .gpu
+                    .alloc::<u16>(t.elements(), "a host table's copy on the device")?;
+                let ptr = self.buffer_ptr(&copy);
+                // SAFETY: `copy` holds the table's bytes and lives until the product reading it
+                // is queued behind the copy on the same stream.
+                unsafe { table.copy_to_device(ptr, self.gpu.stream()) }
+                    .result()
+                    .map_err(driver_error("copying a host table to the device"))?;
+                staged._bf16_copy = Some(copy);
+                (ptr, Dtype::Bf16)
+            }
             (Storage::F32(_), true) => {
                 let copy = self.cast_to_bf16(self.ptr(t)?, t.elements())?;
                 let ptr = self.buffer_ptr(&copy);
@@ -500,13 +527,7 @@ impl CudaBackend {
             }
             _ => (self.ptr(t)?, t.dtype()),
         };
-        let op = Operand {
-            ptr,
-            dtype,
-            rows: t.rows,
-            cols: t.cols,
-        };
-        Ok((op, staged))
+        Ok((Operand::dense(ptr, dtype, t.rows, t.cols), staged))
     }
 
     /// A device copy of `b`.
@@ -658,6 +679,18 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn upload_output_projection(
+        &self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaTensor> {
+        match self.output_projection_in_host {
+            true => self.upload_lookup_table(data, rows, cols),
+            false => self.upload_frozen(data, rows, cols),
+        }
+    }
+
     fn upload_frozen_nf4(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         self.quantize_nf4(data, rows, cols)
     }
@@ -719,6 +752,9 @@ impl Backend for CudaBackend {
                     "downloading an offloaded activation that was handed back".into(),
                 )),
             },
+            Storage::Arriving(_) => Err(Error::InvalidArgument(
+                "downloading a table's copy on its way: settle it first".into(),
+            )),
         }
     }
 
@@ -739,6 +775,15 @@ impl Backend for CudaBackend {
         self.offload.settle(&self.gpu, t)
     }
 
+    fn prefetch_copy(&self, t: &CudaTensor) -> Result<Option<CudaTensor>> {
+        match &t.storage {
+            Storage::Host(table) => Ok(Some(
+                self.offload.fetch_table(&self.gpu, table, t.rows, t.cols)?,
+            )),
+            _ => Ok(None),
+        }
+    }
+
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         Ok(CudaTensor {
             rows,
@@ -757,9 +802,11 @@ impl Backend for CudaBackend {
             Storage::Bf16(b) => Storage::Bf16(self.copy_buffer(b, "a weight copy")?),
             Storage::Nf4(s) => Storage::Nf4(Box::new(self.duplicate_nf4(s)?)),
             Storage::Host(table) => Storage::Host(HostTable::new(&self.gpu, table.bits()?)?),
-            Storage::Offloaded(_) => {
+            Storage::Offloaded(_) | Storage::Arriving(_) => {
                 return Err(Error::InvalidArgument(
-                    "duplicate: an offloaded activation must be settled first".into(),
+                    "duplicate: an offloaded activation or a table's copy on its way must be \
+                     settled first"
+                        .into(),
                 ))
             }
         };
@@ -1389,14 +1436,11 @@ impl Backend for CudaBackend {
         let skip_unlabelled = !self.gpu.records_here();
         let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab.max(1))).clamp(1, h.rows.max(1));
         let logits = self.gpu.alloc::<f32>(chunk * vocab, "a chunk of logits")?;
-        let bf16 = w.dtype() == Dtype::Bf16;
-        let dlogits_bf16 = if bf16 {
-            Some(self.gpu.alloc::<u16>(chunk * vocab, "a chunk of logits")?)
-        } else {
-            None
-        };
-        let (h_all, _h_tmp) = self.operand(h, bf16)?;
+        // A bf16 weight (or a host table's bf16 copy) makes bf16 products; their gradient
+        // operand is then written in bf16 over the logits (`cross_entropy_rows_bf16`).
         let (wo, _w_tmp) = self.operand(w, false)?;
+        let bf16 = wo.dtype == Dtype::Bf16;
+        let (h_all, _h_tmp) = self.operand(h, bf16)?;
         let elem = if bf16 { 2 } else { 4 };
         let logits_ptr = self.buffer_ptr(&logits);
         for start in (0..h.rows).step_by(chunk) {
@@ -1413,15 +1457,10 @@ impl Backend for CudaBackend {
                 rows,
                 ..h_all
             };
-            let z = Operand {
-                ptr: logits_ptr,
-                dtype: Dtype::F32,
-                rows,
-                cols: vocab,
-            };
+            let z = Operand::dense(logits_ptr, Dtype::F32, rows, vocab);
             // z = h·Wᵀ
             self.gemm("lm_head_logits", h_rows, false, wo, true, 1.0, 0.0, z)?;
-            // z ← (softmax(z) − onehot(label)) / normalizer; loss += Σ_rows lse − z[label]
+            // dz = (softmax(z) − onehot(label))·scale over z; row_loss = lse − z[label]
             let args = [
                 Arg::Ptr(logits_ptr),
                 Arg::Ptr(self.buffer_ptr(&labels.device) + (start * 4) as u64),
@@ -1430,26 +1469,22 @@ impl Backend for CudaBackend {
                 scale_ptr,
                 Arg::Ptr(row_loss_ptr + (start * 4) as u64),
             ];
-            self.run("loss", "cross_entropy_rows", Shape::per_row(rows), &args)?;
-            let dz = match &dlogits_bf16 {
-                Some(b) => {
-                    let ptr = self.buffer_ptr(b);
-                    self.cast_f32_bf16(logits_ptr, ptr, rows * vocab)?;
+            let (kernel, dz) = match bf16 {
+                // Each row's bf16 gradient in the first half of its own bytes.
+                true => (
+                    "cross_entropy_rows_bf16",
                     Operand {
-                        ptr,
                         dtype: Dtype::Bf16,
+                        pitch: 2 * vocab,
                         ..z
-                    }
-                }
-                None => z,
+                    },
+                ),
+                false => ("cross_entropy_rows", z),
             };
+            self.run("loss", kernel, Shape::per_row(rows), &args)?;
             // dh = dz·W
-            let dh_rows = Operand {
-                ptr: self.ptr(&dh)? + (start * h.cols * 4) as u64,
-                dtype: Dtype::F32,
-                rows,
-                cols: h.cols,
-            };
+            let dh_ptr = self.ptr(&dh)? + (start * h.cols * 4) as u64;
+            let dh_rows = Operand::dense(dh_ptr, Dtype::F32, rows, h.cols);
             self.gemm("lm_head_dh", dz, false, wo, false, 1.0, 0.0, dh_rows)?;
         }
         Ok(dh)

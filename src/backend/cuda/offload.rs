@@ -9,7 +9,8 @@
 //! ([`Offload::end_recording`]), as its replays copy to and from the same host addresses.
 
 use super::device::{driver_error, DeviceBuffer, Gpu};
-use super::tensor::{CudaTensor, Offloaded, Storage};
+use super::host_table::HostTable;
+use super::tensor::{Arrival, CudaTensor, Offloaded, Storage};
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaEvent, CudaStream, DevicePtr, DriverError, PinnedHostSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,11 +31,41 @@ pub type HostBuffers = Arc<Mutex<Vec<HostBuffer>>>;
 /// Device buffers being copied out, each with the event marking its copy's end.
 type Leaving = Mutex<Vec<(CudaEvent, DeviceBuffer<f32>)>>;
 
+/// A copy stream for unrecorded work and one for the thread recording (`Gpu::records_here`).
+struct CopyStreams {
+    queued: Arc<CudaStream>,
+    recording: Arc<CudaStream>,
+}
+
+impl CopyStreams {
+    fn new(gpu: &Gpu) -> Result<Self> {
+        let new_stream = || {
+            gpu.ctx
+                .new_stream()
+                .map_err(driver_error("creating a copy stream"))
+        };
+        Ok(CopyStreams {
+            queued: new_stream()?,
+            recording: new_stream()?,
+        })
+    }
+
+    /// The copy stream of this thread's work.
+    fn of_thread(&self, gpu: &Gpu) -> &Arc<CudaStream> {
+        match gpu.records_here() {
+            true => &self.recording,
+            false => &self.queued,
+        }
+    }
+}
+
 /// The copy streams and the buffers they move.
 pub(super) struct Offload {
-    stream: Arc<CudaStream>,
-    /// The copy stream of the thread recording (`Gpu::records_here`).
-    recording_stream: Arc<CudaStream>,
+    /// Copies of activations, out and back.
+    activations: CopyStreams,
+    /// Copies of host tables to the device, on streams of their own: they run beside the copies
+    /// out of the forward pass (the bus carries both directions at once).
+    tables: CopyStreams,
     /// Pinned buffers no tensor holds, kept for the next step: allocating pinned memory is slow.
     spare: HostBuffers,
     /// The pinned buffers the pass being recorded used, for the recording to keep.
@@ -48,27 +79,14 @@ pub(super) struct Offload {
 
 impl Offload {
     pub(super) fn new(gpu: &Gpu) -> Result<Self> {
-        let new_stream = || {
-            gpu.ctx
-                .new_stream()
-                .map_err(driver_error("creating an offload stream"))
-        };
         Ok(Offload {
-            stream: new_stream()?,
-            recording_stream: new_stream()?,
+            activations: CopyStreams::new(gpu)?,
+            tables: CopyStreams::new(gpu)?,
             spare: HostBuffers::default(),
             recorded: HostBuffers::default(),
             short: AtomicBool::new(false),
             leaving: Default::default(),
         })
-    }
-
-    /// The copy stream of this thread's work.
-    fn copy_stream(&self, gpu: &Gpu) -> &Arc<CudaStream> {
-        match gpu.records_here() {
-            true => &self.recording_stream,
-            false => &self.stream,
-        }
     }
 
     /// The device buffers this thread's copies out are freeing.
@@ -88,7 +106,8 @@ impl Offload {
     /// Waits on the host until the unrecorded copies queued so far have finished: a recording
     /// about to be captured may take their pinned buffers, and its copies wait for nothing.
     pub(super) fn finish_copies(&self) -> Result<()> {
-        self.stream
+        self.activations
+            .queued
             .synchronize()
             .map_err(driver_error("finishing the offload copies"))
     }
@@ -181,6 +200,7 @@ impl Offload {
         let (addr, bytes) = (host.addr, host.values.num_bytes());
         let done = self.copy(
             gpu,
+            &self.activations,
             "copying an activation to host memory",
             // SAFETY: both ranges hold the buffer's values and outlive the copy: the device
             // buffer is freed behind it (`release_copied`), the host one belongs to the
@@ -205,7 +225,6 @@ impl Offload {
             storage: Storage::Offloaded(Box::new(Offloaded {
                 host: Some(host),
                 arriving: None,
-                compute: gpu.stream().clone(),
                 home: self.home(gpu).clone(),
             })),
         })
@@ -227,6 +246,7 @@ impl Offload {
         let dst = buf.slice.device_ptr(gpu.stream()).0;
         let ready = self.copy(
             gpu,
+            &self.activations,
             "copying an activation back",
             // SAFETY: as in `stash`; the device buffer is freed only after the compute stream
             // has waited for `ready`.
@@ -240,8 +260,39 @@ impl Offload {
             },
             |s| s.memcpy_htod(&host.values, &mut *buf.slice),
         )?;
-        o.arriving = Some((buf, ready));
+        o.arriving = Some(Arrival::new(buf, ready, gpu.stream().clone()));
         Ok(())
+    }
+
+    /// Starts copying a host table to a fresh device buffer (bf16, `rows x cols`); the copy
+    /// overlaps the work queued after it until [`Offload::settle`].
+    pub(super) fn fetch_table(
+        &self,
+        gpu: &Gpu,
+        table: &HostTable,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaTensor> {
+        // The copy is ordered after the allocation, which is ordered on the compute stream.
+        let buf = gpu.alloc::<u16>(rows * cols, "a host table's copy on the device")?;
+        let dst = buf.slice.device_ptr(gpu.stream()).0;
+        // SAFETY: `buf` is freed only after the compute stream has waited for the copy
+        // (`Arrival`); the table is read-only and outlives the work and the recordings that read
+        // it (the model's weights outlive its steps), so the plain driver copy serves both kinds
+        // of work.
+        let copy = |s: &Arc<CudaStream>| unsafe { table.copy_to_device(dst, s) };
+        let ready = self.copy(
+            gpu,
+            &self.tables,
+            "copying a host table to the device",
+            copy,
+            |s| copy(s).result(),
+        )?;
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::Arriving(Arrival::new(buf, ready, gpu.stream().clone())),
+        })
     }
 
     /// Queues a copy on this thread's copy stream behind the work queued on its compute stream
@@ -252,11 +303,12 @@ impl Offload {
     fn copy(
         &self,
         gpu: &Gpu,
+        streams: &CopyStreams,
         what: &'static str,
         recorded: impl FnOnce(&Arc<CudaStream>) -> sys::CUresult,
         queued: impl FnOnce(&Arc<CudaStream>) -> std::result::Result<(), DriverError>,
     ) -> Result<CudaEvent> {
-        let stream = self.copy_stream(gpu);
+        let stream = streams.of_thread(gpu);
         let order = || driver_error("ordering an offload copy");
         stream.join(gpu.stream()).map_err(order())?;
         match gpu.records_here() {
@@ -267,8 +319,8 @@ impl Offload {
         stream.record_event(None).map_err(order())
     }
 
-    /// Makes the compute stream wait for a fetched tensor and returns it as a device tensor
-    /// (fetching it first if that was not started).
+    /// Makes the compute stream wait for a fetched tensor (fetching it first if that was not
+    /// started) or a host table's copy, and returns it as a device tensor.
     pub(super) fn settle(&self, gpu: &Gpu, mut t: CudaTensor) -> Result<CudaTensor> {
         self.fetch(gpu, &mut t)?;
         let CudaTensor {
@@ -276,23 +328,19 @@ impl Offload {
             cols,
             storage,
         } = t;
-        let Storage::Offloaded(mut o) = storage else {
-            return Ok(CudaTensor {
-                rows,
-                cols,
-                storage,
-            });
+        let storage = match storage {
+            Storage::Offloaded(mut o) => {
+                let arrival = o.arriving.take().expect("fetched above");
+                // The pinned buffer goes home as `o` drops.
+                Storage::F32(arrival.settle()?)
+            }
+            Storage::Arriving(arrival) => Storage::Bf16(arrival.settle()?),
+            other => other,
         };
-        let (buf, ready) = o.arriving.take().expect("fetched above");
-        gpu.stream()
-            .wait(&ready)
-            .map_err(driver_error("waiting for a fetch"))?;
-        // The pinned buffer goes home as `o` drops.
-        drop(o);
         Ok(CudaTensor {
             rows,
             cols,
-            storage: Storage::F32(buf),
+            storage,
         })
     }
 }

@@ -1,10 +1,12 @@
 //! Device tensors: row-major matrices in f32 (activations, adapters, optimizer state), bf16
-//! (frozen base matrices) or NF4 (frozen projection matrices for QLoRA), a bf16 lookup table kept
-//! in host memory, and integer vectors with a host copy for validation.
+//! (frozen base matrices) or NF4 (frozen projection matrices for QLoRA), bf16 tables kept in host
+//! memory (and their copies on the way to the device), and integer vectors with a host copy for
+//! validation.
 
-use super::device::DeviceBuffer;
+use super::device::{driver_error, DeviceBuffer};
 use super::host_table::HostTable;
 use super::offload::{HostBuffer, HostBuffers};
+use crate::error::Result;
 use cudarc::driver::{CudaEvent, CudaStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +24,9 @@ pub enum Dtype {
     /// f32 values moved to pinned host memory (an offloaded activation: only the backend's
     /// `fetch_stashed` and `settle` read it).
     Offloaded,
+    /// A bf16 copy of a host table being written on the device (`prefetch_copy`): only `settle`
+    /// reads it.
+    Arriving,
 }
 
 #[derive(Debug)]
@@ -29,11 +34,51 @@ pub enum Storage {
     F32(DeviceBuffer<f32>),
     Bf16(DeviceBuffer<u16>),
     Nf4(Box<Nf4Storage>),
-    /// A frozen lookup table kept in pinned host memory as bf16 bits, read by the embedding
-    /// kernel over the bus (an untied embedding table: 1 GiB of device memory saved on Llama 3).
+    /// A frozen table kept in pinned host memory as bf16 bits: read by the embedding kernel over
+    /// the bus, copied to the device for products (an untied embedding table, or the output
+    /// projection when the backend keeps it in host memory: 1 GiB of device memory each on
+    /// Llama 3).
     Host(HostTable),
     /// An f32 tensor moved to pinned host memory by `Backend::stash` (offload.rs).
     Offloaded(Box<Offloaded>),
+    /// A host table's bf16 copy on its way to the device (`Backend::prefetch_copy`).
+    Arriving(Arrival<u16>),
+}
+
+/// A device buffer being written by a copy on another stream. Dropped unread, it is freed only
+/// after the copy: the compute stream waits for the copy's end first.
+#[derive(Debug)]
+pub struct Arrival<T> {
+    /// The buffer and the event marking the copy's end (taken by `settle`).
+    copy: Option<(DeviceBuffer<T>, CudaEvent)>,
+    /// The compute stream, which frees the buffer.
+    compute: Arc<CudaStream>,
+}
+
+impl<T> Arrival<T> {
+    pub fn new(buffer: DeviceBuffer<T>, ready: CudaEvent, compute: Arc<CudaStream>) -> Self {
+        Arrival {
+            copy: Some((buffer, ready)),
+            compute,
+        }
+    }
+
+    /// Makes the compute stream wait for the copy and returns the buffer.
+    pub fn settle(mut self) -> Result<DeviceBuffer<T>> {
+        let (buffer, ready) = self.copy.take().expect("taken only here");
+        self.compute
+            .wait(&ready)
+            .map_err(driver_error("waiting for a copy to the device"))?;
+        Ok(buffer)
+    }
+}
+
+impl<T> Drop for Arrival<T> {
+    fn drop(&mut self) {
+        if let Some((_, ready)) = &self.copy {
+            let _ = self.compute.wait(ready);
+        }
+    }
 }
 
 /// An f32 tensor in pinned host memory, or on its way back to the device.
@@ -41,20 +86,14 @@ pub enum Storage {
 pub struct Offloaded {
     /// The values.
     pub host: Option<HostBuffer>,
-    /// While coming back: the device buffer being written and the event marking the copy's end.
-    pub arriving: Option<(DeviceBuffer<f32>, CudaEvent)>,
-    /// The compute stream, which frees `arriving`'s buffer.
-    pub compute: Arc<CudaStream>,
+    /// While coming back: the device buffer being written.
+    pub arriving: Option<Arrival<f32>>,
     /// Where `host` goes when this is dropped (offload.rs): kept for reuse, never freed here.
     pub home: HostBuffers,
 }
 
 impl Drop for Offloaded {
     fn drop(&mut self) {
-        // The buffer is freed on the compute stream: not before the copy into it has finished.
-        if let Some((_, ready)) = &self.arriving {
-            let _ = self.compute.wait(ready);
-        }
         // A reuse waits for the copies that read it: cudarc's copies wait for the buffer's own
         // event; a recording is captured after the earlier copies finished
         // (`Offload::finish_copies`).
@@ -126,6 +165,7 @@ impl CudaTensor {
             Storage::Nf4(_) => Dtype::Nf4,
             Storage::Host(_) => Dtype::HostBf16,
             Storage::Offloaded(_) => Dtype::Offloaded,
+            Storage::Arriving(_) => Dtype::Arriving,
         }
     }
 }

@@ -58,6 +58,10 @@ enum Command {
         /// Keep the saved layer inputs in pinned host memory (GPU only).
         #[arg(long)]
         offload: bool,
+        /// Keep the LM head in pinned host memory, copied to the device for each step's loss
+        /// (GPU only).
+        #[arg(long)]
+        lm_head_in_host: bool,
         /// lora (frozen weights in the device's own format) or qlora (frozen projection
         /// matrices quantized to NF4 at load).
         #[arg(long, default_value = "lora")]
@@ -198,6 +202,7 @@ fn execute(command: Command) -> finetune::Result<()> {
             device,
             no_checkpointing,
             offload,
+            lm_head_in_host,
             mode,
             max_memory_mib,
             longest_seq_below,
@@ -208,6 +213,7 @@ fn execute(command: Command) -> finetune::Result<()> {
                 threads,
                 quantization: BenchMode::parse(&mode)?.quantization(),
                 max_device_memory_mib: max_memory_mib,
+                lm_head_in_host,
                 ..ModelParams::default()
             };
             let cfg = BenchConfig {
@@ -231,6 +237,7 @@ fn execute(command: Command) -> finetune::Result<()> {
                         serde_json::json!({
                             "model": cfg.model, "mode": mode,
                             "max_memory_mib": max_memory_mib, "offload_activations": offload,
+                            "lm_head_in_host": lm_head_in_host,
                             "longest_seq": longest, "resolution": resolution,
                         })
                     );

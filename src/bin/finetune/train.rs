@@ -96,6 +96,10 @@ pub struct TrainArgs {
     /// Cap on the device memory held, in MiB (GPU only).
     #[arg(long)]
     pub max_memory_mib: Option<usize>,
+    /// Keep the LM head in pinned host memory, copied to the device for each step's loss (GPU
+    /// only).
+    #[arg(long)]
+    pub lm_head_in_host: Option<bool>,
 }
 
 macro_rules! merge {
@@ -149,7 +153,8 @@ impl TrainArgs {
             threads,
             device,
             quantization,
-            max_memory_mib
+            max_memory_mib,
+            lm_head_in_host
         );
         Ok(self)
     }
@@ -222,6 +227,7 @@ pub fn execute(args: TrainArgs) -> Result<()> {
         threads: args.threads.unwrap_or(0),
         quantization: Quantization::parse(args.quantization.as_deref().unwrap_or("none"))?,
         max_device_memory_mib: args.max_memory_mib.unwrap_or(0),
+        lm_head_in_host: args.lm_head_in_host.unwrap_or(false),
         ..ModelParams::default()
     };
     let model = Model::load(&model_path, &params)?;
