@@ -823,6 +823,8 @@ impl<B: Backend> Decoder<B> {
         let (eps, offset) = (self.cfg.rms_norm_eps, self.cfg.norm_unit_offset);
         let norm = &self.weights.final_norm;
         let (h, r) = be.rmsnorm(&last, norm, eps, offset)?;
+        // Rounded once for the head's products (half the bytes while the logits are live).
+        let h = be.product_input(h)?;
         let head_copy = head_copy.map(|t| be.settle(t)).transpose()?;
         let head = head_copy
             .as_ref()
@@ -903,7 +905,9 @@ impl<B: Backend> Decoder<B> {
                 caches.push(cache);
                 out
             };
-            inputs.push(if saving.offload_inputs {
+            // The last layer's input stays: its backward comes first, right after the head (a
+            // copy out and back would only make that backward wait for it).
+            inputs.push(if saving.offload_inputs && layer + 1 < n {
                 be.stash(x)?
             } else {
                 x

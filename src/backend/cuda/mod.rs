@@ -1412,7 +1412,9 @@ impl Backend for CudaBackend {
                 row_loss.elements()
             )));
         }
-        wants_f32(h, "lm head input")?;
+        if !matches!(h.dtype(), Dtype::F32 | Dtype::Bf16) {
+            return Err(wants_f32_or_bf16(h, "lm head input"));
+        }
         if scale.elements() != 1 {
             return Err(Error::InvalidArgument(format!(
                 "lm head: the scale is a [{}, {}] tensor; a [1, 1] one was expected",
@@ -1436,10 +1438,11 @@ impl Backend for CudaBackend {
         let skip_unlabelled = !self.gpu.records_here();
         let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab.max(1))).clamp(1, h.rows.max(1));
         let logits = self.gpu.alloc::<f32>(chunk * vocab, "a chunk of logits")?;
-        // A bf16 weight (or a host table's bf16 copy) makes bf16 products; their gradient
-        // operand is then written in bf16 over the logits (`cross_entropy_rows_bf16`).
-        let (wo, _w_tmp) = self.operand(w, false)?;
-        let bf16 = wo.dtype == Dtype::Bf16;
+        // A bf16 weight (or a host table's bf16 copy) or a rounded input (`product_input`) makes
+        // bf16 products, as in `matmul`; their gradient operand is then written in bf16 over the
+        // logits (`cross_entropy_rows_bf16`).
+        let bf16 = matches!(w.dtype(), Dtype::Bf16 | Dtype::HostBf16) || h.dtype() == Dtype::Bf16;
+        let (wo, _w_tmp) = self.operand(w, bf16)?;
         let (h_all, _h_tmp) = self.operand(h, bf16)?;
         let elem = if bf16 { 2 } else { 4 };
         let logits_ptr = self.buffer_ptr(&logits);
