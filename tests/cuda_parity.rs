@@ -14,7 +14,7 @@ mod common;
 
 use common::gpu::{
     cpu, gpu, non_finite_step_is_refused_and_training_goes_on, recorded_steps_match_unrecorded,
-    steps_match, trainer_on, Base,
+    steps_match, tensor_core_shape, trainer_on, Base,
 };
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
@@ -618,11 +618,7 @@ fn offloaded_activations_train_identically_with_less_device_memory() {
         ..tiny(Family::Llama)
     };
     let (rows, seq) = (4, 512);
-    let mut rng = Rng::new(3);
-    let ids: Vec<i32> = (0..rows * seq + 1)
-        .map(|_| (rng.next_u64() % 64) as i32)
-        .collect();
-    let b = Batch::new(rows, seq, ids[..rows * seq].to_vec(), ids[1..].to_vec()).unwrap();
+    let (_, b) = next_token_batch(rows, seq, 64, 3);
     let run = |offload: bool| {
         let params = ModelParams {
             device: Device::Cuda(0),
@@ -663,6 +659,17 @@ fn offloaded_activations_train_identically_with_less_device_memory() {
     );
 }
 
+/// `rows` rows of `seq` random ids below `vocab` (seed `seed`), each labelled with the next id;
+/// also the ids, one more than the batch holds.
+fn next_token_batch(rows: usize, seq: usize, vocab: u64, seed: u64) -> (Vec<i32>, Batch) {
+    let mut rng = Rng::new(seed);
+    let ids: Vec<i32> = (0..rows * seq + 1)
+        .map(|_| (rng.next_u64() % vocab) as i32)
+        .collect();
+    let b = Batch::new(rows, seq, ids[..rows * seq].to_vec(), ids[1..].to_vec()).unwrap();
+    (ids, b)
+}
+
 /// The LM head kept in host memory (`ModelParams::lm_head_in_host`), untied (Llama) and tied
 /// (Gemma, whose embedding table is the head): the device holds exactly its bytes less once
 /// loaded and never more at the peak, and training (recorded and unrecorded steps, with and
@@ -676,25 +683,14 @@ fn lm_head_in_host_memory_changes_no_number_and_frees_its_bytes() {
     use finetune::api::{Device, Model, ModelParams, Trainer};
     use finetune::lora::LoraConfig;
     use finetune::model::config::ModelConfig;
-    use finetune::model::presets::tiny;
     use finetune::train::trainer::TrainConfig;
     for family in [Family::Llama, Family::Gemma] {
         let shape = ModelConfig {
             num_layers: 4,
             vocab_size: 4096,
-            hidden_size: 128,
-            intermediate_size: 256,
-            head_dim: 64,
-            num_heads: 4,
-            num_kv_heads: 2,
-            ..tiny(family)
+            ..tensor_core_shape(family)
         };
-        let (rows, seq) = (2, 64);
-        let mut rng = Rng::new(9);
-        let ids: Vec<i32> = (0..rows * seq + 1)
-            .map(|_| (rng.next_u64() % 4096) as i32)
-            .collect();
-        let b = Batch::new(rows, seq, ids[..rows * seq].to_vec(), ids[1..].to_vec()).unwrap();
+        let (ids, b) = next_token_batch(2, 64, 4096, 9);
         let run = |in_host: bool, offload: bool| {
             let params = ModelParams {
                 device: Device::Cuda(0),

@@ -46,12 +46,15 @@ func tinyTrainer(t *testing.T) (*Model, *Trainer) {
 	return m, tr
 }
 
-func TestQLoRATrains(t *testing.T) {
-	m, err := RandomModel("tiny", 1, &ModelOptions{Device: "cpu", Threads: 1, Quantization: QuantNF4})
+// trainsTiny loads the random "tiny" model with opts, trains 8 steps on one batch and fails
+// unless the evaluation loss falls; it returns the model (closed with the test).
+func trainsTiny(t *testing.T, opts *ModelOptions) *Model {
+	t.Helper()
+	m, err := RandomModel("tiny", 1, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer m.Close()
+	t.Cleanup(func() { m.Close() })
 	train, _ := DefaultTrainOptions()
 	train.LearningRate = 1e-2
 	tr, err := NewTrainer(m, nil, &train)
@@ -60,13 +63,21 @@ func TestQLoRATrains(t *testing.T) {
 	}
 	defer tr.Close()
 	b := countBatch(12)
-	before, _ := tr.EvalLoss(b)
+	before, err := tr.EvalLoss(b)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := tr.Train(context.Background(), []Batch{b}, 8, nil); err != nil {
 		t.Fatal(err)
 	}
 	if after, _ := tr.EvalLoss(b); !(after < before) {
 		t.Fatalf("loss did not fall: %v -> %v", before, after)
 	}
+	return m
+}
+
+func TestQLoRATrains(t *testing.T) {
+	trainsTiny(t, &ModelOptions{Device: "cpu", Threads: 1, Quantization: QuantNF4})
 }
 
 func TestTrainSaveReloadGenerate(t *testing.T) {
@@ -377,29 +388,7 @@ func TestBenchTinyOnTheCPU(t *testing.T) {
 
 // LmHeadInHost is GPU only: on the CPU the flag is read and ignored, and the model trains as usual.
 func TestLmHeadInHostIsAcceptedOnTheCPU(t *testing.T) {
-	m, err := RandomModel("tiny", 1, &ModelOptions{Device: "cpu", Threads: 1, LmHeadInHost: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	train, _ := DefaultTrainOptions()
-	train.LearningRate = 1e-2
-	tr, err := NewTrainer(m, nil, &train)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tr.Close()
-	b := countBatch(12)
-	before, err := tr.EvalLoss(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := tr.Train(context.Background(), []Batch{b}, 8, nil); err != nil {
-		t.Fatal(err)
-	}
-	if after, _ := tr.EvalLoss(b); !(after < before) {
-		t.Fatalf("loss %v -> %v", before, after)
-	}
+	m := trainsTiny(t, &ModelOptions{Device: "cpu", Threads: 1, LmHeadInHost: true})
 	if out, err := m.Generate([]int32{3, 4, 5}, 4, -1, nil); err != nil || len(out) != 4 {
 		t.Fatalf("generate: %v %v", out, err)
 	}

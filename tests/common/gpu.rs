@@ -72,20 +72,26 @@ fn weights_source(family: Family) -> impl Fn(Slot, usize) -> Vec<f32> {
     }
 }
 
+/// The tiny shape of `family` widened to head_dim 64, which takes the attention kernels'
+/// tensor-core path.
+pub fn tensor_core_shape(family: Family) -> ModelConfig {
+    ModelConfig {
+        hidden_size: 128,
+        intermediate_size: 256,
+        head_dim: 64,
+        num_heads: 4,
+        num_kv_heads: 2,
+        ..tiny(family)
+    }
+}
+
 /// A trainer on a tiny model of `family` with its base held as `base` says.
 pub fn trainer_on<B: Backend>(be: B, family: Family, base: Base) -> Trainer<B> {
     // head_dim 64 takes the attention kernels' tensor-core path; the f32 run uses the tiny
     // shape, whose head_dim (8) takes the exact f32 path.
     let cfg = match base {
         Base::F32 => tiny(family),
-        Base::Frozen | Base::Nf4 => ModelConfig {
-            hidden_size: 128,
-            intermediate_size: 256,
-            head_dim: 64,
-            num_heads: 4,
-            num_kv_heads: 2,
-            ..tiny(family)
-        },
+        Base::Frozen | Base::Nf4 => tensor_core_shape(family),
     };
     let quantization = match base {
         Base::Nf4 => Quantization::Nf4,
