@@ -14,14 +14,13 @@
 
 mod common;
 
+use common::gpu::{next_token_batch, tensor_core_shape};
 use common::quick_train_config;
 
 use finetune::api::{nccl_unique_id, Device, Model, ModelParams, ProcessGroup, Trainer};
 use finetune::backend::cuda::CudaBackend;
 use finetune::lora::LoraConfig;
 use finetune::model::config::{Family, ModelConfig};
-use finetune::model::presets::tiny;
-use finetune::rng::Rng;
 use finetune::train::batch::Batch;
 use finetune::train::run::{run, RunConfig};
 use finetune::Error;
@@ -49,21 +48,11 @@ fn gpus(needed: usize, test: &str) -> Option<usize> {
 
 /// A tiny model whose attention takes the tensor-core path (head_dim 64).
 fn shape() -> ModelConfig {
-    ModelConfig {
-        hidden_size: 128,
-        intermediate_size: 256,
-        head_dim: 64,
-        num_heads: 4,
-        num_kv_heads: 2,
-        ..tiny(Family::Llama)
-    }
+    tensor_core_shape(Family::Llama)
 }
 
 fn batch(seed: u64, rows: usize, seq: usize) -> Batch {
-    let mut rng = Rng::new(seed);
-    let n = rows * seq;
-    let ids: Vec<i32> = (0..n + 1).map(|_| (rng.next_u64() % 64) as i32).collect();
-    Batch::new(rows, seq, ids[..n].to_vec(), ids[1..].to_vec()).unwrap()
+    next_token_batch(rows, seq, 64, seed).1
 }
 
 /// Losses of `steps` steps on `b` and the final evaluation loss.

@@ -13,8 +13,8 @@
 mod common;
 
 use common::gpu::{
-    cpu, gpu, non_finite_step_is_refused_and_training_goes_on, recorded_steps_match_unrecorded,
-    steps_match, tensor_core_shape, trainer_on, Base,
+    cpu, gpu, next_token_batch, non_finite_step_is_refused_and_training_goes_on,
+    recorded_steps_match_unrecorded, steps_match, tensor_core_shape, trainer_on, Base,
 };
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
@@ -657,17 +657,6 @@ fn offloaded_activations_train_identically_with_less_device_memory() {
         saved >= (shape.num_layers - 4) * input_bytes,
         "offload saved {saved} bytes"
     );
-}
-
-/// `rows` rows of `seq` random ids below `vocab` (seed `seed`), each labelled with the next id;
-/// also the ids, one more than the batch holds.
-fn next_token_batch(rows: usize, seq: usize, vocab: u64, seed: u64) -> (Vec<i32>, Batch) {
-    let mut rng = Rng::new(seed);
-    let ids: Vec<i32> = (0..rows * seq + 1)
-        .map(|_| (rng.next_u64() % vocab) as i32)
-        .collect();
-    let b = Batch::new(rows, seq, ids[..rows * seq].to_vec(), ids[1..].to_vec()).unwrap();
-    (ids, b)
 }
 
 /// The LM head kept in host memory (`ModelParams::lm_head_in_host`), untied (Llama) and tied

@@ -85,6 +85,17 @@ pub fn tensor_core_shape(family: Family) -> ModelConfig {
     }
 }
 
+/// `rows` rows of `seq` random ids below `vocab` (seed `seed`), each labelled with the next id;
+/// also the ids, one more than the batch holds.
+pub fn next_token_batch(rows: usize, seq: usize, vocab: u64, seed: u64) -> (Vec<i32>, Batch) {
+    let mut rng = Rng::new(seed);
+    let ids: Vec<i32> = (0..rows * seq + 1)
+        .map(|_| (rng.next_u64() % vocab) as i32)
+        .collect();
+    let b = Batch::new(rows, seq, ids[..rows * seq].to_vec(), ids[1..].to_vec()).unwrap();
+    (ids, b)
+}
+
 /// A trainer on a tiny model of `family` with its base held as `base` says.
 pub fn trainer_on<B: Backend>(be: B, family: Family, base: Base) -> Trainer<B> {
     // head_dim 64 takes the attention kernels' tensor-core path; the f32 run uses the tiny
