@@ -119,9 +119,9 @@ pub struct ModelParams {
     /// failing with `Error::Collective` instead of hanging.
     pub collective_timeout: Duration,
     /// Keep the LM head (or, tied, the embedding table serving as one) in pinned host memory
-    /// instead of device memory (GPU only): 1 GiB less device memory on Llama 3. A training
-    /// step copies it to the device beside the last quarter of its forward pass and frees the
-    /// copy after the loss; evaluation and generation copy it for each product (a generated
+    /// instead of device memory (GPU only): 1 GiB less held on Llama 3. Each micro-batch's
+    /// forward pass copies it to the device beside its last quarter of layers and frees the copy
+    /// after the loss; evaluation and generation copy it for each product (a generated
     /// token then costs one copy of it over the bus).
     pub lm_head_in_host: bool,
 }

@@ -189,7 +189,8 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Backend::upload_frozen_nf4`] does.
     fn upload_nf4(&self, q: Nf4Tensor) -> Result<Self::Tensor>;
     /// Uploads a frozen lookup table that only [`Backend::embedding`] reads (an untied embedding
-    /// table); a backend may keep it in host memory and move only the rows a batch looks up.
+    /// table); a backend may keep it in host memory and move only the rows a batch looks up (its
+    /// products, if any, then read a device copy).
     fn upload_lookup_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
         self.upload_frozen(data, rows, cols)
     }

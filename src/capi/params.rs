@@ -86,9 +86,9 @@ pub struct ft_model_params {
     /// `FT_ERR_COLLECTIVE` instead of hanging, in milliseconds; 0 means 300000 (5 minutes).
     pub collective_timeout_ms: u32,
     /// Non-zero: keep the LM head (or, tied, the embedding table serving as one) in pinned host
-    /// memory instead of device memory (GPU only; 1 GiB less device memory on Llama 3). A
-    /// training step copies it to the device beside the last quarter of its forward pass and
-    /// frees the copy after the loss; evaluation and generation copy it for each product (a
+    /// memory instead of device memory (GPU only; 1 GiB less held on Llama 3). Each micro-batch's
+    /// forward pass copies it to the device beside its last quarter of layers and frees the copy
+    /// after the loss; evaluation and generation copy it for each product (a
     /// generated token then costs one copy of it over the bus).
     pub lm_head_in_host_memory: i32,
 }

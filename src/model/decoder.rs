@@ -888,8 +888,10 @@ impl<B: Backend> Decoder<B> {
                 )?;
                 // Stashed before the MLP is queued, so that its copy runs beside the MLP: the
                 // next stash makes the compute stream wait for it.
+                // The last layer's stays on the device, as its input does (below).
                 let attention = match saving.offload_attention {
-                    true => Some((be.stash(attn)?, lse)),
+                    true if layer + 1 < n => Some((be.stash(attn)?, lse)),
+                    true => Some((attn, lse)),
                     false => None,
                 };
                 let (out, mlp) = self.mlp_forward(layer, &x1, &h2, Some(ad), false)?;

@@ -54,12 +54,9 @@ fn data_type(d: Dtype) -> Result<sys::cudaDataType> {
         Dtype::Nf4 => Err(Error::InvalidArgument(
             "matmul: cuBLAS cannot read an NF4 matrix (it is dequantized to bf16 first)".into(),
         )),
-        Dtype::HostBf16 => Err(Error::InvalidArgument(
-            "matmul: a lookup table in host memory is read only by embedding".into(),
-        )),
-        Dtype::Offloaded | Dtype::Arriving => Err(Error::InvalidArgument(
-            "matmul: an offloaded activation or a table's copy on its way must be settled on the \
-             device first"
+        Dtype::HostBf16 | Dtype::Offloaded | Dtype::Arriving => Err(Error::InvalidArgument(
+            "matmul: a table in host memory, an offloaded activation or a table's copy on its way \
+             must be on the device first"
                 .into(),
         )),
     }
@@ -334,8 +331,8 @@ impl Blas {
             .map_err(driver_error("binding the CUDA context"))?;
         let workspace = self.workspace.slice.device_ptr(gpu.stream()).0;
         let [la, lb, lc] = plan.layouts;
-        // SAFETY: the operands are live device allocations of at least rows·cols elements of
-        // their dtype (checked by the callers) at the alignments planned for; alpha and beta are
+        // SAFETY: the operands are live device allocations of at least (rows − 1)·pitch + cols
+        // elements of their dtype (checked by the callers) at the alignments planned for; alpha and beta are
         // host scalars that outlive the call; the workspace is this handle's own.
         unsafe {
             lt::matmul(

@@ -77,6 +77,11 @@ impl HostTable {
         self.device_ptr
     }
 
+    /// The number of values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
     /// The bf16 bits.
     pub fn bits(&self) -> Result<&[u16]> {
         self.values

@@ -364,8 +364,8 @@ impl CudaBackend {
             Storage::Bf16(b) => Ok(self.buffer_ptr(b)),
             Storage::Nf4(s) => Ok(self.buffer_ptr(&s.packed)),
             Storage::Host(_) => Err(Error::InvalidArgument(
-                "a lookup table in host memory was passed where a device tensor is needed; only \
-                 embedding reads it"
+                "a table in host memory was passed where a device tensor is needed; embedding \
+                 reads it over the bus, products through a device copy"
                     .into(),
             )),
             Storage::Offloaded(_) | Storage::Arriving(_) => Err(Error::InvalidArgument(
@@ -496,8 +496,8 @@ impl CudaBackend {
     }
 
     /// `t` as a matrix-product operand: rounded to bf16 when `bf16` and stored in f32, an NF4
-    /// matrix dequantized to bf16. What is returned beside it must live until the product is
-    /// queued.
+    /// matrix dequantized to bf16, a table in host memory copied to the device (the product
+    /// waits for the copy). What is returned beside it must live until the product is queued.
     fn operand(&self, t: &CudaTensor, bf16: bool) -> Result<(Operand, Staged<'_>)> {
         let mut staged = Staged::default();
         let (ptr, dtype) = match (&t.storage, bf16) {
@@ -507,15 +507,8 @@ impl CudaBackend {
                 (ptr, Dtype::Bf16)
             }
             (Storage::Host(table), _) => {
-                let copy = self
-                    .gpu
-                    .alloc::<u16>(t.elements(), "a host table's copy on the device")?;
+                let copy = self.offload.fetch_table(&self.gpu, table)?.settle()?;
                 let ptr = self.buffer_ptr(&copy);
-                // SAFETY: `copy` holds the table's bytes and lives until the product reading it
-                // is queued behind the copy on the same stream.
-                unsafe { table.copy_to_device(ptr, self.gpu.stream()) }
-                    .result()
-                    .map_err(driver_error("copying a host table to the device"))?;
                 staged._bf16_copy = Some(copy);
                 (ptr, Dtype::Bf16)
             }
@@ -777,9 +770,11 @@ impl Backend for CudaBackend {
 
     fn prefetch_copy(&self, t: &CudaTensor) -> Result<Option<CudaTensor>> {
         match &t.storage {
-            Storage::Host(table) => Ok(Some(
-                self.offload.fetch_table(&self.gpu, table, t.rows, t.cols)?,
-            )),
+            Storage::Host(table) => Ok(Some(CudaTensor {
+                rows: t.rows,
+                cols: t.cols,
+                storage: Storage::Arriving(self.offload.fetch_table(&self.gpu, table)?),
+            })),
             _ => Ok(None),
         }
     }
@@ -1439,8 +1434,9 @@ impl Backend for CudaBackend {
         let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab.max(1))).clamp(1, h.rows.max(1));
         let logits = self.gpu.alloc::<f32>(chunk * vocab, "a chunk of logits")?;
         // A bf16 weight (or a host table's bf16 copy) or a rounded input (`product_input`) makes
-        // bf16 products, as in `matmul`; their gradient operand is then written in bf16 over the
-        // logits (`cross_entropy_rows_bf16`).
+        // bf16 products, as in `matmul` (an f32 weight with a rounded input is then rounded too,
+        // per call: only hand-made f32 heads meet that); their gradient operand is then written
+        // in bf16 over the logits (`cross_entropy_rows_bf16`).
         let bf16 = matches!(w.dtype(), Dtype::Bf16 | Dtype::HostBf16) || h.dtype() == Dtype::Bf16;
         let (wo, _w_tmp) = self.operand(w, bf16)?;
         let (h_all, _h_tmp) = self.operand(h, bf16)?;

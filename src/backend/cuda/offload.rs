@@ -1,7 +1,12 @@
+//! Copies between host and device memory beside the compute.
+//!
 //! Activation offload: layer inputs saved for the backward pass wait in pinned host memory
 //! instead of device memory. Each is copied out on a stream of its own while the next layer
 //! computes (its device memory freed in stream order after the copy) and copied back ahead of
 //! the backward that reads it, overlapping the layer after it.
+//!
+//! Host tables (host_table.rs) are copied to fresh device buffers on streams of their own, ahead
+//! of the products that read them ([`Offload::fetch_table`]).
 //!
 //! A pass being recorded (graph.rs) copies on a stream of its own with plain driver copies
 //! (cudarc's pinned buffers record events of their own, which a recording must not hold), from
@@ -103,8 +108,9 @@ impl Offload {
         }
     }
 
-    /// Waits on the host until the unrecorded copies queued so far have finished: a recording
-    /// about to be captured may take their pinned buffers, and its copies wait for nothing.
+    /// Waits on the host until the unrecorded activation copies queued so far have finished: a
+    /// recording about to be captured may take their pinned buffers, and its copies wait for
+    /// nothing. (Table copies hold no such buffer: the tables outlive every copy.)
     pub(super) fn finish_copies(&self) -> Result<()> {
         self.activations
             .queued
@@ -266,15 +272,9 @@ impl Offload {
 
     /// Starts copying a host table to a fresh device buffer (bf16, `rows x cols`); the copy
     /// overlaps the work queued after it until [`Offload::settle`].
-    pub(super) fn fetch_table(
-        &self,
-        gpu: &Gpu,
-        table: &HostTable,
-        rows: usize,
-        cols: usize,
-    ) -> Result<CudaTensor> {
+    pub(super) fn fetch_table(&self, gpu: &Gpu, table: &HostTable) -> Result<Arrival<u16>> {
         // The copy is ordered after the allocation, which is ordered on the compute stream.
-        let buf = gpu.alloc::<u16>(rows * cols, "a host table's copy on the device")?;
+        let buf = gpu.alloc::<u16>(table.len(), "a host table's copy on the device")?;
         let dst = buf.slice.device_ptr(gpu.stream()).0;
         // SAFETY: `buf` is freed only after the compute stream has waited for the copy
         // (`Arrival`); the table is read-only and outlives the work and the recordings that read
@@ -288,11 +288,7 @@ impl Offload {
             copy,
             |s| copy(s).result(),
         )?;
-        Ok(CudaTensor {
-            rows,
-            cols,
-            storage: Storage::Arriving(Arrival::new(buf, ready, gpu.stream().clone())),
-        })
+        Ok(Arrival::new(buf, ready, gpu.stream().clone()))
     }
 
     /// Queues a copy on this thread's copy stream behind the work queued on its compute stream

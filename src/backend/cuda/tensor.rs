@@ -19,7 +19,8 @@ pub enum Dtype {
     Bf16,
     /// Packed 4-bit NF4 codes with per-block absmax ([`Nf4Storage`]).
     Nf4,
-    /// bfloat16 bits in host memory (a lookup table: only `embedding` reads it).
+    /// bfloat16 bits in host memory (a table: `embedding` reads it over the bus, products read a
+    /// device copy of it).
     HostBf16,
     /// f32 values moved to pinned host memory (an offloaded activation: only the backend's
     /// `fetch_stashed` and `settle` read it).
@@ -65,10 +66,12 @@ impl<T> Arrival<T> {
 
     /// Makes the compute stream wait for the copy and returns the buffer.
     pub fn settle(mut self) -> Result<DeviceBuffer<T>> {
-        let (buffer, ready) = self.copy.take().expect("taken only here");
+        let (_, ready) = self.copy.as_ref().expect("taken only here");
+        // On failure the buffer stays here, and dropping it waits for the copy again.
         self.compute
-            .wait(&ready)
+            .wait(ready)
             .map_err(driver_error("waiting for a copy to the device"))?;
+        let (buffer, _) = self.copy.take().expect("present above");
         Ok(buffer)
     }
 }
