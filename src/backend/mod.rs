@@ -257,9 +257,9 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// `x` made ready to be an operand of products with frozen matrices, for a caller that reads
     /// it no other way afterwards (only matmul, lm_head_cross_entropy, dropout, copy_rows and
-    /// download). A backend whose
-    /// products round their activation operand anyway (the CUDA backend: to bf16) rounds it here
-    /// once for all the products that share it, and keeps half the bytes; the CPU returns `x`.
+    /// download). A backend whose products round their activation operand anyway (the CUDA
+    /// backend: to bf16) rounds it here once for all the products that share it, and keeps half
+    /// the bytes; the CPU returns `x`.
     fn product_input(&self, x: Self::Tensor) -> Result<Self::Tensor> {
         Ok(x)
     }

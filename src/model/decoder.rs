@@ -860,8 +860,8 @@ impl<B: Backend> Decoder<B> {
         // An output projection kept in host memory starts coming over with the last quarter
         // of the layers' forward pass (on its own copy stream, beside the copies out of `stash`):
         // early enough for the copy to finish behind their compute (~1 GiB on Llama 3, a few
-        // ms a layer), late enough that its device copy adds to the forward pass's smaller
-        // working set only.
+        // ms a layer). Its device copy adds to those layers' working set, which then sets the
+        // recorded block (bench/NOTES.md).
         let head_copy_from = n - n.div_ceil(4);
         let mut head_copy = None;
         let mut x = self.embed(batch)?;
@@ -869,6 +869,9 @@ impl<B: Backend> Decoder<B> {
             if layer == head_copy_from {
                 head_copy = be.prefetch_copy(self.weights.output_projection())?;
             }
+            // The last layer's input and attention output stay on the device: its backward comes
+            // first, right after the head (a copy out and back would only make it wait).
+            let stays = layer + 1 == n;
             let attend = self.batch_attention(batch);
             let out = if saving.recompute {
                 let LayerCache {
@@ -888,9 +891,8 @@ impl<B: Backend> Decoder<B> {
                 )?;
                 // Stashed before the MLP is queued, so that its copy runs beside the MLP: the
                 // next stash makes the compute stream wait for it.
-                // The last layer's stays on the device, as its input does (below).
                 let attention = match saving.offload_attention {
-                    true if layer + 1 < n => Some((be.stash(attn)?, lse)),
+                    true if !stays => Some((be.stash(attn)?, lse)),
                     true => Some((attn, lse)),
                     false => None,
                 };
@@ -907,9 +909,7 @@ impl<B: Backend> Decoder<B> {
                 caches.push(cache);
                 out
             };
-            // The last layer's input stays: its backward comes first, right after the head (a
-            // copy out and back would only make that backward wait for it).
-            inputs.push(if saving.offload_inputs && layer + 1 < n {
+            inputs.push(if saving.offload_inputs && !stays {
                 be.stash(x)?
             } else {
                 x

@@ -43,17 +43,24 @@ test('trains off the main thread, saves, reloads and generates', async () => {
   }
 });
 
-test('a model with NF4 projection matrices trains (QLoRA)', async () => {
-  const model = ft.Model.random('tiny', 1, { device: 'cpu', threads: 1, quantization: 'nf4' });
+// Loads the random "tiny" model with modelOpts, trains 8 steps on one batch, checks that the loss
+// fell, then runs then(model) before closing both.
+async function trainsTiny(modelOpts, then = () => {}) {
+  const model = ft.Model.random('tiny', 1, modelOpts);
   const trainer = ft.Trainer.create(model, { train: { learningRate: 1e-2 } });
   try {
     const before = trainer.evalLoss(batch);
     await trainer.train([batch], { steps: 8 });
     assert.ok(trainer.evalLoss(batch) < before, 'loss fell');
+    then(model);
   } finally {
     trainer.close();
     model.close();
   }
+}
+
+test('a model with NF4 projection matrices trains (QLoRA)', async () => {
+  await trainsTiny({ device: 'cpu', threads: 1, quantization: 'nf4' });
   assert.throws(() => ft.Model.random('tiny', 1, { quantization: 'int3' }), /unknown quantization/);
 });
 
@@ -240,17 +247,9 @@ test('bench runs the tiny shape on the CPU and returns the JSON of finetune benc
 });
 
 test('lmHeadInHost is accepted on the CPU, where it is ignored', async () => {
-  const model = ft.Model.random('tiny', 1, { device: 'cpu', threads: 1, lmHeadInHost: true });
-  const trainer = ft.Trainer.create(model, { train: { learningRate: 1e-2 } });
-  try {
-    const before = trainer.evalLoss(batch);
-    await trainer.train([batch], { steps: 8 });
-    assert.ok(trainer.evalLoss(batch) < before, 'loss fell');
+  await trainsTiny({ device: 'cpu', threads: 1, lmHeadInHost: true }, (model) => {
     assert.strictEqual(model.generate(ids.slice(0, 3), { maxNewTokens: 4 }).length, 4);
-  } finally {
-    trainer.close();
-    model.close();
-  }
+  });
 });
 
 test('bench passes offloadActivations and lmHeadInHost', () => {

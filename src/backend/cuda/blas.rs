@@ -332,8 +332,8 @@ impl Blas {
         let workspace = self.workspace.slice.device_ptr(gpu.stream()).0;
         let [la, lb, lc] = plan.layouts;
         // SAFETY: the operands are live device allocations of at least (rows − 1)·pitch + cols
-        // elements of their dtype (checked by the callers) at the alignments planned for; alpha and beta are
-        // host scalars that outlive the call; the workspace is this handle's own.
+        // elements of their dtype (checked by the callers) at the alignments planned for; alpha
+        // and beta are host scalars that outlive the call; the workspace is this handle's own.
         unsafe {
             lt::matmul(
                 self.handle,

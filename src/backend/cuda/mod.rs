@@ -222,9 +222,9 @@ impl CudaBackend {
 
     /// Keeps the output projection (the LM head, or the tied embedding table) that later
     /// [`Backend::upload_output_projection`] calls store in pinned host memory instead of device
-    /// memory (1 GiB less on Llama 3): a training step copies it to the device during the last
-    /// layers' forward pass and frees the copy after the loss; other products that read it
-    /// (evaluation, generation) copy it for each product.
+    /// memory (1 GiB less on Llama 3): each micro-batch's forward pass copies it to the device
+    /// beside its last quarter of layers and frees the copy after the loss; other products that
+    /// read it (evaluation, generation) copy it for each product.
     pub fn set_output_projection_in_host(&mut self, in_host: bool) {
         self.output_projection_in_host = in_host;
     }

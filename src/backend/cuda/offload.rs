@@ -270,8 +270,8 @@ impl Offload {
         Ok(())
     }
 
-    /// Starts copying a host table to a fresh device buffer (bf16, `rows x cols`); the copy
-    /// overlaps the work queued after it until [`Offload::settle`].
+    /// Starts copying a host table to a fresh device buffer of its bf16 values; the copy
+    /// overlaps the work queued after it until the returned [`Arrival`] is settled.
     pub(super) fn fetch_table(&self, gpu: &Gpu, table: &HostTable) -> Result<Arrival<u16>> {
         // The copy is ordered after the allocation, which is ordered on the compute stream.
         let buf = gpu.alloc::<u16>(table.len(), "a host table's copy on the device")?;
