@@ -145,14 +145,17 @@ extern "C" __global__ void nf4_double_quantize(const float* absmax, long long bl
 // x'_j = NF4[q_j] · M'_b (b = j/64), written as bf16 (round to nearest even). M'_b is absmax[b]
 // when `absmax` is not NULL (plain f32 absmax), else the double-quantized value
 //     M'_b = map[codes[b]] · nested_absmax[b/256] + *offset      (two roundings, in this order).
-// One thread per group of 8 values (4 packed bytes, always in one block): one 32-bit load, one
-// 128-bit store (packed and out are allocation starts: 4- and 16-byte aligned); a short last
-// group goes pair by pair.
+// Value j of the [n/cols, cols] matrix goes to out[(j / cols)·pitch + j % cols]: rows `pitch`
+// apart (pitch = cols: dense; a larger pitch leaves columns free after each row, where the host
+// then writes an adapter's factor; it has checked cols % 8 == 0 and pitch % 8 == 0 then).
+// One thread per group of 8 values (4 packed bytes, always in one block and one row): one 32-bit
+// load, one 128-bit store (packed and out are allocation starts: 4- and 16-byte aligned); a
+// short last group (dense only) goes pair by pair.
 // Launch: block 256, grid min(ceil(ceil(n/2)/256), 65535), grid-stride.
 extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, const float* absmax,
                                                const unsigned char* codes, const float* nested_absmax,
                                                const float* map, const float* offset, bf16_t* out,
-                                               long long n) {
+                                               long long n, int cols, long long pitch) {
     __shared__ float code[16];  // indexed per thread: shared memory, not a serialised constant read
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
@@ -169,7 +172,8 @@ extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, cons
                 : __fadd_rn(__fmul_rn(map[codes[b]], nested_absmax[b / NF4_NESTED_BLOCK]), *offset);
         if (i + 8 <= n) {
             const unsigned int word = *reinterpret_cast<const unsigned int*>(packed + 4 * w);
-            *reinterpret_cast<uint4*>(out + i) =
+            const long long o = pitch == cols ? i : (i / cols) * pitch + i % cols;
+            *reinterpret_cast<uint4*>(out + o) =
                 make_uint4(pair(word & 255u, m), pair((word >> 8) & 255u, m),
                            pair((word >> 16) & 255u, m), pair(word >> 24, m));
         } else {

@@ -31,6 +31,30 @@ extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, long long n)
     GRID_STRIDE_LOOP(i, n - 8 * octets) { y[8 * octets + i] = f32_to_bf16(x[8 * octets + i]); }
 }
 
+// y[r·pitch + c] = bf16(scale·x[r·cols + c]) for r < rows, c < cols: a dense f32 matrix written
+// into bf16 rows that are `pitch` apart (a product input with spare columns after each row, or
+// those spare columns themselves). Four values a thread (one 16-byte load, one 8-byte store)
+// where cols and pitch are multiples of 4, x is 16-byte and y 8-byte aligned.
+extern "C" __global__ void cast_f32_bf16_rows(const float* x, bf16_t* y, long long rows, int cols,
+                                              long long pitch, float scale) {
+    const bool quads = cols % 4 == 0 && pitch % 4 == 0 &&
+                       ((reinterpret_cast<unsigned long long>(x) & 15) |
+                        (reinterpret_cast<unsigned long long>(y) & 7)) == 0;
+    if (!quads) {
+        GRID_STRIDE_LOOP(i, rows * cols) {
+            const long long r = i / cols;
+            y[r * pitch + (i - r * cols)] = f32_to_bf16(scale * x[i]);
+        }
+        return;
+    }
+    GRID_STRIDE_LOOP(q, rows * cols / 4) {
+        const long long i = 4 * q, r = i / cols;
+        const float4 v = reinterpret_cast<const float4*>(x)[q];
+        *reinterpret_cast<uint2*>(y + r * pitch + (i - r * cols)) =
+            make_uint2(bf16_pair(scale * v.x, scale * v.y), bf16_pair(scale * v.z, scale * v.w));
+    }
+}
+
 // x_i += y_i; four values a thread and iteration (16-byte loads and store) where x and y are
 // 16-byte aligned.
 extern "C" __global__ void add_assign_f32(float* x, const float* y, long long n) {
@@ -169,31 +193,44 @@ __device__ __forceinline__ void store4(bf16_t* p, float a, float b, float c, flo
 // exist, one element at a time in the last, short quad.
 #define QUAD_LOOP(q, n) GRID_STRIDE_LOOP(q, ((n) + 3) / 4)
 
+// Where element i of a [rows, cols] matrix goes in an output whose rows are `pitch` apart (the
+// bf16 product inputs may keep spare columns after each row; a quad never straddles two rows
+// there, the host checks cols % 4 == 0).
+__device__ __forceinline__ long long pitched(long long i, long long cols, long long pitch) {
+    if (pitch == cols) return i;
+    const long long r = i / cols;
+    return r * pitch + (i - r * cols);
+}
+
 // h_i = act(g_i)·u_i (act 0 = silu, 1 = gelu_tanh; see act_value_deriv).
 __device__ __forceinline__ float gated_value(float g, float u, int act) {
     return u * act_value_deriv(g, act, nullptr);
 }
 template <typename Out>
-__device__ void gated_act_fwd_impl(const float* g, const float* u, Out* h, long long n, int act) {
+__device__ void gated_act_fwd_impl(const float* g, const float* u, Out* h, long long n, int act,
+                                   long long cols, long long pitch) {
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
         if (i0 + 4 <= n) {
             const float4 gv = reinterpret_cast<const float4*>(g)[q];
             const float4 uv = reinterpret_cast<const float4*>(u)[q];
-            store4(h + i0, gated_value(gv.x, uv.x, act), gated_value(gv.y, uv.y, act),
-                   gated_value(gv.z, uv.z, act), gated_value(gv.w, uv.w, act));
+            store4(h + pitched(i0, cols, pitch), gated_value(gv.x, uv.x, act),
+                   gated_value(gv.y, uv.y, act), gated_value(gv.z, uv.z, act),
+                   gated_value(gv.w, uv.w, act));
         } else {
-            for (long long i = i0; i < n; ++i) store(h + i, gated_value(g[i], u[i], act));
+            for (long long i = i0; i < n; ++i) {
+                store(h + pitched(i, cols, pitch), gated_value(g[i], u[i], act));
+            }
         }
     }
 }
 extern "C" __global__ void gated_act_fwd(const float* g, const float* u, float* h, long long n,
                                          int act) {
-    gated_act_fwd_impl(g, u, h, n, act);
+    gated_act_fwd_impl(g, u, h, n, act, n, n);
 }
 extern "C" __global__ void gated_act_fwd_bf16(const float* g, const float* u, bf16_t* h,
-                                              long long n, int act) {
-    gated_act_fwd_impl(g, u, h, n, act);
+                                              long long n, int act, int cols, long long pitch) {
+    gated_act_fwd_impl(g, u, h, n, act, cols, pitch);
 }
 
 // dg_i = dh_i·u_i·act'(g_i), du_i = dh_i·act(g_i).
@@ -204,10 +241,11 @@ __device__ __forceinline__ float2 gated_grads(float dh, float g, float u, int ac
 }
 template <typename Out>
 __device__ void gated_act_bwd_impl(const float* dh, const float* g, const float* u, Out* dg,
-                                   Out* du, long long n, int act) {
+                                   Out* du, long long n, int act, long long cols, long long pitch) {
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
         if (i0 + 4 <= n) {
+            const long long o = pitched(i0, cols, pitch);
             const float4 gv = reinterpret_cast<const float4*>(g)[q];
             const float4 uv = reinterpret_cast<const float4*>(u)[q];
             const float4 dv = reinterpret_cast<const float4*>(dh)[q];
@@ -215,24 +253,26 @@ __device__ void gated_act_bwd_impl(const float* dh, const float* g, const float*
             const float2 y = gated_grads(dv.y, gv.y, uv.y, act);
             const float2 z = gated_grads(dv.z, gv.z, uv.z, act);
             const float2 w = gated_grads(dv.w, gv.w, uv.w, act);
-            store4(dg + i0, x.x, y.x, z.x, w.x);
-            store4(du + i0, x.y, y.y, z.y, w.y);
+            store4(dg + o, x.x, y.x, z.x, w.x);
+            store4(du + o, x.y, y.y, z.y, w.y);
         } else {
             for (long long i = i0; i < n; ++i) {
                 const float2 d = gated_grads(dh[i], g[i], u[i], act);
-                store(dg + i, d.x);
-                store(du + i, d.y);
+                const long long o = pitched(i, cols, pitch);
+                store(dg + o, d.x);
+                store(du + o, d.y);
             }
         }
     }
 }
 extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const float* u,
                                          float* dg, float* du, long long n, int act) {
-    gated_act_bwd_impl(dh, g, u, dg, du, n, act);
+    gated_act_bwd_impl(dh, g, u, dg, du, n, act, n, n);
 }
 extern "C" __global__ void gated_act_bwd_bf16(const float* dh, const float* g, const float* u,
-                                              bf16_t* dg, bf16_t* du, long long n, int act) {
-    gated_act_bwd_impl(dh, g, u, dg, du, n, act);
+                                              bf16_t* dg, bf16_t* du, long long n, int act,
+                                              int cols, long long pitch) {
+    gated_act_bwd_impl(dh, g, u, dg, du, n, act, cols, pitch);
 }
 
 // out[t, c] = f32(table[ids[t], c])·scale for t < rows, c < cols (ids validated by the host;

@@ -188,9 +188,9 @@ fn pointwise_ops_match_cpu() {
         // As product inputs: the same values rounded to bf16 as they are written (within
         // bf16's half unit, 2⁻⁹ relative; f32 ulps can tip a rounding either way).
         p.g.set_f32_products(F32Products::Tf32);
-        let rh = p.g.gated_activation_for_products(&gg, &ug, act).unwrap();
+        let rh = p.g.gated_activation_for_products(&gg, &ug, act, 0).unwrap();
         let (rdg, rdu) =
-            p.g.gated_activation_backward_for_products(&dg_, &gg, &ug, act)
+            p.g.gated_activation_backward_for_products(&dg_, &gg, &ug, act, 0)
                 .unwrap();
         let rounded = [rh, rdg, rdu];
         p.g.set_f32_products(F32Products::Exact);
@@ -218,7 +218,7 @@ fn pointwise_ops_match_cpu() {
     let rounded = bf16_round(&yv);
     let (_, rc) = p.up(&rounded, rows, cols);
     p.g.set_f32_products(F32Products::Tf32);
-    let ig = p.g.product_input(p.g.duplicate(&yg).unwrap()).unwrap();
+    let ig = p.g.product_input(p.g.duplicate(&yg).unwrap(), 0).unwrap();
     p.g.set_f32_products(F32Products::Exact);
     assert_eq!(p.g.download(&ig).unwrap(), rounded, "product_input");
     let (part_g, part_c) = (

@@ -28,7 +28,8 @@ mod common;
 use common::gpu::{cpu, gpu, recorded_steps_match_unrecorded, steps_match, Base};
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::api::{Device, Model, ModelParams};
-use finetune::backend::cuda::DEQUANTIZED_SLOTS;
+use finetune::backend::cuda::F32Products;
+use finetune::backend::cuda::{DEQUANTIZED_SLOTS, MAX_FOLDED_RANK};
 use finetune::backend::Backend;
 use finetune::error::Error;
 use finetune::model::presets::preset;
@@ -235,6 +236,16 @@ fn nf4_products_match_the_cpu() {
     assert!(g.sum_squares(&[&x, w]).is_err());
 }
 
+/// bf16 values a scratch slot holds for a `[rows, cols]` NF4 matrix: with room for the rows and
+/// columns of an adapter of rank up to MAX_FOLDED_RANK folded into its products where its rows
+/// can take them (cols a multiple of 8), else the matrix alone.
+fn slot_values(rows: usize, cols: usize) -> usize {
+    match cols % 8 {
+        0 => (rows + MAX_FOLDED_RANK) * (cols + MAX_FOLDED_RANK),
+        _ => rows * cols,
+    }
+}
+
 /// Bytes an NF4 matrix of `n` values with double-quantized absmax holds: packed codes, one code
 /// per block, one f32 per group, the 256-value map and the offset.
 fn nf4_bytes(n: usize) -> usize {
@@ -249,9 +260,11 @@ fn memory_account_counts_packed_storage_and_the_scratch() {
     let live = || g.device_memory().unwrap().live_bytes;
     let start = live();
     // The first NF4 matrix brings the scratch: its slots of 2 bytes a value of the largest
-    // matrix so far.
+    // matrix so far, with the room of folded products (none for 260 columns, which are not a
+    // multiple of 8; the second matrix's slot is smaller than the first's).
     let scratch = |n: usize| DEQUANTIZED_SLOTS * 2 * n;
     let (n1, n2, n3) = (300 * 260, 100 * 64, 512 * 512);
+    assert!(slot_values(100, 64) < slot_values(300, 260));
     let a = g
         .upload_frozen_nf4(&weights(&mut rng, n1), 300, 260)
         .unwrap();
@@ -268,7 +281,7 @@ fn memory_account_counts_packed_storage_and_the_scratch() {
     // The scratch grew to the new largest matrix; the f32 copy quantized from is gone.
     assert_eq!(
         live() - start,
-        nf4_bytes(n1) + nf4_bytes(n2) + nf4_bytes(n3) + scratch(n3)
+        nf4_bytes(n1) + nf4_bytes(n2) + nf4_bytes(n3) + scratch(slot_values(512, 512))
     );
     let peak = g.device_memory().unwrap().peak_bytes;
     assert!(
@@ -283,7 +296,11 @@ fn memory_account_counts_packed_storage_and_the_scratch() {
     g.matmul(&x, false, &c, false, 1.0, &mut y, false).unwrap();
     assert_eq!(live(), held);
     drop((a, b, c, x, y));
-    assert_eq!(live() - start, scratch(n3), "only the scratch stays");
+    assert_eq!(
+        live() - start,
+        scratch(slot_values(512, 512)),
+        "only the scratch stays"
+    );
 
     // A cap below the next matrix: an out-of-memory error, and the backend stays usable.
     g.gpu().memory.set_limit(live() + 1024);
@@ -317,7 +334,12 @@ fn qlora_model_holds_less_and_the_cap_applies() {
         .filter(|s| matches!(s.slot, Slot::Proj(..)))
         .map(|s| s.rows * s.cols)
         .collect();
-    let largest = proj.iter().copied().max().unwrap();
+    let largest = tensor_specs(&cfg)
+        .iter()
+        .filter(|s| matches!(s.slot, Slot::Proj(..)))
+        .map(|s| slot_values(s.rows, s.cols))
+        .max()
+        .unwrap();
     let nf4_total: usize = proj.iter().map(|&n| nf4_bytes(n)).sum();
     let bf16_total: usize = proj.iter().map(|&n| 2 * n).sum();
     eprintln!(
@@ -352,4 +374,144 @@ fn recorded_qlora_steps_match_unrecorded_steps() {
     let Some(g) = gpu() else { return };
     drop(g);
     recorded_steps_match_unrecorded(Base::Nf4, 1e-5);
+}
+
+/// `c = a·bᵀ` (`transpose_b`) or `a·b` of row-major f32 matrices, summed in f64.
+fn reference_product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, t: bool) -> Vec<f64> {
+    let mut c = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k)
+                .map(|l| {
+                    let bv = if t { b[j * k + l] } else { b[l * n + j] };
+                    a[i * k + l] as f64 * bv as f64
+                })
+                .sum();
+        }
+    }
+    c
+}
+
+fn sum_of(parts: &[Vec<f64>]) -> Vec<f32> {
+    (0..parts[0].len())
+        .map(|i| parts.iter().map(|p| p[i]).sum::<f64>() as f32)
+        .collect()
+}
+
+/// Adapted products with an NF4 weight, folded into one bf16 product (`[x | xa]·[W | s·B]ᵀ`,
+/// `[dy | dxa]·[W ; A]`) for ranks the scratch has room for: against the sums of the three
+/// products in f64 with the adapter's factors rounded to bf16 as the fold rounds them. The
+/// tolerance (1e-5, summation order only) fails the two-product path, whose rank-wide product
+/// rounds to TF32 instead: the adapter's term is made as large as the base term here, so that
+/// rounding shows (~1e-3). A rank above MAX_FOLDED_RANK takes the two products (checked within
+/// TF32's 3e-3). Inputs: f32 activations (rounded with room by the product) and product inputs
+/// given room by `product_input` and the gated kernels, whose values equal the dense ones; a
+/// dense product of the same matrix between folded ones (another layout in the scratch).
+#[test]
+fn adapted_products_fold_the_rank_into_nf4_products() {
+    let Some(mut g) = gpu() else { return };
+    g.set_f32_products(F32Products::Tf32);
+    let mut rng = fresh_rng("folded products");
+    let (m, inp, out, s) = (45, 256, 192, 1.5f32);
+    let q = Nf4Tensor::quantize(&weights(&mut rng, out * inp), out, inp).unwrap();
+    let wd = bf16_round(&q.dequantize());
+    let w = g.upload_nf4(q).unwrap();
+    for r in [16, 5, MAX_FOLDED_RANK + 6] {
+        let folded = r <= MAX_FOLDED_RANK;
+        let tol = if folded { 1e-5 } else { 3e-3 };
+        let factor = |v: Vec<f32>| if folded { bf16_round(&v) } else { v };
+        // Base term ~ sqrt(inp)·0.02·1 ≈ 0.3 a value; the adapter's ~ s·sqrt(r)·0.1·1.
+        let x = randn(&mut rng, m * inp, 1.0);
+        let xa = randn(&mut rng, m * r, 1.0);
+        let b = randn(&mut rng, out * r, 0.1);
+        let sb: Vec<f32> = b.iter().map(|v| s * v).collect();
+        let expected = sum_of(&[
+            reference_product(&bf16_round(&x), &wd, m, inp, out, true),
+            reference_product(&factor(xa.clone()), &factor(sb), m, r, out, true),
+        ]);
+        let xg = g.upload(&x, m, inp).unwrap();
+        let (xag, bg) = (g.upload(&xa, m, r).unwrap(), g.upload(&b, out, r).unwrap());
+        let with_room = g.product_input(g.duplicate(&xg).unwrap(), r).unwrap();
+        assert_eq!(
+            g.download(&with_room).unwrap(),
+            bf16_round(&x),
+            "a product input with room holds the rounded values"
+        );
+        for (what, input) in [("f32 input", &xg), ("input with room", &with_room)] {
+            let y = g.adapted_product(input, &w, &xag, &bg, s).unwrap();
+            let e = rel_err(&g.download(&y).unwrap(), &expected);
+            eprintln!("rank {r}, {what}: forward relative error {e:.1e} (tolerance {tol:.0e})");
+            assert!(e < tol, "rank {r}, {what}: forward relative error {e}");
+            // The same matrix dense in between: the scratch must not mix the layouts up.
+            let mut dense = g.zeros(m, out).unwrap();
+            g.matmul(&xg, false, &w, true, 1.0, &mut dense, false)
+                .unwrap();
+            let base = sum_of(&[reference_product(&bf16_round(&x), &wd, m, inp, out, true)]);
+            assert!(rel_err(&g.download(&dense).unwrap(), &base) < 1e-5);
+        }
+
+        let dy = randn(&mut rng, m * out, 1.0);
+        let dxa = randn(&mut rng, m * r, 1.0);
+        let a = randn(&mut rng, r * inp, 0.3);
+        let acc = randn(&mut rng, m * inp, 1.0);
+        let parts = [
+            reference_product(&bf16_round(&dy), &wd, m, out, inp, false),
+            reference_product(&factor(dxa.clone()), &factor(a.clone()), m, r, inp, false),
+        ];
+        let acc64: Vec<f64> = acc.iter().map(|&v| v as f64).collect();
+        let dyg = g.upload(&dy, m, out).unwrap();
+        let (dxag, ag) = (g.upload(&dxa, m, r).unwrap(), g.upload(&a, r, inp).unwrap());
+        let dy_room = g.product_input(g.duplicate(&dyg).unwrap(), r).unwrap();
+        for (what, input) in [("f32 gradient", &dyg), ("gradient with room", &dy_room)] {
+            for with_acc in [false, true] {
+                let acc_g = with_acc.then(|| g.upload(&acc, m, inp).unwrap());
+                let dx = g
+                    .adapted_product_backward(input, &w, &dxag, &ag, acc_g)
+                    .unwrap();
+                let expected = match with_acc {
+                    true => sum_of(&[parts[0].clone(), parts[1].clone(), acc64.clone()]),
+                    false => sum_of(&parts),
+                };
+                let e = rel_err(&g.download(&dx).unwrap(), &expected);
+                eprintln!("rank {r}, {what}, acc {with_acc}: backward relative error {e:.1e}");
+                assert!(e < tol, "rank {r}, {what}, acc {with_acc}: backward {e}");
+            }
+        }
+    }
+
+    // The gated kernels and copy_rows keep the room and write the dense values.
+    let (rows, cols) = (37, 96);
+    let gate = g
+        .upload(&randn(&mut rng, rows * cols, 2.0), rows, cols)
+        .unwrap();
+    let up = g
+        .upload(&randn(&mut rng, rows * cols, 1.0), rows, cols)
+        .unwrap();
+    let dh = g
+        .upload(&randn(&mut rng, rows * cols, 1.0), rows, cols)
+        .unwrap();
+    let act = finetune::model::config::Activation::Silu;
+    let dense = g.gated_activation_for_products(&gate, &up, act, 0).unwrap();
+    let roomy = g
+        .gated_activation_for_products(&gate, &up, act, 16)
+        .unwrap();
+    assert_eq!(g.download(&dense).unwrap(), g.download(&roomy).unwrap());
+    let (dg, du) = g
+        .gated_activation_backward_for_products(&dh, &gate, &up, act, 0)
+        .unwrap();
+    let (rdg, rdu) = g
+        .gated_activation_backward_for_products(&dh, &gate, &up, act, 16)
+        .unwrap();
+    assert_eq!(g.download(&dg).unwrap(), g.download(&rdg).unwrap());
+    assert_eq!(g.download(&du).unwrap(), g.download(&rdu).unwrap());
+    assert_eq!(
+        g.download(&g.copy_rows(&roomy, 11, 20).unwrap()).unwrap(),
+        g.download(&g.copy_rows(&dense, 11, 20).unwrap()).unwrap()
+    );
+    // Kernels that read dense rows refuse rows with room, naming it.
+    let err = g
+        .add_assign(&mut g.zeros(rows, cols).unwrap(), &roomy)
+        .unwrap_err();
+    eprintln!("{err}");
+    assert!(g.dropout(&roomy, 0.1, 7).is_err());
 }

@@ -119,6 +119,40 @@ pub fn check_attention_shapes(
     )))
 }
 
+/// [`Backend::adapted_product`] as two products: `y = s·xa·Bᵀ`, then `y += x·Wᵀ`.
+pub fn adapted_product_in_two<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Tensor,
+    w: &B::Tensor,
+    xa: &B::Tensor,
+    b: &B::Tensor,
+    s: f32,
+) -> Result<B::Tensor> {
+    let mut y = be.product(xa, false, b, true, s)?;
+    be.matmul(x, false, w, true, 1.0, &mut y, true)?;
+    Ok(y)
+}
+
+/// [`Backend::adapted_product_backward`] as two products: `dx (+)= dxa·A`, then `dx += dy·W`.
+pub fn adapted_product_backward_in_two<B: Backend + ?Sized>(
+    be: &B,
+    dy: &B::Tensor,
+    w: &B::Tensor,
+    dxa: &B::Tensor,
+    a: &B::Tensor,
+    acc: Option<B::Tensor>,
+) -> Result<B::Tensor> {
+    let mut dx = match acc {
+        Some(mut dx) => {
+            be.matmul(dxa, false, a, false, 1.0, &mut dx, true)?;
+            dx
+        }
+        None => be.product(dxa, false, a, false, 1.0)?,
+    };
+    be.matmul(dy, false, w, false, 1.0, &mut dx, true)?;
+    Ok(dx)
+}
+
 /// The per-step constants of [`Backend::adamw`], computed once on the host the way torch does.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConstants {
@@ -256,12 +290,48 @@ pub trait Backend: Send + Sync + 'static {
         Ok(c)
     }
     /// `x` made ready to be an operand of products with frozen matrices, for a caller that reads
-    /// it no other way afterwards (only matmul, lm_head_cross_entropy, dropout, copy_rows and
-    /// download). A backend whose products round their activation operand anyway (the CUDA
-    /// backend: to bf16) rounds it here once for all the products that share it, and keeps half
-    /// the bytes; the CPU returns `x`.
-    fn product_input(&self, x: Self::Tensor) -> Result<Self::Tensor> {
+    /// it no other way afterwards (only matmul, the adapted products, lm_head_cross_entropy,
+    /// copy_rows and download; dropout too when `room` is 0). A backend whose products round
+    /// their activation operand anyway (the CUDA backend: to bf16) rounds it here once for all
+    /// the products that share it, and keeps half the bytes; the CPU returns `x`. `room`: the
+    /// rank of the adapters whose [`Backend::adapted_product`] (or its backward) reads `x`, 0
+    /// when none does: a backend that folds the adapter's term into the product's inner
+    /// dimension may leave that many spare columns after each row.
+    fn product_input(&self, x: Self::Tensor, room: usize) -> Result<Self::Tensor> {
+        let _ = room;
         Ok(x)
+    }
+    /// An adapted projection `y = x·Wᵀ + s·xa·Bᵀ` (`[rows, out]`, new), with the adapter input
+    /// `xa = dropout(x)·Aᵀ` (`[rows, r]`) computed by the caller and `b = B: [out, r]`. The
+    /// adapter's term is written first and the base product accumulated onto it (the large
+    /// product reads `y` as part of its own work, where adding the rank-wide term afterwards
+    /// would be one more pass over `y`). A backend may instead run the one product
+    /// `[x | xa]·[W | s·B]ᵀ` (inner dimension in + r), with `x` from
+    /// [`Backend::product_input`] given the room.
+    fn adapted_product(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        xa: &Self::Tensor,
+        b: &Self::Tensor,
+        s: f32,
+    ) -> Result<Self::Tensor> {
+        adapted_product_in_two(self, x, w, xa, b, s)
+    }
+    /// The input gradient of [`Backend::adapted_product`] without dropout: `dx = dy·W + dxa·A`
+    /// with `dxa = s·dy·B` (`[rows, r]`, computed by the caller, which also needs it for A's
+    /// gradient) and `a = A: [r, in]`, added into `acc` when given. The adapter's share first,
+    /// as in the forward; a backend may run the one product `[dy | dxa]·[W ; A]` (inner
+    /// dimension out + r), with `dy` from [`Backend::product_input`] given the room.
+    fn adapted_product_backward(
+        &self,
+        dy: &Self::Tensor,
+        w: &Self::Tensor,
+        dxa: &Self::Tensor,
+        a: &Self::Tensor,
+        acc: Option<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        adapted_product_backward_in_two(self, dy, w, dxa, a, acc)
     }
     /// `x[r, :] += bias` for every row.
     fn add_row_vector(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> Result<()>;
@@ -404,15 +474,16 @@ pub trait Backend: Send + Sync + 'static {
         u: &Self::Tensor,
         act: Activation,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// [`Backend::gated_activation`] as a product input ([`Backend::product_input`]); a backend
-    /// that rounds product inputs may write the rounded values directly.
+    /// [`Backend::gated_activation`] as a product input ([`Backend::product_input`], with
+    /// `room`); a backend that rounds product inputs may write the rounded values directly.
     fn gated_activation_for_products(
         &self,
         g: &Self::Tensor,
         u: &Self::Tensor,
         act: Activation,
+        room: usize,
     ) -> Result<Self::Tensor> {
-        self.product_input(self.gated_activation(g, u, act)?)
+        self.product_input(self.gated_activation(g, u, act)?, room)
     }
     /// [`Backend::gated_activation_backward`] with both gradients as product inputs.
     fn gated_activation_backward_for_products(
@@ -421,9 +492,10 @@ pub trait Backend: Send + Sync + 'static {
         g: &Self::Tensor,
         u: &Self::Tensor,
         act: Activation,
+        room: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)> {
         let (dg, du) = self.gated_activation_backward(dh, g, u, act)?;
-        Ok((self.product_input(dg)?, self.product_input(du)?))
+        Ok((self.product_input(dg, room)?, self.product_input(du, room)?))
     }
 
     /// Inverted dropout with a counter-based mask: element i is kept when

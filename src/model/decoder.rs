@@ -235,13 +235,10 @@ impl<B: Backend> Decoder<B> {
         seed.map(|s| self.backend.dropout(x, p, s)).transpose()
     }
 
-    /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`; also returns `dropout(x)·Aᵀ` for the backward pass,
-    /// `kept` when the forward pass kept it (a recomputation), else computed here. `chunk` is the
-    /// MLP chunk `x` is (0 elsewhere): it picks the dropout stream.
-    ///
-    /// The adapter's term is written first and the base product accumulated onto it: the large
-    /// product reads `y` as part of its own work, where adding the rank-wide term afterwards
-    /// would be one more pass reading and writing `y`.
+    /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ` ([`Backend::adapted_product`]); also returns
+    /// `dropout(x)·Aᵀ` for the backward pass, `kept` when the forward pass kept it (a
+    /// recomputation), else computed here. `chunk` is the MLP chunk `x` is (0 elsewhere): it
+    /// picks the dropout stream.
     fn project(
         &self,
         layer: usize,
@@ -257,9 +254,7 @@ impl<B: Backend> Decoder<B> {
         let xa = self.adapter_input(layer, m, x, ad, chunk, kept)?;
         let mut y = match (&xa, Self::adapted(ad, layer, m)) {
             (Some(xa), Some((ad, pair))) => {
-                let mut y = be.product(xa, false, &pair.b, true, ad.cfg.scale())?;
-                be.matmul(x, false, w, true, 1.0, &mut y, true)?;
-                y
+                be.adapted_product(x, w, xa, &pair.b, ad.cfg.scale())?
             }
             _ => be.product(x, false, w, true, 1.0)?,
         };
@@ -276,6 +271,14 @@ impl<B: Backend> Decoder<B> {
         m: TargetModule,
     ) -> Option<(&'a Adapters<'a, B>, &'a LoraPair<B>)> {
         ad.and_then(|ad| ad.tensors.get(layer, m).map(|p| (ad, p)))
+    }
+
+    /// The room [`Backend::product_input`] leaves in the inputs of adapted projections: the
+    /// adapters' rank, unless dropout is on (its backward masks the adapter's share of dx, which
+    /// then cannot be folded into the base product).
+    fn room(ad: Option<&Adapters<B>>) -> usize {
+        ad.filter(|ad| ad.dropout_seed.is_none() || ad.cfg.dropout == 0.0)
+            .map_or(0, |ad| ad.cfg.rank)
     }
 
     /// `dropout(x)·Aᵀ` of module `m` when it is adapted: `kept` when the forward pass kept it (a
@@ -304,7 +307,8 @@ impl<B: Backend> Decoder<B> {
     /// Backward of [`Decoder::project`]: returns dx, added into `acc` when given (the inputs
     /// shared by several projections), and adds into the pair's gradients `dB += s·dyᵀ·xa`,
     /// `dA += (s·dy·B)ᵀ·dropout(x)`. As in the forward, the base product comes last and
-    /// accumulates onto the adapter's share of dx.
+    /// accumulates onto the adapter's share of dx (or runs as one product with it:
+    /// [`Backend::adapted_product_backward`]).
     #[allow(clippy::too_many_arguments)]
     fn project_backward(
         &self,
@@ -320,36 +324,16 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let w = &self.weights.layers[layer].proj[m as usize];
-        match self.adapter_backward(layer, m, dy, x, xa, ad, grads, acc, chunk)? {
-            Some(mut dx) => {
-                be.matmul(dy, false, w, false, 1.0, &mut dx, true)?;
-                Ok(dx)
-            }
-            None => be.product(dy, false, w, false, 1.0),
-        }
-    }
-
-    /// The adapter's part of [`Decoder::project_backward`]: adds into the pair's gradients and
-    /// returns its share of dx, added into `acc` when given; returns `acc` as it is when `m` of
-    /// `layer` is not adapted.
-    #[allow(clippy::too_many_arguments)]
-    fn adapter_backward(
-        &self,
-        layer: usize,
-        m: TargetModule,
-        dy: &B::Tensor,
-        x: &B::Tensor,
-        xa: Option<&B::Tensor>,
-        ad: &Adapters<B>,
-        grads: &mut LoraTensors<B>,
-        acc: Option<B::Tensor>,
-        chunk: usize,
-    ) -> Result<Option<B::Tensor>> {
-        let be = &self.backend;
         let (Some(xa), Some(pair), Some(grad)) =
             (xa, ad.tensors.get(layer, m), grads.get_mut(layer, m))
         else {
-            return Ok(acc);
+            return match acc {
+                Some(mut dx) => {
+                    be.matmul(dy, false, w, false, 1.0, &mut dx, true)?;
+                    Ok(dx)
+                }
+                None => be.product(dy, false, w, false, 1.0),
+            };
         };
         let s = ad.cfg.scale();
         be.matmul(dy, true, xa, false, s, &mut grad.b, true)?;
@@ -366,26 +350,18 @@ impl<B: Backend> Decoder<B> {
             true,
         )?;
         drop(dropped);
-        let dx = match (seed, acc) {
-            // d dropout(x) = dropout(dxa·A): masked and scaled as the forward was.
-            (Some(seed), acc) => {
-                let dxin = be.product(&dxa, false, &pair.a, false, 1.0)?;
-                let dxin = be.dropout(&dxin, ad.cfg.dropout, seed)?;
-                match acc {
-                    Some(mut dx) => {
-                        be.add_assign(&mut dx, &dxin)?;
-                        dx
-                    }
-                    None => dxin,
-                }
-            }
-            (None, Some(mut dx)) => {
-                be.matmul(&dxa, false, &pair.a, false, 1.0, &mut dx, true)?;
-                dx
-            }
-            (None, None) => be.product(&dxa, false, &pair.a, false, 1.0)?,
+        let Some(seed) = seed else {
+            return be.adapted_product_backward(dy, w, &dxa, &pair.a, acc);
         };
-        Ok(Some(dx))
+        // d dropout(x) = dropout(dxa·A): masked and scaled as the forward was.
+        let dxin = be.product(&dxa, false, &pair.a, false, 1.0)?;
+        let mut dx = be.dropout(&dxin, ad.cfg.dropout, seed)?;
+        drop(dxin);
+        if let Some(acc) = acc {
+            be.add_assign(&mut dx, &acc)?;
+        }
+        be.matmul(dy, false, w, false, 1.0, &mut dx, true)?;
+        Ok(dx)
     }
 
     /// Per-head RMSNorm of q or k (qwen3): rows of `head_dim` values.
@@ -451,7 +427,7 @@ impl<B: Backend> Decoder<B> {
         let lw = &self.weights.layers[layer];
         let [kq, kk, kv, ko] = kept;
         let (h1, r1) = be.rmsnorm(x, &lw.attn_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
-        let h1 = be.product_input(h1)?;
+        let h1 = be.product_input(h1, Self::room(ad))?;
         let (q, xq) = self.project(layer, Q, &h1, ad, 0, kq)?;
         let (k, xk) = self.project(layer, K, &h1, ad, 0, kk)?;
         let (v, xv) = self.project(layer, V, &h1, ad, 0, kv)?;
@@ -470,7 +446,7 @@ impl<B: Backend> Decoder<B> {
         let mut x1 = be.duplicate(x)?;
         be.add_assign(&mut x1, &o)?;
         let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
-        let h2 = be.product_input(h2)?;
+        let h2 = be.product_input(h2, Self::room(ad))?;
         Ok(LayerCache {
             h1,
             r1,
@@ -534,7 +510,8 @@ impl<B: Backend> Decoder<B> {
         for (c, (start, rows)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
             let h = self.rows_of(h2, start, rows)?;
             let ((g, u), [xg, xu]) = self.gate_up(layer, &h, ad, c, [None, None])?;
-            let m = be.gated_activation_for_products(&g, &u, self.cfg.activation)?;
+            let m =
+                be.gated_activation_for_products(&g, &u, self.cfg.activation, Self::room(ad))?;
             let (down, xd) = self.project(layer, TargetModule::Down, &m, ad, c, None)?;
             be.add_rows(&mut out, start, &down)?;
             kept.push(MlpChunk {
@@ -598,12 +575,13 @@ impl<B: Backend> Decoder<B> {
             Some(gu) => (gu, [xg, xu]),
             None => self.gate_up(layer, h, Some(ad), c, [xg, xu])?,
         };
-        let m = be.gated_activation_for_products(&g, &u, self.cfg.activation)?;
+        let room = Self::room(Some(ad));
+        let m = be.gated_activation_for_products(&g, &u, self.cfg.activation, room)?;
         let xd = self.adapter_input(layer, Down, &m, Some(ad), c, xd)?;
         let dm = self.project_backward(layer, Down, dy, &m, xd.as_ref(), ad, grads, None, c)?;
         drop(m);
         let act = self.cfg.activation;
-        let (dg, du) = be.gated_activation_backward_for_products(&dm, &g, &u, act)?;
+        let (dg, du) = be.gated_activation_backward_for_products(&dm, &g, &u, act, room)?;
         drop((g, u, dm));
         let dh = self.project_backward(layer, Gate, &dg, h, xg.as_ref(), ad, grads, None, c)?;
         self.project_backward(layer, Up, &du, h, xu.as_ref(), ad, grads, Some(dh), c)
@@ -663,10 +641,11 @@ impl<B: Backend> Decoder<B> {
             dq = self.head_norm_backward(dq, &raw.q, qn, &raw.rq)?;
             dk = self.head_norm_backward(dk, &raw.k, kn, &raw.rk)?;
         }
+        let room = Self::room(Some(ad));
         let (dq, dk, dv) = (
-            be.product_input(dq)?,
-            be.product_input(dk)?,
-            be.product_input(dv)?,
+            be.product_input(dq, room)?,
+            be.product_input(dk, room)?,
+            be.product_input(dv, room)?,
         );
         let dh1 = self.project_backward(layer, Q, &dq, &h1, xa(Q), ad, grads, None, 0)?;
         drop(dq);
@@ -824,7 +803,7 @@ impl<B: Backend> Decoder<B> {
         let norm = &self.weights.final_norm;
         let (h, r) = be.rmsnorm(&last, norm, eps, offset)?;
         // Rounded once for the head's products (half the bytes while the logits are live).
-        let h = be.product_input(h)?;
+        let h = be.product_input(h, 0)?;
         let head_copy = head_copy.map(|t| be.settle(t)).transpose()?;
         let head = head_copy
             .as_ref()

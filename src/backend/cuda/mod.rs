@@ -7,6 +7,8 @@
 mod arena;
 mod blas;
 pub mod device;
+mod fold;
+pub use fold::MAX_FOLDED_RANK;
 mod graph;
 mod host_table;
 pub mod kernels;
@@ -114,6 +116,7 @@ fn storage_name(s: &Storage) -> &'static str {
     match s {
         Storage::F32(_) => "f32",
         Storage::Bf16(_) => "bf16",
+        Storage::Bf16Pitched { .. } => "bf16 (rows with spare columns)",
         Storage::Nf4(_) => "NF4",
         Storage::Host(_) => "host-resident",
         Storage::Offloaded(_) => "offloaded",
@@ -363,6 +366,11 @@ impl CudaBackend {
             Storage::F32(b) => Ok(self.buffer_ptr(b)),
             Storage::Bf16(b) => Ok(self.buffer_ptr(b)),
             Storage::Nf4(s) => Ok(self.buffer_ptr(&s.packed)),
+            Storage::Bf16Pitched { .. } => Err(Error::InvalidArgument(
+                "a product input with spare columns after each row was passed to an operation \
+                 that reads dense rows; only products, copy_rows, duplicate and download read it"
+                    .into(),
+            )),
             Storage::Host(_) => Err(Error::InvalidArgument(
                 "a table in host memory was passed where a device tensor is needed; embedding \
                  reads it over the bus, products through a device copy"
@@ -407,24 +415,70 @@ impl CudaBackend {
         }
     }
 
-    /// `gated_activation`, written in bf16 when `rounded`.
+    /// An uninitialised bf16 product input with `room` spare columns after each row where
+    /// [`fold::room_pitch`] gives it (dense otherwise).
+    fn product_input_tensor(
+        &self,
+        rows: usize,
+        cols: usize,
+        room: usize,
+        what: &str,
+    ) -> Result<CudaTensor> {
+        let Some(pitch) = fold::room_pitch(cols, room) else {
+            return self.bf16_tensor(rows, cols, what);
+        };
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::Bf16Pitched {
+                values: self.gpu.alloc::<u16>(rows * pitch, what)?,
+                pitch,
+            },
+        })
+    }
+
+    /// The output of a rounding kernel: f32 as computed, or a bf16 product input with `room`.
+    fn rounded_output(
+        &self,
+        like: &CudaTensor,
+        rounded: bool,
+        room: usize,
+        what: &str,
+    ) -> Result<CudaTensor> {
+        match rounded {
+            true => self.product_input_tensor(like.rows, like.cols, room, what),
+            false => self.tensor(like.rows, like.cols, what),
+        }
+    }
+
+    /// Address of `t`'s values for kernels that write rows `t.pitch()` apart.
+    fn rows_ptr(&self, t: &CudaTensor) -> Result<u64> {
+        match &t.storage {
+            Storage::Bf16Pitched { values, .. } => Ok(self.buffer_ptr(values)),
+            _ => self.ptr(t),
+        }
+    }
+
+    /// `gated_activation`, written as a bf16 product input with `room` when `rounded`.
     fn gated_activation_as(
         &self,
         g: &CudaTensor,
         u: &CudaTensor,
         act: Activation,
         rounded: bool,
+        room: usize,
     ) -> Result<CudaTensor> {
         same_shape(g, u, "gated_activation")?;
-        let h = self.tensor_as(g.rows, g.cols, rounded, "MLP activation")?;
-        let args = [
+        let h = self.rounded_output(g, rounded, room, "MLP activation")?;
+        let mut args = vec![
             self.f32_arg(g, "gated_activation")?,
             self.f32_arg(u, "gated_activation")?,
-            Arg::Ptr(self.ptr(&h)?),
+            Arg::Ptr(self.rows_ptr(&h)?),
             count(g.elements()),
             Arg::I32(activation_code(act)),
         ];
         let kernel = if rounded {
+            args.extend([dim(h.cols), count(h.pitch())]);
             "gated_act_fwd_bf16"
         } else {
             "gated_act_fwd"
@@ -433,7 +487,8 @@ impl CudaBackend {
         Ok(h)
     }
 
-    /// `gated_activation_backward`, both gradients written in bf16 when `rounded`.
+    /// `gated_activation_backward`, both gradients written as bf16 product inputs with `room`
+    /// when `rounded`.
     fn gated_activation_backward_as(
         &self,
         dh: &CudaTensor,
@@ -441,22 +496,24 @@ impl CudaBackend {
         u: &CudaTensor,
         act: Activation,
         rounded: bool,
+        room: usize,
     ) -> Result<(CudaTensor, CudaTensor)> {
         same_shape(g, u, "gated_activation_backward")?;
         same_shape(g, dh, "gated_activation_backward")?;
-        let dg = self.tensor_as(g.rows, g.cols, rounded, "MLP gradient")?;
-        let du = self.tensor_as(g.rows, g.cols, rounded, "MLP gradient")?;
+        let dg = self.rounded_output(g, rounded, room, "MLP gradient")?;
+        let du = self.rounded_output(g, rounded, room, "MLP gradient")?;
         let what = "gated_activation_backward";
-        let args = [
+        let mut args = vec![
             self.f32_arg(dh, what)?,
             self.f32_arg(g, what)?,
             self.f32_arg(u, what)?,
-            Arg::Ptr(self.ptr(&dg)?),
-            Arg::Ptr(self.ptr(&du)?),
+            Arg::Ptr(self.rows_ptr(&dg)?),
+            Arg::Ptr(self.rows_ptr(&du)?),
             count(g.elements()),
             Arg::I32(activation_code(act)),
         ];
         let kernel = if rounded {
+            args.extend([dim(dg.cols), count(dg.pitch())]);
             "gated_act_bwd_bf16"
         } else {
             "gated_act_bwd"
@@ -502,7 +559,7 @@ impl CudaBackend {
         let mut staged = Staged::default();
         let (ptr, dtype) = match (&t.storage, bf16) {
             (Storage::Nf4(s), _) => {
-                let (ptr, scratch) = self.dequantize_nf4(s, t.elements())?;
+                let (ptr, scratch) = self.dequantize_nf4(s, t.rows, t.cols, t.cols, 0)?;
                 staged._nf4_scratch = Some(scratch);
                 (ptr, Dtype::Bf16)
             }
@@ -517,6 +574,13 @@ impl CudaBackend {
                 let ptr = self.buffer_ptr(&copy);
                 staged._bf16_copy = Some(copy);
                 (ptr, Dtype::Bf16)
+            }
+            (Storage::Bf16Pitched { values, pitch }, _) => {
+                let operand = Operand {
+                    pitch: *pitch,
+                    ..Operand::dense(self.buffer_ptr(values), Dtype::Bf16, t.rows, t.cols)
+                };
+                return Ok((operand, staged));
             }
             _ => (self.ptr(t)?, t.dtype()),
         };
@@ -734,6 +798,14 @@ impl Backend for CudaBackend {
                 .into_iter()
                 .map(|x| half::bf16::from_bits(x).to_f32())
                 .collect()),
+            Storage::Bf16Pitched { values, pitch } => Ok(self
+                .gpu
+                .download(&values.slice, "downloading a product input")?
+                .chunks(*pitch)
+                .take(t.rows)
+                .flat_map(|row| &row[..t.cols])
+                .map(|&x| half::bf16::from_bits(x).to_f32())
+                .collect()),
             Storage::Nf4(_) => Ok(self.download_nf4(t)?.dequantize()),
             Storage::Offloaded(o) => match &o.host {
                 Some(host) => Ok(host
@@ -795,6 +867,10 @@ impl Backend for CudaBackend {
         let storage = match &t.storage {
             Storage::F32(b) => Storage::F32(self.copy_buffer(b, "a tensor copy")?),
             Storage::Bf16(b) => Storage::Bf16(self.copy_buffer(b, "a weight copy")?),
+            Storage::Bf16Pitched { values, pitch } => Storage::Bf16Pitched {
+                values: self.copy_buffer(values, "a product input copy")?,
+                pitch: *pitch,
+            },
             Storage::Nf4(s) => Storage::Nf4(Box::new(self.duplicate_nf4(s)?)),
             Storage::Host(table) => Storage::Host(HostTable::new(&self.gpu, table.bits()?)?),
             Storage::Offloaded(_) | Storage::Arriving(_) => {
@@ -864,11 +940,15 @@ impl Backend for CudaBackend {
         self.gemm(name, oa, trans_a, ob, trans_b, alpha, beta, oc)
     }
 
-    /// Rounds an f32 `x` to bf16 once (the products would each round it otherwise); with
+    /// Rounds an f32 `x` to bf16 once (the products would each round it otherwise), with
+    /// `room` spare columns after each row for the adapted products (fold.rs); with
     /// [`F32Products::Exact`] nothing is rounded.
-    fn product_input(&self, x: CudaTensor) -> Result<CudaTensor> {
+    fn product_input(&self, x: CudaTensor, room: usize) -> Result<CudaTensor> {
         if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
             return Ok(x);
+        }
+        if fold::room_pitch(x.cols, room).is_some() {
+            return self.rounded_with_room(&x, room);
         }
         let rounded = self.cast_to_bf16(self.ptr(&x)?, x.elements())?;
         Ok(CudaTensor {
@@ -876,6 +956,34 @@ impl Backend for CudaBackend {
             cols: x.cols,
             storage: Storage::Bf16(rounded),
         })
+    }
+
+    fn adapted_product(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        xa: &CudaTensor,
+        b: &CudaTensor,
+        s: f32,
+    ) -> Result<CudaTensor> {
+        match self.folded_product(x, w, xa, b, s)? {
+            Some(y) => Ok(y),
+            None => super::adapted_product_in_two(self, x, w, xa, b, s),
+        }
+    }
+
+    fn adapted_product_backward(
+        &self,
+        dy: &CudaTensor,
+        w: &CudaTensor,
+        dxa: &CudaTensor,
+        a: &CudaTensor,
+        acc: Option<CudaTensor>,
+    ) -> Result<CudaTensor> {
+        match self.folded_product_backward(dy, w, dxa, a, acc)? {
+            Ok(dx) => Ok(dx),
+            Err(acc) => super::adapted_product_backward_in_two(self, dy, w, dxa, a, acc),
+        }
     }
 
     fn add_row_vector(&self, x: &mut CudaTensor, bias: &CudaTensor) -> Result<()> {
@@ -1277,10 +1385,14 @@ impl Backend for CudaBackend {
 
     fn copy_rows(&self, t: &CudaTensor, start: usize, rows: usize) -> Result<CudaTensor> {
         super::check_rows(t.rows, start, rows, (t.cols, t.cols), "copy_rows")?;
-        let range = start * t.cols..(start + rows) * t.cols;
+        let range = start * t.pitch()..(start + rows) * t.pitch();
         let storage = match &t.storage {
             Storage::F32(b) => Storage::F32(self.copy_range(b, range, "a copy of rows")?),
             Storage::Bf16(b) => Storage::Bf16(self.copy_range(b, range, "a copy of rows")?),
+            Storage::Bf16Pitched { values, pitch } => Storage::Bf16Pitched {
+                values: self.copy_range(values, range, "a copy of rows")?,
+                pitch: *pitch,
+            },
             _ => return Err(wants_f32_or_bf16(t, "copy_rows")),
         };
         Ok(CudaTensor {
@@ -1335,7 +1447,7 @@ impl Backend for CudaBackend {
         u: &CudaTensor,
         act: Activation,
     ) -> Result<CudaTensor> {
-        self.gated_activation_as(g, u, act, false)
+        self.gated_activation_as(g, u, act, false, 0)
     }
 
     fn gated_activation_backward(
@@ -1345,7 +1457,7 @@ impl Backend for CudaBackend {
         u: &CudaTensor,
         act: Activation,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        self.gated_activation_backward_as(dh, g, u, act, false)
+        self.gated_activation_backward_as(dh, g, u, act, false, 0)
     }
 
     fn gated_activation_for_products(
@@ -1353,8 +1465,9 @@ impl Backend for CudaBackend {
         g: &CudaTensor,
         u: &CudaTensor,
         act: Activation,
+        room: usize,
     ) -> Result<CudaTensor> {
-        self.gated_activation_as(g, u, act, self.rounds_product_inputs())
+        self.gated_activation_as(g, u, act, self.rounds_product_inputs(), room)
     }
 
     fn gated_activation_backward_for_products(
@@ -1363,8 +1476,10 @@ impl Backend for CudaBackend {
         g: &CudaTensor,
         u: &CudaTensor,
         act: Activation,
+        room: usize,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        self.gated_activation_backward_as(dh, g, u, act, self.rounds_product_inputs())
+        let rounded = self.rounds_product_inputs();
+        self.gated_activation_backward_as(dh, g, u, act, rounded, room)
     }
 
     fn dropout(&self, x: &CudaTensor, p: f32, seed: u64) -> Result<CudaTensor> {

@@ -31,11 +31,11 @@ pub(super) struct Nf4Scratch {
 
 struct Slot {
     values: super::DeviceBuffer<u16>,
-    /// The [`Nf4Storage::id`] of the matrix whose values are in `values`.
-    holds: Option<u64>,
+    /// The [`Nf4Storage::id`] of the matrix whose values are in `values`, and their row pitch.
+    holds: Option<(u64, usize)>,
     /// The same as the work being recorded will find it when replayed (recorded work starts
     /// from nothing known, whatever the slots hold when it is recorded or replayed).
-    recorded: Option<u64>,
+    recorded: Option<(u64, usize)>,
 }
 
 /// The locked NF4 scratch.
@@ -120,10 +120,11 @@ impl CudaBackend {
         self.nf4_tensor(q.rows(), q.cols(), Nf4Storage::new(packed, absmax))
     }
 
-    /// The tensor of `storage`, with the scratch slots grown to hold its values in bf16 (so that
-    /// the memory account knows at load time what the products will need).
+    /// The tensor of `storage`, with the scratch slots grown to hold its values in bf16, with
+    /// the spare rows and columns of a folded product (fold.rs), so that the memory account
+    /// knows at load time what the products will need.
     fn nf4_tensor(&self, rows: usize, cols: usize, storage: Nf4Storage) -> Result<CudaTensor> {
-        let elements = rows * cols;
+        let elements = super::fold::folded_slot_elements(rows, cols);
         let mut scratch = self.lock_nf4_scratch();
         let big_enough = |slot: &Slot| slot.values.elements() >= elements;
         if scratch.slots.len() < DEQUANTIZED_SLOTS || !scratch.slots.iter().all(big_enough) {
@@ -171,19 +172,24 @@ impl CudaBackend {
         self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The address of a scratch slot holding the bf16 values of `s` (`elements` values): the
-    /// slot that already holds them, else the least recently used one, into which their
+    /// The address of a scratch slot holding the bf16 values of `s` (a `[rows, cols]` matrix)
+    /// with rows `pitch` values apart and room for `spare_rows` more rows below them: the slot
+    /// that already holds them so, else the least recently used one, into which their
     /// dequantization is queued. Returns the scratch's lock too, to hold until the product
     /// reading the slot is queued.
     pub(super) fn dequantize_nf4(
         &self,
         s: &Nf4Storage,
-        elements: usize,
+        rows: usize,
+        cols: usize,
+        pitch: usize,
+        spare_rows: usize,
     ) -> Result<(u64, ScratchGuard<'_>)> {
+        let elements = (rows + spare_rows) * pitch;
         let mut scratch = self.lock_nf4_scratch();
         // Recorded work keeps its own view of the slots and leaves the queued work's alone.
         let recording = self.gpu.records_here();
-        fn known(slot: &mut Slot, recording: bool) -> &mut Option<u64> {
+        fn known(slot: &mut Slot, recording: bool) -> &mut Option<(u64, usize)> {
             if recording {
                 &mut slot.recorded
             } else {
@@ -193,7 +199,7 @@ impl CudaBackend {
         let held = scratch
             .slots
             .iter_mut()
-            .position(|slot| *known(slot, recording) == Some(s.id));
+            .position(|slot| *known(slot, recording) == Some((s.id, pitch)));
         let i = match held {
             Some(i) => i,
             None => {
@@ -207,8 +213,8 @@ impl CudaBackend {
                         ))
                     })?;
                 *known(slot, recording) = None;
-                self.queue_dequantize(s, elements, self.buffer_ptr(&slot.values))?;
-                *known(slot, recording) = Some(s.id);
+                self.queue_dequantize(s, rows, cols, pitch, self.buffer_ptr(&slot.values))?;
+                *known(slot, recording) = Some((s.id, pitch));
                 0
             }
         };
@@ -218,8 +224,17 @@ impl CudaBackend {
         Ok((out, scratch))
     }
 
-    /// Queues the dequantization of the first `elements` values of `s` to bf16 at `out`.
-    fn queue_dequantize(&self, s: &Nf4Storage, elements: usize, out: u64) -> Result<()> {
+    /// Queues the dequantization of `s` (`[rows, cols]`) to bf16 at `out`, rows `pitch` values
+    /// apart (`cols`: dense; otherwise both multiples of 8, as fold.rs's pitches are).
+    fn queue_dequantize(
+        &self,
+        s: &Nf4Storage,
+        rows: usize,
+        cols: usize,
+        pitch: usize,
+        out: u64,
+    ) -> Result<()> {
+        let elements = rows * cols;
         let [absmax, codes, nested, map, offset] = match &s.absmax {
             DeviceAbsmax::Plain(a) => [self.buffer_ptr(a), 0, 0, 0, 0],
             DeviceAbsmax::Double {
@@ -244,6 +259,8 @@ impl CudaBackend {
             Arg::Ptr(offset),
             Arg::Ptr(out),
             count(elements),
+            super::dim(cols),
+            count(pitch),
         ];
         let shape = Shape::elementwise(elements.div_ceil(2));
         self.run("nf4", "nf4_dequantize_bf16", shape, &args)

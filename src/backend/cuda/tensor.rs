@@ -34,6 +34,13 @@ pub enum Dtype {
 pub enum Storage {
     F32(DeviceBuffer<f32>),
     Bf16(DeviceBuffer<u16>),
+    /// bf16 rows `pitch` values apart (`pitch > cols`): a product input with spare columns after
+    /// each row, where an adapted product writes its adapter's term (fold.rs). Only products,
+    /// `copy_rows`, `duplicate` and `download` read it.
+    Bf16Pitched {
+        values: DeviceBuffer<u16>,
+        pitch: usize,
+    },
     Nf4(Box<Nf4Storage>),
     /// A frozen table kept in pinned host memory as bf16 bits: read by the embedding kernel over
     /// the bus, copied to the device for products (an untied embedding table, or the output
@@ -161,10 +168,18 @@ impl CudaTensor {
         self.rows * self.cols
     }
 
+    /// Values from the start of one row to the next (`cols` unless the rows have spare columns).
+    pub fn pitch(&self) -> usize {
+        match self.storage {
+            Storage::Bf16Pitched { pitch, .. } => pitch,
+            _ => self.cols,
+        }
+    }
+
     pub fn dtype(&self) -> Dtype {
         match self.storage {
             Storage::F32(_) => Dtype::F32,
-            Storage::Bf16(_) => Dtype::Bf16,
+            Storage::Bf16(_) | Storage::Bf16Pitched { .. } => Dtype::Bf16,
             Storage::Nf4(_) => Dtype::Nf4,
             Storage::Host(_) => Dtype::HostBf16,
             Storage::Offloaded(_) => Dtype::Offloaded,

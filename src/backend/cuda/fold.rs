@@ -1,0 +1,216 @@
+//! Adapted products with the adapter's rank folded into the base product's inner dimension
+//! ([`Backend::adapted_product`](super::Backend::adapted_product) and its backward):
+//!
+//! ```text
+//!   y  = x·Wᵀ + s·xa·Bᵀ = [x | xa]·[W | s·B]ᵀ       inner dimension in + r
+//!   dx = dy·W + dxa·A   = [dy | dxa]·[W ; A]        inner dimension out + r
+//! ```
+//!
+//! One product instead of two: the rank-wide expansion `xa·Bᵀ` (or `dxa·A`) writes an
+//! activation-sized f32 output that the base product then reads and writes again, two passes
+//! over `[rows, out]` f32 values for a product of inner dimension r.
+//!
+//! The activation side: a product input with spare columns after each row
+//! (`Storage::Bf16Pitched`, from `product_input` or the gated kernels given the room), or an f32
+//! input, which the product rounds to bf16 anyway and is rounded here into rows with room; `xa`
+//! (or `dxa`) is rounded to bf16 into the spare columns. The weight side: an NF4 matrix is
+//! dequantized into a scratch slot with rows `in + room` apart (nf4.rs), `s·B` rounded into the
+//! spare columns of its `out` rows for the forward, `A` into the `r` rows below them for the
+//! backward. bf16 base matrices (LoRA on a bf16 model) are dense and shared by every trainer of
+//! a model: they keep the two products. So do ranks above [`MAX_FOLDED_RANK`], products with
+//! f32 arithmetic ([`super::F32Products::Exact`]) and inputs with no room.
+//!
+//! The adapter's factors and `xa` are rounded to bf16 like the activations (as in bf16
+//! mixed-precision training); the two-product path runs the rank-wide product in TF32.
+
+use super::blas::Operand;
+use super::launch::Arg;
+use super::tensor::{Dtype, Storage};
+use super::{count, dim, CudaBackend, CudaTensor};
+use crate::error::Result;
+
+/// The largest adapter rank folded into products (the NF4 scratch slots keep that many spare
+/// rows and columns).
+pub const MAX_FOLDED_RANK: usize = 64;
+
+/// The row pitch of a bf16 matrix of `cols` columns with `room` spare ones: `cols + room`
+/// rounded up to 8 values (rows 16-byte aligned, as cuBLAS's fast paths want), when
+/// `0 < room ≤ MAX_FOLDED_RANK` and `cols` is a multiple of 8; `None` otherwise (dense).
+pub(super) fn room_pitch(cols: usize, room: usize) -> Option<usize> {
+    (room > 0 && room <= MAX_FOLDED_RANK && cols % 8 == 0).then(|| cols + room.div_ceil(8) * 8)
+}
+
+/// Values an NF4 scratch slot holds so that a `[rows, cols]` matrix can be folded with any rank
+/// up to [`MAX_FOLDED_RANK`]: `rows + r` rows of the widest pitch.
+pub(super) fn folded_slot_elements(rows: usize, cols: usize) -> usize {
+    match room_pitch(cols, MAX_FOLDED_RANK) {
+        Some(pitch) => (rows + MAX_FOLDED_RANK) * pitch,
+        None => rows * cols,
+    }
+}
+
+/// The activation operand `[x | xa]` of a folded product, with what it reads from (a rounded
+/// copy of an f32 `x`, freed once the product is queued).
+struct Widened {
+    operand: Operand,
+    _copy: Option<CudaTensor>,
+}
+
+impl CudaBackend {
+    /// A bf16 copy of the f32 `x` with `room` spare columns after each row (room_pitch gives
+    /// its pitch).
+    pub(super) fn rounded_with_room(&self, x: &CudaTensor, room: usize) -> Result<CudaTensor> {
+        let out = self.product_input_tensor(x.rows, x.cols, room, "a product input")?;
+        self.write_rows_bf16(x, self.rows_ptr(&out)?, out.pitch(), 1.0)?;
+        Ok(out)
+    }
+
+    /// Writes `scale·src` (an f32 `[rows, cols]` matrix) rounded to bf16 at `dst`, its rows
+    /// `pitch` values apart.
+    fn write_rows_bf16(&self, src: &CudaTensor, dst: u64, pitch: usize, scale: f32) -> Result<()> {
+        let args = [
+            self.f32_arg(src, "an adapter's columns")?,
+            Arg::Ptr(dst),
+            count(src.rows),
+            dim(src.cols),
+            count(pitch),
+            Arg::F32(scale),
+        ];
+        self.elementwise_grouped("cast_f32_bf16_rows", src.elements(), 4, &args)
+    }
+
+    /// `[x | extra]` as a product operand: `extra` (f32 `[rows, r]`) rounded into the spare
+    /// columns of `x`, or of a rounded copy of an f32 `x`; `None` when `x` has no room for it.
+    fn widened(&self, x: &CudaTensor, extra: &CudaTensor) -> Result<Option<Widened>> {
+        let r = extra.cols;
+        if extra.rows != x.rows || !self.rounds_product_inputs() {
+            return Ok(None);
+        }
+        let copy = match &x.storage {
+            Storage::Bf16Pitched { pitch, .. } if *pitch >= x.cols + r => None,
+            Storage::F32(_) if room_pitch(x.cols, r).is_some() => {
+                Some(self.rounded_with_room(x, r)?)
+            }
+            _ => return Ok(None),
+        };
+        let t = copy.as_ref().unwrap_or(x);
+        let base = self.rows_ptr(t)?;
+        let tail = base + (t.cols * std::mem::size_of::<u16>()) as u64;
+        self.write_rows_bf16(extra, tail, t.pitch(), 1.0)?;
+        Ok(Some(Widened {
+            operand: Operand {
+                ptr: base,
+                dtype: Dtype::Bf16,
+                rows: t.rows,
+                cols: t.cols + r,
+                pitch: t.pitch(),
+            },
+            _copy: copy,
+        }))
+    }
+
+    /// The pitch of `w`'s folded layout for rank `r`, when `w` is an NF4 matrix that can be
+    /// folded.
+    fn folded_pitch(&self, w: &CudaTensor, r: usize) -> Option<usize> {
+        match w.storage {
+            Storage::Nf4(_) => room_pitch(w.cols, r),
+            _ => None,
+        }
+    }
+
+    /// `[x | xa]·[W | s·B]ᵀ` when it can run as one product (see the module comment).
+    pub(super) fn folded_product(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        xa: &CudaTensor,
+        b: &CudaTensor,
+        s: f32,
+    ) -> Result<Option<CudaTensor>> {
+        let r = xa.cols;
+        let (Storage::Nf4(nf4), Some(pitch)) = (&w.storage, self.folded_pitch(w, r)) else {
+            return Ok(None);
+        };
+        if (b.rows, b.cols) != (w.rows, r) || x.cols != w.cols {
+            return Ok(None);
+        }
+        let Some(act) = self.widened(x, xa)? else {
+            return Ok(None);
+        };
+        let (slot, _scratch) = self.dequantize_nf4(nf4, w.rows, w.cols, pitch, r)?;
+        let tail = slot + (w.cols * std::mem::size_of::<u16>()) as u64;
+        self.write_rows_bf16(b, tail, pitch, s)?;
+        let weight = Operand {
+            ptr: slot,
+            dtype: Dtype::Bf16,
+            rows: w.rows,
+            cols: w.cols + r,
+            pitch,
+        };
+        let y = self.tensor(x.rows, w.rows, "a tensor")?;
+        let (out, _) = self.operand(&y, false)?;
+        self.gemm(
+            "gemm_bf16_folded",
+            act.operand,
+            false,
+            weight,
+            true,
+            1.0,
+            0.0,
+            out,
+        )?;
+        Ok(Some(y))
+    }
+
+    /// `[dy | dxa]·[W ; A]` (added into `acc` when given) when it can run as one product;
+    /// otherwise `acc` comes back untouched.
+    pub(super) fn folded_product_backward(
+        &self,
+        dy: &CudaTensor,
+        w: &CudaTensor,
+        dxa: &CudaTensor,
+        a: &CudaTensor,
+        acc: Option<CudaTensor>,
+    ) -> Result<std::result::Result<CudaTensor, Option<CudaTensor>>> {
+        let r = dxa.cols;
+        let (Storage::Nf4(nf4), Some(pitch)) = (&w.storage, self.folded_pitch(w, r)) else {
+            return Ok(Err(acc));
+        };
+        let acc_fits = acc
+            .as_ref()
+            .is_none_or(|t| (t.rows, t.cols) == (dy.rows, w.cols));
+        if (a.rows, a.cols) != (r, w.cols) || dy.cols != w.rows || !acc_fits {
+            return Ok(Err(acc));
+        }
+        let Some(act) = self.widened(dy, dxa)? else {
+            return Ok(Err(acc));
+        };
+        let (slot, _scratch) = self.dequantize_nf4(nf4, w.rows, w.cols, pitch, r)?;
+        let below = slot + (w.rows * pitch * std::mem::size_of::<u16>()) as u64;
+        self.write_rows_bf16(a, below, pitch, 1.0)?;
+        let weight = Operand {
+            ptr: slot,
+            dtype: Dtype::Bf16,
+            rows: w.rows + r,
+            cols: w.cols,
+            pitch,
+        };
+        let beta = if acc.is_some() { 1.0 } else { 0.0 };
+        let dx = match acc {
+            Some(dx) => dx,
+            None => self.tensor(dy.rows, w.cols, "a tensor")?,
+        };
+        let (out, _) = self.operand(&dx, false)?;
+        self.gemm(
+            "gemm_bf16_folded",
+            act.operand,
+            false,
+            weight,
+            false,
+            1.0,
+            beta,
+            out,
+        )?;
+        Ok(Ok(dx))
+    }
+}
