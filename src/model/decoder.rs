@@ -162,6 +162,28 @@ impl<B: Backend> Checkpoint<B> {
     }
 }
 
+/// What [`Decoder::attention_half`] computes: `h1`, the adapter inputs of q, k and v, q and k
+/// before their per-head norm (qwen3), q, k, v as attention read them, its output and lse.
+struct AttentionHalf<B: Backend> {
+    h1: B::Tensor,
+    r1: B::Tensor,
+    xa: [Option<B::Tensor>; 3],
+    qk_raw: Option<QkNormCache<B>>,
+    q: B::Tensor,
+    k: B::Tensor,
+    v: B::Tensor,
+    attn: B::Tensor,
+    lse: B::Tensor,
+}
+
+/// What [`Decoder::residual_half`] computes: o's adapter input, `x1`, `h2` and its 1/rms.
+struct ResidualHalf<B: Backend> {
+    xo: Option<B::Tensor>,
+    x1: B::Tensor,
+    h2: B::Tensor,
+    r2: B::Tensor,
+}
+
 /// Rows of a tensor: all of it (borrowed) or a copy of some.
 enum Rows<'a, T> {
     All(&'a T),
@@ -421,11 +443,72 @@ impl<B: Backend> Decoder<B> {
         attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
         kept: [Option<B::Tensor>; 4],
     ) -> Result<LayerCache<B>> {
+        let [kq, kk, kv, ko] = kept;
+        let a = self.attention_half(layer, x, positions, ad, attend, [kq, kk, kv])?;
+        let r = self.residual_half(layer, x, &a.attn, ad, ko)?;
+        let [xq, xk, xv] = a.xa;
+        Ok(LayerCache {
+            h1: a.h1,
+            r1: a.r1,
+            xa: [xq, xk, xv, r.xo],
+            qk_raw: a.qk_raw,
+            q: a.q,
+            k: a.k,
+            v: a.v,
+            attn: a.attn,
+            lse: a.lse,
+            x1: r.x1,
+            h2: r.h2,
+            r2: r.r2,
+            mlp: Vec::new(),
+        })
+    }
+
+    /// A checkpointed layer's forward up to `h2`, keeping only what the checkpoint and the MLP
+    /// need (the adapter inputs, the attention output and its log-sum-exp, x1, h2): the
+    /// attention's inputs are freed before the output projection runs, which lowers the
+    /// forward pass's working set (the peak while the output projection's copy arrives:
+    /// [`Backend::prefetch_copy`]).
+    #[allow(clippy::type_complexity)]
+    fn checkpointed_layer_forward(
+        &self,
+        layer: usize,
+        x: &B::Tensor,
+        positions: &B::Ints,
+        ad: &Adapters<B>,
+        attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
+    ) -> Result<(
+        [Option<B::Tensor>; 4],
+        B::Tensor,
+        B::Tensor,
+        B::Tensor,
+        B::Tensor,
+    )> {
+        // The rest of the attention half (h1, q, k, v) is freed at the end of this block.
+        let ([xq, xk, xv], attn, lse) = {
+            let a =
+                self.attention_half(layer, x, positions, Some(ad), attend, Default::default())?;
+            (a.xa, a.attn, a.lse)
+        };
+        let r = self.residual_half(layer, x, &attn, Some(ad), None)?;
+        Ok(([xq, xk, xv, r.xo], attn, lse, r.x1, r.h2))
+    }
+
+    /// The first half of a layer's forward: `h1`, q, k, v and the attention over them.
+    fn attention_half(
+        &self,
+        layer: usize,
+        x: &B::Tensor,
+        positions: &B::Ints,
+        ad: Option<&Adapters<B>>,
+        attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
+        kept: [Option<B::Tensor>; 3],
+    ) -> Result<AttentionHalf<B>> {
         use TargetModule::*;
         let be = &self.backend;
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
-        let [kq, kk, kv, ko] = kept;
+        let [kq, kk, kv] = kept;
         let (h1, r1) = be.rmsnorm(x, &lw.attn_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
         let h1 = be.product_input(h1, Self::room(ad))?;
         let (q, xq) = self.project(layer, Q, &h1, ad, 0, kq)?;
@@ -442,26 +525,39 @@ impl<B: Backend> Decoder<B> {
         be.rope(&mut q, positions, &self.inv_freq, cfg.head_dim, false)?;
         be.rope(&mut k, positions, &self.inv_freq, cfg.head_dim, false)?;
         let (attn, lse) = attend(&q, &k, &v)?;
-        let (o, xo) = self.project(layer, O, &attn, ad, 0, ko)?;
-        let mut x1 = be.duplicate(x)?;
-        be.add_assign(&mut x1, &o)?;
-        let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
-        let h2 = be.product_input(h2, Self::room(ad))?;
-        Ok(LayerCache {
+        Ok(AttentionHalf {
             h1,
             r1,
-            xa: [xq, xk, xv, xo],
+            xa: [xq, xk, xv],
             qk_raw,
             q,
             k,
             v,
             attn,
             lse,
-            x1,
-            h2,
-            r2,
-            mlp: Vec::new(),
         })
+    }
+
+    /// The second half of a layer's forward up to the MLP's input: `x1 = x + Po(attn)` and
+    /// `h2 = rmsnorm(x1)`; `kept` is o's adapter input when the forward pass kept it.
+    fn residual_half(
+        &self,
+        layer: usize,
+        x: &B::Tensor,
+        attn: &B::Tensor,
+        ad: Option<&Adapters<B>>,
+        kept: Option<B::Tensor>,
+    ) -> Result<ResidualHalf<B>> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let lw = &self.weights.layers[layer];
+        let (o, xo) = self.project(layer, TargetModule::O, attn, ad, 0, kept)?;
+        let mut x1 = be.duplicate(x)?;
+        be.add_assign(&mut x1, &o)?;
+        drop(o);
+        let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
+        let h2 = be.product_input(h2, Self::room(ad))?;
+        Ok(ResidualHalf { xo, x1, h2, r2 })
     }
 
     /// Rows `[start, start + rows)` of `t`, copied only when that is not all of it.
@@ -853,21 +949,8 @@ impl<B: Backend> Decoder<B> {
             let stays = layer + 1 == n;
             let attend = self.batch_attention(batch);
             let out = if saving.recompute {
-                let LayerCache {
-                    xa,
-                    attn,
-                    lse,
-                    x1,
-                    h2,
-                    ..
-                } = self.layer_cache(
-                    layer,
-                    &x,
-                    &batch.positions,
-                    Some(ad),
-                    attend,
-                    Default::default(),
-                )?;
+                let (xa, attn, lse, x1, h2) =
+                    self.checkpointed_layer_forward(layer, &x, &batch.positions, ad, attend)?;
                 // Stashed before the MLP is queued, so that its copy runs beside the MLP: the
                 // next stash makes the compute stream wait for it.
                 let attention = match saving.offload_attention {
