@@ -114,22 +114,11 @@ struct QkNormCache<B: Backend> {
     rk: B::Tensor,
 }
 
-/// Intermediate values of one layer kept for its backward pass.
+/// Intermediate values of one layer kept for its backward pass: both halves of its forward up
+/// to the MLP, and what the MLP chunks kept.
 struct LayerCache<B: Backend> {
-    h1: B::Tensor,
-    r1: B::Tensor,
-    /// `dropout(input)·Aᵀ` of each adapted attention projection (q, k, v, o).
-    xa: [Option<B::Tensor>; 4],
-    /// q and k before their per-head norm (qwen3).
-    qk_raw: Option<QkNormCache<B>>,
-    q: B::Tensor,
-    k: B::Tensor,
-    v: B::Tensor,
-    attn: B::Tensor,
-    lse: B::Tensor,
-    x1: B::Tensor,
-    h2: B::Tensor,
-    r2: B::Tensor,
+    attention: AttentionHalf<B>,
+    residual: ResidualHalf<B>,
     /// Each MLP chunk's `gate` and `up` when the forward pass kept them; empty when the backward
     /// recomputes them from `h2`.
     mlp: Vec<MlpChunk<B>>,
@@ -167,6 +156,7 @@ impl<B: Backend> Checkpoint<B> {
 struct AttentionHalf<B: Backend> {
     h1: B::Tensor,
     r1: B::Tensor,
+    /// `dropout(h1)·Aᵀ` of q, k and v where adapted.
     xa: [Option<B::Tensor>; 3],
     qk_raw: Option<QkNormCache<B>>,
     q: B::Tensor,
@@ -176,7 +166,8 @@ struct AttentionHalf<B: Backend> {
     lse: B::Tensor,
 }
 
-/// What [`Decoder::residual_half`] computes: o's adapter input, `x1`, `h2` and its 1/rms.
+/// What [`Decoder::residual_half`] computes: o's adapter input `dropout(attn)·Aᵀ`, `x1`, `h2`
+/// and its 1/rms.
 struct ResidualHalf<B: Backend> {
     xo: Option<B::Tensor>,
     x1: B::Tensor,
@@ -427,7 +418,8 @@ impl<B: Backend> Decoder<B> {
         keep_mlp: bool,
     ) -> Result<(B::Tensor, LayerCache<B>)> {
         let mut cache = self.layer_cache(layer, x, positions, ad, attend, Default::default())?;
-        let (out, mlp) = self.mlp_forward(layer, &cache.x1, &cache.h2, ad, keep_mlp)?;
+        let r = &cache.residual;
+        let (out, mlp) = self.mlp_forward(layer, &r.x1, &r.h2, ad, keep_mlp)?;
         cache.mlp = mlp;
         Ok((out, cache))
     }
@@ -444,22 +436,11 @@ impl<B: Backend> Decoder<B> {
         kept: [Option<B::Tensor>; 4],
     ) -> Result<LayerCache<B>> {
         let [kq, kk, kv, ko] = kept;
-        let a = self.attention_half(layer, x, positions, ad, attend, [kq, kk, kv])?;
-        let r = self.residual_half(layer, x, &a.attn, ad, ko)?;
-        let [xq, xk, xv] = a.xa;
+        let attention = self.attention_half(layer, x, positions, ad, attend, [kq, kk, kv])?;
+        let residual = self.residual_half(layer, x, &attention.attn, ad, ko)?;
         Ok(LayerCache {
-            h1: a.h1,
-            r1: a.r1,
-            xa: [xq, xk, xv, r.xo],
-            qk_raw: a.qk_raw,
-            q: a.q,
-            k: a.k,
-            v: a.v,
-            attn: a.attn,
-            lse: a.lse,
-            x1: r.x1,
-            h2: r.h2,
-            r2: r.r2,
+            attention,
+            residual,
             mlp: Vec::new(),
         })
     }
@@ -702,20 +683,22 @@ impl<B: Backend> Decoder<B> {
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
         let LayerCache {
-            h1,
-            r1,
-            xa,
-            qk_raw,
-            q,
-            k,
-            v,
-            attn,
-            lse,
-            x1,
-            h2,
-            r2,
+            attention:
+                AttentionHalf {
+                    h1,
+                    r1,
+                    xa: [xq, xk, xv],
+                    qk_raw,
+                    q,
+                    k,
+                    v,
+                    attn,
+                    lse,
+                },
+            residual: ResidualHalf { xo, x1, h2, r2 },
             mlp,
         } = c;
+        let xa = [xq, xk, xv, xo];
         let xa = |m: TargetModule| xa[m as usize].as_ref();
         // out = x1 + mlp(h2): dx1 starts as d_out.
         let dh2 = self.mlp_backward(layer, &d_out, &h2, mlp, ad, grads)?;
