@@ -898,6 +898,10 @@ impl Backend for CudaBackend {
             rows * cols,
             "reshape changes the element count"
         );
+        assert!(
+            cols == t.cols || t.pitch() == t.cols,
+            "reshape of rows with spare columns to another row length"
+        );
         CudaTensor { rows, cols, ..t }
     }
 
