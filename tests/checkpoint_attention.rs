@@ -1,6 +1,7 @@
 //! A checkpointed pass that keeps each layer's attention output (`Saving::offload_attention`)
 //! must give the gradients of one that recomputes it: the recomputation reads the kept output
-//! and log-sum-exp of the right layer instead of running the attention forward again.
+//! and log-sum-exp of the right layer instead of running the attention forward again. The same
+//! for the adapters' inputs (`Saving::keep_adapter_inputs`): kept or recomputed, bit for bit.
 //!
 //! On the CPU the stash keeps tensors where they are, so the path runs here as it does on a GPU
 //! (where the outputs go to host memory and come back), without the copies.
@@ -26,7 +27,9 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
         Ok(TensorValues::F32(init(spec)))
     })
     .unwrap();
-    let dec = Decoder::new(cfg.clone(), be, weights);
+    let mut dec = Decoder::new(cfg.clone(), be, weights);
+    // Three MLP chunks of the 48 rows: each keeps (or not) its own adapter inputs.
+    dec.set_mlp_chunk_rows(16);
     let be = &dec.backend;
     let lora = LoraConfig {
         rank: 4,
@@ -63,7 +66,7 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
         dropout_seed: None,
     };
 
-    let gradients = |offload_attention: bool| -> (f32, Vec<Vec<f32>>) {
+    let gradients = |offload_attention: bool, keep_adapter_inputs: bool| -> (f32, Vec<Vec<f32>>) {
         let mut grads = params.zeros_like(be).unwrap();
         let scale = be.upload(&[1.0 / batch.labelled as f32], 1, 1).unwrap();
         let mut row_loss = be.zeros(rows * seq, 1).unwrap();
@@ -75,6 +78,7 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
             recompute: true,
             offload_inputs: true,
             offload_attention,
+            keep_adapter_inputs,
         };
         dec.forward_backward(&batch, &ad, &mut grads, &mut loss, saving, &mut |_, _| {
             Ok(())
@@ -84,19 +88,21 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
         let grads = grads.tensors().map(|g| be.download(g).unwrap()).collect();
         (loss, grads)
     };
-    let (recomputed_loss, recomputed) = gradients(false);
-    let (kept_loss, kept) = gradients(true);
+    let (recomputed_loss, recomputed) = gradients(false, true);
     assert!(recomputed_loss.is_finite() && recomputed_loss > 0.0);
-    assert_eq!(kept_loss, recomputed_loss);
-    assert_eq!(kept.len(), recomputed.len());
-    for (i, (k, r)) in kept.iter().zip(&recomputed).enumerate() {
-        assert!(
-            r.iter().any(|&x| x != 0.0),
-            "gradient tensor {i} is all zero"
-        );
-        assert_eq!(
-            k, r,
-            "gradient tensor {i} differs with the kept attention outputs"
-        );
+    for (what, (loss, grads)) in [
+        ("the kept attention outputs", gradients(true, true)),
+        ("the adapters' inputs recomputed", gradients(false, false)),
+        ("both", gradients(true, false)),
+    ] {
+        assert_eq!(loss, recomputed_loss, "{what}");
+        assert_eq!(grads.len(), recomputed.len());
+        for (i, (k, r)) in grads.iter().zip(&recomputed).enumerate() {
+            assert!(
+                r.iter().any(|&x| x != 0.0),
+                "gradient tensor {i} is all zero"
+            );
+            assert_eq!(k, r, "gradient tensor {i} differs with {what}");
+        }
     }
 }

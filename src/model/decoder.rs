@@ -64,6 +64,10 @@ pub struct Saving {
     /// With `recompute`: keep each layer's attention output in host memory too (stashed like the
     /// inputs, its log-sum-exp on the device), so the recomputation skips the attention forward.
     pub offload_attention: bool,
+    /// With `recompute`: keep the adapters' inputs `dropout(x)·Aᵀ` on the device (r columns a
+    /// projection, 14 KiB a token on Llama 3 8B at rank 16), so the recomputation reuses them
+    /// instead of running those rank-wide products again.
+    pub keep_adapter_inputs: bool,
 }
 
 /// Token rows per MLP chunk unless set otherwise ([`Decoder::set_mlp_chunk_rows`]): Llama 3
@@ -941,9 +945,17 @@ impl<B: Backend> Decoder<B> {
                     true => Some((attn, lse)),
                     false => None,
                 };
-                let (out, mlp) = self.mlp_forward(layer, &x1, &h2, Some(ad), false)?;
+                let (out, mut mlp) = self.mlp_forward(layer, &x1, &h2, Some(ad), false)?;
+                let adapter_inputs = match saving.keep_adapter_inputs {
+                    true => xa,
+                    false => {
+                        mlp.iter_mut()
+                            .for_each(|chunk| chunk.xa = Default::default());
+                        Default::default()
+                    }
+                };
                 checkpoints.push(Checkpoint {
-                    adapter_inputs: xa,
+                    adapter_inputs,
                     mlp,
                     attention,
                 });

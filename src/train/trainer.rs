@@ -13,6 +13,14 @@ use crate::model::decoder::{Adapters, Decoder, Saving};
 use crate::rng::derive;
 use std::sync::Arc;
 
+/// The most device memory a checkpointed step keeps the adapters' inputs in
+/// ([`Saving::keep_adapter_inputs`]); past it the recomputation runs those rank-wide products
+/// again. Keeping them gained 0-2 % of speed at 2,048 and 8,192 tokens (bench/NOTES.md) and
+/// costs 14 KiB a token on Llama 3 8B at rank 16 (109 MiB at 8,192 tokens): kept up to about
+/// 18,700 tokens there; a long sequence, whose step attention dominates, gets the memory back
+/// (1.3 GiB at 98,304 tokens).
+pub const KEPT_ADAPTER_INPUTS_MAX_BYTES: usize = 256 << 20;
+
 /// Optimizer and schedule settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
@@ -293,6 +301,7 @@ impl<B: Backend> Trainer<B> {
             recompute: self.cfg.checkpointing,
             offload_inputs: self.cfg.offload_activations,
             offload_attention: self.offloads_attention(largest.unwrap_or(0)),
+            keep_adapter_inputs: self.keeps_adapter_inputs(largest.unwrap_or(0)),
         };
         let record = self.replayer.applies(&self.lora, group.is_some());
         let scale = 1.0 / labelled as f32;
@@ -356,6 +365,15 @@ impl<B: Backend> Trainer<B> {
             && self.cfg.offload_activations
             && self.decoder.backend.stash_moves()
             && host_memory_bytes().is_some_and(|host| bytes <= host / 4)
+    }
+
+    /// Whether a checkpointed step of micro-batches of at most `tokens` keeps the adapters'
+    /// inputs for the backward ([`Saving::keep_adapter_inputs`]): while they take at most
+    /// [`KEPT_ADAPTER_INPUTS_MAX_BYTES`] (`tokens × layers × adapters × r` f32 values).
+    fn keeps_adapter_inputs(&self, tokens: usize) -> bool {
+        let adapters = self.lora.target_list().len() * self.decoder.cfg.num_layers;
+        tokens * adapters * self.lora.rank * std::mem::size_of::<f32>()
+            <= KEPT_ADAPTER_INPUTS_MAX_BYTES
     }
 
     /// The dropout seed of micro-batch `i` of this step. Rank 0 of a group draws the masks a
