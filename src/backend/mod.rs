@@ -142,15 +142,25 @@ pub fn adapted_product_backward_in_two<B: Backend + ?Sized>(
     a: &B::Tensor,
     acc: Option<B::Tensor>,
 ) -> Result<B::Tensor> {
-    let mut dx = match acc {
-        Some(mut dx) => {
-            be.matmul(dxa, false, a, false, 1.0, &mut dx, true)?;
-            dx
-        }
-        None => be.product(dxa, false, a, false, 1.0)?,
-    };
+    let mut dx = product_into(be, acc, dxa, a)?;
     be.matmul(dy, false, w, false, 1.0, &mut dx, true)?;
     Ok(dx)
+}
+
+/// `a·b`, added into `acc` when given, else into a new tensor.
+pub fn product_into<B: Backend + ?Sized>(
+    be: &B,
+    acc: Option<B::Tensor>,
+    a: &B::Tensor,
+    b: &B::Tensor,
+) -> Result<B::Tensor> {
+    match acc {
+        Some(mut c) => {
+            be.matmul(a, false, b, false, 1.0, &mut c, true)?;
+            Ok(c)
+        }
+        None => be.product(a, false, b, false, 1.0),
+    }
 }
 
 /// The per-step constants of [`Backend::adamw`], computed once on the host the way torch does.

@@ -27,7 +27,7 @@
 use super::adapters::{LoraPair, LoraTensors};
 use super::config::ModelConfig;
 use super::weights::{DecoderWeights, LayerWeights};
-use crate::backend::{AttentionShape, Backend};
+use crate::backend::{product_into, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, TargetModule};
 use crate::rng::derive;
@@ -344,13 +344,7 @@ impl<B: Backend> Decoder<B> {
         let (Some(xa), Some(pair), Some(grad)) =
             (xa, ad.tensors.get(layer, m), grads.get_mut(layer, m))
         else {
-            return match acc {
-                Some(mut dx) => {
-                    be.matmul(dy, false, w, false, 1.0, &mut dx, true)?;
-                    Ok(dx)
-                }
-                None => be.product(dy, false, w, false, 1.0),
-            };
+            return product_into(be, acc, dy, w);
         };
         let s = ad.cfg.scale();
         be.matmul(dy, true, xa, false, s, &mut grad.b, true)?;
