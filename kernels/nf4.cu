@@ -172,8 +172,7 @@ extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, cons
                 : __fadd_rn(__fmul_rn(map[codes[b]], nested_absmax[b / NF4_NESTED_BLOCK]), *offset);
         if (i + 8 <= n) {
             const unsigned int word = *reinterpret_cast<const unsigned int*>(packed + 4 * w);
-            const long long o = pitch == cols ? i : (i / cols) * pitch + i % cols;
-            *reinterpret_cast<uint4*>(out + o) =
+            *reinterpret_cast<uint4*>(out + pitched(i, cols, pitch)) =
                 make_uint4(pair(word & 255u, m), pair((word >> 8) & 255u, m),
                            pair((word >> 16) & 255u, m), pair(word >> 24, m));
         } else {

@@ -41,16 +41,12 @@ extern "C" __global__ void cast_f32_bf16_rows(const float* x, bf16_t* y, long lo
                        ((reinterpret_cast<unsigned long long>(x) & 15) |
                         (reinterpret_cast<unsigned long long>(y) & 7)) == 0;
     if (!quads) {
-        GRID_STRIDE_LOOP(i, rows * cols) {
-            const long long r = i / cols;
-            y[r * pitch + (i - r * cols)] = f32_to_bf16(scale * x[i]);
-        }
+        GRID_STRIDE_LOOP(i, rows * cols) { y[pitched(i, cols, pitch)] = f32_to_bf16(scale * x[i]); }
         return;
     }
     GRID_STRIDE_LOOP(q, rows * cols / 4) {
-        const long long i = 4 * q, r = i / cols;
         const float4 v = reinterpret_cast<const float4*>(x)[q];
-        *reinterpret_cast<uint2*>(y + r * pitch + (i - r * cols)) =
+        *reinterpret_cast<uint2*>(y + pitched(4 * q, cols, pitch)) =
             make_uint2(bf16_pair(scale * v.x, scale * v.y), bf16_pair(scale * v.z, scale * v.w));
     }
 }
@@ -192,15 +188,6 @@ __device__ __forceinline__ void store4(bf16_t* p, float a, float b, float c, flo
 // The gated kernels run a thread per quad of elements 4q..4q+3: 16-byte loads where all four
 // exist, one element at a time in the last, short quad.
 #define QUAD_LOOP(q, n) GRID_STRIDE_LOOP(q, ((n) + 3) / 4)
-
-// Where element i of a [rows, cols] matrix goes in an output whose rows are `pitch` apart (the
-// bf16 product inputs may keep spare columns after each row; a quad never straddles two rows
-// there, the host checks cols % 4 == 0).
-__device__ __forceinline__ long long pitched(long long i, long long cols, long long pitch) {
-    if (pitch == cols) return i;
-    const long long r = i / cols;
-    return r * pitch + (i - r * cols);
-}
 
 // h_i = act(g_i)·u_i (act 0 = silu, 1 = gelu_tanh; see act_value_deriv).
 __device__ __forceinline__ float gated_value(float g, float u, int act) {

@@ -35,6 +35,17 @@ typedef unsigned short bf16_t;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);          \
          i += (long long)blockDim.x * gridDim.x)
 
+// Where element i of a [rows, cols] matrix goes in an output whose rows are `pitch` values apart
+// (pitch = cols: dense). The bf16 product inputs and the NF4 scratch may keep spare columns after
+// each row (src/backend/cuda/fold.rs); the kernels writing groups of 4 or 8 values there rely on
+// the host having checked that cols and pitch are multiples of the group, so no group straddles
+// two rows.
+__device__ __forceinline__ long long pitched(long long i, long long cols, long long pitch) {
+    if (pitch == cols) return i;
+    const long long r = i / cols;
+    return r * pitch + (i - r * cols);
+}
+
 // bf16 -> f32: a bfloat16 is the upper half of an f32, so widening is exact.
 __device__ __forceinline__ float bf16_to_f32(bf16_t h) {
     return __uint_as_float(((unsigned int)h) << 16);
