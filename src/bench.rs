@@ -275,6 +275,12 @@ pub struct SeqProbe {
     pub fits: bool,
     /// Peak device memory of the step (MiB), when it fitted.
     pub peak_device_mib: Option<f64>,
+    /// What held the device memory at that peak (MiB by purpose, largest first), when it fitted.
+    pub peak_device_purposes_mib: Option<Vec<(String, f64)>>,
+    /// What the allocation that reached the peak was, when it fitted.
+    pub peak_device_set_by: Option<String>,
+    /// The out-of-memory error, when it did not fit (the size asked for and what for).
+    pub failure: Option<String>,
     pub seconds: f64,
 }
 
@@ -307,18 +313,20 @@ pub fn longest_sequence(
         let batch = Batch::new(1, seq, ids[..seq].to_vec(), ids[1..].to_vec())?;
         model.reset_peak_memory();
         let t = Instant::now();
-        let fits = match trainer.step(std::slice::from_ref(&batch)) {
-            Ok(_) => true,
-            Err(Error::OutOfMemory { .. }) => false,
+        let failure = match trainer.step(std::slice::from_ref(&batch)) {
+            Ok(_) => None,
+            Err(e @ Error::OutOfMemory { .. }) => Some(e.to_string()),
             Err(e) => return Err(e),
         };
+        let fits = failure.is_none();
+        let memory = model.device_memory().filter(|_| fits);
         report(&SeqProbe {
             seq,
             fits,
-            peak_device_mib: model
-                .device_memory()
-                .filter(|_| fits)
-                .map(|m| mib(m.peak_bytes)),
+            peak_device_mib: memory.as_ref().map(|m| mib(m.peak_bytes)),
+            peak_device_purposes_mib: memory.as_ref().map(|m| purposes_mib(&m.peak_purposes)),
+            peak_device_set_by: memory.map(|m| m.peak_set_by),
+            failure,
             seconds: t.elapsed().as_secs_f64(),
         });
         Ok(fits)

@@ -308,8 +308,13 @@ pub trait Backend: Send + Sync + 'static {
     /// when none does: a backend that folds the adapter's term into the product's inner
     /// dimension may leave that many spare columns after each row.
     fn product_input(&self, x: Self::Tensor, room: usize) -> Result<Self::Tensor> {
-        let _ = room;
-        Ok(x)
+        Ok(self.rounded_product_input(&x, room)?.unwrap_or(x))
+    }
+    /// [`Backend::product_input`] of `x` as a new tensor, `x` kept (a caller that still needs
+    /// `x` itself), or `None` when products read `x` as it is (the CPU).
+    fn rounded_product_input(&self, x: &Self::Tensor, room: usize) -> Result<Option<Self::Tensor>> {
+        let _ = (x, room);
+        Ok(None)
     }
     /// An adapted projection `y = x·Wᵀ + s·xa·Bᵀ` (`[rows, out]`, new), with the adapter input
     /// `xa = dropout(x)·Aᵀ` (`[rows, r]`) computed by the caller and `b = B: [out, r]`. The

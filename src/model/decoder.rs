@@ -530,7 +530,12 @@ impl<B: Backend> Decoder<B> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
+        // Rounded once for both of o's products (the adapter's input and the base product): an
+        // f32 `attn` would otherwise be rounded by each, two `[tokens, hidden]` copies.
+        let rounded = be.rounded_product_input(attn, Self::room(ad))?;
+        let attn = rounded.as_ref().unwrap_or(attn);
         let (o, xo) = self.project(layer, TargetModule::O, attn, ad, 0, kept)?;
+        drop(rounded);
         let mut x1 = be.duplicate(x)?;
         be.add_assign(&mut x1, &o)?;
         drop(o);

@@ -947,19 +947,19 @@ impl Backend for CudaBackend {
     /// Rounds an f32 `x` to bf16 once (the products would each round it otherwise), with
     /// `room` spare columns after each row for the adapted products (fold.rs); with
     /// [`F32Products::Exact`] nothing is rounded.
-    fn product_input(&self, x: CudaTensor, room: usize) -> Result<CudaTensor> {
+    fn rounded_product_input(&self, x: &CudaTensor, room: usize) -> Result<Option<CudaTensor>> {
         if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
-            return Ok(x);
+            return Ok(None);
         }
         if fold::room_pitch(x.cols, room).is_some() {
-            return self.rounded_with_room(&x, room);
+            return self.rounded_with_room(x, room).map(Some);
         }
-        let rounded = self.cast_to_bf16(self.ptr(&x)?, x.elements())?;
-        Ok(CudaTensor {
+        let rounded = self.cast_to_bf16(self.ptr(x)?, x.elements())?;
+        Ok(Some(CudaTensor {
             rows: x.rows,
             cols: x.cols,
             storage: Storage::Bf16(rounded),
-        })
+        }))
     }
 
     fn adapted_product(
