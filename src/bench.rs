@@ -106,6 +106,8 @@ pub struct BenchResult {
     pub offload_activations: bool,
     /// The LM head kept in host memory ([`ModelParams::lm_head_in_host`]).
     pub lm_head_in_host: bool,
+    /// Decoder layers kept in host memory ([`ModelParams::layers_in_host`]).
+    pub layers_in_host: usize,
     pub steps: usize,
     /// Median seconds per optimizer step over the timed steps.
     pub step_seconds_median: f64,
@@ -253,6 +255,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         checkpointing: cfg.checkpointing,
         offload_activations: cfg.offload_activations,
         lm_head_in_host: cfg.params.lm_head_in_host,
+        layers_in_host: cfg.params.layers_in_host,
         steps: cfg.steps,
         step_seconds_median: median_wall,
         cpu_seconds_median,

@@ -39,6 +39,9 @@ pub struct ft_bench_params {
     /// Non-zero: keep the LM head in pinned host memory (GPU only), as
     /// `ft_model_params.lm_head_in_host_memory`.
     pub lm_head_in_host_memory: i32,
+    /// Decoder layers kept in pinned host memory (GPU, lora mode only), as
+    /// `ft_model_params.layers_in_host_memory`.
+    pub layers_in_host_memory: u32,
 }
 
 /// Defaults, those of `finetune bench`: model "smollm2-135m", mode "lora", batch 4, seq 256,
@@ -63,6 +66,7 @@ pub extern "C" fn ft_bench_default_params() -> ft_bench_params {
         max_device_memory_mib: m.max_device_memory_mib,
         offload_activations: d.offload_activations as i32,
         lm_head_in_host_memory: m.lm_head_in_host_memory,
+        layers_in_host_memory: m.layers_in_host_memory,
     }
 }
 
@@ -82,6 +86,7 @@ impl ft_bench_params {
             },
             max_device_memory_mib: self.max_device_memory_mib,
             lm_head_in_host_memory: self.lm_head_in_host_memory,
+            layers_in_host_memory: self.layers_in_host_memory,
             ..ft_model_default_params()
         };
         Ok(BenchConfig {
@@ -100,7 +105,7 @@ impl ft_bench_params {
 /// Builds a model of the named shape with random weights on the device, runs one warm-up and
 /// `steps` timed training steps on random tokens, and sets `*json_out` to the JSON object that
 /// `finetune bench` prints: model, device, mode, ranks, batch, seq, rank, checkpointing,
-/// offload_activations, lm_head_in_host, steps,
+/// offload_activations, lm_head_in_host, layers_in_host, steps,
 /// step_seconds_median, cpu_seconds_median (null where the OS does not report it),
 /// tokens_per_second, first_loss, last_loss, peak_rss_mib (the whole process's peak resident
 /// memory), peak_device_mib, peak_device_set_by (what the allocation that reached the peak was

@@ -62,6 +62,10 @@ enum Command {
         /// (GPU only).
         #[arg(long)]
         lm_head_in_host: bool,
+        /// Decoder layers whose projection matrices stay in pinned host memory, each copied to
+        /// the device ahead of the layer (GPU, lora mode only).
+        #[arg(long, default_value_t = 0)]
+        layers_in_host: usize,
         /// lora (frozen weights in the device's own format) or qlora (frozen projection
         /// matrices quantized to NF4 at load).
         #[arg(long, default_value = "lora")]
@@ -203,6 +207,7 @@ fn execute(command: Command) -> finetune::Result<()> {
             no_checkpointing,
             offload,
             lm_head_in_host,
+            layers_in_host,
             mode,
             max_memory_mib,
             longest_seq_below,
@@ -214,6 +219,7 @@ fn execute(command: Command) -> finetune::Result<()> {
                 quantization: BenchMode::parse(&mode)?.quantization(),
                 max_device_memory_mib: max_memory_mib,
                 lm_head_in_host,
+                layers_in_host,
                 ..ModelParams::default()
             };
             let cfg = BenchConfig {
@@ -238,6 +244,7 @@ fn execute(command: Command) -> finetune::Result<()> {
                             "model": cfg.model, "mode": mode,
                             "max_memory_mib": max_memory_mib, "offload_activations": offload,
                             "lm_head_in_host": lm_head_in_host,
+                            "layers_in_host": layers_in_host,
                             "longest_seq": longest, "resolution": resolution,
                         })
                     );

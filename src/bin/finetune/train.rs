@@ -100,6 +100,10 @@ pub struct TrainArgs {
     /// only).
     #[arg(long)]
     pub lm_head_in_host: Option<bool>,
+    /// Decoder layers whose projection matrices stay in pinned host memory, each copied to the
+    /// device ahead of the layer (GPU, bf16 base weights only).
+    #[arg(long)]
+    pub layers_in_host: Option<usize>,
 }
 
 macro_rules! merge {
@@ -154,7 +158,8 @@ impl TrainArgs {
             device,
             quantization,
             max_memory_mib,
-            lm_head_in_host
+            lm_head_in_host,
+            layers_in_host
         );
         Ok(self)
     }
@@ -228,6 +233,7 @@ pub fn execute(args: TrainArgs) -> Result<()> {
         quantization: Quantization::parse(args.quantization.as_deref().unwrap_or("none"))?,
         max_device_memory_mib: args.max_memory_mib.unwrap_or(0),
         lm_head_in_host: args.lm_head_in_host.unwrap_or(false),
+        layers_in_host: args.layers_in_host.unwrap_or(0),
         ..ModelParams::default()
     };
     let model = Model::load(&model_path, &params)?;
