@@ -18,7 +18,7 @@ use crate::model::adapters::{LoraPair, LoraTensors};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{Decoder, KvCache};
 use crate::model::weights::{
-    random_weights, tensor_specs, DecoderWeights, Slot, TensorSpec, TensorValues,
+    random_weights, tensor_specs, DecoderWeights, FrozenStorage, Slot, TensorSpec, TensorValues,
 };
 use crate::quant::Quantization;
 use crate::train::batch::Batch;
@@ -170,15 +170,11 @@ macro_rules! on_engine {
 fn decoders<B: Backend>(
     cfg: &ModelConfig,
     backends: Vec<B>,
-    quantization: Quantization,
+    storage: &FrozenStorage,
     fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
 ) -> Result<Vec<Arc<Decoder<B>>>> {
-    let weights = DecoderWeights::load_replicas(
-        cfg,
-        &backends.iter().collect::<Vec<_>>(),
-        quantization,
-        fetch,
-    )?;
+    let weights =
+        DecoderWeights::load_replicas(cfg, &backends.iter().collect::<Vec<_>>(), storage, fetch)?;
     Ok(backends
         .into_iter()
         .zip(weights)
@@ -190,10 +186,10 @@ fn decoders<B: Backend>(
 fn decoder<B: Backend>(
     cfg: &ModelConfig,
     backend: B,
-    quantization: Quantization,
+    storage: &FrozenStorage,
     fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
 ) -> Result<Arc<Decoder<B>>> {
-    Ok(decoders(cfg, vec![backend], quantization, fetch)?.remove(0))
+    Ok(decoders(cfg, vec![backend], storage, fetch)?.remove(0))
 }
 
 /// This process's part of a data-parallel group.
@@ -216,7 +212,7 @@ impl Engine {
         params: &ModelParams,
         fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
     ) -> Result<(Self, Option<Ranks>)> {
-        let q = params.quantization;
+        let q = &FrozenStorage::new(&cfg, params.quantization, params.layers_in_host)?;
         let cuda = |n| {
             let mut be = CudaBackend::new(n)?;
             be.set_output_projection_in_host(params.lm_head_in_host);

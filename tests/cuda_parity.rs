@@ -260,7 +260,8 @@ fn embedding_norm_and_rope_match_cpu() {
         "id past the vocabulary"
     );
     // A table kept in host memory: no device memory held, the same rows, and products read a
-    // device copy of the same values (made per product, or ahead with `prefetch_copy`).
+    // device copy of the same values (made per product, or held from `bring_to_device` to
+    // `release_device_copy`).
     let live = p.g.gpu().memory.live();
     let th = p.g.upload_lookup_table(&table, vocab, hidden).unwrap();
     assert_eq!(
@@ -282,19 +283,22 @@ fn embedding_norm_and_rope_match_cpu() {
         p.g.download(&out).unwrap()
     };
     assert_eq!(product(&th), product(&tg), "a product with a host table");
-    assert!(p.g.prefetch_copy(&tg).unwrap().is_none(), "a device table");
-    let arriving =
-        p.g.prefetch_copy(&th)
-            .unwrap()
-            .expect("a host table's copy");
-    assert!(p.g.download(&arriving).is_err(), "read before it settled");
-    let copy = p.g.settle(arriving).unwrap();
-    assert_eq!(p.g.download(&copy).unwrap(), table, "the settled copy");
+    let live = p.g.gpu().memory.live();
+    p.g.bring_to_device(&tg).unwrap();
+    assert_eq!(p.g.gpu().memory.live(), live, "a device table copied");
+    p.g.bring_to_device(&th).unwrap();
+    p.g.bring_to_device(&th).unwrap();
+    let copy_bytes = p.g.gpu().memory.live() - live;
+    assert_eq!(copy_bytes, vocab * hidden * 2, "one device copy held");
     assert_eq!(
-        product(&copy),
+        product(&th),
         product(&tg),
-        "a product with the settled copy"
+        "a product with the brought copy"
     );
+    assert_eq!(p.g.download(&th).unwrap(), table);
+    p.g.release_device_copy(&th);
+    assert_eq!(p.g.gpu().memory.live(), live, "the copy released");
+    assert_eq!(product(&th), product(&tg), "a product after the release");
 
     for unit_offset in [false, true] {
         let (wg, wc) = p.up(&randn(&mut rng, hidden, 0.5), 1, hidden);
@@ -659,74 +663,152 @@ fn offloaded_activations_train_identically_with_less_device_memory() {
     );
 }
 
+/// What a model of `shape` loaded with `params` on GPU 0 gives: device bytes held once loaded,
+/// the peak over four training steps (the first unrecorded, the later ones recorded and
+/// replayed), and the numbers of training, evaluation, logits and generation.
+#[derive(Debug)]
+struct PlacedRun {
+    loaded: usize,
+    peak: usize,
+    losses: Vec<f32>,
+    eval: f32,
+    logits: Vec<f32>,
+    generated: Vec<f32>,
+}
+
+fn run_placed(
+    shape: &finetune::model::config::ModelConfig,
+    params: finetune::api::ModelParams,
+    offload: bool,
+) -> PlacedRun {
+    use finetune::api::{Model, Trainer};
+    use finetune::lora::LoraConfig;
+    use finetune::train::trainer::TrainConfig;
+    let (ids, b) = next_token_batch(2, 64, shape.vocab_size as u64, 9);
+    let model = Model::random(shape.clone(), 5, &params).unwrap();
+    let loaded = model.device_memory().unwrap().live_bytes;
+    let train = TrainConfig {
+        learning_rate: 1e-2,
+        offload_activations: offload,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(&model, LoraConfig::default(), train).unwrap();
+    model.reset_peak_memory();
+    let losses: Vec<f32> = (0..4)
+        .map(|_| t.step(std::slice::from_ref(&b)).unwrap().loss)
+        .collect();
+    let peak = model.device_memory().unwrap().peak_bytes;
+    let eval = t.eval_loss(&b).unwrap();
+    let logits = model.logits(&b, Some(&t)).unwrap();
+    let mut session = model.decode_session(Some(&t)).unwrap();
+    let mut generated = session.feed(&ids[..5]).unwrap();
+    generated.extend(session.feed(&ids[5..6]).unwrap());
+    PlacedRun {
+        loaded,
+        peak,
+        losses,
+        eval,
+        logits,
+        generated,
+    }
+}
+
+/// `moved` (weights in host memory) against `resident`: the same numbers bit for bit (products
+/// read device copies of the same bf16 values), `bytes` less held once loaded, and a peak at
+/// least `peak_drop` bytes lower.
+fn assert_moved_to_host(
+    what: &str,
+    resident: &PlacedRun,
+    moved: &PlacedRun,
+    bytes: usize,
+    peak_drop: usize,
+) {
+    eprintln!(
+        "{what}: loaded {} -> {} bytes, peak {} -> {} bytes, losses {:?} / {:?}",
+        resident.loaded, moved.loaded, resident.peak, moved.peak, resident.losses, moved.losses
+    );
+    assert_eq!(
+        resident.loaded - moved.loaded,
+        bytes,
+        "{what}: held when loaded"
+    );
+    assert!(moved.peak + peak_drop <= resident.peak, "{what}: peak");
+    assert_eq!(resident.losses, moved.losses, "{what}: losses");
+    assert!(moved.losses.iter().all(|l| l.is_finite()), "{what}");
+    assert_eq!(resident.eval, moved.eval, "{what}: evaluation loss");
+    assert_eq!(resident.logits, moved.logits, "{what}: logits");
+    assert_eq!(
+        resident.generated, moved.generated,
+        "{what}: generation logits"
+    );
+}
+
 /// The LM head kept in host memory (`ModelParams::lm_head_in_host`), untied (Llama) and tied
 /// (Gemma, whose embedding table is the head): the device holds exactly its bytes less once
-/// loaded and never more at the peak, and training (recorded and unrecorded steps, with and
-/// without offload), evaluation, logits and generation give bit-identical numbers, as the
-/// products read a device copy of the same bf16 values.
+/// loaded and never more at the peak, and training (with and without offload), evaluation,
+/// logits and generation give bit-identical numbers.
 #[test]
 fn lm_head_in_host_memory_changes_no_number_and_frees_its_bytes() {
     if gpu().is_none() {
         return;
     }
-    use finetune::api::{Device, Model, ModelParams, Trainer};
-    use finetune::lora::LoraConfig;
+    use finetune::api::{Device, ModelParams};
     use finetune::model::config::ModelConfig;
-    use finetune::train::trainer::TrainConfig;
     for family in [Family::Llama, Family::Gemma] {
         let shape = ModelConfig {
             num_layers: 4,
             vocab_size: 4096,
             ..tensor_core_shape(family)
         };
-        let (ids, b) = next_token_batch(2, 64, 4096, 9);
-        let run = |in_host: bool, offload: bool| {
-            let params = ModelParams {
-                device: Device::Cuda(0),
-                lm_head_in_host: in_host,
-                ..ModelParams::default()
-            };
-            let model = Model::random(shape.clone(), 5, &params).unwrap();
-            let loaded = model.device_memory().unwrap().live_bytes;
-            let train = TrainConfig {
-                learning_rate: 1e-2,
-                offload_activations: offload,
-                ..TrainConfig::default()
-            };
-            let mut t = Trainer::new(&model, LoraConfig::default(), train).unwrap();
-            model.reset_peak_memory();
-            // Four steps: the first runs unrecorded, the later ones record and replay.
-            let losses: Vec<f32> = (0..4)
-                .map(|_| t.step(std::slice::from_ref(&b)).unwrap().loss)
-                .collect();
-            let peak = model.device_memory().unwrap().peak_bytes;
-            let eval = t.eval_loss(&b).unwrap();
-            let logits = model.logits(&b, Some(&t)).unwrap();
-            let mut session = model.decode_session(Some(&t)).unwrap();
-            let mut generated = session.feed(&ids[..5]).unwrap();
-            generated.extend(session.feed(&ids[5..6]).unwrap());
-            (loaded, peak, losses, eval, logits, generated)
-        };
         let head_bytes = shape.vocab_size * shape.hidden_size * 2;
         for offload in [false, true] {
-            let on_device = run(false, offload);
-            let in_host = run(true, offload);
-            eprintln!(
-                "{family:?} offload {offload}: loaded {} -> {} bytes, peak {} -> {} bytes, \
-                 losses {:?} / {:?}",
-                on_device.0, in_host.0, on_device.1, in_host.1, on_device.2, in_host.2
-            );
-            assert_eq!(
-                on_device.0 - in_host.0,
-                head_bytes,
-                "{family:?}: held when loaded"
-            );
-            assert!(in_host.1 <= on_device.1, "{family:?}: peak");
-            assert_eq!(on_device.2, in_host.2, "{family:?}: losses");
-            assert!(in_host.2.iter().all(|l| l.is_finite()), "{family:?}");
-            assert_eq!(on_device.3, in_host.3, "{family:?}: evaluation loss");
-            assert_eq!(on_device.4, in_host.4, "{family:?}: logits");
-            assert_eq!(on_device.5, in_host.5, "{family:?}: generation logits");
+            let params = |lm_head_in_host| ModelParams {
+                device: Device::Cuda(0),
+                lm_head_in_host,
+                ..ModelParams::default()
+            };
+            let resident = run_placed(&shape, params(false), offload);
+            let moved = run_placed(&shape, params(true), offload);
+            let what = format!("{family:?}, offload {offload}");
+            assert_moved_to_host(&what, &resident, &moved, head_bytes, 0);
+        }
+    }
+}
+
+/// Decoder layers kept in host memory (`ModelParams::layers_in_host`), alone and beside an LM
+/// head kept there: the device holds exactly their projection matrices' bytes less once loaded
+/// and a peak at least one layer's lower (a pass holds one layer's copy at a time), and every
+/// number is bit-identical to the resident model's.
+#[test]
+fn layers_in_host_memory_change_no_number_and_free_their_bytes() {
+    if gpu().is_none() {
+        return;
+    }
+    use finetune::api::{Device, ModelParams};
+    use finetune::model::config::ModelConfig;
+    for family in [Family::Llama, Family::Qwen2] {
+        // Eight layers: two of the first six in host memory (layers 1 and 4).
+        let shape = ModelConfig {
+            num_layers: 8,
+            vocab_size: 4096,
+            ..tensor_core_shape(family)
+        };
+        let (h, d) = (shape.hidden_size, shape.head_dim);
+        let layer_values = 2 * h * shape.num_heads * d
+            + 2 * h * shape.num_kv_heads * d
+            + 3 * h * shape.intermediate_size;
+        let layer_bytes = 2 * layer_values;
+        for (offload, lm_head_in_host) in [(false, false), (true, true)] {
+            let params = |layers_in_host| ModelParams {
+                device: Device::Cuda(0),
+                lm_head_in_host,
+                layers_in_host,
+                ..ModelParams::default()
+            };
+            let resident = run_placed(&shape, params(0), offload);
+            let moved = run_placed(&shape, params(2), offload);
+            let what = format!("{family:?}, offload {offload}, head in host {lm_head_in_host}");
+            assert_moved_to_host(&what, &resident, &moved, 2 * layer_bytes, layer_bytes);
         }
     }
 }

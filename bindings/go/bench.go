@@ -38,6 +38,9 @@ type BenchOptions struct {
 	// Keep the LM head in pinned host memory instead of device memory (GPU only), as
 	// ModelOptions.LmHeadInHost.
 	LmHeadInHost bool
+	// Decoder layers kept in pinned host memory (GPU, "lora" mode only), as
+	// ModelOptions.LayersInHost; 0 means none.
+	LayersInHost int
 }
 
 // DefaultBenchOptions gives the defaults of `finetune bench`: model "smollm2-135m", mode
@@ -50,7 +53,8 @@ func DefaultBenchOptions() (BenchOptions, error) {
 	o := BenchOptions{Batch: uint32(p.batch), Seq: uint32(p.seq), Rank: uint32(p.rank),
 		Steps: uint32(p.steps), Checkpointing: p.checkpointing != 0, Threads: int(p.n_threads),
 		MaxDeviceMemoryMiB: uint64(p.max_device_memory_mib),
-		OffloadActivations: p.offload_activations != 0, LmHeadInHost: p.lm_head_in_host_memory != 0}
+		OffloadActivations: p.offload_activations != 0, LmHeadInHost: p.lm_head_in_host_memory != 0,
+		LayersInHost: int(p.layers_in_host_memory)}
 	// Static strings of the library (NULL means the default).
 	if p.model != nil {
 		o.Model = C.GoString(p.model)
@@ -67,15 +71,23 @@ func DefaultBenchOptions() (BenchOptions, error) {
 // Bench builds a model of opts.Model's shape with random weights on the device, runs one
 // warm-up and opts.Steps timed training steps on random tokens, and returns the JSON object
 // that `finetune bench` prints (model, device, mode, batch, seq, rank, checkpointing,
-// offload_activations, lm_head_in_host, steps, step_seconds_median, cpu_seconds_median,
-// tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib, peak_device_set_by,
-// peak_device_purposes_mib, held_device_mib, load_seconds). opts may be nil for the defaults.
+// offload_activations, lm_head_in_host, layers_in_host, steps, step_seconds_median,
+// cpu_seconds_median, tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib,
+// peak_device_set_by, peak_device_purposes_mib, held_device_mib, load_seconds). opts may be nil
+// for the defaults.
 // It holds the calling goroutine's thread for the whole measurement, minutes for the larger
 // shapes.
 func Bench(opts *BenchOptions) (string, error) {
-	if opts != nil && (opts.Threads < 0 || uint64(opts.Threads) > math.MaxUint32) {
-		return "", &Error{Op: "ft_bench", Status: StatusInvalidArgument,
-			Message: fmt.Sprintf("BenchOptions.Threads %d is out of range", opts.Threads)}
+	if opts != nil {
+		for _, f := range []struct {
+			name string
+			v    int
+		}{{"Threads", opts.Threads}, {"LayersInHost", opts.LayersInHost}} {
+			if f.v < 0 || uint64(f.v) > math.MaxUint32 {
+				return "", &Error{Op: "ft_bench", Status: StatusInvalidArgument,
+					Message: fmt.Sprintf("BenchOptions.%s %d is out of range", f.name, f.v)}
+			}
+		}
 	}
 	var out *C.char
 	err := call("ft_bench", func() C.ft_status {
@@ -87,7 +99,8 @@ func Bench(opts *BenchOptions) (string, error) {
 			checkpointing: cbool(opts.Checkpointing), n_threads: C.uint32_t(opts.Threads),
 			max_device_memory_mib:  C.uint64_t(opts.MaxDeviceMemoryMiB),
 			offload_activations:    cbool(opts.OffloadActivations),
-			lm_head_in_host_memory: cbool(opts.LmHeadInHost)}
+			lm_head_in_host_memory: cbool(opts.LmHeadInHost),
+			layers_in_host_memory:  C.uint32_t(opts.LayersInHost)}
 		// An empty model is passed as NULL, which the library refuses by name.
 		for _, s := range []struct {
 			dst **C.char

@@ -394,18 +394,36 @@ func TestLmHeadInHostIsAcceptedOnTheCPU(t *testing.T) {
 	}
 }
 
+// The tiny shape's two layers leave none to keep in host memory (at most half of the first three
+// quarters): the library refuses any, quoting the count it read.
+func TestLayersInHostReachesTheLibrary(t *testing.T) {
+	_, err := RandomModel("tiny", 0, &ModelOptions{Device: "cpu", Threads: 1, LayersInHost: 3})
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "layers_in_host: 3 of 2 layers asked for") {
+		t.Fatalf("3 layers of 2: %v", err)
+	}
+	_, err = RandomModel("tiny", 0, &ModelOptions{Device: "cpu", LayersInHost: -1})
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "LayersInHost -1") {
+		t.Fatalf("negative LayersInHost: %v", err)
+	}
+	m, err := RandomModel("tiny", 0, &ModelOptions{Device: "cpu", Threads: 1, LayersInHost: 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+}
+
 func TestBenchPassesTheOffloadOptions(t *testing.T) {
 	d, err := DefaultBenchOptions()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.OffloadActivations || d.LmHeadInHost {
+	if d.OffloadActivations || d.LmHeadInHost || d.LayersInHost != 0 {
 		t.Fatalf("defaults: %+v", d)
 	}
 	opts := d
 	opts.Model, opts.Device, opts.Threads = "tiny", "cpu", 1
 	opts.Batch, opts.Seq, opts.Steps = 1, 16, 1
-	flags := func(o BenchOptions) (offload, lmHead bool) {
+	flags := func(o BenchOptions) (offload, lmHead bool, layers int) {
 		t.Helper()
 		out, err := Bench(&o)
 		if err != nil {
@@ -414,20 +432,32 @@ func TestBenchPassesTheOffloadOptions(t *testing.T) {
 		var r struct {
 			OffloadActivations *bool `json:"offload_activations"`
 			LmHeadInHost       *bool `json:"lm_head_in_host"`
+			LayersInHost       *int  `json:"layers_in_host"`
 		}
 		if err := json.Unmarshal([]byte(out), &r); err != nil {
 			t.Fatalf("not JSON: %v\n%s", err, out)
 		}
-		if r.OffloadActivations == nil || r.LmHeadInHost == nil {
+		if r.OffloadActivations == nil || r.LmHeadInHost == nil || r.LayersInHost == nil {
 			t.Fatalf("keys missing: %s", out)
 		}
-		return *r.OffloadActivations, *r.LmHeadInHost
+		return *r.OffloadActivations, *r.LmHeadInHost, *r.LayersInHost
 	}
-	if offload, lmHead := flags(opts); offload || lmHead {
-		t.Fatalf("off by default, got offload_activations %v, lm_head_in_host %v", offload, lmHead)
+	if offload, lmHead, layers := flags(opts); offload || lmHead || layers != 0 {
+		t.Fatalf("off by default, got offload_activations %v, lm_head_in_host %v, layers_in_host %d",
+			offload, lmHead, layers)
 	}
 	opts.OffloadActivations, opts.LmHeadInHost = true, true
-	if offload, lmHead := flags(opts); !offload || !lmHead {
+	if offload, lmHead, _ := flags(opts); !offload || !lmHead {
 		t.Fatalf("set, got offload_activations %v, lm_head_in_host %v", offload, lmHead)
+	}
+	// None of the tiny shape's layers can stay in host memory: the library quotes the count it read.
+	opts.LayersInHost = 2
+	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) ||
+		!strings.Contains(err.Error(), "layers_in_host: 2 of 2 layers asked for") {
+		t.Fatalf("2 layers of 2: %v", err)
+	}
+	opts.LayersInHost = -1
+	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "LayersInHost -1") {
+		t.Fatalf("negative LayersInHost: %v", err)
 	}
 }

@@ -52,6 +52,11 @@ type ModelOptions struct {
 	// Keep the LM head (or, tied, the embedding table serving as one) in pinned host memory
 	// instead of device memory (GPU only; ignored on the CPU).
 	LmHeadInHost bool
+	// Decoder layers whose projection matrices stay in pinned host memory instead of device
+	// memory, each copied to the device ahead of the layer (bf16 base weights only: refused with
+	// QuantNF4; GPU only): spread over the first three quarters of the layers, at most half of
+	// those (more is refused). 0 means none.
+	LayersInHost int
 
 	// A data-parallel group spanning processes: WorldSize ranks in all (0 or 1: this process
 	// trains alone, or over the GPUs Device lists). With more, Device must be one "cuda:N",
@@ -81,6 +86,9 @@ func (o *ModelOptions) check(op string) error {
 	}
 	if o.Rank < 0 || uint64(o.Rank) > math.MaxUint32 {
 		return bad("ModelOptions.Rank %d is out of range", o.Rank)
+	}
+	if o.LayersInHost < 0 || uint64(o.LayersInHost) > math.MaxUint32 {
+		return bad("ModelOptions.LayersInHost %d is out of range", o.LayersInHost)
 	}
 	if n := len(o.NCCLUniqueID); n != 0 && n != NCCLUniqueIDBytes {
 		return bad("ModelOptions.NCCLUniqueID has %d bytes; an NCCL unique id has %d", n, NCCLUniqueIDBytes)
@@ -126,6 +134,7 @@ func withModelParams(o *ModelOptions, f func(*C.ft_model_params) C.ft_status) C.
 		p.rank = C.uint32_t(o.Rank)
 		p.collective_timeout_ms = C.uint32_t(timeoutMillis(o.CollectiveTimeout))
 		p.lm_head_in_host_memory = cbool(o.LmHeadInHost)
+		p.layers_in_host_memory = C.uint32_t(o.LayersInHost)
 		if o.Device != "" {
 			p.device = C.CString(o.Device)
 			defer C.free(unsafe.Pointer(p.device))

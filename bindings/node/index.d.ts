@@ -60,6 +60,11 @@ export interface ModelOptions {
   /** Keep the LM head (or, tied, the embedding table serving as one) in pinned host memory
    * instead of device memory (GPU only; ignored on the CPU). Default false. */
   lmHeadInHost?: boolean;
+  /** Decoder layers whose projection matrices stay in pinned host memory instead of device
+   * memory, each copied to the device ahead of the layer (bf16 base weights only: refused with
+   * "nf4"; GPU only): spread over the first three quarters of the layers, at most half of those
+   * (more is refused). 0 or absent means none. */
+  layersInHost?: number;
 }
 
 /** What bench() measures: the options of `finetune bench`. */
@@ -89,6 +94,9 @@ export interface BenchOptions {
   offloadActivations?: boolean;
   /** Keep the LM head in pinned host memory instead of device memory (GPU only; default false). */
   lmHeadInHost?: boolean;
+  /** Decoder layers kept in pinned host memory, as ModelOptions.layersInHost (GPU, "lora" mode
+   * only; default 0). */
+  layersInHost?: number;
 }
 
 export interface ModelInfo {
@@ -194,7 +202,7 @@ export declare function ncclUniqueId(): Uint8Array;
 export declare function benchDefaults(): Required<BenchOptions>;
 /** Runs the training-step benchmark of `finetune bench` on the calling thread (blocking the event
  * loop) and returns its JSON text: model, device, mode, batch, seq, rank, checkpointing,
- * offload_activations, lm_head_in_host, steps, step_seconds_median, cpu_seconds_median,
- * tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib, peak_device_set_by,
- * peak_device_purposes_mib, held_device_mib, load_seconds. */
+ * offload_activations, lm_head_in_host, layers_in_host, steps, step_seconds_median,
+ * cpu_seconds_median, tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib,
+ * peak_device_set_by, peak_device_purposes_mib, held_device_mib, load_seconds. */
 export declare function bench(opts?: BenchOptions): string;

@@ -72,6 +72,7 @@ function modelParams(opts) {
   if (opts.rank != null) p.rank = uint32('rank', opts.rank);
   if (opts.collectiveTimeoutMs != null) p.collective_timeout_ms = uint32('collectiveTimeoutMs', opts.collectiveTimeoutMs);
   if (opts.lmHeadInHost != null) p.lm_head_in_host_memory = opts.lmHeadInHost ? 1 : 0;
+  if (opts.layersInHost != null) p.layers_in_host_memory = uint32('layersInHost', opts.layersInHost);
   const id = opts.ncclUniqueId;
   if (id != null) {
     if (!(id instanceof Uint8Array)) {
@@ -133,7 +134,8 @@ class Model {
   }
 
   /** Loads a Hugging Face model directory. opts: { device: 'auto'|'cpu'|'cuda:N'|'cuda:0,cuda:1'|'cuda:all',
-   * threads, quantization, maxDeviceMemoryMiB, worldSize, rank, ncclUniqueId, collectiveTimeoutMs, lmHeadInHost } */
+   * threads, quantization, maxDeviceMemoryMiB, worldSize, rank, ncclUniqueId, collectiveTimeoutMs, lmHeadInHost,
+   * layersInHost } */
   static load(dir, opts) {
     const out = [null];
     check('ft_model_load', lib().modelLoad(dir, modelParams(opts), out));
@@ -327,7 +329,7 @@ function benchDefaults() {
     model: d.model, mode: d.mode ?? 'lora', batch: d.batch, seq: d.seq, rank: d.rank, steps: d.steps,
     checkpointing: d.checkpointing !== 0, threads: d.n_threads, device: d.device ?? 'auto',
     maxDeviceMemoryMiB: Number(d.max_device_memory_mib), offloadActivations: d.offload_activations !== 0,
-    lmHeadInHost: d.lm_head_in_host_memory !== 0,
+    lmHeadInHost: d.lm_head_in_host_memory !== 0, layersInHost: d.layers_in_host_memory,
   };
 }
 
@@ -341,7 +343,8 @@ function bench(opts) {
   const p = lib().benchDefaultParams();
   if (opts.model != null) p.model = opts.model;
   if (opts.mode != null) p.mode = opts.mode;
-  for (const [k, c] of [['batch', 'batch'], ['seq', 'seq'], ['rank', 'rank'], ['steps', 'steps'], ['threads', 'n_threads']]) {
+  for (const [k, c] of [['batch', 'batch'], ['seq', 'seq'], ['rank', 'rank'], ['steps', 'steps'], ['threads', 'n_threads'],
+    ['layersInHost', 'layers_in_host_memory']]) {
     if (opts[k] != null) p[c] = uint32(k, opts[k]);
   }
   if (opts.checkpointing != null) p.checkpointing = opts.checkpointing ? 1 : 0;

@@ -119,6 +119,27 @@ pub fn check_attention_shapes(
     )))
 }
 
+/// A device copy of a frozen matrix kept in host memory ([`Backend::bring_to_device`]), read by
+/// the products queued while this lives and released when it is dropped.
+pub struct DeviceCopy<'a, B: Backend + ?Sized> {
+    be: &'a B,
+    t: &'a B::Tensor,
+}
+
+impl<'a, B: Backend + ?Sized> DeviceCopy<'a, B> {
+    /// Starts bringing `t` over (nothing to do where `t` is already on the device).
+    pub fn bring(be: &'a B, t: &'a B::Tensor) -> Result<Self> {
+        be.bring_to_device(t)?;
+        Ok(DeviceCopy { be, t })
+    }
+}
+
+impl<B: Backend + ?Sized> Drop for DeviceCopy<'_, B> {
+    fn drop(&mut self) {
+        self.be.release_device_copy(self.t);
+    }
+}
+
 /// [`Backend::adapted_product`] as two products: `y = s·xa·Bᵀ`, then `y += x·Wᵀ`.
 pub fn adapted_product_in_two<B: Backend + ?Sized>(
     be: &B,
@@ -238,10 +259,22 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_lookup_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
         self.upload_frozen(data, rows, cols)
     }
+    /// Uploads a frozen matrix read only by products and download, kept in host memory where
+    /// the backend computes elsewhere (a GPU backend: pinned host memory); its products then read
+    /// the copy [`Backend::bring_to_device`] brought over, or copy it each. The CPU keeps it as
+    /// [`Backend::upload_frozen`] does.
+    fn upload_frozen_in_host(
+        &self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Tensor> {
+        self.upload_frozen(data, rows, cols)
+    }
     /// Uploads the output projection (the LM head, or the embedding table when tied): frozen,
     /// read by the LM head's products, by [`Backend::embedding`] when tied and by download. A
-    /// backend may keep it in host memory, where [`Backend::prefetch_copy`] brings a copy ahead
-    /// of the training step's LM head.
+    /// backend may keep it in host memory, where [`Backend::bring_to_device`] brings a copy
+    /// ahead of the training step's LM head.
     fn upload_output_projection(
         &self,
         data: &[f32],
@@ -375,13 +408,21 @@ pub trait Backend: Send + Sync + 'static {
     fn settle(&self, t: Self::Tensor) -> Result<Self::Tensor> {
         Ok(t)
     }
-    /// Starts copying a frozen matrix kept in host memory ([`Backend::upload_output_projection`])
-    /// to the device, beside the work queued after it; [`Backend::settle`] must run before
-    /// anything reads the copy, which is freed when dropped. `None` when `t` is already where
-    /// products read it (always on the CPU).
-    fn prefetch_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
+    /// Starts copying a frozen matrix kept in host memory ([`Backend::upload_frozen_in_host`],
+    /// [`Backend::upload_output_projection`]) to the device, beside the work queued after it;
+    /// the products this thread queues with `t` until [`Backend::release_device_copy`] wait for
+    /// the copy and read it (each thread brings its own: passes over one model may run on
+    /// several threads at once). Nothing happens when `t` is already where products read it
+    /// (always on the CPU) or this thread's copy is already there.
+    fn bring_to_device(&self, t: &Self::Tensor) -> Result<()> {
         let _ = t;
-        Ok(None)
+        Ok(())
+    }
+    /// Frees the device copy [`Backend::bring_to_device`] made of `t` on this thread (after the
+    /// work queued before, which may still read it); later products copy `t` each until it is
+    /// brought again.
+    fn release_device_copy(&self, t: &Self::Tensor) {
+        let _ = t;
     }
     /// Sets every element of `x` to 0, whatever it held (NaN too, which a product with 0 keeps).
     fn fill_zero(&self, x: &mut Self::Tensor) -> Result<()>;

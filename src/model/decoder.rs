@@ -26,8 +26,9 @@
 
 use super::adapters::{LoraPair, LoraTensors};
 use super::config::ModelConfig;
+use super::host_layers::LayerCopies;
 use super::weights::{DecoderWeights, LayerWeights};
-use crate::backend::{product_into, AttentionShape, Backend};
+use crate::backend::{product_into, AttentionShape, Backend, DeviceCopy};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, TargetModule};
 use crate::rng::derive;
@@ -794,8 +795,11 @@ impl<B: Backend> Decoder<B> {
             labelled: 0,
         };
         let heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let n = cfg.num_layers;
+        let mut layer_copies = LayerCopies::new(be, &self.weights);
         let mut x = self.embed(&batch)?;
-        for layer in 0..cfg.num_layers {
+        for layer in 0..n {
+            layer_copies.before(layer..n)?;
             let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
             x = self
                 .layer_forward(
@@ -811,6 +815,7 @@ impl<B: Backend> Decoder<B> {
                     false,
                 )?
                 .0;
+            layer_copies.after(layer);
         }
         cache.len += ids.len();
         let (rows, d) = be.shape(&x);
@@ -843,12 +848,16 @@ impl<B: Backend> Decoder<B> {
         batch: &DeviceBatch<B>,
         ad: Option<&Adapters<B>>,
     ) -> Result<B::Tensor> {
+        let n = self.cfg.num_layers;
+        let mut layer_copies = LayerCopies::new(&self.backend, &self.weights);
         let mut x = self.embed(batch)?;
-        for layer in 0..self.cfg.num_layers {
+        for layer in 0..n {
+            layer_copies.before(layer..n)?;
             let attend = self.batch_attention(batch);
             x = self
                 .layer_forward(layer, &x, &batch.positions, ad, attend, false)?
                 .0;
+            layer_copies.after(layer);
         }
         let (h, _) = self.backend.rmsnorm(
             &x,
@@ -871,14 +880,14 @@ impl<B: Backend> Decoder<B> {
 
     /// The final norm, LM head and loss of the last layer's output `last`: writes each row's loss
     /// and returns dL/d(last) (see [`LossOutput`]), every other value freed before the layers'
-    /// backward starts. `head_copy` is the output projection's copy on its way from host memory
-    /// ([`Backend::prefetch_copy`]), if it lives there.
+    /// backward starts. `head_copy` is the output projection's device copy when it lives in host
+    /// memory ([`Backend::bring_to_device`]), released after the loss.
     fn head_forward_backward(
         &self,
         last: B::Tensor,
         batch: &DeviceBatch<B>,
         loss: &mut LossOutput<B>,
-        head_copy: Option<B::Tensor>,
+        head_copy: Option<DeviceCopy<'_, B>>,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let (eps, offset) = (self.cfg.rms_norm_eps, self.cfg.norm_unit_offset);
@@ -886,10 +895,7 @@ impl<B: Backend> Decoder<B> {
         let (h, r) = be.rmsnorm(&last, norm, eps, offset)?;
         // Rounded once for the head's products (half the bytes while the logits are live).
         let h = be.product_input(h, 0)?;
-        let head_copy = head_copy.map(|t| be.settle(t)).transpose()?;
-        let head = head_copy
-            .as_ref()
-            .unwrap_or_else(|| self.weights.output_projection());
+        let head = self.weights.output_projection();
         let dh = be.lm_head_cross_entropy(&h, head, &batch.labels, loss.scale, loss.row_loss)?;
         drop((h, head_copy));
         be.rmsnorm_backward(&dh, &last, norm, &r, offset)
@@ -922,14 +928,17 @@ impl<B: Backend> Decoder<B> {
         // of the layers' forward pass (on its own copy stream, beside the copies out of `stash`):
         // early enough for the copy to finish behind their compute (~1 GiB on Llama 3, a few
         // ms a layer). Its device copy adds to those layers' working set, which then sets the
-        // recorded block (bench/NOTES.md).
+        // recorded block (bench/NOTES.md). Layers kept in host memory come over one at a time
+        // ahead of their forward and backward (host_layers.rs), never beside the head's copy.
         let head_copy_from = n - n.div_ceil(4);
         let mut head_copy = None;
+        let mut layer_copies = LayerCopies::new(be, &self.weights);
         let mut x = self.embed(batch)?;
         for layer in 0..n {
             if layer == head_copy_from {
-                head_copy = be.prefetch_copy(self.weights.output_projection())?;
+                head_copy = Some(DeviceCopy::bring(be, self.weights.output_projection())?);
             }
+            layer_copies.before(layer..n)?;
             // The last layer's input and attention output stay on the device: its backward comes
             // first, right after the head (a copy out and back would only make it wait).
             let stays = layer + 1 == n;
@@ -965,6 +974,7 @@ impl<B: Backend> Decoder<B> {
                 caches.push(cache);
                 out
             };
+            layer_copies.after(layer);
             inputs.push(if saving.offload_inputs && !stays {
                 be.stash(x)?
             } else {
@@ -979,6 +989,7 @@ impl<B: Backend> Decoder<B> {
         let mut next = inputs.pop().map(fetch).transpose()?;
         let mut next_kept = checkpoints.pop().map(|c| c.fetch(be)).transpose()?;
         for layer in (0..n).rev() {
+            layer_copies.before((0..=layer).rev())?;
             let x = be.settle(next.take().expect("one input per layer"))?;
             next = inputs.pop().map(fetch).transpose()?;
             let kept = next_kept.take();
@@ -1006,6 +1017,7 @@ impl<B: Backend> Decoder<B> {
                 }
             };
             dx = self.layer_backward(layer, dx, &x, cache, batch, ad, grads)?;
+            layer_copies.after(layer);
             layer_done(layer, grads)?;
         }
         Ok(())

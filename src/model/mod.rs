@@ -4,5 +4,8 @@
 pub mod adapters;
 pub mod config;
 pub mod decoder;
+pub mod host_layers;
 pub mod presets;
 pub mod weights;
+
+pub use host_layers::host_layer_indices;

@@ -135,6 +135,39 @@ pub struct LayerWeights<B: Backend> {
     pub bias: Vec<Option<B::Tensor>>,
     pub q_norm: Option<B::Tensor>,
     pub k_norm: Option<B::Tensor>,
+    /// `proj` is kept in host memory ([`Backend::upload_frozen_in_host`]; host_layers.rs).
+    pub in_host: bool,
+}
+
+/// How the frozen weights are stored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FrozenStorage {
+    /// The projection matrices' format.
+    pub quantization: Quantization,
+    /// Layers whose projection matrices stay in host memory
+    /// ([`host_layer_indices`](super::host_layers::host_layer_indices)); bf16 ones only.
+    pub host_layers: Vec<usize>,
+}
+
+impl FrozenStorage {
+    /// `quantization`, with `layers_in_host` of the `cfg`'s layers in host memory.
+    pub fn new(
+        cfg: &ModelConfig,
+        quantization: Quantization,
+        layers_in_host: usize,
+    ) -> Result<Self> {
+        if layers_in_host > 0 && quantization != Quantization::None {
+            return Err(Error::InvalidArgument(format!(
+                "layers_in_host ({layers_in_host}) keeps bf16 projection matrices in host \
+                 memory; with {quantization:?} they stay on the device (NF4 takes a quarter of \
+                 the bytes)"
+            )));
+        }
+        Ok(FrozenStorage {
+            quantization,
+            host_layers: super::host_layers::host_layer_indices(cfg.num_layers, layers_in_host)?,
+        })
+    }
 }
 
 /// All frozen weights of a decoder.
@@ -170,16 +203,21 @@ impl<B: Backend> DecoderWeights<B> {
         quantization: Quantization,
         fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
     ) -> Result<Self> {
-        let mut sets = Self::load_replicas(cfg, &[backend], quantization, fetch)?;
+        let storage = FrozenStorage {
+            quantization,
+            ..FrozenStorage::default()
+        };
+        let mut sets = Self::load_replicas(cfg, &[backend], &storage, fetch)?;
         Ok(sets.pop().expect("one set per backend"))
     }
 
-    /// As [`DecoderWeights::load_with`], onto each of `backends` (data-parallel replicas): every
-    /// tensor is fetched once and uploaded to each backend in turn.
+    /// As [`DecoderWeights::load_with`], stored as `storage` says, onto each of `backends`
+    /// (data-parallel replicas): every tensor is fetched once and uploaded to each backend in
+    /// turn.
     pub fn load_replicas(
         cfg: &ModelConfig,
         backends: &[&B],
-        quantization: Quantization,
+        storage: &FrozenStorage,
         mut fetch: impl FnMut(&TensorSpec) -> Result<TensorValues>,
     ) -> Result<Vec<Self>> {
         let mut sets: Vec<PartialWeights<B>> =
@@ -198,12 +236,15 @@ impl<B: Backend> DecoderWeights<B> {
                 }
             }
             for (backend, set) in backends.iter().zip(&mut sets) {
-                let t = upload_tensor(cfg, *backend, &spec, &values, quantization)
+                let t = upload_tensor(cfg, *backend, &spec, &values, storage)
                     .map_err(|e| in_tensor(&spec.name, e))?;
                 set.place(spec.slot, t);
             }
         }
-        Ok(sets.into_iter().map(PartialWeights::finish).collect())
+        Ok(sets
+            .into_iter()
+            .map(|set| set.finish(&storage.host_layers))
+            .collect())
     }
 
     /// Random weights (for tests, benchmarks and demos); see [`random_weights`].
@@ -242,15 +283,16 @@ fn in_tensor(name: &str, e: Error) -> Error {
     }
 }
 
-/// Stores one fetched tensor on `backend` in the form its slot and `quantization` call for.
+/// Stores one fetched tensor on `backend` in the form its slot and `storage` call for.
 fn upload_tensor<B: Backend>(
     cfg: &ModelConfig,
     backend: &B,
     spec: &TensorSpec,
     values: &TensorValues,
-    quantization: Quantization,
+    storage: &FrozenStorage,
 ) -> Result<B::Tensor> {
-    let nf4 = quantization == Quantization::Nf4 && matches!(spec.slot, Slot::Proj(..));
+    let nf4 = storage.quantization == Quantization::Nf4 && matches!(spec.slot, Slot::Proj(..));
+    let in_host = matches!(spec.slot, Slot::Proj(l, _) if storage.host_layers.contains(&l));
     let frozen = matches!(spec.slot, Slot::Embedding | Slot::LmHead | Slot::Proj(..));
     let (rows, cols) = (spec.rows, spec.cols);
     let upload = |values: &[f32]| match spec.slot {
@@ -259,6 +301,7 @@ fn upload_tensor<B: Backend>(
             backend.upload_lookup_table(values, rows, cols)
         }
         Slot::Embedding | Slot::LmHead => backend.upload_output_projection(values, rows, cols),
+        _ if in_host => backend.upload_frozen_in_host(values, rows, cols),
         _ if frozen => backend.upload_frozen(values, rows, cols),
         _ => backend.upload(values, rows, cols),
     };
@@ -305,7 +348,7 @@ impl<B: Backend> PartialWeights<B> {
         }
     }
 
-    fn finish(self) -> DecoderWeights<B> {
+    fn finish(self, host_layers: &[usize]) -> DecoderWeights<B> {
         let complete = "tensor_specs lists every slot";
         DecoderWeights {
             embedding: self.embedding.expect(complete),
@@ -314,13 +357,15 @@ impl<B: Backend> PartialWeights<B> {
             layers: self
                 .layers
                 .into_iter()
-                .map(|p| LayerWeights {
+                .enumerate()
+                .map(|(l, p)| LayerWeights {
                     attn_norm: p.attn_norm.expect(complete),
                     mlp_norm: p.mlp_norm.expect(complete),
                     proj: p.proj.into_iter().map(|t| t.expect(complete)).collect(),
                     bias: p.bias,
                     q_norm: p.q_norm,
                     k_norm: p.k_norm,
+                    in_host: host_layers.contains(&l),
                 })
                 .collect(),
         }

@@ -30,6 +30,9 @@ namespace Finetune
         /// <summary>Keep the LM head in pinned host memory instead of device memory (GPU only;
         /// default false).</summary>
         public bool? LmHeadInHost;
+        /// <summary>Decoder layers kept in pinned host memory, as ModelOptions.LayersInHost (GPU,
+        /// "lora" mode only; default 0).</summary>
+        public uint? LayersInHost;
     }
 
     /// <summary>The library as a whole: its version, NCCL unique ids for data-parallel groups
@@ -75,16 +78,18 @@ namespace Finetune
                 MaxDeviceMemoryMiB = d.max_device_memory_mib,
                 OffloadActivations = d.offload_activations != 0,
                 LmHeadInHost = d.lm_head_in_host_memory != 0,
+                LayersInHost = d.layers_in_host_memory,
             };
         }
 
         /// <summary>The training-step benchmark of `finetune bench`: builds a model of the named
         /// shape with random weights, runs one warm-up and Steps timed steps on random tokens, and
         /// returns the JSON text `finetune bench` prints (model, device, mode, batch, seq, rank,
-        /// checkpointing, offload_activations, lm_head_in_host, steps, step_seconds_median,
-        /// cpu_seconds_median, tokens_per_second, first_loss, last_loss, peak_rss_mib,
-        /// peak_device_mib, peak_device_set_by, peak_device_purposes_mib, held_device_mib,
-        /// load_seconds). Runs on the calling thread: minutes for the larger shapes.</summary>
+        /// checkpointing, offload_activations, lm_head_in_host, layers_in_host, steps,
+        /// step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
+        /// peak_rss_mib, peak_device_mib, peak_device_set_by, peak_device_purposes_mib,
+        /// held_device_mib, load_seconds). Runs on the calling thread: minutes for the larger
+        /// shapes.</summary>
         public static string Bench(BenchOptions options = null)
         {
             var api = Native.Lib;
@@ -112,6 +117,7 @@ namespace Finetune
                     if (options.MaxDeviceMemoryMiB.HasValue) p.max_device_memory_mib = options.MaxDeviceMemoryMiB.Value;
                     if (options.OffloadActivations.HasValue) p.offload_activations = options.OffloadActivations.Value ? 1 : 0;
                     if (options.LmHeadInHost.HasValue) p.lm_head_in_host_memory = options.LmHeadInHost.Value ? 1 : 0;
+                    if (options.LayersInHost.HasValue) p.layers_in_host_memory = options.LayersInHost.Value;
                 }
                 IntPtr json;
                 Native.Check("ft_bench", api.ft_bench(ref p, out json));

@@ -92,6 +92,7 @@ namespace Finetune
                         "ModelOptions.CollectiveTimeout must be from zero to " + uint.MaxValue + " ms");
                 p.collective_timeout_ms = (uint)ms;
                 p.lm_head_in_host_memory = o.LmHeadInHost ? 1 : 0;
+                p.layers_in_host_memory = o.LayersInHost;
             }
             return p;
         }

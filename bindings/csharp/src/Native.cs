@@ -21,6 +21,7 @@ namespace Finetune
         public IntPtr nccl_unique_id;
         public uint collective_timeout_ms;
         public int lm_head_in_host_memory;
+        public uint layers_in_host_memory;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -34,6 +35,7 @@ namespace Finetune
         public ulong max_device_memory_mib;
         public int offload_activations;
         public int lm_head_in_host_memory;
+        public uint layers_in_host_memory;
     }
 
     [StructLayout(LayoutKind.Sequential)]

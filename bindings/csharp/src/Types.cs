@@ -80,6 +80,11 @@ namespace Finetune
         /// <summary>Keep the LM head (or, tied, the embedding table serving as one) in pinned host
         /// memory instead of device memory (GPU only; ignored on the CPU).</summary>
         public bool LmHeadInHost;
+        /// <summary>Decoder layers whose projection matrices stay in pinned host memory instead of
+        /// device memory, each copied to the device ahead of the layer (bf16 base weights only:
+        /// refused with Quantization.Nf4; GPU only): spread over the first three quarters of the
+        /// layers, at most half of those (more is refused). 0 means none.</summary>
+        public uint LayersInHost;
     }
 
     /// <summary>A model's sizes.</summary>

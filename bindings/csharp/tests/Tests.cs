@@ -225,15 +225,20 @@ static class Tests
         var asm = typeof(Model).Assembly;
         int modelParams = Marshal.SizeOf(asm.GetType("Finetune.NativeModelParams", true));
         int benchParams = Marshal.SizeOf(asm.GetType("Finetune.NativeBenchParams", true));
-        Assert(modelParams == 48, "ft_model_params is 48 bytes, not " + modelParams);
-        Assert(benchParams == 64, "ft_bench_params is 64 bytes, not " + benchParams);
-        // The fields added last sit where the header puts them (ft_model_params's in its tail padding).
+        Assert(modelParams == 56, "ft_model_params is 56 bytes, not " + modelParams);
+        Assert(benchParams == 72, "ft_bench_params is 72 bytes, not " + benchParams);
+        // The fields added last sit where the header puts them (the structs' tail padding would hide
+        // one of another width from the sizes).
         int lmHead = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeModelParams", true), "lm_head_in_host_memory");
-        Assert(lmHead == 44, "ft_model_params.lm_head_in_host_memory at 44, not " + lmHead);
+        int layers = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeModelParams", true), "layers_in_host_memory");
+        Assert(lmHead == 44 && layers == 48,
+            "ft_model_params.lm_head_in_host_memory at 44 and layers_in_host_memory at 48, not " + lmHead + " and " + layers);
         int benchOffload = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeBenchParams", true), "offload_activations");
         int benchLmHead = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeBenchParams", true), "lm_head_in_host_memory");
-        Assert(benchOffload == 56 && benchLmHead == 60,
-            "ft_bench_params.offload_activations at 56 and lm_head_in_host_memory at 60, not " + benchOffload + " and " + benchLmHead);
+        int benchLayers = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeBenchParams", true), "layers_in_host_memory");
+        Assert(benchOffload == 56 && benchLmHead == 60 && benchLayers == 64,
+            "ft_bench_params.offload_activations at 56, lm_head_in_host_memory at 60 and layers_in_host_memory at 64, not "
+            + benchOffload + ", " + benchLmHead + " and " + benchLayers);
         int trainParams = Marshal.SizeOf(asm.GetType("Finetune.NativeTrainParams", true));
         Assert(trainParams == 72, "ft_train_params is 72 bytes, not " + trainParams);
     }
@@ -346,6 +351,22 @@ static class Tests
             model => Assert(model.Generate(new[] { 3, 4, 5 }, 4).Length == 4, "4 tokens generated"));
     }
 
+    // The tiny shape's two layers leave none to keep in host memory (at most half of the first three
+    // quarters): the library refuses any, quoting the count it read.
+    static void LayersInHostReachesTheLibrary()
+    {
+        try
+        {
+            Model.Random("tiny", 0, new ModelOptions { Device = "cpu", Threads = 1, LayersInHost = 3 }).Dispose();
+            Assert(false, "3 of 2 layers in host memory accepted");
+        }
+        catch (FinetuneException e)
+        {
+            Assert(e.Status == Status.InvalidArgument && e.Message.Contains("layers_in_host: 3 of 2 layers asked for"), e.Message);
+        }
+        Model.Random("tiny", 0, new ModelOptions { Device = "cpu", Threads = 1, LayersInHost = 0 }).Dispose();
+    }
+
     static bool JsonFlag(string json, string key)
     {
         var m = Regex.Match(json, "\"" + key + "\"\\s*:\\s*(true|false)");
@@ -353,17 +374,36 @@ static class Tests
         return m.Groups[1].Value == "true";
     }
 
+    static long JsonNumber(string json, string key)
+    {
+        var m = Regex.Match(json, "\"" + key + "\"\\s*:\\s*(-?[0-9]+)");
+        Assert(m.Success, key + " in " + json);
+        return long.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
+    }
+
     static void BenchPassesTheOffloadOptions()
     {
         var d = Library.DefaultBenchOptions();
-        Assert(d.OffloadActivations == false && d.LmHeadInHost == false, "offload defaults off");
+        Assert(d.OffloadActivations == false && d.LmHeadInHost == false && d.LayersInHost == 0, "offload defaults off");
         var o = new BenchOptions { Model = "tiny", Device = "cpu", Threads = 1, Batch = 1, Seq = 16, Steps = 1 };
         string plain = Library.Bench(o);
         Assert(!JsonFlag(plain, "offload_activations") && !JsonFlag(plain, "lm_head_in_host"), plain);
+        Assert(JsonNumber(plain, "layers_in_host") == 0, plain);
         o.OffloadActivations = true;
         o.LmHeadInHost = true;
         string json = Library.Bench(o);
         Assert(JsonFlag(json, "offload_activations") && JsonFlag(json, "lm_head_in_host"), json);
+        // None of the tiny shape's layers can stay in host memory: the library quotes the count it read.
+        o.LayersInHost = 2;
+        try
+        {
+            Library.Bench(o);
+            Assert(false, "2 of 2 layers in host memory accepted");
+        }
+        catch (FinetuneException e)
+        {
+            Assert(e.Status == Status.InvalidArgument && e.Message.Contains("layers_in_host: 2 of 2 layers asked for"), e.Message);
+        }
     }
 
     static string RunLoadOnly(string lib)
@@ -419,6 +459,7 @@ static class Tests
             new KeyValuePair<string, Action>("NcclUniqueIdIs128BytesOrAnErrorNamingNccl", NcclUniqueIdIs128BytesOrAnErrorNamingNccl),
             new KeyValuePair<string, Action>("BenchRunsTheTinyShapeOnTheCpu", BenchRunsTheTinyShapeOnTheCpu),
             new KeyValuePair<string, Action>("LmHeadInHostIsAcceptedOnTheCpu", LmHeadInHostIsAcceptedOnTheCpu),
+            new KeyValuePair<string, Action>("LayersInHostReachesTheLibrary", LayersInHostReachesTheLibrary),
             new KeyValuePair<string, Action>("BenchPassesTheOffloadOptions", BenchPassesTheOffloadOptions),
         };
         int passed = 0, failed = 0;

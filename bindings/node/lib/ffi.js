@@ -59,12 +59,13 @@ function openLibrary(explicitPath) {
 const ModelParams = koffi.struct('ft_model_params', {
   device: 'const char *', n_threads: 'uint32_t', quantization: 'int32_t', max_device_memory_mib: 'uint64_t',
   world_size: 'uint32_t', rank: 'uint32_t', nccl_unique_id: 'const uint8_t *', collective_timeout_ms: 'uint32_t',
-  lm_head_in_host_memory: 'int32_t',
+  lm_head_in_host_memory: 'int32_t', layers_in_host_memory: 'uint32_t',
 });
 const BenchParams = koffi.struct('ft_bench_params', {
   model: 'const char *', mode: 'const char *', batch: 'uint32_t', seq: 'uint32_t', rank: 'uint32_t',
   steps: 'uint32_t', checkpointing: 'int32_t', n_threads: 'uint32_t', device: 'const char *',
   max_device_memory_mib: 'uint64_t', offload_activations: 'int32_t', lm_head_in_host_memory: 'int32_t',
+  layers_in_host_memory: 'uint32_t',
 });
 const ModelInfo = koffi.struct('ft_model_info', {
   vocab_size: 'uint64_t', hidden_size: 'uint64_t', intermediate_size: 'uint64_t', num_layers: 'uint64_t',

@@ -157,13 +157,16 @@ test('the ABI version is 4 and the structs have the header\'s sizes', () => {
   const ffi = require('../lib/ffi');
   assert.strictEqual(ffi.load().abiVersion(), 4);
   // x86-64 sizes of the structs in include/finetune.h.
-  assert.strictEqual(ffi.koffi.sizeof(ffi.ModelParams), 48);
-  assert.strictEqual(ffi.koffi.sizeof(ffi.BenchParams), 64);
+  assert.strictEqual(ffi.koffi.sizeof(ffi.ModelParams), 56);
+  assert.strictEqual(ffi.koffi.sizeof(ffi.BenchParams), 72);
   assert.strictEqual(ffi.koffi.sizeof(ffi.TrainParams), 72);
-  // The fields added last sit where the header puts them (ft_model_params's in its tail padding).
+  // The fields added last sit where the header puts them (the structs' tail padding would hide
+  // one of another width from the sizes).
   assert.strictEqual(ffi.koffi.offsetof(ffi.ModelParams, 'lm_head_in_host_memory'), 44);
+  assert.strictEqual(ffi.koffi.offsetof(ffi.ModelParams, 'layers_in_host_memory'), 48);
   assert.strictEqual(ffi.koffi.offsetof(ffi.BenchParams, 'offload_activations'), 56);
   assert.strictEqual(ffi.koffi.offsetof(ffi.BenchParams, 'lm_head_in_host_memory'), 60);
+  assert.strictEqual(ffi.koffi.offsetof(ffi.BenchParams, 'layers_in_host_memory'), 64);
 });
 
 test('a library of another ABI version is refused with both versions named', (t) => {
@@ -252,15 +255,32 @@ test('lmHeadInHost is accepted on the CPU, where it is ignored', async () => {
   });
 });
 
-test('bench passes offloadActivations and lmHeadInHost', () => {
+test('layersInHost reaches the library, which quotes it', () => {
+  // The tiny shape's two layers leave none to keep in host memory (at most half of the first
+  // three quarters): the library refuses any, quoting the count it read.
+  assert.throws(() => ft.Model.random('tiny', 0, { device: 'cpu', threads: 1, layersInHost: 3 }),
+    (e) => e instanceof ft.FinetuneError && e.code === 'FT_ERR_INVALID_ARGUMENT'
+      && e.message.includes('layers_in_host: 3 of 2 layers asked for'));
+  assert.throws(() => ft.Model.random('tiny', 0, { layersInHost: -1 }),
+    (e) => e instanceof RangeError && /layersInHost/.test(e.message));
+  ft.Model.random('tiny', 0, { device: 'cpu', threads: 1, layersInHost: 0 }).close();
+});
+
+test('bench passes offloadActivations, lmHeadInHost and layersInHost', () => {
   const d = ft.benchDefaults();
   assert.strictEqual(d.offloadActivations, false);
   assert.strictEqual(d.lmHeadInHost, false);
+  assert.strictEqual(d.layersInHost, 0);
   const opts = { model: 'tiny', device: 'cpu', threads: 1, batch: 1, seq: 16, steps: 1 };
   const plain = JSON.parse(ft.bench(opts));
   assert.strictEqual(plain.offload_activations, false);
   assert.strictEqual(plain.lm_head_in_host, false);
+  assert.strictEqual(plain.layers_in_host, 0);
   const r = JSON.parse(ft.bench({ ...opts, offloadActivations: true, lmHeadInHost: true }));
   assert.strictEqual(r.offload_activations, true);
   assert.strictEqual(r.lm_head_in_host, true);
+  // None of the tiny shape's layers can stay in host memory: the library quotes the count it read.
+  assert.throws(() => ft.bench({ ...opts, layersInHost: 2 }),
+    (e) => e.code === 'FT_ERR_INVALID_ARGUMENT' && e.message.includes('layers_in_host: 2 of 2 layers asked for'));
+  assert.throws(() => ft.bench({ ...opts, layersInHost: 1.5 }), (e) => e instanceof RangeError && /layersInHost/.test(e.message));
 });

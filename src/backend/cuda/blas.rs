@@ -54,9 +54,9 @@ fn data_type(d: Dtype) -> Result<sys::cudaDataType> {
         Dtype::Nf4 => Err(Error::InvalidArgument(
             "matmul: cuBLAS cannot read an NF4 matrix (it is dequantized to bf16 first)".into(),
         )),
-        Dtype::HostBf16 | Dtype::Offloaded | Dtype::Arriving => Err(Error::InvalidArgument(
-            "matmul: a table in host memory, an offloaded activation or a table's copy on its way \
-             must be on the device first"
+        Dtype::HostBf16 | Dtype::Offloaded => Err(Error::InvalidArgument(
+            "matmul: a matrix in host memory or an offloaded activation must be on the device \
+             first"
                 .into(),
         )),
     }

@@ -37,7 +37,8 @@ use offload::Offload;
 use profile::Profiler;
 use rayon::prelude::*;
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::collections::hash_map::Entry;
+use std::sync::{Mutex, MutexGuard};
 use tensor::Storage;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
 
@@ -111,6 +112,11 @@ fn bf16_bits(data: &[f32]) -> Vec<u16> {
         .collect()
 }
 
+/// `m` locked; a panic of an earlier holder leaves nothing half-written in what these guard.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What kind of tensor `s` holds, for errors.
 fn storage_name(s: &Storage) -> &'static str {
     match s {
@@ -118,9 +124,8 @@ fn storage_name(s: &Storage) -> &'static str {
         Storage::Bf16(_) => "bf16",
         Storage::Bf16Pitched { .. } => "bf16 (rows with spare columns)",
         Storage::Nf4(_) => "NF4",
-        Storage::Host(_) => "host-resident",
+        Storage::Host { .. } => "host-resident",
         Storage::Offloaded(_) => "offloaded",
-        Storage::Arriving(_) => "arriving",
     }
 }
 
@@ -371,14 +376,14 @@ impl CudaBackend {
                  that reads dense rows; only products, copy_rows, duplicate and download read it"
                     .into(),
             )),
-            Storage::Host(_) => Err(Error::InvalidArgument(
-                "a table in host memory was passed where a device tensor is needed; embedding \
+            Storage::Host { .. } => Err(Error::InvalidArgument(
+                "a matrix in host memory was passed where a device tensor is needed; embedding \
                  reads it over the bus, products through a device copy"
                     .into(),
             )),
-            Storage::Offloaded(_) | Storage::Arriving(_) => Err(Error::InvalidArgument(
-                "an offloaded activation or a table's copy on its way was passed where a device \
-                 tensor is needed; settle it first"
+            Storage::Offloaded(_) => Err(Error::InvalidArgument(
+                "an offloaded activation was passed where a device tensor is needed; settle it \
+                 first"
                     .into(),
             )),
         }
@@ -553,8 +558,10 @@ impl CudaBackend {
     }
 
     /// `t` as a matrix-product operand: rounded to bf16 when `bf16` and stored in f32, an NF4
-    /// matrix dequantized to bf16, a table in host memory copied to the device (the product
-    /// waits for the copy). What is returned beside it must live until the product is queued.
+    /// matrix dequantized to bf16, a matrix in host memory read from the device copy a pass
+    /// brought over (`bring_to_device`) or else copied to the device for this product (the
+    /// product waits for the copy). What is returned beside it must live until the product is
+    /// queued.
     fn operand(&self, t: &CudaTensor, bf16: bool) -> Result<(Operand, Staged<'_>)> {
         let mut staged = Staged::default();
         let (ptr, dtype) = match (&t.storage, bf16) {
@@ -563,10 +570,18 @@ impl CudaBackend {
                 staged._nf4_scratch = Some(scratch);
                 (ptr, Dtype::Bf16)
             }
-            (Storage::Host(table), _) => {
-                let copy = self.offload.fetch_table(&self.gpu, table)?.settle()?;
-                let ptr = self.buffer_ptr(&copy);
-                staged._bf16_copy = Some(copy);
+            (Storage::Host { table, copies }, _) => {
+                let mut brought = lock(copies);
+                let ptr = match brought.get_mut(&std::thread::current().id()) {
+                    // The copy lives until the pass releases it, after its products are queued.
+                    Some(arrival) => self.buffer_ptr(arrival.wait()?),
+                    None => {
+                        let copy = self.offload.fetch_table(&self.gpu, table)?.settle()?;
+                        let ptr = self.buffer_ptr(&copy);
+                        staged._bf16_copy = Some(copy);
+                        ptr
+                    }
+                };
                 (ptr, Dtype::Bf16)
             }
             (Storage::F32(_), true) => {
@@ -732,8 +747,12 @@ impl Backend for CudaBackend {
         Ok(CudaTensor {
             rows,
             cols,
-            storage: Storage::Host(HostTable::new(&self.gpu, &bf16_bits(data))?),
+            storage: Storage::host(HostTable::new(&self.gpu, &bf16_bits(data))?),
         })
+    }
+
+    fn upload_frozen_in_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.upload_lookup_table(data, rows, cols)
     }
 
     fn upload_output_projection(
@@ -743,7 +762,7 @@ impl Backend for CudaBackend {
         cols: usize,
     ) -> Result<CudaTensor> {
         match self.output_projection_in_host {
-            true => self.upload_lookup_table(data, rows, cols),
+            true => self.upload_frozen_in_host(data, rows, cols),
             false => self.upload_frozen(data, rows, cols),
         }
     }
@@ -786,7 +805,7 @@ impl Backend for CudaBackend {
 
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         match &t.storage {
-            Storage::Host(table) => Ok(table
+            Storage::Host { table, .. } => Ok(table
                 .bits()?
                 .iter()
                 .map(|&x| half::bf16::from_bits(x).to_f32())
@@ -817,9 +836,6 @@ impl Backend for CudaBackend {
                     "downloading an offloaded activation that was handed back".into(),
                 )),
             },
-            Storage::Arriving(_) => Err(Error::InvalidArgument(
-                "downloading a table's copy on its way: settle it first".into(),
-            )),
         }
     }
 
@@ -840,14 +856,20 @@ impl Backend for CudaBackend {
         self.offload.settle(&self.gpu, t)
     }
 
-    fn prefetch_copy(&self, t: &CudaTensor) -> Result<Option<CudaTensor>> {
-        match &t.storage {
-            Storage::Host(table) => Ok(Some(CudaTensor {
-                rows: t.rows,
-                cols: t.cols,
-                storage: Storage::Arriving(self.offload.fetch_table(&self.gpu, table)?),
-            })),
-            _ => Ok(None),
+    fn bring_to_device(&self, t: &CudaTensor) -> Result<()> {
+        if let Storage::Host { table, copies } = &t.storage {
+            let mut brought = lock(copies);
+            if let Entry::Vacant(slot) = brought.entry(std::thread::current().id()) {
+                slot.insert(self.offload.fetch_table(&self.gpu, table)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn release_device_copy(&self, t: &CudaTensor) {
+        if let Storage::Host { copies, .. } = &t.storage {
+            // Freed in stream order, after the products queued before.
+            drop(lock(copies).remove(&std::thread::current().id()));
         }
     }
 
@@ -872,12 +894,10 @@ impl Backend for CudaBackend {
                 pitch: *pitch,
             },
             Storage::Nf4(s) => Storage::Nf4(Box::new(self.duplicate_nf4(s)?)),
-            Storage::Host(table) => Storage::Host(HostTable::new(&self.gpu, table.bits()?)?),
-            Storage::Offloaded(_) | Storage::Arriving(_) => {
+            Storage::Host { table, .. } => Storage::host(HostTable::new(&self.gpu, table.bits()?)?),
+            Storage::Offloaded(_) => {
                 return Err(Error::InvalidArgument(
-                    "duplicate: an offloaded activation or a table's copy on its way must be \
-                     settled first"
-                        .into(),
+                    "duplicate: an offloaded activation must be settled first".into(),
                 ))
             }
         };
@@ -1050,7 +1070,7 @@ impl Backend for CudaBackend {
         Self::check_ids(ids, table.rows, "token id", false)?;
         let (rows, cols) = (ids.host.len(), table.cols);
         let (kernel, table_ptr) = match &table.storage {
-            Storage::Host(t) => ("embedding_bf16", t.device_ptr()),
+            Storage::Host { table, .. } => ("embedding_bf16", table.device_ptr()),
             Storage::Bf16(_) => ("embedding_bf16", self.ptr(table)?),
             Storage::F32(_) => ("embedding_f32", self.ptr(table)?),
             _ => {

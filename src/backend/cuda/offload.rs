@@ -330,7 +330,6 @@ impl Offload {
                 // The pinned buffer goes home as `o` drops.
                 Storage::F32(arrival.settle()?)
             }
-            Storage::Arriving(arrival) => Storage::Bf16(arrival.settle()?),
             other => other,
         };
         Ok(CudaTensor {

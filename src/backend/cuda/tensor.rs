@@ -1,15 +1,17 @@
 //! Device tensors: row-major matrices in f32 (activations, adapters, optimizer state), bf16
-//! (frozen base matrices) or NF4 (frozen projection matrices for QLoRA), bf16 tables kept in host
-//! memory (and their copies on the way to the device), and integer vectors with a host copy for
-//! validation.
+//! (frozen base matrices) or NF4 (frozen projection matrices for QLoRA), bf16 matrices kept in
+//! host memory (with the device copy a pass brought over), and integer vectors with a host copy
+//! for validation.
 
 use super::device::{driver_error, DeviceBuffer};
 use super::host_table::HostTable;
 use super::offload::{HostBuffer, HostBuffers};
 use crate::error::Result;
 use cudarc::driver::{CudaEvent, CudaStream};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 /// The element type a tensor is stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,15 +21,12 @@ pub enum Dtype {
     Bf16,
     /// Packed 4-bit NF4 codes with per-block absmax ([`Nf4Storage`]).
     Nf4,
-    /// bfloat16 bits in host memory (a table: `embedding` reads it over the bus, products read a
-    /// device copy of it).
+    /// bfloat16 bits in host memory (`embedding` reads them over the bus, products read a
+    /// device copy).
     HostBf16,
     /// f32 values moved to pinned host memory (an offloaded activation: only the backend's
     /// `fetch_stashed` and `settle` read it).
     Offloaded,
-    /// A bf16 copy of a host table being written on the device (`prefetch_copy`): only `settle`
-    /// reads it.
-    Arriving,
 }
 
 #[derive(Debug)]
@@ -42,23 +41,40 @@ pub enum Storage {
         pitch: usize,
     },
     Nf4(Box<Nf4Storage>),
-    /// A frozen table kept in pinned host memory as bf16 bits: read by the embedding kernel over
-    /// the bus, copied to the device for products (an untied embedding table, or the output
+    /// A frozen matrix kept in pinned host memory as bf16 bits: read by the embedding kernel
+    /// over the bus, copied to the device for products (an untied embedding table, the output
     /// projection when the backend keeps it in host memory: 1 GiB of device memory each on
-    /// Llama 3).
-    Host(HostTable),
+    /// Llama 3; the projection matrices of decoder layers kept there: 416 MiB a layer).
+    Host {
+        table: HostTable,
+        /// The device copies passes brought over (`Backend::bring_to_device`), one per thread
+        /// (a pass runs on one thread; a model's passes may run on several at once, recording
+        /// or not), each read by its thread's products until released. Without one, a product
+        /// copies the matrix for itself.
+        copies: Mutex<HashMap<ThreadId, Arrival<u16>>>,
+    },
     /// An f32 tensor moved to pinned host memory by `Backend::stash` (offload.rs).
     Offloaded(Box<Offloaded>),
-    /// A host table's bf16 copy on its way to the device (`Backend::prefetch_copy`).
-    Arriving(Arrival<u16>),
 }
 
-/// A device buffer being written by a copy on another stream. Dropped unread, it is freed only
-/// after the copy: the compute stream waits for the copy's end first.
+impl Storage {
+    /// A matrix in host memory holding `table`, with no device copy.
+    pub fn host(table: HostTable) -> Self {
+        Storage::Host {
+            table,
+            copies: Mutex::default(),
+        }
+    }
+}
+
+/// A device buffer being written by a copy on another stream. Dropped before the compute stream
+/// waited for the copy, it is freed only after the copy: the compute stream waits first.
 #[derive(Debug)]
 pub struct Arrival<T> {
-    /// The buffer and the event marking the copy's end (taken by `settle`).
-    copy: Option<(DeviceBuffer<T>, CudaEvent)>,
+    /// The buffer (taken by `settle`).
+    buffer: Option<DeviceBuffer<T>>,
+    /// The event marking the copy's end, until the compute stream waits for it.
+    copying: Option<CudaEvent>,
     /// The compute stream, which frees the buffer.
     compute: Arc<CudaStream>,
 }
@@ -66,26 +82,34 @@ pub struct Arrival<T> {
 impl<T> Arrival<T> {
     pub fn new(buffer: DeviceBuffer<T>, ready: CudaEvent, compute: Arc<CudaStream>) -> Self {
         Arrival {
-            copy: Some((buffer, ready)),
+            buffer: Some(buffer),
+            copying: Some(ready),
             compute,
         }
     }
 
+    /// Makes the compute stream wait for the copy (the first time) and returns the buffer.
+    pub fn wait(&mut self) -> Result<&DeviceBuffer<T>> {
+        if let Some(ready) = &self.copying {
+            // On failure the event stays, and dropping this waits for the copy again.
+            self.compute
+                .wait(ready)
+                .map_err(driver_error("waiting for a copy to the device"))?;
+            self.copying = None;
+        }
+        Ok(self.buffer.as_ref().expect("taken only by settle"))
+    }
+
     /// Makes the compute stream wait for the copy and returns the buffer.
     pub fn settle(mut self) -> Result<DeviceBuffer<T>> {
-        let (_, ready) = self.copy.as_ref().expect("taken only here");
-        // On failure the buffer stays here, and dropping it waits for the copy again.
-        self.compute
-            .wait(ready)
-            .map_err(driver_error("waiting for a copy to the device"))?;
-        let (buffer, _) = self.copy.take().expect("present above");
-        Ok(buffer)
+        self.wait()?;
+        Ok(self.buffer.take().expect("present above"))
     }
 }
 
 impl<T> Drop for Arrival<T> {
     fn drop(&mut self) {
-        if let Some((_, ready)) = &self.copy {
+        if let Some(ready) = &self.copying {
             let _ = self.compute.wait(ready);
         }
     }
@@ -181,9 +205,8 @@ impl CudaTensor {
             Storage::F32(_) => Dtype::F32,
             Storage::Bf16(_) | Storage::Bf16Pitched { .. } => Dtype::Bf16,
             Storage::Nf4(_) => Dtype::Nf4,
-            Storage::Host(_) => Dtype::HostBf16,
+            Storage::Host { .. } => Dtype::HostBf16,
             Storage::Offloaded(_) => Dtype::Offloaded,
-            Storage::Arriving(_) => Dtype::Arriving,
         }
     }
 }
