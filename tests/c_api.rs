@@ -17,6 +17,7 @@ struct ModelParams {
     nccl_unique_id: *const u8,
     collective_timeout_ms: u32,
     lm_head_in_host_memory: i32,
+    layers_in_host_memory: u32,
 }
 
 const FT_QUANT_NF4: i32 = 1;
@@ -113,6 +114,7 @@ struct BenchParams {
     max_device_memory_mib: u64,
     offload_activations: i32,
     lm_head_in_host_memory: i32,
+    layers_in_host_memory: u32,
 }
 
 type Opaque = c_void;
@@ -642,7 +644,14 @@ fn bench_returns_the_cli_json() {
     );
     assert!(d.device.is_null());
     assert_eq!(d.max_device_memory_mib, 0);
-    assert_eq!((d.offload_activations, d.lm_head_in_host_memory), (0, 0));
+    assert_eq!(
+        (
+            d.offload_activations,
+            d.lm_head_in_host_memory,
+            d.layers_in_host_memory
+        ),
+        (0, 0, 0)
+    );
 
     let (tiny, cpu, qlora) = (
         CString::new("tiny").unwrap(),
@@ -683,6 +692,7 @@ fn bench_returns_the_cli_json() {
         assert_eq!(v["checkpointing"], true, "{text}");
         assert_eq!(v["offload_activations"], host_options, "{text}");
         assert_eq!(v["lm_head_in_host"], host_options, "{text}");
+        assert_eq!(v["layers_in_host"], 0, "{text}");
         assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{text}");
         for k in [
             "peak_device_mib",
@@ -710,6 +720,7 @@ fn bench_returns_the_cli_json() {
             "checkpointing",
             "offload_activations",
             "lm_head_in_host",
+            "layers_in_host",
             "steps",
             "step_seconds_median",
             "cpu_seconds_median",
@@ -826,6 +837,33 @@ fn bench_refuses_bad_arguments() {
             &[&format!("{field} is 0")],
         );
     }
+    // Layers in host memory: the tiny shape's 2 layers leave none to move; NF4 layers stay.
+    let p = BenchParams {
+        layers_in_host_memory: 1,
+        ..good()
+    };
+    check(
+        &p,
+        &mut out,
+        "FT_ERR_INVALID_ARGUMENT",
+        &["layers_in_host: 1 of 2 layers", "at most 0"],
+    );
+    let (qlora, smollm2) = (
+        CString::new("qlora").unwrap(),
+        CString::new("smollm2-135m").unwrap(),
+    );
+    let p = BenchParams {
+        mode: qlora.as_ptr(),
+        model: smollm2.as_ptr(),
+        layers_in_host_memory: 2,
+        ..good()
+    };
+    check(
+        &p,
+        &mut out,
+        "FT_ERR_INVALID_ARGUMENT",
+        &["layers_in_host (2)", "Nf4"],
+    );
     assert_eq!(out, sentinel, "no output on failure");
 
     // A good call succeeds and clears the last error.

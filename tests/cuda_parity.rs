@@ -18,6 +18,7 @@ use common::gpu::{
 };
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
+use finetune::backend::cuda::tensor::Dtype;
 use finetune::backend::cuda::{CudaBackend, F32Products};
 use finetune::backend::{AdamWSlot, AdamWStep, AttentionShape, Backend, IGNORE_LABEL};
 use finetune::error::Error;
@@ -384,6 +385,33 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
     p.check(&format!("{name}: dq"), &dqg, &dqc, tol);
     p.check(&format!("{name}: dk"), &dkg, &dkc, tol);
     p.check(&format!("{name}: dv"), &dvg, &dvc, tol);
+    // The inputs made ready ahead (`attention_inputs`: rounded to bf16 once on the tensor-core
+    // path, as the kernels' own copies are) give the same bits in both passes.
+    let dup = |t| p.g.duplicate(t).unwrap();
+    let [qr, kr, vr] =
+        p.g.attention_inputs(dup(&qg), dup(&kg), dup(&vg), s)
+            .unwrap();
+    let rounded = (qr.dtype(), kr.dtype(), vr.dtype());
+    let want = if bf16 { Dtype::Bf16 } else { Dtype::F32 };
+    assert_eq!(rounded, (want, want, want), "{name}: ready inputs");
+    let (or, lr) = p.g.attention(&qr, &kr, &vr, &sg, s).unwrap();
+    let (dqr, dkr, dvr) =
+        p.g.attention_backward(&qr, &kr, &vr, &or, &lr, &dog, &sg, s)
+            .unwrap();
+    let bits = |t| p.g.download(t).unwrap();
+    for (what, ready, f32_inputs) in [
+        ("out", &or, &og),
+        ("lse", &lr, &lg),
+        ("dq", &dqr, &dqg),
+        ("dk", &dkr, &dkg),
+        ("dv", &dvr, &dvg),
+    ] {
+        assert_eq!(
+            bits(ready),
+            bits(f32_inputs),
+            "{name}: {what} from ready inputs"
+        );
+    }
 }
 
 #[test]

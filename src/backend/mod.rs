@@ -468,6 +468,20 @@ pub trait Backend: Send + Sync + 'static {
         inverse: bool,
     ) -> Result<()>;
 
+    /// q, k and v made ready for [`Backend::attention`] and its backward, for a caller that
+    /// reads them no other way afterwards: a backend whose attention rounds them (the CUDA
+    /// tensor-core path: to bf16) rounds them here once for both passes and keeps half the
+    /// bytes; the CPU returns them.
+    fn attention_inputs(
+        &self,
+        q: Self::Tensor,
+        k: Self::Tensor,
+        v: Self::Tensor,
+        s: AttentionShape,
+    ) -> Result<[Self::Tensor; 3]> {
+        let _ = s;
+        Ok([q, k, v])
+    }
     /// Causal softmax attention with grouped KV heads. Row t of q/k/v is token `t % seq` of sequence
     /// `t / seq`; key j is visible to query i when j ≤ i and both have the same segment id (packing).
     /// Returns the output `[tokens, heads·head_dim]` and the log-sum-exp of each score row

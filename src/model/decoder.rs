@@ -111,6 +111,16 @@ pub struct Adapters<'a, B: Backend> {
     pub dropout_seed: Option<u64>,
 }
 
+/// What a layer's attention leaves for its backward: q, k and v as the backward reads them
+/// ([`Backend::attention_inputs`] in training), the output and its log-sum-exp.
+struct Attended<B: Backend> {
+    q: B::Tensor,
+    k: B::Tensor,
+    v: B::Tensor,
+    out: B::Tensor,
+    lse: B::Tensor,
+}
+
 /// q and k before the per-head RMSNorm, and the norm's 1/rms of each head row.
 struct QkNormCache<B: Backend> {
     q: B::Tensor,
@@ -405,15 +415,15 @@ impl<B: Backend> Decoder<B> {
     /// One layer forward; returns the output and the cache for its backward, which holds the
     /// MLP's products too when `keep_mlp` is set.
     ///
-    /// `attend(q, k, v)` returns the attention output and its log-sum-exp: over the batch's own
-    /// rows in training, over a KV cache when decoding.
+    /// `attend(q, k, v)` runs the attention (over the batch's own rows in training, over a KV
+    /// cache when decoding) and returns what the backward reads of it ([`Attended`]).
     fn layer_forward(
         &self,
         layer: usize,
         x: &B::Tensor,
         positions: &B::Ints,
         ad: Option<&Adapters<B>>,
-        attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
+        attend: impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>>,
         keep_mlp: bool,
     ) -> Result<(B::Tensor, LayerCache<B>)> {
         let mut cache = self.layer_cache(layer, x, positions, ad, attend, Default::default())?;
@@ -431,7 +441,7 @@ impl<B: Backend> Decoder<B> {
         x: &B::Tensor,
         positions: &B::Ints,
         ad: Option<&Adapters<B>>,
-        attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
+        attend: impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>>,
         kept: [Option<B::Tensor>; 4],
     ) -> Result<LayerCache<B>> {
         let [kq, kk, kv, ko] = kept;
@@ -456,7 +466,7 @@ impl<B: Backend> Decoder<B> {
         x: &B::Tensor,
         positions: &B::Ints,
         ad: &Adapters<B>,
-        attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
+        attend: impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>>,
     ) -> Result<(
         [Option<B::Tensor>; 4],
         B::Tensor,
@@ -481,7 +491,7 @@ impl<B: Backend> Decoder<B> {
         x: &B::Tensor,
         positions: &B::Ints,
         ad: Option<&Adapters<B>>,
-        attend: impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)>,
+        attend: impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>>,
         kept: [Option<B::Tensor>; 3],
     ) -> Result<AttentionHalf<B>> {
         use TargetModule::*;
@@ -504,7 +514,13 @@ impl<B: Backend> Decoder<B> {
         };
         be.rope(&mut q, positions, &self.inv_freq, cfg.head_dim, false)?;
         be.rope(&mut k, positions, &self.inv_freq, cfg.head_dim, false)?;
-        let (attn, lse) = attend(&q, &k, &v)?;
+        let Attended {
+            q,
+            k,
+            v,
+            out: attn,
+            lse,
+        } = attend(q, k, v)?;
         Ok(AttentionHalf {
             h1,
             r1,
@@ -742,16 +758,18 @@ impl<B: Backend> Decoder<B> {
         Ok(dx)
     }
 
-    /// Attention of a batch's rows among themselves (training, evaluation).
-    #[allow(clippy::type_complexity)]
+    /// Attention of a batch's rows among themselves (training, evaluation), its inputs made
+    /// ready for it and its backward ([`Backend::attention_inputs`]).
     fn batch_attention<'a>(
         &'a self,
         batch: &'a DeviceBatch<B>,
-    ) -> impl FnOnce(&B::Tensor, &B::Tensor, &B::Tensor) -> Result<(B::Tensor, B::Tensor)> + 'a
-    {
+    ) -> impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>> + 'a {
         move |q, k, v| {
-            self.backend
-                .attention(q, k, v, &batch.segments, self.attention_shape(batch))
+            let be = &self.backend;
+            let s = self.attention_shape(batch);
+            let [q, k, v] = be.attention_inputs(q, k, v, s)?;
+            let (out, lse) = be.attention(&q, &k, &v, &batch.segments, s)?;
+            Ok(Attended { q, k, v, out, lse })
         }
     }
 
@@ -808,9 +826,10 @@ impl<B: Backend> Decoder<B> {
                     &batch.positions,
                     ad,
                     |q, k, v| {
-                        be.append_rows(kc, k)?;
-                        be.append_rows(vc, v)?;
-                        be.attention_decode(q, kc, vc, heads)
+                        be.append_rows(kc, &k)?;
+                        be.append_rows(vc, &v)?;
+                        let (out, lse) = be.attention_decode(&q, kc, vc, heads)?;
+                        Ok(Attended { q, k, v, out, lse })
                     },
                     false,
                 )?
@@ -999,9 +1018,13 @@ impl<B: Backend> Decoder<B> {
                 None => {
                     let kept = kept.expect("one per layer");
                     let kept_attention = kept.attention;
-                    let attend = |q: &B::Tensor, k: &B::Tensor, v: &B::Tensor| match kept_attention
-                    {
-                        Some((out, lse)) => Ok((be.settle(out)?, lse)),
+                    let attend = |q, k, v| match kept_attention {
+                        Some((out, lse)) => {
+                            let s = self.attention_shape(batch);
+                            let [q, k, v] = be.attention_inputs(q, k, v, s)?;
+                            let out = be.settle(out)?;
+                            Ok(Attended { q, k, v, out, lse })
+                        }
                         None => self.batch_attention(batch)(q, k, v),
                     };
                     let mut c = self.layer_cache(

@@ -161,9 +161,9 @@ struct Staged<'a> {
     _nf4_scratch: Option<nf4::ScratchGuard<'a>>,
 }
 
-/// bf16 copies of tensors and their addresses as kernel arguments (the copies live until this is
-/// dropped, after the kernels reading them are queued).
-struct Bf16Copies<const N: usize> {
+/// The addresses of bf16 kernel operands as arguments, with the bf16 copies made of f32 ones
+/// (which live until this is dropped, after the kernels reading them are queued).
+struct Bf16Operands<const N: usize> {
     args: [Arg; N],
     _buffers: Vec<DeviceBuffer<u16>>,
 }
@@ -543,16 +543,37 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// bf16 copies of f32 tensors, as kernel arguments; `op` names the caller in errors.
-    fn bf16_copies<const N: usize>(&self, ts: [&CudaTensor; N], op: &str) -> Result<Bf16Copies<N>> {
+    /// A dense bf16 tensor of the f32 `x`'s values, rounded.
+    fn bf16_copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows: x.rows,
+            cols: x.cols,
+            storage: Storage::Bf16(self.cast_to_bf16(self.ptr(x)?, x.elements())?),
+        })
+    }
+
+    /// Dense bf16 tensors as kernel arguments: bf16 ones as they are, f32 ones through bf16
+    /// copies (held by the result); `op` names the caller in errors.
+    fn bf16_operands<const N: usize>(
+        &self,
+        ts: [&CudaTensor; N],
+        op: &str,
+    ) -> Result<Bf16Operands<N>> {
         let mut buffers = Vec::with_capacity(N);
+        let mut args = Vec::with_capacity(N);
         for t in ts {
-            wants_f32(t, op)?;
-            buffers.push(self.cast_to_bf16(self.ptr(t)?, t.elements())?);
+            match &t.storage {
+                Storage::Bf16(b) => args.push(Arg::Ptr(self.buffer_ptr(b))),
+                _ => {
+                    wants_f32(t, op)?;
+                    let copy = self.cast_to_bf16(self.ptr(t)?, t.elements())?;
+                    args.push(Arg::Ptr(self.buffer_ptr(&copy)));
+                    buffers.push(copy);
+                }
+            }
         }
-        let args = std::array::from_fn(|i| Arg::Ptr(self.buffer_ptr(&buffers[i])));
-        Ok(Bf16Copies {
-            args,
+        Ok(Bf16Operands {
+            args: args.try_into().expect("one argument per tensor"),
             _buffers: buffers,
         })
     }
@@ -971,15 +992,11 @@ impl Backend for CudaBackend {
         if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
             return Ok(None);
         }
-        if fold::room_pitch(x.cols, room).is_some() {
-            return self.rounded_with_room(x, room).map(Some);
+        match fold::room_pitch(x.cols, room) {
+            Some(_) => self.rounded_with_room(x, room),
+            None => self.bf16_copy(x),
         }
-        let rounded = self.cast_to_bf16(self.ptr(x)?, x.elements())?;
-        Ok(Some(CudaTensor {
-            rows: x.rows,
-            cols: x.cols,
-            storage: Storage::Bf16(rounded),
-        }))
+        .map(Some)
     }
 
     fn adapted_product(
@@ -1198,6 +1215,24 @@ impl Backend for CudaBackend {
         self.run("rope", "rope_f32", Shape::elementwise(pairs), &args)
     }
 
+    fn attention_inputs(
+        &self,
+        q: CudaTensor,
+        k: CudaTensor,
+        v: CudaTensor,
+        s: AttentionShape,
+    ) -> Result<[CudaTensor; 3]> {
+        if !TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim) {
+            return Ok([q, k, v]);
+        }
+        // Rounded as the kernels' bf16 copies would be; the f32 values are freed here.
+        let [q, k, v] = [q, k, v].map(|t| match t.dtype() {
+            Dtype::F32 => self.bf16_copy(&t),
+            _ => Ok(t),
+        });
+        Ok([q?, k?, v?])
+    }
+
     fn attention(
         &self,
         q: &CudaTensor,
@@ -1221,7 +1256,7 @@ impl Backend for CudaBackend {
         let what = "attention";
         let outputs = [Arg::Ptr(self.ptr(&out)?), Arg::Ptr(self.ptr(&lse)?)];
         if TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim) {
-            let copies = self.bf16_copies([q, k, v], what)?;
+            let copies = self.bf16_operands([q, k, v], what)?;
             let mut args = copies.args.to_vec();
             args.push(self.ints_arg(segments));
             args.extend(outputs);
@@ -1281,10 +1316,11 @@ impl Backend for CudaBackend {
             Arg::Ptr(self.ptr(&delta)?),
             self.ints_arg(segments),
         ];
-        // Tensor-core kernels read bf16 copies (kept until both kernels are queued).
+        // Tensor-core kernels read bf16 operands (copies of f32 ones kept until both kernels are
+        // queued).
         let flash = TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim);
         let copies = flash
-            .then(|| self.bf16_copies([q, k, v, d_out], what))
+            .then(|| self.bf16_operands([q, k, v, d_out], what))
             .transpose()?;
         let mut inputs = match &copies {
             Some(c) => c.args.to_vec(),
