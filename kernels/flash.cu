@@ -1,6 +1,6 @@
 // flash.cu: the training attention kernels on tensor cores for head_dim 64 and 128 (compiled
 // after prelude.cuh). Same math, layouts, masks and outputs as attention.cu's training kernels
-// (its header states them), with q, k, v and dO read as bf16 copies of the f32 tensors:
+// (its header states them), with q, k, v and dO read in bf16 (rounded from f32 by the backend):
 //   forward:  S = c·Q·Kᵀ (invisible entries −∞), lse_i = log Σ_j exp S_ij, P = exp(S − lse), O = P·V
 //   backward: dP = dO·Vᵀ, dS = P ∘ (dP − D), dQ = c·dS·K, dV = Pᵀ·dO, dK = c·dSᵀ·Q
 // Every product is mma.sync.m16n8k16, or on sm_90a a warpgroup product (see "Hopper" below),

@@ -129,7 +129,8 @@ pub struct ModelParams {
     /// first three quarters of the layers, at most half of those
     /// ([`host_layer_indices`](crate::model::host_layer_indices)). A training pass copies each
     /// to the device ahead of the layer, beside the layers before it, holding one such copy at
-    /// a time; evaluation and generation copy each matrix for each product.
+    /// a time; evaluation and generation bring them the same way (generation: each host layer
+    /// once a token).
     pub layers_in_host: usize,
 }
 

@@ -285,10 +285,10 @@ fn embedding_norm_and_rope_match_cpu() {
     };
     assert_eq!(product(&th), product(&tg), "a product with a host table");
     let live = p.g.gpu().memory.live();
-    p.g.bring_to_device(&tg).unwrap();
+    assert!(!p.g.bring_to_device(&tg).unwrap(), "a device table copied");
     assert_eq!(p.g.gpu().memory.live(), live, "a device table copied");
-    p.g.bring_to_device(&th).unwrap();
-    p.g.bring_to_device(&th).unwrap();
+    assert!(p.g.bring_to_device(&th).unwrap(), "no copy started");
+    assert!(!p.g.bring_to_device(&th).unwrap(), "a second copy started");
     let copy_bytes = p.g.gpu().memory.live() - live;
     assert_eq!(copy_bytes, vocab * hidden * 2, "one device copy held");
     assert_eq!(

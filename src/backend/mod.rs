@@ -120,23 +120,27 @@ pub fn check_attention_shapes(
 }
 
 /// A device copy of a frozen matrix kept in host memory ([`Backend::bring_to_device`]), read by
-/// the products queued while this lives and released when it is dropped.
+/// the products queued while this lives and released when it is dropped, if this made it (a
+/// copy the thread already held stays its maker's to release).
 pub struct DeviceCopy<'a, B: Backend + ?Sized> {
     be: &'a B,
     t: &'a B::Tensor,
+    made: bool,
 }
 
 impl<'a, B: Backend + ?Sized> DeviceCopy<'a, B> {
     /// Starts bringing `t` over (nothing to do where `t` is already on the device).
     pub fn bring(be: &'a B, t: &'a B::Tensor) -> Result<Self> {
-        be.bring_to_device(t)?;
-        Ok(DeviceCopy { be, t })
+        let made = be.bring_to_device(t)?;
+        Ok(DeviceCopy { be, t, made })
     }
 }
 
 impl<B: Backend + ?Sized> Drop for DeviceCopy<'_, B> {
     fn drop(&mut self) {
-        self.be.release_device_copy(self.t);
+        if self.made {
+            self.be.release_device_copy(self.t);
+        }
     }
 }
 
@@ -413,10 +417,11 @@ pub trait Backend: Send + Sync + 'static {
     /// the products this thread queues with `t` until [`Backend::release_device_copy`] wait for
     /// the copy and read it (each thread brings its own: passes over one model may run on
     /// several threads at once). Nothing happens when `t` is already where products read it
-    /// (always on the CPU) or this thread's copy is already there.
-    fn bring_to_device(&self, t: &Self::Tensor) -> Result<()> {
+    /// (always on the CPU) or this thread's copy is already there. Returns whether this call
+    /// started a copy (and so whose release frees it).
+    fn bring_to_device(&self, t: &Self::Tensor) -> Result<bool> {
         let _ = t;
-        Ok(())
+        Ok(false)
     }
     /// Frees the device copy [`Backend::bring_to_device`] made of `t` on this thread (after the
     /// work queued before, which may still read it); later products copy `t` each until it is

@@ -95,7 +95,8 @@ pub struct ft_model_params {
     /// memory (bf16 base weights only, GPU only; 416 MiB each on Llama 3 8B): spread over the
     /// first three quarters of the layers, at most half of those. A training pass copies each
     /// to the device ahead of the layer, beside the layers before it, holding one such copy at a
-    /// time; evaluation and generation copy each matrix for each product. 0: none.
+    /// time; evaluation and generation bring them the same way (generation: each host layer
+    /// once a token). 0: none.
     pub layers_in_host_memory: u32,
 }
 

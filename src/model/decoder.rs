@@ -458,7 +458,7 @@ impl<B: Backend> Decoder<B> {
     /// need (the adapter inputs, the attention output and its log-sum-exp, x1, h2): the
     /// attention's inputs are freed before the output projection runs, which lowers the
     /// forward pass's working set (the peak while the output projection's copy arrives:
-    /// [`Backend::prefetch_copy`]).
+    /// [`Backend::bring_to_device`]).
     #[allow(clippy::type_complexity)]
     fn checkpointed_layer_forward(
         &self,
@@ -547,8 +547,8 @@ impl<B: Backend> Decoder<B> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
-        // Rounded once for both of o's products (the adapter's input and the base product): an
-        // f32 `attn` would otherwise be rounded by each, two `[tokens, hidden]` copies.
+        // o's input made a product input for both of its products (the adapter's input and the
+        // base product), as h1 and h2 are for theirs; the backward rounds it the same way.
         let rounded = be.rounded_product_input(attn, Self::room(ad))?;
         let attn = rounded.as_ref().unwrap_or(attn);
         let (o, xo) = self.project(layer, TargetModule::O, attn, ad, 0, kept)?;
@@ -727,8 +727,11 @@ impl<B: Backend> Decoder<B> {
         drop((dh2, x1, r2));
         be.add_assign(&mut dx1, &d_out)?;
         drop(d_out);
-        // x1 = x + o(attn)
-        let dattn = self.project_backward(layer, O, &dx1, &attn, xa(O), ad, grads, None, 0)?;
+        // x1 = x + o(attn), o reading `attn` rounded as in the forward (`residual_half`).
+        let rounded = be.rounded_product_input(&attn, Self::room(Some(ad)))?;
+        let attn_in = rounded.as_ref().unwrap_or(&attn);
+        let dattn = self.project_backward(layer, O, &dx1, attn_in, xa(O), ad, grads, None, 0)?;
+        drop(rounded);
         let shape = self.attention_shape(batch);
         let (mut dq, mut dk, dv) =
             be.attention_backward(&q, &k, &v, &attn, &lse, &dattn, &batch.segments, shape)?;

@@ -139,14 +139,14 @@ pub struct LayerWeights<B: Backend> {
     pub in_host: bool,
 }
 
-/// How the frozen weights are stored.
+/// How the frozen weights are stored (checked by [`FrozenStorage::new`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FrozenStorage {
     /// The projection matrices' format.
-    pub quantization: Quantization,
+    quantization: Quantization,
     /// Layers whose projection matrices stay in host memory
     /// ([`host_layer_indices`](super::host_layers::host_layer_indices)); bf16 ones only.
-    pub host_layers: Vec<usize>,
+    host_layers: Vec<usize>,
 }
 
 impl FrozenStorage {

@@ -31,12 +31,12 @@ impl HostTable {
         }
         .map_err(|e| Error::OutOfMemory {
             requested: bytes,
-            what: "pinned host memory for a lookup table".into(),
+            what: "pinned host memory for a frozen matrix".into(),
             detail: e.to_string(),
         })?;
         let host = values
             .as_mut_slice()
-            .map_err(driver_error("writing a lookup table"))?;
+            .map_err(driver_error("writing a frozen matrix to host memory"))?;
         host.copy_from_slice(bits);
         let host_addr = host.as_ptr() as usize;
         let mut device_ptr = 0;
@@ -46,7 +46,7 @@ impl HostTable {
             sys::cuMemHostGetDevicePointer_v2(&mut device_ptr, host.as_mut_ptr().cast(), 0)
                 .result()
                 .map_err(driver_error(
-                    "mapping a lookup table into the GPU's address space",
+                    "mapping a frozen matrix into the GPU's address space",
                 ))?;
         }
         Ok(HostTable {
@@ -86,6 +86,6 @@ impl HostTable {
     pub fn bits(&self) -> Result<&[u16]> {
         self.values
             .as_slice()
-            .map_err(driver_error("reading a lookup table"))
+            .map_err(driver_error("reading a frozen matrix in host memory"))
     }
 }

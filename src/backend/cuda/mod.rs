@@ -48,8 +48,11 @@ const ATTENTION_TILE: usize = 64;
 const ATTENTION_THREADS: u32 = 128;
 /// Largest head dimension the attention kernels support.
 const MAX_HEAD_DIM: usize = 256;
-/// Head dims whose training attention runs on tensor cores (kernels/flash.cu), reading bf16
-/// copies of q, k, v and dO; others take kernels/attention.cu's f32 kernels.
+/// What the per-call bf16 copies of f32 operands are for, in memory reports.
+const OPERAND_COPY: &str = "a bf16 copy of an operand";
+/// Head dims whose training attention runs on tensor cores (kernels/flash.cu), reading q, k, v
+/// and dO in bf16 (q, k, v as `attention_inputs` left them, f32 operands through bf16 copies);
+/// others take kernels/attention.cu's f32 kernels.
 const TENSOR_CORE_HEAD_DIMS: [usize; 2] = [64, 128];
 /// Blocks per multiprocessor the dK/dV launch aims at (several waves even out the causal
 /// imbalance: the first key tiles see every query, the last ones few).
@@ -536,19 +539,19 @@ impl CudaBackend {
         })
     }
 
-    /// bf16 copies of `n` f32 values at `src`.
-    fn cast_to_bf16(&self, src: u64, n: usize) -> Result<DeviceBuffer<u16>> {
-        let out = self.gpu.alloc::<u16>(n, "a bf16 copy of an operand")?;
+    /// bf16 copies of `n` f32 values at `src`, for `what` (named in errors and memory reports).
+    fn cast_to_bf16(&self, src: u64, n: usize, what: &str) -> Result<DeviceBuffer<u16>> {
+        let out = self.gpu.alloc::<u16>(n, what)?;
         self.cast_f32_bf16(src, self.buffer_ptr(&out), n)?;
         Ok(out)
     }
 
-    /// A dense bf16 tensor of the f32 `x`'s values, rounded.
-    fn bf16_copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+    /// A dense bf16 tensor of the f32 `x`'s values, rounded, for `what`.
+    fn bf16_copy(&self, x: &CudaTensor, what: &str) -> Result<CudaTensor> {
         Ok(CudaTensor {
             rows: x.rows,
             cols: x.cols,
-            storage: Storage::Bf16(self.cast_to_bf16(self.ptr(x)?, x.elements())?),
+            storage: Storage::Bf16(self.cast_to_bf16(self.ptr(x)?, x.elements(), what)?),
         })
     }
 
@@ -566,7 +569,7 @@ impl CudaBackend {
                 Storage::Bf16(b) => args.push(Arg::Ptr(self.buffer_ptr(b))),
                 _ => {
                     wants_f32(t, op)?;
-                    let copy = self.cast_to_bf16(self.ptr(t)?, t.elements())?;
+                    let copy = self.cast_to_bf16(self.ptr(t)?, t.elements(), OPERAND_COPY)?;
                     args.push(Arg::Ptr(self.buffer_ptr(&copy)));
                     buffers.push(copy);
                 }
@@ -606,7 +609,7 @@ impl CudaBackend {
                 (ptr, Dtype::Bf16)
             }
             (Storage::F32(_), true) => {
-                let copy = self.cast_to_bf16(self.ptr(t)?, t.elements())?;
+                let copy = self.cast_to_bf16(self.ptr(t)?, t.elements(), OPERAND_COPY)?;
                 let ptr = self.buffer_ptr(&copy);
                 staged._bf16_copy = Some(copy);
                 (ptr, Dtype::Bf16)
@@ -764,16 +767,16 @@ impl Backend for CudaBackend {
     }
 
     fn upload_lookup_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.upload_frozen_in_host(data, rows, cols)
+    }
+
+    fn upload_frozen_in_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         check_len(data.len(), rows, cols)?;
         Ok(CudaTensor {
             rows,
             cols,
             storage: Storage::host(HostTable::new(&self.gpu, &bf16_bits(data))?),
         })
-    }
-
-    fn upload_frozen_in_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
-        self.upload_lookup_table(data, rows, cols)
     }
 
     fn upload_output_projection(
@@ -877,14 +880,15 @@ impl Backend for CudaBackend {
         self.offload.settle(&self.gpu, t)
     }
 
-    fn bring_to_device(&self, t: &CudaTensor) -> Result<()> {
+    fn bring_to_device(&self, t: &CudaTensor) -> Result<bool> {
         if let Storage::Host { table, copies } = &t.storage {
             let mut brought = lock(copies);
             if let Entry::Vacant(slot) = brought.entry(std::thread::current().id()) {
                 slot.insert(self.offload.fetch_table(&self.gpu, table)?);
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     fn release_device_copy(&self, t: &CudaTensor) {
@@ -994,7 +998,7 @@ impl Backend for CudaBackend {
         }
         match fold::room_pitch(x.cols, room) {
             Some(_) => self.rounded_with_room(x, room),
-            None => self.bf16_copy(x),
+            None => self.bf16_copy(x, "a product input"),
         }
         .map(Some)
     }
@@ -1227,7 +1231,7 @@ impl Backend for CudaBackend {
         }
         // Rounded as the kernels' bf16 copies would be; the f32 values are freed here.
         let [q, k, v] = [q, k, v].map(|t| match t.dtype() {
-            Dtype::F32 => self.bf16_copy(&t),
+            Dtype::F32 => self.bf16_copy(&t, "attention q, k, v in bf16"),
             _ => Ok(t),
         });
         Ok([q?, k?, v?])

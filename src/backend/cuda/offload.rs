@@ -274,7 +274,7 @@ impl Offload {
     /// overlaps the work queued after it until the returned [`Arrival`] is settled.
     pub(super) fn fetch_table(&self, gpu: &Gpu, table: &HostTable) -> Result<Arrival<u16>> {
         // The copy is ordered after the allocation, which is ordered on the compute stream.
-        let buf = gpu.alloc::<u16>(table.len(), "a host table's copy on the device")?;
+        let buf = gpu.alloc::<u16>(table.len(), "a host matrix's copy on the device")?;
         let dst = buf.slice.device_ptr(gpu.stream()).0;
         // SAFETY: `buf` is freed only after the compute stream has waited for the copy
         // (`Arrival`); the table is read-only and outlives the work and the recordings that read
