@@ -13,6 +13,7 @@
 //! left by those already placed that overlap it in time ("greedy by size"), and keeps the
 //! first-fit placement in allocation order instead when that needs the smaller block.
 
+use super::lock;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -275,7 +276,7 @@ impl Arena {
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     /// A new allocation of `bytes`: its key (passed back to [`Arena::release`]) and, when the

@@ -2,6 +2,7 @@
 //! accounting of every byte this library holds on it.
 
 use super::arena::Arena;
+use super::lock;
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, DriverError};
 use std::collections::HashMap;
@@ -93,7 +94,7 @@ impl MemoryAccount {
     }
 
     fn purposes(&self) -> std::sync::MutexGuard<'_, Purposes> {
-        self.purposes.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.purposes)
     }
 
     /// Counts `bytes` for `what`; returns the purpose to release them under.
@@ -311,8 +312,7 @@ impl Gpu {
     /// Whether this thread is recording work.
     pub fn records_here(&self) -> bool {
         self.recording_somewhere.load(Ordering::Acquire)
-            && *self.recorder.lock().unwrap_or_else(|e| e.into_inner())
-                == Some(thread::current().id())
+            && *lock(&self.recorder) == Some(thread::current().id())
     }
 
     /// Runs `f` with this thread's work going to the recording stream; a thread wanting to
@@ -322,7 +322,7 @@ impl Gpu {
         struct Recorder<'a>(&'a Gpu);
         impl Recorder<'_> {
             fn set(&self, who: Option<ThreadId>) {
-                *self.0.recorder.lock().unwrap_or_else(|e| e.into_inner()) = who;
+                *lock(&self.0.recorder) = who;
                 self.0
                     .recording_somewhere
                     .store(who.is_some(), Ordering::Release);
@@ -333,10 +333,7 @@ impl Gpu {
                 self.set(None);
             }
         }
-        let _one_at_a_time = self
-            .recording_turn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = lock(&self.recording_turn);
         let recorder = Recorder(self);
         recorder.set(Some(thread::current().id()));
         f()
@@ -344,13 +341,13 @@ impl Gpu {
 
     /// Sets (or clears) the arena this thread's allocations are placed in while it records.
     pub fn set_arena(&self, arena: Option<Arc<Arena>>) {
-        *self.arena.lock().unwrap_or_else(|e| e.into_inner()) = arena;
+        *lock(&self.arena) = arena;
     }
 
     /// An uninitialised device array of `len` elements, for `what` (named in errors).
     pub fn alloc<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<DeviceBuffer<T>> {
         let arena = match self.records_here() {
-            true => self.arena.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            true => lock(&self.arena).clone(),
             false => None,
         };
         let Some(arena) = arena else {

@@ -115,7 +115,8 @@ fn bf16_bits(data: &[f32]) -> Vec<u16> {
         .collect()
 }
 
-/// `m` locked; a panic of an earlier holder leaves nothing half-written in what these guard.
+/// `m` locked, also after a panic of an earlier holder: what the backend's mutexes guard is
+/// bookkeeping updated in whole assignments, never left half-written.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

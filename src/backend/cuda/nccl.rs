@@ -7,6 +7,7 @@
 //! [`Error::Collective`] on the others within the group's timeout, and `ncclCommAbort` releases
 //! them: the host application never hangs in a collective.
 
+use super::lock;
 use super::{wants_f32, CudaBackend, CudaTensor};
 use crate::backend::collective::Collective;
 use crate::error::{Error, Result};
@@ -306,7 +307,7 @@ impl NcclRank {
         be: &CudaBackend,
         buffers: &[(u64, usize, sys::ncclDataType_t)],
     ) -> Result<()> {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = lock(&self.pending);
         self.usable()?;
         let driver = |e| Error::Device(format!("{}: ordering the gradient sums: {e}", self.who()));
         be.gpu().ctx.bind_to_thread().map_err(driver)?;
@@ -408,11 +409,7 @@ impl Collective<CudaBackend> for NcclRank {
     }
 
     fn wait(&self, be: &CudaBackend) -> Result<()> {
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let pending = lock(&self.pending).take();
         let Some(done) = pending else {
             return Ok(());
         };

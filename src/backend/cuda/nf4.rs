@@ -13,6 +13,7 @@
 //! locked from the dequantization to the queuing of the product, so threads cannot interleave.
 
 use super::launch::{Arg, Shape, MAX_GRID};
+use super::lock;
 use super::tensor::{DeviceAbsmax, Nf4Storage, Storage};
 use super::{count, CudaBackend, CudaTensor};
 use crate::error::{Error, Result};
@@ -169,7 +170,7 @@ impl CudaBackend {
 
     fn lock_nf4_scratch(&self) -> ScratchGuard<'_> {
         // Slot bookkeeping is a few assignments; a panic elsewhere cannot leave it half-done.
-        self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.nf4_scratch)
     }
 
     /// The address of a scratch slot holding the bf16 values of `s` (a `[rows, cols]` matrix)

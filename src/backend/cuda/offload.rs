@@ -15,6 +15,7 @@
 
 use super::device::{driver_error, DeviceBuffer, Gpu};
 use super::host_table::HostTable;
+use super::lock;
 use super::tensor::{Arrival, CudaTensor, Offloaded, Storage};
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaEvent, CudaStream, DevicePtr, DriverError, PinnedHostSlice};
@@ -124,14 +125,11 @@ impl Offload {
     /// reason only, and can run unrecorded).
     pub(super) fn end_recording(&self, keep: bool) -> (Vec<HostBuffer>, bool) {
         let short = self.short.swap(false, Ordering::AcqRel);
-        let used = std::mem::take(&mut *self.recorded.lock().unwrap_or_else(|e| e.into_inner()));
+        let used = std::mem::take(&mut *lock(&self.recorded));
         if keep {
             return (used, short);
         }
-        self.spare
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(used);
+        lock(&self.spare).extend(used);
         (Vec::new(), short)
     }
 
@@ -143,8 +141,7 @@ impl Offload {
     /// A recorded pass also calls it at its end (graph.rs): a failed capture leaves no copy of
     /// its own behind.
     pub(super) fn release_copied(&self, gpu: &Gpu) -> Result<()> {
-        let leaving =
-            std::mem::take(&mut *self.leaving(gpu).lock().unwrap_or_else(|e| e.into_inner()));
+        let leaving = std::mem::take(&mut *lock(self.leaving(gpu)));
         for (done, buf) in leaving {
             gpu.stream()
                 .wait(&done)
@@ -158,7 +155,7 @@ impl Offload {
     /// spare buffers of other lengths are freed first: the activations changed size (another
     /// sequence length), and keeping every size seen would let host memory grow without bound.
     fn pinned(&self, gpu: &Gpu, len: usize) -> Result<HostBuffer> {
-        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let mut spare = lock(&self.spare);
         if let Some(i) = spare.iter().position(|p| p.values.len() == len) {
             return Ok(spare.swap_remove(i));
         }
@@ -221,10 +218,7 @@ impl Offload {
             },
             |s| s.memcpy_dtoh(&*buf.slice, &mut host.values),
         )?;
-        self.leaving(gpu)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((done, buf));
+        lock(self.leaving(gpu)).push((done, buf));
         Ok(CudaTensor {
             rows,
             cols,

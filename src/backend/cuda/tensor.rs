@@ -5,6 +5,7 @@
 
 use super::device::{driver_error, DeviceBuffer};
 use super::host_table::HostTable;
+use super::lock;
 use super::offload::{HostBuffer, HostBuffers};
 use crate::error::Result;
 use cudarc::driver::{CudaEvent, CudaStream};
@@ -132,10 +133,7 @@ impl Drop for Offloaded {
         // event; a recording is captured after the earlier copies finished
         // (`Offload::finish_copies`).
         if let Some(host) = self.host.take() {
-            self.home
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(host);
+            lock(&self.home).push(host);
         }
     }
 }
