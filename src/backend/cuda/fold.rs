@@ -57,10 +57,23 @@ struct Widened {
 }
 
 impl CudaBackend {
-    /// A bf16 copy of the f32 `x` with `room` spare columns after each row (room_pitch gives
-    /// its pitch).
-    pub(super) fn rounded_with_room(&self, x: &CudaTensor, room: usize) -> Result<CudaTensor> {
-        let out = self.product_input_tensor(x.rows, x.cols, room, "a product input")?;
+    /// A bf16 copy of the f32 `x`, for `what`: with `room` spare columns after each row where
+    /// [`room_pitch`] gives them, dense otherwise.
+    pub(super) fn rounded_copy(
+        &self,
+        x: &CudaTensor,
+        room: usize,
+        what: &str,
+    ) -> Result<CudaTensor> {
+        if room_pitch(x.cols, room).is_none() {
+            let values = self.cast_to_bf16(self.ptr(x)?, x.elements(), what)?;
+            return Ok(CudaTensor {
+                rows: x.rows,
+                cols: x.cols,
+                storage: Storage::Bf16(values),
+            });
+        }
+        let out = self.product_input_tensor(x.rows, x.cols, room, what)?;
         self.write_rows_bf16(x, self.rows_ptr(&out)?, out.pitch(), 1.0)?;
         Ok(out)
     }
@@ -89,7 +102,7 @@ impl CudaBackend {
         let copy = match &x.storage {
             Storage::Bf16Pitched { pitch, .. } if *pitch >= x.cols + r => None,
             Storage::F32(_) if room_pitch(x.cols, r).is_some() => {
-                Some(self.rounded_with_room(x, r)?)
+                Some(self.rounded_copy(x, r, "a product input")?)
             }
             _ => return Ok(None),
         };

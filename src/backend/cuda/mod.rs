@@ -547,15 +547,6 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// A dense bf16 tensor of the f32 `x`'s values, rounded, for `what`.
-    fn bf16_copy(&self, x: &CudaTensor, what: &str) -> Result<CudaTensor> {
-        Ok(CudaTensor {
-            rows: x.rows,
-            cols: x.cols,
-            storage: Storage::Bf16(self.cast_to_bf16(self.ptr(x)?, x.elements(), what)?),
-        })
-    }
-
     /// Dense bf16 tensors as kernel arguments: bf16 ones as they are, f32 ones through bf16
     /// copies (held by the result); `op` names the caller in errors.
     fn bf16_operands<const N: usize>(
@@ -997,11 +988,7 @@ impl Backend for CudaBackend {
         if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
             return Ok(None);
         }
-        match fold::room_pitch(x.cols, room) {
-            Some(_) => self.rounded_with_room(x, room),
-            None => self.bf16_copy(x, "a product input"),
-        }
-        .map(Some)
+        self.rounded_copy(x, room, "a product input").map(Some)
     }
 
     fn adapted_product(
@@ -1232,7 +1219,7 @@ impl Backend for CudaBackend {
         }
         // Rounded as the kernels' bf16 copies would be; the f32 values are freed here.
         let [q, k, v] = [q, k, v].map(|t| match t.dtype() {
-            Dtype::F32 => self.bf16_copy(&t, "attention q, k, v in bf16"),
+            Dtype::F32 => self.rounded_copy(&t, 0, "attention q, k, v in bf16"),
             _ => Ok(t),
         });
         Ok([q?, k?, v?])
