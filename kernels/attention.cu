@@ -31,10 +31,10 @@
 // picked by hd at run time; staged columns >= hd read as 0 and 32-dim chunks wholly beyond hd are
 // skipped, so a smaller hd costs proportionally less.
 //
-// Tensor cores: for head_dim 64 and 128 the backend runs flash.cu's kernels instead of
-// attention_fwd, attention_bwd_dq and attention_bwd_dkdv (same outputs up to bf16 operand
-// rounding); attention_bwd_delta then rounds dO to bf16 as that backward does. The CUDA-core code
-// here serves every other head_dim.
+// Tensor cores: for head_dim 64 and 128 (256 too on sm_90a) the backend runs flash.cu's kernels
+// instead of attention_fwd, attention_bwd_dq and attention_bwd_dkdv (same outputs up to bf16
+// operand rounding); attention_bwd_delta then rounds dO to bf16 as that backward does. The
+// CUDA-core code here serves every other head_dim.
 //
 // Assumes blockDim.x == 128 (the launch shape of the contract) and 8-byte aligned tensors (device
 // allocations are): global memory is accessed as float2 at even element offsets (hd is even).
@@ -339,27 +339,26 @@ __device__ __noinline__ void attn_fwd_impl(float* smem, const float* __restrict_
 
 
 // ---------------------------------------------------------------------------------------------
-// delta[t, h] = D = Σ_d dO[t, h·hd+d]·O[t, h·hd+d].
+// delta[t, h] = D = Σ_d dO[t, h·hd+d]·O[t, h·hd+d], dO rounded to bf16 first when `rounded_d_out`
+// (the tensor-core backward's: it forms dP = dO·Vᵀ from bf16-rounded dO, so D uses the same
+// rounded dO and dP − D then cancels as it should (D = Σ_j P_ij·dP_ij up to the rounding of P),
+// instead of leaving the dO rounding error, O(2^-9·|dO|·|O|), in every dS).
 // Launch: grid ceil(rows·heads/8), block 256: one warp per (t, h).
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void attention_bwd_delta(const float* __restrict__ out,
                                                const float* __restrict__ d_out,
                                                float* __restrict__ delta, int rows, int heads,
-                                               int head_dim) {
+                                               int head_dim, int rounded_d_out) {
     const long long pair = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (pair >= (long long)rows * heads) return;  // whole warps leave together
     const long long t = pair / heads;
     const int h = (int)(pair - t * heads);
     const long long base = t * heads * (long long)head_dim + (long long)h * head_dim;
-    // The tensor-core backward (head_dim 64, 128) forms dP = dO·Vᵀ from bf16-rounded dO, so D uses
-    // the same rounded dO: dP − D then cancels as it should (D = Σ_j P_ij·dP_ij up to the rounding
-    // of P), instead of leaving the dO rounding error, O(2^-9·|dO|·|O|), in every dS.
-    const bool tc = head_dim == 64 || head_dim == 128;
     float acc = 0.0f;
     for (int d = lane; d < head_dim; d += 32) {
         float g = d_out[base + d];
-        if (tc) g = bf16_to_f32(f32_to_bf16(g));
+        if (rounded_d_out) g = bf16_to_f32(f32_to_bf16(g));
         acc = fmaf(g, out[base + d], acc);
     }
     acc = warp_sum(acc);
@@ -797,7 +796,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points (head_dim 64 and 128 take flash.cu's tensor-core kernels instead).
+// Entry points (head_dim 64 and 128, and 256 on sm_90a, take flash.cu's kernels instead).
 // ---------------------------------------------------------------------------------------------
 
 // out, lse as above. Launch: grid (ceil(seq/64), heads, batch), block 128.

@@ -1,5 +1,5 @@
-// flash.cu: the training attention kernels on tensor cores for head_dim 64 and 128 (compiled
-// after prelude.cuh). Same math, layouts, masks and outputs as attention.cu's training kernels
+// flash.cu: the training attention kernels on tensor cores for head_dim 64 and 128, and 256 on
+// Hopper's warpgroup products (compiled after prelude.cuh). Same math, layouts, masks and outputs as attention.cu's training kernels
 // (its header states them), with q, k, v and dO read in bf16 (rounded from f32 by the backend):
 //   forward:  S = c·Q·Kᵀ (invisible entries −∞), lse_i = log Σ_j exp S_ij, P = exp(S − lse), O = P·V
 //   backward: dP = dO·Vᵀ, dS = P ∘ (dP − D), dQ = c·dS·K, dV = Pᵀ·dO, dK = c·dSᵀ·Q
@@ -409,11 +409,17 @@ __device__ __forceinline__ void wg_rs_n128(float (&d)[64], const unsigned int (&
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
-// The B operand of the head-dim products (P·V, dS·K, ...): HD columns.
+// The B operand of the head-dim products (P·V, dS·K, ...): HD columns. 256 columns are two
+// products of 128: the second starts two 64-column panels (2 × 8192 bytes) further, i.e. 1024
+// in the descriptor's address field (bytes >> 4), and writes the accumulator's n-tiles 16..31.
 template <int HD>
 __device__ __forceinline__ void wg_rs_hd(float (&d)[HD / 8][4], const unsigned int (&a)[4],
                                          unsigned long long b) {
-    if constexpr (HD == 128) {
+    if constexpr (HD == 256) {
+        float(&flat)[128] = reinterpret_cast<float(&)[128]>(d);
+        wg_rs_n128(reinterpret_cast<float(&)[64]>(flat[0]), a, b);
+        wg_rs_n128(reinterpret_cast<float(&)[64]>(flat[64]), a, b + (2 * 8192 >> 4));
+    } else if constexpr (HD == 128) {
         wg_rs_n128(reinterpret_cast<float(&)[64]>(d), a, b);
     } else {
         wg_rs_n64(reinterpret_cast<float(&)[32]>(d), a, b);
@@ -581,10 +587,12 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
 }
 
 #ifdef FLASH_WGMMA
-// Warpgroup products, pipelined: the scores of key tile t + 1 are computed by the tensor cores
-// while the threads run tile t's softmax step. Shared (swizzled tiles): Q, then K and V in
-// two buffers; tile t + 2 is loaded while t + 1 is used. Registers: o HD/2, s 2 × 32. Tiles
-// with no visible pair are computed anyway (their p is 0).
+// Warpgroup products, pipelined up to head_dim 128: the scores of key tile t + 1 are computed by
+// the tensor cores while the threads run tile t's softmax step (at 256 the output's 128
+// registers leave no room for a second score tile: each tile's scores are awaited). Shared
+// (swizzled tiles): Q, then K and V in two buffers; tile t + 2 is loaded while t + 1 is used.
+// Registers: o HD/2, s 2 × 32 (32 at 256). Tiles with no visible pair are computed anyway
+// (their p is 0).
 template <int HD>
 __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                   const bf16_t* __restrict__ k,
@@ -593,6 +601,7 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
                                                   float* __restrict__ out, float* __restrict__ lse,
                                                   int seq, int heads, int kv_heads, float scale) {
     constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
+    constexpr bool AHEAD = HD <= 128;
     bf16_t* Qs = sm;
     auto Kb = [&](int u) { return sm + (1 + 2 * u) * TE; };
     auto Vb = [&](int u) { return sm + (2 + 2 * u) * TE; };
@@ -622,21 +631,34 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
 
     const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
     const float sl2 = scale * FLASH_LOG2E;
-    float o[NDT][4], s[NT][4], next[NT][4];
+    float o[NDT][4], s[NT][4], next[AHEAD ? NT : 1][4];
     flash_zero<NDT>(o);
     FlashSoftmax sm_state;
-    scores(s, 0);
-    wg_wait<0>();
-    wg_hold<NT>(s);
+    if constexpr (AHEAD) {
+        scores(s, 0);
+        wg_wait<0>();
+        wg_hold<NT>(s);
+    }
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
         const bool more = kt + 1 < ntiles;
-        if (more) {
-            flash_wait<0>();
-            flash_fence_async();
-            __syncthreads();
-            scores(next, buf ^ 1);
+        if constexpr (AHEAD) {
+            if (more) {
+                flash_wait<0>();
+                flash_fence_async();
+                __syncthreads();
+                scores(next, buf ^ 1);
+            }
+        } else {
+            if (kt > 0) {  // tile kt has arrived (only tile kt + 1's copy may be in flight)
+                flash_wait<1>();
+                flash_fence_async();
+                __syncthreads();
+            }
+            scores(s, buf);
+            wg_wait<0>();
+            wg_hold<NT>(s);
         }
         const unsigned int vis =
             whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
@@ -651,11 +673,13 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
         wg_wait<0>();
         wg_hold<NDT>(o);
         if (more) {
-            wg_hold<NT>(next);
+            if constexpr (AHEAD) {
+                wg_hold<NT>(next);
 #pragma unroll
-            for (int t = 0; t < NT; ++t) {
+                for (int t = 0; t < NT; ++t) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[t][e] = next[t][e];
+                    for (int e = 0; e < 4; ++e) s[t][e] = next[t][e];
+                }
             }
             __syncthreads();  // every warp is done with buffer `buf`
             whole = blk.template prefetch<true>(kt + 1, Kb(buf), Vb(buf), seq, qwhole);
@@ -672,8 +696,9 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
 #endif
 
 // q, k, v bf16 ([batch·seq, heads·hd], [batch·seq, kv_heads·hd] twice); out f32 like q, lse f32
-// [batch·seq, heads]. Launch: grid (ceil(seq/64), heads, batch), block 128, dynamic shared
-// memory T·64·(hd + 8)·2 bytes, T = 4 (5 for the warpgroup version).
+// [batch·seq, heads]. hd: 64 or 128 (256: flash_fwd_hd256 below). Launch: grid (ceil(seq/64),
+// heads, batch), block 128, dynamic shared memory T·64·(hd + 8)·2 bytes, T = 4 (5 for the
+// warpgroup version).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
               const bf16_t* __restrict__ v, const int* __restrict__ segments,
@@ -901,21 +926,32 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     }
 }
 
-// Pᵀ in s and dSᵀ = Pᵀ ∘ (dPᵀ − D) in dp, Pᵀ = 2^(c·log2e·Sᵀ − lse·log2e) where visible (bit
-// 4t + e of vis), else 0; the statistics of column (query) 8t + 2tig + (e & 1) from ls and ds.
+// Pᵀ = 2^(c·log2e·Sᵀ − lse·log2e) in s where visible (bit 4t + e of vis), else 0; the
+// statistic of column (query) 8t + 2tig + (e & 1) from ls.
 template <int NT>
-__device__ __forceinline__ void flash_dkdv_scores(float (&s)[NT][4], float (&dp)[NT][4],
-                                                  unsigned int vis, float sl2, const float* ls,
-                                                  const float* ds, int tig) {
+__device__ __forceinline__ void flash_dkdv_probabilities(float (&s)[NT][4], unsigned int vis,
+                                                         float sl2, const float* ls, int tig) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int col = 8 * t + 2 * tig + (e & 1);
-            const float p = (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - ls[col]) : 0.0f;
-            s[t][e] = p;
-            dp[t][e] = p * (dp[t][e] - ds[col]);
+            s[t][e] = (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - ls[col]) : 0.0f;
         }
+    }
+}
+
+// Pᵀ in s (flash_dkdv_probabilities) and dSᵀ = Pᵀ ∘ (dPᵀ − D) in dp, D of column 8t + 2tig +
+// (e & 1) from ds.
+template <int NT>
+__device__ __forceinline__ void flash_dkdv_scores(float (&s)[NT][4], float (&dp)[NT][4],
+                                                  unsigned int vis, float sl2, const float* ls,
+                                                  const float* ds, int tig) {
+    flash_dkdv_probabilities<NT>(s, vis, sl2, ls, tig);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[t][e] = s[t][e] * (dp[t][e] - ds[8 * t + 2 * tig + (e & 1)]);
     }
 }
 
@@ -930,8 +966,13 @@ __device__ __forceinline__ void flash_dkdv_scores(float (&s)[NT][4], float (&dp)
 // On warpgroup products (WG, sm_90a) each pair is one 64 × 64 product per score matrix with K and
 // V read from shared memory (swizzled tiles: K, V, then Q and dO two buffers each); registers
 // dk + dv HD, s + dp 64; a pair with no visible entry is skipped by the whole block.
+// GRADS (warpgroup products only) picks the gradients a block makes: at head_dim 256 dK and dV
+// (128 registers each) do not fit beside each other, so one block makes dV (from S alone:
+// Pᵀ = 2^(…Sᵀ…), dV += Pᵀ·dO) and another dK (S, dP, dK += dSᵀ·Q): 5 products in place of 4.
 // ---------------------------------------------------------------------------------------------
-template <int HD, bool WG>
+#define FLASH_DK 1
+#define FLASH_DV 2
+template <int HD, bool WG, int GRADS = FLASH_DK | FLASH_DV>
 __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                 const bf16_t* __restrict__ k,
                                                 const bf16_t* __restrict__ v,
@@ -941,7 +982,9 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
                                                 const int* __restrict__ segments,
                                                 float* __restrict__ dk, float* __restrict__ dv,
                                                 int seq, int heads, int kv_heads, float scale,
-                                                int h0, int h1) {
+                                                int g, int h0, int h1) {
+    static_assert(WG || GRADS == (FLASH_DK | FLASH_DV), "mma.sync makes both gradients");
+    constexpr bool DK = GRADS & FLASH_DK, DV = GRADS & FLASH_DV;
     constexpr int NKB = HD / 16, NDT = HD / 8, BR = FLASH_TILE, QT = WG ? BR : 16, NT = QT / 8;
     constexpr int TE = BR * (WG ? HD : HD + 8), KT = WG ? 1 : 0;
     // WG: K first. Then V, and buffer u: Q at (1 + 2u)·TE, dO after it.
@@ -952,7 +995,7 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
     float* stats = reinterpret_cast<float*>(sm + (KT + 5) * TE);  // [buf][lse·log2e | D][64]
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
-    const int g = blockIdx.y / (gridDim.y / kv_heads), b = blockIdx.z;
+    const int b = blockIdx.z;
     const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
     const long long tok0 = (long long)b * seq;
     const int* seg = segments + tok0;
@@ -999,9 +1042,9 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
 
     const int k0 = r0 + 16 * warp + gid, k1 = k0 + 8;
     const float sl2 = scale * FLASH_LOG2E;
-    float dka[NDT][4], dva[NDT][4];
-    flash_zero<NDT>(dka);
-    flash_zero<NDT>(dva);
+    float dka[DK ? NDT : 1][4], dva[DV ? NDT : 1][4];
+    flash_zero(dka);
+    flash_zero(dva);
 #pragma unroll 1
     for (int it = 0; it < pairs; ++it) {
         const int buf = it & 1, i0 = (first + it % per_head) * BR;
@@ -1021,30 +1064,34 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
             const unsigned int vis =
                 whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0, tig);
             if (whole || __syncthreads_or(vis != 0)) {
-                float s[NT][4], dp[NT][4];
+                float s[NT][4], dp[DK ? NT : 1][4];
                 wg_fence();
                 wg_scores<HD, NT>(s, Ks, Qb(buf));
-                wg_scores<HD, NT>(dp, Vs, Db(buf));
+                if constexpr (DK) wg_scores<HD, NT>(dp, Vs, Db(buf));
                 wg_commit();
                 wg_wait<0>();
-                wg_hold<NT>(s);
-                wg_hold<NT>(dp);
-                flash_dkdv_scores<NT>(s, dp, vis, sl2, ls, ds, tig);
-                unsigned int pa[BR / 16][4], sa[BR / 16][4];
+                wg_hold(s);
+                wg_hold(dp);
+                if constexpr (DK) {
+                    flash_dkdv_scores<NT>(s, dp, vis, sl2, ls, ds, tig);
+                } else {
+                    flash_dkdv_probabilities<NT>(s, vis, sl2, ls, tig);
+                }
+                unsigned int pa[DV ? BR / 16 : 1][4], sa[DK ? BR / 16 : 1][4];
 #pragma unroll
                 for (int kb = 0; kb < BR / 16; ++kb) {
-                    flash_c_to_a<NT>(pa[kb], s, kb);
-                    flash_c_to_a<NT>(sa[kb], dp, kb);
+                    if constexpr (DV) flash_c_to_a<NT>(pa[kb], s, kb);
+                    if constexpr (DK) flash_c_to_a<NT>(sa[kb], dp, kb);
                 }
-                wg_hold<NDT>(dva);
-                wg_hold<NDT>(dka);
+                wg_hold(dva);
+                wg_hold(dka);
                 wg_fence();
-                wg_accumulate<HD>(dva, pa, Db(buf));
-                wg_accumulate<HD>(dka, sa, Qb(buf));
+                if constexpr (DV) wg_accumulate<HD>(dva, pa, Db(buf));
+                if constexpr (DK) wg_accumulate<HD>(dka, sa, Qb(buf));
                 wg_commit();
                 wg_wait<0>();
-                wg_hold<NDT>(dva);
-                wg_hold<NDT>(dka);
+                wg_hold(dva);
+                wg_hold(dka);
             }
         }
 #endif
@@ -1077,18 +1124,33 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         const int key = half == 0 ? k0 : k1;
         if (key < seq) {
             const long long row = (tok0 + key) * ldk + off;
-            flash_store_row<NDT>(dk + row, dka, half, scale);
-            flash_store_row<NDT>(dv + row, dva, half, 1.0f);
+            if constexpr (DK) flash_store_row<NDT>(dk + row, dka, half, scale);
+            if constexpr (DV) flash_store_row<NDT>(dv + row, dva, half, 1.0f);
         }
     }
 }
 
-// Inputs as flash_bwd_dq; dk, dv f32. Launch: grid (ceil(seq/64), kv_heads·parts, batch), block
-// 128, dynamic shared memory T·64·(hd + 8)·2 + 2·2·64·4 bytes, T = 5 (6 for the warpgroup
-// version); parts divides heads / kv_heads:
-// block y = g·parts + part adds up the query heads g·group + part·(group/parts) + [0,
-// group/parts) and writes every element of slab `part` of dk and dv (slabs of
+// The share of the query heads a dK/dV block adds up, and where it writes. Grid y: kv_heads·parts
+// blocks (y = g·parts + part), `parts` dividing heads / kv_heads; block y adds up the query heads
+// g·group + part·(group/parts) + [0, group/parts) into slab `part` of dk and dv (slabs of
 // batch·seq·kv_heads·hd floats, one after another; the caller sums them).
+struct FlashHeadShare {
+    int g, h0, h1;
+    long long slab;
+    __device__ FlashHeadShare(int y, int blocks_y, int batch, int seq, int heads, int kv_heads,
+                              int head_dim) {
+        const int parts = blocks_y / kv_heads, part = y % parts, per = heads / kv_heads / parts;
+        g = y / parts;
+        h0 = g * (heads / kv_heads) + part * per;
+        h1 = h0 + per;
+        slab = (long long)part * batch * seq * kv_heads * head_dim;
+    }
+};
+
+// Inputs as flash_bwd_dq; dk, dv f32, every element of each slab written. hd: 64 or 128 (256:
+// flash_bwd_dkdv_hd256 below). Launch: grid (ceil(seq/64), kv_heads·parts, batch) (see
+// FlashHeadShare), block 128, dynamic shared memory T·64·(hd + 8)·2 + 2·2·64·4 bytes, T = 5 (6
+// for the warpgroup version).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                    const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
@@ -1097,15 +1159,62 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
                    float* __restrict__ dv, int batch, int seq, int heads, int kv_heads,
                    int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
-    const int parts = gridDim.y / kv_heads, part = blockIdx.y % parts;
-    const int per = heads / kv_heads / parts;
-    const int h0 = (blockIdx.y / parts) * (heads / kv_heads) + part * per;
-    const long long slab = (long long)part * batch * seq * kv_heads * head_dim;
+    const FlashHeadShare sh(blockIdx.y, gridDim.y, batch, seq, heads, kv_heads, head_dim);
     if (head_dim == 128) {
-        flash_dkdv_impl<128, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + slab,
-                                       dv + slab, seq, heads, kv_heads, scale, h0, h0 + per);
+        flash_dkdv_impl<128, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments,
+                                       dk + sh.slab, dv + sh.slab, seq, heads, kv_heads, scale,
+                                       sh.g, sh.h0, sh.h1);
     } else {
-        flash_dkdv_impl<64, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + slab,
-                                      dv + slab, seq, heads, kv_heads, scale, h0, h0 + per);
+        flash_dkdv_impl<64, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments,
+                                      dk + sh.slab, dv + sh.slab, seq, heads, kv_heads, scale,
+                                      sh.g, sh.h0, sh.h1);
     }
 }
+
+#ifdef FLASH_WGMMA
+// head_dim 256, warpgroup products only: entries of their own, so that the 128-wide kernels
+// keep their register allocation. Arguments, outputs and shared memory as the kernels above
+// with hd = 256 (T = 5, 6 and 6).
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
+    flash_fwd_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                    const bf16_t* __restrict__ v, const int* __restrict__ segments,
+                    float* __restrict__ out, float* __restrict__ lse, int batch, int seq,
+                    int heads, int kv_heads, int head_dim, float scale) {
+    extern __shared__ __align__(1024) bf16_t flash_sm[];
+    flash_fwd_wg_impl<256>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
+    flash_bwd_dq_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                       const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
+                       const float* __restrict__ lse, const float* __restrict__ delta,
+                       const int* __restrict__ segments, float* __restrict__ dq, int batch,
+                       int seq, int heads, int kv_heads, int head_dim, float scale) {
+    extern __shared__ __align__(1024) bf16_t flash_sm[];
+    flash_dq_wg_impl<256>(flash_sm, q, k, v, d_out, lse, delta, segments, dq, seq, heads,
+                          kv_heads, scale);
+}
+
+// dK and dV (128 registers each) do not fit in one block's registers: grid y is twice
+// flash_bwd_dkdv's; blocks y < kv_heads·parts make dV, the others dK (for y − kv_heads·parts).
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
+    flash_bwd_dkdv_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                         const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
+                         const float* __restrict__ lse, const float* __restrict__ delta,
+                         const int* __restrict__ segments, float* __restrict__ dk,
+                         float* __restrict__ dv, int batch, int seq, int heads, int kv_heads,
+                         int head_dim, float scale) {
+    extern __shared__ __align__(1024) bf16_t flash_sm[];
+    const int blocks_y = gridDim.y / 2;
+    const FlashHeadShare sh(blockIdx.y % blocks_y, blocks_y, batch, seq, heads, kv_heads, 256);
+    dk += sh.slab;
+    dv += sh.slab;
+    if (blockIdx.y < blocks_y) {
+        flash_dkdv_impl<256, true, FLASH_DV>(flash_sm, q, k, v, d_out, lse, delta, segments, dk,
+                                             dv, seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
+    } else {
+        flash_dkdv_impl<256, true, FLASH_DK>(flash_sm, q, k, v, d_out, lse, delta, segments, dk,
+                                             dv, seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
+    }
+}
+#endif

@@ -337,10 +337,6 @@ fn embedding_norm_and_rope_match_cpu() {
     assert_close("rope then inverse", &p.g.download(&xg).unwrap(), &xv, 1e-5);
 }
 
-/// Head dims with the tensor-core path: q, k, v and dO enter the products as bf16, and P and dS
-/// are rounded to bf16 before theirs.
-const TENSOR_CORE_HEAD_DIMS: [usize; 2] = [64, 128];
-
 fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usize>) {
     let tokens = s.batch * s.seq;
     let qv = randn(rng, tokens * s.num_heads * s.head_dim, 1.0);
@@ -354,18 +350,25 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
             _ => 0,
         })
         .collect();
-    // On the tensor-core path the reference gets the same bf16-rounded inputs; the rounding of
-    // P and dS (2^-9 relative each) then leaves errors of a few 1e-3. Elsewhere all is f32.
-    let bf16 = TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim);
+    let (qg, _) = p.up(&qv, tokens, s.num_heads * s.head_dim);
+    let (kg, _) = p.up(&kv, tokens, s.num_kv_heads * s.head_dim);
+    let (vg, _) = p.up(&vv, tokens, s.num_kv_heads * s.head_dim);
+    let (dog, _) = p.up(&dov, tokens, s.num_heads * s.head_dim);
+    // The inputs made ready ahead (`attention_inputs`) are bf16 exactly where the attention runs
+    // on tensor cores (head dims 64 and 128; 256 on Hopper): q, k, v and dO enter its products
+    // as bf16, and P and dS are rounded to bf16 before theirs. There the reference gets the same
+    // bf16-rounded inputs; the rounding of P and dS (2^-9 relative each) then leaves errors of
+    // a few 1e-3. Elsewhere all is f32.
+    let dup = |t| p.g.duplicate(t).unwrap();
+    let [qr, kr, vr] =
+        p.g.attention_inputs(dup(&qg), dup(&kg), dup(&vg), s)
+            .unwrap();
+    let bf16 = qr.dtype() == Dtype::Bf16;
     let (reference, tol) = if bf16 {
         (bf16_round as fn(&[f32]) -> Vec<f32>, 3e-3)
     } else {
         (<[f32]>::to_vec as fn(&[f32]) -> Vec<f32>, 1e-4)
     };
-    let (qg, _) = p.up(&qv, tokens, s.num_heads * s.head_dim);
-    let (kg, _) = p.up(&kv, tokens, s.num_kv_heads * s.head_dim);
-    let (vg, _) = p.up(&vv, tokens, s.num_kv_heads * s.head_dim);
-    let (dog, _) = p.up(&dov, tokens, s.num_heads * s.head_dim);
     let (_, qc) = p.up(&reference(&qv), tokens, s.num_heads * s.head_dim);
     let (_, kc) = p.up(&reference(&kv), tokens, s.num_kv_heads * s.head_dim);
     let (_, vc) = p.up(&reference(&vv), tokens, s.num_kv_heads * s.head_dim);
@@ -385,14 +388,10 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
     p.check(&format!("{name}: dq"), &dqg, &dqc, tol);
     p.check(&format!("{name}: dk"), &dkg, &dkc, tol);
     p.check(&format!("{name}: dv"), &dvg, &dvc, tol);
-    // The inputs made ready ahead (`attention_inputs`: rounded to bf16 once on the tensor-core
-    // path, as the kernels' own copies are) give the same bits in both passes.
-    let dup = |t| p.g.duplicate(t).unwrap();
-    let [qr, kr, vr] =
-        p.g.attention_inputs(dup(&qg), dup(&kg), dup(&vg), s)
-            .unwrap();
+    // The ready inputs (rounded to bf16 once on the tensor-core path, as the kernels' own copies
+    // are) give the same bits in both passes.
     let rounded = (qr.dtype(), kr.dtype(), vr.dtype());
-    let want = if bf16 { Dtype::Bf16 } else { Dtype::F32 };
+    let want = qr.dtype();
     assert_eq!(rounded, (want, want, want), "{name}: ready inputs");
     let (or, lr) = p.g.attention(&qr, &kr, &vr, &sg, s).unwrap();
     let (dqr, dkr, dvr) =
@@ -429,6 +428,8 @@ fn attention_matches_cpu() {
         (1, 200, 6, 3, 32, Some(129)),
         (3, 17, 2, 2, 16, None),
         (1, 65, 2, 1, 256, None),
+        (1, 1000, 4, 4, 256, Some(400)),
+        (2, 200, 4, 2, 256, Some(130)),
     ] {
         let s = AttentionShape {
             batch,

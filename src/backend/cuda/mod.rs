@@ -50,9 +50,8 @@ const ATTENTION_THREADS: u32 = 128;
 const MAX_HEAD_DIM: usize = 256;
 /// What the per-call bf16 copies of f32 operands are for, in memory reports.
 const OPERAND_COPY: &str = "a bf16 copy of an operand";
-/// Head dims whose training attention runs on tensor cores (kernels/flash.cu), reading q, k, v
-/// and dO in bf16 (q, k, v as `attention_inputs` left them, f32 operands through bf16 copies);
-/// others take kernels/attention.cu's f32 kernels.
+/// Head dims whose training attention runs on tensor cores (kernels/flash.cu) on every
+/// architecture; 256 too with warpgroup products (`CudaBackend::tensor_core_attention`).
 const TENSOR_CORE_HEAD_DIMS: [usize; 2] = [64, 128];
 /// Blocks per multiprocessor the dK/dV launch aims at (several waves even out the causal
 /// imbalance: the first key tiles see every query, the last ones few).
@@ -685,6 +684,14 @@ impl CudaBackend {
         )
     }
 
+    /// Whether the training attention of `head_dim` runs on tensor cores (kernels/flash.cu),
+    /// reading q, k, v and dO in bf16 (q, k, v as `attention_inputs` left them, f32 operands
+    /// through bf16 copies); else on kernels/attention.cu's f32 kernels.
+    fn tensor_core_attention(&self, head_dim: usize) -> bool {
+        TENSOR_CORE_HEAD_DIMS.contains(&head_dim)
+            || (head_dim == 256 && kernels::warpgroup_products(self.kernels.arch()))
+    }
+
     /// The shared tiles `kernel` takes (kernels/flash.cu, each launch line): the warpgroup
     /// versions (sm_90a) keep Q, K or both in shared memory beside the streamed buffers.
     fn flash_tiles(&self, kernel: FlashKernel) -> usize {
@@ -1214,7 +1221,7 @@ impl Backend for CudaBackend {
         v: CudaTensor,
         s: AttentionShape,
     ) -> Result<[CudaTensor; 3]> {
-        if !TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim) {
+        if !self.tensor_core_attention(s.head_dim) {
             return Ok([q, k, v]);
         }
         // Rounded as the kernels' bf16 copies would be; the f32 values are freed here.
@@ -1247,7 +1254,7 @@ impl Backend for CudaBackend {
         );
         let what = "attention";
         let outputs = [Arg::Ptr(self.ptr(&out)?), Arg::Ptr(self.ptr(&lse)?)];
-        if TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim) {
+        if self.tensor_core_attention(s.head_dim) {
             let copies = self.bf16_operands([q, k, v], what)?;
             let mut args = copies.args.to_vec();
             args.push(self.ints_arg(segments));
@@ -1255,7 +1262,12 @@ impl Backend for CudaBackend {
             args.extend(Self::attention_dims(s));
             let tiles = self.flash_tiles(FlashKernel::Forward);
             let shape = shape.with_shared(flash_shared_bytes(s.head_dim, tiles, 0));
-            self.run("flash", "flash_fwd", shape, &args)?;
+            let kernel = if s.head_dim == 256 {
+                "flash_fwd_hd256"
+            } else {
+                "flash_fwd"
+            };
+            self.run("flash", kernel, shape, &args)?;
         } else {
             let mut args = vec![
                 self.f32_arg(q, what)?,
@@ -1291,7 +1303,9 @@ impl Backend for CudaBackend {
             return Ok((dq, dk, dv));
         }
         let what = "attention_backward";
-        // delta_t,h = Σ_d dO·O, read by both gradient kernels.
+        let flash = self.tensor_core_attention(s.head_dim);
+        // delta_t,h = Σ_d dO·O, read by both gradient kernels (dO rounded to bf16 as the
+        // tensor-core kernels read it).
         let delta = self.tensor(q.rows, s.num_heads, "attention delta")?;
         let args = [
             self.f32_arg(out, what)?,
@@ -1300,6 +1314,7 @@ impl Backend for CudaBackend {
             dim(q.rows),
             dim(s.num_heads),
             dim(s.head_dim),
+            Arg::I32(flash as i32),
         ];
         let warps = Shape::grid((q.rows * s.num_heads).div_ceil(8), 1, 1, 256);
         self.run("attention", "attention_bwd_delta", warps, &args)?;
@@ -1310,7 +1325,6 @@ impl Backend for CudaBackend {
         ];
         // Tensor-core kernels read bf16 operands (copies of f32 ones kept until both kernels are
         // queued).
-        let flash = TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim);
         let copies = flash
             .then(|| self.bf16_operands([q, k, v, d_out], what))
             .transpose()?;
@@ -1322,7 +1336,9 @@ impl Backend for CudaBackend {
                 .collect::<Result<_>>()?,
         };
         inputs.extend(statistics);
-        let (program, dq_kernel, dkdv_kernel) = if flash {
+        let (program, dq_kernel, dkdv_kernel) = if flash && s.head_dim == 256 {
+            ("flash", "flash_bwd_dq_hd256", "flash_bwd_dkdv_hd256")
+        } else if flash {
             ("flash", "flash_bwd_dq", "flash_bwd_dkdv")
         } else {
             ("attention", "attention_bwd_dq", "attention_bwd_dkdv")
@@ -1365,7 +1381,14 @@ impl Backend for CudaBackend {
         args.push(Arg::Ptr(self.ptr(dk_out)?));
         args.push(Arg::Ptr(self.ptr(dv_out)?));
         args.extend(Self::attention_dims(s));
-        let shape = Shape::grid(tiles, s.num_kv_heads * parts, s.batch, ATTENTION_THREADS);
+        // At head_dim 256 separate blocks make dK and dV (flash_bwd_dkdv_hd256's launch line).
+        let split = if flash && s.head_dim == 256 { 2 } else { 1 };
+        let shape = Shape::grid(
+            tiles,
+            s.num_kv_heads * parts * split,
+            s.batch,
+            ATTENTION_THREADS,
+        );
         // flash_bwd_dkdv's lse·log2e and D of two query tiles: 2 × 2 × 64 f32.
         let stats = 2 * 2 * ATTENTION_TILE * std::mem::size_of::<f32>();
         self.run(
