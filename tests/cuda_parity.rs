@@ -380,10 +380,10 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
     p.check(&format!("{name}: out"), &og, &oc, tol);
     p.check(&format!("{name}: lse"), &lg, &lc, 1e-5);
     let (dqg, dkg, dvg) =
-        p.g.attention_backward(&qg, &kg, &vg, &og, &lg, &dog, &sg, s)
+        p.g.attention_backward(&qg, &kg, &vg, dup(&og), &lg, dup(&dog), &sg, s)
             .unwrap();
     let (dqc, dkc, dvc) =
-        p.c.attention_backward(&qc, &kc, &vc, &oc, &lc, &doc, &sc, s)
+        p.c.attention_backward(&qc, &kc, &vc, oc, &lc, doc, &sc, s)
             .unwrap();
     p.check(&format!("{name}: dq"), &dqg, &dqc, tol);
     p.check(&format!("{name}: dk"), &dkg, &dkc, tol);
@@ -395,7 +395,7 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
     assert_eq!(rounded, (want, want, want), "{name}: ready inputs");
     let (or, lr) = p.g.attention(&qr, &kr, &vr, &sg, s).unwrap();
     let (dqr, dkr, dvr) =
-        p.g.attention_backward(&qr, &kr, &vr, &or, &lr, &dog, &sg, s)
+        p.g.attention_backward(&qr, &kr, &vr, dup(&or), &lr, dup(&dog), &sg, s)
             .unwrap();
     let bits = |t| p.g.download(t).unwrap();
     for (what, ready, f32_inputs) in [

@@ -499,16 +499,18 @@ pub trait Backend: Send + Sync + 'static {
         segments: &Self::Ints,
         shape: AttentionShape,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Gradients `(dq, dk, dv)` of [`Backend::attention`].
+    /// Gradients `(dq, dk, dv)` of [`Backend::attention`]. `out` and `d_out` are consumed: a
+    /// backend frees them as soon as it has what it needs of them (the CUDA backend: before
+    /// the gradients exist, which at long sequences lowers the step's peak by two activations).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
-        out: &Self::Tensor,
+        out: Self::Tensor,
         lse: &Self::Tensor,
-        d_out: &Self::Tensor,
+        d_out: Self::Tensor,
         segments: &Self::Ints,
         shape: AttentionShape,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;

@@ -734,8 +734,8 @@ impl<B: Backend> Decoder<B> {
         drop(rounded);
         let shape = self.attention_shape(batch);
         let (mut dq, mut dk, dv) =
-            be.attention_backward(&q, &k, &v, &attn, &lse, &dattn, &batch.segments, shape)?;
-        drop((q, k, v, attn, lse, dattn));
+            be.attention_backward(&q, &k, &v, attn, &lse, dattn, &batch.segments, shape)?;
+        drop((q, k, v, lse));
         let pos = &batch.positions;
         be.rope(&mut dq, pos, &self.inv_freq, cfg.head_dim, true)?;
         be.rope(&mut dk, pos, &self.inv_freq, cfg.head_dim, true)?;

@@ -426,22 +426,22 @@ impl Backend for CpuBackend {
         q: &CpuTensor,
         k: &CpuTensor,
         v: &CpuTensor,
-        out: &CpuTensor,
+        out: CpuTensor,
         lse: &CpuTensor,
-        d_out: &CpuTensor,
+        d_out: CpuTensor,
         segments: &Vec<i32>,
         shape: AttentionShape,
     ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
         Self::check_attention(q, k, v, segments, shape)?;
-        Self::same_shape(out, d_out, "attention backward")?;
-        Self::dense(&[out, lse, d_out], "attention backward")?;
+        Self::same_shape(&out, &d_out, "attention backward")?;
+        Self::dense(&[&out, lse, &d_out], "attention backward")?;
         let inputs = attention::BackwardInputs {
             q,
             k,
             v,
-            out,
+            out: &out,
             lse,
-            d_out,
+            d_out: &d_out,
         };
         Ok(self.install(|| attention::backward(inputs, segments, shape, &self.buffers)))
     }

@@ -1287,29 +1287,30 @@ impl Backend for CudaBackend {
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
-        out: &CudaTensor,
+        out: CudaTensor,
         lse: &CudaTensor,
-        d_out: &CudaTensor,
+        d_out: CudaTensor,
         segments: &CudaInts,
         s: AttentionShape,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
         Self::check_attention(q, k, v, segments, s)?;
-        same_shape(q, out, "attention_backward")?;
-        same_shape(q, d_out, "attention_backward")?;
-        let dq = self.tensor(q.rows, q.cols, "attention dq")?;
-        let dk = self.tensor(k.rows, k.cols, "attention dk")?;
-        let dv = self.tensor(v.rows, v.cols, "attention dv")?;
+        same_shape(q, &out, "attention_backward")?;
+        same_shape(q, &d_out, "attention_backward")?;
         if q.rows == 0 {
-            return Ok((dq, dk, dv));
+            return Ok((
+                self.tensor(q.rows, q.cols, "attention dq")?,
+                self.tensor(k.rows, k.cols, "attention dk")?,
+                self.tensor(v.rows, v.cols, "attention dv")?,
+            ));
         }
         let what = "attention_backward";
         let flash = self.tensor_core_attention(s.head_dim);
         // delta_t,h = Σ_d dO·O, read by both gradient kernels (dO rounded to bf16 as the
-        // tensor-core kernels read it).
+        // tensor-core kernels read it); `out` is not needed after it.
         let delta = self.tensor(q.rows, s.num_heads, "attention delta")?;
         let args = [
-            self.f32_arg(out, what)?,
-            self.f32_arg(d_out, what)?,
+            self.f32_arg(&out, what)?,
+            self.f32_arg(&d_out, what)?,
             Arg::Ptr(self.ptr(&delta)?),
             dim(q.rows),
             dim(s.num_heads),
@@ -1318,23 +1319,28 @@ impl Backend for CudaBackend {
         ];
         let warps = Shape::grid((q.rows * s.num_heads).div_ceil(8), 1, 1, 256);
         self.run("attention", "attention_bwd_delta", warps, &args)?;
+        drop(out);
         let statistics = [
             self.f32_arg(lse, what)?,
             Arg::Ptr(self.ptr(&delta)?),
             self.ints_arg(segments),
         ];
         // Tensor-core kernels read bf16 operands (copies of f32 ones kept until both kernels are
-        // queued).
+        // queued); an f32 dO is then freed before the gradients are made.
         let copies = flash
-            .then(|| self.bf16_operands([q, k, v, d_out], what))
+            .then(|| self.bf16_operands([q, k, v, &d_out], what))
             .transpose()?;
         let mut inputs = match &copies {
             Some(c) => c.args.to_vec(),
-            None => [q, k, v, d_out]
+            None => [q, k, v, &d_out]
                 .iter()
                 .map(|t| self.f32_arg(t, what))
                 .collect::<Result<_>>()?,
         };
+        let _d_out = (copies.is_none() || d_out.dtype() != Dtype::F32).then_some(d_out);
+        let dq = self.tensor(q.rows, q.cols, "attention dq")?;
+        let dk = self.tensor(k.rows, k.cols, "attention dk")?;
+        let dv = self.tensor(v.rows, v.cols, "attention dv")?;
         inputs.extend(statistics);
         let (program, dq_kernel, dkdv_kernel) = if flash && s.head_dim == 256 {
             ("flash", "flash_bwd_dq_hd256", "flash_bwd_dkdv_hd256")
