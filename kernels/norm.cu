@@ -27,10 +27,11 @@ extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, float* y,
     }
 }
 
-// dx_j = r·w'_j·dy_j − (r³/cols)·x_j·Σ_i dy_i·w'_i·x_i   (r from rmsnorm_fwd).
+// dx_j = r·w'_j·dy_j − (r³/cols)·x_j·Σ_i dy_i·w'_i·x_i   (r from rmsnorm_fwd), added into dx
+// when `accumulate` (dx_j = dx_j + that), else written over it.
 extern "C" __global__ void rmsnorm_bwd(const float* dy, const float* x, const float* w,
                                        const float* r, float* dx, int rows, int cols,
-                                       int unit_offset) {
+                                       int unit_offset, int accumulate) {
     const long long base = (long long)blockIdx.x * cols;
     const float* dyr = dy + base;
     const float* xr = x + base;
@@ -43,6 +44,7 @@ extern "C" __global__ void rmsnorm_bwd(const float* dy, const float* x, const fl
     const float rr = r[blockIdx.x];
     const float k = rr * rr * rr * dot / (float)cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        dxr[c] = rr * norm_weight(w[c], unit_offset) * dyr[c] - k * xr[c];
+        const float g = rr * norm_weight(w[c], unit_offset) * dyr[c] - k * xr[c];
+        dxr[c] = accumulate ? dxr[c] + g : g;
     }
 }

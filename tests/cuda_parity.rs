@@ -309,12 +309,34 @@ fn embedding_norm_and_rope_match_cpu() {
         p.check("rmsnorm r", &rg, &rc, 1e-5);
         let (dyg, dyc) = p.up(&randn(&mut rng, tokens * hidden, 1.0), tokens, hidden);
         let dg =
-            p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset)
+            p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset, None)
                 .unwrap();
         let dc =
-            p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset)
+            p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset, None)
                 .unwrap();
         p.check("rmsnorm backward", &dg, &dc, 1e-5);
+        // Added into a gradient the residual carries (the decoder's use).
+        let carried = randn(&mut rng, tokens * hidden, 1.0);
+        let (ag, ac) = p.up(&carried, tokens, hidden);
+        let dg =
+            p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset, Some(ag))
+                .unwrap();
+        let dc =
+            p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset, Some(ac))
+                .unwrap();
+        p.check("rmsnorm backward added into a gradient", &dg, &dc, 1e-5);
+        let plain =
+            p.c.download(
+                &p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset, None)
+                    .unwrap(),
+            )
+            .unwrap();
+        let added = p.c.download(&dc).unwrap();
+        let want: Vec<f32> = plain.iter().zip(&carried).map(|(g, a)| a + g).collect();
+        assert_eq!(
+            added, want,
+            "the CPU's accumulation is the plain gradient plus the carried one"
+        );
     }
 
     let head_dim = 32;

@@ -451,7 +451,8 @@ pub trait Backend: Send + Sync + 'static {
         unit_offset: bool,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Input gradient of [`Backend::rmsnorm`] with a frozen weight:
-    /// `dx_j = r·w'_j·dy_j − (r³/n)·x_j·Σ_i dy_i·w'_i·x_i`.
+    /// `dx_j = r·w'_j·dy_j − (r³/n)·x_j·Σ_i dy_i·w'_i·x_i`, added into `acc` (the gradient that
+    /// the residual carries past the norm, same shape) when given and returned, else new.
     fn rmsnorm_backward(
         &self,
         dy: &Self::Tensor,
@@ -459,6 +460,7 @@ pub trait Backend: Send + Sync + 'static {
         w: &Self::Tensor,
         r: &Self::Tensor,
         unit_offset: bool,
+        acc: Option<Self::Tensor>,
     ) -> Result<Self::Tensor>;
 
     /// Rotary embedding in place on `x: [tokens, heads·head_dim]` ("rotate half" layout): with

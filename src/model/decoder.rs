@@ -408,7 +408,7 @@ impl<B: Backend> Decoder<B> {
         let hd = self.cfg.head_dim;
         let dy = be.reshape(dy, rows * cols / hd, hd);
         let raw = be.reshape(be.duplicate(raw)?, rows * cols / hd, hd);
-        let dx = be.rmsnorm_backward(&dy, &raw, w, r, self.cfg.norm_unit_offset)?;
+        let dx = be.rmsnorm_backward(&dy, &raw, w, r, self.cfg.norm_unit_offset, None)?;
         Ok(be.reshape(dx, rows, cols))
     }
 
@@ -720,13 +720,19 @@ impl<B: Backend> Decoder<B> {
         } = c;
         let xa = [xq, xk, xv, xo];
         let xa = |m: TargetModule| xa[m as usize].as_ref();
-        // out = x1 + mlp(h2): dx1 starts as d_out.
+        // out = x1 + mlp(h2), h2 = norm(x1): dx1 = d_out + the norm's input gradient (added
+        // into d_out's values).
         let dh2 = self.mlp_backward(layer, &d_out, &h2, mlp, ad, grads)?;
         drop(h2);
-        let mut dx1 = be.rmsnorm_backward(&dh2, &x1, &lw.mlp_norm, &r2, cfg.norm_unit_offset)?;
+        let dx1 = be.rmsnorm_backward(
+            &dh2,
+            &x1,
+            &lw.mlp_norm,
+            &r2,
+            cfg.norm_unit_offset,
+            Some(d_out),
+        )?;
         drop((dh2, x1, r2));
-        be.add_assign(&mut dx1, &d_out)?;
-        drop(d_out);
         // x1 = x + o(attn), o reading `attn` rounded as in the forward (`residual_half`).
         let rounded = be.rounded_product_input(&attn, Self::room(Some(ad)))?;
         let attn_in = rounded.as_ref().unwrap_or(&attn);
@@ -755,10 +761,8 @@ impl<B: Backend> Decoder<B> {
         drop(dk);
         let dh1 = self.project_backward(layer, V, &dv, &h1, xa(V), ad, grads, Some(dh1), 0)?;
         drop((dv, h1));
-        let mut dx = be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &r1, cfg.norm_unit_offset)?;
-        drop(dh1);
-        be.add_assign(&mut dx, &dx1)?;
-        Ok(dx)
+        // x1 = x + attention(norm(x)): dx = dx1 + the norm's input gradient.
+        be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &r1, cfg.norm_unit_offset, Some(dx1))
     }
 
     /// Attention of a batch's rows among themselves (training, evaluation), its inputs made
@@ -920,7 +924,7 @@ impl<B: Backend> Decoder<B> {
         let head = self.weights.output_projection();
         let dh = be.lm_head_cross_entropy(&h, head, &batch.labels, loss.scale, loss.row_loss)?;
         drop((h, head_copy));
-        be.rmsnorm_backward(&dh, &last, norm, &r, offset)
+        be.rmsnorm_backward(&dh, &last, norm, &r, offset, None)
     }
 
     /// Forward and backward of one micro-batch. Adds the LoRA gradients of

@@ -378,12 +378,26 @@ impl Backend for CpuBackend {
         w: &CpuTensor,
         r: &CpuTensor,
         unit_offset: bool,
+        acc: Option<CpuTensor>,
     ) -> Result<CpuTensor> {
         Self::same_shape(dy, x, "rmsnorm backward")?;
         Self::dense(&[dy, x, w, r], "rmsnorm backward")?;
-        let mut dx = self.uninit(x.rows, x.cols);
+        if let Some(acc) = &acc {
+            Self::same_shape(acc, x, "rmsnorm backward's accumulator")?;
+            Self::dense(&[acc], "rmsnorm backward's accumulator")?;
+        }
+        let accumulate = acc.is_some();
+        let mut dx = acc.unwrap_or_else(|| self.uninit(x.rows, x.cols));
         self.install(|| {
-            pointwise::rmsnorm_backward(dy, x, &w.data, &r.data, unit_offset, &mut dx.data)
+            pointwise::rmsnorm_backward(
+                dy,
+                x,
+                &w.data,
+                &r.data,
+                unit_offset,
+                accumulate,
+                &mut dx.data,
+            )
         });
         Ok(dx)
     }

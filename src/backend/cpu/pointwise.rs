@@ -164,13 +164,14 @@ pub fn rmsnorm(
         });
 }
 
-/// See `Backend::rmsnorm_backward`; `dx` is written over.
+/// See `Backend::rmsnorm_backward`; `dx` is added into when `accumulate`, else written over.
 pub fn rmsnorm_backward(
     dy: &CpuTensor,
     x: &CpuTensor,
     w: &[f32],
     r: &[f32],
     unit_offset: bool,
+    accumulate: bool,
     dx: &mut [f32],
 ) {
     let n = x.cols;
@@ -187,7 +188,8 @@ pub fn rmsnorm_backward(
                 .sum();
             let c = rr * rr * rr * dot / n as f32;
             for (((o, &d), &a), &wi) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
-                *o = rr * norm_weight(wi, unit_offset) * d - c * a;
+                let g = rr * norm_weight(wi, unit_offset) * d - c * a;
+                *o = if accumulate { *o + g } else { g };
             }
         });
 }

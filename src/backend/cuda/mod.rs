@@ -1148,6 +1148,7 @@ impl Backend for CudaBackend {
         w: &CudaTensor,
         r: &CudaTensor,
         unit_offset: bool,
+        acc: Option<CudaTensor>,
     ) -> Result<CudaTensor> {
         same_shape(dy, x, "rmsnorm_backward")?;
         if w.elements() != x.cols || r.elements() != x.rows {
@@ -1159,7 +1160,14 @@ impl Backend for CudaBackend {
                 x.cols
             )));
         }
-        let dx = self.tensor(x.rows, x.cols, "rmsnorm gradient")?;
+        if let Some(acc) = &acc {
+            same_shape(acc, x, "rmsnorm_backward's accumulator")?;
+        }
+        let accumulate = acc.is_some();
+        let dx = match acc {
+            Some(acc) => acc,
+            None => self.tensor(x.rows, x.cols, "rmsnorm gradient")?,
+        };
         if x.rows > 0 {
             let what = "rmsnorm_backward";
             let args = [
@@ -1171,6 +1179,7 @@ impl Backend for CudaBackend {
                 dim(x.rows),
                 dim(x.cols),
                 Arg::I32(unit_offset as i32),
+                Arg::I32(accumulate as i32),
             ];
             self.run("norm", "rmsnorm_bwd", Shape::per_row(x.rows), &args)?;
         }
