@@ -553,9 +553,9 @@ impl<B: Backend> Decoder<B> {
         let attn = rounded.as_ref().unwrap_or(attn);
         let (o, xo) = self.project(layer, TargetModule::O, attn, ad, 0, kept)?;
         drop(rounded);
-        let mut x1 = be.duplicate(x)?;
-        be.add_assign(&mut x1, &o)?;
-        drop(o);
+        // x1 = x + o, written over o's values (no copy of x).
+        let mut x1 = o;
+        be.add_assign(&mut x1, x)?;
         let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
         let h2 = be.product_input(h2, Self::room(ad))?;
         Ok(ResidualHalf { xo, x1, h2, r2 })
