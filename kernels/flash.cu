@@ -1,6 +1,7 @@
 // flash.cu: the training attention kernels on tensor cores for head_dim 64 and 128, and 256 on
-// Hopper's warpgroup products (compiled after prelude.cuh). Same math, layouts, masks and outputs as attention.cu's training kernels
-// (its header states them), with q, k, v and dO read in bf16 (rounded from f32 by the backend):
+// Hopper's warpgroup products (compiled after prelude.cuh). Same math, layouts, masks and
+// outputs as attention.cu's training kernels (its header states them), with q, k, v and dO read
+// in bf16 (rounded from f32 by the backend):
 //   forward:  S = c·Q·Kᵀ (invisible entries −∞), lse_i = log Σ_j exp S_ij, P = exp(S − lse), O = P·V
 //   backward: dP = dO·Vᵀ, dS = P ∘ (dP − D), dQ = c·dS·K, dV = Pᵀ·dO, dK = c·dSᵀ·Q
 // Every product is mma.sync.m16n8k16, or on sm_90a a warpgroup product (see "Hopper" below),
@@ -951,7 +952,9 @@ __device__ __forceinline__ void flash_dkdv_scores(float (&s)[NT][4], float (&dp)
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[t][e] = s[t][e] * (dp[t][e] - ds[8 * t + 2 * tig + (e & 1)]);
+        for (int e = 0; e < 4; ++e) {
+            dp[t][e] = s[t][e] * (dp[t][e] - ds[8 * t + 2 * tig + (e & 1)]);
+        }
     }
 }
 

@@ -171,6 +171,32 @@ struct Bf16Operands<const N: usize> {
     _buffers: Vec<DeviceBuffer<u16>>,
 }
 
+/// The kernels/flash.cu entries for a head dim: head_dim 256 has entries of its own, whose dK/dV
+/// launch has twice the blocks along y (one of each pair makes dK, the other dV).
+struct FlashEntries {
+    forward: &'static str,
+    dq: &'static str,
+    dkdv: &'static str,
+    dkdv_split: usize,
+}
+
+fn flash_entries(head_dim: usize) -> FlashEntries {
+    match head_dim {
+        256 => FlashEntries {
+            forward: "flash_fwd_hd256",
+            dq: "flash_bwd_dq_hd256",
+            dkdv: "flash_bwd_dkdv_hd256",
+            dkdv_split: 2,
+        },
+        _ => FlashEntries {
+            forward: "flash_fwd",
+            dq: "flash_bwd_dq",
+            dkdv: "flash_bwd_dkdv",
+            dkdv_split: 1,
+        },
+    }
+}
+
 /// The three kernels of kernels/flash.cu.
 #[derive(Clone, Copy)]
 enum FlashKernel {
@@ -1271,12 +1297,7 @@ impl Backend for CudaBackend {
             args.extend(Self::attention_dims(s));
             let tiles = self.flash_tiles(FlashKernel::Forward);
             let shape = shape.with_shared(flash_shared_bytes(s.head_dim, tiles, 0));
-            let kernel = if s.head_dim == 256 {
-                "flash_fwd_hd256"
-            } else {
-                "flash_fwd"
-            };
-            self.run("flash", kernel, shape, &args)?;
+            self.run("flash", flash_entries(s.head_dim).forward, shape, &args)?;
         } else {
             let mut args = vec![
                 self.f32_arg(q, what)?,
@@ -1351,12 +1372,11 @@ impl Backend for CudaBackend {
         let dk = self.tensor(k.rows, k.cols, "attention dk")?;
         let dv = self.tensor(v.rows, v.cols, "attention dv")?;
         inputs.extend(statistics);
-        let (program, dq_kernel, dkdv_kernel) = if flash && s.head_dim == 256 {
-            ("flash", "flash_bwd_dq_hd256", "flash_bwd_dkdv_hd256")
-        } else if flash {
-            ("flash", "flash_bwd_dq", "flash_bwd_dkdv")
+        let (program, dq_kernel, dkdv_kernel, split) = if flash {
+            let e = flash_entries(s.head_dim);
+            ("flash", e.dq, e.dkdv, e.dkdv_split)
         } else {
-            ("attention", "attention_bwd_dq", "attention_bwd_dkdv")
+            ("attention", "attention_bwd_dq", "attention_bwd_dkdv", 1)
         };
         let shared = |tiles, extra| match flash {
             true => flash_shared_bytes(s.head_dim, tiles, extra),
@@ -1396,8 +1416,6 @@ impl Backend for CudaBackend {
         args.push(Arg::Ptr(self.ptr(dk_out)?));
         args.push(Arg::Ptr(self.ptr(dv_out)?));
         args.extend(Self::attention_dims(s));
-        // At head_dim 256 separate blocks make dK and dV (flash_bwd_dkdv_hd256's launch line).
-        let split = if flash && s.head_dim == 256 { 2 } else { 1 };
         let shape = Shape::grid(
             tiles,
             s.num_kv_heads * parts * split,
