@@ -242,7 +242,7 @@ fn pointwise_ops_match_cpu() {
 
 #[test]
 fn embedding_norm_and_rope_match_cpu() {
-    let Some(p) = Pair::new() else { return };
+    let Some(mut p) = Pair::new() else { return };
     let mut rng = fresh_rng("embedding/norm/rope");
     let (vocab, hidden, tokens) = (100, 96, 53);
     let table = bf16_round(&randn(&mut rng, vocab * hidden, 1.0));
@@ -307,6 +307,29 @@ fn embedding_norm_and_rope_match_cpu() {
         let (yc, rc) = p.c.rmsnorm(&ec, &wc, 1e-5, unit_offset).unwrap();
         p.check("rmsnorm y", &yg, &yc, 1e-5);
         p.check("rmsnorm r", &rg, &rc, 1e-5);
+        // Written at once as a product input (with and without spare columns; products rounding
+        // their f32 operands to bf16, as in training): the bits that rounding the f32 output gives.
+        p.g.set_f32_products(F32Products::Tf32);
+        for room in [0, 16] {
+            let (pg, prg) =
+                p.g.rmsnorm_for_products(&eg, &wg, 1e-5, unit_offset, room)
+                    .unwrap();
+            let rounded =
+                p.g.product_input(p.g.duplicate(&yg).unwrap(), room)
+                    .unwrap();
+            assert_eq!(
+                p.g.download(&pg).unwrap(),
+                p.g.download(&rounded).unwrap(),
+                "rmsnorm for products, room {room}"
+            );
+            assert_eq!(p.g.download(&prg).unwrap(), p.g.download(&rg).unwrap());
+            assert_eq!(
+                p.g.download(&pg).unwrap(),
+                bf16_round(&p.g.download(&yg).unwrap())
+            );
+            p.check("rmsnorm for products", &pg, &yc, 8e-3);
+        }
+        p.g.set_f32_products(F32Products::Exact);
         let (dyg, dyc) = p.up(&randn(&mut rng, tokens * hidden, 1.0), tokens, hidden);
         let dg =
             p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset, None)
@@ -337,6 +360,34 @@ fn embedding_norm_and_rope_match_cpu() {
             added, want,
             "the CPU's accumulation is the plain gradient plus the carried one"
         );
+        // Rows [start, start + n) alone, added into those rows of a carried gradient.
+        let (start, n) = (17, 20);
+        let (ag, ac) = p.up(&carried, tokens, hidden);
+        let (mut ag, mut ac) = (ag, ac);
+        let (dyg, dyc) = (
+            p.g.copy_rows(&dyg, start, n).unwrap(),
+            p.c.copy_rows(&dyc, start, n).unwrap(),
+        );
+        p.g.rmsnorm_backward_rows(&dyg, &eg, &wg, &rg, unit_offset, start, &mut ag)
+            .unwrap();
+        p.c.rmsnorm_backward_rows(&dyc, &ec, &wc, &rc, unit_offset, start, &mut ac)
+            .unwrap();
+        p.check("rmsnorm backward of rows", &ag, &ac, 1e-5);
+        let (outside_g, inside_g) = (p.g.download(&ag).unwrap(), p.c.download(&ac).unwrap());
+        let rows =
+            |v: &[f32], r: std::ops::Range<usize>| v[r.start * hidden..r.end * hidden].to_vec();
+        for r in [0..start, start + n..tokens] {
+            assert_eq!(
+                rows(&outside_g, r.clone()),
+                rows(&carried, r.clone()),
+                "GPU: rows outside"
+            );
+            assert_eq!(
+                rows(&inside_g, r.clone()),
+                rows(&carried, r),
+                "CPU: rows outside"
+            );
+        }
     }
 
     let head_dim = 32;

@@ -58,6 +58,39 @@ pub fn check_same_shape(a: (usize, usize), b: (usize, usize), what: &str) -> Res
     Ok(())
 }
 
+/// Fails unless the RMSNorm backward's operands fit: `dy` rows `[start, start + dy.0)` of `x`,
+/// a weight of `x.1` values and `x.0` scales, and an accumulator (when given) of `x`'s shape.
+pub fn check_norm_backward(
+    dy: (usize, usize),
+    x: (usize, usize),
+    weights: usize,
+    scales: usize,
+    start: usize,
+    acc: Option<(usize, usize)>,
+) -> Result<()> {
+    let fail = |m: String| {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "rmsnorm_backward: {m}"
+        )))
+    };
+    if dy.1 != x.1 || start + dy.0 > x.0 {
+        return fail(format!(
+            "a gradient of [{}, {}] from row {start} does not lie within an input of [{}, {}]",
+            dy.0, dy.1, x.0, x.1
+        ));
+    }
+    if weights != x.1 || scales != x.0 {
+        return fail(format!(
+            "weight of {weights} and {scales} scales for an input of [{}, {}]",
+            x.0, x.1
+        ));
+    }
+    match acc {
+        Some(a) => check_same_shape(a, x, "rmsnorm_backward's accumulator"),
+        None => Ok(()),
+    }
+}
+
 /// Fails unless `values` values fill a `[rows, cols]` matrix exactly.
 pub fn check_len(values: usize, rows: usize, cols: usize) -> Result<()> {
     if values != rows * cols {
@@ -450,6 +483,20 @@ pub trait Backend: Send + Sync + 'static {
         eps: f32,
         unit_offset: bool,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// [`Backend::rmsnorm`] with `y` made a product input for products whose adapters have rank
+    /// `room` ([`Backend::product_input`]): the same values, without an f32 `y` where the backend
+    /// rounds product inputs (it writes the rounded values at once).
+    fn rmsnorm_for_products(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+        unit_offset: bool,
+        room: usize,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (y, r) = self.rmsnorm(x, w, eps, unit_offset)?;
+        Ok((self.product_input(y, room)?, r))
+    }
     /// Input gradient of [`Backend::rmsnorm`] with a frozen weight:
     /// `dx_j = r·w'_j·dy_j − (r³/n)·x_j·Σ_i dy_i·w'_i·x_i`, added into `acc` (the gradient that
     /// the residual carries past the norm, same shape) when given and returned, else new.
@@ -462,6 +509,20 @@ pub trait Backend: Send + Sync + 'static {
         unit_offset: bool,
         acc: Option<Self::Tensor>,
     ) -> Result<Self::Tensor>;
+    /// [`Backend::rmsnorm_backward`] of rows `[start, start + rows of dy)` of `x` (and `r`), added
+    /// into the same rows of `acc` (`x`'s shape): the norm's backward one chunk of rows at a time,
+    /// bit for bit the rows the whole call makes.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward_rows(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        r: &Self::Tensor,
+        unit_offset: bool,
+        start: usize,
+        acc: &mut Self::Tensor,
+    ) -> Result<()>;
 
     /// Rotary embedding in place on `x: [tokens, heads·head_dim]` ("rotate half" layout): with
     /// `θ = pos·inv_freq[i]`, `(x_i, x_{i+d/2}) ← (x_i cosθ − x_{i+d/2} sinθ, x_{i+d/2} cosθ + x_i sinθ)`.

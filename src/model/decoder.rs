@@ -499,8 +499,8 @@ impl<B: Backend> Decoder<B> {
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
         let [kq, kk, kv] = kept;
-        let (h1, r1) = be.rmsnorm(x, &lw.attn_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
-        let h1 = be.product_input(h1, Self::room(ad))?;
+        let (eps, offset) = (cfg.rms_norm_eps, cfg.norm_unit_offset);
+        let (h1, r1) = be.rmsnorm_for_products(x, &lw.attn_norm, eps, offset, Self::room(ad))?;
         let (q, xq) = self.project(layer, Q, &h1, ad, 0, kq)?;
         let (k, xk) = self.project(layer, K, &h1, ad, 0, kk)?;
         let (v, xv) = self.project(layer, V, &h1, ad, 0, kv)?;
@@ -556,8 +556,8 @@ impl<B: Backend> Decoder<B> {
         // x1 = x + o, written over o's values (no copy of x).
         let mut x1 = o;
         be.add_assign(&mut x1, x)?;
-        let (h2, r2) = be.rmsnorm(&x1, &lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_unit_offset)?;
-        let h2 = be.product_input(h2, Self::room(ad))?;
+        let (eps, offset) = (cfg.rms_norm_eps, cfg.norm_unit_offset);
+        let (h2, r2) = be.rmsnorm_for_products(&x1, &lw.mlp_norm, eps, offset, Self::room(ad))?;
         Ok(ResidualHalf { xo, x1, h2, r2 })
     }
 
@@ -619,34 +619,38 @@ impl<B: Backend> Decoder<B> {
         Ok((out, kept))
     }
 
-    /// Backward of the MLP (the residual excluded): `kept` holds what the forward kept of each
-    /// chunk (its adapter inputs; its products unless they are recomputed from `h2`). Adds the
-    /// LoRA gradients of gate, up and down into `grads` and returns dL/dh2.
-    fn mlp_backward(
+    /// Backward of the MLP half, out = x1 + mlp(h2), h2 = norm(x1) (scales r2): takes dL/d(out)
+    /// and returns dL/dx1 in its buffer. `kept` holds what the forward kept of each chunk (its
+    /// adapter inputs; its products unless they are recomputed from `h2`). Chunk by chunk, the
+    /// chunk's dL/dh2 goes through the norm's backward into the chunk's rows of d_out (rows not
+    /// yet read by a later chunk): dL/dh2 of all rows never exists at once. Adds the LoRA
+    /// gradients of gate, up and down into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_half_backward(
         &self,
         layer: usize,
-        d_out: &B::Tensor,
+        mut d_out: B::Tensor,
+        x1: &B::Tensor,
+        r2: &B::Tensor,
         h2: &B::Tensor,
         kept: Vec<MlpChunk<B>>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
-        let (rows, hidden) = be.shape(h2);
-        let chunks: Vec<_> = self.mlp_chunks(rows).collect();
+        let norm = &self.weights.layers[layer].mlp_norm;
         let mut kept = kept.into_iter();
-        let mut next_kept = || kept.next().expect("the forward keeps one per chunk");
-        if chunks.len() == 1 {
-            return self.mlp_chunk_backward(layer, d_out, h2, next_kept(), ad, grads, 0);
+        for (c, (start, n)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
+            let dh = {
+                let h = self.rows_of(h2, start, n)?;
+                let dy = self.rows_of(&d_out, start, n)?;
+                let chunk = kept.next().expect("the forward keeps one per chunk");
+                self.mlp_chunk_backward(layer, &dy, &h, chunk, ad, grads, c)?
+            };
+            let offset = self.cfg.norm_unit_offset;
+            be.rmsnorm_backward_rows(&dh, x1, norm, r2, offset, start, &mut d_out)?;
         }
-        let mut dh2 = be.zeros(rows, hidden)?;
-        for (c, &(start, n)) in chunks.iter().enumerate() {
-            let h = self.rows_of(h2, start, n)?;
-            let dy = self.rows_of(d_out, start, n)?;
-            let dh = self.mlp_chunk_backward(layer, &dy, &h, next_kept(), ad, grads, c)?;
-            be.add_rows(&mut dh2, start, &dh)?;
-        }
-        Ok(dh2)
+        Ok(d_out)
     }
 
     /// The MLP backward of chunk `c` (rows `h` of h2, `dy` of dL/d(out), what the forward kept of
@@ -722,17 +726,8 @@ impl<B: Backend> Decoder<B> {
         let xa = |m: TargetModule| xa[m as usize].as_ref();
         // out = x1 + mlp(h2), h2 = norm(x1): dx1 = d_out + the norm's input gradient (added
         // into d_out's values).
-        let dh2 = self.mlp_backward(layer, &d_out, &h2, mlp, ad, grads)?;
-        drop(h2);
-        let dx1 = be.rmsnorm_backward(
-            &dh2,
-            &x1,
-            &lw.mlp_norm,
-            &r2,
-            cfg.norm_unit_offset,
-            Some(d_out),
-        )?;
-        drop((dh2, x1, r2));
+        let dx1 = self.mlp_half_backward(layer, d_out, &x1, &r2, &h2, mlp, ad, grads)?;
+        drop((h2, x1, r2));
         // x1 = x + o(attn), o reading `attn` rounded as in the forward (`residual_half`).
         let rounded = be.rounded_product_input(&attn, Self::room(Some(ad)))?;
         let attn_in = rounded.as_ref().unwrap_or(&attn);

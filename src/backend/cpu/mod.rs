@@ -10,7 +10,7 @@ mod nf4;
 mod pointwise;
 pub mod pool;
 
-use super::{AdamWSlot, AdamWStep, AttentionShape, Backend};
+use super::{check_norm_backward, AdamWSlot, AdamWStep, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::quant::Nf4Tensor;
@@ -381,25 +381,47 @@ impl Backend for CpuBackend {
         acc: Option<CpuTensor>,
     ) -> Result<CpuTensor> {
         Self::same_shape(dy, x, "rmsnorm backward")?;
-        Self::dense(&[dy, x, w, r], "rmsnorm backward")?;
-        if let Some(acc) = &acc {
-            Self::same_shape(acc, x, "rmsnorm backward's accumulator")?;
-            Self::dense(&[acc], "rmsnorm backward's accumulator")?;
-        }
-        let accumulate = acc.is_some();
-        let mut dx = acc.unwrap_or_else(|| self.uninit(x.rows, x.cols));
+        let mut dx = match acc {
+            Some(acc) => acc,
+            None => self.zeros(x.rows, x.cols)?,
+        };
+        self.rmsnorm_backward_rows(dy, x, w, r, unit_offset, 0, &mut dx)?;
+        Ok(dx)
+    }
+
+    fn rmsnorm_backward_rows(
+        &self,
+        dy: &CpuTensor,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        r: &CpuTensor,
+        unit_offset: bool,
+        start: usize,
+        acc: &mut CpuTensor,
+    ) -> Result<()> {
+        Self::dense(&[dy, x, w, r, acc], "rmsnorm backward")?;
+        let (n, rows) = (x.cols, dy.rows);
+        check_norm_backward(
+            (dy.rows, dy.cols),
+            (x.rows, x.cols),
+            w.data.len(),
+            r.data.len(),
+            start,
+            Some((acc.rows, acc.cols)),
+        )?;
+        let span = start * n..(start + rows) * n;
         self.install(|| {
             pointwise::rmsnorm_backward(
-                dy,
-                x,
+                &dy.data,
+                &x.data[span.clone()],
+                n,
                 &w.data,
-                &r.data,
+                &r.data[start..start + rows],
                 unit_offset,
-                accumulate,
-                &mut dx.data,
+                &mut acc.data[span.clone()],
             )
         });
-        Ok(dx)
+        Ok(())
     }
 
     fn rope(

@@ -164,20 +164,20 @@ pub fn rmsnorm(
         });
 }
 
-/// See `Backend::rmsnorm_backward`; `dx` is added into when `accumulate`, else written over.
+/// See `Backend::rmsnorm_backward`: rows of `n` values of `dy`, `x` and `dx` (one scale of `r`
+/// each); the input gradient is added into `dx`.
 pub fn rmsnorm_backward(
-    dy: &CpuTensor,
-    x: &CpuTensor,
+    dy: &[f32],
+    x: &[f32],
+    n: usize,
     w: &[f32],
     r: &[f32],
     unit_offset: bool,
-    accumulate: bool,
     dx: &mut [f32],
 ) {
-    let n = x.cols;
     dx.par_chunks_mut(n)
-        .zip(dy.data.par_chunks(n))
-        .zip(x.data.par_chunks(n))
+        .zip(dy.par_chunks(n))
+        .zip(x.par_chunks(n))
         .zip(r.par_iter())
         .for_each(|(((dxr, dyr), xr), &rr)| {
             let dot: f32 = dyr
@@ -189,7 +189,7 @@ pub fn rmsnorm_backward(
             let c = rr * rr * rr * dot / n as f32;
             for (((o, &d), &a), &wi) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
                 let g = rr * norm_weight(wi, unit_offset) * d - c * a;
-                *o = if accumulate { *o + g } else { g };
+                *o += g;
             }
         });
 }

@@ -21,8 +21,8 @@ mod profile;
 pub mod tensor;
 
 use super::{
-    check_attention_shapes, check_len, check_same_shape, AdamWConstants, AdamWSlot, AdamWStep,
-    AttentionShape, Backend, DeviceMemory, IGNORE_LABEL,
+    check_attention_shapes, check_len, check_norm_backward, check_same_shape, AdamWConstants,
+    AdamWSlot, AdamWStep, AttentionShape, Backend, DeviceMemory, IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -732,6 +732,101 @@ impl CudaBackend {
         }
     }
 
+    /// RMSNorm of `x`'s rows into `y` (f32, or a bf16 product input: `rmsnorm_fwd_bf16`);
+    /// returns the scales r.
+    fn rmsnorm_into(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        eps: f32,
+        unit_offset: bool,
+        y: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        if w.elements() != x.cols {
+            return Err(Error::InvalidArgument(format!(
+                "rmsnorm: weight of {} values for rows of {}",
+                w.elements(),
+                x.cols
+            )));
+        }
+        let r = self.tensor(x.rows, 1, "rmsnorm scales")?;
+        if x.rows == 0 {
+            return Ok(r);
+        }
+        let mut args = vec![
+            self.f32_arg(x, "rmsnorm")?,
+            self.f32_arg(w, "rmsnorm weight")?,
+            Arg::Ptr(self.rows_ptr(y)?),
+            Arg::Ptr(self.ptr(&r)?),
+            dim(x.rows),
+            dim(x.cols),
+        ];
+        let kernel = match y.dtype() {
+            Dtype::F32 => "rmsnorm_fwd",
+            Dtype::Bf16 => {
+                args.push(count(y.pitch()));
+                "rmsnorm_fwd_bf16"
+            }
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "rmsnorm: an output of {other:?} values cannot be written"
+                )))
+            }
+        };
+        args.extend([Arg::F32(eps), Arg::I32(unit_offset as i32)]);
+        self.run("norm", kernel, Shape::per_row(x.rows), &args)?;
+        Ok(r)
+    }
+
+    /// The RMSNorm backward of rows `[start, start + rows of dy)` of `x` into the same rows of
+    /// `dx` (`x`'s shape), added to them when `accumulate` (kernels/norm.cu, `rmsnorm_bwd`).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward_into(
+        &self,
+        dy: &CudaTensor,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        r: &CudaTensor,
+        unit_offset: bool,
+        start: usize,
+        dx: &CudaTensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        let what = "rmsnorm_backward";
+        check_norm_backward(
+            (dy.rows, dy.cols),
+            (x.rows, x.cols),
+            w.elements(),
+            r.elements(),
+            start,
+            Some((dx.rows, dx.cols)),
+        )?;
+        if dy.rows == 0 {
+            return Ok(());
+        }
+        for t in [dy, x, w, r, dx] {
+            wants_f32(t, what)?;
+        }
+        // Row `start` of x and dx, scale `start` of r (f32 elements).
+        let at = |t: &CudaTensor, elements: usize| -> Result<Arg> {
+            Ok(Arg::Ptr(
+                self.ptr(t)? + (elements * std::mem::size_of::<f32>()) as u64,
+            ))
+        };
+        let args = [
+            Arg::Ptr(self.ptr(dy)?),
+            at(x, start * x.cols)?,
+            Arg::Ptr(self.ptr(w)?),
+            at(r, start)?,
+            at(dx, start * x.cols)?,
+            dim(dy.rows),
+            dim(x.cols),
+            Arg::I32(unit_offset as i32),
+            Arg::I32(accumulate as i32),
+        ];
+        self.run("norm", "rmsnorm_bwd", Shape::per_row(dy.rows), &args)
+    }
+
     /// The trailing arguments shared by the attention kernels.
     fn attention_dims(s: AttentionShape) -> [Arg; 6] {
         [
@@ -1142,28 +1237,24 @@ impl Backend for CudaBackend {
         eps: f32,
         unit_offset: bool,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        if w.elements() != x.cols {
-            return Err(Error::InvalidArgument(format!(
-                "rmsnorm: weight of {} values for rows of {}",
-                w.elements(),
-                x.cols
-            )));
-        }
         let y = self.tensor(x.rows, x.cols, "rmsnorm output")?;
-        let r = self.tensor(x.rows, 1, "rmsnorm scales")?;
-        if x.rows > 0 {
-            let args = [
-                self.f32_arg(x, "rmsnorm")?,
-                self.f32_arg(w, "rmsnorm weight")?,
-                Arg::Ptr(self.ptr(&y)?),
-                Arg::Ptr(self.ptr(&r)?),
-                dim(x.rows),
-                dim(x.cols),
-                Arg::F32(eps),
-                Arg::I32(unit_offset as i32),
-            ];
-            self.run("norm", "rmsnorm_fwd", Shape::per_row(x.rows), &args)?;
+        let r = self.rmsnorm_into(x, w, eps, unit_offset, &y)?;
+        Ok((y, r))
+    }
+
+    fn rmsnorm_for_products(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        eps: f32,
+        unit_offset: bool,
+        room: usize,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        if !self.rounds_product_inputs() {
+            return self.rmsnorm(x, w, eps, unit_offset);
         }
+        let y = self.product_input_tensor(x.rows, x.cols, room, "a product input")?;
+        let r = self.rmsnorm_into(x, w, eps, unit_offset, &y)?;
         Ok((y, r))
     }
 
@@ -1177,39 +1268,26 @@ impl Backend for CudaBackend {
         acc: Option<CudaTensor>,
     ) -> Result<CudaTensor> {
         same_shape(dy, x, "rmsnorm_backward")?;
-        if w.elements() != x.cols || r.elements() != x.rows {
-            return Err(Error::InvalidArgument(format!(
-                "rmsnorm_backward: weight of {} and {} scales for [{}, {}]",
-                w.elements(),
-                r.elements(),
-                x.rows,
-                x.cols
-            )));
-        }
-        if let Some(acc) = &acc {
-            same_shape(acc, x, "rmsnorm_backward's accumulator")?;
-        }
         let accumulate = acc.is_some();
         let dx = match acc {
             Some(acc) => acc,
             None => self.tensor(x.rows, x.cols, "rmsnorm gradient")?,
         };
-        if x.rows > 0 {
-            let what = "rmsnorm_backward";
-            let args = [
-                self.f32_arg(dy, what)?,
-                self.f32_arg(x, what)?,
-                self.f32_arg(w, what)?,
-                self.f32_arg(r, what)?,
-                Arg::Ptr(self.ptr(&dx)?),
-                dim(x.rows),
-                dim(x.cols),
-                Arg::I32(unit_offset as i32),
-                Arg::I32(accumulate as i32),
-            ];
-            self.run("norm", "rmsnorm_bwd", Shape::per_row(x.rows), &args)?;
-        }
+        self.rmsnorm_backward_into(dy, x, w, r, unit_offset, 0, &dx, accumulate)?;
         Ok(dx)
+    }
+
+    fn rmsnorm_backward_rows(
+        &self,
+        dy: &CudaTensor,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        r: &CudaTensor,
+        unit_offset: bool,
+        start: usize,
+        acc: &mut CudaTensor,
+    ) -> Result<()> {
+        self.rmsnorm_backward_into(dy, x, w, r, unit_offset, start, acc, true)
     }
 
     fn rope(
