@@ -622,8 +622,8 @@ impl<B: Backend> Decoder<B> {
     /// Backward of the MLP half, out = x1 + mlp(h2), h2 = norm(x1) (scales r2): takes dL/d(out)
     /// and returns dL/dx1 in its buffer. `kept` holds what the forward kept of each chunk (its
     /// adapter inputs; its products unless they are recomputed from `h2`). Chunk by chunk, the
-    /// chunk's dL/dh2 goes through the norm's backward into the chunk's rows of d_out (rows not
-    /// yet read by a later chunk): dL/dh2 of all rows never exists at once. Adds the LoRA
+    /// chunk's dL/dh2 goes through the norm's backward into the chunk's rows of d_out (which no
+    /// later chunk reads): dL/dh2 of all rows never exists at once. Adds the LoRA
     /// gradients of gate, up and down into `grads`.
     #[allow(clippy::too_many_arguments)]
     fn mlp_half_backward(
