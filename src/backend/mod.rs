@@ -59,36 +59,23 @@ pub fn check_same_shape(a: (usize, usize), b: (usize, usize), what: &str) -> Res
 }
 
 /// Fails unless the RMSNorm backward's operands fit: `dy` rows `[start, start + dy.0)` of `x`,
-/// a weight of `x.1` values and `x.0` scales, and an accumulator (when given) of `x`'s shape.
+/// a weight of `x.1` values, `x.0` scales and a gradient `dx` of `x`'s shape.
 pub fn check_norm_backward(
     dy: (usize, usize),
     x: (usize, usize),
     weights: usize,
     scales: usize,
     start: usize,
-    acc: Option<(usize, usize)>,
+    dx: (usize, usize),
 ) -> Result<()> {
-    let fail = |m: String| {
-        Err(crate::error::Error::InvalidArgument(format!(
-            "rmsnorm_backward: {m}"
-        )))
-    };
-    if dy.1 != x.1 || start + dy.0 > x.0 {
-        return fail(format!(
-            "a gradient of [{}, {}] from row {start} does not lie within an input of [{}, {}]",
-            dy.0, dy.1, x.0, x.1
-        ));
-    }
+    check_rows(x.0, start, dy.0, (x.1, dy.1), "rmsnorm_backward")?;
     if weights != x.1 || scales != x.0 {
-        return fail(format!(
-            "weight of {weights} and {scales} scales for an input of [{}, {}]",
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "rmsnorm_backward: weight of {weights} and {scales} scales for an input of [{}, {}]",
             x.0, x.1
-        ));
+        )));
     }
-    match acc {
-        Some(a) => check_same_shape(a, x, "rmsnorm_backward's accumulator"),
-        None => Ok(()),
-    }
+    check_same_shape(dx, x, "rmsnorm_backward's accumulator")
 }
 
 /// Fails unless `values` values fill a `[rows, cols]` matrix exactly.

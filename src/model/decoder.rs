@@ -638,7 +638,10 @@ impl<B: Backend> Decoder<B> {
         grads: &mut LoraTensors<B>,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
-        let norm = &self.weights.layers[layer].mlp_norm;
+        let (norm, offset) = (
+            &self.weights.layers[layer].mlp_norm,
+            self.cfg.norm_unit_offset,
+        );
         let mut kept = kept.into_iter();
         for (c, (start, n)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
             let dh = {
@@ -647,7 +650,6 @@ impl<B: Backend> Decoder<B> {
                 let chunk = kept.next().expect("the forward keeps one per chunk");
                 self.mlp_chunk_backward(layer, &dy, &h, chunk, ad, grads, c)?
             };
-            let offset = self.cfg.norm_unit_offset;
             be.rmsnorm_backward_rows(&dh, x1, norm, r2, offset, start, &mut d_out)?;
         }
         Ok(d_out)

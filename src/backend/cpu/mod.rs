@@ -123,6 +123,46 @@ impl CpuBackend {
         super::check_attention_shapes(dims(q), dims(k), dims(v), segments.len(), shape, None)
     }
 
+    /// The RMSNorm backward of rows `[start, start + rows of dy)` of `x` into the same rows of
+    /// `dx` (`x`'s shape), added to them when `accumulate`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward_into(
+        &self,
+        dy: &CpuTensor,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        r: &CpuTensor,
+        unit_offset: bool,
+        start: usize,
+        dx: &mut CpuTensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        Self::dense(&[dy, x, w, r, dx], "rmsnorm backward")?;
+        let (n, rows) = (x.cols, dy.rows);
+        check_norm_backward(
+            (dy.rows, dy.cols),
+            (x.rows, x.cols),
+            w.data.len(),
+            r.data.len(),
+            start,
+            (dx.rows, dx.cols),
+        )?;
+        let span = start * n..(start + rows) * n;
+        self.install(|| {
+            pointwise::rmsnorm_backward(
+                &dy.data,
+                &x.data[span.clone()],
+                n,
+                &w.data,
+                &r.data[start..start + rows],
+                unit_offset,
+                accumulate,
+                &mut dx.data[span.clone()],
+            )
+        });
+        Ok(())
+    }
+
     fn same_shape(a: &CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
         super::check_same_shape((a.rows, a.cols), (b.rows, b.cols), what)
     }
@@ -381,11 +421,9 @@ impl Backend for CpuBackend {
         acc: Option<CpuTensor>,
     ) -> Result<CpuTensor> {
         Self::same_shape(dy, x, "rmsnorm backward")?;
-        let mut dx = match acc {
-            Some(acc) => acc,
-            None => self.zeros(x.rows, x.cols)?,
-        };
-        self.rmsnorm_backward_rows(dy, x, w, r, unit_offset, 0, &mut dx)?;
+        let accumulate = acc.is_some();
+        let mut dx = acc.unwrap_or_else(|| self.uninit(x.rows, x.cols));
+        self.rmsnorm_backward_into(dy, x, w, r, unit_offset, 0, &mut dx, accumulate)?;
         Ok(dx)
     }
 
@@ -399,29 +437,7 @@ impl Backend for CpuBackend {
         start: usize,
         acc: &mut CpuTensor,
     ) -> Result<()> {
-        Self::dense(&[dy, x, w, r, acc], "rmsnorm backward")?;
-        let (n, rows) = (x.cols, dy.rows);
-        check_norm_backward(
-            (dy.rows, dy.cols),
-            (x.rows, x.cols),
-            w.data.len(),
-            r.data.len(),
-            start,
-            Some((acc.rows, acc.cols)),
-        )?;
-        let span = start * n..(start + rows) * n;
-        self.install(|| {
-            pointwise::rmsnorm_backward(
-                &dy.data,
-                &x.data[span.clone()],
-                n,
-                &w.data,
-                &r.data[start..start + rows],
-                unit_offset,
-                &mut acc.data[span.clone()],
-            )
-        });
-        Ok(())
+        self.rmsnorm_backward_into(dy, x, w, r, unit_offset, start, acc, true)
     }
 
     fn rope(

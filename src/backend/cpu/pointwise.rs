@@ -165,7 +165,8 @@ pub fn rmsnorm(
 }
 
 /// See `Backend::rmsnorm_backward`: rows of `n` values of `dy`, `x` and `dx` (one scale of `r`
-/// each); the input gradient is added into `dx`.
+/// each); `dx` is added into when `accumulate`, else written over.
+#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     dy: &[f32],
     x: &[f32],
@@ -173,6 +174,7 @@ pub fn rmsnorm_backward(
     w: &[f32],
     r: &[f32],
     unit_offset: bool,
+    accumulate: bool,
     dx: &mut [f32],
 ) {
     dx.par_chunks_mut(n)
@@ -189,7 +191,7 @@ pub fn rmsnorm_backward(
             let c = rr * rr * rr * dot / n as f32;
             for (((o, &d), &a), &wi) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
                 let g = rr * norm_weight(wi, unit_offset) * d - c * a;
-                *o += g;
+                *o = if accumulate { *o + g } else { g };
             }
         });
 }

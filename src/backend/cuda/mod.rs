@@ -799,7 +799,7 @@ impl CudaBackend {
             w.elements(),
             r.elements(),
             start,
-            Some((dx.rows, dx.cols)),
+            (dx.rows, dx.cols),
         )?;
         if dy.rows == 0 {
             return Ok(());
