@@ -60,11 +60,7 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
         batch.positions[t] = (t - seq - 10) as i32;
     }
     let batch = batch.upload(be, cfg.vocab_size).unwrap();
-    let ad = Adapters {
-        tensors: &params,
-        cfg: &lora,
-        dropout_seed: None,
-    };
+    let ad = Adapters::new(&params, &lora, None);
 
     let gradients = |offload_attention: bool, keep_adapter_inputs: bool| -> (f32, Vec<Vec<f32>>) {
         let mut grads = params.zeros_like(be).unwrap();

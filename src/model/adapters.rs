@@ -82,6 +82,26 @@ impl<B: Backend> LoraTensors<B> {
         Ok(LoraTensors { pairs })
     }
 
+    /// Every tensor rounded as [`Backend::rounded_product_input`] rounds a product's operand, or
+    /// `None` where the backend's products read them as they are.
+    pub fn rounded_for_products(&self, backend: &B) -> Result<Option<Self>> {
+        let mut pairs = Vec::with_capacity(self.pairs.len());
+        for p in &self.pairs {
+            let Some(p) = p else {
+                pairs.push(None);
+                continue;
+            };
+            let (Some(a), Some(b)) = (
+                backend.rounded_product_input(&p.a, 0)?,
+                backend.rounded_product_input(&p.b, 0)?,
+            ) else {
+                return Ok(None);
+            };
+            pairs.push(Some(LoraPair { a, b }));
+        }
+        Ok(Some(LoraTensors { pairs }))
+    }
+
     pub fn get(&self, layer: usize, m: TargetModule) -> Option<&LoraPair<B>> {
         self.pairs[slot(layer, m)].as_ref()
     }

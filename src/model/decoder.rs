@@ -60,7 +60,7 @@ pub struct Saving {
     /// checkpointing), instead of every intermediate.
     pub recompute: bool,
     /// Keep the layer inputs in host memory (`Backend::stash`): copied out while the next
-    /// layers compute, copied back while the layer after runs its backward.
+    /// layers compute, copied back while the layer after runs its attention's backward.
     pub offload_inputs: bool,
     /// With `recompute`: keep each layer's attention output in host memory too (stashed like the
     /// inputs, its log-sum-exp on the device), so the recomputation skips the attention forward.
@@ -109,6 +109,41 @@ pub struct Adapters<'a, B: Backend> {
     pub cfg: &'a LoraConfig,
     /// Seed of this pass's dropout masks; `None` disables dropout (evaluation, inference).
     pub dropout_seed: Option<u64>,
+    /// The factors rounded once for the pass as the products that pair them with a product
+    /// input round them ([`Backend::rounded_product_input`]); `None`: those read `tensors`.
+    rounded: Option<&'a LoraTensors<B>>,
+}
+
+impl<'a, B: Backend> Adapters<'a, B> {
+    pub fn new(
+        tensors: &'a LoraTensors<B>,
+        cfg: &'a LoraConfig,
+        dropout_seed: Option<u64>,
+    ) -> Self {
+        Adapters {
+            tensors,
+            cfg,
+            dropout_seed,
+            rounded: None,
+        }
+    }
+
+    /// These adapters with `rounded` factors for the products with product inputs.
+    fn with_rounded<'b>(&'b self, rounded: &'b LoraTensors<B>) -> Adapters<'b, B> {
+        Adapters {
+            tensors: self.tensors,
+            cfg: self.cfg,
+            dropout_seed: self.dropout_seed,
+            rounded: Some(rounded),
+        }
+    }
+
+    /// Module `m`'s factors for a product whose other operand is a product input (`x·Aᵀ`,
+    /// `dy·B`): the pass's rounded copies where made, which are the values such a product
+    /// would round each factor to at every call.
+    fn product_pair(&self, layer: usize, m: TargetModule) -> Option<&LoraPair<B>> {
+        self.rounded.unwrap_or(self.tensors).get(layer, m)
+    }
 }
 
 /// What a layer's attention leaves for its backward: q, k and v as the backward reads them
@@ -323,7 +358,7 @@ impl<B: Backend> Decoder<B> {
         if kept.is_some() {
             return Ok(kept);
         }
-        let Some((ad, pair)) = Self::adapted(ad, layer, m) else {
+        let Some((ad, pair)) = ad.and_then(|ad| ad.product_pair(layer, m).map(|p| (ad, p))) else {
             return Ok(None);
         };
         let seed = Self::dropout_seed(ad, layer, m, chunk);
@@ -358,8 +393,12 @@ impl<B: Backend> Decoder<B> {
             return product_into(be, acc, dy, w);
         };
         let s = ad.cfg.scale();
+        // dy rounded once, as the base product would round it, for all three products reading it.
+        let rounded_dy = be.rounded_product_input(dy, Self::room(Some(ad)))?;
+        let dy = rounded_dy.as_ref().unwrap_or(dy);
         be.matmul(dy, true, xa, false, s, &mut grad.b, true)?;
-        let dxa = be.product(dy, false, &pair.b, false, s)?;
+        let rounded_b = &ad.product_pair(layer, m).expect("adapted above").b;
+        let dxa = be.product(dy, false, rounded_b, false, s)?;
         let seed = Self::dropout_seed(ad, layer, m, chunk);
         let dropped = self.dropped_out(x, seed, ad.cfg.dropout)?;
         be.matmul(
@@ -692,7 +731,8 @@ impl<B: Backend> Decoder<B> {
 
     /// One layer backward: takes dL/d(out), the layer input and its cache, returns dL/dx. Each
     /// cached value and gradient is dropped as soon as it is used up (the peak memory of a long
-    /// sequence is set here).
+    /// sequence is set here). `before_attention` runs once the backward of the MLP half and of
+    /// o is queued, before the attention's own backward.
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
@@ -703,6 +743,7 @@ impl<B: Backend> Decoder<B> {
         batch: &DeviceBatch<B>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
+        before_attention: impl FnOnce() -> Result<()>,
     ) -> Result<B::Tensor> {
         use TargetModule::*;
         let be = &self.backend;
@@ -735,6 +776,7 @@ impl<B: Backend> Decoder<B> {
         let attn_in = rounded.as_ref().unwrap_or(&attn);
         let dattn = self.project_backward(layer, O, &dx1, attn_in, xa(O), ad, grads, None, 0)?;
         drop(rounded);
+        before_attention()?;
         let shape = self.attention_shape(batch);
         let (mut dq, mut dk, dv) =
             be.attention_backward(&q, &k, &v, attn, &lse, dattn, &batch.segments, shape)?;
@@ -942,6 +984,9 @@ impl<B: Backend> Decoder<B> {
         layer_done: &mut dyn FnMut(usize, &mut LoraTensors<B>) -> Result<()>,
     ) -> Result<()> {
         let be = &self.backend;
+        let rounded = ad.tensors.rounded_for_products(be)?;
+        let with_rounded = rounded.as_ref().map(|r| ad.with_rounded(r));
+        let ad = with_rounded.as_ref().unwrap_or(ad);
         let cfg = &self.cfg;
         let n = cfg.num_layers;
         let mut inputs = Vec::with_capacity(n);
@@ -1006,17 +1051,22 @@ impl<B: Backend> Decoder<B> {
             x = out;
         }
         let mut dx = self.head_forward_backward(x, batch, loss, head_copy)?;
-        // Each layer's input (and kept attention output) comes back from host memory, when
-        // offloaded, while the layer after it runs its backward.
+        // Each layer's kept attention output comes back from host memory, when offloaded, while
+        // the layer after it runs its backward; its input while that layer runs the backward of
+        // its attention and of q, k and v: not sooner, so that the moments of a long sequence's
+        // peak (the MLP half's backward, o's backward) do not hold it.
         let fetch = |t: B::Tensor| be.fetch_stashed(t);
         let mut next = inputs.pop().map(fetch).transpose()?;
         let mut next_kept = checkpoints.pop().map(|c| c.fetch(be)).transpose()?;
         for layer in (0..n).rev() {
             layer_copies.before((0..=layer).rev())?;
             let x = be.settle(next.take().expect("one input per layer"))?;
-            next = inputs.pop().map(fetch).transpose()?;
             let kept = next_kept.take();
             next_kept = checkpoints.pop().map(|c| c.fetch(be)).transpose()?;
+            let fetch_next_input = || -> Result<()> {
+                next = inputs.pop().map(fetch).transpose()?;
+                Ok(())
+            };
             let cache = match caches.pop() {
                 Some(c) => c,
                 None => {
@@ -1043,7 +1093,7 @@ impl<B: Backend> Decoder<B> {
                     c
                 }
             };
-            dx = self.layer_backward(layer, dx, &x, cache, batch, ad, grads)?;
+            dx = self.layer_backward(layer, dx, &x, cache, batch, ad, grads, fetch_next_input)?;
             layer_copies.after(layer);
             layer_done(layer, grads)?;
         }

@@ -214,11 +214,7 @@ impl<B: Backend> Trainer<B> {
 
     /// The adapters as inference sees them: current parameters, no dropout.
     pub fn inference_adapters(&self) -> Adapters<'_, B> {
-        Adapters {
-            tensors: &self.params,
-            cfg: &self.lora,
-            dropout_seed: None,
-        }
+        Adapters::new(&self.params, &self.lora, None)
     }
 
     /// AdamW's first and second moments on the host, one `(rows, cols, values)` per parameter
@@ -308,11 +304,7 @@ impl<B: Backend> Trainer<B> {
         let mut loss_sum = 0.0f64;
         for (i, batch) in micro_batches.iter().enumerate() {
             let last = i + 1 == micro_batches.len();
-            let ad = Adapters {
-                tensors: &self.params,
-                cfg: &self.lora,
-                dropout_seed: Some(self.dropout_seed(i)),
-            };
+            let ad = Adapters::new(&self.params, &self.lora, Some(self.dropout_seed(i)));
             // The gradients are final once the last micro-batch's backward leaves a layer.
             let mut layer_done = |layer: usize, grads: &mut LoraTensors<B>| match &group {
                 Some(g) if last => g.start_sum(be, &mut grads.layer_tensors_mut(layer)),

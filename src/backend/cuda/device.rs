@@ -56,6 +56,15 @@ impl Purposes {
     }
 }
 
+const MIB: f64 = (1 << 20) as f64;
+
+/// (purpose, bytes) pairs sorted by bytes, largest first, then by name.
+fn largest_first<'a>(pairs: impl Iterator<Item = (&'a Arc<str>, usize)>) -> Vec<(String, usize)> {
+    let mut v: Vec<(String, usize)> = pairs.map(|(k, b)| (k.to_string(), b)).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
 impl MemoryAccount {
     /// Bytes held now.
     pub fn live(&self) -> usize {
@@ -75,11 +84,7 @@ impl MemoryAccount {
     /// The bytes held per purpose when [`MemoryAccount::peak`] was reached, largest first
     /// (they add up to the peak).
     pub fn peak_purposes(&self) -> Vec<(String, usize)> {
-        let mut at_peak: Vec<(String, usize)> = (self.purposes().at_peak.iter())
-            .map(|(k, b)| (k.to_string(), *b))
-            .collect();
-        at_peak.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        at_peak
+        largest_first(self.purposes().at_peak.iter().map(|(k, b)| (k, *b)))
     }
 
     pub fn reset_peak(&self) {
@@ -103,12 +108,17 @@ impl MemoryAccount {
         let limit = self.limit.load(Ordering::Relaxed);
         let live = self.live() + bytes;
         if limit > 0 && live > limit {
+            let held = largest_first(purposes.live.iter().map(|(k, b)| (k, *b)));
+            let held: Vec<String> = (held.iter().filter(|(_, b)| *b > 0))
+                .map(|(k, b)| format!("{k} {:.1} MiB", *b as f64 / MIB))
+                .collect();
             return Err(Error::OutOfMemory {
                 requested: bytes,
                 what: what.to_string(),
                 detail: format!(
-                    "{} bytes held, the device-memory cap is {limit}",
-                    live - bytes
+                    "{} bytes held, the device-memory cap is {limit}; held for: {}",
+                    live - bytes,
+                    held.join(", ")
                 ),
             });
         }
@@ -604,5 +614,28 @@ mod tests {
         assert_eq!(a.peak_set_by(), "what was held at the reset");
         a.release(100, &weights);
         assert_eq!(a.live(), 0);
+    }
+
+    #[test]
+    fn a_refusal_by_the_cap_says_what_holds_the_memory() {
+        let mib = 1 << 20;
+        let a = MemoryAccount::default();
+        let _logits = a.reserve(3 * mib / 2, "logits").unwrap();
+        let _weights = a.reserve(3 * mib, "weights").unwrap();
+        let freed = a.reserve(mib, "scratch").unwrap();
+        a.release(mib, &freed);
+        a.set_limit(5 * mib);
+        match a.reserve(mib, "a tensor") {
+            Err(e @ Error::OutOfMemory { .. }) => assert_eq!(
+                e.to_string(),
+                format!(
+                    "out of device memory: {mib} bytes asked for a tensor ({} bytes held, the \
+                     device-memory cap is {}; held for: weights 3.0 MiB, logits 1.5 MiB)",
+                    9 * mib / 2,
+                    5 * mib
+                )
+            ),
+            other => panic!("expected out of memory, got {other:?}"),
+        }
     }
 }
