@@ -231,8 +231,12 @@ impl Offload {
     }
 
     /// Starts copying a stashed tensor back to a fresh device buffer; the copy overlaps the
-    /// work queued after it until [`Offload::settle`].
+    /// work queued after it until [`Offload::settle`]. Any fetch, even of a tensor that never
+    /// left the device (the last layer's input), first frees the device buffers of the copies
+    /// out queued so far (`release_copied`): the backward's first fetch comes after the loss,
+    /// when the forward's last copies are long done.
     pub(super) fn fetch(&self, gpu: &Gpu, t: &mut CudaTensor) -> Result<()> {
+        self.release_copied(gpu)?;
         let n = t.elements();
         let Storage::Offloaded(o) = &mut t.storage else {
             return Ok(());
@@ -240,7 +244,6 @@ impl Offload {
         let (Some(host), None) = (&o.host, &o.arriving) else {
             return Ok(());
         };
-        self.release_copied(gpu)?;
         // The copy is ordered after the allocation, which is ordered on the compute stream.
         let mut buf = gpu.alloc::<f32>(n, "an offloaded activation coming back")?;
         let dst = buf.slice.device_ptr(gpu.stream()).0;
