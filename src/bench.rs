@@ -290,7 +290,7 @@ pub struct SeqProbe {
 /// The longest single-row sequence whose training step fits in `cfg`'s device-memory cap
 /// (`cfg.params.max_device_memory_mib`, counted over every byte the library holds on the GPU:
 /// weights, adapters, optimizer state, activations; not the CUDA context or cuBLAS workspace),
-/// by bisection between `cfg.seq` (which must fit) and `upper` (assumed not to) down to
+/// by `longest_fitting` from `cfg.seq` below `upper` (assumed not to fit) down to
 /// `resolution` tokens. One model load; each probe is one step on fresh random tokens, handed
 /// to `report` as it ends. Returns the longest sequence that fitted.
 pub fn longest_sequence(
@@ -334,27 +334,93 @@ pub fn longest_sequence(
         });
         Ok(fits)
     };
-    if !probe(cfg.seq)? {
-        return Err(Error::InvalidArgument(format!(
-            "the search's lower end, seq {}, does not fit",
+    longest_fitting(cfg.seq, upper, resolution, &mut probe)?.ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "no sequence of {resolution} tokens or more up to seq {} fits in the memory cap",
             cfg.seq
-        )));
+        ))
+    })
+}
+
+/// The longest length `fits` accepts, below `upper` (assumed not to fit): from `lower`, halved
+/// while it does not fit (each failure becoming the upper end), then bisected between the
+/// longest fit and the shortest failure until they are at most `resolution` apart. `None` when
+/// no length of at least `resolution` fits.
+fn longest_fitting(
+    lower: usize,
+    upper: usize,
+    resolution: usize,
+    fits: &mut dyn FnMut(usize) -> Result<bool>,
+) -> Result<Option<usize>> {
+    let (mut fit, mut fails) = (lower, upper);
+    while !fits(fit)? {
+        fails = fit;
+        fit /= 2;
+        if fit < resolution.max(1) {
+            return Ok(None);
+        }
     }
-    let (mut fits, mut fails) = (cfg.seq, upper);
-    while fails - fits > resolution {
-        let mid = fits + (fails - fits) / 2;
-        if probe(mid)? {
-            fits = mid;
+    while fails - fit > resolution {
+        let mid = fit + (fails - fit) / 2;
+        if fits(mid)? {
+            fit = mid;
         } else {
             fails = mid;
         }
     }
-    Ok(fits)
+    Ok(Some(fit))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs the search against a cap of `limit`, returning its answer and the lengths probed.
+    fn search(
+        lower: usize,
+        upper: usize,
+        resolution: usize,
+        limit: usize,
+    ) -> (Option<usize>, Vec<usize>) {
+        let mut probed = Vec::new();
+        let found = longest_fitting(lower, upper, resolution, &mut |n| {
+            probed.push(n);
+            Ok(n <= limit)
+        })
+        .unwrap();
+        (found, probed)
+    }
+
+    #[test]
+    fn the_search_bisects_up_from_a_lower_end_that_fits() {
+        let (found, probed) = search(1_000, 100_000, 1_000, 43_210);
+        let found = found.unwrap();
+        assert!(
+            found <= 43_210 && 43_210 - found < 1_000,
+            "{found} {probed:?}"
+        );
+        assert_eq!(probed[0], 1_000);
+        assert!(probed.len() <= 9, "{probed:?}");
+    }
+
+    #[test]
+    fn a_lower_end_that_does_not_fit_is_halved_first() {
+        let (found, probed) = search(160_000, 170_000, 2_048, 148_000);
+        let found = found.unwrap();
+        assert!(
+            found <= 148_000 && 148_000 - found < 2_048,
+            "{found} {probed:?}"
+        );
+        assert_eq!(&probed[..2], &[160_000, 80_000]);
+        // Nothing at or above the first failure is probed again.
+        assert!(probed[1..].iter().all(|&n| n < 160_000), "{probed:?}");
+    }
+
+    #[test]
+    fn nothing_fitting_is_none() {
+        assert_eq!(search(4_096, 8_192, 1_024, 900).0, None);
+        assert_eq!(search(3, 8, 1, 0), (None, vec![3, 1]));
+    }
 
     #[test]
     fn purposes_under_a_mib_are_summed_last() {

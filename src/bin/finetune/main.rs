@@ -75,8 +75,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         max_memory_mib: usize,
         /// Instead of timing steps: the longest single-row sequence whose step fits in
-        /// --max-memory-mib, bisected between --seq (must fit) and this (assumed not to); one
-        /// JSON line per probe, then the result.
+        /// --max-memory-mib, below this (assumed not to fit), bisected up from --seq (halved
+        /// first while it does not fit); one JSON line per probe, then the result.
         #[arg(long)]
         longest_seq_below: Option<usize>,
         /// Tokens the longest-sequence search stops at.
