@@ -115,6 +115,7 @@ pub struct Adapters<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Adapters<'a, B> {
+    /// The adapters `tensors` configured by `cfg`, with dropout masks drawn from `dropout_seed`.
     pub fn new(
         tensors: &'a LoraTensors<B>,
         cfg: &'a LoraConfig,
