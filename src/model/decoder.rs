@@ -388,9 +388,12 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let w = &self.weights.layers[layer].proj[m as usize];
-        let (Some(xa), Some(pair), Some(grad)) =
-            (xa, ad.tensors.get(layer, m), grads.get_mut(layer, m))
-        else {
+        let (Some(xa), Some(pair), Some(rounded), Some(grad)) = (
+            xa,
+            ad.tensors.get(layer, m),
+            ad.product_pair(layer, m),
+            grads.get_mut(layer, m),
+        ) else {
             return product_into(be, acc, dy, w);
         };
         let s = ad.cfg.scale();
@@ -398,8 +401,7 @@ impl<B: Backend> Decoder<B> {
         let rounded_dy = be.rounded_product_input(dy, Self::room(Some(ad)))?;
         let dy = rounded_dy.as_ref().unwrap_or(dy);
         be.matmul(dy, true, xa, false, s, &mut grad.b, true)?;
-        let rounded_b = &ad.product_pair(layer, m).expect("adapted above").b;
-        let dxa = be.product(dy, false, rounded_b, false, s)?;
+        let dxa = be.product(dy, false, &rounded.b, false, s)?;
         let seed = Self::dropout_seed(ad, layer, m, chunk);
         let dropped = self.dropped_out(x, seed, ad.cfg.dropout)?;
         be.matmul(
