@@ -80,21 +80,13 @@ __device__ __forceinline__ void flash_mma(float (&d)[4], const unsigned int (&a)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two f32 -> one register of two bf16 (lo in the low half), rounded to nearest even by one
-// conversion instruction (a NaN becomes the canonical NaN).
-__device__ __forceinline__ unsigned int flash_pack(float lo, float hi) {
-    unsigned int r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 // The accumulator tiles 2kb, 2kb+1 of x as a bf16 A fragment (16 rows × 16 k).
 template <int NT>
 __device__ __forceinline__ void flash_c_to_a(unsigned int (&a)[4], const float (&x)[NT][4], int kb) {
-    a[0] = flash_pack(x[2 * kb][0], x[2 * kb][1]);
-    a[1] = flash_pack(x[2 * kb][2], x[2 * kb][3]);
-    a[2] = flash_pack(x[2 * kb + 1][0], x[2 * kb + 1][1]);
-    a[3] = flash_pack(x[2 * kb + 1][2], x[2 * kb + 1][3]);
+    a[0] = bf16x2_rn(x[2 * kb][0], x[2 * kb][1]);
+    a[1] = bf16x2_rn(x[2 * kb][2], x[2 * kb][3]);
+    a[2] = bf16x2_rn(x[2 * kb + 1][0], x[2 * kb + 1][1]);
+    a[3] = bf16x2_rn(x[2 * kb + 1][2], x[2 * kb + 1][3]);
 }
 
 template <int NT>

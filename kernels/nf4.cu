@@ -148,41 +148,82 @@ extern "C" __global__ void nf4_double_quantize(const float* absmax, long long bl
 // Value j of the [n/cols, cols] matrix goes to out[(j / cols)·pitch + j % cols]: rows `pitch`
 // apart (pitch = cols: dense; a larger pitch leaves columns free after each row, where the host
 // then writes an adapter's factor; it has checked cols % 8 == 0 and pitch % 8 == 0 then).
-// One thread per group of 8 values (4 packed bytes, always in one block and one row): one 32-bit
-// load, one 128-bit store (packed and out are allocation starts: 4- and 16-byte aligned); a
-// short last group (dense only) goes pair by pair.
-// Launch: block 256, grid min(ceil(ceil(n/2)/256), 65535), grid-stride.
+struct Nf4Scales {
+    const float* absmax;
+    const unsigned char* codes;
+    const float* nested_absmax;
+    const float* map;
+    const float* offset;
+
+    __device__ __forceinline__ float of_block(long long b) const {
+        return absmax != nullptr
+                   ? absmax[b]
+                   : __fadd_rn(__fmul_rn(map[codes[b]], nested_absmax[b / NF4_NESTED_BLOCK]),
+                               *offset);
+    }
+};
+
+// The code book in shared memory (indexed per thread: not a serialised constant read); the
+// caller synchronises before reading it.
+__device__ __forceinline__ void nf4_code_book(float* code) {
+    if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+}
+
+// The bf16 pair of packed byte v (its high nibble is the first value) scaled by m, as one word.
+__device__ __forceinline__ unsigned int nf4_bf16_pair(const float* code, unsigned int v, float m) {
+    return bf16x2_rn(__fmul_rn(code[v >> 4], m), __fmul_rn(code[v & 15u], m));
+}
+
+// The 8 values of four packed bytes (one word) as one 16-byte store's worth.
+__device__ __forceinline__ uint4 nf4_bf16_octet(const float* code, unsigned int word, float m) {
+    return make_uint4(nf4_bf16_pair(code, word & 255u, m), nf4_bf16_pair(code, (word >> 8) & 255u, m),
+                      nf4_bf16_pair(code, (word >> 16) & 255u, m), nf4_bf16_pair(code, word >> 24, m));
+}
+
+// Groups of 8 values (4 packed bytes, always in one block and one row), four a thread: a warp
+// takes 128 consecutive groups and each of its stores covers 32 of them, 512 contiguous bytes
+// (one thread's four groups side by side made each store instruction touch 32 scattered pieces and
+// ran at half the speed). A short last group (dense only) goes pair by pair in one thread. The row
+// of a group takes a 32-bit division unless n >= 2^32. packed and out are allocation starts (4-
+// and 16-byte aligned).
+// Launch: block 256, grid min(ceil(ceil(n/32)/256), 65535), grid-stride over warps.
 extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, const float* absmax,
                                                const unsigned char* codes, const float* nested_absmax,
                                                const float* map, const float* offset, bf16_t* out,
                                                long long n, int cols, long long pitch) {
-    __shared__ float code[16];  // indexed per thread: shared memory, not a serialised constant read
-    if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+    __shared__ float code[16];
+    nf4_code_book(code);
     __syncthreads();
-    // The bf16 pair (lo, hi) of byte v scaled by m, as one 32-bit word.
-    auto pair = [&](unsigned int v, float m) {
-        return (unsigned int)f32_to_bf16(__fmul_rn(code[v >> 4], m)) |
-               ((unsigned int)f32_to_bf16(__fmul_rn(code[v & 15u], m)) << 16);
+    const Nf4Scales scales{absmax, codes, nested_absmax, map, offset};
+    const bool narrow = n <= 0xffffffffll;
+    // Where value i (the first of a group) goes.
+    auto at = [&](long long i) -> long long {
+        if (pitch == cols) return i;
+        const long long r = narrow ? (long long)((unsigned int)i / (unsigned int)cols) : i / cols;
+        return r * pitch + (i - r * cols);
     };
-    GRID_STRIDE_LOOP(w, (n + 7) / 8) {
-        const long long i = 8 * w, b = i / NF4_BLOCK;
-        const float m =
-            absmax != nullptr
-                ? absmax[b]
-                : __fadd_rn(__fmul_rn(map[codes[b]], nested_absmax[b / NF4_NESTED_BLOCK]), *offset);
-        if (i + 8 <= n) {
-            const unsigned int word = *reinterpret_cast<const unsigned int*>(packed + 4 * w);
-            *reinterpret_cast<uint4*>(out + pitched(i, cols, pitch)) =
-                make_uint4(pair(word & 255u, m), pair((word >> 8) & 255u, m),
-                           pair((word >> 16) & 255u, m), pair(word >> 24, m));
-        } else {
-            for (long long j = i; j < n; j += 2) {
-                const unsigned int v = pair(packed[j / 2], m);
-                if (j + 1 < n) {
-                    *reinterpret_cast<unsigned int*>(out + j) = v;
-                } else {
-                    out[j] = (bf16_t)(v & 0xffffu);
-                }
+    const long long octets = n / 8, thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long warps = ((long long)blockDim.x * gridDim.x) >> 5;
+    for (long long c = thread >> 5; 128 * c < octets; c += warps) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const long long o = 128 * c + 32 * j + (threadIdx.x & 31);
+            if (o < octets) {
+                const float m = scales.of_block(8 * o / NF4_BLOCK);
+                const unsigned int word = reinterpret_cast<const unsigned int*>(packed)[o];
+                *reinterpret_cast<uint4*>(out + at(8 * o)) = nf4_bf16_octet(code, word, m);
+            }
+        }
+    }
+    if (thread == 0) {
+        const long long i = 8 * octets;
+        const float m = i < n ? scales.of_block(i / NF4_BLOCK) : 0.0f;
+        for (long long j = i; j < n; j += 2) {
+            const unsigned int v = nf4_bf16_pair(code, packed[j / 2], m);
+            if (j + 1 < n) {
+                *reinterpret_cast<unsigned int*>(out + j) = v;
+            } else {
+                out[j] = (bf16_t)(v & 0xffffu);
             }
         }
     }

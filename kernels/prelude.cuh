@@ -8,6 +8,8 @@
 //   bf16_t                   raw bits of a bfloat16 value (unsigned short)
 //   bf16_to_f32(bf16_t)      exact widening (bits << 16)
 //   f32_to_bf16(float)       round to nearest even; NaN stays a (quiet) NaN, overflow rounds to ±Inf
+//   bf16x2_rn(lo, hi)        two f32 -> one 32-bit pair of bf16 (lo in the low half) by one
+//                            conversion instruction, round to nearest even (NaN -> canonical NaN)
 //   f32_is_finite(float)     false for ±Inf and NaN (exponent-bits test)
 //   f32_inf()                +Inf as a float (there is no INFINITY macro without headers)
 //   FULL_MASK                0xffffffff, the mask of all 32 lanes
@@ -60,6 +62,12 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     }
     u += 0x7fffu + ((u >> 16) & 1u);
     return (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ unsigned int bf16x2_rn(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 
 // True unless x is ±Inf or NaN (all exponent bits set).

@@ -74,8 +74,14 @@ fn weights(rng: &mut Rng, n: usize) -> Vec<f32> {
     v
 }
 
-/// Shapes: odd n with a short last block; several nested groups with a short last one; one row.
-const SHAPES: [(usize, usize); 3] = [(37, 91), (300, 260), (1, 3 * BLOCK * NESTED_BLOCK + 70)];
+/// Shapes: odd n with a short last block; several nested groups with a short last one; one row;
+/// groups of 32 values in rows (the kernel for the models' shapes) with a short last group.
+const SHAPES: [(usize, usize); 4] = [
+    (37, 91),
+    (300, 260),
+    (1, 3 * BLOCK * NESTED_BLOCK + 70),
+    (96, 320),
+];
 
 #[test]
 fn dequantization_matches_the_cpu_exactly() {

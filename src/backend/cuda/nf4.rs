@@ -263,7 +263,7 @@ impl CudaBackend {
             super::dim(cols),
             count(pitch),
         ];
-        let shape = Shape::elementwise(elements.div_ceil(2));
+        let shape = Shape::elementwise(elements.div_ceil(32));
         self.run("nf4", "nf4_dequantize_bf16", shape, &args)
     }
 
