@@ -1,93 +1,129 @@
-// loss.cu: cross-entropy on a chunk of logits (compiled after prelude.cuh).
-// Launch: grid = rows, block = 256 (one block per row; any blockDim that is a multiple of 32 and
-// <= 1024 works). Reference: src/backend/cpu/loss.rs `softmax_gradient`.
+// loss.cu: cross-entropy of the LM head's logits, the vocabulary in chunks (compiled after
+// prelude.cuh). Launch: grid = rows, block = 256 (one block per row; any blockDim that is a
+// multiple of 32 and <= 1024 works). Reference: src/backend/cpu/loss.rs `softmax_gradient`.
 
 #define IGNORE_LABEL (-100)
 
-// Row t of logits z (length vocab), label y = labels[t]:
-//   y == −100: the row is set to 0, row_loss[t] = 0.
-//   otherwise: m = max z, lse = m + log Σ_c exp(z_c − m)   (the sum and lse in double),
-//              row_loss[t] = lse − z_y,
-//              g = (softmax(z) − onehot(y))·s with s = *scale, i.e. g_c = exp(z_c − lse)·s, g_y −= s.
-// The scale is read from device memory so that a recorded launch can be replayed with another.
-// The max and the sum come from one pass (each thread keeps a running max m_t and a sum s_t
-// rescaled when m_t grows: s_t ← s_t·exp(m_old − m_new)), combined as Σ_t s_t·exp(m_t − m); a
-// second pass writes the gradient. −∞ logits add nothing (gradient 0 there); a NaN logit makes the
-// loss and the whole row NaN, as on the CPU; so does a row that is all −∞ (as on the CPU).
-//
-// cross_entropy_rows writes g over z in f32. cross_entropy_rows_bf16 writes g in bf16 over the
-// first half of the row's own bytes (bf16 g_c at byte 2c of the row, a row of the result being
-// 2·vocab bf16 values apart): no second buffer and no cast. The row is written in tiles of
-// CE_PER_THREAD·blockDim values, each after every thread has read the tile: bf16 value c lands
-// in f32 value ⌊c/2⌋, read in this tile or an earlier one (⌊c/2⌋ ≤ c), never in a later one.
+// Row t's loss is lse − z_y and its gradient (softmax(z) − onehot(y))·s (s = *scale, read from
+// device memory so that a recorded launch can be replayed with another), with y = labels[t];
+// rows with y == −100 get loss 0 and gradient 0. The host goes over the head's rows (the
+// vocabulary) a chunk at a time, so that the whole head need not be on the device at once:
+// per row t, across the chunks of a pass:
+// m_t the running max of the logits (f32), z_t = Σ exp(logit − m_t) so far (f64), y_t the
+// label's logit, and dh_t = Σ exp(logit_c − m_t)·W_c so far (f32, the host's products). For the
+// chunk [v0, v0 + vc) with logits L (row t of `logits`, vc values):
+//   m' = max(m, max_c L_c),  α = exp(m − m'),  z ← α·z + Σ_c exp(L_c − m'),  m ← m',
+//   y_t = L[label − v0] if the label is in the chunk,  dh_t ← α·dh_t,
+//   row overwritten with P_c = exp(L_c − m') (f32, or bf16 over the first half of the row's bytes:
+//   bf16 P_c at byte 2c, a row of the result being 2·vc bf16 values apart), after which the host
+//   adds P·W_chunk into dh.
+// v0 == 0 starts the row (m = −∞, z = 0: α = 0). Ignored rows (label −100): P = 0, nothing else
+// touched. After the last chunk, ce_online_finish: lse = m + log z, row_loss = lse − y and
+//   dh_t = s·(dh_t / z − W[label])   (= (softmax − onehot)·W·s, s = *scale),
+// W[label] read from `head` (the whole head's rows: a device matrix, or a host table's mapped
+// address), f32 or bf16 as `head_bf16` says; ignored rows get dh = 0 and row_loss = 0.
+// Each chunk's max and sum come from one pass (each thread keeps a running max m_t and a sum
+// s_t rescaled when m_t grows, combined as Σ_t s_t·exp(m_t − max)); −∞ logits add nothing, a
+// NaN logit makes the row's loss and gradient NaN, as on the CPU. The bf16 probabilities are
+// written in tiles of CE_PER_THREAD·blockDim values, each after every thread has read the tile:
+// bf16 value c lands in f32 value ⌊c/2⌋, read in this tile or an earlier one, never a later one.
 #define CE_PER_THREAD 4
 
 template <bool BF16_OUT>
-__device__ void cross_entropy_row(float* logits, const int* labels, int vocab, const float* scale,
-                                  float* row_loss) {
-    float* z = logits + (long long)blockIdx.x * vocab;
-    const int y = labels[blockIdx.x];
-    if (y == IGNORE_LABEL) {  // uniform over the block: no thread reaches a barrier below
-        // Zero bits are 0 in f32 and in bf16 alike.
-        for (int c = threadIdx.x; c < vocab; c += blockDim.x) z[c] = 0.0f;
-        if (threadIdx.x == 0) row_loss[blockIdx.x] = 0.0f;
+__device__ void online_chunk_row(float* logits, const int* labels, int vc, int v0, float* m_state,
+                                 double* z_state, float* y_state, float* dh, int hidden) {
+    const int t = blockIdx.x;
+    float* z = logits + (long long)t * vc;
+    const int y = labels[t];
+    if (y == IGNORE_LABEL) {  // uniform over the block
+        for (int c = threadIdx.x; c < vc; c += blockDim.x) z[c] = 0.0f;
         return;
     }
-    const float s_grad = *scale;
     const float neg_inf = -f32_inf();
-    // z_y is read before any thread writes the row (the writes follow the block reductions).
-    const float zy = threadIdx.x == 0 ? z[y] : 0.0f;
+    const bool has_label = y >= v0 && y < v0 + vc;
+    const float zy = has_label && threadIdx.x == 0 ? z[y - v0] : 0.0f;
+    // Read before the reductions' barriers; thread 0 writes the state after them.
+    const bool first = v0 == 0;
+    const float m_old = first ? neg_inf : m_state[t];
     float m = neg_inf;
     double s = 0.0;
-    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+    for (int c = threadIdx.x; c < vc; c += blockDim.x) {
         const float v = z[c];
         if (v > m) {
-            s = s * (double)expf(m - v) + 1.0;  // m = −∞: expf(−∞) = 0 (a NaN s stays NaN)
+            s = s * (double)expf(m - v) + 1.0;
             m = v;
-        } else if (v != neg_inf) {               // −∞ adds 0 (and must not make −∞ − −∞)
-            s += (double)expf(v - m);            // NaN v makes s NaN
+        } else if (v != neg_inf) {
+            s += (double)expf(v - m);
         }
     }
-    const float mx = block_max(m);
-    // A thread that saw only −∞ (or nothing) has s = 0 and adds 0·exp(−∞) = 0; a NaN in s stays NaN.
-    const double part = s * (double)expf(m - mx);
-    const double total = block_sum_f64(part);
-    const double lse_d = (double)mx + log(total);
-    if (threadIdx.x == 0) row_loss[blockIdx.x] = (float)(lse_d - (double)zy);
-    const float lse = (float)lse_d;
+    const float cmax = block_max(m);
+    const double csum = block_sum_f64(s * (double)expf(m - cmax));  // Σ_c exp(L_c − cmax)
+    const float m_new = fmaxf(m_old, cmax);
+    const float alpha = first ? 0.0f : expf(m_old - m_new);
+    if (threadIdx.x == 0) {
+        const double z_old = first ? 0.0 : z_state[t];
+        z_state[t] = z_old * (double)alpha + csum * (double)expf(cmax - m_new);
+        m_state[t] = m_new;
+        if (has_label) y_state[t] = zy;
+    }
+    if (!first) {
+        float* d = dh + (long long)t * hidden;
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) d[i] *= alpha;
+    }
     if (!BF16_OUT) {
-        for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-            float g = expf(z[c] - lse) * s_grad;
-            if (c == y) g -= s_grad;
-            z[c] = g;
-        }
+        for (int c = threadIdx.x; c < vc; c += blockDim.x) z[c] = expf(z[c] - m_new);
         return;
     }
     bf16_t* out = reinterpret_cast<bf16_t*>(z);
     const int tile = CE_PER_THREAD * blockDim.x;
-    for (int base = 0; base < vocab; base += tile) {
-        float g[CE_PER_THREAD];
+    for (int base = 0; base < vc; base += tile) {
+        float p[CE_PER_THREAD];
 #pragma unroll
         for (int j = 0; j < CE_PER_THREAD; ++j) {
             const int c = base + j * blockDim.x + threadIdx.x;
-            g[j] = c < vocab ? expf(z[c] - lse) * s_grad - (c == y ? s_grad : 0.0f) : 0.0f;
+            p[j] = c < vc ? expf(z[c] - m_new) : 0.0f;
         }
         __syncthreads();  // the whole tile read before any of it is written
 #pragma unroll
         for (int j = 0; j < CE_PER_THREAD; ++j) {
             const int c = base + j * blockDim.x + threadIdx.x;
-            if (c < vocab) out[c] = f32_to_bf16(g[j]);
+            if (c < vc) out[c] = f32_to_bf16(p[j]);
         }
     }
 }
 
-extern "C" __global__ void cross_entropy_rows(float* logits, const int* labels, int rows,
-                                              int vocab, const float* scale, float* row_loss) {
-    cross_entropy_row<false>(logits, labels, vocab, scale, row_loss);
+extern "C" __global__ void ce_online_chunk(float* logits, const int* labels, int rows, int vc, int v0,
+                                           float* m_state, double* z_state, float* y_state,
+                                           float* dh, int hidden) {
+    online_chunk_row<false>(logits, labels, vc, v0, m_state, z_state, y_state, dh, hidden);
 }
 
-extern "C" __global__ void cross_entropy_rows_bf16(float* logits, const int* labels, int rows,
-                                                   int vocab, const float* scale,
-                                                   float* row_loss) {
-    cross_entropy_row<true>(logits, labels, vocab, scale, row_loss);
+extern "C" __global__ void ce_online_chunk_bf16(float* logits, const int* labels, int rows, int vc,
+                                                int v0, float* m_state, double* z_state,
+                                                float* y_state, float* dh, int hidden) {
+    online_chunk_row<true>(logits, labels, vc, v0, m_state, z_state, y_state, dh, hidden);
+}
+
+extern "C" __global__ void ce_online_finish(const int* labels, const float* m_state,
+                                            const double* z_state, const float* y_state,
+                                            const void* head, int head_bf16, float* dh, int hidden,
+                                            const float* scale, float* row_loss) {
+    const int t = blockIdx.x, y = labels[t];
+    float* d = dh + (long long)t * hidden;
+    if (y == IGNORE_LABEL) {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) d[i] = 0.0f;
+        if (threadIdx.x == 0) row_loss[t] = 0.0f;
+        return;
+    }
+    const double z = z_state[t];
+    if (threadIdx.x == 0) {
+        row_loss[t] = (float)((double)m_state[t] + log(z) - (double)y_state[t]);
+    }
+    const float s = *scale, inv_z = (float)(1.0 / z);
+    const long long w0 = (long long)y * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float w = head_bf16 ? bf16_to_f32(reinterpret_cast<const bf16_t*>(head)[w0 + i])
+                                  : reinterpret_cast<const float*>(head)[w0 + i];
+        d[i] = s * (d[i] * inv_z - w);
+    }
 }

@@ -551,13 +551,13 @@ fn decode_attention_and_kv_cache_match_cpu() {
     }
 }
 
-#[test]
-fn lm_head_cross_entropy_and_adamw_match_cpu() {
-    let Some(p) = Pair::new() else { return };
-    let mut rng = fresh_rng("lm head/adamw");
-    let (tokens, hidden, vocab) = (41, 64, 3001);
-    let hv = randn(&mut rng, tokens * hidden, 1.0);
-    let wv = bf16_round(&randn(&mut rng, vocab * hidden, 0.3));
+/// The LM head's loss on `tokens` rows against the CPU: an f32 head (loss and dh), a bf16 head
+/// (loss, and dh within bf16's rounding of the probabilities), and the bf16 head in host memory
+/// brought over in chunks (as the loss starts it, and as a pass starts it ahead), which must give
+/// the bf16 head's numbers bit for bit.
+fn lm_head_case(p: &mut Pair, rng: &mut Rng, tokens: usize, hidden: usize, vocab: usize) {
+    let hv = randn(rng, tokens * hidden, 1.0);
+    let wv = bf16_round(&randn(rng, vocab * hidden, 0.3));
     let labels: Vec<i32> = (0..tokens)
         .map(|t| {
             if t % 5 == 0 {
@@ -580,23 +580,74 @@ fn lm_head_cross_entropy_and_adamw_match_cpu() {
     let dhc =
         p.c.lm_head_cross_entropy(&hc, &wc, &lc, &sc, &mut rc)
             .unwrap();
-    p.check("lm head row losses (f32 weight)", &rg, &rc, 1e-5);
-    p.check("lm head dh (f32 weight)", &dhg, &dhc, 1e-4);
+    p.check(
+        &format!("lm head row losses (f32 weight, vocab {vocab})"),
+        &rg,
+        &rc,
+        1e-5,
+    );
+    p.check(
+        &format!("lm head dh (f32 weight, vocab {vocab})"),
+        &dhg,
+        &dhc,
+        1e-4,
+    );
     let wg16 = p.g.upload_frozen(&wv, vocab, hidden).unwrap();
     let hc16 = p.c.upload(&bf16_round(&hv), tokens, hidden).unwrap();
     let (mut rg, mut rc) = p.up(&vec![f32::NAN; tokens], tokens, 1);
-    p.g.lm_head_cross_entropy(&hg, &wg16, &lg, &sg, &mut rg)
-        .unwrap();
-    p.c.lm_head_cross_entropy(&hc16, &wc, &lc, &sc, &mut rc)
-        .unwrap();
-    p.check("lm head row losses (bf16 weight)", &rg, &rc, 1e-5);
+    let dhg =
+        p.g.lm_head_cross_entropy(&hg, &wg16, &lg, &sg, &mut rg)
+            .unwrap();
+    let dhc =
+        p.c.lm_head_cross_entropy(&hc16, &wc, &lc, &sc, &mut rc)
+            .unwrap();
+    p.check(
+        &format!("lm head row losses (bf16 weight, vocab {vocab})"),
+        &rg,
+        &rc,
+        1e-5,
+    );
+    p.check(
+        &format!("lm head dh (bf16 weight, vocab {vocab})"),
+        &dhg,
+        &dhc,
+        1e-2,
+    );
+    let want = (p.g.download(&rg).unwrap(), p.g.download(&dhg).unwrap());
+    p.g.set_output_projection_in_host(true);
+    let head = p.g.upload_output_projection(&wv, vocab, hidden).unwrap();
+    p.g.set_output_projection_in_host(false);
+    for ahead in [false, true] {
+        if ahead {
+            assert!(p.g.bring_to_device(&head).unwrap());
+        }
+        let mut rh = p.g.upload(&vec![f32::NAN; tokens], tokens, 1).unwrap();
+        let dhh =
+            p.g.lm_head_cross_entropy(&hg, &head, &lg, &sg, &mut rh)
+                .unwrap();
+        p.g.release_device_copy(&head);
+        let got = (p.g.download(&rh).unwrap(), p.g.download(&dhh).unwrap());
+        assert!(
+            got == want,
+            "vocab {vocab}, brought ahead {ahead}: a head in host memory"
+        );
+    }
     let (bad, _) = p.ints(&vec![vocab as i32; tokens]);
     assert!(
         p.g.lm_head_cross_entropy(&hg, &wg, &bad, &sg, &mut rg)
             .is_err(),
         "label past the vocabulary"
     );
+}
 
+#[test]
+fn lm_head_cross_entropy_and_adamw_match_cpu() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = fresh_rng("lm head/adamw");
+    // One vocabulary chunk, and three (the last one short).
+    for vocab in [3001, 20000] {
+        lm_head_case(&mut p, &mut rng, 41, 64, vocab);
+    }
     // Several tensors of different lengths in one call (one launch on the GPU).
     let sizes = [1000, 70, 3];
     let (mut state_g, mut state_c): (Vec<_>, Vec<_>) = sizes
@@ -857,9 +908,10 @@ fn lm_head_in_host_memory_changes_no_number_and_frees_its_bytes() {
     use finetune::api::{Device, ModelParams};
     use finetune::model::config::ModelConfig;
     for family in [Family::Llama, Family::Gemma] {
+        // Three chunks of the vocabulary (head_chunks.rs).
         let shape = ModelConfig {
             num_layers: 4,
-            vocab_size: 4096,
+            vocab_size: 20000,
             ..tensor_core_shape(family)
         };
         let head_bytes = shape.vocab_size * shape.hidden_size * 2;

@@ -948,8 +948,9 @@ impl<B: Backend> Decoder<B> {
 
     /// The final norm, LM head and loss of the last layer's output `last`: writes each row's loss
     /// and returns dL/d(last) (see [`LossOutput`]), every other value freed before the layers'
-    /// backward starts. `head_copy` is the output projection's device copy when it lives in host
-    /// memory ([`Backend::bring_to_device`]), released after the loss.
+    /// backward starts. `head_copy` is the output projection's device copy (or the chunks of it
+    /// on their way) when it lives in host memory ([`Backend::bring_to_device`]), released after
+    /// the loss.
     fn head_forward_backward(
         &self,
         last: B::Tensor,
@@ -997,9 +998,9 @@ impl<B: Backend> Decoder<B> {
         let mut checkpoints = Vec::with_capacity(if saving.recompute { n } else { 0 });
         // An output projection kept in host memory starts coming over with the last quarter
         // of the layers' forward pass (on its own copy stream, beside the copies out of `stash`):
-        // early enough for the copy to finish behind their compute (~1 GiB on Llama 3, a few
-        // ms a layer). Its device copy adds to those layers' working set, which then sets the
-        // recorded block (bench/NOTES.md). Layers kept in host memory come over one at a time
+        // on CUDA its first chunks of rows (up to 384 MiB, backend/cuda/head_chunks.rs), whose
+        // copies then overlap those layers' compute, and the loss brings the rest as it reads
+        // the vocabulary chunk by chunk. Layers kept in host memory come over one at a time
         // ahead of their forward and backward (host_layers.rs), never beside the head's copy.
         let head_copy_from = n - n.div_ceil(4);
         let mut head_copy = None;

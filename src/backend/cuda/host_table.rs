@@ -56,18 +56,24 @@ impl HostTable {
         })
     }
 
-    /// Queues a copy of the whole table to device address `dst` on `stream` (a plain driver
-    /// copy, which a recording may hold).
+    /// Queues a copy of the values `range` (an index range of the table) to device address
+    /// `dst` on `stream` (a plain driver copy, which a recording may hold).
     ///
     /// # Safety
-    /// `dst` must be a device allocation of at least the table's bytes that lives until the copy
-    /// has finished, and the table must outlive the copy (and every replay of a recording that
-    /// holds it).
-    pub unsafe fn copy_to_device(&self, dst: u64, stream: &CudaStream) -> sys::CUresult {
+    /// `range` must lie within the table; `dst` must be a device allocation of at least the
+    /// range's bytes that lives until the copy has finished, and the table must outlive the copy
+    /// (and every replay of a recording that holds it).
+    pub unsafe fn copy_to_device(
+        &self,
+        dst: u64,
+        range: std::ops::Range<usize>,
+        stream: &CudaStream,
+    ) -> sys::CUresult {
+        let value = std::mem::size_of::<u16>();
         sys::cuMemcpyHtoDAsync_v2(
             dst,
-            self.host_addr as *const _,
-            self.values.num_bytes(),
+            (self.host_addr + value * range.start) as *const _,
+            value * range.len(),
             stream.cu_stream(),
         )
     }

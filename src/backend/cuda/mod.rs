@@ -10,6 +10,7 @@ pub mod device;
 mod fold;
 pub use fold::MAX_FOLDED_RANK;
 mod graph;
+mod head_chunks;
 mod host_table;
 pub mod kernels;
 mod launch;
@@ -30,6 +31,7 @@ use crate::quant::Nf4Tensor;
 use blas::{Blas, Operand};
 use cudarc::driver::{DevicePtr, DeviceRepr};
 use device::{driver_error, DeviceBuffer, Gpu};
+use head_chunks::{HeadChunks, HEAD_CHUNK_ROWS};
 use host_table::HostTable;
 use kernels::KernelCache;
 use launch::{Arg, Shape, BLOCK, MAX_GRID};
@@ -264,6 +266,30 @@ impl CudaBackend {
     /// read it (evaluation, generation) copy it for each product.
     pub fn set_output_projection_in_host(&mut self, in_host: bool) {
         self.output_projection_in_host = in_host;
+    }
+
+    /// A frozen bf16 matrix in pinned host memory (`in_chunks`: the output projection).
+    fn host_matrix(
+        &self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        in_chunks: bool,
+    ) -> Result<CudaTensor> {
+        check_len(data.len(), rows, cols)?;
+        let table = HostTable::new(&self.gpu, &bf16_bits(data))?;
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::host(table, in_chunks),
+        })
+    }
+
+    /// Starts copying a whole host table to the device.
+    fn fetch_whole_table(&self, table: &HostTable) -> Result<tensor::Arrival<u16>> {
+        let what = "a host matrix's copy on the device";
+        self.offload
+            .fetch_table(&self.gpu, table, 0..table.len(), what)
     }
 
     /// The device, its stream and its memory account.
@@ -611,13 +637,13 @@ impl CudaBackend {
                 staged._nf4_scratch = Some(scratch);
                 (ptr, Dtype::Bf16)
             }
-            (Storage::Host { table, copies }, _) => {
+            (Storage::Host { table, copies, .. }, _) => {
                 let mut brought = lock(copies);
                 let ptr = match brought.get_mut(&std::thread::current().id()) {
                     // The copy lives until the pass releases it, after its products are queued.
                     Some(arrival) => self.buffer_ptr(arrival.wait()?),
                     None => {
-                        let copy = self.offload.fetch_table(&self.gpu, table)?.settle()?;
+                        let copy = self.fetch_whole_table(table)?.settle()?;
                         let ptr = self.buffer_ptr(&copy);
                         staged._bf16_copy = Some(copy);
                         ptr
@@ -891,12 +917,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_frozen_in_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
-        check_len(data.len(), rows, cols)?;
-        Ok(CudaTensor {
-            rows,
-            cols,
-            storage: Storage::host(HostTable::new(&self.gpu, &bf16_bits(data))?),
-        })
+        self.host_matrix(data, rows, cols, false)
     }
 
     fn upload_output_projection(
@@ -906,7 +927,7 @@ impl Backend for CudaBackend {
         cols: usize,
     ) -> Result<CudaTensor> {
         match self.output_projection_in_host {
-            true => self.upload_frozen_in_host(data, rows, cols),
+            true => self.host_matrix(data, rows, cols, true),
             false => self.upload_frozen(data, rows, cols),
         }
     }
@@ -1000,21 +1021,40 @@ impl Backend for CudaBackend {
         self.offload.settle(&self.gpu, t)
     }
 
+    /// The output projection (`in_chunks`) starts coming over in chunks, which this thread's
+    /// next loss takes (head_chunks.rs); any other host matrix comes over whole.
     fn bring_to_device(&self, t: &CudaTensor) -> Result<bool> {
-        if let Storage::Host { table, copies } = &t.storage {
-            let mut brought = lock(copies);
-            if let Entry::Vacant(slot) = brought.entry(std::thread::current().id()) {
-                slot.insert(self.offload.fetch_table(&self.gpu, table)?);
-                return Ok(true);
+        let thread = std::thread::current().id();
+        match &t.storage {
+            Storage::Host {
+                table,
+                in_chunks: true,
+                chunks,
+                ..
+            } => {
+                if let Entry::Vacant(slot) = lock(chunks).entry(thread) {
+                    let (offload, gpu) = (&self.offload, &self.gpu);
+                    slot.insert(HeadChunks::start(offload, gpu, table, t.rows, t.cols)?);
+                    return Ok(true);
+                }
             }
+            Storage::Host { table, copies, .. } => {
+                if let Entry::Vacant(slot) = lock(copies).entry(thread) {
+                    slot.insert(self.fetch_whole_table(table)?);
+                    return Ok(true);
+                }
+            }
+            _ => {}
         }
         Ok(false)
     }
 
     fn release_device_copy(&self, t: &CudaTensor) {
-        if let Storage::Host { copies, .. } = &t.storage {
+        if let Storage::Host { copies, chunks, .. } = &t.storage {
             // Freed in stream order, after the products queued before.
-            drop(lock(copies).remove(&std::thread::current().id()));
+            let thread = std::thread::current().id();
+            drop(lock(copies).remove(&thread));
+            drop(lock(chunks).remove(&thread));
         }
     }
 
@@ -1039,7 +1079,9 @@ impl Backend for CudaBackend {
                 pitch: *pitch,
             },
             Storage::Nf4(s) => Storage::Nf4(Box::new(self.duplicate_nf4(s)?)),
-            Storage::Host { table, .. } => Storage::host(HostTable::new(&self.gpu, table.bits()?)?),
+            Storage::Host {
+                table, in_chunks, ..
+            } => Storage::host(HostTable::new(&self.gpu, table.bits()?)?, *in_chunks),
             Storage::Offloaded(_) => {
                 return Err(Error::InvalidArgument(
                     "duplicate: an offloaded activation must be settled first".into(),
@@ -1732,19 +1774,57 @@ impl Backend for CudaBackend {
         self.fill_zero(row_loss)?;
         // Recorded work runs every chunk: which chunks have labels can differ between replays.
         let skip_unlabelled = !self.gpu.records_here();
-        let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab.max(1))).clamp(1, h.rows.max(1));
-        let logits = self.gpu.alloc::<f32>(chunk * vocab, "a chunk of logits")?;
-        // A bf16 weight (or a host table's bf16 copy) or a rounded input (`product_input`) makes
-        // bf16 products, as in `matmul` (an f32 weight with a rounded input is then rounded too,
-        // per call: only hand-made f32 heads meet that); their gradient operand is then written
-        // in bf16 over the logits (`cross_entropy_rows_bf16`).
+        // A bf16 weight (or a host table) or a rounded input (`product_input`) makes bf16
+        // products, as in `matmul` (an f32 weight with a rounded input is then rounded too, per
+        // call: only hand-made f32 heads meet that); the probabilities are then written in bf16
+        // over the logits (`ce_online_chunk_bf16`).
         let bf16 = matches!(w.dtype(), Dtype::Bf16 | Dtype::HostBf16) || h.dtype() == Dtype::Bf16;
-        let (wo, _w_tmp) = self.operand(w, bf16)?;
-        let (h_all, _h_tmp) = self.operand(h, bf16)?;
         let elem = if bf16 { 2 } else { 4 };
+        let (h_all, _h_tmp) = self.operand(h, bf16)?;
+        // The head's rows: on the device (a slice of it per chunk), or the output projection in
+        // host memory, brought over chunk by chunk (a queue this thread's pass may have started).
+        let streamed = match &w.storage {
+            Storage::Host {
+                table,
+                in_chunks: true,
+                chunks,
+                ..
+            } => Some((table, lock(chunks).remove(&std::thread::current().id()))),
+            _ => None,
+        };
+        let (resident, _w_tmp) = match streamed {
+            Some(_) => (None, Staged::default()),
+            None => {
+                let (wo, staged) = self.operand(w, bf16)?;
+                (Some(wo), staged)
+            }
+        };
+        let (table, mut prefetched) = streamed.unzip();
+        // The vocabulary in chunks of vc rows of the head, the tokens in chunks of `rows_per`:
+        // each token chunk goes over every vocabulary chunk (kernels/loss.cu, "in chunks").
+        let vc = HEAD_CHUNK_ROWS.min(vocab);
+        let rows_per = (LOGITS_CHUNK_BYTES / (4 * vc)).clamp(1, h.rows.max(1));
+        let logits = self.gpu.alloc::<f32>(rows_per * vc, "a chunk of logits")?;
+        let stats = "the loss's running statistics";
+        let m_state = self.gpu.alloc::<f32>(rows_per, stats)?;
+        let z_state = self.gpu.alloc::<f64>(rows_per, stats)?;
+        let y_state = self.gpu.alloc::<f32>(rows_per, stats)?;
+        let state = [&m_state, &y_state].map(|b| Arg::Ptr(self.buffer_ptr(b)));
+        let z_ptr = Arg::Ptr(self.buffer_ptr(&z_state));
         let logits_ptr = self.buffer_ptr(&logits);
-        for start in (0..h.rows).step_by(chunk) {
-            let rows = chunk.min(h.rows - start);
+        let chunk_kernel = match bf16 {
+            true => "ce_online_chunk_bf16",
+            false => "ce_online_chunk",
+        };
+        // W[label] for the gradient's `− onehot·W` term: the resident head, or the host table
+        // read over the bus.
+        let (head_ptr, head_bf16) = match (&resident, table) {
+            (Some(wo), _) => (wo.ptr, wo.dtype == Dtype::Bf16),
+            (None, Some(t)) => (t.device_ptr(), true),
+            (None, None) => unreachable!("the head is resident or streamed"),
+        };
+        for start in (0..h.rows).step_by(rows_per) {
+            let rows = rows_per.min(h.rows - start);
             if skip_unlabelled
                 && labels.host[start..start + rows]
                     .iter()
@@ -1757,35 +1837,81 @@ impl Backend for CudaBackend {
                 rows,
                 ..h_all
             };
-            let z = Operand::dense(logits_ptr, Dtype::F32, rows, vocab);
-            // z = h·Wᵀ
-            self.gemm("lm_head_logits", h_rows, false, wo, true, 1.0, 0.0, z)?;
-            // dz = (softmax(z) − onehot(label))·scale over z; row_loss = lse − z[label]
+            let dh_ptr = self.ptr(&dh)? + (start * h.cols * 4) as u64;
+            let dh_rows = Operand::dense(dh_ptr, Dtype::F32, rows, h.cols);
+            let labels_ptr = self.buffer_ptr(&labels.device) + (start * 4) as u64;
+            let mut queue = match table {
+                Some(t) => Some(match prefetched.take().flatten() {
+                    Some(q) => q,
+                    None => HeadChunks::start(&self.offload, &self.gpu, t, vocab, h.cols)?,
+                }),
+                None => None,
+            };
+            for v0 in (0..vocab).step_by(vc) {
+                let n = vc.min(vocab - v0);
+                // Lives until the chunk's products are queued (then freed in stream order).
+                let mut arrival = None;
+                let w_chunk = match (&resident, &mut queue, table) {
+                    (Some(wo), _, _) => Operand {
+                        ptr: wo.ptr + (v0 * wo.pitch * elem) as u64,
+                        rows: n,
+                        ..*wo
+                    },
+                    (None, Some(q), Some(t)) => {
+                        let chunk = q.next(&self.offload, &self.gpu, t)?;
+                        let chunk = chunk.filter(|c| c.first_row == v0 && c.rows == n);
+                        let Some(chunk) = chunk else {
+                            return Err(Error::Device(format!(
+                                "lm head: the chunk of rows from {v0} did not come in order"
+                            )));
+                        };
+                        let copy = arrival.insert(chunk.copy);
+                        Operand::dense(self.buffer_ptr(copy.wait()?), Dtype::Bf16, n, h.cols)
+                    }
+                    _ => unreachable!("the head is resident or streamed"),
+                };
+                // z = h·W_chunkᵀ; then the running statistics, dh rescaled, P over z.
+                let z = Operand::dense(logits_ptr, Dtype::F32, rows, n);
+                self.gemm("lm_head_logits", h_rows, false, w_chunk, true, 1.0, 0.0, z)?;
+                let args = [
+                    Arg::Ptr(logits_ptr),
+                    Arg::Ptr(labels_ptr),
+                    dim(rows),
+                    dim(n),
+                    dim(v0),
+                    state[0],
+                    z_ptr,
+                    state[1],
+                    Arg::Ptr(dh_ptr),
+                    dim(h.cols),
+                ];
+                self.run("loss", chunk_kernel, Shape::per_row(rows), &args)?;
+                // dh += P·W_chunk
+                let p = match bf16 {
+                    true => Operand {
+                        dtype: Dtype::Bf16,
+                        pitch: 2 * n,
+                        ..z
+                    },
+                    false => z,
+                };
+                self.gemm("lm_head_dh", p, false, w_chunk, false, 1.0, 1.0, dh_rows)?;
+                drop(arrival);
+            }
+            // dh = s·(dh / z − W[label]); row_loss = lse − logit[label]
             let args = [
-                Arg::Ptr(logits_ptr),
-                Arg::Ptr(self.buffer_ptr(&labels.device) + (start * 4) as u64),
-                dim(rows),
-                dim(vocab),
+                Arg::Ptr(labels_ptr),
+                state[0],
+                z_ptr,
+                state[1],
+                Arg::Ptr(head_ptr),
+                Arg::I32(head_bf16 as i32),
+                Arg::Ptr(dh_ptr),
+                dim(h.cols),
                 scale_ptr,
                 Arg::Ptr(row_loss_ptr + (start * 4) as u64),
             ];
-            let (kernel, dz) = match bf16 {
-                // Each row's bf16 gradient in the first half of its own bytes.
-                true => (
-                    "cross_entropy_rows_bf16",
-                    Operand {
-                        dtype: Dtype::Bf16,
-                        pitch: 2 * vocab,
-                        ..z
-                    },
-                ),
-                false => ("cross_entropy_rows", z),
-            };
-            self.run("loss", kernel, Shape::per_row(rows), &args)?;
-            // dh = dz·W
-            let dh_ptr = self.ptr(&dh)? + (start * h.cols * 4) as u64;
-            let dh_rows = Operand::dense(dh_ptr, Dtype::F32, rows, h.cols);
-            self.gemm("lm_head_dh", dz, false, wo, false, 1.0, 0.0, dh_rows)?;
+            self.run("loss", "ce_online_finish", Shape::per_row(rows), &args)?;
         }
         Ok(dh)
     }

@@ -5,8 +5,8 @@
 //! computes (its device memory freed in stream order after the copy) and copied back ahead of
 //! the backward that reads it, overlapping the layer after it.
 //!
-//! Host tables (host_table.rs) are copied to fresh device buffers on streams of their own, ahead
-//! of the products that read them ([`Offload::fetch_table`]).
+//! Host tables (host_table.rs), whole or a range of rows, are copied to fresh device buffers on
+//! streams of their own, ahead of the products that read them ([`Offload::fetch_table`]).
 //!
 //! A pass being recorded (graph.rs) copies on a stream of its own with plain driver copies
 //! (cudarc's pinned buffers record events of their own, which a recording must not hold), from
@@ -19,6 +19,7 @@ use super::lock;
 use super::tensor::{Arrival, CudaTensor, Offloaded, Storage};
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaEvent, CudaStream, DevicePtr, DriverError, PinnedHostSlice};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -267,17 +268,30 @@ impl Offload {
         Ok(())
     }
 
-    /// Starts copying a host table to a fresh device buffer of its bf16 values; the copy
-    /// overlaps the work queued after it until the returned [`Arrival`] is settled.
-    pub(super) fn fetch_table(&self, gpu: &Gpu, table: &HostTable) -> Result<Arrival<u16>> {
+    /// Starts copying the values `range` of a host table to a fresh device buffer (held for
+    /// `what`); the copy overlaps the work queued after it until the returned [`Arrival`] is
+    /// settled.
+    pub(super) fn fetch_table(
+        &self,
+        gpu: &Gpu,
+        table: &HostTable,
+        range: Range<usize>,
+        what: &'static str,
+    ) -> Result<Arrival<u16>> {
+        if range.end > table.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: values {range:?} of a host table of {}",
+                table.len()
+            )));
+        }
         // The copy is ordered after the allocation, which is ordered on the compute stream.
-        let buf = gpu.alloc::<u16>(table.len(), "a host matrix's copy on the device")?;
+        let buf = gpu.alloc::<u16>(range.len(), what)?;
         let dst = buf.slice.device_ptr(gpu.stream()).0;
-        // SAFETY: `buf` is freed only after the compute stream has waited for the copy
-        // (`Arrival`); the table is read-only and outlives the work and the recordings that read
-        // it (the model's weights outlive its steps), so the plain driver copy serves both kinds
-        // of work.
-        let copy = |s: &Arc<CudaStream>| unsafe { table.copy_to_device(dst, s) };
+        // SAFETY: `range` lies within the table (checked above); `buf` holds its values and is
+        // freed only after the compute stream has waited for the copy (`Arrival`); the table is
+        // read-only and outlives the work and the recordings that read it (the model's weights
+        // outlive its steps), so the plain driver copy serves both kinds of work.
+        let copy = |s: &Arc<CudaStream>| unsafe { table.copy_to_device(dst, range.clone(), s) };
         let ready = self.copy(
             gpu,
             &self.tables,

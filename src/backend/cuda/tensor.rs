@@ -4,6 +4,7 @@
 //! for validation.
 
 use super::device::{driver_error, DeviceBuffer};
+use super::head_chunks::HeadChunks;
 use super::host_table::HostTable;
 use super::lock;
 use super::offload::{HostBuffer, HostBuffers};
@@ -48,22 +49,31 @@ pub enum Storage {
     /// Llama 3; the projection matrices of decoder layers kept there: 416 MiB a layer).
     Host {
         table: HostTable,
+        /// The output projection, which the loss reads a chunk of rows at a time: a pass brings
+        /// it over in chunks (`chunks`) instead of whole.
+        in_chunks: bool,
         /// The device copies passes brought over (`Backend::bring_to_device`), one per thread
         /// (a pass runs on one thread; a model's passes may run on several at once, recording
         /// or not), each read by its thread's products until released. Without one, a product
         /// copies the matrix for itself.
         copies: Mutex<HashMap<ThreadId, Arrival<u16>>>,
+        /// For `in_chunks`: the chunks a pass started bringing over, one queue per thread, taken
+        /// by its loss.
+        chunks: Mutex<HashMap<ThreadId, HeadChunks>>,
     },
     /// An f32 tensor moved to pinned host memory by `Backend::stash` (offload.rs).
     Offloaded(Box<Offloaded>),
 }
 
 impl Storage {
-    /// A matrix in host memory holding `table`, with no device copy.
-    pub fn host(table: HostTable) -> Self {
+    /// A matrix in host memory holding `table`, with no device copy; `in_chunks` for the output
+    /// projection.
+    pub fn host(table: HostTable, in_chunks: bool) -> Self {
         Storage::Host {
             table,
+            in_chunks,
             copies: Mutex::default(),
+            chunks: Mutex::default(),
         }
     }
 }
