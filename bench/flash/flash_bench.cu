@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../cuda_check.cuh"
 #include "prelude.cuh"
 #include FLASH_SRC
 
@@ -31,14 +32,6 @@
 #define FLASH_DQ_TILES 6
 #endif
 
-#define CK(x)                                                                         \
-    do {                                                                              \
-        cudaError_t e = (x);                                                          \
-        if (e != cudaSuccess) {                                                       \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            exit(1);                                                                  \
-        }                                                                             \
-    } while (0)
 
 // delta[t, h] = Σ_d dO·O (one warp per (t, h)).
 __global__ void bench_delta(const float* o, const bf16_t* d_o, float* delta, int n, int hd) {

@@ -10,17 +10,10 @@
 #include <cstdlib>
 #include <vector>
 
+#include "../cuda_check.cuh"
 #include "prelude.cuh"
 #include NF4_SRC
 
-#define CK(x)                                                                                \
-    do {                                                                                     \
-        cudaError_t e = (x);                                                                 \
-        if (e != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            exit(1);                                                                         \
-        }                                                                                    \
-    } while (0)
 
 int main() {
     // Gemma-7B's MLP (dense, folded), Llama-3-8B's q and MLP (folded), a short dense odd one.
