@@ -87,9 +87,10 @@ pub struct ft_model_params {
     pub collective_timeout_ms: u32,
     /// Non-zero: keep the LM head (or, tied, the embedding table serving as one) in pinned host
     /// memory instead of device memory (GPU only; 1 GiB less held on Llama 3). Each micro-batch's
-    /// forward pass copies it to the device beside its last quarter of layers and frees the copy
-    /// after the loss; evaluation and generation copy it for each product (a
-    /// generated token then costs one copy of it over the bus).
+    /// forward pass starts copying it to the device in chunks of rows beside its last quarter of
+    /// layers, and the loss takes the rest chunk by chunk (at most ~384 MiB of it on the device
+    /// at once); evaluation and generation copy it whole for each product (a generated token then
+    /// costs one copy of it over the bus).
     pub lm_head_in_host_memory: i32,
     /// Decoder layers whose projection matrices stay in pinned host memory instead of device
     /// memory (bf16 base weights only, GPU only; 416 MiB each on Llama 3 8B): spread over the

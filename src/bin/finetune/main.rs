@@ -58,8 +58,8 @@ enum Command {
         /// Keep the saved layer inputs in pinned host memory (GPU only).
         #[arg(long)]
         offload: bool,
-        /// Keep the LM head in pinned host memory, copied to the device for each step's loss
-        /// (GPU only).
+        /// Keep the LM head in pinned host memory, copied to the device chunk by chunk for each
+        /// step's loss (GPU only).
         #[arg(long)]
         lm_head_in_host: bool,
         /// Decoder layers whose projection matrices stay in pinned host memory, each copied to

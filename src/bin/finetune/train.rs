@@ -96,8 +96,8 @@ pub struct TrainArgs {
     /// Cap on the device memory held, in MiB (GPU only).
     #[arg(long)]
     pub max_memory_mib: Option<usize>,
-    /// Keep the LM head in pinned host memory, copied to the device for each step's loss (GPU
-    /// only).
+    /// Keep the LM head in pinned host memory, copied to the device chunk by chunk for each
+    /// step's loss (GPU only).
     #[arg(long)]
     pub lm_head_in_host: Option<bool>,
     /// Decoder layers whose projection matrices stay in pinned host memory, each copied to the
