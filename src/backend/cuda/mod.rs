@@ -1802,7 +1802,7 @@ impl Backend for CudaBackend {
         let (table, mut prefetched) = streamed.unzip();
         // The vocabulary in chunks of vc rows of the head, the tokens in chunks of `rows_per`:
         // each token chunk goes over every vocabulary chunk (kernels/loss.cu, "in chunks").
-        let vc = HEAD_CHUNK_ROWS.min(vocab);
+        let vc = HEAD_CHUNK_ROWS.min(vocab).max(1);
         let rows_per = (LOGITS_CHUNK_BYTES / (4 * vc)).clamp(1, h.rows.max(1));
         let logits = self.gpu.alloc::<f32>(rows_per * vc, "a chunk of logits")?;
         let stats = "the loss's running statistics";
