@@ -20,8 +20,9 @@
 // v0 == 0 starts the row (m = −∞, z = 0: α = 0). Ignored rows (label −100): P = 0, nothing else
 // touched. After the last chunk, ce_online_finish: lse = m + log z, row_loss = lse − y and
 //   dh_t = s·(dh_t / z − W[label])   (= (softmax − onehot)·W·s, s = *scale),
-// W[label] read from `head` (the whole head's rows: a device matrix, or a host table's mapped
-// address), f32 or bf16 as `head_bf16` says; ignored rows get dh = 0 and row_loss = 0.
+// W[label] read from `head` (the whole head's rows, `head_pitch` values apart: a device matrix,
+// or a host table's mapped address), f32 or bf16 as `head_bf16` says; ignored rows get dh = 0
+// and row_loss = 0. A row that has seen only −∞ logits so far keeps z = 0 and P = 0.
 // Each chunk's max and sum come from one pass (each thread keeps a running max m_t and a sum
 // s_t rescaled when m_t grows, combined as Σ_t s_t·exp(m_t − max)); −∞ logits add nothing, a
 // NaN logit makes the row's loss and gradient NaN, as on the CPU. The bf16 probabilities are
@@ -57,12 +58,16 @@ __device__ void online_chunk_row(float* logits, const int* labels, int vc, int v
         }
     }
     const float cmax = block_max(m);
-    const double csum = block_sum_f64(s * (double)expf(m - cmax));  // Σ_c exp(L_c − cmax)
+    // Σ_c exp(L_c − cmax); a thread that saw only −∞ (or nothing) adds 0, also when the whole
+    // chunk is −∞ (then m − cmax would be NaN); a NaN in s stays NaN.
+    const double csum = block_sum_f64(s == 0.0 ? 0.0 : s * (double)expf(m - cmax));
     const float m_new = fmaxf(m_old, cmax);
-    const float alpha = first ? 0.0f : expf(m_old - m_new);
+    // While a row has seen only −∞ (m' = −∞), exponents subtract 0 instead: exp(−∞) = 0.
+    const float m_sub = m_new == neg_inf ? 0.0f : m_new;
+    const float alpha = first ? 0.0f : expf(m_old - m_sub);
     if (threadIdx.x == 0) {
         const double z_old = first ? 0.0 : z_state[t];
-        z_state[t] = z_old * (double)alpha + csum * (double)expf(cmax - m_new);
+        z_state[t] = z_old * (double)alpha + csum * (double)expf(cmax - m_sub);
         m_state[t] = m_new;
         if (has_label) y_state[t] = zy;
     }
@@ -71,7 +76,7 @@ __device__ void online_chunk_row(float* logits, const int* labels, int vc, int v
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) d[i] *= alpha;
     }
     if (!BF16_OUT) {
-        for (int c = threadIdx.x; c < vc; c += blockDim.x) z[c] = expf(z[c] - m_new);
+        for (int c = threadIdx.x; c < vc; c += blockDim.x) z[c] = expf(z[c] - m_sub);
         return;
     }
     bf16_t* out = reinterpret_cast<bf16_t*>(z);
@@ -81,7 +86,7 @@ __device__ void online_chunk_row(float* logits, const int* labels, int vc, int v
 #pragma unroll
         for (int j = 0; j < CE_PER_THREAD; ++j) {
             const int c = base + j * blockDim.x + threadIdx.x;
-            p[j] = c < vc ? expf(z[c] - m_new) : 0.0f;
+            p[j] = c < vc ? expf(z[c] - m_sub) : 0.0f;
         }
         __syncthreads();  // the whole tile read before any of it is written
 #pragma unroll
@@ -106,7 +111,8 @@ extern "C" __global__ void ce_online_chunk_bf16(float* logits, const int* labels
 
 extern "C" __global__ void ce_online_finish(const int* labels, const float* m_state,
                                             const double* z_state, const float* y_state,
-                                            const void* head, int head_bf16, float* dh, int hidden,
+                                            const void* head, long long head_pitch, int head_bf16,
+                                            float* dh, int hidden,
                                             const float* scale, float* row_loss) {
     const int t = blockIdx.x, y = labels[t];
     float* d = dh + (long long)t * hidden;
@@ -120,7 +126,7 @@ extern "C" __global__ void ce_online_finish(const int* labels, const float* m_st
         row_loss[t] = (float)((double)m_state[t] + log(z) - (double)y_state[t]);
     }
     const float s = *scale, inv_z = (float)(1.0 / z);
-    const long long w0 = (long long)y * hidden;
+    const long long w0 = (long long)y * head_pitch;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         const float w = head_bf16 ? bf16_to_f32(reinterpret_cast<const bf16_t*>(head)[w0 + i])
                                   : reinterpret_cast<const float*>(head)[w0 + i];

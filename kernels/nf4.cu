@@ -185,7 +185,8 @@ __device__ __forceinline__ uint4 nf4_bf16_octet(const float* code, unsigned int 
 // (one thread's four groups side by side made each store instruction touch 32 scattered pieces and
 // ran at half the speed). A short last group (dense only) goes pair by pair in one thread. The row
 // of a group takes a 32-bit division unless n >= 2^32. packed and out are allocation starts (4-
-// and 16-byte aligned).
+// and 16-byte aligned). Pairs are rounded by one conversion (bf16x2_rn): a NaN (a NaN or infinite
+// block scale) comes out as the canonical NaN.
 // Launch: block 256, grid min(ceil(ceil(n/32)/256), 65535), grid-stride over warps.
 extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, const float* absmax,
                                                const unsigned char* codes, const float* nested_absmax,

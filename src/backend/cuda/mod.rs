@@ -1818,9 +1818,9 @@ impl Backend for CudaBackend {
         };
         // W[label] for the gradient's `− onehot·W` term: the resident head, or the host table
         // read over the bus.
-        let (head_ptr, head_bf16) = match (&resident, table) {
-            (Some(wo), _) => (wo.ptr, wo.dtype == Dtype::Bf16),
-            (None, Some(t)) => (t.device_ptr(), true),
+        let (head_ptr, head_pitch, head_bf16) = match (&resident, table) {
+            (Some(wo), _) => (wo.ptr, wo.pitch, wo.dtype == Dtype::Bf16),
+            (None, Some(t)) => (t.device_ptr(), h.cols, true),
             (None, None) => unreachable!("the head is resident or streamed"),
         };
         for start in (0..h.rows).step_by(rows_per) {
@@ -1905,6 +1905,7 @@ impl Backend for CudaBackend {
                 z_ptr,
                 state[1],
                 Arg::Ptr(head_ptr),
+                count(head_pitch),
                 Arg::I32(head_bf16 as i32),
                 Arg::Ptr(dh_ptr),
                 dim(h.cols),
