@@ -40,7 +40,9 @@ use profile::Profiler;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
+use std::thread::ThreadId;
 use tensor::Storage;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
 
@@ -171,6 +173,17 @@ struct Staged<'a> {
 struct Bf16Operands<const N: usize> {
     args: [Arg; N],
     _buffers: Vec<DeviceBuffer<u16>>,
+}
+
+/// Where `lm_head_cross_entropy` reads the head's rows: a device operand (a slice of it per
+/// vocabulary chunk), or a host table brought over chunk by chunk through `queue` (head_chunks.rs;
+/// the one a pass started, else made for each chunk of token rows).
+enum HeadRows<'a> {
+    Resident(Operand),
+    Streamed {
+        table: &'a HostTable,
+        queue: Option<HeadChunks>,
+    },
 }
 
 /// The kernels/flash.cu entries for a head dim: head_dim 256 has entries of its own, whose dK/dV
@@ -1024,29 +1037,29 @@ impl Backend for CudaBackend {
     /// The output projection (`in_chunks`) starts coming over in chunks, which this thread's
     /// next loss takes (head_chunks.rs); any other host matrix comes over whole.
     fn bring_to_device(&self, t: &CudaTensor) -> Result<bool> {
-        let thread = std::thread::current().id();
+        /// Starts `make` for this thread unless it holds one already; whether it started.
+        fn once<T>(
+            brought: &Mutex<HashMap<ThreadId, T>>,
+            make: impl FnOnce() -> Result<T>,
+        ) -> Result<bool> {
+            match lock(brought).entry(std::thread::current().id()) {
+                Entry::Vacant(slot) => slot.insert(make()?),
+                Entry::Occupied(_) => return Ok(false),
+            };
+            Ok(true)
+        }
         match &t.storage {
             Storage::Host {
                 table,
                 in_chunks: true,
                 chunks,
                 ..
-            } => {
-                if let Entry::Vacant(slot) = lock(chunks).entry(thread) {
-                    let (offload, gpu) = (&self.offload, &self.gpu);
-                    slot.insert(HeadChunks::start(offload, gpu, table, t.rows, t.cols)?);
-                    return Ok(true);
-                }
-            }
-            Storage::Host { table, copies, .. } => {
-                if let Entry::Vacant(slot) = lock(copies).entry(thread) {
-                    slot.insert(self.fetch_whole_table(table)?);
-                    return Ok(true);
-                }
-            }
-            _ => {}
+            } => once(chunks, || {
+                HeadChunks::start(&self.offload, &self.gpu, table, t.rows, t.cols)
+            }),
+            Storage::Host { table, copies, .. } => once(copies, || self.fetch_whole_table(table)),
+            _ => Ok(false),
         }
-        Ok(false)
     }
 
     fn release_device_copy(&self, t: &CudaTensor) {
@@ -1783,23 +1796,21 @@ impl Backend for CudaBackend {
         let (h_all, _h_tmp) = self.operand(h, bf16)?;
         // The head's rows: on the device (a slice of it per chunk), or the output projection in
         // host memory, brought over chunk by chunk (a queue this thread's pass may have started).
-        let streamed = match &w.storage {
+        let (mut head, _w_tmp) = match &w.storage {
             Storage::Host {
                 table,
                 in_chunks: true,
                 chunks,
                 ..
-            } => Some((table, lock(chunks).remove(&std::thread::current().id()))),
-            _ => None,
-        };
-        let (resident, _w_tmp) = match streamed {
-            Some(_) => (None, Staged::default()),
-            None => {
+            } => {
+                let queue = lock(chunks).remove(&std::thread::current().id());
+                (HeadRows::Streamed { table, queue }, Staged::default())
+            }
+            _ => {
                 let (wo, staged) = self.operand(w, bf16)?;
-                (Some(wo), staged)
+                (HeadRows::Resident(wo), staged)
             }
         };
-        let (table, mut prefetched) = streamed.unzip();
         // The vocabulary in chunks of vc rows of the head, the tokens in chunks of `rows_per`:
         // each token chunk goes over every vocabulary chunk (kernels/loss.cu, "in chunks").
         let vc = HEAD_CHUNK_ROWS.min(vocab).max(1);
@@ -1818,10 +1829,9 @@ impl Backend for CudaBackend {
         };
         // W[label] for the gradient's `− onehot·W` term: the resident head, or the host table
         // read over the bus.
-        let (head_ptr, head_pitch, head_bf16) = match (&resident, table) {
-            (Some(wo), _) => (wo.ptr, wo.pitch, wo.dtype == Dtype::Bf16),
-            (None, Some(t)) => (t.device_ptr(), h.cols, true),
-            (None, None) => unreachable!("the head is resident or streamed"),
+        let (head_ptr, head_pitch, head_bf16) = match &head {
+            HeadRows::Resident(wo) => (wo.ptr, wo.pitch, wo.dtype == Dtype::Bf16),
+            HeadRows::Streamed { table, .. } => (table.device_ptr(), h.cols, true),
         };
         for start in (0..h.rows).step_by(rows_per) {
             let rows = rows_per.min(h.rows - start);
@@ -1840,25 +1850,34 @@ impl Backend for CudaBackend {
             let dh_ptr = self.ptr(&dh)? + (start * h.cols * 4) as u64;
             let dh_rows = Operand::dense(dh_ptr, Dtype::F32, rows, h.cols);
             let labels_ptr = self.buffer_ptr(&labels.device) + (start * 4) as u64;
-            let mut queue = match table {
-                Some(t) => Some(match prefetched.take().flatten() {
-                    Some(q) => q,
-                    None => HeadChunks::start(&self.offload, &self.gpu, t, vocab, h.cols)?,
-                }),
-                None => None,
-            };
+            // Each token chunk reads the head from its first row: a streamed one from the queue a
+            // pass started (the first time), else from a new queue.
+            if let HeadRows::Streamed { table, queue } = &mut head {
+                if queue.is_none() {
+                    *queue = Some(HeadChunks::start(
+                        &self.offload,
+                        &self.gpu,
+                        table,
+                        vocab,
+                        h.cols,
+                    )?);
+                }
+            }
             for v0 in (0..vocab).step_by(vc) {
                 let n = vc.min(vocab - v0);
                 // Lives until the chunk's products are queued (then freed in stream order).
                 let mut arrival = None;
-                let w_chunk = match (&resident, &mut queue, table) {
-                    (Some(wo), _, _) => Operand {
+                let w_chunk = match &mut head {
+                    HeadRows::Resident(wo) => Operand {
                         ptr: wo.ptr + (v0 * wo.pitch * elem) as u64,
                         rows: n,
                         ..*wo
                     },
-                    (None, Some(q), Some(t)) => {
-                        let chunk = q.next(&self.offload, &self.gpu, t)?;
+                    HeadRows::Streamed { table, queue } => {
+                        let chunk = match queue {
+                            Some(q) => q.next(&self.offload, &self.gpu, table)?,
+                            None => None,
+                        };
                         let chunk = chunk.filter(|c| c.first_row == v0 && c.rows == n);
                         let Some(chunk) = chunk else {
                             return Err(Error::Device(format!(
@@ -1868,7 +1887,6 @@ impl Backend for CudaBackend {
                         let copy = arrival.insert(chunk.copy);
                         Operand::dense(self.buffer_ptr(copy.wait()?), Dtype::Bf16, n, h.cols)
                     }
-                    _ => unreachable!("the head is resident or streamed"),
                 };
                 // z = h·W_chunkᵀ; then the running statistics, dh rescaled, P over z.
                 let z = Operand::dense(logits_ptr, Dtype::F32, rows, n);
@@ -1897,6 +1915,9 @@ impl Backend for CudaBackend {
                 };
                 self.gemm("lm_head_dh", p, false, w_chunk, false, 1.0, 1.0, dh_rows)?;
                 drop(arrival);
+            }
+            if let HeadRows::Streamed { queue, .. } = &mut head {
+                *queue = None; // used up
             }
             // dh = s·(dh / z − W[label]); row_loss = lse − logit[label]
             let args = [
