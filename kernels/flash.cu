@@ -301,7 +301,9 @@ struct FlashQueryBlock {
 // Shared memory written by the threads (cp.async) is made visible to the tensor cores' async
 // proxy by fence.proxy.async before the barrier that precedes the products.
 // ---------------------------------------------------------------------------------------------
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// (A host compiler's pass over this file, as nvcc makes for bench/flash, takes this section too:
+// it must see the declarations of every entry the device pass compiles.)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
 #define FLASH_WGMMA 1
 #define FLASH_WG true
 
@@ -343,6 +345,15 @@ __device__ __forceinline__ void wg_hold(float (&x)[N][4]) {
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(x[t][e])::"memory");
     }
 }
+// The same for A operands in registers: they stay allocated, unchanged, up to this point.
+template <int N>
+__device__ __forceinline__ void wg_hold_regs(unsigned int (&x)[N][4]) {
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(x[t][e])::"memory");
+    }
+}
 __device__ __forceinline__ void flash_fence_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -378,16 +389,18 @@ __device__ __forceinline__ void wg_ss_n64(float (&d)[32], unsigned long long a,
         : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// D (64×64, f32) += A·B, A (64×16 bf16) in registers (this warp's 16 rows, mma.m16n8k16's
-// A fragment), B (16×64) in shared memory stored N-major (row k holds B[k][0..64)).
+// D (64×64, f32) = D·[accumulate] + A·B, A (64×16 bf16) in registers (this warp's 16 rows,
+// mma.m16n8k16's A fragment), B in shared memory: N-major (16×64, row k holds B[k][0..64)) when
+// TRANS_B, else K-major (64×16 as stored, row n holds B[0..16)[n]).
+template <int TRANS_B = 1>
 __device__ __forceinline__ void wg_rs_n64(float (&d)[32], const unsigned int (&a)[4],
-                                          unsigned long long b) {
+                                          unsigned long long b, int accumulate = 1) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
         : WG_ACC32(d, 0)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TRANS_B));
 }
 
 // D (64×128, f32) += A·B, A (64×16 bf16) in registers (this warp's 16 rows, mma.m16n8k16's
@@ -427,6 +440,33 @@ __device__ __forceinline__ void wg_scores(float (&acc)[NT][4], const bf16_t* a, 
     for (int kb = 0; kb < HD / 16; ++kb) {
         wg_ss_n64(reinterpret_cast<float(&)[4 * NT]>(acc), wg_desc_k<HD>(a, 0, kb),
                   wg_desc_k<HD>(b, 0, kb), kb);
+    }
+}
+
+// A fragments (registers) of this warp's 16 rows of a swizzled 64×HD tile, one per 16 dims: the
+// register operand of wg_scores_rs. ldmatrix lanes 0-15 give rows 16·warp + (lane & 15) at
+// k = 16kb, lanes 16-31 the same rows at k = 16kb + 8 (a0..a3 as mma.m16n8k16's A fragment).
+template <int HD>
+__device__ __forceinline__ void wg_afrags(unsigned int (&a)[HD / 16][4], const bf16_t* tile,
+                                          int warp, int lane) {
+    const int r = 16 * warp + (lane & 15);
+    const unsigned int row = flash_smem(tile) + 128 * r;
+#pragma unroll
+    for (int kb = 0; kb < HD / 16; ++kb) {
+        const int c = 16 * kb + 8 * (lane >> 4);
+        flash_ldsm(a[kb], row + 8192 * (c / 64) + 16 * (((c % 64) / 8) ^ (r % 8)));
+    }
+}
+
+// wg_scores with A in registers (wg_afrags of the A tile): B alone is read from shared memory,
+// half the shared-memory traffic of the 64 × 64 products. Queued, not committed.
+template <int HD, int NT>
+__device__ __forceinline__ void wg_scores_rs(float (&acc)[NT][4],
+                                             const unsigned int (&a)[HD / 16][4],
+                                             const bf16_t* b) {
+#pragma unroll
+    for (int kb = 0; kb < HD / 16; ++kb) {
+        wg_rs_n64<0>(reinterpret_cast<float(&)[4 * NT]>(acc), a[kb], wg_desc_k<HD>(b, 0, kb), kb);
     }
 }
 
@@ -584,8 +624,9 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
 // the tensor cores while the threads run tile t's softmax step (at 256 the output's 128
 // registers leave no room for a second score tile: each tile's scores are awaited). Shared
 // (swizzled tiles): Q, then K and V in two buffers; tile t + 2 is loaded while t + 1 is used.
-// Registers: o HD/2, s 2 × 32 (32 at 256). Tiles with no visible pair are computed anyway
-// (their p is 0).
+// Registers: o HD/2, s 2 × 32 (32 at 256), Q's fragments HD/4 up to 128 (the scores' A operand;
+// B alone is read from shared memory). Tiles with no visible pair are computed anyway (their p
+// is 0).
 template <int HD>
 __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                   const bf16_t* __restrict__ k,
@@ -599,9 +640,16 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
     auto Kb = [&](int u) { return sm + (1 + 2 * u) * TE; };
     auto Vb = [&](int u) { return sm + (2 + 2 * u) * TE; };
     // s = Q·Kᵀ of the key tile in buffer u, queued.
+    // Up to head_dim 128 Q's fragments stay in registers (HD/4 of them).
+    constexpr bool QREG = HD <= 128;
+    unsigned int qa[QREG ? HD / 16 : 1][4];
     auto scores = [&](float (&s)[NT][4], int u) {
         wg_fence();
-        wg_scores<HD, NT>(s, Qs, Kb(u));
+        if constexpr (QREG) {
+            wg_scores_rs<HD, NT>(s, qa, Kb(u));
+        } else {
+            wg_scores<HD, NT>(s, Qs, Kb(u));
+        }
         wg_commit();
     };
 
@@ -621,6 +669,7 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
     flash_wait<1>();
     flash_fence_async();
     __syncthreads();
+    if constexpr (QREG) wg_afrags<HD>(qa, Qs, warp, lane);
 
     const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
     const float sl2 = scale * FLASH_LOG2E;
@@ -718,20 +767,38 @@ __device__ __forceinline__ void flash_row_stats(float (&ls)[2], float (&de)[2],
     }
 }
 
-// dS = P ∘ (dP − D) in s, P = 2^(c·log2e·S − lse·log2e) where visible (bit 4t + e of vis),
-// else 0; rows as the accumulators' (ls, de: this thread's two rows).
+// P = 2^(c·log2e·S − lse·log2e) in s where visible (bit 4t + e of vis), else 0; rows as the
+// accumulators' (ls: this thread's two rows' lse·log2e).
 template <int NT>
-__device__ __forceinline__ void flash_dq_scores(float (&s)[NT][4], const float (&dp)[NT][4],
-                                                unsigned int vis, float sl2, const float (&ls)[2],
-                                                const float (&de)[2]) {
+__device__ __forceinline__ void flash_dq_probabilities(float (&s)[NT][4], unsigned int vis,
+                                                       float sl2, const float (&ls)[2]) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const float p = (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - ls[e >> 1]) : 0.0f;
-            s[t][e] = p * (dp[t][e] - de[e >> 1]);
+            s[t][e] = (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - ls[e >> 1]) : 0.0f;
         }
     }
+}
+
+// dS = P ∘ (dP − D) in s (P there already; de: this thread's two rows' D).
+template <int NT>
+__device__ __forceinline__ void flash_dq_dscores(float (&s)[NT][4], const float (&dp)[NT][4],
+                                                 const float (&de)[2]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[t][e] *= dp[t][e] - de[e >> 1];
+    }
+}
+
+// Both: dS = P ∘ (dP − D) in s from the raw scores.
+template <int NT>
+__device__ __forceinline__ void flash_dq_scores(float (&s)[NT][4], const float (&dp)[NT][4],
+                                                unsigned int vis, float sl2, const float (&ls)[2],
+                                                const float (&de)[2]) {
+    flash_dq_probabilities<NT>(s, vis, sl2, ls);
+    flash_dq_dscores<NT>(s, dp, de);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -818,11 +885,13 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
 }
 
 #ifdef FLASH_WGMMA
-// dQ on warpgroup products: per key tile, S = Q·Kᵀ and dP = dO·Vᵀ as two 64 × 64 products from
-// shared memory, dS formed in registers, dQ += dS·K from them. Shared (swizzled tiles): Q, dO,
-// then K and V in two buffers. Registers: acc HD/2, s + dp 64. Tiles with no visible pair are
+// dQ on warpgroup products: per key tile, S = Q·Kᵀ and dP = dO·Vᵀ as two 64 × 64 products (Q
+// from registers up to head_dim 128, dO from shared memory), committed apart so that P is formed
+// while dP runs; dS in registers, dQ += dS·K from them. Shared (swizzled tiles): Q, dO, then K
+// and V in two buffers. Registers: acc HD/2, s + dp 64, Q HD/4. Tiles with no visible pair are
 // computed anyway (their dS is 0). (Computing tile t + 1's products during tile t's dS, as the
-// forward does, needs 64 more registers: it spilled and ran 30 % slower at seq 8192.)
+// forward does, needs 64 more registers: it spilled and ran 30 % slower at seq 8192; so did dO's
+// fragments in registers beside Q's, 24 % slower.)
 template <int HD>
 __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                  const bf16_t* __restrict__ k,
@@ -838,10 +907,17 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
     bf16_t* Ds = sm + TE;
     auto Kb = [&](int u) { return sm + (2 + 2 * u) * TE; };
     auto Vb = [&](int u) { return sm + (3 + 2 * u) * TE; };
-    // s = Q·Kᵀ and dp = dO·Vᵀ of the key tile in buffer u, queued.
+    constexpr bool QREG = HD <= 128;
+    unsigned int qa[QREG ? HD / 16 : 1][4];
+    // s = Q·Kᵀ and dp = dO·Vᵀ of the key tile in buffer u, queued as two groups.
     auto scores = [&](float (&s)[NT][4], float (&dp)[NT][4], int u) {
         wg_fence();
-        wg_scores<HD, NT>(s, Qs, Kb(u));
+        if constexpr (QREG) {
+            wg_scores_rs<HD, NT>(s, qa, Kb(u));
+        } else {
+            wg_scores<HD, NT>(s, Qs, Kb(u));
+        }
+        wg_commit();
         wg_scores<HD, NT>(dp, Ds, Vb(u));
         wg_commit();
     };
@@ -872,14 +948,20 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
         flash_wait<1>();
         flash_fence_async();
         __syncthreads();
+        if constexpr (QREG) {
+            if (kt == 0) wg_afrags<HD>(qa, Qs, warp, lane);
+        }
         float s[NT][4], dp[NT][4];
         scores(s, dp, buf);
-        wg_wait<0>();
-        wg_hold<NT>(s);
-        wg_hold<NT>(dp);
         const unsigned int vis =
             whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
-        flash_dq_scores<NT>(s, dp, vis, sl2, ls, de);
+        // P while the tensor cores run dP.
+        wg_wait<1>();
+        wg_hold<NT>(s);
+        flash_dq_probabilities<NT>(s, vis, sl2, ls);
+        wg_wait<0>();
+        wg_hold<NT>(dp);
+        flash_dq_dscores<NT>(s, dp, de);
         unsigned int sa[BC / 16][4];
 #pragma unroll
         for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(sa[kb], s, kb);
@@ -934,18 +1016,15 @@ __device__ __forceinline__ void flash_dkdv_probabilities(float (&s)[NT][4], unsi
     }
 }
 
-// Pᵀ in s (flash_dkdv_probabilities) and dSᵀ = Pᵀ ∘ (dPᵀ − D) in dp, D of column 8t + 2tig +
-// (e & 1) from ds.
+// dSᵀ = Pᵀ ∘ (dPᵀ − D) in dp (Pᵀ in p), D of column 8t + 2tig + (e & 1) from ds.
 template <int NT>
-__device__ __forceinline__ void flash_dkdv_scores(float (&s)[NT][4], float (&dp)[NT][4],
-                                                  unsigned int vis, float sl2, const float* ls,
-                                                  const float* ds, int tig) {
-    flash_dkdv_probabilities<NT>(s, vis, sl2, ls, tig);
+__device__ __forceinline__ void flash_dkdv_dscores(float (&dp)[NT][4], const float (&p)[NT][4],
+                                                   const float* ds, int tig) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            dp[t][e] = s[t][e] * (dp[t][e] - ds[8 * t + 2 * tig + (e & 1)]);
+            dp[t][e] = p[t][e] * (dp[t][e] - ds[8 * t + 2 * tig + (e & 1)]);
         }
     }
 }
@@ -959,8 +1038,10 @@ __device__ __forceinline__ void flash_dkdv_scores(float (&s)[NT][4], float (&dp)
 // dSᵀ = Pᵀ ∘ (dPᵀ − D); dV += Pᵀ·dO, dK += dSᵀ·Q.
 // Registers: ka HD/2, dk + dv HD, s + dp 16. Shared: V, Q and dO two buffers each, lse and D.
 // On warpgroup products (WG, sm_90a) each pair is one 64 × 64 product per score matrix with K and
-// V read from shared memory (swizzled tiles: K, V, then Q and dO two buffers each); registers
-// dk + dv HD, s + dp 64; a pair with no visible entry is skipped by the whole block.
+// V read from shared memory (swizzled tiles: K, V, then Q and dO two buffers each), and the four
+// products in three groups: Sᵀ, then dPᵀ while the threads form Pᵀ, then dV += Pᵀ·dO while they
+// form dSᵀ, then dK += dSᵀ·Q. Registers dk + dv HD, s + dp 64 (K's fragments in registers too
+// spilled, 16 % slower); a pair with no visible entry is skipped by the whole block.
 // GRADS (warpgroup products only) picks the gradients a block makes: at head_dim 256 dK and dV
 // (128 registers each) do not fit beside each other, so one block makes dV (from S alone:
 // Pᵀ = 2^(…Sᵀ…), dV += Pᵀ·dO) and another dK (S, dP, dK += dSᵀ·Q): 5 products in place of 4.
@@ -1059,34 +1140,44 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
             const unsigned int vis =
                 whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0, tig);
             if (whole || __syncthreads_or(vis != 0)) {
+                // Pᵀ while the tensor cores run dPᵀ, dSᵀ while they run dV += Pᵀ·dO. The A
+                // operands pa and sa must stay untouched until their products are done.
                 float s[NT][4], dp[DK ? NT : 1][4];
+                unsigned int pa[DV ? BR / 16 : 1][4], sa[DK ? BR / 16 : 1][4];
                 wg_fence();
                 wg_scores<HD, NT>(s, Ks, Qb(buf));
-                if constexpr (DK) wg_scores<HD, NT>(dp, Vs, Db(buf));
-                wg_commit();
-                wg_wait<0>();
-                wg_hold(s);
-                wg_hold(dp);
                 if constexpr (DK) {
-                    flash_dkdv_scores<NT>(s, dp, vis, sl2, ls, ds, tig);
-                } else {
-                    flash_dkdv_probabilities<NT>(s, vis, sl2, ls, tig);
+                    wg_commit();
+                    wg_scores<HD, NT>(dp, Vs, Db(buf));
                 }
-                unsigned int pa[DV ? BR / 16 : 1][4], sa[DK ? BR / 16 : 1][4];
+                wg_commit();
+                wg_wait<DK ? 1 : 0>();
+                wg_hold(s);
+                flash_dkdv_probabilities<NT>(s, vis, sl2, ls, tig);
+                if constexpr (DV) {
 #pragma unroll
-                for (int kb = 0; kb < BR / 16; ++kb) {
-                    if constexpr (DV) flash_c_to_a<NT>(pa[kb], s, kb);
-                    if constexpr (DK) flash_c_to_a<NT>(sa[kb], dp, kb);
+                    for (int kb = 0; kb < BR / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
+                    wg_hold(dva);
+                    wg_fence();
+                    wg_accumulate<HD>(dva, pa, Db(buf));
+                    if constexpr (DK) wg_commit();
                 }
-                wg_hold(dva);
-                wg_hold(dka);
-                wg_fence();
-                if constexpr (DV) wg_accumulate<HD>(dva, pa, Db(buf));
-                if constexpr (DK) wg_accumulate<HD>(dka, sa, Qb(buf));
+                if constexpr (DK) {
+                    wg_wait<DV ? 1 : 0>();
+                    wg_hold(dp);
+                    flash_dkdv_dscores<NT>(dp, s, ds, tig);
+#pragma unroll
+                    for (int kb = 0; kb < BR / 16; ++kb) flash_c_to_a<NT>(sa[kb], dp, kb);
+                    wg_hold(dka);
+                    wg_fence();
+                    wg_accumulate<HD>(dka, sa, Qb(buf));
+                }
                 wg_commit();
                 wg_wait<0>();
                 wg_hold(dva);
                 wg_hold(dka);
+                wg_hold_regs(pa);
+                wg_hold_regs(sa);
             }
         }
 #endif
@@ -1102,7 +1193,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
                 flash_zero<NT>(dp);
                 flash_mma_nt<HD, NT>(s, ka, Qb(buf), c0, lane);
                 flash_mma_nt_shared_a<HD, NT>(dp, Vs, 16 * warp, Db(buf), c0, lane);
-                flash_dkdv_scores<NT>(s, dp, vis, sl2, ls + c0, ds + c0, tig);
+                flash_dkdv_probabilities<NT>(s, vis, sl2, ls + c0, tig);
+                flash_dkdv_dscores<NT>(dp, s, ds + c0, tig);
                 unsigned int pa[4], sa[4];
                 flash_c_to_a<NT>(pa, s, 0);
                 flash_c_to_a<NT>(sa, dp, 0);
