@@ -19,7 +19,7 @@ use finetune::backend::cpu::CpuBackend;
 use finetune::backend::IGNORE_LABEL;
 use finetune::lora::LoraConfig;
 use finetune::model::config::Family;
-use finetune::model::decoder::{Decoder, MLP_CHUNK_ROWS};
+use finetune::model::decoder::Decoder;
 use finetune::model::presets::tiny;
 use finetune::model::weights::{random_weights, DecoderWeights, Slot, TensorValues};
 use finetune::quant::Quantization;
@@ -41,7 +41,7 @@ const LORA: Setup = Setup {
     checkpointing: true,
     quantization: Quantization::None,
     dropout: 0.0,
-    mlp_chunk_rows: MLP_CHUNK_ROWS,
+    mlp_chunk_rows: usize::MAX, // one chunk
 };
 
 fn trainer(family: Family, setup: Setup) -> Trainer<CpuBackend> {

@@ -71,9 +71,17 @@ pub struct Saving {
     pub keep_adapter_inputs: bool,
 }
 
-/// Token rows per MLP chunk unless set otherwise ([`Decoder::set_mlp_chunk_rows`]): Llama 3
-/// 8B's three intermediates are then 3 × 56 MiB in f32, and its products still fill a GPU.
-pub const MLP_CHUNK_ROWS: usize = 1024;
+/// Values of one MLP intermediate (`rows × intermediate_size`) per chunk unless set otherwise
+/// ([`Decoder::set_mlp_chunk_rows`]): 2,048 rows of Llama 3 8B, whose three intermediates are
+/// then 3 × 112 MiB in f32. Half that left its gate and up products (1,024 × 14,336 outputs,
+/// 448 tiles of 128 × 256 for 132 multiprocessors on an H200) with a last wave a third full.
+pub const MLP_CHUNK_VALUES: usize = 2048 * 14336;
+
+/// Token rows per MLP chunk for an intermediate size: [`MLP_CHUNK_VALUES`] of them, rounded down
+/// to a multiple of 256 rows (at least 256).
+pub fn mlp_chunk_rows_for(intermediate_size: usize) -> usize {
+    (MLP_CHUNK_VALUES / intermediate_size.max(1) / 256).max(1) * 256
+}
 
 /// The decoder: configuration, frozen weights and the backend they live on.
 pub struct Decoder<B: Backend> {
@@ -245,12 +253,13 @@ impl<T> std::ops::Deref for Rows<'_, T> {
 impl<B: Backend> Decoder<B> {
     pub fn new(cfg: ModelConfig, backend: B, weights: DecoderWeights<B>) -> Self {
         let inv_freq = cfg.rope_inv_freq();
+        let mlp_chunk_rows = mlp_chunk_rows_for(cfg.intermediate_size);
         Decoder {
             cfg,
             backend,
             weights,
             inv_freq,
-            mlp_chunk_rows: MLP_CHUNK_ROWS,
+            mlp_chunk_rows,
         }
     }
 
