@@ -1113,3 +1113,20 @@ impl<B: Backend> Decoder<B> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::mlp_chunk_rows_for;
+    use crate::model::presets::preset;
+
+    #[test]
+    fn mlp_chunks_hold_about_the_same_values_for_every_family() {
+        let rows = |name: &str| mlp_chunk_rows_for(preset(name).unwrap().intermediate_size);
+        assert_eq!(rows("llama3-8b"), 2048);
+        assert_eq!(rows("mistral-7b"), 2048);
+        assert_eq!(rows("qwen2.5-7b"), 1536);
+        assert_eq!(rows("gemma-7b"), 1024);
+        assert_eq!(mlp_chunk_rows_for(usize::MAX), 256);
+        assert_eq!(mlp_chunk_rows_for(0) % 256, 0);
+    }
+}
