@@ -32,8 +32,14 @@ for name in "${names[@]}"; do
     if [ ! -x "$out/bench_$name" ]; then
         echo "build $name failed"; tail -20 "$out/ptxas_$name.txt"; continue
     fi
-    grep -A2 "Compiling entry function '_*flash_\(fwd\|bwd_dq\|bwd_dkdv\)'" "$out/ptxas_$name.txt" |
-        grep -o "Used [0-9]* registers\|[0-9]* bytes spill stores" | paste -sd' ' | sed "s/^/$name: /"
+    # One line per kernel entry: its registers and spill stores.
+    awk -v name="$name" '
+        /Compiling entry function/ { match($0, /flash_[a-z0-9_]+/); k = substr($0, RSTART, RLENGTH) }
+        /spill stores/ && k != "" { match($0, /[0-9]+ bytes spill stores/); sp = substr($0, RSTART, RLENGTH) }
+        /Used [0-9]+ registers/ && k != "" {
+            match($0, /Used [0-9]+ registers/)
+            printf "%s %s: %s, %s\n", name, k, substr($0, RSTART, RLENGTH), sp; k = ""
+        }' "$out/ptxas_$name.txt"
     built+=("$name")
 done
 names=("${built[@]}")
