@@ -278,9 +278,10 @@ struct FlashQueryBlock {
 
 // ---------------------------------------------------------------------------------------------
 // Hopper (sm_90a): warpgroup products. The block's 4 warps are one warpgroup, and
-// wgmma.mma_async.m64nNk16 multiplies 64 rows at once, asynchronously, with B (and A, or A from
-// registers) read by the tensor cores straight from shared memory: no ldmatrix, no Q fragments
-// held in registers. Its f32 accumulator holds, in warp w's lanes, rows 16w + gid and
+// wgmma.mma_async.m64nNk16 multiplies 64 rows at once, asynchronously, with B (and A unless A
+// comes from registers) read by the tensor cores straight from shared memory; of the tiles only Q
+// goes through ldmatrix, once, into the score products' register A operand (wg_afrags). Its f32
+// accumulator holds, in warp w's lanes, rows 16w + gid and
 // 16w + gid + 8 in mma.m16n8k16's C layout repeated over the n-tiles, and a register A operand is
 // mma.m16n8k16's A fragment of the warp's 16 rows: the layouts of the kernels above, so their
 // masks, softmax steps and stores serve both.
@@ -1039,8 +1040,8 @@ __device__ __forceinline__ void flash_dkdv_dscores(float (&dp)[NT][4], const flo
 // Registers: ka HD/2, dk + dv HD, s + dp 16. Shared: V, Q and dO two buffers each, lse and D.
 // On warpgroup products (WG, sm_90a) each pair is one 64 × 64 product per score matrix with K and
 // V read from shared memory (swizzled tiles: K, V, then Q and dO two buffers each), and the four
-// products in three groups: Sᵀ, then dPᵀ while the threads form Pᵀ, then dV += Pᵀ·dO while they
-// form dSᵀ, then dK += dSᵀ·Q. Registers dk + dv HD, s + dp 64 (K's fragments in registers too
+// products committed one group each: Sᵀ, then dPᵀ while the threads form Pᵀ, then dV += Pᵀ·dO
+// while they form dSᵀ, then dK += dSᵀ·Q. Registers dk + dv HD, s + dp 64 (K's fragments in registers too
 // spilled, 16 % slower); a pair with no visible entry is skipped by the whole block.
 // GRADS (warpgroup products only) picks the gradients a block makes: at head_dim 256 dK and dV
 // (128 registers each) do not fit beside each other, so one block makes dV (from S alone:
@@ -1176,8 +1177,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
                 wg_wait<0>();
                 wg_hold(dva);
                 wg_hold(dka);
-                wg_hold_regs(pa);
-                wg_hold_regs(sa);
+                if constexpr (DV) wg_hold_regs(pa);
+                if constexpr (DK) wg_hold_regs(sa);
             }
         }
 #endif

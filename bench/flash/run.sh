@@ -34,7 +34,7 @@ for name in "${names[@]}"; do
     fi
     # One line per kernel entry: its registers and spill stores.
     awk -v name="$name" '
-        /Compiling entry function/ { match($0, /flash_[a-z0-9_]+/); k = substr($0, RSTART, RLENGTH) }
+        /Compiling entry function/ { match($0, /flash_[a-z0-9_]+/); k = substr($0, RSTART, RLENGTH); sp = "?" }
         /spill stores/ && k != "" { match($0, /[0-9]+ bytes spill stores/); sp = substr($0, RSTART, RLENGTH) }
         /Used [0-9]+ registers/ && k != "" {
             match($0, /Used [0-9]+ registers/)

@@ -77,8 +77,8 @@ pub struct Saving {
 /// 448 tiles of 128 × 256 for 132 multiprocessors on an H200) with a last wave a third full.
 pub const MLP_CHUNK_VALUES: usize = 2048 * 14336;
 
-/// Token rows per MLP chunk for an intermediate size: [`MLP_CHUNK_VALUES`] of them, rounded down
-/// to a multiple of 256 rows (at least 256).
+/// Token rows per MLP chunk for an intermediate size: `MLP_CHUNK_VALUES / intermediate_size`,
+/// rounded down to a multiple of 256 rows (at least 256).
 pub fn mlp_chunk_rows_for(intermediate_size: usize) -> usize {
     (MLP_CHUNK_VALUES / intermediate_size.max(1) / 256).max(1) * 256
 }
