@@ -571,48 +571,40 @@ fn lm_head_case(p: &mut Pair, rng: &mut Rng, tokens: usize, hidden: usize, vocab
     // f32 weight (tests, small heads) and frozen bf16 weight (every loaded model).
     let (hg, hc) = p.up(&hv, tokens, hidden);
     let (wg, wc) = p.up(&wv, vocab, hidden);
-    // Row losses start as NaN: every row must be written (0 where the label is ignored).
     let (sg, sc) = p.up(&[1.0 / 33.0], 1, 1);
-    let (mut rg, mut rc) = p.up(&vec![f32::NAN; tokens], tokens, 1);
-    let dhg =
-        p.g.lm_head_cross_entropy(&hg, &wg, &lg, &sg, &mut rg)
-            .unwrap();
-    let dhc =
-        p.c.lm_head_cross_entropy(&hc, &wc, &lc, &sc, &mut rc)
-            .unwrap();
-    p.check(
-        &format!("lm head row losses (f32 weight, vocab {vocab})"),
-        &rg,
-        &rc,
-        1e-5,
-    );
-    p.check(
-        &format!("lm head dh (f32 weight, vocab {vocab})"),
-        &dhg,
-        &dhc,
-        1e-4,
-    );
+    // The GPU's loss with head `w` on `hg` against the CPU's on `h_cpu` (head `wc`); the GPU's row
+    // losses and dh. Row losses start as NaN: every row must be written (0 where the label is
+    // ignored).
+    let against_cpu = |p: &Pair,
+                       what: &str,
+                       w: &<CudaBackend as Backend>::Tensor,
+                       h_cpu: &<CpuBackend as Backend>::Tensor,
+                       dh_tol: f64| {
+        let (mut rg, mut rc) = p.up(&vec![f32::NAN; tokens], tokens, 1);
+        let dhg =
+            p.g.lm_head_cross_entropy(&hg, w, &lg, &sg, &mut rg)
+                .unwrap();
+        let dhc =
+            p.c.lm_head_cross_entropy(h_cpu, &wc, &lc, &sc, &mut rc)
+                .unwrap();
+        p.check(
+            &format!("lm head row losses ({what}, vocab {vocab})"),
+            &rg,
+            &rc,
+            1e-5,
+        );
+        p.check(
+            &format!("lm head dh ({what}, vocab {vocab})"),
+            &dhg,
+            &dhc,
+            dh_tol,
+        );
+        (rg, dhg)
+    };
+    against_cpu(p, "f32 weight", &wg, &hc, 1e-4);
     let wg16 = p.g.upload_frozen(&wv, vocab, hidden).unwrap();
     let hc16 = p.c.upload(&bf16_round(&hv), tokens, hidden).unwrap();
-    let (mut rg, mut rc) = p.up(&vec![f32::NAN; tokens], tokens, 1);
-    let dhg =
-        p.g.lm_head_cross_entropy(&hg, &wg16, &lg, &sg, &mut rg)
-            .unwrap();
-    let dhc =
-        p.c.lm_head_cross_entropy(&hc16, &wc, &lc, &sc, &mut rc)
-            .unwrap();
-    p.check(
-        &format!("lm head row losses (bf16 weight, vocab {vocab})"),
-        &rg,
-        &rc,
-        1e-5,
-    );
-    p.check(
-        &format!("lm head dh (bf16 weight, vocab {vocab})"),
-        &dhg,
-        &dhc,
-        1e-2,
-    );
+    let (mut rg, dhg) = against_cpu(p, "bf16 weight", &wg16, &hc16, 1e-2);
     let want = (p.g.download(&rg).unwrap(), p.g.download(&dhg).unwrap());
     p.g.set_output_projection_in_host(true);
     let head = p.g.upload_output_projection(&wv, vocab, hidden).unwrap();
