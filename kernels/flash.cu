@@ -793,15 +793,6 @@ __device__ __forceinline__ void flash_dq_dscores(float (&s)[NT][4], const float 
     }
 }
 
-// Both: dS = P ∘ (dP − D) in s from the raw scores.
-template <int NT>
-__device__ __forceinline__ void flash_dq_scores(float (&s)[NT][4], const float (&dp)[NT][4],
-                                                unsigned int vis, float sl2, const float (&ls)[2],
-                                                const float (&de)[2]) {
-    flash_dq_probabilities<NT>(s, vis, sl2, ls);
-    flash_dq_dscores<NT>(s, dp, de);
-}
-
 // ---------------------------------------------------------------------------------------------
 // dQ. Block: 64 queries from r0 (reverse order, as fwd); Q and dO fragments in registers. Per key
 // tile of 64, in two halves of 32 keys (registers): S = Q·Kᵀ, dP = dO·Vᵀ;
@@ -870,7 +861,8 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
             flash_zero<NT>(dp);
             flash_mma_nt<HD, NT>(s, qa, Kb(buf), HALF * half, lane);
             flash_mma_nt<HD, NT>(dp, da, Vb(buf), HALF * half, lane);
-            flash_dq_scores<NT>(s, dp, vis, sl2, ls, de);
+            flash_dq_probabilities<NT>(s, vis, sl2, ls);
+            flash_dq_dscores<NT>(s, dp, de);
 #pragma unroll
             for (int kb = 0; kb < HALF / 16; ++kb) {
                 unsigned int sa[4];
@@ -1041,8 +1033,8 @@ __device__ __forceinline__ void flash_dkdv_dscores(float (&dp)[NT][4], const flo
 // On warpgroup products (WG, sm_90a) each pair is one 64 × 64 product per score matrix with K and
 // V read from shared memory (swizzled tiles: K, V, then Q and dO two buffers each), and the four
 // products committed one group each: Sᵀ, then dPᵀ while the threads form Pᵀ, then dV += Pᵀ·dO
-// while they form dSᵀ, then dK += dSᵀ·Q. Registers dk + dv HD, s + dp 64 (K's fragments in registers too
-// spilled, 16 % slower); a pair with no visible entry is skipped by the whole block.
+// while they form dSᵀ, then dK += dSᵀ·Q. Registers dk + dv HD, s + dp 64 (K's fragments in
+// registers too spilled, 16 % slower); a pair with no visible entry is skipped by the whole block.
 // GRADS (warpgroup products only) picks the gradients a block makes: at head_dim 256 dK and dV
 // (128 registers each) do not fit beside each other, so one block makes dV (from S alone:
 // Pᵀ = 2^(…Sᵀ…), dV += Pᵀ·dO) and another dK (S, dP, dK += dSᵀ·Q): 5 products in place of 4.
