@@ -8,13 +8,71 @@ __device__ __forceinline__ float norm_weight(float w, int unit_offset) {
     return unit_offset ? 1.0f + w : w;
 }
 
-// r_t = 1/sqrt(mean_c x[t,c]² + eps);  y[t,c] = x[t,c]·r_t·w'_c, handed to store(c, y[t,c]) for
-// row t = blockIdx.x.   (r: [rows], one value per row)
-template <typename Store>
+// A row is read in 16-byte loads and held in registers between the two passes (its sum and its
+// output) when cols is a multiple of 4, at most V·4·blockDim.x, and the rows start 16-byte
+// aligned (8 for bf16 outputs): thread i holds columns 4(i + j·blockDim.x) .. +3, j < V. With the
+// launch's 256 threads, V = NORM_FWD_VEC covers 8,192 columns in the forward; the backward holds
+// three such arrays (dy, x, dx) and keeps NORM_BWD_VEC (4,096 columns) so that more blocks fit
+// an SM. Other rows (another width, a longer row, an unaligned view) take a plain loop that reads
+// them twice.
+#define NORM_FWD_VEC 8
+#define NORM_BWD_VEC 4
+
+__device__ __forceinline__ bool norm_aligned(const void* p, unsigned int bytes) {
+    return reinterpret_cast<unsigned long long>(p) % bytes == 0;
+}
+
+template <int V>
+__device__ __forceinline__ bool norm_vectorized(int cols) {
+    return cols % 4 == 0 && cols <= V * 4 * (int)blockDim.x;
+}
+
+// Column 4(threadIdx.x + j·blockDim.x) of the vectorized layout, or -1 past the row's end.
+__device__ __forceinline__ int norm_col(int j, int cols) {
+    const int c = 4 * (threadIdx.x + j * blockDim.x);
+    return c < cols ? c : -1;
+}
+
+__device__ __forceinline__ float4 norm_load4(const float* p) {
+    return *reinterpret_cast<const float4*>(p);
+}
+
+// w'_c·a for the 4 columns from c.
+__device__ __forceinline__ float4 norm_scale4(float4 a, const float* w, int c, int unit_offset) {
+    const float4 wv = norm_load4(w + c);
+    return make_float4(a.x * norm_weight(wv.x, unit_offset), a.y * norm_weight(wv.y, unit_offset),
+                       a.z * norm_weight(wv.z, unit_offset), a.w * norm_weight(wv.w, unit_offset));
+}
+
+// r_t = 1/sqrt(mean_c x[t,c]² + eps);  y[t,c] = x[t,c]·r_t·w'_c for row t = blockIdx.x, written
+// by out (out.one(c, v) for one column, out.four(c, v) for 4 from c).   (r: [rows], one value
+// per row)
+template <typename Out>
 __device__ __forceinline__ void rmsnorm_row(const float* x, const float* w, float* r, int cols,
-                                            float eps, int unit_offset, Store store) {
+                                            float eps, int unit_offset, Out out) {
     const float* xr = x + (long long)blockIdx.x * cols;
     float ss = 0.0f;
+    const bool aligned = norm_aligned(xr, 16) && norm_aligned(w, 16) && out.aligned();
+    if (norm_vectorized<NORM_FWD_VEC>(cols) && aligned) {
+        float4 xv[NORM_FWD_VEC];
+#pragma unroll
+        for (int j = 0; j < NORM_FWD_VEC; ++j) {
+            const int c = norm_col(j, cols);
+            xv[j] = c >= 0 ? norm_load4(xr + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y + xv[j].z * xv[j].z + xv[j].w * xv[j].w;
+        }
+        ss = block_sum(ss);
+        const float rr = 1.0f / sqrtf(ss / (float)cols + eps);
+        if (threadIdx.x == 0) r[blockIdx.x] = rr;
+#pragma unroll
+        for (int j = 0; j < NORM_FWD_VEC; ++j) {
+            const int c = norm_col(j, cols);
+            if (c < 0) continue;
+            const float4 a = make_float4(xv[j].x * rr, xv[j].y * rr, xv[j].z * rr, xv[j].w * rr);
+            out.four(c, norm_scale4(a, w, c, unit_offset));
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float a = xr[c];
         ss += a * a;
@@ -23,15 +81,34 @@ __device__ __forceinline__ void rmsnorm_row(const float* x, const float* w, floa
     const float rr = 1.0f / sqrtf(ss / (float)cols + eps);
     if (threadIdx.x == 0) r[blockIdx.x] = rr;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        store(c, xr[c] * rr * norm_weight(w[c], unit_offset));
+        out.one(c, xr[c] * rr * norm_weight(w[c], unit_offset));
     }
 }
+
+// The output row of rmsnorm_fwd: f32.
+struct NormOutF32 {
+    float* y;
+    __device__ bool aligned() const { return norm_aligned(y, 16); }
+    __device__ void one(int c, float v) const { y[c] = v; }
+    __device__ void four(int c, float4 v) const { *reinterpret_cast<float4*>(y + c) = v; }
+};
+
+// The output row of rmsnorm_fwd_bf16: bf16 (rounded to nearest even); four from a column that
+// is a multiple of 4 of a row whose start is 8-byte aligned.
+struct NormOutBf16 {
+    bf16_t* y;
+    __device__ bool aligned() const { return norm_aligned(y, 8); }
+    __device__ void one(int c, float v) const { y[c] = f32_to_bf16(v); }
+    __device__ void four(int c, float4 v) const {
+        *reinterpret_cast<uint2*>(y + c) = make_uint2(bf16x2_rn(v.x, v.y), bf16x2_rn(v.z, v.w));
+    }
+};
 
 // y f32 [rows, cols].
 extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, float* y, float* r,
                                        int rows, int cols, float eps, int unit_offset) {
-    float* yr = y + (long long)blockIdx.x * cols;
-    rmsnorm_row(x, w, r, cols, eps, unit_offset, [&](int c, float v) { yr[c] = v; });
+    const NormOutF32 out{y + (long long)blockIdx.x * cols};
+    rmsnorm_row(x, w, r, cols, eps, unit_offset, out);
 }
 
 // y bf16 (rounded to nearest even), rows `pitch` elements apart: a product input, whose spare
@@ -39,12 +116,13 @@ extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, float* y,
 extern "C" __global__ void rmsnorm_fwd_bf16(const float* x, const float* w, bf16_t* y, float* r,
                                             int rows, int cols, long long pitch, float eps,
                                             int unit_offset) {
-    bf16_t* yr = y + (long long)blockIdx.x * pitch;
-    rmsnorm_row(x, w, r, cols, eps, unit_offset, [&](int c, float v) { yr[c] = f32_to_bf16(v); });
+    const NormOutBf16 out{y + (long long)blockIdx.x * pitch};
+    rmsnorm_row(x, w, r, cols, eps, unit_offset, out);
 }
 
 // dx_j = r·w'_j·dy_j − (r³/cols)·x_j·Σ_i dy_i·w'_i·x_i   (r from rmsnorm_fwd), added into dx
-// when `accumulate` (dx_j = dx_j + that), else written over it.
+// when `accumulate` (dx_j = dx_j + that), else written over it. dy, x and the dx added into are
+// read together and held in registers between the passes as in rmsnorm_row.
 extern "C" __global__ void rmsnorm_bwd(const float* dy, const float* x, const float* w,
                                        const float* r, float* dx, int rows, int cols,
                                        int unit_offset, int accumulate) {
@@ -52,12 +130,44 @@ extern "C" __global__ void rmsnorm_bwd(const float* dy, const float* x, const fl
     const float* dyr = dy + base;
     const float* xr = x + base;
     float* dxr = dx + base;
+    const float rr = r[blockIdx.x];
     float dot = 0.0f;
+    const bool aligned =
+        norm_aligned(dyr, 16) && norm_aligned(xr, 16) && norm_aligned(dxr, 16) && norm_aligned(w, 16);
+    if (norm_vectorized<NORM_BWD_VEC>(cols) && aligned) {
+        float4 dv[NORM_BWD_VEC], xv[NORM_BWD_VEC], av[NORM_BWD_VEC];
+#pragma unroll
+        for (int j = 0; j < NORM_BWD_VEC; ++j) {
+            const int c = norm_col(j, cols);
+            const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            dv[j] = c >= 0 ? norm_load4(dyr + c) : zero;
+            xv[j] = c >= 0 ? norm_load4(xr + c) : zero;
+            av[j] = c >= 0 && accumulate ? norm_load4(dxr + c) : zero;
+        }
+#pragma unroll
+        for (int j = 0; j < NORM_BWD_VEC; ++j) {
+            const int c = norm_col(j, cols);
+            if (c < 0) continue;
+            dv[j] = norm_scale4(dv[j], w, c, unit_offset);  // w'·dy from here on
+            dot += dv[j].x * xv[j].x + dv[j].y * xv[j].y + dv[j].z * xv[j].z + dv[j].w * xv[j].w;
+        }
+        dot = block_sum(dot);
+        const float k = rr * rr * rr * dot / (float)cols;
+#pragma unroll
+        for (int j = 0; j < NORM_BWD_VEC; ++j) {
+            const int c = norm_col(j, cols);
+            if (c < 0) continue;
+            const float4 g = dv[j], a = av[j];
+            *reinterpret_cast<float4*>(dxr + c) =
+                make_float4(a.x + (rr * g.x - k * xv[j].x), a.y + (rr * g.y - k * xv[j].y),
+                            a.z + (rr * g.z - k * xv[j].z), a.w + (rr * g.w - k * xv[j].w));
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         dot += dyr[c] * norm_weight(w[c], unit_offset) * xr[c];
     }
     dot = block_sum(dot);
-    const float rr = r[blockIdx.x];
     const float k = rr * rr * rr * dot / (float)cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float g = rr * norm_weight(w[c], unit_offset) * dyr[c] - k * xr[c];

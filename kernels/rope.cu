@@ -5,14 +5,14 @@
 // x: [rows, heads·head_dim], half = head_dim/2. For row t, every head, i < half:
 //   θ = positions[t]·inv_freq[i] in double; c = (float)cos θ, s = (float)(inverse ? −sin θ : sin θ)
 //   (a, b) = (x[i], x[i + half]) → (a·c − b·s, b·c + a·s)
-// One work item per (t, i): the angle is computed once and applied to all heads of the row (the
-// launch has heads× more threads than items; the extra ones fall straight out of the loop).
-// Within a head, consecutive threads touch consecutive addresses.
-extern "C" __global__ void rope_f32(float* x, const int* positions, const float* inv_freq,
-                                    int rows, int heads, int head_dim, int inverse) {
-    const int half = head_dim / 2;
+// One work item per (t, i): the angle is computed once and handed to rotate(t, i, c, s), which
+// applies it to all heads of the row (the launch has heads× more threads than items; the extra
+// ones fall straight out of the loop). Within a head, consecutive threads touch consecutive
+// addresses.
+template <typename Rotate>
+__device__ __forceinline__ void rope_items(const int* positions, const float* inv_freq, int rows,
+                                           int half, int inverse, Rotate rotate) {
     const long long items = (long long)rows * half;
-    const long long cols = (long long)heads * head_dim;
     for (long long it = (long long)blockIdx.x * blockDim.x + threadIdx.x; it < items;
          it += (long long)blockDim.x * gridDim.x) {
         const long long t = it / half;
@@ -20,8 +20,16 @@ extern "C" __global__ void rope_f32(float* x, const int* positions, const float*
         const double theta = (double)positions[t] * (double)inv_freq[i];
         double sd, cd;
         sincos(theta, &sd, &cd);
-        const float c = (float)cd;
-        const float s = (float)(inverse ? -sd : sd);
+        rotate(t, i, (float)cd, (float)(inverse ? -sd : sd));
+    }
+}
+
+// In place on x (f32).
+extern "C" __global__ void rope_f32(float* x, const int* positions, const float* inv_freq,
+                                    int rows, int heads, int head_dim, int inverse) {
+    const int half = head_dim / 2;
+    const long long cols = (long long)heads * head_dim;
+    rope_items(positions, inv_freq, rows, half, inverse, [&](long long t, int i, float c, float s) {
         float* row = x + t * cols;
         for (int h = 0; h < heads; ++h) {
             float* lo = row + (long long)h * head_dim + i;
@@ -29,5 +37,24 @@ extern "C" __global__ void rope_f32(float* x, const int* positions, const float*
             lo[0] = a * c - b * s;
             lo[half] = b * c + a * s;
         }
-    }
+    });
+}
+
+// From x (f32) into y (bf16, rounded to nearest even; rows `pitch` values apart, spare columns
+// past heads·head_dim left as they are): the values rope_f32 then a rounding would give.
+extern "C" __global__ void rope_bf16(const float* x, bf16_t* y, long long pitch,
+                                     const int* positions, const float* inv_freq, int rows,
+                                     int heads, int head_dim, int inverse) {
+    const int half = head_dim / 2;
+    const long long cols = (long long)heads * head_dim;
+    rope_items(positions, inv_freq, rows, half, inverse, [&](long long t, int i, float c, float s) {
+        const float* row = x + t * cols;
+        bf16_t* out = y + t * pitch;
+        for (int h = 0; h < heads; ++h) {
+            const long long lo = (long long)h * head_dim + i;
+            const float a = row[lo], b = row[lo + half];
+            out[lo] = f32_to_bf16(a * c - b * s);
+            out[lo + half] = f32_to_bf16(b * c + a * s);
+        }
+    });
 }

@@ -241,9 +241,9 @@ fn pointwise_ops_match_cpu() {
 }
 
 #[test]
-fn embedding_norm_and_rope_match_cpu() {
+fn embedding_and_rope_match_cpu() {
     let Some(mut p) = Pair::new() else { return };
-    let mut rng = fresh_rng("embedding/norm/rope");
+    let mut rng = fresh_rng("embedding/rope");
     let (vocab, hidden, tokens) = (100, 96, 53);
     let table = bf16_round(&randn(&mut rng, vocab * hidden, 1.0));
     let ids: Vec<i32> = (0..tokens)
@@ -301,95 +301,6 @@ fn embedding_norm_and_rope_match_cpu() {
     assert_eq!(p.g.gpu().memory.live(), live, "the copy released");
     assert_eq!(product(&th), product(&tg), "a product after the release");
 
-    for unit_offset in [false, true] {
-        let (wg, wc) = p.up(&randn(&mut rng, hidden, 0.5), 1, hidden);
-        let (yg, rg) = p.g.rmsnorm(&eg, &wg, 1e-5, unit_offset).unwrap();
-        let (yc, rc) = p.c.rmsnorm(&ec, &wc, 1e-5, unit_offset).unwrap();
-        p.check("rmsnorm y", &yg, &yc, 1e-5);
-        p.check("rmsnorm r", &rg, &rc, 1e-5);
-        // Written at once as a product input (with and without spare columns; products rounding
-        // their f32 operands to bf16, as in training): the bits that rounding the f32 output gives.
-        p.g.set_f32_products(F32Products::Tf32);
-        for room in [0, 16] {
-            let (pg, prg) =
-                p.g.rmsnorm_for_products(&eg, &wg, 1e-5, unit_offset, room)
-                    .unwrap();
-            let rounded =
-                p.g.product_input(p.g.duplicate(&yg).unwrap(), room)
-                    .unwrap();
-            assert_eq!(
-                p.g.download(&pg).unwrap(),
-                p.g.download(&rounded).unwrap(),
-                "rmsnorm for products, room {room}"
-            );
-            assert_eq!(p.g.download(&prg).unwrap(), p.g.download(&rg).unwrap());
-            assert_eq!(
-                p.g.download(&pg).unwrap(),
-                bf16_round(&p.g.download(&yg).unwrap())
-            );
-            p.check("rmsnorm for products", &pg, &yc, 8e-3);
-        }
-        p.g.set_f32_products(F32Products::Exact);
-        let (dyg, dyc) = p.up(&randn(&mut rng, tokens * hidden, 1.0), tokens, hidden);
-        let dg =
-            p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset, None)
-                .unwrap();
-        let dc =
-            p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset, None)
-                .unwrap();
-        p.check("rmsnorm backward", &dg, &dc, 1e-5);
-        // Added into a gradient the residual carries (the decoder's use).
-        let carried = randn(&mut rng, tokens * hidden, 1.0);
-        let (ag, ac) = p.up(&carried, tokens, hidden);
-        let dg =
-            p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset, Some(ag))
-                .unwrap();
-        let dc =
-            p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset, Some(ac))
-                .unwrap();
-        p.check("rmsnorm backward added into a gradient", &dg, &dc, 1e-5);
-        let plain =
-            p.c.download(
-                &p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset, None)
-                    .unwrap(),
-            )
-            .unwrap();
-        let added = p.c.download(&dc).unwrap();
-        let want: Vec<f32> = plain.iter().zip(&carried).map(|(g, a)| a + g).collect();
-        assert_eq!(
-            added, want,
-            "the CPU's accumulation is the plain gradient plus the carried one"
-        );
-        // Rows [start, start + n) alone, added into those rows of a carried gradient.
-        let (start, n) = (17, 20);
-        let (ag, ac) = p.up(&carried, tokens, hidden);
-        let (mut ag, mut ac) = (ag, ac);
-        let (dyg, dyc) = (
-            p.g.copy_rows(&dyg, start, n).unwrap(),
-            p.c.copy_rows(&dyc, start, n).unwrap(),
-        );
-        p.g.rmsnorm_backward_rows(&dyg, &eg, &wg, &rg, unit_offset, start, &mut ag)
-            .unwrap();
-        p.c.rmsnorm_backward_rows(&dyc, &ec, &wc, &rc, unit_offset, start, &mut ac)
-            .unwrap();
-        p.check("rmsnorm backward of rows", &ag, &ac, 1e-5);
-        let (outside_g, inside_g) = (p.g.download(&ag).unwrap(), p.c.download(&ac).unwrap());
-        let rows =
-            |v: &[f32], r: std::ops::Range<usize>| v[r.start * hidden..r.end * hidden].to_vec();
-        for r in [0..start, start + n..tokens] {
-            assert_eq!(
-                rows(&outside_g, r.clone()),
-                rows(&carried, r.clone()),
-                "GPU: rows outside"
-            );
-            assert_eq!(
-                rows(&inside_g, r.clone()),
-                rows(&carried, r),
-                "CPU: rows outside"
-            );
-        }
-    }
-
     let head_dim = 32;
     let inv_freq: Vec<f32> = (0..head_dim / 2)
         .map(|i| 10000f32.powf(-2.0 * i as f32 / head_dim as f32))
@@ -408,6 +319,171 @@ fn embedding_norm_and_rope_match_cpu() {
         p.check(&format!("rope inverse={inverse}"), &xg, &xc, 1e-5);
     }
     assert_close("rope then inverse", &p.g.download(&xg).unwrap(), &xv, 1e-5);
+
+    // Rotated and rounded at once (kernels/rope.cu, rope_bf16): the bits of the rotation in
+    // place followed by the rounding, as a product input (with and without spare columns) and
+    // as attention's inputs (head_dim 64 runs on tensor cores: bf16 q and k).
+    p.g.set_f32_products(F32Products::Tf32);
+    let g = &p.g;
+    let dup = |t: &_| g.duplicate(t).unwrap();
+    let rotated = |mut t, hd, inv: &[f32], inverse| {
+        g.rope(&mut t, &pg, inv, hd, inverse).unwrap();
+        t
+    };
+    let (x, _) = p.up(&xv, tokens, hidden);
+    for inverse in [false, true] {
+        for room in [0, 16] {
+            let fused =
+                p.g.rope_for_products(dup(&x), &pg, &inv_freq, head_dim, inverse, room)
+                    .unwrap();
+            let stepwise =
+                p.g.product_input(rotated(dup(&x), head_dim, &inv_freq, inverse), room)
+                    .unwrap();
+            assert_eq!(fused.dtype(), Dtype::Bf16);
+            assert_eq!(
+                p.g.download(&fused).unwrap(),
+                p.g.download(&stepwise).unwrap(),
+                "rope for products, inverse {inverse}, room {room}"
+            );
+        }
+    }
+    let s = AttentionShape {
+        batch: 1,
+        seq: tokens,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 64,
+    };
+    let inv64: Vec<f32> = (0..32)
+        .map(|i| 500000f32.powf(-2.0 * i as f32 / 64.0))
+        .collect();
+    let (q, _) = p.up(&randn(&mut rng, tokens * 128, 1.0), tokens, 128);
+    let (k, _) = p.up(&randn(&mut rng, tokens * 64, 1.0), tokens, 64);
+    let (v, _) = p.up(&randn(&mut rng, tokens * 64, 1.0), tokens, 64);
+    let fused =
+        p.g.rotated_attention_inputs(dup(&q), dup(&k), dup(&v), s, &pg, &inv64)
+            .unwrap();
+    let stepwise =
+        p.g.attention_inputs(
+            rotated(dup(&q), 64, &inv64, false),
+            rotated(dup(&k), 64, &inv64, false),
+            dup(&v),
+            s,
+        )
+        .unwrap();
+    for (name, f, w) in [
+        ("q", &fused[0], &stepwise[0]),
+        ("k", &fused[1], &stepwise[1]),
+        ("v", &fused[2], &stepwise[2]),
+    ] {
+        assert_eq!(f.dtype(), Dtype::Bf16, "attention input {name}");
+        assert_eq!(
+            p.g.download(f).unwrap(),
+            p.g.download(w).unwrap(),
+            "rotated attention input {name}"
+        );
+    }
+}
+
+/// RMSNorm forward (f32, and bf16 product inputs) and backward against the CPU, at widths
+/// that take the kernels' vectorized rows (96, 4096) and their plain loop (90: not a multiple
+/// of 4; 8200: longer than the registers hold).
+#[test]
+fn rmsnorm_matches_cpu() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = fresh_rng("rmsnorm");
+    let tokens = 53;
+    for hidden in [96, 90, 4096, 8200] {
+        let (eg, ec) = p.up(&randn(&mut rng, tokens * hidden, 1.0), tokens, hidden);
+        for unit_offset in [false, true] {
+            let (wg, wc) = p.up(&randn(&mut rng, hidden, 0.5), 1, hidden);
+            let (yg, rg) = p.g.rmsnorm(&eg, &wg, 1e-5, unit_offset).unwrap();
+            let (yc, rc) = p.c.rmsnorm(&ec, &wc, 1e-5, unit_offset).unwrap();
+            p.check("rmsnorm y", &yg, &yc, 1e-5);
+            p.check("rmsnorm r", &rg, &rc, 1e-5);
+            // Written at once as a product input (with and without spare columns; products rounding
+            // their f32 operands to bf16, as in training): the bits that rounding the f32 output gives.
+            p.g.set_f32_products(F32Products::Tf32);
+            for room in [0, 16] {
+                let (pg, prg) =
+                    p.g.rmsnorm_for_products(&eg, &wg, 1e-5, unit_offset, room)
+                        .unwrap();
+                let rounded =
+                    p.g.product_input(p.g.duplicate(&yg).unwrap(), room)
+                        .unwrap();
+                assert_eq!(
+                    p.g.download(&pg).unwrap(),
+                    p.g.download(&rounded).unwrap(),
+                    "rmsnorm for products, room {room}"
+                );
+                assert_eq!(p.g.download(&prg).unwrap(), p.g.download(&rg).unwrap());
+                assert_eq!(
+                    p.g.download(&pg).unwrap(),
+                    bf16_round(&p.g.download(&yg).unwrap())
+                );
+                p.check("rmsnorm for products", &pg, &yc, 8e-3);
+            }
+            p.g.set_f32_products(F32Products::Exact);
+            let (dyg, dyc) = p.up(&randn(&mut rng, tokens * hidden, 1.0), tokens, hidden);
+            let dg =
+                p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset, None)
+                    .unwrap();
+            let dc =
+                p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset, None)
+                    .unwrap();
+            p.check("rmsnorm backward", &dg, &dc, 1e-5);
+            // Added into a gradient the residual carries (the decoder's use).
+            let carried = randn(&mut rng, tokens * hidden, 1.0);
+            let (ag, ac) = p.up(&carried, tokens, hidden);
+            let dg =
+                p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset, Some(ag))
+                    .unwrap();
+            let dc =
+                p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset, Some(ac))
+                    .unwrap();
+            p.check("rmsnorm backward added into a gradient", &dg, &dc, 1e-5);
+            let plain =
+                p.c.download(
+                    &p.c.rmsnorm_backward(&dyc, &ec, &wc, &rc, unit_offset, None)
+                        .unwrap(),
+                )
+                .unwrap();
+            let added = p.c.download(&dc).unwrap();
+            let want: Vec<f32> = plain.iter().zip(&carried).map(|(g, a)| a + g).collect();
+            assert_eq!(
+                added, want,
+                "the CPU's accumulation is the plain gradient plus the carried one"
+            );
+            // Rows [start, start + n) alone, added into those rows of a carried gradient.
+            let (start, n) = (17, 20);
+            let (ag, ac) = p.up(&carried, tokens, hidden);
+            let (mut ag, mut ac) = (ag, ac);
+            let (dyg, dyc) = (
+                p.g.copy_rows(&dyg, start, n).unwrap(),
+                p.c.copy_rows(&dyc, start, n).unwrap(),
+            );
+            p.g.rmsnorm_backward_rows(&dyg, &eg, &wg, &rg, unit_offset, start, &mut ag)
+                .unwrap();
+            p.c.rmsnorm_backward_rows(&dyc, &ec, &wc, &rc, unit_offset, start, &mut ac)
+                .unwrap();
+            p.check("rmsnorm backward of rows", &ag, &ac, 1e-5);
+            let (outside_g, inside_g) = (p.g.download(&ag).unwrap(), p.c.download(&ac).unwrap());
+            let rows =
+                |v: &[f32], r: std::ops::Range<usize>| v[r.start * hidden..r.end * hidden].to_vec();
+            for r in [0..start, start + n..tokens] {
+                assert_eq!(
+                    rows(&outside_g, r.clone()),
+                    rows(&carried, r.clone()),
+                    "GPU: rows outside"
+                );
+                assert_eq!(
+                    rows(&inside_g, r.clone()),
+                    rows(&carried, r),
+                    "CPU: rows outside"
+                );
+            }
+        }
+    }
 }
 
 fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usize>) {

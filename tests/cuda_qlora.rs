@@ -412,7 +412,8 @@ fn sum_of(parts: &[Vec<f64>]) -> Vec<f32> {
 /// rounding shows (~1e-3). A rank above MAX_FOLDED_RANK takes the two products (checked within
 /// TF32's 3e-3). Inputs: f32 activations (rounded with room by the product) and product inputs
 /// given room by `product_input` and the gated kernels, whose values equal the dense ones; a
-/// dense product of the same matrix between folded ones (another layout in the scratch).
+/// dense product of the same matrix between folded ones (another layout in the scratch). Each
+/// forward product also added into rows of a larger tensor (`adapted_product_add_rows`).
 #[test]
 fn adapted_products_fold_the_rank_into_nf4_products() {
     let Some(mut g) = gpu() else { return };
@@ -448,6 +449,27 @@ fn adapted_products_fold_the_rank_into_nf4_products() {
             let e = rel_err(&g.download(&y).unwrap(), &expected);
             eprintln!("rank {r}, {what}: forward relative error {e:.1e} (tolerance {tol:.0e})");
             assert!(e < tol, "rank {r}, {what}: forward relative error {e}");
+            // Added into rows [start, start + m) of a tensor holding other values: the rows
+            // around them untouched, the rows themselves the held values plus the product.
+            let (start, total) = (7, m + 12);
+            let held = randn(&mut rng, total * out, 1.0);
+            let mut acc = g.upload(&held, total, out).unwrap();
+            g.adapted_product_add_rows(input, &w, &xag, &bg, s, &mut acc, start)
+                .unwrap();
+            let got = g.download(&acc).unwrap();
+            let rows = start * out..(start + m) * out;
+            let want: Vec<f32> = held[rows.clone()]
+                .iter()
+                .zip(&expected)
+                .map(|(h, y)| h + y)
+                .collect();
+            let e = rel_err(&got[rows.clone()], &want);
+            assert!(
+                e < tol,
+                "rank {r}, {what}: added into rows, relative error {e}"
+            );
+            assert_eq!(got[..rows.start], held[..rows.start], "rows before");
+            assert_eq!(got[rows.end..], held[rows.end..], "rows after");
             // The same matrix dense in between: the scratch must not mix the layouts up.
             let mut dense = g.zeros(m, out).unwrap();
             g.matmul(&xg, false, &w, true, 1.0, &mut dense, false)

@@ -164,6 +164,35 @@ impl<B: Backend + ?Sized> Drop for DeviceCopy<'_, B> {
     }
 }
 
+/// [`Backend::rope_for_products`] as its two steps: the rotation in place, then
+/// [`Backend::product_input`].
+pub fn rope_then_product_input<B: Backend + ?Sized>(
+    be: &B,
+    mut x: B::Tensor,
+    positions: &B::Ints,
+    inv_freq: &[f32],
+    head_dim: usize,
+    inverse: bool,
+    room: usize,
+) -> Result<B::Tensor> {
+    be.rope(&mut x, positions, inv_freq, head_dim, inverse)?;
+    be.product_input(x, room)
+}
+
+/// [`Backend::rotated_attention_inputs`] as its steps: q and k rotated in place, then
+/// [`Backend::attention_inputs`].
+pub fn rope_then_attention_inputs<B: Backend + ?Sized>(
+    be: &B,
+    [mut q, mut k, v]: [B::Tensor; 3],
+    s: AttentionShape,
+    positions: &B::Ints,
+    inv_freq: &[f32],
+) -> Result<[B::Tensor; 3]> {
+    be.rope(&mut q, positions, inv_freq, s.head_dim, false)?;
+    be.rope(&mut k, positions, inv_freq, s.head_dim, false)?;
+    be.attention_inputs(q, k, v, s)
+}
+
 /// [`Backend::adapted_product`] as two products: `y = s·xa·Bᵀ`, then `y += x·Wᵀ`.
 pub fn adapted_product_in_two<B: Backend + ?Sized>(
     be: &B,
@@ -356,6 +385,25 @@ pub trait Backend: Send + Sync + 'static {
         self.matmul(a, trans_a, b, trans_b, alpha, &mut c, false)?;
         Ok(c)
     }
+    /// [`Backend::adapted_product`] added into rows `[start, start + rows of x)` of `acc` (which
+    /// has a column per row of `w`): the product's output lands in a tensor that exists
+    /// already (the MLP's down projection into the residual), with no tensor of its own where
+    /// the backend can add it there at once.
+    #[allow(clippy::too_many_arguments)]
+    fn adapted_product_add_rows(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        xa: &Self::Tensor,
+        b: &Self::Tensor,
+        s: f32,
+        acc: &mut Self::Tensor,
+        start: usize,
+    ) -> Result<()> {
+        let y = self.adapted_product(x, w, xa, b, s)?;
+        self.add_rows(acc, start, &y)
+    }
+
     /// `x` made ready to be an operand of products with frozen matrices, for a caller that reads
     /// it no other way afterwards (only matmul, the adapted products, lm_head_cross_entropy,
     /// copy_rows and download; dropout too when `room` is 0). A backend whose products round
@@ -522,6 +570,36 @@ pub trait Backend: Send + Sync + 'static {
         head_dim: usize,
         inverse: bool,
     ) -> Result<()>;
+
+    /// [`Backend::rope`] of `x`, then `x` made a product input for products whose adapters have
+    /// rank `room` ([`Backend::product_input`]): a backend that rounds product inputs may write
+    /// the rotated values rounded at once.
+    fn rope_for_products(
+        &self,
+        x: Self::Tensor,
+        positions: &Self::Ints,
+        inv_freq: &[f32],
+        head_dim: usize,
+        inverse: bool,
+        room: usize,
+    ) -> Result<Self::Tensor> {
+        rope_then_product_input(self, x, positions, inv_freq, head_dim, inverse, room)
+    }
+
+    /// q and k rotated ([`Backend::rope`] at `positions`), then q, k and v made ready for
+    /// attention ([`Backend::attention_inputs`]): a backend whose attention rounds its inputs
+    /// may write the rotated q and k rounded at once.
+    fn rotated_attention_inputs(
+        &self,
+        q: Self::Tensor,
+        k: Self::Tensor,
+        v: Self::Tensor,
+        s: AttentionShape,
+        positions: &Self::Ints,
+        inv_freq: &[f32],
+    ) -> Result<[Self::Tensor; 3]> {
+        rope_then_attention_inputs(self, [q, k, v], s, positions, inv_freq)
+    }
 
     /// q, k and v made ready for [`Backend::attention`] and its backward, for a caller that
     /// reads them no other way afterwards: a backend whose attention rounds them (the CUDA

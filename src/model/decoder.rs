@@ -321,11 +321,24 @@ impl<B: Backend> Decoder<B> {
         chunk: usize,
         kept: Option<B::Tensor>,
     ) -> Result<(B::Tensor, Option<B::Tensor>)> {
+        let xa = self.adapter_input(layer, m, x, ad, chunk, kept)?;
+        let y = self.projected(layer, m, x, ad, xa.as_ref())?;
+        Ok((y, xa))
+    }
+
+    /// `P(x)` of module `m` given `x`'s adapter input `xa` (see [`Self::project`]).
+    fn projected(
+        &self,
+        layer: usize,
+        m: TargetModule,
+        x: &B::Tensor,
+        ad: Option<&Adapters<B>>,
+        xa: Option<&B::Tensor>,
+    ) -> Result<B::Tensor> {
         let be = &self.backend;
         let lw: &LayerWeights<B> = &self.weights.layers[layer];
         let w = &lw.proj[m as usize];
-        let xa = self.adapter_input(layer, m, x, ad, chunk, kept)?;
-        let mut y = match (&xa, Self::adapted(ad, layer, m)) {
+        let mut y = match (xa, Self::adapted(ad, layer, m)) {
             (Some(xa), Some((ad, pair))) => {
                 be.adapted_product(x, w, xa, &pair.b, ad.cfg.scale())?
             }
@@ -334,7 +347,37 @@ impl<B: Backend> Decoder<B> {
         if let Some(b) = &lw.bias[m as usize] {
             be.add_row_vector(&mut y, b)?;
         }
-        Ok((y, xa))
+        Ok(y)
+    }
+
+    /// [`Self::project`] with `P(x)` added into rows `[start, start + rows of x)` of `acc`,
+    /// at once where the backend can ([`Backend::adapted_product_add_rows`]); returns
+    /// `dropout(x)·Aᵀ`.
+    #[allow(clippy::too_many_arguments)]
+    fn project_add_rows(
+        &self,
+        layer: usize,
+        m: TargetModule,
+        x: &B::Tensor,
+        ad: Option<&Adapters<B>>,
+        chunk: usize,
+        acc: &mut B::Tensor,
+        start: usize,
+    ) -> Result<Option<B::Tensor>> {
+        let be = &self.backend;
+        let lw: &LayerWeights<B> = &self.weights.layers[layer];
+        let xa = self.adapter_input(layer, m, x, ad, chunk, None)?;
+        match (&xa, Self::adapted(ad, layer, m)) {
+            (Some(xa), Some((ad, pair))) if lw.bias[m as usize].is_none() => {
+                let w = &lw.proj[m as usize];
+                be.adapted_product_add_rows(x, w, xa, &pair.b, ad.cfg.scale(), acc, start)?;
+            }
+            _ => {
+                let y = self.projected(layer, m, x, ad, xa.as_ref())?;
+                be.add_rows(acc, start, &y)?;
+            }
+        }
+        Ok(xa)
     }
 
     /// The adapters and module `m`'s pair when `m` of `layer` is adapted.
@@ -472,14 +515,14 @@ impl<B: Backend> Decoder<B> {
         &self,
         layer: usize,
         x: &B::Tensor,
-        positions: &B::Ints,
         ad: Option<&Adapters<B>>,
         attend: impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>>,
         keep_mlp: bool,
     ) -> Result<(B::Tensor, LayerCache<B>)> {
-        let mut cache = self.layer_cache(layer, x, positions, ad, attend, Default::default())?;
+        let mut cache = self.layer_cache(layer, x, ad, attend, Default::default())?;
         let r = &cache.residual;
-        let (out, mlp) = self.mlp_forward(layer, &r.x1, &r.h2, ad, keep_mlp)?;
+        let (out, mlp) =
+            self.mlp_forward(layer, self.backend.duplicate(&r.x1)?, &r.h2, ad, keep_mlp)?;
         cache.mlp = mlp;
         Ok((out, cache))
     }
@@ -490,13 +533,12 @@ impl<B: Backend> Decoder<B> {
         &self,
         layer: usize,
         x: &B::Tensor,
-        positions: &B::Ints,
         ad: Option<&Adapters<B>>,
         attend: impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>>,
         kept: [Option<B::Tensor>; 4],
     ) -> Result<LayerCache<B>> {
         let [kq, kk, kv, ko] = kept;
-        let attention = self.attention_half(layer, x, positions, ad, attend, [kq, kk, kv])?;
+        let attention = self.attention_half(layer, x, ad, attend, [kq, kk, kv])?;
         let residual = self.residual_half(layer, x, &attention.attn, ad, ko)?;
         Ok(LayerCache {
             attention,
@@ -515,7 +557,6 @@ impl<B: Backend> Decoder<B> {
         &self,
         layer: usize,
         x: &B::Tensor,
-        positions: &B::Ints,
         ad: &Adapters<B>,
         attend: impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>>,
     ) -> Result<(
@@ -527,8 +568,7 @@ impl<B: Backend> Decoder<B> {
     )> {
         // The rest of the attention half (h1, q, k, v) is freed at the end of this block.
         let ([xq, xk, xv], attn, lse) = {
-            let a =
-                self.attention_half(layer, x, positions, Some(ad), attend, Default::default())?;
+            let a = self.attention_half(layer, x, Some(ad), attend, Default::default())?;
             (a.xa, a.attn, a.lse)
         };
         let r = self.residual_half(layer, x, &attn, Some(ad), None)?;
@@ -540,7 +580,6 @@ impl<B: Backend> Decoder<B> {
         &self,
         layer: usize,
         x: &B::Tensor,
-        positions: &B::Ints,
         ad: Option<&Adapters<B>>,
         attend: impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>>,
         kept: [Option<B::Tensor>; 3],
@@ -555,7 +594,7 @@ impl<B: Backend> Decoder<B> {
         let (q, xq) = self.project(layer, Q, &h1, ad, 0, kq)?;
         let (k, xk) = self.project(layer, K, &h1, ad, 0, kk)?;
         let (v, xv) = self.project(layer, V, &h1, ad, 0, kv)?;
-        let (mut q, mut k, qk_raw) = match (&lw.q_norm, &lw.k_norm) {
+        let (q, k, qk_raw) = match (&lw.q_norm, &lw.k_norm) {
             (Some(qn), Some(kn)) => {
                 let (qn_out, rq) = self.head_norm(be.duplicate(&q)?, qn)?;
                 let (kn_out, rk) = self.head_norm(be.duplicate(&k)?, kn)?;
@@ -563,8 +602,7 @@ impl<B: Backend> Decoder<B> {
             }
             _ => (q, k, None),
         };
-        be.rope(&mut q, positions, &self.inv_freq, cfg.head_dim, false)?;
-        be.rope(&mut k, positions, &self.inv_freq, cfg.head_dim, false)?;
+        // `attend` rotates q and k (RoPE) at the batch's positions.
         let Attended {
             q,
             k,
@@ -642,26 +680,27 @@ impl<B: Backend> Decoder<B> {
         Ok(((g, u), [xg, xu]))
     }
 
-    /// `out = x1 + Pdown(act(Pgate(h2))·Pup(h2))`, chunk by chunk; returns `out` and what each
-    /// chunk keeps for the backward pass (its products too when `keep` is set).
+    /// `out = x1 + Pdown(act(Pgate(h2))·Pup(h2))`, chunk by chunk, each chunk's product added
+    /// into the rows of `x1` (taken: a caller that keeps x1 hands over a copy); returns `out` and
+    /// what each chunk keeps for the backward pass (its products too when `keep` is set).
     fn mlp_forward(
         &self,
         layer: usize,
-        x1: &B::Tensor,
+        x1: B::Tensor,
         h2: &B::Tensor,
         ad: Option<&Adapters<B>>,
         keep: bool,
     ) -> Result<(B::Tensor, Vec<MlpChunk<B>>)> {
         let be = &self.backend;
-        let mut out = be.duplicate(x1)?;
+        let mut out = x1;
         let mut kept = Vec::new();
         for (c, (start, rows)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
             let h = self.rows_of(h2, start, rows)?;
             let ((g, u), [xg, xu]) = self.gate_up(layer, &h, ad, c, [None, None])?;
             let m =
                 be.gated_activation_for_products(&g, &u, self.cfg.activation, Self::room(ad))?;
-            let (down, xd) = self.project(layer, TargetModule::Down, &m, ad, c, None)?;
-            be.add_rows(&mut out, start, &down)?;
+            let xd =
+                self.project_add_rows(layer, TargetModule::Down, &m, ad, c, &mut out, start)?;
             kept.push(MlpChunk {
                 products: keep.then_some((g, u)),
                 xa: [xg, xu, xd],
@@ -793,19 +832,23 @@ impl<B: Backend> Decoder<B> {
         let (mut dq, mut dk, dv) =
             be.attention_backward(&q, &k, &v, attn, &lse, dattn, &batch.segments, shape)?;
         drop((q, k, v, lse));
-        let pos = &batch.positions;
-        be.rope(&mut dq, pos, &self.inv_freq, cfg.head_dim, true)?;
-        be.rope(&mut dk, pos, &self.inv_freq, cfg.head_dim, true)?;
-        if let (Some(raw), Some(qn), Some(kn)) = (qk_raw, &lw.q_norm, &lw.k_norm) {
-            dq = self.head_norm_backward(dq, &raw.q, qn, &raw.rq)?;
-            dk = self.head_norm_backward(dk, &raw.k, kn, &raw.rk)?;
-        }
+        let (pos, inv, hd) = (&batch.positions, &self.inv_freq, cfg.head_dim);
         let room = Self::room(Some(ad));
-        let (dq, dk, dv) = (
-            be.product_input(dq, room)?,
-            be.product_input(dk, room)?,
-            be.product_input(dv, room)?,
-        );
+        // The rotation's backward (by −θ), then (qwen3) the per-head norms', then product inputs.
+        let (dq, dk) = match (qk_raw, &lw.q_norm, &lw.k_norm) {
+            (Some(raw), Some(qn), Some(kn)) => {
+                be.rope(&mut dq, pos, inv, hd, true)?;
+                be.rope(&mut dk, pos, inv, hd, true)?;
+                let dq = self.head_norm_backward(dq, &raw.q, qn, &raw.rq)?;
+                let dk = self.head_norm_backward(dk, &raw.k, kn, &raw.rk)?;
+                (be.product_input(dq, room)?, be.product_input(dk, room)?)
+            }
+            _ => (
+                be.rope_for_products(dq, pos, inv, hd, true, room)?,
+                be.rope_for_products(dk, pos, inv, hd, true, room)?,
+            ),
+        };
+        let dv = be.product_input(dv, room)?;
         let dh1 = self.project_backward(layer, Q, &dq, &h1, xa(Q), ad, grads, None, 0)?;
         drop(dq);
         let dh1 = self.project_backward(layer, K, &dk, &h1, xa(K), ad, grads, Some(dh1), 0)?;
@@ -816,8 +859,22 @@ impl<B: Backend> Decoder<B> {
         be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &r1, cfg.norm_unit_offset, Some(dx1))
     }
 
-    /// Attention of a batch's rows among themselves (training, evaluation), its inputs made
-    /// ready for it and its backward ([`Backend::attention_inputs`]).
+    /// q and k rotated at the batch's positions, and q, k, v made ready for attention and its
+    /// backward ([`Backend::rotated_attention_inputs`]).
+    fn rotated_attention_inputs(
+        &self,
+        q: B::Tensor,
+        k: B::Tensor,
+        v: B::Tensor,
+        batch: &DeviceBatch<B>,
+    ) -> Result<[B::Tensor; 3]> {
+        let s = self.attention_shape(batch);
+        let be = &self.backend;
+        be.rotated_attention_inputs(q, k, v, s, &batch.positions, &self.inv_freq)
+    }
+
+    /// Attention of a batch's rows among themselves (training, evaluation), q and k rotated and
+    /// its inputs made ready for it and its backward.
     fn batch_attention<'a>(
         &'a self,
         batch: &'a DeviceBatch<B>,
@@ -825,7 +882,7 @@ impl<B: Backend> Decoder<B> {
         move |q, k, v| {
             let be = &self.backend;
             let s = self.attention_shape(batch);
-            let [q, k, v] = be.attention_inputs(q, k, v, s)?;
+            let [q, k, v] = self.rotated_attention_inputs(q, k, v, batch)?;
             let (out, lse) = be.attention(&q, &k, &v, &batch.segments, s)?;
             Ok(Attended { q, k, v, out, lse })
         }
@@ -881,9 +938,11 @@ impl<B: Backend> Decoder<B> {
                 .layer_forward(
                     layer,
                     &x,
-                    &batch.positions,
                     ad,
-                    |q, k, v| {
+                    |mut q, mut k, v| {
+                        let (pos, inv) = (&batch.positions, &self.inv_freq);
+                        be.rope(&mut q, pos, inv, cfg.head_dim, false)?;
+                        be.rope(&mut k, pos, inv, cfg.head_dim, false)?;
                         be.append_rows(kc, &k)?;
                         be.append_rows(vc, &v)?;
                         let (out, lse) = be.attention_decode(&q, kc, vc, heads)?;
@@ -931,9 +990,7 @@ impl<B: Backend> Decoder<B> {
         for layer in 0..n {
             layer_copies.before(layer..n)?;
             let attend = self.batch_attention(batch);
-            x = self
-                .layer_forward(layer, &x, &batch.positions, ad, attend, false)?
-                .0;
+            x = self.layer_forward(layer, &x, ad, attend, false)?.0;
             layer_copies.after(layer);
         }
         let (h, _) = self.backend.rmsnorm(
@@ -1026,7 +1083,7 @@ impl<B: Backend> Decoder<B> {
             let attend = self.batch_attention(batch);
             let out = if saving.recompute {
                 let (xa, attn, lse, x1, h2) =
-                    self.checkpointed_layer_forward(layer, &x, &batch.positions, ad, attend)?;
+                    self.checkpointed_layer_forward(layer, &x, ad, attend)?;
                 // Stashed before the MLP is queued, so that its copy runs beside the MLP: the
                 // next stash makes the compute stream wait for it.
                 let attention = match saving.offload_attention {
@@ -1034,7 +1091,8 @@ impl<B: Backend> Decoder<B> {
                     true => Some((attn, lse)),
                     false => None,
                 };
-                let (out, mut mlp) = self.mlp_forward(layer, &x1, &h2, Some(ad), false)?;
+                // x1 is not needed again: the MLP's output is added into it.
+                let (out, mut mlp) = self.mlp_forward(layer, x1, &h2, Some(ad), false)?;
                 let adapter_inputs = match saving.keep_adapter_inputs {
                     true => xa,
                     false => {
@@ -1050,8 +1108,7 @@ impl<B: Backend> Decoder<B> {
                 });
                 out
             } else {
-                let (out, cache) =
-                    self.layer_forward(layer, &x, &batch.positions, Some(ad), attend, true)?;
+                let (out, cache) = self.layer_forward(layer, &x, Some(ad), attend, true)?;
                 caches.push(cache);
                 out
             };
@@ -1087,21 +1144,14 @@ impl<B: Backend> Decoder<B> {
                     let kept_attention = kept.attention;
                     let attend = |q, k, v| match kept_attention {
                         Some((out, lse)) => {
-                            let s = self.attention_shape(batch);
-                            let [q, k, v] = be.attention_inputs(q, k, v, s)?;
+                            let [q, k, v] = self.rotated_attention_inputs(q, k, v, batch)?;
                             let out = be.settle(out)?;
                             Ok(Attended { q, k, v, out, lse })
                         }
                         None => self.batch_attention(batch)(q, k, v),
                     };
-                    let mut c = self.layer_cache(
-                        layer,
-                        &x,
-                        &batch.positions,
-                        Some(ad),
-                        attend,
-                        kept.adapter_inputs,
-                    )?;
+                    let mut c =
+                        self.layer_cache(layer, &x, Some(ad), attend, kept.adapter_inputs)?;
                     c.mlp = kept.mlp;
                     c
                 }

@@ -140,15 +140,45 @@ impl CudaBackend {
         b: &CudaTensor,
         s: f32,
     ) -> Result<Option<CudaTensor>> {
-        let r = xa.cols;
-        let (Storage::Nf4(nf4), Some(pitch)) = (&w.storage, self.folded_pitch(w, r)) else {
-            return Ok(None);
-        };
-        if (b.rows, b.cols) != (w.rows, r) || x.cols != w.cols {
+        if !self.can_fold(x, w, xa, b) {
             return Ok(None);
         }
+        let y = self.tensor(x.rows, w.rows, "a tensor")?;
+        let (out, _) = self.operand(&y, false)?;
+        Ok(self
+            .folded_product_into(x, w, xa, b, s, out, 0.0)?
+            .then_some(y))
+    }
+
+    /// Whether `[x | xa]·[W | s·B]ᵀ` has the shapes and storage of one folded product (an
+    /// f32 `x` still needs its rounded copy with room: `widened`).
+    fn can_fold(&self, x: &CudaTensor, w: &CudaTensor, xa: &CudaTensor, b: &CudaTensor) -> bool {
+        let r = xa.cols;
+        self.folded_pitch(w, r).is_some() && (b.rows, b.cols) == (w.rows, r) && x.cols == w.cols
+    }
+
+    /// `out = [x | xa]·[W | s·B]ᵀ + beta·out` when it can run as one product; false (nothing
+    /// queued) when it cannot.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn folded_product_into(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        xa: &CudaTensor,
+        b: &CudaTensor,
+        s: f32,
+        out: Operand,
+        beta: f32,
+    ) -> Result<bool> {
+        let r = xa.cols;
+        let (Storage::Nf4(nf4), Some(pitch)) = (&w.storage, self.folded_pitch(w, r)) else {
+            return Ok(false);
+        };
+        if !self.can_fold(x, w, xa, b) {
+            return Ok(false);
+        }
         let Some(act) = self.widened(x, xa)? else {
-            return Ok(None);
+            return Ok(false);
         };
         let (slot, _scratch) = self.dequantize_nf4(nf4, w.rows, w.cols, pitch, r)?;
         let tail = slot + (w.cols * std::mem::size_of::<u16>()) as u64;
@@ -160,8 +190,6 @@ impl CudaBackend {
             cols: w.cols + r,
             pitch,
         };
-        let y = self.tensor(x.rows, w.rows, "a tensor")?;
-        let (out, _) = self.operand(&y, false)?;
         self.gemm(
             "gemm_bf16_folded",
             act.operand,
@@ -169,10 +197,10 @@ impl CudaBackend {
             weight,
             true,
             1.0,
-            0.0,
+            beta,
             out,
         )?;
-        Ok(Some(y))
+        Ok(true)
     }
 
     /// `[dy | dxa]·[W ; A]` (added into `acc` when given) when it can run as one product;

@@ -866,6 +866,113 @@ impl CudaBackend {
         self.run("norm", "rmsnorm_bwd", Shape::per_row(dy.rows), &args)
     }
 
+    /// `c = alpha·op(a)·op(b) + beta·c` into an f32 output operand, the operands' dtypes
+    /// resolved as [`Backend::matmul`] states them.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_into(
+        &self,
+        a: &CudaTensor,
+        trans_a: bool,
+        b: &CudaTensor,
+        trans_b: bool,
+        alpha: f32,
+        c: Operand,
+        beta: f32,
+    ) -> Result<()> {
+        // Mixed f32 × bf16 (or NF4, dequantized to bf16): the f32 side is rounded to bf16 so
+        // cuBLAS runs a bf16 product.
+        if a.dtype() == Dtype::Nf4 && b.dtype() == Dtype::Nf4 {
+            return Err(Error::InvalidArgument(
+                "matmul of two NF4 matrices: at most one operand may be NF4".into(),
+            ));
+        }
+        let bf16 = a.dtype() != Dtype::F32 || b.dtype() != Dtype::F32;
+        let (oa, _a_tmp) = self.operand(a, bf16)?;
+        let (ob, _b_tmp) = self.operand(b, bf16)?;
+        let name = match (bf16, self.f32_products) {
+            (true, _) => "gemm_bf16",
+            (false, F32Products::Tf32) => "gemm_tf32",
+            (false, F32Products::Exact) => "gemm_f32",
+        };
+        self.gemm(name, oa, trans_a, ob, trans_b, alpha, beta, c)
+    }
+
+    /// Rows `[start, start + rows)` of the f32 `t` as a product's output operand.
+    fn rows_operand(&self, t: &CudaTensor, start: usize, rows: usize) -> Result<Operand> {
+        wants_f32(t, "the rows a product is added into")?;
+        if start + rows > t.rows {
+            return Err(Error::InvalidArgument(format!(
+                "rows {start}..{} of a tensor of {} rows",
+                start + rows,
+                t.rows
+            )));
+        }
+        let ptr = self.ptr(t)? + (start * t.cols * std::mem::size_of::<f32>()) as u64;
+        Ok(Operand::dense(ptr, Dtype::F32, rows, t.cols))
+    }
+
+    /// The arguments of the rope kernels after the tensors (kernels/rope.cu), once `x`'s shape,
+    /// the positions and the frequencies are checked against each other.
+    fn rope_args(
+        &self,
+        x: &CudaTensor,
+        positions: &CudaInts,
+        inv_freq: &[f32],
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<[Arg; 6]> {
+        if head_dim == 0
+            || x.cols % head_dim != 0
+            || positions.host.len() != x.rows
+            || inv_freq.len() != head_dim / 2
+        {
+            return Err(Error::InvalidArgument(format!(
+                "rope: [{}, {}] with head_dim {head_dim}, {} positions, {} frequencies",
+                x.rows,
+                x.cols,
+                positions.host.len(),
+                inv_freq.len()
+            )));
+        }
+        Ok([
+            self.ints_arg(positions),
+            Arg::Ptr(self.inv_freq_ptr(inv_freq)?),
+            dim(x.rows),
+            dim(x.cols / head_dim),
+            dim(head_dim),
+            Arg::I32(inverse as i32),
+        ])
+    }
+
+    /// `rope` of the f32 `x` written rounded to bf16 into a new product input with `room`
+    /// ([`Self::product_input_tensor`]), `x` left as it is (kernels/rope.cu, `rope_bf16`).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_rounded(
+        &self,
+        x: &CudaTensor,
+        positions: &CudaInts,
+        inv_freq: &[f32],
+        head_dim: usize,
+        inverse: bool,
+        room: usize,
+        what: &str,
+    ) -> Result<CudaTensor> {
+        let tail = self.rope_args(x, positions, inv_freq, head_dim, inverse)?;
+        let y = self.product_input_tensor(x.rows, x.cols, room, what)?;
+        let pairs = x.rows * (x.cols / 2);
+        if pairs == 0 {
+            return Ok(y);
+        }
+        let mut args = vec![
+            self.f32_arg(x, "rope")?,
+            Arg::Ptr(self.rows_ptr(&y)?),
+            count(y.pitch()),
+        ];
+        args.extend(tail);
+        self.run("rope", "rope_bf16", Shape::elementwise(pairs), &args)?;
+        Ok(y)
+    }
+
     /// The trailing arguments shared by the attention kernels.
     fn attention_dims(s: AttentionShape) -> [Arg; 6] {
         [
@@ -1151,17 +1258,9 @@ impl Backend for CudaBackend {
                 "matmul of two NF4 matrices: at most one operand may be NF4".into(),
             ));
         }
-        let bf16 = a.dtype() != Dtype::F32 || b.dtype() != Dtype::F32;
-        let (oa, _a_tmp) = self.operand(a, bf16)?;
-        let (ob, _b_tmp) = self.operand(b, bf16)?;
         let (oc, _) = self.operand(c, false)?;
         let beta = if accumulate { 1.0 } else { 0.0 };
-        let name = match (bf16, self.f32_products) {
-            (true, _) => "gemm_bf16",
-            (false, F32Products::Tf32) => "gemm_tf32",
-            (false, F32Products::Exact) => "gemm_f32",
-        };
-        self.gemm(name, oa, trans_a, ob, trans_b, alpha, beta, oc)
+        self.matmul_into(a, trans_a, b, trans_b, alpha, oc, beta)
     }
 
     /// Rounds an f32 `x` to bf16 once (the products would each round it otherwise), with
@@ -1186,6 +1285,31 @@ impl Backend for CudaBackend {
             Some(y) => Ok(y),
             None => super::adapted_product_in_two(self, x, w, xa, b, s),
         }
+    }
+
+    fn adapted_product_add_rows(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        xa: &CudaTensor,
+        b: &CudaTensor,
+        s: f32,
+        acc: &mut CudaTensor,
+        start: usize,
+    ) -> Result<()> {
+        if acc.cols != w.rows {
+            return Err(Error::InvalidArgument(format!(
+                "adapted product of {} outputs added into rows of {} columns",
+                w.rows, acc.cols
+            )));
+        }
+        let rows = self.rows_operand(acc, start, x.rows)?;
+        if self.folded_product_into(x, w, xa, b, s, rows, 1.0)? {
+            return Ok(());
+        }
+        // The two products of `adapted_product_in_two`, each added into the rows.
+        self.matmul_into(xa, false, b, true, s, rows, 1.0)?;
+        self.matmul_into(x, false, w, true, 1.0, rows, 1.0)
     }
 
     fn adapted_product_backward(
@@ -1353,33 +1477,53 @@ impl Backend for CudaBackend {
         head_dim: usize,
         inverse: bool,
     ) -> Result<()> {
-        if head_dim == 0
-            || x.cols % head_dim != 0
-            || positions.host.len() != x.rows
-            || inv_freq.len() != head_dim / 2
-        {
-            return Err(Error::InvalidArgument(format!(
-                "rope: [{}, {}] with head_dim {head_dim}, {} positions, {} frequencies",
-                x.rows,
-                x.cols,
-                positions.host.len(),
-                inv_freq.len()
-            )));
-        }
+        let tail = self.rope_args(x, positions, inv_freq, head_dim, inverse)?;
         let pairs = x.rows * (x.cols / 2);
         if pairs == 0 {
             return Ok(());
         }
-        let args = [
-            self.f32_arg(x, "rope")?,
-            self.ints_arg(positions),
-            Arg::Ptr(self.inv_freq_ptr(inv_freq)?),
-            dim(x.rows),
-            dim(x.cols / head_dim),
-            dim(head_dim),
-            Arg::I32(inverse as i32),
-        ];
+        let mut args = vec![self.f32_arg(x, "rope")?];
+        args.extend(tail);
         self.run("rope", "rope_f32", Shape::elementwise(pairs), &args)
+    }
+
+    fn rope_for_products(
+        &self,
+        x: CudaTensor,
+        positions: &CudaInts,
+        inv_freq: &[f32],
+        head_dim: usize,
+        inverse: bool,
+        room: usize,
+    ) -> Result<CudaTensor> {
+        if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
+            return super::rope_then_product_input(
+                self, x, positions, inv_freq, head_dim, inverse, room,
+            );
+        }
+        let what = "a product input";
+        self.rope_rounded(&x, positions, inv_freq, head_dim, inverse, room, what)
+    }
+
+    fn rotated_attention_inputs(
+        &self,
+        q: CudaTensor,
+        k: CudaTensor,
+        v: CudaTensor,
+        s: AttentionShape,
+        positions: &CudaInts,
+        inv_freq: &[f32],
+    ) -> Result<[CudaTensor; 3]> {
+        let f32_qk = q.dtype() == Dtype::F32 && k.dtype() == Dtype::F32;
+        if !self.tensor_core_attention(s.head_dim) || !f32_qk {
+            return super::rope_then_attention_inputs(self, [q, k, v], s, positions, inv_freq);
+        }
+        // Rounded as attention_inputs rounds them (dense bf16), the rotation on the way.
+        let what = "attention q, k, v in bf16";
+        let hd = s.head_dim;
+        let q = self.rope_rounded(&q, positions, inv_freq, hd, false, 0, what)?;
+        let k = self.rope_rounded(&k, positions, inv_freq, hd, false, 0, what)?;
+        self.attention_inputs(q, k, v, s)
     }
 
     fn attention_inputs(
