@@ -386,14 +386,15 @@ fn embedding_and_rope_match_cpu() {
 }
 
 /// RMSNorm forward (f32, and bf16 product inputs) and backward against the CPU, at widths
-/// that take the kernels' vectorized rows (96, 4096) and their plain loop (90: not a multiple
-/// of 4; 8200: longer than the registers hold).
+/// that take the kernels' vectorized rows (96, 4096), their plain loop (90: not a multiple of
+/// 4; 8200: longer than the registers hold) and both (6144: the forward's rows, the backward's
+/// loop).
 #[test]
 fn rmsnorm_matches_cpu() {
     let Some(mut p) = Pair::new() else { return };
     let mut rng = fresh_rng("rmsnorm");
     let tokens = 53;
-    for hidden in [96, 90, 4096, 8200] {
+    for hidden in [96, 90, 4096, 6144, 8200] {
         let (eg, ec) = p.up(&randn(&mut rng, tokens * hidden, 1.0), tokens, hidden);
         for unit_offset in [false, true] {
             let (wg, wc) = p.up(&randn(&mut rng, hidden, 0.5), 1, hidden);

@@ -156,7 +156,8 @@ impl<'a, B: Backend> Adapters<'a, B> {
 }
 
 /// What a layer's attention leaves for its backward: q, k and v as the backward reads them
-/// ([`Backend::attention_inputs`] in training), the output and its log-sum-exp.
+/// (rotated, and in training made attention's inputs: [`Backend::rotated_attention_inputs`]),
+/// the output and its log-sum-exp.
 struct Attended<B: Backend> {
     q: B::Tensor,
     k: B::Tensor,
@@ -509,7 +510,8 @@ impl<B: Backend> Decoder<B> {
     /// One layer forward; returns the output and the cache for its backward, which holds the
     /// MLP's products too when `keep_mlp` is set.
     ///
-    /// `attend(q, k, v)` runs the attention (over the batch's own rows in training, over a KV
+    /// `attend(q, k, v)` rotates q and k (RoPE at the batch's positions: the layer hands them
+    /// over unrotated), runs the attention (over the batch's own rows in training, over a KV
     /// cache when decoding) and returns what the backward reads of it ([`Attended`]).
     fn layer_forward(
         &self,
@@ -528,7 +530,8 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// One layer forward up to the MLP's input `h2`: what its backward keeps. `kept` holds the
-    /// adapter inputs of q, k, v and o when the forward pass kept them (a recomputation).
+    /// adapter inputs of q, k, v and o when the forward pass kept them (a recomputation);
+    /// `attend` as in [`Self::layer_forward`].
     fn layer_cache(
         &self,
         layer: usize,

@@ -1518,11 +1518,13 @@ impl Backend for CudaBackend {
         if !self.tensor_core_attention(s.head_dim) || !f32_qk {
             return super::rope_then_attention_inputs(self, [q, k, v], s, positions, inv_freq);
         }
-        // Rounded as attention_inputs rounds them (dense bf16), the rotation on the way.
+        // Rounded as attention_inputs rounds them (dense bf16), the rotation on the way; each
+        // f32 tensor is freed once its rounded copy is queued.
         let what = "attention q, k, v in bf16";
-        let hd = s.head_dim;
-        let q = self.rope_rounded(&q, positions, inv_freq, hd, false, 0, what)?;
-        let k = self.rope_rounded(&k, positions, inv_freq, hd, false, 0, what)?;
+        let rounded =
+            |t: CudaTensor| self.rope_rounded(&t, positions, inv_freq, s.head_dim, false, 0, what);
+        let q = rounded(q)?;
+        let k = rounded(k)?;
         self.attention_inputs(q, k, v, s)
     }
 
