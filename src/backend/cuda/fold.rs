@@ -25,7 +25,7 @@
 
 use super::blas::Operand;
 use super::launch::Arg;
-use super::tensor::{Dtype, Storage};
+use super::tensor::{Dtype, Nf4Storage, Storage};
 use super::{count, dim, CudaBackend, CudaTensor};
 use crate::error::Result;
 
@@ -140,7 +140,7 @@ impl CudaBackend {
         b: &CudaTensor,
         s: f32,
     ) -> Result<Option<CudaTensor>> {
-        if !self.can_fold(x, w, xa, b) {
+        if self.fold_layout(x, w, xa, b).is_none() {
             return Ok(None);
         }
         let y = self.tensor(x.rows, w.rows, "a tensor")?;
@@ -150,11 +150,21 @@ impl CudaBackend {
             .then_some(y))
     }
 
-    /// Whether `[x | xa]·[W | s·B]ᵀ` has the shapes and storage of one folded product (an
-    /// f32 `x` still needs its rounded copy with room: `widened`).
-    fn can_fold(&self, x: &CudaTensor, w: &CudaTensor, xa: &CudaTensor, b: &CudaTensor) -> bool {
+    /// `W`'s NF4 storage and the pitch of its folded layout when `[x | xa]·[W | s·B]ᵀ` has the
+    /// shapes and storage of one folded product (an f32 `x` still needs its rounded copy with
+    /// room: `widened`).
+    fn fold_layout<'w>(
+        &self,
+        x: &CudaTensor,
+        w: &'w CudaTensor,
+        xa: &CudaTensor,
+        b: &CudaTensor,
+    ) -> Option<(&'w Nf4Storage, usize)> {
         let r = xa.cols;
-        self.folded_pitch(w, r).is_some() && (b.rows, b.cols) == (w.rows, r) && x.cols == w.cols
+        let (Storage::Nf4(nf4), Some(pitch)) = (&w.storage, self.folded_pitch(w, r)) else {
+            return None;
+        };
+        ((b.rows, b.cols) == (w.rows, r) && x.cols == w.cols).then_some((&**nf4, pitch))
     }
 
     /// `out = [x | xa]·[W | s·B]ᵀ + beta·out` when it can run as one product; false (nothing
@@ -171,12 +181,9 @@ impl CudaBackend {
         beta: f32,
     ) -> Result<bool> {
         let r = xa.cols;
-        let (Storage::Nf4(nf4), Some(pitch)) = (&w.storage, self.folded_pitch(w, r)) else {
+        let Some((nf4, pitch)) = self.fold_layout(x, w, xa, b) else {
             return Ok(false);
         };
-        if !self.can_fold(x, w, xa, b) {
-            return Ok(false);
-        }
         let Some(act) = self.widened(x, xa)? else {
             return Ok(false);
         };

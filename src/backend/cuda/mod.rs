@@ -1251,13 +1251,6 @@ impl Backend for CudaBackend {
                 self.fill_zero(c)
             };
         }
-        // Mixed f32 × bf16 (or NF4, dequantized to bf16): the f32 side is rounded to bf16 so
-        // cuBLAS runs a bf16 product.
-        if a.dtype() == Dtype::Nf4 && b.dtype() == Dtype::Nf4 {
-            return Err(Error::InvalidArgument(
-                "matmul of two NF4 matrices: at most one operand may be NF4".into(),
-            ));
-        }
         let (oc, _) = self.operand(c, false)?;
         let beta = if accumulate { 1.0 } else { 0.0 };
         self.matmul_into(a, trans_a, b, trans_b, alpha, oc, beta)
