@@ -19,7 +19,7 @@ use common::gpu::{
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
 use finetune::backend::cuda::tensor::Dtype;
-use finetune::backend::cuda::{CudaBackend, F32Products};
+use finetune::backend::cuda::{CudaBackend, F32Products, PROJECTION_ROOM};
 use finetune::backend::{AdamWSlot, AdamWStep, AttentionShape, Backend, IGNORE_LABEL};
 use finetune::error::Error;
 use finetune::model::config::{Activation, Family};
@@ -1000,8 +1000,10 @@ fn lm_head_in_host_memory_changes_no_number_and_frees_its_bytes() {
 
 /// Decoder layers kept in host memory (`ModelParams::layers_in_host`), alone and beside an LM
 /// head kept there: the device holds exactly their projection matrices' bytes less once loaded
-/// and a peak at least one layer's lower (a pass holds one layer's copy at a time), and every
-/// number is bit-identical to the resident model's.
+/// (each laid out with PROJECTION_ROOM spare columns and rows for the folded adapter products,
+/// in host memory as on the device) and a peak at least one layer's lower (a pass holds one
+/// layer's copy at a time), and every number is bit-identical to the resident model's (the
+/// copies fold the adapters into their products as the resident matrices do).
 #[test]
 fn layers_in_host_memory_change_no_number_and_free_their_bytes() {
     if gpu().is_none() {
@@ -1016,10 +1018,12 @@ fn layers_in_host_memory_change_no_number_and_free_their_bytes() {
             vocab_size: 4096,
             ..tensor_core_shape(family)
         };
-        let (h, d) = (shape.hidden_size, shape.head_dim);
-        let layer_values = 2 * h * shape.num_heads * d
-            + 2 * h * shape.num_kv_heads * d
-            + 3 * h * shape.intermediate_size;
+        let (h, d, i) = (shape.hidden_size, shape.head_dim, shape.intermediate_size);
+        let (q, kv) = (shape.num_heads * d, shape.num_kv_heads * d);
+        // [out, in] of q, k, v, o, gate, up and down, every width a multiple of 8.
+        let matrices = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
+        let room = PROJECTION_ROOM;
+        let layer_values: usize = matrices.iter().map(|(o, n)| (o + room) * (n + room)).sum();
         let layer_bytes = 2 * layer_values;
         for (offload, lm_head_in_host) in [(false, false), (true, true)] {
             let params = |layers_in_host| ModelParams {

@@ -29,7 +29,9 @@ use common::gpu::{cpu, gpu, recorded_steps_match_unrecorded, steps_match, Base};
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::api::{Device, Model, ModelParams};
 use finetune::backend::cuda::F32Products;
-use finetune::backend::cuda::{DEQUANTIZED_SLOTS, MAX_FOLDED_RANK};
+use finetune::backend::cuda::{
+    CudaBackend, CudaTensor, DEQUANTIZED_SLOTS, MAX_FOLDED_RANK, PROJECTION_ROOM,
+};
 use finetune::backend::Backend;
 use finetune::error::Error;
 use finetune::model::presets::preset;
@@ -404,36 +406,66 @@ fn sum_of(parts: &[Vec<f64>]) -> Vec<f32> {
         .collect()
 }
 
-/// Adapted products with an NF4 weight, folded into one bf16 product (`[x | xa]·[W | s·B]ᵀ`,
-/// `[dy | dxa]·[W ; A]`) for ranks the scratch has room for: against the sums of the three
-/// products in f64 with the adapter's factors rounded to bf16 as the fold rounds them. The
-/// tolerance (1e-5, summation order only) fails the two-product path, whose rank-wide product
-/// rounds to TF32 instead: the adapter's term is made as large as the base term here, so that
-/// rounding shows (~1e-3). A rank above MAX_FOLDED_RANK takes the two products (checked within
-/// TF32's 3e-3). Inputs: f32 activations (rounded with room by the product) and product inputs
-/// given room by `product_input` and the gated kernels, whose values equal the dense ones; a
-/// dense product of the same matrix between folded ones (another layout in the scratch). Each
-/// forward product also added into rows of a larger tensor (`adapted_product_add_rows`).
+/// Adapted products folded into one bf16 product (`[x | xa]·[W | s·B]ᵀ`, `[dy | dxa]·[W ; A]`)
+/// for ranks the weight has room for, with an NF4 weight (dequantized into a scratch slot, room
+/// MAX_FOLDED_RANK) and a bf16 projection matrix (`upload_projection`, room PROJECTION_ROOM,
+/// its own spare values written): against the sums of the three products in f64 with the
+/// adapter's factors rounded to bf16 as the fold rounds them. The tolerance (1e-5, summation
+/// order only) fails the two-product path, whose rank-wide product rounds to TF32 instead: the
+/// adapter's term is made as large as the base term here, so that rounding shows (~1e-3). A
+/// rank above the room takes the two products (checked within TF32's 3e-3). Inputs: f32
+/// activations (rounded with room by the product) and product inputs given room by
+/// `product_input` and the gated kernels, whose values equal the dense ones; a dense product of
+/// the same matrix between folded ones (another layout in the scratch). Each forward product
+/// also added into rows of a larger tensor (`adapted_product_add_rows`). The bf16 matrix still
+/// downloads as its own values afterwards (the spare values are not part of it).
 #[test]
-fn adapted_products_fold_the_rank_into_nf4_products() {
+fn adapted_products_fold_the_rank_into_the_base_product() {
     let Some(mut g) = gpu() else { return };
     g.set_f32_products(F32Products::Tf32);
     let mut rng = fresh_rng("folded products");
-    let (m, inp, out, s) = (45, 256, 192, 1.5f32);
+    let (inp, out) = (256, 192);
     let q = Nf4Tensor::quantize(&weights(&mut rng, out * inp), out, inp).unwrap();
-    let wd = bf16_round(&q.dequantize());
-    let w = g.upload_nf4(q).unwrap();
-    for r in [16, 5, MAX_FOLDED_RANK + 6] {
-        let folded = r <= MAX_FOLDED_RANK;
+    let nf4_values = bf16_round(&q.dequantize());
+    let nf4 = g.upload_nf4(q).unwrap();
+    check_folded_products(&g, &mut rng, &nf4, &nf4_values, MAX_FOLDED_RANK, "NF4");
+    let bf16_values = bf16_round(&weights(&mut rng, out * inp));
+    let projection = g.upload_projection(&bf16_values, out, inp).unwrap();
+    check_folded_products(
+        &g,
+        &mut rng,
+        &projection,
+        &bf16_values,
+        PROJECTION_ROOM,
+        "bf16",
+    );
+    assert_eq!(g.download(&projection).unwrap(), bf16_values);
+    gated_kernels_keep_the_room(&g, &mut rng);
+}
+
+/// The checks of [`adapted_products_fold_the_rank_into_the_base_product`] for the matrix `w`
+/// (`[out, inp]`, bf16 values `wd`) with room for ranks up to `room`.
+fn check_folded_products(
+    g: &CudaBackend,
+    rng: &mut Rng,
+    w: &CudaTensor,
+    wd: &[f32],
+    room: usize,
+    kind: &str,
+) {
+    let (m, s) = (45, 1.5f32);
+    let (out, inp) = g.shape(w);
+    for r in [16, 5, room + 6] {
+        let folded = r <= room;
         let tol = if folded { 1e-5 } else { 3e-3 };
         let factor = |v: Vec<f32>| if folded { bf16_round(&v) } else { v };
         // Base term ~ sqrt(inp)·0.02·1 ≈ 0.3 a value; the adapter's ~ s·sqrt(r)·0.1·1.
-        let x = randn(&mut rng, m * inp, 1.0);
-        let xa = randn(&mut rng, m * r, 1.0);
-        let b = randn(&mut rng, out * r, 0.1);
+        let x = randn(rng, m * inp, 1.0);
+        let xa = randn(rng, m * r, 1.0);
+        let b = randn(rng, out * r, 0.1);
         let sb: Vec<f32> = b.iter().map(|v| s * v).collect();
         let expected = sum_of(&[
-            reference_product(&bf16_round(&x), &wd, m, inp, out, true),
+            reference_product(&bf16_round(&x), wd, m, inp, out, true),
             reference_product(&factor(xa.clone()), &factor(sb), m, r, out, true),
         ]);
         let xg = g.upload(&x, m, inp).unwrap();
@@ -445,16 +477,21 @@ fn adapted_products_fold_the_rank_into_nf4_products() {
             "a product input with room holds the rounded values"
         );
         for (what, input) in [("f32 input", &xg), ("input with room", &with_room)] {
-            let y = g.adapted_product(input, &w, &xag, &bg, s).unwrap();
+            let y = g.adapted_product(input, w, &xag, &bg, s).unwrap();
             let e = rel_err(&g.download(&y).unwrap(), &expected);
-            eprintln!("rank {r}, {what}: forward relative error {e:.1e} (tolerance {tol:.0e})");
-            assert!(e < tol, "rank {r}, {what}: forward relative error {e}");
+            eprintln!(
+                "{kind}, rank {r}, {what}: forward relative error {e:.1e} (tolerance {tol:.0e})"
+            );
+            assert!(
+                e < tol,
+                "{kind}, rank {r}, {what}: forward relative error {e}"
+            );
             // Added into rows [start, start + m) of a tensor holding other values: the rows
             // around them untouched, the rows themselves the held values plus the product.
             let (start, total) = (7, m + 12);
-            let held = randn(&mut rng, total * out, 1.0);
+            let held = randn(rng, total * out, 1.0);
             let mut acc = g.upload(&held, total, out).unwrap();
-            g.adapted_product_add_rows(input, &w, &xag, &bg, s, &mut acc, start)
+            g.adapted_product_add_rows(input, w, &xag, &bg, s, &mut acc, start)
                 .unwrap();
             let got = g.download(&acc).unwrap();
             let rows = start * out..(start + m) * out;
@@ -466,24 +503,24 @@ fn adapted_products_fold_the_rank_into_nf4_products() {
             let e = rel_err(&got[rows.clone()], &want);
             assert!(
                 e < tol,
-                "rank {r}, {what}: added into rows, relative error {e}"
+                "{kind}, rank {r}, {what}: added into rows, relative error {e}"
             );
             assert_eq!(got[..rows.start], held[..rows.start], "rows before");
             assert_eq!(got[rows.end..], held[rows.end..], "rows after");
             // The same matrix dense in between: the scratch must not mix the layouts up.
             let mut dense = g.zeros(m, out).unwrap();
-            g.matmul(&xg, false, &w, true, 1.0, &mut dense, false)
+            g.matmul(&xg, false, w, true, 1.0, &mut dense, false)
                 .unwrap();
-            let base = sum_of(&[reference_product(&bf16_round(&x), &wd, m, inp, out, true)]);
+            let base = sum_of(&[reference_product(&bf16_round(&x), wd, m, inp, out, true)]);
             assert!(rel_err(&g.download(&dense).unwrap(), &base) < 1e-5);
         }
 
-        let dy = randn(&mut rng, m * out, 1.0);
-        let dxa = randn(&mut rng, m * r, 1.0);
-        let a = randn(&mut rng, r * inp, 0.3);
-        let acc = randn(&mut rng, m * inp, 1.0);
+        let dy = randn(rng, m * out, 1.0);
+        let dxa = randn(rng, m * r, 1.0);
+        let a = randn(rng, r * inp, 0.3);
+        let acc = randn(rng, m * inp, 1.0);
         let parts = [
-            reference_product(&bf16_round(&dy), &wd, m, out, inp, false),
+            reference_product(&bf16_round(&dy), wd, m, out, inp, false),
             reference_product(&factor(dxa.clone()), &factor(a.clone()), m, r, inp, false),
         ];
         let acc64: Vec<f64> = acc.iter().map(|&v| v as f64).collect();
@@ -494,30 +531,32 @@ fn adapted_products_fold_the_rank_into_nf4_products() {
             for with_acc in [false, true] {
                 let acc_g = with_acc.then(|| g.upload(&acc, m, inp).unwrap());
                 let dx = g
-                    .adapted_product_backward(input, &w, &dxag, &ag, acc_g)
+                    .adapted_product_backward(input, w, &dxag, &ag, acc_g)
                     .unwrap();
                 let expected = match with_acc {
                     true => sum_of(&[parts[0].clone(), parts[1].clone(), acc64.clone()]),
                     false => sum_of(&parts),
                 };
                 let e = rel_err(&g.download(&dx).unwrap(), &expected);
-                eprintln!("rank {r}, {what}, acc {with_acc}: backward relative error {e:.1e}");
-                assert!(e < tol, "rank {r}, {what}, acc {with_acc}: backward {e}");
+                eprintln!(
+                    "{kind}, rank {r}, {what}, acc {with_acc}: backward relative error {e:.1e}"
+                );
+                assert!(
+                    e < tol,
+                    "{kind}, rank {r}, {what}, acc {with_acc}: backward {e}"
+                );
             }
         }
     }
+}
 
-    // The gated kernels and copy_rows keep the room and write the dense values.
+/// The gated kernels and copy_rows keep the room and write the dense values; kernels that read
+/// dense rows refuse rows with room.
+fn gated_kernels_keep_the_room(g: &CudaBackend, rng: &mut Rng) {
     let (rows, cols) = (37, 96);
-    let gate = g
-        .upload(&randn(&mut rng, rows * cols, 2.0), rows, cols)
-        .unwrap();
-    let up = g
-        .upload(&randn(&mut rng, rows * cols, 1.0), rows, cols)
-        .unwrap();
-    let dh = g
-        .upload(&randn(&mut rng, rows * cols, 1.0), rows, cols)
-        .unwrap();
+    let gate = g.upload(&randn(rng, rows * cols, 2.0), rows, cols).unwrap();
+    let up = g.upload(&randn(rng, rows * cols, 1.0), rows, cols).unwrap();
+    let dh = g.upload(&randn(rng, rows * cols, 1.0), rows, cols).unwrap();
     let act = finetune::model::config::Activation::Silu;
     let dense = g.gated_activation_for_products(&gate, &up, act, 0).unwrap();
     let roomy = g

@@ -306,6 +306,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Keeps an already quantized NF4 matrix (a bitsandbytes-4bit checkpoint's weight) packed, as
     /// [`Backend::upload_frozen_nf4`] does.
     fn upload_nf4(&self, q: Nf4Tensor) -> Result<Self::Tensor>;
+    /// Uploads a frozen projection matrix of a decoder layer (`[out, in]`), read only by
+    /// products and download. A backend may lay it out for the adapted products (a GPU
+    /// backend: spare columns and rows where an adapter's factors are written before each
+    /// product, so that the adapter's rank folds into the base product's inner dimension).
+    fn upload_projection(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.upload_frozen(data, rows, cols)
+    }
     /// Uploads a frozen lookup table that only [`Backend::embedding`] reads (an untied embedding
     /// table); a backend may keep it in host memory and move only the rows a batch looks up (its
     /// products, if any, then read a device copy).

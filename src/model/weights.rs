@@ -293,7 +293,6 @@ fn upload_tensor<B: Backend>(
 ) -> Result<B::Tensor> {
     let nf4 = storage.quantization == Quantization::Nf4 && matches!(spec.slot, Slot::Proj(..));
     let in_host = matches!(spec.slot, Slot::Proj(l, _) if storage.host_layers.contains(&l));
-    let frozen = matches!(spec.slot, Slot::Embedding | Slot::LmHead | Slot::Proj(..));
     let (rows, cols) = (spec.rows, spec.cols);
     let upload = |values: &[f32]| match spec.slot {
         // Untied, the embedding table is read only by the lookup.
@@ -301,8 +300,8 @@ fn upload_tensor<B: Backend>(
             backend.upload_lookup_table(values, rows, cols)
         }
         Slot::Embedding | Slot::LmHead => backend.upload_output_projection(values, rows, cols),
-        _ if in_host => backend.upload_frozen_in_host(values, rows, cols),
-        _ if frozen => backend.upload_frozen(values, rows, cols),
+        Slot::Proj(..) if in_host => backend.upload_frozen_in_host(values, rows, cols),
+        Slot::Proj(..) => backend.upload_projection(values, rows, cols),
         _ => backend.upload(values, rows, cols),
     };
     match values {

@@ -13,25 +13,37 @@
 //! The activation side: a product input with spare columns after each row
 //! (`Storage::Bf16Pitched`, from `product_input` or the gated kernels given the room), or an f32
 //! input, which the product rounds to bf16 anyway and is rounded here into rows with room; `xa`
-//! (or `dxa`) is rounded to bf16 into the spare columns. The weight side: an NF4 matrix is
-//! dequantized into a scratch slot with rows `in + room` apart (nf4.rs), `s·B` rounded into the
-//! spare columns of its `out` rows for the forward, `A` into the `r` rows below them for the
-//! backward. bf16 base matrices (LoRA on a bf16 model) are dense and shared by every trainer of
-//! a model: they keep the two products. So do ranks above [`MAX_FOLDED_RANK`], products with
-//! f32 arithmetic ([`super::F32Products::Exact`]) and inputs with no room.
+//! (or `dxa`) is rounded to bf16 into the spare columns. The weight side: `W` laid out with rows
+//! `in + room` apart and `r` spare rows below, `s·B` rounded into the spare columns of its `out`
+//! rows for the forward, `A` into the `r` rows below them for the backward. An NF4 matrix is
+//! dequantized so into a scratch slot (nf4.rs); a bf16 projection matrix is uploaded so
+//! ([`PROJECTION_ROOM`] spare columns and rows: `upload_projection`) and its own spare values
+//! are written. Either way every folded product rewrites them, under the scratch's lock until the
+//! product is queued: a bf16 model is shared by every trainer of it, each with its own adapter.
+//! Dense bf16 matrices (a matrix in host memory, a width with no room), ranks above the room,
+//! products with f32 arithmetic ([`super::F32Products::Exact`]) and inputs with no room keep the
+//! two products.
 //!
 //! The adapter's factors and `xa` are rounded to bf16 like the activations (as in bf16
 //! mixed-precision training); the two-product path runs the rank-wide product in TF32.
 
 use super::blas::Operand;
 use super::launch::Arg;
-use super::tensor::{Dtype, Nf4Storage, Storage};
-use super::{count, dim, CudaBackend, CudaTensor};
-use crate::error::Result;
+use super::nf4::ScratchGuard;
+use super::tensor::{Arrival, Dtype, Nf4Storage, Storage};
+use super::{count, dim, lock, CudaBackend, CudaTensor};
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::thread::ThreadId;
 
 /// The largest adapter rank folded into products (the NF4 scratch slots keep that many spare
 /// rows and columns).
 pub const MAX_FOLDED_RANK: usize = 64;
+
+/// The spare columns and rows of a bf16 projection matrix (`upload_projection`): adapters up to
+/// this rank fold into its products in place. ~1.2 % more memory on Llama 3 8B's shapes.
+pub const PROJECTION_ROOM: usize = 32;
 
 /// The row pitch of a bf16 matrix of `cols` columns with `room` spare ones: `cols + room`
 /// rounded up to 8 values (rows 16-byte aligned, as cuBLAS's fast paths want), when
@@ -47,6 +59,25 @@ pub(super) fn folded_slot_elements(rows: usize, cols: usize) -> usize {
         Some(pitch) => (rows + MAX_FOLDED_RANK) * pitch,
         None => rows * cols,
     }
+}
+
+/// Where a folded product's weight values lie (see [`CudaBackend::folded_weight`]).
+enum FoldedWeight<'w> {
+    /// An NF4 matrix, dequantized into a scratch slot with the folded layout.
+    Nf4(&'w Nf4Storage),
+    /// The address of a bf16 matrix uploaded with the folded layout.
+    InPlace(u64),
+    /// The device copies of a matrix in host memory laid out so; this thread's is written.
+    HostCopy(&'w HostCopies),
+}
+
+/// The device copies of a matrix in host memory, one per thread (`Storage::Host`).
+type HostCopies = Mutex<HashMap<ThreadId, Arrival<u16>>>;
+
+/// Whether a `[rows, cols]` matrix stored `pitch` values a row in `len` values has room for
+/// `r` spare columns and rows, with 16-byte aligned rows.
+fn has_room(w: &CudaTensor, pitch: usize, len: usize, r: usize) -> bool {
+    r > 0 && pitch >= w.cols + r && pitch % 8 == 0 && len >= (w.rows + r) * pitch
 }
 
 /// The activation operand `[x | xa]` of a folded product, with what it reads from (a rounded
@@ -122,12 +153,54 @@ impl CudaBackend {
         }))
     }
 
-    /// The pitch of `w`'s folded layout for rank `r`, when `w` is an NF4 matrix that can be
-    /// folded.
-    fn folded_pitch(&self, w: &CudaTensor, r: usize) -> Option<usize> {
-        match w.storage {
-            Storage::Nf4(_) => room_pitch(w.cols, r),
+    /// Where `w`'s values lie in its folded layout for rank `r`, and that layout's pitch: an NF4
+    /// matrix whose scratch slot has room, or a bf16 matrix uploaded with room for `r` spare
+    /// columns and rows.
+    fn folded_weight<'w>(&self, w: &'w CudaTensor, r: usize) -> Option<(FoldedWeight<'w>, usize)> {
+        match &w.storage {
+            Storage::Nf4(nf4) => Some((FoldedWeight::Nf4(nf4), room_pitch(w.cols, r)?)),
+            Storage::Bf16Pitched { values, pitch } if has_room(w, *pitch, values.elements(), r) => {
+                Some((FoldedWeight::InPlace(self.buffer_ptr(values)), *pitch))
+            }
+            // Its device copy, when this thread's pass brought one over (`bring_to_device`).
+            Storage::Host {
+                table,
+                pitch,
+                copies,
+                ..
+            } if has_room(w, *pitch, table.len(), r)
+                && lock(copies).contains_key(&std::thread::current().id()) =>
+            {
+                Some((FoldedWeight::HostCopy(copies), *pitch))
+            }
             _ => None,
+        }
+    }
+
+    /// The address of `w`'s bf16 values in its folded layout (`pitch`, `r` spare rows): the
+    /// dequantized scratch slot or the matrix itself. Also the scratch's lock, to hold until
+    /// the product reading the spare values is queued.
+    fn folded_values(
+        &self,
+        weight: FoldedWeight,
+        w: &CudaTensor,
+        pitch: usize,
+        r: usize,
+    ) -> Result<(u64, ScratchGuard<'_>)> {
+        match weight {
+            FoldedWeight::Nf4(nf4) => self.dequantize_nf4(nf4, w.rows, w.cols, pitch, r),
+            FoldedWeight::InPlace(values) => Ok((values, self.lock_nf4_scratch())),
+            FoldedWeight::HostCopy(copies) => {
+                let mut brought = lock(copies);
+                let copy = brought
+                    .get_mut(&std::thread::current().id())
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(
+                            "a folded product's host matrix lost its device copy".into(),
+                        )
+                    })?;
+                Ok((self.buffer_ptr(copy.wait()?), self.lock_nf4_scratch()))
+            }
         }
     }
 
@@ -150,21 +223,19 @@ impl CudaBackend {
             .then_some(y))
     }
 
-    /// `W`'s NF4 storage and the pitch of its folded layout when `[x | xa]·[W | s·B]ᵀ` has the
-    /// shapes and storage of one folded product (an f32 `x` still needs its rounded copy with
-    /// room: `widened`).
+    /// Where `W`'s values lie and the pitch of its folded layout when `[x | xa]·[W | s·B]ᵀ` has
+    /// the shapes and storage of one folded product (an f32 `x` still needs its rounded copy
+    /// with room: `widened`).
     fn fold_layout<'w>(
         &self,
         x: &CudaTensor,
         w: &'w CudaTensor,
         xa: &CudaTensor,
         b: &CudaTensor,
-    ) -> Option<(&'w Nf4Storage, usize)> {
+    ) -> Option<(FoldedWeight<'w>, usize)> {
         let r = xa.cols;
-        let (Storage::Nf4(nf4), Some(pitch)) = (&w.storage, self.folded_pitch(w, r)) else {
-            return None;
-        };
-        ((b.rows, b.cols) == (w.rows, r) && x.cols == w.cols).then_some((&**nf4, pitch))
+        let layout = self.folded_weight(w, r)?;
+        ((b.rows, b.cols) == (w.rows, r) && x.cols == w.cols).then_some(layout)
     }
 
     /// `out = [x | xa]·[W | s·B]ᵀ + beta·out` when it can run as one product; false (nothing
@@ -181,13 +252,13 @@ impl CudaBackend {
         beta: f32,
     ) -> Result<bool> {
         let r = xa.cols;
-        let Some((nf4, pitch)) = self.fold_layout(x, w, xa, b) else {
+        let Some((weight, pitch)) = self.fold_layout(x, w, xa, b) else {
             return Ok(false);
         };
         let Some(act) = self.widened(x, xa)? else {
             return Ok(false);
         };
-        let (slot, _scratch) = self.dequantize_nf4(nf4, w.rows, w.cols, pitch, r)?;
+        let (slot, _scratch) = self.folded_values(weight, w, pitch, r)?;
         let tail = slot + (w.cols * std::mem::size_of::<u16>()) as u64;
         self.write_rows_bf16(b, tail, pitch, s)?;
         let weight = Operand {
@@ -221,7 +292,7 @@ impl CudaBackend {
         acc: Option<CudaTensor>,
     ) -> Result<std::result::Result<CudaTensor, Option<CudaTensor>>> {
         let r = dxa.cols;
-        let (Storage::Nf4(nf4), Some(pitch)) = (&w.storage, self.folded_pitch(w, r)) else {
+        let Some((weight, pitch)) = self.folded_weight(w, r) else {
             return Ok(Err(acc));
         };
         let acc_fits = acc
@@ -233,7 +304,7 @@ impl CudaBackend {
         let Some(act) = self.widened(dy, dxa)? else {
             return Ok(Err(acc));
         };
-        let (slot, _scratch) = self.dequantize_nf4(nf4, w.rows, w.cols, pitch, r)?;
+        let (slot, _scratch) = self.folded_values(weight, w, pitch, r)?;
         let below = slot + (w.rows * pitch * std::mem::size_of::<u16>()) as u64;
         self.write_rows_bf16(a, below, pitch, 1.0)?;
         let weight = Operand {

@@ -8,7 +8,7 @@ mod arena;
 mod blas;
 pub mod device;
 mod fold;
-pub use fold::MAX_FOLDED_RANK;
+pub use fold::{MAX_FOLDED_RANK, PROJECTION_ROOM};
 mod graph;
 mod head_chunks;
 mod host_table;
@@ -112,6 +112,29 @@ fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
 }
 
 /// bf16 bits of f32 values, rounded to nearest even.
+/// The bf16 bits of the `[rows, cols]` matrix `data` with `room` spare columns after each row
+/// and as many spare rows below (zeros), and its row pitch ([`fold::room_pitch`]); dense (pitch
+/// `cols`) where that gives none.
+fn with_room(data: &[f32], rows: usize, cols: usize, room: usize) -> (Vec<u16>, usize) {
+    let Some(pitch) = fold::room_pitch(cols, room) else {
+        return (bf16_bits(data), cols);
+    };
+    let mut bits = vec![0u16; (rows + room) * pitch];
+    for (dst, src) in bits.chunks_mut(pitch).zip(data.chunks(cols.max(1))) {
+        dst[..cols].copy_from_slice(&bf16_bits(src));
+    }
+    (bits, pitch)
+}
+
+/// The values of `t`'s rows from its bf16 bits, rows `pitch` values apart.
+fn bf16_rows(bits: &[u16], t: &CudaTensor, pitch: usize) -> Vec<f32> {
+    bits.chunks(pitch.max(1))
+        .take(t.rows)
+        .flat_map(|row| &row[..t.cols])
+        .map(|&x| half::bf16::from_bits(x).to_f32())
+        .collect()
+}
+
 fn bf16_bits(data: &[f32]) -> Vec<u16> {
     data.par_iter()
         .map(|&x| half::bf16::from_f32(x).to_bits())
@@ -281,20 +304,23 @@ impl CudaBackend {
         self.output_projection_in_host = in_host;
     }
 
-    /// A frozen bf16 matrix in pinned host memory (`in_chunks`: the output projection).
+    /// A frozen bf16 matrix in pinned host memory (`in_chunks`: the output projection), laid
+    /// out with `room` spare columns and rows ([`with_room`]).
     fn host_matrix(
         &self,
         data: &[f32],
         rows: usize,
         cols: usize,
+        room: usize,
         in_chunks: bool,
     ) -> Result<CudaTensor> {
         check_len(data.len(), rows, cols)?;
-        let table = HostTable::new(&self.gpu, &bf16_bits(data))?;
+        let (bits, pitch) = with_room(data, rows, cols, room);
+        let table = HostTable::new(&self.gpu, &bits)?;
         Ok(CudaTensor {
             rows,
             cols,
-            storage: Storage::host(table, in_chunks),
+            storage: Storage::host(table, pitch, in_chunks),
         })
     }
 
@@ -440,8 +466,9 @@ impl CudaBackend {
             Storage::Bf16(b) => Ok(self.buffer_ptr(b)),
             Storage::Nf4(s) => Ok(self.buffer_ptr(&s.packed)),
             Storage::Bf16Pitched { .. } => Err(Error::InvalidArgument(
-                "a product input with spare columns after each row was passed to an operation \
-                 that reads dense rows; only products, copy_rows, duplicate and download read it"
+                "a matrix with spare columns after each row (a product input or a projection \
+                 matrix) was passed to an operation that reads dense rows; only products, \
+                 copy_rows, duplicate and download read it"
                     .into(),
             )),
             Storage::Host { .. } => Err(Error::InvalidArgument(
@@ -679,7 +706,12 @@ impl CudaBackend {
             }
             _ => (self.ptr(t)?, t.dtype()),
         };
-        Ok((Operand::dense(ptr, dtype, t.rows, t.cols), staged))
+        // Rows `pitch` apart in a host matrix's copy laid out with room, dense otherwise.
+        let operand = Operand {
+            pitch: t.pitch(),
+            ..Operand::dense(ptr, dtype, t.rows, t.cols)
+        };
+        Ok((operand, staged))
     }
 
     /// A device copy of `b`.
@@ -1032,12 +1064,33 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn upload_lookup_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
-        self.upload_frozen_in_host(data, rows, cols)
+    /// The matrix with [`fold::PROJECTION_ROOM`] spare columns after each row and as many spare
+    /// rows below (zeros), where folded products write an adapter's factors (fold.rs); a width
+    /// with no room ([`fold::room_pitch`]) is uploaded dense.
+    fn upload_projection(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        check_len(data.len(), rows, cols)?;
+        let (bits, pitch) = with_room(data, rows, cols, fold::PROJECTION_ROOM);
+        if pitch == cols {
+            return self.upload_frozen(data, rows, cols);
+        }
+        Ok(CudaTensor {
+            rows,
+            cols,
+            storage: Storage::Bf16Pitched {
+                values: self.gpu.upload(&bits, "a projection matrix")?,
+                pitch,
+            },
+        })
     }
 
+    fn upload_lookup_table(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.host_matrix(data, rows, cols, 0, false)
+    }
+
+    /// Laid out as [`Backend::upload_projection`] lays matrices out on the device, so that its
+    /// device copies fold adapters into their products the same way.
     fn upload_frozen_in_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
-        self.host_matrix(data, rows, cols, false)
+        self.host_matrix(data, rows, cols, fold::PROJECTION_ROOM, false)
     }
 
     fn upload_output_projection(
@@ -1047,7 +1100,7 @@ impl Backend for CudaBackend {
         cols: usize,
     ) -> Result<CudaTensor> {
         match self.output_projection_in_host {
-            true => self.host_matrix(data, rows, cols, true),
+            true => self.host_matrix(data, rows, cols, 0, true),
             false => self.upload_frozen(data, rows, cols),
         }
     }
@@ -1090,11 +1143,7 @@ impl Backend for CudaBackend {
 
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         match &t.storage {
-            Storage::Host { table, .. } => Ok(table
-                .bits()?
-                .iter()
-                .map(|&x| half::bf16::from_bits(x).to_f32())
-                .collect()),
+            Storage::Host { table, pitch, .. } => Ok(bf16_rows(table.bits()?, t, *pitch)),
             Storage::F32(b) => self.gpu.download(&b.slice, "downloading a tensor"),
             Storage::Bf16(b) => Ok(self
                 .gpu
@@ -1102,14 +1151,12 @@ impl Backend for CudaBackend {
                 .into_iter()
                 .map(|x| half::bf16::from_bits(x).to_f32())
                 .collect()),
-            Storage::Bf16Pitched { values, pitch } => Ok(self
-                .gpu
-                .download(&values.slice, "downloading a product input")?
-                .chunks(*pitch)
-                .take(t.rows)
-                .flat_map(|row| &row[..t.cols])
-                .map(|&x| half::bf16::from_bits(x).to_f32())
-                .collect()),
+            Storage::Bf16Pitched { values, pitch } => {
+                let bits = self
+                    .gpu
+                    .download(&values.slice, "downloading a product input")?;
+                Ok(bf16_rows(&bits, t, *pitch))
+            }
             Storage::Nf4(_) => Ok(self.download_nf4(t)?.dequantize()),
             Storage::Offloaded(o) => match &o.host {
                 Some(host) => Ok(host
@@ -1200,8 +1247,15 @@ impl Backend for CudaBackend {
             },
             Storage::Nf4(s) => Storage::Nf4(Box::new(self.duplicate_nf4(s)?)),
             Storage::Host {
-                table, in_chunks, ..
-            } => Storage::host(HostTable::new(&self.gpu, table.bits()?)?, *in_chunks),
+                table,
+                pitch,
+                in_chunks,
+                ..
+            } => Storage::host(
+                HostTable::new(&self.gpu, table.bits()?)?,
+                *pitch,
+                *in_chunks,
+            ),
             Storage::Offloaded(_) => {
                 return Err(Error::InvalidArgument(
                     "duplicate: an offloaded activation must be settled first".into(),
@@ -1379,7 +1433,9 @@ impl Backend for CudaBackend {
         Self::check_ids(ids, table.rows, "token id", false)?;
         let (rows, cols) = (ids.host.len(), table.cols);
         let (kernel, table_ptr) = match &table.storage {
-            Storage::Host { table, .. } => ("embedding_bf16", table.device_ptr()),
+            Storage::Host { table: t, .. } if table.pitch() == table.cols => {
+                ("embedding_bf16", t.device_ptr())
+            }
             Storage::Bf16(_) => ("embedding_bf16", self.ptr(table)?),
             Storage::F32(_) => ("embedding_f32", self.ptr(table)?),
             _ => {

@@ -168,7 +168,9 @@ impl CudaBackend {
         queued
     }
 
-    fn lock_nf4_scratch(&self) -> ScratchGuard<'_> {
+    /// The scratch, locked; folded products of bf16 matrices take the lock too while they
+    /// rewrite a matrix's spare values and queue the product reading them (fold.rs).
+    pub(super) fn lock_nf4_scratch(&self) -> ScratchGuard<'_> {
         // Slot bookkeeping is a few assignments; a panic elsewhere cannot leave it half-done.
         lock(&self.nf4_scratch)
     }

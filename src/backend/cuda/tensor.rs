@@ -36,8 +36,9 @@ pub enum Storage {
     F32(DeviceBuffer<f32>),
     Bf16(DeviceBuffer<u16>),
     /// bf16 rows `pitch` values apart (`pitch > cols`): a product input with spare columns after
-    /// each row, where an adapted product writes its adapter's term (fold.rs). Only products,
-    /// `copy_rows`, `duplicate` and `download` read it.
+    /// each row, where an adapted product writes its adapter's term, or a projection matrix
+    /// with spare columns and, past its rows, spare rows for its adapter's factors (fold.rs).
+    /// Only products, `copy_rows`, `duplicate` and `download` read it.
     Bf16Pitched {
         values: DeviceBuffer<u16>,
         pitch: usize,
@@ -49,6 +50,9 @@ pub enum Storage {
     /// Llama 3; the projection matrices of decoder layers kept there: 416 MiB a layer).
     Host {
         table: HostTable,
+        /// Values from one row to the next: the columns, or more for a projection matrix laid
+        /// out with spare columns and rows like `Bf16Pitched` (its device copies are too).
+        pitch: usize,
         /// The output projection, which the loss reads a chunk of rows at a time: a pass brings
         /// it over in chunks (`chunks`) instead of whole.
         in_chunks: bool,
@@ -66,11 +70,12 @@ pub enum Storage {
 }
 
 impl Storage {
-    /// A matrix in host memory holding `table`, with no device copy; `in_chunks` for the output
-    /// projection.
-    pub fn host(table: HostTable, in_chunks: bool) -> Self {
+    /// A matrix in host memory holding `table` (rows `pitch` values apart), with no device
+    /// copy; `in_chunks` for the output projection.
+    pub fn host(table: HostTable, pitch: usize, in_chunks: bool) -> Self {
         Storage::Host {
             table,
+            pitch,
             in_chunks,
             copies: Mutex::default(),
             chunks: Mutex::default(),
@@ -203,7 +208,7 @@ impl CudaTensor {
     /// Values from the start of one row to the next (`cols` unless the rows have spare columns).
     pub fn pitch(&self) -> usize {
         match self.storage {
-            Storage::Bf16Pitched { pitch, .. } => pitch,
+            Storage::Bf16Pitched { pitch, .. } | Storage::Host { pitch, .. } => pitch,
             _ => self.cols,
         }
     }
