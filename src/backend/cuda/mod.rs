@@ -120,9 +120,13 @@ fn with_room(data: &[f32], rows: usize, cols: usize, room: usize) -> (Vec<u16>, 
         return (bf16_bits(data), cols);
     };
     let mut bits = vec![0u16; (rows + room) * pitch];
-    for (dst, src) in bits.chunks_mut(pitch).zip(data.chunks(cols.max(1))) {
-        dst[..cols].copy_from_slice(&bf16_bits(src));
-    }
+    bits.par_chunks_mut(pitch)
+        .zip(data.par_chunks(cols.max(1)))
+        .for_each(|(dst, src)| {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = half::bf16::from_f32(x).to_bits();
+            }
+        });
     (bits, pitch)
 }
 
