@@ -185,28 +185,42 @@ __device__ __forceinline__ void store4(bf16_t* p, float a, float b, float c, flo
     *reinterpret_cast<uint2*>(p) = make_uint2(bf16_pair(a, b), bf16_pair(c, d));
 }
 
-// The gated kernels run a thread per quad of elements 4q..4q+3: 16-byte loads where all four
-// exist, one element at a time in the last, short quad.
+// An input element, or a quad of them (q: the quad's index; 16- or 8-byte aligned): f32, or a
+// product's output stored in bf16, widened.
+__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ float4 load4(const float* p, long long q) {
+    return reinterpret_cast<const float4*>(p)[q];
+}
+__device__ __forceinline__ float4 load4(const bf16_t* p, long long q) {
+    const uint2 v = reinterpret_cast<const uint2*>(p)[q];
+    return make_float4(bf16_to_f32((bf16_t)(v.x & 0xffffu)), bf16_to_f32((bf16_t)(v.x >> 16)),
+                       bf16_to_f32((bf16_t)(v.y & 0xffffu)), bf16_to_f32((bf16_t)(v.y >> 16)));
+}
+
+// The gated kernels run a thread per quad of elements 4q..4q+3: vector loads where all four
+// exist, one element at a time in the last, short quad. Inputs f32 or bf16 (the products that
+// feed only these kernels may store their outputs rounded).
 #define QUAD_LOOP(q, n) GRID_STRIDE_LOOP(q, ((n) + 3) / 4)
 
 // h_i = act(g_i)·u_i (act 0 = silu, 1 = gelu_tanh; see act_value_deriv).
 __device__ __forceinline__ float gated_value(float g, float u, int act) {
     return u * act_value_deriv(g, act, nullptr);
 }
-template <typename Out>
-__device__ void gated_act_fwd_impl(const float* g, const float* u, Out* h, long long n, int act,
+template <typename In, typename Out>
+__device__ void gated_act_fwd_impl(const In* g, const In* u, Out* h, long long n, int act,
                                    long long cols, long long pitch) {
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
         if (i0 + 4 <= n) {
-            const float4 gv = reinterpret_cast<const float4*>(g)[q];
-            const float4 uv = reinterpret_cast<const float4*>(u)[q];
+            const float4 gv = load4(g, q);
+            const float4 uv = load4(u, q);
             store4(h + pitched(i0, cols, pitch), gated_value(gv.x, uv.x, act),
                    gated_value(gv.y, uv.y, act), gated_value(gv.z, uv.z, act),
                    gated_value(gv.w, uv.w, act));
         } else {
             for (long long i = i0; i < n; ++i) {
-                store(h + pitched(i, cols, pitch), gated_value(g[i], u[i], act));
+                store(h + pitched(i, cols, pitch), gated_value(load(g, i), load(u, i), act));
             }
         }
     }
@@ -215,9 +229,17 @@ extern "C" __global__ void gated_act_fwd(const float* g, const float* u, float* 
                                          int act) {
     gated_act_fwd_impl(g, u, h, n, act, n, n);
 }
-extern "C" __global__ void gated_act_fwd_bf16(const float* g, const float* u, bf16_t* h,
-                                              long long n, int act, int cols, long long pitch) {
-    gated_act_fwd_impl(g, u, h, n, act, cols, pitch);
+// g and u bf16 when in_bf16 (else f32); h a bf16 product input, rows `pitch` apart.
+extern "C" __global__ void gated_act_fwd_bf16(const void* g, const void* u, int in_bf16,
+                                              bf16_t* h, long long n, int act, int cols,
+                                              long long pitch) {
+    if (in_bf16) {
+        gated_act_fwd_impl(static_cast<const bf16_t*>(g), static_cast<const bf16_t*>(u), h, n,
+                           act, cols, pitch);
+    } else {
+        gated_act_fwd_impl(static_cast<const float*>(g), static_cast<const float*>(u), h, n, act,
+                           cols, pitch);
+    }
 }
 
 // dg_i = dh_i·u_i·act'(g_i), du_i = dh_i·act(g_i).
@@ -226,16 +248,16 @@ __device__ __forceinline__ float2 gated_grads(float dh, float g, float u, int ac
     const float a = act_value_deriv(g, act, &da);
     return make_float2(dh * u * da, dh * a);
 }
-template <typename Out>
-__device__ void gated_act_bwd_impl(const float* dh, const float* g, const float* u, Out* dg,
-                                   Out* du, long long n, int act, long long cols, long long pitch) {
+template <typename D, typename G, typename Out>
+__device__ void gated_act_bwd_impl(const D* dh, const G* g, const G* u, Out* dg, Out* du,
+                                   long long n, int act, long long cols, long long pitch) {
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
         if (i0 + 4 <= n) {
             const long long o = pitched(i0, cols, pitch);
-            const float4 gv = reinterpret_cast<const float4*>(g)[q];
-            const float4 uv = reinterpret_cast<const float4*>(u)[q];
-            const float4 dv = reinterpret_cast<const float4*>(dh)[q];
+            const float4 gv = load4(g, q);
+            const float4 uv = load4(u, q);
+            const float4 dv = load4(dh, q);
             const float2 x = gated_grads(dv.x, gv.x, uv.x, act);
             const float2 y = gated_grads(dv.y, gv.y, uv.y, act);
             const float2 z = gated_grads(dv.z, gv.z, uv.z, act);
@@ -244,7 +266,7 @@ __device__ void gated_act_bwd_impl(const float* dh, const float* g, const float*
             store4(du + o, x.y, y.y, z.y, w.y);
         } else {
             for (long long i = i0; i < n; ++i) {
-                const float2 d = gated_grads(dh[i], g[i], u[i], act);
+                const float2 d = gated_grads(load(dh, i), load(g, i), load(u, i), act);
                 const long long o = pitched(i, cols, pitch);
                 store(dg + o, d.x);
                 store(du + o, d.y);
@@ -256,10 +278,31 @@ extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const 
                                          float* dg, float* du, long long n, int act) {
     gated_act_bwd_impl(dh, g, u, dg, du, n, act, n, n);
 }
-extern "C" __global__ void gated_act_bwd_bf16(const float* dh, const float* g, const float* u,
-                                              bf16_t* dg, bf16_t* du, long long n, int act,
-                                              int cols, long long pitch) {
-    gated_act_bwd_impl(dh, g, u, dg, du, n, act, cols, pitch);
+// dh bf16 when dh_bf16, g and u bf16 when gu_bf16 (each else f32); dg, du bf16 product inputs,
+// rows `pitch` apart.
+template <typename D>
+__device__ void gated_act_bwd_rounded(const D* dh, const void* g, const void* u, int gu_bf16,
+                                      bf16_t* dg, bf16_t* du, long long n, int act, int cols,
+                                      long long pitch) {
+    if (gu_bf16) {
+        gated_act_bwd_impl(dh, static_cast<const bf16_t*>(g), static_cast<const bf16_t*>(u), dg,
+                           du, n, act, cols, pitch);
+    } else {
+        gated_act_bwd_impl(dh, static_cast<const float*>(g), static_cast<const float*>(u), dg, du,
+                           n, act, cols, pitch);
+    }
+}
+extern "C" __global__ void gated_act_bwd_bf16(const void* dh, int dh_bf16, const void* g,
+                                              const void* u, int gu_bf16, bf16_t* dg,
+                                              bf16_t* du, long long n, int act, int cols,
+                                              long long pitch) {
+    if (dh_bf16) {
+        gated_act_bwd_rounded(static_cast<const bf16_t*>(dh), g, u, gu_bf16, dg, du, n, act, cols,
+                              pitch);
+    } else {
+        gated_act_bwd_rounded(static_cast<const float*>(dh), g, u, gu_bf16, dg, du, n, act, cols,
+                              pitch);
+    }
 }
 
 // out[t, c] = f32(table[ids[t], c])·scale for t < rows, c < cols (ids validated by the host;

@@ -28,11 +28,13 @@ mod common;
 use common::gpu::{cpu, gpu, recorded_steps_match_unrecorded, steps_match, Base};
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::api::{Device, Model, ModelParams};
+use finetune::backend::cuda::Dtype;
 use finetune::backend::cuda::F32Products;
 use finetune::backend::cuda::{
     CudaBackend, CudaTensor, DEQUANTIZED_SLOTS, MAX_FOLDED_RANK, PROJECTION_ROOM,
 };
 use finetune::backend::Backend;
+use finetune::backend::ProductOutput::{GatedActivation, Sums};
 use finetune::error::Error;
 use finetune::model::presets::preset;
 use finetune::model::weights::{tensor_specs, Slot};
@@ -482,7 +484,7 @@ fn check_folded_products(
             "a product input with room holds the rounded values"
         );
         for (what, input) in [("f32 input", &xg), ("input with room", &with_room)] {
-            let y = g.adapted_product(input, w, &xag, &bg, s).unwrap();
+            let y = g.adapted_product(input, w, &xag, &bg, s, Sums).unwrap();
             let e = rel_err(&g.download(&y).unwrap(), &expected);
             eprintln!(
                 "{kind}, rank {r}, {what}: forward relative error {e:.1e} (tolerance {tol:.0e})"
@@ -490,6 +492,22 @@ fn check_folded_products(
             assert!(
                 e < tol,
                 "{kind}, rank {r}, {what}: forward relative error {e}"
+            );
+            // For a gated activation: the folded product's output stored in bf16 (within its
+            // rounding, 2⁻⁹ of each value), the two products' in f32 as before.
+            let y = g
+                .adapted_product(input, w, &xag, &bg, s, GatedActivation)
+                .unwrap();
+            let (dtype, tol16) = if folded {
+                (Dtype::Bf16, 3e-3)
+            } else {
+                (Dtype::F32, tol)
+            };
+            assert_eq!(y.dtype(), dtype, "{kind}, rank {r}, {what}");
+            let e = rel_err(&g.download(&y).unwrap(), &expected);
+            assert!(
+                e < tol16,
+                "{kind}, rank {r}, {what}: bf16 output, error {e}"
             );
             // Added into rows [start, start + m) of a tensor holding other values: the rows
             // around them untouched, the rows themselves the held values plus the product.
@@ -534,22 +552,32 @@ fn check_folded_products(
         let dy_room = g.product_input(g.duplicate(&dyg).unwrap(), r).unwrap();
         for (what, input) in [("f32 gradient", &dyg), ("gradient with room", &dy_room)] {
             for with_acc in [false, true] {
-                let acc_g = with_acc.then(|| g.upload(&acc, m, inp).unwrap());
-                let dx = g
-                    .adapted_product_backward(input, w, &dxag, &ag, acc_g)
-                    .unwrap();
                 let expected = match with_acc {
                     true => sum_of(&[parts[0].clone(), parts[1].clone(), acc64.clone()]),
                     false => sum_of(&parts),
                 };
-                let e = rel_err(&g.download(&dx).unwrap(), &expected);
-                eprintln!(
-                    "{kind}, rank {r}, {what}, acc {with_acc}: backward relative error {e:.1e}"
-                );
-                assert!(
-                    e < tol,
-                    "{kind}, rank {r}, {what}, acc {with_acc}: backward {e}"
-                );
+                // Stored in bf16 for a gated activation when folded with no accumulator.
+                for out in [Sums, GatedActivation] {
+                    let acc_g = with_acc.then(|| g.upload(&acc, m, inp).unwrap());
+                    let dx = g
+                        .adapted_product_backward(input, w, &dxag, &ag, acc_g, out)
+                        .unwrap();
+                    let rounded = folded && !with_acc && out == GatedActivation;
+                    let (dtype, tol) = match rounded {
+                        true => (Dtype::Bf16, 3e-3),
+                        false => (Dtype::F32, tol),
+                    };
+                    assert_eq!(dx.dtype(), dtype, "{kind}, rank {r}, {what}, {out:?}");
+                    let e = rel_err(&g.download(&dx).unwrap(), &expected);
+                    eprintln!(
+                        "{kind}, rank {r}, {what}, acc {with_acc}, {out:?}: backward relative \
+                         error {e:.1e}"
+                    );
+                    assert!(
+                        e < tol,
+                        "{kind}, rank {r}, {what}, acc {with_acc}, {out:?}: backward {e}"
+                    );
+                }
             }
         }
     }
@@ -580,6 +608,46 @@ fn gated_kernels_keep_the_room(g: &CudaBackend, rng: &mut Rng) {
         g.download(&g.copy_rows(&roomy, 11, 20).unwrap()).unwrap(),
         g.download(&g.copy_rows(&dense, 11, 20).unwrap()).unwrap()
     );
+    // bf16 inputs (products stored for the gated activation): the same values as f32 inputs
+    // holding the bf16 values, bit for bit.
+    let as_bf16 = |t: &CudaTensor| {
+        let v = g.download(t).unwrap();
+        let bf16 = g.upload_frozen(&v, rows, cols).unwrap();
+        let f32 = g.upload(&bf16_round(&v), rows, cols).unwrap();
+        (bf16, f32)
+    };
+    let ((gate16, gate32), (up16, up32), (dh16, dh32)) =
+        (as_bf16(&gate), as_bf16(&up), as_bf16(&dh));
+    assert_eq!(gate16.dtype(), Dtype::Bf16);
+    let from16 = g
+        .gated_activation_for_products(&gate16, &up16, act, 16)
+        .unwrap();
+    let from32 = g
+        .gated_activation_for_products(&gate32, &up32, act, 16)
+        .unwrap();
+    assert_eq!(g.download(&from16).unwrap(), g.download(&from32).unwrap());
+    for (dh_in, what) in [(&dh16, "bf16 dh"), (&dh32, "f32 dh")] {
+        let (dg16, du16) = g
+            .gated_activation_backward_for_products(dh_in, &gate16, &up16, act, 16)
+            .unwrap();
+        let (dg32, du32) = g
+            .gated_activation_backward_for_products(&dh32, &gate32, &up32, act, 16)
+            .unwrap();
+        assert_eq!(
+            g.download(&dg16).unwrap(),
+            g.download(&dg32).unwrap(),
+            "{what}"
+        );
+        assert_eq!(
+            g.download(&du16).unwrap(),
+            g.download(&du32).unwrap(),
+            "{what}"
+        );
+    }
+    // Gate and up must share a dtype.
+    assert!(g
+        .gated_activation_for_products(&gate16, &up32, act, 16)
+        .is_err());
     // Kernels that read dense rows refuse rows with room, naming it.
     let err = g
         .add_assign(&mut g.zeros(rows, cols).unwrap(), &roomy)

@@ -193,6 +193,17 @@ pub fn rope_then_attention_inputs<B: Backend + ?Sized>(
     be.attention_inputs(q, k, v, s)
 }
 
+/// What reads the output of an adapted product ([`Backend::adapted_product`] and its backward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProductOutput {
+    /// f32 arithmetic that keeps it (residual sums, norms, attention): f32 values.
+    Sums,
+    /// Only the gated activation (or its backward), which reads each value once and rounds its
+    /// own outputs for the next product: a backend that rounds product inputs to bf16 may store
+    /// the output rounded to bf16 too (half the bytes written and read again).
+    GatedActivation,
+}
+
 /// [`Backend::adapted_product`] as two products: `y = s·xa·Bᵀ`, then `y += x·Wᵀ`.
 pub fn adapted_product_in_two<B: Backend + ?Sized>(
     be: &B,
@@ -407,7 +418,7 @@ pub trait Backend: Send + Sync + 'static {
         acc: &mut Self::Tensor,
         start: usize,
     ) -> Result<()> {
-        let y = self.adapted_product(x, w, xa, b, s)?;
+        let y = self.adapted_product(x, w, xa, b, s, ProductOutput::Sums)?;
         self.add_rows(acc, start, &y)
     }
 
@@ -434,7 +445,7 @@ pub trait Backend: Send + Sync + 'static {
     /// product reads `y` as part of its own work, where adding the rank-wide term afterwards
     /// would be one more pass over `y`). A backend may instead run the one product
     /// `[x | xa]·[W | s·B]ᵀ` (inner dimension in + r), with `x` from
-    /// [`Backend::product_input`] given the room.
+    /// [`Backend::product_input`] given the room. `out` says what reads `y` (f32 by default).
     fn adapted_product(
         &self,
         x: &Self::Tensor,
@@ -442,14 +453,17 @@ pub trait Backend: Send + Sync + 'static {
         xa: &Self::Tensor,
         b: &Self::Tensor,
         s: f32,
+        out: ProductOutput,
     ) -> Result<Self::Tensor> {
+        let _ = out;
         adapted_product_in_two(self, x, w, xa, b, s)
     }
     /// The input gradient of [`Backend::adapted_product`] without dropout: `dx = dy·W + dxa·A`
     /// with `dxa = s·dy·B` (`[rows, r]`, computed by the caller, which also needs it for A's
     /// gradient) and `a = A: [r, in]`, added into `acc` when given. The adapter's share first,
     /// as in the forward; a backend may run the one product `[dy | dxa]·[W ; A]` (inner
-    /// dimension out + r), with `dy` from [`Backend::product_input`] given the room.
+    /// dimension out + r), with `dy` from [`Backend::product_input`] given the room. `out` says
+    /// what reads `dx` when no `acc` is given (f32 by default; an `acc` stays as it is).
     fn adapted_product_backward(
         &self,
         dy: &Self::Tensor,
@@ -457,7 +471,9 @@ pub trait Backend: Send + Sync + 'static {
         dxa: &Self::Tensor,
         a: &Self::Tensor,
         acc: Option<Self::Tensor>,
+        out: ProductOutput,
     ) -> Result<Self::Tensor> {
+        let _ = out;
         adapted_product_backward_in_two(self, dy, w, dxa, a, acc)
     }
     /// `x[r, :] += bias` for every row.
@@ -688,6 +704,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// [`Backend::gated_activation`] as a product input ([`Backend::product_input`], with
     /// `room`); a backend that rounds product inputs may write the rounded values directly.
+    /// Here and in the backward, `g`, `u` (and `dh`) may be outputs of adapted products made for
+    /// them ([`ProductOutput::GatedActivation`]).
     fn gated_activation_for_products(
         &self,
         g: &Self::Tensor,

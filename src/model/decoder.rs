@@ -28,7 +28,7 @@ use super::adapters::{LoraPair, LoraTensors};
 use super::config::ModelConfig;
 use super::host_layers::LayerCopies;
 use super::weights::{DecoderWeights, LayerWeights};
-use crate::backend::{product_into, AttentionShape, Backend, DeviceCopy};
+use crate::backend::{product_into, AttentionShape, Backend, DeviceCopy, ProductOutput};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, TargetModule};
 use crate::rng::derive;
@@ -309,10 +309,11 @@ impl<B: Backend> Decoder<B> {
         seed.map(|s| self.backend.dropout(x, p, s)).transpose()
     }
 
-    /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ` ([`Backend::adapted_product`]); also returns
-    /// `dropout(x)·Aᵀ` for the backward pass, `kept` when the forward pass kept it (a
-    /// recomputation), else computed here. `chunk` is the MLP chunk `x` is (0 elsewhere): it
-    /// picks the dropout stream.
+    /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ` ([`Backend::adapted_product`]; `out` says what
+    /// reads `y`); also returns `dropout(x)·Aᵀ` for the backward pass, `kept` when the forward
+    /// pass kept it (a recomputation), else computed here. `chunk` is the MLP chunk `x` is (0
+    /// elsewhere): it picks the dropout stream.
+    #[allow(clippy::too_many_arguments)]
     fn project(
         &self,
         layer: usize,
@@ -321,9 +322,10 @@ impl<B: Backend> Decoder<B> {
         ad: Option<&Adapters<B>>,
         chunk: usize,
         kept: Option<B::Tensor>,
+        out: ProductOutput,
     ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let xa = self.adapter_input(layer, m, x, ad, chunk, kept)?;
-        let y = self.projected(layer, m, x, ad, xa.as_ref())?;
+        let y = self.projected(layer, m, x, ad, xa.as_ref(), out)?;
         Ok((y, xa))
     }
 
@@ -335,17 +337,25 @@ impl<B: Backend> Decoder<B> {
         x: &B::Tensor,
         ad: Option<&Adapters<B>>,
         xa: Option<&B::Tensor>,
+        out: ProductOutput,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let lw: &LayerWeights<B> = &self.weights.layers[layer];
         let w = &lw.proj[m as usize];
+        let bias = &lw.bias[m as usize];
+        // A bias is added in f32.
+        let out = if bias.is_some() {
+            ProductOutput::Sums
+        } else {
+            out
+        };
         let mut y = match (xa, Self::adapted(ad, layer, m)) {
             (Some(xa), Some((ad, pair))) => {
-                be.adapted_product(x, w, xa, &pair.b, ad.cfg.scale())?
+                be.adapted_product(x, w, xa, &pair.b, ad.cfg.scale(), out)?
             }
             _ => be.product(x, false, w, true, 1.0)?,
         };
-        if let Some(b) = &lw.bias[m as usize] {
+        if let Some(b) = bias {
             be.add_row_vector(&mut y, b)?;
         }
         Ok(y)
@@ -374,7 +384,7 @@ impl<B: Backend> Decoder<B> {
                 be.adapted_product_add_rows(x, w, xa, &pair.b, ad.cfg.scale(), acc, start)?;
             }
             _ => {
-                let y = self.projected(layer, m, x, ad, xa.as_ref())?;
+                let y = self.projected(layer, m, x, ad, xa.as_ref(), ProductOutput::Sums)?;
                 be.add_rows(acc, start, &y)?;
             }
         }
@@ -468,7 +478,12 @@ impl<B: Backend> Decoder<B> {
         )?;
         drop(dropped);
         let Some(seed) = seed else {
-            return be.adapted_product_backward(dy, w, &dxa, &pair.a, acc);
+            // dL/dm, the input gradient of down, is read only by the gated activation's backward.
+            let out = match m {
+                TargetModule::Down => ProductOutput::GatedActivation,
+                _ => ProductOutput::Sums,
+            };
+            return be.adapted_product_backward(dy, w, &dxa, &pair.a, acc, out);
         };
         // d dropout(x) = dropout(dxa·A): masked and scaled as the forward was.
         let dxin = be.product(&dxa, false, &pair.a, false, 1.0)?;
@@ -594,9 +609,10 @@ impl<B: Backend> Decoder<B> {
         let [kq, kk, kv] = kept;
         let (eps, offset) = (cfg.rms_norm_eps, cfg.norm_unit_offset);
         let (h1, r1) = be.rmsnorm_for_products(x, &lw.attn_norm, eps, offset, Self::room(ad))?;
-        let (q, xq) = self.project(layer, Q, &h1, ad, 0, kq)?;
-        let (k, xk) = self.project(layer, K, &h1, ad, 0, kk)?;
-        let (v, xv) = self.project(layer, V, &h1, ad, 0, kv)?;
+        let sums = ProductOutput::Sums;
+        let (q, xq) = self.project(layer, Q, &h1, ad, 0, kq, sums)?;
+        let (k, xk) = self.project(layer, K, &h1, ad, 0, kk, sums)?;
+        let (v, xv) = self.project(layer, V, &h1, ad, 0, kv, sums)?;
         let (q, k, qk_raw) = match (&lw.q_norm, &lw.k_norm) {
             (Some(qn), Some(kn)) => {
                 let (qn_out, rq) = self.head_norm(be.duplicate(&q)?, qn)?;
@@ -643,7 +659,15 @@ impl<B: Backend> Decoder<B> {
         // base product), as h1 and h2 are for theirs; the backward rounds it the same way.
         let rounded = be.rounded_product_input(attn, Self::room(ad))?;
         let attn = rounded.as_ref().unwrap_or(attn);
-        let (o, xo) = self.project(layer, TargetModule::O, attn, ad, 0, kept)?;
+        let (o, xo) = self.project(
+            layer,
+            TargetModule::O,
+            attn,
+            ad,
+            0,
+            kept,
+            ProductOutput::Sums,
+        )?;
         drop(rounded);
         // x1 = x + o, written over o's values (no copy of x).
         let mut x1 = o;
@@ -678,8 +702,10 @@ impl<B: Backend> Decoder<B> {
         kept: [Option<B::Tensor>; 2],
     ) -> Result<((B::Tensor, B::Tensor), [Option<B::Tensor>; 2])> {
         let [kg, ku] = kept;
-        let (g, xg) = self.project(layer, TargetModule::Gate, h, ad, chunk, kg)?;
-        let (u, xu) = self.project(layer, TargetModule::Up, h, ad, chunk, ku)?;
+        // Read only by the gated activation and its backward.
+        let out = ProductOutput::GatedActivation;
+        let (g, xg) = self.project(layer, TargetModule::Gate, h, ad, chunk, kg, out)?;
+        let (u, xu) = self.project(layer, TargetModule::Up, h, ad, chunk, ku, out)?;
         Ok(((g, u), [xg, xu]))
     }
 

@@ -1,4 +1,5 @@
-//! Matrix products through cuBLASLt: bf16 or f32 operands, f32 output, f32 accumulation.
+//! Matrix products through cuBLASLt: bf16 or f32 operands, f32 accumulation, f32 output (bf16
+//! for bf16 operands where the caller asks, rounded by cuBLAS's epilogue).
 //!
 //! cuBLASLt is column-major. A row-major `[r, c]` matrix read column-major is its transpose, so
 //! the row-major product `C = op(A)·op(B)` is computed as the column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`:
@@ -82,6 +83,8 @@ struct Product {
     trans_b: bool,
     bf16: bool,
     tf32: bool,
+    /// C (= D) in bf16 (else f32).
+    bf16_out: bool,
     /// Alignment in bytes of A, B and C (C is also the output D).
     align: [u32; 3],
     /// Leading dimensions (elements between columns) of A, B and C.
@@ -130,7 +133,15 @@ impl Plan {
         for (i, (ty, rows, cols)) in [
             (elem, ar, ac),
             (elem, br, bc),
-            (sys::cudaDataType::CUDA_R_32F, p.m, p.n),
+            (
+                if p.bf16_out {
+                    sys::cudaDataType::CUDA_R_16BF
+                } else {
+                    sys::cudaDataType::CUDA_R_32F
+                },
+                p.m,
+                p.n,
+            ),
         ]
         .into_iter()
         .enumerate()
@@ -266,8 +277,9 @@ impl Blas {
         })
     }
 
-    /// `c = alpha·op(a)·op(b) + beta·c` with `c` f32 `[m, n]`. `a` and `b` must share a dtype;
-    /// with `tf32`, f32 operands are rounded to TF32 for the tensor cores.
+    /// `c = alpha·op(a)·op(b) + beta·c` with `c` `[m, n]`, f32 or (with bf16 `a` and `b`) bf16.
+    /// `a` and `b` must share a dtype; with `tf32`, f32 operands are rounded to TF32 for the
+    /// tensor cores.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &self,
@@ -292,12 +304,8 @@ impl Blas {
             (b.rows, b.cols)
         };
         let pitched = [a, b, c].iter().all(|o| o.pitch >= o.cols);
-        if k != kb
-            || (c.rows, c.cols) != (m, n)
-            || a.dtype != b.dtype
-            || c.dtype != Dtype::F32
-            || !pitched
-        {
+        let out_fits = c.dtype == Dtype::F32 || (c.dtype == Dtype::Bf16 && a.dtype == Dtype::Bf16);
+        if k != kb || (c.rows, c.cols) != (m, n) || a.dtype != b.dtype || !out_fits || !pitched {
             return Err(Error::InvalidArgument(format!(
                 "matmul: op(a) [{m}, {k}] ({:?}), op(b) [{kb}, {n}] ({:?}), c [{}, {}] ({:?}); \
                  row pitches {}, {}, {}",
@@ -317,6 +325,7 @@ impl Blas {
             trans_b: trans_a,
             bf16,
             tf32: tf32 && !bf16,
+            bf16_out: c.dtype == Dtype::Bf16,
             align: [alignment(b.ptr), alignment(a.ptr), alignment(c.ptr)],
             // A row-major matrix with row pitch p is column-major with leading dimension p.
             ld: [b.pitch as u64, a.pitch as u64, c.pitch as u64],

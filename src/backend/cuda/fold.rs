@@ -32,6 +32,7 @@ use super::launch::Arg;
 use super::nf4::ScratchGuard;
 use super::tensor::{Arrival, Dtype, Nf4Storage, Storage};
 use super::{count, dim, lock, CudaBackend, CudaTensor};
+use crate::backend::ProductOutput;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -153,6 +154,15 @@ impl CudaBackend {
         }))
     }
 
+    /// A folded product's output: f32, or bf16 for a gated activation (the fold rounds its
+    /// inputs to bf16 already).
+    fn product_output(&self, rows: usize, cols: usize, out: ProductOutput) -> Result<CudaTensor> {
+        match out {
+            ProductOutput::Sums => self.tensor(rows, cols, "a tensor"),
+            ProductOutput::GatedActivation => self.bf16_tensor(rows, cols, "an MLP product"),
+        }
+    }
+
     /// Where `w`'s values lie in its folded layout for rank `r`, and that layout's pitch: an NF4
     /// matrix whose scratch slot has room, or a bf16 matrix uploaded with room for `r` spare
     /// columns and rows.
@@ -204,7 +214,8 @@ impl CudaBackend {
         }
     }
 
-    /// `[x | xa]·[W | s·B]ᵀ` when it can run as one product (see the module comment).
+    /// `[x | xa]·[W | s·B]ᵀ` when it can run as one product (see the module comment), stored
+    /// in bf16 for a gated activation.
     pub(super) fn folded_product(
         &self,
         x: &CudaTensor,
@@ -212,11 +223,12 @@ impl CudaBackend {
         xa: &CudaTensor,
         b: &CudaTensor,
         s: f32,
+        out: ProductOutput,
     ) -> Result<Option<CudaTensor>> {
         if self.fold_layout(x, w, xa, b).is_none() {
             return Ok(None);
         }
-        let y = self.tensor(x.rows, w.rows, "a tensor")?;
+        let y = self.product_output(x.rows, w.rows, out)?;
         let (out, _) = self.operand(&y, false)?;
         Ok(self
             .folded_product_into(x, w, xa, b, s, out, 0.0)?
@@ -281,8 +293,8 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// `[dy | dxa]·[W ; A]` (added into `acc` when given) when it can run as one product;
-    /// otherwise `acc` comes back untouched.
+    /// `[dy | dxa]·[W ; A]` (added into `acc` when given, else stored as `out` says) when it
+    /// can run as one product; otherwise `acc` comes back untouched.
     pub(super) fn folded_product_backward(
         &self,
         dy: &CudaTensor,
@@ -290,6 +302,7 @@ impl CudaBackend {
         dxa: &CudaTensor,
         a: &CudaTensor,
         acc: Option<CudaTensor>,
+        out: ProductOutput,
     ) -> Result<std::result::Result<CudaTensor, Option<CudaTensor>>> {
         let r = dxa.cols;
         let Some((weight, pitch)) = self.folded_weight(w, r) else {
@@ -317,7 +330,7 @@ impl CudaBackend {
         let beta = if acc.is_some() { 1.0 } else { 0.0 };
         let dx = match acc {
             Some(dx) => dx,
-            None => self.tensor(dy.rows, w.cols, "a tensor")?,
+            None => self.product_output(dy.rows, w.cols, out)?,
         };
         let (out, _) = self.operand(&dx, false)?;
         self.gemm(

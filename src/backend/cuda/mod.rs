@@ -23,7 +23,7 @@ pub mod tensor;
 
 use super::{
     check_attention_shapes, check_len, check_norm_backward, check_same_shape, AdamWConstants,
-    AdamWSlot, AdamWStep, AttentionShape, Backend, DeviceMemory, IGNORE_LABEL,
+    AdamWSlot, AdamWStep, AttentionShape, Backend, DeviceMemory, ProductOutput, IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -563,6 +563,33 @@ impl CudaBackend {
         }
     }
 
+    /// The address of the dense f32 or bf16 `t` read by an element-wise kernel, and whether
+    /// it is bf16.
+    fn pointwise_input(&self, t: &CudaTensor, what: &str) -> Result<(Arg, bool)> {
+        match &t.storage {
+            Storage::F32(b) => Ok((Arg::Ptr(self.buffer_ptr(b)), false)),
+            Storage::Bf16(b) => Ok((Arg::Ptr(self.buffer_ptr(b)), true)),
+            _ => Err(wants_f32_or_bf16(t, what)),
+        }
+    }
+
+    /// The gated kernels' `g` and `u` arguments and the flag saying they are bf16 (both f32 or
+    /// both bf16: products made alike, `ProductOutput`).
+    fn gated_products(&self, g: &CudaTensor, u: &CudaTensor, what: &str) -> Result<[Arg; 3]> {
+        let ((g_arg, g_bf16), (u_arg, u_bf16)) = (
+            self.pointwise_input(g, what)?,
+            self.pointwise_input(u, what)?,
+        );
+        if g_bf16 != u_bf16 {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: gate in {} and up in {}; both must be f32 or both bf16",
+                storage_name(&g.storage),
+                storage_name(&u.storage)
+            )));
+        }
+        Ok([g_arg, u_arg, Arg::I32(g_bf16 as i32)])
+    }
+
     /// `gated_activation`, written as a bf16 product input with `room` when `rounded`.
     fn gated_activation_as(
         &self,
@@ -573,21 +600,27 @@ impl CudaBackend {
         room: usize,
     ) -> Result<CudaTensor> {
         same_shape(g, u, "gated_activation")?;
+        let what = "gated_activation";
         let h = self.rounded_output(g, rounded, room, "MLP activation")?;
-        let mut args = vec![
-            self.f32_arg(g, "gated_activation")?,
-            self.f32_arg(u, "gated_activation")?,
-            Arg::Ptr(self.rows_ptr(&h)?),
-            count(g.elements()),
-            Arg::I32(activation_code(act)),
+        let (n, act) = (count(g.elements()), Arg::I32(activation_code(act)));
+        let out = Arg::Ptr(self.rows_ptr(&h)?);
+        if !rounded {
+            let args = [self.f32_arg(g, what)?, self.f32_arg(u, what)?, out, n, act];
+            self.elementwise_grouped("gated_act_fwd", g.elements(), 4, &args)?;
+            return Ok(h);
+        }
+        let [g_arg, u_arg, in_bf16] = self.gated_products(g, u, what)?;
+        let args = [
+            g_arg,
+            u_arg,
+            in_bf16,
+            out,
+            n,
+            act,
+            dim(h.cols),
+            count(h.pitch()),
         ];
-        let kernel = if rounded {
-            args.extend([dim(h.cols), count(h.pitch())]);
-            "gated_act_fwd_bf16"
-        } else {
-            "gated_act_fwd"
-        };
-        self.elementwise_grouped(kernel, g.elements(), 4, &args)?;
+        self.elementwise_grouped("gated_act_fwd_bf16", g.elements(), 4, &args)?;
         Ok(h)
     }
 
@@ -607,22 +640,33 @@ impl CudaBackend {
         let dg = self.rounded_output(g, rounded, room, "MLP gradient")?;
         let du = self.rounded_output(g, rounded, room, "MLP gradient")?;
         let what = "gated_activation_backward";
-        let mut args = vec![
-            self.f32_arg(dh, what)?,
-            self.f32_arg(g, what)?,
-            self.f32_arg(u, what)?,
-            Arg::Ptr(self.rows_ptr(&dg)?),
-            Arg::Ptr(self.rows_ptr(&du)?),
-            count(g.elements()),
-            Arg::I32(activation_code(act)),
+        let outs = [Arg::Ptr(self.rows_ptr(&dg)?), Arg::Ptr(self.rows_ptr(&du)?)];
+        let (n, act) = (count(g.elements()), Arg::I32(activation_code(act)));
+        if !rounded {
+            let [dg_arg, du_arg] = outs;
+            let ins = [dh, g, u].map(|t| self.f32_arg(t, what));
+            let [dh_arg, g_arg, u_arg] = ins;
+            let args = [dh_arg?, g_arg?, u_arg?, dg_arg, du_arg, n, act];
+            self.elementwise_grouped("gated_act_bwd", g.elements(), 4, &args)?;
+            return Ok((dg, du));
+        }
+        let (dh_arg, dh_bf16) = self.pointwise_input(dh, what)?;
+        let [g_arg, u_arg, gu_bf16] = self.gated_products(g, u, what)?;
+        let [dg_arg, du_arg] = outs;
+        let args = [
+            dh_arg,
+            Arg::I32(dh_bf16 as i32),
+            g_arg,
+            u_arg,
+            gu_bf16,
+            dg_arg,
+            du_arg,
+            n,
+            act,
+            dim(dg.cols),
+            count(dg.pitch()),
         ];
-        let kernel = if rounded {
-            args.extend([dim(dg.cols), count(dg.pitch())]);
-            "gated_act_bwd_bf16"
-        } else {
-            "gated_act_bwd"
-        };
-        self.elementwise_grouped(kernel, g.elements(), 4, &args)?;
+        self.elementwise_grouped("gated_act_bwd_bf16", g.elements(), 4, &args)?;
         Ok((dg, du))
     }
 
@@ -1331,8 +1375,9 @@ impl Backend for CudaBackend {
         xa: &CudaTensor,
         b: &CudaTensor,
         s: f32,
+        out: ProductOutput,
     ) -> Result<CudaTensor> {
-        match self.folded_product(x, w, xa, b, s)? {
+        match self.folded_product(x, w, xa, b, s, out)? {
             Some(y) => Ok(y),
             None => super::adapted_product_in_two(self, x, w, xa, b, s),
         }
@@ -1370,8 +1415,9 @@ impl Backend for CudaBackend {
         dxa: &CudaTensor,
         a: &CudaTensor,
         acc: Option<CudaTensor>,
+        out: ProductOutput,
     ) -> Result<CudaTensor> {
-        match self.folded_product_backward(dy, w, dxa, a, acc)? {
+        match self.folded_product_backward(dy, w, dxa, a, acc, out)? {
             Ok(dx) => Ok(dx),
             Err(acc) => super::adapted_product_backward_in_two(self, dy, w, dxa, a, acc),
         }
