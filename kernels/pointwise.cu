@@ -207,8 +207,8 @@ __device__ __forceinline__ float4 load4(const bf16_t* p, long long q) {
 __device__ __forceinline__ float gated_value(float g, float u, int act) {
     return u * act_value_deriv(g, act, nullptr);
 }
-template <typename In, typename Out>
-__device__ void gated_act_fwd_impl(const In* g, const In* u, Out* h, long long n, int act,
+template <typename G, typename U, typename Out>
+__device__ void gated_act_fwd_impl(const G* g, const U* u, Out* h, long long n, int act,
                                    long long cols, long long pitch) {
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
@@ -229,17 +229,30 @@ extern "C" __global__ void gated_act_fwd(const float* g, const float* u, float* 
                                          int act) {
     gated_act_fwd_impl(g, u, h, n, act, n, n);
 }
-// g and u bf16 when in_bf16 (else f32); h a bf16 product input, rows `pitch` apart.
-extern "C" __global__ void gated_act_fwd_bf16(const void* g, const void* u, int in_bf16,
-                                              bf16_t* h, long long n, int act, int cols,
-                                              long long pitch) {
-    if (in_bf16) {
-        gated_act_fwd_impl(static_cast<const bf16_t*>(g), static_cast<const bf16_t*>(u), h, n,
-                           act, cols, pitch);
-    } else {
-        gated_act_fwd_impl(static_cast<const float*>(g), static_cast<const float*>(u), h, n, act,
-                           cols, pitch);
-    }
+// The rounded kernels' inputs come as untyped pointers with a flag each (bf16 when set, else
+// f32): these turn one flag into a type at a time.
+#define AS_BF16_OR_F32(flag, p, call_with)                                                     \
+    do {                                                                                        \
+        if (flag) {                                                                             \
+            call_with(static_cast<const bf16_t*>(p));                                           \
+        } else {                                                                                \
+            call_with(static_cast<const float*>(p));                                            \
+        }                                                                                       \
+    } while (0)
+template <typename G>
+__device__ void gated_act_fwd_typed(const G* g, const void* u, int u_bf16, bf16_t* h,
+                                    long long n, int act, int cols, long long pitch) {
+#define GATED_FWD(up) gated_act_fwd_impl(g, up, h, n, act, cols, pitch)
+    AS_BF16_OR_F32(u_bf16, u, GATED_FWD);
+#undef GATED_FWD
+}
+// g bf16 when g_bf16 (else f32), u likewise; h a bf16 product input, rows `pitch` apart.
+extern "C" __global__ void gated_act_fwd_bf16(const void* g, int g_bf16, const void* u,
+                                              int u_bf16, bf16_t* h, long long n, int act,
+                                              int cols, long long pitch) {
+#define GATED_FWD_G(gate) gated_act_fwd_typed(gate, u, u_bf16, h, n, act, cols, pitch)
+    AS_BF16_OR_F32(g_bf16, g, GATED_FWD_G);
+#undef GATED_FWD_G
 }
 
 // dg_i = dh_i·u_i·act'(g_i), du_i = dh_i·act(g_i).
@@ -248,8 +261,8 @@ __device__ __forceinline__ float2 gated_grads(float dh, float g, float u, int ac
     const float a = act_value_deriv(g, act, &da);
     return make_float2(dh * u * da, dh * a);
 }
-template <typename D, typename G, typename Out>
-__device__ void gated_act_bwd_impl(const D* dh, const G* g, const G* u, Out* dg, Out* du,
+template <typename D, typename G, typename U, typename Out>
+__device__ void gated_act_bwd_impl(const D* dh, const G* g, const U* u, Out* dg, Out* du,
                                    long long n, int act, long long cols, long long pitch) {
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
@@ -278,31 +291,32 @@ extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const 
                                          float* dg, float* du, long long n, int act) {
     gated_act_bwd_impl(dh, g, u, dg, du, n, act, n, n);
 }
-// dh bf16 when dh_bf16, g and u bf16 when gu_bf16 (each else f32); dg, du bf16 product inputs,
-// rows `pitch` apart.
-template <typename D>
-__device__ void gated_act_bwd_rounded(const D* dh, const void* g, const void* u, int gu_bf16,
-                                      bf16_t* dg, bf16_t* du, long long n, int act, int cols,
-                                      long long pitch) {
-    if (gu_bf16) {
-        gated_act_bwd_impl(dh, static_cast<const bf16_t*>(g), static_cast<const bf16_t*>(u), dg,
-                           du, n, act, cols, pitch);
-    } else {
-        gated_act_bwd_impl(dh, static_cast<const float*>(g), static_cast<const float*>(u), dg, du,
-                           n, act, cols, pitch);
-    }
+template <typename D, typename G>
+__device__ void gated_act_bwd_typed(const D* dh, const G* g, const void* u, int u_bf16,
+                                    bf16_t* dg, bf16_t* du, long long n, int act, int cols,
+                                    long long pitch) {
+#define GATED_BWD(up) gated_act_bwd_impl(dh, g, up, dg, du, n, act, cols, pitch)
+    AS_BF16_OR_F32(u_bf16, u, GATED_BWD);
+#undef GATED_BWD
 }
+template <typename D>
+__device__ void gated_act_bwd_typed(const D* dh, const void* g, int g_bf16, const void* u,
+                                    int u_bf16, bf16_t* dg, bf16_t* du, long long n, int act,
+                                    int cols, long long pitch) {
+#define GATED_BWD_G(gate) gated_act_bwd_typed(dh, gate, u, u_bf16, dg, du, n, act, cols, pitch)
+    AS_BF16_OR_F32(g_bf16, g, GATED_BWD_G);
+#undef GATED_BWD_G
+}
+// dh, g and u each bf16 when its flag is set (else f32); dg, du bf16 product inputs, rows
+// `pitch` apart.
 extern "C" __global__ void gated_act_bwd_bf16(const void* dh, int dh_bf16, const void* g,
-                                              const void* u, int gu_bf16, bf16_t* dg,
+                                              int g_bf16, const void* u, int u_bf16, bf16_t* dg,
                                               bf16_t* du, long long n, int act, int cols,
                                               long long pitch) {
-    if (dh_bf16) {
-        gated_act_bwd_rounded(static_cast<const bf16_t*>(dh), g, u, gu_bf16, dg, du, n, act, cols,
-                              pitch);
-    } else {
-        gated_act_bwd_rounded(static_cast<const float*>(dh), g, u, gu_bf16, dg, du, n, act, cols,
-                              pitch);
-    }
+#define GATED_BWD_D(grad) \
+    gated_act_bwd_typed(grad, g, g_bf16, u, u_bf16, dg, du, n, act, cols, pitch)
+    AS_BF16_OR_F32(dh_bf16, dh, GATED_BWD_D);
+#undef GATED_BWD_D
 }
 
 // out[t, c] = f32(table[ids[t], c])·scale for t < rows, c < cols (ids validated by the host;

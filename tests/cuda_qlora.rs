@@ -644,10 +644,19 @@ fn gated_kernels_keep_the_room(g: &CudaBackend, rng: &mut Rng) {
             "{what}"
         );
     }
-    // Gate and up must share a dtype.
-    assert!(g
+    // Gate and up of different dtypes (one of them not adapted, so not folded).
+    let mixed = g
         .gated_activation_for_products(&gate16, &up32, act, 16)
-        .is_err());
+        .unwrap();
+    assert_eq!(g.download(&mixed).unwrap(), g.download(&from32).unwrap());
+    let (dg_mixed, du_mixed) = g
+        .gated_activation_backward_for_products(&dh16, &gate32, &up16, act, 16)
+        .unwrap();
+    let (dg32, du32) = g
+        .gated_activation_backward_for_products(&dh32, &gate32, &up32, act, 16)
+        .unwrap();
+    assert_eq!(g.download(&dg_mixed).unwrap(), g.download(&dg32).unwrap());
+    assert_eq!(g.download(&du_mixed).unwrap(), g.download(&du32).unwrap());
     // Kernels that read dense rows refuse rows with room, naming it.
     let err = g
         .add_assign(&mut g.zeros(rows, cols).unwrap(), &roomy)

@@ -93,7 +93,7 @@ pub struct ft_model_params {
     /// costs one copy of it over the bus).
     pub lm_head_in_host_memory: i32,
     /// Decoder layers whose projection matrices stay in pinned host memory instead of device
-    /// memory (bf16 base weights only, GPU only; 416 MiB each on Llama 3 8B): spread over the
+    /// memory (bf16 base weights only, GPU only; 421 MiB each on Llama 3 8B): spread over the
     /// first three quarters of the layers, at most half of those. A training pass copies each
     /// to the device ahead of the layer, beside the layers before it, holding one such copy at a
     /// time; evaluation and generation bring them the same way (generation: each host layer

@@ -98,6 +98,33 @@ pub fn next_token_batch(rows: usize, seq: usize, vocab: u64, seed: u64) -> (Vec<
 
 /// A trainer on a tiny model of `family` with its base held as `base` says.
 pub fn trainer_on<B: Backend>(be: B, family: Family, base: Base) -> Trainer<B> {
+    let [with_dropout, _] = parity_adapters();
+    trainer_with(be, family, base, with_dropout)
+}
+
+/// The adapters of the parity trainers, rank 4: on every projection with dropout (whose inputs
+/// get no room, so every adapted product runs as two products), and without dropout on q, v,
+/// gate and down only (folded products; up not adapted, so the gated kernels read a bf16 gate
+/// product beside an f32 up product).
+pub fn parity_adapters() -> [LoraConfig; 2] {
+    use finetune::lora::TargetModule::{Down, Gate, Q, V};
+    let with_dropout = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        seed: 3,
+        ..LoraConfig::default()
+    };
+    let folded = LoraConfig {
+        dropout: 0.0,
+        targets: [Q, V, Gate, Down].iter().map(|m| m.bit()).sum(),
+        ..with_dropout.clone()
+    };
+    [with_dropout, folded]
+}
+
+/// [`trainer_on`] with the adapters `lora`.
+pub fn trainer_with<B: Backend>(be: B, family: Family, base: Base, lora: LoraConfig) -> Trainer<B> {
     // head_dim 64 takes the attention kernels' tensor-core path; the f32 run uses the tiny
     // shape, whose head_dim (8) takes the exact f32 path.
     let cfg = match base {
@@ -124,13 +151,6 @@ pub fn trainer_on<B: Backend>(be: B, family: Family, base: Base) -> Trainer<B> {
             layer.proj = layer.proj.iter().map(|t| f32_copy(&be, t)).collect();
         }
     }
-    let lora = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.1,
-        seed: 3,
-        ..LoraConfig::default()
-    };
     let mut decoder = Decoder::new(cfg, be, weights);
     // Three MLP chunks over the 66 rows of the parity batch, as a long sequence runs.
     decoder.set_mlp_chunk_rows(24);
@@ -169,18 +189,24 @@ fn grads<B: Backend>(t: &Trainer<B>) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Three training steps of every family on both backends: the loss within `loss_tol` relative
-/// and every LoRA gradient with cosine similarity at least `min_cosine`.
+/// Three training steps of every family on both backends, with each of [`parity_adapters`]: the
+/// loss within `loss_tol` relative and every LoRA gradient with cosine similarity at least
+/// `min_cosine`.
 pub fn steps_match(base: Base, loss_tol: f32, min_cosine: f64) {
     let mut failures = Vec::new();
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma] {
+    let families = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma];
+    for (family, lora) in families
+        .into_iter()
+        .flat_map(|f| parity_adapters().map(|l| (f, l)))
+    {
         let mut g = CudaBackend::new(0).unwrap();
         if base == Base::F32 {
             g.set_f32_products(F32Products::Exact);
         }
-        let mut tg = trainer_on(g, family, base);
+        let adapters = format!("dropout {}, targets {:#x}", lora.dropout, lora.targets);
+        let mut tg = trainer_with(g, family, base, lora.clone());
         // Same shape and values on both sides; the CPU computes in f32 whatever `base` says.
-        let mut tc = trainer_on(cpu(), family, base);
+        let mut tc = trainer_with(cpu(), family, base, lora);
         let batch = parity_batch();
         for step in 0..3 {
             let sg = tg.step(std::slice::from_ref(&batch)).unwrap();
@@ -195,15 +221,16 @@ pub fn steps_match(base: Base, loss_tol: f32, min_cosine: f64) {
                 .fold((1.0f64, 0), |m, (i, c)| if c < m.0 { (c, i) } else { m });
             let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
             eprintln!(
-                "{family:?} step {step} ({base:?} base): loss gpu {} cpu {} (rel {rel:.1e}); \
-                 lowest gradient cosine {worst:.6} at tensor {at} (norm {:.2e})",
+                "{family:?} step {step} ({base:?} base, {adapters}): loss gpu {} cpu {} (rel \
+                 {rel:.1e}); lowest gradient cosine {worst:.6} at tensor {at} (norm {:.2e})",
                 sg.loss,
                 sc.loss,
                 norm(&gc[at])
             );
             if rel >= loss_tol || worst < min_cosine || worst.is_nan() {
                 failures.push(format!(
-                    "{family:?} step {step}: loss rel {rel:.1e}, gradient cosine {worst:.6}"
+                    "{family:?} step {step} ({adapters}): loss rel {rel:.1e}, gradient cosine \
+                     {worst:.6}"
                 ));
             }
         }

@@ -20,9 +20,9 @@
 //! ([`PROJECTION_ROOM`] spare columns and rows: `upload_projection`) and its own spare values
 //! are written. Either way every folded product rewrites them, under the scratch's lock until the
 //! product is queued: a bf16 model is shared by every trainer of it, each with its own adapter.
-//! Dense bf16 matrices (a matrix in host memory, a width with no room), ranks above the room,
-//! products with f32 arithmetic ([`super::F32Products::Exact`]) and inputs with no room keep the
-//! two products.
+//! Dense bf16 matrices (a width with no room, a matrix in host memory whose device copy this
+//! thread's pass did not bring over), ranks above the room, products with f32 arithmetic
+//! ([`super::F32Products::Exact`]) and inputs with no room keep the two products.
 //!
 //! The adapter's factors and `xa` are rounded to bf16 like the activations (as in bf16
 //! mixed-precision training); the two-product path runs the rank-wide product in TF32.
@@ -201,15 +201,20 @@ impl CudaBackend {
             FoldedWeight::Nf4(nf4) => self.dequantize_nf4(nf4, w.rows, w.cols, pitch, r),
             FoldedWeight::InPlace(values) => Ok((values, self.lock_nf4_scratch())),
             FoldedWeight::HostCopy(copies) => {
-                let mut brought = lock(copies);
-                let copy = brought
-                    .get_mut(&std::thread::current().id())
-                    .ok_or_else(|| {
-                        Error::InvalidArgument(
-                            "a folded product's host matrix lost its device copy".into(),
-                        )
-                    })?;
-                Ok((self.buffer_ptr(copy.wait()?), self.lock_nf4_scratch()))
+                // The copy stays in the map (this thread releases it after the layer's
+                // products); the map's lock is not held while waiting for the scratch's.
+                let values = {
+                    let mut brought = lock(copies);
+                    let copy = brought
+                        .get_mut(&std::thread::current().id())
+                        .ok_or_else(|| {
+                            Error::InvalidArgument(
+                                "a folded product's host matrix lost its device copy".into(),
+                            )
+                        })?;
+                    self.buffer_ptr(copy.wait()?)
+                };
+                Ok((values, self.lock_nf4_scratch()))
             }
         }
     }

@@ -111,7 +111,6 @@ fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
     check_same_shape((a.rows, a.cols), (b.rows, b.cols), what)
 }
 
-/// bf16 bits of f32 values, rounded to nearest even.
 /// The bf16 bits of the `[rows, cols]` matrix `data` with `room` spare columns after each row
 /// and as many spare rows below (zeros), and its row pitch ([`fold::room_pitch`]); dense (pitch
 /// `cols`) where that gives none.
@@ -139,6 +138,7 @@ fn bf16_rows(bits: &[u16], t: &CudaTensor, pitch: usize) -> Vec<f32> {
         .collect()
 }
 
+/// bf16 bits of f32 values, rounded to nearest even.
 fn bf16_bits(data: &[f32]) -> Vec<u16> {
     data.par_iter()
         .map(|&x| half::bf16::from_f32(x).to_bits())
@@ -573,21 +573,11 @@ impl CudaBackend {
         }
     }
 
-    /// The gated kernels' `g` and `u` arguments and the flag saying they are bf16 (both f32 or
-    /// both bf16: products made alike, `ProductOutput`).
-    fn gated_products(&self, g: &CudaTensor, u: &CudaTensor, what: &str) -> Result<[Arg; 3]> {
-        let ((g_arg, g_bf16), (u_arg, u_bf16)) = (
-            self.pointwise_input(g, what)?,
-            self.pointwise_input(u, what)?,
-        );
-        if g_bf16 != u_bf16 {
-            return Err(Error::InvalidArgument(format!(
-                "{what}: gate in {} and up in {}; both must be f32 or both bf16",
-                storage_name(&g.storage),
-                storage_name(&u.storage)
-            )));
-        }
-        Ok([g_arg, u_arg, Arg::I32(g_bf16 as i32)])
+    /// An element-wise kernel's argument pair for the f32 or bf16 `t`: its address and the flag
+    /// saying it is bf16.
+    fn flagged_input(&self, t: &CudaTensor, what: &str) -> Result<[Arg; 2]> {
+        let (arg, bf16) = self.pointwise_input(t, what)?;
+        Ok([arg, Arg::I32(bf16 as i32)])
     }
 
     /// `gated_activation`, written as a bf16 product input with `room` when `rounded`.
@@ -609,11 +599,13 @@ impl CudaBackend {
             self.elementwise_grouped("gated_act_fwd", g.elements(), 4, &args)?;
             return Ok(h);
         }
-        let [g_arg, u_arg, in_bf16] = self.gated_products(g, u, what)?;
+        let [g_arg, g_bf16] = self.flagged_input(g, what)?;
+        let [u_arg, u_bf16] = self.flagged_input(u, what)?;
         let args = [
             g_arg,
+            g_bf16,
             u_arg,
-            in_bf16,
+            u_bf16,
             out,
             n,
             act,
@@ -650,15 +642,17 @@ impl CudaBackend {
             self.elementwise_grouped("gated_act_bwd", g.elements(), 4, &args)?;
             return Ok((dg, du));
         }
-        let (dh_arg, dh_bf16) = self.pointwise_input(dh, what)?;
-        let [g_arg, u_arg, gu_bf16] = self.gated_products(g, u, what)?;
+        let [dh_arg, dh_bf16] = self.flagged_input(dh, what)?;
+        let [g_arg, g_bf16] = self.flagged_input(g, what)?;
+        let [u_arg, u_bf16] = self.flagged_input(u, what)?;
         let [dg_arg, du_arg] = outs;
         let args = [
             dh_arg,
-            Arg::I32(dh_bf16 as i32),
+            dh_bf16,
             g_arg,
+            g_bf16,
             u_arg,
-            gu_bf16,
+            u_bf16,
             dg_arg,
             du_arg,
             n,

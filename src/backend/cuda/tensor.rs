@@ -47,7 +47,7 @@ pub enum Storage {
     /// A frozen matrix kept in pinned host memory as bf16 bits: read by the embedding kernel
     /// over the bus, copied to the device for products (an untied embedding table, the output
     /// projection when the backend keeps it in host memory: 1 GiB of device memory each on
-    /// Llama 3; the projection matrices of decoder layers kept there: 416 MiB a layer).
+    /// Llama 3; the projection matrices of decoder layers kept there: 421 MiB a layer).
     Host {
         table: HostTable,
         /// Values from one row to the next: the columns, or more for a projection matrix laid
