@@ -157,10 +157,8 @@ impl CudaBackend {
     /// A folded product's output: f32, or bf16 for a gated activation (the fold rounds its
     /// inputs to bf16 already).
     fn product_output(&self, rows: usize, cols: usize, out: ProductOutput) -> Result<CudaTensor> {
-        match out {
-            ProductOutput::Sums => self.tensor(rows, cols, "a tensor"),
-            ProductOutput::GatedActivation => self.bf16_tensor(rows, cols, "an MLP product"),
-        }
+        let rounded = out == ProductOutput::GatedActivation;
+        self.tensor_as(rows, cols, rounded, "a tensor")
     }
 
     /// Where `w`'s values lie in its folded layout for rank `r`, and that layout's pitch: an NF4

@@ -567,8 +567,9 @@ impl CudaBackend {
     /// it is bf16.
     fn pointwise_input(&self, t: &CudaTensor, what: &str) -> Result<(Arg, bool)> {
         match &t.storage {
-            Storage::F32(b) => Ok((Arg::Ptr(self.buffer_ptr(b)), false)),
-            Storage::Bf16(b) => Ok((Arg::Ptr(self.buffer_ptr(b)), true)),
+            Storage::F32(_) | Storage::Bf16(_) => {
+                Ok((Arg::Ptr(self.ptr(t)?), t.dtype() == Dtype::Bf16))
+            }
             _ => Err(wants_f32_or_bf16(t, what)),
         }
     }
@@ -1112,16 +1113,15 @@ impl Backend for CudaBackend {
     fn upload_projection(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         check_len(data.len(), rows, cols)?;
         let (bits, pitch) = with_room(data, rows, cols, fold::PROJECTION_ROOM);
-        if pitch == cols {
-            return self.upload_frozen(data, rows, cols);
-        }
+        let values = self.gpu.upload(&bits, "a projection matrix")?;
+        let storage = match pitch == cols {
+            true => Storage::Bf16(values),
+            false => Storage::Bf16Pitched { values, pitch },
+        };
         Ok(CudaTensor {
             rows,
             cols,
-            storage: Storage::Bf16Pitched {
-                values: self.gpu.upload(&bits, "a projection matrix")?,
-                pitch,
-            },
+            storage,
         })
     }
 
