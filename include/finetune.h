@@ -245,15 +245,15 @@ typedef struct ft_model_params {
    * Non-zero: keep the LM head (or, tied, the embedding table serving as one) in pinned host
    * memory instead of device memory (GPU only; 1 GiB less held on Llama 3). Each micro-batch's
    * forward pass starts copying it to the device in chunks of rows beside its last quarter of
-   * layers, and the loss takes the rest chunk by chunk (~384 MiB of it ahead of the chunk being
+   * layers (after the last layer kept in host memory), and the loss takes the rest chunk by chunk (~384 MiB of it ahead of the chunk being
    * read); evaluation and generation copy it whole for each product (a generated token then
    * costs one copy of it over the bus).
    */
   int32_t lm_head_in_host_memory;
   /**
    * Decoder layers whose projection matrices stay in pinned host memory instead of device
-   * memory (bf16 base weights only, GPU only; 421 MiB each on Llama 3 8B): spread over the
-   * first three quarters of the layers, at most half of those. A training pass copies each
+   * memory (bf16 base weights only, GPU only; 421 MiB each on Llama 3 8B): spread evenly
+   * over the layers, at most (layers − 2)/2 of them. A training pass copies each
    * to the device ahead of the layer, beside the layers before it, holding one such copy at a
    * time; evaluation and generation bring them the same way (generation: each host layer
    * once a token). 0: none.

@@ -54,8 +54,8 @@ type ModelOptions struct {
 	LmHeadInHost bool
 	// Decoder layers whose projection matrices stay in pinned host memory instead of device
 	// memory, each copied to the device ahead of the layer (bf16 base weights only: refused with
-	// QuantNF4; GPU only): spread over the first three quarters of the layers, at most half of
-	// those (more is refused). 0 means none.
+	// QuantNF4; GPU only): spread evenly over the layers, at most (layers − 2)/2 of
+	// them (more is refused). 0 means none.
 	LayersInHost int
 
 	// A data-parallel group spanning processes: WorldSize ranks in all (0 or 1: this process

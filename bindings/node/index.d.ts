@@ -62,8 +62,8 @@ export interface ModelOptions {
   lmHeadInHost?: boolean;
   /** Decoder layers whose projection matrices stay in pinned host memory instead of device
    * memory, each copied to the device ahead of the layer (bf16 base weights only: refused with
-   * "nf4"; GPU only): spread over the first three quarters of the layers, at most half of those
-   * (more is refused). 0 or absent means none. */
+   * "nf4"; GPU only): spread evenly over the layers, at most (layers − 2)/2 of them (more is
+   * refused). 0 or absent means none. */
   layersInHost?: number;
 }
 

@@ -1096,8 +1096,12 @@ impl<B: Backend> Decoder<B> {
         // on CUDA its first chunks of rows (up to 384 MiB, backend/cuda/head_chunks.rs), whose
         // copies then overlap those layers' compute, and the loss brings the rest as it reads
         // the vocabulary chunk by chunk. Layers kept in host memory come over one at a time
-        // ahead of their forward and backward (host_layers.rs), never beside the head's copy.
-        let head_copy_from = n - n.div_ceil(4);
+        // ahead of their forward and backward (host_layers.rs), never beside the head's copy:
+        // it starts after the last of them has run.
+        let after_host_layers = self.weights.layers.iter().rposition(|l| l.in_host);
+        let head_copy_from = after_host_layers
+            .map_or(0, |l| l + 1)
+            .max(n - n.div_ceil(4));
         let mut head_copy = None;
         let mut layer_copies = LayerCopies::new(be, &self.weights);
         let mut x = self.embed(batch)?;

@@ -3,29 +3,32 @@
 //!
 //! Each such layer costs no device memory between passes; a pass copies its seven matrices over
 //! on a stream of their own ahead of the layer, one layer at a time, so the device holds at most
-//! one of them and the copy overlaps the layers before it. They sit in the first three quarters
-//! of the layers, at least one layer apart: the last quarter's forward overlaps the LM head's
-//! copy when that is in host memory too, and the backward pass starts there, right after the
-//! loss (a copy then would add to the loss's working set).
+//! one of them and the copy overlaps the layers before it: the forward pass's copy of a host
+//! layer starts once the previous one has run, the backward pass's first right after the loss.
+//! A copy is given the resident layers before it (in the pass's order) to arrive, so they are
+//! spread to give every forward copy the same number, the backward's first half as many (a
+//! layer's backward takes about twice its forward).
 
 use super::weights::DecoderWeights;
 use crate::backend::{Backend, DeviceCopy};
 use crate::error::{Error, Result};
 
-/// The layers of a `num_layers`-layer decoder kept in host memory when `count` of them are:
-/// spread evenly over the first `q = num_layers − ⌈num_layers/4⌉` layers, at
-/// `⌊(2i + 1)·q / (2·count)⌋` for `i < count`. At most `q / 2`, so that a resident layer runs
-/// between two of them (3, 9, 15 and 21 of Llama 3 8B's 32 layers for 4).
+/// The layers of a `num_layers`-layer decoder (n) kept in host memory when `count` (c) of them
+/// are: `⌊k·(2n + 1)/(2c + 1)⌋ − 1` for `k = 1..=c`, i.e. c equal runs of resident layers, each
+/// ending at a host layer, and half a run after the last (the backward's first copy comes over
+/// while those run). At most `(n − 2)/2`: a resident layer before each host layer and one after
+/// the last (6, 13, 20 and 27 of Llama 3 8B's 32 layers for 4; 4, 9, 14, 19 and 24 of Gemma
+/// 7B's 28 for 5).
 pub fn host_layer_indices(num_layers: usize, count: usize) -> Result<Vec<usize>> {
-    let q = num_layers - num_layers.div_ceil(4);
-    if count > q / 2 {
+    let most = num_layers.saturating_sub(2) / 2;
+    if count > most {
         return Err(Error::InvalidArgument(format!(
-            "layers_in_host: {count} of {num_layers} layers asked for; at most {} can stay in \
-             host memory (half of the first three quarters)",
-            q / 2
+            "layers_in_host: {count} of {num_layers} layers asked for; at most {most} can stay \
+             in host memory (a resident layer before each and after the last)"
         )));
     }
-    Ok((0..count).map(|i| (2 * i + 1) * q / (2 * count)).collect())
+    let (n, c) = (2 * num_layers + 1, 2 * count + 1);
+    Ok((1..=count).map(|k| k * n / c - 1).collect())
 }
 
 /// The device copy of at most one host layer during one pass over the layers.
@@ -76,27 +79,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_layers_spread_over_the_first_three_quarters() {
-        assert_eq!(host_layer_indices(32, 4).unwrap(), [3, 9, 15, 21]);
-        assert_eq!(host_layer_indices(32, 1).unwrap(), [12]);
+    fn host_layers_spread_in_equal_runs_with_half_a_run_after_the_last() {
+        assert_eq!(host_layer_indices(32, 4).unwrap(), [6, 13, 20, 27]);
+        assert_eq!(host_layer_indices(28, 5).unwrap(), [4, 9, 14, 19, 24]);
+        assert_eq!(host_layer_indices(32, 1).unwrap(), [20]);
         assert_eq!(host_layer_indices(32, 0).unwrap(), Vec::<usize>::new());
-        let most = host_layer_indices(32, 12).unwrap();
-        assert_eq!(most, (0..12).map(|i| 2 * i + 1).collect::<Vec<_>>());
+        assert_eq!(host_layer_indices(32, 15).unwrap().len(), 15);
         for n in 1..=80usize {
-            let q = n - n.div_ceil(4);
-            for count in 1..=q / 2 {
+            for count in 1..=n.saturating_sub(2) / 2 {
                 let l = host_layer_indices(n, count).unwrap();
                 assert_eq!(l.len(), count);
+                assert!(l[0] >= 1, "{n} {count}: {l:?}");
                 assert!(l.windows(2).all(|w| w[1] >= w[0] + 2), "{n} {count}: {l:?}");
-                assert!(*l.last().unwrap() < q, "{n} {count}: {l:?}");
+                assert!(*l.last().unwrap() <= n - 2, "{n} {count}: {l:?}");
+                // Runs before the host layers differ by at most one layer.
+                let runs: Vec<usize> = std::iter::once(l[0])
+                    .chain(l.windows(2).map(|w| w[1] - w[0] - 1))
+                    .collect();
+                let (lo, hi) = (runs.iter().min().unwrap(), runs.iter().max().unwrap());
+                assert!(hi - lo <= 1, "{n} {count}: {l:?}");
             }
         }
     }
 
     #[test]
     fn too_many_host_layers_are_refused_with_the_limit() {
-        let e = host_layer_indices(32, 13).unwrap_err().to_string();
-        assert!(e.contains("at most 12"), "{e}");
+        let e = host_layer_indices(32, 16).unwrap_err().to_string();
+        assert!(e.contains("at most 15"), "{e}");
         assert!(host_layer_indices(2, 1).is_err());
     }
 }

@@ -82,8 +82,8 @@ namespace Finetune
         public bool LmHeadInHost;
         /// <summary>Decoder layers whose projection matrices stay in pinned host memory instead of
         /// device memory, each copied to the device ahead of the layer (bf16 base weights only:
-        /// refused with Quantization.Nf4; GPU only): spread over the first three quarters of the
-        /// layers, at most half of those (more is refused). 0 means none.</summary>
+        /// refused with Quantization.Nf4; GPU only): spread evenly over the layers, at
+        /// most (layers − 2)/2 of them (more is refused). 0 means none.</summary>
         public uint LayersInHost;
     }
 

@@ -256,8 +256,7 @@ test('lmHeadInHost is accepted on the CPU, where it is ignored', async () => {
 });
 
 test('layersInHost reaches the library, which quotes it', () => {
-  // The tiny shape's two layers leave none to keep in host memory (at most half of the first
-  // three quarters): the library refuses any, quoting the count it read.
+  // The tiny shape's two layers leave none to keep in host memory (at most (layers − 2)/2): the library refuses any, quoting the count it read.
   assert.throws(() => ft.Model.random('tiny', 0, { device: 'cpu', threads: 1, layersInHost: 3 }),
     (e) => e instanceof ft.FinetuneError && e.code === 'FT_ERR_INVALID_ARGUMENT'
       && e.message.includes('layers_in_host: 3 of 2 layers asked for'));
