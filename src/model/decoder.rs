@@ -1154,6 +1154,9 @@ impl<B: Backend> Decoder<B> {
             x = out;
         }
         let mut dx = self.head_forward_backward(x, batch, loss, head_copy)?;
+        // In shares: the backward's fetches of offloaded activations (on another copy stream)
+        // then wait behind one share of a host layer's copy at most, not the whole layer.
+        layer_copies = LayerCopies::paced(be, &self.weights);
         // Each layer's kept attention output comes back from host memory, when offloaded, while
         // the layer after it runs its backward; its input while that layer runs the backward of
         // its attention and of q, k and v: not sooner, so that the moments of a long sequence's

@@ -35,43 +35,97 @@ pub fn host_layer_indices(num_layers: usize, count: usize) -> Result<Vec<usize>>
 pub(super) struct LayerCopies<'a, B: Backend> {
     be: &'a B,
     weights: &'a DecoderWeights<B>,
+    /// Whether a copy is started in shares over the layers before its own (`paced`).
+    paced: bool,
     /// The layer whose copy is on the device or on its way, and the copies of its matrices.
-    held: Option<(usize, Vec<DeviceCopy<'a, B>>)>,
+    held: Option<Held<'a, B>>,
+}
+
+/// A host layer being brought over: the copies of its first `copies.len()` matrices started.
+struct Held<'a, B: Backend> {
+    layer: usize,
+    copies: Vec<DeviceCopy<'a, B>>,
 }
 
 impl<'a, B: Backend> LayerCopies<'a, B> {
+    /// Each host layer's copy started whole as soon as the previous one is released.
     pub(super) fn new(be: &'a B, weights: &'a DecoderWeights<B>) -> Self {
         LayerCopies {
             be,
             weights,
+            paced: false,
             held: None,
         }
     }
 
-    /// Before a layer runs, `rest` being that layer and the ones after it in the pass's order:
-    /// when no copy is held, starts bringing over the first host layer among them.
-    pub(super) fn before(&mut self, rest: impl IntoIterator<Item = usize>) -> Result<()> {
-        if self.held.is_some() {
-            return Ok(());
+    /// Each host layer's copy started in equal shares (whole matrices) over the layers before
+    /// its own, the last share one layer ahead of it: for a pass whose other copies to the
+    /// device (the backward's offloaded activations, on another stream) queue behind whatever
+    /// the copy engine was given first, so each waits behind one share at most, not a layer.
+    pub(super) fn paced(be: &'a B, weights: &'a DecoderWeights<B>) -> Self {
+        LayerCopies {
+            paced: true,
+            ..Self::new(be, weights)
         }
+    }
+
+    /// Before a layer runs, `rest` being that layer and the ones after it in the pass's order:
+    /// when no copy is held, starts bringing over the first host layer among them; then starts
+    /// the copies of the held layer's matrices due by now.
+    pub(super) fn before(&mut self, rest: impl IntoIterator<Item = usize>) -> Result<()> {
         let layers = &self.weights.layers;
-        if let Some(l) = rest.into_iter().find(|&l| layers[l].in_host) {
-            let copies = layers[l]
-                .proj
-                .iter()
-                .map(|w| DeviceCopy::bring(self.be, w))
-                .collect::<Result<Vec<_>>>()?;
-            self.held = Some((l, copies));
+        let held = self.held.as_ref().map(|h| h.layer);
+        // `ahead`: the layers that run before the held (or next host) layer, this one included.
+        let Some((ahead, l)) = rest
+            .into_iter()
+            .enumerate()
+            .find(|&(_, l)| held.map_or(layers[l].in_host, |h| h == l))
+        else {
+            return Ok(());
+        };
+        let held = self.held.get_or_insert_with(|| Held {
+            layer: l,
+            copies: Vec::new(),
+        });
+        let sizes: Vec<usize> = (layers[l].proj.iter())
+            .map(|w| {
+                let (rows, cols) = self.be.shape(w);
+                rows * cols
+            })
+            .collect();
+        let started = held.copies.len();
+        let due = started + due_now(&sizes[started..], self.paced.then_some(ahead));
+        for w in &layers[l].proj[started..due] {
+            held.copies.push(DeviceCopy::bring(self.be, w)?);
         }
         Ok(())
     }
 
     /// After `layer` ran (its last product queued): releases its copy if it is held.
     pub(super) fn after(&mut self, layer: usize) {
-        if self.held.as_ref().is_some_and(|(l, _)| *l == layer) {
+        if self.held.as_ref().is_some_and(|h| h.layer == layer) {
             self.held = None;
         }
     }
+}
+
+/// How many of the matrices not yet started (`sizes`, in values) to start now: all of them, or
+/// when paced with `ahead` layers to run before theirs (this one included), whole matrices up
+/// to an equal share of their values (at least one), all of them one layer ahead.
+fn due_now(sizes: &[usize], paced: Option<usize>) -> usize {
+    let share = match paced {
+        Some(ahead) if ahead > 1 => sizes.iter().sum::<usize>().div_ceil(ahead),
+        _ => return sizes.len(),
+    };
+    let mut started = 0;
+    let within = sizes
+        .iter()
+        .take_while(|&&size| {
+            started += size;
+            started <= share
+        })
+        .count();
+    within.max(1).min(sizes.len())
 }
 
 #[cfg(test)]
@@ -100,6 +154,22 @@ mod tests {
                 assert!(hi - lo <= 1, "{n} {count}: {l:?}");
             }
         }
+    }
+
+    #[test]
+    fn paced_copies_start_in_equal_shares_and_end_one_layer_ahead() {
+        let sizes = [4, 1, 1, 4, 12, 12, 12];
+        assert_eq!(due_now(&sizes, None), 7);
+        assert_eq!(due_now(&sizes, Some(1)), 7);
+        assert_eq!(due_now(&sizes, Some(0)), 7);
+        // 46 values over 4 layers: shares of 12 (whole matrices, the first one over it).
+        assert_eq!(due_now(&sizes, Some(4)), 4);
+        assert_eq!(due_now(&sizes[4..], Some(3)), 1);
+        assert_eq!(due_now(&sizes[5..], Some(2)), 1);
+        assert_eq!(due_now(&sizes[6..], Some(1)), 1);
+        assert_eq!(due_now(&[], Some(3)), 0);
+        // One huge matrix first: still one at a time.
+        assert_eq!(due_now(&[100, 1, 1], Some(3)), 1);
     }
 
     #[test]
