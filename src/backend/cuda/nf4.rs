@@ -28,6 +28,8 @@ pub const DEQUANTIZED_SLOTS: usize = 3;
 #[derive(Default)]
 pub(super) struct Nf4Scratch {
     slots: Vec<Slot>,
+    /// The folded weights' spare values written in training passes (fold.rs).
+    pub(super) spares: super::fold::SpareWrites,
 }
 
 struct Slot {
@@ -151,9 +153,11 @@ impl CudaBackend {
 
     /// Starts the recorded view of the scratch (`Slot::recorded`) from nothing known.
     pub(super) fn start_recording_dequantized(&self) {
-        for slot in &mut self.lock_nf4_scratch().slots {
+        let mut scratch = self.lock_nf4_scratch();
+        for slot in &mut scratch.slots {
             slot.recorded = None;
         }
+        scratch.spares.forget_all(true);
     }
 
     /// Runs `replay` (queueing recorded work that may dequantize into any slot) under the
@@ -165,6 +169,7 @@ impl CudaBackend {
         for slot in &mut scratch.slots {
             slot.holds = None;
         }
+        scratch.spares.forget_all(false);
         queued
     }
 
@@ -216,8 +221,10 @@ impl CudaBackend {
                         ))
                     })?;
                 *known(slot, recording) = None;
-                self.queue_dequantize(s, rows, cols, pitch, self.buffer_ptr(&slot.values))?;
+                let values = self.buffer_ptr(&slot.values);
+                self.queue_dequantize(s, rows, cols, pitch, values)?;
                 *known(slot, recording) = Some((s.id, pitch));
+                scratch.spares.forget(values, recording);
                 0
             }
         };
