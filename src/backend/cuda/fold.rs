@@ -200,7 +200,6 @@ impl CudaBackend {
     /// values of the weight whose values start at `values`, unless this pass wrote the same
     /// there and nothing has written there since. `known`: whether the weight's values outlive
     /// the pass (not a copy brought over for it). `scratch` is the locked scratch.
-    #[allow(clippy::too_many_arguments)]
     fn write_spare(
         &self,
         scratch: &mut ScratchGuard,
