@@ -139,22 +139,6 @@ pub fn check_attention_shapes(
     )))
 }
 
-/// While it lives, this thread's adapter factors stay as they are ([`Backend::adapters_fixed`]).
-pub struct FixedAdapters<'a, B: Backend + ?Sized>(&'a B);
-
-impl<'a, B: Backend + ?Sized> FixedAdapters<'a, B> {
-    pub fn new(be: &'a B) -> Self {
-        be.adapters_fixed();
-        FixedAdapters(be)
-    }
-}
-
-impl<B: Backend + ?Sized> Drop for FixedAdapters<'_, B> {
-    fn drop(&mut self) {
-        self.0.adapters_may_change();
-    }
-}
-
 /// A device copy of a frozen matrix kept in host memory ([`Backend::bring_to_device`]), read by
 /// the products queued while this lives and released when it is dropped, if this made it (a
 /// copy the thread already held stays its maker's to release).
@@ -519,13 +503,6 @@ pub trait Backend: Send + Sync + 'static {
     fn settle(&self, t: Self::Tensor) -> Result<Self::Tensor> {
         Ok(t)
     }
-    /// Says that until [`Backend::adapters_may_change`] on this thread, the adapter factors this
-    /// thread hands to adapted products stay alive and unchanged (a training pass: the optimizer
-    /// runs after it), so a backend may keep what it derived from them across those products
-    /// (CUDA: a folded weight's spare values). Nothing by default.
-    fn adapters_fixed(&self) {}
-    /// Ends [`Backend::adapters_fixed`] on this thread.
-    fn adapters_may_change(&self) {}
     /// Starts copying a frozen matrix kept in host memory ([`Backend::upload_frozen_in_host`],
     /// [`Backend::upload_output_projection`]) to the device, beside the work queued after it;
     /// the products this thread queues with `t` until [`Backend::release_device_copy`] wait for

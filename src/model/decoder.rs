@@ -28,9 +28,7 @@ use super::adapters::{LoraPair, LoraTensors};
 use super::config::ModelConfig;
 use super::host_layers::LayerCopies;
 use super::weights::{DecoderWeights, LayerWeights};
-use crate::backend::{
-    product_into, AttentionShape, Backend, DeviceCopy, FixedAdapters, ProductOutput,
-};
+use crate::backend::{product_into, AttentionShape, Backend, DeviceCopy, ProductOutput};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, TargetModule};
 use crate::rng::derive;
@@ -1085,8 +1083,6 @@ impl<B: Backend> Decoder<B> {
         layer_done: &mut dyn FnMut(usize, &mut LoraTensors<B>) -> Result<()>,
     ) -> Result<()> {
         let be = &self.backend;
-        // The optimizer updates the factors after the pass, never during it.
-        let _fixed = FixedAdapters::new(be);
         let rounded = ad.tensors.rounded_for_products(be)?;
         let with_rounded = rounded.as_ref().map(|r| ad.with_rounded(r));
         let ad = with_rounded.as_ref().unwrap_or(ad);

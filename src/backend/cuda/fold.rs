@@ -18,11 +18,8 @@
 //! rows for the forward, `A` into the `r` rows below them for the backward. An NF4 matrix is
 //! dequantized so into a scratch slot (nf4.rs); a bf16 projection matrix is uploaded so
 //! ([`PROJECTION_ROOM`] spare columns and rows: `upload_projection`) and its own spare values
-//! are written, under the scratch's lock until the product is queued: a bf16 model is shared by
-//! every trainer of it, each with its own adapter. Within a training pass
-//! ([`Backend::adapters_fixed`](super::Backend::adapters_fixed)) a write is skipped when the
-//! same factor and scale were written there earlier in the same pass and nothing has written
-//! there since ([`SpareWrites`]): MLP chunks and the recomputation reuse them.
+//! are written. Either way every folded product rewrites them, under the scratch's lock until the
+//! product is queued: a bf16 model is shared by every trainer of it, each with its own adapter.
 //! Dense bf16 matrices (a width with no room, a matrix in host memory whose device copy this
 //! thread's pass did not bring over), ranks above the room, products with f32 arithmetic
 //! ([`super::F32Products::Exact`]) and inputs with no room keep the two products.
@@ -37,9 +34,7 @@ use super::tensor::{Arrival, Dtype, Nf4Storage, Storage};
 use super::{count, dim, lock, CudaBackend, CudaTensor};
 use crate::backend::ProductOutput;
 use crate::error::{Error, Result};
-use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread::ThreadId;
 
@@ -64,73 +59,6 @@ pub(super) fn folded_slot_elements(rows: usize, cols: usize) -> usize {
     match room_pitch(cols, MAX_FOLDED_RANK) {
         Some(pitch) => (rows + MAX_FOLDED_RANK) * pitch,
         None => rows * cols,
-    }
-}
-
-thread_local! {
-    /// This thread's training pass whose adapter factors stay fixed; 0 outside one.
-    static FIXED_PASS: Cell<u64> = const { Cell::new(0) };
-}
-
-/// Pass numbers, never reused (so a value written in an earlier pass is never trusted).
-static PASSES: AtomicU64 = AtomicU64::new(1);
-
-impl CudaBackend {
-    /// See [`Backend::adapters_fixed`](super::Backend::adapters_fixed).
-    pub(super) fn start_fixed_pass(&self) {
-        FIXED_PASS.set(PASSES.fetch_add(1, Ordering::Relaxed));
-    }
-
-    pub(super) fn end_fixed_pass(&self) {
-        FIXED_PASS.set(0);
-    }
-}
-
-/// The spare values of a folded weight: the columns after its rows (`s·B`) or the rows below
-/// them (`A`).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum Spare {
-    Columns,
-    Rows,
-}
-
-/// What a weight's spare values were written from: the factor's address, the scale's bits and
-/// the pass that wrote them.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Written {
-    factor: u64,
-    scale: u32,
-    pass: u64,
-}
-
-/// The spare values written within training passes, by the address of the weight values they
-/// follow (a bf16 matrix or an NF4 scratch slot): one view for queued work and one for the work
-/// being recorded, which starts from nothing known (a replay writes what it recorded); kept in
-/// the scratch, under its lock.
-#[derive(Default)]
-pub(super) struct SpareWrites {
-    queued: HashMap<(u64, Spare), Written>,
-    recorded: HashMap<(u64, Spare), Written>,
-}
-
-impl SpareWrites {
-    fn view(&mut self, recording: bool) -> &mut HashMap<(u64, Spare), Written> {
-        match recording {
-            true => &mut self.recorded,
-            false => &mut self.queued,
-        }
-    }
-
-    /// Nothing known of any weight's spare values (in one view).
-    pub(super) fn forget_all(&mut self, recording: bool) {
-        self.view(recording).clear();
-    }
-
-    /// Nothing known of the spare values after `values` (a scratch slot being rewritten).
-    pub(super) fn forget(&mut self, values: u64, recording: bool) {
-        let view = self.view(recording);
-        view.remove(&(values, Spare::Columns));
-        view.remove(&(values, Spare::Rows));
     }
 }
 
@@ -194,38 +122,6 @@ impl CudaBackend {
             Arg::F32(scale),
         ];
         self.elementwise_grouped("cast_f32_bf16_rows", src.elements(), 4, &args)
-    }
-
-    /// Writes `scale·factor` rounded to bf16 at `dst`, rows `pitch` values apart: the `spare`
-    /// values of the weight whose values start at `values`, unless this pass wrote the same
-    /// there and nothing has written there since. `known`: whether the weight's values outlive
-    /// the pass (not a copy brought over for it). `scratch` is the locked scratch.
-    fn write_spare(
-        &self,
-        scratch: &mut ScratchGuard,
-        (values, spare, known): (u64, Spare, bool),
-        factor: &CudaTensor,
-        dst: u64,
-        pitch: usize,
-        scale: f32,
-    ) -> Result<()> {
-        let key = (values, spare);
-        let written = Written {
-            factor: self.ptr(factor)?,
-            scale: scale.to_bits(),
-            pass: FIXED_PASS.get(),
-        };
-        let view = scratch.spares.view(self.gpu.records_here());
-        let trusted = known && written.pass != 0;
-        if trusted && view.get(&key) == Some(&written) {
-            return Ok(());
-        }
-        view.remove(&key);
-        self.write_rows_bf16(factor, dst, pitch, scale)?;
-        if trusted {
-            view.insert(key, written);
-        }
-        Ok(())
     }
 
     /// `[x | extra]` as a product operand: `extra` (f32 `[rows, r]`) rounded into the spare
@@ -377,11 +273,9 @@ impl CudaBackend {
         let Some(act) = self.widened(x, xa)? else {
             return Ok(false);
         };
-        let known = !matches!(weight, FoldedWeight::HostCopy(_));
-        let (slot, mut scratch) = self.folded_values(weight, w, pitch, r)?;
+        let (slot, _scratch) = self.folded_values(weight, w, pitch, r)?;
         let tail = slot + (w.cols * std::mem::size_of::<u16>()) as u64;
-        let spare = (slot, Spare::Columns, known);
-        self.write_spare(&mut scratch, spare, b, tail, pitch, s)?;
+        self.write_rows_bf16(b, tail, pitch, s)?;
         let weight = Operand {
             ptr: slot,
             dtype: Dtype::Bf16,
@@ -426,11 +320,9 @@ impl CudaBackend {
         let Some(act) = self.widened(dy, dxa)? else {
             return Ok(Err(acc));
         };
-        let known = !matches!(weight, FoldedWeight::HostCopy(_));
-        let (slot, mut scratch) = self.folded_values(weight, w, pitch, r)?;
+        let (slot, _scratch) = self.folded_values(weight, w, pitch, r)?;
         let below = slot + (w.rows * pitch * std::mem::size_of::<u16>()) as u64;
-        let spare = (slot, Spare::Rows, known);
-        self.write_spare(&mut scratch, spare, a, below, pitch, 1.0)?;
+        self.write_rows_bf16(a, below, pitch, 1.0)?;
         let weight = Operand {
             ptr: slot,
             dtype: Dtype::Bf16,

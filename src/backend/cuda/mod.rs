@@ -1232,14 +1232,6 @@ impl Backend for CudaBackend {
 
     /// The output projection (`in_chunks`) starts coming over in chunks, which this thread's
     /// next loss takes (head_chunks.rs); any other host matrix comes over whole.
-    fn adapters_fixed(&self) {
-        self.start_fixed_pass();
-    }
-
-    fn adapters_may_change(&self) {
-        self.end_fixed_pass();
-    }
-
     fn bring_to_device(&self, t: &CudaTensor) -> Result<bool> {
         /// Starts `make` for this thread unless it holds one already; whether it started.
         fn once<T>(

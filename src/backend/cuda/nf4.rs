@@ -28,8 +28,6 @@ pub const DEQUANTIZED_SLOTS: usize = 3;
 #[derive(Default)]
 pub(super) struct Nf4Scratch {
     slots: Vec<Slot>,
-    /// The folded weights' spare values written in training passes (fold.rs).
-    pub(super) spares: super::fold::SpareWrites,
 }
 
 struct Slot {
@@ -153,11 +151,9 @@ impl CudaBackend {
 
     /// Starts the recorded view of the scratch (`Slot::recorded`) from nothing known.
     pub(super) fn start_recording_dequantized(&self) {
-        let mut scratch = self.lock_nf4_scratch();
-        for slot in &mut scratch.slots {
+        for slot in &mut self.lock_nf4_scratch().slots {
             slot.recorded = None;
         }
-        scratch.spares.forget_all(true);
     }
 
     /// Runs `replay` (queueing recorded work that may dequantize into any slot) under the
@@ -169,7 +165,6 @@ impl CudaBackend {
         for slot in &mut scratch.slots {
             slot.holds = None;
         }
-        scratch.spares.forget_all(false);
         queued
     }
 
@@ -221,10 +216,8 @@ impl CudaBackend {
                         ))
                     })?;
                 *known(slot, recording) = None;
-                let values = self.buffer_ptr(&slot.values);
-                self.queue_dequantize(s, rows, cols, pitch, values)?;
+                self.queue_dequantize(s, rows, cols, pitch, self.buffer_ptr(&slot.values))?;
                 *known(slot, recording) = Some((s.id, pitch));
-                scratch.spares.forget(values, recording);
                 0
             }
         };
