@@ -71,7 +71,8 @@ pub(super) struct Offload {
     /// Copies of activations, out and back.
     activations: CopyStreams,
     /// Copies of host tables to the device, on streams of their own: they run beside the copies
-    /// out of the forward pass (the bus carries both directions at once).
+    /// out of the forward pass. (Both directions at once are not free: on the H200 machine of
+    /// bench/NOTES.md they ran at ~14 GB/s each against ~45 out and ~55 in alone.)
     tables: CopyStreams,
     /// Pinned buffers no tensor holds, kept for the next step: allocating pinned memory is slow.
     spare: HostBuffers,
