@@ -121,9 +121,10 @@ pub struct ModelParams {
     /// Keep the LM head (or, tied, the embedding table serving as one) in pinned host memory
     /// instead of device memory (GPU only): 1 GiB less held on Llama 3. Each micro-batch's
     /// forward pass starts copying it to the device in chunks of rows beside its last quarter of
-    /// layers (after the last layer kept in host memory), and the loss takes the rest chunk by chunk (~384 MiB of it ahead of the chunk being
-    /// read), freeing each after use; evaluation and generation copy it whole for each product
-    /// (a generated token then costs one copy of it over the bus).
+    /// layers (after the last layer kept in host memory), and the loss takes the rest chunk by
+    /// chunk (~384 MiB of it ahead of the chunk being read), freeing each after use; evaluation
+    /// and generation copy it whole for each product (a generated token then costs one copy of
+    /// it over the bus).
     pub lm_head_in_host: bool,
     /// Decoder layers whose projection matrices stay in pinned host memory instead of device
     /// memory (bf16 base weights only, GPU only; 421 MiB each on Llama 3 8B): spread evenly

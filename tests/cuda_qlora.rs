@@ -596,14 +596,29 @@ fn gated_kernels_keep_the_room(g: &CudaBackend, rng: &mut Rng) {
         .gated_activation_for_products(&gate, &up, act, 16)
         .unwrap();
     assert_eq!(g.download(&dense).unwrap(), g.download(&roomy).unwrap());
-    let (dg, du) = g
-        .gated_activation_backward_for_products(&dh, &gate, &up, act, 0)
-        .unwrap();
-    let (rdg, rdu) = g
-        .gated_activation_backward_for_products(&dh, &gate, &up, act, 16)
-        .unwrap();
-    assert_eq!(g.download(&dg).unwrap(), g.download(&rdg).unwrap());
-    assert_eq!(g.download(&du).unwrap(), g.download(&rdu).unwrap());
+    // The backward of (dh, gate, up) written with `room`, and two such results compared bit for
+    // bit (dg and du).
+    let backward = |dh, gate, up, room| {
+        g.gated_activation_backward_for_products(dh, gate, up, act, room)
+            .unwrap()
+    };
+    let same = |a: &(CudaTensor, CudaTensor), b: &(CudaTensor, CudaTensor), what: &str| {
+        assert_eq!(
+            g.download(&a.0).unwrap(),
+            g.download(&b.0).unwrap(),
+            "dg, {what}"
+        );
+        assert_eq!(
+            g.download(&a.1).unwrap(),
+            g.download(&b.1).unwrap(),
+            "du, {what}"
+        );
+    };
+    same(
+        &backward(&dh, &gate, &up, 0),
+        &backward(&dh, &gate, &up, 16),
+        "dense and with room",
+    );
     assert_eq!(
         g.download(&g.copy_rows(&roomy, 11, 20).unwrap()).unwrap(),
         g.download(&g.copy_rows(&dense, 11, 20).unwrap()).unwrap()
@@ -626,37 +641,20 @@ fn gated_kernels_keep_the_room(g: &CudaBackend, rng: &mut Rng) {
         .gated_activation_for_products(&gate32, &up32, act, 16)
         .unwrap();
     assert_eq!(g.download(&from16).unwrap(), g.download(&from32).unwrap());
+    let reference = backward(&dh32, &gate32, &up32, 16);
     for (dh_in, what) in [(&dh16, "bf16 dh"), (&dh32, "f32 dh")] {
-        let (dg16, du16) = g
-            .gated_activation_backward_for_products(dh_in, &gate16, &up16, act, 16)
-            .unwrap();
-        let (dg32, du32) = g
-            .gated_activation_backward_for_products(&dh32, &gate32, &up32, act, 16)
-            .unwrap();
-        assert_eq!(
-            g.download(&dg16).unwrap(),
-            g.download(&dg32).unwrap(),
-            "{what}"
-        );
-        assert_eq!(
-            g.download(&du16).unwrap(),
-            g.download(&du32).unwrap(),
-            "{what}"
-        );
+        same(&backward(dh_in, &gate16, &up16, 16), &reference, what);
     }
     // Gate and up of different dtypes (one of them not adapted, so not folded).
     let mixed = g
         .gated_activation_for_products(&gate16, &up32, act, 16)
         .unwrap();
     assert_eq!(g.download(&mixed).unwrap(), g.download(&from32).unwrap());
-    let (dg_mixed, du_mixed) = g
-        .gated_activation_backward_for_products(&dh16, &gate32, &up16, act, 16)
-        .unwrap();
-    let (dg32, du32) = g
-        .gated_activation_backward_for_products(&dh32, &gate32, &up32, act, 16)
-        .unwrap();
-    assert_eq!(g.download(&dg_mixed).unwrap(), g.download(&dg32).unwrap());
-    assert_eq!(g.download(&du_mixed).unwrap(), g.download(&du32).unwrap());
+    same(
+        &backward(&dh16, &gate32, &up16, 16),
+        &reference,
+        "f32 gate, bf16 up",
+    );
     // Kernels that read dense rows refuse rows with room, naming it.
     let err = g
         .add_assign(&mut g.zeros(rows, cols).unwrap(), &roomy)

@@ -87,7 +87,9 @@ impl<'a, B: Backend> LayerCopies<'a, B> {
             layer: l,
             copies: Vec::new(),
         });
-        let sizes: Vec<usize> = (layers[l].proj.iter())
+        let sizes: Vec<usize> = layers[l]
+            .proj
+            .iter()
             .map(|w| {
                 let (rows, cols) = self.be.shape(w);
                 rows * cols
