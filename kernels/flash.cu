@@ -37,6 +37,14 @@ __device__ __forceinline__ float flash_neg_inf() {
     return __uint_as_float(0xff800000u);
 }
 
+// 2^x on the special function unit alone (ex2.approx.ftz: ~2 ulp, results below 2^−126 flushed
+// to 0; exp2f wraps the same instruction in a rescaling for subnormal results). −∞ gives 0.
+__device__ __forceinline__ float flash_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // The shared-memory address of a generic pointer into shared memory.
 __device__ __forceinline__ unsigned int flash_smem(const void* p) {
     unsigned int a;
@@ -495,6 +503,18 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[HD / 8][4],
 // fused multiply-add and an exp2: p_j = 2^(fma(q·k_j, c·log2(e), −m')).
 // ---------------------------------------------------------------------------------------------
 
+// Entries of x whose bit 4t + e of vis is clear set to `value`; nothing to do (and no
+// instruction spent) where every entry is visible.
+template <int NT>
+__device__ __forceinline__ void flash_mask(float (&x)[NT][4], unsigned int vis, float value) {
+    if (vis == 0xffffffffu) return;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[t][e] = (vis >> (4 * t + e)) & 1u ? x[t][e] : value;
+    }
+}
+
 // This thread's softmax state of its two rows (gid, gid + 8 of its warp's 16).
 struct FlashSoftmax {
     float m[2] = {flash_neg_inf(), flash_neg_inf()};
@@ -505,14 +525,12 @@ struct FlashSoftmax {
     template <int NT, int NDT>
     __device__ __forceinline__ void step(float (&s)[NT][4], unsigned int vis, float sl2,
                                          float (&o)[NDT][4]) {
+        flash_mask(s, vis, flash_neg_inf());
         float mx[2] = {flash_neg_inf(), flash_neg_inf()};
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[t][e] = (vis >> (4 * t + e)) & 1u ? s[t][e] : flash_neg_inf();
-                mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
-            }
+            for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
         }
         float ms[2], al[2], ps[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -520,19 +538,21 @@ struct FlashSoftmax {
             const float mn = fmaxf(m[r], flash_max4(mx[r]) * sl2);
             // A row with nothing visible yet keeps m = −∞ (subtract 0 instead: 2^−∞ = 0).
             ms[r] = mn == flash_neg_inf() ? 0.0f : mn;
-            al[r] = exp2f(m[r] - ms[r]);
+            al[r] = flash_exp2(m[r] - ms[r]);
             m[r] = mn;
         }
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                s[t][e] = exp2f(fmaf(s[t][e], sl2, -ms[e >> 1]));
+                s[t][e] = flash_exp2(fmaf(s[t][e], sl2, -ms[e >> 1]));
                 ps[e >> 1] += s[t][e];
             }
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) l[r] = l[r] * al[r] + ps[r];
+        // Once the row maxima settle α is 1 (exactly) in most tiles: o is left as it is then.
+        if (!__any_sync(FULL_MASK, al[0] != 1.0f || al[1] != 1.0f)) return;
 #pragma unroll
         for (int n = 0; n < NDT; ++n) {
 #pragma unroll
@@ -776,10 +796,9 @@ __device__ __forceinline__ void flash_dq_probabilities(float (&s)[NT][4], unsign
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            s[t][e] = (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - ls[e >> 1]) : 0.0f;
-        }
+        for (int e = 0; e < 4; ++e) s[t][e] = flash_exp2(s[t][e] * sl2 - ls[e >> 1]);
     }
+    flash_mask(s, vis, 0.0f);
 }
 
 // dS = P ∘ (dP − D) in s (P there already; de: this thread's two rows' D).
@@ -1002,11 +1021,9 @@ __device__ __forceinline__ void flash_dkdv_probabilities(float (&s)[NT][4], unsi
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int col = 8 * t + 2 * tig + (e & 1);
-            s[t][e] = (vis >> (4 * t + e)) & 1u ? exp2f(s[t][e] * sl2 - ls[col]) : 0.0f;
-        }
+        for (int e = 0; e < 4; ++e) s[t][e] = flash_exp2(s[t][e] * sl2 - ls[8 * t + 2 * tig + (e & 1)]);
     }
+    flash_mask(s, vis, 0.0f);
 }
 
 // dSᵀ = Pᵀ ∘ (dPᵀ − D) in dp (Pᵀ in p), D of column 8t + 2tig + (e & 1) from ds.
