@@ -1021,7 +1021,10 @@ __device__ __forceinline__ void flash_dkdv_probabilities(float (&s)[NT][4], unsi
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[t][e] = flash_exp2(s[t][e] * sl2 - ls[8 * t + 2 * tig + (e & 1)]);
+        for (int e = 0; e < 4; ++e) {
+            const int col = 8 * t + 2 * tig + (e & 1);
+            s[t][e] = flash_exp2(s[t][e] * sl2 - ls[col]);
+        }
     }
     flash_mask(s, vis, 0.0f);
 }
