@@ -87,17 +87,18 @@ impl<'a, B: Backend> LayerCopies<'a, B> {
             layer: l,
             copies: Vec::new(),
         });
-        let sizes: Vec<usize> = layers[l]
-            .proj
+        let waiting = &layers[l].proj[held.copies.len()..];
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let sizes: Vec<usize> = waiting
             .iter()
             .map(|w| {
                 let (rows, cols) = self.be.shape(w);
                 rows * cols
             })
             .collect();
-        let started = held.copies.len();
-        let due = started + due_now(&sizes[started..], self.paced.then_some(ahead));
-        for w in &layers[l].proj[started..due] {
+        for w in &waiting[..due_now(&sizes, self.paced.then_some(ahead))] {
             held.copies.push(DeviceCopy::bring(self.be, w)?);
         }
         Ok(())
