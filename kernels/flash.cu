@@ -322,16 +322,24 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned int addr, unsigne
            ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32) |
            (1ull << 62);
 }
+// Descriptor d moved `bytes` further (a multiple of 16, known at compile time): bytes >> 4 added
+// to the start address field in the low word alone (shared addresses are below 2^18 bytes, so
+// nothing carries out of the field). One add per product instead of rebuilding the descriptor.
+__device__ __forceinline__ unsigned long long wg_desc_plus(unsigned long long d,
+                                                           unsigned int bytes) {
+    return (d & 0xffffffff00000000ull) | (unsigned int)((unsigned int)d + (bytes >> 4));
+}
 // K-major operand: rows row0.. (a multiple of 8) of a swizzled tile, k = 16kb..16kb+15.
 template <int HD>
 __device__ __forceinline__ unsigned long long wg_desc_k(const bf16_t* tile, int row0, int kb) {
-    return wg_desc(flash_smem(tile) + 8192 * (kb / 4) + 128 * row0 + 32 * (kb % 4), 16, 1024);
+    return wg_desc_plus(wg_desc(flash_smem(tile) + 128 * row0, 16, 1024),
+                        8192 * (kb / 4) + 32 * (kb % 4));
 }
-// N-major B operand: k = rows k0..k0+15 (k0 a multiple of 8) of a swizzled tile, n = its HD
-// columns.
+// N-major B operand: k = rows k0..k0+15 (k0 a multiple of 8, known at compile time) of a
+// swizzled tile, n = its HD columns.
 template <int HD>
 __device__ __forceinline__ unsigned long long wg_desc_n(const bf16_t* tile, int k0) {
-    return wg_desc(flash_smem(tile) + 128 * k0, 8192, 1024);
+    return wg_desc_plus(wg_desc(flash_smem(tile), 8192, 1024), 128 * k0);
 }
 __device__ __forceinline__ void wg_fence() {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
