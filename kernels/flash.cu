@@ -134,16 +134,23 @@ __device__ __forceinline__ float flash_sum4(float v) {
 template <int HD, bool SWIZZLED = false>
 __device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
                                                 long long ld, int nrows) {
-    constexpr int CPR = HD / 8, P = HD + 8, N = FLASH_TILE * CPR / FLASH_THREADS;
+    // Thread t copies 16-byte chunk x/8 = t % CPR of rows r = t / CPR + R·it: its column, and
+    // with R a multiple of 8 its swizzle, stay the same from one row group to the next, so the
+    // addresses advance by constants (R rows of the source, R·64 or R·P elements of the tile).
+    constexpr int CPR = HD / 8, P = HD + 8, R = FLASH_THREADS / CPR, N = FLASH_TILE / R;
+    const int r0 = threadIdx.x / CPR, x = 8 * (threadIdx.x % CPR);
+    const unsigned int base = flash_smem(dst);
+    const bf16_t* from = src + r0 * ld + x;
+    const long long step = R * ld;
 #pragma unroll
     for (int it = 0; it < N; ++it) {
-        const int c = it * FLASH_THREADS + threadIdx.x;
-        const int r = c / CPR, x = 8 * (c % CPR);
+        const int r = r0 + R * it;
         const int at = SWIZZLED
                            ? FLASH_TILE * 64 * (x / 64) + 64 * r + 8 * (((x / 8) & 7) ^ (r & 7))
                            : r * P + x;
         const bool ok = r < nrows;
-        flash_cp16(flash_smem(dst + at), src + (ok ? r * ld + x : 0), ok);
+        flash_cp16(base + 2 * at, ok ? from : src, ok);
+        from += step;
     }
 }
 
