@@ -1108,11 +1108,19 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
     // Query tiles from the one holding r0 (causal) to the end, for each head of the share.
     const int first = r0 / BR, per_head = (seq - 1) / BR + 1 - first;
     const int pairs = (h1 - h0) * per_head;
-    // Starts loading pair `it` (head h0 + it / per_head, tile first + it % per_head) into
-    // buffer `buf`; its statistics come back in registers, stored once the buffer is free.
+    // Pair `it` is head h0 + it / per_head, query tile first + it % per_head: kept as (head,
+    // tile) and stepped (no division in the loop).
+    struct Pair {
+        int h, tile;
+    };
+    auto after = [&](Pair p) {
+        return p.tile + 1 < per_head ? Pair{p.h, p.tile + 1} : Pair{p.h + 1, 0};
+    };
+    // Starts loading pair p into buffer `buf`; its statistics come back in registers, stored
+    // once the buffer is free.
     float st_lse = 0.0f, st_del = 0.0f;
-    auto prefetch = [&](int it, int buf) {
-        const int h = h0 + it / per_head, i0 = (first + it % per_head) * BR;
+    auto prefetch = [&](Pair p, int buf) {
+        const int h = p.h, i0 = (first + p.tile) * BR;
         const long long off = (tok0 + i0) * ldq + (long long)h * HD;
         flash_load_tile<HD, WG>(Qb(buf), q + off, ldq, seq - i0);
         flash_load_tile<HD, WG>(Db(buf), d_out + off, ldq, seq - i0);
@@ -1140,7 +1148,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         flash_afrags<HD>(ka, Qb(0), 16 * warp, lane);
     }
     const bool kwhole = flash_block_whole(seg, seq, r0);  // also: every warp has read K
-    prefetch(0, 0);
+    Pair pair{h0, 0};
+    prefetch(pair, 0);
     flash_commit();
     store_stats(0);
 
@@ -1151,8 +1160,9 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
     flash_zero(dva);
 #pragma unroll 1
     for (int it = 0; it < pairs; ++it) {
-        const int buf = it & 1, i0 = (first + it % per_head) * BR;
-        if (it + 1 < pairs) prefetch(it + 1, buf ^ 1);
+        const int buf = it & 1, i0 = (first + pair.tile) * BR;
+        const Pair next = after(pair);
+        if (it + 1 < pairs) prefetch(next, buf ^ 1);
         flash_commit();
         const bool whole = !__syncthreads_or(
             !(kwhole && i0 >= r0 + 64 && i0 + BR <= seq && (tid >= BR || seg[i0 + tid] == seg[r0])));
@@ -1232,6 +1242,7 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         }
         __syncthreads();  // buffer `buf` and its statistics are refilled next
         store_stats(buf ^ 1);
+        pair = next;
     }
     const long long off = (long long)g * HD + 2 * tig;
 #pragma unroll
