@@ -128,15 +128,13 @@ __device__ __forceinline__ float flash_sum4(float v) {
     return v + __shfl_xor_sync(FULL_MASK, v, 2);
 }
 
-// Starts copying rows [0, 64) × HD of a row-major bf16 matrix (row stride ld elements, `src` at
-// row 0 of the tile) into `dst`; rows >= nrows are zero-filled. Layout: rows of pitch HD + 8, or
-// with SWIZZLED the warpgroup products' (see "Hopper" below).
-template <int HD, bool SWIZZLED = false>
-__device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
+// Thread t copies 16-byte chunk x/8 = t % CPR of rows r = t / CPR + R·it: its column, and with R
+// a multiple of 8 its swizzle, stay the same from one row group to the next, so the addresses
+// advance by constants (R rows of the source, R·64 or R·P elements of the tile). WHOLE: all 64
+// rows exist (no row test).
+template <int HD, bool SWIZZLED, bool WHOLE>
+__device__ __forceinline__ void flash_load_rows(bf16_t* dst, const bf16_t* __restrict__ src,
                                                 long long ld, int nrows) {
-    // Thread t copies 16-byte chunk x/8 = t % CPR of rows r = t / CPR + R·it: its column, and
-    // with R a multiple of 8 its swizzle, stay the same from one row group to the next, so the
-    // addresses advance by constants (R rows of the source, R·64 or R·P elements of the tile).
     constexpr int CPR = HD / 8, P = HD + 8, R = FLASH_THREADS / CPR, N = FLASH_TILE / R;
     const int r0 = threadIdx.x / CPR, x = 8 * (threadIdx.x % CPR);
     const unsigned int base = flash_smem(dst);
@@ -148,9 +146,22 @@ __device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __res
         const int at = SWIZZLED
                            ? FLASH_TILE * 64 * (x / 64) + 64 * r + 8 * (((x / 8) & 7) ^ (r & 7))
                            : r * P + x;
-        const bool ok = r < nrows;
+        const bool ok = WHOLE || r < nrows;
         flash_cp16(base + 2 * at, ok ? from : src, ok);
         from += step;
+    }
+}
+
+// Starts copying rows [0, 64) × HD of a row-major bf16 matrix (row stride ld elements, `src` at
+// row 0 of the tile) into `dst`; rows >= nrows are zero-filled. Layout: rows of pitch HD + 8, or
+// with SWIZZLED the warpgroup products' (see "Hopper" below).
+template <int HD, bool SWIZZLED = false>
+__device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
+                                                long long ld, int nrows) {
+    if (nrows >= FLASH_TILE) {
+        flash_load_rows<HD, SWIZZLED, true>(dst, src, ld, nrows);
+    } else {
+        flash_load_rows<HD, SWIZZLED, false>(dst, src, ld, nrows);
     }
 }
 
