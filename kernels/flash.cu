@@ -1175,13 +1175,14 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         const Pair next = after(pair);
         if (it + 1 < pairs) prefetch(next, buf ^ 1);
         flash_commit();
-        const bool whole = !__syncthreads_or(
-            !(kwhole && i0 >= r0 + 64 && i0 + BR <= seq && (tid >= BR || seg[i0 + tid] == seg[r0])));
-        flash_wait<1>();
+        flash_wait<1>();  // this thread's copies of pair `it` have landed
 #ifdef FLASH_WGMMA
         if constexpr (WG) flash_fence_async();
 #endif
-        __syncthreads();
+        // The reduction is a barrier like __syncthreads: after it every thread's copies are
+        // visible. whole: the pair has no masked entry.
+        const bool whole = !__syncthreads_or(
+            !(kwhole && i0 >= r0 + 64 && i0 + BR <= seq && (tid >= BR || seg[i0 + tid] == seg[r0])));
         const float* ls = stats + buf * 2 * BR;
         const float* ds = ls + BR;
 #ifdef FLASH_WGMMA
