@@ -285,20 +285,25 @@ struct FlashQueryBlock {
           vh(v + tok0 * ldk + (long long)(h / (heads / kv_heads)) * HD) {}
 
     // Starts copying key tile kt + 1 (if there is one) into `kbuf` and `vbuf`, and commits a
-    // copy group either way. Returns, in every thread, whether tile kt is wholly below the
-    // diagonal within the queries' one segment (`qwhole`): then it needs no mask. Contains
-    // __syncthreads_or: every thread must call it.
+    // copy group either way.
     template <bool SWIZZLED = false>
-    __device__ bool prefetch(int kt, bf16_t* kbuf, bf16_t* vbuf, int seq, bool qwhole) const {
-        const int j0 = kt * FLASH_TILE, next = j0 + FLASH_TILE;
+    __device__ void copy_next(int kt, bf16_t* kbuf, bf16_t* vbuf, int seq) const {
+        const int next = (kt + 1) * FLASH_TILE;
         if (kt + 1 < ntiles) {
             flash_load_tile<HD, SWIZZLED>(kbuf, kh + next * ldk, ldk, seq - next);
             flash_load_tile<HD, SWIZZLED>(vbuf, vh + next * ldk, ldk, seq - next);
         }
         flash_commit();
-        const int t = threadIdx.x;
-        return !__syncthreads_or(
-            !(qwhole && next <= r0 && (t >= FLASH_TILE || seg[j0 + t] == seg[r0])));
+    }
+
+    // Whether key tile kt is wholly below the diagonal within the queries' one segment
+    // (`qwhole`), in every thread: then it needs no mask. A __syncthreads_or, i.e. a block
+    // barrier like __syncthreads (copies each thread has awaited are visible to all after it):
+    // every thread must call it.
+    __device__ bool whole_tile(int kt, bool qwhole) const {
+        const int j0 = kt * FLASH_TILE, t = threadIdx.x;
+        return !__syncthreads_or(!(qwhole && j0 + FLASH_TILE <= r0 &&
+                                   (t >= FLASH_TILE || seg[j0 + t] == seg[r0])));
     }
 };
 
@@ -643,11 +648,11 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
-        const bool whole = blk.prefetch(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq, qwhole);
+        blk.copy_next(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
+        flash_wait<1>();  // tile kt has arrived; whole_tile's barrier makes it visible
+        const bool whole = blk.whole_tile(kt, qwhole);
         const unsigned int vis = whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
         const bool any = whole || __syncthreads_or(vis != 0);
-        flash_wait<1>();
-        __syncthreads();
         if (any) {
             float s[NT][4];
             flash_zero<NT>(s);
@@ -660,7 +665,7 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
                 flash_mma_nn<HD>(o, pa, Vb(buf), 16 * kb, lane);
             }
         }
-        __syncthreads();  // buffer `buf` is refilled by the next iteration's prefetch
+        __syncthreads();  // buffer `buf` is refilled by the next iteration's copy_next
     }
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
                          tig);
@@ -711,11 +716,11 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
     flash_load_tile<HD, true>(Vb(0), blk.vh, ldk, seq);
     flash_commit();
     const bool qwhole = flash_block_whole(seg, seq, r0);
-    // Tile 1 starts loading; tile 0's mask need.
-    bool whole = blk.template prefetch<true>(0, Kb(1), Vb(1), seq, qwhole);
+    // Tile 1 starts loading; tile 0 awaited, and its mask need.
+    blk.template copy_next<true>(0, Kb(1), Vb(1), seq);
     flash_wait<1>();
     flash_fence_async();
-    __syncthreads();
+    bool whole = blk.whole_tile(0, qwhole), whole_next = false;  // (tile 0 visible after it)
     if constexpr (QREG) wg_afrags<HD>(qa, Qs, warp, lane);
 
     const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
@@ -733,17 +738,17 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
         const int buf = kt & 1, j0 = kt * BC;
         const bool more = kt + 1 < ntiles;
         if constexpr (AHEAD) {
-            if (more) {
+            if (more) {  // tile kt + 1 has arrived, visible after whole_tile's barrier
                 flash_wait<0>();
                 flash_fence_async();
-                __syncthreads();
+                whole_next = blk.whole_tile(kt + 1, qwhole);
                 scores(next, buf ^ 1);
             }
         } else {
             if (kt > 0) {  // tile kt has arrived (only tile kt + 1's copy may be in flight)
                 flash_wait<1>();
                 flash_fence_async();
-                __syncthreads();
+                whole = blk.whole_tile(kt, qwhole);
             }
             scores(s, buf);
             wg_wait<0>();
@@ -771,7 +776,8 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
                 }
             }
             __syncthreads();  // every warp is done with buffer `buf`
-            whole = blk.template prefetch<true>(kt + 1, Kb(buf), Vb(buf), seq, qwhole);
+            blk.template copy_next<true>(kt + 1, Kb(buf), Vb(buf), seq);
+            if constexpr (AHEAD) whole = whole_next;
         }
     }
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
@@ -892,9 +898,9 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
-        const bool whole = blk.prefetch(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq, qwhole);
-        flash_wait<1>();
-        __syncthreads();
+        blk.copy_next(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
+        flash_wait<1>();  // tile kt has arrived; whole_tile's barrier makes it visible
+        const bool whole = blk.whole_tile(kt, qwhole);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int c0 = j0 + HALF * half;
@@ -982,10 +988,10 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
-        const bool whole = blk.template prefetch<true>(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq, qwhole);
-        flash_wait<1>();
+        blk.template copy_next<true>(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
+        flash_wait<1>();  // tile kt has arrived; whole_tile's barrier makes it visible
         flash_fence_async();
-        __syncthreads();
+        const bool whole = blk.whole_tile(kt, qwhole);
         if constexpr (QREG) {
             if (kt == 0) wg_afrags<HD>(qa, Qs, warp, lane);
         }
