@@ -154,11 +154,13 @@ __device__ __forceinline__ void flash_load_rows(bf16_t* dst, const bf16_t* __res
 
 // Starts copying rows [0, 64) × HD of a row-major bf16 matrix (row stride ld elements, `src` at
 // row 0 of the tile) into `dst`; rows >= nrows are zero-filled. Layout: rows of pitch HD + 8, or
-// with SWIZZLED the warpgroup products' (see "Hopper" below).
-template <int HD, bool SWIZZLED = false>
+// with SWIZZLED the warpgroup products' (see "Hopper" below). WHOLE_PATH: a tile whose 64 rows
+// all exist is copied without the row test (dK/dV's loop is faster so; the forward's and dQ's
+// were slower on the H200, bench/NOTES.md).
+template <int HD, bool SWIZZLED = false, bool WHOLE_PATH = false>
 __device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
                                                 long long ld, int nrows) {
-    if (nrows >= FLASH_TILE) {
+    if (WHOLE_PATH && nrows >= FLASH_TILE) {
         flash_load_rows<HD, SWIZZLED, true>(dst, src, ld, nrows);
     } else {
         flash_load_rows<HD, SWIZZLED, false>(dst, src, ld, nrows);
@@ -296,15 +298,18 @@ struct FlashQueryBlock {
         flash_commit();
     }
 
-    // Whether key tile kt is wholly below the diagonal within the queries' one segment
-    // (`qwhole`), in every thread: then it needs no mask. A __syncthreads_or, i.e. a block
-    // barrier like __syncthreads (copies each thread has awaited are visible to all after it):
-    // every thread must call it.
-    __device__ bool whole_tile(int kt, bool qwhole) const {
+    // This thread's part of whether key tile kt is wholly below the diagonal within the
+    // queries' one segment (`qwhole`): one segment id read, best issued before a wait so that
+    // the read's latency passes under it. all_whole combines the parts.
+    __device__ bool whole_part(int kt, bool qwhole) const {
         const int j0 = kt * FLASH_TILE, t = threadIdx.x;
-        return !__syncthreads_or(!(qwhole && j0 + FLASH_TILE <= r0 &&
-                                   (t >= FLASH_TILE || seg[j0 + t] == seg[r0])));
+        return qwhole && j0 + FLASH_TILE <= r0 && (t >= FLASH_TILE || seg[j0 + t] == seg[r0]);
     }
+
+    // Whether every thread's whole_part holds: then the tile needs no mask. A __syncthreads_or,
+    // i.e. a block barrier like __syncthreads (copies each thread has awaited are visible to
+    // all after it): every thread must call it.
+    static __device__ bool all_whole(bool part) { return !__syncthreads_or(!part); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -648,9 +653,10 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
+        const bool part = blk.whole_part(kt, qwhole);
         blk.copy_next(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
-        flash_wait<1>();  // tile kt has arrived; whole_tile's barrier makes it visible
-        const bool whole = blk.whole_tile(kt, qwhole);
+        flash_wait<1>();  // tile kt has arrived; all_whole's barrier makes it visible
+        const bool whole = blk.all_whole(part);
         const unsigned int vis = whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
         const bool any = whole || __syncthreads_or(vis != 0);
         if (any) {
@@ -720,7 +726,7 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
     blk.template copy_next<true>(0, Kb(1), Vb(1), seq);
     flash_wait<1>();
     flash_fence_async();
-    bool whole = blk.whole_tile(0, qwhole), whole_next = false;  // (tile 0 visible after it)
+    bool whole = blk.all_whole(blk.whole_part(0, qwhole));  // (tile 0 visible after it)
     if constexpr (QREG) wg_afrags<HD>(qa, Qs, warp, lane);
 
     const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
@@ -738,17 +744,18 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
         const int buf = kt & 1, j0 = kt * BC;
         const bool more = kt + 1 < ntiles;
         if constexpr (AHEAD) {
-            if (more) {  // tile kt + 1 has arrived, visible after whole_tile's barrier
+            if (more) {  // tile kt + 1 has arrived (its mask need came with its copy)
                 flash_wait<0>();
                 flash_fence_async();
-                whole_next = blk.whole_tile(kt + 1, qwhole);
+                __syncthreads();
                 scores(next, buf ^ 1);
             }
         } else {
             if (kt > 0) {  // tile kt has arrived (only tile kt + 1's copy may be in flight)
+                const bool part = blk.whole_part(kt, qwhole);
                 flash_wait<1>();
                 flash_fence_async();
-                whole = blk.whole_tile(kt, qwhole);
+                whole = blk.all_whole(part);
             }
             scores(s, buf);
             wg_wait<0>();
@@ -777,7 +784,9 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
             }
             __syncthreads();  // every warp is done with buffer `buf`
             blk.template copy_next<true>(kt + 1, Kb(buf), Vb(buf), seq);
-            if constexpr (AHEAD) whole = whole_next;
+            // Pipelined, tile kt + 1's mask need is reduced here, not before its scores
+            // (measured: on the H200 the forward is ~7 % slower with it before).
+            if constexpr (AHEAD) whole = blk.all_whole(blk.whole_part(kt + 1, qwhole));
         }
     }
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
@@ -898,9 +907,10 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
+        const bool part = blk.whole_part(kt, qwhole);
         blk.copy_next(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
-        flash_wait<1>();  // tile kt has arrived; whole_tile's barrier makes it visible
-        const bool whole = blk.whole_tile(kt, qwhole);
+        flash_wait<1>();  // tile kt has arrived; all_whole's barrier makes it visible
+        const bool whole = blk.all_whole(part);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int c0 = j0 + HALF * half;
@@ -988,10 +998,11 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
+        const bool part = blk.whole_part(kt, qwhole);
         blk.template copy_next<true>(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
-        flash_wait<1>();  // tile kt has arrived; whole_tile's barrier makes it visible
+        flash_wait<1>();  // tile kt has arrived; all_whole's barrier makes it visible
         flash_fence_async();
-        const bool whole = blk.whole_tile(kt, qwhole);
+        const bool whole = blk.all_whole(part);
         if constexpr (QREG) {
             if (kt == 0) wg_afrags<HD>(qa, Qs, warp, lane);
         }
@@ -1139,8 +1150,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
     auto prefetch = [&](Pair p, int buf) {
         const int h = p.h, i0 = (first + p.tile) * BR;
         const long long off = (tok0 + i0) * ldq + (long long)h * HD;
-        flash_load_tile<HD, WG>(Qb(buf), q + off, ldq, seq - i0);
-        flash_load_tile<HD, WG>(Db(buf), d_out + off, ldq, seq - i0);
+        flash_load_tile<HD, WG, true>(Qb(buf), q + off, ldq, seq - i0);
+        flash_load_tile<HD, WG, true>(Db(buf), d_out + off, ldq, seq - i0);
         if (tid < BR) {
             const int i = i0 + tid;
             st_lse = i < seq ? lse[(tok0 + i) * heads + h] * FLASH_LOG2E : 0.0f;
