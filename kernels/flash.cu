@@ -128,22 +128,42 @@ __device__ __forceinline__ float flash_sum4(float v) {
     return v + __shfl_xor_sync(FULL_MASK, v, 2);
 }
 
-// Starts copying rows [0, 64) × HD of a row-major bf16 matrix (row stride ld elements, `src` at
-// row 0 of the tile) into `dst`; rows >= nrows are zero-filled. Layout: rows of pitch HD + 8, or
-// with SWIZZLED the warpgroup products' (see "Hopper" below).
-template <int HD, bool SWIZZLED = false>
-__device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
+// Thread t copies 16-byte chunk x/8 = t % CPR of rows r = t / CPR + R·it: its column, and with R
+// a multiple of 8 its swizzle, stay the same from one row group to the next, so the addresses
+// advance by constants (R rows of the source, R·64 or R·P elements of the tile). WHOLE: all 64
+// rows exist (no row test).
+template <int HD, bool SWIZZLED, bool WHOLE>
+__device__ __forceinline__ void flash_load_rows(bf16_t* dst, const bf16_t* __restrict__ src,
                                                 long long ld, int nrows) {
-    constexpr int CPR = HD / 8, P = HD + 8, N = FLASH_TILE * CPR / FLASH_THREADS;
+    constexpr int CPR = HD / 8, P = HD + 8, R = FLASH_THREADS / CPR, N = FLASH_TILE / R;
+    const int r0 = threadIdx.x / CPR, x = 8 * (threadIdx.x % CPR);
+    const unsigned int base = flash_smem(dst);
+    const bf16_t* from = src + r0 * ld + x;
+    const long long step = R * ld;
 #pragma unroll
     for (int it = 0; it < N; ++it) {
-        const int c = it * FLASH_THREADS + threadIdx.x;
-        const int r = c / CPR, x = 8 * (c % CPR);
+        const int r = r0 + R * it;
         const int at = SWIZZLED
                            ? FLASH_TILE * 64 * (x / 64) + 64 * r + 8 * (((x / 8) & 7) ^ (r & 7))
                            : r * P + x;
-        const bool ok = r < nrows;
-        flash_cp16(flash_smem(dst + at), src + (ok ? r * ld + x : 0), ok);
+        const bool ok = WHOLE || r < nrows;
+        flash_cp16(base + 2 * at, ok ? from : src, ok);
+        from += step;
+    }
+}
+
+// Starts copying rows [0, 64) × HD of a row-major bf16 matrix (row stride ld elements, `src` at
+// row 0 of the tile) into `dst`; rows >= nrows are zero-filled. Layout: rows of pitch HD + 8, or
+// with SWIZZLED the warpgroup products' (see "Hopper" below). WHOLE_PATH: a tile whose 64 rows
+// all exist is copied without the row test (dK/dV's loop is faster so; the forward's and dQ's
+// were slower on the H200, bench/NOTES.md).
+template <int HD, bool SWIZZLED = false, bool WHOLE_PATH = false>
+__device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
+                                                long long ld, int nrows) {
+    if (WHOLE_PATH && nrows >= FLASH_TILE) {
+        flash_load_rows<HD, SWIZZLED, true>(dst, src, ld, nrows);
+    } else {
+        flash_load_rows<HD, SWIZZLED, false>(dst, src, ld, nrows);
     }
 }
 
@@ -267,21 +287,29 @@ struct FlashQueryBlock {
           vh(v + tok0 * ldk + (long long)(h / (heads / kv_heads)) * HD) {}
 
     // Starts copying key tile kt + 1 (if there is one) into `kbuf` and `vbuf`, and commits a
-    // copy group either way. Returns, in every thread, whether tile kt is wholly below the
-    // diagonal within the queries' one segment (`qwhole`): then it needs no mask. Contains
-    // __syncthreads_or: every thread must call it.
+    // copy group either way.
     template <bool SWIZZLED = false>
-    __device__ bool prefetch(int kt, bf16_t* kbuf, bf16_t* vbuf, int seq, bool qwhole) const {
-        const int j0 = kt * FLASH_TILE, next = j0 + FLASH_TILE;
+    __device__ void copy_next(int kt, bf16_t* kbuf, bf16_t* vbuf, int seq) const {
+        const int next = (kt + 1) * FLASH_TILE;
         if (kt + 1 < ntiles) {
             flash_load_tile<HD, SWIZZLED>(kbuf, kh + next * ldk, ldk, seq - next);
             flash_load_tile<HD, SWIZZLED>(vbuf, vh + next * ldk, ldk, seq - next);
         }
         flash_commit();
-        const int t = threadIdx.x;
-        return !__syncthreads_or(
-            !(qwhole && next <= r0 && (t >= FLASH_TILE || seg[j0 + t] == seg[r0])));
     }
+
+    // This thread's part of whether key tile kt is wholly below the diagonal within the
+    // queries' one segment (`qwhole`): one segment id read, best issued before a wait so that
+    // the read's latency passes under it. all_whole combines the parts.
+    __device__ bool whole_part(int kt, bool qwhole) const {
+        const int j0 = kt * FLASH_TILE, t = threadIdx.x;
+        return qwhole && j0 + FLASH_TILE <= r0 && (t >= FLASH_TILE || seg[j0 + t] == seg[r0]);
+    }
+
+    // Whether every thread's whole_part holds: then the tile needs no mask. A __syncthreads_or,
+    // i.e. a block barrier like __syncthreads (copies each thread has awaited are visible to
+    // all after it): every thread must call it.
+    static __device__ bool all_whole(bool part) { return !__syncthreads_or(!part); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -322,16 +350,24 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned int addr, unsigne
            ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32) |
            (1ull << 62);
 }
+// Descriptor d moved `bytes` further (a multiple of 16, known at compile time): bytes >> 4 added
+// to the start address field in the low word alone (shared addresses are below 2^18 bytes, so
+// nothing carries out of the field). One add per product instead of rebuilding the descriptor.
+__device__ __forceinline__ unsigned long long wg_desc_plus(unsigned long long d,
+                                                           unsigned int bytes) {
+    return (d & 0xffffffff00000000ull) | (unsigned int)((unsigned int)d + (bytes >> 4));
+}
 // K-major operand: rows row0.. (a multiple of 8) of a swizzled tile, k = 16kb..16kb+15.
 template <int HD>
 __device__ __forceinline__ unsigned long long wg_desc_k(const bf16_t* tile, int row0, int kb) {
-    return wg_desc(flash_smem(tile) + 8192 * (kb / 4) + 128 * row0 + 32 * (kb % 4), 16, 1024);
+    return wg_desc_plus(wg_desc(flash_smem(tile) + 128 * row0, 16, 1024),
+                        8192 * (kb / 4) + 32 * (kb % 4));
 }
-// N-major B operand: k = rows k0..k0+15 (k0 a multiple of 8) of a swizzled tile, n = its HD
-// columns.
+// N-major B operand: k = rows k0..k0+15 (k0 a multiple of 8, known at compile time) of a
+// swizzled tile, n = its HD columns.
 template <int HD>
 __device__ __forceinline__ unsigned long long wg_desc_n(const bf16_t* tile, int k0) {
-    return wg_desc(flash_smem(tile) + 128 * k0, 8192, 1024);
+    return wg_desc_plus(wg_desc(flash_smem(tile), 8192, 1024), 128 * k0);
 }
 __device__ __forceinline__ void wg_fence() {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -617,11 +653,12 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
-        const bool whole = blk.prefetch(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq, qwhole);
+        const bool part = blk.whole_part(kt, qwhole);
+        blk.copy_next(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
+        flash_wait<1>();  // tile kt has arrived; all_whole's barrier makes it visible
+        const bool whole = blk.all_whole(part);
         const unsigned int vis = whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
         const bool any = whole || __syncthreads_or(vis != 0);
-        flash_wait<1>();
-        __syncthreads();
         if (any) {
             float s[NT][4];
             flash_zero<NT>(s);
@@ -634,7 +671,7 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
                 flash_mma_nn<HD>(o, pa, Vb(buf), 16 * kb, lane);
             }
         }
-        __syncthreads();  // buffer `buf` is refilled by the next iteration's prefetch
+        __syncthreads();  // buffer `buf` is refilled by the next iteration's copy_next
     }
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
                          tig);
@@ -685,11 +722,11 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
     flash_load_tile<HD, true>(Vb(0), blk.vh, ldk, seq);
     flash_commit();
     const bool qwhole = flash_block_whole(seg, seq, r0);
-    // Tile 1 starts loading; tile 0's mask need.
-    bool whole = blk.template prefetch<true>(0, Kb(1), Vb(1), seq, qwhole);
+    // Tile 1 starts loading; tile 0 awaited, and its mask need.
+    blk.template copy_next<true>(0, Kb(1), Vb(1), seq);
     flash_wait<1>();
     flash_fence_async();
-    __syncthreads();
+    bool whole = blk.all_whole(blk.whole_part(0, qwhole));  // (tile 0 visible after it)
     if constexpr (QREG) wg_afrags<HD>(qa, Qs, warp, lane);
 
     const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
@@ -707,7 +744,7 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
         const int buf = kt & 1, j0 = kt * BC;
         const bool more = kt + 1 < ntiles;
         if constexpr (AHEAD) {
-            if (more) {
+            if (more) {  // tile kt + 1 has arrived (its mask need came with its copy)
                 flash_wait<0>();
                 flash_fence_async();
                 __syncthreads();
@@ -715,9 +752,10 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
             }
         } else {
             if (kt > 0) {  // tile kt has arrived (only tile kt + 1's copy may be in flight)
+                const bool part = blk.whole_part(kt, qwhole);
                 flash_wait<1>();
                 flash_fence_async();
-                __syncthreads();
+                whole = blk.all_whole(part);
             }
             scores(s, buf);
             wg_wait<0>();
@@ -745,7 +783,10 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
                 }
             }
             __syncthreads();  // every warp is done with buffer `buf`
-            whole = blk.template prefetch<true>(kt + 1, Kb(buf), Vb(buf), seq, qwhole);
+            blk.template copy_next<true>(kt + 1, Kb(buf), Vb(buf), seq);
+            // Pipelined, tile kt + 1's mask need is reduced here, not before its scores
+            // (measured: on the H200 the forward is ~7 % slower with it before).
+            if constexpr (AHEAD) whole = blk.all_whole(blk.whole_part(kt + 1, qwhole));
         }
     }
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
@@ -866,9 +907,10 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
-        const bool whole = blk.prefetch(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq, qwhole);
-        flash_wait<1>();
-        __syncthreads();
+        const bool part = blk.whole_part(kt, qwhole);
+        blk.copy_next(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
+        flash_wait<1>();  // tile kt has arrived; all_whole's barrier makes it visible
+        const bool whole = blk.all_whole(part);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int c0 = j0 + HALF * half;
@@ -956,10 +998,11 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
-        const bool whole = blk.template prefetch<true>(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq, qwhole);
-        flash_wait<1>();
+        const bool part = blk.whole_part(kt, qwhole);
+        blk.template copy_next<true>(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
+        flash_wait<1>();  // tile kt has arrived; all_whole's barrier makes it visible
         flash_fence_async();
-        __syncthreads();
+        const bool whole = blk.all_whole(part);
         if constexpr (QREG) {
             if (kt == 0) wg_afrags<HD>(qa, Qs, warp, lane);
         }
@@ -1093,14 +1136,22 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
     // Query tiles from the one holding r0 (causal) to the end, for each head of the share.
     const int first = r0 / BR, per_head = (seq - 1) / BR + 1 - first;
     const int pairs = (h1 - h0) * per_head;
-    // Starts loading pair `it` (head h0 + it / per_head, tile first + it % per_head) into
-    // buffer `buf`; its statistics come back in registers, stored once the buffer is free.
+    // Pair `it` is head h0 + it / per_head, query tile first + it % per_head: kept as (head,
+    // tile) and stepped (no division in the loop).
+    struct Pair {
+        int h, tile;
+    };
+    auto after = [&](Pair p) {
+        return p.tile + 1 < per_head ? Pair{p.h, p.tile + 1} : Pair{p.h + 1, 0};
+    };
+    // Starts loading pair p into buffer `buf`; its statistics come back in registers, stored
+    // once the buffer is free.
     float st_lse = 0.0f, st_del = 0.0f;
-    auto prefetch = [&](int it, int buf) {
-        const int h = h0 + it / per_head, i0 = (first + it % per_head) * BR;
+    auto prefetch = [&](Pair p, int buf) {
+        const int h = p.h, i0 = (first + p.tile) * BR;
         const long long off = (tok0 + i0) * ldq + (long long)h * HD;
-        flash_load_tile<HD, WG>(Qb(buf), q + off, ldq, seq - i0);
-        flash_load_tile<HD, WG>(Db(buf), d_out + off, ldq, seq - i0);
+        flash_load_tile<HD, WG, true>(Qb(buf), q + off, ldq, seq - i0);
+        flash_load_tile<HD, WG, true>(Db(buf), d_out + off, ldq, seq - i0);
         if (tid < BR) {
             const int i = i0 + tid;
             st_lse = i < seq ? lse[(tok0 + i) * heads + h] * FLASH_LOG2E : 0.0f;
@@ -1125,7 +1176,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         flash_afrags<HD>(ka, Qb(0), 16 * warp, lane);
     }
     const bool kwhole = flash_block_whole(seg, seq, r0);  // also: every warp has read K
-    prefetch(0, 0);
+    Pair pair{h0, 0};
+    prefetch(pair, 0);
     flash_commit();
     store_stats(0);
 
@@ -1136,16 +1188,18 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
     flash_zero(dva);
 #pragma unroll 1
     for (int it = 0; it < pairs; ++it) {
-        const int buf = it & 1, i0 = (first + it % per_head) * BR;
-        if (it + 1 < pairs) prefetch(it + 1, buf ^ 1);
+        const int buf = it & 1, i0 = (first + pair.tile) * BR;
+        const Pair next = after(pair);
+        if (it + 1 < pairs) prefetch(next, buf ^ 1);
         flash_commit();
-        const bool whole = !__syncthreads_or(
-            !(kwhole && i0 >= r0 + 64 && i0 + BR <= seq && (tid >= BR || seg[i0 + tid] == seg[r0])));
-        flash_wait<1>();
+        flash_wait<1>();  // this thread's copies of pair `it` have landed
 #ifdef FLASH_WGMMA
         if constexpr (WG) flash_fence_async();
 #endif
-        __syncthreads();
+        // The reduction is a barrier like __syncthreads: after it every thread's copies are
+        // visible. whole: the pair has no masked entry.
+        const bool whole = !__syncthreads_or(
+            !(kwhole && i0 >= r0 + 64 && i0 + BR <= seq && (tid >= BR || seg[i0 + tid] == seg[r0])));
         const float* ls = stats + buf * 2 * BR;
         const float* ds = ls + BR;
 #ifdef FLASH_WGMMA
@@ -1217,6 +1271,7 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         }
         __syncthreads();  // buffer `buf` and its statistics are refilled next
         store_stats(buf ^ 1);
+        pair = next;
     }
     const long long off = (long long)g * HD + 2 * tig;
 #pragma unroll

@@ -32,6 +32,12 @@
 #define FLASH_DQ_TILES 6
 #endif
 
+// The head_dim-256 entries, which only a pass compiling the warpgroup code declares.
+#ifdef FLASH_WGMMA
+#define FLASH_WIDE(entry) entry##_hd256
+#else
+#define FLASH_WIDE(entry) nullptr
+#endif
 
 // delta[t, h] = Σ_d dO·O (one warp per (t, h)).
 __global__ void bench_delta(const float* o, const bf16_t* d_o, float* delta, int n, int hd) {
@@ -145,23 +151,33 @@ int main(int argc, char** argv) {
     const int row_bytes = (hd + 8) * 2;
     const int fwd_sm = FLASH_FWD_TILES * 64 * row_bytes, dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
     const int dkdv_sm = 6 * 64 * row_bytes + 2 * 2 * 64 * 4;
-    CK(cudaFuncSetAttribute(flash_fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd_sm));
-    CK(cudaFuncSetAttribute(flash_bwd_dq, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_sm));
-    CK(cudaFuncSetAttribute(flash_bwd_dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, dkdv_sm));
+    // The library's entries for the head dim (flash_entries in src/backend/cuda/mod.rs): at 256
+    // the warpgroup kernels of their own, dK/dV with twice the blocks along y.
+    const bool wide = hd == 256;
+    const auto fwd = wide ? FLASH_WIDE(flash_fwd) : flash_fwd;
+    const auto bwd_dq = wide ? FLASH_WIDE(flash_bwd_dq) : flash_bwd_dq;
+    const auto bwd_dkdv = wide ? FLASH_WIDE(flash_bwd_dkdv) : flash_bwd_dkdv;
+    if (!fwd || !bwd_dq || !bwd_dkdv) {
+        fprintf(stderr, "head_dim 256 needs the warpgroup kernels (-arch=sm_90a)\n");
+        return 2;
+    }
+    CK(cudaFuncSetAttribute(fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd_sm));
+    CK(cudaFuncSetAttribute(bwd_dq, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_sm));
+    CK(cudaFuncSetAttribute(bwd_dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, dkdv_sm));
     const dim3 gf((seq + FLASH_FWD_ROWS - 1) / FLASH_FWD_ROWS, heads, batch);
     const dim3 gq((seq + FLASH_DQ_ROWS - 1) / FLASH_DQ_ROWS, heads, batch);
-    const dim3 gk(tiles, kv * parts, batch);
+    const dim3 gk(tiles, kv * parts * (wide ? 2 : 1), batch);
     const double t_fwd = time_ms(reps, [&] {
-        flash_fwd<<<gf, 128, fwd_sm>>>(q, k, v, seg, out, lse, batch, seq, heads, kv, hd, scale);
+        fwd<<<gf, 128, fwd_sm>>>(q, k, v, seg, out, lse, batch, seq, heads, kv, hd, scale);
     });
     bench_delta<<<(seq * heads * 32 + 255) / 256, 256>>>(out, d_o, delta, seq * heads, hd);
     const double t_dq = time_ms(reps, [&] {
-        flash_bwd_dq<<<gq, 128, dq_sm>>>(q, k, v, d_o, lse, delta, seg, dq, batch, seq, heads, kv,
-                                         hd, scale);
+        bwd_dq<<<gq, 128, dq_sm>>>(q, k, v, d_o, lse, delta, seg, dq, batch, seq, heads, kv, hd,
+                                   scale);
     });
     const double t_dkdv = time_ms(reps, [&] {
-        flash_bwd_dkdv<<<gk, 128, dkdv_sm>>>(q, k, v, d_o, lse, delta, seg, dk, dv, batch, seq,
-                                             heads, kv, hd, scale);
+        bwd_dkdv<<<gk, 128, dkdv_sm>>>(q, k, v, d_o, lse, delta, seg, dk, dv, batch, seq, heads,
+                                       kv, hd, scale);
     });
     CK(cudaDeviceSynchronize());
     // Causal products: each is S²/2·hd multiply-adds per head.
