@@ -348,13 +348,24 @@ impl CudaBackend {
         shape: Shape,
         args: &[Arg],
     ) -> Result<()> {
+        self.run_labelled(program, name, || name.into(), shape, args)
+    }
+
+    /// Queues kernel `program::name`, timed under the name `label()` gives when profiling.
+    fn run_labelled(
+        &self,
+        program: &'static str,
+        name: &'static str,
+        label: impl FnOnce() -> Cow<'static, str>,
+        shape: Shape,
+        args: &[Arg],
+    ) -> Result<()> {
         let f = self.kernels.function(&self.gpu, program, name)?;
         // SAFETY: every call site passes the argument list of kernels/README.md for `name`,
         // with addresses of live buffers of the sizes checked before the call.
-        self.timed(
-            || name.into(),
-            || unsafe { launch::launch(&self.gpu, &f, name, shape, args) },
-        )
+        self.timed(label, || unsafe {
+            launch::launch(&self.gpu, &f, name, shape, args)
+        })
     }
 
     /// Runs `f`, timed under the name `name()` gives when profiling.
@@ -432,8 +443,7 @@ impl CudaBackend {
     }
 
     /// An elementwise kernel whose threads take `group` of the `n` elements each (16-byte
-    /// loads: 4 for the gated kernels and `add_assign_f32`, 8 for `cast_f32_bf16`); nothing is
-    /// queued for `n == 0`.
+    /// loads: 4 for the gated kernels and `add_assign_f32`); nothing is queued for `n == 0`.
     fn elementwise_grouped(
         &self,
         name: &'static str,
@@ -452,10 +462,22 @@ impl CudaBackend {
         )
     }
 
-    /// bf16 values of the `n` f32 values at `src`, written at `dst`.
+    /// bf16 values of the `n` f32 values at `src`, written at `dst`. Profiled per element
+    /// count (the tensors' shapes tell the callers apart).
     fn cast_f32_bf16(&self, src: u64, dst: u64, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let name = "cast_f32_bf16";
         let args = [Arg::Ptr(src), Arg::Ptr(dst), count(n)];
-        self.elementwise_grouped("cast_f32_bf16", n, 8, &args)
+        let shape = Shape::elementwise(n.div_ceil(8));
+        self.run_labelled(
+            "pointwise",
+            name,
+            || format!("{name} of {n}").into(),
+            shape,
+            &args,
+        )
     }
 
     fn buffer_ptr<T>(&self, b: &DeviceBuffer<T>) -> u64 {
