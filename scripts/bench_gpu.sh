@@ -2,36 +2,63 @@
 # Runs `finetune bench --device cuda:0` once per argument (each one configuration, e.g.
 # "--model llama3-8b --seq 2048 --steps 3 --mode qlora --offload") with the binary that
 # scripts/gpu_bundle.sh put in .gpu/ (or target/release), keeps each JSON under $OUT (or /tmp)
-# and prints one line per run: tokens/s, peak device memory, first and last loss. Where the
-# bundle holds a base binary (`scripts/gpu_bundle.sh --base REV`), each configuration runs with
-# the base right after, and a third line gives the ratios (new / base).
+# and prints one line per run: tokens/s, peak device memory, first and last loss. Each
+# configuration also runs, right after, with
+# - the base binary, where the bundle holds one (`scripts/gpu_bundle.sh --base REV`);
+# - each kernel-source variant in $KERNEL_VARIANTS ("NAME=PROGRAM:FILE ...", e.g.
+#   "new=flash:/tmp/flash-new.cu"): the same binary reading kernels/ with PROGRAM.cu replaced by
+#   FILE (FINETUNE_KERNEL_DIR), so kernel changes are timed on whole steps with no rebuild;
+# and a line per extra run gives the ratios new/base and NAME/new (tokens/s, peak memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.gpu/finetune
 [ -x "$bin" ] || bin=target/release/finetune
-bins=("$bin")
-[ -x .gpu/finetune_base ] && bins+=(.gpu/finetune_base)
-[ -d .gpu/kernel-cache ] && export FINETUNE_KERNEL_CACHE="$PWD/.gpu/kernel-cache"
+# Each run: a name, a binary and a kernel directory ("" for the sources built in).
+names=(new) bins=("$bin") dirs=("")
+if [ -x .gpu/finetune_base ]; then
+    names+=(base) bins+=(.gpu/finetune_base) dirs+=("")
+fi
+# The bundle's kernel cache, copied: the variants add their own programs beside it.
+if [ -d .gpu/kernel-cache ]; then
+    FINETUNE_KERNEL_CACHE=$(mktemp -d)
+    cp -r .gpu/kernel-cache/. "$FINETUNE_KERNEL_CACHE"
+    export FINETUNE_KERNEL_CACHE
+fi
+for variant in ${KERNEL_VARIANTS:-}; do
+    name=${variant%%=*} spec=${variant#*=}
+    program=${spec%%:*} file=${spec#*:}
+    dir=$(mktemp -d)
+    cp -r kernels/. "$dir"
+    cp "$file" "$dir/$program.cu"
+    names+=("$name") bins+=("$bin") dirs+=("$dir")
+done
 out=${OUT:-/tmp}
 n=0
 for args in "$@"; do
     n=$((n + 1))
     jsons=()
-    for b in "${bins[@]}"; do
-        json="$out/bench-$n-$(basename "$b").json"
+    for i in "${!names[@]}"; do
+        json="$out/bench-$n-${names[$i]}.json"
         # shellcheck disable=SC2086 # each argument is a list of options
-        "$b" bench --device cuda:0 $args >"$json"
-        jsons+=("$json")
+        if [ -n "${dirs[$i]}" ]; then
+            FINETUNE_KERNEL_DIR="${dirs[$i]}" "${bins[$i]}" bench --device cuda:0 $args >"$json"
+        else
+            "${bins[$i]}" bench --device cuda:0 $args >"$json"
+        fi
+        jsons+=("${names[$i]}=$json")
     done
     python3 - "$args" "${jsons[@]}" <<'PY'
 import json, sys
-args, runs = sys.argv[1], [json.load(open(p)) for p in sys.argv[2:]]
-for name, d in zip(["", "base"], runs):
-    print(f"{args:<60} {name:>4} {d['tokens_per_second']:>9,.0f} tokens/s "
+args = sys.argv[1]
+runs = [(a.split("=", 1)[0], json.load(open(a.split("=", 1)[1]))) for a in sys.argv[2:]]
+for name, d in runs:
+    print(f"{args:<60} {name:>6} {d['tokens_per_second']:>9,.0f} tokens/s "
           f"{d['peak_device_mib']:>9,.0f} MiB  loss {d['first_loss']:.4f} -> {d['last_loss']:.4f}")
-if len(runs) == 2:
-    new, base = runs
-    print(f"{args:<60} new/base: tokens/s {new['tokens_per_second'] / base['tokens_per_second']:.3f}, "
-          f"peak {new['peak_device_mib'] - base['peak_device_mib']:+,.0f} MiB")
+new = runs[0][1]
+for name, d in runs[1:]:
+    # new/base for the base binary, NAME/new for a kernel variant.
+    a, b, label = (new, d, "new/base") if name == "base" else (d, new, f"{name}/new")
+    print(f"{args:<60} {label}: tokens/s {a['tokens_per_second'] / b['tokens_per_second']:.3f}, "
+          f"peak {a['peak_device_mib'] - b['peak_device_mib']:+,.0f} MiB")
 PY
 done
