@@ -744,7 +744,7 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
         const int buf = kt & 1, j0 = kt * BC;
         const bool more = kt + 1 < ntiles;
         if constexpr (AHEAD) {
-            if (more) {  // tile kt + 1 has arrived (its mask need came with its copy)
+            if (more) {  // tile kt + 1 has arrived (its mask need: at this iteration's end)
                 flash_wait<0>();
                 flash_fence_async();
                 __syncthreads();
