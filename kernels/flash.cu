@@ -257,11 +257,16 @@ __device__ __forceinline__ unsigned int flash_visible(const int* seg, int seq, i
     return vis;
 }
 
-// True (in every thread) when rows [r0, r0 + 64) all exist and share one segment. Contains
-// __syncthreads_or: every thread must call it.
+// Whether `part` holds in every thread of the block. A __syncthreads_or, i.e. a block barrier
+// like __syncthreads (copies each thread has awaited are visible to all after it): every thread
+// must call it.
+__device__ __forceinline__ bool flash_all_threads(bool part) { return !__syncthreads_or(!part); }
+
+// True (in every thread) when rows [r0, r0 + 64) all exist and share one segment. A block
+// barrier (flash_all_threads): every thread must call it.
 __device__ __forceinline__ bool flash_block_whole(const int* seg, int seq, int r0) {
     const int t = threadIdx.x;
-    return !__syncthreads_or(!(r0 + FLASH_TILE <= seq && (t >= FLASH_TILE || seg[r0 + t] == seg[r0])));
+    return flash_all_threads(r0 + FLASH_TILE <= seq && (t >= FLASH_TILE || seg[r0 + t] == seg[r0]));
 }
 
 // Where a block of 64 queries (fwd, dq) works: query head h = blockIdx.y of sequence b =
@@ -300,16 +305,12 @@ struct FlashQueryBlock {
 
     // This thread's part of whether key tile kt is wholly below the diagonal within the
     // queries' one segment (`qwhole`): one segment id read, best issued before a wait so that
-    // the read's latency passes under it. all_whole combines the parts.
+    // the read's latency passes under it. flash_all_threads combines the parts (then the tile
+    // needs no mask).
     __device__ bool whole_part(int kt, bool qwhole) const {
         const int j0 = kt * FLASH_TILE, t = threadIdx.x;
         return qwhole && j0 + FLASH_TILE <= r0 && (t >= FLASH_TILE || seg[j0 + t] == seg[r0]);
     }
-
-    // Whether every thread's whole_part holds: then the tile needs no mask. A __syncthreads_or,
-    // i.e. a block barrier like __syncthreads (copies each thread has awaited are visible to
-    // all after it): every thread must call it.
-    static __device__ bool all_whole(bool part) { return !__syncthreads_or(!part); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -655,8 +656,8 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
         const int buf = kt & 1, j0 = kt * BC;
         const bool part = blk.whole_part(kt, qwhole);
         blk.copy_next(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
-        flash_wait<1>();  // tile kt has arrived; all_whole's barrier makes it visible
-        const bool whole = blk.all_whole(part);
+        flash_wait<1>();  // tile kt has arrived; flash_all_threads' barrier makes it visible
+        const bool whole = flash_all_threads(part);
         const unsigned int vis = whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
         const bool any = whole || __syncthreads_or(vis != 0);
         if (any) {
@@ -726,7 +727,7 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
     blk.template copy_next<true>(0, Kb(1), Vb(1), seq);
     flash_wait<1>();
     flash_fence_async();
-    bool whole = blk.all_whole(blk.whole_part(0, qwhole));  // (tile 0 visible after it)
+    bool whole = flash_all_threads(blk.whole_part(0, qwhole));  // (tile 0 visible after it)
     if constexpr (QREG) wg_afrags<HD>(qa, Qs, warp, lane);
 
     const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
@@ -755,7 +756,7 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
                 const bool part = blk.whole_part(kt, qwhole);
                 flash_wait<1>();
                 flash_fence_async();
-                whole = blk.all_whole(part);
+                whole = flash_all_threads(part);
             }
             scores(s, buf);
             wg_wait<0>();
@@ -786,7 +787,7 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
             blk.template copy_next<true>(kt + 1, Kb(buf), Vb(buf), seq);
             // Pipelined, tile kt + 1's mask need is reduced here, not before its scores
             // (measured: on the H200 the forward is ~7 % slower with it before).
-            if constexpr (AHEAD) whole = blk.all_whole(blk.whole_part(kt + 1, qwhole));
+            if constexpr (AHEAD) whole = flash_all_threads(blk.whole_part(kt + 1, qwhole));
         }
     }
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
@@ -909,8 +910,8 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
         const int buf = kt & 1, j0 = kt * BC;
         const bool part = blk.whole_part(kt, qwhole);
         blk.copy_next(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
-        flash_wait<1>();  // tile kt has arrived; all_whole's barrier makes it visible
-        const bool whole = blk.all_whole(part);
+        flash_wait<1>();  // tile kt has arrived; flash_all_threads' barrier makes it visible
+        const bool whole = flash_all_threads(part);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int c0 = j0 + HALF * half;
@@ -1000,9 +1001,9 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
         const int buf = kt & 1, j0 = kt * BC;
         const bool part = blk.whole_part(kt, qwhole);
         blk.template copy_next<true>(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
-        flash_wait<1>();  // tile kt has arrived; all_whole's barrier makes it visible
+        flash_wait<1>();  // tile kt has arrived; flash_all_threads' barrier makes it visible
         flash_fence_async();
-        const bool whole = blk.all_whole(part);
+        const bool whole = flash_all_threads(part);
         if constexpr (QREG) {
             if (kt == 0) wg_afrags<HD>(qa, Qs, warp, lane);
         }
@@ -1196,10 +1197,10 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
 #ifdef FLASH_WGMMA
         if constexpr (WG) flash_fence_async();
 #endif
-        // The reduction is a barrier like __syncthreads: after it every thread's copies are
-        // visible. whole: the pair has no masked entry.
-        const bool whole = !__syncthreads_or(
-            !(kwhole && i0 >= r0 + 64 && i0 + BR <= seq && (tid >= BR || seg[i0 + tid] == seg[r0])));
+        // The reduction is a block barrier: after it every thread's copies are visible. whole:
+        // the pair has no masked entry.
+        const bool whole = flash_all_threads(kwhole && i0 >= r0 + 64 && i0 + BR <= seq &&
+                                             (tid >= BR || seg[i0 + tid] == seg[r0]));
         const float* ls = stats + buf * 2 * BR;
         const float* ds = ls + BR;
 #ifdef FLASH_WGMMA
