@@ -443,7 +443,8 @@ impl CudaBackend {
     }
 
     /// An elementwise kernel whose threads take `group` of the `n` elements each (16-byte
-    /// loads: 4 for the gated kernels and `add_assign_f32`); nothing is queued for `n == 0`.
+    /// loads: 4 for the gated kernels and `add_assign_f32`, 8 for `cast_f32_bf16`); nothing is
+    /// queued for `n == 0`.
     fn elementwise_grouped(
         &self,
         name: &'static str,
@@ -451,33 +452,32 @@ impl CudaBackend {
         group: usize,
         args: &[Arg],
     ) -> Result<()> {
+        self.elementwise_labelled(name, || name.into(), n, group, args)
+    }
+
+    /// [`Self::elementwise_grouped`], timed under the name `label()` gives when profiling.
+    fn elementwise_labelled(
+        &self,
+        name: &'static str,
+        label: impl FnOnce() -> Cow<'static, str>,
+        n: usize,
+        group: usize,
+        args: &[Arg],
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        self.run(
-            "pointwise",
-            name,
-            Shape::elementwise(n.div_ceil(group)),
-            args,
-        )
+        let shape = Shape::elementwise(n.div_ceil(group));
+        self.run_labelled("pointwise", name, label, shape, args)
     }
 
     /// bf16 values of the `n` f32 values at `src`, written at `dst`. Profiled per element
     /// count (the tensors' shapes tell the callers apart).
     fn cast_f32_bf16(&self, src: u64, dst: u64, n: usize) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
         let name = "cast_f32_bf16";
         let args = [Arg::Ptr(src), Arg::Ptr(dst), count(n)];
-        let shape = Shape::elementwise(n.div_ceil(8));
-        self.run_labelled(
-            "pointwise",
-            name,
-            || format!("{name} of {n}").into(),
-            shape,
-            &args,
-        )
+        let label = || format!("{name} of {n}").into();
+        self.elementwise_labelled(name, label, n, 8, &args)
     }
 
     fn buffer_ptr<T>(&self, b: &DeviceBuffer<T>) -> u64 {
