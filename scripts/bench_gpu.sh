@@ -40,11 +40,8 @@ for args in "$@"; do
     for i in "${!names[@]}"; do
         json="$out/bench-$n-${names[$i]}.json"
         # shellcheck disable=SC2086 # each argument is a list of options
-        if [ -n "${dirs[$i]}" ]; then
-            FINETUNE_KERNEL_DIR="${dirs[$i]}" "${bins[$i]}" bench --device cuda:0 $args >"$json"
-        else
-            "${bins[$i]}" bench --device cuda:0 $args >"$json"
-        fi
+        env ${dirs[$i]:+FINETUNE_KERNEL_DIR="${dirs[$i]}"} "${bins[$i]}" bench --device cuda:0 \
+            $args >"$json"
         jsons+=("${names[$i]}=$json")
     done
     python3 - "$args" "${jsons[@]}" <<'PY'
