@@ -32,8 +32,9 @@
 #define FLASH_DQ_TILES 6
 #endif
 
-// The head_dim-256 entries, which only a pass compiling the warpgroup code declares.
-#ifdef FLASH_WGMMA
+// The head_dim-256 entries, which only a pass compiling the warpgroup code declares. The host
+// pass declares them whatever the target: run.sh defines FLASH_BENCH_MMA_SYNC for other targets.
+#if defined(FLASH_WGMMA) && !defined(FLASH_BENCH_MMA_SYNC)
 #define FLASH_WIDE(entry) entry##_hd256
 #else
 #define FLASH_WIDE(entry) nullptr

@@ -16,7 +16,7 @@ build() {
     [[ $file == /* ]] || file=$root/$file
     # sm_90a (the warpgroup kernels) unless the defines name another -arch.
     local arch=-arch=sm_90a
-    [[ $defs == *-arch=* ]] && arch=
+    [[ $defs == *-arch=* && $defs != *-arch=sm_90a* ]] && arch=-DFLASH_BENCH_MMA_SYNC
     ( cd "$root" && nvcc -O3 -std=c++17 $arch -I kernels -DFLASH_SRC="\"$file\"" $defs \
         -Xptxas -v "$here/flash_bench.cu" -o "$out/bench_$name" ) > "$out/ptxas_$name.txt" 2>&1
 }
