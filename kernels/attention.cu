@@ -33,7 +33,7 @@
 //
 // Tensor cores: for head_dim 64 and 128 (256 too on sm_90a) the backend runs flash.cu's kernels
 // instead of attention_fwd, attention_bwd_dq and attention_bwd_dkdv (same outputs up to bf16
-// operand rounding); attention_bwd_delta then rounds dO to bf16 as that backward does. The
+// operand rounding); attention_bwd_delta then rounds dO to bf16 for that backward. The
 // CUDA-core code here serves every other head_dim.
 //
 // Assumes blockDim.x == 128 (the launch shape of the contract) and 8-byte aligned tensors (device
@@ -339,27 +339,37 @@ __device__ __noinline__ void attn_fwd_impl(float* smem, const float* __restrict_
 
 
 // ---------------------------------------------------------------------------------------------
-// delta[t, h] = D = Σ_d dO[t, h·hd+d]·O[t, h·hd+d], dO rounded to bf16 first when `rounded_d_out`
-// (the tensor-core backward's: it forms dP = dO·Vᵀ from bf16-rounded dO, so D uses the same
-// rounded dO and dP − D then cancels as it should (D = Σ_j P_ij·dP_ij up to the rounding of P),
-// instead of leaving the dO rounding error, O(2^-9·|dO|·|O|), in every dS).
+// delta[t, h] = D = Σ_d dO[t, h·hd+d]·O[t, h·hd+d]. O is f32 or bf16 (`out_bf16`: the product
+// input the forward made of it), its rows `out_pitch` values apart. With `d_out_bf16` (the
+// tensor-core backward, which forms dP = dO·Vᵀ from bf16-rounded dO) dO is rounded to bf16 first
+// and written there for those kernels, so that D uses the same rounded dO and dP − D then cancels
+// as it should (D = Σ_j P_ij·dP_ij up to the rounding of P), instead of leaving the dO rounding
+// error, O(2^-9·|dO|·|O|), in every dS.
 // Launch: grid ceil(rows·heads/8), block 256: one warp per (t, h).
 // ---------------------------------------------------------------------------------------------
-extern "C" __global__ void attention_bwd_delta(const float* __restrict__ out,
-                                               const float* __restrict__ d_out,
+extern "C" __global__ void attention_bwd_delta(const void* __restrict__ out, int out_pitch,
+                                               int out_bf16, const float* __restrict__ d_out,
+                                               bf16_t* __restrict__ d_out_bf16,
                                                float* __restrict__ delta, int rows, int heads,
-                                               int head_dim, int rounded_d_out) {
+                                               int head_dim) {
     const long long pair = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (pair >= (long long)rows * heads) return;  // whole warps leave together
     const long long t = pair / heads;
     const int h = (int)(pair - t * heads);
     const long long base = t * heads * (long long)head_dim + (long long)h * head_dim;
+    const long long out_base = t * (long long)out_pitch + (long long)h * head_dim;
     float acc = 0.0f;
     for (int d = lane; d < head_dim; d += 32) {
         float g = d_out[base + d];
-        if (rounded_d_out) g = bf16_to_f32(f32_to_bf16(g));
-        acc = fmaf(g, out[base + d], acc);
+        if (d_out_bf16) {
+            const bf16_t rounded = f32_to_bf16(g);
+            d_out_bf16[base + d] = rounded;
+            g = bf16_to_f32(rounded);
+        }
+        const float o = out_bf16 ? bf16_to_f32(static_cast<const bf16_t*>(out)[out_base + d])
+                                 : static_cast<const float*>(out)[out_base + d];
+        acc = fmaf(g, o, acc);
     }
     acc = warp_sum(acc);
     if (lane == 0) delta[pair] = acc;

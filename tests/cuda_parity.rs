@@ -19,7 +19,7 @@ use common::gpu::{
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
 use finetune::backend::cuda::tensor::Dtype;
-use finetune::backend::cuda::{CudaBackend, F32Products, PROJECTION_ROOM};
+use finetune::backend::cuda::{CudaBackend, CudaTensor, F32Products, PROJECTION_ROOM};
 use finetune::backend::{AdamWSlot, AdamWStep, AttentionShape, Backend, IGNORE_LABEL};
 use finetune::error::Error;
 use finetune::model::config::{Activation, Family};
@@ -538,6 +538,24 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
     p.check(&format!("{name}: dq"), &dqg, &dqc, tol);
     p.check(&format!("{name}: dk"), &dkg, &dkc, tol);
     p.check(&format!("{name}: dv"), &dvg, &dvc, tol);
+    // `out` as the decoder keeps it: o's product input (on CUDA bf16, with spare columns for
+    // an adapter of rank 16), against the reference given the same rounded values.
+    let o_input = p.g.product_input(dup(&og), 16).unwrap();
+    let o_kept = match o_input.dtype() {
+        Dtype::Bf16 => bf16_round(&p.g.download(&og).unwrap()),
+        _ => p.g.download(&og).unwrap(),
+    };
+    let (dqk, dkk, dvk) =
+        p.g.attention_backward(&qg, &kg, &vg, o_input, &lg, dup(&dog), &sg, s)
+            .unwrap();
+    let (_, ock) = p.up(&o_kept, tokens, s.num_heads * s.head_dim);
+    let (_, dock) = p.up(&reference(&dov), tokens, s.num_heads * s.head_dim);
+    let (dqc, dkc, dvc) =
+        p.c.attention_backward(&qc, &kc, &vc, ock, &lc, dock, &sc, s)
+            .unwrap();
+    p.check(&format!("{name}: dq, out kept"), &dqk, &dqc, tol);
+    p.check(&format!("{name}: dk, out kept"), &dkk, &dkc, tol);
+    p.check(&format!("{name}: dv, out kept"), &dvk, &dvc, tol);
     // The ready inputs (rounded to bf16 once on the tensor-core path, as the kernels' own copies
     // are) give the same bits in both passes.
     let rounded = (qr.dtype(), kr.dtype(), vr.dtype());
@@ -883,6 +901,53 @@ fn offloaded_activations_train_identically_with_less_device_memory() {
         saved >= (shape.num_layers - 4) * input_bytes,
         "offload saved {saved} bytes"
     );
+}
+
+/// Stashed tensors of each kind the decoder offloads (f32 layer inputs; bf16 attention outputs,
+/// with spare columns or dense) read the same in host memory and come back with the same bits.
+#[test]
+fn stashed_tensors_come_back_bit_identical() {
+    let Some(be) = gpu() else { return };
+    let mut rng = fresh_rng("stash");
+    let (rows, cols) = (37, 96);
+    let values = randn(&mut rng, rows * cols, 1.0);
+    let f32_values = be.upload(&values, rows, cols).unwrap();
+    // The f32 values as they are (`None`) or as a product input with `Some(room)`.
+    let make = |room: Option<usize>| {
+        let t = be.duplicate(&f32_values).unwrap();
+        match room {
+            None => t,
+            Some(r) => be.product_input(t, r).unwrap(),
+        }
+    };
+    let w = be.upload(&randn(&mut rng, 8 * cols, 1.0), 8, cols).unwrap();
+    let product = |x: &CudaTensor| {
+        be.download(&be.product(x, false, &w, true, 1.0).unwrap())
+            .unwrap()
+    };
+    for room in [None, Some(0), Some(16)] {
+        let t = make(room);
+        let what = format!("{:?} with room {room:?}", t.dtype());
+        let before = be.download(&t).unwrap();
+        let stashed = be.stash(t).unwrap();
+        assert_eq!(
+            be.download(&stashed).unwrap(),
+            before,
+            "{what}: in host memory"
+        );
+        let back = be.settle(be.fetch_stashed(stashed).unwrap()).unwrap();
+        assert_eq!(
+            be.download(&back).unwrap(),
+            before,
+            "{what}: back on the device"
+        );
+        // Read as before: o's product reads the kept attention output.
+        assert_eq!(
+            product(&back),
+            product(&make(room)),
+            "{what}: a product of it"
+        );
+    }
 }
 
 /// What a model of `shape` loaded with `params` on GPU 0 gives: device bytes held once loaded,

@@ -424,7 +424,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `x` made ready to be an operand of products with frozen matrices, for a caller that reads
     /// it no other way afterwards (only matmul, the adapted products, lm_head_cross_entropy,
-    /// copy_rows and download; dropout too when `room` is 0). A backend whose products round
+    /// copy_rows, download, stash and attention_backward's `out`; dropout too when `room` is 0). A backend whose products round
     /// their activation operand anyway (the CUDA backend: to bf16) rounds it here once for all
     /// the products that share it, and keeps half the bytes; the CPU returns `x`. `room`: the
     /// rank of the adapters whose [`Backend::adapted_product`] (or its backward) reads `x`, 0
@@ -650,7 +650,8 @@ pub trait Backend: Send + Sync + 'static {
         segments: &Self::Ints,
         shape: AttentionShape,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Gradients `(dq, dk, dv)` of [`Backend::attention`]. `out` and `d_out` are consumed: a
+    /// Gradients `(dq, dk, dv)` of [`Backend::attention`]; `out` is its output or the
+    /// [`Backend::product_input`] made of it. `out` and `d_out` are consumed: a
     /// backend frees them as soon as it has what it needs of them (the CUDA backend: before
     /// the gradients exist, which at long sequences lowers the step's peak by two activations).
     #[allow(clippy::too_many_arguments)]

@@ -629,6 +629,10 @@ impl<B: Backend> Decoder<B> {
             out: attn,
             lse,
         } = attend(q, k, v)?;
+        // o's input made a product input for both of its products (the adapter's input and the
+        // base product), as h1 and h2 are for theirs, and kept so by the backward (o's products
+        // and the attention's) and, offloaded, in host memory: on CUDA bf16, half the bytes.
+        let attn = be.product_input(attn, Self::room(ad))?;
         Ok(AttentionHalf {
             h1,
             r1,
@@ -643,7 +647,8 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// The second half of a layer's forward up to the MLP's input: `x1 = x + Po(attn)` and
-    /// `h2 = rmsnorm(x1)`; `kept` is o's adapter input when the forward pass kept it.
+    /// `h2 = rmsnorm(x1)`, `attn` the product input [`Self::attention_half`] made; `kept` is o's
+    /// adapter input when the forward pass kept it.
     fn residual_half(
         &self,
         layer: usize,
@@ -655,10 +660,6 @@ impl<B: Backend> Decoder<B> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
-        // o's input made a product input for both of its products (the adapter's input and the
-        // base product), as h1 and h2 are for theirs; the backward rounds it the same way.
-        let rounded = be.rounded_product_input(attn, Self::room(ad))?;
-        let attn = rounded.as_ref().unwrap_or(attn);
         let (o, xo) = self.project(
             layer,
             TargetModule::O,
@@ -668,7 +669,6 @@ impl<B: Backend> Decoder<B> {
             kept,
             ProductOutput::Sums,
         )?;
-        drop(rounded);
         // x1 = x + o, written over o's values (no copy of x).
         let mut x1 = o;
         be.add_assign(&mut x1, x)?;
@@ -851,11 +851,8 @@ impl<B: Backend> Decoder<B> {
         // into d_out's values).
         let dx1 = self.mlp_half_backward(layer, d_out, &x1, &r2, &h2, mlp, ad, grads)?;
         drop((h2, x1, r2));
-        // x1 = x + o(attn), o reading `attn` rounded as in the forward (`residual_half`).
-        let rounded = be.rounded_product_input(&attn, Self::room(Some(ad)))?;
-        let attn_in = rounded.as_ref().unwrap_or(&attn);
-        let dattn = self.project_backward(layer, O, &dx1, attn_in, xa(O), ad, grads, None, 0)?;
-        drop(rounded);
+        // x1 = x + o(attn), `attn` the product input the forward made (`attention_half`).
+        let dattn = self.project_backward(layer, O, &dx1, &attn, xa(O), ad, grads, None, 0)?;
         before_attention()?;
         let shape = self.attention_shape(batch);
         let (mut dq, mut dk, dv) =

@@ -43,8 +43,8 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::thread::ThreadId;
-use tensor::Storage;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
+use tensor::{StashedLayout, Storage};
 
 /// Queries (or keys) per attention block, as the attention kernels expect.
 const ATTENTION_TILE: usize = 64;
@@ -1222,16 +1222,31 @@ impl Backend for CudaBackend {
                 Ok(bf16_rows(&bits, t, *pitch))
             }
             Storage::Nf4(_) => Ok(self.download_nf4(t)?.dequantize()),
-            Storage::Offloaded(o) => match &o.host {
-                Some(host) => Ok(host
-                    .values
+            Storage::Offloaded(o) => {
+                let host = o.host.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "downloading an offloaded activation that was handed back".into(),
+                    )
+                })?;
+                let bytes = host
+                    .bytes
                     .as_slice()
-                    .map_err(driver_error("reading an offloaded activation"))?
-                    .to_vec()),
-                None => Err(Error::InvalidArgument(
-                    "downloading an offloaded activation that was handed back".into(),
-                )),
-            },
+                    .map_err(driver_error("reading an offloaded activation"))?;
+                let bf16 = || -> Vec<u16> {
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+                        .collect()
+                };
+                Ok(match o.layout {
+                    StashedLayout::F32 => bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                    StashedLayout::Bf16 => bf16_rows(&bf16(), t, t.cols),
+                    StashedLayout::Bf16Pitched(pitch) => bf16_rows(&bf16(), t, pitch),
+                })
+            }
         }
     }
 
@@ -1729,17 +1744,28 @@ impl Backend for CudaBackend {
         }
         let what = "attention_backward";
         let flash = self.tensor_core_attention(s.head_dim);
-        // delta_t,h = Σ_d dO·O, read by both gradient kernels (dO rounded to bf16 as the
-        // tensor-core kernels read it); `out` is not needed after it.
+        // delta_t,h = Σ_d dO·O (O in f32, or the product input the forward made of it), read by
+        // both gradient kernels; the same pass writes dO rounded to bf16 for the tensor-core
+        // ones, which read it so. `out` is not needed after it.
         let delta = self.tensor(q.rows, s.num_heads, "attention delta")?;
+        let d_out_bf16 = flash
+            .then(|| self.gpu.alloc::<u16>(d_out.elements(), OPERAND_COPY))
+            .transpose()?;
+        let out_bf16 = match out.dtype() {
+            Dtype::F32 => false,
+            Dtype::Bf16 => true,
+            _ => return Err(wants_f32_or_bf16(&out, what)),
+        };
         let args = [
-            self.f32_arg(&out, what)?,
+            Arg::Ptr(self.rows_ptr(&out)?),
+            dim(out.pitch()),
+            Arg::I32(out_bf16 as i32),
             self.f32_arg(&d_out, what)?,
+            Arg::Ptr(d_out_bf16.as_ref().map_or(0, |b| self.buffer_ptr(b))),
             Arg::Ptr(self.ptr(&delta)?),
             dim(q.rows),
             dim(s.num_heads),
             dim(s.head_dim),
-            Arg::I32(flash as i32),
         ];
         let warps = Shape::grid((q.rows * s.num_heads).div_ceil(8), 1, 1, 256);
         self.run("attention", "attention_bwd_delta", warps, &args)?;
@@ -1750,18 +1776,22 @@ impl Backend for CudaBackend {
             self.ints_arg(segments),
         ];
         // Tensor-core kernels read bf16 operands (copies of f32 ones kept until both kernels are
-        // queued); an f32 dO is then freed before the gradients are made.
-        let copies = flash
-            .then(|| self.bf16_operands([q, k, v, &d_out], what))
+        // queued; dO's made above): the f32 dO is then freed before the gradients are made.
+        let qkv = flash
+            .then(|| self.bf16_operands([q, k, v], what))
             .transpose()?;
-        let mut inputs = match &copies {
-            Some(c) => c.args.to_vec(),
-            None => [q, k, v, &d_out]
+        let mut inputs = match (&qkv, &d_out_bf16) {
+            (Some(qkv), Some(d_out)) => {
+                let mut args = qkv.args.to_vec();
+                args.push(Arg::Ptr(self.buffer_ptr(d_out)));
+                args
+            }
+            _ => [q, k, v, &d_out]
                 .iter()
                 .map(|t| self.f32_arg(t, what))
                 .collect::<Result<_>>()?,
         };
-        let _d_out = (copies.is_none() || d_out.dtype() != Dtype::F32).then_some(d_out);
+        let _d_out = (!flash).then_some(d_out);
         let dq = self.tensor(q.rows, q.cols, "attention dq")?;
         let dk = self.tensor(k.rows, k.cols, "attention dk")?;
         let dv = self.tensor(v.rows, v.cols, "attention dv")?;

@@ -16,27 +16,29 @@
 use super::device::{driver_error, DeviceBuffer, Gpu};
 use super::host_table::HostTable;
 use super::lock;
-use super::tensor::{Arrival, CudaTensor, Offloaded, Storage};
+use super::tensor::{Arrival, Arriving, CudaTensor, Offloaded, StashedLayout, Storage};
 use crate::error::{Error, Result};
-use cudarc::driver::{sys, CudaEvent, CudaStream, DevicePtr, DriverError, PinnedHostSlice};
+use cudarc::driver::{
+    sys, CudaEvent, CudaStream, CudaView, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice,
+};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// A pinned host buffer of f32 values and its address. The address is read once, when the
-/// buffer is made: cudarc's accessors wait for the buffer's last copy on the host, which is not
-/// allowed while a stream is being captured.
+/// A pinned host buffer of bytes (an offloaded tensor's values) and its address. The address is
+/// read once, when the buffer is made: cudarc's accessors wait for the buffer's last copy on the
+/// host, which is not allowed while a stream is being captured.
 #[derive(Debug)]
 pub struct HostBuffer {
-    pub values: PinnedHostSlice<f32>,
+    pub bytes: PinnedHostSlice<u8>,
     addr: usize,
 }
 
 /// A list of pinned buffers shared with the tensors that hold one (they return it when dropped).
 pub type HostBuffers = Arc<Mutex<Vec<HostBuffer>>>;
 
-/// Device buffers being copied out, each with the event marking its copy's end.
-type Leaving = Mutex<Vec<(CudaEvent, DeviceBuffer<f32>)>>;
+/// Device values being copied out, each with the event marking its copy's end.
+type Leaving = Mutex<Vec<(CudaEvent, Storage)>>;
 
 /// A copy stream for unrecorded work and one for the thread recording (`Gpu::records_here`).
 struct CopyStreams {
@@ -153,12 +155,12 @@ impl Offload {
         Ok(())
     }
 
-    /// A pinned buffer of exactly `len` values, reused when one is spare. When none is, the
+    /// A pinned buffer of exactly `len` bytes, reused when one is spare. When none is, the
     /// spare buffers of other lengths are freed first: the activations changed size (another
     /// sequence length), and keeping every size seen would let host memory grow without bound.
     fn pinned(&self, gpu: &Gpu, len: usize) -> Result<HostBuffer> {
         let mut spare = lock(&self.spare);
-        if let Some(i) = spare.iter().position(|p| p.values.len() == len) {
+        if let Some(i) = spare.iter().position(|p| p.bytes.len() == len) {
             return Ok(spare.swap_remove(i));
         }
         if gpu.records_here() {
@@ -171,29 +173,28 @@ impl Offload {
         }
         spare.clear();
         // SAFETY: the buffer is written by the copy out before anything reads it.
-        let mut values =
-            unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.map_err(|e| {
-                Error::OutOfMemory {
-                    requested: len * 4,
-                    what: "pinned host memory for an offloaded activation".into(),
-                    detail: e.to_string(),
-                }
-            })?;
-        let addr = values
+        let mut bytes = unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(len, 0) }.map_err(|e| {
+            Error::OutOfMemory {
+                requested: len,
+                what: "pinned host memory for an offloaded activation".into(),
+                detail: e.to_string(),
+            }
+        })?;
+        let addr = bytes
             .as_mut_ptr()
             .map_err(driver_error("reading a pinned buffer's address"))?
             as usize;
-        Ok(HostBuffer { values, addr })
+        Ok(HostBuffer { bytes, addr })
     }
 
-    /// Starts copying `t` (f32) to pinned host memory behind the work queued so far.
+    /// Starts copying `t` (f32 or bf16) to pinned host memory behind the work queued so far.
     pub(super) fn stash(&self, gpu: &Gpu, t: CudaTensor) -> Result<CudaTensor> {
         let CudaTensor {
             rows,
             cols,
             storage,
         } = t;
-        let Storage::F32(buf) = storage else {
+        let Some((layout, values)) = stashable(&storage) else {
             return Ok(CudaTensor {
                 rows,
                 cols,
@@ -201,31 +202,32 @@ impl Offload {
             });
         };
         self.release_copied(gpu)?;
-        let mut host = self.pinned(gpu, buf.elements())?;
-        let (addr, bytes) = (host.addr, host.values.num_bytes());
+        let mut host = self.pinned(gpu, values.len())?;
+        let addr = host.addr;
         let done = self.copy(
             gpu,
             &self.activations,
             "copying an activation to host memory",
-            // SAFETY: both ranges hold the buffer's values and outlive the copy: the device
+            // SAFETY: both ranges hold the values' bytes and outlive the copy: the device
             // buffer is freed behind it (`release_copied`), the host one belongs to the
             // recording.
             |s| unsafe {
                 sys::cuMemcpyDtoHAsync_v2(
                     addr as *mut _,
-                    buf.slice.device_ptr(s).0,
-                    bytes,
+                    values.device_ptr(s).0,
+                    values.len(),
                     s.cu_stream(),
                 )
             },
-            |s| s.memcpy_dtoh(&*buf.slice, &mut host.values),
+            |s| s.memcpy_dtoh(&values, &mut host.bytes),
         )?;
-        lock(self.leaving(gpu)).push((done, buf));
+        lock(self.leaving(gpu)).push((done, storage));
         Ok(CudaTensor {
             rows,
             cols,
             storage: Storage::Offloaded(Box::new(Offloaded {
                 host: Some(host),
+                layout,
                 arriving: None,
                 home: self.home(gpu).clone(),
             })),
@@ -239,15 +241,29 @@ impl Offload {
     /// when the forward's last copies are long done.
     pub(super) fn fetch(&self, gpu: &Gpu, t: &mut CudaTensor) -> Result<()> {
         self.release_copied(gpu)?;
-        let n = t.elements();
         let Storage::Offloaded(o) = &mut t.storage else {
             return Ok(());
         };
         let (Some(host), None) = (&o.host, &o.arriving) else {
             return Ok(());
         };
+        o.arriving = Some(match o.layout {
+            StashedLayout::F32 => Arriving::F32(self.fetch_values(gpu, host)?),
+            StashedLayout::Bf16 | StashedLayout::Bf16Pitched(_) => {
+                Arriving::Bf16(self.fetch_values(gpu, host)?)
+            }
+        });
+        Ok(())
+    }
+
+    /// Starts copying `host`'s bytes to a fresh device buffer of `T` values.
+    fn fetch_values<T: DeviceRepr>(&self, gpu: &Gpu, host: &HostBuffer) -> Result<Arrival<T>> {
+        let bytes = host.bytes.len();
         // The copy is ordered after the allocation, which is ordered on the compute stream.
-        let mut buf = gpu.alloc::<f32>(n, "an offloaded activation coming back")?;
+        let mut buf = gpu.alloc::<T>(
+            bytes / std::mem::size_of::<T>(),
+            "an offloaded activation coming back",
+        )?;
         let dst = buf.slice.device_ptr(gpu.stream()).0;
         let ready = self.copy(
             gpu,
@@ -256,17 +272,16 @@ impl Offload {
             // SAFETY: as in `stash`; the device buffer is freed only after the compute stream
             // has waited for `ready`.
             |s| unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    dst,
-                    host.addr as *const _,
-                    host.values.num_bytes(),
-                    s.cu_stream(),
-                )
+                sys::cuMemcpyHtoDAsync_v2(dst, host.addr as *const _, bytes, s.cu_stream())
             },
-            |s| s.memcpy_htod(&host.values, &mut *buf.slice),
+            // SAFETY: the view covers the buffer's own bytes (the host ones came from such a
+            // buffer), read back as `T` values.
+            |s| match unsafe { buf.slice.transmute_mut::<u8>(bytes) } {
+                Some(mut view) => s.memcpy_htod(&host.bytes, &mut view),
+                None => Err(DriverError(sys::cudaError_enum::CUDA_ERROR_INVALID_VALUE)),
+            },
         )?;
-        o.arriving = Some(Arrival::new(buf, ready, gpu.stream().clone()));
-        Ok(())
+        Ok(Arrival::new(buf, ready, gpu.stream().clone()))
     }
 
     /// Starts copying the values `range` of a host table to a fresh device buffer (held for
@@ -337,10 +352,18 @@ impl Offload {
             storage,
         } = t;
         let storage = match storage {
+            // The pinned buffer goes home as `o` drops.
             Storage::Offloaded(mut o) => {
-                let arrival = o.arriving.take().expect("fetched above");
-                // The pinned buffer goes home as `o` drops.
-                Storage::F32(arrival.settle()?)
+                match (o.arriving.take().expect("fetched above"), o.layout) {
+                    (Arriving::F32(values), _) => Storage::F32(values.settle()?),
+                    (Arriving::Bf16(values), StashedLayout::Bf16Pitched(pitch)) => {
+                        Storage::Bf16Pitched {
+                            values: values.settle()?,
+                            pitch,
+                        }
+                    }
+                    (Arriving::Bf16(values), _) => Storage::Bf16(values.settle()?),
+                }
             }
             other => other,
         };
@@ -349,5 +372,22 @@ impl Offload {
             cols,
             storage,
         })
+    }
+}
+
+/// How `Offload::stash` keeps `storage`, with the bytes of its device values; `None` for
+/// storage it leaves where it is.
+fn stashable(storage: &Storage) -> Option<(StashedLayout, CudaView<'_, u8>)> {
+    fn bytes_of<T>(b: &DeviceBuffer<T>) -> Option<CudaView<'_, u8>> {
+        // SAFETY: the view covers the buffer's own bytes, read as bytes by a copy.
+        unsafe { b.slice.transmute::<u8>(b.slice.num_bytes()) }
+    }
+    match storage {
+        Storage::F32(b) => Some((StashedLayout::F32, bytes_of(b)?)),
+        Storage::Bf16(b) => Some((StashedLayout::Bf16, bytes_of(b)?)),
+        Storage::Bf16Pitched { values, pitch } => {
+            Some((StashedLayout::Bf16Pitched(*pitch), bytes_of(values)?))
+        }
+        _ => None,
     }
 }

@@ -26,8 +26,8 @@ pub enum Dtype {
     /// bfloat16 bits in host memory (`embedding` reads them over the bus, products read a
     /// device copy).
     HostBf16,
-    /// f32 values moved to pinned host memory (an offloaded activation: only the backend's
-    /// `fetch_stashed` and `settle` read it).
+    /// f32 or bf16 values moved to pinned host memory (an offloaded activation: only the
+    /// backend's `fetch_stashed`, `settle` and `download` read it).
     Offloaded,
 }
 
@@ -38,7 +38,8 @@ pub enum Storage {
     /// bf16 rows `pitch` values apart (`pitch > cols`): a product input with spare columns after
     /// each row, where an adapted product writes its adapter's term, or a projection matrix
     /// with spare columns and, past its rows, spare rows for its adapter's factors (fold.rs).
-    /// Only products, `copy_rows`, `duplicate` and `download` read it.
+    /// Only products, `copy_rows`, `duplicate`, `download`, `stash` and the attention backward
+    /// (its `out`) read it.
     Bf16Pitched {
         values: DeviceBuffer<u16>,
         pitch: usize,
@@ -65,7 +66,7 @@ pub enum Storage {
         /// by its loss.
         chunks: Mutex<HashMap<ThreadId, HeadChunks>>,
     },
-    /// An f32 tensor moved to pinned host memory by `Backend::stash` (offload.rs).
+    /// A tensor (f32 or bf16) moved to pinned host memory by `Backend::stash` (offload.rs).
     Offloaded(Box<Offloaded>),
 }
 
@@ -131,15 +132,33 @@ impl<T> Drop for Arrival<T> {
     }
 }
 
-/// An f32 tensor in pinned host memory, or on its way back to the device.
+/// A tensor moved to pinned host memory, or on its way back to the device.
 #[derive(Debug)]
 pub struct Offloaded {
-    /// The values.
+    /// The bytes of its device values.
     pub host: Option<HostBuffer>,
+    /// How they lay on the device, as they will again.
+    pub layout: StashedLayout,
     /// While coming back: the device buffer being written.
-    pub arriving: Option<Arrival<f32>>,
+    pub arriving: Option<Arriving>,
     /// Where `host` goes when this is dropped (offload.rs): kept for reuse, never freed here.
     pub home: HostBuffers,
+}
+
+/// The device storage an offloaded tensor had and gets back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StashedLayout {
+    F32,
+    Bf16,
+    /// `Storage::Bf16Pitched` with this pitch.
+    Bf16Pitched(usize),
+}
+
+/// The device buffer an offloaded tensor's values are coming back to.
+#[derive(Debug)]
+pub enum Arriving {
+    F32(Arrival<f32>),
+    Bf16(Arrival<u16>),
 }
 
 impl Drop for Offloaded {
