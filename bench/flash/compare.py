@@ -10,8 +10,11 @@ for tag in sorted(os.listdir(os.path.join(out, base))):
     for n in names[1:]:
         row = []
         for f in ("out", "lse", "dq", "dk", "dv"):
-            a = np.fromfile(os.path.join(out, n, tag, f + ".f32"), dtype=np.float32)
-            b = np.fromfile(os.path.join(out, base, tag, f + ".f32"), dtype=np.float32)
+            files = [os.path.join(out, v, tag, f + ".f32") for v in (n, base)]
+            if not all(os.path.exists(p) for p in files):
+                row.append(f"{f} MISSING")  # a run that failed (see times.jsonl)
+                continue
+            a, b = (np.fromfile(p, dtype=np.float32) for p in files)
             if a.size != b.size or not np.isfinite(a).all():
                 row.append(f"{f} BAD")
                 continue
