@@ -52,10 +52,13 @@ __device__ __forceinline__ unsigned int flash_smem(const void* p) {
     return a;
 }
 
-// 16 bytes global -> shared, asynchronous; zero-filled when !valid (then nothing is read).
+// 16 bytes global -> shared, asynchronous; zero-filled when !valid: the ignore-src form, whose
+// source "should be ignored completely" (PTX ISA), so `src` may then point past the tensor.
 __device__ __forceinline__ void flash_cp16(unsigned int dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0));
+    asm volatile(
+        "{ .reg .pred ignore; setp.eq.u32 ignore, %2, 0;\n"
+        "  cp.async.cg.shared.global [%0], [%1], 16, ignore; }\n" ::"r"(dst),
+        "l"(src), "r"((unsigned int)valid));
 }
 __device__ __forceinline__ void flash_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -134,8 +137,8 @@ __device__ __forceinline__ float flash_sum4(float v) {
 // Thread t copies 16-byte chunk x/8 = t % CPR of rows r = t / CPR + R·it: its column, and with R
 // a multiple of 8 its swizzle, stay the same from one row group to the next, so the addresses
 // advance by constants (R rows of the source, R·64 or R·P elements of the tile). A missing row
-// is a copy of 0 source bytes (zero fill: the predicated LDGSTS, its address never read), so
-// no address is selected and no branch splits whole tiles from the last one.
+// is zero-filled with its source ignored (flash_cp16), so no address is selected and no branch
+// splits whole tiles from the last one.
 template <int HD, bool SWIZZLED = false>
 __device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
                                                 long long ld, int nrows) {
