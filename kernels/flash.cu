@@ -52,10 +52,13 @@ __device__ __forceinline__ unsigned int flash_smem(const void* p) {
     return a;
 }
 
-// 16 bytes global -> shared, asynchronous; zero-filled when !valid (then nothing is read).
+// 16 bytes global -> shared, asynchronous; zero-filled when !valid: the ignore-src form, whose
+// source "should be ignored completely" (PTX ISA), so `src` may then point past the tensor.
 __device__ __forceinline__ void flash_cp16(unsigned int dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0));
+    asm volatile(
+        "{ .reg .pred ignore; setp.eq.u32 ignore, %2, 0;\n"
+        "  cp.async.cg.shared.global [%0], [%1], 16, ignore; }\n" ::"r"(dst),
+        "l"(src), "r"((unsigned int)valid));
 }
 __device__ __forceinline__ void flash_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -128,12 +131,16 @@ __device__ __forceinline__ float flash_sum4(float v) {
     return v + __shfl_xor_sync(FULL_MASK, v, 2);
 }
 
+// Starts copying rows [0, 64) × HD of a row-major bf16 matrix (row stride ld elements, `src` at
+// row 0 of the tile) into `dst`; rows >= nrows are zero-filled. Layout: rows of pitch HD + 8, or
+// with SWIZZLED the warpgroup products' (see "Hopper" below).
 // Thread t copies 16-byte chunk x/8 = t % CPR of rows r = t / CPR + R·it: its column, and with R
 // a multiple of 8 its swizzle, stay the same from one row group to the next, so the addresses
-// advance by constants (R rows of the source, R·64 or R·P elements of the tile). WHOLE: all 64
-// rows exist (no row test).
-template <int HD, bool SWIZZLED, bool WHOLE>
-__device__ __forceinline__ void flash_load_rows(bf16_t* dst, const bf16_t* __restrict__ src,
+// advance by constants (R rows of the source, R·64 or R·P elements of the tile). A missing row
+// is zero-filled with its source ignored (flash_cp16), so no address is selected and no branch
+// splits whole tiles from the last one.
+template <int HD, bool SWIZZLED = false>
+__device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
                                                 long long ld, int nrows) {
     constexpr int CPR = HD / 8, P = HD + 8, R = FLASH_THREADS / CPR, N = FLASH_TILE / R;
     const int r0 = threadIdx.x / CPR, x = 8 * (threadIdx.x % CPR);
@@ -146,24 +153,8 @@ __device__ __forceinline__ void flash_load_rows(bf16_t* dst, const bf16_t* __res
         const int at = SWIZZLED
                            ? FLASH_TILE * 64 * (x / 64) + 64 * r + 8 * (((x / 8) & 7) ^ (r & 7))
                            : r * P + x;
-        const bool ok = WHOLE || r < nrows;
-        flash_cp16(base + 2 * at, ok ? from : src, ok);
+        flash_cp16(base + 2 * at, from, r < nrows);
         from += step;
-    }
-}
-
-// Starts copying rows [0, 64) × HD of a row-major bf16 matrix (row stride ld elements, `src` at
-// row 0 of the tile) into `dst`; rows >= nrows are zero-filled. Layout: rows of pitch HD + 8, or
-// with SWIZZLED the warpgroup products' (see "Hopper" below). WHOLE_PATH: a tile whose 64 rows
-// all exist is copied without the row test (dK/dV's loop is faster so; the forward's and dQ's
-// were slower on the H200, bench/NOTES.md).
-template <int HD, bool SWIZZLED = false, bool WHOLE_PATH = false>
-__device__ __forceinline__ void flash_load_tile(bf16_t* dst, const bf16_t* __restrict__ src,
-                                                long long ld, int nrows) {
-    if (WHOLE_PATH && nrows >= FLASH_TILE) {
-        flash_load_rows<HD, SWIZZLED, true>(dst, src, ld, nrows);
-    } else {
-        flash_load_rows<HD, SWIZZLED, false>(dst, src, ld, nrows);
     }
 }
 
@@ -1151,8 +1142,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
     auto prefetch = [&](Pair p, int buf) {
         const int h = p.h, i0 = (first + p.tile) * BR;
         const long long off = (tok0 + i0) * ldq + (long long)h * HD;
-        flash_load_tile<HD, WG, true>(Qb(buf), q + off, ldq, seq - i0);
-        flash_load_tile<HD, WG, true>(Db(buf), d_out + off, ldq, seq - i0);
+        flash_load_tile<HD, WG>(Qb(buf), q + off, ldq, seq - i0);
+        flash_load_tile<HD, WG>(Db(buf), d_out + off, ldq, seq - i0);
         if (tid < BR) {
             const int i = i0 + tid;
             st_lse = i < seq ? lse[(tok0 + i) * heads + h] * FLASH_LOG2E : 0.0f;
