@@ -1223,15 +1223,7 @@ impl Backend for CudaBackend {
             }
             Storage::Nf4(_) => Ok(self.download_nf4(t)?.dequantize()),
             Storage::Offloaded(o) => {
-                let host = o.host.as_ref().ok_or_else(|| {
-                    Error::InvalidArgument(
-                        "downloading an offloaded activation that was handed back".into(),
-                    )
-                })?;
-                let bytes = host
-                    .bytes
-                    .as_slice()
-                    .map_err(driver_error("reading an offloaded activation"))?;
+                let bytes = self.offload.host_bytes(o)?;
                 let bf16 = || -> Vec<u16> {
                     bytes
                         .chunks_exact(2)

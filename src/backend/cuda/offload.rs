@@ -123,6 +123,21 @@ impl Offload {
             .map_err(driver_error("finishing the offload copies"))
     }
 
+    /// The bytes of an offloaded tensor in host memory, once the copies out queued so far have
+    /// finished (the context records no per-buffer events for the host read to wait on:
+    /// `Gpu::open`).
+    pub(super) fn host_bytes<'a>(&self, o: &'a Offloaded) -> Result<&'a [u8]> {
+        let host = o.host.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "downloading an offloaded activation that was handed back".into(),
+            )
+        })?;
+        self.finish_copies()?;
+        host.bytes
+            .as_slice()
+            .map_err(driver_error("reading an offloaded activation"))
+    }
+
     /// Hands over the pinned buffers the pass just recorded used: the recording keeps them
     /// (`keep`), or they go back to the spare ones (a capture that only planned, or failed).
     /// Also says whether the pass found no spare buffer it needed (then it failed for that

@@ -163,8 +163,8 @@ pub enum Arriving {
 
 impl Drop for Offloaded {
     fn drop(&mut self) {
-        // A reuse waits for the copies that read it: cudarc's copies wait for the buffer's own
-        // event; a recording is captured after the earlier copies finished
+        // A reuse comes after the copies that read it: the unrecorded copies of activations run
+        // in order on one copy stream, and a recording is captured after they finished
         // (`Offload::finish_copies`).
         if let Some(host) = self.host.take() {
             lock(&self.home).push(host);
