@@ -541,9 +541,10 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
     // `out` as the decoder keeps it: o's product input (on CUDA bf16, with spare columns for
     // an adapter of rank 16), against the reference given the same rounded values.
     let o_input = p.g.product_input(dup(&og), 16).unwrap();
+    let o_values = p.g.download(&og).unwrap();
     let o_kept = match o_input.dtype() {
-        Dtype::Bf16 => bf16_round(&p.g.download(&og).unwrap()),
-        _ => p.g.download(&og).unwrap(),
+        Dtype::Bf16 => bf16_round(&o_values),
+        _ => o_values,
     };
     let (dqk, dkk, dvk) =
         p.g.attention_backward(&qg, &kg, &vg, o_input, &lg, dup(&dog), &sg, s)

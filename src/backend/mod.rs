@@ -424,12 +424,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `x` made ready to be an operand of products with frozen matrices, for a caller that reads
     /// it no other way afterwards (only matmul, the adapted products, lm_head_cross_entropy,
-    /// copy_rows, download, stash and attention_backward's `out`; dropout too when `room` is 0). A backend whose products round
-    /// their activation operand anyway (the CUDA backend: to bf16) rounds it here once for all
-    /// the products that share it, and keeps half the bytes; the CPU returns `x`. `room`: the
-    /// rank of the adapters whose [`Backend::adapted_product`] (or its backward) reads `x`, 0
-    /// when none does: a backend that folds the adapter's term into the product's inner
-    /// dimension may leave that many spare columns after each row.
+    /// copy_rows, download, stash and attention_backward's `out`; dropout too when `room` is
+    /// 0). A backend whose products round their activation operand anyway (the CUDA backend: to
+    /// bf16) rounds it here once for all the products that share it, and keeps half the bytes;
+    /// the CPU returns `x`. `room`: the rank of the adapters whose [`Backend::adapted_product`]
+    /// (or its backward) reads `x`, 0 when none does: a backend that folds the adapter's term
+    /// into the product's inner dimension may leave that many spare columns after each row.
     fn product_input(&self, x: Self::Tensor, room: usize) -> Result<Self::Tensor> {
         Ok(self.rounded_product_input(&x, room)?.unwrap_or(x))
     }
