@@ -1,7 +1,9 @@
 //! A checkpointed pass that keeps each layer's attention output (`Saving::offload_attention`)
 //! must give the gradients of one that recomputes it: the recomputation reads the kept output
 //! and log-sum-exp of the right layer instead of running the attention forward again. The same
-//! for the adapters' inputs (`Saving::keep_adapter_inputs`): kept or recomputed, bit for bit.
+//! with the attention's inputs kept too (`Saving::offload_attention_inputs`: no product of q, k
+//! or v, no rotation in the recomputation), and for the adapters' inputs
+//! (`Saving::keep_adapter_inputs`): kept or recomputed, bit for bit.
 //!
 //! On the CPU the stash keeps tensors where they are, so the path runs here as it does on a GPU
 //! (where the outputs go to host memory and come back), without the copies.
@@ -62,7 +64,10 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
     let batch = batch.upload(be, cfg.vocab_size).unwrap();
     let ad = Adapters::new(&params, &lora, None);
 
-    let gradients = |offload_attention: bool, keep_adapter_inputs: bool| -> (f32, Vec<Vec<f32>>) {
+    let gradients = |offload_attention: bool,
+                     offload_attention_inputs: bool,
+                     keep_adapter_inputs: bool|
+     -> (f32, Vec<Vec<f32>>) {
         let mut grads = params.zeros_like(be).unwrap();
         let scale = be.upload(&[1.0 / batch.labelled as f32], 1, 1).unwrap();
         let mut row_loss = be.zeros(rows * seq, 1).unwrap();
@@ -74,6 +79,7 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
             recompute: true,
             offload_inputs: true,
             offload_attention,
+            offload_attention_inputs,
             keep_adapter_inputs,
         };
         dec.forward_backward(&batch, &ad, &mut grads, &mut loss, saving, &mut |_, _| {
@@ -84,12 +90,27 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
         let grads = grads.tensors().map(|g| be.download(g).unwrap()).collect();
         (loss, grads)
     };
-    let (recomputed_loss, recomputed) = gradients(false, true);
+    let (recomputed_loss, recomputed) = gradients(false, false, true);
     assert!(recomputed_loss.is_finite() && recomputed_loss > 0.0);
     for (what, (loss, grads)) in [
-        ("the kept attention outputs", gradients(true, true)),
-        ("the adapters' inputs recomputed", gradients(false, false)),
-        ("both", gradients(true, false)),
+        ("the kept attention outputs", gradients(true, false, true)),
+        (
+            "the kept attention inputs and outputs",
+            gradients(true, true, true),
+        ),
+        (
+            "the adapters' inputs recomputed",
+            gradients(false, false, false),
+        ),
+        (
+            "the attention outputs kept, the adapters' inputs recomputed",
+            gradients(true, false, false),
+        ),
+        // q, k and v are then recomputed for their adapter inputs.
+        (
+            "the attention inputs asked for, the adapters' inputs recomputed",
+            gradients(true, true, false),
+        ),
     ] {
         assert_eq!(loss, recomputed_loss, "{what}");
         assert_eq!(grads.len(), recomputed.len());

@@ -485,7 +485,13 @@ pub trait Backend: Send + Sync + 'static {
     /// device copy once done. Only [`Backend::fetch_stashed`] and [`Backend::settle`] read the
     /// result. The CPU keeps the tensor as it is.
     fn stash(&self, t: Self::Tensor) -> Result<Self::Tensor> {
+        let [t] = self.stash_all([t])?;
         Ok(t)
+    }
+    /// [`Backend::stash`] of several tensors at one point of the work: their copies start
+    /// together (on a GPU the buffers of earlier copies out are freed once for all of them).
+    fn stash_all<const N: usize>(&self, ts: [Self::Tensor; N]) -> Result<[Self::Tensor; N]> {
+        Ok(ts)
     }
     /// Whether [`Backend::stash`] moves tensors out of the memory the backend computes in (a GPU
     /// backend's copies in host memory): then keeping more of them stashed costs host memory

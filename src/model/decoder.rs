@@ -16,7 +16,9 @@
 //! and rank 16): the recomputation reuses them instead of running those rank-wide products again.
 //! When the inputs are offloaded to host memory, the attention output may go there too
 //! ([`Saving::offload_attention`]): the recomputation then skips the attention forward, the
-//! part of a layer that grows with the square of the sequence.
+//! part of a layer that grows with the square of the sequence; with its inputs q, k and v
+//! ([`Saving::offload_attention_inputs`]) it also skips their products and the rotation, and
+//! recomputes only `h1` (their products' input, for their backward) and the residual half.
 //!
 //! The MLP runs over chunks of at most [`Decoder::mlp_chunk_rows`] token rows (its intermediates,
 //! three `[rows, intermediate]` tensors and their gradients, are the largest of a layer), and its
@@ -65,6 +67,10 @@ pub struct Saving {
     /// With `recompute`: keep each layer's attention output in host memory too (stashed like the
     /// inputs, its log-sum-exp on the device), so the recomputation skips the attention forward.
     pub offload_attention: bool,
+    /// With `offload_attention` and `keep_adapter_inputs`: keep q, k and v as the attention read
+    /// them (rotated) in host memory too, stashed with its output, so the recomputation also
+    /// skips their products and the rotation (layers with no per-head q/k norm).
+    pub offload_attention_inputs: bool,
     /// With `recompute`: keep the adapters' inputs `dropout(x)·Aᵀ` on the device (r columns a
     /// projection, 14 KiB a token on Llama 3 8B at rank 16), so the recomputation reuses them
     /// instead of running those rank-wide products again.
@@ -193,22 +199,53 @@ struct MlpChunk<B: Backend> {
 
 /// What a checkpointed layer keeps for its backward besides its input: the adapter inputs of
 /// the attention projections and of each MLP chunk, and with [`Saving::offload_attention`] the
-/// attention output (stashed) and its log-sum-exp.
+/// attention's output (stashed), log-sum-exp and maybe inputs.
 struct Checkpoint<B: Backend> {
     adapter_inputs: [Option<B::Tensor>; 4],
     mlp: Vec<MlpChunk<B>>,
-    attention: Option<(B::Tensor, B::Tensor)>,
+    attention: Option<KeptAttention<B>>,
+}
+
+/// A layer's attention output (stashed) and log-sum-exp, and q, k, v as it read them (stashed)
+/// when [`Saving::offload_attention_inputs`] kept them.
+struct KeptAttention<B: Backend> {
+    out: B::Tensor,
+    lse: B::Tensor,
+    inputs: Option<[B::Tensor; 3]>,
 }
 
 impl<B: Backend> Checkpoint<B> {
-    /// Starts bringing the kept attention output back to the device (`Backend::fetch_stashed`).
+    /// Starts bringing the kept attention tensors back to the device (`Backend::fetch_stashed`).
     fn fetch(self, be: &B) -> Result<Self> {
         let attention = match self.attention {
-            Some((out, lse)) => Some((be.fetch_stashed(out)?, lse)),
+            Some(KeptAttention { out, lse, inputs }) => Some(KeptAttention {
+                out: be.fetch_stashed(out)?,
+                lse,
+                inputs: match inputs {
+                    Some([q, k, v]) => Some([
+                        be.fetch_stashed(q)?,
+                        be.fetch_stashed(k)?,
+                        be.fetch_stashed(v)?,
+                    ]),
+                    None => None,
+                },
+            }),
             None => None,
         };
         Ok(Checkpoint { attention, ..self })
     }
+}
+
+/// What a checkpointed layer's forward keeps up to `h2` ([`Decoder::checkpointed_layer_forward`]).
+struct CheckpointedHalves<B: Backend> {
+    /// The adapter inputs of q, k, v and o.
+    xa: [Option<B::Tensor>; 4],
+    attn: B::Tensor,
+    lse: B::Tensor,
+    /// q, k and v as the attention read them, when asked for.
+    inputs: Option<[B::Tensor; 3]>,
+    x1: B::Tensor,
+    h2: B::Tensor,
 }
 
 /// What [`Decoder::attention_half`] computes: `h1`, the adapter inputs of q, k and v, q and k
@@ -566,31 +603,71 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// A checkpointed layer's forward up to `h2`, keeping only what the checkpoint and the MLP
-    /// need (the adapter inputs, the attention output and its log-sum-exp, x1, h2): the
-    /// attention's inputs are freed before the output projection runs, which lowers the
-    /// forward pass's working set (the peak while the output projection's copy arrives:
-    /// [`Backend::bring_to_device`]).
-    #[allow(clippy::type_complexity)]
+    /// need (the adapter inputs, the attention output and its log-sum-exp, x1, h2, and q, k, v
+    /// with `keep_inputs`): the rest of the attention half is freed before the output
+    /// projection runs, which lowers the forward pass's working set (the peak while the output
+    /// projection's copy arrives: [`Backend::bring_to_device`]).
     fn checkpointed_layer_forward(
         &self,
         layer: usize,
         x: &B::Tensor,
         ad: &Adapters<B>,
         attend: impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>>,
-    ) -> Result<(
-        [Option<B::Tensor>; 4],
-        B::Tensor,
-        B::Tensor,
-        B::Tensor,
-        B::Tensor,
-    )> {
-        // The rest of the attention half (h1, q, k, v) is freed at the end of this block.
-        let ([xq, xk, xv], attn, lse) = {
+        keep_inputs: bool,
+    ) -> Result<CheckpointedHalves<B>> {
+        // The rest of the attention half (h1, and q, k, v unless kept) is freed at the end of
+        // this block.
+        let ([xq, xk, xv], attn, lse, inputs) = {
             let a = self.attention_half(layer, x, Some(ad), attend, Default::default())?;
-            (a.xa, a.attn, a.lse)
+            (a.xa, a.attn, a.lse, keep_inputs.then_some([a.q, a.k, a.v]))
         };
         let r = self.residual_half(layer, x, &attn, Some(ad), None)?;
-        Ok(([xq, xk, xv, r.xo], attn, lse, r.x1, r.h2))
+        Ok(CheckpointedHalves {
+            xa: [xq, xk, xv, r.xo],
+            attn,
+            lse,
+            inputs,
+            x1: r.x1,
+            h2: r.h2,
+        })
+    }
+
+    /// A layer recomputed up to `h2` from its input and its kept attention (inputs, output,
+    /// log-sum-exp) and adapter inputs `kept`: `h1` (q, k and v's products' input, read by
+    /// their backward) and the residual half; no product of q, k or v, no rotation.
+    fn layer_cache_from_kept_attention(
+        &self,
+        layer: usize,
+        x: &B::Tensor,
+        ad: &Adapters<B>,
+        attended: Attended<B>,
+        kept: [Option<B::Tensor>; 4],
+    ) -> Result<LayerCache<B>> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let lw = &self.weights.layers[layer];
+        let [xq, xk, xv, xo] = kept;
+        let room = Self::room(Some(ad));
+        let (eps, offset) = (cfg.rms_norm_eps, cfg.norm_unit_offset);
+        let (h1, r1) = be.rmsnorm_for_products(x, &lw.attn_norm, eps, offset, room)?;
+        let Attended { q, k, v, out, lse } = attended;
+        let attention = AttentionHalf {
+            h1,
+            r1,
+            xa: [xq, xk, xv],
+            qk_raw: None,
+            q,
+            k,
+            v,
+            attn: be.product_input(out, room)?,
+            lse,
+        };
+        let residual = self.residual_half(layer, x, &attention.attn, Some(ad), xo)?;
+        Ok(LayerCache {
+            attention,
+            residual,
+            mlp: Vec::new(),
+        })
     }
 
     /// The first half of a layer's forward: `h1`, q, k, v and the attention over them.
@@ -1112,14 +1189,36 @@ impl<B: Backend> Decoder<B> {
             let stays = layer + 1 == n;
             let attend = self.batch_attention(batch);
             let out = if saving.recompute {
-                let (xa, attn, lse, x1, h2) =
-                    self.checkpointed_layer_forward(layer, &x, ad, attend)?;
-                // Stashed before the MLP is queued, so that its copy runs beside the MLP: the
-                // next stash makes the compute stream wait for it.
-                let attention = match saving.offload_attention {
-                    true if !stays => Some((be.stash(attn)?, lse)),
-                    true => Some((attn, lse)),
-                    false => None,
+                // q, k and v are kept only where they go to host memory, and where the
+                // recomputation needs nothing else of their products (their adapter inputs
+                // kept, no per-head norm).
+                let keep_inputs = saving.offload_attention
+                    && saving.offload_attention_inputs
+                    && saving.keep_adapter_inputs
+                    && !stays
+                    && self.weights.layers[layer].q_norm.is_none();
+                let CheckpointedHalves {
+                    xa,
+                    attn,
+                    lse,
+                    inputs,
+                    x1,
+                    h2,
+                } = self.checkpointed_layer_forward(layer, &x, ad, attend, keep_inputs)?;
+                // Stashed before the MLP is queued, so that their copies run beside the MLP:
+                // the next stash makes the compute stream wait for them.
+                let attention = match (saving.offload_attention, inputs) {
+                    (true, Some([q, k, v])) => {
+                        let [out, q, k, v] = be.stash_all([attn, q, k, v])?;
+                        let inputs = Some([q, k, v]);
+                        Some(KeptAttention { out, lse, inputs })
+                    }
+                    (true, None) => Some(KeptAttention {
+                        out: if stays { attn } else { be.stash(attn)? },
+                        lse,
+                        inputs: None,
+                    }),
+                    (false, _) => None,
                 };
                 // x1 is not needed again: the MLP's output is added into it.
                 let (out, mut mlp) = self.mlp_forward(layer, x1, &h2, Some(ad), false)?;
@@ -1174,17 +1273,41 @@ impl<B: Backend> Decoder<B> {
                 Some(c) => c,
                 None => {
                     let kept = kept.expect("one per layer");
-                    let kept_attention = kept.attention;
-                    let attend = |q, k, v| match kept_attention {
-                        Some((out, lse)) => {
-                            let [q, k, v] = self.rotated_attention_inputs(q, k, v, batch)?;
-                            let out = be.settle(out)?;
-                            Ok(Attended { q, k, v, out, lse })
+                    let mut c = match kept.attention {
+                        Some(KeptAttention {
+                            out,
+                            lse,
+                            inputs: Some([q, k, v]),
+                        }) => {
+                            let attended = Attended {
+                                q: be.settle(q)?,
+                                k: be.settle(k)?,
+                                v: be.settle(v)?,
+                                out: be.settle(out)?,
+                                lse,
+                            };
+                            let kept_inputs = kept.adapter_inputs;
+                            self.layer_cache_from_kept_attention(
+                                layer,
+                                &x,
+                                ad,
+                                attended,
+                                kept_inputs,
+                            )?
                         }
-                        None => self.batch_attention(batch)(q, k, v),
+                        kept_attention => {
+                            let attend = |q, k, v| match kept_attention {
+                                Some(KeptAttention { out, lse, .. }) => {
+                                    let [q, k, v] =
+                                        self.rotated_attention_inputs(q, k, v, batch)?;
+                                    let out = be.settle(out)?;
+                                    Ok(Attended { q, k, v, out, lse })
+                                }
+                                None => self.batch_attention(batch)(q, k, v),
+                            };
+                            self.layer_cache(layer, &x, Some(ad), attend, kept.adapter_inputs)?
+                        }
                     };
-                    let mut c =
-                        self.layer_cache(layer, &x, Some(ad), attend, kept.adapter_inputs)?;
                     c.mlp = kept.mlp;
                     c
                 }

@@ -297,6 +297,7 @@ impl<B: Backend> Trainer<B> {
             recompute: self.cfg.checkpointing,
             offload_inputs: self.cfg.offload_activations,
             offload_attention: self.offloads_attention(largest.unwrap_or(0)),
+            offload_attention_inputs: true,
             keep_adapter_inputs: self.keeps_adapter_inputs(largest.unwrap_or(0)),
         };
         let record = self.replayer.applies(&self.lora, group.is_some());
@@ -346,13 +347,16 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Whether a checkpointed, offloaded step of micro-batches of at most `tokens` keeps the
-    /// attention outputs in host memory too ([`Saving::offload_attention`]): when the stash
-    /// really moves them off the device and all layers' outputs (`tokens × heads × head_dim`
-    /// f32 each) take at most a quarter of the host's memory. Longer sequences (the inputs
-    /// take as much again) recompute the attention instead.
+    /// attention's outputs and inputs in host memory too ([`Saving::offload_attention`],
+    /// [`Saving::offload_attention_inputs`]): when the stash really moves them off the device
+    /// and all layers' (q and the output `tokens × heads × head_dim`, k and v `tokens ×
+    /// kv_heads × head_dim`, at most 4 bytes a value) take at most a quarter of the host's
+    /// memory. Longer sequences (the layer inputs take about as much again) recompute the
+    /// attention instead.
     fn offloads_attention(&self, tokens: usize) -> bool {
         let cfg = &self.decoder.cfg;
-        let bytes = (tokens * cfg.num_heads * cfg.head_dim * cfg.num_layers) as u64 * 4;
+        let per_token = 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim;
+        let bytes = (tokens * per_token * cfg.num_layers) as u64 * 4;
         self.cfg.checkpointing
             && self.cfg.offload_activations
             && self.decoder.backend.stash_moves()

@@ -1246,8 +1246,8 @@ impl Backend for CudaBackend {
         true
     }
 
-    fn stash(&self, t: CudaTensor) -> Result<CudaTensor> {
-        self.offload.stash(&self.gpu, t)
+    fn stash_all<const N: usize>(&self, ts: [CudaTensor; N]) -> Result<[CudaTensor; N]> {
+        self.offload.stash_all(&self.gpu, ts)
     }
 
     fn fetch_stashed(&self, mut t: CudaTensor) -> Result<CudaTensor> {

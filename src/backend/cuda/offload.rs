@@ -202,8 +202,28 @@ impl Offload {
         Ok(HostBuffer { bytes, addr })
     }
 
-    /// Starts copying `t` (f32 or bf16) to pinned host memory behind the work queued so far.
-    pub(super) fn stash(&self, gpu: &Gpu, t: CudaTensor) -> Result<CudaTensor> {
+    /// Starts copying each of `ts` (f32 or bf16) to pinned host memory behind the work queued so
+    /// far, after freeing the device buffers of the earlier copies out (`release_copied`, once
+    /// for all of them: stashed one by one, each would make the compute stream wait for the
+    /// copy of the one before).
+    pub(super) fn stash_all<const N: usize>(
+        &self,
+        gpu: &Gpu,
+        ts: [CudaTensor; N],
+    ) -> Result<[CudaTensor; N]> {
+        self.release_copied(gpu)?;
+        let mut stashed = ts
+            .into_iter()
+            .map(|t| self.copy_out(gpu, t))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter();
+        Ok(std::array::from_fn(|_| {
+            stashed.next().expect("one per tensor")
+        }))
+    }
+
+    /// Starts copying `t` to pinned host memory (tensors of other storage stay as they are).
+    fn copy_out(&self, gpu: &Gpu, t: CudaTensor) -> Result<CudaTensor> {
         let CudaTensor {
             rows,
             cols,
@@ -216,7 +236,6 @@ impl Offload {
                 storage,
             });
         };
-        self.release_copied(gpu)?;
         let mut host = self.pinned(gpu, values.len())?;
         let addr = host.addr;
         let done = self.copy(
