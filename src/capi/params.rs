@@ -140,8 +140,9 @@ pub struct ft_train_params {
     pub seed: u64,
     /// Non-zero: keep the saved layer inputs in pinned host memory instead of device memory,
     /// copied out and back beside the compute (GPU only); with checkpointing, each layer's
-    /// attention output too when all of them take at most a quarter of the host's memory (the
-    /// backward then skips the recomputed attention forward).
+    /// attention output and inputs (q, k, v) too when all of them take at most a quarter of the
+    /// host's memory (the backward then skips the recomputed attention forward and, where the
+    /// adapters' inputs are kept, q, k and v's products).
     pub offload_activations: i32,
 }
 

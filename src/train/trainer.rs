@@ -39,8 +39,8 @@ pub struct TrainConfig {
     pub checkpointing: bool,
     /// Keep the saved layer inputs in pinned host memory instead of device memory, copied out
     /// and back beside the compute (GPU backends; the CPU keeps them where they are); with
-    /// checkpointing, each layer's attention output too when all of them take at most a
-    /// quarter of the host's memory (`Trainer::offloads_attention`).
+    /// checkpointing, each layer's attention output and inputs (q, k, v) too when all of them
+    /// take at most a quarter of the host's memory (`Trainer::offloads_attention`).
     pub offload_activations: bool,
     /// Seed of the dropout masks.
     pub seed: u64,
