@@ -9,6 +9,10 @@
 #   "new=flash:/tmp/flash-new.cu"): the same binary reading kernels/ with PROGRAM.cu replaced by
 #   FILE (FINETUNE_KERNEL_DIR), so kernel changes are timed on whole steps with no rebuild;
 # and a line per extra run gives the ratios new/base and NAME/new (tokens/s, peak memory).
+# Where nvidia-smi exists, each run's SM clock and power are sampled every 200 ms (beside its
+# JSON, .smi) and the line gives their medians over the samples drawing more than 300 W: on the
+# H200 a long step runs at its 700 W cap with the clock below its maximum (bench/NOTES.md), so
+# the clock says how much of a difference between leases is the GPU's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.gpu/finetune
@@ -39,18 +43,49 @@ for args in "$@"; do
     jsons=()
     for i in "${!names[@]}"; do
         json="$out/bench-$n-${names[$i]}.json"
+        sampler=
+        rm -f "$json.smi"
+        if command -v nvidia-smi >/dev/null; then
+            nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -i 0 \
+                -lms 200 >"$json.smi" &
+            sampler=$!
+        fi
         # shellcheck disable=SC2086 # each argument is a list of options
         env ${dirs[$i]:+FINETUNE_KERNEL_DIR="${dirs[$i]}"} "${bins[$i]}" bench --device cuda:0 \
             $args >"$json"
+        [ -z "$sampler" ] || kill "$sampler" 2>/dev/null || true
         jsons+=("${names[$i]}=$json")
     done
     python3 - "$args" "${jsons[@]}" <<'PY'
-import json, sys
+import json, os, statistics, sys
 args = sys.argv[1]
-runs = [(a.split("=", 1)[0], json.load(open(a.split("=", 1)[1]))) for a in sys.argv[2:]]
-for name, d in runs:
+runs = [(a.split("=", 1)[0], a.split("=", 1)[1]) for a in sys.argv[2:]]
+
+
+def clock(path):
+    """' sm MHZ MHz, W W' (medians over the samples above 300 W), or '' with no samples."""
+    if not os.path.exists(path):
+        return ""
+    busy = []
+    for line in open(path):
+        try:
+            mhz, watts = (float(v) for v in line.split(","))
+        except ValueError:
+            continue
+        if watts > 300:
+            busy.append((mhz, watts))
+    if not busy:
+        return ""
+    return (f"  sm {statistics.median(m for m, _ in busy):,.0f} MHz, "
+            f"{statistics.median(w for _, w in busy):.0f} W")
+
+
+for name, path in runs:
+    d = json.load(open(path))
     print(f"{args:<60} {name:>6} {d['tokens_per_second']:>9,.0f} tokens/s "
-          f"{d['peak_device_mib']:>9,.0f} MiB  loss {d['first_loss']:.4f} -> {d['last_loss']:.4f}")
+          f"{d['peak_device_mib']:>9,.0f} MiB  loss {d['first_loss']:.4f} -> {d['last_loss']:.4f}"
+          f"{clock(path + '.smi')}")
+runs = [(name, json.load(open(path))) for name, path in runs]
 new = runs[0][1]
 for name, d in runs[1:]:
     # new/base for the base binary, NAME/new for a kernel variant.
