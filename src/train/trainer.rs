@@ -40,7 +40,8 @@ pub struct TrainConfig {
     /// Keep the saved layer inputs in pinned host memory instead of device memory, copied out
     /// and back beside the compute (GPU backends; the CPU keeps them where they are); with
     /// checkpointing, each layer's attention output and inputs (q, k, v) too when all of them
-    /// take at most a quarter of the host's memory (`Trainer::offloads_attention`).
+    /// take at most a quarter of the host's memory (`Trainer::offloads_attention`; past that
+    /// the outputs alone while they fit).
     pub offload_activations: bool,
     /// Seed of the dropout masks.
     pub seed: u64,
@@ -297,7 +298,7 @@ impl<B: Backend> Trainer<B> {
             recompute: self.cfg.checkpointing,
             offload_inputs: self.cfg.offload_activations,
             offload_attention: self.offloads_attention(largest.unwrap_or(0)),
-            offload_attention_inputs: true,
+            offload_attention_inputs: self.offloads_attention_inputs(largest.unwrap_or(0)),
             keep_adapter_inputs: self.keeps_adapter_inputs(largest.unwrap_or(0)),
         };
         let record = self.replayer.applies(&self.lora, group.is_some());
@@ -347,20 +348,32 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Whether a checkpointed, offloaded step of micro-batches of at most `tokens` keeps the
-    /// attention's outputs and inputs in host memory too ([`Saving::offload_attention`],
-    /// [`Saving::offload_attention_inputs`]): when the stash really moves them off the device
-    /// and all layers' (q and the output `tokens × heads × head_dim`, k and v `tokens ×
-    /// kv_heads × head_dim`, at most 4 bytes a value) take at most a quarter of the host's
-    /// memory. Longer sequences (the layer inputs take about as much again) recompute the
-    /// attention instead.
+    /// attention outputs in host memory too ([`Saving::offload_attention`]): when the stash
+    /// really moves them off the device and all layers' (`tokens × heads × head_dim` values, at
+    /// most 4 bytes each) take at most a quarter of the host's memory. Longer sequences (the
+    /// layer inputs take about as much again) recompute the attention instead.
     fn offloads_attention(&self, tokens: usize) -> bool {
         let cfg = &self.decoder.cfg;
-        let per_token = 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim;
-        let bytes = (tokens * per_token * cfg.num_layers) as u64 * 4;
         self.cfg.checkpointing
             && self.cfg.offload_activations
             && self.decoder.backend.stash_moves()
-            && host_memory_bytes().is_some_and(|host| bytes <= host / 4)
+            && self.fits_host_quarter(tokens, cfg.num_heads * cfg.head_dim)
+    }
+
+    /// Whether the attention's inputs go with its outputs ([`Saving::offload_attention_inputs`]):
+    /// while all layers' outputs, q, k and v (`tokens × 2·(heads + kv_heads) × head_dim` values)
+    /// take at most a quarter of the host's memory; past that only the outputs are kept.
+    fn offloads_attention_inputs(&self, tokens: usize) -> bool {
+        let cfg = &self.decoder.cfg;
+        let values = 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim;
+        self.offloads_attention(tokens) && self.fits_host_quarter(tokens, values)
+    }
+
+    /// Whether `values` a token and layer, at most 4 bytes each, take at most a quarter of the
+    /// host's memory for `tokens` tokens.
+    fn fits_host_quarter(&self, tokens: usize, values: usize) -> bool {
+        let bytes = (tokens * values * self.decoder.cfg.num_layers) as u64 * 4;
+        host_memory_bytes().is_some_and(|host| bytes <= host / 4)
     }
 
     /// Whether a checkpointed step of micro-batches of at most `tokens` keeps the adapters'
