@@ -522,22 +522,28 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
     let (_, qc) = p.up(&reference(&qv), tokens, s.num_heads * s.head_dim);
     let (_, kc) = p.up(&reference(&kv), tokens, s.num_kv_heads * s.head_dim);
     let (_, vc) = p.up(&reference(&vv), tokens, s.num_kv_heads * s.head_dim);
-    let (_, doc) = p.up(&reference(&dov), tokens, s.num_heads * s.head_dim);
     let (sg, sc) = p.ints(&segments);
     let name = format!("attention {s:?} split {split:?}");
     let (og, lg) = p.g.attention(&qg, &kg, &vg, &sg, s).unwrap();
     let (oc, lc) = p.c.attention(&qc, &kc, &vc, &sc, s).unwrap();
     p.check(&format!("{name}: out"), &og, &oc, tol);
     p.check(&format!("{name}: lse"), &lg, &lc, 1e-5);
-    let (dqg, dkg, dvg) =
-        p.g.attention_backward(&qg, &kg, &vg, dup(&og), &lg, dup(&dog), &sg, s)
-            .unwrap();
-    let (dqc, dkc, dvc) =
-        p.c.attention_backward(&qc, &kc, &vc, oc, &lc, doc, &sc, s)
-            .unwrap();
-    p.check(&format!("{name}: dq"), &dqg, &dqc, tol);
-    p.check(&format!("{name}: dk"), &dkg, &dkc, tol);
-    p.check(&format!("{name}: dv"), &dvg, &dvc, tol);
+    // The gradients on the GPU given `out_g` and on the CPU given `out_c`, checked against each
+    // other (`what` names the case); the GPU's returned.
+    let backward = |what: &str, out_g, out_c| {
+        let (dqg, dkg, dvg) =
+            p.g.attention_backward(&qg, &kg, &vg, out_g, &lg, dup(&dog), &sg, s)
+                .unwrap();
+        let (_, doc) = p.up(&reference(&dov), tokens, s.num_heads * s.head_dim);
+        let (dqc, dkc, dvc) =
+            p.c.attention_backward(&qc, &kc, &vc, out_c, &lc, doc, &sc, s)
+                .unwrap();
+        for (grad, g, c) in [("dq", &dqg, &dqc), ("dk", &dkg, &dkc), ("dv", &dvg, &dvc)] {
+            p.check(&format!("{name}: {grad}{what}"), g, c, tol);
+        }
+        (dqg, dkg, dvg)
+    };
+    let (dqg, dkg, dvg) = backward("", dup(&og), oc);
     // `out` as the decoder keeps it: o's product input (on CUDA bf16, with spare columns for
     // an adapter of rank 16), against the reference given the same rounded values.
     let o_input = p.g.product_input(dup(&og), 16).unwrap();
@@ -546,17 +552,8 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
         Dtype::Bf16 => bf16_round(&o_values),
         _ => o_values,
     };
-    let (dqk, dkk, dvk) =
-        p.g.attention_backward(&qg, &kg, &vg, o_input, &lg, dup(&dog), &sg, s)
-            .unwrap();
     let (_, ock) = p.up(&o_kept, tokens, s.num_heads * s.head_dim);
-    let (_, dock) = p.up(&reference(&dov), tokens, s.num_heads * s.head_dim);
-    let (dqc, dkc, dvc) =
-        p.c.attention_backward(&qc, &kc, &vc, ock, &lc, dock, &sc, s)
-            .unwrap();
-    p.check(&format!("{name}: dq, out kept"), &dqk, &dqc, tol);
-    p.check(&format!("{name}: dk, out kept"), &dkk, &dkc, tol);
-    p.check(&format!("{name}: dv, out kept"), &dvk, &dvc, tol);
+    backward(", out kept", o_input, ock);
     // The ready inputs (rounded to bf16 once on the tensor-core path, as the kernels' own copies
     // are) give the same bits in both passes.
     let rounded = (qr.dtype(), kr.dtype(), vr.dtype());
