@@ -37,6 +37,58 @@ __device__ __forceinline__ float4 norm_load4(const float* p) {
     return *reinterpret_cast<const float4*>(p);
 }
 
+// How a norm reads its input x (the kernels' `x_kind`): f32 as it is; f32 rounded to bf16 (to
+// nearest even) as it is read, which is how a training pass on bf16 activations reads the
+// residual stream, so that a bf16 copy of x kept for the backward pass holds exactly the values
+// the norm read; or such a bf16 copy.
+#define NORM_IN_F32 0
+#define NORM_IN_F32_AS_BF16 1
+#define NORM_IN_BF16 2
+
+template <int KIND>
+struct NormIn {
+    const float* x;
+    __device__ NormIn at(long long i) const { return {x + i}; }
+    __device__ bool aligned() const { return norm_aligned(x, 16); }
+    __device__ static float rounded(float v) {
+        return KIND == NORM_IN_F32_AS_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v;
+    }
+    __device__ float one(int c) const { return rounded(x[c]); }
+    __device__ float4 four(int c) const {
+        const float4 v = norm_load4(x + c);
+        return make_float4(rounded(v.x), rounded(v.y), rounded(v.z), rounded(v.w));
+    }
+};
+
+template <>
+struct NormIn<NORM_IN_BF16> {
+    const bf16_t* x;
+    __device__ NormIn at(long long i) const { return {x + i}; }
+    __device__ bool aligned() const { return norm_aligned(x, 8); }
+    __device__ float one(int c) const { return bf16_to_f32(x[c]); }
+    __device__ float4 four(int c) const {
+        const uint2 v = *reinterpret_cast<const uint2*>(x + c);
+        return make_float4(__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
+                           __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u));
+    }
+};
+
+// Runs `f(in)` with x read as `x_kind` says (a NormIn); f: a functor with a templated
+// __device__ operator() (NVRTC takes a generic lambda's for host code).
+template <typename F>
+__device__ __forceinline__ void norm_with_input(const void* x, int x_kind, F f) {
+    switch (x_kind) {
+        case NORM_IN_BF16:
+            f(NormIn<NORM_IN_BF16>{static_cast<const bf16_t*>(x)});
+            break;
+        case NORM_IN_F32_AS_BF16:
+            f(NormIn<NORM_IN_F32_AS_BF16>{static_cast<const float*>(x)});
+            break;
+        default:
+            f(NormIn<NORM_IN_F32>{static_cast<const float*>(x)});
+    }
+}
+
 // w'_c·a for the 4 columns from c.
 __device__ __forceinline__ float4 norm_scale4(float4 a, const float* w, int c, int unit_offset) {
     const float4 wv = norm_load4(w + c);
@@ -44,21 +96,21 @@ __device__ __forceinline__ float4 norm_scale4(float4 a, const float* w, int c, i
                        a.z * norm_weight(wv.z, unit_offset), a.w * norm_weight(wv.w, unit_offset));
 }
 
-// r_t = 1/sqrt(mean_c x[t,c]² + eps);  y[t,c] = x[t,c]·r_t·w'_c for row t = blockIdx.x, written
-// by out (out.one(c, v) for one column, out.four(c, v) for 4 from c).   (r: [rows], one value
-// per row)
-template <typename Out>
-__device__ __forceinline__ void rmsnorm_row(const float* x, const float* w, float* r, int cols,
-                                            float eps, int unit_offset, Out out) {
-    const float* xr = x + (long long)blockIdx.x * cols;
+// r_t = 1/sqrt(mean_c x[t,c]² + eps);  y[t,c] = x[t,c]·r_t·w'_c for row t = blockIdx.x, x read
+// by `x` (a NormIn) and y written by out (out.one(c, v) for one column, out.four(c, v) for 4
+// from c).   (r: [rows], one value per row)
+template <typename In, typename Out>
+__device__ __forceinline__ void rmsnorm_row(In x, const float* w, float* r, int cols, float eps,
+                                            int unit_offset, Out out) {
+    const In xr = x.at((long long)blockIdx.x * cols);
     float ss = 0.0f;
-    const bool aligned = norm_aligned(xr, 16) && norm_aligned(w, 16) && out.aligned();
+    const bool aligned = xr.aligned() && norm_aligned(w, 16) && out.aligned();
     if (norm_vectorized<NORM_FWD_VEC>(cols) && aligned) {
         float4 xv[NORM_FWD_VEC];
 #pragma unroll
         for (int j = 0; j < NORM_FWD_VEC; ++j) {
             const int c = norm_col(j, cols);
-            xv[j] = c >= 0 ? norm_load4(xr + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            xv[j] = c >= 0 ? xr.four(c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y + xv[j].z * xv[j].z + xv[j].w * xv[j].w;
         }
         ss = block_sum(ss);
@@ -74,14 +126,14 @@ __device__ __forceinline__ void rmsnorm_row(const float* x, const float* w, floa
         return;
     }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float a = xr[c];
+        const float a = xr.one(c);
         ss += a * a;
     }
     ss = block_sum(ss);
     const float rr = 1.0f / sqrtf(ss / (float)cols + eps);
     if (threadIdx.x == 0) r[blockIdx.x] = rr;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        out.one(c, xr[c] * rr * norm_weight(w[c], unit_offset));
+        out.one(c, xr.one(c) * rr * norm_weight(w[c], unit_offset));
     }
 }
 
@@ -104,36 +156,54 @@ struct NormOutBf16 {
     }
 };
 
-// y f32 [rows, cols].
-extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, float* y, float* r,
-                                       int rows, int cols, float eps, int unit_offset) {
+// rmsnorm_row of one x reader (norm_with_input's functor).
+template <typename Out>
+struct NormForward {
+    const float* w;
+    float* r;
+    int cols;
+    float eps;
+    int unit_offset;
+    Out out;
+    template <typename In>
+    __device__ void operator()(In x) const {
+        rmsnorm_row(x, w, r, cols, eps, unit_offset, out);
+    }
+};
+
+// x read as `x_kind` says (NORM_IN_*), y f32 [rows, cols].
+extern "C" __global__ void rmsnorm_fwd(const void* x, int x_kind, const float* w, float* y,
+                                       float* r, int rows, int cols, float eps,
+                                       int unit_offset) {
     const NormOutF32 out{y + (long long)blockIdx.x * cols};
-    rmsnorm_row(x, w, r, cols, eps, unit_offset, out);
+    norm_with_input(x, x_kind, NormForward<NormOutF32>{w, r, cols, eps, unit_offset, out});
 }
 
 // y bf16 (rounded to nearest even), rows `pitch` elements apart: a product input, whose spare
 // columns past `cols` are left as they are.
-extern "C" __global__ void rmsnorm_fwd_bf16(const float* x, const float* w, bf16_t* y, float* r,
-                                            int rows, int cols, long long pitch, float eps,
-                                            int unit_offset) {
+extern "C" __global__ void rmsnorm_fwd_bf16(const void* x, int x_kind, const float* w,
+                                            bf16_t* y, float* r, int rows, int cols,
+                                            long long pitch, float eps, int unit_offset) {
     const NormOutBf16 out{y + (long long)blockIdx.x * pitch};
-    rmsnorm_row(x, w, r, cols, eps, unit_offset, out);
+    norm_with_input(x, x_kind, NormForward<NormOutBf16>{w, r, cols, eps, unit_offset, out});
 }
 
-// dx_j = r·w'_j·dy_j − (r³/cols)·x_j·Σ_i dy_i·w'_i·x_i   (r from rmsnorm_fwd), added into dx
-// when `accumulate` (dx_j = dx_j + that), else written over it. dy, x and the dx added into are
-// read together and held in registers between the passes as in rmsnorm_row.
-extern "C" __global__ void rmsnorm_bwd(const float* dy, const float* x, const float* w,
-                                       const float* r, float* dx, int rows, int cols,
-                                       int unit_offset, int accumulate) {
+// dx_j = r·w'_j·dy_j − (r³/cols)·x_j·Σ_i dy_i·w'_i·x_i   (r from rmsnorm_fwd, x read by `x` as
+// the forward read it), added into dx when `accumulate` (dx_j = dx_j + that), else written over
+// it. dy, x and the dx added into are read together and held in registers between the passes as
+// in rmsnorm_row.
+template <typename In>
+__device__ __forceinline__ void rmsnorm_bwd_row(const float* dy, In x, const float* w,
+                                                const float* r, float* dx, int cols,
+                                                int unit_offset, int accumulate) {
     const long long base = (long long)blockIdx.x * cols;
     const float* dyr = dy + base;
-    const float* xr = x + base;
+    const In xr = x.at(base);
     float* dxr = dx + base;
     const float rr = r[blockIdx.x];
     float dot = 0.0f;
     const bool aligned =
-        norm_aligned(dyr, 16) && norm_aligned(xr, 16) && norm_aligned(dxr, 16) && norm_aligned(w, 16);
+        norm_aligned(dyr, 16) && xr.aligned() && norm_aligned(dxr, 16) && norm_aligned(w, 16);
     if (norm_vectorized<NORM_BWD_VEC>(cols) && aligned) {
         float4 dv[NORM_BWD_VEC], xv[NORM_BWD_VEC], av[NORM_BWD_VEC];
 #pragma unroll
@@ -141,7 +211,7 @@ extern "C" __global__ void rmsnorm_bwd(const float* dy, const float* x, const fl
             const int c = norm_col(j, cols);
             const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             dv[j] = c >= 0 ? norm_load4(dyr + c) : zero;
-            xv[j] = c >= 0 ? norm_load4(xr + c) : zero;
+            xv[j] = c >= 0 ? xr.four(c) : zero;
             av[j] = c >= 0 && accumulate ? norm_load4(dxr + c) : zero;
         }
 #pragma unroll
@@ -165,12 +235,34 @@ extern "C" __global__ void rmsnorm_bwd(const float* dy, const float* x, const fl
         return;
     }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        dot += dyr[c] * norm_weight(w[c], unit_offset) * xr[c];
+        dot += dyr[c] * norm_weight(w[c], unit_offset) * xr.one(c);
     }
     dot = block_sum(dot);
     const float k = rr * rr * rr * dot / (float)cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float g = rr * norm_weight(w[c], unit_offset) * dyr[c] - k * xr[c];
+        const float g = rr * norm_weight(w[c], unit_offset) * dyr[c] - k * xr.one(c);
         dxr[c] = accumulate ? dxr[c] + g : g;
     }
+}
+
+// rmsnorm_bwd_row of one x reader (norm_with_input's functor).
+struct NormBackward {
+    const float* dy;
+    const float* w;
+    const float* r;
+    float* dx;
+    int cols;
+    int unit_offset;
+    int accumulate;
+    template <typename In>
+    __device__ void operator()(In x) const {
+        rmsnorm_bwd_row(dy, x, w, r, dx, cols, unit_offset, accumulate);
+    }
+};
+
+// x read as `x_kind` says (NORM_IN_*).
+extern "C" __global__ void rmsnorm_bwd(const float* dy, const void* x, int x_kind,
+                                       const float* w, const float* r, float* dx, int rows,
+                                       int cols, int unit_offset, int accumulate) {
+    norm_with_input(x, x_kind, NormBackward{dy, w, r, dx, cols, unit_offset, accumulate});
 }

@@ -1,8 +1,8 @@
 //! A checkpointed pass that keeps each layer's attention output (`Saving::offload_attention`)
 //! must give the gradients of one that recomputes it: the recomputation reads the kept output
 //! and log-sum-exp of the right layer instead of running the attention forward again. The same
-//! with the attention's inputs kept too (`Saving::offload_attention_inputs`: no product of q, k
-//! or v, no rotation in the recomputation), and for the adapters' inputs
+//! with the attention's inputs and x1 kept too (`Saving::offload_attention_inputs`: no product
+//! before the MLP, no rotation in the recomputation), and for the adapters' inputs
 //! (`Saving::keep_adapter_inputs`): kept or recomputed, bit for bit.
 //!
 //! On the CPU the stash keeps tensors where they are, so the path runs here as it does on a GPU

@@ -388,44 +388,88 @@ fn embedding_and_rope_match_cpu() {
 /// RMSNorm forward (f32, and bf16 product inputs) and backward against the CPU, at widths
 /// that take the kernels' vectorized rows (96, 4096), their plain loop (90: not a multiple of
 /// 4; 8200: longer than the registers hold) and both (6144: the forward's rows, the backward's
-/// loop).
+/// loop). Where product inputs are rounded (training) the norms read x rounded to bf16
+/// (`Backend::norm_input`): against the CPU's norm of the rounded x, and bit for bit the same
+/// from the bf16 copy of x as from x.
 #[test]
 fn rmsnorm_matches_cpu() {
     let Some(mut p) = Pair::new() else { return };
     let mut rng = fresh_rng("rmsnorm");
     let tokens = 53;
     for hidden in [96, 90, 4096, 6144, 8200] {
-        let (eg, ec) = p.up(&randn(&mut rng, tokens * hidden, 1.0), tokens, hidden);
+        let xv = randn(&mut rng, tokens * hidden, 1.0);
+        let (eg, ec) = p.up(&xv, tokens, hidden);
+        // x as the norms read it where product inputs are rounded.
+        let (_, ec_rounded) = p.up(&bf16_round(&xv), tokens, hidden);
+        assert!(
+            p.g.norm_input(&eg).unwrap().is_none(),
+            "nothing rounded: no copy"
+        );
         for unit_offset in [false, true] {
             let (wg, wc) = p.up(&randn(&mut rng, hidden, 0.5), 1, hidden);
             let (yg, rg) = p.g.rmsnorm(&eg, &wg, 1e-5, unit_offset).unwrap();
             let (yc, rc) = p.c.rmsnorm(&ec, &wc, 1e-5, unit_offset).unwrap();
             p.check("rmsnorm y", &yg, &yc, 1e-5);
             p.check("rmsnorm r", &rg, &rc, 1e-5);
-            // Written at once as a product input (with and without spare columns; products rounding
-            // their f32 operands to bf16, as in training): the bits that rounding the f32 output gives.
+            // Products rounding their f32 operands to bf16, as in training.
             p.g.set_f32_products(F32Products::Tf32);
+            let kept = p.g.norm_input(&eg).unwrap().expect("a bf16 copy of x");
+            assert_eq!(p.g.download(&kept).unwrap(), bf16_round(&xv), "norm input");
+            let (ytg, rtg) = p.g.rmsnorm(&eg, &wg, 1e-5, unit_offset).unwrap();
+            let (ytc, rtc) = p.c.rmsnorm(&ec_rounded, &wc, 1e-5, unit_offset).unwrap();
+            p.check("rmsnorm y of x read rounded", &ytg, &ytc, 1e-5);
+            p.check("rmsnorm r of x read rounded", &rtg, &rtc, 1e-5);
+            let (ykg, rkg) = p.g.rmsnorm(&kept, &wg, 1e-5, unit_offset).unwrap();
+            assert_eq!(p.g.download(&ykg).unwrap(), p.g.download(&ytg).unwrap());
+            assert_eq!(p.g.download(&rkg).unwrap(), p.g.download(&rtg).unwrap());
+            // Written at once as a product input (with and without spare columns): the bits
+            // that rounding the f32 output gives, from x and from its bf16 copy.
             for room in [0, 16] {
-                let (pg, prg) =
-                    p.g.rmsnorm_for_products(&eg, &wg, 1e-5, unit_offset, room)
-                        .unwrap();
                 let rounded =
-                    p.g.product_input(p.g.duplicate(&yg).unwrap(), room)
+                    p.g.product_input(p.g.duplicate(&ytg).unwrap(), room)
                         .unwrap();
                 assert_eq!(
-                    p.g.download(&pg).unwrap(),
                     p.g.download(&rounded).unwrap(),
-                    "rmsnorm for products, room {room}"
+                    bf16_round(&p.g.download(&ytg).unwrap())
                 );
-                assert_eq!(p.g.download(&prg).unwrap(), p.g.download(&rg).unwrap());
-                assert_eq!(
-                    p.g.download(&pg).unwrap(),
-                    bf16_round(&p.g.download(&yg).unwrap())
-                );
-                p.check("rmsnorm for products", &pg, &yc, 8e-3);
+                for (from, x) in [("x", &eg), ("its bf16 copy", &kept)] {
+                    let (pg, prg) =
+                        p.g.rmsnorm_for_products(x, &wg, 1e-5, unit_offset, room)
+                            .unwrap();
+                    assert_eq!(
+                        p.g.download(&pg).unwrap(),
+                        p.g.download(&rounded).unwrap(),
+                        "rmsnorm for products of {from}, room {room}"
+                    );
+                    assert_eq!(p.g.download(&prg).unwrap(), p.g.download(&rtg).unwrap());
+                }
+                p.check("rmsnorm for products", &rounded, &yc, 8e-3);
             }
-            p.g.set_f32_products(F32Products::Exact);
+            // The backward of x read rounded: from x, from its bf16 copy (whole and by rows).
             let (dyg, dyc) = p.up(&randn(&mut rng, tokens * hidden, 1.0), tokens, hidden);
+            let dtg =
+                p.g.rmsnorm_backward(&dyg, &eg, &wg, &rtg, unit_offset, None)
+                    .unwrap();
+            let dtc =
+                p.c.rmsnorm_backward(&dyc, &ec_rounded, &wc, &rtc, unit_offset, None)
+                    .unwrap();
+            p.check("rmsnorm backward of x read rounded", &dtg, &dtc, 1e-5);
+            let dkg =
+                p.g.rmsnorm_backward(&dyg, &kept, &wg, &rkg, unit_offset, None)
+                    .unwrap();
+            assert_eq!(p.g.download(&dkg).unwrap(), p.g.download(&dtg).unwrap());
+            let (start, n) = (17, 20);
+            let part = p.g.copy_rows(&dyg, start, n).unwrap();
+            let mut by_rows = p.g.zeros(tokens, hidden).unwrap();
+            p.g.rmsnorm_backward_rows(&part, &kept, &wg, &rkg, unit_offset, start, &mut by_rows)
+                .unwrap();
+            let (whole, by_rows) = (p.g.download(&dtg).unwrap(), p.g.download(&by_rows).unwrap());
+            assert_eq!(
+                by_rows[start * hidden..(start + n) * hidden],
+                whole[start * hidden..(start + n) * hidden],
+                "rmsnorm backward of rows of the bf16 copy"
+            );
+            p.g.set_f32_products(F32Products::Exact);
             let dg =
                 p.g.rmsnorm_backward(&dyg, &eg, &wg, &rg, unit_offset, None)
                     .unwrap();

@@ -439,6 +439,16 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (x, room);
         Ok(None)
     }
+    /// A copy of the residual `x` as the RMSNorms read it, for a caller that keeps it for them
+    /// alone (a layer's input or x1 kept for the backward pass), or `None` where the norms read
+    /// x as it is (the CPU). A backend whose norms read the residual rounded (the CUDA backend
+    /// where it rounds product inputs: to bf16, as a bf16 stack stores the residual) returns the
+    /// rounded copy, half the bytes: the norms read the same values from it as from x. Only the
+    /// norms, `stash`, `fetch_stashed`, `settle` and `download` read it.
+    fn norm_input(&self, x: &Self::Tensor) -> Result<Option<Self::Tensor>> {
+        let _ = x;
+        Ok(None)
+    }
     /// An adapted projection `y = x·Wᵀ + s·xa·Bᵀ` (`[rows, out]`, new), with the adapter input
     /// `xa = dropout(x)·Aᵀ` (`[rows, r]`) computed by the caller and `b = B: [out, r]`. The
     /// adapter's term is written first and the base product accumulated onto it (the large
@@ -539,7 +549,8 @@ pub trait Backend: Send + Sync + 'static {
         -> Result<Self::Tensor>;
 
     /// RMSNorm of each row: `y = x · r · w'`, `r = 1/sqrt(mean(x²) + eps)`, `w' = w` or `1 + w`.
-    /// Returns `y` and `r` (one value a row, `[rows, 1]`).
+    /// Returns `y` and `r` (one value a row, `[rows, 1]`). The norms (and their backward) read x
+    /// as [`Backend::norm_input`] says.
     fn rmsnorm(
         &self,
         x: &Self::Tensor,

@@ -68,8 +68,10 @@ pub struct Saving {
     /// inputs, its log-sum-exp on the device), so the recomputation skips the attention forward.
     pub offload_attention: bool,
     /// With `offload_attention` and `keep_adapter_inputs`: keep q, k and v as the attention read
-    /// them (rotated) in host memory too, stashed with its output, so the recomputation also
-    /// skips their products and the rotation (layers with no per-head q/k norm).
+    /// them (rotated) in host memory too, stashed with its output, and x1 (`x + o`, the MLP
+    /// norm's input), so the recomputation runs only the two norms: no product before the MLP,
+    /// no rotation (layers with no per-head q/k norm). Such a layer's input and x1 are kept as
+    /// the norms read them ([`Backend::norm_input`]: bf16 on CUDA).
     pub offload_attention_inputs: bool,
     /// With `recompute`: keep the adapters' inputs `dropout(x)·Aᵀ` on the device (r columns a
     /// projection, 14 KiB a token on Llama 3 8B at rank 16), so the recomputation reuses them
@@ -206,12 +208,22 @@ struct Checkpoint<B: Backend> {
     attention: Option<KeptAttention<B>>,
 }
 
-/// A layer's attention output (stashed) and log-sum-exp, and q, k, v as it read them (stashed)
-/// when [`Saving::offload_attention_inputs`] kept them.
+/// A layer's attention output (stashed) and log-sum-exp, and what
+/// [`Saving::offload_attention_inputs`] kept besides.
 struct KeptAttention<B: Backend> {
     out: B::Tensor,
     lse: B::Tensor,
-    inputs: Option<[B::Tensor; 3]>,
+    inputs: Option<KeptInputs<B>>,
+}
+
+/// What a layer keeps (stashed) with [`Saving::offload_attention_inputs`]: q, k and v as its
+/// attention read them and x1 as the MLP's norm reads it ([`Backend::norm_input`]); its input is
+/// then kept as the attention's norm reads it too. Its recomputation runs the two norms alone.
+struct KeptInputs<B: Backend> {
+    q: B::Tensor,
+    k: B::Tensor,
+    v: B::Tensor,
+    x1: B::Tensor,
 }
 
 impl<B: Backend> Checkpoint<B> {
@@ -222,11 +234,12 @@ impl<B: Backend> Checkpoint<B> {
                 out: be.fetch_stashed(out)?,
                 lse,
                 inputs: match inputs {
-                    Some([q, k, v]) => Some([
-                        be.fetch_stashed(q)?,
-                        be.fetch_stashed(k)?,
-                        be.fetch_stashed(v)?,
-                    ]),
+                    Some(KeptInputs { q, k, v, x1 }) => Some(KeptInputs {
+                        q: be.fetch_stashed(q)?,
+                        k: be.fetch_stashed(k)?,
+                        v: be.fetch_stashed(v)?,
+                        x1: be.fetch_stashed(x1)?,
+                    }),
                     None => None,
                 },
             }),
@@ -632,13 +645,14 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
-    /// A layer recomputed up to `h2` from its input and its kept attention (inputs, output,
-    /// log-sum-exp) and adapter inputs `kept`: `h1` (q, k and v's products' input, read by
-    /// their backward) and the residual half; no product of q, k or v, no rotation.
+    /// A layer recomputed up to `h2` from its input, x1, its kept attention (inputs, output,
+    /// log-sum-exp) and adapter inputs `kept`: the norms alone, `h1` (q, k and v's products'
+    /// input, read by their backward) and `h2`; no product, no rotation.
     fn layer_cache_from_kept_attention(
         &self,
         layer: usize,
         x: &B::Tensor,
+        x1: B::Tensor,
         ad: &Adapters<B>,
         attended: Attended<B>,
         kept: [Option<B::Tensor>; 4],
@@ -662,7 +676,8 @@ impl<B: Backend> Decoder<B> {
             attn: be.product_input(out, room)?,
             lse,
         };
-        let residual = self.residual_half(layer, x, &attention.attn, Some(ad), xo)?;
+        let (h2, r2) = be.rmsnorm_for_products(&x1, &lw.mlp_norm, eps, offset, room)?;
+        let residual = ResidualHalf { xo, x1, h2, r2 };
         Ok(LayerCache {
             attention,
             residual,
@@ -752,6 +767,12 @@ impl<B: Backend> Decoder<B> {
         let (eps, offset) = (cfg.rms_norm_eps, cfg.norm_unit_offset);
         let (h2, r2) = be.rmsnorm_for_products(&x1, &lw.mlp_norm, eps, offset, Self::room(ad))?;
         Ok(ResidualHalf { xo, x1, h2, r2 })
+    }
+
+    /// A copy of the residual `x` as the norms read it ([`Backend::norm_input`]), for keeping.
+    fn kept_for_norms(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        let be = &self.backend;
+        be.norm_input(x)?.map_or_else(|| be.duplicate(x), Ok)
     }
 
     /// Rows `[start, start + rows)` of `t`, copied only when that is not all of it.
@@ -1188,6 +1209,8 @@ impl<B: Backend> Decoder<B> {
             // first, right after the head (a copy out and back would only make it wait).
             let stays = layer + 1 == n;
             let attend = self.batch_attention(batch);
+            // The layer's input when it is stashed with the attention's tensors.
+            let mut kept_input = None;
             let out = if saving.recompute {
                 // q, k and v are kept only where they go to host memory, and where the
                 // recomputation needs nothing else of their products (their adapter inputs
@@ -1209,8 +1232,12 @@ impl<B: Backend> Decoder<B> {
                 // the next stash makes the compute stream wait for them.
                 let attention = match (saving.offload_attention, inputs) {
                     (true, Some([q, k, v])) => {
-                        let [out, q, k, v] = be.stash_all([attn, q, k, v])?;
-                        let inputs = Some([q, k, v]);
+                        // x and x1 as the norms read them: nothing else reads them again.
+                        let [x_kept, x1_kept] = [&x, &x1].map(|t| self.kept_for_norms(t));
+                        let stashed = be.stash_all([attn, q, k, v, x1_kept?, x_kept?])?;
+                        let [out, q, k, v, x1, x_kept] = stashed;
+                        kept_input = Some(x_kept);
+                        let inputs = Some(KeptInputs { q, k, v, x1 });
                         Some(KeptAttention { out, lse, inputs })
                     }
                     (true, None) => Some(KeptAttention {
@@ -1242,10 +1269,10 @@ impl<B: Backend> Decoder<B> {
                 out
             };
             layer_copies.after(layer);
-            inputs.push(if saving.offload_inputs && !stays {
-                be.stash(x)?
-            } else {
-                x
+            inputs.push(match kept_input {
+                Some(kept) => kept,
+                None if saving.offload_inputs && !stays => be.stash(x)?,
+                None => x,
             });
             x = out;
         }
@@ -1277,7 +1304,7 @@ impl<B: Backend> Decoder<B> {
                         Some(KeptAttention {
                             out,
                             lse,
-                            inputs: Some([q, k, v]),
+                            inputs: Some(KeptInputs { q, k, v, x1 }),
                         }) => {
                             let attended = Attended {
                                 q: be.settle(q)?,
@@ -1286,10 +1313,12 @@ impl<B: Backend> Decoder<B> {
                                 out: be.settle(out)?,
                                 lse,
                             };
+                            let x1 = be.settle(x1)?;
                             let kept_inputs = kept.adapter_inputs;
                             self.layer_cache_from_kept_attention(
                                 layer,
                                 &x,
+                                x1,
                                 ad,
                                 attended,
                                 kept_inputs,

@@ -361,11 +361,12 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Whether the attention's inputs go with its outputs ([`Saving::offload_attention_inputs`]):
-    /// while all layers' outputs, q, k and v (`tokens × 2·(heads + kv_heads) × head_dim` values)
-    /// take at most a quarter of the host's memory; past that only the outputs are kept.
+    /// while all layers' outputs, q, k, v and x1 (`tokens × (2·(heads + kv_heads) × head_dim +
+    /// hidden)` values) take at most a quarter of the host's memory; past that only the outputs
+    /// are kept.
     fn offloads_attention_inputs(&self, tokens: usize) -> bool {
         let cfg = &self.decoder.cfg;
-        let values = 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim;
+        let values = 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim + cfg.hidden_size;
         self.offloads_attention(tokens) && self.fits_host_quarter(tokens, values)
     }
 

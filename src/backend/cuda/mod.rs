@@ -596,6 +596,24 @@ impl CudaBackend {
         }
     }
 
+    /// The norm kernels' argument pair for their input `x` (kernels/norm.cu, `NORM_IN_*`): its
+    /// address and how it is read. A bf16 x as it is; an f32 x rounded to bf16 as it is read
+    /// where product inputs are rounded (the residual stream as a bf16 stack keeps it, so that a
+    /// copy of x kept for the backward in bf16, [`Backend::norm_input`], reads back the same
+    /// values), else as it is.
+    fn norm_input_args(&self, x: &CudaTensor, what: &str) -> Result<[Arg; 2]> {
+        const F32: i32 = 0;
+        const F32_AS_BF16: i32 = 1;
+        const BF16: i32 = 2;
+        let (arg, bf16) = self.pointwise_input(x, what)?;
+        let kind = match (bf16, self.rounds_product_inputs()) {
+            (true, _) => BF16,
+            (false, true) => F32_AS_BF16,
+            (false, false) => F32,
+        };
+        Ok([arg, Arg::I32(kind)])
+    }
+
     /// An element-wise kernel's argument pair for the f32 or bf16 `t`: its address and the flag
     /// saying it is bf16.
     fn flagged_input(&self, t: &CudaTensor, what: &str) -> Result<[Arg; 2]> {
@@ -889,14 +907,14 @@ impl CudaBackend {
         if x.rows == 0 {
             return Ok(r);
         }
-        let mut args = vec![
-            self.f32_arg(x, "rmsnorm")?,
+        let mut args = Vec::from(self.norm_input_args(x, "rmsnorm")?);
+        args.extend([
             self.f32_arg(w, "rmsnorm weight")?,
             Arg::Ptr(self.rows_ptr(y)?),
             Arg::Ptr(self.ptr(&r)?),
             dim(x.rows),
             dim(x.cols),
-        ];
+        ]);
         let kernel = match y.dtype() {
             Dtype::F32 => "rmsnorm_fwd",
             Dtype::Bf16 => {
@@ -940,18 +958,19 @@ impl CudaBackend {
         if dy.rows == 0 {
             return Ok(());
         }
-        for t in [dy, x, w, r, dx] {
+        for t in [dy, w, r, dx] {
             wants_f32(t, what)?;
         }
-        // Row `start` of x and dx, scale `start` of r (f32 elements).
+        // Row `start` of x (f32 or bf16) and dx, scale `start` of r.
         let at = |t: &CudaTensor, elements: usize| -> Result<Arg> {
-            Ok(Arg::Ptr(
-                self.ptr(t)? + (elements * std::mem::size_of::<f32>()) as u64,
-            ))
+            let bytes = if t.dtype() == Dtype::Bf16 { 2 } else { 4 };
+            Ok(Arg::Ptr(self.ptr(t)? + (elements * bytes) as u64))
         };
+        let [_, x_kind] = self.norm_input_args(x, what)?;
         let args = [
             Arg::Ptr(self.ptr(dy)?),
             at(x, start * x.cols)?,
+            x_kind,
             Arg::Ptr(self.ptr(w)?),
             at(r, start)?,
             at(dx, start * x.cols)?,
@@ -1389,6 +1408,15 @@ impl Backend for CudaBackend {
             return Ok(None);
         }
         self.rounded_copy(x, room, "a product input").map(Some)
+    }
+
+    /// A bf16 copy of an f32 `x` where product inputs are rounded: what the norm kernels read
+    /// of `x` there (`norm_input_args`).
+    fn norm_input(&self, x: &CudaTensor) -> Result<Option<CudaTensor>> {
+        if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
+            return Ok(None);
+        }
+        self.rounded_copy(x, 0, "a norm input").map(Some)
     }
 
     fn adapted_product(
