@@ -34,7 +34,7 @@
 /**
  * Version of this C ABI. It changes only when an existing declaration changes incompatibly.
  */
-#define FT_ABI_VERSION 4
+#define FT_ABI_VERSION 5
 
 /**
  * LoRA target bits for `ft_lora_params.target_modules`.
@@ -184,6 +184,11 @@ typedef struct ft_bench_params {
    * `ft_model_params.layers_in_host_memory`.
    */
   uint32_t layers_in_host_memory;
+  /**
+   * Layers that keep their MLP's gate and up products, as
+   * `ft_train_params.kept_mlp_layers`.
+   */
+  uint32_t kept_mlp_layers;
 } ft_bench_params;
 
 /**
@@ -352,6 +357,12 @@ typedef struct ft_train_params {
    * adapters' inputs are kept, q, k and v's products).
    */
   int32_t offload_activations;
+  /**
+   * With checkpointing: the last this many decoder layers keep their MLP's gate and up
+   * products on the device instead of recomputing them in the backward pass (faster;
+   * 2 × tokens × intermediate_size bf16 values a layer of device memory on a GPU). 0: none.
+   */
+  uint32_t kept_mlp_layers;
 } ft_train_params;
 
 /**
@@ -578,7 +589,7 @@ struct ft_bench_params ft_bench_default_params(void);
  * Builds a model of the named shape with random weights on the device, runs one warm-up and
  * `steps` timed training steps on random tokens, and sets `*json_out` to the JSON object that
  * `finetune bench` prints: model, device, mode, ranks, batch, seq, rank, checkpointing,
- * offload_activations, lm_head_in_host, layers_in_host, steps,
+ * offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps,
  * step_seconds_median, cpu_seconds_median (null where the OS does not report it),
  * tokens_per_second, first_loss, last_loss, peak_rss_mib (the whole process's peak resident
  * memory), peak_device_mib, peak_device_set_by (what the allocation that reached the peak was

@@ -68,6 +68,8 @@ pub struct BenchConfig {
     pub checkpointing: bool,
     /// Keep the saved layer inputs in pinned host memory (GPU backends).
     pub offload_activations: bool,
+    /// [`TrainConfig::kept_mlp_layers`].
+    pub kept_mlp_layers: usize,
     /// Device, threads, quantization (which decides the mode) and device-memory cap.
     pub params: ModelParams,
 }
@@ -84,6 +86,7 @@ impl Default for BenchConfig {
             steps: 3,
             checkpointing: true,
             offload_activations: false,
+            kept_mlp_layers: 0,
             params: ModelParams::default(),
         }
     }
@@ -104,6 +107,8 @@ pub struct BenchResult {
     pub rank: usize,
     pub checkpointing: bool,
     pub offload_activations: bool,
+    /// [`TrainConfig::kept_mlp_layers`].
+    pub kept_mlp_layers: usize,
     /// The LM head kept in host memory ([`ModelParams::lm_head_in_host`]).
     pub lm_head_in_host: bool,
     /// Decoder layers kept in host memory ([`ModelParams::layers_in_host`]).
@@ -192,6 +197,7 @@ fn trainer_for(cfg: &BenchConfig, model: &Model, total_steps: u64) -> Result<Tra
     let train = TrainConfig {
         checkpointing: cfg.checkpointing,
         offload_activations: cfg.offload_activations,
+        kept_mlp_layers: cfg.kept_mlp_layers,
         total_steps,
         ..TrainConfig::default()
     };
@@ -254,6 +260,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         rank: cfg.rank,
         checkpointing: cfg.checkpointing,
         offload_activations: cfg.offload_activations,
+        kept_mlp_layers: cfg.kept_mlp_layers,
         lm_head_in_host: cfg.params.lm_head_in_host,
         layers_in_host: cfg.params.layers_in_host,
         steps: cfg.steps,

@@ -3,7 +3,8 @@
 //! and log-sum-exp of the right layer instead of running the attention forward again. The same
 //! with the attention's inputs and x1 kept too (`Saving::offload_attention_inputs`: no product
 //! before the MLP, no rotation in the recomputation), and for the adapters' inputs
-//! (`Saving::keep_adapter_inputs`): kept or recomputed, bit for bit.
+//! (`Saving::keep_adapter_inputs`) and the MLP's gate and up products (`Saving::kept_mlp_layers`):
+//! kept or recomputed, bit for bit.
 //!
 //! On the CPU the stash keeps tensors where they are, so the path runs here as it does on a GPU
 //! (where the outputs go to host memory and come back), without the copies.
@@ -66,7 +67,8 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
 
     let gradients = |offload_attention: bool,
                      offload_attention_inputs: bool,
-                     keep_adapter_inputs: bool|
+                     keep_adapter_inputs: bool,
+                     kept_mlp_layers: usize|
      -> (f32, Vec<Vec<f32>>) {
         let mut grads = params.zeros_like(be).unwrap();
         let scale = be.upload(&[1.0 / batch.labelled as f32], 1, 1).unwrap();
@@ -81,6 +83,7 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
             offload_attention,
             offload_attention_inputs,
             keep_adapter_inputs,
+            kept_mlp_layers,
         };
         dec.forward_backward(&batch, &ad, &mut grads, &mut loss, saving, &mut |_, _| {
             Ok(())
@@ -90,26 +93,43 @@ fn kept_attention_outputs_give_the_recomputed_gradients() {
         let grads = grads.tensors().map(|g| be.download(g).unwrap()).collect();
         (loss, grads)
     };
-    let (recomputed_loss, recomputed) = gradients(false, false, true);
+    let (recomputed_loss, recomputed) = gradients(false, false, true, 0);
     assert!(recomputed_loss.is_finite() && recomputed_loss > 0.0);
     for (what, (loss, grads)) in [
-        ("the kept attention outputs", gradients(true, false, true)),
+        (
+            "the kept attention outputs",
+            gradients(true, false, true, 0),
+        ),
         (
             "the kept attention inputs and outputs",
-            gradients(true, true, true),
+            gradients(true, true, true, 0),
         ),
         (
             "the adapters' inputs recomputed",
-            gradients(false, false, false),
+            gradients(false, false, false, 0),
         ),
         (
             "the attention outputs kept, the adapters' inputs recomputed",
-            gradients(true, false, false),
+            gradients(true, false, false, 0),
         ),
         // q, k and v are then recomputed for their adapter inputs.
         (
             "the attention inputs asked for, the adapters' inputs recomputed",
-            gradients(true, true, false),
+            gradients(true, true, false, 0),
+        ),
+        // The last layer's MLP products kept (with the attention's tensors, and alone), then
+        // every layer's (more layers asked for than there are).
+        (
+            "the last layer's MLP products kept",
+            gradients(true, true, true, 1),
+        ),
+        (
+            "the last layer's MLP products kept, the adapters' inputs recomputed",
+            gradients(false, false, false, 1),
+        ),
+        (
+            "every layer's MLP products kept",
+            gradients(true, true, true, 5),
         ),
     ] {
         assert_eq!(loss, recomputed_loss, "{what}");

@@ -41,6 +41,8 @@ type BenchOptions struct {
 	// Decoder layers kept in pinned host memory (GPU, "lora" mode only), as
 	// ModelOptions.LayersInHost; 0 means none.
 	LayersInHost int
+	// Layers that keep their MLP's gate and up products, as TrainOptions.KeptMlpLayers.
+	KeptMlpLayers uint32
 }
 
 // DefaultBenchOptions gives the defaults of `finetune bench`: model "smollm2-135m", mode
@@ -54,7 +56,7 @@ func DefaultBenchOptions() (BenchOptions, error) {
 		Steps: uint32(p.steps), Checkpointing: p.checkpointing != 0, Threads: int(p.n_threads),
 		MaxDeviceMemoryMiB: uint64(p.max_device_memory_mib),
 		OffloadActivations: p.offload_activations != 0, LmHeadInHost: p.lm_head_in_host_memory != 0,
-		LayersInHost: int(p.layers_in_host_memory)}
+		LayersInHost: int(p.layers_in_host_memory), KeptMlpLayers: uint32(p.kept_mlp_layers)}
 	// Static strings of the library (NULL means the default).
 	if p.model != nil {
 		o.Model = C.GoString(p.model)
@@ -71,7 +73,7 @@ func DefaultBenchOptions() (BenchOptions, error) {
 // Bench builds a model of opts.Model's shape with random weights on the device, runs one
 // warm-up and opts.Steps timed training steps on random tokens, and returns the JSON object
 // that `finetune bench` prints (model, device, mode, batch, seq, rank, checkpointing,
-// offload_activations, lm_head_in_host, layers_in_host, steps, step_seconds_median,
+// offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps, step_seconds_median,
 // cpu_seconds_median, tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib,
 // peak_device_set_by, peak_device_purposes_mib, held_device_mib, load_seconds). opts may be nil
 // for the defaults.
@@ -100,7 +102,8 @@ func Bench(opts *BenchOptions) (string, error) {
 			max_device_memory_mib:  C.uint64_t(opts.MaxDeviceMemoryMiB),
 			offload_activations:    cbool(opts.OffloadActivations),
 			lm_head_in_host_memory: cbool(opts.LmHeadInHost),
-			layers_in_host_memory:  C.uint32_t(opts.LayersInHost)}
+			layers_in_host_memory:  C.uint32_t(opts.LayersInHost),
+			kept_mlp_layers:        C.uint32_t(opts.KeptMlpLayers)}
 		// An empty model is passed as NULL, which the library refuses by name.
 		for _, s := range []struct {
 			dst **C.char

@@ -233,7 +233,7 @@ func TestMissingLibraryErrorSaysWhereItLooked(t *testing.T) {
 }
 
 func TestABIVersion(t *testing.T) {
-	if ABIVersion != 4 {
+	if ABIVersion != 5 {
 		t.Fatalf("ABIVersion is %d", ABIVersion)
 	}
 	if _, err := Load(); err != nil {
@@ -417,13 +417,13 @@ func TestBenchPassesTheOffloadOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.OffloadActivations || d.LmHeadInHost || d.LayersInHost != 0 {
+	if d.OffloadActivations || d.LmHeadInHost || d.LayersInHost != 0 || d.KeptMlpLayers != 0 {
 		t.Fatalf("defaults: %+v", d)
 	}
 	opts := d
 	opts.Model, opts.Device, opts.Threads = "tiny", "cpu", 1
 	opts.Batch, opts.Seq, opts.Steps = 1, 16, 1
-	flags := func(o BenchOptions) (offload, lmHead bool, layers int) {
+	flags := func(o BenchOptions) (offload, lmHead bool, layers, kept int) {
 		t.Helper()
 		out, err := Bench(&o)
 		if err != nil {
@@ -433,23 +433,27 @@ func TestBenchPassesTheOffloadOptions(t *testing.T) {
 			OffloadActivations *bool `json:"offload_activations"`
 			LmHeadInHost       *bool `json:"lm_head_in_host"`
 			LayersInHost       *int  `json:"layers_in_host"`
+			KeptMlpLayers      *int  `json:"kept_mlp_layers"`
 		}
 		if err := json.Unmarshal([]byte(out), &r); err != nil {
 			t.Fatalf("not JSON: %v\n%s", err, out)
 		}
-		if r.OffloadActivations == nil || r.LmHeadInHost == nil || r.LayersInHost == nil {
+		if r.OffloadActivations == nil || r.LmHeadInHost == nil || r.LayersInHost == nil ||
+			r.KeptMlpLayers == nil {
 			t.Fatalf("keys missing: %s", out)
 		}
-		return *r.OffloadActivations, *r.LmHeadInHost, *r.LayersInHost
+		return *r.OffloadActivations, *r.LmHeadInHost, *r.LayersInHost, *r.KeptMlpLayers
 	}
-	if offload, lmHead, layers := flags(opts); offload || lmHead || layers != 0 {
-		t.Fatalf("off by default, got offload_activations %v, lm_head_in_host %v, layers_in_host %d",
-			offload, lmHead, layers)
+	if offload, lmHead, layers, kept := flags(opts); offload || lmHead || layers != 0 || kept != 0 {
+		t.Fatalf("off by default, got offload_activations %v, lm_head_in_host %v, layers_in_host %d, "+
+			"kept_mlp_layers %d", offload, lmHead, layers, kept)
 	}
-	opts.OffloadActivations, opts.LmHeadInHost = true, true
-	if offload, lmHead, _ := flags(opts); !offload || !lmHead {
-		t.Fatalf("set, got offload_activations %v, lm_head_in_host %v", offload, lmHead)
+	opts.OffloadActivations, opts.LmHeadInHost, opts.KeptMlpLayers = true, true, 1
+	if offload, lmHead, _, kept := flags(opts); !offload || !lmHead || kept != 1 {
+		t.Fatalf("set, got offload_activations %v, lm_head_in_host %v, kept_mlp_layers %d",
+			offload, lmHead, kept)
 	}
+	opts.KeptMlpLayers = 0
 	// None of the tiny shape's layers can stay in host memory: the library quotes the count it read.
 	opts.LayersInHost = 2
 	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) ||

@@ -7,7 +7,7 @@ package finetune
 #include "loader.h"
 
 // The Go types in this package mirror ABI 4's declarations: building against another header fails.
-_Static_assert(FT_ABI_VERSION == 4, "bindings/go is written for FT_ABI_VERSION 4");
+_Static_assert(FT_ABI_VERSION == 5, "bindings/go is written for FT_ABI_VERSION 5");
 */
 import "C"
 
@@ -23,7 +23,7 @@ import (
 
 // ABIVersion is the version of libfinetune's C ABI this package is written for: a library
 // reporting another ft_abi_version() is refused when it is loaded.
-const ABIVersion = 4
+const ABIVersion = 5
 
 // LibraryEnv names the environment variable that gives the full path of libfinetune.so.
 const LibraryEnv = "FINETUNE_LIB"

@@ -97,6 +97,8 @@ export interface BenchOptions {
   /** Decoder layers kept in pinned host memory, as ModelOptions.layersInHost (GPU, "lora" mode
    * only; default 0). */
   layersInHost?: number;
+  /** Layers that keep their MLP's gate and up products, as TrainOptions.keptMlpLayers (default 0). */
+  keptMlpLayers?: number;
 }
 
 export interface ModelInfo {
@@ -143,6 +145,9 @@ export interface TrainOptions {
   warmupSteps?: number; totalSteps?: number; gradientCheckpointing?: boolean; seed?: number;
   /** Keep the saved layer inputs in pinned host memory (GPU only). */
   offloadActivations?: boolean;
+  /** With checkpointing: the last this many layers keep their MLP's gate and up products instead
+   * of recomputing them (faster; 2 × tokens × intermediate_size values a layer of device memory). */
+  keptMlpLayers?: number;
 }
 
 export interface StepStats {
@@ -202,7 +207,7 @@ export declare function ncclUniqueId(): Uint8Array;
 export declare function benchDefaults(): Required<BenchOptions>;
 /** Runs the training-step benchmark of `finetune bench` on the calling thread (blocking the event
  * loop) and returns its JSON text: model, device, mode, batch, seq, rank, checkpointing,
- * offload_activations, lm_head_in_host, layers_in_host, steps, step_seconds_median,
+ * offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps, step_seconds_median,
  * cpu_seconds_median, tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib,
  * peak_device_set_by, peak_device_purposes_mib, held_device_mib, load_seconds. */
 export declare function bench(opts?: BenchOptions): string;

@@ -114,6 +114,7 @@ function trainParams(o) {
   for (const [k, c] of Object.entries(map)) if (o[k] != null) p[c] = o[k];
   if (o.gradientCheckpointing != null) p.gradient_checkpointing = o.gradientCheckpointing ? 1 : 0;
   if (o.offloadActivations != null) p.offload_activations = o.offloadActivations ? 1 : 0;
+  if (o.keptMlpLayers != null) p.kept_mlp_layers = uint32('keptMlpLayers', o.keptMlpLayers);
   if (o.schedule != null) {
     const s = typeof o.schedule === 'string' ? SCHEDULES[o.schedule] : o.schedule;
     if (s === undefined) throw new RangeError(`finetune: unknown schedule ${o.schedule}`);
@@ -330,6 +331,7 @@ function benchDefaults() {
     checkpointing: d.checkpointing !== 0, threads: d.n_threads, device: d.device ?? 'auto',
     maxDeviceMemoryMiB: Number(d.max_device_memory_mib), offloadActivations: d.offload_activations !== 0,
     lmHeadInHost: d.lm_head_in_host_memory !== 0, layersInHost: d.layers_in_host_memory,
+    keptMlpLayers: d.kept_mlp_layers,
   };
 }
 
@@ -344,7 +346,7 @@ function bench(opts) {
   if (opts.model != null) p.model = opts.model;
   if (opts.mode != null) p.mode = opts.mode;
   for (const [k, c] of [['batch', 'batch'], ['seq', 'seq'], ['rank', 'rank'], ['steps', 'steps'], ['threads', 'n_threads'],
-    ['layersInHost', 'layers_in_host_memory']]) {
+    ['layersInHost', 'layers_in_host_memory'], ['keptMlpLayers', 'kept_mlp_layers']]) {
     if (opts[k] != null) p[c] = uint32(k, opts[k]);
   }
   if (opts.checkpointing != null) p.checkpointing = opts.checkpointing ? 1 : 0;

@@ -42,6 +42,9 @@ pub struct ft_bench_params {
     /// Decoder layers kept in pinned host memory (GPU, lora mode only), as
     /// `ft_model_params.layers_in_host_memory`.
     pub layers_in_host_memory: u32,
+    /// Layers that keep their MLP's gate and up products, as
+    /// `ft_train_params.kept_mlp_layers`.
+    pub kept_mlp_layers: u32,
 }
 
 /// Defaults, those of `finetune bench`: model "smollm2-135m", mode "lora", batch 4, seq 256,
@@ -67,6 +70,7 @@ pub extern "C" fn ft_bench_default_params() -> ft_bench_params {
         offload_activations: d.offload_activations as i32,
         lm_head_in_host_memory: m.lm_head_in_host_memory,
         layers_in_host_memory: m.layers_in_host_memory,
+        kept_mlp_layers: d.kept_mlp_layers as u32,
     }
 }
 
@@ -97,6 +101,7 @@ impl ft_bench_params {
             steps: self.steps as usize,
             checkpointing: self.checkpointing != 0,
             offload_activations: self.offload_activations != 0,
+            kept_mlp_layers: self.kept_mlp_layers as usize,
             params: model_params.to_rust()?,
         })
     }
@@ -105,7 +110,7 @@ impl ft_bench_params {
 /// Builds a model of the named shape with random weights on the device, runs one warm-up and
 /// `steps` timed training steps on random tokens, and sets `*json_out` to the JSON object that
 /// `finetune bench` prints: model, device, mode, ranks, batch, seq, rank, checkpointing,
-/// offload_activations, lm_head_in_host, layers_in_host, steps,
+/// offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps,
 /// step_seconds_median, cpu_seconds_median (null where the OS does not report it),
 /// tokens_per_second, first_loss, last_loss, peak_rss_mib (the whole process's peak resident
 /// memory), peak_device_mib, peak_device_set_by (what the allocation that reached the peak was

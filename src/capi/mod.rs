@@ -26,7 +26,7 @@ use std::ffi::{c_char, CStr, CString};
 use std::path::Path;
 
 /// Version of this C ABI. It changes only when an existing declaration changes incompatibly.
-pub const FT_ABI_VERSION: u32 = 4;
+pub const FT_ABI_VERSION: u32 = 5;
 
 /// Returns `FT_ABI_VERSION` as compiled into the library (compare with the header's).
 #[no_mangle]

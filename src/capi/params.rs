@@ -144,6 +144,10 @@ pub struct ft_train_params {
     /// host's memory (the backward then skips the recomputed attention forward and, where the
     /// adapters' inputs are kept, q, k and v's products).
     pub offload_activations: i32,
+    /// With checkpointing: the last this many decoder layers keep their MLP's gate and up
+    /// products on the device instead of recomputing them in the backward pass (faster;
+    /// 2 × tokens × intermediate_size bf16 values a layer of device memory on a GPU). 0: none.
+    pub kept_mlp_layers: u32,
 }
 
 /// A batch of `batch_size` rows of `seq_len` tokens, each array holding batch_size·seq_len values
@@ -227,6 +231,7 @@ pub extern "C" fn ft_train_default_params() -> ft_train_params {
         gradient_checkpointing: d.checkpointing as i32,
         seed: d.seed,
         offload_activations: d.offload_activations as i32,
+        kept_mlp_layers: d.kept_mlp_layers as u32,
     }
 }
 
@@ -327,6 +332,7 @@ impl ft_train_params {
             total_steps: self.total_steps,
             checkpointing: self.gradient_checkpointing != 0,
             offload_activations: self.offload_activations != 0,
+            kept_mlp_layers: self.kept_mlp_layers as usize,
             seed: self.seed,
         };
         cfg.validate()?;

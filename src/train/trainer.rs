@@ -43,6 +43,11 @@ pub struct TrainConfig {
     /// take at most a quarter of the host's memory (`Trainer::offloads_attention`; past that
     /// the outputs alone while they fit).
     pub offload_activations: bool,
+    /// With checkpointing: the last this many decoder layers keep their MLP's gate and up
+    /// products on the device instead of recomputing them in the backward pass (faster by
+    /// about 1/5 of such a layer's step time; `2 × tokens × intermediate_size` bf16 values a layer
+    /// on a GPU: 448 MiB at 8,192 tokens of Llama 3 8B). 0 keeps none.
+    pub kept_mlp_layers: usize,
     /// Seed of the dropout masks.
     pub seed: u64,
 }
@@ -61,6 +66,7 @@ impl Default for TrainConfig {
             total_steps: 100,
             checkpointing: true,
             offload_activations: false,
+            kept_mlp_layers: 0,
             seed: 0,
         }
     }
@@ -300,6 +306,7 @@ impl<B: Backend> Trainer<B> {
             offload_attention: self.offloads_attention(largest.unwrap_or(0)),
             offload_attention_inputs: self.offloads_attention_inputs(largest.unwrap_or(0)),
             keep_adapter_inputs: self.keeps_adapter_inputs(largest.unwrap_or(0)),
+            kept_mlp_layers: self.cfg.kept_mlp_layers,
         };
         let record = self.replayer.applies(&self.lora, group.is_some());
         let scale = 1.0 / labelled as f32;

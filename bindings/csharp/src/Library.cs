@@ -33,6 +33,9 @@ namespace Finetune
         /// <summary>Decoder layers kept in pinned host memory, as ModelOptions.LayersInHost (GPU,
         /// "lora" mode only; default 0).</summary>
         public uint? LayersInHost;
+        /// <summary>Layers that keep their MLP's gate and up products, as
+        /// TrainOptions.KeptMlpLayers (default 0).</summary>
+        public uint? KeptMlpLayers;
     }
 
     /// <summary>The library as a whole: its version, NCCL unique ids for data-parallel groups
@@ -79,13 +82,14 @@ namespace Finetune
                 OffloadActivations = d.offload_activations != 0,
                 LmHeadInHost = d.lm_head_in_host_memory != 0,
                 LayersInHost = d.layers_in_host_memory,
+                KeptMlpLayers = d.kept_mlp_layers,
             };
         }
 
         /// <summary>The training-step benchmark of `finetune bench`: builds a model of the named
         /// shape with random weights, runs one warm-up and Steps timed steps on random tokens, and
         /// returns the JSON text `finetune bench` prints (model, device, mode, batch, seq, rank,
-        /// checkpointing, offload_activations, lm_head_in_host, layers_in_host, steps,
+        /// checkpointing, offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps,
         /// step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
         /// peak_rss_mib, peak_device_mib, peak_device_set_by, peak_device_purposes_mib,
         /// held_device_mib, load_seconds). Runs on the calling thread: minutes for the larger
@@ -118,6 +122,7 @@ namespace Finetune
                     if (options.OffloadActivations.HasValue) p.offload_activations = options.OffloadActivations.Value ? 1 : 0;
                     if (options.LmHeadInHost.HasValue) p.lm_head_in_host_memory = options.LmHeadInHost.Value ? 1 : 0;
                     if (options.LayersInHost.HasValue) p.layers_in_host_memory = options.LayersInHost.Value;
+                    if (options.KeptMlpLayers.HasValue) p.kept_mlp_layers = options.KeptMlpLayers.Value;
                 }
                 IntPtr json;
                 Native.Check("ft_bench", api.ft_bench(ref p, out json));

@@ -36,6 +36,7 @@ namespace Finetune
         public int offload_activations;
         public int lm_head_in_host_memory;
         public uint layers_in_host_memory;
+        public uint kept_mlp_layers;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -64,6 +65,7 @@ namespace Finetune
         public int gradient_checkpointing;
         public ulong seed;
         public int offload_activations;
+        public uint kept_mlp_layers;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -85,7 +87,7 @@ namespace Finetune
     {
         public const string LibraryEnv = "FINETUNE_LIB";
         const string LibName = "libfinetune.so";
-        public const uint AbiVersion = 4;
+        public const uint AbiVersion = 5;
         public const int NcclUniqueIdBytes = 128;
 
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)] public delegate uint AbiVersionFn();

@@ -126,6 +126,10 @@ namespace Finetune
         public bool? GradientCheckpointing;
         /// <summary>Keep the saved layer inputs in pinned host memory (GPU only).</summary>
         public bool? OffloadActivations;
+        /// <summary>With checkpointing: the last this many layers keep their MLP's gate and up
+        /// products instead of recomputing them (faster; 2 × tokens × intermediate_size values a
+        /// layer of device memory).</summary>
+        public uint? KeptMlpLayers;
 
         internal NativeTrainParams ToNative()
         {
@@ -142,6 +146,7 @@ namespace Finetune
             if (Seed.HasValue) p.seed = Seed.Value;
             if (GradientCheckpointing.HasValue) p.gradient_checkpointing = GradientCheckpointing.Value ? 1 : 0;
             if (OffloadActivations.HasValue) p.offload_activations = OffloadActivations.Value ? 1 : 0;
+            if (KeptMlpLayers.HasValue) p.kept_mlp_layers = KeptMlpLayers.Value;
             return p;
         }
     }

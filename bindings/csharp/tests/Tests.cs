@@ -217,9 +217,9 @@ static class Tests
         Assert(trainer.Handle.IsClosed && model.Handle.IsClosed, "handles closed");
     }
 
-    static void AbiVersionIsFourAndStructsHaveTheHeadersSizes()
+    static void AbiVersionIsFiveAndStructsHaveTheHeadersSizes()
     {
-        Assert(Library.AbiVersion == 4, "AbiVersion 4");
+        Assert(Library.AbiVersion == 5, "AbiVersion 5");
         Assert(!string.IsNullOrEmpty(Library.Version) && !string.IsNullOrEmpty(Library.Path), "library opened");
         // x86-64 sizes of the structs in include/finetune.h.
         var asm = typeof(Model).Assembly;
@@ -241,6 +241,10 @@ static class Tests
             + benchOffload + ", " + benchLmHead + " and " + benchLayers);
         int trainParams = Marshal.SizeOf(asm.GetType("Finetune.NativeTrainParams", true));
         Assert(trainParams == 72, "ft_train_params is 72 bytes, not " + trainParams);
+        int benchKept = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeBenchParams", true), "kept_mlp_layers");
+        int trainKept = (int)Marshal.OffsetOf(asm.GetType("Finetune.NativeTrainParams", true), "kept_mlp_layers");
+        Assert(benchKept == 68 && trainKept == 68,
+            "kept_mlp_layers at 68 of ft_bench_params and ft_train_params, not " + benchKept + " and " + trainKept);
     }
 
     static void OtherAbiVersionIsRefused()
@@ -384,15 +388,19 @@ static class Tests
     static void BenchPassesTheOffloadOptions()
     {
         var d = Library.DefaultBenchOptions();
-        Assert(d.OffloadActivations == false && d.LmHeadInHost == false && d.LayersInHost == 0, "offload defaults off");
+        Assert(d.OffloadActivations == false && d.LmHeadInHost == false && d.LayersInHost == 0 && d.KeptMlpLayers == 0,
+            "offload defaults off");
         var o = new BenchOptions { Model = "tiny", Device = "cpu", Threads = 1, Batch = 1, Seq = 16, Steps = 1 };
         string plain = Library.Bench(o);
         Assert(!JsonFlag(plain, "offload_activations") && !JsonFlag(plain, "lm_head_in_host"), plain);
-        Assert(JsonNumber(plain, "layers_in_host") == 0, plain);
+        Assert(JsonNumber(plain, "layers_in_host") == 0 && JsonNumber(plain, "kept_mlp_layers") == 0, plain);
         o.OffloadActivations = true;
         o.LmHeadInHost = true;
+        o.KeptMlpLayers = 1;
         string json = Library.Bench(o);
         Assert(JsonFlag(json, "offload_activations") && JsonFlag(json, "lm_head_in_host"), json);
+        Assert(JsonNumber(json, "kept_mlp_layers") == 1, json);
+        o.KeptMlpLayers = null;
         // None of the tiny shape's layers can stay in host memory: the library quotes the count it read.
         o.LayersInHost = 2;
         try
@@ -453,7 +461,7 @@ static class Tests
             new KeyValuePair<string, Action>("TrainingDoesNotBlockTheCaller", TrainingDoesNotBlockTheCaller),
             new KeyValuePair<string, Action>("DisposeIsIdempotentAndUseAfterDisposeThrows", DisposeIsIdempotentAndUseAfterDisposeThrows),
             new KeyValuePair<string, Action>("MissingLibraryNamesEveryPlaceLooked", MissingLibraryNamesEveryPlaceLooked),
-            new KeyValuePair<string, Action>("AbiVersionIsFourAndStructsHaveTheHeadersSizes", AbiVersionIsFourAndStructsHaveTheHeadersSizes),
+            new KeyValuePair<string, Action>("AbiVersionIsFiveAndStructsHaveTheHeadersSizes", AbiVersionIsFiveAndStructsHaveTheHeadersSizes),
             new KeyValuePair<string, Action>("OtherAbiVersionIsRefused", OtherAbiVersionIsRefused),
             new KeyValuePair<string, Action>("ProcessGroupOptionsAreChecked", ProcessGroupOptionsAreChecked),
             new KeyValuePair<string, Action>("NcclUniqueIdIs128BytesOrAnErrorNamingNccl", NcclUniqueIdIs128BytesOrAnErrorNamingNccl),

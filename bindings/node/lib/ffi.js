@@ -9,7 +9,7 @@ const koffi = require('koffi');
 const LIB_ENV = 'FINETUNE_LIB';
 const LIB_NAME = 'libfinetune.so';
 /** The C ABI version the declarations below mirror (FT_ABI_VERSION of include/finetune.h). */
-const ABI_VERSION = 4;
+const ABI_VERSION = 5;
 /** Bytes of an NCCL unique id (FT_NCCL_UNIQUE_ID_BYTES). */
 const NCCL_UNIQUE_ID_BYTES = 128;
 
@@ -65,7 +65,7 @@ const BenchParams = koffi.struct('ft_bench_params', {
   model: 'const char *', mode: 'const char *', batch: 'uint32_t', seq: 'uint32_t', rank: 'uint32_t',
   steps: 'uint32_t', checkpointing: 'int32_t', n_threads: 'uint32_t', device: 'const char *',
   max_device_memory_mib: 'uint64_t', offload_activations: 'int32_t', lm_head_in_host_memory: 'int32_t',
-  layers_in_host_memory: 'uint32_t',
+  layers_in_host_memory: 'uint32_t', kept_mlp_layers: 'uint32_t',
 });
 const ModelInfo = koffi.struct('ft_model_info', {
   vocab_size: 'uint64_t', hidden_size: 'uint64_t', intermediate_size: 'uint64_t', num_layers: 'uint64_t',
@@ -79,6 +79,7 @@ const TrainParams = koffi.struct('ft_train_params', {
   learning_rate: 'float', weight_decay: 'float', beta1: 'float', beta2: 'float', eps: 'float',
   max_grad_norm: 'float', schedule: 'int32_t', warmup_steps: 'uint64_t', total_steps: 'uint64_t',
   gradient_checkpointing: 'int32_t', seed: 'uint64_t', offload_activations: 'int32_t',
+  kept_mlp_layers: 'uint32_t',
 });
 const Batch = koffi.struct('ft_batch', {
   input_ids: 'const int32_t *', labels: 'const int32_t *', positions: 'const int32_t *',

@@ -151,11 +151,11 @@ test('a missing library names every place looked', () => {
   assert.match(bad, /FINETUNE_LIB=\/nonexistent\/libfinetune.so/);
 });
 
-test('the ABI version is 4 and the structs have the header\'s sizes', () => {
-  assert.strictEqual(ft.ABI_VERSION, 4);
+test('the ABI version is 5 and the structs have the header\'s sizes', () => {
+  assert.strictEqual(ft.ABI_VERSION, 5);
   ft.loadLibrary();
   const ffi = require('../lib/ffi');
-  assert.strictEqual(ffi.load().abiVersion(), 4);
+  assert.strictEqual(ffi.load().abiVersion(), 5);
   // x86-64 sizes of the structs in include/finetune.h.
   assert.strictEqual(ffi.koffi.sizeof(ffi.ModelParams), 56);
   assert.strictEqual(ffi.koffi.sizeof(ffi.BenchParams), 72);
@@ -167,6 +167,8 @@ test('the ABI version is 4 and the structs have the header\'s sizes', () => {
   assert.strictEqual(ffi.koffi.offsetof(ffi.BenchParams, 'offload_activations'), 56);
   assert.strictEqual(ffi.koffi.offsetof(ffi.BenchParams, 'lm_head_in_host_memory'), 60);
   assert.strictEqual(ffi.koffi.offsetof(ffi.BenchParams, 'layers_in_host_memory'), 64);
+  assert.strictEqual(ffi.koffi.offsetof(ffi.BenchParams, 'kept_mlp_layers'), 68);
+  assert.strictEqual(ffi.koffi.offsetof(ffi.TrainParams, 'kept_mlp_layers'), 68);
 });
 
 test('a library of another ABI version is refused with both versions named', (t) => {
@@ -265,19 +267,22 @@ test('layersInHost reaches the library, which quotes it', () => {
   ft.Model.random('tiny', 0, { device: 'cpu', threads: 1, layersInHost: 0 }).close();
 });
 
-test('bench passes offloadActivations, lmHeadInHost and layersInHost', () => {
+test('bench passes offloadActivations, lmHeadInHost, layersInHost and keptMlpLayers', () => {
   const d = ft.benchDefaults();
   assert.strictEqual(d.offloadActivations, false);
   assert.strictEqual(d.lmHeadInHost, false);
   assert.strictEqual(d.layersInHost, 0);
+  assert.strictEqual(d.keptMlpLayers, 0);
   const opts = { model: 'tiny', device: 'cpu', threads: 1, batch: 1, seq: 16, steps: 1 };
   const plain = JSON.parse(ft.bench(opts));
   assert.strictEqual(plain.offload_activations, false);
   assert.strictEqual(plain.lm_head_in_host, false);
   assert.strictEqual(plain.layers_in_host, 0);
-  const r = JSON.parse(ft.bench({ ...opts, offloadActivations: true, lmHeadInHost: true }));
+  assert.strictEqual(plain.kept_mlp_layers, 0);
+  const r = JSON.parse(ft.bench({ ...opts, offloadActivations: true, lmHeadInHost: true, keptMlpLayers: 1 }));
   assert.strictEqual(r.offload_activations, true);
   assert.strictEqual(r.lm_head_in_host, true);
+  assert.strictEqual(r.kept_mlp_layers, 1);
   // None of the tiny shape's layers can stay in host memory: the library quotes the count it read.
   assert.throws(() => ft.bench({ ...opts, layersInHost: 2 }),
     (e) => e.code === 'FT_ERR_INVALID_ARGUMENT' && e.message.includes('layers_in_host: 2 of 2 layers asked for'));

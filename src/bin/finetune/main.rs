@@ -58,6 +58,10 @@ enum Command {
         /// Keep the saved layer inputs in pinned host memory (GPU only).
         #[arg(long)]
         offload: bool,
+        /// With checkpointing: the last N layers keep their MLP's gate and up products instead
+        /// of recomputing them (faster; 2 × seq × intermediate values a layer of device memory).
+        #[arg(long, default_value_t = 0)]
+        kept_mlp_layers: usize,
         /// Keep the LM head in pinned host memory, copied to the device chunk by chunk for each
         /// step's loss (GPU only).
         #[arg(long)]
@@ -206,6 +210,7 @@ fn execute(command: Command) -> finetune::Result<()> {
             device,
             no_checkpointing,
             offload,
+            kept_mlp_layers,
             lm_head_in_host,
             layers_in_host,
             mode,
@@ -230,6 +235,7 @@ fn execute(command: Command) -> finetune::Result<()> {
                 steps,
                 checkpointing: !no_checkpointing,
                 offload_activations: offload,
+                kept_mlp_layers,
                 params,
             };
             match longest_seq_below {

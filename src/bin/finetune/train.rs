@@ -86,6 +86,10 @@ pub struct TrainArgs {
     /// Keep the saved layer inputs in pinned host memory (GPU only).
     #[arg(long)]
     pub offload_activations: Option<bool>,
+    /// With checkpointing: the last N layers keep their MLP's gate and up products instead of
+    /// recomputing them (faster; 2 × tokens × intermediate values a layer of device memory).
+    #[arg(long)]
+    pub kept_mlp_layers: Option<usize>,
     #[arg(long)]
     pub threads: Option<usize>,
     #[arg(long)]
@@ -154,6 +158,7 @@ impl TrainArgs {
             seed,
             checkpointing,
             offload_activations,
+            kept_mlp_layers,
             threads,
             device,
             quantization,
@@ -189,6 +194,7 @@ impl TrainArgs {
         train.offload_activations = self
             .offload_activations
             .unwrap_or(train.offload_activations);
+        train.kept_mlp_layers = self.kept_mlp_layers.unwrap_or(train.kept_mlp_layers);
         if let Some(s) = &self.schedule {
             train.schedule = ScheduleKind::parse(s)?;
         }
