@@ -270,7 +270,7 @@ func TestOtherABIVersionIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatalf("child: %v\n%s", err, out)
 	}
-	if !strings.Contains(string(out), "C ABI version 2, this package needs 4") {
+	if !strings.Contains(string(out), "C ABI version 2, this package needs 5") {
 		t.Fatalf("message: %s", out)
 	}
 }

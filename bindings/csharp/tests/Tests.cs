@@ -261,7 +261,7 @@ static class Tests
             cc.WaitForExit();
             Assert(cc.ExitCode == 0, "cc built the stand-in library");
             string output = RunLoadOnly(lib);
-            Assert(output.Contains("has C ABI version 2, this binding needs 4"), output);
+            Assert(output.Contains("has C ABI version 2, this binding needs 5"), output);
         }
         finally { Directory.Delete(dir, true); }
     }
