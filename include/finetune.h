@@ -352,9 +352,9 @@ typedef struct ft_train_params {
   /**
    * Non-zero: keep the saved layer inputs in pinned host memory instead of device memory,
    * copied out and back beside the compute (GPU only); with checkpointing, each layer's
-   * attention output and inputs (q, k, v) too when all of them take at most a quarter of the
-   * host's memory (the backward then skips the recomputed attention forward and, where the
-   * adapters' inputs are kept, q, k and v's products).
+   * attention output, its inputs (q, k, v) and x1 too when all of them take at most a quarter
+   * of the host's memory (the backward then skips the recomputed attention forward and, where
+   * the adapters' inputs are kept, every product before the MLP).
    */
   int32_t offload_activations;
   /**

@@ -140,9 +140,9 @@ pub struct ft_train_params {
     pub seed: u64,
     /// Non-zero: keep the saved layer inputs in pinned host memory instead of device memory,
     /// copied out and back beside the compute (GPU only); with checkpointing, each layer's
-    /// attention output and inputs (q, k, v) too when all of them take at most a quarter of the
-    /// host's memory (the backward then skips the recomputed attention forward and, where the
-    /// adapters' inputs are kept, q, k and v's products).
+    /// attention output, its inputs (q, k, v) and x1 too when all of them take at most a quarter
+    /// of the host's memory (the backward then skips the recomputed attention forward and, where
+    /// the adapters' inputs are kept, every product before the MLP).
     pub offload_activations: i32,
     /// With checkpointing: the last this many decoder layers keep their MLP's gate and up
     /// products on the device instead of recomputing them in the backward pass (faster;

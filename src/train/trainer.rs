@@ -39,8 +39,8 @@ pub struct TrainConfig {
     pub checkpointing: bool,
     /// Keep the saved layer inputs in pinned host memory instead of device memory, copied out
     /// and back beside the compute (GPU backends; the CPU keeps them where they are); with
-    /// checkpointing, each layer's attention output and inputs (q, k, v) too when all of them
-    /// take at most a quarter of the host's memory (`Trainer::offloads_attention`; past that
+    /// checkpointing, each layer's attention output, its inputs (q, k, v) and x1 too when all
+    /// of them take at most a quarter of the host's memory (`Trainer::offloads_attention`; past that
     /// the outputs alone while they fit).
     pub offload_activations: bool,
     /// With checkpointing: the last this many decoder layers keep their MLP's gate and up
