@@ -46,6 +46,7 @@ struct TrainParams {
     gradient_checkpointing: i32,
     seed: u64,
     offload_activations: i32,
+    kept_mlp_layers: u32,
 }
 
 #[repr(C)]
@@ -115,6 +116,7 @@ struct BenchParams {
     offload_activations: i32,
     lm_head_in_host_memory: i32,
     layers_in_host_memory: u32,
+    kept_mlp_layers: u32,
 }
 
 type Opaque = c_void;
@@ -283,7 +285,7 @@ impl Tokens {
 #[test]
 fn train_save_and_reload_through_the_abi() {
     let api = Api::load();
-    assert_eq!((api.abi_version)(), 4);
+    assert_eq!((api.abi_version)(), 5);
     let dir = common::tiny_model_dir();
     let model = api.load_model(dir.path());
     let mut tp = (api.train_default_params)();
@@ -648,9 +650,10 @@ fn bench_returns_the_cli_json() {
         (
             d.offload_activations,
             d.lm_head_in_host_memory,
-            d.layers_in_host_memory
+            d.layers_in_host_memory,
+            d.kept_mlp_layers
         ),
-        (0, 0, 0)
+        (0, 0, 0, 0)
     );
 
     let (tiny, cpu, qlora) = (
@@ -669,10 +672,11 @@ fn bench_returns_the_cli_json() {
     for mode in [null(), qlora.as_ptr()] {
         p.mode = mode;
         // The QLoRA run also asks for the host-memory options (the CPU ignores them; the JSON
-        // says what was asked for).
+        // says what was asked for) and keeps its last layer's MLP products.
         let host_options = !mode.is_null();
         p.offload_activations = host_options as i32;
         p.lm_head_in_host_memory = host_options as i32;
+        p.kept_mlp_layers = host_options as u32;
         let mut json = null_mut();
         assert_eq!((api.bench)(&p, &mut json), 0, "{}", api.error());
         assert!(!json.is_null());
@@ -693,6 +697,7 @@ fn bench_returns_the_cli_json() {
         assert_eq!(v["offload_activations"], host_options, "{text}");
         assert_eq!(v["lm_head_in_host"], host_options, "{text}");
         assert_eq!(v["layers_in_host"], 0, "{text}");
+        assert_eq!(v["kept_mlp_layers"], host_options as u64, "{text}");
         assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{text}");
         for k in [
             "peak_device_mib",
@@ -719,6 +724,7 @@ fn bench_returns_the_cli_json() {
             "rank",
             "checkpointing",
             "offload_activations",
+            "kept_mlp_layers",
             "lm_head_in_host",
             "layers_in_host",
             "steps",

@@ -74,7 +74,18 @@ FIRST_LR = 0.02
 
 
 class ModelParams(ctypes.Structure):
-    _fields_ = [("device", ctypes.c_char_p), ("n_threads", ctypes.c_uint32)]
+    _fields_ = [
+        ("device", ctypes.c_char_p),
+        ("n_threads", ctypes.c_uint32),
+        ("quantization", ctypes.c_int32),
+        ("max_device_memory_mib", ctypes.c_uint64),
+        ("world_size", ctypes.c_uint32),
+        ("rank", ctypes.c_uint32),
+        ("nccl_unique_id", ctypes.POINTER(ctypes.c_uint8)),
+        ("collective_timeout_ms", ctypes.c_uint32),
+        ("lm_head_in_host_memory", ctypes.c_int32),
+        ("layers_in_host_memory", ctypes.c_uint32),
+    ]
 
 
 class LoraParams(ctypes.Structure):
@@ -101,6 +112,8 @@ class TrainParams(ctypes.Structure):
         ("total_steps", ctypes.c_uint64),
         ("gradient_checkpointing", ctypes.c_int32),
         ("seed", ctypes.c_uint64),
+        ("offload_activations", ctypes.c_int32),
+        ("kept_mlp_layers", ctypes.c_uint32),
     ]
 
 
@@ -131,7 +144,7 @@ class Batch(ctypes.Structure):
 
 FT_TARGET_ALL = 127
 FT_SCHEDULE_CONSTANT = 0
-FT_ABI_VERSION = 1
+FT_ABI_VERSION = 5
 
 
 class Lib:
