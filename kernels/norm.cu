@@ -66,11 +66,7 @@ struct NormIn<NORM_IN_BF16> {
     __device__ NormIn at(long long i) const { return {x + i}; }
     __device__ bool aligned() const { return norm_aligned(x, 8); }
     __device__ float one(int c) const { return bf16_to_f32(x[c]); }
-    __device__ float4 four(int c) const {
-        const uint2 v = *reinterpret_cast<const uint2*>(x + c);
-        return make_float4(__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
-                           __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u));
-    }
+    __device__ float4 four(int c) const { return bf16x4_to_f32(x + c); }
 };
 
 // Runs `f(in)` with x read as `x_kind` says (a NormIn); f: a functor with a templated

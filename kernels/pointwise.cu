@@ -193,9 +193,7 @@ __device__ __forceinline__ float4 load4(const float* p, long long q) {
     return reinterpret_cast<const float4*>(p)[q];
 }
 __device__ __forceinline__ float4 load4(const bf16_t* p, long long q) {
-    const uint2 v = reinterpret_cast<const uint2*>(p)[q];
-    return make_float4(bf16_to_f32((bf16_t)(v.x & 0xffffu)), bf16_to_f32((bf16_t)(v.x >> 16)),
-                       bf16_to_f32((bf16_t)(v.y & 0xffffu)), bf16_to_f32((bf16_t)(v.y >> 16)));
+    return bf16x4_to_f32(p + 4 * q);
 }
 
 // The gated kernels run a thread per quad of elements 4q..4q+3: vector loads where all four

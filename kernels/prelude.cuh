@@ -64,6 +64,13 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     return (bf16_t)(u >> 16);
 }
 
+// Four bf16 values from p (8-byte aligned) widened to f32.
+__device__ __forceinline__ float4 bf16x4_to_f32(const bf16_t* p) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    return make_float4(bf16_to_f32((bf16_t)(v.x & 0xffffu)), bf16_to_f32((bf16_t)(v.x >> 16)),
+                       bf16_to_f32((bf16_t)(v.y & 0xffffu)), bf16_to_f32((bf16_t)(v.y >> 16)));
+}
+
 __device__ __forceinline__ unsigned int bf16x2_rn(float lo, float hi) {
     unsigned int r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));

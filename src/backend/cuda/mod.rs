@@ -533,6 +533,21 @@ impl CudaBackend {
         self.f32_products != F32Products::Exact
     }
 
+    /// A bf16 copy of an f32 `x` (with `room` spare columns a row: fold.rs) where activations
+    /// are rounded ([`F32Products::Tf32`]), for `what`; `None` for a tensor that is not f32 or
+    /// where nothing is rounded.
+    fn rounded_where_rounding(
+        &self,
+        x: &CudaTensor,
+        room: usize,
+        what: &str,
+    ) -> Result<Option<CudaTensor>> {
+        if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
+            return Ok(None);
+        }
+        self.rounded_copy(x, room, what).map(Some)
+    }
+
     /// An uninitialised f32 tensor, or bf16 when `rounded`.
     fn tensor_as(&self, rows: usize, cols: usize, rounded: bool, what: &str) -> Result<CudaTensor> {
         match rounded {
@@ -1404,19 +1419,13 @@ impl Backend for CudaBackend {
     /// `room` spare columns after each row for the adapted products (fold.rs); with
     /// [`F32Products::Exact`] nothing is rounded.
     fn rounded_product_input(&self, x: &CudaTensor, room: usize) -> Result<Option<CudaTensor>> {
-        if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
-            return Ok(None);
-        }
-        self.rounded_copy(x, room, "a product input").map(Some)
+        self.rounded_where_rounding(x, room, "a product input")
     }
 
     /// A bf16 copy of an f32 `x` where product inputs are rounded: what the norm kernels read
     /// of `x` there (`norm_input_args`).
     fn norm_input(&self, x: &CudaTensor) -> Result<Option<CudaTensor>> {
-        if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
-            return Ok(None);
-        }
-        self.rounded_copy(x, 0, "a norm input").map(Some)
+        self.rounded_where_rounding(x, 0, "a norm input")
     }
 
     fn adapted_product(
