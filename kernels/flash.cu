@@ -10,7 +10,8 @@
 //
 // Scheme (FlashAttention-2): a block of 4 warps owns 64 rows (queries in fwd and dq, keys in
 // dkdv), 16 per warp; the other side streams through shared memory in tiles of 64 rows, copied
-// by cp.async into two buffers (tile t+1 arrives while tile t is computed). No seq×seq buffer.
+// by cp.async into two buffers (tile t+1 arrives while tile t is computed; three in the
+// pipelined warpgroup forward). No seq×seq buffer.
 // Tiles above the causal diagonal are never loaded; tiles with no visible (query, key) pair
 // (other segments of a packed row) are loaded but not computed.
 //
@@ -270,6 +271,7 @@ struct FlashQueryBlock {
     const int* seg;
     const bf16_t* kh;
     const bf16_t* vh;
+    int seg0;  // the segment of query r0
     __device__ FlashQueryBlock(const bf16_t* k, const bf16_t* v, const int* segments, int seq,
                                int heads, int kv_heads)
         : h(blockIdx.y),
@@ -280,7 +282,8 @@ struct FlashQueryBlock {
           tok0((long long)blockIdx.z * seq),
           seg(segments + tok0),
           kh(k + tok0 * ldk + (long long)(h / (heads / kv_heads)) * HD),
-          vh(v + tok0 * ldk + (long long)(h / (heads / kv_heads)) * HD) {}
+          vh(v + tok0 * ldk + (long long)(h / (heads / kv_heads)) * HD),
+          seg0(seg[r0]) {}
 
     // Starts copying key tile kt + 1 (if there is one) into `kbuf` and `vbuf`, and commits a
     // copy group either way.
@@ -295,12 +298,24 @@ struct FlashQueryBlock {
     }
 
     // This thread's part of whether key tile kt is wholly below the diagonal within the
-    // queries' one segment (`qwhole`): one segment id read, best issued before a wait so that
-    // the read's latency passes under it. flash_all_threads combines the parts (then the tile
-    // needs no mask).
+    // queries' one segment (`qwhole`): tile_whole(kt, qwhole, tile_segment(kt, qwhole)).
+    // flash_all_threads combines the parts (then the tile needs no mask). The segment id is
+    // one read, best issued a while before the part is needed (its latency passes under the
+    // work between).
     __device__ bool whole_part(int kt, bool qwhole) const {
-        const int j0 = kt * FLASH_TILE, t = threadIdx.x;
-        return qwhole && j0 + FLASH_TILE <= r0 && (t >= FLASH_TILE || seg[j0 + t] == seg[r0]);
+        return tile_whole(kt, qwhole, tile_segment(kt, qwhole));
+    }
+    __device__ bool below_diagonal(int kt, bool qwhole) const {
+        return qwhole && kt * FLASH_TILE + FLASH_TILE <= r0;
+    }
+    // The segment of this thread's key of tile kt (thread t < 64: key 64·kt + t), read only
+    // where it matters (seg0 elsewhere).
+    __device__ int tile_segment(int kt, bool qwhole) const {
+        const int t = threadIdx.x;
+        return below_diagonal(kt, qwhole) && t < FLASH_TILE ? seg[kt * FLASH_TILE + t] : seg0;
+    }
+    __device__ bool tile_whole(int kt, bool qwhole, int id) const {
+        return below_diagonal(kt, qwhole) && id == seg0;
     }
 };
 
@@ -673,7 +688,10 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
 // Warpgroup products, pipelined up to head_dim 128: the scores of key tile t + 1 are computed by
 // the tensor cores while the threads run tile t's softmax step (at 256 the output's 128
 // registers leave no room for a second score tile: each tile's scores are awaited). Shared
-// (swizzled tiles): Q, then K and V in two buffers; tile t + 2 is loaded while t + 1 is used.
+// (swizzled tiles): Q, then K and V in three buffers (two at 256). One block barrier a tile:
+// it makes the tile about to be scored (t + 1; t at 256) visible, finds whether it needs a
+// mask, and follows every warp's products of tile t − 1, whose buffer then takes the next
+// tile's copy, which has the rest of the iteration to arrive.
 // Registers: o HD/2, s 2 × 32 (32 at 256), Q's fragments HD/4 up to 128 (the scores' A operand;
 // B alone is read from shared memory). Tiles with no visible pair are computed anyway (their p
 // is 0).
@@ -686,9 +704,12 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
                                                   int seq, int heads, int kv_heads, float scale) {
     constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
     constexpr bool AHEAD = HD <= 128;
+    // How many tiles ahead of the softmax step the scores run, and the key/value buffers.
+    constexpr int LEAD = AHEAD ? 1 : 0, BUFS = LEAD + 2;
     bf16_t* Qs = sm;
     auto Kb = [&](int u) { return sm + (1 + 2 * u) * TE; };
     auto Vb = [&](int u) { return sm + (2 + 2 * u) * TE; };
+    auto later = [](int u, int by) { return u + by >= BUFS ? u + by - BUFS : u + by; };
     // s = Q·Kᵀ of the key tile in buffer u, queued.
     // Up to head_dim 128 Q's fragments stay in registers (HD/4 of them).
     constexpr bool QREG = HD <= 128;
@@ -714,44 +735,46 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
     flash_load_tile<HD, true>(Vb(0), blk.vh, ldk, seq);
     flash_commit();
     const bool qwhole = flash_block_whole(seg, seq, r0);
-    // Tile 1 starts loading; tile 0 awaited, and its mask need.
-    blk.template copy_next<true>(0, Kb(1), Vb(1), seq);
-    flash_wait<1>();
-    flash_fence_async();
-    bool whole = flash_all_threads(blk.whole_part(0, qwhole));  // (tile 0 visible after it)
-    if constexpr (QREG) wg_afrags<HD>(qa, Qs, warp, lane);
 
     const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
     const float sl2 = scale * FLASH_LOG2E;
     float o[NDT][4], s[NT][4], next[AHEAD ? NT : 1][4];
     flash_zero<NDT>(o);
     FlashSoftmax sm_state;
-    if constexpr (AHEAD) {
+    bool whole = false;
+    if constexpr (AHEAD) {  // tile 0 scored before the loop; tile 1 on its way
+        blk.template copy_next<true>(0, Kb(1), Vb(1), seq);
+        flash_wait<1>();
+        flash_fence_async();
+        whole = flash_all_threads(blk.whole_part(0, qwhole));
+        wg_afrags<HD>(qa, Qs, warp, lane);
         scores(s, 0);
         wg_wait<0>();
         wg_hold<NT>(s);
     }
+    int id = blk.tile_segment(LEAD, qwhole);  // of the tile the first barrier makes visible
+    int cur = 0;                              // the buffer of tile kt
+    bool whole_next = false;                  // pipelined: tile t's mask need
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
-        const int buf = kt & 1, j0 = kt * BC;
-        const bool more = kt + 1 < ntiles;
-        if constexpr (AHEAD) {
-            if (more) {  // tile kt + 1 has arrived (its mask need: at this iteration's end)
-                flash_wait<0>();
-                flash_fence_async();
-                __syncthreads();
-                scores(next, buf ^ 1);
+        const int j0 = kt * BC, t = kt + LEAD;
+        if (t < ntiles) {
+            flash_wait<0>();  // tile t (this thread's copies)
+            flash_fence_async();
+            const bool t_whole = flash_all_threads(blk.tile_whole(t, qwhole, id));
+            // Tile t + 1 into the buffer of tile kt − 1, read by no warp any more.
+            blk.template copy_next<true>(t, Kb(later(cur, LEAD + 1)), Vb(later(cur, LEAD + 1)),
+                                         seq);
+            id = blk.tile_segment(t + 1, qwhole);
+            if constexpr (AHEAD) {
+                whole_next = t_whole;
+                scores(next, later(cur, 1));
+            } else {
+                whole = t_whole;
+                scores(s, cur);
+                wg_wait<0>();
+                wg_hold<NT>(s);
             }
-        } else {
-            if (kt > 0) {  // tile kt has arrived (only tile kt + 1's copy may be in flight)
-                const bool part = blk.whole_part(kt, qwhole);
-                flash_wait<1>();
-                flash_fence_async();
-                whole = flash_all_threads(part);
-            }
-            scores(s, buf);
-            wg_wait<0>();
-            wg_hold<NT>(s);
         }
         const unsigned int vis =
             whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
@@ -761,25 +784,22 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
         for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
         wg_hold<NDT>(o);
         wg_fence();
-        wg_accumulate<HD>(o, pa, Vb(buf));
+        wg_accumulate<HD>(o, pa, Vb(cur));
         wg_commit();
         wg_wait<0>();
         wg_hold<NDT>(o);
-        if (more) {
-            if constexpr (AHEAD) {
+        if constexpr (AHEAD) {
+            if (t < ntiles) {
                 wg_hold<NT>(next);
 #pragma unroll
-                for (int t = 0; t < NT; ++t) {
+                for (int n = 0; n < NT; ++n) {
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) s[t][e] = next[t][e];
+                    for (int e = 0; e < 4; ++e) s[n][e] = next[n][e];
                 }
+                whole = whole_next;
             }
-            __syncthreads();  // every warp is done with buffer `buf`
-            blk.template copy_next<true>(kt + 1, Kb(buf), Vb(buf), seq);
-            // Pipelined, tile kt + 1's mask need is reduced here, not before its scores
-            // (measured: on the H200 the forward is ~7 % slower with it before).
-            if constexpr (AHEAD) whole = flash_all_threads(blk.whole_part(kt + 1, qwhole));
         }
+        cur = later(cur, 1);
     }
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
                          tig);
@@ -793,8 +813,8 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
 
 // q, k, v bf16 ([batch·seq, heads·hd], [batch·seq, kv_heads·hd] twice); out f32 like q, lse f32
 // [batch·seq, heads]. hd: 64 or 128 (256: flash_fwd_hd256 below). Launch: grid (ceil(seq/64),
-// heads, batch), block 128, dynamic shared memory T·64·(hd + 8)·2 bytes, T = 4 (5 for the
-// warpgroup version).
+// heads, batch), block 128, dynamic shared memory T·64·(hd + 8)·2 bytes, T = 4 (the warpgroup
+// version: 7·64·hd·2, its tiles unpadded).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
               const bf16_t* __restrict__ v, const int* __restrict__ segments,
@@ -934,8 +954,9 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
 // dQ on warpgroup products: per key tile, S = Q·Kᵀ and dP = dO·Vᵀ as two 64 × 64 products (Q
 // from registers up to head_dim 128, dO from shared memory), committed apart so that P is formed
 // while dP runs; dS in registers, dQ += dS·K from them. Shared (swizzled tiles): Q, dO, then K
-// and V in two buffers. Registers: acc HD/2, s + dp 64, Q HD/4. Tiles with no visible pair are
-// computed anyway (their dS is 0). (Computing tile t + 1's products during tile t's dS, as the
+// and V in two buffers; one block barrier a tile (tile t visible, every warp past tile t − 1,
+// whose buffer then takes tile t + 1's copy). Registers: acc HD/2, s + dp 64, Q HD/4. Tiles with
+// no visible pair are computed anyway (their dS is 0). (Computing tile t + 1's products during tile t's dS, as the
 // forward does, needs 64 more registers: it spilled and ran 30 % slower at seq 8192; so did dO's
 // fragments in registers beside Q's, 24 % slower.)
 template <int HD>
@@ -987,14 +1008,16 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
     const float sl2 = scale * FLASH_LOG2E;
     float acc[NDT][4];
     flash_zero<NDT>(acc);
+    int id = blk.tile_segment(0, qwhole);
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
         const int buf = kt & 1, j0 = kt * BC;
-        const bool part = blk.whole_part(kt, qwhole);
-        blk.template copy_next<true>(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
-        flash_wait<1>();  // tile kt has arrived; flash_all_threads' barrier makes it visible
+        flash_wait<0>();  // tile kt (this thread's copies)
         flash_fence_async();
-        const bool whole = flash_all_threads(part);
+        // The one barrier a tile: tile kt visible, every warp past tile kt − 1's products.
+        const bool whole = flash_all_threads(blk.tile_whole(kt, qwhole, id));
+        blk.template copy_next<true>(kt, Kb(buf ^ 1), Vb(buf ^ 1), seq);
+        id = blk.tile_segment(kt + 1, qwhole);
         if constexpr (QREG) {
             if (kt == 0) wg_afrags<HD>(qa, Qs, warp, lane);
         }
@@ -1018,7 +1041,6 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
         wg_commit();
         wg_wait<0>();
         wg_hold<NDT>(acc);
-        __syncthreads();
     }
     float* base = dq + (long long)h * HD + 2 * tig;
     if (i0 < seq) flash_store_row<NDT>(base + (tok0 + i0) * ldq, acc, 0, scale);
@@ -1031,7 +1053,7 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
 
 // q, k, v, d_out bf16; lse, delta f32 [batch·seq, heads]; dq f32 like q (every element written).
 // Launch: grid (ceil(seq/64), heads, batch), block 128, dynamic shared memory T·64·(hd + 8)·2
-// bytes, T = 4 (6 for the warpgroup version).
+// bytes, T = 4 (the warpgroup version: 6·64·hd·2).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                  const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
@@ -1081,7 +1103,8 @@ __device__ __forceinline__ void flash_dkdv_dscores(float (&dp)[NT][4], const flo
 // dK, dV. Block: 64 keys from r0 = 64·blockIdx.x of KV head g, adding up query heads [h0, h1);
 // K fragments in registers, V kept in shared memory (its A fragments re-read per use). The
 // (query head, query tile) pairs are one sequence, prefetched one ahead: Q and dO tiles of 64
-// queries in two buffers, with lse·log2e and D of their rows. Each tile in quarters of 16
+// queries in two buffers, with lse·log2e and D of their rows; one block barrier a pair (pair p
+// visible, every warp past pair p − 1, whose buffers then take pair p + 1). Each tile in quarters of 16
 // queries (registers): Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ; Pᵀ = 2^(c·log2e·Sᵀ − lse·log2e),
 // dSᵀ = Pᵀ ∘ (dPᵀ − D); dV += Pᵀ·dO, dK += dSᵀ·Q.
 // Registers: ka HD/2, dk + dv HD, s + dp 16. Shared: V, Q and dO two buffers each, lse and D.
@@ -1168,10 +1191,20 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         flash_afrags<HD>(ka, Qb(0), 16 * warp, lane);
     }
     const bool kwhole = flash_block_whole(seg, seq, r0);  // also: every warp has read K
+    const int seg0 = seg[r0];
+    // This thread's part of whether the pair at query tile i0 has no masked entry: tile i0
+    // wholly past the keys within their one segment. `id` (the segment of query i0 + tid, read
+    // a pair ahead) is where the query is one of the tile's.
+    auto below = [&](int i0) { return kwhole && i0 >= r0 + 64 && i0 + BR <= seq; };
+    auto pair_segment = [&](Pair p) {
+        const int i0 = (first + p.tile) * BR;
+        return below(i0) && tid < BR ? seg[i0 + tid] : seg0;
+    };
     Pair pair{h0, 0};
     prefetch(pair, 0);
     flash_commit();
     store_stats(0);
+    int id = pair_segment(pair);
 
     const int k0 = r0 + 16 * warp + gid, k1 = k0 + 8;
     const float sl2 = scale * FLASH_LOG2E;
@@ -1181,17 +1214,20 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
 #pragma unroll 1
     for (int it = 0; it < pairs; ++it) {
         const int buf = it & 1, i0 = (first + pair.tile) * BR;
-        const Pair next = after(pair);
-        if (it + 1 < pairs) prefetch(next, buf ^ 1);
-        flash_commit();
-        flash_wait<1>();  // this thread's copies of pair `it` have landed
+        flash_wait<0>();  // this thread's copies of pair `it` have landed
 #ifdef FLASH_WGMMA
         if constexpr (WG) flash_fence_async();
 #endif
-        // The reduction is a block barrier: after it every thread's copies are visible. whole:
-        // the pair has no masked entry.
-        const bool whole = flash_all_threads(kwhole && i0 >= r0 + 64 && i0 + BR <= seq &&
-                                             (tid >= BR || seg[i0 + tid] == seg[r0]));
+        // The one block barrier a pair: every thread's copies and statistics of pair `it`
+        // visible, every warp past pair it − 1 (its buffers free for pair it + 1). whole: the
+        // pair has no masked entry.
+        const bool whole = flash_all_threads(below(i0) && id == seg0);
+        const Pair next = after(pair);
+        if (it + 1 < pairs) {
+            prefetch(next, buf ^ 1);
+            id = pair_segment(next);
+        }
+        flash_commit();
         const float* ls = stats + buf * 2 * BR;
         const float* ds = ls + BR;
 #ifdef FLASH_WGMMA
@@ -1261,8 +1297,7 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
                 flash_mma_nn<HD>(dka, sa, Qb(buf), c0, lane);
             }
         }
-        __syncthreads();  // buffer `buf` and its statistics are refilled next
-        store_stats(buf ^ 1);
+        store_stats(buf ^ 1);  // pair it + 1's, read after the next barrier
         pair = next;
     }
     const long long off = (long long)g * HD + 2 * tig;
@@ -1296,8 +1331,8 @@ struct FlashHeadShare {
 
 // Inputs as flash_bwd_dq; dk, dv f32, every element of each slab written. hd: 64 or 128 (256:
 // flash_bwd_dkdv_hd256 below). Launch: grid (ceil(seq/64), kv_heads·parts, batch) (see
-// FlashHeadShare), block 128, dynamic shared memory T·64·(hd + 8)·2 + 2·2·64·4 bytes, T = 5 (6
-// for the warpgroup version).
+// FlashHeadShare), block 128, dynamic shared memory T·64·(hd + 8)·2 + 2·2·64·4 bytes, T = 5 (the
+// warpgroup version: 6·64·hd·2 + 2·2·64·4).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                    const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
@@ -1320,8 +1355,8 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 
 #ifdef FLASH_WGMMA
 // head_dim 256, warpgroup products only: entries of their own, so that the 128-wide kernels
-// keep their register allocation. Arguments, outputs and shared memory as the kernels above
-// with hd = 256 (T = 5, 6 and 6).
+// keep their register allocation. Arguments, outputs and shared memory as the warpgroup kernels
+// above with hd = 256, except the forward's 5 tiles (5·64·256·2 bytes: two buffers).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_fwd_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                     const bf16_t* __restrict__ v, const int* __restrict__ segments,

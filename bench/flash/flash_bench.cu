@@ -17,20 +17,30 @@
 #include FLASH_SRC
 
 // Kernels of 64 query rows unless the source says more (then Q has tiles of its own). The
-// kernels get the shared tiles of their warpgroup versions (fwd 5, dq 6, dkdv 6), enough for
-// either version: the host pass of this file cannot see which one the device code holds.
+// kernels get the library's shared memory (src/backend/cuda/mod.rs, flash_shared): on sm_90a the
+// warpgroup versions' unpadded tiles (fwd 7, or 5 at head_dim 256; dq 6; dkdv 6), for the
+// mma.sync builds (FLASH_BENCH_MMA_SYNC) padded rows (fwd 4, dq 4, dkdv 5). The host pass of
+// this file cannot see which version the device code holds: run.sh names it.
+#ifdef FLASH_BENCH_MMA_SYNC
+#define FLASH_ROW_PAD 8
+#define FLASH_WG_TILES(wg, sync) (sync)
+#else
+#define FLASH_ROW_PAD 0
+#define FLASH_WG_TILES(wg, sync) (wg)
+#endif
 #ifdef FLASH_FWD_ROWS
-#define FLASH_FWD_TILES (FLASH_FWD_ROWS / 64 + 4)
+#define FLASH_FWD_TILES(hd) (FLASH_FWD_ROWS / 64 + 4)
 #else
 #define FLASH_FWD_ROWS 64
-#define FLASH_FWD_TILES 5
+#define FLASH_FWD_TILES(hd) FLASH_WG_TILES((hd) <= 128 ? 7 : 5, 4)
 #endif
 #ifndef FLASH_DQ_ROWS
 #define FLASH_DQ_ROWS 64
 #endif
 #ifndef FLASH_DQ_TILES
-#define FLASH_DQ_TILES 6
+#define FLASH_DQ_TILES FLASH_WG_TILES(6, 4)
 #endif
+#define FLASH_DKDV_TILES FLASH_WG_TILES(6, 5)
 
 // The head_dim-256 entries, which only a pass compiling the warpgroup code declares. The host
 // pass declares them whatever the target: run.sh defines FLASH_BENCH_MMA_SYNC for other targets.
@@ -149,9 +159,10 @@ int main(int argc, char** argv) {
     }
     float* dk = zeros(nk * parts);
     float* dv = zeros(nk * parts);
-    const int row_bytes = (hd + 8) * 2;
-    const int fwd_sm = FLASH_FWD_TILES * 64 * row_bytes, dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
-    const int dkdv_sm = 6 * 64 * row_bytes + 2 * 2 * 64 * 4;
+    const int row_bytes = (hd + FLASH_ROW_PAD) * 2;
+    const int fwd_sm = FLASH_FWD_TILES(hd) * 64 * row_bytes;
+    const int dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
+    const int dkdv_sm = FLASH_DKDV_TILES * 64 * row_bytes + 2 * 2 * 64 * 4;
     // The library's entries for the head dim (flash_entries in src/backend/cuda/mod.rs): at 256
     // the warpgroup kernels of their own, dK/dV with twice the blocks along y.
     const bool wide = hd == 256;

@@ -150,7 +150,7 @@ pub fn target_arch(major: i32, minor: i32) -> String {
 }
 
 /// Whether kernels compiled for `arch` run the attention on warpgroup products (then each
-/// kernel takes more shared memory: `flash_tiles` in mod.rs).
+/// kernel takes more shared memory: `flash_shared` in mod.rs).
 pub fn warpgroup_products(arch: &str) -> bool {
     arch == "sm_90a"
 }

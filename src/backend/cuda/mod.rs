@@ -247,10 +247,12 @@ enum FlashKernel {
     DkDv,
 }
 
-/// Dynamic shared memory of a kernels/flash.cu launch: `tiles` bf16 tiles of 64 rows with a row
-/// pitch of head_dim + 8 elements, plus `extra` bytes.
-fn flash_shared_bytes(head_dim: usize, tiles: usize, extra: usize) -> usize {
-    tiles * ATTENTION_TILE * (head_dim + 8) * std::mem::size_of::<u16>() + extra
+/// Dynamic shared memory of a kernels/flash.cu launch: `tiles` bf16 tiles of 64 rows, plus
+/// `extra` bytes. A row takes head_dim elements in the warpgroup kernels' swizzled tiles,
+/// head_dim + 8 in the mma.sync kernels' padded ones.
+fn flash_shared_bytes(head_dim: usize, warpgroup: bool, tiles: usize, extra: usize) -> usize {
+    let pitch = if warpgroup { head_dim } else { head_dim + 8 };
+    tiles * ATTENTION_TILE * pitch * std::mem::size_of::<u16>() + extra
 }
 
 /// The kernels' code for an activation (kernels/pointwise.cu).
@@ -887,18 +889,22 @@ impl CudaBackend {
             || (head_dim == 256 && kernels::warpgroup_products(self.kernels.arch()))
     }
 
-    /// The shared tiles `kernel` takes (kernels/flash.cu, each launch line): the warpgroup
-    /// versions (sm_90a) keep Q, K or both in shared memory beside the streamed buffers.
-    fn flash_tiles(&self, kernel: FlashKernel) -> usize {
+    /// The dynamic shared memory a `kernel` launch for `head_dim` takes (kernels/flash.cu, each
+    /// launch line), with `extra` bytes after its tiles: the warpgroup versions (sm_90a) keep Q,
+    /// K or both in shared memory beside the streamed buffers, and the pipelined forward (up to
+    /// head_dim 128) streams key and value tiles through three buffers.
+    fn flash_shared(&self, kernel: FlashKernel, head_dim: usize, extra: usize) -> usize {
         let warpgroup = kernels::warpgroup_products(self.kernels.arch());
-        match (kernel, warpgroup) {
+        let tiles = match (kernel, warpgroup) {
             (FlashKernel::Forward, false) => 4,
+            (FlashKernel::Forward, true) if head_dim <= 128 => 7,
             (FlashKernel::Forward, true) => 5,
             (FlashKernel::Dq, false) => 4,
             (FlashKernel::Dq, true) => 6,
             (FlashKernel::DkDv, false) => 5,
             (FlashKernel::DkDv, true) => 6,
-        }
+        };
+        flash_shared_bytes(head_dim, warpgroup, tiles, extra)
     }
 
     /// RMSNorm of `x`'s rows into `y` (f32, or a bf16 product input: `rmsnorm_fwd_bf16`);
@@ -1733,8 +1739,7 @@ impl Backend for CudaBackend {
             args.push(self.ints_arg(segments));
             args.extend(outputs);
             args.extend(Self::attention_dims(s));
-            let tiles = self.flash_tiles(FlashKernel::Forward);
-            let shape = shape.with_shared(flash_shared_bytes(s.head_dim, tiles, 0));
+            let shape = shape.with_shared(self.flash_shared(FlashKernel::Forward, s.head_dim, 0));
             self.run("flash", flash_entries(s.head_dim).forward, shape, &args)?;
         } else {
             let mut args = vec![
@@ -1831,8 +1836,8 @@ impl Backend for CudaBackend {
         } else {
             ("attention", "attention_bwd_dq", "attention_bwd_dkdv", 1)
         };
-        let shared = |tiles, extra| match flash {
-            true => flash_shared_bytes(s.head_dim, tiles, extra),
+        let shared = |kernel, extra| match flash {
+            true => self.flash_shared(kernel, s.head_dim, extra),
             false => 0,
         };
         let tiles = s.seq.div_ceil(ATTENTION_TILE);
@@ -1840,11 +1845,10 @@ impl Backend for CudaBackend {
         args.push(Arg::Ptr(self.ptr(&dq)?));
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(tiles, s.num_heads, s.batch, ATTENTION_THREADS);
-        let dq_tiles = self.flash_tiles(FlashKernel::Dq);
         self.run(
             program,
             dq_kernel,
-            shape.with_shared(shared(dq_tiles, 0)),
+            shape.with_shared(shared(FlashKernel::Dq, 0)),
             &args,
         )?;
         // One block per (key tile, KV head) leaves a short sequence with too few blocks to fill
@@ -1880,7 +1884,7 @@ impl Backend for CudaBackend {
         self.run(
             program,
             dkdv_kernel,
-            shape.with_shared(shared(self.flash_tiles(FlashKernel::DkDv), stats)),
+            shape.with_shared(shared(FlashKernel::DkDv, stats)),
             &args,
         )?;
         if let Some((dk_parts, dv_parts)) = &slabs {
