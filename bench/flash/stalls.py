@@ -1,10 +1,12 @@
 """Summarizes an Nsight Compute report of the flash kernels: per kernel (its first launch), the
-tensor pipe's and the issue slots' use, the warps a scheduler holds, and the largest stall
-reasons in cycles per issued instruction. On the GPU machine (nvcc, Nsight Compute; the
+SM throughput (ncu's "highest-utilized pipeline", the tensor pipe here), the tensor pipe's
+active cycles, the issue slots' use, and the largest stall reasons in cycles per issued
+instruction. On the GPU machine (nvcc, Nsight Compute; the
 clocks left as they are), with the harness built as run.sh builds it (add -lineinfo):
 
     nvcc -O3 -std=c++17 -arch=sm_90a -I kernels -DFLASH_SRC='"'$PWD/kernels/flash.cu'"' \
         -lineinfo bench/flash/flash_bench.cu -o /tmp/fb
+    mkdir -p /tmp/fb-out
     ncu --clock-control none --set full -k regex:flash_ --launch-count 6 -o /tmp/flash \
         /tmp/fb 8192 32 8 128 0 1 /tmp/fb-out
     ncu --import /tmp/flash.ncu-rep --page raw --csv > raw.csv
