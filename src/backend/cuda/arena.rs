@@ -107,7 +107,6 @@ impl Trace {
     }
 
     /// The most bytes alive at once: no plan's block can be smaller.
-    #[cfg(test)]
     fn live_peak(&self) -> usize {
         let mut events: Vec<(u64, isize)> = Vec::with_capacity(2 * self.sizes.len());
         for (life, &bytes) in self.lifetimes.iter().zip(&self.sizes) {
@@ -223,6 +222,17 @@ impl Plan {
     /// The bytes the block needs.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// The most bytes the capture had alive at once: what the block holds beyond it is the
+    /// placement's loss.
+    pub fn live_peak(&self) -> usize {
+        self.trace.live_peak()
+    }
+
+    /// How many allocations the capture made.
+    pub fn allocations(&self) -> usize {
+        self.trace.sizes.len()
     }
 }
 
@@ -378,7 +388,10 @@ mod tests {
         // Largest first: c at 0, a above it, b (gone before c came) in c's place, d on top.
         let plan = t.plan();
         assert_eq!(plan.offsets, vec![512, 0, 768, 0]);
-        assert_eq!((plan.size(), t.live_peak()), (1024, 1024));
+        assert_eq!(
+            (plan.size(), plan.live_peak(), plan.allocations()),
+            (1024, 1024, 4)
+        );
     }
 
     #[test]

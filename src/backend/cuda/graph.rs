@@ -17,6 +17,10 @@ use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaGraph, CudaStream};
 use std::sync::Arc;
 
+/// Set (to anything), each recording prints the size of its memory block beside the most bytes
+/// its allocations had alive at once.
+const ARENA_REPORT: &str = "FINETUNE_ARENA_REPORT";
+
 /// A recorded piece of work, ready to replay.
 pub struct Recording {
     /// Always `Some` until dropped.
@@ -76,6 +80,16 @@ impl CudaBackend {
             release_graph_memory(&self.gpu.ctx);
             let plan = traced.plan();
             let bytes = plan.size();
+            if std::env::var_os(ARENA_REPORT).is_some() {
+                const MIB: f64 = (1 << 20) as f64;
+                eprintln!(
+                    "recorded work's memory: {:.1} MiB planned for {} allocations, at most \
+                     {:.1} MiB of them alive at once",
+                    bytes as f64 / MIB,
+                    plan.allocations(),
+                    plan.live_peak() as f64 / MIB
+                );
+            }
             let block = self.gpu.alloc_on::<u8>(
                 self.gpu.main_stream(),
                 bytes.max(1),
