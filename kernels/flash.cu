@@ -956,9 +956,9 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
 // while dP runs; dS in registers, dQ += dS·K from them. Shared (swizzled tiles): Q, dO, then K
 // and V in two buffers; one block barrier a tile (tile t visible, every warp past tile t − 1,
 // whose buffer then takes tile t + 1's copy). Registers: acc HD/2, s + dp 64, Q HD/4. Tiles with
-// no visible pair are computed anyway (their dS is 0). (Computing tile t + 1's products during tile t's dS, as the
-// forward does, needs 64 more registers: it spilled and ran 30 % slower at seq 8192; so did dO's
-// fragments in registers beside Q's, 24 % slower.)
+// no visible pair are computed anyway (their dS is 0). (Computing tile t + 1's products during
+// tile t's dS, as the forward does, needs 64 more registers: it spilled and ran 30 % slower at
+// seq 8192; so did dO's fragments in registers beside Q's, 24 % slower.)
 template <int HD>
 __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                  const bf16_t* __restrict__ k,
@@ -1104,8 +1104,8 @@ __device__ __forceinline__ void flash_dkdv_dscores(float (&dp)[NT][4], const flo
 // K fragments in registers, V kept in shared memory (its A fragments re-read per use). The
 // (query head, query tile) pairs are one sequence, prefetched one ahead: Q and dO tiles of 64
 // queries in two buffers, with lse·log2e and D of their rows; one block barrier a pair (pair p
-// visible, every warp past pair p − 1, whose buffers then take pair p + 1). Each tile in quarters of 16
-// queries (registers): Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ; Pᵀ = 2^(c·log2e·Sᵀ − lse·log2e),
+// visible, every warp past pair p − 1, whose buffers then take pair p + 1). Each tile in
+// quarters of 16 queries (registers): Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ; Pᵀ = 2^(c·log2e·Sᵀ − lse·log2e),
 // dSᵀ = Pᵀ ∘ (dPᵀ − D); dV += Pᵀ·dO, dK += dSᵀ·Q.
 // Registers: ka HD/2, dk + dv HD, s + dp 16. Shared: V, Q and dO two buffers each, lse and D.
 // On warpgroup products (WG, sm_90a) each pair is one 64 × 64 product per score matrix with K and
@@ -1192,9 +1192,9 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
     }
     const bool kwhole = flash_block_whole(seg, seq, r0);  // also: every warp has read K
     const int seg0 = seg[r0];
-    // This thread's part of whether the pair at query tile i0 has no masked entry: tile i0
-    // wholly past the keys within their one segment. `id` (the segment of query i0 + tid, read
-    // a pair ahead) is where the query is one of the tile's.
+    // This thread's part of whether the pair at query tile i0 has no masked entry: the tile
+    // wholly past the keys and within their one segment. `id`, read a pair ahead, is the
+    // segment of query i0 + tid (for the tile's 64 threads; seg0 for the others).
     auto below = [&](int i0) { return kwhole && i0 >= r0 + 64 && i0 + BR <= seq; };
     auto pair_segment = [&](Pair p) {
         const int i0 = (first + p.tile) * BR;
