@@ -261,9 +261,10 @@ __device__ __forceinline__ bool flash_block_whole(const int* seg, int seq, int r
     return flash_all_threads(r0 + FLASH_TILE <= seq && (t >= FLASH_TILE || seg[r0 + t] == seg[r0]));
 }
 
-// Where a block of 64 queries (fwd, dq) works: query head h = blockIdx.y of sequence b =
-// blockIdx.z, queries from r0 (reverse blockIdx.x order: the longest causal rows start first),
-// the rows of its KV head in k and v, and the key tiles up to the diagonal.
+// Where a block of `rows` queries (fwd, dq: 64; the warp-specialized forward: 128) works: query
+// head h = blockIdx.y of sequence b = blockIdx.z, queries from r0 (reverse blockIdx.x order: the
+// longest causal rows start first), the rows of its KV head in k and v, and the key tiles up to
+// the diagonal.
 template <int HD>
 struct FlashQueryBlock {
     int h, r0, ntiles;
@@ -273,10 +274,10 @@ struct FlashQueryBlock {
     const bf16_t* vh;
     int seg0;  // the segment of query r0
     __device__ FlashQueryBlock(const bf16_t* k, const bf16_t* v, const int* segments, int seq,
-                               int heads, int kv_heads)
+                               int heads, int kv_heads, int rows = FLASH_TILE)
         : h(blockIdx.y),
-          r0((gridDim.x - 1 - blockIdx.x) * FLASH_TILE),
-          ntiles(min(r0 + FLASH_TILE - 1, seq - 1) / FLASH_TILE + 1),
+          r0((gridDim.x - 1 - blockIdx.x) * rows),
+          ntiles(min(r0 + rows - 1, seq - 1) / FLASH_TILE + 1),
           ldq((long long)heads * HD),
           ldk((long long)kv_heads * HD),
           tok0((long long)blockIdx.z * seq),
@@ -568,6 +569,16 @@ struct FlashSoftmax {
     template <int NT, int NDT>
     __device__ __forceinline__ void step(float (&s)[NT][4], unsigned int vis, float sl2,
                                          float (&o)[NDT][4]) {
+        float al[2];
+        probabilities<NT>(s, vis, sl2, al);
+        rescale<NDT>(o, al);
+    }
+
+    // step's first half: s masked and replaced by p, m and l updated; al: the rows' α, by which
+    // o is to be scaled (rescale) before p·v is added to it.
+    template <int NT>
+    __device__ __forceinline__ void probabilities(float (&s)[NT][4], unsigned int vis, float sl2,
+                                                  float (&al)[2]) {
         flash_mask(s, vis, flash_neg_inf());
         float mx[2] = {flash_neg_inf(), flash_neg_inf()};
 #pragma unroll
@@ -575,7 +586,7 @@ struct FlashSoftmax {
 #pragma unroll
             for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
         }
-        float ms[2], al[2], ps[2] = {0.0f, 0.0f};
+        float ms[2], ps[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float mn = fmaxf(m[r], flash_max4(mx[r]) * sl2);
@@ -594,6 +605,11 @@ struct FlashSoftmax {
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) l[r] = l[r] * al[r] + ps[r];
+    }
+
+    // o's rows times their α (the warp's lanes together).
+    template <int NDT>
+    __device__ __forceinline__ static void rescale(float (&o)[NDT][4], const float (&al)[2]) {
         // Once the row maxima settle α is 1 (exactly) in most tiles: o is left as it is then.
         if (!__any_sync(FULL_MASK, al[0] != 1.0f || al[1] != 1.0f)) return;
 #pragma unroll
@@ -685,16 +701,13 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
 }
 
 #ifdef FLASH_WGMMA
-// Warpgroup products, pipelined up to head_dim 128: the scores of key tile t + 1 are computed by
-// the tensor cores while the threads run tile t's softmax step (at 256 the output's 128
-// registers leave no room for a second score tile: each tile's scores are awaited). Shared
-// (swizzled tiles): Q, then K and V in three buffers (two at 256). One block barrier a tile:
-// it makes the tile about to be scored (t + 1; t at 256) visible, finds whether it needs a
-// mask, and follows every warp's products of tile t − 1, whose buffer then takes the next
-// tile's copy, which has the rest of the iteration to arrive.
-// Registers: o HD/2, s 2 × 32 (32 at 256), Q's fragments HD/4 up to 128 (the scores' A operand;
-// B alone is read from shared memory). Tiles with no visible pair are computed anyway (their p
-// is 0).
+// Warpgroup products at head_dim 256 (flash_fwd_hd256; up to 128 the warp-specialized kernel
+// below). The output's 128 registers leave no room for a second score tile: each tile's scores
+// are awaited. Shared (swizzled tiles): Q, then K and V in two buffers. One block barrier a
+// tile: it makes tile t visible, finds whether it needs a mask, and follows every warp's
+// products of tile t − 1, whose buffer then takes tile t + 1's copy, which has the rest of the
+// iteration to arrive. Registers: o HD/2, s 32; both operands of the scores are read from shared
+// memory. Tiles with no visible pair are computed anyway (their p is 0).
 template <int HD>
 __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                   const bf16_t* __restrict__ k,
@@ -703,26 +716,9 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
                                                   float* __restrict__ out, float* __restrict__ lse,
                                                   int seq, int heads, int kv_heads, float scale) {
     constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
-    constexpr bool AHEAD = HD <= 128;
-    // How many tiles ahead of the softmax step the scores run, and the key/value buffers.
-    constexpr int LEAD = AHEAD ? 1 : 0, BUFS = LEAD + 2;
     bf16_t* Qs = sm;
     auto Kb = [&](int u) { return sm + (1 + 2 * u) * TE; };
     auto Vb = [&](int u) { return sm + (2 + 2 * u) * TE; };
-    auto later = [](int u, int by) { return u + by >= BUFS ? u + by - BUFS : u + by; };
-    // s = Q·Kᵀ of the key tile in buffer u, queued.
-    // Up to head_dim 128 Q's fragments stay in registers (HD/4 of them).
-    constexpr bool QREG = HD <= 128;
-    unsigned int qa[QREG ? HD / 16 : 1][4];
-    auto scores = [&](float (&s)[NT][4], int u) {
-        wg_fence();
-        if constexpr (QREG) {
-            wg_scores_rs<HD, NT>(s, qa, Kb(u));
-        } else {
-            wg_scores<HD, NT>(s, Qs, Kb(u));
-        }
-        wg_commit();
-    };
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
     const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads);
@@ -738,46 +734,26 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
 
     const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
     const float sl2 = scale * FLASH_LOG2E;
-    float o[NDT][4], s[NT][4], next[AHEAD ? NT : 1][4];
+    float o[NDT][4], s[NT][4];
     flash_zero<NDT>(o);
     FlashSoftmax sm_state;
-    bool whole = false;
-    if constexpr (AHEAD) {  // tile 0 scored before the loop; tile 1 on its way
-        blk.template copy_next<true>(0, Kb(1), Vb(1), seq);
-        flash_wait<1>();
-        flash_fence_async();
-        whole = flash_all_threads(blk.whole_part(0, qwhole));
-        wg_afrags<HD>(qa, Qs, warp, lane);
-        scores(s, 0);
-        wg_wait<0>();
-        wg_hold<NT>(s);
-    }
-    int id = blk.tile_segment(LEAD, qwhole);  // of the tile the first barrier makes visible
-    int cur = 0;                              // the buffer of tile kt
-    bool whole_next = false;                  // pipelined: tile t's mask need
+    int id = blk.tile_segment(0, qwhole);  // of the tile the first barrier makes visible
 #pragma unroll 1
     for (int kt = 0; kt < ntiles; ++kt) {
-        const int j0 = kt * BC, t = kt + LEAD;
-        if (t < ntiles) {
-            flash_wait<0>();  // tile t (this thread's copies)
-            flash_fence_async();
-            const bool t_whole = flash_all_threads(blk.tile_whole(t, qwhole, id));
-            // Tile t + 1 into the buffer of tile kt − 1, read by no warp any more.
-            blk.template copy_next<true>(t, Kb(later(cur, LEAD + 1)), Vb(later(cur, LEAD + 1)),
-                                         seq);
-            id = blk.tile_segment(t + 1, qwhole);
-            if constexpr (AHEAD) {
-                whole_next = t_whole;
-                scores(next, later(cur, 1));
-            } else {
-                whole = t_whole;
-                scores(s, cur);
-                wg_wait<0>();
-                wg_hold<NT>(s);
-            }
-        }
+        const int cur = kt & 1;
+        flash_wait<0>();  // tile kt (this thread's copies)
+        flash_fence_async();
+        const bool whole = flash_all_threads(blk.tile_whole(kt, qwhole, id));
+        // Tile kt + 1 into the buffer of tile kt − 1, read by no warp any more.
+        blk.template copy_next<true>(kt, Kb(cur ^ 1), Vb(cur ^ 1), seq);
+        id = blk.tile_segment(kt + 1, qwhole);
+        wg_fence();
+        wg_scores<HD, NT>(s, Qs, Kb(cur));
+        wg_commit();
+        wg_wait<0>();
+        wg_hold<NT>(s);
         const unsigned int vis =
-            whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, j0, tig);
+            whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, kt * BC, tig);
         sm_state.step<NT, NDT>(s, vis, sl2, o);
         unsigned int pa[BC / 16][4];
 #pragma unroll
@@ -788,33 +764,16 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
         wg_commit();
         wg_wait<0>();
         wg_hold<NDT>(o);
-        if constexpr (AHEAD) {
-            if (t < ntiles) {
-                wg_hold<NT>(next);
-#pragma unroll
-                for (int n = 0; n < NT; ++n) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[n][e] = next[n][e];
-                }
-                whole = whole_next;
-            }
-        }
-        cur = later(cur, 1);
     }
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
                          tig);
 }
-// The forward of this architecture (the host gives the warpgroup versions more shared memory:
-// src/backend/cuda/mod.rs, flash_tiles).
-#define FLASH_FWD_IMPL flash_fwd_wg_impl
-#else
-#define FLASH_FWD_IMPL flash_fwd_impl
 #endif
 
 // q, k, v bf16 ([batch·seq, heads·hd], [batch·seq, kv_heads·hd] twice); out f32 like q, lse f32
 // [batch·seq, heads]. hd: 64 or 128 (256: flash_fwd_hd256 below). Launch: grid (ceil(seq/64),
-// heads, batch), block 128, dynamic shared memory T·64·(hd + 8)·2 bytes, T = 4 (the warpgroup
-// version: 7·64·hd·2, its tiles unpadded).
+// heads, batch), block 128, dynamic shared memory 4·64·(hd + 8)·2 bytes. On sm_90a the library
+// launches flash_fwd_ws instead (below).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
               const bf16_t* __restrict__ v, const int* __restrict__ segments,
@@ -822,11 +781,206 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
               int kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
     if (head_dim == 128) {
-        FLASH_FWD_IMPL<128>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+        flash_fwd_impl<128>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
     } else {
-        FLASH_FWD_IMPL<64>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+        flash_fwd_impl<64>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
     }
 }
+
+#ifdef FLASH_WGMMA
+// ---------------------------------------------------------------------------------------------
+// Hopper forward, warp-specialized (head_dim 64 and 128). A block of three warpgroups owns 128
+// queries. Warpgroup 0 copies (cp.async) Q, then each key tile's K and V into a ring of
+// FLASH_WS_STAGES buffers, and computes nothing; warpgroups 1 and 2 each compute 64 of the
+// queries and wait only for their tiles, through shared-memory barriers (mbarrier), never for a
+// block barrier:
+//  - full(b) completes when buffer b's copies have landed (128 cp.async arrivals);
+//  - empty(b) completes when both computing warpgroups' products have read the buffer.
+// A computing warpgroup's iteration t: queue [S = Q·K_{t+1}ᵀ, O += P_t·V_t]; await S; tile t + 1's
+// probabilities (p, m, l, α) while P·V runs; await O; O *= α; P_{t+1} to bf16. Every row sees
+// the operations of flash_fwd_wg_impl in the same order, so the outputs are the same bit for bit.
+// The two warpgroups are not made to take turns (FlashAttention-3's ping-pong): on the H200 that
+// was no faster.
+// Registers: the copying warpgroup hands most of its registers to the others (setmaxnreg).
+// ---------------------------------------------------------------------------------------------
+#define FLASH_WS_THREADS 384
+#define FLASH_WS_ROWS 128
+#define FLASH_WS_STAGES 4
+
+__device__ __forceinline__ void flash_mbar_init(unsigned int bar, unsigned int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void flash_mbar_arrive(unsigned int bar) {
+    asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }\n" ::"r"(bar)
+                 : "memory");
+}
+// One arrival on `bar` once every cp.async copy this thread has issued so far has landed (the
+// arrival is counted in the barrier's initial count: noinc).
+__device__ __forceinline__ void flash_mbar_arrive_copies(unsigned int bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of `bar` with this parity has completed (acquire: what the arriving
+// threads wrote before arriving is visible after it).
+__device__ __forceinline__ void flash_mbar_wait(unsigned int bar, unsigned int parity) {
+    unsigned int done;
+    do {
+        asm volatile(
+            "{ .reg .pred p;\n"
+            "  mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "  selp.u32 %0, 1, 0, p; }\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+template <int HD>
+__device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __restrict__ q,
+                                                  const bf16_t* __restrict__ k,
+                                                  const bf16_t* __restrict__ v,
+                                                  const int* __restrict__ segments,
+                                                  float* __restrict__ out, float* __restrict__ lse,
+                                                  int seq, int heads, int kv_heads, float scale) {
+    constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD, S = FLASH_WS_STAGES;
+    // Shared: Q's two tiles, buffer b's K and V, then the barriers full(b), empty(b) and Q's.
+    bf16_t* Qs = sm;
+    auto Kb = [&](int b) { return sm + (2 + 2 * b) * TE; };
+    auto Vb = [&](int b) { return sm + (3 + 2 * b) * TE; };
+    const unsigned int bar0 = flash_smem(sm + (2 + 2 * S) * TE), qbar = bar0 + 8 * 2 * S;
+    auto full = [&](int b) { return bar0 + 8 * b; };
+    auto empty = [&](int b) { return bar0 + 8 * (S + b); };
+
+    const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
+    const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads, FLASH_WS_ROWS);
+    const int h = blk.h, r0 = blk.r0, ntiles = blk.ntiles;
+    if (tid == 0) {
+        for (int b = 0; b < S; ++b) {
+            flash_mbar_init(full(b), FLASH_THREADS);
+            flash_mbar_init(empty(b), 2);
+        }
+        flash_mbar_init(qbar, FLASH_THREADS);
+    }
+    __syncthreads();  // the last block barrier: the warpgroups go their own ways
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        for (int c = 0; c < 2; ++c) {
+            const int rc = r0 + FLASH_TILE * c;
+            flash_load_tile<HD, true>(Qs + c * TE, q + (blk.tok0 + rc) * blk.ldq + (long long)h * HD,
+                                      blk.ldq, seq - rc);
+        }
+        flash_mbar_arrive_copies(qbar);
+#pragma unroll 1
+        for (int t = 0; t < ntiles; ++t) {
+            const int b = t % S, round = t / S, j0 = t * BC;
+            if (round > 0) flash_mbar_wait(empty(b), (round - 1) & 1);
+            flash_load_tile<HD, true>(Kb(b), blk.kh + j0 * blk.ldk, blk.ldk, seq - j0);
+            flash_load_tile<HD, true>(Vb(b), blk.vh + j0 * blk.ldk, blk.ldk, seq - j0);
+            flash_mbar_arrive_copies(full(b));
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int c = wg - 1, ctid = tid - FLASH_THREADS * wg, warp = ctid >> 5, gid = lane >> 2,
+              tig = lane & 3;
+    const int rc = r0 + FLASH_TILE * c;  // this warpgroup's first query
+    const int w0 = rc + 16 * warp;       // this warp's first query
+    const int i0 = w0 + gid, i1 = i0 + 8;
+    const float sl2 = scale * FLASH_LOG2E;
+    // Each warp decides alone whether a tile needs a mask: not where all of the warp's 16 rows
+    // exist in one segment (`wseg`, `wwhole`), the tile lies below the diagonal of the
+    // warpgroup's rows, and its 64 keys all lie in that segment. Lane l holds the ids of keys
+    // l and l + 32 of a tile, read a tile before they are needed (wseg where they do not matter).
+    const int wseg = w0 < seq ? blk.seg[w0] : 0;
+    const bool wwhole =
+        __all_sync(FULL_MASK, w0 + 15 < seq && blk.seg[min(w0 + (lane & 15), seq - 1)] == wseg);
+    auto below = [&](int t) { return wwhole && t * BC + BC <= rc; };
+    auto key_ids = [&](int t, int (&ids)[2]) {
+        ids[0] = below(t) ? blk.seg[t * BC + lane] : wseg;
+        ids[1] = below(t) ? blk.seg[t * BC + 32 + lane] : wseg;
+    };
+    auto visible = [&](int t, const int (&ids)[2]) {
+        return below(t) && __all_sync(FULL_MASK, ids[0] == wseg && ids[1] == wseg)
+                   ? 0xffffffffu
+                   : flash_visible<NT, false>(blk.seg, seq, i0, i1, t * BC, tig);
+    };
+
+    int ids[2], ids_next[2];
+    key_ids(0, ids);
+    key_ids(1, ids_next);
+    flash_mbar_wait(qbar, 0);
+    unsigned int qa[HD / 16][4];
+    wg_afrags<HD>(qa, Qs + c * TE, warp, lane);
+    float o[NDT][4], s[NT][4], al[2];
+    unsigned int pa[BC / 16][4];
+    flash_zero<NDT>(o);
+    FlashSoftmax sm_state;
+    // Tile 0's scores and probabilities (o is 0: nothing to rescale).
+    const unsigned int vis0 = visible(0, ids);
+    flash_mbar_wait(full(0), 0);
+    flash_fence_async();  // the copies, seen through the barrier, before the products
+    wg_fence();
+    wg_scores_rs<HD, NT>(s, qa, Kb(0));
+    wg_commit();
+    wg_wait<0>();
+    wg_hold<NT>(s);
+    sm_state.probabilities<NT>(s, vis0, sl2, al);
+#pragma unroll
+    for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
+    // Tiles 1 .. ntiles − 1 scored beside the tile before's P·V (the last one's P·V alone, after
+    // the loop: the same products in every iteration, which ptxas needs to keep them in flight).
+#pragma unroll 1
+    for (int kt = 0; kt + 1 < ntiles; ++kt) {
+        const int t = kt + 1;
+        const unsigned int vis = visible(t, ids_next);
+        key_ids(t + 1, ids_next);
+        flash_mbar_wait(full(t % S), (t / S) & 1);
+        flash_fence_async();
+        wg_hold<NDT>(o);
+        wg_fence();
+        wg_scores_rs<HD, NT>(s, qa, Kb(t % S));
+        wg_commit();
+        wg_accumulate<HD>(o, pa, Vb(kt % S));
+        wg_commit();
+        wg_wait<1>();
+        wg_hold<NT>(s);
+        sm_state.probabilities<NT>(s, vis, sl2, al);
+        wg_wait<0>();
+        wg_hold<NDT>(o);
+        wg_hold_regs<BC / 16>(pa);
+        if (ctid == 0) flash_mbar_arrive(empty(kt % S));
+        FlashSoftmax::rescale<NDT>(o, al);
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
+    }
+    wg_hold<NDT>(o);
+    wg_fence();
+    wg_accumulate<HD>(o, pa, Vb((ntiles - 1) % S));
+    wg_commit();
+    wg_wait<0>();
+    wg_hold<NDT>(o);
+    sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, blk.tok0, blk.ldq, heads, h,
+                         i0, seq, tig);
+}
+
+// Arguments and outputs as flash_fwd; hd: 64 or 128. Launch: grid (ceil(seq/128), heads, batch),
+// block 384, dynamic shared memory (2 + 2·FLASH_WS_STAGES)·64·hd·2 + 128 bytes (the
+// barriers after the tiles).
+extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
+    flash_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                 const bf16_t* __restrict__ v, const int* __restrict__ segments,
+                 float* __restrict__ out, float* __restrict__ lse, int batch, int seq, int heads,
+                 int kv_heads, int head_dim, float scale) {
+    extern __shared__ __align__(1024) bf16_t flash_sm[];
+    if (head_dim == 128) {
+        flash_fwd_ws_impl<128>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+    } else {
+        flash_fwd_ws_impl<64>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+    }
+}
+#endif
 
 // lse·log2e and D of this thread's rows i0, i0 + 8 (0 past the end).
 __device__ __forceinline__ void flash_row_stats(float (&ls)[2], float (&de)[2],

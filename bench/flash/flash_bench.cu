@@ -42,6 +42,17 @@
 #endif
 #define FLASH_DKDV_TILES FLASH_WG_TILES(6, 5)
 
+// The warp-specialized forward (flash_fwd_ws: 128 queries a block of 384 threads, head_dim 64 and
+// 128) where the source has one and the build is for sm_90a.
+#if defined(FLASH_WS_ROWS) && !defined(FLASH_BENCH_MMA_SYNC)
+#define FLASH_WS_ENTRY flash_fwd_ws
+#else
+#define FLASH_WS_ENTRY nullptr
+#define FLASH_WS_ROWS 0
+#define FLASH_WS_STAGES 0
+#define FLASH_WS_THREADS 0
+#endif
+
 // The head_dim-256 entries, which only a pass compiling the warpgroup code declares. The host
 // pass declares them whatever the target: run.sh defines FLASH_BENCH_MMA_SYNC for other targets.
 #if defined(FLASH_WGMMA) && !defined(FLASH_BENCH_MMA_SYNC)
@@ -160,13 +171,17 @@ int main(int argc, char** argv) {
     float* dk = zeros(nk * parts);
     float* dv = zeros(nk * parts);
     const int row_bytes = (hd + FLASH_ROW_PAD) * 2;
-    const int fwd_sm = FLASH_FWD_TILES(hd) * 64 * row_bytes;
+    const bool ws = FLASH_WS_ENTRY != nullptr && hd <= 128;
+    const int fwd_sm = ws ? (2 + 2 * FLASH_WS_STAGES) * 64 * row_bytes + 128
+                          : FLASH_FWD_TILES(hd) * 64 * row_bytes;
     const int dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
     const int dkdv_sm = FLASH_DKDV_TILES * 64 * row_bytes + 2 * 2 * 64 * 4;
     // The library's entries for the head dim (flash_entries in src/backend/cuda/mod.rs): at 256
     // the warpgroup kernels of their own, dK/dV with twice the blocks along y.
     const bool wide = hd == 256;
-    const auto fwd = wide ? FLASH_WIDE(flash_fwd) : flash_fwd;
+    const auto fwd = wide ? FLASH_WIDE(flash_fwd) : ws ? FLASH_WS_ENTRY : flash_fwd;
+    const int fwd_rows = ws ? FLASH_WS_ROWS : FLASH_FWD_ROWS;
+    const int fwd_threads = ws ? FLASH_WS_THREADS : 128;
     const auto bwd_dq = wide ? FLASH_WIDE(flash_bwd_dq) : flash_bwd_dq;
     const auto bwd_dkdv = wide ? FLASH_WIDE(flash_bwd_dkdv) : flash_bwd_dkdv;
     if (!fwd || !bwd_dq || !bwd_dkdv) {
@@ -176,11 +191,12 @@ int main(int argc, char** argv) {
     CK(cudaFuncSetAttribute(fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd_sm));
     CK(cudaFuncSetAttribute(bwd_dq, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_sm));
     CK(cudaFuncSetAttribute(bwd_dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, dkdv_sm));
-    const dim3 gf((seq + FLASH_FWD_ROWS - 1) / FLASH_FWD_ROWS, heads, batch);
+    const dim3 gf((seq + fwd_rows - 1) / fwd_rows, heads, batch);
     const dim3 gq((seq + FLASH_DQ_ROWS - 1) / FLASH_DQ_ROWS, heads, batch);
     const dim3 gk(tiles, kv * parts * (wide ? 2 : 1), batch);
     const double t_fwd = time_ms(reps, [&] {
-        fwd<<<gf, 128, fwd_sm>>>(q, k, v, seg, out, lse, batch, seq, heads, kv, hd, scale);
+        fwd<<<gf, fwd_threads, fwd_sm>>>(q, k, v, seg, out, lse, batch, seq, heads, kv, hd,
+                                         scale);
     });
     bench_delta<<<(seq * heads * 32 + 255) / 256, 256>>>(out, d_o, delta, seq * heads, hd);
     const double t_dq = time_ms(reps, [&] {

@@ -50,6 +50,13 @@ use tensor::{StashedLayout, Storage};
 const ATTENTION_TILE: usize = 64;
 /// Threads per attention block.
 const ATTENTION_THREADS: u32 = 128;
+/// The warp-specialized forward (kernels/flash.cu, `flash_fwd_ws`; sm_90a, head_dim up to 128):
+/// queries per block, threads per block (three warpgroups), key/value buffers, and the bytes
+/// of its barriers and flags after the tiles.
+const FLASH_WS_ROWS: usize = 128;
+const FLASH_WS_THREADS: u32 = 384;
+const FLASH_WS_STAGES: usize = 4;
+const FLASH_WS_BARRIER_BYTES: usize = 128;
 /// Largest head dimension the attention kernels support.
 const MAX_HEAD_DIM: usize = 256;
 /// What the per-call bf16 copies of f32 operands are for, in memory reports.
@@ -889,15 +896,31 @@ impl CudaBackend {
             || (head_dim == 256 && kernels::warpgroup_products(self.kernels.arch()))
     }
 
+    /// The tensor-core forward's entry and launch: on sm_90a up to head_dim 128 the
+    /// warp-specialized kernel (128 queries a block: Q's two tiles and FLASH_WS_STAGES key/value
+    /// buffers), else 64 queries a block of 128 threads.
+    fn flash_forward_launch(&self, s: AttentionShape) -> (&'static str, Shape) {
+        if kernels::warpgroup_products(self.kernels.arch()) && s.head_dim <= 128 {
+            let tiles = 2 + 2 * FLASH_WS_STAGES;
+            let shared = flash_shared_bytes(s.head_dim, true, tiles, FLASH_WS_BARRIER_BYTES);
+            let blocks = s.seq.div_ceil(FLASH_WS_ROWS);
+            let shape = Shape::grid(blocks, s.num_heads, s.batch, FLASH_WS_THREADS);
+            return ("flash_fwd_ws", shape.with_shared(shared));
+        }
+        let blocks = s.seq.div_ceil(ATTENTION_TILE);
+        let shape = Shape::grid(blocks, s.num_heads, s.batch, ATTENTION_THREADS);
+        let shared = self.flash_shared(FlashKernel::Forward, s.head_dim, 0);
+        (flash_entries(s.head_dim).forward, shape.with_shared(shared))
+    }
+
     /// The dynamic shared memory a `kernel` launch for `head_dim` takes (kernels/flash.cu, each
     /// launch line), with `extra` bytes after its tiles: the warpgroup versions (sm_90a) keep Q,
-    /// K or both in shared memory beside the streamed buffers, and the pipelined forward (up to
-    /// head_dim 128) streams key and value tiles through three buffers.
+    /// K or both in shared memory beside the streamed buffers (the forward's is head_dim 256's:
+    /// `flash_forward_launch` sizes the warp-specialized one).
     fn flash_shared(&self, kernel: FlashKernel, head_dim: usize, extra: usize) -> usize {
         let warpgroup = kernels::warpgroup_products(self.kernels.arch());
         let tiles = match (kernel, warpgroup) {
             (FlashKernel::Forward, false) => 4,
-            (FlashKernel::Forward, true) if head_dim <= 128 => 7,
             (FlashKernel::Forward, true) => 5,
             (FlashKernel::Dq, false) => 4,
             (FlashKernel::Dq, true) => 6,
@@ -1725,12 +1748,6 @@ impl Backend for CudaBackend {
         if q.rows == 0 {
             return Ok((out, lse));
         }
-        let shape = Shape::grid(
-            s.seq.div_ceil(ATTENTION_TILE),
-            s.num_heads,
-            s.batch,
-            ATTENTION_THREADS,
-        );
         let what = "attention";
         let outputs = [Arg::Ptr(self.ptr(&out)?), Arg::Ptr(self.ptr(&lse)?)];
         if self.tensor_core_attention(s.head_dim) {
@@ -1739,9 +1756,15 @@ impl Backend for CudaBackend {
             args.push(self.ints_arg(segments));
             args.extend(outputs);
             args.extend(Self::attention_dims(s));
-            let shape = shape.with_shared(self.flash_shared(FlashKernel::Forward, s.head_dim, 0));
-            self.run("flash", flash_entries(s.head_dim).forward, shape, &args)?;
+            let (entry, shape) = self.flash_forward_launch(s);
+            self.run("flash", entry, shape, &args)?;
         } else {
+            let shape = Shape::grid(
+                s.seq.div_ceil(ATTENTION_TILE),
+                s.num_heads,
+                s.batch,
+                ATTENTION_THREADS,
+            );
             let mut args = vec![
                 self.f32_arg(q, what)?,
                 self.f32_arg(k, what)?,
