@@ -790,18 +790,18 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 #ifdef FLASH_WGMMA
 // ---------------------------------------------------------------------------------------------
 // Hopper forward, warp-specialized (head_dim 64 and 128). A block of three warpgroups owns 128
-// queries. Warpgroup 0 copies (cp.async) Q, then each key tile's K and V into a ring of
-// FLASH_WS_STAGES buffers, and computes nothing; warpgroups 1 and 2 each compute 64 of the
-// queries and wait only for their tiles, through shared-memory barriers (mbarrier), never for a
-// block barrier:
-//  - full(b) completes when buffer b's copies have landed (128 cp.async arrivals);
+// queries. Warpgroup 0 copies (cp.async) the block's own tiles (Q's two), then each key tile's
+// K and V into a ring of FLASH_WS_STAGES buffers, and computes nothing;
+// warpgroups 1 and 2 each compute 64 of the queries and wait only for their tiles, through
+// shared-memory barriers (mbarrier), never for a block barrier:
+//  - full(b) completes when buffer b's copies have landed (128 cp.async arrivals), and the own
+//    tiles' barrier when those have;
 //  - empty(b) completes when both computing warpgroups' products have read the buffer.
-// A computing warpgroup's iteration t: queue [S = Q·K_{t+1}ᵀ, O += P_t·V_t]; await S; tile t + 1's
-// probabilities (p, m, l, α) while P·V runs; await O; O *= α; P_{t+1} to bf16. Every row sees
-// the operations of flash_fwd_wg_impl in the same order, so the outputs are the same bit for bit.
-// The two warpgroups are not made to take turns (FlashAttention-3's ping-pong): on the H200 that
-// was no faster.
-// Registers: the copying warpgroup hands most of its registers to the others (setmaxnreg).
+// Each computing warp decides alone whether a tile needs a mask (FlashWarpRows). The two
+// computing warpgroups are not made to take turns (FlashAttention-3's ping-pong): on the H200
+// that was no faster. Registers: the copying warpgroup hands most of its own to the computing
+// ones (setmaxnreg). (dQ in the same layout, own tiles Q's and dO's, was tried: −5 % at seq
+// 8192 and head_dim 128 but +12 % at head_dim 64, nothing measurable on a step; not kept.)
 // ---------------------------------------------------------------------------------------------
 #define FLASH_WS_THREADS 384
 #define FLASH_WS_ROWS 128
@@ -834,6 +834,99 @@ __device__ __forceinline__ void flash_mbar_wait(unsigned int bar, unsigned int p
     } while (!done);
 }
 
+// A warp-specialized block's shared memory and its barriers: OWN swizzled tiles of the block's
+// own rows (own(i)), the ring's buffers (key(b), value(b)), then the barriers full(b), empty(b)
+// and the own tiles'. Launch: (OWN + 2·FLASH_WS_STAGES)·64·HD·2 + 128 bytes of dynamic shared
+// memory.
+template <int HD, int OWN>
+struct FlashKeyRing {
+    static constexpr int TE = FLASH_TILE * HD, S = FLASH_WS_STAGES;
+    bf16_t* sm;
+    unsigned int bar0;
+    __device__ explicit FlashKeyRing(bf16_t* smem)
+        : sm(smem), bar0(flash_smem(smem + (OWN + 2 * S) * TE)) {}
+    __device__ bf16_t* own(int i) const { return sm + i * TE; }
+    __device__ bf16_t* key(int t) const { return sm + (OWN + 2 * (t % S)) * TE; }
+    __device__ bf16_t* value(int t) const { return sm + (OWN + 1 + 2 * (t % S)) * TE; }
+    __device__ unsigned int full(int t) const { return bar0 + 8 * (t % S); }
+    __device__ unsigned int empty(int t) const { return bar0 + 8 * (S + t % S); }
+    __device__ unsigned int own_bar() const { return bar0 + 8 * 2 * S; }
+
+    // Thread 0 sets the barriers up; a block barrier must follow before any is used.
+    __device__ void init() const {
+        if (threadIdx.x != 0) return;
+        for (int b = 0; b < S; ++b) {
+            flash_mbar_init(bar0 + 8 * b, FLASH_THREADS);
+            flash_mbar_init(bar0 + 8 * (S + b), 2);
+        }
+        flash_mbar_init(own_bar(), FLASH_THREADS);
+    }
+    // Warpgroup 0's part (threads 0..127): rows [r0, r0 + 128) of `src` (a [batch·seq, heads·HD]
+    // matrix from the block's head, row stride ld) into own tiles i and i + 1.
+    __device__ void copy_own(int i, const bf16_t* src, long long ld, int r0, int seq) const {
+        for (int c = 0; c < 2; ++c) {
+            const int rc = r0 + FLASH_TILE * c;
+            flash_load_tile<HD, true>(own(i + c), src + rc * ld, ld, seq - rc);
+        }
+    }
+    // Warpgroup 0's part after copy_own: the own tiles' arrival, then key tiles 0 .. ntiles − 1,
+    // each into its buffer once both computing warpgroups have released the tile before it there.
+    __device__ void produce(const FlashQueryBlock<HD>& blk, int seq) const {
+        flash_mbar_arrive_copies(own_bar());
+#pragma unroll 1
+        for (int t = 0; t < blk.ntiles; ++t) {
+            const int round = t / S, j0 = t * FLASH_TILE;
+            if (round > 0) flash_mbar_wait(empty(t), (round - 1) & 1);
+            flash_load_tile<HD, true>(key(t), blk.kh + j0 * blk.ldk, blk.ldk, seq - j0);
+            flash_load_tile<HD, true>(value(t), blk.vh + j0 * blk.ldk, blk.ldk, seq - j0);
+            flash_mbar_arrive_copies(full(t));
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+    }
+    // A computing thread: waits for key tile t, made visible to the tensor cores' reads.
+    __device__ void wait(int t) const {
+        flash_mbar_wait(full(t), (t / S) & 1);
+        flash_fence_async();  // the copies, seen through the barrier, before the products
+    }
+    // A computing warpgroup, once its products of tile t are complete (thread ctid of the
+    // warpgroup; one arrival a warpgroup).
+    __device__ void release(int t, int ctid) const {
+        if (ctid == 0) flash_mbar_arrive(empty(t));
+    }
+};
+
+// A computing warp's 16 queries from w0 in a warp-specialized block, and whether a key tile needs
+// a mask, decided by the warp alone: not where all 16 queries exist in one segment (wseg), the
+// tile lies below the diagonal of the warpgroup's first query rc, and its 64 keys all lie in
+// that segment. Lane l holds the segment ids of keys l and l + 32 of a tile (key_ids), read a
+// tile before they are needed (wseg where they do not matter).
+struct FlashWarpRows {
+    const int* seg;
+    int seq, rc, w0, lane, wseg;
+    bool wwhole;
+    __device__ FlashWarpRows(const int* segs, int n, int first, int warp, int l)
+        : seg(segs), seq(n), rc(first), w0(first + 16 * warp), lane(l),
+          wseg(w0 < n ? segs[w0] : 0),
+          wwhole(__all_sync(FULL_MASK, w0 + 15 < n && segs[min(w0 + (l & 15), n - 1)] == wseg)) {}
+    __device__ int i0() const { return w0 + (lane >> 2); }
+    __device__ bool below(int t) const { return wwhole && t * FLASH_TILE + FLASH_TILE <= rc; }
+    __device__ void key_ids(int t, int (&ids)[2]) const {
+        ids[0] = below(t) ? seg[t * FLASH_TILE + lane] : wseg;
+        ids[1] = below(t) ? seg[t * FLASH_TILE + 32 + lane] : wseg;
+    }
+    // Visibility bits of tile t for this thread's rows (flash_visible's).
+    template <int NT>
+    __device__ unsigned int visible(int t, const int (&ids)[2]) const {
+        return below(t) && __all_sync(FULL_MASK, ids[0] == wseg && ids[1] == wseg)
+                   ? 0xffffffffu
+                   : flash_visible<NT, false>(seg, seq, i0(), i0() + 8, t * FLASH_TILE, lane & 3);
+    }
+};
+
+// The forward. A computing warpgroup's iteration t: queue [S = Q·K_{t+1}ᵀ, O += P_t·V_t]; await
+// S; tile t + 1's probabilities (p, m, l, α) while P·V runs; await O; O *= α; P_{t+1} to bf16.
+// Every row sees the operations of the block-barrier kernels in the same order, so the outputs
+// are the same bit for bit.
 template <int HD>
 __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                   const bf16_t* __restrict__ k,
@@ -841,88 +934,39 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
                                                   const int* __restrict__ segments,
                                                   float* __restrict__ out, float* __restrict__ lse,
                                                   int seq, int heads, int kv_heads, float scale) {
-    constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD, S = FLASH_WS_STAGES;
-    // Shared: Q's two tiles, buffer b's K and V, then the barriers full(b), empty(b) and Q's.
-    bf16_t* Qs = sm;
-    auto Kb = [&](int b) { return sm + (2 + 2 * b) * TE; };
-    auto Vb = [&](int b) { return sm + (3 + 2 * b) * TE; };
-    const unsigned int bar0 = flash_smem(sm + (2 + 2 * S) * TE), qbar = bar0 + 8 * 2 * S;
-    auto full = [&](int b) { return bar0 + 8 * b; };
-    auto empty = [&](int b) { return bar0 + 8 * (S + b); };
-
+    constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8;
+    const FlashKeyRing<HD, 2> ring(sm);  // own tiles: Q's two
     const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
     const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads, FLASH_WS_ROWS);
-    const int h = blk.h, r0 = blk.r0, ntiles = blk.ntiles;
-    if (tid == 0) {
-        for (int b = 0; b < S; ++b) {
-            flash_mbar_init(full(b), FLASH_THREADS);
-            flash_mbar_init(empty(b), 2);
-        }
-        flash_mbar_init(qbar, FLASH_THREADS);
-    }
+    const int h = blk.h, ntiles = blk.ntiles;
+    ring.init();
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
-
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        for (int c = 0; c < 2; ++c) {
-            const int rc = r0 + FLASH_TILE * c;
-            flash_load_tile<HD, true>(Qs + c * TE, q + (blk.tok0 + rc) * blk.ldq + (long long)h * HD,
-                                      blk.ldq, seq - rc);
-        }
-        flash_mbar_arrive_copies(qbar);
-#pragma unroll 1
-        for (int t = 0; t < ntiles; ++t) {
-            const int b = t % S, round = t / S, j0 = t * BC;
-            if (round > 0) flash_mbar_wait(empty(b), (round - 1) & 1);
-            flash_load_tile<HD, true>(Kb(b), blk.kh + j0 * blk.ldk, blk.ldk, seq - j0);
-            flash_load_tile<HD, true>(Vb(b), blk.vh + j0 * blk.ldk, blk.ldk, seq - j0);
-            flash_mbar_arrive_copies(full(b));
-        }
-        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        ring.copy_own(0, q + blk.tok0 * blk.ldq + (long long)h * HD, blk.ldq, blk.r0, seq);
+        ring.produce(blk, seq);
         return;
     }
-
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int c = wg - 1, ctid = tid - FLASH_THREADS * wg, warp = ctid >> 5, gid = lane >> 2,
-              tig = lane & 3;
-    const int rc = r0 + FLASH_TILE * c;  // this warpgroup's first query
-    const int w0 = rc + 16 * warp;       // this warp's first query
-    const int i0 = w0 + gid, i1 = i0 + 8;
+    const int c = wg - 1, ctid = tid - FLASH_THREADS * wg, warp = ctid >> 5, tig = lane & 3;
+    const FlashWarpRows rows(blk.seg, seq, blk.r0 + FLASH_TILE * c, warp, lane);
     const float sl2 = scale * FLASH_LOG2E;
-    // Each warp decides alone whether a tile needs a mask: not where all of the warp's 16 rows
-    // exist in one segment (`wseg`, `wwhole`), the tile lies below the diagonal of the
-    // warpgroup's rows, and its 64 keys all lie in that segment. Lane l holds the ids of keys
-    // l and l + 32 of a tile, read a tile before they are needed (wseg where they do not matter).
-    const int wseg = w0 < seq ? blk.seg[w0] : 0;
-    const bool wwhole =
-        __all_sync(FULL_MASK, w0 + 15 < seq && blk.seg[min(w0 + (lane & 15), seq - 1)] == wseg);
-    auto below = [&](int t) { return wwhole && t * BC + BC <= rc; };
-    auto key_ids = [&](int t, int (&ids)[2]) {
-        ids[0] = below(t) ? blk.seg[t * BC + lane] : wseg;
-        ids[1] = below(t) ? blk.seg[t * BC + 32 + lane] : wseg;
-    };
-    auto visible = [&](int t, const int (&ids)[2]) {
-        return below(t) && __all_sync(FULL_MASK, ids[0] == wseg && ids[1] == wseg)
-                   ? 0xffffffffu
-                   : flash_visible<NT, false>(blk.seg, seq, i0, i1, t * BC, tig);
-    };
 
     int ids[2], ids_next[2];
-    key_ids(0, ids);
-    key_ids(1, ids_next);
-    flash_mbar_wait(qbar, 0);
+    rows.key_ids(0, ids);
+    rows.key_ids(1, ids_next);
+    flash_mbar_wait(ring.own_bar(), 0);
     unsigned int qa[HD / 16][4];
-    wg_afrags<HD>(qa, Qs + c * TE, warp, lane);
+    wg_afrags<HD>(qa, ring.own(c), warp, lane);
     float o[NDT][4], s[NT][4], al[2];
     unsigned int pa[BC / 16][4];
     flash_zero<NDT>(o);
     FlashSoftmax sm_state;
     // Tile 0's scores and probabilities (o is 0: nothing to rescale).
-    const unsigned int vis0 = visible(0, ids);
-    flash_mbar_wait(full(0), 0);
-    flash_fence_async();  // the copies, seen through the barrier, before the products
+    const unsigned int vis0 = rows.visible<NT>(0, ids);
+    ring.wait(0);
     wg_fence();
-    wg_scores_rs<HD, NT>(s, qa, Kb(0));
+    wg_scores_rs<HD, NT>(s, qa, ring.key(0));
     wg_commit();
     wg_wait<0>();
     wg_hold<NT>(s);
@@ -934,15 +978,14 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
 #pragma unroll 1
     for (int kt = 0; kt + 1 < ntiles; ++kt) {
         const int t = kt + 1;
-        const unsigned int vis = visible(t, ids_next);
-        key_ids(t + 1, ids_next);
-        flash_mbar_wait(full(t % S), (t / S) & 1);
-        flash_fence_async();
+        const unsigned int vis = rows.visible<NT>(t, ids_next);
+        rows.key_ids(t + 1, ids_next);
+        ring.wait(t);
         wg_hold<NDT>(o);
         wg_fence();
-        wg_scores_rs<HD, NT>(s, qa, Kb(t % S));
+        wg_scores_rs<HD, NT>(s, qa, ring.key(t));
         wg_commit();
-        wg_accumulate<HD>(o, pa, Vb(kt % S));
+        wg_accumulate<HD>(o, pa, ring.value(kt));
         wg_commit();
         wg_wait<1>();
         wg_hold<NT>(s);
@@ -950,24 +993,23 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
         wg_wait<0>();
         wg_hold<NDT>(o);
         wg_hold_regs<BC / 16>(pa);
-        if (ctid == 0) flash_mbar_arrive(empty(kt % S));
+        ring.release(kt, ctid);
         FlashSoftmax::rescale<NDT>(o, al);
 #pragma unroll
         for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
     }
     wg_hold<NDT>(o);
     wg_fence();
-    wg_accumulate<HD>(o, pa, Vb((ntiles - 1) % S));
+    wg_accumulate<HD>(o, pa, ring.value(ntiles - 1));
     wg_commit();
     wg_wait<0>();
     wg_hold<NDT>(o);
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, blk.tok0, blk.ldq, heads, h,
-                         i0, seq, tig);
+                         rows.i0(), seq, tig);
 }
 
 // Arguments and outputs as flash_fwd; hd: 64 or 128. Launch: grid (ceil(seq/128), heads, batch),
-// block 384, dynamic shared memory (2 + 2·FLASH_WS_STAGES)·64·hd·2 + 128 bytes (the
-// barriers after the tiles).
+// block 384, dynamic shared memory (2 + 2·FLASH_WS_STAGES)·64·hd·2 + 128 bytes.
 extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
     flash_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                  const bf16_t* __restrict__ v, const int* __restrict__ segments,
@@ -1017,6 +1059,16 @@ __device__ __forceinline__ void flash_dq_dscores(float (&s)[NT][4], const float 
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[t][e] *= dp[t][e] - de[e >> 1];
     }
+}
+
+// dq rows i0, i0 + 8 of head h (those < seq) = scale · acc.
+template <int NDT>
+__device__ __forceinline__ void flash_dq_store(float* __restrict__ dq, const float (&acc)[NDT][4],
+                                               long long tok0, long long ldq, int h, int i0,
+                                               int seq, int tig, float scale) {
+    float* base = dq + (long long)h * NDT * 8 + 2 * tig;
+    if (i0 < seq) flash_store_row<NDT>(base + (tok0 + i0) * ldq, acc, 0, scale);
+    if (i0 + 8 < seq) flash_store_row<NDT>(base + (tok0 + i0 + 8) * ldq, acc, 1, scale);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1099,9 +1151,7 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
         }
         __syncthreads();
     }
-    float* base = dq + (long long)h * HD + 2 * tig;
-    if (i0 < seq) flash_store_row<NDT>(base + (tok0 + i0) * ldq, acc, 0, scale);
-    if (i1 < seq) flash_store_row<NDT>(base + (tok0 + i1) * ldq, acc, 1, scale);
+    flash_dq_store<NDT>(dq, acc, tok0, ldq, h, i0, seq, tig, scale);
 }
 
 #ifdef FLASH_WGMMA
@@ -1196,9 +1246,7 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
         wg_wait<0>();
         wg_hold<NDT>(acc);
     }
-    float* base = dq + (long long)h * HD + 2 * tig;
-    if (i0 < seq) flash_store_row<NDT>(base + (tok0 + i0) * ldq, acc, 0, scale);
-    if (i1 < seq) flash_store_row<NDT>(base + (tok0 + i1) * ldq, acc, 1, scale);
+    flash_dq_store<NDT>(dq, acc, tok0, ldq, h, i0, seq, tig, scale);
 }
 #define FLASH_DQ_IMPL flash_dq_wg_impl
 #else
