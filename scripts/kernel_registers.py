@@ -4,7 +4,9 @@
 Compiles kernels/prelude.cuh followed by a kernel file the way the library does
 (src/backend/cuda/kernels.rs: -std=c++17, the target architecture), with ptxas's verbose
 output on, and prints one line per entry. Needs no GPU: NVRTC comes from scripts/fetch-nvrtc.sh.
-A warpgroup kernel that spills or serializes its products shows it here before any device run.
+A warpgroup kernel that spills shows it here before any device run; products that ptxas
+serializes do not (NVRTC's log leaves that message out): scripts/kernel_sass.py's groups column
+shows them.
 
 Usage: scripts/kernel_registers.py [FILE ...] [--arch sm_90a] [-DNAME[=VALUE] ...]
 FILE defaults to kernels/flash.cu; each is compiled as its own program.

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Compiles one kernels/ program the way the library does (prelude.cuh + PROGRAM.cu, NVRTC) for
 an architecture and prints, per kernel entry, ptxas's registers and spill stores and the machine
-code's instruction mix (all, uniform-datapath, warpgroup products, special-function ops), with
-no GPU: variants of a kernel can be compared for instruction counts before any timing.
+code's instruction mix (all, uniform-datapath, warpgroup products and the groups they close,
+special-function ops), with no GPU: variants of a kernel can be compared for instruction counts
+before any timing, and products ptxas serialized (as many groups as products; NVRTC's log does
+not report it) show.
 
     scripts/kernel_sass.py flash                          # kernels/flash.cu, sm_90a
     scripts/kernel_sass.py flash --source /tmp/variant.cu --sass /tmp/variant.sass
@@ -71,8 +73,12 @@ def compile_cubin(source, arch):
 
 
 def instruction_mix(sass):
-    """Per function: a Counter of opcodes (predicates and modifiers dropped)."""
-    mix, function = collections.defaultdict(collections.Counter), None
+    """Per function: a Counter of opcodes (predicates and modifiers dropped), and how many
+    warpgroup products close a group (the `gsb0` operand: the ones a wait can name). ptxas
+    serializes the products (one group each, each awaited) when it cannot keep them in flight:
+    then every HGMMA closes a group."""
+    mix, groups = collections.defaultdict(collections.Counter), collections.Counter()
+    function = None
     for line in sass.splitlines():
         m = re.search(r"Function : (\w+)", line)
         if m:
@@ -82,7 +88,9 @@ def instruction_mix(sass):
         if m and function:
             op = re.sub(r"^@!?U?P[T0-9]+\s+", "", m.group(1).strip()).split()[0]
             mix[function][op.split(".")[0]] += 1
-    return mix
+            if op.startswith("HGMMA") and "gsb0" in m.group(1):
+                groups[function] += 1
+    return mix, groups
 
 
 def main():
@@ -108,12 +116,13 @@ def main():
                          r"registers", log, re.S):
         usage[m.group(1)] = (int(m.group(3)), int(m.group(2)))
     print(f"{'kernel':<28} {'regs':>5} {'spill B':>8} {'instr':>7} {'uniform':>8} "
-          f"{'HGMMA':>6} {'MUFU':>5}")
-    for function, ops in sorted(instruction_mix(sass).items()):
+          f"{'HGMMA':>6} {'groups':>6} {'MUFU':>5}")
+    mix, groups = instruction_mix(sass)
+    for function, ops in sorted(mix.items()):
         regs, spill = usage.get(function, ("?", "?"))
         uniform = sum(n for op, n in ops.items() if op.startswith("U"))
         print(f"{function:<28} {regs:>5} {spill:>8} {sum(ops.values()):>7} {uniform:>8} "
-              f"{ops['HGMMA']:>6} {ops['MUFU']:>5}")
+              f"{ops['HGMMA']:>6} {groups[function]:>6} {ops['MUFU']:>5}")
 
 
 if __name__ == "__main__":
