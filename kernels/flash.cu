@@ -790,17 +790,17 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 #ifdef FLASH_WGMMA
 // ---------------------------------------------------------------------------------------------
 // Hopper forward, warp-specialized (head_dim 64 and 128). A block of three warpgroups owns 128
-// queries. Warpgroup 0 copies (cp.async) the block's own tiles (Q's two), then each key tile's
-// K and V into a ring of FLASH_WS_STAGES buffers, and computes nothing;
+// queries. Warpgroup 0 copies (cp.async) the block's Q (two tiles), then each key tile's K and V
+// into a ring of FLASH_WS_STAGES buffers, and computes nothing;
 // warpgroups 1 and 2 each compute 64 of the queries and wait only for their tiles, through
 // shared-memory barriers (mbarrier), never for a block barrier:
-//  - full(b) completes when buffer b's copies have landed (128 cp.async arrivals), and the own
-//    tiles' barrier when those have;
+//  - full(b) completes when buffer b's copies have landed (128 cp.async arrivals), and Q's
+//    barrier when Q's have;
 //  - empty(b) completes when both computing warpgroups' products have read the buffer.
 // Each computing warp decides alone whether a tile needs a mask (FlashWarpRows). The two
 // computing warpgroups are not made to take turns (FlashAttention-3's ping-pong): on the H200
 // that was no faster. Registers: the copying warpgroup hands most of its own to the computing
-// ones (setmaxnreg). (dQ in the same layout, own tiles Q's and dO's, was tried: −5 % at seq
+// ones (setmaxnreg). (dQ in the same layout, with dO's tiles beside Q's, was tried: −5 % at seq
 // 8192 and head_dim 128 but +12 % at head_dim 64, nothing measurable on a step; not kept.)
 // ---------------------------------------------------------------------------------------------
 #define FLASH_WS_THREADS 384
@@ -834,23 +834,23 @@ __device__ __forceinline__ void flash_mbar_wait(unsigned int bar, unsigned int p
     } while (!done);
 }
 
-// A warp-specialized block's shared memory and its barriers: OWN swizzled tiles of the block's
-// own rows (own(i)), the ring's buffers (key(b), value(b)), then the barriers full(b), empty(b)
-// and the own tiles'. Launch: (OWN + 2·FLASH_WS_STAGES)·64·HD·2 + 128 bytes of dynamic shared
-// memory.
-template <int HD, int OWN>
+// The warp-specialized forward's shared memory and its barriers: Q's two swizzled tiles
+// (query(c): queries 64c.. of the block), the buffers of key tile t (key(t), value(t)), then the
+// barriers full, empty and Q's. Launch: (2 + 2·FLASH_WS_STAGES)·64·HD·2 + 128 bytes of dynamic
+// shared memory.
+template <int HD>
 struct FlashKeyRing {
     static constexpr int TE = FLASH_TILE * HD, S = FLASH_WS_STAGES;
     bf16_t* sm;
     unsigned int bar0;
     __device__ explicit FlashKeyRing(bf16_t* smem)
-        : sm(smem), bar0(flash_smem(smem + (OWN + 2 * S) * TE)) {}
-    __device__ bf16_t* own(int i) const { return sm + i * TE; }
-    __device__ bf16_t* key(int t) const { return sm + (OWN + 2 * (t % S)) * TE; }
-    __device__ bf16_t* value(int t) const { return sm + (OWN + 1 + 2 * (t % S)) * TE; }
+        : sm(smem), bar0(flash_smem(smem + (2 + 2 * S) * TE)) {}
+    __device__ bf16_t* query(int c) const { return sm + c * TE; }
+    __device__ bf16_t* key(int t) const { return sm + (2 + 2 * (t % S)) * TE; }
+    __device__ bf16_t* value(int t) const { return sm + (3 + 2 * (t % S)) * TE; }
     __device__ unsigned int full(int t) const { return bar0 + 8 * (t % S); }
     __device__ unsigned int empty(int t) const { return bar0 + 8 * (S + t % S); }
-    __device__ unsigned int own_bar() const { return bar0 + 8 * 2 * S; }
+    __device__ unsigned int query_bar() const { return bar0 + 8 * 2 * S; }
 
     // Thread 0 sets the barriers up; a block barrier must follow before any is used.
     __device__ void init() const {
@@ -859,20 +859,17 @@ struct FlashKeyRing {
             flash_mbar_init(bar0 + 8 * b, FLASH_THREADS);
             flash_mbar_init(bar0 + 8 * (S + b), 2);
         }
-        flash_mbar_init(own_bar(), FLASH_THREADS);
+        flash_mbar_init(query_bar(), FLASH_THREADS);
     }
-    // Warpgroup 0's part (threads 0..127): rows [r0, r0 + 128) of `src` (a [batch·seq, heads·HD]
-    // matrix from the block's head, row stride ld) into own tiles i and i + 1.
-    __device__ void copy_own(int i, const bf16_t* src, long long ld, int r0, int seq) const {
+    // Warpgroup 0's part (threads 0..127): the block's queries of q (from the block's head, row
+    // stride blk.ldq) into Q's tiles, then key tiles 0 .. ntiles − 1, each into its buffer once
+    // both computing warpgroups have released the tile before it there.
+    __device__ void produce(const FlashQueryBlock<HD>& blk, const bf16_t* q, int seq) const {
         for (int c = 0; c < 2; ++c) {
-            const int rc = r0 + FLASH_TILE * c;
-            flash_load_tile<HD, true>(own(i + c), src + rc * ld, ld, seq - rc);
+            const int rc = blk.r0 + FLASH_TILE * c;
+            flash_load_tile<HD, true>(query(c), q + rc * blk.ldq, blk.ldq, seq - rc);
         }
-    }
-    // Warpgroup 0's part after copy_own: the own tiles' arrival, then key tiles 0 .. ntiles − 1,
-    // each into its buffer once both computing warpgroups have released the tile before it there.
-    __device__ void produce(const FlashQueryBlock<HD>& blk, int seq) const {
-        flash_mbar_arrive_copies(own_bar());
+        flash_mbar_arrive_copies(query_bar());
 #pragma unroll 1
         for (int t = 0; t < blk.ntiles; ++t) {
             const int round = t / S, j0 = t * FLASH_TILE;
@@ -935,7 +932,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
                                                   float* __restrict__ out, float* __restrict__ lse,
                                                   int seq, int heads, int kv_heads, float scale) {
     constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8;
-    const FlashKeyRing<HD, 2> ring(sm);  // own tiles: Q's two
+    const FlashKeyRing<HD> ring(sm);
     const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
     const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads, FLASH_WS_ROWS);
     const int h = blk.h, ntiles = blk.ntiles;
@@ -943,8 +940,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        ring.copy_own(0, q + blk.tok0 * blk.ldq + (long long)h * HD, blk.ldq, blk.r0, seq);
-        ring.produce(blk, seq);
+        ring.produce(blk, q + blk.tok0 * blk.ldq + (long long)h * HD, seq);
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
@@ -955,9 +951,9 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     int ids[2], ids_next[2];
     rows.key_ids(0, ids);
     rows.key_ids(1, ids_next);
-    flash_mbar_wait(ring.own_bar(), 0);
+    flash_mbar_wait(ring.query_bar(), 0);
     unsigned int qa[HD / 16][4];
-    wg_afrags<HD>(qa, ring.own(c), warp, lane);
+    wg_afrags<HD>(qa, ring.query(c), warp, lane);
     float o[NDT][4], s[NT][4], al[2];
     unsigned int pa[BC / 16][4];
     flash_zero<NDT>(o);

@@ -18,9 +18,10 @@
 
 // Kernels of 64 query rows unless the source says more (then Q has tiles of its own). The
 // kernels get the library's shared memory (src/backend/cuda/mod.rs, flash_shared): on sm_90a the
-// warpgroup versions' unpadded tiles (fwd 7, or 5 at head_dim 256; dq 6; dkdv 6), for the
-// mma.sync builds (FLASH_BENCH_MMA_SYNC) padded rows (fwd 4, dq 4, dkdv 5). The host pass of
-// this file cannot see which version the device code holds: run.sh names it.
+// warpgroup versions' unpadded tiles (fwd 7 in sources before flash_fwd_ws, 5 at head_dim 256;
+// dq 6; dkdv 6), for the mma.sync builds (FLASH_BENCH_MMA_SYNC) padded rows (fwd 4, dq 4,
+// dkdv 5). The host pass of this file cannot see which version the device code holds: run.sh
+// names it.
 #ifdef FLASH_BENCH_MMA_SYNC
 #define FLASH_ROW_PAD 8
 #define FLASH_WG_TILES(wg, sync) (sync)

@@ -52,7 +52,7 @@ const ATTENTION_TILE: usize = 64;
 const ATTENTION_THREADS: u32 = 128;
 /// The warp-specialized forward (kernels/flash.cu, `flash_fwd_ws`; sm_90a, head_dim up to 128):
 /// queries per block, threads per block (three warpgroups), key/value buffers, and the bytes
-/// of its barriers and flags after the tiles.
+/// of its barriers after the tiles.
 const FLASH_WS_ROWS: usize = 128;
 const FLASH_WS_THREADS: u32 = 384;
 const FLASH_WS_STAGES: usize = 4;
@@ -260,6 +260,13 @@ enum FlashKernel {
 fn flash_shared_bytes(head_dim: usize, warpgroup: bool, tiles: usize, extra: usize) -> usize {
     let pitch = if warpgroup { head_dim } else { head_dim + 8 };
     tiles * ATTENTION_TILE * pitch * std::mem::size_of::<u16>() + extra
+}
+
+/// The launch of an attention kernel over tiles of ATTENTION_TILE queries (forward, dQ): a block
+/// per tile, query head and sequence.
+fn attention_query_tiles(s: AttentionShape) -> Shape {
+    let tiles = s.seq.div_ceil(ATTENTION_TILE);
+    Shape::grid(tiles, s.num_heads, s.batch, ATTENTION_THREADS)
 }
 
 /// The kernels' code for an activation (kernels/pointwise.cu).
@@ -907,10 +914,9 @@ impl CudaBackend {
             let shape = Shape::grid(blocks, s.num_heads, s.batch, FLASH_WS_THREADS);
             return ("flash_fwd_ws", shape.with_shared(shared));
         }
-        let blocks = s.seq.div_ceil(ATTENTION_TILE);
-        let shape = Shape::grid(blocks, s.num_heads, s.batch, ATTENTION_THREADS);
         let shared = self.flash_shared(FlashKernel::Forward, s.head_dim, 0);
-        (flash_entries(s.head_dim).forward, shape.with_shared(shared))
+        let shape = attention_query_tiles(s).with_shared(shared);
+        (flash_entries(s.head_dim).forward, shape)
     }
 
     /// The dynamic shared memory a `kernel` launch for `head_dim` takes (kernels/flash.cu, each
@@ -1759,12 +1765,7 @@ impl Backend for CudaBackend {
             let (entry, shape) = self.flash_forward_launch(s);
             self.run("flash", entry, shape, &args)?;
         } else {
-            let shape = Shape::grid(
-                s.seq.div_ceil(ATTENTION_TILE),
-                s.num_heads,
-                s.batch,
-                ATTENTION_THREADS,
-            );
+            let shape = attention_query_tiles(s);
             let mut args = vec![
                 self.f32_arg(q, what)?,
                 self.f32_arg(k, what)?,
@@ -1867,7 +1868,7 @@ impl Backend for CudaBackend {
         let mut args = inputs.clone();
         args.push(Arg::Ptr(self.ptr(&dq)?));
         args.extend(Self::attention_dims(s));
-        let shape = Shape::grid(tiles, s.num_heads, s.batch, ATTENTION_THREADS);
+        let shape = attention_query_tiles(s);
         self.run(
             program,
             dq_kernel,
