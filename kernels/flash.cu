@@ -834,33 +834,62 @@ __device__ __forceinline__ void flash_mbar_wait(unsigned int bar, unsigned int p
     } while (!done);
 }
 
+// The mbarriers of a ring of FLASH_WS_STAGES buffers from shared address bar0: full(t) completes
+// once buffer t % S holds item t (`full_count` arrivals: the copying warpgroup's), empty(t) once
+// both computing warpgroups are done with it there; once(), for what is copied once, on its 128
+// copying threads' copies.
+struct FlashRingBars {
+    static constexpr int S = FLASH_WS_STAGES;
+    unsigned int bar0;
+    __device__ unsigned int full(int t) const { return bar0 + 8 * (t % S); }
+    __device__ unsigned int empty(int t) const { return bar0 + 8 * (S + t % S); }
+    __device__ unsigned int once() const { return bar0 + 8 * 2 * S; }
+
+    // Thread 0 sets the barriers up; a block barrier must follow before any is used.
+    __device__ void init(unsigned int full_count) const {
+        if (threadIdx.x != 0) return;
+        for (int b = 0; b < S; ++b) {
+            flash_mbar_init(full(b), full_count);
+            flash_mbar_init(empty(b), 2);
+        }
+        flash_mbar_init(once(), FLASH_THREADS);
+    }
+    // The copying warpgroup, before refilling buffer t % S with item t.
+    __device__ void await_empty(int t) const {
+        if (t >= S) flash_mbar_wait(empty(t), (t / S - 1) & 1);
+    }
+    // A computing thread: waits for item t (or, with once, what is copied once), made visible
+    // to the tensor cores' reads.
+    __device__ void wait(int t) const {
+        flash_mbar_wait(full(t), (t / S) & 1);
+        flash_fence_async();  // the copies, seen through the barrier, before the products
+    }
+    __device__ void wait_once() const {
+        flash_mbar_wait(once(), 0);
+        flash_fence_async();
+    }
+    // A computing warpgroup, once its products of item t are complete (thread ctid of the
+    // warpgroup; one arrival a warpgroup).
+    __device__ void release(int t, int ctid) const {
+        if (ctid == 0) flash_mbar_arrive(empty(t));
+    }
+};
+
 // The warp-specialized forward's shared memory and its barriers: Q's two swizzled tiles
 // (query(c): queries 64c.. of the block), the buffers of key tile t (key(t), value(t)), then the
-// barriers full, empty and Q's. Launch: (2 + 2·FLASH_WS_STAGES)·64·HD·2 + 128 bytes of dynamic
-// shared memory.
+// barriers (once(): Q's). Launch: (2 + 2·FLASH_WS_STAGES)·64·HD·2 + 128 bytes of dynamic shared
+// memory.
 template <int HD>
 struct FlashKeyRing {
     static constexpr int TE = FLASH_TILE * HD, S = FLASH_WS_STAGES;
     bf16_t* sm;
-    unsigned int bar0;
+    FlashRingBars bars;
     __device__ explicit FlashKeyRing(bf16_t* smem)
-        : sm(smem), bar0(flash_smem(smem + (2 + 2 * S) * TE)) {}
+        : sm(smem), bars{flash_smem(smem + (2 + 2 * S) * TE)} {}
     __device__ bf16_t* query(int c) const { return sm + c * TE; }
     __device__ bf16_t* key(int t) const { return sm + (2 + 2 * (t % S)) * TE; }
     __device__ bf16_t* value(int t) const { return sm + (3 + 2 * (t % S)) * TE; }
-    __device__ unsigned int full(int t) const { return bar0 + 8 * (t % S); }
-    __device__ unsigned int empty(int t) const { return bar0 + 8 * (S + t % S); }
-    __device__ unsigned int query_bar() const { return bar0 + 8 * 2 * S; }
 
-    // Thread 0 sets the barriers up; a block barrier must follow before any is used.
-    __device__ void init() const {
-        if (threadIdx.x != 0) return;
-        for (int b = 0; b < S; ++b) {
-            flash_mbar_init(bar0 + 8 * b, FLASH_THREADS);
-            flash_mbar_init(bar0 + 8 * (S + b), 2);
-        }
-        flash_mbar_init(query_bar(), FLASH_THREADS);
-    }
     // Warpgroup 0's part (threads 0..127): the block's queries of q (from the block's head, row
     // stride blk.ldq) into Q's tiles, then key tiles 0 .. ntiles − 1, each into its buffer once
     // both computing warpgroups have released the tile before it there.
@@ -869,26 +898,16 @@ struct FlashKeyRing {
             const int rc = blk.r0 + FLASH_TILE * c;
             flash_load_tile<HD, true>(query(c), q + rc * blk.ldq, blk.ldq, seq - rc);
         }
-        flash_mbar_arrive_copies(query_bar());
+        flash_mbar_arrive_copies(bars.once());
 #pragma unroll 1
         for (int t = 0; t < blk.ntiles; ++t) {
-            const int round = t / S, j0 = t * FLASH_TILE;
-            if (round > 0) flash_mbar_wait(empty(t), (round - 1) & 1);
+            const int j0 = t * FLASH_TILE;
+            bars.await_empty(t);
             flash_load_tile<HD, true>(key(t), blk.kh + j0 * blk.ldk, blk.ldk, seq - j0);
             flash_load_tile<HD, true>(value(t), blk.vh + j0 * blk.ldk, blk.ldk, seq - j0);
-            flash_mbar_arrive_copies(full(t));
+            flash_mbar_arrive_copies(bars.full(t));
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
-    }
-    // A computing thread: waits for key tile t, made visible to the tensor cores' reads.
-    __device__ void wait(int t) const {
-        flash_mbar_wait(full(t), (t / S) & 1);
-        flash_fence_async();  // the copies, seen through the barrier, before the products
-    }
-    // A computing warpgroup, once its products of tile t are complete (thread ctid of the
-    // warpgroup; one arrival a warpgroup).
-    __device__ void release(int t, int ctid) const {
-        if (ctid == 0) flash_mbar_arrive(empty(t));
     }
 };
 
@@ -936,7 +955,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
     const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads, FLASH_WS_ROWS);
     const int h = blk.h, ntiles = blk.ntiles;
-    ring.init();
+    ring.bars.init(FLASH_THREADS);
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -951,7 +970,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     int ids[2], ids_next[2];
     rows.key_ids(0, ids);
     rows.key_ids(1, ids_next);
-    flash_mbar_wait(ring.query_bar(), 0);
+    flash_mbar_wait(ring.bars.once(), 0);
     unsigned int qa[HD / 16][4];
     wg_afrags<HD>(qa, ring.query(c), warp, lane);
     float o[NDT][4], s[NT][4], al[2];
@@ -960,7 +979,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     FlashSoftmax sm_state;
     // Tile 0's scores and probabilities (o is 0: nothing to rescale).
     const unsigned int vis0 = rows.visible<NT>(0, ids);
-    ring.wait(0);
+    ring.bars.wait(0);
     wg_fence();
     wg_scores_rs<HD, NT>(s, qa, ring.key(0));
     wg_commit();
@@ -976,7 +995,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
         const int t = kt + 1;
         const unsigned int vis = rows.visible<NT>(t, ids_next);
         rows.key_ids(t + 1, ids_next);
-        ring.wait(t);
+        ring.bars.wait(t);
         wg_hold<NDT>(o);
         wg_fence();
         wg_scores_rs<HD, NT>(s, qa, ring.key(t));
@@ -989,7 +1008,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
         wg_wait<0>();
         wg_hold<NDT>(o);
         wg_hold_regs<BC / 16>(pa);
-        ring.release(kt, ctid);
+        ring.bars.release(kt, ctid);
         FlashSoftmax::rescale<NDT>(o, al);
 #pragma unroll
         for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
@@ -1297,6 +1316,83 @@ __device__ __forceinline__ void flash_dkdv_dscores(float (&dp)[NT][4], const flo
     }
 }
 
+#define FLASH_DK 1
+#define FLASH_DV 2
+
+#ifdef FLASH_WGMMA
+// One (query head, query tile) pair of a dK/dV warpgroup on tensor cores: K (Ks) and V (Vs) of
+// its 64 keys, the pair's Q (Qt) and dO (Dt) tiles, lse·log2e (ls) and D (ds) of their 64
+// queries, vis this thread's visibility bits. Each product is a 64 × 64 one per score matrix,
+// committed one group each: Sᵀ, then dPᵀ while the threads form Pᵀ, then dV += Pᵀ·dO while they
+// form dSᵀ, then dK += dSᵀ·Q; all complete on return. GRADS as flash_dkdv_impl's.
+template <int HD, int GRADS, int NK, int NV>
+__device__ __forceinline__ void flash_dkdv_wg_pair(float (&dka)[NK][4], float (&dva)[NV][4],
+                                                   const bf16_t* Ks, const bf16_t* Vs,
+                                                   const bf16_t* Qt, const bf16_t* Dt,
+                                                   const float* ls, const float* ds,
+                                                   unsigned int vis, float sl2, int tig) {
+    constexpr bool DK = GRADS & FLASH_DK, DV = GRADS & FLASH_DV;
+    constexpr int BR = FLASH_TILE, NT = BR / 8;
+    // The A operands pa and sa must stay untouched until their products are done.
+    float s[NT][4], dp[DK ? NT : 1][4];
+    unsigned int pa[DV ? BR / 16 : 1][4], sa[DK ? BR / 16 : 1][4];
+    wg_fence();
+    wg_scores<HD, NT>(s, Ks, Qt);
+    if constexpr (DK) {
+        wg_commit();
+        wg_scores<HD, NT>(dp, Vs, Dt);
+    }
+    wg_commit();
+    wg_wait<DK ? 1 : 0>();
+    wg_hold(s);
+    flash_dkdv_probabilities<NT>(s, vis, sl2, ls, tig);
+    if constexpr (DV) {
+#pragma unroll
+        for (int kb = 0; kb < BR / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
+        wg_hold(dva);
+        wg_fence();
+        wg_accumulate<HD>(dva, pa, Dt);
+        if constexpr (DK) wg_commit();
+    }
+    if constexpr (DK) {
+        wg_wait<DV ? 1 : 0>();
+        wg_hold(dp);
+        flash_dkdv_dscores<NT>(dp, s, ds, tig);
+#pragma unroll
+        for (int kb = 0; kb < BR / 16; ++kb) flash_c_to_a<NT>(sa[kb], dp, kb);
+        wg_hold(dka);
+        wg_fence();
+        wg_accumulate<HD>(dka, sa, Qt);
+    }
+    wg_commit();
+    wg_wait<0>();
+    wg_hold(dva);
+    wg_hold(dka);
+    if constexpr (DV) wg_hold_regs(pa);
+    if constexpr (DK) wg_hold_regs(sa);
+}
+#endif
+
+// Rows k0 and k1 of the block's dK (× scale) and dV for KV head g (row stride ldk), those within
+// the sequence; GRADS as flash_dkdv_impl's.
+template <int HD, int GRADS, int NK, int NV>
+__device__ __forceinline__ void flash_dkdv_store(float* __restrict__ dk, float* __restrict__ dv,
+                                                 const float (&dka)[NK][4],
+                                                 const float (&dva)[NV][4], long long tok0,
+                                                 long long ldk, int g, int k0, int k1, int seq,
+                                                 float scale, int tig) {
+    const long long off = (long long)g * HD + 2 * tig;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int key = half == 0 ? k0 : k1;
+        if (key < seq) {
+            const long long row = (tok0 + key) * ldk + off;
+            if constexpr ((GRADS & FLASH_DK) != 0) flash_store_row<HD / 8>(dk + row, dka, half, scale);
+            if constexpr ((GRADS & FLASH_DV) != 0) flash_store_row<HD / 8>(dv + row, dva, half, 1.0f);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // dK, dV. Block: 64 keys from r0 = 64·blockIdx.x of KV head g, adding up query heads [h0, h1);
 // K fragments in registers, V kept in shared memory (its A fragments re-read per use). The
@@ -1315,8 +1411,6 @@ __device__ __forceinline__ void flash_dkdv_dscores(float (&dp)[NT][4], const flo
 // (128 registers each) do not fit beside each other, so one block makes dV (from S alone:
 // Pᵀ = 2^(…Sᵀ…), dV += Pᵀ·dO) and another dK (S, dP, dK += dSᵀ·Q): 5 products in place of 4.
 // ---------------------------------------------------------------------------------------------
-#define FLASH_DK 1
-#define FLASH_DV 2
 template <int HD, bool WG, int GRADS = FLASH_DK | FLASH_DV>
 __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                 const bf16_t* __restrict__ k,
@@ -1433,44 +1527,8 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
             const unsigned int vis =
                 whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0, tig);
             if (whole || __syncthreads_or(vis != 0)) {
-                // Pᵀ while the tensor cores run dPᵀ, dSᵀ while they run dV += Pᵀ·dO. The A
-                // operands pa and sa must stay untouched until their products are done.
-                float s[NT][4], dp[DK ? NT : 1][4];
-                unsigned int pa[DV ? BR / 16 : 1][4], sa[DK ? BR / 16 : 1][4];
-                wg_fence();
-                wg_scores<HD, NT>(s, Ks, Qb(buf));
-                if constexpr (DK) {
-                    wg_commit();
-                    wg_scores<HD, NT>(dp, Vs, Db(buf));
-                }
-                wg_commit();
-                wg_wait<DK ? 1 : 0>();
-                wg_hold(s);
-                flash_dkdv_probabilities<NT>(s, vis, sl2, ls, tig);
-                if constexpr (DV) {
-#pragma unroll
-                    for (int kb = 0; kb < BR / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
-                    wg_hold(dva);
-                    wg_fence();
-                    wg_accumulate<HD>(dva, pa, Db(buf));
-                    if constexpr (DK) wg_commit();
-                }
-                if constexpr (DK) {
-                    wg_wait<DV ? 1 : 0>();
-                    wg_hold(dp);
-                    flash_dkdv_dscores<NT>(dp, s, ds, tig);
-#pragma unroll
-                    for (int kb = 0; kb < BR / 16; ++kb) flash_c_to_a<NT>(sa[kb], dp, kb);
-                    wg_hold(dka);
-                    wg_fence();
-                    wg_accumulate<HD>(dka, sa, Qb(buf));
-                }
-                wg_commit();
-                wg_wait<0>();
-                wg_hold(dva);
-                wg_hold(dka);
-                if constexpr (DV) wg_hold_regs(pa);
-                if constexpr (DK) wg_hold_regs(sa);
+                flash_dkdv_wg_pair<HD, GRADS>(dka, dva, Ks, Vs, Qb(buf), Db(buf), ls, ds, vis, sl2,
+                                              tig);
             }
         }
 #endif
@@ -1498,16 +1556,7 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         store_stats(buf ^ 1);  // pair it + 1's, read after the next barrier
         pair = next;
     }
-    const long long off = (long long)g * HD + 2 * tig;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int key = half == 0 ? k0 : k1;
-        if (key < seq) {
-            const long long row = (tok0 + key) * ldk + off;
-            if constexpr (DK) flash_store_row<NDT>(dk + row, dka, half, scale);
-            if constexpr (DV) flash_store_row<NDT>(dv + row, dva, half, 1.0f);
-        }
-    }
+    flash_dkdv_store<HD, GRADS>(dk, dv, dka, dva, tok0, ldk, g, k0, k1, seq, scale, tig);
 }
 
 // The share of the query heads a dK/dV block adds up, and where it writes. Grid y: kv_heads·parts
@@ -1550,6 +1599,183 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
                                       sh.g, sh.h0, sh.h1);
     }
 }
+
+#ifdef FLASH_WGMMA
+// ---------------------------------------------------------------------------------------------
+// dK, dV warp-specialized (sm_90a, head_dim 64 and 128). Block of 384 threads: 128 keys from
+// r0 = 128·blockIdx.x of KV head g, adding up query heads [h0, h1) (FlashHeadShare). Warpgroup 0
+// copies: K and V of both key tiles, then each (query head, query tile) pair's Q and dO tiles
+// into a ring of FLASH_WS_STAGES buffers, with lse·log2e and D of the pair's 64 queries (read a
+// pair ahead into registers, stored once the buffer is free). Warpgroups 1 and 2 make the
+// gradients of keys r0.. and r0 + 64.. from the same buffers, each pair as flash_dkdv_impl's
+// warpgroup version does (flash_dkdv_wg_pair: the same outputs bit for bit). They meet the copier
+// only at the ring's mbarriers and vote within their warpgroup on named barriers 1 and 2 (whether
+// a pair needs a mask, whether it has a visible entry at all), never on a block barrier.
+// ---------------------------------------------------------------------------------------------
+
+#define FLASH_DKDV_WS 1
+
+// Whether `part` holds in any (all) of the 128 threads of the warpgroup voting on named barrier
+// `id` (each of them must call it).
+__device__ __forceinline__ bool flash_wg_any(bool part, unsigned int id) {
+    unsigned int r;
+    asm volatile(
+        "{ .reg .pred p, q;\n"
+        "  setp.ne.u32 q, %1, 0;\n"
+        "  bar.red.or.pred p, %2, 128, q;\n"
+        "  selp.u32 %0, 1, 0, p; }\n"
+        : "=r"(r)
+        : "r"((unsigned int)part), "r"(id)
+        : "memory");
+    return r != 0;
+}
+__device__ __forceinline__ bool flash_wg_all(bool part, unsigned int id) {
+    return !flash_wg_any(!part, id);
+}
+
+// The warp-specialized dK/dV's shared memory: K and V of the block's two key tiles (key(c),
+// value(c)), the buffers of pair p (query(p), d_out(p), stats(p): lse·log2e then D of its 64
+// queries), then the barriers (full: 128 copy arrivals and 128 after the statistics' stores;
+// once(): K and V). Launch: (4 + 2·FLASH_WS_STAGES)·64·HD·2 + FLASH_WS_STAGES·2·64·4 + 128 bytes.
+template <int HD>
+struct FlashPairRing {
+    static constexpr int TE = FLASH_TILE * HD, S = FLASH_WS_STAGES, STATS = 2 * FLASH_TILE;
+    bf16_t* sm;
+    float* stats0;
+    FlashRingBars bars;
+    __device__ explicit FlashPairRing(bf16_t* smem)
+        : sm(smem), stats0(reinterpret_cast<float*>(smem + (4 + 2 * S) * TE)),
+          bars{flash_smem(stats0 + S * STATS)} {}
+    __device__ bf16_t* key(int c) const { return sm + c * TE; }
+    __device__ bf16_t* value(int c) const { return sm + (2 + c) * TE; }
+    __device__ bf16_t* query(int p) const { return sm + (4 + 2 * (p % S)) * TE; }
+    __device__ bf16_t* d_out(int p) const { return sm + (5 + 2 * (p % S)) * TE; }
+    __device__ float* stats(int p) const { return stats0 + (p % S) * STATS; }
+};
+
+template <int HD>
+__device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __restrict__ q,
+                                                   const bf16_t* __restrict__ k,
+                                                   const bf16_t* __restrict__ v,
+                                                   const bf16_t* __restrict__ d_out,
+                                                   const float* __restrict__ lse,
+                                                   const float* __restrict__ delta,
+                                                   const int* __restrict__ segments,
+                                                   float* __restrict__ dk, float* __restrict__ dv,
+                                                   int seq, int heads, int kv_heads, float scale,
+                                                   int g, int h0, int h1) {
+    constexpr int NDT = HD / 8, BR = FLASH_TILE, NT = BR / 8;
+    const FlashPairRing<HD> ring(sm);
+    const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
+    const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
+    const long long tok0 = (long long)blockIdx.z * seq;
+    const int r0 = blockIdx.x * FLASH_WS_ROWS;
+    // Pairs: for each head of the share, the query tiles from the one holding r0 to the end.
+    const int first = r0 / BR, per_head = (seq - 1) / BR + 1 - first;
+    const int pairs = (h1 - h0) * per_head;
+    ring.bars.init(2 * FLASH_THREADS);
+    __syncthreads();  // the last block barrier: the warpgroups go their own ways
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+        const long long koff = (tok0 + r0) * ldk + (long long)g * HD;
+        for (int c = 0; c < 2; ++c) {
+            const long long off = koff + BR * c * ldk;
+            flash_load_tile<HD, true>(ring.key(c), k + off, ldk, seq - r0 - BR * c);
+            flash_load_tile<HD, true>(ring.value(c), v + off, ldk, seq - r0 - BR * c);
+        }
+        flash_mbar_arrive_copies(ring.bars.once());
+        // This thread's statistic of the pair (head h, queries from i0): lse·log2e of query
+        // i0 + tid for threads < 64, D of query i0 + tid − 64 for the others.
+        auto statistic = [&](int h, int i0) {
+            const int i = i0 + (tid & (BR - 1));
+            const float* from = tid < BR ? lse : delta;
+            const float x = i < seq ? from[(tok0 + i) * heads + h] : 0.0f;
+            return tid < BR ? x * FLASH_LOG2E : x;
+        };
+        int h = h0, tile = 0;
+        float st = statistic(h, first * BR);
+#pragma unroll 1
+        for (int p = 0; p < pairs; ++p) {
+            const int i0 = (first + tile) * BR;
+            const long long off = (tok0 + i0) * ldq + (long long)h * HD;
+            ring.bars.await_empty(p);
+            flash_load_tile<HD, true>(ring.query(p), q + off, ldq, seq - i0);
+            flash_load_tile<HD, true>(ring.d_out(p), d_out + off, ldq, seq - i0);
+            flash_mbar_arrive_copies(ring.bars.full(p));
+            ring.stats(p)[tid] = st;
+            flash_mbar_arrive(ring.bars.full(p));  // release: the store above before it
+            if (++tile == per_head) {
+                tile = 0;
+                ++h;
+            }
+            if (p + 1 < pairs) st = statistic(h, (first + tile) * BR);
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    const int c = wg - 1, ctid = tid - FLASH_THREADS * wg, warp = ctid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const unsigned int vote = 1 + c;
+    const int rk = r0 + BR * c;  // this warpgroup's first key
+    const int* seg = segments + tok0;
+    const int seg0 = rk < seq ? seg[rk] : 0;
+    // As flash_dkdv_impl: a pair needs no mask when its tile lies wholly past the keys, which
+    // all exist in one segment, and its queries are all in that segment (`id`, read a pair
+    // ahead: the segment of query i0 + ctid for the tile's 64 threads, seg0 for the others).
+    const bool kwhole =
+        flash_wg_all(rk + BR <= seq && (ctid >= BR || seg[rk + ctid] == seg0), vote);
+    auto below = [&](int i0) { return kwhole && i0 >= rk + BR && i0 + BR <= seq; };
+    auto pair_segment = [&](int i0) { return below(i0) && ctid < BR ? seg[i0 + ctid] : seg0; };
+    int tile = 0, id = pair_segment(first * BR);
+    const int k0 = rk + 16 * warp + gid, k1 = k0 + 8;
+    const float sl2 = scale * FLASH_LOG2E;
+    float dka[NDT][4], dva[NDT][4];
+    flash_zero(dka);
+    flash_zero(dva);
+    ring.bars.wait_once();
+#pragma unroll 1
+    for (int p = 0; p < pairs; ++p) {
+        const int i0 = (first + tile) * BR;
+        const bool whole = flash_wg_all(below(i0) && id == seg0, vote);
+        if (++tile == per_head) tile = 0;
+        if (p + 1 < pairs) id = pair_segment((first + tile) * BR);
+        const unsigned int vis =
+            whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0, tig);
+        ring.bars.wait(p);
+        if (whole || flash_wg_any(vis != 0, vote)) {
+            const float* ls = ring.stats(p);
+            flash_dkdv_wg_pair<HD, FLASH_DK | FLASH_DV>(dka, dva, ring.key(c), ring.value(c),
+                                                        ring.query(p), ring.d_out(p), ls,
+                                                        ls + BR, vis, sl2, tig);
+        }
+        ring.bars.release(p, ctid);
+    }
+    flash_dkdv_store<HD, FLASH_DK | FLASH_DV>(dk, dv, dka, dva, tok0, ldk, g, k0, k1, seq, scale,
+                                              tig);
+}
+
+// Arguments and outputs as flash_bwd_dkdv; hd: 64 or 128. Launch: grid (ceil(seq/128),
+// kv_heads·parts, batch) (FlashHeadShare), block 384, dynamic shared memory
+// (4 + 2·FLASH_WS_STAGES)·64·hd·2 + FLASH_WS_STAGES·2·64·4 + 128 bytes.
+extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
+    flash_bwd_dkdv_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                      const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
+                      const float* __restrict__ lse, const float* __restrict__ delta,
+                      const int* __restrict__ segments, float* __restrict__ dk,
+                      float* __restrict__ dv, int batch, int seq, int heads, int kv_heads,
+                      int head_dim, float scale) {
+    extern __shared__ __align__(1024) bf16_t flash_sm[];
+    const FlashHeadShare sh(blockIdx.y, gridDim.y, batch, seq, heads, kv_heads, head_dim);
+    if (head_dim == 128) {
+        flash_dkdv_ws_impl<128>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + sh.slab,
+                                dv + sh.slab, seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
+    } else {
+        flash_dkdv_ws_impl<64>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + sh.slab,
+                               dv + sh.slab, seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
+    }
+}
+#endif
 
 #ifdef FLASH_WGMMA
 // head_dim 256, warpgroup products only: entries of their own, so that the 128-wide kernels

@@ -54,6 +54,14 @@
 #define FLASH_WS_THREADS 0
 #endif
 
+// The warp-specialized dK/dV (flash_bwd_dkdv_ws: 128 keys a block of 384 threads) where the
+// source has one and the build is for sm_90a.
+#if defined(FLASH_DKDV_WS) && !defined(FLASH_BENCH_MMA_SYNC)
+#define FLASH_DKDV_WS_ENTRY flash_bwd_dkdv_ws
+#else
+#define FLASH_DKDV_WS_ENTRY nullptr
+#endif
+
 // The head_dim-256 entries, which only a pass compiling the warpgroup code declares. The host
 // pass declares them whatever the target: run.sh defines FLASH_BENCH_MMA_SYNC for other targets.
 #if defined(FLASH_WGMMA) && !defined(FLASH_BENCH_MMA_SYNC)
@@ -160,11 +168,14 @@ int main(int argc, char** argv) {
     float* dq = zeros(nq);
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    // The library's choice of dK/dV parts (src/backend/cuda/mod.rs).
-    const int tiles = (seq + 63) / 64, group = heads / kv;
+    // The library's dK/dV launch (src/backend/cuda/mod.rs): blocks of 64 keys, or 128 in the
+    // warp-specialized kernel, and its choice of parts (8 · 64 key rows a multiprocessor).
+    const bool dkdv_ws = FLASH_DKDV_WS_ENTRY != nullptr && hd <= 128;
+    const int dkdv_keys = dkdv_ws ? 128 : 64, tiles = (seq + dkdv_keys - 1) / dkdv_keys;
+    const int group = heads / kv;
     int parts = group;
     for (int p = 1; p <= group; ++p) {
-        if (group % p == 0 && tiles * kv * batch * p >= 8 * sms) {
+        if (group % p == 0 && tiles * dkdv_keys * kv * batch * p >= 8 * 64 * sms) {
             parts = p;
             break;
         }
@@ -176,7 +187,9 @@ int main(int argc, char** argv) {
     const int fwd_sm = ws ? (2 + 2 * FLASH_WS_STAGES) * 64 * row_bytes + 128
                           : FLASH_FWD_TILES(hd) * 64 * row_bytes;
     const int dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
-    const int dkdv_sm = FLASH_DKDV_TILES * 64 * row_bytes + 2 * 2 * 64 * 4;
+    const int dkdv_sm = dkdv_ws ? (4 + 2 * FLASH_WS_STAGES) * 64 * row_bytes +
+                                      FLASH_WS_STAGES * 2 * 64 * 4 + 128
+                                : FLASH_DKDV_TILES * 64 * row_bytes + 2 * 2 * 64 * 4;
     // The library's entries for the head dim (flash_entries in src/backend/cuda/mod.rs): at 256
     // the warpgroup kernels of their own, dK/dV with twice the blocks along y.
     const bool wide = hd == 256;
@@ -184,7 +197,9 @@ int main(int argc, char** argv) {
     const int fwd_rows = ws ? FLASH_WS_ROWS : FLASH_FWD_ROWS;
     const int fwd_threads = ws ? FLASH_WS_THREADS : 128;
     const auto bwd_dq = wide ? FLASH_WIDE(flash_bwd_dq) : flash_bwd_dq;
-    const auto bwd_dkdv = wide ? FLASH_WIDE(flash_bwd_dkdv) : flash_bwd_dkdv;
+    const auto bwd_dkdv =
+        wide ? FLASH_WIDE(flash_bwd_dkdv) : dkdv_ws ? FLASH_DKDV_WS_ENTRY : flash_bwd_dkdv;
+    const int dkdv_threads = dkdv_ws ? 384 : 128;
     if (!fwd || !bwd_dq || !bwd_dkdv) {
         fprintf(stderr, "head_dim 256 needs the warpgroup kernels (-arch=sm_90a)\n");
         return 2;
@@ -205,8 +220,8 @@ int main(int argc, char** argv) {
                                    scale);
     });
     const double t_dkdv = time_ms(reps, [&] {
-        bwd_dkdv<<<gk, 128, dkdv_sm>>>(q, k, v, d_o, lse, delta, seg, dk, dv, batch, seq, heads,
-                                       kv, hd, scale);
+        bwd_dkdv<<<gk, dkdv_threads, dkdv_sm>>>(q, k, v, d_o, lse, delta, seg, dk, dv, batch,
+                                                seq, heads, kv, hd, scale);
     });
     CK(cudaDeviceSynchronize());
     // Causal products: each is S²/2·hd multiply-adds per head.

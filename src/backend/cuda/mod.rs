@@ -50,9 +50,10 @@ use tensor::{StashedLayout, Storage};
 const ATTENTION_TILE: usize = 64;
 /// Threads per attention block.
 const ATTENTION_THREADS: u32 = 128;
-/// The warp-specialized forward (kernels/flash.cu, `flash_fwd_ws`; sm_90a, head_dim up to 128):
-/// queries per block, threads per block (three warpgroups), key/value buffers, and the bytes
-/// of its barriers after the tiles.
+/// The warp-specialized attention kernels (kernels/flash.cu, `flash_fwd_ws` and
+/// `flash_bwd_dkdv_ws`; sm_90a, head_dim up to 128): queries (forward) or keys (dK/dV) per
+/// block, threads per block (three warpgroups), ring buffers (key/value tiles, or a pair's Q
+/// and dO tiles), and the bytes of their barriers after the tiles.
 const FLASH_WS_ROWS: usize = 128;
 const FLASH_WS_THREADS: u32 = 384;
 const FLASH_WS_STAGES: usize = 4;
@@ -64,9 +65,9 @@ const OPERAND_COPY: &str = "a bf16 copy of an operand";
 /// Head dims whose training attention runs on tensor cores (kernels/flash.cu) on every
 /// architecture; 256 too with warpgroup products (`CudaBackend::tensor_core_attention`).
 const TENSOR_CORE_HEAD_DIMS: [usize; 2] = [64, 128];
-/// Blocks per multiprocessor the dK/dV launch aims at (several waves even out the causal
-/// imbalance: the first key tiles see every query, the last ones few).
-const DKDV_BLOCKS_PER_SM: usize = 8;
+/// Key rows per multiprocessor the dK/dV launch aims at: 8 blocks of 64 keys (several waves even
+/// out the causal imbalance: the first key tiles see every query, the last ones few).
+const DKDV_KEYS_PER_SM: usize = 8 * ATTENTION_TILE;
 /// Bytes of logits one chunk of the fused LM head + cross-entropy may hold.
 const LOGITS_CHUNK_BYTES: usize = 256 << 20;
 
@@ -244,6 +245,16 @@ fn flash_entries(head_dim: usize) -> FlashEntries {
             dkdv_split: 1,
         },
     }
+}
+
+/// A dK/dV kernel and its launch: blocks of `keys` key rows and `threads` threads, `split`
+/// blocks along y for each (KV head, part), `shared` bytes of dynamic shared memory.
+struct DkDvLaunch {
+    entry: &'static str,
+    keys: usize,
+    threads: u32,
+    split: usize,
+    shared: usize,
 }
 
 /// The three kernels of kernels/flash.cu.
@@ -917,6 +928,35 @@ impl CudaBackend {
         let shared = self.flash_shared(FlashKernel::Forward, s.head_dim, 0);
         let shape = attention_query_tiles(s).with_shared(shared);
         (flash_entries(s.head_dim).forward, shape)
+    }
+
+    /// The tensor-core dK/dV's entry and launch: on sm_90a up to head_dim 128 the
+    /// warp-specialized kernel (128 keys a block: their K and V tiles, and FLASH_WS_STAGES
+    /// buffers of a pair's Q and dO tiles with its statistics), else 64 keys a block of 128
+    /// threads (head_dim 256: twice the blocks along y, `dkdv_split`).
+    fn flash_dkdv_launch(&self, s: AttentionShape) -> DkDvLaunch {
+        // lse·log2e and D of a tile of queries: 2 × 64 f32 (two buffers of them in the
+        // 64-key kernels).
+        let stats = 2 * ATTENTION_TILE * std::mem::size_of::<f32>();
+        if kernels::warpgroup_products(self.kernels.arch()) && s.head_dim <= 128 {
+            let tiles = 4 + 2 * FLASH_WS_STAGES;
+            let extra = FLASH_WS_STAGES * stats + FLASH_WS_BARRIER_BYTES;
+            return DkDvLaunch {
+                entry: "flash_bwd_dkdv_ws",
+                keys: FLASH_WS_ROWS,
+                threads: FLASH_WS_THREADS,
+                split: 1,
+                shared: flash_shared_bytes(s.head_dim, true, tiles, extra),
+            };
+        }
+        let e = flash_entries(s.head_dim);
+        DkDvLaunch {
+            entry: e.dkdv,
+            keys: ATTENTION_TILE,
+            threads: ATTENTION_THREADS,
+            split: e.dkdv_split,
+            shared: self.flash_shared(FlashKernel::DkDv, s.head_dim, 2 * stats),
+        }
     }
 
     /// The dynamic shared memory a `kernel` launch for `head_dim` takes (kernels/flash.cu, each
@@ -1854,34 +1894,33 @@ impl Backend for CudaBackend {
         let dk = self.tensor(k.rows, k.cols, "attention dk")?;
         let dv = self.tensor(v.rows, v.cols, "attention dv")?;
         inputs.extend(statistics);
-        let (program, dq_kernel, dkdv_kernel, split) = if flash {
+        let (program, dq_kernel, dq_shared, dkdv) = if flash {
+            let dq_shared = self.flash_shared(FlashKernel::Dq, s.head_dim, 0);
             let e = flash_entries(s.head_dim);
-            ("flash", e.dq, e.dkdv, e.dkdv_split)
+            ("flash", e.dq, dq_shared, self.flash_dkdv_launch(s))
         } else {
-            ("attention", "attention_bwd_dq", "attention_bwd_dkdv", 1)
+            let dkdv = DkDvLaunch {
+                entry: "attention_bwd_dkdv",
+                keys: ATTENTION_TILE,
+                threads: ATTENTION_THREADS,
+                split: 1,
+                shared: 0,
+            };
+            ("attention", "attention_bwd_dq", 0, dkdv)
         };
-        let shared = |kernel, extra| match flash {
-            true => self.flash_shared(kernel, s.head_dim, extra),
-            false => 0,
-        };
-        let tiles = s.seq.div_ceil(ATTENTION_TILE);
         let mut args = inputs.clone();
         args.push(Arg::Ptr(self.ptr(&dq)?));
         args.extend(Self::attention_dims(s));
         let shape = attention_query_tiles(s);
-        self.run(
-            program,
-            dq_kernel,
-            shape.with_shared(shared(FlashKernel::Dq, 0)),
-            &args,
-        )?;
+        self.run(program, dq_kernel, shape.with_shared(dq_shared), &args)?;
         // One block per (key tile, KV head) leaves a short sequence with too few blocks to fill
         // the GPU; then each query-head group is split into parts written to separate slabs.
-        let blocks = tiles * s.num_kv_heads * s.batch;
+        let tiles = s.seq.div_ceil(dkdv.keys);
+        let keys = tiles * dkdv.keys * s.num_kv_heads * s.batch;
         let group = s.num_heads / s.num_kv_heads;
         let parts = (1..=group)
             .filter(|p| group % p == 0)
-            .find(|p| blocks * p >= DKDV_BLOCKS_PER_SM * self.gpu.multiprocessors)
+            .find(|p| keys * p >= DKDV_KEYS_PER_SM * self.gpu.multiprocessors)
             .unwrap_or(group);
         let slabs = (parts > 1)
             .then(|| -> Result<_> {
@@ -1899,18 +1938,11 @@ impl Backend for CudaBackend {
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(
             tiles,
-            s.num_kv_heads * parts * split,
+            s.num_kv_heads * parts * dkdv.split,
             s.batch,
-            ATTENTION_THREADS,
+            dkdv.threads,
         );
-        // flash_bwd_dkdv's lse·log2e and D of two query tiles: 2 × 2 × 64 f32.
-        let stats = 2 * 2 * ATTENTION_TILE * std::mem::size_of::<f32>();
-        self.run(
-            program,
-            dkdv_kernel,
-            shape.with_shared(shared(FlashKernel::DkDv, stats)),
-            &args,
-        )?;
+        self.run(program, dkdv.entry, shape.with_shared(dkdv.shared), &args)?;
         if let Some((dk_parts, dv_parts)) = &slabs {
             for (sum, slab) in [(&dk, dk_parts), (&dv, dv_parts)] {
                 let args = [
