@@ -836,8 +836,9 @@ __device__ __forceinline__ void flash_mbar_wait(unsigned int bar, unsigned int p
 
 // The mbarriers of a ring of FLASH_WS_STAGES buffers from shared address bar0: full(t) completes
 // once buffer t % S holds item t (`full_count` arrivals: the copying warpgroup's), empty(t) once
-// both computing warpgroups are done with it there; once(), for what is copied once, on its 128
-// copying threads' copies.
+// both computing warpgroups are done with it there (`empty_count` arrivals: one a warpgroup where
+// only the tensor cores read the buffers, release(); one a warp where threads read them too,
+// release_warp()); once(), for what is copied once, on its 128 copying threads' copies.
 struct FlashRingBars {
     static constexpr int S = FLASH_WS_STAGES;
     unsigned int bar0;
@@ -846,11 +847,11 @@ struct FlashRingBars {
     __device__ unsigned int once() const { return bar0 + 8 * 2 * S; }
 
     // Thread 0 sets the barriers up; a block barrier must follow before any is used.
-    __device__ void init(unsigned int full_count) const {
+    __device__ void init(unsigned int full_count, unsigned int empty_count) const {
         if (threadIdx.x != 0) return;
         for (int b = 0; b < S; ++b) {
             flash_mbar_init(full(b), full_count);
-            flash_mbar_init(empty(b), 2);
+            flash_mbar_init(empty(b), empty_count);
         }
         flash_mbar_init(once(), FLASH_THREADS);
     }
@@ -872,6 +873,12 @@ struct FlashRingBars {
     // warpgroup; one arrival a warpgroup).
     __device__ void release(int t, int ctid) const {
         if (ctid == 0) flash_mbar_arrive(empty(t));
+    }
+    // A computing warp, once its threads are done with item t (one arrival a warp, after the
+    // warp's reads).
+    __device__ void release_warp(int t, int lane) const {
+        __syncwarp();
+        if (lane == 0) flash_mbar_arrive(empty(t));
     }
 };
 
@@ -955,7 +962,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
     const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads, FLASH_WS_ROWS);
     const int h = blk.h, ntiles = blk.ntiles;
-    ring.bars.init(FLASH_THREADS);
+    ring.bars.init(FLASH_THREADS, 2);
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -1636,7 +1643,8 @@ __device__ __forceinline__ bool flash_wg_all(bool part, unsigned int id) {
 // The warp-specialized dK/dV's shared memory: K and V of the block's two key tiles (key(c),
 // value(c)), the buffers of pair p (query(p), d_out(p), stats(p): lse·log2e then D of its 64
 // queries), then the barriers (full: 128 copy arrivals and 128 after the statistics' stores;
-// once(): K and V). Launch: (4 + 2·FLASH_WS_STAGES)·64·HD·2 + FLASH_WS_STAGES·2·64·4 + 128 bytes.
+// empty: one arrival a computing warp, as the threads read the statistics; once(): K and V).
+// Launch: (4 + 2·FLASH_WS_STAGES)·64·HD·2 + FLASH_WS_STAGES·2·64·4 + 128 bytes.
 template <int HD>
 struct FlashPairRing {
     static constexpr int TE = FLASH_TILE * HD, S = FLASH_WS_STAGES, STATS = 2 * FLASH_TILE;
@@ -1673,7 +1681,7 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
     // Pairs: for each head of the share, the query tiles from the one holding r0 to the end.
     const int first = r0 / BR, per_head = (seq - 1) / BR + 1 - first;
     const int pairs = (h1 - h0) * per_head;
-    ring.bars.init(2 * FLASH_THREADS);
+    ring.bars.init(2 * FLASH_THREADS, 2 * FLASH_THREADS / 32);
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
@@ -1749,7 +1757,7 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
                                                         ring.query(p), ring.d_out(p), ls,
                                                         ls + BR, vis, sl2, tig);
         }
-        ring.bars.release(p, ctid);
+        ring.bars.release_warp(p, lane);  // the threads read the statistics
     }
     flash_dkdv_store<HD, FLASH_DK | FLASH_DV>(dk, dv, dka, dva, tok0, ldk, g, k0, k1, seq, scale,
                                               tig);

@@ -932,13 +932,19 @@ impl CudaBackend {
 
     /// The tensor-core dK/dV's entry and launch: on sm_90a up to head_dim 128 the
     /// warp-specialized kernel (128 keys a block: their K and V tiles, and FLASH_WS_STAGES
-    /// buffers of a pair's Q and dO tiles with its statistics), else 64 keys a block of 128
-    /// threads (head_dim 256: twice the blocks along y, `dkdv_split`).
+    /// buffers of a pair's Q and dO tiles with its statistics) where its blocks, one a query
+    /// head, fill every multiprocessor (with fewer, its larger blocks were slower: seq 1000 with
+    /// 8 query heads +8 %), else 64 keys a block of 128 threads (head_dim 256: twice the blocks
+    /// along y, `dkdv_split`).
     fn flash_dkdv_launch(&self, s: AttentionShape) -> DkDvLaunch {
         // lse·log2e and D of a tile of queries: 2 × 64 f32 (two buffers of them in the
         // 64-key kernels).
         let stats = 2 * ATTENTION_TILE * std::mem::size_of::<f32>();
-        if kernels::warpgroup_products(self.kernels.arch()) && s.head_dim <= 128 {
+        let ws_blocks = s.seq.div_ceil(FLASH_WS_ROWS) * s.num_heads * s.batch;
+        if kernels::warpgroup_products(self.kernels.arch())
+            && s.head_dim <= 128
+            && ws_blocks >= self.gpu.multiprocessors
+        {
             let tiles = 4 + 2 * FLASH_WS_STAGES;
             let extra = FLASH_WS_STAGES * stats + FLASH_WS_BARRIER_BYTES;
             return DkDvLaunch {
