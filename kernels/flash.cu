@@ -837,8 +837,8 @@ __device__ __forceinline__ void flash_mbar_wait(unsigned int bar, unsigned int p
 // The mbarriers of a ring of FLASH_WS_STAGES buffers from shared address bar0: full(t) completes
 // once buffer t % S holds item t (`full_count` arrivals: the copying warpgroup's), empty(t) once
 // both computing warpgroups are done with it there (`empty_count` arrivals: one a warpgroup where
-// only the tensor cores read the buffers, release(); one a warp where threads read them too,
-// release_warp()); once(), for what is copied once, on its 128 copying threads' copies.
+// only the tensor cores read the buffers, release(); one a thread where threads read them too,
+// release_thread()); once(), for what is copied once, on its 128 copying threads' copies.
 struct FlashRingBars {
     static constexpr int S = FLASH_WS_STAGES;
     unsigned int bar0;
@@ -874,12 +874,9 @@ struct FlashRingBars {
     __device__ void release(int t, int ctid) const {
         if (ctid == 0) flash_mbar_arrive(empty(t));
     }
-    // A computing warp, once its threads are done with item t (one arrival a warp, after the
-    // warp's reads).
-    __device__ void release_warp(int t, int lane) const {
-        __syncwarp();
-        if (lane == 0) flash_mbar_arrive(empty(t));
-    }
+    // A computing thread, once it is done with item t (each thread's reads before its own
+    // arrival).
+    __device__ void release_thread(int t) const { flash_mbar_arrive(empty(t)); }
 };
 
 // The warp-specialized forward's shared memory and its barriers: Q's two swizzled tiles
@@ -1643,7 +1640,7 @@ __device__ __forceinline__ bool flash_wg_all(bool part, unsigned int id) {
 // The warp-specialized dK/dV's shared memory: K and V of the block's two key tiles (key(c),
 // value(c)), the buffers of pair p (query(p), d_out(p), stats(p): lse·log2e then D of its 64
 // queries), then the barriers (full: 128 copy arrivals and 128 after the statistics' stores;
-// empty: one arrival a computing warp, as the threads read the statistics; once(): K and V).
+// empty: one arrival a computing thread, as the threads read the statistics; once(): K and V).
 // Launch: (4 + 2·FLASH_WS_STAGES)·64·HD·2 + FLASH_WS_STAGES·2·64·4 + 128 bytes.
 template <int HD>
 struct FlashPairRing {
@@ -1681,7 +1678,7 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
     // Pairs: for each head of the share, the query tiles from the one holding r0 to the end.
     const int first = r0 / BR, per_head = (seq - 1) / BR + 1 - first;
     const int pairs = (h1 - h0) * per_head;
-    ring.bars.init(2 * FLASH_THREADS, 2 * FLASH_THREADS / 32);
+    ring.bars.init(2 * FLASH_THREADS, 2 * FLASH_THREADS);
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
@@ -1757,7 +1754,7 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
                                                         ring.query(p), ring.d_out(p), ls,
                                                         ls + BR, vis, sl2, tig);
         }
-        ring.bars.release_warp(p, lane);  // the threads read the statistics
+        ring.bars.release_thread(p);  // the threads read the statistics
     }
     flash_dkdv_store<HD, FLASH_DK | FLASH_DV>(dk, dv, dka, dva, tok0, ldk, g, k0, k1, seq, scale,
                                               tig);

@@ -629,10 +629,14 @@ fn attention_matches_cpu() {
     let mut rng = fresh_rng("attention");
     // Short sequences split every query-head group of the dK/dV launch into one part per head;
     // the long one gets enough blocks for fewer parts (2 of its group of 4 on a 132-SM GPU); a
-    // group of one is never split.
+    // group of one is never split. On sm_90a the 2048, 1100 and 1050 ones (blocks of 128 keys for
+    // every query head filling a 132-SM GPU) take the warp-specialized dK/dV: 1100 with a last
+    // block whose second 64 keys are partial, 1050 with none there at all.
     for (batch, seq, heads, kv_heads, head_dim, split) in [
         (2, 70, 4, 2, 64, None),
         (3, 2048, 32, 8, 128, Some(700)),
+        (1, 1100, 16, 2, 128, None),
+        (1, 1050, 16, 4, 64, Some(1037)),
         (1, 300, 4, 4, 64, None),
         (2, 130, 4, 1, 128, Some(50)),
         (1, 200, 6, 3, 32, Some(129)),
