@@ -9,8 +9,9 @@
 #   "new=flash:/tmp/flash-new.cu"): the same binary reading kernels/ with PROGRAM.cu replaced by
 #   FILE (FINETUNE_KERNEL_DIR), so kernel changes are timed on whole steps with no rebuild;
 # and a line per extra run gives the ratios new/base and NAME/new (tokens/s, peak memory).
-# Where nvidia-smi exists, each run's SM clock and power are sampled every 200 ms (beside its
-# JSON, .smi) and the line gives their medians over the samples drawing more than 300 W: on the
+# Where nvidia-smi exists, each run's SM clock and power are sampled every 200 ms (into a
+# temporary folder, so that $OUT holds only the JSON files: a device run brings back few files)
+# and the line gives their medians over the samples drawing more than 300 W: on the
 # H200 a long step runs at its 700 W cap with the clock below its maximum (bench/NOTES.md), so
 # the clock says how much of a difference between leases is the GPU's own.
 set -euo pipefail
@@ -37,17 +38,19 @@ for variant in ${KERNEL_VARIANTS:-}; do
     names+=("$name") bins+=("$bin") dirs+=("$dir")
 done
 out=${OUT:-/tmp}
+SAMPLES=$(mktemp -d)
+export SAMPLES
 n=0
 for args in "$@"; do
     n=$((n + 1))
     jsons=()
     for i in "${!names[@]}"; do
         json="$out/bench-$n-${names[$i]}.json"
+        smi="$SAMPLES/$(basename "$json").smi"
         sampler=
-        rm -f "$json.smi"
         if command -v nvidia-smi >/dev/null; then
             nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -i 0 \
-                -lms 200 >"$json.smi" &
+                -lms 200 >"$smi" &
             sampler=$!
         fi
         # shellcheck disable=SC2086 # each argument is a list of options
@@ -84,7 +87,7 @@ for name, path in runs:
     d = json.load(open(path))
     print(f"{args:<60} {name:>6} {d['tokens_per_second']:>9,.0f} tokens/s "
           f"{d['peak_device_mib']:>9,.0f} MiB  loss {d['first_loss']:.4f} -> {d['last_loss']:.4f}"
-          f"{clock(path + '.smi')}")
+          f"{clock(os.path.join(os.environ['SAMPLES'], os.path.basename(path) + '.smi'))}")
 runs = [(name, json.load(open(path))) for name, path in runs]
 new = runs[0][1]
 for name, d in runs[1:]:
