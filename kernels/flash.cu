@@ -1617,6 +1617,7 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 // a pair needs a mask, whether it has a visible entry at all), never on a block barrier.
 // ---------------------------------------------------------------------------------------------
 
+// Tells bench/flash/flash_bench.cu that this source has flash_bwd_dkdv_ws.
 #define FLASH_DKDV_WS 1
 
 // Whether `part` holds in any (all) of the 128 threads of the warpgroup voting on named barrier
