@@ -1385,14 +1385,16 @@ __device__ __forceinline__ void flash_dkdv_store(float* __restrict__ dk, float* 
                                                  const float (&dva)[NV][4], long long tok0,
                                                  long long ldk, int g, int k0, int k1, int seq,
                                                  float scale, int tig) {
+    constexpr bool DK = GRADS & FLASH_DK, DV = GRADS & FLASH_DV;
+    constexpr int NDT = HD / 8;
     const long long off = (long long)g * HD + 2 * tig;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int key = half == 0 ? k0 : k1;
         if (key < seq) {
             const long long row = (tok0 + key) * ldk + off;
-            if constexpr ((GRADS & FLASH_DK) != 0) flash_store_row<HD / 8>(dk + row, dka, half, scale);
-            if constexpr ((GRADS & FLASH_DV) != 0) flash_store_row<HD / 8>(dv + row, dva, half, 1.0f);
+            if constexpr (DK) flash_store_row<NDT>(dk + row, dka, half, scale);
+            if constexpr (DV) flash_store_row<NDT>(dv + row, dva, half, 1.0f);
         }
     }
 }

@@ -40,6 +40,7 @@ done
 out=${OUT:-/tmp}
 SAMPLES=$(mktemp -d)
 export SAMPLES
+trap 'rm -rf "$SAMPLES"' EXIT
 n=0
 for args in "$@"; do
     n=$((n + 1))

@@ -914,11 +914,17 @@ impl CudaBackend {
             || (head_dim == 256 && kernels::warpgroup_products(self.kernels.arch()))
     }
 
+    /// Whether the warp-specialized attention kernels (flash_fwd_ws, flash_bwd_dkdv_ws) exist for
+    /// `head_dim` on this GPU: sm_90a, head_dim up to 128.
+    fn warp_specialized_attention(&self, head_dim: usize) -> bool {
+        kernels::warpgroup_products(self.kernels.arch()) && head_dim <= 128
+    }
+
     /// The tensor-core forward's entry and launch: on sm_90a up to head_dim 128 the
     /// warp-specialized kernel (128 queries a block: Q's two tiles and FLASH_WS_STAGES key/value
     /// buffers), else 64 queries a block of 128 threads.
     fn flash_forward_launch(&self, s: AttentionShape) -> (&'static str, Shape) {
-        if kernels::warpgroup_products(self.kernels.arch()) && s.head_dim <= 128 {
+        if self.warp_specialized_attention(s.head_dim) {
             let tiles = 2 + 2 * FLASH_WS_STAGES;
             let shared = flash_shared_bytes(s.head_dim, true, tiles, FLASH_WS_BARRIER_BYTES);
             let blocks = s.seq.div_ceil(FLASH_WS_ROWS);
@@ -941,10 +947,7 @@ impl CudaBackend {
         // 64-key kernels).
         let stats = 2 * ATTENTION_TILE * std::mem::size_of::<f32>();
         let ws_blocks = s.seq.div_ceil(FLASH_WS_ROWS) * s.num_heads * s.batch;
-        if kernels::warpgroup_products(self.kernels.arch())
-            && s.head_dim <= 128
-            && ws_blocks >= self.gpu.multiprocessors
-        {
+        if self.warp_specialized_attention(s.head_dim) && ws_blocks >= self.gpu.multiprocessors {
             let tiles = 4 + 2 * FLASH_WS_STAGES;
             let extra = FLASH_WS_STAGES * stats + FLASH_WS_BARRIER_BYTES;
             return DkDvLaunch {
