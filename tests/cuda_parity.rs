@@ -1188,3 +1188,101 @@ fn the_longest_sequence_search_ends_at_the_cap() {
         "the cap leaves room for more than the lower end"
     );
 }
+
+/// FINETUNE_CUDA_TIMELINE: a recorded pass's marks come out in the pass's order with times that
+/// never go back, and every copy (activations out and in, host layers and head in) with a begin
+/// and an end inside the pass.
+#[test]
+fn the_timeline_holds_the_last_pass_in_order() {
+    if gpu().is_none() {
+        return;
+    }
+    use finetune::api::{Device, Model, ModelParams, Trainer};
+    use finetune::lora::LoraConfig;
+    use finetune::model::config::ModelConfig;
+    use finetune::train::trainer::TrainConfig;
+    let shape = ModelConfig {
+        num_layers: 6,
+        vocab_size: 4096,
+        ..tensor_core_shape(Family::Llama)
+    };
+    let path = std::env::temp_dir().join(format!("timeline-{}.csv", std::process::id()));
+    // The tests run one at a time on a GPU (scripts/test_gpu.sh): no other backend sees it.
+    std::env::set_var("FINETUNE_CUDA_TIMELINE", &path);
+    {
+        let params = ModelParams {
+            device: Device::Cuda(0),
+            lm_head_in_host: true,
+            layers_in_host: 2,
+            ..ModelParams::default()
+        };
+        let model = Model::random(shape.clone(), 5, &params).unwrap();
+        let train = TrainConfig {
+            offload_activations: true,
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(&model, LoraConfig::default(), train).unwrap();
+        let (_, b) = next_token_batch(2, 64, shape.vocab_size as u64, 9);
+        for _ in 0..3 {
+            t.step(std::slice::from_ref(&b)).unwrap();
+        }
+    }
+    std::env::remove_var("FINETUNE_CUDA_TIMELINE");
+    let csv = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("ms,stream,what,index"));
+    let rows: Vec<(f64, &str, &str, usize)> = lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].parse().unwrap(), f[1], f[2], f[3].parse().unwrap())
+        })
+        .collect();
+    let n = shape.num_layers;
+    let marks: Vec<(&str, usize)> = rows
+        .iter()
+        .filter(|r| r.1 == "compute")
+        .map(|r| (r.2, r.3))
+        .collect();
+    let expected: Vec<(&str, usize)> = [("start", 0)]
+        .into_iter()
+        .chain((0..n).map(|l| ("forward", l)))
+        .chain([("loss", 0)])
+        .chain((0..n).rev().map(|l| ("backward", l)))
+        .chain([("end", 0)])
+        .collect();
+    assert_eq!(marks, expected);
+    let times: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.1 == "compute")
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(times[0], 0.0);
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    let end = *times.last().unwrap();
+    assert!(end > 0.0);
+    for (stream, direction) in [
+        ("activations", "out"),
+        ("activations", "in"),
+        ("tables", "in"),
+    ] {
+        let edge = |e: &str| -> Vec<(f64, usize)> {
+            let what = format!("{direction}-{e}");
+            rows.iter()
+                .filter(|r| r.1 == stream && r.2 == what)
+                .map(|r| (r.0, r.3))
+                .collect()
+        };
+        let (begins, ends) = (edge("begin"), edge("end"));
+        assert!(!begins.is_empty(), "no {direction} copy on {stream}");
+        assert_eq!(begins.len(), ends.len(), "{stream} {direction}");
+        for (b, e) in begins.iter().zip(&ends) {
+            assert_eq!(b.1, e.1, "a copy's bytes at both ends");
+            assert!(b.1 > 0);
+            assert!(
+                0.0 <= b.0 && b.0 <= e.0 && e.0 <= end,
+                "{stream} {direction}: {b:?} {e:?}"
+            );
+        }
+    }
+}

@@ -193,6 +193,17 @@ pub fn rope_then_attention_inputs<B: Backend + ?Sized>(
     be.attention_inputs(q, k, v, s)
 }
 
+/// A point of a training pass ([`Backend::mark`]): where it starts, where each layer's forward
+/// and backward pass and the loss begin, where it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassPoint {
+    Start,
+    Forward(usize),
+    Loss,
+    Backward(usize),
+    End,
+}
+
 /// What reads the output of an adapted product ([`Backend::adapted_product`] and its backward).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProductOutput {
@@ -490,6 +501,12 @@ pub trait Backend: Send + Sync + 'static {
     fn add_row_vector(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> Result<()>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// Marks a point of a training pass on the backend's timeline, where it keeps one (a GPU's
+    /// `FINETUNE_CUDA_TIMELINE`, backend/cuda/timeline.rs); nothing otherwise.
+    fn mark(&self, point: PassPoint) -> Result<()> {
+        let _ = point;
+        Ok(())
+    }
     /// Moves a layer input kept for the backward pass out of device memory: a GPU backend copies
     /// it to pinned host memory on a stream of its own while later work runs, and frees the
     /// device copy once done. Only [`Backend::fetch_stashed`] and [`Backend::settle`] read the

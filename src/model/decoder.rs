@@ -30,7 +30,7 @@ use super::adapters::{LoraPair, LoraTensors};
 use super::config::ModelConfig;
 use super::host_layers::LayerCopies;
 use super::weights::{DecoderWeights, LayerWeights};
-use crate::backend::{product_into, AttentionShape, Backend, DeviceCopy, ProductOutput};
+use crate::backend::{product_into, AttentionShape, Backend, DeviceCopy, PassPoint, ProductOutput};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, TargetModule};
 use crate::rng::derive;
@@ -1211,8 +1211,10 @@ impl<B: Backend> Decoder<B> {
             .max(n - n.div_ceil(4));
         let mut head_copy = None;
         let mut layer_copies = LayerCopies::new(be, &self.weights);
+        be.mark(PassPoint::Start)?;
         let mut x = self.embed(batch)?;
         for layer in 0..n {
+            be.mark(PassPoint::Forward(layer))?;
             if layer == head_copy_from {
                 head_copy = Some(DeviceCopy::bring(be, self.weights.output_projection())?);
             }
@@ -1293,6 +1295,7 @@ impl<B: Backend> Decoder<B> {
             });
             x = out;
         }
+        be.mark(PassPoint::Loss)?;
         let mut dx = self.head_forward_backward(x, batch, loss, head_copy)?;
         // In shares: the backward's fetches of offloaded activations (on another copy stream)
         // then wait behind one share of a host layer's copy at most, not the whole layer.
@@ -1305,6 +1308,7 @@ impl<B: Backend> Decoder<B> {
         let mut next = inputs.pop().map(fetch).transpose()?;
         let mut next_kept = checkpoints.pop().map(|c| c.fetch(be)).transpose()?;
         for layer in (0..n).rev() {
+            be.mark(PassPoint::Backward(layer))?;
             layer_copies.before((0..=layer).rev())?;
             let x = be.settle(next.take().expect("one input per layer"))?;
             let kept = next_kept.take();
@@ -1362,7 +1366,7 @@ impl<B: Backend> Decoder<B> {
             layer_copies.after(layer);
             layer_done(layer, grads)?;
         }
-        Ok(())
+        be.mark(PassPoint::End)
     }
 }
 

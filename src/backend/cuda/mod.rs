@@ -20,10 +20,12 @@ pub use nf4::DEQUANTIZED_SLOTS;
 mod offload;
 mod profile;
 pub mod tensor;
+mod timeline;
 
 use super::{
     check_attention_shapes, check_len, check_norm_backward, check_same_shape, AdamWConstants,
-    AdamWSlot, AdamWStep, AttentionShape, Backend, DeviceMemory, ProductOutput, IGNORE_LABEL,
+    AdamWSlot, AdamWStep, AttentionShape, Backend, DeviceMemory, PassPoint, ProductOutput,
+    IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -41,10 +43,11 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::ThreadId;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
 use tensor::{StashedLayout, Storage};
+use timeline::Timeline;
 
 /// Queries (or keys) per attention block, as the attention kernels expect.
 const ATTENTION_TILE: usize = 64;
@@ -82,6 +85,9 @@ pub struct CudaBackend {
     nf4_scratch: Mutex<nf4::Nf4Scratch>,
     /// Per-operation timing when FINETUNE_CUDA_PROFILE is set (printed when the backend is dropped).
     profiler: Option<Profiler>,
+    /// The passes' timeline when FINETUNE_CUDA_TIMELINE is set (written when the backend is
+    /// dropped); the offload's copies record into it too.
+    timeline: Option<Arc<Timeline>>,
     /// How products of two f32 matrices run (the LoRA products in training).
     f32_products: F32Products,
     /// The copies of offloaded activations (offload.rs).
@@ -111,6 +117,9 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         if let Some(p) = &self.profiler {
             eprint!("{}", p.report());
+        }
+        if let Some(t) = &self.timeline {
+            t.write();
         }
     }
 }
@@ -307,7 +316,8 @@ impl CudaBackend {
         let gpu = Gpu::open(ordinal)?;
         let blas = Blas::new(&gpu)?;
         let kernels = KernelCache::new(&gpu);
-        let offload = Offload::new(&gpu)?;
+        let timeline = Timeline::from_env().map(Arc::new);
+        let offload = Offload::new(&gpu, timeline.clone())?;
         Ok(CudaBackend {
             gpu,
             kernels,
@@ -315,6 +325,7 @@ impl CudaBackend {
             inv_freq: Mutex::new(None),
             nf4_scratch: Mutex::default(),
             profiler: Profiler::from_env(),
+            timeline,
             f32_products: F32Products::Tf32,
             offload,
             output_projection_in_host: false,
@@ -1362,6 +1373,13 @@ impl Backend for CudaBackend {
 
     fn stash_moves(&self) -> bool {
         true
+    }
+
+    fn mark(&self, point: PassPoint) -> Result<()> {
+        match &self.timeline {
+            Some(t) => t.mark(&self.gpu, point),
+            None => Ok(()),
+        }
     }
 
     fn stash_all<const N: usize>(&self, ts: [CudaTensor; N]) -> Result<[CudaTensor; N]> {

@@ -17,6 +17,7 @@ use super::device::{driver_error, DeviceBuffer, Gpu};
 use super::host_table::HostTable;
 use super::lock;
 use super::tensor::{Arrival, Arriving, CudaTensor, Offloaded, StashedLayout, Storage};
+use super::timeline::Timeline;
 use crate::error::{Error, Result};
 use cudarc::driver::{
     sys, CudaEvent, CudaStream, CudaView, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice,
@@ -40,14 +41,16 @@ pub type HostBuffers = Arc<Mutex<Vec<HostBuffer>>>;
 /// Device values being copied out, each with the event marking its copy's end.
 type Leaving = Mutex<Vec<(CudaEvent, Storage)>>;
 
-/// A copy stream for unrecorded work and one for the thread recording (`Gpu::records_here`).
+/// A copy stream for unrecorded work and one for the thread recording (`Gpu::records_here`),
+/// and what they carry (the name timeline.rs reports them under).
 struct CopyStreams {
     queued: Arc<CudaStream>,
     recording: Arc<CudaStream>,
+    name: &'static str,
 }
 
 impl CopyStreams {
-    fn new(gpu: &Gpu) -> Result<Self> {
+    fn new(gpu: &Gpu, name: &'static str) -> Result<Self> {
         let new_stream = || {
             gpu.ctx
                 .new_stream()
@@ -56,6 +59,7 @@ impl CopyStreams {
         Ok(CopyStreams {
             queued: new_stream()?,
             recording: new_stream()?,
+            name,
         })
     }
 
@@ -73,8 +77,9 @@ pub(super) struct Offload {
     /// Copies of activations, out and back.
     activations: CopyStreams,
     /// Copies of host tables to the device, on streams of their own: they run beside the copies
-    /// out of the forward pass. (Both directions at once are not free: on the H200 machine of
-    /// bench/NOTES.md they ran at ~14 GB/s each against ~45 out and ~55 in alone.)
+    /// out of the forward pass (in a seq-8192 step on the H200 of bench/NOTES.md both directions
+    /// ran at ~45 GB/s at once; queued on the activations' stream instead, host layers arrived
+    /// late and the step was 5 % slower).
     tables: CopyStreams,
     /// Pinned buffers no tensor holds, kept for the next step: allocating pinned memory is slow.
     spare: HostBuffers,
@@ -85,17 +90,20 @@ pub(super) struct Offload {
     /// Device buffers being copied out, freed (in stream order) at the next stash or fetch: those
     /// of unrecorded work and those of the pass being recorded.
     leaving: [Leaving; 2],
+    /// Where each copy's start and end are recorded, when the backend keeps a timeline.
+    timeline: Option<Arc<Timeline>>,
 }
 
 impl Offload {
-    pub(super) fn new(gpu: &Gpu) -> Result<Self> {
+    pub(super) fn new(gpu: &Gpu, timeline: Option<Arc<Timeline>>) -> Result<Self> {
         Ok(Offload {
-            activations: CopyStreams::new(gpu)?,
-            tables: CopyStreams::new(gpu)?,
+            activations: CopyStreams::new(gpu, "activations")?,
+            tables: CopyStreams::new(gpu, "tables")?,
             spare: HostBuffers::default(),
             recorded: HostBuffers::default(),
             short: AtomicBool::new(false),
             leaving: Default::default(),
+            timeline,
         })
     }
 
@@ -241,6 +249,7 @@ impl Offload {
         let done = self.copy(
             gpu,
             &self.activations,
+            Direction::Out(values.len()),
             "copying an activation to host memory",
             // SAFETY: both ranges hold the values' bytes and outlive the copy: the device
             // buffer is freed behind it (`release_copied`), the host one belongs to the
@@ -302,6 +311,7 @@ impl Offload {
         let ready = self.copy(
             gpu,
             &self.activations,
+            Direction::In(bytes),
             "copying an activation back",
             // SAFETY: as in `stash`; the device buffer is freed only after the compute stream
             // has waited for `ready`.
@@ -345,6 +355,7 @@ impl Offload {
         let ready = self.copy(
             gpu,
             &self.tables,
+            Direction::In(2 * range.len()),
             "copying a host table to the device",
             copy,
             |s| copy(s).result(),
@@ -361,6 +372,7 @@ impl Offload {
         &self,
         gpu: &Gpu,
         streams: &CopyStreams,
+        direction: Direction,
         what: &'static str,
         recorded: impl FnOnce(&Arc<CudaStream>) -> sys::CUresult,
         queued: impl FnOnce(&Arc<CudaStream>) -> std::result::Result<(), DriverError>,
@@ -368,11 +380,21 @@ impl Offload {
         let stream = streams.of_thread(gpu);
         let order = || driver_error("ordering an offload copy");
         stream.join(gpu.stream()).map_err(order())?;
+        let (begin, end, bytes) = match direction {
+            Direction::Out(bytes) => ("out-begin", "out-end", bytes),
+            Direction::In(bytes) => ("in-begin", "in-end", bytes),
+        };
+        let mark = |edge| match &self.timeline {
+            Some(t) => t.record(gpu, stream, streams.name, edge, bytes),
+            None => Ok(()),
+        };
+        mark(begin)?;
         match gpu.records_here() {
             true => recorded(stream).result(),
             false => queued(stream),
         }
         .map_err(driver_error(what))?;
+        mark(end)?;
         stream.record_event(None).map_err(order())
     }
 
@@ -407,6 +429,15 @@ impl Offload {
             storage,
         })
     }
+}
+
+/// Which way a copy goes, and its bytes.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Device to host.
+    Out(usize),
+    /// Host to device.
+    In(usize),
 }
 
 /// How `Offload::stash` keeps `storage`, with the bytes of its device values; `None` for
