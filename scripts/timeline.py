@@ -76,7 +76,10 @@ def phase_line(name, lo, hi, copies):
     o, i = moved("out"), moved("in")
     busy_o, busy_i = union(outs, lo, hi), union(ins, lo, hi)
     both = overlap(outs, ins, lo, hi)
-    rate = lambda size, ms: size / ms / 1e6 if ms > 0 else 0.0
+
+    def rate(size, ms):  # GB/s
+        return size / ms / 1e6 if ms > 0 else 0.0
+
     print(
         f"{name:>9} {hi - lo:8.1f} ms | out {o / 1e9:6.2f} GB busy {busy_o:7.1f} ms "
         f"({rate(o, busy_o):5.1f} GB/s) | in {i / 1e9:6.2f} GB busy {busy_i:7.1f} ms "
@@ -89,6 +92,8 @@ def main():
         sys.exit(__doc__)
     rows = list(csv.DictReader(open(sys.argv[1])))
     marks = {(r["what"], int(r["index"])): float(r["ms"]) for r in rows if r["stream"] == "compute"}
+    if ("end", 0) not in marks:
+        sys.exit(f"{sys.argv[1]}: no whole training pass in it")
     layers = sorted(i for w, i in marks if w == "forward")
     loss, end = marks[("loss", 0)], marks[("end", 0)]
     backward0 = marks[("backward", layers[-1])]
