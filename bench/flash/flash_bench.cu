@@ -180,6 +180,9 @@ int main(int argc, char** argv) {
             break;
         }
     }
+#ifdef FLASH_BENCH_PARTS
+    parts = FLASH_BENCH_PARTS;  // -DFLASH_BENCH_PARTS=P: every case split P ways, for timing
+#endif
     float* dk = zeros(nk * parts);
     float* dv = zeros(nk * parts);
     const int row_bytes = (hd + FLASH_ROW_PAD) * 2;
