@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine with nvcc: builds flash_bench.cu against each variant of kernels/flash.cu given
 # as NAME=FILE[:NVCC_OPTIONS] (FILE absolute or relative to the repository; options such as -DX or
-# -arch=sm_90 for the mma.sync kernels, sm_90a by default), runs every case with
+# -arch=sm_90 for the mma.sync kernels, -DFLASH_BENCH_PARTS=P to split every dK/dV case P ways;
+# sm_90a by default), runs every case with
 # each, and prints the timings (JSON lines, also in OUTDIR/times.jsonl), the registers and spills
 # ptxas reports, and each variant's relative L2 difference from the first one's outputs.
 # Usage: bench/flash/run.sh OUTDIR base=/tmp/flash-head.cu new=kernels/flash.cu ...
@@ -43,6 +44,7 @@ for name in "${names[@]}"; do
     built+=("$name")
 done
 names=("${built[@]}")
+: > "$out/times.jsonl"  # this run's timings only
 cases=("2048 32 8 128 0 20" "8192 32 8 128 0 8" "2048 32 8 128 700 10" "2048 32 8 64 0 20" "4096 28 4 128 0 10" "300 4 4 64 0 5" "130 4 1 128 50 5" "1000 8 2 128 999 5" "2048 16 16 256 0 10" "8192 16 16 256 0 4")
 for c in "${cases[@]}"; do
     tag=$(echo "$c" | cut -d' ' -f1-5 | tr ' ' _)
