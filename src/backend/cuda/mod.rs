@@ -316,7 +316,7 @@ impl CudaBackend {
         let gpu = Gpu::open(ordinal)?;
         let blas = Blas::new(&gpu)?;
         let kernels = KernelCache::new(&gpu);
-        let timeline = Timeline::from_env().map(Arc::new);
+        let timeline = Timeline::from_env(ordinal).map(Arc::new);
         let offload = Offload::new(&gpu, timeline.clone())?;
         Ok(CudaBackend {
             gpu,

@@ -3,12 +3,14 @@
 //! backward pass and the loss begin and where the pass ends (on the compute stream), and
 //! around every copy between host and device memory (on its copy stream). Inside a recorded
 //! pass they are the graph's own event nodes (external records), timed again at each replay.
-//! When the backend is dropped, FILE receives the last pass's events, one CSV line each:
+//! When the backend is dropped, FILE (FILE.N for GPU N > 0 of a process driving several)
+//! receives the last pass's events, one CSV line each:
 //! `ms,stream,what,index` with ms since the pass began; `what` is start, forward, loss,
 //! backward or end (`index` the layer) on stream `compute`, or a copy's out-begin, out-end,
 //! in-begin or in-end (`index` its bytes) on stream `activations` or `tables`.
 //! scripts/timeline.py summarizes them.
-//! Off by default: the events cost a little, and the report waits for the GPU.
+//! Off by default: the events cost a little, and the report waits for the GPU. Only the last
+//! unrecorded pass and the recorded ones (re-timed by each replay) keep their events.
 
 use super::device::{driver_error, Gpu};
 use crate::backend::PassPoint;
@@ -18,29 +20,40 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-/// One recorded point: the pass it belongs to, where it was recorded, what it marks.
+/// One recorded point: the pass it belongs to, where it was recorded, what it marks, and
+/// whether it is a node of a recorded pass.
 struct Point {
     pass: usize,
     stream: &'static str,
     what: &'static str,
     index: usize,
     event: CudaEvent,
+    recorded: bool,
+}
+
+/// The points kept, in the order they were queued, and the passes begun so far.
+#[derive(Default)]
+struct Points {
+    passes: usize,
+    list: Vec<Point>,
 }
 
 /// The events of the passes so far, and where their report goes.
 pub(super) struct Timeline {
     path: PathBuf,
-    /// The points recorded, in the order they were queued; `passes` counts `PassPoint::Start`s.
-    points: Mutex<(usize, Vec<Point>)>,
+    points: Mutex<Points>,
 }
 
 impl Timeline {
-    /// A timeline when `FINETUNE_CUDA_TIMELINE` names a file.
-    pub(super) fn from_env() -> Option<Self> {
-        let path = std::env::var_os("FINETUNE_CUDA_TIMELINE")?;
+    /// A timeline of GPU `ordinal`'s passes when `FINETUNE_CUDA_TIMELINE` names a file.
+    pub(super) fn from_env(ordinal: usize) -> Option<Self> {
+        let mut path = std::env::var_os("FINETUNE_CUDA_TIMELINE")?;
+        if ordinal > 0 {
+            path.push(format!(".{ordinal}"));
+        }
         Some(Timeline {
             path: path.into(),
-            points: Mutex::new((0, Vec::new())),
+            points: Mutex::default(),
         })
     }
 
@@ -54,7 +67,10 @@ impl Timeline {
             PassPoint::End => ("end", 0),
         };
         if point == PassPoint::Start {
-            self.points.lock().expect("no panic holds it").0 += 1;
+            // A new pass: the unrecorded ones before it are older than it will be.
+            let mut points = self.points.lock().expect("no panic holds it");
+            points.list.retain(|p| p.recorded);
+            points.passes += 1;
         }
         self.record(gpu, gpu.stream(), "compute", what, index)
     }
@@ -73,7 +89,8 @@ impl Timeline {
             .ctx
             .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(driver_error("creating a timeline event"))?;
-        let flags = match gpu.records_here() {
+        let recorded = gpu.records_here();
+        let flags = match recorded {
             true => sys::CUevent_record_flags_enum::CU_EVENT_RECORD_EXTERNAL,
             false => sys::CUevent_record_flags_enum::CU_EVENT_RECORD_DEFAULT,
         };
@@ -82,13 +99,14 @@ impl Timeline {
             .result()
             .map_err(driver_error("recording a timeline event"))?;
         let mut points = self.points.lock().expect("no panic holds it");
-        let pass = points.0;
-        points.1.push(Point {
+        let pass = points.passes;
+        points.list.push(Point {
             pass,
             stream: name,
             what,
             index,
             event,
+            recorded,
         });
         Ok(())
     }
@@ -98,7 +116,7 @@ impl Timeline {
     /// of a recording made only to plan its memory) cannot be timed and are left out.
     fn report(&self) -> String {
         let points = self.points.lock().expect("no panic holds it");
-        let starts = points.1.iter().filter(|p| p.what == "start");
+        let starts = points.list.iter().filter(|p| p.what == "start");
         let mut out = String::from("ms,stream,what,index\n");
         let Some(origin) = starts
             .clone()
@@ -111,7 +129,7 @@ impl Timeline {
             .filter_map(|p| Some((since(p)?, p)))
             .max_by(|a, b| a.0.total_cmp(&b.0))
             .expect("the origin itself");
-        for p in points.1.iter().filter(|p| p.pass == last.1.pass) {
+        for p in points.list.iter().filter(|p| p.pass == last.1.pass) {
             let Some(ms) = since(p) else { continue };
             let ms = ms - last.0;
             writeln!(out, "{ms:.4},{},{},{}", p.stream, p.what, p.index).expect("a String");
