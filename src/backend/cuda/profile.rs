@@ -15,6 +15,7 @@
 //! Much slower; for reading what each operation costs, not for step times.
 
 use super::device::{driver_error, Gpu};
+use super::lock;
 use crate::error::Result;
 use cudarc::driver::{sys, CudaEvent};
 use std::borrow::Cow;
@@ -72,7 +73,7 @@ impl Profiler {
         let out = f()?;
         let host = queued.elapsed();
         end.record(gpu.stream()).map_err(driver_error(&name))?;
-        self.spans.lock().expect("no panic holds it").push(Span {
+        lock(&self.spans).push(Span {
             name,
             start,
             end,
@@ -84,7 +85,7 @@ impl Profiler {
     /// GPU and host milliseconds per operation name, largest GPU time first, as a printable
     /// table.
     pub fn report(&self) -> String {
-        let spans = self.spans.lock().expect("no panic holds it");
+        let spans = lock(&self.spans);
         // name -> (calls, GPU ms, host ms)
         let mut by_name: BTreeMap<&str, (usize, f64, f64)> = BTreeMap::new();
         for s in spans.iter() {

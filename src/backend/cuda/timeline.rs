@@ -13,6 +13,7 @@
 //! unrecorded pass and the recorded ones (re-timed by each replay) keep their events.
 
 use super::device::{driver_error, Gpu};
+use super::lock;
 use crate::backend::PassPoint;
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaEvent, CudaStream};
@@ -68,7 +69,7 @@ impl Timeline {
         };
         if point == PassPoint::Start {
             // A new pass: the unrecorded ones before it are older than it will be.
-            let mut points = self.points.lock().expect("no panic holds it");
+            let mut points = lock(&self.points);
             points.list.retain(|p| p.recorded);
             points.passes += 1;
         }
@@ -98,7 +99,7 @@ impl Timeline {
         unsafe { sys::cuEventRecordWithFlags(event.cu_event(), stream.cu_stream(), flags as u32) }
             .result()
             .map_err(driver_error("recording a timeline event"))?;
-        let mut points = self.points.lock().expect("no panic holds it");
+        let mut points = lock(&self.points);
         let pass = points.passes;
         points.list.push(Point {
             pass,
@@ -115,7 +116,7 @@ impl Timeline {
     /// pass's events hold its last replay), times from its start. Events that never ran (those
     /// of a recording made only to plan its memory) cannot be timed and are left out.
     fn report(&self) -> String {
-        let points = self.points.lock().expect("no panic holds it");
+        let points = lock(&self.points);
         let starts = points.list.iter().filter(|p| p.what == "start");
         let mut out = String::from("ms,stream,what,index\n");
         let Some(origin) = starts
