@@ -547,6 +547,13 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[HD / 8][4],
 // fused multiply-add and an exp2: p_j = 2^(fma(q·k_j, c·log2(e), −m')).
 // ---------------------------------------------------------------------------------------------
 
+// Rows [W·i, W·i + W) of x: the n-tiles of an accumulator, or the k-slices of a bf16 A operand,
+// that belong to tile i of several 64-key tiles taken at once.
+template <int W, int N, typename T>
+__device__ __forceinline__ T (&flash_part(T (&x)[N][4], int i))[W][4] {
+    return *reinterpret_cast<T(*)[W][4]>(&x[W * i]);
+}
+
 // Entries of x whose bit 4t + e of vis is clear set to `value`; nothing to do (and no
 // instruction spent) where every entry is visible.
 template <int NT>
@@ -570,16 +577,20 @@ struct FlashSoftmax {
     __device__ __forceinline__ void step(float (&s)[NT][4], unsigned int vis, float sl2,
                                          float (&o)[NDT][4]) {
         float al[2];
-        probabilities<NT>(s, vis, sl2, al);
+        const unsigned int tile_vis[1] = {vis};
+        probabilities<NT>(s, tile_vis, sl2, al);
         rescale<NDT>(o, al);
     }
 
     // step's first half: s masked and replaced by p, m and l updated; al: the rows' α, by which
-    // o is to be scaled (rescale) before p·v is added to it.
+    // o is to be scaled (rescale) before p·v is added to it. s holds NT / 8 tiles of 64 keys,
+    // vis[i] the visibility bits of tile i (n-tiles 8i..).
     template <int NT>
-    __device__ __forceinline__ void probabilities(float (&s)[NT][4], unsigned int vis, float sl2,
+    __device__ __forceinline__ void probabilities(float (&s)[NT][4],
+                                                  const unsigned int (&vis)[NT / 8], float sl2,
                                                   float (&al)[2]) {
-        flash_mask(s, vis, flash_neg_inf());
+#pragma unroll
+        for (int i = 0; i < NT / 8; ++i) flash_mask(flash_part<8>(s, i), vis[i], flash_neg_inf());
         float mx[2] = {flash_neg_inf(), flash_neg_inf()};
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
@@ -791,7 +802,7 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 // ---------------------------------------------------------------------------------------------
 // Hopper forward, warp-specialized (head_dim 64 and 128). A block of three warpgroups owns 128
 // queries. Warpgroup 0 copies (cp.async) the block's Q (two tiles), then each key tile's K and V
-// into a ring of FLASH_WS_STAGES buffers, and computes nothing;
+// into a ring of FLASH_FWD_STAGES buffers, and computes nothing;
 // warpgroups 1 and 2 each compute 64 of the queries and wait only for their tiles, through
 // shared-memory barriers (mbarrier), never for a block barrier:
 //  - full(b) completes when buffer b's copies have landed (128 cp.async arrivals), and Q's
@@ -806,6 +817,15 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 #define FLASH_WS_THREADS 384
 #define FLASH_WS_ROWS 128
 #define FLASH_WS_STAGES 4
+// The forward's ring: three steps of two key tiles (FLASH_WS_STEP), so that a step's copies have
+// a whole step's products to land in (the buffers of step u − 1 are released once its P·V
+// completes, in iteration u, and step u + 2 is copied into them).
+#define FLASH_FWD_STAGES 6
+// The forward's key step: a computing warpgroup takes FLASH_WS_STEP tiles of 64 keys (128 keys)
+// at once, so the costs paid once a step (barrier waits, the row maxima's shuffles, the rescale
+// vote) are paid once for twice the products. A step's scores are one 64 × 128 accumulator, tile
+// i's keys in n-tiles 8i.. (with its own visibility word); P·V adds them with k-slices 4i...
+#define FLASH_WS_STEP 2
 
 __device__ __forceinline__ void flash_mbar_init(unsigned int bar, unsigned int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -834,13 +854,13 @@ __device__ __forceinline__ void flash_mbar_wait(unsigned int bar, unsigned int p
     } while (!done);
 }
 
-// The mbarriers of a ring of FLASH_WS_STAGES buffers from shared address bar0: full(t) completes
+// The mbarriers of a ring of S buffers from shared address bar0: full(t) completes
 // once buffer t % S holds item t (`full_count` arrivals: the copying warpgroup's), empty(t) once
 // both computing warpgroups are done with it there (`empty_count` arrivals: one a warpgroup where
 // only the tensor cores read the buffers, release(); one a thread where threads read them too,
 // release_thread()); once(), for what is copied once, on its 128 copying threads' copies.
+template <int S>
 struct FlashRingBars {
-    static constexpr int S = FLASH_WS_STAGES;
     unsigned int bar0;
     __device__ unsigned int full(int t) const { return bar0 + 8 * (t % S); }
     __device__ unsigned int empty(int t) const { return bar0 + 8 * (S + t % S); }
@@ -881,13 +901,13 @@ struct FlashRingBars {
 
 // The warp-specialized forward's shared memory and its barriers: Q's two swizzled tiles
 // (query(c): queries 64c.. of the block), the buffers of key tile t (key(t), value(t)), then the
-// barriers (once(): Q's). Launch: (2 + 2·FLASH_WS_STAGES)·64·HD·2 + 128 bytes of dynamic shared
+// barriers (once(): Q's). Launch: (2 + 2·FLASH_FWD_STAGES)·64·HD·2 + 128 bytes of dynamic shared
 // memory.
 template <int HD>
 struct FlashKeyRing {
-    static constexpr int TE = FLASH_TILE * HD, S = FLASH_WS_STAGES;
+    static constexpr int TE = FLASH_TILE * HD, S = FLASH_FWD_STAGES;
     bf16_t* sm;
-    FlashRingBars bars;
+    FlashRingBars<S> bars;
     __device__ explicit FlashKeyRing(bf16_t* smem)
         : sm(smem), bars{flash_smem(smem + (2 + 2 * S) * TE)} {}
     __device__ bf16_t* query(int c) const { return sm + c * TE; }
@@ -895,16 +915,17 @@ struct FlashKeyRing {
     __device__ bf16_t* value(int t) const { return sm + (3 + 2 * (t % S)) * TE; }
 
     // Warpgroup 0's part (threads 0..127): the block's queries of q (from the block's head, row
-    // stride blk.ldq) into Q's tiles, then key tiles 0 .. ntiles − 1, each into its buffer once
+    // stride blk.ldq) into Q's tiles, then key tiles 0 .. tiles − 1, each into its buffer once
     // both computing warpgroups have released the tile before it there.
-    __device__ void produce(const FlashQueryBlock<HD>& blk, const bf16_t* q, int seq) const {
+    __device__ void produce(const FlashQueryBlock<HD>& blk, const bf16_t* q, int seq,
+                            int tiles) const {
         for (int c = 0; c < 2; ++c) {
             const int rc = blk.r0 + FLASH_TILE * c;
             flash_load_tile<HD, true>(query(c), q + rc * blk.ldq, blk.ldq, seq - rc);
         }
         flash_mbar_arrive_copies(bars.once());
 #pragma unroll 1
-        for (int t = 0; t < blk.ntiles; ++t) {
+        for (int t = 0; t < tiles; ++t) {
             const int j0 = t * FLASH_TILE;
             bars.await_empty(t);
             flash_load_tile<HD, true>(key(t), blk.kh + j0 * blk.ldk, blk.ldk, seq - j0);
@@ -943,10 +964,10 @@ struct FlashWarpRows {
     }
 };
 
-// The forward. A computing warpgroup's iteration t: queue [S = Q·K_{t+1}ᵀ, O += P_t·V_t]; await
-// S; tile t + 1's probabilities (p, m, l, α) while P·V runs; await O; O *= α; P_{t+1} to bf16.
-// Every row sees the operations of the block-barrier kernels in the same order, so the outputs
-// are the same bit for bit.
+// The forward. A computing warpgroup's iteration u: queue [S = Q·K_{u+1}ᵀ, O += P_u·V_u] over
+// key steps u + 1 and u; await S; step u + 1's probabilities (p, m, l, α) while P·V runs; await
+// O; O *= α; P_{u+1} to bf16. The row maxima are taken over a step's 128 keys, so O is rescaled
+// at other points than in the 64-key kernels: the outputs agree with theirs to rounding.
 template <int HD>
 __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                   const bf16_t* __restrict__ k,
@@ -954,16 +975,19 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
                                                   const int* __restrict__ segments,
                                                   float* __restrict__ out, float* __restrict__ lse,
                                                   int seq, int heads, int kv_heads, float scale) {
-    constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8;
+    constexpr int NDT = HD / 8, ST = FLASH_WS_STEP, NT1 = FLASH_TILE / 8, NT = ST * NT1;
+    constexpr int KB1 = FLASH_TILE / 16;  // k-slices of P·V a tile
     const FlashKeyRing<HD> ring(sm);
     const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
     const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads, FLASH_WS_ROWS);
-    const int h = blk.h, ntiles = blk.ntiles;
+    const int h = blk.h, nsteps = (blk.ntiles + ST - 1) / ST;
     ring.bars.init(FLASH_THREADS, 2);
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        ring.produce(blk, q + blk.tok0 * blk.ldq + (long long)h * HD, seq);
+        // Whole steps: a tile past the last one is copied too (rows past seq zero-filled, the
+        // rest keys after every query of the block), and masked.
+        ring.produce(blk, q + blk.tok0 * blk.ldq + (long long)h * HD, seq, ST * nsteps);
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
@@ -971,56 +995,77 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     const FlashWarpRows rows(blk.seg, seq, blk.r0 + FLASH_TILE * c, warp, lane);
     const float sl2 = scale * FLASH_LOG2E;
 
-    int ids[2], ids_next[2];
-    rows.key_ids(0, ids);
-    rows.key_ids(1, ids_next);
+    // The segment ids of step u's tiles (read a step ahead), and its visibility words.
+    int ids[ST][2];
+    auto read_ids = [&](int u) {
+#pragma unroll
+        for (int i = 0; i < ST; ++i) rows.key_ids(ST * u + i, ids[i]);
+    };
+    auto visible = [&](int u, unsigned int (&vis)[ST]) {
+#pragma unroll
+        for (int i = 0; i < ST; ++i) vis[i] = rows.visible<NT1>(ST * u + i, ids[i]);
+    };
+    // Queues S = Q·Kᵀ over step u's keys, once its tiles have arrived.
+    auto scores = [&](float (&s)[NT][4], const unsigned int (&qa)[HD / 16][4], int u) {
+#pragma unroll
+        for (int i = 0; i < ST; ++i) ring.bars.wait(ST * u + i);
+        wg_fence();
+#pragma unroll
+        for (int i = 0; i < ST; ++i) {
+            wg_scores_rs<HD, NT1>(flash_part<NT1>(s, i), qa, ring.key(ST * u + i));
+        }
+        wg_commit();
+    };
+    // Queues O += P·V over step u's keys.
+    auto accumulate = [&](float (&o)[NDT][4], const unsigned int (&pa)[ST * KB1][4], int u) {
+#pragma unroll
+        for (int i = 0; i < ST; ++i) {
+            wg_accumulate<HD>(o, flash_part<KB1>(pa, i), ring.value(ST * u + i));
+        }
+        wg_commit();
+    };
+
+    read_ids(0);
     flash_mbar_wait(ring.bars.once(), 0);
     unsigned int qa[HD / 16][4];
     wg_afrags<HD>(qa, ring.query(c), warp, lane);
     float o[NDT][4], s[NT][4], al[2];
-    unsigned int pa[BC / 16][4];
+    unsigned int pa[ST * KB1][4], vis[ST];
     flash_zero<NDT>(o);
     FlashSoftmax sm_state;
-    // Tile 0's scores and probabilities (o is 0: nothing to rescale).
-    const unsigned int vis0 = rows.visible<NT>(0, ids);
-    ring.bars.wait(0);
-    wg_fence();
-    wg_scores_rs<HD, NT>(s, qa, ring.key(0));
-    wg_commit();
+    // Step 0's scores and probabilities (o is 0: nothing to rescale).
+    visible(0, vis);
+    read_ids(1);
+    scores(s, qa, 0);
     wg_wait<0>();
     wg_hold<NT>(s);
-    sm_state.probabilities<NT>(s, vis0, sl2, al);
+    sm_state.probabilities<NT>(s, vis, sl2, al);
 #pragma unroll
-    for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
-    // Tiles 1 .. ntiles − 1 scored beside the tile before's P·V (the last one's P·V alone, after
+    for (int kb = 0; kb < ST * KB1; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
+    // Steps 1 .. nsteps − 1 scored beside the step before's P·V (the last one's P·V alone, after
     // the loop: the same products in every iteration, which ptxas needs to keep them in flight).
 #pragma unroll 1
-    for (int kt = 0; kt + 1 < ntiles; ++kt) {
-        const int t = kt + 1;
-        const unsigned int vis = rows.visible<NT>(t, ids_next);
-        rows.key_ids(t + 1, ids_next);
-        ring.bars.wait(t);
+    for (int u = 1; u < nsteps; ++u) {
+        visible(u, vis);
+        read_ids(u + 1);
         wg_hold<NDT>(o);
-        wg_fence();
-        wg_scores_rs<HD, NT>(s, qa, ring.key(t));
-        wg_commit();
-        wg_accumulate<HD>(o, pa, ring.value(kt));
-        wg_commit();
+        scores(s, qa, u);
+        accumulate(o, pa, u - 1);
         wg_wait<1>();
         wg_hold<NT>(s);
         sm_state.probabilities<NT>(s, vis, sl2, al);
         wg_wait<0>();
         wg_hold<NDT>(o);
-        wg_hold_regs<BC / 16>(pa);
-        ring.bars.release(kt, ctid);
+        wg_hold_regs<ST * KB1>(pa);
+#pragma unroll
+        for (int i = 0; i < ST; ++i) ring.bars.release(ST * (u - 1) + i, ctid);
         FlashSoftmax::rescale<NDT>(o, al);
 #pragma unroll
-        for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
+        for (int kb = 0; kb < ST * KB1; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
     }
     wg_hold<NDT>(o);
     wg_fence();
-    wg_accumulate<HD>(o, pa, ring.value(ntiles - 1));
-    wg_commit();
+    accumulate(o, pa, nsteps - 1);
     wg_wait<0>();
     wg_hold<NDT>(o);
     sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, blk.tok0, blk.ldq, heads, h,
@@ -1028,7 +1073,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
 }
 
 // Arguments and outputs as flash_fwd; hd: 64 or 128. Launch: grid (ceil(seq/128), heads, batch),
-// block 384, dynamic shared memory (2 + 2·FLASH_WS_STAGES)·64·hd·2 + 128 bytes.
+// block 384, dynamic shared memory (2 + 2·FLASH_FWD_STAGES)·64·hd·2 + 128 bytes.
 extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
     flash_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                  const bf16_t* __restrict__ v, const int* __restrict__ segments,
@@ -1650,7 +1695,7 @@ struct FlashPairRing {
     static constexpr int TE = FLASH_TILE * HD, S = FLASH_WS_STAGES, STATS = 2 * FLASH_TILE;
     bf16_t* sm;
     float* stats0;
-    FlashRingBars bars;
+    FlashRingBars<S> bars;
     __device__ explicit FlashPairRing(bf16_t* smem)
         : sm(smem), stats0(reinterpret_cast<float*>(smem + (4 + 2 * S) * TE)),
           bars{flash_smem(stats0 + S * STATS)} {}

@@ -14,6 +14,8 @@
 # and the line gives their medians over the samples drawing more than 300 W: on the
 # H200 a long step runs at its 700 W cap with the clock below its maximum (bench/NOTES.md), so
 # the clock says how much of a difference between leases is the GPU's own.
+# A configuration whose run fails gets a line saying so, the others still run, and the script
+# then exits with status 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.gpu/finetune
@@ -40,24 +42,34 @@ done
 out=${OUT:-/tmp}
 SAMPLES=$(mktemp -d)
 export SAMPLES
-trap 'rm -rf "$SAMPLES"' EXIT
-n=0
+# The sampler of the run in progress, stopped on any exit (left running, it would hold the
+# caller's output open).
+sampler=
+trap '[ -z "$sampler" ] || kill "$sampler" 2>/dev/null; rm -rf "$SAMPLES"' EXIT
+n=0 failed=0
 for args in "$@"; do
     n=$((n + 1))
     jsons=()
     for i in "${!names[@]}"; do
         json="$out/bench-$n-${names[$i]}.json"
         smi="$SAMPLES/$(basename "$json").smi"
-        sampler=
         if command -v nvidia-smi >/dev/null; then
             nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -i 0 \
                 -lms 200 >"$smi" &
             sampler=$!
         fi
+        status=0
         # shellcheck disable=SC2086 # each argument is a list of options
         env ${dirs[$i]:+FINETUNE_KERNEL_DIR="${dirs[$i]}"} "${bins[$i]}" bench --device cuda:0 \
-            $args >"$json"
+            $args >"$json" || status=$?
         [ -z "$sampler" ] || kill "$sampler" 2>/dev/null || true
+        sampler=
+        if [ "$status" -ne 0 ]; then
+            # The next configurations still run; the script's status says one failed.
+            echo "$args ${names[$i]}: finetune bench failed (exit status $status)"
+            failed=1
+            continue 2
+        fi
         jsons+=("${names[$i]}=$json")
     done
     python3 - "$args" "${jsons[@]}" <<'PY'
@@ -98,3 +110,4 @@ for name, d in runs[1:]:
           f"peak {a['peak_device_mib'] - b['peak_device_mib']:+,.0f} MiB")
 PY
 done
+exit "$failed"

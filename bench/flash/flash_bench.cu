@@ -53,6 +53,10 @@
 #define FLASH_WS_STAGES 0
 #define FLASH_WS_THREADS 0
 #endif
+// The forward's ring (FLASH_FWD_STAGES key tiles; sources before it used the dK/dV's count).
+#ifndef FLASH_FWD_STAGES
+#define FLASH_FWD_STAGES FLASH_WS_STAGES
+#endif
 
 // The warp-specialized dK/dV (flash_bwd_dkdv_ws: 128 keys a block of 384 threads) where the
 // source has one and the build is for sm_90a.
@@ -187,7 +191,7 @@ int main(int argc, char** argv) {
     float* dv = zeros(nk * parts);
     const int row_bytes = (hd + FLASH_ROW_PAD) * 2;
     const bool ws = FLASH_WS_ENTRY != nullptr && hd <= 128;
-    const int fwd_sm = ws ? (2 + 2 * FLASH_WS_STAGES) * 64 * row_bytes + 128
+    const int fwd_sm = ws ? (2 + 2 * FLASH_FWD_STAGES) * 64 * row_bytes + 128
                           : FLASH_FWD_TILES(hd) * 64 * row_bytes;
     const int dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
     const int dkdv_sm = dkdv_ws ? (4 + 2 * FLASH_WS_STAGES) * 64 * row_bytes +

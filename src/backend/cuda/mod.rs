@@ -55,10 +55,11 @@ const ATTENTION_TILE: usize = 64;
 const ATTENTION_THREADS: u32 = 128;
 /// The warp-specialized attention kernels (kernels/flash.cu, `flash_fwd_ws` and
 /// `flash_bwd_dkdv_ws`; sm_90a, head_dim up to 128): queries (forward) or keys (dK/dV) per
-/// block, threads per block (three warpgroups), ring buffers (key/value tiles, or a pair's Q
-/// and dO tiles), and the bytes of their barriers after the tiles.
+/// block, threads per block (three warpgroups), ring buffers (the forward's key/value tiles,
+/// dK/dV's pairs of Q and dO tiles), and the bytes of their barriers after the tiles.
 const FLASH_WS_ROWS: usize = 128;
 const FLASH_WS_THREADS: u32 = 384;
+const FLASH_FWD_STAGES: usize = 6;
 const FLASH_WS_STAGES: usize = 4;
 const FLASH_WS_BARRIER_BYTES: usize = 128;
 /// Largest head dimension the attention kernels support.
@@ -932,11 +933,11 @@ impl CudaBackend {
     }
 
     /// The tensor-core forward's entry and launch: on sm_90a up to head_dim 128 the
-    /// warp-specialized kernel (128 queries a block: Q's two tiles and FLASH_WS_STAGES key/value
+    /// warp-specialized kernel (128 queries a block: Q's two tiles and FLASH_FWD_STAGES key/value
     /// buffers), else 64 queries a block of 128 threads.
     fn flash_forward_launch(&self, s: AttentionShape) -> (&'static str, Shape) {
         if self.warp_specialized_attention(s.head_dim) {
-            let tiles = 2 + 2 * FLASH_WS_STAGES;
+            let tiles = 2 + 2 * FLASH_FWD_STAGES;
             let shared = flash_shared_bytes(s.head_dim, true, tiles, FLASH_WS_BARRIER_BYTES);
             let blocks = s.seq.div_ceil(FLASH_WS_ROWS);
             let shape = Shape::grid(blocks, s.num_heads, s.batch, FLASH_WS_THREADS);
