@@ -816,6 +816,7 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 // ---------------------------------------------------------------------------------------------
 #define FLASH_WS_THREADS 384
 #define FLASH_WS_ROWS 128
+// dK/dV's ring (flash_bwd_dkdv_ws): four (query head, query tile) pairs' Q, dO and statistics.
 #define FLASH_WS_STAGES 4
 // The forward's ring: three steps of two key tiles (FLASH_WS_STEP), so that a step's copies have
 // a whole step's products to land in (the buffers of step u − 1 are released once its P·V
