@@ -1151,6 +1151,55 @@ fn layers_in_host_memory_change_no_number_and_free_their_bytes() {
     }
 }
 
+/// Adjacent host layers (more than (n − 2)/2 of them, all n too) and NF4 layers, whose packed
+/// codes stay in host memory: the device holds exactly their bytes less once loaded, a peak at
+/// least that of all but two layers lower (a pass holds two host layers' copies where they are
+/// adjacent), and every number is bit-identical to the resident model's (an NF4 matrix's
+/// dequantization reads its codes' device copy).
+#[test]
+fn adjacent_and_nf4_host_layers_change_no_number_and_free_their_bytes() {
+    if gpu().is_none() {
+        return;
+    }
+    use finetune::api::{Device, ModelParams};
+    use finetune::model::config::ModelConfig;
+    use finetune::quant::Quantization;
+    let shape = ModelConfig {
+        num_layers: 6,
+        vocab_size: 4096,
+        ..tensor_core_shape(Family::Llama)
+    };
+    let (h, d, i) = (shape.hidden_size, shape.head_dim, shape.intermediate_size);
+    let (q, kv) = (shape.num_heads * d, shape.num_kv_heads * d);
+    let matrices = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
+    let room = PROJECTION_ROOM;
+    let bf16_layer: usize = matrices
+        .iter()
+        .map(|(o, n)| 2 * (o + room) * (n + room))
+        .sum();
+    // Two 4-bit codes a byte.
+    let nf4_layer: usize = matrices.iter().map(|(o, n)| o * n / 2).sum();
+    for (quantization, layer_bytes) in [
+        (Quantization::None, bf16_layer),
+        (Quantization::Nf4, nf4_layer),
+    ] {
+        let params = |layers_in_host| ModelParams {
+            device: Device::Cuda(0),
+            quantization,
+            layers_in_host,
+            ..ModelParams::default()
+        };
+        let resident = run_placed(&shape, params(0), true);
+        // 4 of 6: layers 0, 1, 3 and 4 (two adjacent pairs); then all of them.
+        for count in [4, 6] {
+            let moved = run_placed(&shape, params(count), true);
+            let what = format!("{quantization:?}, {count} layers in host memory");
+            let drop = (count - 2) * layer_bytes;
+            assert_moved_to_host(&what, &resident, &moved, count * layer_bytes, drop);
+        }
+    }
+}
+
 /// The longest-sequence search of `finetune bench`: under a device-memory cap, every probe at or
 /// below the answer fitted, every one above failed with out-of-memory, and a failure lies
 /// within the resolution above the answer.

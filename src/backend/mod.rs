@@ -353,6 +353,14 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Self::Tensor> {
         self.upload_frozen(data, rows, cols)
     }
+    /// Moves the codes of a frozen quantized projection matrix ([`Backend::upload_nf4`],
+    /// [`Backend::upload_frozen_nf4`]) to host memory where the backend computes elsewhere (a GPU
+    /// backend: pinned host memory, the absmax values staying on the device); its products then
+    /// dequantize the copy [`Backend::bring_to_device`] brought over, or copy the codes each.
+    /// The CPU keeps the matrix as it is.
+    fn keep_codes_in_host(&self, t: Self::Tensor) -> Result<Self::Tensor> {
+        Ok(t)
+    }
     /// Uploads the output projection (the LM head, or the embedding table when tied): frozen,
     /// read by the LM head's products, by [`Backend::embedding`] when tied and by download. A
     /// backend may keep it in host memory, where [`Backend::bring_to_device`] brings a copy
@@ -537,7 +545,7 @@ pub trait Backend: Send + Sync + 'static {
         Ok(t)
     }
     /// Starts copying a frozen matrix kept in host memory ([`Backend::upload_frozen_in_host`],
-    /// [`Backend::upload_output_projection`]) to the device, beside the work queued after it;
+    /// [`Backend::keep_codes_in_host`], [`Backend::upload_output_projection`]) to the device, beside the work queued after it;
     /// the products this thread queues with `t` until [`Backend::release_device_copy`] wait for
     /// the copy and read it (each thread brings its own: passes over one model may run on
     /// several threads at once). Nothing happens when `t` is already where products read it

@@ -1200,15 +1200,16 @@ impl<B: Backend> Decoder<B> {
         let mut checkpoints = Vec::with_capacity(if saving.recompute { n } else { 0 });
         // An output projection kept in host memory starts coming over with the last quarter
         // of the layers' forward pass (on its own copy stream, beside the copies out of `stash`):
-        // on CUDA its first chunks of rows (up to 384 MiB, backend/cuda/head_chunks.rs), whose
-        // copies then overlap those layers' compute, and the loss brings the rest as it reads
-        // the vocabulary chunk by chunk. Layers kept in host memory come over one at a time
-        // ahead of their forward and backward (host_layers.rs), never beside the head's copy:
-        // it starts after the last of them has run.
+        // on CUDA its first chunks of rows (backend/cuda/head_chunks.rs), whose copies then
+        // overlap those layers' compute, and the loss brings the rest as it reads the vocabulary
+        // chunk by chunk. Layers kept in host memory come over ahead of their forward and
+        // backward (host_layers.rs), not beside the head's copy: it starts after the last of
+        // them has run, or with the last layer when that one is kept in host memory.
         let after_host_layers = self.weights.layers.iter().rposition(|l| l.in_host);
         let head_copy_from = after_host_layers
             .map_or(0, |l| l + 1)
-            .max(n - n.div_ceil(4));
+            .max(n - n.div_ceil(4))
+            .min(n.saturating_sub(1));
         let mut head_copy = None;
         let mut layer_copies = LayerCopies::new(be, &self.weights);
         be.mark(PassPoint::Start)?;

@@ -145,7 +145,8 @@ pub struct FrozenStorage {
     /// The projection matrices' format.
     quantization: Quantization,
     /// Layers whose projection matrices stay in host memory
-    /// ([`host_layer_indices`](super::host_layers::host_layer_indices)); bf16 ones only.
+    /// ([`host_layer_indices`](super::host_layers::host_layer_indices)): bf16 matrices whole,
+    /// NF4 ones their codes ([`Backend::keep_codes_in_host`]).
     host_layers: Vec<usize>,
 }
 
@@ -156,13 +157,6 @@ impl FrozenStorage {
         quantization: Quantization,
         layers_in_host: usize,
     ) -> Result<Self> {
-        if layers_in_host > 0 && quantization != Quantization::None {
-            return Err(Error::InvalidArgument(format!(
-                "layers_in_host ({layers_in_host}) keeps bf16 projection matrices in host \
-                 memory; with {quantization:?} they stay on the device (NF4 takes a quarter of \
-                 the bytes)"
-            )));
-        }
         Ok(FrozenStorage {
             quantization,
             host_layers: super::host_layers::host_layer_indices(cfg.num_layers, layers_in_host)?,
@@ -304,11 +298,15 @@ fn upload_tensor<B: Backend>(
         Slot::Proj(..) => backend.upload_projection(values, rows, cols),
         _ => backend.upload(values, rows, cols),
     };
-    match values {
-        TensorValues::Nf4(q) if nf4 => backend.upload_nf4(q.clone()),
-        TensorValues::Nf4(q) => upload(&q.dequantize()),
-        TensorValues::F32(values) if nf4 => backend.upload_frozen_nf4(values, rows, cols),
-        TensorValues::F32(values) => upload(values),
+    let quantized = match values {
+        TensorValues::Nf4(q) if nf4 => backend.upload_nf4(q.clone())?,
+        TensorValues::Nf4(q) => return upload(&q.dequantize()),
+        TensorValues::F32(values) if nf4 => backend.upload_frozen_nf4(values, rows, cols)?,
+        TensorValues::F32(values) => return upload(values),
+    };
+    match in_host {
+        true => backend.keep_codes_in_host(quantized),
+        false => Ok(quantized),
     }
 }
 

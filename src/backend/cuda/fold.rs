@@ -30,13 +30,10 @@
 use super::blas::Operand;
 use super::launch::Arg;
 use super::nf4::ScratchGuard;
-use super::tensor::{Arrival, Dtype, Nf4Storage, Storage};
+use super::tensor::{Dtype, HostCopies, Nf4Storage, Storage};
 use super::{count, dim, lock, CudaBackend, CudaTensor};
 use crate::backend::ProductOutput;
 use crate::error::{Error, Result};
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::thread::ThreadId;
 
 /// The largest adapter rank folded into products (the NF4 scratch slots keep that many spare
 /// rows and columns).
@@ -71,9 +68,6 @@ enum FoldedWeight<'w> {
     /// The device copies of a matrix in host memory laid out so; this thread's is written.
     HostCopy(&'w HostCopies),
 }
-
-/// The device copies of a matrix in host memory, one per thread (`Storage::Host`).
-type HostCopies = Mutex<HashMap<ThreadId, Arrival<u16>>>;
 
 /// Whether a `[rows, cols]` matrix stored `pitch` values a row in `len` values has room for
 /// `r` spare columns and rows, with 16-byte aligned rows.

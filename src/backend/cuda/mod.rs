@@ -46,7 +46,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::ThreadId;
 pub use tensor::{CudaInts, CudaTensor, Dtype};
-use tensor::{StashedLayout, Storage};
+use tensor::{HostCopies, Nf4Codes, StashedLayout, Storage};
 use timeline::Timeline;
 
 /// Queries (or keys) per attention block, as the attention kernels expect.
@@ -374,6 +374,25 @@ impl CudaBackend {
             .fetch_table(&self.gpu, table, 0..table.len(), what)
     }
 
+    /// The device address of a host table's values for work this thread queues: the copy its
+    /// pass brought over (`bring_to_device`; the compute stream waits for it), else a copy made
+    /// now, returned to live until the work reading it is queued.
+    fn host_table_on_device(
+        &self,
+        table: &HostTable,
+        copies: &HostCopies,
+    ) -> Result<(u64, Option<DeviceBuffer<u16>>)> {
+        let mut brought = lock(copies);
+        match brought.get_mut(&std::thread::current().id()) {
+            // The copy lives until the pass releases it, after its products are queued.
+            Some(arrival) => Ok((self.buffer_ptr(arrival.wait()?), None)),
+            None => {
+                let copy = self.fetch_whole_table(table)?.settle()?;
+                Ok((self.buffer_ptr(&copy), Some(copy)))
+            }
+        }
+    }
+
     /// The device, its stream and its memory account.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
@@ -529,7 +548,14 @@ impl CudaBackend {
         match &t.storage {
             Storage::F32(b) => Ok(self.buffer_ptr(b)),
             Storage::Bf16(b) => Ok(self.buffer_ptr(b)),
-            Storage::Nf4(s) => Ok(self.buffer_ptr(&s.packed)),
+            Storage::Nf4(s) => match &s.codes {
+                Nf4Codes::Device(codes) => Ok(self.buffer_ptr(codes)),
+                Nf4Codes::Host { .. } => Err(Error::InvalidArgument(
+                    "an NF4 matrix whose codes are in host memory was passed where device codes \
+                     are needed; products dequantize a device copy"
+                        .into(),
+                )),
+            },
             Storage::Bf16Pitched { .. } => Err(Error::InvalidArgument(
                 "a matrix with spare columns after each row (a product input or a projection \
                  matrix) was passed to an operation that reads dense rows; only products, \
@@ -815,17 +841,8 @@ impl CudaBackend {
                 (ptr, Dtype::Bf16)
             }
             (Storage::Host { table, copies, .. }, _) => {
-                let mut brought = lock(copies);
-                let ptr = match brought.get_mut(&std::thread::current().id()) {
-                    // The copy lives until the pass releases it, after its products are queued.
-                    Some(arrival) => self.buffer_ptr(arrival.wait()?),
-                    None => {
-                        let copy = self.fetch_whole_table(table)?.settle()?;
-                        let ptr = self.buffer_ptr(&copy);
-                        staged._bf16_copy = Some(copy);
-                        ptr
-                    }
-                };
+                let (ptr, copy) = self.host_table_on_device(table, copies)?;
+                staged._bf16_copy = copy;
                 (ptr, Dtype::Bf16)
             }
             (Storage::F32(_), true) => {
@@ -1420,17 +1437,35 @@ impl Backend for CudaBackend {
                 HeadChunks::start(&self.offload, &self.gpu, table, t.rows, t.cols)
             }),
             Storage::Host { table, copies, .. } => once(copies, || self.fetch_whole_table(table)),
+            Storage::Nf4(s) => match &s.codes {
+                Nf4Codes::Host { table, copies, .. } => {
+                    once(copies, || self.fetch_whole_table(table))
+                }
+                Nf4Codes::Device(_) => Ok(false),
+            },
             _ => Ok(false),
         }
     }
 
     fn release_device_copy(&self, t: &CudaTensor) {
-        if let Storage::Host { copies, chunks, .. } = &t.storage {
-            // Freed in stream order, after the products queued before.
-            let thread = std::thread::current().id();
-            drop(lock(copies).remove(&thread));
-            drop(lock(chunks).remove(&thread));
+        // Freed in stream order, after the work queued before.
+        let thread = std::thread::current().id();
+        match &t.storage {
+            Storage::Host { copies, chunks, .. } => {
+                drop(lock(copies).remove(&thread));
+                drop(lock(chunks).remove(&thread));
+            }
+            Storage::Nf4(s) => {
+                if let Nf4Codes::Host { copies, .. } = &s.codes {
+                    drop(lock(copies).remove(&thread));
+                }
+            }
+            _ => {}
         }
+    }
+
+    fn keep_codes_in_host(&self, t: CudaTensor) -> Result<CudaTensor> {
+        self.nf4_codes_to_host(t)
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {

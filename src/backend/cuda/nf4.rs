@@ -12,9 +12,10 @@
 //! product is not written before the products queued earlier have read it; the scratch stays
 //! locked from the dequantization to the queuing of the product, so threads cannot interleave.
 
+use super::host_table::HostTable;
 use super::launch::{Arg, Shape, MAX_GRID};
 use super::lock;
-use super::tensor::{DeviceAbsmax, Nf4Storage, Storage};
+use super::tensor::{DeviceAbsmax, HostCopies, Nf4Codes, Nf4Storage, Storage};
 use super::{count, CudaBackend, CudaTensor};
 use crate::error::{Error, Result};
 use crate::quant::nf4::{check_quantizable, dynamic_map, BLOCK, NESTED_BLOCK};
@@ -101,7 +102,11 @@ impl CudaBackend {
             map,
             offset,
         };
-        self.nf4_tensor(rows, cols, Nf4Storage::new(packed, absmax))
+        self.nf4_tensor(
+            rows,
+            cols,
+            Nf4Storage::new(Nf4Codes::Device(packed), absmax),
+        )
     }
 
     /// Uploads an NF4 matrix as it is (plain or double-quantized absmax).
@@ -118,7 +123,11 @@ impl CudaBackend {
                 offset: self.gpu.upload(&[d.offset()], "the NF4 absmax offset")?,
             },
         };
-        self.nf4_tensor(q.rows(), q.cols(), Nf4Storage::new(packed, absmax))
+        self.nf4_tensor(
+            q.rows(),
+            q.cols(),
+            Nf4Storage::new(Nf4Codes::Device(packed), absmax),
+        )
     }
 
     /// The tensor of `storage`, with the scratch slots grown to hold its values in bf16, with
@@ -238,6 +247,11 @@ impl CudaBackend {
         out: u64,
     ) -> Result<()> {
         let elements = rows * cols;
+        // A copy made here (no pass brought one over) lives until the kernel is queued.
+        let (values, _copy) = match &s.codes {
+            Nf4Codes::Device(b) => (self.buffer_ptr(b), None),
+            Nf4Codes::Host { table, copies, .. } => self.host_table_on_device(table, copies)?,
+        };
         let [absmax, codes, nested, map, offset] = match &s.absmax {
             DeviceAbsmax::Plain(a) => [self.buffer_ptr(a), 0, 0, 0, 0],
             DeviceAbsmax::Double {
@@ -254,7 +268,7 @@ impl CudaBackend {
             ],
         };
         let args = [
-            Arg::Ptr(self.buffer_ptr(&s.packed)),
+            Arg::Ptr(values),
             Arg::Ptr(absmax),
             Arg::Ptr(codes),
             Arg::Ptr(nested),
@@ -286,7 +300,40 @@ impl CudaBackend {
                 offset: self.copy_buffer(offset, what)?,
             },
         };
-        Ok(Nf4Storage::new(self.copy_buffer(&s.packed, what)?, absmax))
+        let codes = match &s.codes {
+            Nf4Codes::Device(b) => Nf4Codes::Device(self.copy_buffer(b, what)?),
+            Nf4Codes::Host { table, bytes, .. } => Nf4Codes::Host {
+                table: HostTable::new(&self.gpu, table.bits()?)?,
+                bytes: *bytes,
+                copies: HostCopies::default(),
+            },
+        };
+        Ok(Nf4Storage::new(codes, absmax))
+    }
+
+    /// `t` with its NF4 codes moved to pinned host memory (see [`Nf4Codes::Host`]); any other
+    /// tensor as it is.
+    pub(super) fn nf4_codes_to_host(&self, mut t: CudaTensor) -> Result<CudaTensor> {
+        let Storage::Nf4(s) = &mut t.storage else {
+            return Ok(t);
+        };
+        let Nf4Codes::Device(b) = &s.codes else {
+            return Ok(t);
+        };
+        let bytes = self
+            .gpu
+            .download(&b.slice, "moving NF4 codes to host memory")?;
+        let words: Vec<u16> = bytes
+            .chunks(2)
+            .map(|pair| u16::from_ne_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]))
+            .collect();
+        // The device codes are freed here, once their host copy exists.
+        s.codes = Nf4Codes::Host {
+            table: HostTable::new(&self.gpu, &words)?,
+            bytes: bytes.len(),
+            copies: HostCopies::default(),
+        };
+        Ok(t)
     }
 
     /// The packed codes and absmax values of an NF4 tensor, as stored on the device.
@@ -298,7 +345,15 @@ impl CudaBackend {
             )));
         };
         let what = "downloading an NF4 weight";
-        let packed = self.gpu.download(&s.packed.slice, what)?;
+        let packed = match &s.codes {
+            Nf4Codes::Device(b) => self.gpu.download(&b.slice, what)?,
+            Nf4Codes::Host { table, bytes, .. } => {
+                let mut packed: Vec<u8> =
+                    table.bits()?.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                packed.truncate(*bytes);
+                packed
+            }
+        };
         let absmax =
             match &s.absmax {
                 DeviceAbsmax::Plain(a) => Absmax::Plain(self.gpu.download(&a.slice, what)?),

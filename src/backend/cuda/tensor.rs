@@ -1,7 +1,7 @@
 //! Device tensors: row-major matrices in f32 (activations, adapters, optimizer state), bf16
-//! (frozen base matrices) or NF4 (frozen projection matrices for QLoRA), bf16 matrices kept in
-//! host memory (with the device copy a pass brought over), and integer vectors with a host copy
-//! for validation.
+//! (frozen base matrices) or NF4 (frozen projection matrices for QLoRA), bf16 matrices and NF4
+//! codes kept in host memory (with the device copies passes brought over), and integer vectors
+//! with a host copy for validation.
 
 use super::device::{driver_error, DeviceBuffer};
 use super::head_chunks::HeadChunks;
@@ -57,11 +57,9 @@ pub enum Storage {
         /// The output projection, which the loss reads a chunk of rows at a time: a pass brings
         /// it over in chunks (`chunks`) instead of whole.
         in_chunks: bool,
-        /// The device copies passes brought over (`Backend::bring_to_device`), one per thread
-        /// (a pass runs on one thread; a model's passes may run on several at once, recording
-        /// or not), each read by its thread's products until released. Without one, a product
-        /// copies the matrix for itself.
-        copies: Mutex<HashMap<ThreadId, Arrival<u16>>>,
+        /// The device copies passes brought over (`Backend::bring_to_device`); without one, a
+        /// product copies the matrix for itself.
+        copies: HostCopies,
         /// For `in_chunks`: the chunks a pass started bringing over, one queue per thread, taken
         /// by its loss.
         chunks: Mutex<HashMap<ThreadId, HeadChunks>>,
@@ -83,6 +81,11 @@ impl Storage {
         }
     }
 }
+
+/// The device copies of a table in host memory that passes brought over
+/// (`Backend::bring_to_device`), one per thread (a pass runs on one thread; a model's passes may
+/// run on several at once, recording or not), each read by its thread's products until released.
+pub type HostCopies = Mutex<HashMap<ThreadId, Arrival<u16>>>;
 
 /// A device buffer being written by a copy on another stream. Dropped before the compute stream
 /// waited for the copy, it is freed only after the copy: the compute stream waits first.
@@ -177,21 +180,37 @@ impl Drop for Offloaded {
 #[derive(Debug)]
 pub struct Nf4Storage {
     /// ⌈n/2⌉ bytes, value 2k in the high nibble of byte k.
-    pub packed: DeviceBuffer<u8>,
+    pub codes: Nf4Codes,
     pub absmax: DeviceAbsmax,
     /// Unique in the process: names these values in the dequantization scratch.
     pub id: u64,
 }
 
 impl Nf4Storage {
-    pub fn new(packed: DeviceBuffer<u8>, absmax: DeviceAbsmax) -> Self {
+    pub fn new(codes: Nf4Codes, absmax: DeviceAbsmax) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Nf4Storage {
-            packed,
+            codes,
             absmax,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
+}
+
+/// Where an NF4 matrix's packed codes lie: on the device, or in pinned host memory (a decoder
+/// layer kept there: its absmax values, ~3 % of its bytes, stay on the device), read by the
+/// dequantization from a device copy a pass brought over.
+#[derive(Debug)]
+pub enum Nf4Codes {
+    Device(DeviceBuffer<u8>),
+    Host {
+        /// The bytes in 16-bit words, in memory order (two bytes a word, the last one padded
+        /// with 0 for an odd count): a device copy of the words holds the bytes as they were.
+        table: HostTable,
+        /// The byte count.
+        bytes: usize,
+        copies: HostCopies,
+    },
 }
 
 /// The per-block absmax values of an [`Nf4Storage`].

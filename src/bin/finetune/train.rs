@@ -104,8 +104,8 @@ pub struct TrainArgs {
     /// step's loss (GPU only).
     #[arg(long)]
     pub lm_head_in_host: Option<bool>,
-    /// Decoder layers whose projection matrices stay in pinned host memory, each copied to the
-    /// device ahead of the layer (GPU, bf16 base weights only).
+    /// Decoder layers whose projection matrices (bf16, or NF4 codes) stay in pinned host
+    /// memory, each copied to the device ahead of the layer (GPU only).
     #[arg(long)]
     pub layers_in_host: Option<usize>,
 }
