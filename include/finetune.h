@@ -180,7 +180,7 @@ typedef struct ft_bench_params {
    */
   int32_t lm_head_in_host_memory;
   /**
-   * Decoder layers kept in pinned host memory (GPU, lora mode only), as
+   * Decoder layers kept in pinned host memory (GPU only), as
    * `ft_model_params.layers_in_host_memory`.
    */
   uint32_t layers_in_host_memory;

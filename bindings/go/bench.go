@@ -38,7 +38,7 @@ type BenchOptions struct {
 	// Keep the LM head in pinned host memory instead of device memory (GPU only), as
 	// ModelOptions.LmHeadInHost.
 	LmHeadInHost bool
-	// Decoder layers kept in pinned host memory (GPU, "lora" mode only), as
+	// Decoder layers kept in pinned host memory (GPU only), as
 	// ModelOptions.LayersInHost; 0 means none.
 	LayersInHost int
 	// Layers that keep their MLP's gate and up products, as TrainOptions.KeptMlpLayers.

@@ -394,11 +394,10 @@ func TestLmHeadInHostIsAcceptedOnTheCPU(t *testing.T) {
 	}
 }
 
-// The tiny shape's two layers leave none to keep in host memory (at most half of the first three
-// quarters): the library refuses any, quoting the count it read.
+// The tiny shape has two layers: the library refuses a third, quoting the count it read.
 func TestLayersInHostReachesTheLibrary(t *testing.T) {
 	_, err := RandomModel("tiny", 0, &ModelOptions{Device: "cpu", Threads: 1, LayersInHost: 3})
-	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "layers_in_host: 3 of 2 layers asked for") {
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "layers_in_host: 3 layers asked for; the model has 2") {
 		t.Fatalf("3 layers of 2: %v", err)
 	}
 	_, err = RandomModel("tiny", 0, &ModelOptions{Device: "cpu", LayersInHost: -1})
@@ -454,11 +453,16 @@ func TestBenchPassesTheOffloadOptions(t *testing.T) {
 			offload, lmHead, kept)
 	}
 	opts.KeptMlpLayers = 0
-	// None of the tiny shape's layers can stay in host memory: the library quotes the count it read.
+	// Both of the tiny shape's layers may stay in host memory (kept on the CPU as they are); a third
+	// is refused, quoting the count the library read.
 	opts.LayersInHost = 2
+	if _, _, layers, _ := flags(opts); layers != 2 {
+		t.Fatalf("2 layers of 2: layers_in_host %d", layers)
+	}
+	opts.LayersInHost = 3
 	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) ||
-		!strings.Contains(err.Error(), "layers_in_host: 2 of 2 layers asked for") {
-		t.Fatalf("2 layers of 2: %v", err)
+		!strings.Contains(err.Error(), "layers_in_host: 3 layers asked for; the model has 2") {
+		t.Fatalf("3 layers of 2: %v", err)
 	}
 	opts.LayersInHost = -1
 	if _, err := Bench(&opts); !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "LayersInHost -1") {

@@ -53,9 +53,9 @@ type ModelOptions struct {
 	// instead of device memory (GPU only; ignored on the CPU).
 	LmHeadInHost bool
 	// Decoder layers whose projection matrices stay in pinned host memory instead of device
-	// memory, each copied to the device ahead of the layer (bf16 base weights only: refused with
-	// QuantNF4; GPU only): spread evenly over the layers, at most (layers − 2)/2 of
-	// them (more is refused). 0 means none.
+	// memory, each copied to the device ahead of the layer (GPU only; bf16 matrices whole,
+	// QuantNF4 ones their codes): spread evenly over the layers, at most all of them (more is
+	// refused). Adjacent bf16 host layers make a pass wait on the bus. 0 means none.
 	LayersInHost int
 
 	// A data-parallel group spanning processes: WorldSize ranks in all (0 or 1: this process

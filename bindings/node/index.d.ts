@@ -61,9 +61,9 @@ export interface ModelOptions {
    * instead of device memory (GPU only; ignored on the CPU). Default false. */
   lmHeadInHost?: boolean;
   /** Decoder layers whose projection matrices stay in pinned host memory instead of device
-   * memory, each copied to the device ahead of the layer (bf16 base weights only: refused with
-   * "nf4"; GPU only): spread evenly over the layers, at most (layers − 2)/2 of them (more is
-   * refused). 0 or absent means none. */
+   * memory, each copied to the device ahead of the layer (GPU only; bf16 matrices whole, "nf4"
+   * ones their codes): spread evenly over the layers, at most all of them (more is refused).
+   * Adjacent bf16 host layers make a pass wait on the bus. 0 or absent means none. */
   layersInHost?: number;
 }
 
@@ -94,8 +94,8 @@ export interface BenchOptions {
   offloadActivations?: boolean;
   /** Keep the LM head in pinned host memory instead of device memory (GPU only; default false). */
   lmHeadInHost?: boolean;
-  /** Decoder layers kept in pinned host memory, as ModelOptions.layersInHost (GPU, "lora" mode
-   * only; default 0). */
+  /** Decoder layers kept in pinned host memory, as ModelOptions.layersInHost (GPU only;
+   * default 0). */
   layersInHost?: number;
   /** Layers that keep their MLP's gate and up products, as TrainOptions.keptMlpLayers (default 0). */
   keptMlpLayers?: number;

@@ -39,7 +39,7 @@ pub struct ft_bench_params {
     /// Non-zero: keep the LM head in pinned host memory (GPU only), as
     /// `ft_model_params.lm_head_in_host_memory`.
     pub lm_head_in_host_memory: i32,
-    /// Decoder layers kept in pinned host memory (GPU, lora mode only), as
+    /// Decoder layers kept in pinned host memory (GPU only), as
     /// `ft_model_params.layers_in_host_memory`.
     pub layers_in_host_memory: u32,
     /// Layers that keep their MLP's gate and up products, as

@@ -93,11 +93,13 @@ pub struct ft_model_params {
     /// whole for each product (a generated token then costs one copy of it over the bus).
     pub lm_head_in_host_memory: i32,
     /// Decoder layers whose projection matrices stay in pinned host memory instead of device
-    /// memory (bf16 base weights only, GPU only; 421 MiB each on Llama 3 8B): spread evenly
-    /// over the layers, at most (layers − 2)/2 of them. A training pass copies each
-    /// to the device ahead of the layer, beside the layers before it, holding one such copy at a
-    /// time; evaluation and generation bring them the same way (generation: each host layer
-    /// once a token). 0: none.
+    /// memory (GPU only; bf16 matrices whole, 421 MiB a layer on Llama 3 8B; NF4 ones their
+    /// codes, ~105 MiB): spread evenly over the layers, at most all of them. A training pass
+    /// copies each to the device ahead of the layer, beside the layers before it, holding one
+    /// such copy at a time (two where host layers are adjacent: the next comes over while one
+    /// runs); evaluation and generation bring them the same way (generation: each host layer
+    /// once a token). Adjacent bf16 host layers make a pass wait on the bus (a layer's copy takes
+    /// about as long as its forward); up to (layers − 2)/2 of them are never adjacent. 0: none.
     pub layers_in_host_memory: u32,
 }
 

@@ -30,8 +30,8 @@ namespace Finetune
         /// <summary>Keep the LM head in pinned host memory instead of device memory (GPU only;
         /// default false).</summary>
         public bool? LmHeadInHost;
-        /// <summary>Decoder layers kept in pinned host memory, as ModelOptions.LayersInHost (GPU,
-        /// "lora" mode only; default 0).</summary>
+        /// <summary>Decoder layers kept in pinned host memory, as ModelOptions.LayersInHost (GPU
+        /// only; default 0).</summary>
         public uint? LayersInHost;
         /// <summary>Layers that keep their MLP's gate and up products, as
         /// TrainOptions.KeptMlpLayers (default 0).</summary>

@@ -81,9 +81,10 @@ namespace Finetune
         /// memory instead of device memory (GPU only; ignored on the CPU).</summary>
         public bool LmHeadInHost;
         /// <summary>Decoder layers whose projection matrices stay in pinned host memory instead of
-        /// device memory, each copied to the device ahead of the layer (bf16 base weights only:
-        /// refused with Quantization.Nf4; GPU only): spread evenly over the layers, at
-        /// most (layers − 2)/2 of them (more is refused). 0 means none.</summary>
+        /// device memory, each copied to the device ahead of the layer (GPU only; bf16 matrices
+        /// whole, Quantization.Nf4 ones their codes): spread evenly over the layers, at most all
+        /// of them (more is refused). Adjacent bf16 host layers make a pass wait on the bus.
+        /// 0 means none.</summary>
         public uint LayersInHost;
     }
 

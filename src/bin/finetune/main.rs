@@ -67,7 +67,7 @@ enum Command {
         #[arg(long)]
         lm_head_in_host: bool,
         /// Decoder layers whose projection matrices stay in pinned host memory, each copied to
-        /// the device ahead of the layer (GPU, lora mode only).
+        /// the device ahead of the layer (GPU only; NF4 ones their codes).
         #[arg(long, default_value_t = 0)]
         layers_in_host: usize,
         /// lora (frozen weights in the device's own format) or qlora (frozen projection
