@@ -1076,6 +1076,23 @@ fn assert_moved_to_host(
     );
 }
 
+/// `[out, in]` of a decoder layer's q, k, v, o, gate, up and down projections.
+fn projection_shapes(shape: &finetune::model::config::ModelConfig) -> [(usize, usize); 7] {
+    let (h, d, i) = (shape.hidden_size, shape.head_dim, shape.intermediate_size);
+    let (q, kv) = (shape.num_heads * d, shape.num_kv_heads * d);
+    [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+}
+
+/// The bytes of a bf16 decoder layer's projection matrices, each laid out with PROJECTION_ROOM
+/// spare columns and rows (every width here a multiple of 8).
+fn bf16_host_layer_bytes(shape: &finetune::model::config::ModelConfig) -> usize {
+    let room = PROJECTION_ROOM;
+    projection_shapes(shape)
+        .iter()
+        .map(|(o, n)| 2 * (o + room) * (n + room))
+        .sum()
+}
+
 /// The LM head kept in host memory (`ModelParams::lm_head_in_host`), untied (Llama) and tied
 /// (Gemma, whose embedding table is the head): the device holds exactly its bytes less once
 /// loaded and never more at the peak, and training (with and without offload), evaluation,
@@ -1129,13 +1146,7 @@ fn layers_in_host_memory_change_no_number_and_free_their_bytes() {
             vocab_size: 4096,
             ..tensor_core_shape(family)
         };
-        let (h, d, i) = (shape.hidden_size, shape.head_dim, shape.intermediate_size);
-        let (q, kv) = (shape.num_heads * d, shape.num_kv_heads * d);
-        // [out, in] of q, k, v, o, gate, up and down, every width a multiple of 8.
-        let matrices = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
-        let room = PROJECTION_ROOM;
-        let layer_values: usize = matrices.iter().map(|(o, n)| (o + room) * (n + room)).sum();
-        let layer_bytes = 2 * layer_values;
+        let layer_bytes = bf16_host_layer_bytes(&shape);
         for (offload, lm_head_in_host) in [(false, false), (true, true)] {
             let params = |layers_in_host| ModelParams {
                 device: Device::Cuda(0),
@@ -1169,18 +1180,13 @@ fn adjacent_and_nf4_host_layers_change_no_number_and_free_their_bytes() {
         vocab_size: 4096,
         ..tensor_core_shape(Family::Llama)
     };
-    let (h, d, i) = (shape.hidden_size, shape.head_dim, shape.intermediate_size);
-    let (q, kv) = (shape.num_heads * d, shape.num_kv_heads * d);
-    let matrices = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
-    let room = PROJECTION_ROOM;
-    let bf16_layer: usize = matrices
-        .iter()
-        .map(|(o, n)| 2 * (o + room) * (n + room))
-        .sum();
     // Two 4-bit codes a byte.
-    let nf4_layer: usize = matrices.iter().map(|(o, n)| o * n / 2).sum();
+    let nf4_layer: usize = projection_shapes(&shape)
+        .iter()
+        .map(|(o, n)| o * n / 2)
+        .sum();
     for (quantization, layer_bytes) in [
-        (Quantization::None, bf16_layer),
+        (Quantization::None, bf16_host_layer_bytes(&shape)),
         (Quantization::Nf4, nf4_layer),
     ] {
         let params = |layers_in_host| ModelParams {
