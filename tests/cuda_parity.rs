@@ -1076,6 +1076,16 @@ fn assert_moved_to_host(
     );
 }
 
+/// A Llama of tensor-core widths with six layers and a 4,096-entry vocabulary: room for runs
+/// of host layers and a pass of several layers' copies.
+fn six_layer_llama() -> finetune::model::config::ModelConfig {
+    finetune::model::config::ModelConfig {
+        num_layers: 6,
+        vocab_size: 4096,
+        ..tensor_core_shape(Family::Llama)
+    }
+}
+
 /// `[out, in]` of a decoder layer's q, k, v, o, gate, up and down projections.
 fn projection_shapes(shape: &finetune::model::config::ModelConfig) -> [(usize, usize); 7] {
     let (h, d, i) = (shape.hidden_size, shape.head_dim, shape.intermediate_size);
@@ -1173,13 +1183,8 @@ fn adjacent_and_nf4_host_layers_change_no_number_and_free_their_bytes() {
         return;
     }
     use finetune::api::{Device, ModelParams};
-    use finetune::model::config::ModelConfig;
     use finetune::quant::Quantization;
-    let shape = ModelConfig {
-        num_layers: 6,
-        vocab_size: 4096,
-        ..tensor_core_shape(Family::Llama)
-    };
+    let shape = six_layer_llama();
     // Two 4-bit codes a byte.
     let nf4_layer: usize = projection_shapes(&shape)
         .iter()
@@ -1254,13 +1259,8 @@ fn the_timeline_holds_the_last_pass_in_order() {
     }
     use finetune::api::{Device, Model, ModelParams, Trainer};
     use finetune::lora::LoraConfig;
-    use finetune::model::config::ModelConfig;
     use finetune::train::trainer::TrainConfig;
-    let shape = ModelConfig {
-        num_layers: 6,
-        vocab_size: 4096,
-        ..tensor_core_shape(Family::Llama)
-    };
+    let shape = six_layer_llama();
     let path = std::env::temp_dir().join(format!("timeline-{}.csv", std::process::id()));
     // The tests run one at a time on a GPU (scripts/test_gpu.sh): no other backend sees it.
     std::env::set_var("FINETUNE_CUDA_TIMELINE", &path);
