@@ -253,14 +253,19 @@ extern "C" __global__ void gated_act_fwd_bf16(const void* g, int g_bf16, const v
 #undef GATED_FWD_G
 }
 
-// dg_i = dh_i·u_i·act'(g_i), du_i = dh_i·act(g_i).
-__device__ __forceinline__ float2 gated_grads(float dh, float g, float u, int act) {
+// dg_i = dh_i·u_i·act'(g_i), du_i = dh_i·act(g_i), and h_i = act(g_i)·u_i (gated_value's
+// product, from the same act(g_i)).
+struct GatedGrads {
+    float dg, du, h;
+};
+__device__ __forceinline__ GatedGrads gated_grads(float dh, float g, float u, int act) {
     float da;
     const float a = act_value_deriv(g, act, &da);
-    return make_float2(dh * u * da, dh * a);
+    return {dh * u * da, dh * a, u * a};
 }
+// h NULL: only dg and du are written.
 template <typename D, typename G, typename U, typename Out>
-__device__ void gated_act_bwd_impl(const D* dh, const G* g, const U* u, Out* dg, Out* du,
+__device__ void gated_act_bwd_impl(const D* dh, const G* g, const U* u, Out* dg, Out* du, Out* h,
                                    long long n, int act, long long cols, long long pitch) {
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
@@ -269,50 +274,53 @@ __device__ void gated_act_bwd_impl(const D* dh, const G* g, const U* u, Out* dg,
             const float4 gv = load4(g, q);
             const float4 uv = load4(u, q);
             const float4 dv = load4(dh, q);
-            const float2 x = gated_grads(dv.x, gv.x, uv.x, act);
-            const float2 y = gated_grads(dv.y, gv.y, uv.y, act);
-            const float2 z = gated_grads(dv.z, gv.z, uv.z, act);
-            const float2 w = gated_grads(dv.w, gv.w, uv.w, act);
-            store4(dg + o, x.x, y.x, z.x, w.x);
-            store4(du + o, x.y, y.y, z.y, w.y);
+            const GatedGrads x = gated_grads(dv.x, gv.x, uv.x, act);
+            const GatedGrads y = gated_grads(dv.y, gv.y, uv.y, act);
+            const GatedGrads z = gated_grads(dv.z, gv.z, uv.z, act);
+            const GatedGrads w = gated_grads(dv.w, gv.w, uv.w, act);
+            store4(dg + o, x.dg, y.dg, z.dg, w.dg);
+            store4(du + o, x.du, y.du, z.du, w.du);
+            if (h) store4(h + o, x.h, y.h, z.h, w.h);
         } else {
             for (long long i = i0; i < n; ++i) {
-                const float2 d = gated_grads(load(dh, i), load(g, i), load(u, i), act);
+                const GatedGrads d = gated_grads(load(dh, i), load(g, i), load(u, i), act);
                 const long long o = pitched(i, cols, pitch);
-                store(dg + o, d.x);
-                store(du + o, d.y);
+                store(dg + o, d.dg);
+                store(du + o, d.du);
+                if (h) store(h + o, d.h);
             }
         }
     }
 }
 extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const float* u,
                                          float* dg, float* du, long long n, int act) {
-    gated_act_bwd_impl(dh, g, u, dg, du, n, act, n, n);
+    gated_act_bwd_impl(dh, g, u, dg, du, static_cast<float*>(nullptr), n, act, n, n);
 }
 template <typename D, typename G>
 __device__ void gated_act_bwd_typed(const D* dh, const G* g, const void* u, int u_bf16,
-                                    bf16_t* dg, bf16_t* du, long long n, int act, int cols,
-                                    long long pitch) {
-#define GATED_BWD(up) gated_act_bwd_impl(dh, g, up, dg, du, n, act, cols, pitch)
+                                    bf16_t* dg, bf16_t* du, bf16_t* h, long long n, int act,
+                                    int cols, long long pitch) {
+#define GATED_BWD(up) gated_act_bwd_impl(dh, g, up, dg, du, h, n, act, cols, pitch)
     AS_BF16_OR_F32(u_bf16, u, GATED_BWD);
 #undef GATED_BWD
 }
 template <typename D>
 __device__ void gated_act_bwd_typed(const D* dh, const void* g, int g_bf16, const void* u,
-                                    int u_bf16, bf16_t* dg, bf16_t* du, long long n, int act,
-                                    int cols, long long pitch) {
-#define GATED_BWD_G(gate) gated_act_bwd_typed(dh, gate, u, u_bf16, dg, du, n, act, cols, pitch)
+                                    int u_bf16, bf16_t* dg, bf16_t* du, bf16_t* h, long long n,
+                                    int act, int cols, long long pitch) {
+#define GATED_BWD_G(gate) \
+    gated_act_bwd_typed(dh, gate, u, u_bf16, dg, du, h, n, act, cols, pitch)
     AS_BF16_OR_F32(g_bf16, g, GATED_BWD_G);
 #undef GATED_BWD_G
 }
-// dh, g and u each bf16 when its flag is set (else f32); dg, du bf16 product inputs, rows
-// `pitch` apart.
+// dh, g and u each bf16 when its flag is set (else f32); dg, du (and h = act(g)·u unless h is
+// NULL) bf16 product inputs, rows `pitch` apart.
 extern "C" __global__ void gated_act_bwd_bf16(const void* dh, int dh_bf16, const void* g,
                                               int g_bf16, const void* u, int u_bf16, bf16_t* dg,
-                                              bf16_t* du, long long n, int act, int cols,
-                                              long long pitch) {
+                                              bf16_t* du, bf16_t* h, long long n, int act,
+                                              int cols, long long pitch) {
 #define GATED_BWD_D(grad) \
-    gated_act_bwd_typed(grad, g, g_bf16, u, u_bf16, dg, du, n, act, cols, pitch)
+    gated_act_bwd_typed(grad, g, g_bf16, u, u_bf16, dg, du, h, n, act, cols, pitch)
     AS_BF16_OR_F32(dh_bf16, dh, GATED_BWD_D);
 #undef GATED_BWD_D
 }

@@ -190,15 +190,16 @@ fn pointwise_ops_match_cpu() {
         // bf16's half unit, 2⁻⁹ relative; f32 ulps can tip a rounding either way).
         p.g.set_f32_products(F32Products::Tf32);
         let rh = p.g.gated_activation_for_products(&gg, &ug, act, 0).unwrap();
-        let (rdg, rdu) =
-            p.g.gated_activation_backward_for_products(&dg_, &gg, &ug, act, 0)
+        let (rdg, rdu, rbh) =
+            p.g.gated_activation_backward_for_products(&dg_, &gg, &ug, act, 0, true)
                 .unwrap();
-        let rounded = [rh, rdg, rdu];
+        let rounded = [rh, rdg, rdu, rbh.expect("asked for")];
         p.g.set_f32_products(F32Products::Exact);
         for (what, g, c) in [
             ("forward", &rounded[0], &hc),
             ("dg", &rounded[1], &c),
             ("du", &rounded[2], &d),
+            ("forward from the backward", &rounded[3], &hc),
         ] {
             let values = p.g.download(g).unwrap();
             assert_eq!(values, bf16_round(&values), "{act:?} {what}: not bf16");

@@ -597,10 +597,25 @@ fn gated_kernels_keep_the_room(g: &CudaBackend, rng: &mut Rng) {
         .unwrap();
     assert_eq!(g.download(&dense).unwrap(), g.download(&roomy).unwrap());
     // The backward of (dh, gate, up) written with `room`, and two such results compared bit for
-    // bit (dg and du).
+    // bit (dg and du). The activation it also writes is the forward's, bit for bit; without it
+    // the gradients are the same.
     let backward = |dh, gate, up, room| {
-        g.gated_activation_backward_for_products(dh, gate, up, act, room)
-            .unwrap()
+        let (dg, du, h) = g
+            .gated_activation_backward_for_products(dh, gate, up, act, room, true)
+            .unwrap();
+        let forward = g
+            .gated_activation_for_products(gate, up, act, room)
+            .unwrap();
+        let h = h.expect("asked for");
+        assert_eq!(h.pitch(), forward.pitch());
+        assert_eq!(g.download(&h).unwrap(), g.download(&forward).unwrap());
+        let (dg_alone, du_alone, none) = g
+            .gated_activation_backward_for_products(dh, gate, up, act, room, false)
+            .unwrap();
+        assert!(none.is_none());
+        assert_eq!(g.download(&dg).unwrap(), g.download(&dg_alone).unwrap());
+        assert_eq!(g.download(&du).unwrap(), g.download(&du_alone).unwrap());
+        (dg, du)
     };
     let same = |a: &(CudaTensor, CudaTensor), b: &(CudaTensor, CudaTensor), what: &str| {
         assert_eq!(

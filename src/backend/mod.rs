@@ -758,7 +758,11 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Self::Tensor> {
         self.product_input(self.gated_activation(g, u, act)?, room)
     }
-    /// [`Backend::gated_activation_backward`] with both gradients as product inputs.
+    /// [`Backend::gated_activation_backward`] with both gradients as product inputs; with
+    /// `value`, also `h = act(g)·u` as [`Backend::gated_activation_for_products`] gives it
+    /// (with `room`), which a backend may write in the pass that reads `g` and `u` for the
+    /// gradients (the MLP's backward reads h only after dh exists).
+    #[allow(clippy::type_complexity)]
     fn gated_activation_backward_for_products(
         &self,
         dh: &Self::Tensor,
@@ -766,9 +770,17 @@ pub trait Backend: Send + Sync + 'static {
         u: &Self::Tensor,
         act: Activation,
         room: usize,
-    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        value: bool,
+    ) -> Result<(Self::Tensor, Self::Tensor, Option<Self::Tensor>)> {
         let (dg, du) = self.gated_activation_backward(dh, g, u, act)?;
-        Ok((self.product_input(dg, room)?, self.product_input(du, room)?))
+        let h = value
+            .then(|| self.gated_activation_for_products(g, u, act, room))
+            .transpose()?;
+        Ok((
+            self.product_input(dg, room)?,
+            self.product_input(du, room)?,
+            h,
+        ))
     }
 
     /// Inverted dropout with a counter-based mask: element i is kept when

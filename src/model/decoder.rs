@@ -197,6 +197,14 @@ struct LayerCache<B: Backend> {
     mlp: Vec<MlpChunk<B>>,
 }
 
+/// What the adapter's gradients need of a projection's dy once its input gradient is queued
+/// ([`Decoder::project_input_gradient`]): dy rounded as the products read it (`None`: dy
+/// itself) and `dxa = s·dy·B`.
+struct AdapterBackward<B: Backend> {
+    rounded_dy: Option<B::Tensor>,
+    dxa: B::Tensor,
+}
+
 /// What the forward pass keeps of one MLP chunk: the adapter inputs `dropout(·)·Aᵀ` of gate, up
 /// and down, and the products `g = Pgate(h)`, `u = Pup(h)` unless the backward recomputes them.
 struct MlpChunk<B: Backend> {
@@ -488,9 +496,8 @@ impl<B: Backend> Decoder<B> {
 
     /// Backward of [`Decoder::project`]: returns dx, added into `acc` when given (the inputs
     /// shared by several projections), and adds into the pair's gradients `dB += s·dyᵀ·xa`,
-    /// `dA += (s·dy·B)ᵀ·dropout(x)`. As in the forward, the base product comes last and
-    /// accumulates onto the adapter's share of dx (or runs as one product with it:
-    /// [`Backend::adapted_product_backward`]).
+    /// `dA += (s·dy·B)ᵀ·dropout(x)`: [`Self::project_input_gradient`], then
+    /// [`Self::add_adapter_gradients`].
     #[allow(clippy::too_many_arguments)]
     fn project_backward(
         &self,
@@ -504,51 +511,94 @@ impl<B: Backend> Decoder<B> {
         acc: Option<B::Tensor>,
         chunk: usize,
     ) -> Result<B::Tensor> {
+        let (dx, pending) = self.project_input_gradient(layer, m, dy, ad, grads, acc, chunk)?;
+        if let Some(pending) = pending {
+            self.add_adapter_gradients(layer, m, dy, pending, x, xa, ad, grads, chunk)?;
+        }
+        Ok(dx)
+    }
+
+    /// The input gradient of [`Decoder::project`]: dx (added into `acc` when given) and, when
+    /// `m` is adapted, what its adapter's gradients need of dy. As in the forward, the base
+    /// product comes last and accumulates onto the adapter's share of dx (or runs as one
+    /// product with it: [`Backend::adapted_product_backward`]). Reads nothing of the
+    /// projection's input: the MLP's backward forms down's input afterwards.
+    #[allow(clippy::too_many_arguments)]
+    fn project_input_gradient(
+        &self,
+        layer: usize,
+        m: TargetModule,
+        dy: &B::Tensor,
+        ad: &Adapters<B>,
+        grads: &LoraTensors<B>,
+        acc: Option<B::Tensor>,
+        chunk: usize,
+    ) -> Result<(B::Tensor, Option<AdapterBackward<B>>)> {
         let be = &self.backend;
         let w = &self.weights.layers[layer].proj[m as usize];
-        let (Some(xa), Some(pair), Some(rounded), Some(grad)) = (
-            xa,
+        let (Some(pair), Some(rounded), Some(_)) = (
             ad.tensors.get(layer, m),
             ad.product_pair(layer, m),
-            grads.get_mut(layer, m),
+            grads.get(layer, m),
         ) else {
-            return product_into(be, acc, dy, w);
+            return Ok((product_into(be, acc, dy, w)?, None));
         };
-        let s = ad.cfg.scale();
         // dy rounded once, as the base product would round it, for all three products reading it.
         let rounded_dy = be.rounded_product_input(dy, Self::room(Some(ad)))?;
-        let dy = rounded_dy.as_ref().unwrap_or(dy);
-        be.matmul(dy, true, xa, false, s, &mut grad.b, true)?;
-        let dxa = be.product(dy, false, &rounded.b, false, s)?;
+        let dyr = rounded_dy.as_ref().unwrap_or(dy);
+        let dxa = be.product(dyr, false, &rounded.b, false, ad.cfg.scale())?;
+        let dx = match Self::dropout_seed(ad, layer, m, chunk) {
+            None => {
+                // dL/dm, the input gradient of down, is read only by the gated activation's
+                // backward.
+                let out = match m {
+                    TargetModule::Down => ProductOutput::GatedActivation,
+                    _ => ProductOutput::Sums,
+                };
+                be.adapted_product_backward(dyr, w, &dxa, &pair.a, acc, out)?
+            }
+            Some(seed) => {
+                // d dropout(x) = dropout(dxa·A): masked and scaled as the forward was.
+                let dxin = be.product(&dxa, false, &pair.a, false, 1.0)?;
+                let mut dx = be.dropout(&dxin, ad.cfg.dropout, seed)?;
+                drop(dxin);
+                if let Some(acc) = acc {
+                    be.add_assign(&mut dx, &acc)?;
+                }
+                be.matmul(dyr, false, w, false, 1.0, &mut dx, true)?;
+                dx
+            }
+        };
+        Ok((dx, Some(AdapterBackward { rounded_dy, dxa })))
+    }
+
+    /// The adapter's gradients of [`Decoder::project`] from what
+    /// [`Self::project_input_gradient`] left: `dB += s·dyᵀ·xa`, `dA += dxaᵀ·dropout(x)`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_adapter_gradients(
+        &self,
+        layer: usize,
+        m: TargetModule,
+        dy: &B::Tensor,
+        pending: AdapterBackward<B>,
+        x: &B::Tensor,
+        xa: Option<&B::Tensor>,
+        ad: &Adapters<B>,
+        grads: &mut LoraTensors<B>,
+        chunk: usize,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let missing = |what: &str| {
+            Error::InvalidArgument(format!("layer {layer} {m:?}: adapted, but no {what}"))
+        };
+        let xa = xa.ok_or_else(|| missing("adapter input"))?;
+        let grad = grads.get_mut(layer, m).ok_or_else(|| missing("gradient"))?;
+        let dy = pending.rounded_dy.as_ref().unwrap_or(dy);
+        be.matmul(dy, true, xa, false, ad.cfg.scale(), &mut grad.b, true)?;
         let seed = Self::dropout_seed(ad, layer, m, chunk);
         let dropped = self.dropped_out(x, seed, ad.cfg.dropout)?;
-        be.matmul(
-            &dxa,
-            true,
-            dropped.as_ref().unwrap_or(x),
-            false,
-            1.0,
-            &mut grad.a,
-            true,
-        )?;
-        drop(dropped);
-        let Some(seed) = seed else {
-            // dL/dm, the input gradient of down, is read only by the gated activation's backward.
-            let out = match m {
-                TargetModule::Down => ProductOutput::GatedActivation,
-                _ => ProductOutput::Sums,
-            };
-            return be.adapted_product_backward(dy, w, &dxa, &pair.a, acc, out);
-        };
-        // d dropout(x) = dropout(dxa·A): masked and scaled as the forward was.
-        let dxin = be.product(&dxa, false, &pair.a, false, 1.0)?;
-        let mut dx = be.dropout(&dxin, ad.cfg.dropout, seed)?;
-        drop(dxin);
-        if let Some(acc) = acc {
-            be.add_assign(&mut dx, &acc)?;
-        }
-        be.matmul(dy, false, w, false, 1.0, &mut dx, true)?;
-        Ok(dx)
+        let x = dropped.as_ref().unwrap_or(x);
+        be.matmul(&pending.dxa, true, x, false, 1.0, &mut grad.a, true)
     }
 
     /// Per-head RMSNorm of q or k (qwen3): rows of `head_dim` values.
@@ -907,14 +957,17 @@ impl<B: Backend> Decoder<B> {
             ),
             None => self.gate_up(layer, h, Some(ad), c, [xg, xu])?,
         };
-        let room = Self::room(Some(ad));
-        let m = be.gated_activation_for_products(&g, &u, self.cfg.activation, room)?;
-        let xd = self.adapter_input(layer, Down, &m, Some(ad), c, xd)?;
-        let dm = self.project_backward(layer, Down, dy, &m, xd.as_ref(), ad, grads, None, c)?;
-        drop(m);
-        let act = self.cfg.activation;
-        let (dg, du) = be.gated_activation_backward_for_products(&dm, &g, &u, act, room)?;
+        // Down's input m = act(g)·u is read only by its adapter's gradients, which come after
+        // dm: the gated activation's backward writes m as it reads g and u.
+        let (dm, pending) = self.project_input_gradient(layer, Down, dy, ad, grads, None, c)?;
+        let (act, room) = (self.cfg.activation, Self::room(Some(ad)));
+        let (dg, du, m) =
+            be.gated_activation_backward_for_products(&dm, &g, &u, act, room, pending.is_some())?;
         drop((g, u, dm));
+        if let (Some(pending), Some(m)) = (pending, m) {
+            let xd = self.adapter_input(layer, Down, &m, Some(ad), c, xd)?;
+            self.add_adapter_gradients(layer, Down, dy, pending, &m, xd.as_ref(), ad, grads, c)?;
+        }
         let dh = self.project_backward(layer, Gate, &dg, h, xg.as_ref(), ad, grads, None, c)?;
         self.project_backward(layer, Up, &du, h, xu.as_ref(), ad, grads, Some(dh), c)
     }

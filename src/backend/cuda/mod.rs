@@ -738,7 +738,9 @@ impl CudaBackend {
     }
 
     /// `gated_activation_backward`, both gradients written as bf16 product inputs with `room`
-    /// when `rounded`.
+    /// when `rounded`; with `value`, also `h = act(g)·u` as `gated_activation_as` writes it
+    /// (rounded: by the same kernel, in the pass that reads `g` and `u`).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn gated_activation_backward_as(
         &self,
         dh: &CudaTensor,
@@ -747,22 +749,33 @@ impl CudaBackend {
         act: Activation,
         rounded: bool,
         room: usize,
-    ) -> Result<(CudaTensor, CudaTensor)> {
+        value: bool,
+    ) -> Result<(CudaTensor, CudaTensor, Option<CudaTensor>)> {
         same_shape(g, u, "gated_activation_backward")?;
         same_shape(g, dh, "gated_activation_backward")?;
         let dg = self.rounded_output(g, rounded, room, "MLP gradient")?;
         let du = self.rounded_output(g, rounded, room, "MLP gradient")?;
         let what = "gated_activation_backward";
         let outs = [Arg::Ptr(self.rows_ptr(&dg)?), Arg::Ptr(self.rows_ptr(&du)?)];
-        let (n, act) = (count(g.elements()), Arg::I32(activation_code(act)));
+        let (n, code) = (count(g.elements()), Arg::I32(activation_code(act)));
         if !rounded {
             let [dg_arg, du_arg] = outs;
             let ins = [dh, g, u].map(|t| self.f32_arg(t, what));
             let [dh_arg, g_arg, u_arg] = ins;
-            let args = [dh_arg?, g_arg?, u_arg?, dg_arg, du_arg, n, act];
+            let args = [dh_arg?, g_arg?, u_arg?, dg_arg, du_arg, n, code];
             self.elementwise_grouped("gated_act_bwd", g.elements(), 4, &args)?;
-            return Ok((dg, du));
+            let h = value
+                .then(|| self.gated_activation_as(g, u, act, false, 0))
+                .transpose()?;
+            return Ok((dg, du, h));
         }
+        let h = value
+            .then(|| self.rounded_output(g, true, room, "MLP activation"))
+            .transpose()?;
+        let h_arg = Arg::Ptr(match &h {
+            Some(h) => self.rows_ptr(h)?,
+            None => 0,
+        });
         let [dh_arg, dh_bf16] = self.flagged_input(dh, what)?;
         let [g_arg, g_bf16] = self.flagged_input(g, what)?;
         let [u_arg, u_bf16] = self.flagged_input(u, what)?;
@@ -776,13 +789,14 @@ impl CudaBackend {
             u_bf16,
             dg_arg,
             du_arg,
+            h_arg,
             n,
-            act,
+            code,
             dim(dg.cols),
             count(dg.pitch()),
         ];
         self.elementwise_grouped("gated_act_bwd_bf16", g.elements(), 4, &args)?;
-        Ok((dg, du))
+        Ok((dg, du, h))
     }
 
     /// An uninitialised bf16 tensor.
@@ -2141,7 +2155,8 @@ impl Backend for CudaBackend {
         u: &CudaTensor,
         act: Activation,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        self.gated_activation_backward_as(dh, g, u, act, false, 0)
+        let (dg, du, _) = self.gated_activation_backward_as(dh, g, u, act, false, 0, false)?;
+        Ok((dg, du))
     }
 
     fn gated_activation_for_products(
@@ -2161,9 +2176,10 @@ impl Backend for CudaBackend {
         u: &CudaTensor,
         act: Activation,
         room: usize,
-    ) -> Result<(CudaTensor, CudaTensor)> {
+        value: bool,
+    ) -> Result<(CudaTensor, CudaTensor, Option<CudaTensor>)> {
         let rounded = self.rounds_product_inputs();
-        self.gated_activation_backward_as(dh, g, u, act, rounded, room)
+        self.gated_activation_backward_as(dh, g, u, act, rounded, room, value)
     }
 
     fn dropout(&self, x: &CudaTensor, p: f32, seed: u64) -> Result<CudaTensor> {
