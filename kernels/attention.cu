@@ -344,12 +344,15 @@ __device__ __noinline__ void attn_fwd_impl(float* smem, const float* __restrict_
 // tensor-core backward, which forms dP = dO·Vᵀ from bf16-rounded dO) dO is rounded to bf16 first
 // and written there for those kernels, so that D uses the same rounded dO and dP − D then cancels
 // as it should (D = Σ_j P_ij·dP_ij up to the rounding of P), instead of leaving the dO rounding
-// error, O(2^-9·|dO|·|O|), in every dS.
+// error, O(2^-9·|dO|·|O|), in every dS. dO itself may come in bf16 (`d_out_is_bf16`: a product's
+// output stored rounded for this backward): the tensor-core kernels then read it as it is, and
+// for the CUDA-core ones it is widened into `d_out_f32` (null otherwise).
 // Launch: grid ceil(rows·heads/8), block 256: one warp per (t, h).
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void attention_bwd_delta(const void* __restrict__ out, int out_pitch,
-                                               int out_bf16, const float* __restrict__ d_out,
-                                               bf16_t* __restrict__ d_out_bf16,
+                                               int out_bf16, const void* __restrict__ d_out,
+                                               int d_out_is_bf16, bf16_t* __restrict__ d_out_bf16,
+                                               float* __restrict__ d_out_f32,
                                                float* __restrict__ delta, int rows, int heads,
                                                int head_dim) {
     const long long pair = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -361,12 +364,14 @@ extern "C" __global__ void attention_bwd_delta(const void* __restrict__ out, int
     const long long out_base = t * (long long)out_pitch + (long long)h * head_dim;
     float acc = 0.0f;
     for (int d = lane; d < head_dim; d += 32) {
-        float g = d_out[base + d];
+        float g = d_out_is_bf16 ? bf16_to_f32(static_cast<const bf16_t*>(d_out)[base + d])
+                                : static_cast<const float*>(d_out)[base + d];
         if (d_out_bf16) {
             const bf16_t rounded = f32_to_bf16(g);
             d_out_bf16[base + d] = rounded;
             g = bf16_to_f32(rounded);
         }
+        if (d_out_f32) d_out_f32[base + d] = g;
         const float o = out_bf16 ? bf16_to_f32(static_cast<const bf16_t*>(out)[out_base + d])
                                  : static_cast<const float*>(out)[out_base + d];
         acc = fmaf(g, o, acc);

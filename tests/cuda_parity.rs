@@ -622,6 +622,26 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
             "{name}: {what} from ready inputs"
         );
     }
+    // dO stored in bf16 (o's input gradient as its product stores it for this backward,
+    // `ProductOutput::Rounded`; widened for the CUDA-core kernels): the same bits as an f32 dO
+    // holding the same values.
+    let do_values = bf16_round(&dov);
+    let do_cols = s.num_heads * s.head_dim;
+    let do16 = p.g.upload_frozen(&do_values, tokens, do_cols).unwrap();
+    assert_eq!(do16.dtype(), Dtype::Bf16);
+    let (do32, _) = p.up(&do_values, tokens, do_cols);
+    let grads = |d_out| {
+        p.g.attention_backward(&qr, &kr, &vr, dup(&or), &lr, d_out, &sg, s)
+            .unwrap()
+    };
+    let (from16, from32) = (grads(do16), grads(do32));
+    for (what, a, b) in [
+        ("dq", &from16.0, &from32.0),
+        ("dk", &from16.1, &from32.1),
+        ("dv", &from16.2, &from32.2),
+    ] {
+        assert_eq!(bits(a), bits(b), "{name}: {what} from a bf16 dO");
+    }
 }
 
 #[test]

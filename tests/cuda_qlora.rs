@@ -34,7 +34,7 @@ use finetune::backend::cuda::{
     CudaBackend, CudaTensor, DEQUANTIZED_SLOTS, MAX_FOLDED_RANK, PROJECTION_ROOM,
 };
 use finetune::backend::Backend;
-use finetune::backend::ProductOutput::{GatedActivation, Sums};
+use finetune::backend::ProductOutput::{Rounded, Sums};
 use finetune::error::Error;
 use finetune::model::presets::preset;
 use finetune::model::weights::{tensor_specs, Slot};
@@ -495,9 +495,7 @@ fn check_folded_products(
             );
             // For a gated activation: the folded product's output stored in bf16 (within its
             // rounding, 2⁻⁹ of each value), the two products' in f32 as before.
-            let y = g
-                .adapted_product(input, w, &xag, &bg, s, GatedActivation)
-                .unwrap();
+            let y = g.adapted_product(input, w, &xag, &bg, s, Rounded).unwrap();
             let (dtype, tol16) = if folded {
                 (Dtype::Bf16, 3e-3)
             } else {
@@ -530,6 +528,27 @@ fn check_folded_products(
             );
             assert_eq!(got[..rows.start], held[..rows.start], "rows before");
             assert_eq!(got[rows.end..], held[rows.end..], "rows after");
+            // Added to a residual (the product's epilogue reads it where folded), which stays.
+            let residual = &held[..m * out];
+            let plus = g.upload(residual, m, out).unwrap();
+            let y = g
+                .adapted_product_plus(input, w, &xag, &bg, s, &plus)
+                .unwrap();
+            let want: Vec<f32> = residual.iter().zip(&expected).map(|(h, y)| h + y).collect();
+            let e = rel_err(&g.download(&y).unwrap(), &want);
+            assert!(
+                e < tol,
+                "{kind}, rank {r}, {what}: plus a residual, relative error {e}"
+            );
+            assert_eq!(g.download(&plus).unwrap(), residual, "the residual");
+            let wrong = g.upload(&held[..(m + 1) * out], m + 1, out).unwrap();
+            let err = g
+                .adapted_product_plus(input, w, &xag, &bg, s, &wrong)
+                .unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("[{}, {out}]", m + 1)),
+                "{err}"
+            );
             // The same matrix dense in between: the scratch must not mix the layouts up.
             let mut dense = g.zeros(m, out).unwrap();
             g.matmul(&xg, false, w, true, 1.0, &mut dense, false)
@@ -557,12 +576,12 @@ fn check_folded_products(
                     false => sum_of(&parts),
                 };
                 // Stored in bf16 for a gated activation when folded with no accumulator.
-                for out in [Sums, GatedActivation] {
+                for out in [Sums, Rounded] {
                     let acc_g = with_acc.then(|| g.upload(&acc, m, inp).unwrap());
                     let dx = g
                         .adapted_product_backward(input, w, &dxag, &ag, acc_g, out)
                         .unwrap();
-                    let rounded = folded && !with_acc && out == GatedActivation;
+                    let rounded = folded && !with_acc && out == Rounded;
                     let (dtype, tol) = match rounded {
                         true => (Dtype::Bf16, 3e-3),
                         false => (Dtype::F32, tol),

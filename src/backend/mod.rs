@@ -209,10 +209,12 @@ pub enum PassPoint {
 pub enum ProductOutput {
     /// f32 arithmetic that keeps it (residual sums, norms, attention): f32 values.
     Sums,
-    /// Only the gated activation (or its backward), which reads each value once and rounds its
-    /// own outputs for the next product: a backend that rounds product inputs to bf16 may store
-    /// the output rounded to bf16 too (half the bytes written and read again).
-    GatedActivation,
+    /// Only kernels that read each value once and would round it to bf16 themselves: the gated
+    /// activation (or its backward), which rounds its own outputs for the next product, and
+    /// the attention's backward (its dO), whose tensor-core products read dO in bf16. A
+    /// backend that rounds product inputs to bf16 may store the output rounded to bf16 (half
+    /// the bytes written and read again).
+    Rounded,
 }
 
 /// [`Backend::adapted_product`] as two products: `y = s·xa·Bᵀ`, then `y += x·Wᵀ`.
@@ -226,6 +228,21 @@ pub fn adapted_product_in_two<B: Backend + ?Sized>(
 ) -> Result<B::Tensor> {
     let mut y = be.product(xa, false, b, true, s)?;
     be.matmul(x, false, w, true, 1.0, &mut y, true)?;
+    Ok(y)
+}
+
+/// [`Backend::adapted_product_plus`] as the adapted product, then `+= plus`.
+pub fn adapted_product_plus_in_two<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Tensor,
+    w: &B::Tensor,
+    xa: &B::Tensor,
+    b: &B::Tensor,
+    s: f32,
+    plus: &B::Tensor,
+) -> Result<B::Tensor> {
+    let mut y = be.adapted_product(x, w, xa, b, s, ProductOutput::Sums)?;
+    be.add_assign(&mut y, plus)?;
     Ok(y)
 }
 
@@ -487,6 +504,21 @@ pub trait Backend: Send + Sync + 'static {
         let _ = out;
         adapted_product_in_two(self, x, w, xa, b, s)
     }
+    /// `plus + x·Wᵀ + s·xa·Bᵀ` in f32 ([`Backend::adapted_product`] added to `plus`, same
+    /// shape, left as it is): a residual sum. A backend may have the product's own epilogue
+    /// read `plus`, with no pass of its own over the sum.
+    #[allow(clippy::too_many_arguments)]
+    fn adapted_product_plus(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        xa: &Self::Tensor,
+        b: &Self::Tensor,
+        s: f32,
+        plus: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        adapted_product_plus_in_two(self, x, w, xa, b, s, plus)
+    }
     /// The input gradient of [`Backend::adapted_product`] without dropout: `dx = dy·W + dxa·A`
     /// with `dxa = s·dy·B` (`[rows, r]`, computed by the caller, which also needs it for A's
     /// gradient) and `a = A: [r, in]`, added into `acc` when given. The adapter's share first,
@@ -693,7 +725,8 @@ pub trait Backend: Send + Sync + 'static {
         shape: AttentionShape,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Gradients `(dq, dk, dv)` of [`Backend::attention`]; `out` is its output or the
-    /// [`Backend::product_input`] made of it. `out` and `d_out` are consumed: a
+    /// [`Backend::product_input`] made of it, `d_out` may be a product's output stored for it
+    /// ([`ProductOutput::Rounded`]). `out` and `d_out` are consumed: a
     /// backend frees them as soon as it has what it needs of them (the CUDA backend: before
     /// the gradients exist, which at long sequences lowers the step's peak by two activations).
     #[allow(clippy::too_many_arguments)]
@@ -748,7 +781,7 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Backend::gated_activation`] as a product input ([`Backend::product_input`], with
     /// `room`); a backend that rounds product inputs may write the rounded values directly.
     /// Here and in the backward, `g`, `u` (and `dh`) may be outputs of adapted products made for
-    /// them ([`ProductOutput::GatedActivation`]).
+    /// them ([`ProductOutput::Rounded`]).
     fn gated_activation_for_products(
         &self,
         g: &Self::Tensor,

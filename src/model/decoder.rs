@@ -550,9 +550,9 @@ impl<B: Backend> Decoder<B> {
         let dx = match Self::dropout_seed(ad, layer, m, chunk) {
             None => {
                 // dL/dm, the input gradient of down, is read only by the gated activation's
-                // backward.
+                // backward, dL/d(attn), o's, only by the attention's backward (as its dO).
                 let out = match m {
-                    TargetModule::Down => ProductOutput::GatedActivation,
+                    TargetModule::Down | TargetModule::O => ProductOutput::Rounded,
                     _ => ProductOutput::Sums,
                 };
                 be.adapted_product_backward(dyr, w, &dxa, &pair.a, acc, out)?
@@ -807,18 +807,21 @@ impl<B: Backend> Decoder<B> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
-        let (o, xo) = self.project(
-            layer,
-            TargetModule::O,
-            attn,
-            ad,
-            0,
-            kept,
-            ProductOutput::Sums,
-        )?;
-        // x1 = x + o, written over o's values (no copy of x).
-        let mut x1 = o;
-        be.add_assign(&mut x1, x)?;
+        // x1 = x + o: made by o's product where the backend can (its epilogue reads x),
+        // else written over o's values (no copy of x).
+        let o = TargetModule::O;
+        let xo = self.adapter_input(layer, o, attn, ad, 0, kept)?;
+        let x1 = match (&xo, Self::adapted(ad, layer, o)) {
+            (Some(xa), Some((ad, pair))) if lw.bias[o as usize].is_none() => {
+                let w = &lw.proj[o as usize];
+                be.adapted_product_plus(attn, w, xa, &pair.b, ad.cfg.scale(), x)?
+            }
+            _ => {
+                let mut o = self.projected(layer, o, attn, ad, xo.as_ref(), ProductOutput::Sums)?;
+                be.add_assign(&mut o, x)?;
+                o
+            }
+        };
         let (eps, offset) = (cfg.rms_norm_eps, cfg.norm_unit_offset);
         let (h2, r2) = be.rmsnorm_for_products(&x1, &lw.mlp_norm, eps, offset, Self::room(ad))?;
         Ok(ResidualHalf { xo, x1, h2, r2 })
@@ -856,7 +859,7 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<((B::Tensor, B::Tensor), [Option<B::Tensor>; 2])> {
         let [kg, ku] = kept;
         // Read only by the gated activation and its backward.
-        let out = ProductOutput::GatedActivation;
+        let out = ProductOutput::Rounded;
         let (g, xg) = self.project(layer, TargetModule::Gate, h, ad, chunk, kg, out)?;
         let (u, xu) = self.project(layer, TargetModule::Up, h, ad, chunk, ku, out)?;
         Ok(((g, u), [xg, xu]))

@@ -24,6 +24,28 @@ use std::sync::Mutex;
 /// algorithms that fit. The products of a training step ask for at most 2 MiB.
 const WORKSPACE_BYTES: usize = 8 << 20;
 
+/// What a product's result is added to: `d = alpha·op(a)·op(b) + addend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addend {
+    /// Nothing: `d` is overwritten.
+    Nothing,
+    /// The output's own values: `d += alpha·op(a)·op(b)`.
+    Output,
+    /// The matrix at this address, laid out like the output (same dtype, rows and pitch), left
+    /// as it is: cuBLASLt reads it as its `C` and writes `D` elsewhere.
+    Matrix(u64),
+}
+
+impl Addend {
+    /// `beta` of cuBLASLt's `D = alpha·op(A)·op(B) + beta·C`.
+    fn beta(self) -> f32 {
+        match self {
+            Addend::Nothing => 0.0,
+            Addend::Output | Addend::Matrix(_) => 1.0,
+        }
+    }
+}
+
 /// A row-major matrix operand by device address.
 #[derive(Debug, Clone, Copy)]
 pub struct Operand {
@@ -289,7 +311,7 @@ impl Blas {
         b: Operand,
         trans_b: bool,
         alpha: f32,
-        beta: f32,
+        addend: Addend,
         c: Operand,
         tf32: bool,
     ) -> Result<()> {
@@ -313,6 +335,12 @@ impl Blas {
             )));
         }
         let bf16 = data_type(a.dtype)? == sys::cudaDataType::CUDA_R_16BF;
+        // C, read with beta: the output itself unless another matrix is added.
+        let read = match addend {
+            Addend::Matrix(ptr) => ptr,
+            Addend::Nothing | Addend::Output => c.ptr,
+        };
+        let beta = addend.beta();
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -326,7 +354,11 @@ impl Blas {
             bf16,
             tf32: tf32 && !bf16,
             bf16_out: c.dtype == Dtype::Bf16,
-            align: [alignment(b.ptr), alignment(a.ptr), alignment(c.ptr)],
+            align: [
+                alignment(b.ptr),
+                alignment(a.ptr),
+                alignment(c.ptr).min(alignment(read)),
+            ],
             // A row-major matrix with row pitch p is column-major with leading dimension p.
             ld: [b.pitch as u64, a.pitch as u64, c.pitch as u64],
         };
@@ -353,7 +385,7 @@ impl Blas {
                 la,
                 a.ptr as *const c_void,
                 lb,
-                c.ptr as *const c_void,
+                read as *const c_void,
                 lc,
                 c.ptr as *mut c_void,
                 lc,

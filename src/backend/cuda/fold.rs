@@ -27,11 +27,11 @@
 //! The adapter's factors and `xa` are rounded to bf16 like the activations (as in bf16
 //! mixed-precision training); the two-product path runs the rank-wide product in TF32.
 
-use super::blas::Operand;
+use super::blas::{Addend, Operand};
 use super::launch::Arg;
 use super::nf4::ScratchGuard;
 use super::tensor::{Dtype, HostCopies, Nf4Storage, Storage};
-use super::{count, dim, lock, CudaBackend, CudaTensor};
+use super::{count, dim, lock, wants_f32, CudaBackend, CudaTensor};
 use crate::backend::ProductOutput;
 use crate::error::{Error, Result};
 
@@ -151,7 +151,7 @@ impl CudaBackend {
     /// A folded product's output: f32, or bf16 for a gated activation (the fold rounds its
     /// inputs to bf16 already).
     fn product_output(&self, rows: usize, cols: usize, out: ProductOutput) -> Result<CudaTensor> {
-        let rounded = out == ProductOutput::GatedActivation;
+        let rounded = out == ProductOutput::Rounded;
         self.tensor_as(rows, cols, rounded, "a tensor")
     }
 
@@ -212,7 +212,9 @@ impl CudaBackend {
     }
 
     /// `[x | xa]·[W | s·B]ᵀ` when it can run as one product (see the module comment), stored
-    /// in bf16 for a gated activation.
+    /// in bf16 for a gated activation; with `plus` (an f32 matrix of the output's shape, left as
+    /// it is), `plus + [x | xa]·[W | s·B]ᵀ`, the sum made by the product's epilogue.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn folded_product(
         &self,
         x: &CudaTensor,
@@ -221,14 +223,28 @@ impl CudaBackend {
         b: &CudaTensor,
         s: f32,
         out: ProductOutput,
+        plus: Option<&CudaTensor>,
     ) -> Result<Option<CudaTensor>> {
         if self.fold_layout(x, w, xa, b).is_none() {
             return Ok(None);
         }
         let y = self.product_output(x.rows, w.rows, out)?;
         let (out, _) = self.operand(&y, false)?;
+        let addend = match plus {
+            None => Addend::Nothing,
+            Some(p) => {
+                wants_f32(p, "a product's addend")?;
+                if (p.rows, p.cols, p.pitch()) != (out.rows, out.cols, out.pitch) {
+                    return Err(Error::InvalidArgument(format!(
+                        "a product's addend [{}, {}] is not laid out like its output [{}, {}]",
+                        p.rows, p.cols, out.rows, out.cols
+                    )));
+                }
+                Addend::Matrix(self.ptr(p)?)
+            }
+        };
         Ok(self
-            .folded_product_into(x, w, xa, b, s, out, 0.0)?
+            .folded_product_into(x, w, xa, b, s, out, addend)?
             .then_some(y))
     }
 
@@ -247,7 +263,7 @@ impl CudaBackend {
         ((b.rows, b.cols) == (w.rows, r) && x.cols == w.cols).then_some(layout)
     }
 
-    /// `out = [x | xa]·[W | s·B]ᵀ + beta·out` when it can run as one product; false (nothing
+    /// `out = [x | xa]·[W | s·B]ᵀ + addend` when it can run as one product; false (nothing
     /// queued) when it cannot.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn folded_product_into(
@@ -258,7 +274,7 @@ impl CudaBackend {
         b: &CudaTensor,
         s: f32,
         out: Operand,
-        beta: f32,
+        addend: Addend,
     ) -> Result<bool> {
         let r = xa.cols;
         let Some((weight, pitch)) = self.fold_layout(x, w, xa, b) else {
@@ -284,7 +300,7 @@ impl CudaBackend {
             weight,
             true,
             1.0,
-            beta,
+            addend,
             out,
         )?;
         Ok(true)
@@ -324,7 +340,10 @@ impl CudaBackend {
             cols: w.cols,
             pitch,
         };
-        let beta = if acc.is_some() { 1.0 } else { 0.0 };
+        let addend = match acc {
+            Some(_) => Addend::Output,
+            None => Addend::Nothing,
+        };
         let dx = match acc {
             Some(dx) => dx,
             None => self.product_output(dy.rows, w.cols, out)?,
@@ -337,7 +356,7 @@ impl CudaBackend {
             weight,
             false,
             1.0,
-            beta,
+            addend,
             out,
         )?;
         Ok(Ok(dx))

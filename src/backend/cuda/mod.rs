@@ -30,7 +30,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::quant::Nf4Tensor;
-use blas::{Blas, Operand};
+use blas::{Addend, Blas, Operand};
 use cudarc::driver::{DevicePtr, DeviceRepr};
 use device::{driver_error, DeviceBuffer, Gpu};
 use head_chunks::{HeadChunks, HEAD_CHUNK_ROWS};
@@ -449,7 +449,7 @@ impl CudaBackend {
         b: Operand,
         trans_b: bool,
         alpha: f32,
-        beta: f32,
+        addend: Addend,
         c: Operand,
     ) -> Result<()> {
         let tf32 = a.dtype == Dtype::F32 && self.f32_products == F32Products::Tf32;
@@ -461,7 +461,7 @@ impl CudaBackend {
         };
         self.timed(shape, || {
             self.blas
-                .gemm(&self.gpu, a, trans_a, b, trans_b, alpha, beta, c, tf32)
+                .gemm(&self.gpu, a, trans_a, b, trans_b, alpha, addend, c, tf32)
         })
     }
 
@@ -1124,7 +1124,7 @@ impl CudaBackend {
         self.run("norm", "rmsnorm_bwd", Shape::per_row(dy.rows), &args)
     }
 
-    /// `c = alpha·op(a)·op(b) + beta·c` into an f32 output operand, the operands' dtypes
+    /// `c = alpha·op(a)·op(b) (+ c)` into an f32 output operand, the operands' dtypes
     /// resolved as [`Backend::matmul`] states them.
     #[allow(clippy::too_many_arguments)]
     fn matmul_into(
@@ -1135,7 +1135,7 @@ impl CudaBackend {
         trans_b: bool,
         alpha: f32,
         c: Operand,
-        beta: f32,
+        addend: Addend,
     ) -> Result<()> {
         // Mixed f32 × bf16 (or NF4, dequantized to bf16): the f32 side is rounded to bf16 so
         // cuBLAS runs a bf16 product.
@@ -1152,7 +1152,7 @@ impl CudaBackend {
             (false, F32Products::Tf32) => "gemm_tf32",
             (false, F32Products::Exact) => "gemm_f32",
         };
-        self.gemm(name, oa, trans_a, ob, trans_b, alpha, beta, c)
+        self.gemm(name, oa, trans_a, ob, trans_b, alpha, addend, c)
     }
 
     /// Rows `[start, start + rows)` of the f32 `t` as a product's output operand.
@@ -1563,8 +1563,12 @@ impl Backend for CudaBackend {
             };
         }
         let (oc, _) = self.operand(c, false)?;
-        let beta = if accumulate { 1.0 } else { 0.0 };
-        self.matmul_into(a, trans_a, b, trans_b, alpha, oc, beta)
+        let addend = if accumulate {
+            Addend::Output
+        } else {
+            Addend::Nothing
+        };
+        self.matmul_into(a, trans_a, b, trans_b, alpha, oc, addend)
     }
 
     /// Rounds an f32 `x` to bf16 once (the products would each round it otherwise), with
@@ -1589,9 +1593,25 @@ impl Backend for CudaBackend {
         s: f32,
         out: ProductOutput,
     ) -> Result<CudaTensor> {
-        match self.folded_product(x, w, xa, b, s, out)? {
+        match self.folded_product(x, w, xa, b, s, out, None)? {
             Some(y) => Ok(y),
             None => super::adapted_product_in_two(self, x, w, xa, b, s),
+        }
+    }
+
+    fn adapted_product_plus(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        xa: &CudaTensor,
+        b: &CudaTensor,
+        s: f32,
+        plus: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let sums = ProductOutput::Sums;
+        match self.folded_product(x, w, xa, b, s, sums, Some(plus))? {
+            Some(y) => Ok(y),
+            None => super::adapted_product_plus_in_two(self, x, w, xa, b, s, plus),
         }
     }
 
@@ -1612,12 +1632,12 @@ impl Backend for CudaBackend {
             )));
         }
         let rows = self.rows_operand(acc, start, x.rows)?;
-        if self.folded_product_into(x, w, xa, b, s, rows, 1.0)? {
+        if self.folded_product_into(x, w, xa, b, s, rows, Addend::Output)? {
             return Ok(());
         }
         // The two products of `adapted_product_in_two`, each added into the rows.
-        self.matmul_into(xa, false, b, true, s, rows, 1.0)?;
-        self.matmul_into(x, false, w, true, 1.0, rows, 1.0)
+        self.matmul_into(xa, false, b, true, s, rows, Addend::Output)?;
+        self.matmul_into(x, false, w, true, 1.0, rows, Addend::Output)
     }
 
     fn adapted_product_backward(
@@ -1920,23 +1940,36 @@ impl Backend for CudaBackend {
         let what = "attention_backward";
         let flash = self.tensor_core_attention(s.head_dim);
         // delta_t,h = Σ_d dO·O (O in f32, or the product input the forward made of it), read by
-        // both gradient kernels; the same pass writes dO rounded to bf16 for the tensor-core
-        // ones, which read it so. `out` is not needed after it.
+        // both gradient kernels. The same pass gives dO the form those read where it comes in
+        // another (a copy: bf16 for the tensor-core ones, f32 for the CUDA-core ones); `out`,
+        // and a `d_out` copied so, are not needed after it.
         let delta = self.tensor(q.rows, s.num_heads, "attention delta")?;
-        let d_out_bf16 = flash
+        let [out_bf16, d_out_bf16] = [&out, &d_out].map(|t| match t.dtype() {
+            Dtype::F32 => Ok(false),
+            Dtype::Bf16 => Ok(true),
+            _ => Err(wants_f32_or_bf16(t, what)),
+        });
+        let (out_bf16, d_out_bf16) = (out_bf16?, d_out_bf16?);
+        let rounded = (flash && !d_out_bf16)
             .then(|| self.gpu.alloc::<u16>(d_out.elements(), OPERAND_COPY))
             .transpose()?;
-        let out_bf16 = match out.dtype() {
-            Dtype::F32 => false,
-            Dtype::Bf16 => true,
-            _ => return Err(wants_f32_or_bf16(&out, what)),
-        };
+        let widened = (!flash && d_out_bf16)
+            .then(|| self.tensor(d_out.rows, d_out.cols, "attention dO in f32"))
+            .transpose()?;
         let args = [
             Arg::Ptr(self.rows_ptr(&out)?),
             dim(out.pitch()),
             Arg::I32(out_bf16 as i32),
-            self.f32_arg(&d_out, what)?,
-            Arg::Ptr(d_out_bf16.as_ref().map_or(0, |b| self.buffer_ptr(b))),
+            Arg::Ptr(self.ptr(&d_out)?),
+            Arg::I32(d_out_bf16 as i32),
+            Arg::Ptr(rounded.as_ref().map_or(0, |b| self.buffer_ptr(b))),
+            Arg::Ptr(
+                widened
+                    .as_ref()
+                    .map(|t| self.ptr(t))
+                    .transpose()?
+                    .unwrap_or(0),
+            ),
             Arg::Ptr(self.ptr(&delta)?),
             dim(q.rows),
             dim(s.num_heads),
@@ -1945,28 +1978,31 @@ impl Backend for CudaBackend {
         let warps = Shape::grid((q.rows * s.num_heads).div_ceil(8), 1, 1, 256);
         self.run("attention", "attention_bwd_delta", warps, &args)?;
         drop(out);
+        let d_out_arg = Arg::Ptr(match (&rounded, &widened) {
+            (Some(b), _) => self.buffer_ptr(b),
+            (None, Some(t)) => self.ptr(t)?,
+            (None, None) => self.ptr(&d_out)?,
+        });
+        // A d_out copied is freed before the gradients are made.
+        let _d_out = (rounded.is_none() && widened.is_none()).then_some(d_out);
         let statistics = [
             self.f32_arg(lse, what)?,
             Arg::Ptr(self.ptr(&delta)?),
             self.ints_arg(segments),
         ];
         // Tensor-core kernels read bf16 operands (copies of f32 ones kept until both kernels are
-        // queued; dO's made above): the f32 dO is then freed before the gradients are made.
+        // queued).
         let qkv = flash
             .then(|| self.bf16_operands([q, k, v], what))
             .transpose()?;
-        let mut inputs = match (&qkv, &d_out_bf16) {
-            (Some(qkv), Some(d_out)) => {
-                let mut args = qkv.args.to_vec();
-                args.push(Arg::Ptr(self.buffer_ptr(d_out)));
-                args
-            }
-            _ => [q, k, v, &d_out]
+        let mut inputs = match &qkv {
+            Some(qkv) => qkv.args.to_vec(),
+            None => [q, k, v]
                 .iter()
                 .map(|t| self.f32_arg(t, what))
                 .collect::<Result<_>>()?,
         };
-        let _d_out = (!flash).then_some(d_out);
+        inputs.push(d_out_arg);
         let dq = self.tensor(q.rows, q.cols, "attention dq")?;
         let dk = self.tensor(k.rows, k.cols, "attention dk")?;
         let dv = self.tensor(v.rows, v.cols, "attention dv")?;
@@ -2349,7 +2385,17 @@ impl Backend for CudaBackend {
                 };
                 // z = h·W_chunkᵀ; then the running statistics, dh rescaled, P over z.
                 let z = Operand::dense(logits_ptr, Dtype::F32, rows, n);
-                self.gemm("lm_head_logits", h_rows, false, w_chunk, true, 1.0, 0.0, z)?;
+                let nothing = Addend::Nothing;
+                self.gemm(
+                    "lm_head_logits",
+                    h_rows,
+                    false,
+                    w_chunk,
+                    true,
+                    1.0,
+                    nothing,
+                    z,
+                )?;
                 let args = [
                     Arg::Ptr(logits_ptr),
                     Arg::Ptr(labels_ptr),
@@ -2372,7 +2418,8 @@ impl Backend for CudaBackend {
                     },
                     false => z,
                 };
-                self.gemm("lm_head_dh", p, false, w_chunk, false, 1.0, 1.0, dh_rows)?;
+                let dh = Addend::Output;
+                self.gemm("lm_head_dh", p, false, w_chunk, false, 1.0, dh, dh_rows)?;
                 drop(arrival);
             }
             if let HeadRows::Streamed { queue, .. } = &mut head {
