@@ -575,7 +575,7 @@ fn check_folded_products(
                     true => sum_of(&[parts[0].clone(), parts[1].clone(), acc64.clone()]),
                     false => sum_of(&parts),
                 };
-                // Stored in bf16 for a gated activation when folded with no accumulator.
+                // Stored in bf16 for `Rounded` when folded with no accumulator.
                 for out in [Sums, Rounded] {
                     let acc_g = with_acc.then(|| g.upload(&acc, m, inp).unwrap());
                     let dx = g

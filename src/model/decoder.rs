@@ -809,15 +809,15 @@ impl<B: Backend> Decoder<B> {
         let lw = &self.weights.layers[layer];
         // x1 = x + o: made by o's product where the backend can (its epilogue reads x),
         // else written over o's values (no copy of x).
-        let o = TargetModule::O;
-        let xo = self.adapter_input(layer, o, attn, ad, 0, kept)?;
-        let x1 = match (&xo, Self::adapted(ad, layer, o)) {
-            (Some(xa), Some((ad, pair))) if lw.bias[o as usize].is_none() => {
-                let w = &lw.proj[o as usize];
+        let m = TargetModule::O;
+        let xo = self.adapter_input(layer, m, attn, ad, 0, kept)?;
+        let x1 = match (&xo, Self::adapted(ad, layer, m)) {
+            (Some(xa), Some((ad, pair))) if lw.bias[m as usize].is_none() => {
+                let w = &lw.proj[m as usize];
                 be.adapted_product_plus(attn, w, xa, &pair.b, ad.cfg.scale(), x)?
             }
             _ => {
-                let mut o = self.projected(layer, o, attn, ad, xo.as_ref(), ProductOutput::Sums)?;
+                let mut o = self.projected(layer, m, attn, ad, xo.as_ref(), ProductOutput::Sums)?;
                 be.add_assign(&mut o, x)?;
                 o
             }

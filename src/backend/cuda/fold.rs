@@ -148,7 +148,7 @@ impl CudaBackend {
         }))
     }
 
-    /// A folded product's output: f32, or bf16 for a gated activation (the fold rounds its
+    /// A folded product's output: f32, or bf16 for [`ProductOutput::Rounded`] (the fold rounds its
     /// inputs to bf16 already).
     fn product_output(&self, rows: usize, cols: usize, out: ProductOutput) -> Result<CudaTensor> {
         let rounded = out == ProductOutput::Rounded;
@@ -212,8 +212,8 @@ impl CudaBackend {
     }
 
     /// `[x | xa]·[W | s·B]ᵀ` when it can run as one product (see the module comment), stored
-    /// in bf16 for a gated activation; with `plus` (an f32 matrix of the output's shape, left as
-    /// it is), `plus + [x | xa]·[W | s·B]ᵀ`, the sum made by the product's epilogue.
+    /// in bf16 for [`ProductOutput::Rounded`]; with `plus` (an f32 matrix of the output's shape,
+    /// left as it is), `plus + [x | xa]·[W | s·B]ᵀ`, the sum made by the product's epilogue.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn folded_product(
         &self,

@@ -1956,20 +1956,16 @@ impl Backend for CudaBackend {
         let widened = (!flash && d_out_bf16)
             .then(|| self.tensor(d_out.rows, d_out.cols, "attention dO in f32"))
             .transpose()?;
+        let rounded_ptr = rounded.as_ref().map(|b| self.buffer_ptr(b));
+        let widened_ptr = widened.as_ref().map(|t| self.ptr(t)).transpose()?;
         let args = [
             Arg::Ptr(self.rows_ptr(&out)?),
             dim(out.pitch()),
             Arg::I32(out_bf16 as i32),
             Arg::Ptr(self.ptr(&d_out)?),
             Arg::I32(d_out_bf16 as i32),
-            Arg::Ptr(rounded.as_ref().map_or(0, |b| self.buffer_ptr(b))),
-            Arg::Ptr(
-                widened
-                    .as_ref()
-                    .map(|t| self.ptr(t))
-                    .transpose()?
-                    .unwrap_or(0),
-            ),
+            Arg::Ptr(rounded_ptr.unwrap_or(0)),
+            Arg::Ptr(widened_ptr.unwrap_or(0)),
             Arg::Ptr(self.ptr(&delta)?),
             dim(q.rows),
             dim(s.num_heads),
@@ -1978,13 +1974,14 @@ impl Backend for CudaBackend {
         let warps = Shape::grid((q.rows * s.num_heads).div_ceil(8), 1, 1, 256);
         self.run("attention", "attention_bwd_delta", warps, &args)?;
         drop(out);
-        let d_out_arg = Arg::Ptr(match (&rounded, &widened) {
-            (Some(b), _) => self.buffer_ptr(b),
-            (None, Some(t)) => self.ptr(t)?,
-            (None, None) => self.ptr(&d_out)?,
+        // The kernels read the copy where one was made, and a d_out copied is freed before the
+        // gradients are made.
+        let copy_ptr = rounded_ptr.or(widened_ptr);
+        let d_out_arg = Arg::Ptr(match copy_ptr {
+            Some(ptr) => ptr,
+            None => self.ptr(&d_out)?,
         });
-        // A d_out copied is freed before the gradients are made.
-        let _d_out = (rounded.is_none() && widened.is_none()).then_some(d_out);
+        let _d_out = copy_ptr.is_none().then_some(d_out);
         let statistics = [
             self.f32_arg(lse, what)?,
             Arg::Ptr(self.ptr(&delta)?),
@@ -2385,7 +2382,6 @@ impl Backend for CudaBackend {
                 };
                 // z = h·W_chunkᵀ; then the running statistics, dh rescaled, P over z.
                 let z = Operand::dense(logits_ptr, Dtype::F32, rows, n);
-                let nothing = Addend::Nothing;
                 self.gemm(
                     "lm_head_logits",
                     h_rows,
@@ -2393,7 +2389,7 @@ impl Backend for CudaBackend {
                     w_chunk,
                     true,
                     1.0,
-                    nothing,
+                    Addend::Nothing,
                     z,
                 )?;
                 let args = [
@@ -2418,8 +2414,8 @@ impl Backend for CudaBackend {
                     },
                     false => z,
                 };
-                let dh = Addend::Output;
-                self.gemm("lm_head_dh", p, false, w_chunk, false, 1.0, dh, dh_rows)?;
+                let added = Addend::Output;
+                self.gemm("lm_head_dh", p, false, w_chunk, false, 1.0, added, dh_rows)?;
                 drop(arrival);
             }
             if let HeadRows::Streamed { queue, .. } = &mut head {
