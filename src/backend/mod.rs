@@ -312,6 +312,20 @@ pub struct DeviceMemory {
     pub peak_purposes: Vec<(String, usize)>,
 }
 
+/// What [`Backend::record`] made of some work. Unless `Kept`, the caller runs the work
+/// unrecorded.
+pub enum Recorded<R> {
+    /// The recording, to replay.
+    Kept(R),
+    /// Not recorded now: a resource it needs is in use elsewhere. Worth trying again.
+    NotNow,
+    /// Not recorded, and not worth trying again with the same work: the backend does not
+    /// record (`work` not called), or the recording's memory does not fit beside what is held
+    /// (its block can exceed the most the work holds at once, which the work queued op by op
+    /// may still fit in).
+    Never,
+}
+
 /// A compute device. Methods that allocate return new tensors; methods taking `&mut` work in place.
 pub trait Backend: Send + Sync + 'static {
     /// A matrix of f32 values (the storage precision is the backend's business).
@@ -841,15 +855,14 @@ pub trait Backend: Send + Sync + 'static {
     /// one call, so a device backend can update them in one launch.
     fn adamw(&self, slots: &mut [AdamWSlot<'_, Self::Tensor>], h: AdamWStep) -> Result<()>;
 
-    /// Records the device work `work` queues, without running it, for [`Backend::replay`]:
-    /// `Ok(None)` where this backend does not record (`work` not called) or cannot record it
-    /// now (a resource it needs is in use elsewhere; the caller runs the work unrecorded).
-    /// Recorded work must queue device operations only (nothing read back, nothing uploaded
-    /// from the host), and every buffer it allocates must be freed within it; a replay runs the
-    /// same operations on the same buffers, with whatever values they hold then.
-    fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Recording>> {
+    /// Records the device work `work` queues, without running it, for [`Backend::replay`]
+    /// (see [`Recorded`] for when it does not). Recorded work must queue device operations only
+    /// (nothing read back, nothing uploaded from the host), and every buffer it allocates must
+    /// be freed within it; a replay runs the same operations on the same buffers, with
+    /// whatever values they hold then.
+    fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Recorded<Self::Recording>> {
         let _ = work;
-        Ok(None)
+        Ok(Recorded::Never)
     }
     /// Runs recorded work again (queued like any other operation).
     fn replay(&self, recording: &Self::Recording) -> Result<()>;

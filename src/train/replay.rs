@@ -6,10 +6,12 @@
 //!
 //! The first micro-batch of a new shape runs as usual (compiling kernels and planning products
 //! on the way); the next one of that shape is recorded, and every later one replays. One
-//! recording is held at a time: a batch of another shape drops it (and its memory).
+//! recording is held at a time: a batch of another shape drops it (and its memory). Where the
+//! backend will not record a shape's pass (`Recorded::Never`: its recording would not fit in
+//! device memory, say), that shape's passes run unrecorded without trying again.
 
 use super::batch::Batch;
-use crate::backend::Backend;
+use crate::backend::{Backend, Recorded};
 use crate::error::Result;
 use crate::lora::LoraConfig;
 use crate::model::adapters::LoraTensors;
@@ -36,6 +38,8 @@ struct Held<B: Backend> {
     /// `[rows, 1]`: each row's cross-entropy.
     row_loss: B::Tensor,
     recording: Option<B::Recording>,
+    /// Cleared when the backend said it will not record this layout's pass.
+    recordable: bool,
 }
 
 /// Runs micro-batches through held buffers, and a held recording where it can.
@@ -117,6 +121,7 @@ impl<B: Backend> Replayer<B> {
                     scale: be.upload(&[scale], 1, 1)?,
                     row_loss: be.zeros(batch.batch_size * batch.seq_len, 1)?,
                     recording: None,
+                    recordable: true,
                 }));
                 false
             }
@@ -126,6 +131,7 @@ impl<B: Backend> Replayer<B> {
             scale,
             row_loss,
             recording,
+            recordable,
             ..
         } = &mut **self.held.as_mut().expect("set above");
         let mut pass = || {
@@ -135,8 +141,12 @@ impl<B: Backend> Replayer<B> {
         if !record {
             // Settings changed since it was made (a trainer that joined a group, say).
             *recording = None;
-        } else if seen && recording.is_none() {
-            *recording = be.record(&mut pass)?;
+        } else if seen && recording.is_none() && *recordable {
+            match be.record(&mut pass)? {
+                Recorded::Kept(r) => *recording = Some(r),
+                Recorded::NotNow => {}
+                Recorded::Never => *recordable = false,
+            }
         }
         match recording {
             Some(r) => be.replay(r)?,

@@ -13,6 +13,7 @@ use super::arena::Arena;
 use super::device::{driver_error, DeviceBuffer};
 use super::offload::HostBuffer;
 use super::CudaBackend;
+use crate::backend::Recorded;
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaGraph, CudaStream};
 use std::sync::Arc;
@@ -64,9 +65,9 @@ impl CudaBackend {
     pub(super) fn record_work(
         &self,
         work: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<Option<Recording>> {
+    ) -> Result<Recorded<Recording>> {
         if self.profiler.is_some() {
-            return Ok(None);
+            return Ok(Recorded::Never);
         }
         let recorded = self.gpu.recording_here(|| {
             self.offload.finish_copies()?;
@@ -74,7 +75,7 @@ impl CudaBackend {
             let traced = Arena::tracing();
             let planned = self.capture_placed(traced.clone(), work);
             if let (_, true) = self.offload.end_recording(false) {
-                return Ok(None);
+                return Ok(Recorded::NotNow);
             }
             drop(planned?);
             release_graph_memory(&self.gpu.ctx);
@@ -90,25 +91,33 @@ impl CudaBackend {
                     plan.live_peak() as f64 / MIB
                 );
             }
-            let block = self.gpu.alloc_on::<u8>(
+            // The plan's block can exceed the most the work holds at once (long traces are
+            // placed first fit): past a device-memory cap the work runs unrecorded instead.
+            let block = match self.gpu.alloc_on::<u8>(
                 self.gpu.main_stream(),
                 bytes.max(1),
                 "recorded work's memory",
-            )?;
+            ) {
+                Err(Error::OutOfMemory { .. }) => return Ok(Recorded::Never),
+                block => block?,
+            };
             // The kept capture: the same allocations, in the block.
             let graph = self.capture_placed(Arena::in_block(self.buffer_ptr(&block), plan), work);
             match self.offload.end_recording(graph.is_ok()) {
-                (_, true) => Ok(None),
-                (host, false) => Ok::<_, Error>(Some((graph?, block, host))),
+                (_, true) => Ok(Recorded::NotNow),
+                (host, false) => Ok::<_, Error>(Recorded::Kept((graph?, block, host))),
             }
         })?;
-        // Another pass held the offload buffers this one needs: it runs unrecorded this time.
-        let Some((graph, block, host)) = recorded else {
-            return Ok(None);
+        // Another pass held the offload buffers this one needs (it runs unrecorded this time),
+        // or the block did not fit.
+        let (graph, block, host) = match recorded {
+            Recorded::Kept(parts) => parts,
+            Recorded::NotNow => return Ok(Recorded::NotNow),
+            Recorded::Never => return Ok(Recorded::Never),
         };
         // Blocks the pool kept from earlier, unrecorded steps would sit beside the block.
         self.gpu.release_pooled_memory()?;
-        Ok(Some(Recording {
+        Ok(Recorded::Kept(Recording {
             graph: Some(graph),
             ctx: self.gpu.ctx.clone(),
             _block: block,

@@ -25,7 +25,7 @@ mod timeline;
 use super::{
     check_attention_shapes, check_len, check_norm_backward, check_same_shape, AdamWConstants,
     AdamWSlot, AdamWStep, AttentionShape, Backend, DeviceMemory, PassPoint, ProductOutput,
-    IGNORE_LABEL,
+    Recorded, IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -2461,7 +2461,7 @@ impl Backend for CudaBackend {
         self.elementwise_many("adamw_many_f32", &rows, &args)
     }
 
-    fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Option<graph::Recording>> {
+    fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Recorded<graph::Recording>> {
         self.record_work(work)
     }
 
