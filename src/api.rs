@@ -808,6 +808,13 @@ impl Trainer {
         on_core!(&self.core, c => c.steps_taken())
     }
 
+    /// Whether a recorded pass is held, which the next step of the last one's shape replays
+    /// (never on the CPU, with dropout or data-parallel ranks, or where the recording's memory
+    /// does not fit under the device-memory cap).
+    pub fn holds_recording(&self) -> bool {
+        on_core!(&self.core, c => c.holds_recording())
+    }
+
     /// `(rows, cols)` of each adapter tensor, in the order of the optimizer state.
     pub fn param_shapes(&self) -> Vec<(usize, usize)> {
         on_core!(&self.core, c => {

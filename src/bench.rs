@@ -114,6 +114,10 @@ pub struct BenchResult {
     /// Decoder layers kept in host memory ([`ModelParams::layers_in_host`]).
     pub layers_in_host: usize,
     pub steps: usize,
+    /// Whether the timed steps replayed a recorded pass (false: queued op by op, as on the CPU,
+    /// with dropout or data-parallel ranks, or where the recording's memory did not fit under
+    /// the device-memory cap).
+    pub replayed: bool,
     /// Median seconds per optimizer step over the timed steps.
     pub step_seconds_median: f64,
     /// Median CPU seconds (all threads) per timed step: unlike wall time, it barely moves when
@@ -264,6 +268,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         lm_head_in_host: cfg.params.lm_head_in_host,
         layers_in_host: cfg.params.layers_in_host,
         steps: cfg.steps,
+        replayed: trainer.holds_recording(),
         step_seconds_median: median_wall,
         cpu_seconds_median,
         tokens_per_second: n as f64 / median_wall,

@@ -699,6 +699,7 @@ fn bench_returns_the_cli_json() {
         assert_eq!(v["layers_in_host"], 0, "{text}");
         assert_eq!(v["kept_mlp_layers"], host_options as u64, "{text}");
         assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{text}");
+        assert_eq!(v["replayed"], false, "the CPU records nothing: {text}");
         for k in [
             "peak_device_mib",
             "peak_device_set_by",
@@ -728,6 +729,7 @@ fn bench_returns_the_cli_json() {
             "lm_head_in_host",
             "layers_in_host",
             "steps",
+            "replayed",
             "step_seconds_median",
             "cpu_seconds_median",
             "tokens_per_second",

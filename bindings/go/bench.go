@@ -73,7 +73,7 @@ func DefaultBenchOptions() (BenchOptions, error) {
 // Bench builds a model of opts.Model's shape with random weights on the device, runs one
 // warm-up and opts.Steps timed training steps on random tokens, and returns the JSON object
 // that `finetune bench` prints (model, device, mode, batch, seq, rank, checkpointing,
-// offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps, step_seconds_median,
+// offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps, replayed, step_seconds_median,
 // cpu_seconds_median, tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib,
 // peak_device_set_by, peak_device_purposes_mib, held_device_mib, load_seconds). opts may be nil
 // for the defaults.

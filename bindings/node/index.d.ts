@@ -207,7 +207,7 @@ export declare function ncclUniqueId(): Uint8Array;
 export declare function benchDefaults(): Required<BenchOptions>;
 /** Runs the training-step benchmark of `finetune bench` on the calling thread (blocking the event
  * loop) and returns its JSON text: model, device, mode, batch, seq, rank, checkpointing,
- * offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps, step_seconds_median,
+ * offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps, replayed, step_seconds_median,
  * cpu_seconds_median, tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib,
  * peak_device_set_by, peak_device_purposes_mib, held_device_mib, load_seconds. */
 export declare function bench(opts?: BenchOptions): string;

@@ -90,7 +90,7 @@ namespace Finetune
         /// shape with random weights, runs one warm-up and Steps timed steps on random tokens, and
         /// returns the JSON text `finetune bench` prints (model, device, mode, batch, seq, rank,
         /// checkpointing, offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps,
-        /// step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
+        /// replayed, step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
         /// peak_rss_mib, peak_device_mib, peak_device_set_by, peak_device_purposes_mib,
         /// held_device_mib, load_seconds). Runs on the calling thread: minutes for the larger
         /// shapes.</summary>
