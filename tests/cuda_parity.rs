@@ -13,8 +13,9 @@
 mod common;
 
 use common::gpu::{
-    cpu, gpu, next_token_batch, non_finite_step_is_refused_and_training_goes_on,
-    recorded_steps_match_unrecorded, steps_match, tensor_core_shape, trainer_on, Base,
+    cpu, gpu, long_micro_batches_run_unrecorded, next_token_batch,
+    non_finite_step_is_refused_and_training_goes_on, recorded_steps_match_unrecorded, steps_match,
+    tensor_core_shape, trainer_on, Base,
 };
 use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
@@ -872,6 +873,13 @@ fn recorded_steps_match_unrecorded_steps() {
     let Some(g) = gpu() else { return };
     drop(g);
     recorded_steps_match_unrecorded(Base::Frozen, 1e-5);
+}
+
+#[test]
+fn long_micro_batches_are_not_recorded() {
+    let Some(g) = gpu() else { return };
+    drop(g);
+    long_micro_batches_run_unrecorded();
 }
 
 #[test]

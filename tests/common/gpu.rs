@@ -353,6 +353,26 @@ fn six_steps(t: &mut Trainer<CudaBackend>) -> (Vec<f32>, Vec<Vec<f32>>) {
     (losses, values)
 }
 
+/// Micro-batches of at most 16,384 tokens are recorded from their second step on, longer ones
+/// run unrecorded (a long pass hides the host's queueing behind its GPU time, and ran slower
+/// recorded: bench/NOTES.md).
+pub fn long_micro_batches_run_unrecorded() {
+    let make = recordable_trainer(Base::Frozen, false);
+    for (rows, seq, recorded) in [(2, 8_192, true), (1, 16_392, false)] {
+        let mut t = make();
+        let (_, b) = next_token_batch(rows, seq, 64, 5);
+        let losses: Vec<f32> = (0..3)
+            .map(|_| t.step(std::slice::from_ref(&b)).unwrap().loss)
+            .collect();
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        assert_eq!(
+            t.holds_recording(),
+            recorded,
+            "{rows} x {seq} tokens: a recording held after three steps"
+        );
+    }
+}
+
 /// Fails unless two runs' losses and adapters agree within `tol` relative.
 fn assert_same_run(
     what: &str,
