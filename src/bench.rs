@@ -115,8 +115,9 @@ pub struct BenchResult {
     pub layers_in_host: usize,
     pub steps: usize,
     /// Whether the timed steps replayed a recorded pass (false: queued op by op, as on the CPU,
-    /// with data-parallel ranks, past 16,384 tokens a rank, or where the recording's memory did
-    /// not fit under the device-memory cap).
+    /// with data-parallel ranks, past 16,384 tokens a rank, or where the recording's memory
+    /// would pass the device-memory cap). The first timed step records the pass before it
+    /// replays it: with `steps` 1 its time includes the recording.
     pub replayed: bool,
     /// Median seconds per optimizer step over the timed steps.
     pub step_seconds_median: f64,

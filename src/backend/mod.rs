@@ -320,9 +320,10 @@ pub enum Recorded<R> {
     /// Not recorded now: a resource it needs is in use elsewhere. Worth trying again.
     NotNow,
     /// Not recorded, and not worth trying again with the same work: the backend does not
-    /// record (`work` not called), or the recording's memory does not fit beside what is held
-    /// (its block can exceed the most the work holds at once, which the work queued op by op
-    /// may still fit in).
+    /// record (`work` not called), or the recording's memory would pass the device-memory cap
+    /// beside what is held (its block can exceed the most the work holds at once, which the
+    /// work queued op by op may still fit in). The caller may hold on to that answer for as
+    /// long as the work's shape stays, though memory other work holds may have decided it.
     Never,
 }
 

@@ -71,6 +71,12 @@ impl MemoryAccount {
         self.live.load(Ordering::Relaxed)
     }
 
+    /// Whether `bytes` more would stay within the cap (always, with none).
+    pub fn fits(&self, bytes: usize) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        limit == 0 || self.live() + bytes <= limit
+    }
+
     /// The most bytes held at once since the start or the last [`MemoryAccount::reset_peak`].
     pub fn peak(&self) -> usize {
         self.peak.load(Ordering::Relaxed)

@@ -92,15 +92,15 @@ impl CudaBackend {
                 );
             }
             // The plan's block can exceed the most the work holds at once (long traces are
-            // placed first fit): past a device-memory cap the work runs unrecorded instead.
-            let block = match self.gpu.alloc_on::<u8>(
+            // placed first fit): past the device-memory cap the work runs unrecorded instead.
+            if !self.gpu.memory.fits(bytes.max(1)) {
+                return Ok(Recorded::Never);
+            }
+            let block = self.gpu.alloc_on::<u8>(
                 self.gpu.main_stream(),
                 bytes.max(1),
                 "recorded work's memory",
-            ) {
-                Err(Error::OutOfMemory { .. }) => return Ok(Recorded::Never),
-                block => block?,
-            };
+            )?;
             // The kept capture: the same allocations, in the block.
             let graph = self.capture_placed(Arena::in_block(self.buffer_ptr(&block), plan), work);
             match self.offload.end_recording(graph.is_ok()) {
