@@ -17,7 +17,9 @@ use crate::lora::LoraConfig;
 use crate::model::adapters::LoraTensors;
 use crate::model::decoder::{Adapters, Decoder, DeviceBatch, LossOutput, Saving};
 
-/// `FINETUNE_CUDA_GRAPHS=0` turns recording off (every micro-batch queued operation by operation).
+/// `FINETUNE_CUDA_GRAPHS=0` turns recording off (every micro-batch queued operation by
+/// operation); `all` records micro-batches of any length, past [`RECORDED_TOKENS_MAX`] too (to
+/// compare the two there).
 const SWITCH: &str = "FINETUNE_CUDA_GRAPHS";
 
 /// Micro-batches of more tokens (rows × sequence) run unrecorded: a recording saves the host's
@@ -53,13 +55,17 @@ pub(super) struct Replayer<B: Backend> {
     /// Boxed: a trainer without a recording stays small.
     held: Option<Box<Held<B>>>,
     enabled: bool,
+    /// Micro-batches past [`RECORDED_TOKENS_MAX`] are recorded too (`FINETUNE_CUDA_GRAPHS=all`).
+    any_length: bool,
 }
 
 impl<B: Backend> Replayer<B> {
     pub(super) fn new() -> Self {
+        let switch = std::env::var(SWITCH);
         Replayer {
             held: None,
-            enabled: std::env::var(SWITCH).map_or(true, |v| v != "0"),
+            enabled: switch.as_ref().map_or(true, |v| v != "0"),
+            any_length: switch.is_ok_and(|v| v == "all"),
         }
     }
 
@@ -106,7 +112,8 @@ impl<B: Backend> Replayer<B> {
     ) -> Result<f64> {
         let be = &dec.backend;
         let vocab = dec.cfg.vocab_size;
-        let tokens = batch.batch_size * batch.seq_len;
+        let short = batch.batch_size * batch.seq_len <= RECORDED_TOKENS_MAX;
+        let length_allows = short || self.any_length;
         let layout = Layout {
             batch: batch.batch_size,
             seq: batch.seq_len,
@@ -148,7 +155,7 @@ impl<B: Backend> Replayer<B> {
         if !record {
             // Settings changed since it was made (a trainer that joined a group, say).
             *recording = None;
-        } else if seen && recording.is_none() && *recordable && tokens <= RECORDED_TOKENS_MAX {
+        } else if seen && recording.is_none() && *recordable && length_allows {
             match be.record(&mut pass)? {
                 Recorded::Kept(r) => *recording = Some(r),
                 Recorded::NotNow => {}
