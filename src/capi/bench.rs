@@ -112,10 +112,11 @@ impl ft_bench_params {
 /// `finetune bench` prints: model, device, mode, ranks, batch, seq, rank, checkpointing,
 /// offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps, replayed
 /// (whether the timed steps replayed a recorded pass), step_seconds_median,
-/// cpu_seconds_median (null where the OS does not report it), tokens_per_second, first_loss, last_loss, peak_rss_mib (the whole process's peak resident
-/// memory), peak_device_mib, peak_device_set_by (what the allocation that reached the peak was
-/// for), peak_device_purposes_mib (what the peak was made of: [purpose, MiB] pairs, largest
-/// first), held_device_mib (held between steps; these four null on the CPU) and load_seconds.
+/// cpu_seconds_median (null where the OS does not report it), tokens_per_second, first_loss,
+/// last_loss, peak_rss_mib (the whole process's peak resident memory), peak_device_mib,
+/// peak_device_set_by (what the allocation that reached the peak was for),
+/// peak_device_purposes_mib (what the peak was made of: [purpose, MiB] pairs, largest first),
+/// held_device_mib (held between steps; these four null on the CPU) and load_seconds.
 /// The caller frees the string with `ft_string_free`; on failure `*json_out` is left untouched. `params` may be NULL for the
 /// defaults. The call runs on the calling thread and may take minutes for the larger shapes.
 /// An unknown model or mode, or a batch, seq, rank or steps of 0 fails with

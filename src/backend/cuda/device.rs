@@ -111,9 +111,7 @@ impl MemoryAccount {
     /// Counts `bytes` for `what`; returns the purpose to release them under.
     fn reserve(&self, bytes: usize, what: &str) -> Result<Arc<str>> {
         let mut purposes = self.purposes();
-        let limit = self.limit.load(Ordering::Relaxed);
-        let live = self.live() + bytes;
-        if limit > 0 && live > limit {
+        if !self.fits(bytes) {
             let held = largest_first(purposes.live.iter().map(|(k, b)| (k, *b)));
             let held: Vec<String> = (held.iter().filter(|(_, b)| *b > 0))
                 .map(|(k, b)| format!("{k} {:.1} MiB", *b as f64 / MIB))
@@ -122,12 +120,14 @@ impl MemoryAccount {
                 requested: bytes,
                 what: what.to_string(),
                 detail: format!(
-                    "{} bytes held, the device-memory cap is {limit}; held for: {}",
-                    live - bytes,
+                    "{} bytes held, the device-memory cap is {}; held for: {}",
+                    self.live(),
+                    self.limit.load(Ordering::Relaxed),
                     held.join(", ")
                 ),
             });
         }
+        let live = self.live() + bytes;
         self.live.store(live, Ordering::Relaxed);
         let purpose = purposes.add(what, bytes);
         if live > self.peak() {
