@@ -23,9 +23,10 @@ use crate::model::decoder::{Adapters, Decoder, DeviceBatch, LossOutput, Saving};
 const SWITCH: &str = "FINETUNE_CUDA_GRAPHS";
 
 /// Micro-batches of more tokens (rows × sequence) run unrecorded: a recording saves the host's
-/// queueing, which a long pass hides behind its GPU time anyway, and on an H200 a recorded
-/// Llama-3-8B QLoRA step of 65,536 tokens took 11 % longer than the same step queued op by op,
-/// with 108 MiB more at its peak (bench/NOTES.md); at 2,048 tokens recording gained ~3 %.
+/// queueing, which a long pass hides behind its GPU time anyway. On an H200, recorded and
+/// queued Llama-3-8B QLoRA steps of 32,768 and 65,536 tokens ran equally fast, the recorded
+/// ones with 310 and 108 MiB more at their peak (bench/NOTES.md); at 2,048 tokens recording
+/// gained ~3 %.
 const RECORDED_TOKENS_MAX: usize = 16_384;
 
 /// What a recording depends on besides the values in its buffers.
