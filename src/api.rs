@@ -815,6 +815,12 @@ impl Trainer {
         on_core!(&self.core, c => c.holds_recording())
     }
 
+    /// Whether the next step, of one micro-batch of the last one's shape, would record its pass
+    /// before replaying it (two captures first: not a steady step's time).
+    pub fn records_next_step(&self) -> bool {
+        on_core!(&self.core, c => c.records_next_step())
+    }
+
     /// `(rows, cols)` of each adapter tensor, in the order of the optimizer state.
     pub fn param_shapes(&self) -> Vec<(usize, usize)> {
         on_core!(&self.core, c => {

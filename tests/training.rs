@@ -271,3 +271,16 @@ fn offloading_activations_changes_no_loss() {
 fn non_finite_step_is_refused_and_training_goes_on() {
     common::gpu::non_finite_step_is_refused_and_training_goes_on(common::gpu::cpu());
 }
+
+/// The CPU backend records nothing, so no step is ever the one that records a pass (a bench
+/// then needs no second warm-up step).
+#[test]
+fn no_cpu_step_records_a_pass() {
+    let mut t = Trainer::new(&model(Family::Llama), LoraConfig::default(), train_config()).unwrap();
+    let b = batch(1, 2, 8);
+    for _ in 0..2 {
+        t.step(std::slice::from_ref(&b)).unwrap();
+        assert!(!t.records_next_step());
+        assert!(!t.holds_recording());
+    }
+}

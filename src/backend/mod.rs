@@ -867,4 +867,9 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Runs recorded work again (queued like any other operation).
     fn replay(&self, recording: &Self::Recording) -> Result<()>;
+    /// Whether [`Backend::record`] may keep a recording (false where it always answers
+    /// `Never`).
+    fn records_work(&self) -> bool {
+        false
+    }
 }

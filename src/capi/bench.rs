@@ -22,7 +22,8 @@ pub struct ft_bench_params {
     pub seq: u32,
     /// LoRA rank (alpha equals it), at least 1; all seven projections are adapted.
     pub rank: u32,
-    /// Steps timed after one untimed warm-up step, at least 1.
+    /// Steps timed after the untimed warm-up (one step, two where the second records the pass
+    /// on a GPU), at least 1.
     pub steps: u32,
     /// Non-zero: recompute each layer in the backward pass instead of keeping its activations.
     pub checkpointing: i32,
@@ -107,10 +108,11 @@ impl ft_bench_params {
     }
 }
 
-/// Builds a model of the named shape with random weights on the device, runs one warm-up and
-/// `steps` timed training steps on random tokens, and sets `*json_out` to the JSON object that
-/// `finetune bench` prints: model, device, mode, ranks, batch, seq, rank, checkpointing,
-/// offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps, replayed
+/// Builds a model of the named shape with random weights on the device, runs the warm-up (one
+/// step, two where the second records the pass) and `steps` timed training steps on random
+/// tokens, and sets `*json_out` to the JSON object that `finetune bench` prints: model, device,
+/// mode, ranks, batch, seq, rank, checkpointing, offload_activations, kept_mlp_layers,
+/// lm_head_in_host, layers_in_host, steps, replayed
 /// (whether the timed steps replayed a recorded pass), step_seconds_median,
 /// cpu_seconds_median (null where the OS does not report it), tokens_per_second, first_loss,
 /// last_loss, peak_rss_mib (the whole process's peak resident memory), peak_device_mib,

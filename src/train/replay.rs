@@ -75,6 +75,23 @@ impl<B: Backend> Replayer<B> {
         self.held.as_ref().is_some_and(|h| h.recording.is_some())
     }
 
+    /// Whether the next micro-batch of the held shape would be recorded (before its replay),
+    /// given `record` ([`Replayer::applies`]): that shape ran once, unrecorded, and nothing
+    /// ruled its recording out.
+    pub(super) fn records_next(&self, record: bool) -> bool {
+        record
+            && self.held.as_ref().is_some_and(|h| {
+                h.recording.is_none()
+                    && h.recordable
+                    && self.length_allows(h.layout.batch * h.layout.seq)
+            })
+    }
+
+    /// Whether micro-batches of `tokens` (rows × sequence) may be recorded.
+    fn length_allows(&self, tokens: usize) -> bool {
+        tokens <= RECORDED_TOKENS_MAX || self.any_length
+    }
+
     /// Turns recording on or off (off drops the held recording).
     pub(super) fn set_enabled(&mut self, on: bool) {
         self.enabled = on;
@@ -113,8 +130,7 @@ impl<B: Backend> Replayer<B> {
     ) -> Result<f64> {
         let be = &dec.backend;
         let vocab = dec.cfg.vocab_size;
-        let short = batch.batch_size * batch.seq_len <= RECORDED_TOKENS_MAX;
-        let length_allows = short || self.any_length;
+        let length_allows = self.length_allows(batch.batch_size * batch.seq_len);
         let layout = Layout {
             batch: batch.batch_size,
             seq: batch.seq_len,

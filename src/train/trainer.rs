@@ -215,6 +215,13 @@ impl<B: Backend> Trainer<B> {
     pub fn holds_recording(&self) -> bool {
         self.replayer.holds_recording()
     }
+    /// Whether the next step, of one micro-batch of the last one's shape, would record its pass
+    /// (two captures before the replay: not a steady step's time).
+    pub fn records_next_step(&self) -> bool {
+        let record = self.replayer.applies(&self.lora, self.group.is_some());
+        self.replayer
+            .records_next(record && self.decoder().backend.records_work())
+    }
     pub fn steps_taken(&self) -> u64 {
         self.step
     }

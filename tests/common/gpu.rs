@@ -353,17 +353,22 @@ fn six_steps(t: &mut Trainer<CudaBackend>) -> (Vec<f32>, Vec<Vec<f32>>) {
     (losses, values)
 }
 
-/// Micro-batches of at most 16,384 tokens are recorded from their second step on, longer ones
-/// run unrecorded (a long pass hides the host's queueing behind its GPU time, and ran slower
-/// recorded: bench/NOTES.md).
+/// Micro-batches of at most 16,384 tokens are recorded at their second step (which the trainer
+/// says after the first), longer ones run unrecorded (a long pass hides the host's queueing
+/// behind its GPU time: bench/NOTES.md).
 pub fn long_micro_batches_run_unrecorded() {
     let make = recordable_trainer(Base::Frozen, false);
     for (rows, seq, recorded) in [(2, 8_192, true), (1, 16_392, false)] {
         let mut t = make();
         let (_, b) = next_token_batch(rows, seq, 64, 5);
-        let losses: Vec<f32> = (0..3)
-            .map(|_| t.step(std::slice::from_ref(&b)).unwrap().loss)
-            .collect();
+        let step = |t: &mut Trainer<CudaBackend>| t.step(std::slice::from_ref(&b)).unwrap().loss;
+        let mut losses = vec![step(&mut t)];
+        assert_eq!(
+            t.records_next_step(),
+            recorded,
+            "{rows} x {seq} tokens: the second step records"
+        );
+        losses.extend((0..2).map(|_| step(&mut t)));
         assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
         assert_eq!(
             t.holds_recording(),

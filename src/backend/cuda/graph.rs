@@ -13,7 +13,7 @@ use super::arena::Arena;
 use super::device::{driver_error, DeviceBuffer};
 use super::offload::HostBuffer;
 use super::CudaBackend;
-use crate::backend::Recorded;
+use crate::backend::{Backend, Recorded};
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaGraph, CudaStream};
 use std::sync::Arc;
@@ -66,7 +66,7 @@ impl CudaBackend {
         &self,
         work: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Recorded<Recording>> {
-        if self.profiler.is_some() {
+        if !self.records_work() {
             return Ok(Recorded::Never);
         }
         let recorded = self.gpu.recording_here(|| {

@@ -2468,4 +2468,8 @@ impl Backend for CudaBackend {
     fn replay(&self, recording: &graph::Recording) -> Result<()> {
         self.replay_work(recording)
     }
+
+    fn records_work(&self) -> bool {
+        self.profiler.is_none()
+    }
 }
