@@ -21,7 +21,8 @@ type BenchOptions struct {
 	// "lora" or "qlora" (frozen projection matrices in NF4); "" means "lora".
 	Mode string
 	// Rows per step and GPU, tokens per row, LoRA rank (alpha equals it) and timed steps
-	// (after one untimed warm-up step); each at least 1.
+	// (after the untimed warm-up: one step, two where the second records the pass on a GPU);
+	// each at least 1.
 	Batch, Seq, Rank, Steps uint32
 	// Recompute each layer in the backward pass instead of keeping its activations.
 	Checkpointing bool
@@ -70,9 +71,9 @@ func DefaultBenchOptions() (BenchOptions, error) {
 	return o, nil
 }
 
-// Bench builds a model of opts.Model's shape with random weights on the device, runs one
-// warm-up and opts.Steps timed training steps on random tokens, and returns the JSON object
-// that `finetune bench` prints (model, device, mode, batch, seq, rank, checkpointing,
+// Bench builds a model of opts.Model's shape with random weights on the device, runs the
+// warm-up (one step, two where the second records the pass) and opts.Steps timed training
+// steps on random tokens, and returns the JSON object that `finetune bench` prints (model, device, mode, batch, seq, rank, checkpointing,
 // offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps, replayed, step_seconds_median,
 // cpu_seconds_median, tokens_per_second, first_loss, last_loss, peak_rss_mib, peak_device_mib,
 // peak_device_set_by, peak_device_purposes_mib, held_device_mib, load_seconds). opts may be nil

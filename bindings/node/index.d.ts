@@ -80,7 +80,8 @@ export interface BenchOptions {
   seq?: number;
   /** LoRA rank, alpha equal to it (default 16). */
   rank?: number;
-  /** Timed steps after one untimed warm-up (default 3). */
+  /** Timed steps after the untimed warm-up (one step, two where the second records the pass on
+   * a GPU; default 3). */
   steps?: number;
   /** Recompute each layer in the backward pass (default true). */
   checkpointing?: boolean;

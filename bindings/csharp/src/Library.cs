@@ -14,7 +14,8 @@ namespace Finetune
         /// <summary>"lora" (default) or "qlora" (frozen projection matrices in NF4).</summary>
         public string Mode;
         /// <summary>Rows per step and GPU (default 4), tokens per row (256), LoRA rank with alpha
-        /// equal to it (16), timed steps after one untimed warm-up (3); each at least 1.</summary>
+        /// equal to it (16), timed steps after the untimed warm-up (one step, two where the second
+        /// records the pass on a GPU) (3); each at least 1.</summary>
         public uint? Batch, Seq, Rank, Steps;
         /// <summary>Recompute each layer in the backward pass (default true).</summary>
         public bool? Checkpointing;
@@ -87,7 +88,8 @@ namespace Finetune
         }
 
         /// <summary>The training-step benchmark of `finetune bench`: builds a model of the named
-        /// shape with random weights, runs one warm-up and Steps timed steps on random tokens, and
+        /// shape with random weights, runs the warm-up (one step, two where the second records the
+        /// pass) and Steps timed steps on random tokens, and
         /// returns the JSON text `finetune bench` prints (model, device, mode, batch, seq, rank,
         /// checkpointing, offload_activations, kept_mlp_layers, lm_head_in_host, layers_in_host, steps,
         /// replayed, step_seconds_median, cpu_seconds_median, tokens_per_second, first_loss, last_loss,
