@@ -338,8 +338,8 @@ function benchDefaults() {
 /** The training-step benchmark of `finetune bench`: builds a model of the named shape with random
  * weights, runs the warm-up (one step, two where the second records the pass on a GPU) and
  * `steps` timed steps, and returns the JSON text `finetune bench` prints (tokens_per_second,
- * step_seconds_median, peak_rss_mib, ...). Options left out keep benchDefaults(). It runs on the calling thread, blocking the event loop (minutes for the larger
- * shapes). */
+ * step_seconds_median, peak_rss_mib, ...). Options left out keep benchDefaults(). It runs on
+ * the calling thread, blocking the event loop (minutes for the larger shapes). */
 function bench(opts) {
   opts = opts ?? {};
   const p = lib().benchDefaultParams();
