@@ -100,11 +100,11 @@ impl<B: Backend> Replayer<B> {
         }
     }
 
-    /// Whether micro-batches trained with these settings can be recorded: not in a
-    /// data-parallel group (its sums are queued between layers), not with dropout (its masks
-    /// change every step).
-    pub(super) fn applies(&self, lora: &LoraConfig, in_group: bool) -> bool {
-        self.enabled && !in_group && lora.dropout == 0.0
+    /// Whether micro-batches trained with these settings on `be` can be recorded: where the
+    /// backend records at all, not in a data-parallel group (its sums are queued between
+    /// layers), not with dropout (its masks change every step).
+    pub(super) fn applies(&self, be: &B, lora: &LoraConfig, in_group: bool) -> bool {
+        self.enabled && be.records_work() && !in_group && lora.dropout == 0.0
     }
 
     /// Drops the held recording: the buffers it reads (the adapters) may be replaced.
@@ -130,7 +130,6 @@ impl<B: Backend> Replayer<B> {
     ) -> Result<f64> {
         let be = &dec.backend;
         let vocab = dec.cfg.vocab_size;
-        let length_allows = self.length_allows(batch.batch_size * batch.seq_len);
         let layout = Layout {
             batch: batch.batch_size,
             seq: batch.seq_len,
@@ -157,6 +156,7 @@ impl<B: Backend> Replayer<B> {
                 false
             }
         };
+        let records = seen && self.records_next(record);
         let Held {
             batch,
             scale,
@@ -172,7 +172,7 @@ impl<B: Backend> Replayer<B> {
         if !record {
             // Settings changed since it was made (a trainer that joined a group, say).
             *recording = None;
-        } else if seen && recording.is_none() && *recordable && length_allows {
+        } else if records {
             match be.record(&mut pass)? {
                 Recorded::Kept(r) => *recording = Some(r),
                 Recorded::NotNow => {}

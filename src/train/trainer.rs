@@ -218,9 +218,10 @@ impl<B: Backend> Trainer<B> {
     /// Whether the next step, of one micro-batch of the last one's shape, would record its pass
     /// (two captures before the replay: not a steady step's time).
     pub fn records_next_step(&self) -> bool {
-        let record = self.replayer.applies(&self.lora, self.group.is_some());
-        self.replayer
-            .records_next(record && self.decoder().backend.records_work())
+        let record =
+            self.replayer
+                .applies(&self.decoder().backend, &self.lora, self.group.is_some());
+        self.replayer.records_next(record)
     }
     pub fn steps_taken(&self) -> u64 {
         self.step
@@ -315,7 +316,7 @@ impl<B: Backend> Trainer<B> {
             keep_adapter_inputs: self.keeps_adapter_inputs(largest.unwrap_or(0)),
             kept_mlp_layers: self.cfg.kept_mlp_layers,
         };
-        let record = self.replayer.applies(&self.lora, group.is_some());
+        let record = self.replayer.applies(be, &self.lora, group.is_some());
         let scale = 1.0 / labelled as f32;
         let mut loss_sum = 0.0f64;
         for (i, batch) in micro_batches.iter().enumerate() {
