@@ -810,7 +810,7 @@ impl Trainer {
 
     /// Whether a recorded pass is held, which the next step of the last one's shape replays
     /// (never on the CPU, with dropout or data-parallel ranks, for micro-batches of more than
-    /// 16,384 tokens, or where the recording's memory does not fit under the device-memory cap).
+    /// 2,048 tokens, or where the recording's memory does not fit under the device-memory cap).
     pub fn holds_recording(&self) -> bool {
         on_core!(&self.core, c => c.holds_recording())
     }

@@ -115,7 +115,7 @@ pub struct BenchResult {
     pub layers_in_host: usize,
     pub steps: usize,
     /// Whether the timed steps replayed a recorded pass (false: queued op by op, as on the CPU,
-    /// with data-parallel ranks, past 16,384 tokens a rank, or where the recording's memory
+    /// with data-parallel ranks, past 2,048 tokens a rank, or where the recording's memory
     /// would pass the device-memory cap). The step that records it is a second, untimed
     /// warm-up step.
     pub replayed: bool,

@@ -125,6 +125,69 @@ fn matmul_matches_cpu_in_f32_and_with_bf16_weights() {
     }
 }
 
+/// The adapters' gradient products, which run beside the compute stream
+/// (backend/cuda/aside.rs): the CPU's sums over the same bf16-rounded inputs, twice (the second
+/// pair waits for the first), and inputs handed over with `drop_after_adapter_gradients` are not
+/// reused while the products read them (memory of their sizes is written at once, before the
+/// join).
+#[test]
+fn adapter_gradients_beside_the_compute_stream_match_cpu() {
+    let Some(mut p) = Pair::new() else { return };
+    // Products rounded to bf16, as in training: the only case that runs beside.
+    p.g.set_f32_products(F32Products::Tf32);
+    let mut rng = fresh_rng("adapter gradients");
+    let (rows, out, inp, r, s) = (4096, 1024, 768, 16, 0.5);
+    let mut values = |n| randn(&mut rng, n, 1.0);
+    let (dyv, xv, xav, dxav) = (
+        values(rows * out),
+        values(rows * inp),
+        values(rows * r),
+        values(rows * r),
+    );
+    let (dav, dbv) = (values(r * inp), values(out * r));
+    let rounded_input = |v: &[f32], cols| {
+        let t = p.g.upload(v, rows, cols).unwrap();
+        p.g.product_input(t, r).unwrap()
+    };
+    let (dy, x) = (rounded_input(&dyv, out), rounded_input(&xv, inp));
+    let (xa, dxa) = (
+        p.g.upload(&xav, rows, r).unwrap(),
+        p.g.upload(&dxav, rows, r).unwrap(),
+    );
+    let (mut da, mut db) = (
+        p.g.upload(&dav, r, inp).unwrap(),
+        p.g.upload(&dbv, out, r).unwrap(),
+    );
+    for _ in 0..2 {
+        p.g.add_adapter_gradients(&dy, &xa, &dxa, &x, s, &mut da, &mut db)
+            .unwrap();
+    }
+    p.g.drop_after_adapter_gradients(dy);
+    p.g.drop_after_adapter_gradients(x);
+    let junk = [values(rows * out), values(rows * inp)];
+    let overwritten = [rounded_input(&junk[0], out), rounded_input(&junk[1], inp)];
+    p.g.join_adapter_gradients().unwrap();
+    drop(overwritten);
+
+    let up = |v: &[f32], rows, cols| p.c.upload(&bf16_round(v), rows, cols).unwrap();
+    let (dyc, xc, xac, dxac) = (
+        up(&dyv, rows, out),
+        up(&xv, rows, inp),
+        up(&xav, rows, r),
+        up(&dxav, rows, r),
+    );
+    let mut dac = p.c.upload(&dav, r, inp).unwrap();
+    let mut dbc = p.c.upload(&dbv, out, r).unwrap();
+    for _ in 0..2 {
+        p.c.matmul(&dyc, true, &xac, false, s, &mut dbc, true)
+            .unwrap();
+        p.c.matmul(&dxac, true, &xc, false, 1.0, &mut dac, true)
+            .unwrap();
+    }
+    p.check("dB beside", &db, &dbc, 1e-4);
+    p.check("dA beside", &da, &dac, 1e-4);
+}
+
 #[test]
 fn pointwise_ops_match_cpu() {
     let Some(mut p) = Pair::new() else { return };

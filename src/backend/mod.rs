@@ -552,6 +552,38 @@ pub trait Backend: Send + Sync + 'static {
         let _ = out;
         adapted_product_backward_in_two(self, dy, w, dxa, a, acc)
     }
+    /// A LoRA pair's gradients from its projection's backward: `db += s·dyᵀ·xa` and
+    /// `da += dxaᵀ·x` (`dy: [rows, out]`, `xa`, `dxa: [rows, r]`, `x: [rows, in]`). A device
+    /// backend may run them beside the work queued after them (CUDA: on a second stream; each
+    /// reads an activation-sized matrix for a rank-wide result, and nothing of the pass waits
+    /// for it): they are complete, and `dy` and `x` no longer read, once
+    /// [`Backend::join_adapter_gradients`] is queued. Until then nothing may write `dy`, `x`, `da`
+    /// or `db`, and a caller done with one of them hands it to
+    /// [`Backend::drop_after_adapter_gradients`] instead of dropping it.
+    #[allow(clippy::too_many_arguments)]
+    fn add_adapter_gradients(
+        &self,
+        dy: &Self::Tensor,
+        xa: &Self::Tensor,
+        dxa: &Self::Tensor,
+        x: &Self::Tensor,
+        s: f32,
+        da: &mut Self::Tensor,
+        db: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.matmul(dy, true, xa, false, s, db, true)?;
+        self.matmul(dxa, true, x, false, 1.0, da, true)
+    }
+    /// Drops `t` once the adapter gradients queued so far no longer read it (at once where they
+    /// ran in order).
+    fn drop_after_adapter_gradients(&self, t: Self::Tensor) {
+        drop(t);
+    }
+    /// Makes the work queued from now on wait for the adapter gradients queued so far
+    /// ([`Backend::add_adapter_gradients`]), and drops what was handed over for them.
+    fn join_adapter_gradients(&self) -> Result<()> {
+        Ok(())
+    }
     /// `x[r, :] += bias` for every row.
     fn add_row_vector(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> Result<()>;
     /// `x += y`.

@@ -573,7 +573,9 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// The adapter's gradients of [`Decoder::project`] from what
-    /// [`Self::project_input_gradient`] left: `dB += s·dyᵀ·xa`, `dA += dxaᵀ·dropout(x)`.
+    /// [`Self::project_input_gradient`] left: `dB += s·dyᵀ·xa`, `dA += dxaᵀ·dropout(x)`
+    /// ([`Backend::add_adapter_gradients`]: `dy` and `x` stay unwritten and alive until
+    /// [`Backend::join_adapter_gradients`]).
     #[allow(clippy::too_many_arguments)]
     fn add_adapter_gradients(
         &self,
@@ -593,12 +595,19 @@ impl<B: Backend> Decoder<B> {
         };
         let xa = xa.ok_or_else(|| missing("adapter input"))?;
         let grad = grads.get_mut(layer, m).ok_or_else(|| missing("gradient"))?;
-        let dy = pending.rounded_dy.as_ref().unwrap_or(dy);
-        be.matmul(dy, true, xa, false, ad.cfg.scale(), &mut grad.b, true)?;
         let seed = Self::dropout_seed(ad, layer, m, chunk);
         let dropped = self.dropped_out(x, seed, ad.cfg.dropout)?;
-        let x = dropped.as_ref().unwrap_or(x);
-        be.matmul(&pending.dxa, true, x, false, 1.0, &mut grad.a, true)
+        let (dy_read, x_read) = (
+            pending.rounded_dy.as_ref().unwrap_or(dy),
+            dropped.as_ref().unwrap_or(x),
+        );
+        let (s, dxa) = (ad.cfg.scale(), &pending.dxa);
+        be.add_adapter_gradients(dy_read, xa, dxa, x_read, s, &mut grad.a, &mut grad.b)?;
+        // The copies they read are dropped once they are done.
+        for t in [pending.rounded_dy, dropped].into_iter().flatten() {
+            be.drop_after_adapter_gradients(t);
+        }
+        Ok(())
     }
 
     /// Per-head RMSNorm of q or k (qwen3): rows of `head_dim` values.
@@ -923,7 +932,12 @@ impl<B: Backend> Decoder<B> {
                 let h = self.rows_of(h2, start, n)?;
                 let dy = self.rows_of(&d_out, start, n)?;
                 let chunk = kept.next().expect("the forward keeps one per chunk");
-                self.mlp_chunk_backward(layer, &dy, &h, chunk, ad, grads, c)?
+                let dh = self.mlp_chunk_backward(layer, &dy, &h, chunk, ad, grads, c)?;
+                // Up's adapter gradients, still in flight, read the chunk's rows of h2.
+                if let Rows::Part(h) = h {
+                    be.drop_after_adapter_gradients(h);
+                }
+                dh
             };
             be.rmsnorm_backward_rows(&dh, x1, norm, r2, offset, start, &mut d_out)?;
         }
@@ -963,6 +977,9 @@ impl<B: Backend> Decoder<B> {
         // Down's input m = act(g)·u is read only by its adapter's gradients, which come after
         // dm: the gated activation's backward writes m as it reads g and u.
         let (dm, pending) = self.project_input_gradient(layer, Down, dy, ad, grads, None, c)?;
+        // The previous chunk's adapter gradients ran beside the products so far; what they
+        // held is freed before this chunk's gradients are made.
+        be.join_adapter_gradients()?;
         let (act, room) = (self.cfg.activation, Self::room(Some(ad)));
         let (dg, du, m) =
             be.gated_activation_backward_for_products(&dm, &g, &u, act, room, pending.is_some())?;
@@ -970,9 +987,14 @@ impl<B: Backend> Decoder<B> {
         if let (Some(pending), Some(m)) = (pending, m) {
             let xd = self.adapter_input(layer, Down, &m, Some(ad), c, xd)?;
             self.add_adapter_gradients(layer, Down, dy, pending, &m, xd.as_ref(), ad, grads, c)?;
+            be.drop_after_adapter_gradients(m);
         }
+        // Each projection's adapter gradients run beside the next one's input gradient.
         let dh = self.project_backward(layer, Gate, &dg, h, xg.as_ref(), ad, grads, None, c)?;
-        self.project_backward(layer, Up, &du, h, xu.as_ref(), ad, grads, Some(dh), c)
+        be.drop_after_adapter_gradients(dg);
+        let dh = self.project_backward(layer, Up, &du, h, xu.as_ref(), ad, grads, Some(dh), c)?;
+        be.drop_after_adapter_gradients(du);
+        Ok(dh)
     }
 
     /// One layer backward: takes dL/d(out), the layer input and its cache, returns dL/dx. Each
@@ -1016,10 +1038,13 @@ impl<B: Backend> Decoder<B> {
         // out = x1 + mlp(h2), h2 = norm(x1): dx1 = d_out + the norm's input gradient (added
         // into d_out's values).
         let dx1 = self.mlp_half_backward(layer, d_out, &x1, &r2, &h2, mlp, ad, grads)?;
-        drop((h2, x1, r2));
+        drop((x1, r2));
+        be.drop_after_adapter_gradients(h2);
         // x1 = x + o(attn), `attn` the product input the forward made (`attention_half`).
         let dattn = self.project_backward(layer, O, &dx1, &attn, xa(O), ad, grads, None, 0)?;
         before_attention()?;
+        // o's adapter gradients read `attn`, which the attention's backward frees.
+        be.join_adapter_gradients()?;
         let shape = self.attention_shape(batch);
         let (mut dq, mut dk, dv) =
             be.attention_backward(&q, &k, &v, attn, &lse, dattn, &batch.segments, shape)?;
@@ -1042,11 +1067,12 @@ impl<B: Backend> Decoder<B> {
         };
         let dv = be.product_input(dv, room)?;
         let dh1 = self.project_backward(layer, Q, &dq, &h1, xa(Q), ad, grads, None, 0)?;
-        drop(dq);
+        be.drop_after_adapter_gradients(dq);
         let dh1 = self.project_backward(layer, K, &dk, &h1, xa(K), ad, grads, Some(dh1), 0)?;
-        drop(dk);
+        be.drop_after_adapter_gradients(dk);
         let dh1 = self.project_backward(layer, V, &dv, &h1, xa(V), ad, grads, Some(dh1), 0)?;
-        drop((dv, h1));
+        be.drop_after_adapter_gradients(dv);
+        be.drop_after_adapter_gradients(h1);
         // x1 = x + attention(norm(x)): dx = dx1 + the norm's input gradient.
         be.rmsnorm_backward(&dh1, x, &lw.attn_norm, &r1, cfg.norm_unit_offset, Some(dx1))
     }
@@ -1245,6 +1271,23 @@ impl<B: Backend> Decoder<B> {
         saving: Saving,
         layer_done: &mut dyn FnMut(usize, &mut LoraTensors<B>) -> Result<()>,
     ) -> Result<()> {
+        let queued = self.queue_pass(batch, ad, grads, loss, saving, layer_done);
+        // A pass that failed may leave adapter gradients in flight: later work (the next
+        // step's zeroed gradients) waits for them.
+        let joined = self.backend.join_adapter_gradients();
+        queued.and(joined)
+    }
+
+    /// [`Self::forward_backward`]'s work.
+    fn queue_pass(
+        &self,
+        batch: &DeviceBatch<B>,
+        ad: &Adapters<B>,
+        grads: &mut LoraTensors<B>,
+        loss: &mut LossOutput<B>,
+        saving: Saving,
+        layer_done: &mut dyn FnMut(usize, &mut LoraTensors<B>) -> Result<()>,
+    ) -> Result<()> {
         let be = &self.backend;
         let rounded = ad.tensors.rounded_for_products(be)?;
         let with_rounded = rounded.as_ref().map(|r| ad.with_rounded(r));
@@ -1421,6 +1464,8 @@ impl<B: Backend> Decoder<B> {
             };
             dx = self.layer_backward(layer, dx, &x, cache, batch, ad, grads, fetch_next_input)?;
             layer_copies.after(layer);
+            // The layer's adapter gradients complete before anything reads them.
+            be.join_adapter_gradients()?;
             layer_done(layer, grads)?;
         }
         be.mark(PassPoint::End)

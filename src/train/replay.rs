@@ -23,11 +23,14 @@ use crate::model::decoder::{Adapters, Decoder, DeviceBatch, LossOutput, Saving};
 const SWITCH: &str = "FINETUNE_CUDA_GRAPHS";
 
 /// Micro-batches of more tokens (rows × sequence) run unrecorded: a recording saves the host's
-/// queueing, which a long pass hides behind its GPU time anyway. On an H200, recorded and
-/// queued Llama-3-8B QLoRA steps of 32,768 and 65,536 tokens ran equally fast, the recorded
-/// ones with 310 and 108 MiB more at their peak (bench/NOTES.md); at 2,048 tokens recording
-/// gained ~3 %.
-const RECORDED_TOKENS_MAX: usize = 16_384;
+/// queueing, which a long pass hides behind its GPU time anyway, and queued passes run the
+/// adapters' gradient products beside the compute stream (`Backend::add_adapter_gradients`),
+/// which recorded ones do in order. On an H200 (Llama-3-8B QLoRA, bench/NOTES.md): at 2,048
+/// tokens recording gained ~3 %; at 4,096 recorded and queued steps ran equally fast (11,401
+/// and 11,428 tokens/s) and queued with the side stream no slower (11,434); at 8,192 queued
+/// with the side stream gained 0.3-0.6 % over recorded; at 32,768 and 65,536 recorded and
+/// queued ran equally fast, the recorded ones with 310 and 108 MiB more at their peak.
+const RECORDED_TOKENS_MAX: usize = 2_048;
 
 /// What a recording depends on besides the values in its buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -353,12 +353,12 @@ fn six_steps(t: &mut Trainer<CudaBackend>) -> (Vec<f32>, Vec<Vec<f32>>) {
     (losses, values)
 }
 
-/// Micro-batches of at most 16,384 tokens are recorded at their second step (which the trainer
+/// Micro-batches of at most 2,048 tokens are recorded at their second step (which the trainer
 /// says after the first), longer ones run unrecorded (a long pass hides the host's queueing
 /// behind its GPU time: bench/NOTES.md).
 pub fn long_micro_batches_run_unrecorded() {
     let make = recordable_trainer(Base::Frozen, false);
-    for (rows, seq, recorded) in [(2, 8_192, true), (1, 16_392, false)] {
+    for (rows, seq, recorded) in [(2, 1_024, true), (1, 2_056, false)] {
         let mut t = make();
         let (_, b) = next_token_batch(rows, seq, 64, 5);
         let step = |t: &mut Trainer<CudaBackend>| t.step(std::slice::from_ref(&b)).unwrap().loss;

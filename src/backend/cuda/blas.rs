@@ -267,11 +267,22 @@ impl Drop for Plan {
     }
 }
 
-/// One cuBLASLt handle, the plans of the products seen so far, and the algorithms' workspace.
+/// The stream a product is queued on, each with a workspace of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// [`Gpu::stream`], where all work runs in order.
+    Compute,
+    /// [`Gpu::side_stream`], beside it (aside.rs).
+    Side,
+}
+
+/// One cuBLASLt handle, the plans of the products seen so far, and the algorithms' workspaces.
 pub struct Blas {
     handle: sys::cublasLtHandle_t,
     plans: Mutex<HashMap<Product, Plan>>,
     workspace: DeviceBuffer<u8>,
+    /// The side lane's, made for its first product.
+    side_workspace: Mutex<Option<DeviceBuffer<u8>>>,
 }
 
 // SAFETY: a cuBLASLt handle may be used from any thread; the plans sit behind a lock.
@@ -296,7 +307,37 @@ impl Blas {
             handle,
             plans: Mutex::new(HashMap::new()),
             workspace,
+            side_workspace: Mutex::new(None),
         })
+    }
+
+    /// Whether the side lane has its workspace: made here (ordered on the main stream) when it
+    /// fits in device memory; false when it does not.
+    pub fn side_workspace_fits(&self, gpu: &Gpu) -> Result<bool> {
+        let mut side = self.side_workspace.lock().expect("no panic holds it");
+        if side.is_none() {
+            let what = "the side products' workspace";
+            match gpu.alloc_on::<u8>(gpu.main_stream(), WORKSPACE_BYTES, what) {
+                Ok(buffer) => *side = Some(buffer),
+                Err(Error::OutOfMemory { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The address of `lane`'s workspace.
+    fn workspace(&self, gpu: &Gpu, lane: Lane) -> Result<u64> {
+        let buffer_ptr = |b: &DeviceBuffer<u8>| b.slice.device_ptr(gpu.main_stream()).0;
+        match lane {
+            Lane::Compute => Ok(buffer_ptr(&self.workspace)),
+            Lane::Side => match &*self.side_workspace.lock().expect("no panic holds it") {
+                Some(b) => Ok(buffer_ptr(b)),
+                None => Err(Error::Device(
+                    "a product on the side stream before its workspace was made".into(),
+                )),
+            },
+        }
     }
 
     /// `c = alpha·op(a)·op(b) + beta·c` with `c` `[m, n]`, f32 or (with bf16 `a` and `b`) bf16.
@@ -306,6 +347,7 @@ impl Blas {
     pub fn gemm(
         &self,
         gpu: &Gpu,
+        lane: Lane,
         a: Operand,
         trans_a: bool,
         b: Operand,
@@ -370,7 +412,11 @@ impl Blas {
         gpu.ctx
             .bind_to_thread()
             .map_err(driver_error("binding the CUDA context"))?;
-        let workspace = self.workspace.slice.device_ptr(gpu.stream()).0;
+        let workspace = self.workspace(gpu, lane)?;
+        let stream = match lane {
+            Lane::Compute => gpu.stream(),
+            Lane::Side => gpu.side_stream(),
+        };
         let [la, lb, lc] = plan.layouts;
         // SAFETY: the operands are live device allocations of at least (rows − 1)·pitch + cols
         // elements of their dtype (checked by the callers) at the alignments planned for; alpha
@@ -392,7 +438,7 @@ impl Blas {
                 &plan.algo,
                 workspace as *mut c_void,
                 WORKSPACE_BYTES,
-                gpu.stream().cu_stream() as sys::cudaStream_t,
+                stream.cu_stream() as sys::cudaStream_t,
             )
         }
         .map_err(blas_error(format!(

@@ -222,6 +222,10 @@ pub struct Gpu {
     /// The stream a thread recording work (graph.rs) queues it on instead, so that other
     /// threads' work on `main` meanwhile is not recorded with it.
     recording_stream: Arc<CudaStream>,
+    /// The stream adapter gradients run on beside the work on `main` (aside.rs), and the one a
+    /// recording thread uses for them.
+    side: Arc<CudaStream>,
+    recording_side: Arc<CudaStream>,
     /// The thread recording now, if one is.
     recorder: Mutex<Option<ThreadId>>,
     /// Held by the thread recording (see [`Gpu::recording_here`]).
@@ -281,10 +285,12 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).map_err(driver_error("creating the CUDA context"))?;
         // All work runs on one stream in order, so the per-buffer events cudarc would record
         // for cross-stream safety are pure overhead.
-        // SAFETY: no buffer of this context is ever used on a second stream.
+        // SAFETY: the buffers used on other streams (copies: offload.rs; adapter gradients:
+        // aside.rs) are ordered against the compute stream by events of their own.
         unsafe { ctx.disable_event_tracking() };
         let new_stream = || ctx.new_stream().map_err(driver_error("creating a stream"));
         let (main, recording_stream) = (new_stream()?, new_stream()?);
+        let (side, recording_side) = (new_stream()?, new_stream()?);
         keep_freed_memory_pooled(&ctx)?;
         let name = ctx.name().map_err(driver_error("reading the GPU name"))?;
         let capability = ctx
@@ -299,6 +305,8 @@ impl Gpu {
             ctx,
             main,
             recording_stream,
+            side,
+            recording_side,
             recorder: Mutex::new(None),
             recording_turn: Mutex::new(()),
             arena: Mutex::new(None),
@@ -317,6 +325,16 @@ impl Gpu {
             &self.recording_stream
         } else {
             &self.main
+        }
+    }
+
+    /// The stream this thread's adapter gradients go to beside [`Gpu::stream`] (aside.rs): a
+    /// recording thread's own, so that work other threads queue meanwhile is not recorded.
+    pub fn side_stream(&self) -> &Arc<CudaStream> {
+        if self.records_here() {
+            &self.recording_side
+        } else {
+            &self.side
         }
     }
 

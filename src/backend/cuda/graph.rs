@@ -69,6 +69,8 @@ impl CudaBackend {
         if !self.records_work() {
             return Ok(Recorded::Never);
         }
+        // Adapter gradients still in flight belong to the work before the recording.
+        self.join_aside()?;
         let recorded = self.gpu.recording_here(|| {
             self.offload.finish_copies()?;
             // First capture: ordinary allocations, their sizes and lifetimes traced.

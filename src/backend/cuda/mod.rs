@@ -5,6 +5,7 @@
 //! `kernels/` (kernels/README.md is their contract).
 
 mod arena;
+mod aside;
 mod blas;
 pub mod device;
 mod fold;
@@ -30,7 +31,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::quant::Nf4Tensor;
-use blas::{Addend, Blas, Operand};
+use blas::{Addend, Blas, Lane, Operand};
 use cudarc::driver::{DevicePtr, DeviceRepr};
 use device::{driver_error, DeviceBuffer, Gpu};
 use head_chunks::{HeadChunks, HEAD_CHUNK_ROWS};
@@ -96,6 +97,8 @@ pub struct CudaBackend {
     /// Whether the output projection (the LM head, or the tied embedding table) is kept in
     /// pinned host memory and copied to the device for the products that read it.
     output_projection_in_host: bool,
+    /// The adapter gradients in flight on the side stream, per thread (aside.rs).
+    aside: Mutex<aside::InFlight>,
 }
 
 /// The arithmetic of products of two f32 matrices, and whether activations are rounded once
@@ -330,6 +333,7 @@ impl CudaBackend {
             f32_products: F32Products::Tf32,
             offload,
             output_projection_in_host: false,
+            aside: Mutex::default(),
         })
     }
 
@@ -460,8 +464,18 @@ impl CudaBackend {
             format!("{name} {}{ta}x{k}x{}{tb}", c.rows, c.cols).into()
         };
         self.timed(shape, || {
-            self.blas
-                .gemm(&self.gpu, a, trans_a, b, trans_b, alpha, addend, c, tf32)
+            self.blas.gemm(
+                &self.gpu,
+                Lane::Compute,
+                a,
+                trans_a,
+                b,
+                trans_b,
+                alpha,
+                addend,
+                c,
+                tf32,
+            )
         })
     }
 
@@ -2471,5 +2485,26 @@ impl Backend for CudaBackend {
 
     fn records_work(&self) -> bool {
         self.profiler.is_none()
+    }
+
+    fn add_adapter_gradients(
+        &self,
+        dy: &CudaTensor,
+        xa: &CudaTensor,
+        dxa: &CudaTensor,
+        x: &CudaTensor,
+        s: f32,
+        da: &mut CudaTensor,
+        db: &mut CudaTensor,
+    ) -> Result<()> {
+        self.adapter_gradients_aside(dy, xa, dxa, x, s, da, db)
+    }
+
+    fn drop_after_adapter_gradients(&self, t: CudaTensor) {
+        self.drop_after_aside(t);
+    }
+
+    fn join_adapter_gradients(&self) -> Result<()> {
+        self.join_aside()
     }
 }

@@ -1,0 +1,140 @@
+//! The adapters' gradient products on a second stream, beside the compute stream's products
+//! ([`Backend::add_adapter_gradients`](crate::backend::Backend::add_adapter_gradients)):
+//!
+//! ```text
+//!   dB += s·dyᵀ·xa     dA += dxaᵀ·x          (dy: [rows, out], x: [rows, in], xa, dxa: [rows, r])
+//! ```
+//!
+//! Each product reads an activation-sized bf16 matrix for a rank-wide result: memory-bound,
+//! while the input-gradient products queued after it are compute-bound, and nothing of the pass
+//! reads the gradients until its end. So each pair waits for the compute stream's work queued
+//! before it (its inputs are ready), runs on the side stream, and the compute stream waits for it
+//! when the next pair is queued or at a join ([`CudaBackend::join_aside`]): at most one pair is
+//! in flight, and what was handed over for it (its rounded `xa` and `dxa`, the inputs its caller
+//! was done with) is dropped at that wait, so that their memory is reused only behind it, in the
+//! compute stream's order (a recording's arena reuses places in that order too).
+//!
+//! Each thread has its own pair in flight (threads training one shared model queue on the same
+//! streams, and a thread waits only for its own pairs).
+//!
+//! The pair runs on the compute stream instead, in order: in recorded passes (where they measured
+//! slower beside it: bench/NOTES.md), with f32 inputs (products not rounded to bf16, which would
+//! need copies made beside the compute stream's allocations), under profiling (which times
+//! operations one by one), and where the side stream's cuBLASLt workspace does not fit in
+//! device memory.
+
+use super::blas::{Addend, Lane};
+use super::device::driver_error;
+use super::tensor::{Dtype, Storage};
+use super::{lock, CudaBackend, CudaTensor};
+use crate::backend::Backend;
+use crate::error::Result;
+use cudarc::driver::{sys, CudaEvent};
+use std::collections::HashMap;
+use std::thread::{self, ThreadId};
+
+/// Each thread's pair in flight.
+pub(super) type InFlight = HashMap<ThreadId, AsideWork>;
+
+/// A pair of gradient products queued on the side stream, and what it reads that the compute
+/// stream must not free before it is done.
+pub(super) struct AsideWork {
+    done: CudaEvent,
+    held: Vec<CudaTensor>,
+}
+
+/// Whether `t` holds bf16 values (dense or with spare columns).
+fn is_bf16(t: &CudaTensor) -> bool {
+    matches!(t.storage, Storage::Bf16(_) | Storage::Bf16Pitched { .. })
+}
+
+impl CudaBackend {
+    /// See [`Backend::add_adapter_gradients`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn adapter_gradients_aside(
+        &self,
+        dy: &CudaTensor,
+        xa: &CudaTensor,
+        dxa: &CudaTensor,
+        x: &CudaTensor,
+        s: f32,
+        da: &mut CudaTensor,
+        db: &mut CudaTensor,
+    ) -> Result<()> {
+        // The previous pair first: it may add into the same gradients.
+        self.join_aside()?;
+        let beside = self.profiler.is_none()
+            && !self.gpu.records_here()
+            && self.rounds_product_inputs()
+            && is_bf16(dy)
+            && is_bf16(x)
+            && [xa, dxa, da, db].iter().all(|t| t.dtype() == Dtype::F32)
+            && self.blas.side_workspace_fits(&self.gpu)?;
+        if !beside {
+            self.matmul(dy, true, xa, false, s, db, true)?;
+            return self.matmul(dxa, true, x, false, 1.0, da, true);
+        }
+        // Rounded on the compute stream, as the products would round them.
+        let xa = self.rounded_copy(xa, 0, "an adapter input")?;
+        let dxa = self.rounded_copy(dxa, 0, "an adapter input's gradient")?;
+        let operand = |t: &CudaTensor| self.operand(t, true).map(|(o, _)| o);
+        let (dy_o, xa_o, dxa_o, x_o) = (operand(dy)?, operand(&xa)?, operand(&dxa)?, operand(x)?);
+        let (db_o, da_o) = (self.operand(db, false)?.0, self.operand(da, false)?.0);
+        let no_timing = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let (compute, side) = (self.gpu.stream(), self.gpu.side_stream());
+        let ready = compute
+            .record_event(no_timing)
+            .map_err(driver_error("marking adapter gradients' inputs ready"))?;
+        side.wait(&ready).map_err(driver_error(
+            "starting adapter gradients beside the compute stream",
+        ))?;
+        let gemm = |a, b, alpha, c| {
+            let add = Addend::Output;
+            self.blas.gemm(
+                &self.gpu,
+                Lane::Side,
+                a,
+                true,
+                b,
+                false,
+                alpha,
+                add,
+                c,
+                false,
+            )
+        };
+        gemm(dy_o, xa_o, s, db_o)?;
+        gemm(dxa_o, x_o, 1.0, da_o)?;
+        let done = side
+            .record_event(no_timing)
+            .map_err(driver_error("marking the end of adapter gradients"))?;
+        let work = AsideWork {
+            done,
+            held: vec![xa, dxa],
+        };
+        lock(&self.aside).insert(thread::current().id(), work);
+        Ok(())
+    }
+
+    /// See [`Backend::drop_after_adapter_gradients`].
+    pub(super) fn drop_after_aside(&self, t: CudaTensor) {
+        match lock(&self.aside).get_mut(&thread::current().id()) {
+            Some(work) => work.held.push(t),
+            None => drop(t),
+        }
+    }
+
+    /// See [`Backend::join_adapter_gradients`]: the compute stream waits for this thread's pair
+    /// in flight, then what it held is dropped (freed behind that wait).
+    pub(super) fn join_aside(&self) -> Result<()> {
+        let Some(work) = lock(&self.aside).remove(&thread::current().id()) else {
+            return Ok(());
+        };
+        self.gpu
+            .stream()
+            .wait(&work.done)
+            .map_err(driver_error("waiting for adapter gradients"))?;
+        drop(work.held);
+        Ok(())
+    }
+}
