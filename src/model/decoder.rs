@@ -602,12 +602,13 @@ impl<B: Backend> Decoder<B> {
             dropped.as_ref().unwrap_or(x),
         );
         let (s, dxa) = (ad.cfg.scale(), &pending.dxa);
-        be.add_adapter_gradients(dy_read, xa, dxa, x_read, s, &mut grad.a, &mut grad.b)?;
-        // The copies they read are dropped once they are done.
+        let added = be.add_adapter_gradients(dy_read, xa, dxa, x_read, s, &mut grad.a, &mut grad.b);
+        // The copies they read are dropped once they are done (failed ones too: part of
+        // the pair may be running).
         for t in [pending.rounded_dy, dropped].into_iter().flatten() {
             be.drop_after_adapter_gradients(t);
         }
-        Ok(())
+        added
     }
 
     /// Per-head RMSNorm of q or k (qwen3): rows of `head_dim` values.

@@ -12,7 +12,13 @@
 //! when the next pair is queued or at a join ([`CudaBackend::join_aside`]): at most one pair is
 //! in flight, and what was handed over for it (its rounded `xa` and `dxa`, the inputs its caller
 //! was done with) is dropped at that wait, so that their memory is reused only behind it, in the
-//! compute stream's order (a recording's arena reuses places in that order too).
+//! compute stream's order.
+//!
+//! A pair that fails part way is waited for all the same. A pass that fails between a pair and
+//! its join may free inputs the pair reads (the decoder's locals, dropped as the error returns)
+//! before the pass's last join (`Decoder::forward_backward`): the pair may then read memory the
+//! pool hands to another thread's allocation, so only that failed pass's gradients hold
+//! garbage, and the next step zeroes them behind the join.
 //!
 //! Each thread has its own pair in flight (threads training one shared model queue on the same
 //! streams, and a thread waits only for its own pairs).
@@ -28,7 +34,7 @@ use super::device::driver_error;
 use super::tensor::{Dtype, Storage};
 use super::{lock, CudaBackend, CudaTensor};
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaEvent};
 use std::collections::HashMap;
 use std::thread::{self, ThreadId};
@@ -77,9 +83,16 @@ impl CudaBackend {
         // Rounded on the compute stream, as the products would round them.
         let xa = self.rounded_copy(xa, 0, "an adapter input")?;
         let dxa = self.rounded_copy(dxa, 0, "an adapter input's gradient")?;
-        let operand = |t: &CudaTensor| self.operand(t, true).map(|(o, _)| o);
-        let (dy_o, xa_o, dxa_o, x_o) = (operand(dy)?, operand(&xa)?, operand(&dxa)?, operand(x)?);
-        let (db_o, da_o) = (self.operand(db, false)?.0, self.operand(da, false)?.0);
+        // Device bf16 and f32 tensors are their own operands: nothing staged (an NF4 scratch,
+        // a host table's copy) would be freed on the compute stream while the side reads it.
+        let operand = |t: &CudaTensor, bf16| {
+            let (o, staged) = self.operand(t, bf16)?;
+            debug_assert!(staged.is_empty(), "an adapter gradient operand was staged");
+            Ok::<_, Error>(o)
+        };
+        let (dy_o, xa_o) = (operand(dy, true)?, operand(&xa, true)?);
+        let (dxa_o, x_o) = (operand(&dxa, true)?, operand(x, true)?);
+        let (db_o, da_o) = (operand(db, false)?, operand(da, false)?);
         let no_timing = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
         let (compute, side) = (self.gpu.stream(), self.gpu.side_stream());
         let ready = compute
@@ -103,17 +116,23 @@ impl CudaBackend {
                 false,
             )
         };
-        gemm(dy_o, xa_o, s, db_o)?;
-        gemm(dxa_o, x_o, 1.0, da_o)?;
-        let done = side
-            .record_event(no_timing)
-            .map_err(driver_error("marking the end of adapter gradients"))?;
+        let queued = gemm(dy_o, xa_o, s, db_o).and_then(|()| gemm(dxa_o, x_o, 1.0, da_o));
+        // Whatever was queued beside, the compute stream waits for it at the join, a failed
+        // pair too (its first product may be running).
+        let done = match side.record_event(no_timing) {
+            Ok(done) => done,
+            Err(e) => {
+                // Nothing to wait on later: wait here, before the copies are freed.
+                let _ = side.synchronize();
+                return Err(driver_error("marking the end of adapter gradients")(e));
+            }
+        };
         let work = AsideWork {
             done,
             held: vec![xa, dxa],
         };
         lock(&self.aside).insert(thread::current().id(), work);
-        Ok(())
+        queued
     }
 
     /// See [`Backend::drop_after_adapter_gradients`].

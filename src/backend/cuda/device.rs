@@ -222,10 +222,9 @@ pub struct Gpu {
     /// The stream a thread recording work (graph.rs) queues it on instead, so that other
     /// threads' work on `main` meanwhile is not recorded with it.
     recording_stream: Arc<CudaStream>,
-    /// The stream adapter gradients run on beside the work on `main` (aside.rs), and the one a
-    /// recording thread uses for them.
+    /// The stream adapter gradients run on beside the work on `main` (aside.rs; never while
+    /// recording).
     side: Arc<CudaStream>,
-    recording_side: Arc<CudaStream>,
     /// The thread recording now, if one is.
     recorder: Mutex<Option<ThreadId>>,
     /// Held by the thread recording (see [`Gpu::recording_here`]).
@@ -290,7 +289,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let new_stream = || ctx.new_stream().map_err(driver_error("creating a stream"));
         let (main, recording_stream) = (new_stream()?, new_stream()?);
-        let (side, recording_side) = (new_stream()?, new_stream()?);
+        let side = new_stream()?;
         keep_freed_memory_pooled(&ctx)?;
         let name = ctx.name().map_err(driver_error("reading the GPU name"))?;
         let capability = ctx
@@ -306,7 +305,6 @@ impl Gpu {
             main,
             recording_stream,
             side,
-            recording_side,
             recorder: Mutex::new(None),
             recording_turn: Mutex::new(()),
             arena: Mutex::new(None),
@@ -328,14 +326,10 @@ impl Gpu {
         }
     }
 
-    /// The stream this thread's adapter gradients go to beside [`Gpu::stream`] (aside.rs): a
-    /// recording thread's own, so that work other threads queue meanwhile is not recorded.
+    /// The stream adapter gradients go to beside [`Gpu::stream`] (aside.rs), in queued work
+    /// only.
     pub fn side_stream(&self) -> &Arc<CudaStream> {
-        if self.records_here() {
-            &self.recording_side
-        } else {
-            &self.side
-        }
+        &self.side
     }
 
     /// The stream all work runs on (where recorded work is replayed).

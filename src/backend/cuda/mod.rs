@@ -216,6 +216,13 @@ struct Staged<'a> {
     _nf4_scratch: Option<nf4::ScratchGuard<'a>>,
 }
 
+impl Staged<'_> {
+    /// Whether the operand is the tensor's own memory (nothing made for it).
+    fn is_empty(&self) -> bool {
+        self._bf16_copy.is_none() && self._nf4_scratch.is_none()
+    }
+}
+
 /// The addresses of bf16 kernel operands as arguments, with the bf16 copies made of f32 ones
 /// (which live until this is dropped, after the kernels reading them are queued).
 struct Bf16Operands<const N: usize> {
