@@ -260,6 +260,23 @@ pub fn adapted_product_backward_in_two<B: Backend + ?Sized>(
     Ok(dx)
 }
 
+/// [`Backend::add_adapter_gradients`] in order on `be`'s one stream: `db += s·dyᵀ·xa`, then
+/// `da += dxaᵀ·x`.
+#[allow(clippy::too_many_arguments)]
+pub fn adapter_gradients_in_order<B: Backend + ?Sized>(
+    be: &B,
+    dy: &B::Tensor,
+    xa: &B::Tensor,
+    dxa: &B::Tensor,
+    x: &B::Tensor,
+    s: f32,
+    da: &mut B::Tensor,
+    db: &mut B::Tensor,
+) -> Result<()> {
+    be.matmul(dy, true, xa, false, s, db, true)?;
+    be.matmul(dxa, true, x, false, 1.0, da, true)
+}
+
 /// `a·b`, added into `acc` when given, else into a new tensor.
 pub fn product_into<B: Backend + ?Sized>(
     be: &B,
@@ -571,8 +588,7 @@ pub trait Backend: Send + Sync + 'static {
         da: &mut Self::Tensor,
         db: &mut Self::Tensor,
     ) -> Result<()> {
-        self.matmul(dy, true, xa, false, s, db, true)?;
-        self.matmul(dxa, true, x, false, 1.0, da, true)
+        adapter_gradients_in_order(self, dy, xa, dxa, x, s, da, db)
     }
     /// Drops `t` once the adapter gradients queued so far no longer read it (at once where they
     /// ran in order).

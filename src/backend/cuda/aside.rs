@@ -31,9 +31,9 @@
 
 use super::blas::{Addend, Lane};
 use super::device::driver_error;
-use super::tensor::{Dtype, Storage};
+use super::tensor::Dtype;
 use super::{lock, CudaBackend, CudaTensor};
-use crate::backend::Backend;
+use crate::backend::adapter_gradients_in_order;
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaEvent};
 use std::collections::HashMap;
@@ -47,11 +47,6 @@ pub(super) type InFlight = HashMap<ThreadId, AsideWork>;
 pub(super) struct AsideWork {
     done: CudaEvent,
     held: Vec<CudaTensor>,
-}
-
-/// Whether `t` holds bf16 values (dense or with spare columns).
-fn is_bf16(t: &CudaTensor) -> bool {
-    matches!(t.storage, Storage::Bf16(_) | Storage::Bf16Pitched { .. })
 }
 
 impl CudaBackend {
@@ -72,13 +67,11 @@ impl CudaBackend {
         let beside = self.profiler.is_none()
             && !self.gpu.records_here()
             && self.rounds_product_inputs()
-            && is_bf16(dy)
-            && is_bf16(x)
+            && [dy, x].iter().all(|t| t.dtype() == Dtype::Bf16)
             && [xa, dxa, da, db].iter().all(|t| t.dtype() == Dtype::F32)
             && self.blas.side_workspace_fits(&self.gpu)?;
         if !beside {
-            self.matmul(dy, true, xa, false, s, db, true)?;
-            return self.matmul(dxa, true, x, false, 1.0, da, true);
+            return adapter_gradients_in_order(self, dy, xa, dxa, x, s, da, db);
         }
         // Rounded on the compute stream, as the products would round them.
         let xa = self.rounded_copy(xa, 0, "an adapter input")?;
