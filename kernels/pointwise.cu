@@ -51,6 +51,24 @@ extern "C" __global__ void cast_f32_bf16_rows(const float* x, bf16_t* y, long lo
     }
 }
 
+// y[r·pitch + c] = x[r·cols + c] for r < rows, c < cols: a dense bf16 matrix copied into rows
+// that are `pitch` apart (a product input's spare columns). Four values a thread (8-byte load
+// and store) where cols and pitch are multiples of 4 and x and y are 8-byte aligned.
+extern "C" __global__ void copy_bf16_rows(const bf16_t* x, bf16_t* y, long long rows, int cols,
+                                          long long pitch) {
+    const bool quads = cols % 4 == 0 && pitch % 4 == 0 &&
+                       ((reinterpret_cast<unsigned long long>(x) |
+                         reinterpret_cast<unsigned long long>(y)) & 7) == 0;
+    if (!quads) {
+        GRID_STRIDE_LOOP(i, rows * cols) { y[pitched(i, cols, pitch)] = x[i]; }
+        return;
+    }
+    GRID_STRIDE_LOOP(q, rows * cols / 4) {
+        *reinterpret_cast<uint2*>(y + pitched(4 * q, cols, pitch)) =
+            reinterpret_cast<const uint2*>(x)[q];
+    }
+}
+
 // x_i += y_i; four values a thread and iteration (16-byte loads and store) where x and y are
 // 16-byte aligned.
 extern "C" __global__ void add_assign_f32(float* x, const float* y, long long n) {

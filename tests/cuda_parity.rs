@@ -21,7 +21,9 @@ use common::{bf16_round, fresh_rng, randn, rel_err};
 use finetune::backend::cpu::CpuBackend;
 use finetune::backend::cuda::tensor::Dtype;
 use finetune::backend::cuda::{CudaBackend, CudaTensor, F32Products, PROJECTION_ROOM};
-use finetune::backend::{AdamWSlot, AdamWStep, AttentionShape, Backend, IGNORE_LABEL};
+use finetune::backend::{
+    AdamWSlot, AdamWStep, AttentionShape, Backend, ProductOutput, IGNORE_LABEL,
+};
 use finetune::error::Error;
 use finetune::model::config::{Activation, Family};
 use finetune::rng::Rng;
@@ -186,6 +188,81 @@ fn adapter_gradients_beside_the_compute_stream_match_cpu() {
     }
     p.check("dB beside", &db, &dbc, 1e-4);
     p.check("dA beside", &da, &dac, 1e-4);
+}
+
+/// An adapter's rank-wide products (`Backend::adapter_product`) are stored in bf16 where
+/// products round their operands: the CPU's product of the rounded operands, rounded; in f32
+/// with `F32Products::Exact`. The folded product and the adapter gradients read such a bf16
+/// `xa` (copied into the spare columns, read as it is) exactly as they read the f32 tensor of
+/// the same values (rounded into the spare columns, rounded copies), for a rank that fills
+/// 4-value groups and one that does not.
+#[test]
+fn adapter_products_are_stored_rounded_and_read_like_f32_ones() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = fresh_rng("adapter products");
+    let (rows, inp, out) = (300, 256, 192);
+    for r in [16, 6] {
+        let mut values = |n| randn(&mut rng, n, 1.0);
+        let (xv, av, wv, bv) = (
+            values(rows * inp),
+            values(r * inp),
+            values(out * inp),
+            values(out * r),
+        );
+        let a = p.g.upload(&av, r, inp).unwrap();
+        let xa_of = |g: &CudaBackend| {
+            let x = g
+                .product_input(g.upload(&xv, rows, inp).unwrap(), r)
+                .unwrap();
+            let xa = g.adapter_product(&x, &a, true, 0.5).unwrap();
+            (x, xa)
+        };
+        let (_, exact) = xa_of(&p.g);
+        assert_eq!(exact.dtype(), Dtype::F32, "rank {r}: f32 products keep f32");
+        p.g.set_f32_products(F32Products::Tf32);
+        let (x, xa) = xa_of(&p.g);
+        assert_eq!(xa.dtype(), Dtype::Bf16, "rank {r}: stored rounded");
+        let xc = p.c.upload(&bf16_round(&xv), rows, inp).unwrap();
+        let ac = p.c.upload(&bf16_round(&av), r, inp).unwrap();
+        let xac = p.c.product(&xc, false, &ac, true, 0.5).unwrap();
+        let rounded = bf16_round(&p.c.download(&xac).unwrap());
+        // bf16 rounding of the f32 sums: at most 2⁻⁹ relative each, plus their order.
+        assert_close(
+            &format!("rank {r}: xa in bf16"),
+            &p.g.download(&xa).unwrap(),
+            &rounded,
+            4e-3,
+        );
+
+        let xa32 = p.g.upload(&p.g.download(&xa).unwrap(), rows, r).unwrap();
+        let w = p.g.upload_projection(&wv, out, inp).unwrap();
+        let b = p.g.upload(&bv, out, r).unwrap();
+        let sums = ProductOutput::Sums;
+        let y16 = p.g.adapted_product(&x, &w, &xa, &b, 0.5, sums).unwrap();
+        let y32 = p.g.adapted_product(&x, &w, &xa32, &b, 0.5, sums).unwrap();
+        assert_eq!(
+            p.g.download(&y16).unwrap(),
+            p.g.download(&y32).unwrap(),
+            "rank {r}: the folded product reads a bf16 xa as the f32 one"
+        );
+
+        let dy =
+            p.g.product_input(p.g.upload(&values(rows * out), rows, out).unwrap(), r);
+        let dy = dy.unwrap();
+        let gradients = |xa: &CudaTensor| {
+            let (mut da, mut db) = (p.g.zeros(r, inp).unwrap(), p.g.zeros(out, r).unwrap());
+            p.g.add_adapter_gradients(&dy, xa, xa, &x, 0.5, &mut da, &mut db)
+                .unwrap();
+            p.g.join_adapter_gradients().unwrap();
+            [da, db].map(|t| p.g.download(&t).unwrap())
+        };
+        assert_eq!(
+            gradients(&xa),
+            gradients(&xa32),
+            "rank {r}: the adapter gradients read a bf16 xa and dxa as the f32 ones"
+        );
+        p.g.set_f32_products(F32Products::Exact);
+    }
 }
 
 #[test]

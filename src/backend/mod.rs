@@ -471,6 +471,21 @@ pub trait Backend: Send + Sync + 'static {
         self.matmul(a, trans_a, b, trans_b, alpha, &mut c, false)?;
         Ok(c)
     }
+    /// An adapter's rank-wide product `alpha · x · op(m)` (`[rows, r]`): the adapter input
+    /// `xa = dropout(x)·Aᵀ` or its gradient `dxa = s·dy·B`, read afterwards only as an operand
+    /// of products (the adapted products and their backward, the adapter's gradients). A
+    /// backend whose products round their operands to bf16 may store it rounded (the CUDA
+    /// backend: the values each of those products would round it to, half the bytes, and no
+    /// rounded copy per product); the CPU stores f32 ([`Backend::product`]).
+    fn adapter_product(
+        &self,
+        x: &Self::Tensor,
+        m: &Self::Tensor,
+        trans_m: bool,
+        alpha: f32,
+    ) -> Result<Self::Tensor> {
+        self.product(x, false, m, trans_m, alpha)
+    }
     /// [`Backend::adapted_product`] added into rows `[start, start + rows of x)` of `acc` (which
     /// has a column per row of `w`): the product's output lands in a tensor that exists
     /// already (the MLP's down projection into the residual), with no tensor of its own where
@@ -573,9 +588,9 @@ pub trait Backend: Send + Sync + 'static {
     /// `da += dxaᵀ·x` (`dy: [rows, out]`, `xa`, `dxa: [rows, r]`, `x: [rows, in]`). A device
     /// backend may run them beside the work queued after them (CUDA: on a second stream; each
     /// reads an activation-sized matrix for a rank-wide result, and nothing of the pass waits
-    /// for it): they are complete, and `dy` and `x` no longer read, once
-    /// [`Backend::join_adapter_gradients`] is queued. Until then nothing may write `dy`, `x`, `da`
-    /// or `db`, and a caller done with one of them hands it to
+    /// for it): they are complete, and their inputs no longer read, once
+    /// [`Backend::join_adapter_gradients`] is queued. Until then nothing may write `dy`, `xa`,
+    /// `dxa`, `x`, `da` or `db`, and a caller done with one of them hands it to
     /// [`Backend::drop_after_adapter_gradients`] instead of dropping it.
     #[allow(clippy::too_many_arguments)]
     fn add_adapter_gradients(

@@ -74,8 +74,8 @@ pub struct Saving {
     /// the norms read them ([`Backend::norm_input`]: bf16 on CUDA).
     pub offload_attention_inputs: bool,
     /// With `recompute`: keep the adapters' inputs `dropout(x)·Aᵀ` on the device (r columns a
-    /// projection, 14 KiB a token on Llama 3 8B at rank 16), so the recomputation reuses them
-    /// instead of running those rank-wide products again.
+    /// projection, 14 KiB a token on Llama 3 8B at rank 16 in f32, half in CUDA's bf16), so
+    /// the recomputation reuses them instead of running those rank-wide products again.
     pub keep_adapter_inputs: bool,
     /// With `recompute`: the last this many layers (all of them when more) keep their MLP's
     /// gate and up products on the device, so the backward does not recompute them (their
@@ -491,7 +491,7 @@ impl<B: Backend> Decoder<B> {
         let seed = Self::dropout_seed(ad, layer, m, chunk);
         let dropped = self.dropped_out(x, seed, ad.cfg.dropout)?;
         let x = dropped.as_ref().unwrap_or(x);
-        Ok(Some(self.backend.product(x, false, &pair.a, true, 1.0)?))
+        Ok(Some(self.backend.adapter_product(x, &pair.a, true, 1.0)?))
     }
 
     /// Backward of [`Decoder::project`]: returns dx, added into `acc` when given (the inputs
@@ -505,7 +505,7 @@ impl<B: Backend> Decoder<B> {
         m: TargetModule,
         dy: &B::Tensor,
         x: &B::Tensor,
-        xa: Option<&B::Tensor>,
+        xa: Option<B::Tensor>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
         acc: Option<B::Tensor>,
@@ -546,7 +546,7 @@ impl<B: Backend> Decoder<B> {
         // dy rounded once, as the base product would round it, for all three products reading it.
         let rounded_dy = be.rounded_product_input(dy, Self::room(Some(ad)))?;
         let dyr = rounded_dy.as_ref().unwrap_or(dy);
-        let dxa = be.product(dyr, false, &rounded.b, false, ad.cfg.scale())?;
+        let dxa = be.adapter_product(dyr, &rounded.b, false, ad.cfg.scale())?;
         let dx = match Self::dropout_seed(ad, layer, m, chunk) {
             None => {
                 // dL/dm, the input gradient of down, is read only by the gated activation's
@@ -575,7 +575,7 @@ impl<B: Backend> Decoder<B> {
     /// The adapter's gradients of [`Decoder::project`] from what
     /// [`Self::project_input_gradient`] left: `dB += s·dyᵀ·xa`, `dA += dxaᵀ·dropout(x)`
     /// ([`Backend::add_adapter_gradients`]: `dy` and `x` stay unwritten and alive until
-    /// [`Backend::join_adapter_gradients`]).
+    /// [`Backend::join_adapter_gradients`]; `xa` and `dxa` are handed over to stay so).
     #[allow(clippy::too_many_arguments)]
     fn add_adapter_gradients(
         &self,
@@ -584,7 +584,7 @@ impl<B: Backend> Decoder<B> {
         dy: &B::Tensor,
         pending: AdapterBackward<B>,
         x: &B::Tensor,
-        xa: Option<&B::Tensor>,
+        xa: Option<B::Tensor>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
         chunk: usize,
@@ -602,10 +602,15 @@ impl<B: Backend> Decoder<B> {
             dropped.as_ref().unwrap_or(x),
         );
         let (s, dxa) = (ad.cfg.scale(), &pending.dxa);
-        let added = be.add_adapter_gradients(dy_read, xa, dxa, x_read, s, &mut grad.a, &mut grad.b);
-        // The copies they read are dropped once they are done (failed ones too: part of
-        // the pair may be running).
-        for t in [pending.rounded_dy, dropped].into_iter().flatten() {
+        let added =
+            be.add_adapter_gradients(dy_read, &xa, dxa, x_read, s, &mut grad.a, &mut grad.b);
+        // What they read is dropped once they are done (failed ones too: part of the pair may
+        // be running).
+        let AdapterBackward { rounded_dy, dxa } = pending;
+        for t in [rounded_dy, dropped, Some(dxa), Some(xa)]
+            .into_iter()
+            .flatten()
+        {
             be.drop_after_adapter_gradients(t);
         }
         added
@@ -987,13 +992,13 @@ impl<B: Backend> Decoder<B> {
         drop((g, u, dm));
         if let (Some(pending), Some(m)) = (pending, m) {
             let xd = self.adapter_input(layer, Down, &m, Some(ad), c, xd)?;
-            self.add_adapter_gradients(layer, Down, dy, pending, &m, xd.as_ref(), ad, grads, c)?;
+            self.add_adapter_gradients(layer, Down, dy, pending, &m, xd, ad, grads, c)?;
             be.drop_after_adapter_gradients(m);
         }
         // Each projection's adapter gradients run beside the next one's input gradient.
-        let dh = self.project_backward(layer, Gate, &dg, h, xg.as_ref(), ad, grads, None, c)?;
+        let dh = self.project_backward(layer, Gate, &dg, h, xg, ad, grads, None, c)?;
         be.drop_after_adapter_gradients(dg);
-        let dh = self.project_backward(layer, Up, &du, h, xu.as_ref(), ad, grads, Some(dh), c)?;
+        let dh = self.project_backward(layer, Up, &du, h, xu, ad, grads, Some(dh), c)?;
         be.drop_after_adapter_gradients(du);
         Ok(dh)
     }
@@ -1034,15 +1039,13 @@ impl<B: Backend> Decoder<B> {
             residual: ResidualHalf { xo, x1, h2, r2 },
             mlp,
         } = c;
-        let xa = [xq, xk, xv, xo];
-        let xa = |m: TargetModule| xa[m as usize].as_ref();
         // out = x1 + mlp(h2), h2 = norm(x1): dx1 = d_out + the norm's input gradient (added
         // into d_out's values).
         let dx1 = self.mlp_half_backward(layer, d_out, &x1, &r2, &h2, mlp, ad, grads)?;
         drop((x1, r2));
         be.drop_after_adapter_gradients(h2);
         // x1 = x + o(attn), `attn` the product input the forward made (`attention_half`).
-        let dattn = self.project_backward(layer, O, &dx1, &attn, xa(O), ad, grads, None, 0)?;
+        let dattn = self.project_backward(layer, O, &dx1, &attn, xo, ad, grads, None, 0)?;
         before_attention()?;
         // o's adapter gradients read `attn`, which the attention's backward frees.
         be.join_adapter_gradients()?;
@@ -1067,11 +1070,11 @@ impl<B: Backend> Decoder<B> {
             ),
         };
         let dv = be.product_input(dv, room)?;
-        let dh1 = self.project_backward(layer, Q, &dq, &h1, xa(Q), ad, grads, None, 0)?;
+        let dh1 = self.project_backward(layer, Q, &dq, &h1, xq, ad, grads, None, 0)?;
         be.drop_after_adapter_gradients(dq);
-        let dh1 = self.project_backward(layer, K, &dk, &h1, xa(K), ad, grads, Some(dh1), 0)?;
+        let dh1 = self.project_backward(layer, K, &dk, &h1, xk, ad, grads, Some(dh1), 0)?;
         be.drop_after_adapter_gradients(dk);
-        let dh1 = self.project_backward(layer, V, &dv, &h1, xa(V), ad, grads, Some(dh1), 0)?;
+        let dh1 = self.project_backward(layer, V, &dv, &h1, xv, ad, grads, Some(dh1), 0)?;
         be.drop_after_adapter_gradients(dv);
         be.drop_after_adapter_gradients(h1);
         // x1 = x + attention(norm(x)): dx = dx1 + the norm's input gradient.

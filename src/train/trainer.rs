@@ -16,9 +16,10 @@ use std::sync::Arc;
 /// The most device memory a checkpointed step keeps the adapters' inputs in
 /// ([`Saving::keep_adapter_inputs`]); past it the recomputation runs those rank-wide products
 /// again. Keeping them gained 0-2 % of speed at 2,048 and 8,192 tokens (bench/NOTES.md) and
-/// costs 14 KiB a token on Llama 3 8B at rank 16 (109 MiB at 8,192 tokens): kept up to about
-/// 18,700 tokens there; a long sequence, whose step attention dominates, gets the memory back
-/// (1.3 GiB at 98,304 tokens).
+/// costs 14 KiB a token on Llama 3 8B at rank 16 in f32 (109 MiB at 8,192 tokens; the CUDA
+/// backend stores them in bf16, half that, `Backend::adapter_product`, and the bound still
+/// counts 4 bytes a value): kept up to about 18,700 tokens there; a long sequence, whose step
+/// attention dominates, gets the memory back.
 pub const KEPT_ADAPTER_INPUTS_MAX_BYTES: usize = 256 << 20;
 
 /// Optimizer and schedule settings.

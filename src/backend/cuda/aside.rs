@@ -10,9 +10,9 @@
 //! reads the gradients until its end. So each pair waits for the compute stream's work queued
 //! before it (its inputs are ready), runs on the side stream, and the compute stream waits for it
 //! when the next pair is queued or at a join ([`CudaBackend::join_aside`]): at most one pair is
-//! in flight, and what was handed over for it (its rounded `xa` and `dxa`, the inputs its caller
-//! was done with) is dropped at that wait, so that their memory is reused only behind it, in the
-//! compute stream's order.
+//! in flight, and what was handed over for it (rounded copies of an f32 `xa` or `dxa`, the
+//! inputs its caller was done with) is dropped at that wait, so that their memory is reused
+//! only behind it, in the compute stream's order.
 //!
 //! A pair that fails part way is waited for all the same. A pass that fails between a pair and
 //! its join may free inputs the pair reads (the decoder's locals, dropped as the error returns)
@@ -24,8 +24,8 @@
 //! streams, and a thread waits only for its own pairs).
 //!
 //! The pair runs on the compute stream instead, in order: in recorded passes (where they measured
-//! slower beside it: bench/NOTES.md), with f32 inputs (products not rounded to bf16, which would
-//! need copies made beside the compute stream's allocations), under profiling (which times
+//! slower beside it: bench/NOTES.md), with f32 activations (products not rounded to bf16, which
+//! would need copies made beside the compute stream's allocations), under profiling (which times
 //! operations one by one), and where the side stream's cuBLASLt workspace does not fit in
 //! device memory.
 
@@ -68,14 +68,26 @@ impl CudaBackend {
             && !self.gpu.records_here()
             && self.rounds_product_inputs()
             && [dy, x].iter().all(|t| t.dtype() == Dtype::Bf16)
-            && [xa, dxa, da, db].iter().all(|t| t.dtype() == Dtype::F32)
+            && [xa, dxa]
+                .iter()
+                .all(|t| matches!(t.dtype(), Dtype::Bf16 | Dtype::F32))
+            && [&*da, &*db].iter().all(|t| t.dtype() == Dtype::F32)
             && self.blas.side_workspace_fits(&self.gpu)?;
         if !beside {
             return adapter_gradients_in_order(self, dy, xa, dxa, x, s, da, db);
         }
-        // Rounded on the compute stream, as the products would round them.
-        let xa = self.rounded_copy(xa, 0, "an adapter input")?;
-        let dxa = self.rounded_copy(dxa, 0, "an adapter input's gradient")?;
+        // f32 ones rounded on the compute stream, as the products would round them
+        // (`adapter_product` stores them in bf16 already).
+        let rounded = |t: &CudaTensor, what| match t.dtype() {
+            Dtype::F32 => self.rounded_copy(t, 0, what).map(Some),
+            _ => Ok(None),
+        };
+        let xa_copy = rounded(xa, "an adapter input")?;
+        let dxa_copy = rounded(dxa, "an adapter input's gradient")?;
+        let (xa, dxa) = (
+            xa_copy.as_ref().unwrap_or(xa),
+            dxa_copy.as_ref().unwrap_or(dxa),
+        );
         // Device bf16 and f32 tensors are their own operands: nothing staged (an NF4 scratch,
         // a host table's copy) would be freed on the compute stream while the side reads it.
         let operand = |t: &CudaTensor, bf16| {
@@ -83,8 +95,8 @@ impl CudaBackend {
             debug_assert!(staged.is_empty(), "an adapter gradient operand was staged");
             Ok::<_, Error>(o)
         };
-        let (dy_o, xa_o) = (operand(dy, true)?, operand(&xa, true)?);
-        let (dxa_o, x_o) = (operand(&dxa, true)?, operand(x, true)?);
+        let (dy_o, xa_o) = (operand(dy, true)?, operand(xa, true)?);
+        let (dxa_o, x_o) = (operand(dxa, true)?, operand(x, true)?);
         let (db_o, da_o) = (operand(db, false)?, operand(da, false)?);
         let no_timing = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
         let (compute, side) = (self.gpu.stream(), self.gpu.side_stream());
@@ -122,7 +134,7 @@ impl CudaBackend {
         };
         let work = AsideWork {
             done,
-            held: vec![xa, dxa],
+            held: [xa_copy, dxa_copy].into_iter().flatten().collect(),
         };
         lock(&self.aside).insert(thread::current().id(), work);
         queued

@@ -13,7 +13,8 @@
 //! The activation side: a product input with spare columns after each row
 //! (`Storage::Bf16Pitched`, from `product_input` or the gated kernels given the room), or an f32
 //! input, which the product rounds to bf16 anyway and is rounded here into rows with room; `xa`
-//! (or `dxa`) is rounded to bf16 into the spare columns. The weight side: `W` laid out with rows
+//! (or `dxa`) is written into the spare columns: copied, as `adapter_product` stores it in bf16
+//! already, or rounded from f32. The weight side: `W` laid out with rows
 //! `in + room` apart and `r` spare rows below, `s·B` rounded into the spare columns of its `out`
 //! rows for the forward, `A` into the `r` rows below them for the backward. An NF4 matrix is
 //! dequantized so into a scratch slot (nf4.rs); a bf16 projection matrix is uploaded so
@@ -25,7 +26,8 @@
 //! ([`super::F32Products::Exact`]) and inputs with no room keep the two products.
 //!
 //! The adapter's factors and `xa` are rounded to bf16 like the activations (as in bf16
-//! mixed-precision training); the two-product path runs the rank-wide product in TF32.
+//! mixed-precision training), in the two-product path too: `adapter_product` stores `xa` and
+//! `dxa` in bf16, so its expansions `xa·Bᵀ` and `dxa·A` are bf16 products.
 
 use super::blas::{Addend, Operand};
 use super::launch::Arg;
@@ -118,8 +120,21 @@ impl CudaBackend {
         self.elementwise_grouped("cast_f32_bf16_rows", src.elements(), 4, &args)
     }
 
-    /// `[x | extra]` as a product operand: `extra` (f32 `[rows, r]`) rounded into the spare
-    /// columns of `x`, or of a rounded copy of an f32 `x`; `None` when `x` has no room for it.
+    /// Writes the bf16 `src` (`[rows, cols]`, dense) at `dst`, its rows `pitch` values apart.
+    fn write_bf16_rows(&self, src: &CudaTensor, dst: u64, pitch: usize) -> Result<()> {
+        let args = [
+            Arg::Ptr(self.ptr(src)?),
+            Arg::Ptr(dst),
+            count(src.rows),
+            dim(src.cols),
+            count(pitch),
+        ];
+        self.elementwise_grouped("copy_bf16_rows", src.elements(), 4, &args)
+    }
+
+    /// `[x | extra]` as a product operand: `extra` (`[rows, r]`: f32, rounded, or dense bf16,
+    /// copied) written into the spare columns of `x`, or of a rounded copy of an f32 `x`; `None`
+    /// when `x` has no room for it.
     fn widened(&self, x: &CudaTensor, extra: &CudaTensor) -> Result<Option<Widened>> {
         let r = extra.cols;
         if extra.rows != x.rows || !self.rounds_product_inputs() {
@@ -135,7 +150,10 @@ impl CudaBackend {
         let t = copy.as_ref().unwrap_or(x);
         let base = self.rows_ptr(t)?;
         let tail = base + (t.cols * std::mem::size_of::<u16>()) as u64;
-        self.write_rows_bf16(extra, tail, t.pitch(), 1.0)?;
+        match extra.storage {
+            Storage::Bf16(_) => self.write_bf16_rows(extra, tail, t.pitch())?,
+            _ => self.write_rows_bf16(extra, tail, t.pitch(), 1.0)?,
+        }
         Ok(Some(Widened {
             operand: Operand {
                 ptr: base,

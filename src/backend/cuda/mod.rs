@@ -1564,6 +1564,26 @@ impl Backend for CudaBackend {
         CudaTensor { rows, cols, ..t }
     }
 
+    fn adapter_product(
+        &self,
+        x: &CudaTensor,
+        m: &CudaTensor,
+        trans_m: bool,
+        alpha: f32,
+    ) -> Result<CudaTensor> {
+        // Stored in bf16 where the products reading it would round it (a bf16 product: one
+        // operand bf16 or NF4); f32 otherwise, as any product.
+        let bf16 = x.dtype() != Dtype::F32 || m.dtype() != Dtype::F32;
+        if !self.rounds_product_inputs() || !bf16 || x.cols == 0 {
+            return self.product(x, false, m, trans_m, alpha);
+        }
+        let cols = if trans_m { m.rows } else { m.cols };
+        let xa = self.bf16_tensor(x.rows, cols, "an adapter's rank-wide product")?;
+        let (out, _) = self.operand(&xa, false)?;
+        self.matmul_into(x, false, m, trans_m, alpha, out, Addend::Nothing)?;
+        Ok(xa)
+    }
+
     fn matmul(
         &self,
         a: &CudaTensor,
