@@ -265,6 +265,69 @@ fn adapter_products_are_stored_rounded_and_read_like_f32_ones() {
     }
 }
 
+/// A folded product skips writing its adapter factor into the weight's spare values where the
+/// same pass wrote the same factor last (fold.rs), and only there: another factor written in
+/// between, or the factor's values changed between passes, are written again. Forward (`B` in
+/// the spare columns) and backward (`A` in the spare rows), for a bf16 projection matrix and
+/// an NF4 one.
+#[test]
+fn folded_factor_writes_are_skipped_only_within_a_held_pass() {
+    let Some(mut p) = Pair::new() else { return };
+    p.g.set_f32_products(F32Products::Tf32);
+    let g = &p.g;
+    let mut rng = fresh_rng("held factors");
+    let (rows, inp, out, r) = (64, 256, 192, 16);
+    let mut values = |n| randn(&mut rng, n, 1.0);
+    let wv = values(out * inp);
+    let x = g.upload(&values(rows * inp), rows, inp).unwrap();
+    let x = g.product_input(x, r).unwrap();
+    let dy = g.upload(&values(rows * out), rows, out).unwrap();
+    let dy = g.product_input(dy, r).unwrap();
+    let xa = g.upload(&values(rows * r), rows, r).unwrap();
+    let (first, second) = (
+        [values(out * r), values(out * r)],
+        [values(r * inp), values(r * inp)],
+    );
+    let weights = [
+        g.upload_projection(&wv, out, inp).unwrap(),
+        g.upload_frozen_nf4(&wv, out, inp).unwrap(),
+    ];
+    for (w, kind) in weights.iter().zip(["bf16", "NF4"]) {
+        for backward in [false, true] {
+            let (one, two) = match backward {
+                false => (&first[0], &first[1]),
+                true => (&second[0], &second[1]),
+            };
+            let shape = if backward { (r, inp) } else { (out, r) };
+            let product = |f: &CudaTensor| {
+                let y = match backward {
+                    false => g.adapted_product(&x, w, &xa, f, 0.5, ProductOutput::Sums),
+                    true => g.adapted_product_backward(&dy, w, &xa, f, None, ProductOutput::Sums),
+                };
+                g.download(&y.unwrap()).unwrap()
+            };
+            let mut factor = g.upload(one, shape.0, shape.1).unwrap();
+            let other = g.upload(two, shape.0, shape.1).unwrap();
+            let (with_one, with_two) = (product(&factor), product(&other));
+            assert_ne!(
+                with_one, with_two,
+                "{kind}: the factors give other products"
+            );
+            let what = format!("{kind} weight, backward {backward}");
+            g.hold_adapter_factors(true);
+            assert_eq!(product(&factor), with_one, "{what}: written");
+            assert_eq!(product(&factor), with_one, "{what}: written already");
+            assert_eq!(product(&other), with_two, "{what}: another factor");
+            assert_eq!(product(&factor), with_one, "{what}: the first again");
+            g.hold_adapter_factors(false);
+            g.write(&mut factor, two).unwrap();
+            g.hold_adapter_factors(true);
+            assert_eq!(product(&factor), with_two, "{what}: new values, next pass");
+            g.hold_adapter_factors(false);
+        }
+    }
+}
+
 #[test]
 fn pointwise_ops_match_cpu() {
     let Some(mut p) = Pair::new() else { return };

@@ -605,6 +605,13 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<()> {
         adapter_gradients_in_order(self, dy, xa, dxa, x, s, da, db)
     }
+    /// Says that a pass of the calling thread begins (`true`) or ends (`false`). Until it ends
+    /// the adapter factors its products read keep their values, so a backend may skip
+    /// rewriting a factor where it wrote the same one for an earlier product of the pass (the
+    /// CUDA backend's folded products: backend/cuda/fold.rs). Factors change between passes.
+    fn hold_adapter_factors(&self, held: bool) {
+        let _ = held;
+    }
     /// Drops `t` once the adapter gradients queued so far no longer read it (at once where they
     /// ran in order).
     fn drop_after_adapter_gradients(&self, t: Self::Tensor) {

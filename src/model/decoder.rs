@@ -96,6 +96,23 @@ pub fn mlp_chunk_rows_for(intermediate_size: usize) -> usize {
     (MLP_CHUNK_VALUES / intermediate_size.max(1) / 256).max(1) * 256
 }
 
+/// A pass's hold on its adapter factors ([`Backend::hold_adapter_factors`]), ended when dropped,
+/// on every way out of the pass.
+struct FactorsHeld<'b, B: Backend>(&'b B);
+
+impl<'b, B: Backend> FactorsHeld<'b, B> {
+    fn new(be: &'b B) -> Self {
+        be.hold_adapter_factors(true);
+        FactorsHeld(be)
+    }
+}
+
+impl<B: Backend> Drop for FactorsHeld<'_, B> {
+    fn drop(&mut self) {
+        self.0.hold_adapter_factors(false);
+    }
+}
+
 /// The decoder: configuration, frozen weights and the backend they live on.
 pub struct Decoder<B: Backend> {
     pub cfg: ModelConfig,
@@ -1293,6 +1310,7 @@ impl<B: Backend> Decoder<B> {
         layer_done: &mut dyn FnMut(usize, &mut LoraTensors<B>) -> Result<()>,
     ) -> Result<()> {
         let be = &self.backend;
+        let _held = FactorsHeld::new(be);
         let rounded = ad.tensors.rounded_for_products(be)?;
         let with_rounded = rounded.as_ref().map(|r| ad.with_rounded(r));
         let ad = with_rounded.as_ref().unwrap_or(ad);

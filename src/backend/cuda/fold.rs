@@ -19,8 +19,11 @@
 //! rows for the forward, `A` into the `r` rows below them for the backward. An NF4 matrix is
 //! dequantized so into a scratch slot (nf4.rs); a bf16 projection matrix is uploaded so
 //! ([`PROJECTION_ROOM`] spare columns and rows: `upload_projection`) and its own spare values
-//! are written. Either way every folded product rewrites them, under the scratch's lock until the
-//! product is queued: a bf16 model is shared by every trainer of it, each with its own adapter.
+//! are written. Either way they are written under the scratch's lock until the product is
+//! queued: a bf16 model is shared by every trainer of it, each with its own adapter. A product
+//! skips the write when the same factor, scaled the same, is what the last write there put, by
+//! this thread within the pass it runs ([`WrittenFactors`]): an MLP's chunks reuse gate's, up's
+//! and down's factors chunk after chunk.
 //! Dense bf16 matrices (a width with no room, a matrix in host memory whose device copy this
 //! thread's pass did not bring over), ranks above the room, products with f32 arithmetic
 //! ([`super::F32Products::Exact`]) and inputs with no room keep the two products.
@@ -36,6 +39,9 @@ use super::tensor::{Dtype, HostCopies, Nf4Storage, Storage};
 use super::{count, dim, lock, wants_f32, CudaBackend, CudaTensor};
 use crate::backend::ProductOutput;
 use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::thread::{self, ThreadId};
 
 /// The largest adapter rank folded into products (the NF4 scratch slots keep that many spare
 /// rows and columns).
@@ -58,6 +64,71 @@ pub(super) fn folded_slot_elements(rows: usize, cols: usize) -> usize {
     match room_pitch(cols, MAX_FOLDED_RANK) {
         Some(pitch) => (rows + MAX_FOLDED_RANK) * pitch,
         None => rows * cols,
+    }
+}
+
+/// What the folded products wrote into spare values (a weight's spare columns or rows), for
+/// the products after them to skip writing the same again; kept under the NF4 scratch's lock.
+///
+/// A factor's values stay the same only while the pass reading it runs (the optimizer writes
+/// them between passes): each thread declares its pass ([`CudaBackend::hold_factors`]) and gets
+/// a number of its own, and a write counts for later products only with the same number, in
+/// queued work (recorded work's writes run at its replays, which forget everything here, as do
+/// a slot's refill and a reallocation of the slots).
+#[derive(Default)]
+pub(super) struct WrittenFactors {
+    /// The last write queued at each address, by the pass (its number) that wrote it; 0: none.
+    at: HashMap<u64, (Written, u64)>,
+    /// The pass each thread is running, by number.
+    passes: HashMap<ThreadId, u64>,
+    last_pass: u64,
+}
+
+/// A factor's write into spare values: its address, shape, scale and the pitch written with.
+#[derive(Clone, Copy, PartialEq)]
+struct Written {
+    factor: u64,
+    rows: usize,
+    cols: usize,
+    pitch: usize,
+    scale: u32,
+}
+
+impl WrittenFactors {
+    /// Starts (`held`) or ends a pass of the calling thread.
+    fn hold(&mut self, held: bool) {
+        let me = thread::current().id();
+        if held {
+            self.last_pass += 1;
+            self.passes.insert(me, self.last_pass);
+        } else {
+            self.passes.remove(&me);
+        }
+    }
+
+    /// Whether the calling thread's pass wrote `w` at `dst` last; else takes `w` as written
+    /// there now (for the calling thread's pass, or none).
+    fn written_already(&mut self, dst: u64, w: Written) -> bool {
+        let pass = self
+            .passes
+            .get(&thread::current().id())
+            .copied()
+            .unwrap_or(0);
+        if pass != 0 && self.at.get(&dst) == Some(&(w, pass)) {
+            return true;
+        }
+        self.at.insert(dst, (w, pass));
+        false
+    }
+
+    /// Forgets the writes at addresses in `range` (a slot about to hold another matrix).
+    pub(super) fn forget_within(&mut self, range: Range<u64>) {
+        self.at.retain(|dst, _| !range.contains(dst));
+    }
+
+    /// Forgets every write (recorded work replayed, slots reallocated).
+    pub(super) fn forget_all(&mut self) {
+        self.at.clear();
     }
 }
 
@@ -104,6 +175,37 @@ impl CudaBackend {
         let out = self.product_input_tensor(x.rows, x.cols, room, what)?;
         self.write_rows_bf16(x, self.rows_ptr(&out)?, out.pitch(), 1.0)?;
         Ok(out)
+    }
+
+    /// See [`crate::backend::Backend::hold_adapter_factors`].
+    pub(super) fn hold_factors(&self, held: bool) {
+        self.lock_nf4_scratch().factors.hold(held);
+    }
+
+    /// Writes an adapter factor (`scale·factor`, rounded) into a folded weight's spare values at
+    /// `dst`, rows `pitch` apart, unless this thread's pass wrote it there last (`memo`: the
+    /// weight's spare values are its own or a slot's, not a copy made for this product).
+    fn write_factor(
+        &self,
+        scratch: &mut ScratchGuard,
+        memo: bool,
+        factor: &CudaTensor,
+        dst: u64,
+        pitch: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let written = Written {
+            factor: self.ptr(factor)?,
+            rows: factor.rows,
+            cols: factor.cols,
+            pitch,
+            scale: scale.to_bits(),
+        };
+        // Recorded work writes at its replays, whatever the memo says now.
+        if memo && !self.gpu.records_here() && scratch.factors.written_already(dst, written) {
+            return Ok(());
+        }
+        self.write_rows_bf16(factor, dst, pitch, scale)
     }
 
     /// Writes `scale·src` (an f32 `[rows, cols]` matrix) rounded to bf16 at `dst`, its rows
@@ -301,9 +403,10 @@ impl CudaBackend {
         let Some(act) = self.widened(x, xa)? else {
             return Ok(false);
         };
-        let (slot, _scratch) = self.folded_values(weight, w, pitch, r)?;
+        let memo = !matches!(weight, FoldedWeight::HostCopy(_));
+        let (slot, mut scratch) = self.folded_values(weight, w, pitch, r)?;
         let tail = slot + (w.cols * std::mem::size_of::<u16>()) as u64;
-        self.write_rows_bf16(b, tail, pitch, s)?;
+        self.write_factor(&mut scratch, memo, b, tail, pitch, s)?;
         let weight = Operand {
             ptr: slot,
             dtype: Dtype::Bf16,
@@ -348,9 +451,10 @@ impl CudaBackend {
         let Some(act) = self.widened(dy, dxa)? else {
             return Ok(Err(acc));
         };
-        let (slot, _scratch) = self.folded_values(weight, w, pitch, r)?;
+        let memo = !matches!(weight, FoldedWeight::HostCopy(_));
+        let (slot, mut scratch) = self.folded_values(weight, w, pitch, r)?;
         let below = slot + (w.rows * pitch * std::mem::size_of::<u16>()) as u64;
-        self.write_rows_bf16(a, below, pitch, 1.0)?;
+        self.write_factor(&mut scratch, memo, a, below, pitch, 1.0)?;
         let weight = Operand {
             ptr: slot,
             dtype: Dtype::Bf16,

@@ -2531,6 +2531,10 @@ impl Backend for CudaBackend {
         self.drop_after_aside(t);
     }
 
+    fn hold_adapter_factors(&self, held: bool) {
+        self.hold_factors(held);
+    }
+
     fn join_adapter_gradients(&self) -> Result<()> {
         self.join_aside()
     }

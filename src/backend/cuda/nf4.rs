@@ -25,10 +25,13 @@ use std::sync::MutexGuard;
 /// NF4 matrices whose bf16 values the scratch holds at once (see the module comment).
 pub const DEQUANTIZED_SLOTS: usize = 3;
 
-/// The dequantization scratch: slots of bf16 values, least recently used first.
+/// The dequantization scratch: slots of bf16 values, least recently used first; and what the
+/// folded products wrote into the spare values of the slots and of the bf16 projection matrices
+/// (fold.rs), kept under the same lock.
 #[derive(Default)]
 pub(super) struct Nf4Scratch {
     slots: Vec<Slot>,
+    pub(super) factors: super::fold::WrittenFactors,
 }
 
 struct Slot {
@@ -140,6 +143,7 @@ impl CudaBackend {
         if scratch.slots.len() < DEQUANTIZED_SLOTS || !scratch.slots.iter().all(big_enough) {
             // The smaller slots leave the memory account before the larger ones enter.
             scratch.slots.clear();
+            scratch.factors.forget_all();
             for _ in 0..DEQUANTIZED_SLOTS {
                 let values = self
                     .gpu
@@ -174,6 +178,8 @@ impl CudaBackend {
         for slot in &mut scratch.slots {
             slot.holds = None;
         }
+        // It rewrote spare values too.
+        scratch.factors.forget_all();
         queued
     }
 
@@ -225,8 +231,12 @@ impl CudaBackend {
                         ))
                     })?;
                 *known(slot, recording) = None;
-                self.queue_dequantize(s, rows, cols, pitch, self.buffer_ptr(&slot.values))?;
+                let values = self.buffer_ptr(&slot.values);
+                let bytes = slot.values.elements() * std::mem::size_of::<u16>();
+                self.queue_dequantize(s, rows, cols, pitch, values)?;
                 *known(slot, recording) = Some((s.id, pitch));
+                // Its spare values now belong to another matrix's layout.
+                scratch.factors.forget_within(values..values + bytes as u64);
                 0
             }
         };
