@@ -208,9 +208,19 @@ impl CudaBackend {
         self.write_rows_bf16(factor, dst, pitch, scale)
     }
 
-    /// Writes `scale·src` (an f32 `[rows, cols]` matrix) rounded to bf16 at `dst`, its rows
-    /// `pitch` values apart.
+    /// Writes `scale·src` (a dense `[rows, cols]` matrix) in bf16 at `dst`, its rows `pitch`
+    /// values apart: an f32 `src` rounded, a bf16 one (at scale 1) copied.
     fn write_rows_bf16(&self, src: &CudaTensor, dst: u64, pitch: usize, scale: f32) -> Result<()> {
+        if matches!(src.storage, Storage::Bf16(_)) && scale == 1.0 {
+            let args = [
+                Arg::Ptr(self.ptr(src)?),
+                Arg::Ptr(dst),
+                count(src.rows),
+                dim(src.cols),
+                count(pitch),
+            ];
+            return self.elementwise_grouped("copy_bf16_rows", src.elements(), 4, &args);
+        }
         let args = [
             self.f32_arg(src, "an adapter's columns")?,
             Arg::Ptr(dst),
@@ -220,18 +230,6 @@ impl CudaBackend {
             Arg::F32(scale),
         ];
         self.elementwise_grouped("cast_f32_bf16_rows", src.elements(), 4, &args)
-    }
-
-    /// Writes the bf16 `src` (`[rows, cols]`, dense) at `dst`, its rows `pitch` values apart.
-    fn write_bf16_rows(&self, src: &CudaTensor, dst: u64, pitch: usize) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(src)?),
-            Arg::Ptr(dst),
-            count(src.rows),
-            dim(src.cols),
-            count(pitch),
-        ];
-        self.elementwise_grouped("copy_bf16_rows", src.elements(), 4, &args)
     }
 
     /// `[x | extra]` as a product operand: `extra` (`[rows, r]`: f32, rounded, or dense bf16,
@@ -252,10 +250,7 @@ impl CudaBackend {
         let t = copy.as_ref().unwrap_or(x);
         let base = self.rows_ptr(t)?;
         let tail = base + (t.cols * std::mem::size_of::<u16>()) as u64;
-        match extra.storage {
-            Storage::Bf16(_) => self.write_bf16_rows(extra, tail, t.pitch())?,
-            _ => self.write_rows_bf16(extra, tail, t.pitch(), 1.0)?,
-        }
+        self.write_rows_bf16(extra, tail, t.pitch(), 1.0)?;
         Ok(Some(Widened {
             operand: Operand {
                 ptr: base,
