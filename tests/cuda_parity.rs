@@ -920,10 +920,27 @@ fn decode_attention_and_kv_cache_match_cpu() {
 /// The LM head's loss on `tokens` rows against the CPU: an f32 head (loss and dh), a bf16 head
 /// (loss, and dh within bf16's rounding of the probabilities), and the bf16 head in host memory
 /// brought over in chunks (as the loss starts it, and as a pass starts it ahead), which must give
-/// the bf16 head's numbers bit for bit.
-fn lm_head_case(p: &mut Pair, rng: &mut Rng, tokens: usize, hidden: usize, vocab: usize) {
+/// the bf16 head's numbers bit for bit. Head row v is scaled by `1 + growth·v / 4096`: with
+/// growth, each vocabulary chunk's largest logits pass the earlier chunks' by about 20 (the loss
+/// then moves its reference maximum in some rows and not in others).
+fn lm_head_case(
+    p: &mut Pair,
+    rng: &mut Rng,
+    tokens: usize,
+    hidden: usize,
+    vocab: usize,
+    growth: f32,
+) {
     let hv = randn(rng, tokens * hidden, 1.0);
-    let wv = bf16_round(&randn(rng, vocab * hidden, 0.3));
+    let wv: Vec<f32> = randn(rng, vocab * hidden, 0.3)
+        .chunks(hidden)
+        .enumerate()
+        .flat_map(|(v, row)| {
+            let scale = 1.0 + growth * v as f32 / 4096.0;
+            row.iter().map(move |w| w * scale)
+        })
+        .collect();
+    let wv = bf16_round(&wv);
     let labels: Vec<i32> = (0..tokens)
         .map(|t| {
             if t % 5 == 0 {
@@ -1002,9 +1019,9 @@ fn lm_head_case(p: &mut Pair, rng: &mut Rng, tokens: usize, hidden: usize, vocab
 fn lm_head_cross_entropy_and_adamw_match_cpu() {
     let Some(mut p) = Pair::new() else { return };
     let mut rng = fresh_rng("lm head/adamw");
-    // One vocabulary chunk, and three (the last one short).
-    for vocab in [3001, 20000] {
-        lm_head_case(&mut p, &mut rng, 41, 64, vocab);
+    // One vocabulary chunk, and five (the last one short), their logits alike or growing.
+    for (vocab, growth) in [(3001, 0.0), (20000, 0.0), (20000, 3.0)] {
+        lm_head_case(&mut p, &mut rng, 41, 64, vocab, growth);
     }
     // Several tensors of different lengths in one call (one launch on the GPU).
     let sizes = [1000, 70, 3];

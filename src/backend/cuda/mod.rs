@@ -2349,6 +2349,10 @@ impl Backend for CudaBackend {
         let vc = HEAD_CHUNK_ROWS.min(vocab).max(1);
         let rows_per = (LOGITS_CHUNK_BYTES / (4 * vc)).clamp(1, h.rows.max(1));
         let logits = self.gpu.alloc::<f32>(rows_per * vc, "a chunk of logits")?;
+        // W[label] of each row of a token chunk, copied from the head's chunk holding it.
+        let wy = self
+            .gpu
+            .alloc::<u8>(rows_per * h.cols * elem, "the labels' head rows")?;
         let stats = "the loss's running statistics";
         let m_state = self.gpu.alloc::<f32>(rows_per, stats)?;
         let z_state = self.gpu.alloc::<f64>(rows_per, stats)?;
@@ -2359,12 +2363,6 @@ impl Backend for CudaBackend {
         let chunk_kernel = match bf16 {
             true => "ce_online_chunk_bf16",
             false => "ce_online_chunk",
-        };
-        // W[label] for the gradient's `− onehot·W` term: the resident head, or the host table
-        // read over the bus.
-        let (head_ptr, head_pitch, head_bf16) = match &head {
-            HeadRows::Resident(wo) => (wo.ptr, wo.pitch, wo.dtype == Dtype::Bf16),
-            HeadRows::Streamed { table, .. } => (table.device_ptr(), h.cols, true),
         };
         for start in (0..h.rows).step_by(rows_per) {
             let rows = rows_per.min(h.rows - start);
@@ -2444,6 +2442,9 @@ impl Backend for CudaBackend {
                     state[1],
                     Arg::Ptr(dh_ptr),
                     dim(h.cols),
+                    Arg::Ptr(w_chunk.ptr),
+                    count(w_chunk.pitch),
+                    Arg::Ptr(self.buffer_ptr(&wy)),
                 ];
                 self.run("loss", chunk_kernel, Shape::per_row(rows), &args)?;
                 // dh += P·W_chunk
@@ -2468,9 +2469,8 @@ impl Backend for CudaBackend {
                 state[0],
                 z_ptr,
                 state[1],
-                Arg::Ptr(head_ptr),
-                count(head_pitch),
-                Arg::I32(head_bf16 as i32),
+                Arg::Ptr(self.buffer_ptr(&wy)),
+                Arg::I32(bf16 as i32),
                 Arg::Ptr(dh_ptr),
                 dim(h.cols),
                 scale_ptr,
