@@ -223,27 +223,41 @@ __device__ __forceinline__ float4 load4(const bf16_t* p, long long q) {
 __device__ __forceinline__ float gated_value(float g, float u, int act) {
     return u * act_value_deriv(g, act, nullptr);
 }
+// Element i of an input whose rows are `pitch` values apart (pitch = cols: dense), and the quad
+// from element i (i a multiple of 4; cols and pitch multiples of 4, checked by the host).
+template <typename T>
+__device__ __forceinline__ float load_at(const T* p, long long i, long long cols, long long pitch) {
+    return load(p, pitched(i, cols, pitch));
+}
+template <typename T>
+__device__ __forceinline__ float4 load4_at(const T* p, long long i, long long cols,
+                                           long long pitch) {
+    return load4(p + pitched(i, cols, pitch), 0);
+}
+// g and u rows g_pitch and u_pitch values apart, h rows `pitch` apart (each = cols: dense).
 template <typename G, typename U, typename Out>
-__device__ void gated_act_fwd_impl(const G* g, const U* u, Out* h, long long n, int act,
-                                   long long cols, long long pitch) {
+__device__ void gated_act_fwd_impl(const G* g, long long g_pitch, const U* u, long long u_pitch,
+                                   Out* h, long long n, int act, long long cols, long long pitch) {
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
         if (i0 + 4 <= n) {
-            const float4 gv = load4(g, q);
-            const float4 uv = load4(u, q);
+            const float4 gv = load4_at(g, i0, cols, g_pitch);
+            const float4 uv = load4_at(u, i0, cols, u_pitch);
             store4(h + pitched(i0, cols, pitch), gated_value(gv.x, uv.x, act),
                    gated_value(gv.y, uv.y, act), gated_value(gv.z, uv.z, act),
                    gated_value(gv.w, uv.w, act));
         } else {
             for (long long i = i0; i < n; ++i) {
-                store(h + pitched(i, cols, pitch), gated_value(load(g, i), load(u, i), act));
+                const float v = gated_value(load_at(g, i, cols, g_pitch),
+                                            load_at(u, i, cols, u_pitch), act);
+                store(h + pitched(i, cols, pitch), v);
             }
         }
     }
 }
 extern "C" __global__ void gated_act_fwd(const float* g, const float* u, float* h, long long n,
                                          int act) {
-    gated_act_fwd_impl(g, u, h, n, act, n, n);
+    gated_act_fwd_impl(g, n, u, n, h, n, act, n, n);
 }
 // The rounded kernels' inputs come as untyped pointers with a flag each (bf16 when set, else
 // f32): these turn one flag into a type at a time.
@@ -256,17 +270,21 @@ extern "C" __global__ void gated_act_fwd(const float* g, const float* u, float* 
         }                                                                                       \
     } while (0)
 template <typename G>
-__device__ void gated_act_fwd_typed(const G* g, const void* u, int u_bf16, bf16_t* h,
-                                    long long n, int act, int cols, long long pitch) {
-#define GATED_FWD(up) gated_act_fwd_impl(g, up, h, n, act, cols, pitch)
+__device__ void gated_act_fwd_typed(const G* g, long long g_pitch, const void* u, int u_bf16,
+                                    long long u_pitch, bf16_t* h, long long n, int act, int cols,
+                                    long long pitch) {
+#define GATED_FWD(up) gated_act_fwd_impl(g, g_pitch, up, u_pitch, h, n, act, cols, pitch)
     AS_BF16_OR_F32(u_bf16, u, GATED_FWD);
 #undef GATED_FWD
 }
-// g bf16 when g_bf16 (else f32), u likewise; h a bf16 product input, rows `pitch` apart.
-extern "C" __global__ void gated_act_fwd_bf16(const void* g, int g_bf16, const void* u,
-                                              int u_bf16, bf16_t* h, long long n, int act,
-                                              int cols, long long pitch) {
-#define GATED_FWD_G(gate) gated_act_fwd_typed(gate, u, u_bf16, h, n, act, cols, pitch)
+// g bf16 when g_bf16 (else f32), rows g_pitch values apart, u likewise; h a bf16 product input,
+// rows `pitch` apart.
+extern "C" __global__ void gated_act_fwd_bf16(const void* g, int g_bf16, long long g_pitch,
+                                              const void* u, int u_bf16, long long u_pitch,
+                                              bf16_t* h, long long n, int act, int cols,
+                                              long long pitch) {
+#define GATED_FWD_G(gate) \
+    gated_act_fwd_typed(gate, g_pitch, u, u_bf16, u_pitch, h, n, act, cols, pitch)
     AS_BF16_OR_F32(g_bf16, g, GATED_FWD_G);
 #undef GATED_FWD_G
 }
@@ -281,17 +299,20 @@ __device__ __forceinline__ GatedGrads gated_grads(float dh, float g, float u, in
     const float a = act_value_deriv(g, act, &da);
     return {dh * u * da, dh * a, u * a};
 }
-// h NULL: only dg and du are written.
+// h NULL: only dg and du are written. Inputs rows dh_pitch, g_pitch and u_pitch values apart,
+// outputs `pitch` apart: an output may be the input of the same layout (dg over g, du over u, h
+// over dh), as each thread reads its quad of every input before it writes that quad.
 template <typename D, typename G, typename U, typename Out>
-__device__ void gated_act_bwd_impl(const D* dh, const G* g, const U* u, Out* dg, Out* du, Out* h,
+__device__ void gated_act_bwd_impl(const D* dh, long long dh_pitch, const G* g, long long g_pitch,
+                                   const U* u, long long u_pitch, Out* dg, Out* du, Out* h,
                                    long long n, int act, long long cols, long long pitch) {
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
         if (i0 + 4 <= n) {
             const long long o = pitched(i0, cols, pitch);
-            const float4 gv = load4(g, q);
-            const float4 uv = load4(u, q);
-            const float4 dv = load4(dh, q);
+            const float4 gv = load4_at(g, i0, cols, g_pitch);
+            const float4 uv = load4_at(u, i0, cols, u_pitch);
+            const float4 dv = load4_at(dh, i0, cols, dh_pitch);
             const GatedGrads x = gated_grads(dv.x, gv.x, uv.x, act);
             const GatedGrads y = gated_grads(dv.y, gv.y, uv.y, act);
             const GatedGrads z = gated_grads(dv.z, gv.z, uv.z, act);
@@ -301,7 +322,9 @@ __device__ void gated_act_bwd_impl(const D* dh, const G* g, const U* u, Out* dg,
             if (h) store4(h + o, x.h, y.h, z.h, w.h);
         } else {
             for (long long i = i0; i < n; ++i) {
-                const GatedGrads d = gated_grads(load(dh, i), load(g, i), load(u, i), act);
+                const GatedGrads d =
+                    gated_grads(load_at(dh, i, cols, dh_pitch), load_at(g, i, cols, g_pitch),
+                                load_at(u, i, cols, u_pitch), act);
                 const long long o = pitched(i, cols, pitch);
                 store(dg + o, d.dg);
                 store(du + o, d.du);
@@ -312,33 +335,41 @@ __device__ void gated_act_bwd_impl(const D* dh, const G* g, const U* u, Out* dg,
 }
 extern "C" __global__ void gated_act_bwd(const float* dh, const float* g, const float* u,
                                          float* dg, float* du, long long n, int act) {
-    gated_act_bwd_impl(dh, g, u, dg, du, static_cast<float*>(nullptr), n, act, n, n);
+    gated_act_bwd_impl(dh, n, g, n, u, n, dg, du, static_cast<float*>(nullptr), n, act, n, n);
 }
+// An input pointer with its pitch, passed on through the type dispatch.
 template <typename D, typename G>
-__device__ void gated_act_bwd_typed(const D* dh, const G* g, const void* u, int u_bf16,
-                                    bf16_t* dg, bf16_t* du, bf16_t* h, long long n, int act,
-                                    int cols, long long pitch) {
-#define GATED_BWD(up) gated_act_bwd_impl(dh, g, up, dg, du, h, n, act, cols, pitch)
+__device__ void gated_act_bwd_typed(const D* dh, long long dh_pitch, const G* g,
+                                    long long g_pitch, const void* u, int u_bf16,
+                                    long long u_pitch, bf16_t* dg, bf16_t* du, bf16_t* h,
+                                    long long n, int act, int cols, long long pitch) {
+#define GATED_BWD(up) \
+    gated_act_bwd_impl(dh, dh_pitch, g, g_pitch, up, u_pitch, dg, du, h, n, act, cols, pitch)
     AS_BF16_OR_F32(u_bf16, u, GATED_BWD);
 #undef GATED_BWD
 }
 template <typename D>
-__device__ void gated_act_bwd_typed(const D* dh, const void* g, int g_bf16, const void* u,
-                                    int u_bf16, bf16_t* dg, bf16_t* du, bf16_t* h, long long n,
-                                    int act, int cols, long long pitch) {
+__device__ void gated_act_bwd_typed(const D* dh, long long dh_pitch, const void* g, int g_bf16,
+                                    long long g_pitch, const void* u, int u_bf16,
+                                    long long u_pitch, bf16_t* dg, bf16_t* du, bf16_t* h,
+                                    long long n, int act, int cols, long long pitch) {
 #define GATED_BWD_G(gate) \
-    gated_act_bwd_typed(dh, gate, u, u_bf16, dg, du, h, n, act, cols, pitch)
+    gated_act_bwd_typed(dh, dh_pitch, gate, g_pitch, u, u_bf16, u_pitch, dg, du, h, n, act, cols, \
+                        pitch)
     AS_BF16_OR_F32(g_bf16, g, GATED_BWD_G);
 #undef GATED_BWD_G
 }
-// dh, g and u each bf16 when its flag is set (else f32); dg, du (and h = act(g)·u unless h is
-// NULL) bf16 product inputs, rows `pitch` apart.
-extern "C" __global__ void gated_act_bwd_bf16(const void* dh, int dh_bf16, const void* g,
-                                              int g_bf16, const void* u, int u_bf16, bf16_t* dg,
-                                              bf16_t* du, bf16_t* h, long long n, int act,
-                                              int cols, long long pitch) {
-#define GATED_BWD_D(grad) \
-    gated_act_bwd_typed(grad, g, g_bf16, u, u_bf16, dg, du, h, n, act, cols, pitch)
+// dh, g and u each bf16 when its flag is set (else f32), rows *_pitch values apart; dg, du (and
+// h = act(g)·u unless h is NULL) bf16 product inputs, rows `pitch` apart, each possibly written
+// over the input of its layout (see gated_act_bwd_impl).
+extern "C" __global__ void gated_act_bwd_bf16(const void* dh, int dh_bf16, long long dh_pitch,
+                                              const void* g, int g_bf16, long long g_pitch,
+                                              const void* u, int u_bf16, long long u_pitch,
+                                              bf16_t* dg, bf16_t* du, bf16_t* h, long long n,
+                                              int act, int cols, long long pitch) {
+#define GATED_BWD_D(grad)                                                                       \
+    gated_act_bwd_typed(grad, dh_pitch, g, g_bf16, g_pitch, u, u_bf16, u_pitch, dg, du, h, n, act, \
+                        cols, pitch)
     AS_BF16_OR_F32(dh_bf16, dh, GATED_BWD_D);
 #undef GATED_BWD_D
 }

@@ -34,7 +34,7 @@ use finetune::backend::cuda::{
     CudaBackend, CudaTensor, DEQUANTIZED_SLOTS, MAX_FOLDED_RANK, PROJECTION_ROOM,
 };
 use finetune::backend::Backend;
-use finetune::backend::ProductOutput::{Rounded, Sums};
+use finetune::backend::ProductOutput::{GatedOperand, Rounded, Sums};
 use finetune::error::Error;
 use finetune::model::presets::preset;
 use finetune::model::weights::{tensor_specs, Slot};
@@ -507,6 +507,13 @@ fn check_folded_products(
                 e < tol16,
                 "{kind}, rank {r}, {what}: bf16 output, error {e}"
             );
+            // For the gated kernels alone: the same values, with the room of rank r after each
+            // row where folded.
+            let yg = g
+                .adapted_product(input, w, &xag, &bg, s, GatedOperand)
+                .unwrap();
+            assert_eq!(g.download(&yg).unwrap(), g.download(&y).unwrap());
+            assert_eq!(yg.pitch() >= out + r, folded, "{kind}, rank {r}, {what}");
             // Added into rows [start, start + m) of a tensor holding other values: the rows
             // around them untouched, the rows themselves the held values plus the product.
             let (start, total) = (7, m + 12);
@@ -575,13 +582,20 @@ fn check_folded_products(
                     true => sum_of(&[parts[0].clone(), parts[1].clone(), acc64.clone()]),
                     false => sum_of(&parts),
                 };
-                // Stored in bf16 for `Rounded` when folded with no accumulator.
-                for out in [Sums, Rounded] {
+                // Stored in bf16 for `Rounded` and `GatedOperand` (with room) when folded with
+                // no accumulator.
+                for out in [Sums, Rounded, GatedOperand] {
                     let acc_g = with_acc.then(|| g.upload(&acc, m, inp).unwrap());
                     let dx = g
                         .adapted_product_backward(input, w, &dxag, &ag, acc_g, out)
                         .unwrap();
-                    let rounded = folded && !with_acc && out == Rounded;
+                    let rounded = folded && !with_acc && out != Sums;
+                    let room = rounded && out == GatedOperand;
+                    assert_eq!(
+                        dx.pitch() >= inp + r,
+                        room,
+                        "{kind}, rank {r}, {what}, {out:?}"
+                    );
                     let (dtype, tol) = match rounded {
                         true => (Dtype::Bf16, 3e-3),
                         false => (Dtype::F32, tol),
@@ -689,6 +703,51 @@ fn gated_kernels_keep_the_room(g: &CudaBackend, rng: &mut Rng) {
         &reference,
         "f32 gate, bf16 up",
     );
+    // In place: inputs with the results' room (as `GatedOperand` products store them) give the
+    // same bits, in their own memory; inputs of other layouts get buffers of their own.
+    // (f32 tensors holding bf16 values, rounded into rows with room: the same values.)
+    let with_room = |t: &CudaTensor| g.product_input(g.duplicate(t).unwrap(), 16).unwrap();
+    for value in [true, false] {
+        let (dg, du, h) = g
+            .gated_activation_backward_for_products(&dh16, &gate16, &up16, act, 16, value)
+            .unwrap();
+        let inputs = [&dh32, &gate32, &up32].map(with_room);
+        assert!(inputs.iter().all(|t| t.pitch() > cols));
+        // Nothing allocated: the peak since here stays what was held here.
+        g.reset_peak_memory();
+        let held = g.device_memory().unwrap().live_bytes;
+        let [dh_in, gate_in, up_in] = inputs;
+        let (dg2, du2, h2) = g
+            .gated_activation_backward_in_place(dh_in, gate_in, up_in, act, 16, value)
+            .unwrap();
+        assert_eq!(g.device_memory().unwrap().peak_bytes, held, "value {value}");
+        assert!([&dg2, &du2].iter().all(|t| t.pitch() == dg.pitch()));
+        assert_eq!(h2.is_some(), value);
+        for (a, b, what) in [(&dg, &dg2, "dg"), (&du, &du2, "du")] {
+            assert_eq!(
+                g.download(a).unwrap(),
+                g.download(b).unwrap(),
+                "{what} in place"
+            );
+        }
+        assert_eq!(
+            h.map(|h| g.download(&h).unwrap()),
+            h2.map(|h| g.download(&h).unwrap())
+        );
+        // Dense inputs: not written over, the same values.
+        let (dg3, _, _) = g
+            .gated_activation_backward_in_place(
+                g.duplicate(&dh16).unwrap(),
+                g.duplicate(&gate16).unwrap(),
+                g.duplicate(&up16).unwrap(),
+                act,
+                16,
+                value,
+            )
+            .unwrap();
+        assert_eq!(dg3.pitch(), dg.pitch());
+        assert_eq!(g.download(&dg3).unwrap(), g.download(&dg).unwrap());
+    }
     // Kernels that read dense rows refuse rows with room, naming it.
     let err = g
         .add_assign(&mut g.zeros(rows, cols).unwrap(), &roomy)

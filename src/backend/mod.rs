@@ -215,6 +215,10 @@ pub enum ProductOutput {
     /// backend that rounds product inputs to bf16 may store the output rounded to bf16 (half
     /// the bytes written and read again).
     Rounded,
+    /// Read only by the gated activation's kernels (gate's and up's outputs, and dL/dm, down's
+    /// input gradient): as `Rounded`, laid out by the backend so that
+    /// [`Backend::gated_activation_backward_in_place`] can write its results over them.
+    GatedOperand,
 }
 
 /// [`Backend::adapted_product`] as two products: `y = s·xa·Bᵀ`, then `y += x·Wᵀ`.
@@ -899,6 +903,23 @@ pub trait Backend: Send + Sync + 'static {
             self.product_input(du, room)?,
             h,
         ))
+    }
+
+    /// [`Backend::gated_activation_backward_for_products`] taking its inputs: a backend may
+    /// write the results over them (dg over g, du over u, h over dh) where their layout is the
+    /// results' ([`ProductOutput::GatedOperand`] products), so that the MLP's backward holds one
+    /// chunk-sized buffer of each instead of two.
+    #[allow(clippy::type_complexity)]
+    fn gated_activation_backward_in_place(
+        &self,
+        dh: Self::Tensor,
+        g: Self::Tensor,
+        u: Self::Tensor,
+        act: Activation,
+        room: usize,
+        value: bool,
+    ) -> Result<(Self::Tensor, Self::Tensor, Option<Self::Tensor>)> {
+        self.gated_activation_backward_for_products(&dh, &g, &u, act, room, value)
     }
 
     /// Inverted dropout with a counter-based mask: element i is kept when

@@ -85,10 +85,14 @@ pub struct Saving {
 }
 
 /// Values of one MLP intermediate (`rows × intermediate_size`) per chunk unless set otherwise
-/// ([`Decoder::set_mlp_chunk_rows`]): 2,048 rows of Llama 3 8B, whose three intermediates are
-/// then 3 × 112 MiB in f32. Half that left its gate and up products (1,024 × 14,336 outputs,
-/// 448 tiles of 128 × 256 for 132 multiprocessors on an H200) with a last wave a third full.
-pub const MLP_CHUNK_VALUES: usize = 2048 * 14336;
+/// ([`Decoder::set_mlp_chunk_rows`]): 4,096 rows of Llama 3 8B, whose intermediates are then
+/// 112 MiB each in bf16. Chunks of 2,048 rows ran QLoRA steps at seq 8192 1.6 % slower (twice
+/// the launches of the MLP's small kernels and rank-wide products); 1,024 rows left the gate and
+/// up products (448 tiles of 128 × 256 for 132 multiprocessors on an H200) a last wave a third
+/// full. The gated backward writing its results over its inputs
+/// ([`Backend::gated_activation_backward_in_place`]) keeps the backward's chunk memory what
+/// 2,048-row chunks needed before it.
+pub const MLP_CHUNK_VALUES: usize = 4096 * 14336;
 
 /// Token rows per MLP chunk for an intermediate size: `MLP_CHUNK_VALUES / intermediate_size`,
 /// rounded down to a multiple of 256 rows (at least 256).
@@ -569,7 +573,8 @@ impl<B: Backend> Decoder<B> {
                 // dL/dm, the input gradient of down, is read only by the gated activation's
                 // backward, dL/d(attn), o's, only by the attention's backward (as its dO).
                 let out = match m {
-                    TargetModule::Down | TargetModule::O => ProductOutput::Rounded,
+                    TargetModule::Down => ProductOutput::GatedOperand,
+                    TargetModule::O => ProductOutput::Rounded,
                     _ => ProductOutput::Sums,
                 };
                 be.adapted_product_backward(dyr, w, &dxa, &pair.a, acc, out)?
@@ -890,8 +895,8 @@ impl<B: Backend> Decoder<B> {
         kept: [Option<B::Tensor>; 2],
     ) -> Result<((B::Tensor, B::Tensor), [Option<B::Tensor>; 2])> {
         let [kg, ku] = kept;
-        // Read only by the gated activation and its backward.
-        let out = ProductOutput::Rounded;
+        // Read only by the gated activation and its backward (which writes dg and du over them).
+        let out = ProductOutput::GatedOperand;
         let (g, xg) = self.project(layer, TargetModule::Gate, h, ad, chunk, kg, out)?;
         let (u, xu) = self.project(layer, TargetModule::Up, h, ad, chunk, ku, out)?;
         Ok(((g, u), [xg, xu]))
@@ -1004,9 +1009,9 @@ impl<B: Backend> Decoder<B> {
         // held is freed before this chunk's gradients are made.
         be.join_adapter_gradients()?;
         let (act, room) = (self.cfg.activation, Self::room(Some(ad)));
+        // dg, du and m may take the memory of g, u and dm.
         let (dg, du, m) =
-            be.gated_activation_backward_for_products(&dm, &g, &u, act, room, pending.is_some())?;
-        drop((g, u, dm));
+            be.gated_activation_backward_in_place(dm, g, u, act, room, pending.is_some())?;
         if let (Some(pending), Some(m)) = (pending, m) {
             let xd = self.adapter_input(layer, Down, &m, Some(ad), c, xd)?;
             self.add_adapter_gradients(layer, Down, dy, pending, &m, xd, ad, grads, c)?;
@@ -1502,10 +1507,10 @@ mod tests {
     #[test]
     fn mlp_chunks_hold_about_the_same_values_for_every_family() {
         let rows = |name: &str| mlp_chunk_rows_for(preset(name).unwrap().intermediate_size);
-        assert_eq!(rows("llama3-8b"), 2048);
-        assert_eq!(rows("mistral-7b"), 2048);
-        assert_eq!(rows("qwen2.5-7b"), 1536);
-        assert_eq!(rows("gemma-7b"), 1024);
+        assert_eq!(rows("llama3-8b"), 4096);
+        assert_eq!(rows("mistral-7b"), 4096);
+        assert_eq!(rows("qwen2.5-7b"), 3072);
+        assert_eq!(rows("gemma-7b"), 2304);
         assert_eq!(mlp_chunk_rows_for(usize::MAX), 256);
         assert_eq!(mlp_chunk_rows_for(0) % 256, 0);
     }

@@ -264,10 +264,21 @@ impl CudaBackend {
     }
 
     /// A folded product's output: f32, or bf16 for [`ProductOutput::Rounded`] (the fold rounds its
-    /// inputs to bf16 already).
-    fn product_output(&self, rows: usize, cols: usize, out: ProductOutput) -> Result<CudaTensor> {
-        let rounded = out == ProductOutput::Rounded;
-        self.tensor_as(rows, cols, rounded, "a tensor")
+    /// inputs to bf16 already), with the room of a product input of rank `r` for
+    /// [`ProductOutput::GatedOperand`] (the gated backward's outputs' layout, which it then
+    /// writes over them).
+    fn product_output(
+        &self,
+        rows: usize,
+        cols: usize,
+        out: ProductOutput,
+        r: usize,
+    ) -> Result<CudaTensor> {
+        match out {
+            ProductOutput::Sums => self.tensor_as(rows, cols, false, "a tensor"),
+            ProductOutput::Rounded => self.tensor_as(rows, cols, true, "a tensor"),
+            ProductOutput::GatedOperand => self.product_input_tensor(rows, cols, r, "a tensor"),
+        }
     }
 
     /// Where `w`'s values lie in its folded layout for rank `r`, and that layout's pitch: an NF4
@@ -343,7 +354,7 @@ impl CudaBackend {
         if self.fold_layout(x, w, xa, b).is_none() {
             return Ok(None);
         }
-        let y = self.product_output(x.rows, w.rows, out)?;
+        let y = self.product_output(x.rows, w.rows, out, xa.cols)?;
         let (out, _) = self.operand(&y, false)?;
         let addend = match plus {
             None => Addend::Nothing,
@@ -463,7 +474,7 @@ impl CudaBackend {
         };
         let dx = match acc {
             Some(dx) => dx,
-            None => self.product_output(dy.rows, w.cols, out)?,
+            None => self.product_output(dy.rows, w.cols, out, r)?,
         };
         let (out, _) = self.operand(&dx, false)?;
         self.gemm(

@@ -715,11 +715,19 @@ impl CudaBackend {
         Ok([arg, Arg::I32(kind)])
     }
 
-    /// An element-wise kernel's argument pair for the f32 or bf16 `t`: its address and the flag
-    /// saying it is bf16.
-    fn flagged_input(&self, t: &CudaTensor, what: &str) -> Result<[Arg; 2]> {
-        let (arg, bf16) = self.pointwise_input(t, what)?;
-        Ok([arg, Arg::I32(bf16 as i32)])
+    /// A gated kernel's argument triple for its f32, bf16 or bf16-with-room input `t`: its
+    /// address, the flag saying it is bf16, and its row pitch.
+    fn gated_input(&self, t: &CudaTensor, what: &str) -> Result<[Arg; 3]> {
+        let bf16 = match &t.storage {
+            Storage::F32(_) => false,
+            Storage::Bf16(_) | Storage::Bf16Pitched { .. } => true,
+            _ => return Err(wants_f32_or_bf16(t, what)),
+        };
+        Ok([
+            Arg::Ptr(self.rows_ptr(t)?),
+            Arg::I32(bf16 as i32),
+            count(t.pitch()),
+        ])
     }
 
     /// `gated_activation`, written as a bf16 product input with `room` when `rounded`.
@@ -741,13 +749,15 @@ impl CudaBackend {
             self.elementwise_grouped("gated_act_fwd", g.elements(), 4, &args)?;
             return Ok(h);
         }
-        let [g_arg, g_bf16] = self.flagged_input(g, what)?;
-        let [u_arg, u_bf16] = self.flagged_input(u, what)?;
+        let [g_arg, g_bf16, g_pitch] = self.gated_input(g, what)?;
+        let [u_arg, u_bf16, u_pitch] = self.gated_input(u, what)?;
         let args = [
             g_arg,
             g_bf16,
+            g_pitch,
             u_arg,
             u_bf16,
+            u_pitch,
             out,
             n,
             act,
@@ -793,31 +803,46 @@ impl CudaBackend {
         let h = value
             .then(|| self.rounded_output(g, true, room, "MLP activation"))
             .transpose()?;
-        let h_arg = Arg::Ptr(match &h {
+        self.gated_backward_rounded([dh, g, u], [&dg, &du], h.as_ref(), act)?;
+        Ok((dg, du, h))
+    }
+
+    /// Queues `gated_act_bwd_bf16`: dg and du (and h = act(g)·u when given) as bf16 product
+    /// inputs from dh, g and u, an output possibly the input of its own layout.
+    fn gated_backward_rounded(
+        &self,
+        [dh, g, u]: [&CudaTensor; 3],
+        [dg, du]: [&CudaTensor; 2],
+        h: Option<&CudaTensor>,
+        act: Activation,
+    ) -> Result<()> {
+        let what = "gated_activation_backward";
+        let [dh_arg, dh_bf16, dh_pitch] = self.gated_input(dh, what)?;
+        let [g_arg, g_bf16, g_pitch] = self.gated_input(g, what)?;
+        let [u_arg, u_bf16, u_pitch] = self.gated_input(u, what)?;
+        let h_arg = Arg::Ptr(match h {
             Some(h) => self.rows_ptr(h)?,
             None => 0,
         });
-        let [dh_arg, dh_bf16] = self.flagged_input(dh, what)?;
-        let [g_arg, g_bf16] = self.flagged_input(g, what)?;
-        let [u_arg, u_bf16] = self.flagged_input(u, what)?;
-        let [dg_arg, du_arg] = outs;
         let args = [
             dh_arg,
             dh_bf16,
+            dh_pitch,
             g_arg,
             g_bf16,
+            g_pitch,
             u_arg,
             u_bf16,
-            dg_arg,
-            du_arg,
+            u_pitch,
+            Arg::Ptr(self.rows_ptr(dg)?),
+            Arg::Ptr(self.rows_ptr(du)?),
             h_arg,
-            n,
-            code,
+            count(g.elements()),
+            Arg::I32(activation_code(act)),
             dim(dg.cols),
             count(dg.pitch()),
         ];
-        self.elementwise_grouped("gated_act_bwd_bf16", g.elements(), 4, &args)?;
-        Ok((dg, du, h))
+        self.elementwise_grouped("gated_act_bwd_bf16", g.elements(), 4, &args)
     }
 
     /// An uninitialised bf16 tensor.
@@ -2254,6 +2279,41 @@ impl Backend for CudaBackend {
     ) -> Result<(CudaTensor, CudaTensor, Option<CudaTensor>)> {
         let rounded = self.rounds_product_inputs();
         self.gated_activation_backward_as(dh, g, u, act, rounded, room, value)
+    }
+
+    fn gated_activation_backward_in_place(
+        &self,
+        dh: CudaTensor,
+        g: CudaTensor,
+        u: CudaTensor,
+        act: Activation,
+        room: usize,
+        value: bool,
+    ) -> Result<(CudaTensor, CudaTensor, Option<CudaTensor>)> {
+        // The results' layout: bf16 product inputs with `room`.
+        let layout = fold::room_pitch(g.cols, room);
+        let fits = |t: &CudaTensor| {
+            (t.rows, t.cols) == (g.rows, g.cols)
+                && matches!(t.storage, Storage::Bf16Pitched { pitch, .. } if Some(pitch) == layout)
+        };
+        if !self.rounds_product_inputs() || !fits(&g) || !fits(&u) {
+            return self.gated_activation_backward_for_products(&dh, &g, &u, act, room, value);
+        }
+        same_shape(&g, &dh, "gated_activation_backward")?;
+        // h over dh where dh has the layout, else in a buffer of its own.
+        let h_over_dh = value && fits(&dh);
+        let h_apart = (value && !h_over_dh)
+            .then(|| self.rounded_output(&g, true, room, "MLP activation"))
+            .transpose()?;
+        let h = if h_over_dh {
+            Some(&dh)
+        } else {
+            h_apart.as_ref()
+        };
+        self.gated_backward_rounded([&dh, &g, &u], [&g, &u], h, act)?;
+        // A dh not written over is freed in stream order, after the kernel.
+        let h = if h_over_dh { Some(dh) } else { h_apart };
+        Ok((g, u, h))
     }
 
     fn dropout(&self, x: &CudaTensor, p: f32, seed: u64) -> Result<CudaTensor> {
