@@ -86,10 +86,10 @@ pub struct Saving {
 
 /// Values of one MLP intermediate (`rows × intermediate_size`) per chunk unless set otherwise
 /// ([`Decoder::set_mlp_chunk_rows`]): 4,096 rows of Llama 3 8B, whose intermediates are then
-/// 112 MiB each in bf16. Chunks of 2,048 rows ran QLoRA steps at seq 8192 1.6 % slower (twice
-/// the launches of the MLP's small kernels and rank-wide products); 1,024 rows left the gate and
-/// up products (448 tiles of 128 × 256 for 132 multiprocessors on an H200) a last wave a third
-/// full. The gated backward writing its results over its inputs
+/// 112 MiB each in bf16. Against 2,048 rows: half the launches of the MLP's small kernels and
+/// rank-wide products, and about as fast (bench/NOTES.md, 2026-12-04); 1,024 rows left the gate
+/// and up products (448 tiles of 128 × 256 for 132 multiprocessors on an H200) a last wave a
+/// third full. The gated backward writing its results over its inputs
 /// ([`Backend::gated_activation_backward_in_place`]) keeps the backward's chunk memory what
 /// 2,048-row chunks needed before it.
 pub const MLP_CHUNK_VALUES: usize = 4096 * 14336;
