@@ -209,11 +209,10 @@ pub enum PassPoint {
 pub enum ProductOutput {
     /// f32 arithmetic that keeps it (residual sums, norms, attention): f32 values.
     Sums,
-    /// Only kernels that read each value once and would round it to bf16 themselves: the gated
-    /// activation (or its backward), which rounds its own outputs for the next product, and
-    /// the attention's backward (its dO), whose tensor-core products read dO in bf16. A
-    /// backend that rounds product inputs to bf16 may store the output rounded to bf16 (half
-    /// the bytes written and read again).
+    /// Only kernels that read each value once and would round it to bf16 themselves: the
+    /// attention's backward (its dO), whose tensor-core products read dO in bf16 (the gated
+    /// kernels' operands are `GatedOperand`). A backend that rounds product inputs to bf16 may
+    /// store the output rounded to bf16 (half the bytes written and read again).
     Rounded,
     /// Read only by the gated activation's kernels (gate's and up's outputs, and dL/dm, down's
     /// input gradient): as `Rounded`, laid out by the backend so that
@@ -870,7 +869,7 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Backend::gated_activation`] as a product input ([`Backend::product_input`], with
     /// `room`); a backend that rounds product inputs may write the rounded values directly.
     /// Here and in the backward, `g`, `u` (and `dh`) may be outputs of adapted products made for
-    /// them ([`ProductOutput::Rounded`]).
+    /// them ([`ProductOutput::GatedOperand`]).
     fn gated_activation_for_products(
         &self,
         g: &Self::Tensor,

@@ -338,7 +338,7 @@ impl CudaBackend {
     }
 
     /// `[x | xa]·[W | s·B]ᵀ` when it can run as one product (see the module comment), stored
-    /// in bf16 for [`ProductOutput::Rounded`]; with `plus` (an f32 matrix of the output's shape,
+    /// as [`Self::product_output`] says; with `plus` (an f32 matrix of the output's shape,
     /// left as it is), `plus + [x | xa]·[W | s·B]ᵀ`, the sum made by the product's epilogue.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn folded_product(

@@ -786,14 +786,13 @@ impl CudaBackend {
         same_shape(g, dh, "gated_activation_backward")?;
         let dg = self.rounded_output(g, rounded, room, "MLP gradient")?;
         let du = self.rounded_output(g, rounded, room, "MLP gradient")?;
-        let what = "gated_activation_backward";
-        let outs = [Arg::Ptr(self.rows_ptr(&dg)?), Arg::Ptr(self.rows_ptr(&du)?)];
-        let (n, code) = (count(g.elements()), Arg::I32(activation_code(act)));
         if !rounded {
-            let [dg_arg, du_arg] = outs;
+            let what = "gated_activation_backward";
+            let [dg_arg, du_arg] = [&dg, &du].map(|t| self.ptr(t).map(Arg::Ptr));
+            let (n, code) = (count(g.elements()), Arg::I32(activation_code(act)));
             let ins = [dh, g, u].map(|t| self.f32_arg(t, what));
             let [dh_arg, g_arg, u_arg] = ins;
-            let args = [dh_arg?, g_arg?, u_arg?, dg_arg, du_arg, n, code];
+            let args = [dh_arg?, g_arg?, u_arg?, dg_arg?, du_arg?, n, code];
             self.elementwise_grouped("gated_act_bwd", g.elements(), 4, &args)?;
             let h = value
                 .then(|| self.gated_activation_as(g, u, act, false, 0))
