@@ -223,16 +223,16 @@ __device__ __forceinline__ float4 load4(const bf16_t* p, long long q) {
 __device__ __forceinline__ float gated_value(float g, float u, int act) {
     return u * act_value_deriv(g, act, nullptr);
 }
-// Element i of an input whose rows are `pitch` values apart (pitch = cols: dense), and the quad
-// from element i (i a multiple of 4; cols and pitch multiples of 4, checked by the host).
+// The element at `rc` (row_col of its index) of an input whose rows are `pitch` values apart
+// (pitch = cols: dense), and the quad from there (its column a multiple of 4; cols and pitch
+// multiples of 4, checked by the host).
 template <typename T>
-__device__ __forceinline__ float load_at(const T* p, long long i, long long cols, long long pitch) {
-    return load(p, pitched(i, cols, pitch));
+__device__ __forceinline__ float load_at(const T* p, RowCol rc, long long pitch) {
+    return load(p, at_pitch(rc, pitch));
 }
 template <typename T>
-__device__ __forceinline__ float4 load4_at(const T* p, long long i, long long cols,
-                                           long long pitch) {
-    return load4(p + pitched(i, cols, pitch), 0);
+__device__ __forceinline__ float4 load4_at(const T* p, RowCol rc, long long pitch) {
+    return load4(p + at_pitch(rc, pitch), 0);
 }
 // g and u rows g_pitch and u_pitch values apart, h rows `pitch` apart (each = cols: dense).
 template <typename G, typename U, typename Out>
@@ -241,16 +241,17 @@ __device__ void gated_act_fwd_impl(const G* g, long long g_pitch, const U* u, lo
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
         if (i0 + 4 <= n) {
-            const float4 gv = load4_at(g, i0, cols, g_pitch);
-            const float4 uv = load4_at(u, i0, cols, u_pitch);
-            store4(h + pitched(i0, cols, pitch), gated_value(gv.x, uv.x, act),
+            const RowCol rc = row_col(i0, cols);
+            const float4 gv = load4_at(g, rc, g_pitch);
+            const float4 uv = load4_at(u, rc, u_pitch);
+            store4(h + at_pitch(rc, pitch), gated_value(gv.x, uv.x, act),
                    gated_value(gv.y, uv.y, act), gated_value(gv.z, uv.z, act),
                    gated_value(gv.w, uv.w, act));
         } else {
             for (long long i = i0; i < n; ++i) {
-                const float v = gated_value(load_at(g, i, cols, g_pitch),
-                                            load_at(u, i, cols, u_pitch), act);
-                store(h + pitched(i, cols, pitch), v);
+                const RowCol rc = row_col(i, cols);
+                const float v = gated_value(load_at(g, rc, g_pitch), load_at(u, rc, u_pitch), act);
+                store(h + at_pitch(rc, pitch), v);
             }
         }
     }
@@ -309,10 +310,11 @@ __device__ void gated_act_bwd_impl(const D* dh, long long dh_pitch, const G* g, 
     QUAD_LOOP(q, n) {
         const long long i0 = 4 * q;
         if (i0 + 4 <= n) {
-            const long long o = pitched(i0, cols, pitch);
-            const float4 gv = load4_at(g, i0, cols, g_pitch);
-            const float4 uv = load4_at(u, i0, cols, u_pitch);
-            const float4 dv = load4_at(dh, i0, cols, dh_pitch);
+            const RowCol rc = row_col(i0, cols);
+            const long long o = at_pitch(rc, pitch);
+            const float4 gv = load4_at(g, rc, g_pitch);
+            const float4 uv = load4_at(u, rc, u_pitch);
+            const float4 dv = load4_at(dh, rc, dh_pitch);
             const GatedGrads x = gated_grads(dv.x, gv.x, uv.x, act);
             const GatedGrads y = gated_grads(dv.y, gv.y, uv.y, act);
             const GatedGrads z = gated_grads(dv.z, gv.z, uv.z, act);
@@ -322,10 +324,10 @@ __device__ void gated_act_bwd_impl(const D* dh, long long dh_pitch, const G* g, 
             if (h) store4(h + o, x.h, y.h, z.h, w.h);
         } else {
             for (long long i = i0; i < n; ++i) {
-                const GatedGrads d =
-                    gated_grads(load_at(dh, i, cols, dh_pitch), load_at(g, i, cols, g_pitch),
-                                load_at(u, i, cols, u_pitch), act);
-                const long long o = pitched(i, cols, pitch);
+                const RowCol rc = row_col(i, cols);
+                const GatedGrads d = gated_grads(load_at(dh, rc, dh_pitch), load_at(g, rc, g_pitch),
+                                                 load_at(u, rc, u_pitch), act);
+                const long long o = at_pitch(rc, pitch);
                 store(dg + o, d.dg);
                 store(du + o, d.du);
                 if (h) store(h + o, d.h);

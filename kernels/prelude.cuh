@@ -37,15 +37,29 @@ typedef unsigned short bf16_t;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);          \
          i += (long long)blockDim.x * gridDim.x)
 
-// Where element i of a [rows, cols] matrix goes in an output whose rows are `pitch` values apart
-// (pitch = cols: dense). The bf16 product inputs and the NF4 scratch may keep spare columns after
-// each row (src/backend/cuda/fold.rs); the kernels writing groups of 4 or 8 values there rely on
-// the host having checked that cols and pitch are multiples of the group, so no group straddles
-// two rows.
+// Element i of a [rows, cols] matrix as (row, column). The row is a 32-bit division wherever i
+// and cols fit in 32 bits (every matrix of the models here): the 64-bit one is a software routine
+// of ~70 instructions, which made kernels of little arithmetic per value issue-bound.
+struct RowCol {
+    long long row, col;
+};
+__device__ __forceinline__ RowCol row_col(long long i, long long cols) {
+    const long long r = (i | cols) <= 0xffffffffll
+                            ? (long long)((unsigned int)i / (unsigned int)cols)
+                            : i / cols;
+    return {r, i - r * cols};
+}
+
+// Where that element lies in rows `pitch` values apart (pitch = cols: dense). The bf16 product
+// inputs and the NF4 scratch may keep spare columns after each row (src/backend/cuda/fold.rs);
+// the kernels reading or writing groups of 4 or 8 values there rely on the host having checked
+// that cols and pitch are multiples of the group, so no group straddles two rows. Kernels with
+// several pitched operands take row_col once and place it in each with at_pitch.
+__device__ __forceinline__ long long at_pitch(RowCol rc, long long pitch) {
+    return rc.row * pitch + rc.col;
+}
 __device__ __forceinline__ long long pitched(long long i, long long cols, long long pitch) {
-    if (pitch == cols) return i;
-    const long long r = i / cols;
-    return r * pitch + (i - r * cols);
+    return pitch == cols ? i : at_pitch(row_col(i, cols), pitch);
 }
 
 // bf16 -> f32: a bfloat16 is the upper half of an f32, so widening is exact.

@@ -46,7 +46,7 @@ int main() {
         CK(cudaMemcpy(dm, map.data(), 1024, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(doff, &offset, 4, cudaMemcpyHostToDevice));
         CK(cudaMemset(out, 0, rows * pitch * 2));
-        const long long g = ((n + 31) / 32 + 255) / 256;
+        const long long g = ((n + 63) / 64 + 255) / 256;
         const unsigned int grid = (unsigned int)(g < 65535 ? g : 65535);
         auto launch = [&]() {
             nf4_dequantize_bf16<<<grid, 256>>>(dp, nullptr, dc, dn, dm, doff, out, n, (int)cols,

@@ -289,7 +289,8 @@ impl CudaBackend {
             super::dim(cols),
             count(pitch),
         ];
-        let shape = Shape::elementwise(elements.div_ceil(32));
+        // One thread a 64 values (eight groups of 8: kernels/nf4.cu).
+        let shape = Shape::elementwise(elements.div_ceil(64));
         self.run("nf4", "nf4_dequantize_bf16", shape, &args)
     }
 
