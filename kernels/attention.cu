@@ -337,6 +337,26 @@ __device__ __noinline__ void attn_fwd_impl(float* smem, const float* __restrict_
     }
 }
 
+// One value of the delta sum: g of dO (rounded to bf16 first, and written at i, with
+// `d_out_bf16`; written widened at i with `d_out_f32`) times o, added into acc.
+__device__ __forceinline__ float delta_term(float g, float o, float acc, long long i,
+                                            bf16_t* __restrict__ d_out_bf16,
+                                            float* __restrict__ d_out_f32) {
+    if (d_out_bf16) {
+        const bf16_t rounded = f32_to_bf16(g);
+        d_out_bf16[i] = rounded;
+        g = bf16_to_f32(rounded);
+    }
+    if (d_out_f32) d_out_f32[i] = g;
+    return fmaf(g, o, acc);
+}
+
+// Four consecutive values from element i of p (bf16 when is_bf16, else f32), widened: one 8- or
+// 16-byte load (i a multiple of 4, p an allocation start).
+__device__ __forceinline__ float4 quad_at(const void* p, int is_bf16, long long i) {
+    return is_bf16 ? bf16x4_to_f32(static_cast<const bf16_t*>(p) + i)
+                   : *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+}
 
 // ---------------------------------------------------------------------------------------------
 // delta[t, h] = D = Σ_d dO[t, h·hd+d]·O[t, h·hd+d]. O is f32 or bf16 (`out_bf16`: the product
@@ -347,6 +367,8 @@ __device__ __noinline__ void attn_fwd_impl(float* smem, const float* __restrict_
 // error, O(2^-9·|dO|·|O|), in every dS. dO itself may come in bf16 (`d_out_is_bf16`: a product's
 // output stored rounded for this backward): the tensor-core kernels then read it as it is, and
 // for the CUDA-core ones it is widened into `d_out_f32` (null otherwise).
+// Four values a lane (one 8- or 16-byte load of each input) where head_dim and out_pitch are
+// multiples of 4, one otherwise.
 // Launch: grid ceil(rows·heads/8), block 256: one warp per (t, h).
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void attention_bwd_delta(const void* __restrict__ out, int out_pitch,
@@ -363,18 +385,24 @@ extern "C" __global__ void attention_bwd_delta(const void* __restrict__ out, int
     const long long base = t * heads * (long long)head_dim + (long long)h * head_dim;
     const long long out_base = t * (long long)out_pitch + (long long)h * head_dim;
     float acc = 0.0f;
-    for (int d = lane; d < head_dim; d += 32) {
-        float g = d_out_is_bf16 ? bf16_to_f32(static_cast<const bf16_t*>(d_out)[base + d])
-                                : static_cast<const float*>(d_out)[base + d];
-        if (d_out_bf16) {
-            const bf16_t rounded = f32_to_bf16(g);
-            d_out_bf16[base + d] = rounded;
-            g = bf16_to_f32(rounded);
+    if (head_dim % 4 == 0 && out_pitch % 4 == 0) {
+        for (int d = 4 * lane; d < head_dim; d += 128) {
+            const float4 g = quad_at(d_out, d_out_is_bf16, base + d);
+            const float4 o = quad_at(out, out_bf16, out_base + d);
+            acc = delta_term(g.x, o.x, acc, base + d, d_out_bf16, d_out_f32);
+            acc = delta_term(g.y, o.y, acc, base + d + 1, d_out_bf16, d_out_f32);
+            acc = delta_term(g.z, o.z, acc, base + d + 2, d_out_bf16, d_out_f32);
+            acc = delta_term(g.w, o.w, acc, base + d + 3, d_out_bf16, d_out_f32);
         }
-        if (d_out_f32) d_out_f32[base + d] = g;
-        const float o = out_bf16 ? bf16_to_f32(static_cast<const bf16_t*>(out)[out_base + d])
-                                 : static_cast<const float*>(out)[out_base + d];
-        acc = fmaf(g, o, acc);
+    } else {
+        for (int d = lane; d < head_dim; d += 32) {
+            const float g = d_out_is_bf16
+                                ? bf16_to_f32(static_cast<const bf16_t*>(d_out)[base + d])
+                                : static_cast<const float*>(d_out)[base + d];
+            const float o = out_bf16 ? bf16_to_f32(static_cast<const bf16_t*>(out)[out_base + d])
+                                     : static_cast<const float*>(out)[out_base + d];
+            acc = delta_term(g, o, acc, base + d, d_out_bf16, d_out_f32);
+        }
     }
     acc = warp_sum(acc);
     if (lane == 0) delta[pair] = acc;

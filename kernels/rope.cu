@@ -1,14 +1,15 @@
 // rope.cu: rotary position embedding, "rotate half" layout (compiled after prelude.cuh).
-// Launch: block 256, grid min(ceil(rows·heads·(head_dim/2)/256), 65535), grid-stride loop.
+// Launch: block 256, grid min(ceil(rows·(head_dim/2)/256), 65535), grid-stride loop: one thread a
+// work item below (a grid of one thread a rotated pair, 32× larger on Llama 3's q, spent most of
+// the kernel's time starting and retiring blocks that had nothing to do).
 // Reference: src/backend/cpu/pointwise.rs `rope`.
 
 // x: [rows, heads·head_dim], half = head_dim/2. For row t, every head, i < half:
 //   θ = positions[t]·inv_freq[i] in double; c = (float)cos θ, s = (float)(inverse ? −sin θ : sin θ)
 //   (a, b) = (x[i], x[i + half]) → (a·c − b·s, b·c + a·s)
 // One work item per (t, i): the angle is computed once and handed to rotate(t, i, c, s), which
-// applies it to all heads of the row (the launch has heads× more threads than items; the extra
-// ones fall straight out of the loop). Within a head, consecutive threads touch consecutive
-// addresses.
+// applies it to all heads of the row, four heads' loads at a time in flight. Within a head,
+// consecutive threads touch consecutive addresses.
 template <typename Rotate>
 __device__ __forceinline__ void rope_items(const int* positions, const float* inv_freq, int rows,
                                            int half, int inverse, Rotate rotate) {
@@ -31,6 +32,7 @@ extern "C" __global__ void rope_f32(float* x, const int* positions, const float*
     const long long cols = (long long)heads * head_dim;
     rope_items(positions, inv_freq, rows, half, inverse, [&](long long t, int i, float c, float s) {
         float* row = x + t * cols;
+#pragma unroll 4
         for (int h = 0; h < heads; ++h) {
             float* lo = row + (long long)h * head_dim + i;
             const float a = lo[0], b = lo[half];
@@ -50,6 +52,7 @@ extern "C" __global__ void rope_bf16(const float* x, bf16_t* y, long long pitch,
     rope_items(positions, inv_freq, rows, half, inverse, [&](long long t, int i, float c, float s) {
         const float* row = x + t * cols;
         bf16_t* out = y + t * pitch;
+#pragma unroll 4
         for (int h = 0; h < heads; ++h) {
             const long long lo = (long long)h * head_dim + i;
             const float a = row[lo], b = row[lo + half];

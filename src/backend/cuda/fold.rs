@@ -219,7 +219,8 @@ impl CudaBackend {
                 dim(src.cols),
                 count(pitch),
             ];
-            return self.elementwise_grouped("copy_bf16_rows", src.elements(), 4, &args);
+            let label = || format!("copy_bf16_rows {}x{}", src.rows, src.cols).into();
+            return self.elementwise_labelled("copy_bf16_rows", label, src.elements(), 4, &args);
         }
         let args = [
             self.f32_arg(src, "an adapter's columns")?,
@@ -229,7 +230,8 @@ impl CudaBackend {
             count(pitch),
             Arg::F32(scale),
         ];
-        self.elementwise_grouped("cast_f32_bf16_rows", src.elements(), 4, &args)
+        let label = || format!("cast_f32_bf16_rows {}x{}", src.rows, src.cols).into();
+        self.elementwise_labelled("cast_f32_bf16_rows", label, src.elements(), 4, &args)
     }
 
     /// `[x | extra]` as a product operand: `extra` (`[rows, r]`: f32, rounded, or dense bf16,

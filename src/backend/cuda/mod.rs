@@ -1247,6 +1247,12 @@ impl CudaBackend {
         ])
     }
 
+    /// The rotation kernels' work items, one thread each: (row, pair within a head), each
+    /// rotating its pair in every head of the row (kernels/rope.cu).
+    fn rope_items(x: &CudaTensor, head_dim: usize) -> usize {
+        x.rows * (head_dim / 2)
+    }
+
     /// `rope` of the f32 `x` written rounded to bf16 into a new product input with `room`
     /// ([`Self::product_input_tensor`]), `x` left as it is (kernels/rope.cu, `rope_bf16`).
     #[allow(clippy::too_many_arguments)]
@@ -1262,8 +1268,8 @@ impl CudaBackend {
     ) -> Result<CudaTensor> {
         let tail = self.rope_args(x, positions, inv_freq, head_dim, inverse)?;
         let y = self.product_input_tensor(x.rows, x.cols, room, what)?;
-        let pairs = x.rows * (x.cols / 2);
-        if pairs == 0 {
+        let items = Self::rope_items(x, head_dim);
+        if items == 0 {
             return Ok(y);
         }
         let mut args = vec![
@@ -1272,7 +1278,7 @@ impl CudaBackend {
             count(y.pitch()),
         ];
         args.extend(tail);
-        self.run("rope", "rope_bf16", Shape::elementwise(pairs), &args)?;
+        self.run("rope", "rope_bf16", Shape::elementwise(items), &args)?;
         Ok(y)
     }
 
@@ -1874,13 +1880,13 @@ impl Backend for CudaBackend {
         inverse: bool,
     ) -> Result<()> {
         let tail = self.rope_args(x, positions, inv_freq, head_dim, inverse)?;
-        let pairs = x.rows * (x.cols / 2);
-        if pairs == 0 {
+        let items = Self::rope_items(x, head_dim);
+        if items == 0 {
             return Ok(());
         }
         let mut args = vec![self.f32_arg(x, "rope")?];
         args.extend(tail);
-        self.run("rope", "rope_f32", Shape::elementwise(pairs), &args)
+        self.run("rope", "rope_f32", Shape::elementwise(items), &args)
     }
 
     fn rope_for_products(
