@@ -129,6 +129,16 @@ extern "C" __global__ void sum_squares_many_f32(const unsigned long long* table,
     if (threadIdx.x == 0) atomicAdd(out, acc);
 }
 
+// y_i = bf16(x_i) over many tensors (table rows {x, y, n}): cast_f32_bf16's values in one launch.
+// The launch gives each thread ~8 elements of the longest tensor.
+extern "C" __global__ void cast_many_f32_bf16(const unsigned long long* table) {
+    const unsigned long long* row = table_row(table, 3);
+    const float* x = (const float*)row[0];
+    bf16_t* y = (bf16_t*)row[1];
+    const long long n = (long long)row[2];
+    GRID_STRIDE_LOOP(i, n) { y[i] = f32_to_bf16(x[i]); }
+}
+
 // *flag = 1 if any x_i is NaN or ±Inf (flag is left alone otherwise; the host zeroes it first).
 extern "C" __global__ void find_non_finite_f32(const float* x, long long n, unsigned int* flag) {
     bool bad = false;

@@ -265,6 +265,43 @@ fn adapter_products_are_stored_rounded_and_read_like_f32_ones() {
     }
 }
 
+/// The adapters' factors rounded for a pass in one launch give each factor's own rounding, bit
+/// for bit: shapes of several sizes, one longer than a launch's block of threads times 8, one
+/// of odd length.
+#[test]
+fn factors_rounded_in_one_launch_match_one_by_one() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = fresh_rng("factors rounded at once");
+    let shapes = [(16, 4096), (4096, 16), (16, 14336), (7, 33), (1, 1)];
+    let values: Vec<Vec<f32>> = (shapes.iter())
+        .map(|&(r, c)| randn(&mut rng, r * c, 3.0))
+        .collect();
+    let xs: Vec<CudaTensor> = (shapes.iter().zip(&values))
+        .map(|(&(r, c), v)| p.g.upload(v, r, c).unwrap())
+        .collect();
+    let refs: Vec<&CudaTensor> = xs.iter().collect();
+    assert!(
+        p.g.rounded_product_inputs(&refs).unwrap().is_none(),
+        "f32 products read the factors as they are"
+    );
+    p.g.set_f32_products(F32Products::Tf32);
+    let at_once = p.g.rounded_product_inputs(&refs).unwrap().unwrap();
+    for ((x, y), v) in xs.iter().zip(&at_once).zip(&values) {
+        assert_eq!(y.dtype(), Dtype::Bf16);
+        assert_eq!(p.g.shape(y), p.g.shape(x));
+        let alone = p.g.rounded_product_input(x, 0).unwrap().unwrap();
+        let got = p.g.download(y).unwrap();
+        assert_eq!(got, p.g.download(&alone).unwrap(), "{:?}", p.g.shape(x));
+        assert_eq!(
+            got,
+            bf16_round(v),
+            "{:?}: rounded to nearest even",
+            p.g.shape(x)
+        );
+    }
+    p.g.set_f32_products(F32Products::Exact);
+}
+
 /// A folded product skips writing its adapter factor into the weight's spare values where the
 /// same pass wrote the same factor last (fold.rs), and only there: another factor written in
 /// between, or the factor's values changed between passes, are written again. Forward (`B` in

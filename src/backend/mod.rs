@@ -296,6 +296,16 @@ pub fn product_into<B: Backend + ?Sized>(
     }
 }
 
+/// [`Backend::rounded_product_inputs`] a tensor at a time: its default, and where a backend
+/// cannot take them all at once.
+pub fn rounded_one_by_one<B: Backend + ?Sized>(
+    be: &B,
+    xs: &[&B::Tensor],
+) -> Result<Option<Vec<B::Tensor>>> {
+    let rounded = xs.iter().map(|x| be.rounded_product_input(x, 0));
+    Ok(rounded.collect::<Result<Vec<_>>>()?.into_iter().collect())
+}
+
 /// The per-step constants of [`Backend::adamw`], computed once on the host the way torch does.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConstants {
@@ -524,6 +534,12 @@ pub trait Backend: Send + Sync + 'static {
     fn rounded_product_input(&self, x: &Self::Tensor, room: usize) -> Result<Option<Self::Tensor>> {
         let _ = (x, room);
         Ok(None)
+    }
+    /// [`Backend::rounded_product_input`] of each of `xs` with no room, all or none: `None`
+    /// when any comes back `None`. For the adapters' factors, rounded once a pass (a backend
+    /// may round them all in one launch).
+    fn rounded_product_inputs(&self, xs: &[&Self::Tensor]) -> Result<Option<Vec<Self::Tensor>>> {
+        rounded_one_by_one(self, xs)
     }
     /// A copy of the residual `x` as the RMSNorms read it, for a caller that keeps it for them
     /// alone (a layer's input or x1 kept for the backward pass), or `None` where the norms read

@@ -3,7 +3,7 @@
 
 use super::config::ModelConfig;
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, TargetModule};
 use crate::rng::{derive, Rng};
 
@@ -85,19 +85,25 @@ impl<B: Backend> LoraTensors<B> {
     /// Every tensor rounded as [`Backend::rounded_product_input`] rounds a product's operand, or
     /// `None` where the backend's products read them as they are.
     pub fn rounded_for_products(&self, backend: &B) -> Result<Option<Self>> {
+        let factors: Vec<&B::Tensor> = self.tensors().collect();
+        let Some(rounded) = backend.rounded_product_inputs(&factors)? else {
+            return Ok(None);
+        };
+        // Back into the slots, A then B of each pair, in the order `tensors` gave them.
+        let mut rounded = rounded.into_iter();
         let mut pairs = Vec::with_capacity(self.pairs.len());
         for p in &self.pairs {
-            let Some(p) = p else {
-                pairs.push(None);
-                continue;
-            };
-            let (Some(a), Some(b)) = (
-                backend.rounded_product_input(&p.a, 0)?,
-                backend.rounded_product_input(&p.b, 0)?,
-            ) else {
-                return Ok(None);
-            };
-            pairs.push(Some(LoraPair { a, b }));
+            pairs.push(match p {
+                None => None,
+                Some(_) => match (rounded.next(), rounded.next()) {
+                    (Some(a), Some(b)) => Some(LoraPair { a, b }),
+                    _ => {
+                        return Err(Error::Device(
+                            "rounded adapter factors: fewer came back than were given".into(),
+                        ))
+                    }
+                },
+            });
         }
         Ok(Some(LoraTensors { pairs }))
     }

@@ -495,17 +495,36 @@ impl CudaBackend {
         rows: &[[&CudaTensor; N]],
         args: &[Arg],
     ) -> Result<()> {
+        let mut table = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut ptrs = [0; N];
+            for (p, t) in ptrs.iter_mut().zip(row) {
+                *p = self.buffer_ptr(f32_buffer(t, name)?);
+            }
+            table.push((ptrs, row[0].elements()));
+        }
+        self.launch_over_table(name, &table, 1, args)
+    }
+
+    /// Kernel `name` over many tensors (kernels/pointwise.cu `table_row`): one row a tensor, its
+    /// `N` device addresses and its element count, taken `group` elements a thread; `args`
+    /// follow the table. One launch per `MAX_GRID` rows.
+    fn launch_over_table<const N: usize>(
+        &self,
+        name: &'static str,
+        rows: &[([u64; N], usize)],
+        group: usize,
+        args: &[Arg],
+    ) -> Result<()> {
         let cols = N + 1;
         let mut table = Vec::with_capacity(rows.len() * cols);
         let mut longest = 0;
-        for row in rows {
-            for t in row {
-                table.push(self.buffer_ptr(f32_buffer(t, name)?));
-            }
-            table.push(row[0].elements() as u64);
-            longest = longest.max(row[0].elements());
+        for (ptrs, n) in rows {
+            table.extend_from_slice(ptrs);
+            table.push(*n as u64);
+            longest = longest.max(*n);
         }
-        let blocks = longest.div_ceil(BLOCK as usize).clamp(1, MAX_GRID);
+        let blocks = longest.div_ceil(group * BLOCK as usize).clamp(1, MAX_GRID);
         for part in table.chunks(cols * MAX_GRID) {
             let table = self.gpu.upload(part, "a table of tensors")?;
             let mut all = vec![Arg::Ptr(self.buffer_ptr(&table))];
@@ -1647,6 +1666,29 @@ impl Backend for CudaBackend {
     /// [`F32Products::Exact`] nothing is rounded.
     fn rounded_product_input(&self, x: &CudaTensor, room: usize) -> Result<Option<CudaTensor>> {
         self.rounded_where_rounding(x, room, "a product input")
+    }
+
+    /// All in one launch (`cast_many_f32_bf16`) in queued work: the factors' ~450 casts a pass
+    /// on Llama 3 8B were as many launches of a few microseconds. Recorded work rounds them one
+    /// by one (a replay launches them at no host cost, and the launch's table of addresses
+    /// would be a copy from host memory inside the recording).
+    fn rounded_product_inputs(&self, xs: &[&CudaTensor]) -> Result<Option<Vec<CudaTensor>>> {
+        if self.gpu.records_here() {
+            return crate::backend::rounded_one_by_one(self, xs);
+        }
+        if !self.rounds_product_inputs() || xs.iter().any(|x| x.dtype() != Dtype::F32) {
+            return Ok(None);
+        }
+        let what = "an adapter factor in bf16";
+        let mut out = Vec::with_capacity(xs.len());
+        let mut rows = Vec::with_capacity(xs.len());
+        for x in xs {
+            let y = self.bf16_tensor(x.rows, x.cols, what)?;
+            rows.push(([self.ptr(x)?, self.ptr(&y)?], x.elements()));
+            out.push(y);
+        }
+        self.launch_over_table("cast_many_f32_bf16", &rows, 8, &[])?;
+        Ok(Some(out))
     }
 
     /// A bf16 copy of an f32 `x` where product inputs are rounded: what the norm kernels read
