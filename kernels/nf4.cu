@@ -188,12 +188,18 @@ __device__ __forceinline__ uint4 nf4_bf16_octet(const float* code, unsigned int 
 // by one (bench/nf4/dequant_bench.cu). A short last group (dense only) goes pair by pair in one
 // thread. packed and out are allocation starts (4- and 16-byte aligned). Pairs are rounded by one
 // conversion (bf16x2_rn): a NaN (a NaN or infinite block scale) comes out as the canonical NaN.
+// With `factor` (not NULL) the same launch then writes an adapter factor into the output's spare
+// values (src/backend/cuda/fold.rs): out[factor_offset + (i / factor_cols)·pitch + i % factor_cols]
+// = bf16(factor_scale·factor[i]) for i < factor_rows·factor_cols, as cast_f32_bf16_rows would.
 // Launch: block 256, grid min(ceil(ceil(n/64)/256), 65535), grid-stride over warps.
 #define NF4_GROUPS_PER_THREAD 8
 extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, const float* absmax,
                                                const unsigned char* codes, const float* nested_absmax,
                                                const float* map, const float* offset, bf16_t* out,
-                                               long long n, int cols, long long pitch) {
+                                               long long n, int cols, long long pitch,
+                                               const float* factor, long long factor_rows,
+                                               int factor_cols, long long factor_offset,
+                                               float factor_scale) {
     __shared__ float code[16];
     nf4_code_book(code);
     __syncthreads();
@@ -229,6 +235,12 @@ extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, cons
             } else {
                 out[j] = (bf16_t)(v & 0xffffu);
             }
+        }
+    }
+    if (factor != nullptr) {
+        bf16_t* spare = out + factor_offset;
+        GRID_STRIDE_LOOP(i, factor_rows * factor_cols) {
+            spare[pitched(i, factor_cols, pitch)] = f32_to_bf16(factor_scale * factor[i]);
         }
     }
 }

@@ -33,10 +33,22 @@ extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, long long n)
 
 // y[r·pitch + c] = bf16(scale·x[r·cols + c]) for r < rows, c < cols: a dense f32 matrix written
 // into bf16 rows that are `pitch` apart (a product input with spare columns after each row, or
-// those spare columns themselves). Four values a thread (one 16-byte load, one 8-byte store)
-// where cols and pitch are multiples of 4, x is 16-byte and y 8-byte aligned.
+// those spare columns themselves). Eight values a thread (two 16-byte loads, one 16-byte store)
+// where cols and pitch are multiples of 8 and x and y 16-byte aligned (4 values a thread ran
+// 8192 × 4096 at 2.8 TB/s against cast_f32_bf16's 4.0); else four (one 16-byte load, one 8-byte
+// store) where cols and pitch are multiples of 4, x is 16-byte and y 8-byte aligned; else one.
 extern "C" __global__ void cast_f32_bf16_rows(const float* x, bf16_t* y, long long rows, int cols,
                                               long long pitch, float scale) {
+    if (cols % 8 == 0 && pitch % 8 == 0 && aligned16(x, y)) {
+        GRID_STRIDE_LOOP(o, rows * cols / 8) {
+            const float4 a = reinterpret_cast<const float4*>(x)[2 * o];
+            const float4 b = reinterpret_cast<const float4*>(x)[2 * o + 1];
+            *reinterpret_cast<uint4*>(y + pitched(8 * o, cols, pitch)) =
+                make_uint4(bf16_pair(scale * a.x, scale * a.y), bf16_pair(scale * a.z, scale * a.w),
+                           bf16_pair(scale * b.x, scale * b.y), bf16_pair(scale * b.z, scale * b.w));
+        }
+        return;
+    }
     const bool quads = cols % 4 == 0 && pitch % 4 == 0 &&
                        ((reinterpret_cast<unsigned long long>(x) & 15) |
                         (reinterpret_cast<unsigned long long>(y) & 7)) == 0;

@@ -50,7 +50,7 @@ int main() {
         const unsigned int grid = (unsigned int)(g < 65535 ? g : 65535);
         auto launch = [&]() {
             nf4_dequantize_bf16<<<grid, 256>>>(dp, nullptr, dc, dn, dm, doff, out, n, (int)cols,
-                                               pitch);
+                                               pitch, nullptr, 0, 0, 0, 0.0f);
         };
         cudaEvent_t a, b;
         CK(cudaEventCreate(&a));

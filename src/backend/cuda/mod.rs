@@ -914,7 +914,7 @@ impl CudaBackend {
         let mut staged = Staged::default();
         let (ptr, dtype) = match (&t.storage, bf16) {
             (Storage::Nf4(s), _) => {
-                let (ptr, scratch) = self.dequantize_nf4(s, t.rows, t.cols, t.cols, 0)?;
+                let (ptr, scratch, _) = self.dequantize_nf4(s, t.rows, t.cols, t.cols, 0, None)?;
                 staged._nf4_scratch = Some(scratch);
                 (ptr, Dtype::Bf16)
             }

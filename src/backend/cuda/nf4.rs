@@ -34,6 +34,17 @@ pub(super) struct Nf4Scratch {
     pub(super) factors: super::fold::WrittenFactors,
 }
 
+/// An adapter factor that a slot's dequantization writes into the slot's spare values in the
+/// same launch (fold.rs): `scale·factor` (an f32 `[rows, cols]` matrix at `values`) rounded to
+/// bf16, its rows the slot's pitch apart, from `offset` values past the slot's start.
+pub(super) struct SpareFactor {
+    pub values: u64,
+    pub rows: usize,
+    pub cols: usize,
+    pub offset: usize,
+    pub scale: f32,
+}
+
 struct Slot {
     values: super::DeviceBuffer<u16>,
     /// The [`Nf4Storage::id`] of the matrix whose values are in `values`, and their row pitch.
@@ -195,6 +206,9 @@ impl CudaBackend {
     /// that already holds them so, else the least recently used one, into which their
     /// dequantization is queued. Returns the scratch's lock too, to hold until the product
     /// reading the slot is queued.
+    ///
+    /// `spare` (an adapter factor for the slot's spare values, fold.rs) is written by the same
+    /// launch where a dequantization is queued; the flag returned says whether it was.
     pub(super) fn dequantize_nf4(
         &self,
         s: &Nf4Storage,
@@ -202,7 +216,8 @@ impl CudaBackend {
         cols: usize,
         pitch: usize,
         spare_rows: usize,
-    ) -> Result<(u64, ScratchGuard<'_>)> {
+        spare: Option<SpareFactor>,
+    ) -> Result<(u64, ScratchGuard<'_>, bool)> {
         let elements = (rows + spare_rows) * pitch;
         let mut scratch = self.lock_nf4_scratch();
         // Recorded work keeps its own view of the slots and leaves the queued work's alone.
@@ -218,8 +233,8 @@ impl CudaBackend {
             .slots
             .iter_mut()
             .position(|slot| *known(slot, recording) == Some((s.id, pitch)));
-        let i = match held {
-            Some(i) => i,
+        let (i, spare_written) = match held {
+            Some(i) => (i, false),
             None => {
                 let slot = scratch
                     .slots
@@ -233,21 +248,23 @@ impl CudaBackend {
                 *known(slot, recording) = None;
                 let values = self.buffer_ptr(&slot.values);
                 let bytes = slot.values.elements() * std::mem::size_of::<u16>();
-                self.queue_dequantize(s, rows, cols, pitch, values)?;
+                let spare_written = spare.is_some();
+                self.queue_dequantize(s, rows, cols, pitch, values, spare)?;
                 *known(slot, recording) = Some((s.id, pitch));
                 // Its spare values now belong to another matrix's layout.
                 scratch.factors.forget_within(values..values + bytes as u64);
-                0
+                (0, spare_written)
             }
         };
         let slot = scratch.slots.remove(i);
         let out = self.buffer_ptr(&slot.values);
         scratch.slots.push(slot);
-        Ok((out, scratch))
+        Ok((out, scratch, spare_written))
     }
 
     /// Queues the dequantization of `s` (`[rows, cols]`) to bf16 at `out`, rows `pitch` values
-    /// apart (`cols`: dense; otherwise both multiples of 8, as fold.rs's pitches are).
+    /// apart (`cols`: dense; otherwise both multiples of 8, as fold.rs's pitches are), and the
+    /// write of `spare` in the same launch.
     fn queue_dequantize(
         &self,
         s: &Nf4Storage,
@@ -255,6 +272,7 @@ impl CudaBackend {
         cols: usize,
         pitch: usize,
         out: u64,
+        spare: Option<SpareFactor>,
     ) -> Result<()> {
         let elements = rows * cols;
         // A copy made here (no pass brought one over) lives until the kernel is queued.
@@ -288,6 +306,11 @@ impl CudaBackend {
             count(elements),
             super::dim(cols),
             count(pitch),
+            Arg::Ptr(spare.as_ref().map_or(0, |f| f.values)),
+            count(spare.as_ref().map_or(0, |f| f.rows)),
+            super::dim(spare.as_ref().map_or(0, |f| f.cols)),
+            count(spare.as_ref().map_or(0, |f| f.offset)),
+            Arg::F32(spare.as_ref().map_or(0.0, |f| f.scale)),
         ];
         // One thread a 64 values (eight groups of 8: kernels/nf4.cu).
         let shape = Shape::elementwise(elements.div_ceil(64));
