@@ -19,6 +19,8 @@
 //   block_sum / block_max    reduction over the whole block (float); every thread gets the result
 //   block_sum_f64            the same for double
 //   GRID_STRIDE_LOOP(i, n)   for (long long i = global thread index; i < n; i += total threads)
+//   row_col / at_pitch /     an element's (row, column) in a [rows, cols] matrix, placed in rows
+//   pitched                  `pitch` values apart (below)
 //
 // Block reductions: blockDim.x·blockDim.y·blockDim.z must be a multiple of 32 and <= 1024. Every
 // thread of the block must call them (they contain __syncthreads, so never call them from

@@ -8,7 +8,7 @@
 //   θ = positions[t]·inv_freq[i] in double; c = (float)cos θ, s = (float)(inverse ? −sin θ : sin θ)
 //   (a, b) = (x[i], x[i + half]) → (a·c − b·s, b·c + a·s)
 // One work item per (t, i): the angle is computed once and handed to rotate(t, i, c, s), which
-// applies it to all heads of the row, four heads' loads at a time in flight. Within a head,
+// applies it to all heads of the row (the loop over heads unrolled by four). Within a head,
 // consecutive threads touch consecutive addresses.
 template <typename Rotate>
 __device__ __forceinline__ void rope_items(const int* positions, const float* inv_freq, int rows,

@@ -89,22 +89,25 @@ impl<B: Backend> LoraTensors<B> {
         let Some(rounded) = backend.rounded_product_inputs(&factors)? else {
             return Ok(None);
         };
+        if rounded.len() != factors.len() {
+            return Err(Error::Device(format!(
+                "rounded adapter factors: {} came back for {} given",
+                rounded.len(),
+                factors.len()
+            )));
+        }
         // Back into the slots, A then B of each pair, in the order `tensors` gave them.
         let mut rounded = rounded.into_iter();
-        let mut pairs = Vec::with_capacity(self.pairs.len());
-        for p in &self.pairs {
-            pairs.push(match p {
-                None => None,
-                Some(_) => match (rounded.next(), rounded.next()) {
-                    (Some(a), Some(b)) => Some(LoraPair { a, b }),
-                    _ => {
-                        return Err(Error::Device(
-                            "rounded adapter factors: fewer came back than were given".into(),
-                        ))
-                    }
-                },
-            });
-        }
+        let pairs = (self.pairs.iter())
+            .map(|p| {
+                // An empty slot stays empty and takes no factor.
+                p.as_ref()?;
+                Some(LoraPair {
+                    a: rounded.next()?,
+                    b: rounded.next()?,
+                })
+            })
+            .collect();
         Ok(Some(LoraTensors { pairs }))
     }
 

@@ -67,8 +67,9 @@ pub(super) fn folded_slot_elements(rows: usize, cols: usize) -> usize {
     }
 }
 
-/// What the folded products wrote into spare values (a weight's spare columns or rows), for
-/// the products after them to skip writing the same again; kept under the NF4 scratch's lock.
+/// What the folded products wrote into spare values (a weight's spare columns or rows), by a
+/// launch of their own or by the dequantization that filled the slot, for the products after
+/// them to skip writing the same again; kept under the NF4 scratch's lock.
 ///
 /// A factor's values stay the same only while the pass reading it runs (the optimizer writes
 /// them between passes): each thread declares its pass ([`CudaBackend::hold_factors`]) and gets
@@ -208,7 +209,8 @@ impl CudaBackend {
         if memo && !self.gpu.records_here() && scratch.factors.written_already(dst, written) {
             return Ok(());
         }
-        // Taken as written just above, for the products after this one.
+        // The dequantization's launch wrote it (in queued work with `memo`, noted just above for
+        // the products after this one).
         if dequantized_with {
             return Ok(());
         }

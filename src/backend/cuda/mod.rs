@@ -541,8 +541,8 @@ impl CudaBackend {
     }
 
     /// An elementwise kernel whose threads take `group` of the `n` elements each (16-byte
-    /// loads: 4 for the gated kernels and `add_assign_f32`, 8 for `cast_f32_bf16`); nothing is
-    /// queued for `n == 0`.
+    /// loads: 4 for the gated kernels and `add_assign_f32`, 8 for `cast_f32_bf16` and, where
+    /// aligned, `cast_f32_bf16_rows`); nothing is queued for `n == 0`.
     fn elementwise_grouped(
         &self,
         name: &'static str,
