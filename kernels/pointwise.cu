@@ -14,9 +14,9 @@ __device__ __forceinline__ unsigned int bf16_pair(float lo, float hi) {
     return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
 }
 
-// y_i = bf16(x_i), round to nearest even (NaN stays NaN). Eight values a thread and iteration
-// (two 16-byte loads, one 16-byte store) where x and y are 16-byte aligned.
-extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, long long n) {
+// y_i = bf16(x_i) for i < n, round to nearest even (NaN stays NaN). Eight values a thread and
+// iteration (two 16-byte loads, one 16-byte store) where x and y are 16-byte aligned.
+__device__ __forceinline__ void cast_values(const float* x, bf16_t* y, long long n) {
     if (!aligned16(x, y)) {
         GRID_STRIDE_LOOP(i, n) { y[i] = f32_to_bf16(x[i]); }
         return;
@@ -29,6 +29,10 @@ extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, long long n)
                                                     bf16_pair(b.x, b.y), bf16_pair(b.z, b.w));
     }
     GRID_STRIDE_LOOP(i, n - 8 * octets) { y[8 * octets + i] = f32_to_bf16(x[8 * octets + i]); }
+}
+
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, long long n) {
+    cast_values(x, y, n);
 }
 
 // y[r·pitch + c] = bf16(scale·x[r·cols + c]) for r < rows, c < cols: a dense f32 matrix written
@@ -141,14 +145,11 @@ extern "C" __global__ void sum_squares_many_f32(const unsigned long long* table,
     if (threadIdx.x == 0) atomicAdd(out, acc);
 }
 
-// y_i = bf16(x_i) over many tensors (table rows {x, y, n}): cast_f32_bf16's values in one launch.
-// The launch gives each thread ~8 elements of the longest tensor.
+// y_i = bf16(x_i) over many tensors (table rows {x, y, n}): cast_f32_bf16 in one launch. The
+// launch gives each thread ~8 elements of the longest tensor.
 extern "C" __global__ void cast_many_f32_bf16(const unsigned long long* table) {
     const unsigned long long* row = table_row(table, 3);
-    const float* x = (const float*)row[0];
-    bf16_t* y = (bf16_t*)row[1];
-    const long long n = (long long)row[2];
-    GRID_STRIDE_LOOP(i, n) { y[i] = f32_to_bf16(x[i]); }
+    cast_values((const float*)row[0], (bf16_t*)row[1], (long long)row[2]);
 }
 
 // *flag = 1 if any x_i is NaN or ±Inf (flag is left alone otherwise; the host zeroes it first).

@@ -36,7 +36,9 @@ pub(super) struct Nf4Scratch {
 
 /// An adapter factor that a slot's dequantization writes into the slot's spare values in the
 /// same launch (fold.rs): `scale·factor` (an f32 `[rows, cols]` matrix at `values`) rounded to
-/// bf16, its rows the slot's pitch apart, from `offset` values past the slot's start.
+/// bf16, its rows the slot's pitch apart, from `offset` values past the slot's start. The default
+/// (address 0) is none: the kernel's null `factor`.
+#[derive(Default)]
 pub(super) struct SpareFactor {
     pub values: u64,
     pub rows: usize,
@@ -275,6 +277,7 @@ impl CudaBackend {
         spare: Option<SpareFactor>,
     ) -> Result<()> {
         let elements = rows * cols;
+        let spare = spare.unwrap_or_default();
         // A copy made here (no pass brought one over) lives until the kernel is queued.
         let (values, _copy) = match &s.codes {
             Nf4Codes::Device(b) => (self.buffer_ptr(b), None),
@@ -306,11 +309,11 @@ impl CudaBackend {
             count(elements),
             super::dim(cols),
             count(pitch),
-            Arg::Ptr(spare.as_ref().map_or(0, |f| f.values)),
-            count(spare.as_ref().map_or(0, |f| f.rows)),
-            super::dim(spare.as_ref().map_or(0, |f| f.cols)),
-            count(spare.as_ref().map_or(0, |f| f.offset)),
-            Arg::F32(spare.as_ref().map_or(0.0, |f| f.scale)),
+            Arg::Ptr(spare.values),
+            count(spare.rows),
+            super::dim(spare.cols),
+            count(spare.offset),
+            Arg::F32(spare.scale),
         ];
         // One thread a 64 values (eight groups of 8: kernels/nf4.cu).
         let shape = Shape::elementwise(elements.div_ceil(64));
