@@ -416,17 +416,33 @@ fn pointwise_ops_match_cpu() {
         let (t, _) = p.up(&v, rows, cols);
         assert!(p.g.has_non_finite(&t).unwrap(), "{bad} not found");
     }
-    for act in [Activation::Silu, Activation::GeluTanh] {
+    // 129 columns: the gated kernels' quads and one-by-one tail; 136: eight values a thread.
+    let gated_shapes = [(rows, cols), (29, 136)];
+    for ((rows, cols), act) in gated_shapes
+        .into_iter()
+        .flat_map(|shape| [(shape, Activation::Silu), (shape, Activation::GeluTanh)])
+    {
+        let n = rows * cols;
         let (gg, gc) = p.up(&randn(&mut rng, n, 3.0), rows, cols);
         let (ug, uc) = p.up(&randn(&mut rng, n, 1.0), rows, cols);
         let (dg_, dc_) = p.up(&randn(&mut rng, n, 1.0), rows, cols);
         let hg = p.g.gated_activation(&gg, &ug, act).unwrap();
         let hc = p.c.gated_activation(&gc, &uc, act).unwrap();
-        p.check(&format!("{act:?} forward"), &hg, &hc, 1e-5);
+        p.check(&format!("{act:?}, {cols} columns: forward"), &hg, &hc, 1e-5);
         let (a, b) = p.g.gated_activation_backward(&dg_, &gg, &ug, act).unwrap();
         let (c, d) = p.c.gated_activation_backward(&dc_, &gc, &uc, act).unwrap();
-        p.check(&format!("{act:?} backward dg"), &a, &c, 1e-5);
-        p.check(&format!("{act:?} backward du"), &b, &d, 1e-5);
+        p.check(
+            &format!("{act:?}, {cols} columns: backward dg"),
+            &a,
+            &c,
+            1e-5,
+        );
+        p.check(
+            &format!("{act:?}, {cols} columns: backward du"),
+            &b,
+            &d,
+            1e-5,
+        );
         // As product inputs: the same values rounded to bf16 as they are written (within
         // bf16's half unit, 2⁻⁹ relative; f32 ulps can tip a rounding either way).
         p.g.set_f32_products(F32Products::Tf32);
@@ -443,8 +459,17 @@ fn pointwise_ops_match_cpu() {
             ("forward from the backward", &rounded[3], &hc),
         ] {
             let values = p.g.download(g).unwrap();
-            assert_eq!(values, bf16_round(&values), "{act:?} {what}: not bf16");
-            p.check(&format!("{act:?} {what} as a product input"), g, c, 4e-3);
+            assert_eq!(
+                values,
+                bf16_round(&values),
+                "{act:?}, {cols} columns: {what}: not bf16"
+            );
+            p.check(
+                &format!("{act:?}, {cols} columns: {what} as a product input"),
+                g,
+                c,
+                4e-3,
+            );
         }
     }
     // The dropout mask is a hash of (seed, index): bit-identical on both sides.

@@ -541,8 +541,8 @@ impl CudaBackend {
     }
 
     /// An elementwise kernel whose threads take `group` of the `n` elements each (16-byte
-    /// loads: 4 for the gated kernels and `add_assign_f32`, 8 for `cast_f32_bf16` and, where
-    /// aligned, `cast_f32_bf16_rows`); nothing is queued for `n == 0`.
+    /// loads: 4 or 8 for the gated kernels, 4 for `add_assign_f32`, 8 for `cast_f32_bf16` and,
+    /// where aligned, `cast_f32_bf16_rows`); nothing is queued for `n == 0`.
     fn elementwise_grouped(
         &self,
         name: &'static str,
@@ -734,6 +734,18 @@ impl CudaBackend {
         Ok([arg, Arg::I32(kind)])
     }
 
+    /// Values a thread of a gated kernel takes over `cols`-wide rows of `ts` (rows
+    /// `t.pitch()` apart): 8 where the columns and every pitch are multiples of 8 and every
+    /// tensor's values 16-byte aligned, as the kernels test (kernels/pointwise.cu
+    /// `gated_octets`), else 4.
+    fn gated_group(&self, cols: usize, ts: &[&CudaTensor]) -> Result<usize> {
+        let mut octets = cols % 8 == 0;
+        for t in ts {
+            octets &= t.pitch() % 8 == 0 && self.rows_ptr(t)? % 16 == 0;
+        }
+        Ok(if octets { 8 } else { 4 })
+    }
+
     /// A gated kernel's argument triple for its f32, bf16 or bf16-with-room input `t`: its
     /// address, the flag saying it is bf16, and its row pitch.
     fn gated_input(&self, t: &CudaTensor, what: &str) -> Result<[Arg; 3]> {
@@ -765,7 +777,8 @@ impl CudaBackend {
         let out = Arg::Ptr(self.rows_ptr(&h)?);
         if !rounded {
             let args = [self.f32_arg(g, what)?, self.f32_arg(u, what)?, out, n, act];
-            self.elementwise_grouped("gated_act_fwd", g.elements(), 4, &args)?;
+            let group = self.gated_group(g.elements(), &[g, u, &h])?;
+            self.elementwise_grouped("gated_act_fwd", g.elements(), group, &args)?;
             return Ok(h);
         }
         let [g_arg, g_bf16, g_pitch] = self.gated_input(g, what)?;
@@ -783,7 +796,8 @@ impl CudaBackend {
             dim(h.cols),
             count(h.pitch()),
         ];
-        self.elementwise_grouped("gated_act_fwd_bf16", g.elements(), 4, &args)?;
+        let group = self.gated_group(h.cols, &[g, u, &h])?;
+        self.elementwise_grouped("gated_act_fwd_bf16", g.elements(), group, &args)?;
         Ok(h)
     }
 
@@ -812,7 +826,8 @@ impl CudaBackend {
             let ins = [dh, g, u].map(|t| self.f32_arg(t, what));
             let [dh_arg, g_arg, u_arg] = ins;
             let args = [dh_arg?, g_arg?, u_arg?, dg_arg?, du_arg?, n, code];
-            self.elementwise_grouped("gated_act_bwd", g.elements(), 4, &args)?;
+            let group = self.gated_group(g.elements(), &[dh, g, u, &dg, &du])?;
+            self.elementwise_grouped("gated_act_bwd", g.elements(), group, &args)?;
             let h = value
                 .then(|| self.gated_activation_as(g, u, act, false, 0))
                 .transpose()?;
@@ -860,7 +875,10 @@ impl CudaBackend {
             dim(dg.cols),
             count(dg.pitch()),
         ];
-        self.elementwise_grouped("gated_act_bwd_bf16", g.elements(), 4, &args)
+        let mut operands = vec![dh, g, u, dg, du];
+        operands.extend(h);
+        let group = self.gated_group(dg.cols, &operands)?;
+        self.elementwise_grouped("gated_act_bwd_bf16", g.elements(), group, &args)
     }
 
     /// An uninitialised bf16 tensor.
