@@ -121,6 +121,25 @@ __device__ __forceinline__ void flash_store_row(float* p, const float (&acc)[NDT
             make_float2(acc[n][2 * half] * mul, acc[n][2 * half + 1] * mul);
     }
 }
+// The same rounded to bf16 (p 4-byte aligned): the f32 values above, rounded to nearest even.
+template <int NDT>
+__device__ __forceinline__ void flash_store_row(bf16_t* p, const float (&acc)[NDT][4], int half,
+                                                float mul) {
+#pragma unroll
+    for (int n = 0; n < NDT; ++n) {
+        *reinterpret_cast<unsigned int*>(p + 8 * n) =
+            bf16x2_rn(acc[n][2 * half] * mul, acc[n][2 * half + 1] * mul);
+    }
+}
+
+// Where a forward writes O = softmax(S)·V: f32, or rounded to bf16 when `bf16` (a product
+// input, with spare columns past heads·hd where the rows are further apart); rows `ld` values
+// apart (heads·hd: dense).
+struct FlashOut {
+    void* p;
+    int bf16;
+    long long ld;
+};
 
 // max / Σ over the 4 lanes of a quad (the lanes holding one accumulator row).
 __device__ __forceinline__ float flash_max4(float v) {
@@ -630,17 +649,23 @@ struct FlashSoftmax {
         }
     }
 
-    // out rows i0 = gid row, i1 = i0 + 8 (if < seq) = o / l, and their lse.
+    // out rows i0 = gid row, i1 = i0 + 8 (if < seq) = o / l (head h's columns from 2·tig),
+    // and their lse.
     template <int NDT>
-    __device__ __forceinline__ void finish(const float (&o)[NDT][4], float* ob, float* lse,
-                                           long long tok0, long long ldq, int heads, int h,
-                                           int i0, int seq, int tig) {
+    __device__ __forceinline__ void finish(const float (&o)[NDT][4], FlashOut out, float* lse,
+                                           long long tok0, int heads, int h, int i0, int seq,
+                                           int tig) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float sum = flash_sum4(l[r]);
             const int i = i0 + 8 * r;
             if (i < seq) {
-                flash_store_row<NDT>(ob + (tok0 + i) * ldq, o, r, 1.0f / sum);
+                const long long at = (tok0 + i) * out.ld + (long long)h * NDT * 8 + 2 * tig;
+                if (out.bf16) {
+                    flash_store_row<NDT>(static_cast<bf16_t*>(out.p) + at, o, r, 1.0f / sum);
+                } else {
+                    flash_store_row<NDT>(static_cast<float*>(out.p) + at, o, r, 1.0f / sum);
+                }
                 if (tig == 0) lse[(tok0 + i) * heads + h] = (m[r] + log2f(sum)) * FLASH_LN2;
             }
         }
@@ -653,9 +678,9 @@ template <int HD>
 __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                const bf16_t* __restrict__ k,
                                                const bf16_t* __restrict__ v,
-                                               const int* __restrict__ segments,
-                                               float* __restrict__ out, float* __restrict__ lse,
-                                               int seq, int heads, int kv_heads, float scale) {
+                                               const int* __restrict__ segments, FlashOut out,
+                                               float* __restrict__ lse, int seq, int heads,
+                                               int kv_heads, float scale) {
     constexpr int NKB = HD / 16, NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * (HD + 8);
     // Buffer u: K at sm + 2u·TE, V after it.
     auto Kb = [&](int u) { return sm + 2 * u * TE; };
@@ -707,8 +732,7 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
         }
         __syncthreads();  // buffer `buf` is refilled by the next iteration's copy_next
     }
-    sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
-                         tig);
+    sm_state.finish<NDT>(o, out, lse, tok0, heads, h, i0, seq, tig);
 }
 
 #ifdef FLASH_WGMMA
@@ -723,9 +747,9 @@ template <int HD>
 __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                   const bf16_t* __restrict__ k,
                                                   const bf16_t* __restrict__ v,
-                                                  const int* __restrict__ segments,
-                                                  float* __restrict__ out, float* __restrict__ lse,
-                                                  int seq, int heads, int kv_heads, float scale) {
+                                                  const int* __restrict__ segments, FlashOut out,
+                                                  float* __restrict__ lse, int seq, int heads,
+                                                  int kv_heads, float scale) {
     constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
     bf16_t* Qs = sm;
     auto Kb = [&](int u) { return sm + (1 + 2 * u) * TE; };
@@ -776,21 +800,22 @@ __device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __re
         wg_wait<0>();
         wg_hold<NDT>(o);
     }
-    sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, tok0, ldq, heads, h, i0, seq,
-                         tig);
+    sm_state.finish<NDT>(o, out, lse, tok0, heads, h, i0, seq, tig);
 }
 #endif
 
-// q, k, v bf16 ([batch·seq, heads·hd], [batch·seq, kv_heads·hd] twice); out f32 like q, lse f32
+// q, k, v bf16 ([batch·seq, heads·hd], [batch·seq, kv_heads·hd] twice); out [batch·seq,
+// heads·hd], f32 or, with out_bf16, bf16, rows ldo values apart (>= heads·hd, even); lse f32
 // [batch·seq, heads]. hd: 64 or 128 (256: flash_fwd_hd256 below). Launch: grid (ceil(seq/64),
 // heads, batch), block 128, dynamic shared memory 4·64·(hd + 8)·2 bytes. On sm_90a the library
 // launches flash_fwd_ws instead (below).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
               const bf16_t* __restrict__ v, const int* __restrict__ segments,
-              float* __restrict__ out, float* __restrict__ lse, int batch, int seq, int heads,
-              int kv_heads, int head_dim, float scale) {
+              void* __restrict__ out_values, int out_bf16, long long ldo, float* __restrict__ lse,
+              int batch, int seq, int heads, int kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
+    const FlashOut out{out_values, out_bf16, ldo};
     if (head_dim == 128) {
         flash_fwd_impl<128>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
     } else {
@@ -973,9 +998,9 @@ template <int HD>
 __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                   const bf16_t* __restrict__ k,
                                                   const bf16_t* __restrict__ v,
-                                                  const int* __restrict__ segments,
-                                                  float* __restrict__ out, float* __restrict__ lse,
-                                                  int seq, int heads, int kv_heads, float scale) {
+                                                  const int* __restrict__ segments, FlashOut out,
+                                                  float* __restrict__ lse, int seq, int heads,
+                                                  int kv_heads, float scale) {
     constexpr int NDT = HD / 8, ST = FLASH_WS_STEP, NT1 = FLASH_TILE / 8, NT = ST * NT1;
     constexpr int KB1 = FLASH_TILE / 16;  // k-slices of P·V a tile
     const FlashKeyRing<HD> ring(sm);
@@ -1069,8 +1094,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     accumulate(o, pa, nsteps - 1);
     wg_wait<0>();
     wg_hold<NDT>(o);
-    sm_state.finish<NDT>(o, out + (long long)h * HD + 2 * tig, lse, blk.tok0, blk.ldq, heads, h,
-                         rows.i0(), seq, tig);
+    sm_state.finish<NDT>(o, out, lse, blk.tok0, heads, h, rows.i0(), seq, tig);
 }
 
 // Arguments and outputs as flash_fwd; hd: 64 or 128. Launch: grid (ceil(seq/128), heads, batch),
@@ -1078,9 +1102,11 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
 extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
     flash_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                  const bf16_t* __restrict__ v, const int* __restrict__ segments,
-                 float* __restrict__ out, float* __restrict__ lse, int batch, int seq, int heads,
-                 int kv_heads, int head_dim, float scale) {
+                 void* __restrict__ out_values, int out_bf16, long long ldo,
+                 float* __restrict__ lse, int batch, int seq, int heads, int kv_heads,
+                 int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
+    const FlashOut out{out_values, out_bf16, ldo};
     if (head_dim == 128) {
         flash_fwd_ws_impl<128>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
     } else {
@@ -1838,9 +1864,11 @@ extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_fwd_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                     const bf16_t* __restrict__ v, const int* __restrict__ segments,
-                    float* __restrict__ out, float* __restrict__ lse, int batch, int seq,
-                    int heads, int kv_heads, int head_dim, float scale) {
+                    void* __restrict__ out_values, int out_bf16, long long ldo,
+                    float* __restrict__ lse, int batch, int seq, int heads, int kv_heads,
+                    int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
+    const FlashOut out{out_values, out_bf16, ldo};
     flash_fwd_wg_impl<256>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
 }
 

@@ -858,6 +858,21 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
     // `out` as the decoder keeps it: o's product input (on CUDA bf16, with spare columns for
     // an adapter of rank 16), against the reference given the same rounded values.
     let o_input = p.g.product_input(dup(&og), 16).unwrap();
+    // Written so by the attention itself (`attention_for_products`: the kernel rounds its
+    // output): the same layout, bits and log-sum-exp.
+    let (written, lse_w) =
+        p.g.attention_for_products(&qg, &kg, &vg, &sg, s, 16)
+            .unwrap();
+    let layout = |t: &CudaTensor| (t.dtype(), t.rows, t.cols, t.pitch());
+    assert_eq!(
+        layout(&written),
+        layout(&o_input),
+        "{name}: out for products"
+    );
+    for (what, a, b) in [("out", &written, &o_input), ("lse", &lse_w, &lg)] {
+        let (a, b) = (p.g.download(a).unwrap(), p.g.download(b).unwrap());
+        assert_eq!(a, b, "{name}: {what} written for products");
+    }
     let o_values = p.g.download(&og).unwrap();
     let o_kept = match o_input.dtype() {
         Dtype::Bf16 => bf16_round(&o_values),

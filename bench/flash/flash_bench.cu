@@ -218,8 +218,8 @@ int main(int argc, char** argv) {
     const dim3 gq((seq + FLASH_DQ_ROWS - 1) / FLASH_DQ_ROWS, heads, batch);
     const dim3 gk(tiles, kv * parts * (wide ? 2 : 1), batch);
     const double t_fwd = time_ms(reps, [&] {
-        fwd<<<gf, fwd_threads, fwd_sm>>>(q, k, v, seg, out, lse, batch, seq, heads, kv, hd,
-                                         scale);
+        fwd<<<gf, fwd_threads, fwd_sm>>>(q, k, v, seg, out, 0, (long long)heads * hd, lse,
+                                         batch, seq, heads, kv, hd, scale);
     });
     bench_delta<<<(seq * heads * 32 + 255) / 256, 256>>>(out, d_o, delta, seq * heads, hd);
     const double t_dq = time_ms(reps, [&] {

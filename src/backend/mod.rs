@@ -179,6 +179,19 @@ pub fn rope_then_product_input<B: Backend + ?Sized>(
     be.product_input(x, room)
 }
 
+/// [`Backend::attention_for_products`] as its two steps: [`Backend::attention`], then
+/// [`Backend::product_input`] of its output.
+pub fn attention_then_product_input<B: Backend + ?Sized>(
+    be: &B,
+    [q, k, v]: [&B::Tensor; 3],
+    segments: &B::Ints,
+    shape: AttentionShape,
+    room: usize,
+) -> Result<(B::Tensor, B::Tensor)> {
+    let (out, lse) = be.attention(q, k, v, segments, shape)?;
+    Ok((be.product_input(out, room)?, lse))
+}
+
 /// [`Backend::rotated_attention_inputs`] as its steps: q and k rotated in place, then
 /// [`Backend::attention_inputs`].
 pub fn rope_then_attention_inputs<B: Backend + ?Sized>(
@@ -828,6 +841,20 @@ pub trait Backend: Send + Sync + 'static {
         segments: &Self::Ints,
         shape: AttentionShape,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// [`Backend::attention`] with its output made a product input with `room`
+    /// ([`Backend::product_input`]), for o's products: a backend may write it so in the first
+    /// place (CUDA: rounded by the attention kernel, never stored in f32).
+    fn attention_for_products(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        segments: &Self::Ints,
+        shape: AttentionShape,
+        room: usize,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        attention_then_product_input(self, [q, k, v], segments, shape, room)
+    }
     /// Gradients `(dq, dk, dv)` of [`Backend::attention`]; `out` is its output or the
     /// [`Backend::product_input`] made of it, `d_out` may be a product's output stored for it
     /// ([`ProductOutput::Rounded`]). `out` and `d_out` are consumed: a

@@ -813,9 +813,11 @@ impl<B: Backend> Decoder<B> {
             out: attn,
             lse,
         } = attend(q, k, v)?;
-        // o's input made a product input for both of its products (the adapter's input and the
+        // o's input is a product input for both of its products (the adapter's input and the
         // base product), as h1 and h2 are for theirs, and kept so by the backward (o's products
         // and the attention's) and, offloaded, in host memory: on CUDA bf16, half the bytes.
+        // `batch_attention` makes it so (`Backend::attention_for_products`); an `attend` that
+        // does not has it made here.
         let attn = be.product_input(attn, Self::room(ad))?;
         Ok(AttentionHalf {
             h1,
@@ -1118,16 +1120,18 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Attention of a batch's rows among themselves (training, evaluation), q and k rotated and
-    /// its inputs made ready for it and its backward.
+    /// its inputs made ready for it and its backward; its output a product input with `room`
+    /// (o's, [`Self::room`]).
     fn batch_attention<'a>(
         &'a self,
         batch: &'a DeviceBatch<B>,
+        room: usize,
     ) -> impl FnOnce(B::Tensor, B::Tensor, B::Tensor) -> Result<Attended<B>> + 'a {
         move |q, k, v| {
             let be = &self.backend;
             let s = self.attention_shape(batch);
             let [q, k, v] = self.rotated_attention_inputs(q, k, v, batch)?;
-            let (out, lse) = be.attention(&q, &k, &v, &batch.segments, s)?;
+            let (out, lse) = be.attention_for_products(&q, &k, &v, &batch.segments, s, room)?;
             Ok(Attended { q, k, v, out, lse })
         }
     }
@@ -1233,7 +1237,7 @@ impl<B: Backend> Decoder<B> {
         let mut x = self.embed(batch)?;
         for layer in 0..n {
             layer_copies.before(layer..n)?;
-            let attend = self.batch_attention(batch);
+            let attend = self.batch_attention(batch, Self::room(ad));
             x = self.layer_forward(layer, &x, ad, attend, false)?.0;
             layer_copies.after(layer);
         }
@@ -1349,7 +1353,7 @@ impl<B: Backend> Decoder<B> {
             // The last layer's input and attention output stay on the device: its backward comes
             // first, right after the head (a copy out and back would only make it wait).
             let stays = layer + 1 == n;
-            let attend = self.batch_attention(batch);
+            let attend = self.batch_attention(batch, Self::room(Some(ad)));
             // `input`: the layer's input as kept, stashed already where `stashed` says so.
             let (out, input, stashed) = if saving.recompute {
                 // q, k and v are kept only where they go to host memory, and where the
@@ -1480,7 +1484,7 @@ impl<B: Backend> Decoder<B> {
                                     let out = be.settle(out)?;
                                     Ok(Attended { q, k, v, out, lse })
                                 }
-                                None => self.batch_attention(batch)(q, k, v),
+                                None => self.batch_attention(batch, Self::room(Some(ad)))(q, k, v),
                             };
                             self.layer_cache(layer, &x, Some(ad), attend, kept.adapter_inputs)?
                         }
