@@ -125,29 +125,6 @@ static void save(const std::string& dir, const char* name, const float* d, size_
     fclose(f);
 }
 
-// Median milliseconds of `reps` launches of `launch`.
-template <typename F>
-static double time_ms(int reps, F launch) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    launch();
-    CK(cudaDeviceSynchronize());
-    std::vector<double> t;
-    for (int i = 0; i < reps; ++i) {
-        CK(cudaEventRecord(a));
-        launch();
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        t.push_back(ms);
-    }
-    CK(cudaGetLastError());
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
-}
-
 int main(int argc, char** argv) {
     if (argc != 8) {
         fprintf(stderr, "usage: flash_bench SEQ HEADS KV_HEADS HEAD_DIM SPLIT REPS OUTDIR\n");

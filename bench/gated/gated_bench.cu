@@ -1,10 +1,10 @@
 // gated_bench.cu: times kernels/pointwise.cu's rounded gated kernels (gated_act_fwd_bf16,
 // gated_act_bwd_bf16 writing h too) alone on the MLP chunks of the models' shapes (bf16
 // operands with a folded product's spare columns, random values) and on a short odd one. Prints
-// one JSON line per kernel and shape: µs a call, GB/s moved, and a hash of the outputs' bits,
-// so that variants of the file (given as GATED_SRC, launched with GATED_GROUP values a thread)
-// can be compared for speed and checked to write the same values. Build and run on a GPU
-// machine:
+// one JSON line per kernel and shape: µs a call (median of 20), GB/s moved, and a hash of the
+// outputs' bits, so that variants of the file (given as GATED_SRC, launched with GATED_GROUP
+// values a thread) can be compared for speed and checked to write the same values. Build and
+// run on a GPU machine:
 //   nvcc -O3 -arch=sm_90a -std=c++17 -I kernels -DGATED_SRC='"pointwise.cu"' -DGATED_GROUP=8 \
 //       bench/gated/gated_bench.cu -o /tmp/gated && /tmp/gated
 #include <cuda_runtime.h>
@@ -25,24 +25,6 @@ static unsigned long long hash_bits(const bf16_t* d, long long n, unsigned long 
     CK(cudaMemcpy(v.data(), d, n * 2, cudaMemcpyDeviceToHost));
     for (bf16_t x : v) h = (h ^ x) * 1099511628211ull;
     return h;
-}
-
-// µs a call of `launch`, over 20 calls after one warm-up call.
-template <typename F>
-static double time_us(F launch) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    const int reps = 20;
-    launch();
-    CK(cudaEventRecord(a));
-    for (int r = 0; r < reps; ++r) launch();
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    CK(cudaGetLastError());
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    return 1e3 * ms / reps;
 }
 
 int main() {
@@ -71,12 +53,12 @@ int main() {
         const long long threads = (n + GATED_GROUP - 1) / GATED_GROUP;
         const long long blocks = (threads + 255) / 256;
         const unsigned int grid = (unsigned int)(blocks < 65535 ? blocks : 65535);
-        const double fwd = time_us([&]() {
+        const double fwd = 1e3 * time_ms(20, [&]() {
             gated_act_fwd_bf16<<<grid, 256>>>(in[1], 1, pitch, in[2], 1, pitch, out[2], n, 0,
                                               (int)cols, pitch);
         });
         const unsigned long long fh = hash_bits(out[2], all, 1469598103934665603ull);
-        const double bwd = time_us([&]() {
+        const double bwd = 1e3 * time_ms(20, [&]() {
             gated_act_bwd_bf16<<<grid, 256>>>(in[0], 1, pitch, in[1], 1, pitch, in[2], 1, pitch,
                                               out[0], out[1], out[2], n, 0, (int)cols, pitch);
         });

@@ -1,8 +1,8 @@
 // dequant_bench.cu: times kernels/nf4.cu's bf16 dequantization kernel alone on matrices of the
 // models' shapes (random codes, double-quantized scales), dense and with the spare columns of a
-// folded product. Prints one JSON line per shape: µs a call, GB/s moved, and a hash of the
-// output's bits, so that variants of the kernel (other files given as NF4_SRC) can be compared
-// for speed and checked to write the same values. Build and run on a GPU machine:
+// folded product. Prints one JSON line per shape: µs a call (median of 20), GB/s moved, and a
+// hash of the output's bits, so that variants of the kernel (other files given as NF4_SRC) can
+// be compared for speed and checked to write the same values. Build and run on a GPU machine:
 //   nvcc -O3 -arch=sm_90a -I kernels -DNF4_SRC='"nf4.cu"' bench/nf4/dequant_bench.cu -o /tmp/nf4b
 //   /tmp/nf4b
 #include <cuda_runtime.h>
@@ -52,23 +52,12 @@ int main() {
             nf4_dequantize_bf16<<<grid, 256>>>(dp, nullptr, dc, dn, dm, doff, out, n, (int)cols,
                                                pitch, nullptr, 0, 0, 0, 0.0f);
         };
-        cudaEvent_t a, b;
-        CK(cudaEventCreate(&a));
-        CK(cudaEventCreate(&b));
-        const int reps = 20;
-        launch();
-        CK(cudaEventRecord(a));
-        for (int r = 0; r < reps; ++r) launch();
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        CK(cudaGetLastError());
-        float ms = 0;
-        CK(cudaEventElapsedTime(&ms, a, b));
+        const double us = 1e3 * time_ms(20, launch);
         std::vector<bf16_t> h(rows * pitch);
         CK(cudaMemcpy(h.data(), out, rows * pitch * 2, cudaMemcpyDeviceToHost));
         unsigned long long hash = 1469598103934665603ull;  // FNV-1a over the output's bits
         for (bf16_t v : h) hash = (hash ^ v) * 1099511628211ull;
-        const double us = 1e3 * ms / reps, bytes = bytes_in + 2.0 * n + blocks;
+        const double bytes = bytes_in + 2.0 * n + blocks;
         printf("{\"rows\":%lld,\"cols\":%lld,\"pitch\":%lld,\"us\":%.1f,\"GBps\":%.0f,"
                "\"hash\":\"%016llx\"}\n",
                rows, cols, pitch, us, bytes / us * 1e-3, hash);

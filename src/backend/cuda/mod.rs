@@ -1320,9 +1320,9 @@ impl CudaBackend {
     }
 
     /// The trailing arguments shared by the attention kernels.
-    /// Queues the attention forward of checked operands into `out` (f32; or, for the
-    /// tensor-core kernels, bf16 with its rows `out.pitch()` apart) and returns the log-sum-exp
-    /// of each score row.
+    /// Checks the operands and queues the attention forward into `out` (f32; or, for the
+    /// tensor-core kernels, bf16 with its rows `out.pitch()` apart); returns `out` and the
+    /// log-sum-exp of each score row.
     fn attention_into(
         &self,
         q: &CudaTensor,
@@ -1330,14 +1330,15 @@ impl CudaBackend {
         v: &CudaTensor,
         segments: &CudaInts,
         s: AttentionShape,
-        out: &CudaTensor,
-    ) -> Result<CudaTensor> {
+        out: CudaTensor,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        Self::check_attention(q, k, v, segments, s)?;
         let lse = self.tensor(q.rows, s.num_heads, "attention log-sum-exp")?;
         if q.rows == 0 {
-            return Ok(lse);
+            return Ok((out, lse));
         }
         let what = "attention";
-        let (out_ptr, lse_ptr) = (Arg::Ptr(self.rows_ptr(out)?), Arg::Ptr(self.ptr(&lse)?));
+        let (out_ptr, lse_ptr) = (Arg::Ptr(self.rows_ptr(&out)?), Arg::Ptr(self.ptr(&lse)?));
         if self.tensor_core_attention(s.head_dim) {
             let copies = self.bf16_operands([q, k, v], what)?;
             let mut args = copies.args.to_vec();
@@ -1355,11 +1356,11 @@ impl CudaBackend {
                 self.f32_arg(v, what)?,
                 self.ints_arg(segments),
             ];
-            args.extend([self.f32_arg(out, what)?, lse_ptr]);
+            args.extend([self.f32_arg(&out, what)?, lse_ptr]);
             args.extend(Self::attention_dims(s));
             self.run("attention", "attention_fwd", shape, &args)?;
         }
-        Ok(lse)
+        Ok((out, lse))
     }
 
     fn attention_dims(s: AttentionShape) -> [Arg; 6] {
@@ -2058,10 +2059,8 @@ impl Backend for CudaBackend {
         segments: &CudaInts,
         s: AttentionShape,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        Self::check_attention(q, k, v, segments, s)?;
         let out = self.tensor(q.rows, q.cols, "attention output")?;
-        let lse = self.attention_into(q, k, v, segments, s, &out)?;
-        Ok((out, lse))
+        self.attention_into(q, k, v, segments, s, out)
     }
 
     /// Where the tensor-core kernels run and products read rounded inputs, the kernel writes
@@ -2079,10 +2078,8 @@ impl Backend for CudaBackend {
         if !self.rounds_product_inputs() || !self.tensor_core_attention(s.head_dim) {
             return super::attention_then_product_input(self, [q, k, v], segments, s, room);
         }
-        Self::check_attention(q, k, v, segments, s)?;
         let out = self.product_input_tensor(q.rows, q.cols, room, "attention output")?;
-        let lse = self.attention_into(q, k, v, segments, s, &out)?;
-        Ok((out, lse))
+        self.attention_into(q, k, v, segments, s, out)
     }
 
     fn attention_backward(
