@@ -367,7 +367,7 @@ __device__ __forceinline__ GatedGrads gated_grads(float dh, float g, float u, in
 }
 // h NULL: only dg and du are written. Inputs rows dh_pitch, g_pitch and u_pitch values apart,
 // outputs `pitch` apart: an output may be the input of the same layout (dg over g, du over u, h
-// over dh), as each thread reads its quad of every input before it writes that quad.
+// over dh), as each thread reads its quad (octet) of every input before it writes it anywhere.
 template <typename D, typename G, typename U, typename Out>
 __device__ void gated_act_bwd_impl(const D* dh, long long dh_pitch, const G* g, long long g_pitch,
                                    const U* u, long long u_pitch, Out* dg, Out* du, Out* h,

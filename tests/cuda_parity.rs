@@ -858,21 +858,6 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
     // `out` as the decoder keeps it: o's product input (on CUDA bf16, with spare columns for
     // an adapter of rank 16), against the reference given the same rounded values.
     let o_input = p.g.product_input(dup(&og), 16).unwrap();
-    // Written so by the attention itself (`attention_for_products`: the kernel rounds its
-    // output): the same layout, bits and log-sum-exp.
-    let (written, lse_w) =
-        p.g.attention_for_products(&qg, &kg, &vg, &sg, s, 16)
-            .unwrap();
-    let layout = |t: &CudaTensor| (t.dtype(), t.rows, t.cols, t.pitch());
-    assert_eq!(
-        layout(&written),
-        layout(&o_input),
-        "{name}: out for products"
-    );
-    for (what, a, b) in [("out", &written, &o_input), ("lse", &lse_w, &lg)] {
-        let (a, b) = (p.g.download(a).unwrap(), p.g.download(b).unwrap());
-        assert_eq!(a, b, "{name}: {what} written for products");
-    }
     let o_values = p.g.download(&og).unwrap();
     let o_kept = match o_input.dtype() {
         Dtype::Bf16 => bf16_round(&o_values),
@@ -922,6 +907,61 @@ fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usiz
         ("dv", &from16.2, &from32.2),
     ] {
         assert_eq!(bits(a), bits(b), "{name}: {what} from a bf16 dO");
+    }
+}
+
+/// Where products read rounded inputs, `attention_for_products` gives what `product_input` makes
+/// of `attention`'s output (the CUDA tensor-core kernels write it rounded themselves): the same
+/// layout, bits and log-sum-exp, with and without room, for every kernel (head_dim 32: the
+/// CUDA-core fallback).
+#[test]
+fn attention_writes_its_product_input() {
+    let Some(mut p) = Pair::new() else { return };
+    p.g.set_f32_products(F32Products::Tf32);
+    let mut rng = fresh_rng("attention for products");
+    for (batch, seq, heads, kv_heads, head_dim, split) in [
+        (2, 70, 4, 2, 64, None),
+        (1, 1100, 16, 2, 128, None),
+        (2, 130, 4, 1, 128, Some(50)),
+        (2, 200, 4, 2, 256, Some(130)),
+        (1, 200, 6, 3, 32, Some(129)),
+    ] {
+        let s = AttentionShape {
+            batch,
+            seq,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+        };
+        let tokens = batch * seq;
+        let segments: Vec<i32> = (0..tokens)
+            .map(|t| match split {
+                Some(at) if t / seq == batch - 1 && t % seq >= at => 1,
+                _ => 0,
+            })
+            .collect();
+        let mut up = |cols| p.up(&randn(&mut rng, tokens * cols, 1.0), tokens, cols).0;
+        let (q, k, v) = (
+            up(heads * head_dim),
+            up(kv_heads * head_dim),
+            up(kv_heads * head_dim),
+        );
+        let (sg, _) = p.ints(&segments);
+        let layout = |t: &CudaTensor| (t.dtype(), t.rows, t.cols, t.pitch());
+        for room in [0, 16, 17] {
+            let name = format!("{s:?} room {room}");
+            let (out, lse) = p.g.attention(&q, &k, &v, &sg, s).unwrap();
+            let made = p.g.product_input(out, room).unwrap();
+            let (written, lse_w) =
+                p.g.attention_for_products(&q, &k, &v, &sg, s, room)
+                    .unwrap();
+            assert_eq!(layout(&written), layout(&made), "{name}: layout");
+            assert_eq!(written.dtype(), Dtype::Bf16, "{name}: rounded");
+            for (what, a, b) in [("out", &written, &made), ("lse", &lse_w, &lse)] {
+                let (a, b) = (p.g.download(a).unwrap(), p.g.download(b).unwrap());
+                assert_eq!(a, b, "{name}: {what}");
+            }
+        }
     }
 }
 

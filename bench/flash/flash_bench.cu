@@ -195,6 +195,7 @@ int main(int argc, char** argv) {
     const dim3 gq((seq + FLASH_DQ_ROWS - 1) / FLASH_DQ_ROWS, heads, batch);
     const dim3 gk(tiles, kv * parts * (wide ? 2 : 1), batch);
     const double t_fwd = time_ms(reps, [&] {
+        // (out, out_bf16, ldo): a flash.cu older than the bf16 output took `float* out` alone.
         fwd<<<gf, fwd_threads, fwd_sm>>>(q, k, v, seg, out, 0, (long long)heads * hd, lse,
                                          batch, seq, heads, kv, hd, scale);
     });

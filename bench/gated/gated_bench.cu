@@ -37,7 +37,7 @@ int main() {
         unsigned int x = 12345;
         bf16_t* in[3];  // dh, g, u
         for (auto& p : in) {
-            // Values in about (-8, 8): the activation's whole range, never NaN.
+            // Magnitudes 2^-7 .. ~2^8, either sign: the activation's whole range, never NaN.
             for (auto& v : host) {
                 x = x * 1664525u + 1013904223u;
                 v = (bf16_t)(0x3c00u + (x >> 20) % 0x0700u) | (bf16_t)((x >> 8) & 0x8000u);

@@ -1319,7 +1319,6 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// The trailing arguments shared by the attention kernels.
     /// Checks the operands and queues the attention forward into `out` (f32; or, for the
     /// tensor-core kernels, bf16 with its rows `out.pitch()` apart); returns `out` and the
     /// log-sum-exp of each score row.
@@ -1363,6 +1362,7 @@ impl CudaBackend {
         Ok((out, lse))
     }
 
+    /// The trailing arguments shared by the attention kernels.
     fn attention_dims(s: AttentionShape) -> [Arg; 6] {
         [
             dim(s.batch),
@@ -2064,8 +2064,8 @@ impl Backend for CudaBackend {
     }
 
     /// Where the tensor-core kernels run and products read rounded inputs, the kernel writes
-    /// its output rounded into the product input: ~50 µs of casting and 64 MiB of f32 writes
-    /// less a layer at 8,192 tokens on Llama 3 8B.
+    /// its output rounded into the product input. A layer at 8,192 tokens on Llama 3 8B then
+    /// writes 64 MiB of bf16 in place of 128 MiB of f32, and no cast reads it back (~50 µs).
     fn attention_for_products(
         &self,
         q: &CudaTensor,
