@@ -798,19 +798,37 @@ fn rmsnorm_matches_cpu() {
     }
 }
 
+/// The attention cases' shape from (batch, seq, heads, kv_heads, head_dim).
+fn attention_shape(
+    (batch, seq, num_heads, num_kv_heads, head_dim): (usize, usize, usize, usize, usize),
+) -> AttentionShape {
+    AttentionShape {
+        batch,
+        seq,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    }
+}
+
+/// Segment ids of `s`'s tokens: the last sequence packs two examples (the second from position
+/// `split`) when `split` is given, else every sequence is one.
+fn packed_segments(s: AttentionShape, split: Option<usize>) -> Vec<i32> {
+    (0..s.batch * s.seq)
+        .map(|t| match split {
+            Some(at) if t / s.seq == s.batch - 1 && t % s.seq >= at => 1,
+            _ => 0,
+        })
+        .collect()
+}
+
 fn attention_case(p: &Pair, rng: &mut Rng, s: AttentionShape, split: Option<usize>) {
     let tokens = s.batch * s.seq;
     let qv = randn(rng, tokens * s.num_heads * s.head_dim, 1.0);
     let kv = randn(rng, tokens * s.num_kv_heads * s.head_dim, 1.0);
     let vv = randn(rng, tokens * s.num_kv_heads * s.head_dim, 1.0);
     let dov = randn(rng, tokens * s.num_heads * s.head_dim, 1.0);
-    // The last sequence packs two examples when `split` is given.
-    let segments: Vec<i32> = (0..tokens)
-        .map(|t| match split {
-            Some(at) if t / s.seq == s.batch - 1 && t % s.seq >= at => 1,
-            _ => 0,
-        })
-        .collect();
+    let segments = packed_segments(s, split);
     let (qg, _) = p.up(&qv, tokens, s.num_heads * s.head_dim);
     let (kg, _) = p.up(&kv, tokens, s.num_kv_heads * s.head_dim);
     let (vg, _) = p.up(&vv, tokens, s.num_kv_heads * s.head_dim);
@@ -926,20 +944,9 @@ fn attention_writes_its_product_input() {
         (2, 200, 4, 2, 256, Some(130)),
         (1, 200, 6, 3, 32, Some(129)),
     ] {
-        let s = AttentionShape {
-            batch,
-            seq,
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim,
-        };
+        let s = attention_shape((batch, seq, heads, kv_heads, head_dim));
         let tokens = batch * seq;
-        let segments: Vec<i32> = (0..tokens)
-            .map(|t| match split {
-                Some(at) if t / seq == batch - 1 && t % seq >= at => 1,
-                _ => 0,
-            })
-            .collect();
+        let segments = packed_segments(s, split);
         let mut up = |cols| p.up(&randn(&mut rng, tokens * cols, 1.0), tokens, cols).0;
         let (q, k, v) = (
             up(heads * head_dim),
@@ -987,13 +994,7 @@ fn attention_matches_cpu() {
         (1, 1000, 4, 4, 256, Some(400)),
         (2, 200, 4, 2, 256, Some(130)),
     ] {
-        let s = AttentionShape {
-            batch,
-            seq,
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim,
-        };
+        let s = attention_shape((batch, seq, heads, kv_heads, head_dim));
         attention_case(&p, &mut rng, s, split);
     }
 }
