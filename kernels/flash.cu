@@ -110,36 +110,66 @@ __device__ __forceinline__ void flash_zero(float (&x)[NT][4]) {
     }
 }
 
-// Row `half` (0: gid, 1: gid + 8) of an accumulator set over the head dim, times `mul`, to
-// p[8n + 2tig..+1] (p: the row's first element for this thread's tig, 8-byte aligned).
-template <int NDT>
-__device__ __forceinline__ void flash_store_row(float* p, const float (&acc)[NDT][4], int half,
-                                                float mul) {
-#pragma unroll
-    for (int n = 0; n < NDT; ++n) {
-        *reinterpret_cast<float2*>(p + 8 * n) =
-            make_float2(acc[n][2 * half] * mul, acc[n][2 * half + 1] * mul);
-    }
-}
-// The same rounded to bf16 (p 4-byte aligned): the f32 values above, rounded to nearest even.
-template <int NDT>
-__device__ __forceinline__ void flash_store_row(bf16_t* p, const float (&acc)[NDT][4], int half,
-                                                float mul) {
-#pragma unroll
-    for (int n = 0; n < NDT; ++n) {
-        *reinterpret_cast<unsigned int*>(p + 8 * n) =
-            bf16x2_rn(acc[n][2 * half] * mul, acc[n][2 * half + 1] * mul);
-    }
-}
-
-// Where a forward writes O = softmax(S)·V: f32, or rounded to bf16 when `bf16` (a product
-// input, with spare columns past heads·hd where the rows are further apart); rows `ld` values
-// apart (heads·hd: dense).
+// Where a kernel writes a head's rows of an output (the forward's O; the backward's dQ, dK, dV):
+// f32, or rounded to bf16 when `bf16` (a product input, with spare columns past heads·hd where
+// the rows are further apart); rows `ld` values apart (heads·hd: dense). With `rotate_back`
+// ((cos θ, sin θ) of each row's angles, [rows, hd/2]: rope.cu's rope_angles), each row is first
+// turned back by −θ, as rope.cu's kernels turn it with `inverse`: RoPE's backward, for the
+// gradients of the rotated q and k.
 struct FlashOut {
     void* p;
     int bf16;
     long long ld;
+    const float2* rotate_back;
+
+    // The same output `elements` values further on (a slab of its own).
+    __device__ FlashOut at(long long elements) const {
+        char* base = static_cast<char*>(p) + elements * (bf16 ? 2 : 4);
+        return FlashOut{base, bf16, ld, rotate_back};
+    }
 };
+
+// Row `half` (0: gid, 1: gid + 8) of an accumulator set over a head's dims (this thread's
+// columns 8n + 2tig..+1), times `mul`, to row `row` of `out` from column `col` (the head's first
+// column + 2tig). Turned back first where `out` says: dims d and d + hd/2 pair up, which are
+// this thread's n-tiles n and n + NDT/2.
+template <int NDT>
+__device__ __forceinline__ void flash_out_row(const FlashOut& out, long long row, long long col,
+                                              const float (&acc)[NDT][4], int half, float mul,
+                                              int tig) {
+    float x[NDT][2];
+#pragma unroll
+    for (int n = 0; n < NDT; ++n) {
+        x[n][0] = acc[n][2 * half] * mul;
+        x[n][1] = acc[n][2 * half + 1] * mul;
+    }
+    if (out.rotate_back != nullptr) {
+        constexpr int H = NDT / 2;
+        // (cos, sin) of pairs 8n + 2tig and 8n + 2tig + 1 in 16 bytes (a row: hd/2 = 4·NDT pairs).
+        const float4* cs =
+            reinterpret_cast<const float4*>(out.rotate_back + row * (4 * NDT)) + tig;
+#pragma unroll
+        for (int n = 0; n < H; ++n) {
+            const float4 a = cs[4 * n];
+            rope_rotate(x[n][0], x[n + H][0], a.x, -a.y);
+            rope_rotate(x[n][1], x[n + H][1], a.z, -a.w);
+        }
+    }
+    const long long at = row * out.ld + col;
+    if (out.bf16) {
+        bf16_t* p = static_cast<bf16_t*>(out.p) + at;
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) {
+            *reinterpret_cast<unsigned int*>(p + 8 * n) = bf16x2_rn(x[n][0], x[n][1]);
+        }
+    } else {
+        float* p = static_cast<float*>(out.p) + at;
+#pragma unroll
+        for (int n = 0; n < NDT; ++n) {
+            *reinterpret_cast<float2*>(p + 8 * n) = make_float2(x[n][0], x[n][1]);
+        }
+    }
+}
 
 // max / Σ over the 4 lanes of a quad (the lanes holding one accumulator row).
 __device__ __forceinline__ float flash_max4(float v) {
@@ -660,12 +690,8 @@ struct FlashSoftmax {
             const float sum = flash_sum4(l[r]);
             const int i = i0 + 8 * r;
             if (i < seq) {
-                const long long at = (tok0 + i) * out.ld + (long long)h * NDT * 8 + 2 * tig;
-                if (out.bf16) {
-                    flash_store_row<NDT>(static_cast<bf16_t*>(out.p) + at, o, r, 1.0f / sum);
-                } else {
-                    flash_store_row<NDT>(static_cast<float*>(out.p) + at, o, r, 1.0f / sum);
-                }
+                const long long col = (long long)h * NDT * 8 + 2 * tig;
+                flash_out_row<NDT>(out, tok0 + i, col, o, r, 1.0f / sum, tig);
                 if (tig == 0) lse[(tok0 + i) * heads + h] = (m[r] + log2f(sum)) * FLASH_LN2;
             }
         }
@@ -815,7 +841,7 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
               void* __restrict__ out_values, int out_bf16, long long ldo, float* __restrict__ lse,
               int batch, int seq, int heads, int kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
-    const FlashOut out{out_values, out_bf16, ldo};
+    const FlashOut out{out_values, out_bf16, ldo, nullptr};
     if (head_dim == 128) {
         flash_fwd_impl<128>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
     } else {
@@ -1106,7 +1132,7 @@ extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
                  float* __restrict__ lse, int batch, int seq, int heads, int kv_heads,
                  int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
-    const FlashOut out{out_values, out_bf16, ldo};
+    const FlashOut out{out_values, out_bf16, ldo, nullptr};
     if (head_dim == 128) {
         flash_fwd_ws_impl<128>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
     } else {
@@ -1154,12 +1180,12 @@ __device__ __forceinline__ void flash_dq_dscores(float (&s)[NT][4], const float 
 
 // dq rows i0, i0 + 8 of head h (those < seq) = scale · acc.
 template <int NDT>
-__device__ __forceinline__ void flash_dq_store(float* __restrict__ dq, const float (&acc)[NDT][4],
-                                               long long tok0, long long ldq, int h, int i0,
-                                               int seq, int tig, float scale) {
-    float* base = dq + (long long)h * NDT * 8 + 2 * tig;
-    if (i0 < seq) flash_store_row<NDT>(base + (tok0 + i0) * ldq, acc, 0, scale);
-    if (i0 + 8 < seq) flash_store_row<NDT>(base + (tok0 + i0 + 8) * ldq, acc, 1, scale);
+__device__ __forceinline__ void flash_dq_store(const FlashOut& dq, const float (&acc)[NDT][4],
+                                               long long tok0, int h, int i0, int seq, int tig,
+                                               float scale) {
+    const long long col = (long long)h * NDT * 8 + 2 * tig;
+    if (i0 < seq) flash_out_row<NDT>(dq, tok0 + i0, col, acc, 0, scale, tig);
+    if (i0 + 8 < seq) flash_out_row<NDT>(dq, tok0 + i0 + 8, col, acc, 1, scale, tig);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1176,7 +1202,7 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
                                               const float* __restrict__ lse,
                                               const float* __restrict__ delta,
                                               const int* __restrict__ segments,
-                                              float* __restrict__ dq, int seq, int heads,
+                                              const FlashOut dq, int seq, int heads,
                                               int kv_heads, float scale) {
     constexpr int NKB = HD / 16, NDT = HD / 8, BC = FLASH_TILE, HALF = BC / 2, NT = HALF / 8;
     constexpr int TE = BC * (HD + 8);
@@ -1242,7 +1268,7 @@ __device__ __forceinline__ void flash_dq_impl(bf16_t* sm, const bf16_t* __restri
         }
         __syncthreads();
     }
-    flash_dq_store<NDT>(dq, acc, tok0, ldq, h, i0, seq, tig, scale);
+    flash_dq_store<NDT>(dq, acc, tok0, h, i0, seq, tig, scale);
 }
 
 #ifdef FLASH_WGMMA
@@ -1262,7 +1288,7 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
                                                  const float* __restrict__ lse,
                                                  const float* __restrict__ delta,
                                                  const int* __restrict__ segments,
-                                                 float* __restrict__ dq, int seq, int heads,
+                                                 const FlashOut dq, int seq, int heads,
                                                  int kv_heads, float scale) {
     constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
     bf16_t* Qs = sm;
@@ -1337,23 +1363,27 @@ __device__ __forceinline__ void flash_dq_wg_impl(bf16_t* sm, const bf16_t* __res
         wg_wait<0>();
         wg_hold<NDT>(acc);
     }
-    flash_dq_store<NDT>(dq, acc, tok0, ldq, h, i0, seq, tig, scale);
+    flash_dq_store<NDT>(dq, acc, tok0, h, i0, seq, tig, scale);
 }
 #define FLASH_DQ_IMPL flash_dq_wg_impl
 #else
 #define FLASH_DQ_IMPL flash_dq_impl
 #endif
 
-// q, k, v, d_out bf16; lse, delta f32 [batch·seq, heads]; dq f32 like q (every element written).
+// q, k, v, d_out bf16; lse, delta f32 [batch·seq, heads]; dq like q (every element written), as
+// FlashOut says: f32 with rows ld_dq values apart, or with dq_bf16 bf16, and turned back by the
+// angles at dq_angles where not null.
 // Launch: grid (ceil(seq/64), heads, batch), block 128, dynamic shared memory T·64·(hd + 8)·2
 // bytes, T = 4 (the warpgroup version: 6·64·hd·2).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                  const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
                  const float* __restrict__ lse, const float* __restrict__ delta,
-                 const int* __restrict__ segments, float* __restrict__ dq, int batch, int seq,
+                 const int* __restrict__ segments, void* __restrict__ dq_values, int dq_bf16,
+                 long long ld_dq, const float2* __restrict__ dq_angles, int batch, int seq,
                  int heads, int kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
+    const FlashOut dq{dq_values, dq_bf16, ld_dq, dq_angles};
     if (head_dim == 128) {
         FLASH_DQ_IMPL<128>(flash_sm, q, k, v, d_out, lse, delta, segments, dq, seq, heads,
                            kv_heads, scale);
@@ -1449,24 +1479,22 @@ __device__ __forceinline__ void flash_dkdv_wg_pair(float (&dka)[NK][4], float (&
 }
 #endif
 
-// Rows k0 and k1 of the block's dK (× scale) and dV for KV head g (row stride ldk), those within
-// the sequence; GRADS as flash_dkdv_impl's.
+// Rows k0 and k1 of the block's dK (× scale) and dV for KV head g, those within the sequence;
+// GRADS as flash_dkdv_impl's.
 template <int HD, int GRADS, int NK, int NV>
-__device__ __forceinline__ void flash_dkdv_store(float* __restrict__ dk, float* __restrict__ dv,
+__device__ __forceinline__ void flash_dkdv_store(const FlashOut& dk, const FlashOut& dv,
                                                  const float (&dka)[NK][4],
-                                                 const float (&dva)[NV][4], long long tok0,
-                                                 long long ldk, int g, int k0, int k1, int seq,
-                                                 float scale, int tig) {
+                                                 const float (&dva)[NV][4], long long tok0, int g,
+                                                 int k0, int k1, int seq, float scale, int tig) {
     constexpr bool DK = GRADS & FLASH_DK, DV = GRADS & FLASH_DV;
     constexpr int NDT = HD / 8;
-    const long long off = (long long)g * HD + 2 * tig;
+    const long long col = (long long)g * HD + 2 * tig;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int key = half == 0 ? k0 : k1;
         if (key < seq) {
-            const long long row = (tok0 + key) * ldk + off;
-            if constexpr (DK) flash_store_row<NDT>(dk + row, dka, half, scale);
-            if constexpr (DV) flash_store_row<NDT>(dv + row, dva, half, 1.0f);
+            if constexpr (DK) flash_out_row<NDT>(dk, tok0 + key, col, dka, half, scale, tig);
+            if constexpr (DV) flash_out_row<NDT>(dv, tok0 + key, col, dva, half, 1.0f, tig);
         }
     }
 }
@@ -1497,9 +1525,9 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
                                                 const float* __restrict__ lse,
                                                 const float* __restrict__ delta,
                                                 const int* __restrict__ segments,
-                                                float* __restrict__ dk, float* __restrict__ dv,
-                                                int seq, int heads, int kv_heads, float scale,
-                                                int g, int h0, int h1) {
+                                                const FlashOut dk, const FlashOut dv, int seq,
+                                                int heads, int kv_heads, float scale, int g,
+                                                int h0, int h1) {
     static_assert(WG || GRADS == (FLASH_DK | FLASH_DV), "mma.sync makes both gradients");
     constexpr bool DK = GRADS & FLASH_DK, DV = GRADS & FLASH_DV;
     constexpr int NKB = HD / 16, NDT = HD / 8, BR = FLASH_TILE, QT = WG ? BR : 16, NT = QT / 8;
@@ -1634,7 +1662,7 @@ __device__ __forceinline__ void flash_dkdv_impl(bf16_t* sm, const bf16_t* __rest
         store_stats(buf ^ 1);  // pair it + 1's, read after the next barrier
         pair = next;
     }
-    flash_dkdv_store<HD, GRADS>(dk, dv, dka, dva, tok0, ldk, g, k0, k1, seq, scale, tig);
+    flash_dkdv_store<HD, GRADS>(dk, dv, dka, dva, tok0, g, k0, k1, seq, scale, tig);
 }
 
 // The share of the query heads a dK/dV block adds up, and where it writes. Grid y: kv_heads·parts
@@ -1654,7 +1682,9 @@ struct FlashHeadShare {
     }
 };
 
-// Inputs as flash_bwd_dq; dk, dv f32, every element of each slab written. hd: 64 or 128 (256:
+// Inputs as flash_bwd_dq; dk, dv like k and v (every element of each slab written, a slab being
+// batch·seq·kv_heads·hd values), both f32 with rows ld_grads values apart or with grads_bf16 bf16;
+// dk turned back by the angles at dk_angles where not null. hd: 64 or 128 (256:
 // flash_bwd_dkdv_hd256 below). Launch: grid (ceil(seq/64), kv_heads·parts, batch) (see
 // FlashHeadShare), block 128, dynamic shared memory T·64·(hd + 8)·2 + 2·2·64·4 bytes, T = 5 (the
 // warpgroup version: 6·64·hd·2 + 2·2·64·4).
@@ -1662,19 +1692,20 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                    const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
                    const float* __restrict__ lse, const float* __restrict__ delta,
-                   const int* __restrict__ segments, float* __restrict__ dk,
-                   float* __restrict__ dv, int batch, int seq, int heads, int kv_heads,
-                   int head_dim, float scale) {
+                   const int* __restrict__ segments, void* __restrict__ dk_values,
+                   void* __restrict__ dv_values, int grads_bf16, long long ld_grads,
+                   const float2* __restrict__ dk_angles, int batch, int seq, int heads,
+                   int kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
     const FlashHeadShare sh(blockIdx.y, gridDim.y, batch, seq, heads, kv_heads, head_dim);
+    const FlashOut dk = FlashOut{dk_values, grads_bf16, ld_grads, dk_angles}.at(sh.slab);
+    const FlashOut dv = FlashOut{dv_values, grads_bf16, ld_grads, nullptr}.at(sh.slab);
     if (head_dim == 128) {
-        flash_dkdv_impl<128, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments,
-                                       dk + sh.slab, dv + sh.slab, seq, heads, kv_heads, scale,
-                                       sh.g, sh.h0, sh.h1);
+        flash_dkdv_impl<128, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments, dk, dv,
+                                       seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
     } else {
-        flash_dkdv_impl<64, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments,
-                                      dk + sh.slab, dv + sh.slab, seq, heads, kv_heads, scale,
-                                      sh.g, sh.h0, sh.h1);
+        flash_dkdv_impl<64, FLASH_WG>(flash_sm, q, k, v, d_out, lse, delta, segments, dk, dv,
+                                      seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
     }
 }
 
@@ -1741,9 +1772,9 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
                                                    const float* __restrict__ lse,
                                                    const float* __restrict__ delta,
                                                    const int* __restrict__ segments,
-                                                   float* __restrict__ dk, float* __restrict__ dv,
-                                                   int seq, int heads, int kv_heads, float scale,
-                                                   int g, int h0, int h1) {
+                                                   const FlashOut dk, const FlashOut dv, int seq,
+                                                   int heads, int kv_heads, float scale, int g,
+                                                   int h0, int h1) {
     constexpr int NDT = HD / 8, BR = FLASH_TILE, NT = BR / 8;
     const FlashPairRing<HD> ring(sm);
     const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
@@ -1831,8 +1862,7 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
         }
         ring.bars.release_thread(p);  // the threads read the statistics
     }
-    flash_dkdv_store<HD, FLASH_DK | FLASH_DV>(dk, dv, dka, dva, tok0, ldk, g, k0, k1, seq, scale,
-                                              tig);
+    flash_dkdv_store<HD, FLASH_DK | FLASH_DV>(dk, dv, dka, dva, tok0, g, k0, k1, seq, scale, tig);
 }
 
 // Arguments and outputs as flash_bwd_dkdv; hd: 64 or 128. Launch: grid (ceil(seq/128),
@@ -1842,17 +1872,20 @@ extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
     flash_bwd_dkdv_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                       const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
                       const float* __restrict__ lse, const float* __restrict__ delta,
-                      const int* __restrict__ segments, float* __restrict__ dk,
-                      float* __restrict__ dv, int batch, int seq, int heads, int kv_heads,
-                      int head_dim, float scale) {
+                      const int* __restrict__ segments, void* __restrict__ dk_values,
+                      void* __restrict__ dv_values, int grads_bf16, long long ld_grads,
+                      const float2* __restrict__ dk_angles, int batch, int seq, int heads,
+                      int kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
     const FlashHeadShare sh(blockIdx.y, gridDim.y, batch, seq, heads, kv_heads, head_dim);
+    const FlashOut dk = FlashOut{dk_values, grads_bf16, ld_grads, dk_angles}.at(sh.slab);
+    const FlashOut dv = FlashOut{dv_values, grads_bf16, ld_grads, nullptr}.at(sh.slab);
     if (head_dim == 128) {
-        flash_dkdv_ws_impl<128>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + sh.slab,
-                                dv + sh.slab, seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
+        flash_dkdv_ws_impl<128>(flash_sm, q, k, v, d_out, lse, delta, segments, dk, dv, seq,
+                                heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
     } else {
-        flash_dkdv_ws_impl<64>(flash_sm, q, k, v, d_out, lse, delta, segments, dk + sh.slab,
-                               dv + sh.slab, seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
+        flash_dkdv_ws_impl<64>(flash_sm, q, k, v, d_out, lse, delta, segments, dk, dv, seq,
+                               heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
     }
 }
 #endif
@@ -1868,7 +1901,7 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
                     float* __restrict__ lse, int batch, int seq, int heads, int kv_heads,
                     int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
-    const FlashOut out{out_values, out_bf16, ldo};
+    const FlashOut out{out_values, out_bf16, ldo, nullptr};
     flash_fwd_wg_impl<256>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
 }
 
@@ -1876,9 +1909,11 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_bwd_dq_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                        const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
                        const float* __restrict__ lse, const float* __restrict__ delta,
-                       const int* __restrict__ segments, float* __restrict__ dq, int batch,
-                       int seq, int heads, int kv_heads, int head_dim, float scale) {
+                       const int* __restrict__ segments, void* __restrict__ dq_values,
+                       int dq_bf16, long long ld_dq, const float2* __restrict__ dq_angles,
+                       int batch, int seq, int heads, int kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
+    const FlashOut dq{dq_values, dq_bf16, ld_dq, dq_angles};
     flash_dq_wg_impl<256>(flash_sm, q, k, v, d_out, lse, delta, segments, dq, seq, heads,
                           kv_heads, scale);
 }
@@ -1889,14 +1924,15 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     flash_bwd_dkdv_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                          const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
                          const float* __restrict__ lse, const float* __restrict__ delta,
-                         const int* __restrict__ segments, float* __restrict__ dk,
-                         float* __restrict__ dv, int batch, int seq, int heads, int kv_heads,
-                         int head_dim, float scale) {
+                         const int* __restrict__ segments, void* __restrict__ dk_values,
+                         void* __restrict__ dv_values, int grads_bf16, long long ld_grads,
+                         const float2* __restrict__ dk_angles, int batch, int seq, int heads,
+                         int kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
     const int blocks_y = gridDim.y / 2;
     const FlashHeadShare sh(blockIdx.y % blocks_y, blocks_y, batch, seq, heads, kv_heads, 256);
-    dk += sh.slab;
-    dv += sh.slab;
+    const FlashOut dk = FlashOut{dk_values, grads_bf16, ld_grads, dk_angles}.at(sh.slab);
+    const FlashOut dv = FlashOut{dv_values, grads_bf16, ld_grads, nullptr}.at(sh.slab);
     if (blockIdx.y < blocks_y) {
         flash_dkdv_impl<256, true, FLASH_DV>(flash_sm, q, k, v, d_out, lse, delta, segments, dk,
                                              dv, seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);

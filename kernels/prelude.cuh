@@ -10,6 +10,9 @@
 //   f32_to_bf16(float)       round to nearest even; NaN stays a (quiet) NaN, overflow rounds to ±Inf
 //   bf16x2_rn(lo, hi)        two f32 -> one 32-bit pair of bf16 (lo in the low half) by one
 //                            conversion instruction, round to nearest even (NaN -> canonical NaN)
+//   rope_rotate(a, b, c, s)  the rotary pair (a, b) turned by the angle whose cosine and sine are
+//                            c and s: (a·c − b·s, b·c + a·s), each product and sum rounded
+//                            apart (no fused multiply-add), as the CPU reference computes it
 //   f32_is_finite(float)     false for ±Inf and NaN (exponent-bits test)
 //   f32_inf()                +Inf as a float (there is no INFINITY macro without headers)
 //   FULL_MASK                0xffffffff, the mask of all 32 lanes
@@ -91,6 +94,15 @@ __device__ __forceinline__ unsigned int bf16x2_rn(float lo, float hi) {
     unsigned int r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+}
+
+// (a, b) → (a·c − b·s, b·c + a·s), every operation rounded on its own: the same bits wherever a
+// kernel rotates (rope.cu, the attention backward's gradients in flash.cu) and as
+// src/backend/cpu/pointwise.rs `rope`.
+__device__ __forceinline__ void rope_rotate(float& a, float& b, float c, float s) {
+    const float lo = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    b = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    a = lo;
 }
 
 // True unless x is ±Inf or NaN (all exponent bits set).

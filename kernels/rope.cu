@@ -6,7 +6,7 @@
 
 // x: [rows, heads·head_dim], half = head_dim/2. For row t, every head, i < half:
 //   θ = positions[t]·inv_freq[i] in double; c = (float)cos θ, s = (float)(inverse ? −sin θ : sin θ)
-//   (a, b) = (x[i], x[i + half]) → (a·c − b·s, b·c + a·s)
+//   (a, b) = (x[i], x[i + half]) → (a·c − b·s, b·c + a·s)   (prelude's rope_rotate)
 // One work item per (t, i): the angle is computed once and handed to rotate(t, i, c, s), which
 // applies it to all heads of the row (the loop over heads unrolled by four). Within a head,
 // consecutive threads touch consecutive addresses.
@@ -35,9 +35,10 @@ extern "C" __global__ void rope_f32(float* x, const int* positions, const float*
 #pragma unroll 4
         for (int h = 0; h < heads; ++h) {
             float* lo = row + (long long)h * head_dim + i;
-            const float a = lo[0], b = lo[half];
-            lo[0] = a * c - b * s;
-            lo[half] = b * c + a * s;
+            float a = lo[0], b = lo[half];
+            rope_rotate(a, b, c, s);
+            lo[0] = a;
+            lo[half] = b;
         }
     });
 }
@@ -55,9 +56,20 @@ extern "C" __global__ void rope_bf16(const float* x, bf16_t* y, long long pitch,
 #pragma unroll 4
         for (int h = 0; h < heads; ++h) {
             const long long lo = (long long)h * head_dim + i;
-            const float a = row[lo], b = row[lo + half];
-            out[lo] = f32_to_bf16(a * c - b * s);
-            out[lo + half] = f32_to_bf16(b * c + a * s);
+            float a = row[lo], b = row[lo + half];
+            rope_rotate(a, b, c, s);
+            out[lo] = f32_to_bf16(a);
+            out[lo + half] = f32_to_bf16(b);
         }
+    });
+}
+
+// angles[t·half + i] = (cos θ, sin θ) of row t's pair i, as rope_f32 computes them (θ from
+// positions and inv_freq in double, then rounded to f32): read by the attention backward's
+// kernels, which rotate dq and dk back as they store them (flash.cu, FlashOut::rope).
+extern "C" __global__ void rope_angles(float2* angles, const int* positions,
+                                       const float* inv_freq, int rows, int half) {
+    rope_items(positions, inv_freq, rows, half, 0, [&](long long t, int i, float c, float s) {
+        angles[t * half + i] = make_float2(c, s);
     });
 }

@@ -22,7 +22,8 @@ use finetune::backend::cpu::CpuBackend;
 use finetune::backend::cuda::tensor::Dtype;
 use finetune::backend::cuda::{CudaBackend, CudaTensor, F32Products, PROJECTION_ROOM};
 use finetune::backend::{
-    AdamWSlot, AdamWStep, AttentionShape, Backend, ProductOutput, IGNORE_LABEL,
+    attention_backward_then_product_inputs, AdamWSlot, AdamWStep, AttentionShape, Backend,
+    ProductOutput, IGNORE_LABEL,
 };
 use finetune::error::Error;
 use finetune::model::config::{Activation, Family};
@@ -966,6 +967,75 @@ fn attention_writes_its_product_input() {
             assert_eq!(written.dtype(), Dtype::Bf16, "{name}: rounded");
             for (what, a, b) in [("out", &written, &made), ("lse", &lse_w, &lse)] {
                 let (a, b) = (p.g.download(a).unwrap(), p.g.download(b).unwrap());
+                assert_eq!(a, b, "{name}: {what}");
+            }
+        }
+    }
+}
+
+/// Where products read rounded inputs, `attention_backward_for_products` gives what the two steps
+/// make (`attention_backward`, then dq and dk turned back and all three made product inputs):
+/// the same layouts and bits, with and without room, at positions up to 60,000, for every kernel
+/// (the tensor-core ones write them so themselves, the dK/dV kernel only where it makes whole
+/// gradients in one part; head_dim 32: the CUDA-core fallback).
+#[test]
+fn attention_backward_writes_its_product_inputs() {
+    let Some(mut p) = Pair::new() else { return };
+    p.g.set_f32_products(F32Products::Tf32);
+    let mut rng = fresh_rng("attention backward for products");
+    for (batch, seq, heads, kv_heads, head_dim, split) in [
+        (2, 70, 4, 2, 64, None),
+        (1, 2048, 32, 8, 128, Some(700)),
+        (1, 1100, 16, 2, 128, None),
+        (2, 130, 4, 1, 128, Some(50)),
+        (1, 1000, 4, 4, 256, Some(400)),
+        (2, 200, 4, 2, 256, Some(130)),
+        (1, 200, 6, 3, 32, Some(129)),
+    ] {
+        let s = attention_shape((batch, seq, heads, kv_heads, head_dim));
+        let tokens = batch * seq;
+        let segments = packed_segments(s, split);
+        let positions: Vec<i32> = (0..tokens)
+            .map(|_| (rng.next_u64() % 60_000) as i32)
+            .collect();
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 500000f32.powf(-2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let mut up = |cols| p.up(&randn(&mut rng, tokens * cols, 1.0), tokens, cols).0;
+        let (q, k, v) = (
+            up(heads * head_dim),
+            up(kv_heads * head_dim),
+            up(kv_heads * head_dim),
+        );
+        let d_out = up(heads * head_dim);
+        let (sg, _) = p.ints(&segments);
+        let (pg, _) = p.ints(&positions);
+        let (out, lse) = p.g.attention(&q, &k, &v, &sg, s).unwrap();
+        let dup = |t: &CudaTensor| p.g.duplicate(t).unwrap();
+        let layout = |t: &CudaTensor| (t.dtype(), t.rows, t.cols, t.pitch());
+        for room in [0, 16, 17] {
+            let name = format!("{s:?} room {room}");
+            let (o, d) = (dup(&out), dup(&d_out));
+            let qkv = [&q, &k, &v];
+            let made = attention_backward_then_product_inputs(
+                &p.g, qkv, o, &lse, d, &sg, s, &pg, &inv_freq, room,
+            )
+            .unwrap();
+            let (o, d) = (dup(&out), dup(&d_out));
+            let written =
+                p.g.attention_backward_for_products(
+                    &q, &k, &v, o, &lse, d, &sg, s, &pg, &inv_freq, room,
+                )
+                .unwrap();
+            for (what, a, b) in [
+                ("dq", &written[0], &made[0]),
+                ("dk", &written[1], &made[1]),
+                ("dv", &written[2], &made[2]),
+            ] {
+                assert_eq!(layout(a), layout(b), "{name}: {what} layout");
+                assert_eq!(a.dtype(), Dtype::Bf16, "{name}: {what} rounded");
+                let (a, b) = (p.g.download(a).unwrap(), p.g.download(b).unwrap());
+                assert!(a.iter().all(|x| x.is_finite()), "{name}: {what} finite");
                 assert_eq!(a, b, "{name}: {what}");
             }
         }

@@ -3,6 +3,8 @@
 // library. Build (nvcc, on a GPU machine): see bench/flash/run.sh.
 //   flash_bench SEQ HEADS KV_HEADS HEAD_DIM SPLIT REPS OUTDIR
 // SPLIT > 0 packs two segments into the row (tokens >= SPLIT are segment 1).
+// -DFLASH_BENCH_GRADS_BF16: dQ, dK and dV written as the library writes product inputs (bf16, dq
+// and dk turned back by RoPE's angles at positions 0..SEQ-1, base 500000), saved as .bf16 files.
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <cmath>
@@ -117,12 +119,38 @@ static float* zeros(size_t n) {
     CK(cudaMemset(d, 0, n * sizeof(float)));
     return d;
 }
-static void save(const std::string& dir, const char* name, const float* d, size_t n) {
-    std::vector<float> h(n);
-    CK(cudaMemcpy(h.data(), d, n * sizeof(float), cudaMemcpyDeviceToHost));
-    FILE* f = fopen((dir + "/" + name + ".f32").c_str(), "wb");
-    fwrite(h.data(), 4, n, f);
+template <typename T>
+static void save(const std::string& dir, const char* name, const T* d, size_t n) {
+    std::vector<T> h(n);
+    CK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    FILE* f = fopen((dir + "/" + name + (sizeof(T) == 4 ? ".f32" : ".bf16")).c_str(), "wb");
+    fwrite(h.data(), sizeof(T), n, f);
     fclose(f);
+}
+
+#ifdef FLASH_BENCH_GRADS_BF16
+typedef bf16_t grad_t;
+// (cos θ, sin θ) of position t's pair i, θ = t·500000^(−2i/hd) (rope.cu's rope_angles).
+static float2* rope_angles(int seq, int hd) {
+    std::vector<float2> h((size_t)seq * hd / 2);
+    for (int t = 0; t < seq; ++t) {
+        for (int i = 0; i < hd / 2; ++i) {
+            const float f = (float)pow(500000.0, -2.0 * i / hd);
+            const double theta = (double)t * (double)f;
+            h[(size_t)t * hd / 2 + i] = make_float2((float)cos(theta), (float)sin(theta));
+        }
+    }
+    return upload(h);
+}
+#else
+typedef float grad_t;
+static float2* rope_angles(int, int) { return nullptr; }
+#endif
+static grad_t* grads(size_t n) {
+    grad_t* d;
+    CK(cudaMalloc(&d, n * sizeof(grad_t)));
+    CK(cudaMemset(d, 0, n * sizeof(grad_t)));
+    return d;
 }
 
 int main(int argc, char** argv) {
@@ -146,7 +174,9 @@ int main(int argc, char** argv) {
     float* out = zeros(nq);
     float* lse = zeros((size_t)seq * heads);
     float* delta = zeros((size_t)seq * heads);
-    float* dq = zeros(nq);
+    grad_t* dq = grads(nq);
+    float2* angles = rope_angles(seq, hd);
+    const int grads_bf16 = sizeof(grad_t) == 2;
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     // The library's dK/dV launch (src/backend/cuda/mod.rs): blocks of 64 keys, or 128 in the
@@ -164,8 +194,8 @@ int main(int argc, char** argv) {
 #ifdef FLASH_BENCH_PARTS
     parts = FLASH_BENCH_PARTS;  // -DFLASH_BENCH_PARTS=P: every case split P ways, for timing
 #endif
-    float* dk = zeros(nk * parts);
-    float* dv = zeros(nk * parts);
+    grad_t* dk = grads(nk * parts);
+    grad_t* dv = grads(nk * parts);
     const int row_bytes = (hd + FLASH_ROW_PAD) * 2;
     const bool ws = FLASH_WS_ENTRY != nullptr && hd <= 128;
     const int fwd_sm = ws ? (2 + 2 * FLASH_FWD_STAGES) * 64 * row_bytes + 128
@@ -201,12 +231,13 @@ int main(int argc, char** argv) {
     });
     bench_delta<<<(seq * heads * 32 + 255) / 256, 256>>>(out, d_o, delta, seq * heads, hd);
     const double t_dq = time_ms(reps, [&] {
-        bwd_dq<<<gq, 128, dq_sm>>>(q, k, v, d_o, lse, delta, seg, dq, batch, seq, heads, kv, hd,
-                                   scale);
+        bwd_dq<<<gq, 128, dq_sm>>>(q, k, v, d_o, lse, delta, seg, dq, grads_bf16,
+                                   (long long)heads * hd, angles, batch, seq, heads, kv, hd, scale);
     });
     const double t_dkdv = time_ms(reps, [&] {
-        bwd_dkdv<<<gk, dkdv_threads, dkdv_sm>>>(q, k, v, d_o, lse, delta, seg, dk, dv, batch,
-                                                seq, heads, kv, hd, scale);
+        bwd_dkdv<<<gk, dkdv_threads, dkdv_sm>>>(q, k, v, d_o, lse, delta, seg, dk, dv, grads_bf16,
+                                                (long long)kv * hd, angles, batch, seq, heads, kv,
+                                                hd, scale);
     });
     CK(cudaDeviceSynchronize());
     // Causal products: each is S²/2·hd multiply-adds per head.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine with nvcc: builds flash_bench.cu against each variant of kernels/flash.cu given
 # as NAME=FILE[:NVCC_OPTIONS] (FILE absolute or relative to the repository; options such as -DX or
-# -arch=sm_90 for the mma.sync kernels, -DFLASH_BENCH_PARTS=P to split every dK/dV case P ways;
+# -arch=sm_90 for the mma.sync kernels, -DFLASH_BENCH_PARTS=P to split every dK/dV case P ways,
+# -DFLASH_BENCH_GRADS_BF16 for the gradients written as bf16 product inputs, dq and dk turned back;
 # sm_90a by default), runs every case with
 # each, and prints the timings (JSON lines, also in OUTDIR/times.jsonl), the registers and spills
 # ptxas reports, and each variant's relative L2 difference from the first one's outputs.

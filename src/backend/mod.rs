@@ -192,6 +192,31 @@ pub fn attention_then_product_input<B: Backend + ?Sized>(
     Ok((be.product_input(out, room)?, lse))
 }
 
+/// [`Backend::attention_backward_for_products`] as its steps: [`Backend::attention_backward`],
+/// then dq and dk turned back by −θ ([`Backend::rope_for_products`], `inverse`) and dv, all three
+/// made product inputs with `room`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_then_product_inputs<B: Backend + ?Sized>(
+    be: &B,
+    [q, k, v]: [&B::Tensor; 3],
+    out: B::Tensor,
+    lse: &B::Tensor,
+    d_out: B::Tensor,
+    segments: &B::Ints,
+    shape: AttentionShape,
+    positions: &B::Ints,
+    inv_freq: &[f32],
+    room: usize,
+) -> Result<[B::Tensor; 3]> {
+    let (dq, dk, dv) = be.attention_backward(q, k, v, out, lse, d_out, segments, shape)?;
+    let hd = shape.head_dim;
+    Ok([
+        be.rope_for_products(dq, positions, inv_freq, hd, true, room)?,
+        be.rope_for_products(dk, positions, inv_freq, hd, true, room)?,
+        be.product_input(dv, room)?,
+    ])
+}
+
 /// [`Backend::rotated_attention_inputs`] as its steps: q and k rotated in place, then
 /// [`Backend::attention_inputs`].
 pub fn rope_then_attention_inputs<B: Backend + ?Sized>(
@@ -872,6 +897,40 @@ pub trait Backend: Send + Sync + 'static {
         segments: &Self::Ints,
         shape: AttentionShape,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    /// The gradients of attention over q and k rotated at `positions`
+    /// ([`Backend::rotated_attention_inputs`]), made ready for q's, k's and v's products:
+    /// [`Backend::attention_backward`], dq and dk turned back by −θ (RoPE's backward), and all
+    /// three made product inputs with `room` ([`Backend::product_input`]). A backend may write
+    /// them so in the first place (CUDA: rotated and rounded by the attention's kernels, never
+    /// stored in f32).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_for_products(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: Self::Tensor,
+        lse: &Self::Tensor,
+        d_out: Self::Tensor,
+        segments: &Self::Ints,
+        shape: AttentionShape,
+        positions: &Self::Ints,
+        inv_freq: &[f32],
+        room: usize,
+    ) -> Result<[Self::Tensor; 3]> {
+        attention_backward_then_product_inputs(
+            self,
+            [q, k, v],
+            out,
+            lse,
+            d_out,
+            segments,
+            shape,
+            positions,
+            inv_freq,
+            room,
+        )
+    }
 
     /// Attention of the last `m` positions of one sequence over all its `n` cached keys: query i
     /// (row i of `q: [m, heads·head_dim]`) sits at position `n − m + i` and sees keys 0..=n−m+i

@@ -1074,26 +1074,34 @@ impl<B: Backend> Decoder<B> {
         // o's adapter gradients read `attn`, which the attention's backward frees.
         be.join_adapter_gradients()?;
         let shape = self.attention_shape(batch);
-        let (mut dq, mut dk, dv) =
-            be.attention_backward(&q, &k, &v, attn, &lse, dattn, &batch.segments, shape)?;
-        drop((q, k, v, lse));
-        let (pos, inv, hd) = (&batch.positions, &self.inv_freq, cfg.head_dim);
+        let (segments, pos, inv, hd) = (
+            &batch.segments,
+            &batch.positions,
+            &self.inv_freq,
+            cfg.head_dim,
+        );
         let room = Self::room(Some(ad));
         // The rotation's backward (by −θ), then (qwen3) the per-head norms', then product inputs.
-        let (dq, dk) = match (qk_raw, &lw.q_norm, &lw.k_norm) {
+        let [dq, dk, dv] = match (qk_raw, &lw.q_norm, &lw.k_norm) {
             (Some(raw), Some(qn), Some(kn)) => {
+                let (mut dq, mut dk, dv) =
+                    be.attention_backward(&q, &k, &v, attn, &lse, dattn, segments, shape)?;
+                drop((q, k, v, lse));
                 be.rope(&mut dq, pos, inv, hd, true)?;
                 be.rope(&mut dk, pos, inv, hd, true)?;
                 let dq = self.head_norm_backward(dq, &raw.q, qn, &raw.rq)?;
                 let dk = self.head_norm_backward(dk, &raw.k, kn, &raw.rk)?;
-                (be.product_input(dq, room)?, be.product_input(dk, room)?)
+                let input = |t| be.product_input(t, room);
+                [input(dq)?, input(dk)?, input(dv)?]
             }
-            _ => (
-                be.rope_for_products(dq, pos, inv, hd, true, room)?,
-                be.rope_for_products(dk, pos, inv, hd, true, room)?,
-            ),
+            _ => {
+                let grads = be.attention_backward_for_products(
+                    &q, &k, &v, attn, &lse, dattn, segments, shape, pos, inv, room,
+                )?;
+                drop((q, k, v, lse));
+                grads
+            }
         };
-        let dv = be.product_input(dv, room)?;
         let dh1 = self.project_backward(layer, Q, &dq, &h1, xq, ad, grads, None, 0)?;
         be.drop_after_adapter_gradients(dq);
         let dh1 = self.project_backward(layer, K, &dk, &h1, xk, ad, grads, Some(dh1), 0)?;

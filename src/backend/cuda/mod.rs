@@ -267,6 +267,31 @@ fn flash_entries(head_dim: usize) -> FlashEntries {
     }
 }
 
+/// How the attention backward leaves its gradients (`CudaBackend::attention_gradients`).
+#[derive(Clone, Copy)]
+enum GradientForm<'a> {
+    /// f32 ([`Backend::attention_backward`]).
+    F32,
+    /// Product inputs with `room` spare columns, dq and dk turned back at `positions`
+    /// ([`Backend::attention_backward_for_products`]): by the kernels, with `angles`
+    /// ([`CudaBackend::rope_angles`]), where they write the gradients themselves.
+    ProductInputs {
+        angles: &'a CudaTensor,
+        positions: &'a CudaInts,
+        inv_freq: &'a [f32],
+        room: usize,
+    },
+}
+
+impl<'a> GradientForm<'a> {
+    fn angles(&self) -> Option<&'a CudaTensor> {
+        match *self {
+            GradientForm::ProductInputs { angles, .. } => Some(angles),
+            GradientForm::F32 => None,
+        }
+    }
+}
+
 /// A dK/dV kernel and its launch: blocks of `keys` key rows and `threads` threads, `split`
 /// blocks along y for each (KV head, part), `shared` bytes of dynamic shared memory.
 struct DkDvLaunch {
@@ -1362,6 +1387,234 @@ impl CudaBackend {
         Ok((out, lse))
     }
 
+    /// (cos θ, sin θ) of each row's rotary angles at `positions`: an f32 tensor [rows, head_dim]
+    /// of head_dim/2 pairs (kernels/rope.cu, `rope_angles`), for kernels that turn values back
+    /// as they store them.
+    fn rope_angles(
+        &self,
+        like: &CudaTensor,
+        positions: &CudaInts,
+        inv_freq: &[f32],
+        head_dim: usize,
+    ) -> Result<CudaTensor> {
+        let [positions, inv_freq, rows, ..] =
+            self.rope_args(like, positions, inv_freq, head_dim, true)?;
+        let angles = self.tensor(like.rows, head_dim, "rope angles")?;
+        let items = Self::rope_items(like, head_dim);
+        if items > 0 {
+            let args = [
+                Arg::Ptr(self.ptr(&angles)?),
+                positions,
+                inv_freq,
+                rows,
+                dim(head_dim / 2),
+            ];
+            self.run("rope", "rope_angles", Shape::elementwise(items), &args)?;
+        }
+        Ok(angles)
+    }
+
+    /// The attention's gradients dq, dk, dv (kernels/flash.cu, or attention.cu's f32 kernels)
+    /// in the form `form` asks for; `out` and `d_out` are freed before they exist.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_gradients(
+        &self,
+        [q, k, v]: [&CudaTensor; 3],
+        out: CudaTensor,
+        lse: &CudaTensor,
+        d_out: CudaTensor,
+        segments: &CudaInts,
+        s: AttentionShape,
+        form: GradientForm,
+    ) -> Result<[CudaTensor; 3]> {
+        Self::check_attention(q, k, v, segments, s)?;
+        same_shape(q, &out, "attention_backward")?;
+        same_shape(q, &d_out, "attention_backward")?;
+        let what = "attention_backward";
+        let flash = self.tensor_core_attention(s.head_dim);
+        let gradient = |like: &CudaTensor, form: GradientForm, what: &str| match form {
+            GradientForm::F32 => self.tensor(like.rows, like.cols, what),
+            GradientForm::ProductInputs { room, .. } => {
+                self.product_input_tensor(like.rows, like.cols, room, what)
+            }
+        };
+        if q.rows == 0 {
+            return Ok([
+                gradient(q, form, "attention dq")?,
+                gradient(k, form, "attention dk")?,
+                gradient(v, form, "attention dv")?,
+            ]);
+        }
+        if !flash && form.angles().is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: gradients as product inputs need the tensor-core kernels (head_dim {})",
+                s.head_dim
+            )));
+        }
+        // delta_t,h = Σ_d dO·O (O in f32, or the product input the forward made of it), read by
+        // both gradient kernels. The same pass gives dO the form those read where it comes in
+        // another (a copy: bf16 for the tensor-core ones, f32 for the CUDA-core ones); `out`,
+        // and a `d_out` copied so, are not needed after it.
+        let delta = self.tensor(q.rows, s.num_heads, "attention delta")?;
+        let [out_bf16, d_out_bf16] = [&out, &d_out].map(|t| match t.dtype() {
+            Dtype::F32 => Ok(false),
+            Dtype::Bf16 => Ok(true),
+            _ => Err(wants_f32_or_bf16(t, what)),
+        });
+        let (out_bf16, d_out_bf16) = (out_bf16?, d_out_bf16?);
+        let rounded = (flash && !d_out_bf16)
+            .then(|| self.gpu.alloc::<u16>(d_out.elements(), OPERAND_COPY))
+            .transpose()?;
+        let widened = (!flash && d_out_bf16)
+            .then(|| self.tensor(d_out.rows, d_out.cols, "attention dO in f32"))
+            .transpose()?;
+        let rounded_ptr = rounded.as_ref().map(|b| self.buffer_ptr(b));
+        let widened_ptr = widened.as_ref().map(|t| self.ptr(t)).transpose()?;
+        let args = [
+            Arg::Ptr(self.rows_ptr(&out)?),
+            dim(out.pitch()),
+            Arg::I32(out_bf16 as i32),
+            Arg::Ptr(self.ptr(&d_out)?),
+            Arg::I32(d_out_bf16 as i32),
+            Arg::Ptr(rounded_ptr.unwrap_or(0)),
+            Arg::Ptr(widened_ptr.unwrap_or(0)),
+            Arg::Ptr(self.ptr(&delta)?),
+            dim(q.rows),
+            dim(s.num_heads),
+            dim(s.head_dim),
+        ];
+        let warps = Shape::grid((q.rows * s.num_heads).div_ceil(8), 1, 1, 256);
+        self.run("attention", "attention_bwd_delta", warps, &args)?;
+        drop(out);
+        // The kernels read the copy where one was made, and a d_out copied is freed before the
+        // gradients are made.
+        let copy_ptr = rounded_ptr.or(widened_ptr);
+        let d_out_arg = Arg::Ptr(match copy_ptr {
+            Some(ptr) => ptr,
+            None => self.ptr(&d_out)?,
+        });
+        let _d_out = copy_ptr.is_none().then_some(d_out);
+        let statistics = [
+            self.f32_arg(lse, what)?,
+            Arg::Ptr(self.ptr(&delta)?),
+            self.ints_arg(segments),
+        ];
+        // Tensor-core kernels read bf16 operands (copies of f32 ones kept until both kernels are
+        // queued).
+        let qkv = flash
+            .then(|| self.bf16_operands([q, k, v], what))
+            .transpose()?;
+        let mut inputs = match &qkv {
+            Some(qkv) => qkv.args.to_vec(),
+            None => [q, k, v]
+                .iter()
+                .map(|t| self.f32_arg(t, what))
+                .collect::<Result<_>>()?,
+        };
+        inputs.push(d_out_arg);
+        inputs.extend(statistics);
+        let (program, dq_kernel, dq_shared, dkdv) = if flash {
+            let dq_shared = self.flash_shared(FlashKernel::Dq, s.head_dim, 0);
+            let e = flash_entries(s.head_dim);
+            ("flash", e.dq, dq_shared, self.flash_dkdv_launch(s))
+        } else {
+            let dkdv = DkDvLaunch {
+                entry: "attention_bwd_dkdv",
+                keys: ATTENTION_TILE,
+                threads: ATTENTION_THREADS,
+                split: 1,
+                shared: 0,
+            };
+            ("attention", "attention_bwd_dq", 0, dkdv)
+        };
+        let dq = gradient(q, form, "attention dq")?;
+        let mut args = inputs.clone();
+        args.push(Arg::Ptr(self.rows_ptr(&dq)?));
+        args.extend(self.gradient_form_args(&dq, form.angles(), flash)?);
+        args.extend(Self::attention_dims(s));
+        let shape = attention_query_tiles(s);
+        self.run(program, dq_kernel, shape.with_shared(dq_shared), &args)?;
+        // One block per (key tile, KV head) leaves a short sequence with too few blocks to fill
+        // the GPU; then each query-head group is split into parts written to separate slabs.
+        let tiles = s.seq.div_ceil(dkdv.keys);
+        let keys = tiles * dkdv.keys * s.num_kv_heads * s.batch;
+        let group = s.num_heads / s.num_kv_heads;
+        let parts = (1..=group)
+            .filter(|p| group % p == 0)
+            .find(|p| keys * p >= DKDV_KEYS_PER_SM * self.gpu.multiprocessors)
+            .unwrap_or(group);
+        // Slabs are f32, summed into f32 gradients, then made what `form` asks for.
+        let kv_form = if parts > 1 { GradientForm::F32 } else { form };
+        let dk = gradient(k, kv_form, "attention dk")?;
+        let dv = gradient(v, kv_form, "attention dv")?;
+        let slabs = (parts > 1)
+            .then(|| -> Result<_> {
+                let n = parts * k.rows;
+                Ok((
+                    self.tensor(n, k.cols, "attention dk parts")?,
+                    self.tensor(n, k.cols, "attention dv parts")?,
+                ))
+            })
+            .transpose()?;
+        let (dk_out, dv_out) = slabs.as_ref().map_or((&dk, &dv), |(a, b)| (a, b));
+        let mut args = inputs;
+        args.push(Arg::Ptr(self.rows_ptr(dk_out)?));
+        args.push(Arg::Ptr(self.rows_ptr(dv_out)?));
+        args.extend(self.gradient_form_args(dk_out, kv_form.angles(), flash)?);
+        args.extend(Self::attention_dims(s));
+        let shape = Shape::grid(
+            tiles,
+            s.num_kv_heads * parts * dkdv.split,
+            s.batch,
+            dkdv.threads,
+        );
+        self.run(program, dkdv.entry, shape.with_shared(dkdv.shared), &args)?;
+        if let Some((dk_parts, dv_parts)) = &slabs {
+            for (sum, slab) in [(&dk, dk_parts), (&dv, dv_parts)] {
+                let args = [
+                    Arg::Ptr(self.ptr(slab)?),
+                    Arg::Ptr(self.ptr(sum)?),
+                    dim(parts),
+                    count(sum.elements()),
+                ];
+                self.elementwise("sum_slabs_f32", sum.elements(), &args)?;
+            }
+        }
+        match form {
+            GradientForm::ProductInputs {
+                positions,
+                inv_freq,
+                room,
+                ..
+            } if parts > 1 => {
+                // The slabs' f32 sums, turned back and rounded as the two steps would.
+                let dk = self.rope_for_products(dk, positions, inv_freq, s.head_dim, true, room)?;
+                Ok([dq, dk, self.product_input(dv, room)?])
+            }
+            _ => Ok([dq, dk, dv]),
+        }
+    }
+
+    /// The arguments after a tensor-core backward kernel's gradient addresses, saying how it
+    /// writes gradients like `like` (kernels/flash.cu, `FlashOut`): bf16 or f32, the row pitch,
+    /// and the angles turning them back (0: none). The CUDA-core kernels take none.
+    fn gradient_form_args(
+        &self,
+        like: &CudaTensor,
+        angles: Option<&CudaTensor>,
+        flash: bool,
+    ) -> Result<Vec<Arg>> {
+        if !flash {
+            return Ok(Vec::new());
+        }
+        let angles = angles.map(|a| self.ptr(a)).transpose()?.unwrap_or(0);
+        Ok(vec![
+            Arg::I32((like.dtype() == Dtype::Bf16) as i32),
+            count(like.pitch()),
+            Arg::Ptr(angles),
+        ])
+    }
+
     /// The trailing arguments shared by the attention kernels.
     fn attention_dims(s: AttentionShape) -> [Arg; 6] {
         [
@@ -2093,144 +2346,40 @@ impl Backend for CudaBackend {
         segments: &CudaInts,
         s: AttentionShape,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
-        Self::check_attention(q, k, v, segments, s)?;
-        same_shape(q, &out, "attention_backward")?;
-        same_shape(q, &d_out, "attention_backward")?;
-        if q.rows == 0 {
-            return Ok((
-                self.tensor(q.rows, q.cols, "attention dq")?,
-                self.tensor(k.rows, k.cols, "attention dk")?,
-                self.tensor(v.rows, v.cols, "attention dv")?,
-            ));
-        }
-        let what = "attention_backward";
-        let flash = self.tensor_core_attention(s.head_dim);
-        // delta_t,h = Σ_d dO·O (O in f32, or the product input the forward made of it), read by
-        // both gradient kernels. The same pass gives dO the form those read where it comes in
-        // another (a copy: bf16 for the tensor-core ones, f32 for the CUDA-core ones); `out`,
-        // and a `d_out` copied so, are not needed after it.
-        let delta = self.tensor(q.rows, s.num_heads, "attention delta")?;
-        let [out_bf16, d_out_bf16] = [&out, &d_out].map(|t| match t.dtype() {
-            Dtype::F32 => Ok(false),
-            Dtype::Bf16 => Ok(true),
-            _ => Err(wants_f32_or_bf16(t, what)),
-        });
-        let (out_bf16, d_out_bf16) = (out_bf16?, d_out_bf16?);
-        let rounded = (flash && !d_out_bf16)
-            .then(|| self.gpu.alloc::<u16>(d_out.elements(), OPERAND_COPY))
-            .transpose()?;
-        let widened = (!flash && d_out_bf16)
-            .then(|| self.tensor(d_out.rows, d_out.cols, "attention dO in f32"))
-            .transpose()?;
-        let rounded_ptr = rounded.as_ref().map(|b| self.buffer_ptr(b));
-        let widened_ptr = widened.as_ref().map(|t| self.ptr(t)).transpose()?;
-        let args = [
-            Arg::Ptr(self.rows_ptr(&out)?),
-            dim(out.pitch()),
-            Arg::I32(out_bf16 as i32),
-            Arg::Ptr(self.ptr(&d_out)?),
-            Arg::I32(d_out_bf16 as i32),
-            Arg::Ptr(rounded_ptr.unwrap_or(0)),
-            Arg::Ptr(widened_ptr.unwrap_or(0)),
-            Arg::Ptr(self.ptr(&delta)?),
-            dim(q.rows),
-            dim(s.num_heads),
-            dim(s.head_dim),
-        ];
-        let warps = Shape::grid((q.rows * s.num_heads).div_ceil(8), 1, 1, 256);
-        self.run("attention", "attention_bwd_delta", warps, &args)?;
-        drop(out);
-        // The kernels read the copy where one was made, and a d_out copied is freed before the
-        // gradients are made.
-        let copy_ptr = rounded_ptr.or(widened_ptr);
-        let d_out_arg = Arg::Ptr(match copy_ptr {
-            Some(ptr) => ptr,
-            None => self.ptr(&d_out)?,
-        });
-        let _d_out = copy_ptr.is_none().then_some(d_out);
-        let statistics = [
-            self.f32_arg(lse, what)?,
-            Arg::Ptr(self.ptr(&delta)?),
-            self.ints_arg(segments),
-        ];
-        // Tensor-core kernels read bf16 operands (copies of f32 ones kept until both kernels are
-        // queued).
-        let qkv = flash
-            .then(|| self.bf16_operands([q, k, v], what))
-            .transpose()?;
-        let mut inputs = match &qkv {
-            Some(qkv) => qkv.args.to_vec(),
-            None => [q, k, v]
-                .iter()
-                .map(|t| self.f32_arg(t, what))
-                .collect::<Result<_>>()?,
-        };
-        inputs.push(d_out_arg);
-        let dq = self.tensor(q.rows, q.cols, "attention dq")?;
-        let dk = self.tensor(k.rows, k.cols, "attention dk")?;
-        let dv = self.tensor(v.rows, v.cols, "attention dv")?;
-        inputs.extend(statistics);
-        let (program, dq_kernel, dq_shared, dkdv) = if flash {
-            let dq_shared = self.flash_shared(FlashKernel::Dq, s.head_dim, 0);
-            let e = flash_entries(s.head_dim);
-            ("flash", e.dq, dq_shared, self.flash_dkdv_launch(s))
-        } else {
-            let dkdv = DkDvLaunch {
-                entry: "attention_bwd_dkdv",
-                keys: ATTENTION_TILE,
-                threads: ATTENTION_THREADS,
-                split: 1,
-                shared: 0,
-            };
-            ("attention", "attention_bwd_dq", 0, dkdv)
-        };
-        let mut args = inputs.clone();
-        args.push(Arg::Ptr(self.ptr(&dq)?));
-        args.extend(Self::attention_dims(s));
-        let shape = attention_query_tiles(s);
-        self.run(program, dq_kernel, shape.with_shared(dq_shared), &args)?;
-        // One block per (key tile, KV head) leaves a short sequence with too few blocks to fill
-        // the GPU; then each query-head group is split into parts written to separate slabs.
-        let tiles = s.seq.div_ceil(dkdv.keys);
-        let keys = tiles * dkdv.keys * s.num_kv_heads * s.batch;
-        let group = s.num_heads / s.num_kv_heads;
-        let parts = (1..=group)
-            .filter(|p| group % p == 0)
-            .find(|p| keys * p >= DKDV_KEYS_PER_SM * self.gpu.multiprocessors)
-            .unwrap_or(group);
-        let slabs = (parts > 1)
-            .then(|| -> Result<_> {
-                let n = parts * k.rows;
-                Ok((
-                    self.tensor(n, k.cols, "attention dk parts")?,
-                    self.tensor(n, k.cols, "attention dv parts")?,
-                ))
-            })
-            .transpose()?;
-        let (dk_out, dv_out) = slabs.as_ref().map_or((&dk, &dv), |(a, b)| (a, b));
-        let mut args = inputs;
-        args.push(Arg::Ptr(self.ptr(dk_out)?));
-        args.push(Arg::Ptr(self.ptr(dv_out)?));
-        args.extend(Self::attention_dims(s));
-        let shape = Shape::grid(
-            tiles,
-            s.num_kv_heads * parts * dkdv.split,
-            s.batch,
-            dkdv.threads,
-        );
-        self.run(program, dkdv.entry, shape.with_shared(dkdv.shared), &args)?;
-        if let Some((dk_parts, dv_parts)) = &slabs {
-            for (sum, slab) in [(&dk, dk_parts), (&dv, dv_parts)] {
-                let args = [
-                    Arg::Ptr(self.ptr(slab)?),
-                    Arg::Ptr(self.ptr(sum)?),
-                    dim(parts),
-                    count(sum.elements()),
-                ];
-                self.elementwise("sum_slabs_f32", sum.elements(), &args)?;
-            }
-        }
+        let form = GradientForm::F32;
+        let [dq, dk, dv] =
+            self.attention_gradients([q, k, v], out, lse, d_out, segments, s, form)?;
         Ok((dq, dk, dv))
+    }
+
+    fn attention_backward_for_products(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        out: CudaTensor,
+        lse: &CudaTensor,
+        d_out: CudaTensor,
+        segments: &CudaInts,
+        s: AttentionShape,
+        positions: &CudaInts,
+        inv_freq: &[f32],
+        room: usize,
+    ) -> Result<[CudaTensor; 3]> {
+        let qkv = [q, k, v];
+        if !self.rounds_product_inputs() || !self.tensor_core_attention(s.head_dim) {
+            return super::attention_backward_then_product_inputs(
+                self, qkv, out, lse, d_out, segments, s, positions, inv_freq, room,
+            );
+        }
+        let angles = self.rope_angles(q, positions, inv_freq, s.head_dim)?;
+        let form = GradientForm::ProductInputs {
+            angles: &angles,
+            positions,
+            inv_freq,
+            room,
+        };
+        self.attention_gradients(qkv, out, lse, d_out, segments, s, form)
     }
 
     fn attention_decode(
