@@ -122,7 +122,8 @@ struct FlashOut {
     long long ld;
     const float2* rotate_back;
 
-    // The same output `elements` values further on (a slab of its own).
+    // The same output `elements` values further on: a slab of its own, which is dense (rows of
+    // heads·hd values: the host asks for slabs in f32 only, summing them after).
     __device__ FlashOut at(long long elements) const {
         char* base = static_cast<char*>(p) + elements * (bf16 ? 2 : 4);
         return FlashOut{base, bf16, ld, rotate_back};

@@ -109,7 +109,35 @@ extern "C" __global__ void sum_slabs_f32(const float* x, float* y, int parts, lo
     }
 }
 
-// x_i *= s.
+// The same sum written as a bf16 product input (rows `pitch` values apart, spare columns left
+// as they are): x holds `parts` slabs of f32 [rows, heads·head_dim], added in slab order as
+// above; where `angles` is not null (rope.cu's rope_angles, [rows, head_dim/2] (cos θ, sin θ)),
+// each row's heads are first turned back by −θ as rope_bf16 with `inverse` turns them (the dK
+// slabs of the attention backward). One thread a (row, head, pair i < head_dim/2).
+extern "C" __global__ void sum_slabs_bf16(const float* x, int parts, bf16_t* y, long long pitch,
+                                          const float2* angles, long long rows, int heads,
+                                          int head_dim) {
+    const int half = head_dim / 2;
+    const long long cols = (long long)heads * head_dim, n = rows * cols;
+    GRID_STRIDE_LOOP(it, rows * heads * half) {
+        const long long row = it / (heads * half);
+        const int rest = (int)(it - row * heads * half), h = rest / half, i = rest - h * half;
+        const long long at = row * cols + (long long)h * head_dim + i;
+        float a = x[at], b = x[at + half];
+        for (int p = 1; p < parts; ++p) {
+            a += x[p * n + at];
+            b += x[p * n + at + half];
+        }
+        if (angles != nullptr) {
+            const float2 cs = angles[row * half + i];
+            rope_rotate(a, b, cs.x, -cs.y);
+        }
+        bf16_t* out = y + row * pitch + (long long)h * head_dim + i;
+        out[0] = f32_to_bf16(a);
+        out[half] = f32_to_bf16(b);
+    }
+}
+
 // x[r, c] += b[c] for a row-major [rows, cols] x; the loop runs over n = rows·cols elements.
 extern "C" __global__ void add_row_vector_f32(float* x, const float* b, long long rows, int cols) {
     const long long n = rows * (long long)cols;

@@ -66,7 +66,8 @@ extern "C" __global__ void rope_bf16(const float* x, bf16_t* y, long long pitch,
 
 // angles[t·half + i] = (cos θ, sin θ) of row t's pair i, as rope_f32 computes them (θ from
 // positions and inv_freq in double, then rounded to f32): read by the attention backward's
-// kernels, which rotate dq and dk back as they store them (flash.cu, FlashOut::rope).
+// kernels, which turn dq and dk back as they store them (flash.cu, FlashOut::rotate_back), and by
+// pointwise.cu's sum_slabs_bf16.
 extern "C" __global__ void rope_angles(float2* angles, const int* positions,
                                        const float* inv_freq, int rows, int half) {
     rope_items(positions, inv_freq, rows, half, 0, [&](long long t, int i, float c, float s) {

@@ -4,17 +4,34 @@ import sys
 
 import numpy as np
 
+
+def found(stem):
+    """The output file saved as stem.f32 or (FLASH_BENCH_GRADS_BF16) stem.bf16, or None."""
+    for ext in (".f32", ".bf16"):
+        if os.path.exists(stem + ext):
+            return stem + ext
+    return None
+
+
+def load(path):
+    """Its values as f32 (bf16 bits widened)."""
+    if path.endswith(".bf16"):
+        bits = np.fromfile(path, dtype=np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    return np.fromfile(path, dtype=np.float32)
+
+
 out, names = sys.argv[1], sys.argv[2:]
 base = names[0]
 for tag in sorted(os.listdir(os.path.join(out, base))):
     for n in names[1:]:
         row = []
         for f in ("out", "lse", "dq", "dk", "dv"):
-            files = [os.path.join(out, v, tag, f + ".f32") for v in (n, base)]
-            if not all(os.path.exists(p) for p in files):
+            files = [found(os.path.join(out, v, tag, f)) for v in (n, base)]
+            if not all(files):
                 row.append(f"{f} MISSING")  # a run that failed (see times.jsonl)
                 continue
-            a, b = (np.fromfile(p, dtype=np.float32) for p in files)
+            a, b = (load(p) for p in files)
             if a.size != b.size or not np.isfinite(a).all():
                 row.append(f"{f} BAD")
                 continue

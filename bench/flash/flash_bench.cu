@@ -4,7 +4,9 @@
 //   flash_bench SEQ HEADS KV_HEADS HEAD_DIM SPLIT REPS OUTDIR
 // SPLIT > 0 packs two segments into the row (tokens >= SPLIT are segment 1).
 // -DFLASH_BENCH_GRADS_BF16: dQ, dK and dV written as the library writes product inputs (bf16, dq
-// and dk turned back by RoPE's angles at positions 0..SEQ-1, base 500000), saved as .bf16 files.
+// and dk turned back by RoPE's angles at positions 0..SEQ-1, base 500000), saved as .bf16 files;
+// dK/dV then runs in one part (the library writes bf16 only from one part, and sums the slabs of
+// a split launch into them afterwards), so the cases the library splits are timed unsplit.
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <cmath>
@@ -193,6 +195,9 @@ int main(int argc, char** argv) {
     }
 #ifdef FLASH_BENCH_PARTS
     parts = FLASH_BENCH_PARTS;  // -DFLASH_BENCH_PARTS=P: every case split P ways, for timing
+#endif
+#ifdef FLASH_BENCH_GRADS_BF16
+    parts = 1;
 #endif
     grad_t* dk = grads(nk * parts);
     grad_t* dv = grads(nk * parts);

@@ -33,7 +33,7 @@
 //! `dxa` in bf16, so its expansions `xa·Bᵀ` and `dxa·A` are bf16 products.
 
 use super::blas::{Addend, Operand};
-use super::launch::Arg;
+use super::launch::{values_a_thread, Arg};
 use super::nf4::{ScratchGuard, SpareFactor};
 use super::tensor::{Dtype, HostCopies, Nf4Storage, Storage};
 use super::{count, dim, lock, wants_f32, CudaBackend, CudaTensor};
@@ -240,12 +240,7 @@ impl CudaBackend {
             count(pitch),
             Arg::F32(scale),
         ];
-        // The kernel's values a thread: 8 where its 16-byte path applies, else (at most) 4.
-        let group = if src.cols % 8 == 0 && pitch % 8 == 0 && (x | dst) % 16 == 0 {
-            8
-        } else {
-            4
-        };
+        let group = values_a_thread(src.cols, [(src.cols, x), (pitch, dst)]);
         let label = || format!("cast_f32_bf16_rows {}x{}", src.rows, src.cols).into();
         self.elementwise_labelled("cast_f32_bf16_rows", label, src.elements(), group, &args)
     }

@@ -83,6 +83,22 @@ impl Shape {
     }
 }
 
+/// Values a thread takes in the kernels with a 16-byte path over `cols`-wide rows
+/// (kernels/pointwise.cu: the gated kernels' `gated_octets`, `cast_f32_bf16_rows`): 8 where
+/// `cols` and every operand's row pitch are multiples of 8 and every operand's address is
+/// 16-byte aligned, as the kernels test, else 4. `operands`: (row pitch in values, address).
+pub fn values_a_thread(cols: usize, operands: impl IntoIterator<Item = (usize, u64)>) -> usize {
+    let octets = cols % 8 == 0
+        && operands
+            .into_iter()
+            .all(|(pitch, address)| pitch % 8 == 0 && address % 16 == 0);
+    if octets {
+        8
+    } else {
+        4
+    }
+}
+
 /// Queues `f` on the GPU's stream.
 ///
 /// # Safety
@@ -118,4 +134,24 @@ pub unsafe fn launch(
         &mut params,
     )
     .map_err(driver_error(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::values_a_thread;
+
+    #[test]
+    fn eight_values_a_thread_only_where_every_operand_allows_them() {
+        let aligned = [(4104, 0x1000), (14336, 0x7f00_0010)];
+        assert_eq!(values_a_thread(14336, aligned), 8);
+        assert_eq!(values_a_thread(14336, []), 8);
+        assert_eq!(values_a_thread(14332, aligned), 4, "columns");
+        assert_eq!(values_a_thread(14336, [(4100, 0x1000)]), 4, "a pitch");
+        assert_eq!(values_a_thread(14336, [(4104, 0x1008)]), 4, "an address");
+        assert_eq!(
+            values_a_thread(136, [(136, 0x100), (144, 0x208)]),
+            4,
+            "one of two"
+        );
+    }
 }

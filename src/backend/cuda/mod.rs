@@ -272,15 +272,9 @@ fn flash_entries(head_dim: usize) -> FlashEntries {
 enum GradientForm<'a> {
     /// f32 ([`Backend::attention_backward`]).
     F32,
-    /// Product inputs with `room` spare columns, dq and dk turned back at `positions`
-    /// ([`Backend::attention_backward_for_products`]): by the kernels, with `angles`
-    /// ([`CudaBackend::rope_angles`]), where they write the gradients themselves.
-    ProductInputs {
-        angles: &'a CudaTensor,
-        positions: &'a CudaInts,
-        inv_freq: &'a [f32],
-        room: usize,
-    },
+    /// bf16 product inputs with `room` spare columns, dq and dk turned back by the rotary angles
+    /// in `angles` ([`CudaBackend::rope_angles`]): [`Backend::attention_backward_for_products`].
+    ProductInputs { angles: &'a CudaTensor, room: usize },
 }
 
 impl<'a> GradientForm<'a> {
@@ -760,15 +754,13 @@ impl CudaBackend {
     }
 
     /// Values a thread of a gated kernel takes over `cols`-wide rows of `ts` (rows
-    /// `t.pitch()` apart): 8 where the columns and every pitch are multiples of 8 and every
-    /// tensor's values 16-byte aligned, as the kernels test (kernels/pointwise.cu
-    /// `gated_octets`), else 4.
+    /// `t.pitch()` apart): [`launch::values_a_thread`].
     fn gated_group(&self, cols: usize, ts: &[&CudaTensor]) -> Result<usize> {
-        let mut octets = cols % 8 == 0;
-        for t in ts {
-            octets &= t.pitch() % 8 == 0 && self.rows_ptr(t)? % 16 == 0;
-        }
-        Ok(if octets { 8 } else { 4 })
+        let operands = ts
+            .iter()
+            .map(|t| Ok((t.pitch(), self.rows_ptr(t)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(launch::values_a_thread(cols, operands))
     }
 
     /// A gated kernel's argument triple for its f32, bf16 or bf16-with-room input `t`: its
@@ -1432,7 +1424,7 @@ impl CudaBackend {
         same_shape(q, &d_out, "attention_backward")?;
         let what = "attention_backward";
         let flash = self.tensor_core_attention(s.head_dim);
-        let gradient = |like: &CudaTensor, form: GradientForm, what: &str| match form {
+        let gradient = |like: &CudaTensor, what: &str| match form {
             GradientForm::F32 => self.tensor(like.rows, like.cols, what),
             GradientForm::ProductInputs { room, .. } => {
                 self.product_input_tensor(like.rows, like.cols, room, what)
@@ -1440,9 +1432,9 @@ impl CudaBackend {
         };
         if q.rows == 0 {
             return Ok([
-                gradient(q, form, "attention dq")?,
-                gradient(k, form, "attention dk")?,
-                gradient(v, form, "attention dv")?,
+                gradient(q, "attention dq")?,
+                gradient(k, "attention dk")?,
+                gradient(v, "attention dv")?,
             ]);
         }
         if !flash && form.angles().is_some() {
@@ -1527,7 +1519,7 @@ impl CudaBackend {
             };
             ("attention", "attention_bwd_dq", 0, dkdv)
         };
-        let dq = gradient(q, form, "attention dq")?;
+        let dq = gradient(q, "attention dq")?;
         let mut args = inputs.clone();
         args.push(Arg::Ptr(self.rows_ptr(&dq)?));
         args.extend(self.gradient_form_args(&dq, form.angles(), flash)?);
@@ -1543,10 +1535,8 @@ impl CudaBackend {
             .filter(|p| group % p == 0)
             .find(|p| keys * p >= DKDV_KEYS_PER_SM * self.gpu.multiprocessors)
             .unwrap_or(group);
-        // Slabs are f32, summed into f32 gradients, then made what `form` asks for.
-        let kv_form = if parts > 1 { GradientForm::F32 } else { form };
-        let dk = gradient(k, kv_form, "attention dk")?;
-        let dv = gradient(v, kv_form, "attention dv")?;
+        let dk = gradient(k, "attention dk")?;
+        let dv = gradient(v, "attention dv")?;
         let slabs = (parts > 1)
             .then(|| -> Result<_> {
                 let n = parts * k.rows;
@@ -1556,11 +1546,15 @@ impl CudaBackend {
                 ))
             })
             .transpose()?;
-        let (dk_out, dv_out) = slabs.as_ref().map_or((&dk, &dv), |(a, b)| (a, b));
+        // Slabs are dense f32, each kernel's share, summed into the gradients below.
+        let (dk_out, dv_out, kv_angles) = match &slabs {
+            Some((a, b)) => (a, b, None),
+            None => (&dk, &dv, form.angles()),
+        };
         let mut args = inputs;
         args.push(Arg::Ptr(self.rows_ptr(dk_out)?));
         args.push(Arg::Ptr(self.rows_ptr(dv_out)?));
-        args.extend(self.gradient_form_args(dk_out, kv_form.angles(), flash)?);
+        args.extend(self.gradient_form_args(dk_out, kv_angles, flash)?);
         args.extend(Self::attention_dims(s));
         let shape = Shape::grid(
             tiles,
@@ -1570,29 +1564,44 @@ impl CudaBackend {
         );
         self.run(program, dkdv.entry, shape.with_shared(dkdv.shared), &args)?;
         if let Some((dk_parts, dv_parts)) = &slabs {
-            for (sum, slab) in [(&dk, dk_parts), (&dv, dv_parts)] {
-                let args = [
-                    Arg::Ptr(self.ptr(slab)?),
-                    Arg::Ptr(self.ptr(sum)?),
-                    dim(parts),
-                    count(sum.elements()),
-                ];
-                self.elementwise("sum_slabs_f32", sum.elements(), &args)?;
-            }
+            let s = (parts, s.num_kv_heads, s.head_dim);
+            self.sum_slabs(dk_parts, s, &dk, form.angles())?;
+            self.sum_slabs(dv_parts, s, &dv, None)?;
         }
-        match form {
-            GradientForm::ProductInputs {
-                positions,
-                inv_freq,
-                room,
-                ..
-            } if parts > 1 => {
-                // The slabs' f32 sums, turned back and rounded as the two steps would.
-                let dk = self.rope_for_products(dk, positions, inv_freq, s.head_dim, true, room)?;
-                Ok([dq, dk, self.product_input(dv, room)?])
-            }
-            _ => Ok([dq, dk, dv]),
+        Ok([dq, dk, dv])
+    }
+
+    /// `sum` = the sum of the `parts` slabs of `slabs` (dense f32, `sum`'s shape each, of
+    /// `heads` heads of `head_dim`), added in slab order: f32, or a bf16 product input turned
+    /// back by `angles` where given (kernels/pointwise.cu, `sum_slabs_f32` / `sum_slabs_bf16`).
+    fn sum_slabs(
+        &self,
+        slabs: &CudaTensor,
+        (parts, heads, head_dim): (usize, usize, usize),
+        sum: &CudaTensor,
+        angles: Option<&CudaTensor>,
+    ) -> Result<()> {
+        if sum.dtype() == Dtype::F32 {
+            let args = [
+                Arg::Ptr(self.ptr(slabs)?),
+                Arg::Ptr(self.ptr(sum)?),
+                dim(parts),
+                count(sum.elements()),
+            ];
+            return self.elementwise("sum_slabs_f32", sum.elements(), &args);
         }
+        let angles = angles.map(|a| self.ptr(a)).transpose()?.unwrap_or(0);
+        let args = [
+            Arg::Ptr(self.ptr(slabs)?),
+            dim(parts),
+            Arg::Ptr(self.rows_ptr(sum)?),
+            count(sum.pitch()),
+            Arg::Ptr(angles),
+            count(sum.rows),
+            dim(heads),
+            dim(head_dim),
+        ];
+        self.elementwise("sum_slabs_bf16", sum.elements() / 2, &args)
     }
 
     /// The arguments after a tensor-core backward kernel's gradient addresses, saying how it
@@ -2375,8 +2384,6 @@ impl Backend for CudaBackend {
         let angles = self.rope_angles(q, positions, inv_freq, s.head_dim)?;
         let form = GradientForm::ProductInputs {
             angles: &angles,
-            positions,
-            inv_freq,
             room,
         };
         self.attention_gradients(qkv, out, lse, d_out, segments, s, form)
