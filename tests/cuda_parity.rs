@@ -1055,6 +1055,37 @@ fn attention_backward_writes_its_product_inputs() {
     }
 }
 
+/// `product_input_rows` gives what `product_input` makes of `copy_rows`: where products round
+/// their inputs (the rows read in place and rounded at once) the same layout and bits, with and
+/// without room, from aligned and unaligned starts and widths; where they do not, the f32 rows.
+#[test]
+fn product_input_rows_are_a_copy_made_a_product_input() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = fresh_rng("product input rows");
+    let layout = |t: &CudaTensor| (t.dtype(), t.rows, t.cols, t.pitch());
+    for products in [F32Products::Tf32, F32Products::Exact] {
+        p.g.set_f32_products(products);
+        for (rows, cols, start, n) in [(300, 256, 100, 150), (37, 37, 3, 31), (64, 8, 0, 64)] {
+            let (x, _) = p.up(&randn(&mut rng, rows * cols, 1.0), rows, cols);
+            for room in [0, 16, 17] {
+                let name = format!("{products:?} [{rows}, {cols}] rows {start}+{n} room {room}");
+                let made =
+                    p.g.product_input(p.g.copy_rows(&x, start, n).unwrap(), room)
+                        .unwrap();
+                let read = p.g.product_input_rows(&x, start, n, room).unwrap();
+                assert_eq!(layout(&read), layout(&made), "{name}: layout");
+                let bits = |t| -> Vec<u32> {
+                    let values = p.g.download(t).unwrap();
+                    values.iter().map(|v| v.to_bits()).collect()
+                };
+                assert_eq!(bits(&read), bits(&made), "{name}");
+            }
+            let past = p.g.product_input_rows(&x, start, rows - start + 1, 0);
+            assert!(past.is_err(), "rows past the end are refused");
+        }
+    }
+}
+
 #[test]
 fn attention_matches_cpu() {
     let Some(p) = Pair::new() else { return };

@@ -567,6 +567,18 @@ pub trait Backend: Send + Sync + 'static {
     fn product_input(&self, x: Self::Tensor, room: usize) -> Result<Self::Tensor> {
         Ok(self.rounded_product_input(&x, room)?.unwrap_or(x))
     }
+    /// Rows `[start, start + rows)` of `x` made a product input with `room`: what
+    /// [`Backend::product_input`] makes of [`Backend::copy_rows`]; a backend that rounds product
+    /// inputs reads the rows in place and writes them rounded at once (no copy in between).
+    fn product_input_rows(
+        &self,
+        x: &Self::Tensor,
+        start: usize,
+        rows: usize,
+        room: usize,
+    ) -> Result<Self::Tensor> {
+        self.product_input(self.copy_rows(x, start, rows)?, room)
+    }
     /// [`Backend::product_input`] of `x` as a new tensor, `x` kept (a caller that still needs
     /// `x` itself), or `None` when products read `x` as it is (the CPU).
     fn rounded_product_input(&self, x: &Self::Tensor, room: usize) -> Result<Option<Self::Tensor>> {

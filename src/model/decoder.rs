@@ -879,11 +879,15 @@ impl<B: Backend> Decoder<B> {
         start: usize,
         rows: usize,
     ) -> Result<Rows<'t, B::Tensor>> {
-        Ok(if start == 0 && rows == self.backend.shape(t).0 {
-            Rows::All(t)
-        } else {
-            Rows::Part(self.backend.copy_rows(t, start, rows)?)
+        Ok(match self.rows_of_whole(t, start, rows) {
+            true => Rows::All(t),
+            false => Rows::Part(self.backend.copy_rows(t, start, rows)?),
         })
+    }
+
+    /// Whether rows `[start, start + rows)` are all of `t`.
+    fn rows_of_whole(&self, t: &B::Tensor, start: usize, rows: usize) -> bool {
+        start == 0 && rows == self.backend.shape(t).0
     }
 
     /// `gate` and `up` of one MLP chunk `h`, with their adapter inputs (`kept` ones reused).
@@ -957,15 +961,24 @@ impl<B: Backend> Decoder<B> {
             self.cfg.norm_unit_offset,
         );
         let mut kept = kept.into_iter();
+        let room = Self::room(Some(ad));
         for (c, (start, n)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
             let dh = {
                 let h = self.rows_of(h2, start, n)?;
-                let dy = self.rows_of(&d_out, start, n)?;
+                // A part of d_out is made down's product input at once (the norm's backward
+                // below adds into d_out itself, after the chunk's products read it).
+                let dy = match self.rows_of_whole(&d_out, start, n) {
+                    true => Rows::All(&d_out),
+                    false => Rows::Part(be.product_input_rows(&d_out, start, n, room)?),
+                };
                 let chunk = kept.next().expect("the forward keeps one per chunk");
                 let dh = self.mlp_chunk_backward(layer, &dy, &h, chunk, ad, grads, c)?;
-                // Up's adapter gradients, still in flight, read the chunk's rows of h2.
-                if let Rows::Part(h) = h {
-                    be.drop_after_adapter_gradients(h);
+                // Gate's, up's and down's adapter gradients, still in flight, read the chunk's
+                // rows of h2 and of d_out.
+                for part in [h, dy] {
+                    if let Rows::Part(t) = part {
+                        be.drop_after_adapter_gradients(t);
+                    }
                 }
                 dh
             };

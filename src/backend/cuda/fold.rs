@@ -165,16 +165,30 @@ impl CudaBackend {
         room: usize,
         what: &str,
     ) -> Result<CudaTensor> {
+        self.rounded_rows(x, 0..x.rows, room, what)
+    }
+
+    /// [`Self::rounded_copy`] of rows `rows` of the f32 `x` alone (read in place).
+    pub(super) fn rounded_rows(
+        &self,
+        x: &CudaTensor,
+        rows: Range<usize>,
+        room: usize,
+        what: &str,
+    ) -> Result<CudaTensor> {
+        wants_f32(x, what)?;
+        let src = self.ptr(x)? + (rows.start * x.cols * std::mem::size_of::<f32>()) as u64;
+        let n = rows.len();
         if room_pitch(x.cols, room).is_none() {
-            let values = self.cast_to_bf16(self.ptr(x)?, x.elements(), what)?;
+            let values = self.cast_to_bf16(src, n * x.cols, what)?;
             return Ok(CudaTensor {
-                rows: x.rows,
+                rows: n,
                 cols: x.cols,
                 storage: Storage::Bf16(values),
             });
         }
-        let out = self.product_input_tensor(x.rows, x.cols, room, what)?;
-        self.write_rows_bf16(x, self.rows_ptr(&out)?, out.pitch(), 1.0)?;
+        let out = self.product_input_tensor(n, x.cols, room, what)?;
+        self.cast_rows_bf16(src, n, x.cols, self.rows_ptr(&out)?, out.pitch(), 1.0)?;
         Ok(out)
     }
 
@@ -231,18 +245,32 @@ impl CudaBackend {
             let label = || format!("copy_bf16_rows {}x{}", src.rows, src.cols).into();
             return self.elementwise_labelled("copy_bf16_rows", label, src.elements(), 4, &args);
         }
-        let x = self.ptr(src)?;
+        wants_f32(src, "an adapter's columns")?;
+        self.cast_rows_bf16(self.ptr(src)?, src.rows, src.cols, dst, pitch, scale)
+    }
+
+    /// Writes `scale·x` (dense f32 `[rows, cols]` at `x`) rounded to bf16 at `dst`, its rows
+    /// `pitch` values apart (kernels/pointwise.cu, `cast_f32_bf16_rows`).
+    fn cast_rows_bf16(
+        &self,
+        x: u64,
+        rows: usize,
+        cols: usize,
+        dst: u64,
+        pitch: usize,
+        scale: f32,
+    ) -> Result<()> {
         let args = [
-            self.f32_arg(src, "an adapter's columns")?,
+            Arg::Ptr(x),
             Arg::Ptr(dst),
-            count(src.rows),
-            dim(src.cols),
+            count(rows),
+            dim(cols),
             count(pitch),
             Arg::F32(scale),
         ];
-        let group = values_a_thread(src.cols, [(src.cols, x), (pitch, dst)]);
-        let label = || format!("cast_f32_bf16_rows {}x{}", src.rows, src.cols).into();
-        self.elementwise_labelled("cast_f32_bf16_rows", label, src.elements(), group, &args)
+        let group = values_a_thread(cols, [(cols, x), (pitch, dst)]);
+        let label = || format!("cast_f32_bf16_rows {rows}x{cols}").into();
+        self.elementwise_labelled("cast_f32_bf16_rows", label, rows * cols, group, &args)
     }
 
     /// `[x | extra]` as a product operand: `extra` (`[rows, r]`: f32, rounded, or dense bf16,

@@ -1991,6 +1991,20 @@ impl Backend for CudaBackend {
         self.rounded_where_rounding(x, room, "a product input")
     }
 
+    fn product_input_rows(
+        &self,
+        x: &CudaTensor,
+        start: usize,
+        rows: usize,
+        room: usize,
+    ) -> Result<CudaTensor> {
+        if !self.rounds_product_inputs() || x.dtype() != Dtype::F32 {
+            return self.product_input(self.copy_rows(x, start, rows)?, room);
+        }
+        super::check_rows(x.rows, start, rows, (x.cols, x.cols), "product_input_rows")?;
+        self.rounded_rows(x, start..start + rows, room, "a product input")
+    }
+
     /// All in one launch (`cast_many_f32_bf16`) in queued work: the factors' ~450 casts a pass
     /// on Llama 3 8B were as many launches of a few microseconds. Recorded work rounds them one
     /// by one (a replay launches them at no host cost, and the launch's table of addresses
