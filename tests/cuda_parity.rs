@@ -710,6 +710,22 @@ fn rmsnorm_matches_cpu() {
                         "rmsnorm for products of {from}, room {room}"
                     );
                     assert_eq!(p.g.download(&prg).unwrap(), p.g.download(&rtg).unwrap());
+                    // In row chunks, each written where it goes: the whole output's rows.
+                    let chunks = [(0, 17), (17, tokens - 20), (tokens - 3, 3)];
+                    let (parts, rcg) =
+                        p.g.rmsnorm_chunks_for_products(x, &wg, 1e-5, unit_offset, room, &chunks)
+                            .unwrap();
+                    assert_eq!(p.g.download(&rcg).unwrap(), p.g.download(&rtg).unwrap());
+                    for (&(start, n), part) in chunks.iter().zip(&parts) {
+                        let rows = p.g.copy_rows(&pg, start, n).unwrap();
+                        let layout = |t: &CudaTensor| (t.dtype(), t.rows, t.cols, t.pitch());
+                        assert_eq!(layout(part), layout(&rows), "chunk at {start}");
+                        assert_eq!(
+                            p.g.download(part).unwrap(),
+                            p.g.download(&rows).unwrap(),
+                            "rmsnorm chunk at {start} of {from}, room {room}"
+                        );
+                    }
                 }
                 p.check("rmsnorm for products", &rounded, &yc, 8e-3);
             }

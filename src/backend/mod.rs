@@ -783,6 +783,32 @@ pub trait Backend: Send + Sync + 'static {
         let (y, r) = self.rmsnorm(x, w, eps, unit_offset)?;
         Ok((self.product_input(y, room)?, r))
     }
+    /// [`Backend::rmsnorm_for_products`] with `y` in row chunks (`chunks`: `(start, rows)` in
+    /// order, covering `x`'s rows), one tensor a chunk, and `r` of all rows: what
+    /// [`Backend::copy_rows`] would make of the whole `y`. A backend may write each chunk where
+    /// it goes in the first place (no whole `y`, no copies).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_chunks_for_products(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+        unit_offset: bool,
+        room: usize,
+        chunks: &[(usize, usize)],
+    ) -> Result<(Vec<Self::Tensor>, Self::Tensor)> {
+        let (y, r) = self.rmsnorm_for_products(x, w, eps, unit_offset, room)?;
+        if let [(0, rows)] = chunks {
+            if *rows == self.shape(x).0 {
+                return Ok((vec![y], r));
+            }
+        }
+        let parts = chunks
+            .iter()
+            .map(|&(start, rows)| self.copy_rows(&y, start, rows))
+            .collect::<Result<_>>()?;
+        Ok((parts, r))
+    }
     /// Input gradient of [`Backend::rmsnorm`] with a frozen weight:
     /// `dx_j = r·w'_j·dy_j − (r³/n)·x_j·Σ_i dy_i·w'_i·x_i`, added into `acc` (the gradient that
     /// the residual carries past the norm, same shape) when given and returned, else new.

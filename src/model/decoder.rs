@@ -292,7 +292,8 @@ struct CheckpointedHalves<B: Backend> {
     /// q, k and v as the attention read them, when asked for.
     inputs: Option<[B::Tensor; 3]>,
     x1: B::Tensor,
-    h2: B::Tensor,
+    /// `h2` in MLP chunks ([`Decoder::mlp_norm`]).
+    h2: Vec<B::Tensor>,
 }
 
 /// What [`Decoder::attention_half`] computes: `h1`, the adapter inputs of q, k and v, q and k
@@ -311,15 +312,15 @@ struct AttentionHalf<B: Backend> {
 }
 
 /// What [`Decoder::residual_half`] computes: o's adapter input `dropout(attn)·Aᵀ`, `x1`, `h2`
-/// and its 1/rms.
+/// (one tensor an MLP chunk: [`Decoder::mlp_norm`]) and its 1/rms.
 struct ResidualHalf<B: Backend> {
     xo: Option<B::Tensor>,
     x1: B::Tensor,
-    h2: B::Tensor,
+    h2: Vec<B::Tensor>,
     r2: B::Tensor,
 }
 
-/// Rows of a tensor: all of it (borrowed) or a copy of some.
+/// Rows of a tensor: all of it (borrowed) or some of them made into a tensor of their own.
 enum Rows<'a, T> {
     All(&'a T),
     Part(T),
@@ -768,7 +769,7 @@ impl<B: Backend> Decoder<B> {
             attn: be.product_input(out, room)?,
             lse,
         };
-        let (h2, r2) = be.rmsnorm_for_products(&x1, &lw.mlp_norm, eps, offset, room)?;
+        let (h2, r2) = self.mlp_norm(layer, &x1, room)?;
         let residual = ResidualHalf { xo, x1, h2, r2 };
         Ok(LayerCache {
             attention,
@@ -844,7 +845,6 @@ impl<B: Backend> Decoder<B> {
         kept: Option<B::Tensor>,
     ) -> Result<ResidualHalf<B>> {
         let be = &self.backend;
-        let cfg = &self.cfg;
         let lw = &self.weights.layers[layer];
         // x1 = x + o: made by o's product where the backend can (its epilogue reads x),
         // else written over o's values (no copy of x).
@@ -861,28 +861,29 @@ impl<B: Backend> Decoder<B> {
                 o
             }
         };
-        let (eps, offset) = (cfg.rms_norm_eps, cfg.norm_unit_offset);
-        let (h2, r2) = be.rmsnorm_for_products(&x1, &lw.mlp_norm, eps, offset, Self::room(ad))?;
+        let (h2, r2) = self.mlp_norm(layer, &x1, Self::room(ad))?;
         Ok(ResidualHalf { xo, x1, h2, r2 })
+    }
+
+    /// `h2 = rmsnorm(x1)` as the MLP reads it, a product input with `room` in one tensor a chunk
+    /// ([`Self::mlp_chunks`]: no rows copied out of a whole h2), and its 1/rms of every row.
+    fn mlp_norm(
+        &self,
+        layer: usize,
+        x1: &B::Tensor,
+        room: usize,
+    ) -> Result<(Vec<B::Tensor>, B::Tensor)> {
+        let be = &self.backend;
+        let (eps, offset) = (self.cfg.rms_norm_eps, self.cfg.norm_unit_offset);
+        let chunks: Vec<_> = self.mlp_chunks(be.shape(x1).0).collect();
+        let norm = &self.weights.layers[layer].mlp_norm;
+        be.rmsnorm_chunks_for_products(x1, norm, eps, offset, room, &chunks)
     }
 
     /// A copy of the residual `x` as the norms read it ([`Backend::norm_input`]), for keeping.
     fn kept_for_norms(&self, x: &B::Tensor) -> Result<B::Tensor> {
         let be = &self.backend;
         be.norm_input(x)?.map_or_else(|| be.duplicate(x), Ok)
-    }
-
-    /// Rows `[start, start + rows)` of `t`, copied only when that is not all of it.
-    fn rows_of<'t>(
-        &self,
-        t: &'t B::Tensor,
-        start: usize,
-        rows: usize,
-    ) -> Result<Rows<'t, B::Tensor>> {
-        Ok(match self.rows_of_whole(t, start, rows) {
-            true => Rows::All(t),
-            false => Rows::Part(self.backend.copy_rows(t, start, rows)?),
-        })
     }
 
     /// Whether rows `[start, start + rows)` are all of `t`.
@@ -915,16 +916,16 @@ impl<B: Backend> Decoder<B> {
         &self,
         layer: usize,
         x1: B::Tensor,
-        h2: &B::Tensor,
+        h2: &[B::Tensor],
         ad: Option<&Adapters<B>>,
         keep: bool,
     ) -> Result<(B::Tensor, Vec<MlpChunk<B>>)> {
         let be = &self.backend;
+        let chunks = self.mlp_chunks(be.shape(&x1).0);
         let mut out = x1;
         let mut kept = Vec::new();
-        for (c, (start, rows)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
-            let h = self.rows_of(h2, start, rows)?;
-            let ((g, u), [xg, xu]) = self.gate_up(layer, &h, ad, c, [None, None])?;
+        for (c, ((start, _), h)) in chunks.zip(h2).enumerate() {
+            let ((g, u), [xg, xu]) = self.gate_up(layer, h, ad, c, [None, None])?;
             let m =
                 be.gated_activation_for_products(&g, &u, self.cfg.activation, Self::room(ad))?;
             let xd =
@@ -950,7 +951,7 @@ impl<B: Backend> Decoder<B> {
         mut d_out: B::Tensor,
         x1: &B::Tensor,
         r2: &B::Tensor,
-        h2: &B::Tensor,
+        h2: Vec<B::Tensor>,
         kept: Vec<MlpChunk<B>>,
         ad: &Adapters<B>,
         grads: &mut LoraTensors<B>,
@@ -962,9 +963,9 @@ impl<B: Backend> Decoder<B> {
         );
         let mut kept = kept.into_iter();
         let room = Self::room(Some(ad));
-        for (c, (start, n)) in self.mlp_chunks(be.shape(h2).0).enumerate() {
+        let chunks = self.mlp_chunks(be.shape(x1).0);
+        for (c, ((start, n), h)) in chunks.zip(h2).enumerate() {
             let dh = {
-                let h = self.rows_of(h2, start, n)?;
                 // A part of d_out is made down's product input at once (the norm's backward
                 // below adds into d_out itself, after the chunk's products read it).
                 let dy = match self.rows_of_whole(&d_out, start, n) {
@@ -975,10 +976,9 @@ impl<B: Backend> Decoder<B> {
                 let dh = self.mlp_chunk_backward(layer, &dy, &h, chunk, ad, grads, c)?;
                 // Gate's, up's and down's adapter gradients, still in flight, read the chunk's
                 // rows of h2 and of d_out.
-                for part in [h, dy] {
-                    if let Rows::Part(t) = part {
-                        be.drop_after_adapter_gradients(t);
-                    }
+                be.drop_after_adapter_gradients(h);
+                if let Rows::Part(dy) = dy {
+                    be.drop_after_adapter_gradients(dy);
                 }
                 dh
             };
@@ -1078,9 +1078,8 @@ impl<B: Backend> Decoder<B> {
         } = c;
         // out = x1 + mlp(h2), h2 = norm(x1): dx1 = d_out + the norm's input gradient (added
         // into d_out's values).
-        let dx1 = self.mlp_half_backward(layer, d_out, &x1, &r2, &h2, mlp, ad, grads)?;
+        let dx1 = self.mlp_half_backward(layer, d_out, &x1, &r2, h2, mlp, ad, grads)?;
         drop((x1, r2));
-        be.drop_after_adapter_gradients(h2);
         // x1 = x + o(attn), `attn` the product input the forward made (`attention_half`).
         let dattn = self.project_backward(layer, O, &dx1, &attn, xo, ad, grads, None, 0)?;
         before_attention()?;

@@ -1137,6 +1137,24 @@ impl CudaBackend {
         unit_offset: bool,
         y: &CudaTensor,
     ) -> Result<CudaTensor> {
+        let r = self.tensor(x.rows, 1, "rmsnorm scales")?;
+        self.rmsnorm_rows_into(x, 0, w, eps, unit_offset, y, &r)?;
+        Ok(r)
+    }
+
+    /// The RMSNorm of rows `[start, start + y.rows)` of `x` into `y` (f32, or bf16 with its
+    /// rows `y.pitch()` apart), their scales into the same rows of `r` (kernels/norm.cu).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_rows_into(
+        &self,
+        x: &CudaTensor,
+        start: usize,
+        w: &CudaTensor,
+        eps: f32,
+        unit_offset: bool,
+        y: &CudaTensor,
+        r: &CudaTensor,
+    ) -> Result<()> {
         if w.elements() != x.cols {
             return Err(Error::InvalidArgument(format!(
                 "rmsnorm: weight of {} values for rows of {}",
@@ -1144,18 +1162,24 @@ impl CudaBackend {
                 x.cols
             )));
         }
-        let r = self.tensor(x.rows, 1, "rmsnorm scales")?;
-        if x.rows == 0 {
-            return Ok(r);
+        super::check_rows(x.rows, start, y.rows, (x.cols, y.cols), "rmsnorm")?;
+        check_len(r.elements(), x.rows, 1)?;
+        if y.rows == 0 {
+            return Ok(());
         }
-        let mut args = Vec::from(self.norm_input_args(x, "rmsnorm")?);
-        args.extend([
+        // x is dense f32 or bf16 (norm_input_args checks it): its row `start` is that many
+        // rows of values on.
+        let [_, kind] = self.norm_input_args(x, "rmsnorm")?;
+        let x_bytes = if x.dtype() == Dtype::F32 { 4 } else { 2 };
+        let mut args = vec![
+            Arg::Ptr(self.ptr(x)? + (start * x.cols * x_bytes) as u64),
+            kind,
             self.f32_arg(w, "rmsnorm weight")?,
             Arg::Ptr(self.rows_ptr(y)?),
-            Arg::Ptr(self.ptr(&r)?),
-            dim(x.rows),
+            Arg::Ptr(self.ptr(r)? + (start * std::mem::size_of::<f32>()) as u64),
+            dim(y.rows),
             dim(x.cols),
-        ]);
+        ];
         let kernel = match y.dtype() {
             Dtype::F32 => "rmsnorm_fwd",
             Dtype::Bf16 => {
@@ -1169,8 +1193,7 @@ impl CudaBackend {
             }
         };
         args.extend([Arg::F32(eps), Arg::I32(unit_offset as i32)]);
-        self.run("norm", kernel, Shape::per_row(x.rows), &args)?;
-        Ok(r)
+        self.run("norm", kernel, Shape::per_row(y.rows), &args)
     }
 
     /// The RMSNorm backward of rows `[start, start + rows of dy)` of `x` into the same rows of
@@ -2216,6 +2239,33 @@ impl Backend for CudaBackend {
         let y = self.product_input_tensor(x.rows, x.cols, room, "a product input")?;
         let r = self.rmsnorm_into(x, w, eps, unit_offset, &y)?;
         Ok((y, r))
+    }
+
+    fn rmsnorm_chunks_for_products(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        eps: f32,
+        unit_offset: bool,
+        room: usize,
+        chunks: &[(usize, usize)],
+    ) -> Result<(Vec<CudaTensor>, CudaTensor)> {
+        if !self.rounds_product_inputs() {
+            let (y, r) = self.rmsnorm(x, w, eps, unit_offset)?;
+            let parts = chunks
+                .iter()
+                .map(|&(start, rows)| self.copy_rows(&y, start, rows))
+                .collect::<Result<_>>()?;
+            return Ok((parts, r));
+        }
+        let r = self.tensor(x.rows, 1, "rmsnorm scales")?;
+        let mut parts = Vec::with_capacity(chunks.len());
+        for &(start, rows) in chunks {
+            let y = self.product_input_tensor(rows, x.cols, room, "a product input")?;
+            self.rmsnorm_rows_into(x, start, w, eps, unit_offset, &y, &r)?;
+            parts.push(y);
+        }
+        Ok((parts, r))
     }
 
     fn rmsnorm_backward(
