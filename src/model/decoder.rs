@@ -886,6 +886,18 @@ impl<B: Backend> Decoder<B> {
         be.norm_input(x)?.map_or_else(|| be.duplicate(x), Ok)
     }
 
+    /// Fails unless `h2` holds one tensor for each MLP chunk.
+    fn check_mlp_chunks(chunks: &[(usize, usize)], h2: &[B::Tensor]) -> Result<()> {
+        if chunks.len() != h2.len() {
+            return Err(Error::InvalidArgument(format!(
+                "the MLP's input in {} chunks for {} chunks of rows",
+                h2.len(),
+                chunks.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether rows `[start, start + rows)` are all of `t`.
     fn rows_of_whole(&self, t: &B::Tensor, start: usize, rows: usize) -> bool {
         start == 0 && rows == self.backend.shape(t).0
@@ -921,10 +933,11 @@ impl<B: Backend> Decoder<B> {
         keep: bool,
     ) -> Result<(B::Tensor, Vec<MlpChunk<B>>)> {
         let be = &self.backend;
-        let chunks = self.mlp_chunks(be.shape(&x1).0);
+        let chunks: Vec<_> = self.mlp_chunks(be.shape(&x1).0).collect();
+        Self::check_mlp_chunks(&chunks, h2)?;
         let mut out = x1;
         let mut kept = Vec::new();
-        for (c, ((start, _), h)) in chunks.zip(h2).enumerate() {
+        for (c, ((start, _), h)) in chunks.into_iter().zip(h2).enumerate() {
             let ((g, u), [xg, xu]) = self.gate_up(layer, h, ad, c, [None, None])?;
             let m =
                 be.gated_activation_for_products(&g, &u, self.cfg.activation, Self::room(ad))?;
@@ -962,9 +975,15 @@ impl<B: Backend> Decoder<B> {
             self.cfg.norm_unit_offset,
         );
         let mut kept = kept.into_iter();
-        let room = Self::room(Some(ad));
-        let chunks = self.mlp_chunks(be.shape(x1).0);
-        for (c, ((start, n), h)) in chunks.zip(h2).enumerate() {
+        // Room only where down's adapter folds into its products (an unadapted down reads its
+        // input dense, as its product would round it).
+        let room = match Self::adapted(Some(ad), layer, TargetModule::Down) {
+            Some(_) => Self::room(Some(ad)),
+            None => 0,
+        };
+        let chunks: Vec<_> = self.mlp_chunks(be.shape(x1).0).collect();
+        Self::check_mlp_chunks(&chunks, &h2)?;
+        for (c, ((start, n), h)) in chunks.into_iter().zip(h2).enumerate() {
             let dh = {
                 // A part of d_out is made down's product input at once (the norm's backward
                 // below adds into d_out itself, after the chunk's products read it).
@@ -974,8 +993,8 @@ impl<B: Backend> Decoder<B> {
                 };
                 let chunk = kept.next().expect("the forward keeps one per chunk");
                 let dh = self.mlp_chunk_backward(layer, &dy, &h, chunk, ad, grads, c)?;
-                // Gate's, up's and down's adapter gradients, still in flight, read the chunk's
-                // rows of h2 and of d_out.
+                // The chunk's last adapter gradients, still in flight, may read its rows of h2
+                // and of d_out.
                 be.drop_after_adapter_gradients(h);
                 if let Rows::Part(dy) = dy {
                     be.drop_after_adapter_gradients(dy);
