@@ -939,8 +939,9 @@ pub trait Backend: Send + Sync + 'static {
     /// ([`Backend::rotated_attention_inputs`]), made ready for q's, k's and v's products:
     /// [`Backend::attention_backward`], dq and dk turned back by −θ (RoPE's backward), and all
     /// three made product inputs with `room` ([`Backend::product_input`]). A backend may write
-    /// them so in the first place (CUDA: rotated and rounded by the attention's kernels, never
-    /// stored in f32).
+    /// them so in the first place (CUDA: turned back and rounded by the attention's kernels as
+    /// they store them, or, where the dK/dV launch is split into f32 slabs, as the slabs are
+    /// summed).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward_for_products(
         &self,
