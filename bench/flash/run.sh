@@ -7,7 +7,9 @@
 # each, and prints the timings (JSON lines, also in OUTDIR/times.jsonl), the registers and spills
 # ptxas reports, and each variant's relative L2 difference from the first one's outputs.
 # Usage: bench/flash/run.sh OUTDIR base=/tmp/flash-head.cu new=kernels/flash.cu ...
-# (git show HEAD:kernels/flash.cu > /tmp/flash-head.cu gives the committed kernels as a base.)
+# (git show HEAD:kernels/flash.cu > /tmp/flash-head.cu gives the committed kernels as a base;
+# sources whose gradient kernels take float* dq, dk, dv, from before the gradients' pitch and
+# angles arguments, do not build with this harness.)
 set -uo pipefail
 out=$1; shift
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
