@@ -679,6 +679,18 @@ fn rmsnorm_matches_cpu() {
             let (yc, rc) = p.c.rmsnorm(&ec, &wc, 1e-5, unit_offset).unwrap();
             p.check("rmsnorm y", &yg, &yc, 1e-5);
             p.check("rmsnorm r", &rg, &rc, 1e-5);
+            // In row chunks where nothing is rounded: the f32 output's rows.
+            let chunks = [(0, 20), (20, tokens - 20)];
+            let (parts, rcg) =
+                p.g.rmsnorm_chunks_for_products(&eg, &wg, 1e-5, unit_offset, 16, &chunks)
+                    .unwrap();
+            assert_eq!(p.g.download(&rcg).unwrap(), p.g.download(&rg).unwrap());
+            assert_eq!(parts.len(), chunks.len(), "a tensor a chunk");
+            for (&(start, n), part) in chunks.iter().zip(&parts) {
+                assert_eq!(part.dtype(), Dtype::F32, "nothing rounded");
+                let rows = p.g.copy_rows(&yg, start, n).unwrap();
+                assert_eq!(p.g.download(part).unwrap(), p.g.download(&rows).unwrap());
+            }
             // Products rounding their f32 operands to bf16, as in training.
             p.g.set_f32_products(F32Products::Tf32);
             let kept = p.g.norm_input(&eg).unwrap().expect("a bf16 copy of x");
