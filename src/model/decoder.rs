@@ -886,12 +886,11 @@ impl<B: Backend> Decoder<B> {
         be.norm_input(x)?.map_or_else(|| be.duplicate(x), Ok)
     }
 
-    /// Fails unless `h2` holds one tensor for each MLP chunk.
-    fn check_mlp_chunks(chunks: &[(usize, usize)], h2: &[B::Tensor]) -> Result<()> {
-        if chunks.len() != h2.len() {
+    /// Fails unless `held` (`what` of the MLP) comes one a chunk of `chunks`.
+    fn check_mlp_chunks(chunks: &[(usize, usize)], held: usize, what: &str) -> Result<()> {
+        if chunks.len() != held {
             return Err(Error::InvalidArgument(format!(
-                "the MLP's input in {} chunks for {} chunks of rows",
-                h2.len(),
+                "the MLP's {what} in {held} chunks for {} chunks of rows",
                 chunks.len()
             )));
         }
@@ -934,7 +933,7 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<(B::Tensor, Vec<MlpChunk<B>>)> {
         let be = &self.backend;
         let chunks: Vec<_> = self.mlp_chunks(be.shape(&x1).0).collect();
-        Self::check_mlp_chunks(&chunks, h2)?;
+        Self::check_mlp_chunks(&chunks, h2.len(), "input")?;
         let mut out = x1;
         let mut kept = Vec::new();
         for (c, ((start, _), h)) in chunks.into_iter().zip(h2).enumerate() {
@@ -974,7 +973,6 @@ impl<B: Backend> Decoder<B> {
             &self.weights.layers[layer].mlp_norm,
             self.cfg.norm_unit_offset,
         );
-        let mut kept = kept.into_iter();
         // Room only where down's adapter folds into its products (an unadapted down reads its
         // input dense, as its product would round it).
         let room = match Self::adapted(Some(ad), layer, TargetModule::Down) {
@@ -982,8 +980,10 @@ impl<B: Backend> Decoder<B> {
             None => 0,
         };
         let chunks: Vec<_> = self.mlp_chunks(be.shape(x1).0).collect();
-        Self::check_mlp_chunks(&chunks, &h2)?;
-        for (c, ((start, n), h)) in chunks.into_iter().zip(h2).enumerate() {
+        Self::check_mlp_chunks(&chunks, h2.len(), "input")?;
+        Self::check_mlp_chunks(&chunks, kept.len(), "forward's kept values")?;
+        let chunks = chunks.into_iter().zip(h2).zip(kept);
+        for (c, (((start, n), h), chunk)) in chunks.enumerate() {
             let dh = {
                 // A part of d_out is made down's product input at once (the norm's backward
                 // below adds into d_out itself, after the chunk's products read it).
@@ -991,7 +991,6 @@ impl<B: Backend> Decoder<B> {
                     true => Rows::All(&d_out),
                     false => Rows::Part(be.product_input_rows(&d_out, start, n, room)?),
                 };
-                let chunk = kept.next().expect("the forward keeps one per chunk");
                 let dh = self.mlp_chunk_backward(layer, &dy, &h, chunk, ad, grads, c)?;
                 // The chunk's last adapter gradients, still in flight, may read its rows of h2
                 // and of d_out.
