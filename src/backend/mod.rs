@@ -217,6 +217,29 @@ pub fn attention_backward_then_product_inputs<B: Backend + ?Sized>(
     ])
 }
 
+/// [`Backend::rmsnorm_chunks_for_products`] as its steps: [`Backend::rmsnorm_for_products`] of
+/// all rows, then the chunks' rows copied out of it (none where one chunk is all of them).
+pub fn rmsnorm_then_chunks<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Tensor,
+    w: &B::Tensor,
+    (eps, unit_offset): (f32, bool),
+    room: usize,
+    chunks: &[(usize, usize)],
+) -> Result<(Vec<B::Tensor>, B::Tensor)> {
+    let (y, r) = be.rmsnorm_for_products(x, w, eps, unit_offset, room)?;
+    if let [(0, rows)] = chunks {
+        if *rows == be.shape(x).0 {
+            return Ok((vec![y], r));
+        }
+    }
+    let parts = chunks
+        .iter()
+        .map(|&(start, rows)| be.copy_rows(&y, start, rows))
+        .collect::<Result<_>>()?;
+    Ok((parts, r))
+}
+
 /// [`Backend::rotated_attention_inputs`] as its steps: q and k rotated in place, then
 /// [`Backend::attention_inputs`].
 pub fn rope_then_attention_inputs<B: Backend + ?Sized>(
@@ -797,17 +820,7 @@ pub trait Backend: Send + Sync + 'static {
         room: usize,
         chunks: &[(usize, usize)],
     ) -> Result<(Vec<Self::Tensor>, Self::Tensor)> {
-        let (y, r) = self.rmsnorm_for_products(x, w, eps, unit_offset, room)?;
-        if let [(0, rows)] = chunks {
-            if *rows == self.shape(x).0 {
-                return Ok((vec![y], r));
-            }
-        }
-        let parts = chunks
-            .iter()
-            .map(|&(start, rows)| self.copy_rows(&y, start, rows))
-            .collect::<Result<_>>()?;
-        Ok((parts, r))
+        rmsnorm_then_chunks(self, x, w, (eps, unit_offset), room, chunks)
     }
     /// Input gradient of [`Backend::rmsnorm`] with a frozen weight:
     /// `dx_j = r·w'_j·dy_j − (r³/n)·x_j·Σ_i dy_i·w'_i·x_i`, added into `acc` (the gradient that

@@ -2251,12 +2251,7 @@ impl Backend for CudaBackend {
         chunks: &[(usize, usize)],
     ) -> Result<(Vec<CudaTensor>, CudaTensor)> {
         if !self.rounds_product_inputs() {
-            let (y, r) = self.rmsnorm(x, w, eps, unit_offset)?;
-            let parts = chunks
-                .iter()
-                .map(|&(start, rows)| self.copy_rows(&y, start, rows))
-                .collect::<Result<_>>()?;
-            return Ok((parts, r));
+            return super::rmsnorm_then_chunks(self, x, w, (eps, unit_offset), room, chunks);
         }
         let r = self.tensor(x.rows, 1, "rmsnorm scales")?;
         let mut parts = Vec::with_capacity(chunks.len());
