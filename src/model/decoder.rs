@@ -897,11 +897,6 @@ impl<B: Backend> Decoder<B> {
         Ok(())
     }
 
-    /// Whether rows `[start, start + rows)` are all of `t`.
-    fn rows_of_whole(&self, t: &B::Tensor, start: usize, rows: usize) -> bool {
-        start == 0 && rows == self.backend.shape(t).0
-    }
-
     /// `gate` and `up` of one MLP chunk `h`, with their adapter inputs (`kept` ones reused).
     #[allow(clippy::type_complexity)]
     fn gate_up(
@@ -979,7 +974,8 @@ impl<B: Backend> Decoder<B> {
             Some(_) => Self::room(Some(ad)),
             None => 0,
         };
-        let chunks: Vec<_> = self.mlp_chunks(be.shape(x1).0).collect();
+        let total = be.shape(x1).0;
+        let chunks: Vec<_> = self.mlp_chunks(total).collect();
         Self::check_mlp_chunks(&chunks, h2.len(), "input")?;
         Self::check_mlp_chunks(&chunks, kept.len(), "forward's kept values")?;
         let chunks = chunks.into_iter().zip(h2).zip(kept);
@@ -987,7 +983,7 @@ impl<B: Backend> Decoder<B> {
             let dh = {
                 // A part of d_out is made down's product input at once (the norm's backward
                 // below adds into d_out itself, after the chunk's products read it).
-                let dy = match self.rows_of_whole(&d_out, start, n) {
+                let dy = match n == total {
                     true => Rows::All(&d_out),
                     false => Rows::Part(be.product_input_rows(&d_out, start, n, room)?),
                 };

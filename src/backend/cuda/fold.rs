@@ -177,7 +177,7 @@ impl CudaBackend {
         what: &str,
     ) -> Result<CudaTensor> {
         wants_f32(x, what)?;
-        let src = self.ptr(x)? + (rows.start * x.cols * std::mem::size_of::<f32>()) as u64;
+        let src = self.address_at(x, rows.start * x.cols)?;
         let n = rows.len();
         if room_pitch(x.cols, room).is_none() {
             let values = self.cast_to_bf16(src, n * x.cols, what)?;

@@ -634,6 +634,17 @@ impl CudaBackend {
         }
     }
 
+    /// The address of value `at` of the dense f32 or bf16 `t` (row r's first at `r·t.cols`).
+    fn address_at(&self, t: &CudaTensor, at: usize) -> Result<u64> {
+        let bytes = if t.dtype() == Dtype::Bf16 { 2 } else { 4 };
+        Ok(self.ptr(t)? + (at * bytes) as u64)
+    }
+
+    /// `t`'s address, or 0 (a kernel's null pointer: none) without `t`.
+    fn ptr_or_null(&self, t: Option<&CudaTensor>) -> Result<u64> {
+        t.map_or(Ok(0), |t| self.ptr(t))
+    }
+
     /// The address of an f32 tensor, as a kernel argument; `op` names the caller in errors.
     fn f32_arg(&self, t: &CudaTensor, op: &str) -> Result<Arg> {
         wants_f32(t, op)?;
@@ -1167,16 +1178,15 @@ impl CudaBackend {
         if y.rows == 0 {
             return Ok(());
         }
-        // x is dense f32 or bf16 (norm_input_args checks it): its row `start` is that many
-        // rows of values on.
+        // Row `start` of x (dense f32 or bf16: norm_input_args checks it), scale `start` of r.
         let [_, kind] = self.norm_input_args(x, "rmsnorm")?;
-        let x_bytes = if x.dtype() == Dtype::F32 { 4 } else { 2 };
+        wants_f32(r, "rmsnorm scales")?;
         let mut args = vec![
-            Arg::Ptr(self.ptr(x)? + (start * x.cols * x_bytes) as u64),
+            Arg::Ptr(self.address_at(x, start * x.cols)?),
             kind,
             self.f32_arg(w, "rmsnorm weight")?,
             Arg::Ptr(self.rows_ptr(y)?),
-            Arg::Ptr(self.ptr(r)? + (start * std::mem::size_of::<f32>()) as u64),
+            Arg::Ptr(self.address_at(r, start)?),
             dim(y.rows),
             dim(x.cols),
         ];
@@ -1226,10 +1236,7 @@ impl CudaBackend {
             wants_f32(t, what)?;
         }
         // Row `start` of x (f32 or bf16) and dx, scale `start` of r.
-        let at = |t: &CudaTensor, elements: usize| -> Result<Arg> {
-            let bytes = if t.dtype() == Dtype::Bf16 { 2 } else { 4 };
-            Ok(Arg::Ptr(self.ptr(t)? + (elements * bytes) as u64))
-        };
+        let at = |t: &CudaTensor, at: usize| self.address_at(t, at).map(Arg::Ptr);
         let [_, x_kind] = self.norm_input_args(x, what)?;
         let args = [
             Arg::Ptr(self.ptr(dy)?),
@@ -1287,7 +1294,7 @@ impl CudaBackend {
                 t.rows
             )));
         }
-        let ptr = self.ptr(t)? + (start * t.cols * std::mem::size_of::<f32>()) as u64;
+        let ptr = self.address_at(t, start * t.cols)?;
         Ok(Operand::dense(ptr, Dtype::F32, rows, t.cols))
     }
 
@@ -1613,7 +1620,7 @@ impl CudaBackend {
             ];
             return self.elementwise("sum_slabs_f32", sum.elements(), &args);
         }
-        let angles = angles.map(|a| self.ptr(a)).transpose()?.unwrap_or(0);
+        let angles = self.ptr_or_null(angles)?;
         let args = [
             Arg::Ptr(self.ptr(slabs)?),
             dim(parts),
@@ -1639,7 +1646,7 @@ impl CudaBackend {
         if !flash {
             return Ok(Vec::new());
         }
-        let angles = angles.map(|a| self.ptr(a)).transpose()?.unwrap_or(0);
+        let angles = self.ptr_or_null(angles)?;
         Ok(vec![
             Arg::I32((like.dtype() == Dtype::Bf16) as i32),
             count(like.pitch()),
@@ -2518,9 +2525,8 @@ impl Backend for CudaBackend {
         let cols = (dst.cols, src.cols);
         super::check_rows(dst.rows, start, src.rows, cols, "add_rows")?;
         wants_f32(dst, "add_rows")?;
-        let offset = start * dst.cols * std::mem::size_of::<f32>();
         let args = [
-            Arg::Ptr(self.ptr(dst)? + offset as u64),
+            Arg::Ptr(self.address_at(dst, start * dst.cols)?),
             self.f32_arg(src, "add_rows")?,
             count(src.elements()),
         ];
