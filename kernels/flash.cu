@@ -907,6 +907,21 @@ __device__ __forceinline__ void flash_mbar_wait(unsigned int bar, unsigned int p
     } while (!done);
 }
 
+// Registers handed between the warpgroups of a warp-specialized block (setmaxnreg): the copying
+// warpgroup gives its own down to COPY a thread, the two computing ones take theirs up to
+// COMPUTE. The block starts with 168 a thread (65,536 over 384 threads, in steps of 8), and the
+// two must balance: 128·(168 − COPY) ≥ 256·(COMPUTE − 168).
+template <int COPY, int COMPUTE>
+struct FlashRegs {
+    static_assert(128 * COPY + 256 * COMPUTE <= 384 * 168, "more registers than the block has");
+    __device__ static void copying() {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(COPY));
+    }
+    __device__ static void computing() {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(COMPUTE));
+    }
+};
+
 // The mbarriers of a ring of S buffers from shared address bar0: full(t) completes
 // once buffer t % S holds item t (`full_count` arrivals: the copying warpgroup's), empty(t) once
 // both computing warpgroups are done with it there (`empty_count` arrivals: one a warpgroup where
@@ -1037,13 +1052,13 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     ring.bars.init(FLASH_THREADS, 2);
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        FlashRegs<40, 232>::copying();
         // Whole steps: a tile past the last one is copied too (rows past seq zero-filled, the
         // rest keys after every query of the block), and masked.
         ring.produce(blk, q + blk.tok0 * blk.ldq + (long long)h * HD, seq, ST * nsteps);
         return;
     }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    FlashRegs<40, 232>::computing();
     const int c = wg - 1, ctid = tid - FLASH_THREADS * wg, warp = ctid >> 5, tig = lane & 3;
     const FlashWarpRows rows(blk.seg, seq, blk.r0 + FLASH_TILE * c, warp, lane);
     const float sl2 = scale * FLASH_LOG2E;
@@ -1712,19 +1727,30 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 
 #ifdef FLASH_WGMMA
 // ---------------------------------------------------------------------------------------------
-// dK, dV warp-specialized (sm_90a, head_dim 64 and 128). Block of 384 threads: 128 keys from
-// r0 = 128·blockIdx.x of KV head g, adding up query heads [h0, h1) (FlashHeadShare). Warpgroup 0
-// copies: K and V of both key tiles, then each (query head, query tile) pair's Q and dO tiles
-// into a ring of FLASH_WS_STAGES buffers, with lse·log2e and D of the pair's 64 queries (read a
-// pair ahead into registers, stored once the buffer is free). Warpgroups 1 and 2 make the
-// gradients of keys r0.. and r0 + 64.. from the same buffers, each pair as flash_dkdv_impl's
-// warpgroup version does (flash_dkdv_wg_pair: the same outputs bit for bit). They meet the copier
-// only at the ring's mbarriers and vote within their warpgroup on named barriers 1 and 2 (whether
-// a pair needs a mask, whether it has a visible entry at all), never on a block barrier.
+// dK, dV warp-specialized (sm_90a). Block of 384 threads: FlashPairRing<HD>::KEYS keys from
+// r0 = KEYS·blockIdx.x of KV head g, adding up query heads [h0, h1) (FlashHeadShare). Warpgroup 0
+// copies: K and V of the block's key tiles, then each (query head, query tile) pair's Q and dO
+// tiles into a ring of FlashPairRing<HD>::S buffers, with lse·log2e and D of the pair's 64
+// queries (read a pair ahead into registers, stored once the buffer is free). Warpgroups 1 and 2
+// compute from the same buffers, each pair as flash_dkdv_impl's warpgroup version does
+// (flash_dkdv_wg_pair: the same outputs bit for bit):
+//  - head_dim 64 and 128: 128 keys a block; warpgroup 1 makes both gradients of keys r0..,
+//    warpgroup 2 those of keys r0 + 64...
+//  - head_dim 256: dK and dV (128 accumulator registers each) do not fit in one warpgroup's
+//    registers. Both warpgroups take the block's 64 keys, warpgroup 1 making dV (Pᵀ from Sᵀ,
+//    dV += Pᵀ·dO), warpgroup 2 dK (Sᵀ, dPᵀ, dK += dSᵀ·Q): flash_bwd_dkdv_hd256's two blocks in
+//    one, each tile copied once, one warpgroup's products running while the other forms its
+//    scores. Its ring has 2 buffers (what fits beside K and V: 6 tiles of 32 KiB).
+// The computing warpgroups meet the copier only at the ring's mbarriers and vote within their
+// warpgroup on named barriers 1 and 2 (whether a pair needs a mask, whether it has a visible
+// entry at all), never on a block barrier.
 // ---------------------------------------------------------------------------------------------
 
-// Tells bench/flash/flash_bench.cu that this source has flash_bwd_dkdv_ws.
+// Tells bench/flash/flash_bench.cu that this source has flash_bwd_dkdv_ws, and (_WIDE) the
+// head_dim-256 one with its ring of FLASH_WS_STAGES_WIDE pairs.
 #define FLASH_DKDV_WS 1
+#define FLASH_DKDV_WS_WIDE 1
+#define FLASH_WS_STAGES_WIDE 2
 
 // Whether `part` holds in any (all) of the 128 threads of the warpgroup voting on named barrier
 // `id` (each of them must call it).
@@ -1744,26 +1770,143 @@ __device__ __forceinline__ bool flash_wg_all(bool part, unsigned int id) {
     return !flash_wg_any(!part, id);
 }
 
-// The warp-specialized dK/dV's shared memory: K and V of the block's two key tiles (key(c),
+// The warp-specialized dK/dV's shared memory: K and V of the block's KT key tiles (key(c),
 // value(c)), the buffers of pair p (query(p), d_out(p), stats(p): lse·log2e then D of its 64
 // queries), then the barriers (full: 128 copy arrivals and 128 after the statistics' stores;
 // empty: one arrival a computing thread, as the threads read the statistics; once(): K and V).
-// Launch: (4 + 2·FLASH_WS_STAGES)·64·HD·2 + FLASH_WS_STAGES·2·64·4 + 128 bytes.
+// Launch: (2·KT + 2·S)·64·HD·2 + S·2·64·4 + 128 bytes (KT = 2, S = FLASH_WS_STAGES; at head_dim
+// 256 KT = 1, S = FLASH_WS_STAGES_WIDE).
 template <int HD>
 struct FlashPairRing {
-    static constexpr int TE = FLASH_TILE * HD, S = FLASH_WS_STAGES, STATS = 2 * FLASH_TILE;
+    static constexpr int KT = HD == 256 ? 1 : 2, KEYS = KT * FLASH_TILE;
+    static constexpr int S = HD == 256 ? FLASH_WS_STAGES_WIDE : FLASH_WS_STAGES;
+    static constexpr int TE = FLASH_TILE * HD, STATS = 2 * FLASH_TILE;
+    // The copier's loads of 256-wide tiles need more than 24 registers (44 bytes spilled there).
+    using Regs = FlashRegs<HD == 256 ? 40 : 24, HD == 256 ? 232 : 240>;
     bf16_t* sm;
     float* stats0;
     FlashRingBars<S> bars;
     __device__ explicit FlashPairRing(bf16_t* smem)
-        : sm(smem), stats0(reinterpret_cast<float*>(smem + (4 + 2 * S) * TE)),
+        : sm(smem), stats0(reinterpret_cast<float*>(smem + (2 * KT + 2 * S) * TE)),
           bars{flash_smem(stats0 + S * STATS)} {}
     __device__ bf16_t* key(int c) const { return sm + c * TE; }
-    __device__ bf16_t* value(int c) const { return sm + (2 + c) * TE; }
-    __device__ bf16_t* query(int p) const { return sm + (4 + 2 * (p % S)) * TE; }
-    __device__ bf16_t* d_out(int p) const { return sm + (5 + 2 * (p % S)) * TE; }
+    __device__ bf16_t* value(int c) const { return sm + (KT + c) * TE; }
+    __device__ bf16_t* query(int p) const { return sm + (2 * KT + 2 * (p % S)) * TE; }
+    __device__ bf16_t* d_out(int p) const { return sm + (2 * KT + 1 + 2 * (p % S)) * TE; }
     __device__ float* stats(int p) const { return stats0 + (p % S) * STATS; }
 };
+
+// The pairs of a warp-specialized dK/dV block whose keys start at r0: for each query head of its
+// share, the query tiles from the one holding r0 to the end (causal), `pairs` in all.
+struct FlashPairs {
+    int first, per_head, pairs;
+    __device__ FlashPairs(int r0, int seq, int h0, int h1)
+        : first(r0 / FLASH_TILE),
+          per_head((seq - 1) / FLASH_TILE + 1 - first),
+          pairs((h1 - h0) * per_head) {}
+};
+
+// Warpgroup 0's part (threads 0..127): K and V of the block's keys, then every pair into the
+// ring once both computing warpgroups have released the pair before it there.
+template <int HD>
+__device__ __forceinline__ void flash_dkdv_ws_copy(const FlashPairRing<HD>& ring,
+                                                   const FlashPairs& pr,
+                                                   const bf16_t* __restrict__ q,
+                                                   const bf16_t* __restrict__ k,
+                                                   const bf16_t* __restrict__ v,
+                                                   const bf16_t* __restrict__ d_out,
+                                                   const float* __restrict__ lse,
+                                                   const float* __restrict__ delta,
+                                                   long long tok0, int r0, int seq, int heads,
+                                                   int kv_heads, int g, int h0) {
+    constexpr int BR = FLASH_TILE;
+    const int tid = threadIdx.x;
+    const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
+    const long long koff = (tok0 + r0) * ldk + (long long)g * HD;
+    for (int c = 0; c < FlashPairRing<HD>::KT; ++c) {
+        const long long off = koff + BR * c * ldk;
+        flash_load_tile<HD, true>(ring.key(c), k + off, ldk, seq - r0 - BR * c);
+        flash_load_tile<HD, true>(ring.value(c), v + off, ldk, seq - r0 - BR * c);
+    }
+    flash_mbar_arrive_copies(ring.bars.once());
+    // This thread's statistic of the pair (head h, queries from i0): lse·log2e of query
+    // i0 + tid for threads < 64, D of query i0 + tid − 64 for the others.
+    auto statistic = [&](int h, int i0) {
+        const int i = i0 + (tid & (BR - 1));
+        const float* from = tid < BR ? lse : delta;
+        const float x = i < seq ? from[(tok0 + i) * heads + h] : 0.0f;
+        return tid < BR ? x * FLASH_LOG2E : x;
+    };
+    int h = h0, tile = 0;
+    float st = statistic(h, pr.first * BR);
+#pragma unroll 1
+    for (int p = 0; p < pr.pairs; ++p) {
+        const int i0 = (pr.first + tile) * BR;
+        const long long off = (tok0 + i0) * ldq + (long long)h * HD;
+        ring.bars.await_empty(p);
+        flash_load_tile<HD, true>(ring.query(p), q + off, ldq, seq - i0);
+        flash_load_tile<HD, true>(ring.d_out(p), d_out + off, ldq, seq - i0);
+        flash_mbar_arrive_copies(ring.bars.full(p));
+        ring.stats(p)[tid] = st;
+        flash_mbar_arrive(ring.bars.full(p));  // release: the store above before it
+        if (++tile == pr.per_head) {
+            tile = 0;
+            ++h;
+        }
+        if (p + 1 < pr.pairs) st = statistic(h, (pr.first + tile) * BR);
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// A computing warpgroup's part: GRADS (flash_dkdv_impl's) of the 64 keys of key tile c (from
+// rk = r0 + 64c), voting on named barrier `vote`, every pair read from the ring.
+template <int HD, int GRADS>
+__device__ __forceinline__ void flash_dkdv_ws_compute(const FlashPairRing<HD>& ring,
+                                                      const FlashPairs& pr, int c,
+                                                      unsigned int vote,
+                                                      const int* __restrict__ segments,
+                                                      const FlashOut& dk, const FlashOut& dv,
+                                                      long long tok0, int r0, int seq,
+                                                      float scale, int g) {
+    constexpr bool DK = GRADS & FLASH_DK, DV = GRADS & FLASH_DV;
+    constexpr int NDT = HD / 8, BR = FLASH_TILE, NT = BR / 8;
+    const int ctid = threadIdx.x % FLASH_THREADS, lane = ctid & 31, warp = ctid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int rk = r0 + BR * c;  // this warpgroup's first key
+    const int* seg = segments + tok0;
+    const int seg0 = rk < seq ? seg[rk] : 0;
+    // As flash_dkdv_impl: a pair needs no mask when its tile lies wholly past the keys, which
+    // all exist in one segment, and its queries are all in that segment (`id`, read a pair
+    // ahead: the segment of query i0 + ctid for the tile's 64 threads, seg0 for the others).
+    const bool kwhole =
+        flash_wg_all(rk + BR <= seq && (ctid >= BR || seg[rk + ctid] == seg0), vote);
+    auto below = [&](int i0) { return kwhole && i0 >= rk + BR && i0 + BR <= seq; };
+    auto pair_segment = [&](int i0) { return below(i0) && ctid < BR ? seg[i0 + ctid] : seg0; };
+    int tile = 0, id = pair_segment(pr.first * BR);
+    const int k0 = rk + 16 * warp + gid, k1 = k0 + 8;
+    const float sl2 = scale * FLASH_LOG2E;
+    float dka[DK ? NDT : 1][4], dva[DV ? NDT : 1][4];
+    flash_zero(dka);
+    flash_zero(dva);
+    ring.bars.wait_once();
+#pragma unroll 1
+    for (int p = 0; p < pr.pairs; ++p) {
+        const int i0 = (pr.first + tile) * BR;
+        const bool whole = flash_wg_all(below(i0) && id == seg0, vote);
+        if (++tile == pr.per_head) tile = 0;
+        if (p + 1 < pr.pairs) id = pair_segment((pr.first + tile) * BR);
+        const unsigned int vis =
+            whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0, tig);
+        ring.bars.wait(p);
+        if (whole || flash_wg_any(vis != 0, vote)) {
+            const float* ls = ring.stats(p);
+            flash_dkdv_wg_pair<HD, GRADS>(dka, dva, ring.key(c), ring.value(c), ring.query(p),
+                                          ring.d_out(p), ls, ls + BR, vis, sl2, tig);
+        }
+        ring.bars.release_thread(p);  // the threads read the statistics
+    }
+    flash_dkdv_store<HD, GRADS>(dk, dv, dka, dva, tok0, g, k0, k1, seq, scale, tig);
+}
 
 template <int HD>
 __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __restrict__ q,
@@ -1776,99 +1919,36 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
                                                    const FlashOut dk, const FlashOut dv, int seq,
                                                    int heads, int kv_heads, float scale, int g,
                                                    int h0, int h1) {
-    constexpr int NDT = HD / 8, BR = FLASH_TILE, NT = BR / 8;
     const FlashPairRing<HD> ring(sm);
-    const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
-    const long long ldq = (long long)heads * HD, ldk = (long long)kv_heads * HD;
+    const int wg = threadIdx.x / FLASH_THREADS;
     const long long tok0 = (long long)blockIdx.z * seq;
-    const int r0 = blockIdx.x * FLASH_WS_ROWS;
-    // Pairs: for each head of the share, the query tiles from the one holding r0 to the end.
-    const int first = r0 / BR, per_head = (seq - 1) / BR + 1 - first;
-    const int pairs = (h1 - h0) * per_head;
+    const int r0 = blockIdx.x * FlashPairRing<HD>::KEYS;
+    const FlashPairs pr(r0, seq, h0, h1);
     ring.bars.init(2 * FLASH_THREADS, 2 * FLASH_THREADS);
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-        const long long koff = (tok0 + r0) * ldk + (long long)g * HD;
-        for (int c = 0; c < 2; ++c) {
-            const long long off = koff + BR * c * ldk;
-            flash_load_tile<HD, true>(ring.key(c), k + off, ldk, seq - r0 - BR * c);
-            flash_load_tile<HD, true>(ring.value(c), v + off, ldk, seq - r0 - BR * c);
-        }
-        flash_mbar_arrive_copies(ring.bars.once());
-        // This thread's statistic of the pair (head h, queries from i0): lse·log2e of query
-        // i0 + tid for threads < 64, D of query i0 + tid − 64 for the others.
-        auto statistic = [&](int h, int i0) {
-            const int i = i0 + (tid & (BR - 1));
-            const float* from = tid < BR ? lse : delta;
-            const float x = i < seq ? from[(tok0 + i) * heads + h] : 0.0f;
-            return tid < BR ? x * FLASH_LOG2E : x;
-        };
-        int h = h0, tile = 0;
-        float st = statistic(h, first * BR);
-#pragma unroll 1
-        for (int p = 0; p < pairs; ++p) {
-            const int i0 = (first + tile) * BR;
-            const long long off = (tok0 + i0) * ldq + (long long)h * HD;
-            ring.bars.await_empty(p);
-            flash_load_tile<HD, true>(ring.query(p), q + off, ldq, seq - i0);
-            flash_load_tile<HD, true>(ring.d_out(p), d_out + off, ldq, seq - i0);
-            flash_mbar_arrive_copies(ring.bars.full(p));
-            ring.stats(p)[tid] = st;
-            flash_mbar_arrive(ring.bars.full(p));  // release: the store above before it
-            if (++tile == per_head) {
-                tile = 0;
-                ++h;
-            }
-            if (p + 1 < pairs) st = statistic(h, (first + tile) * BR);
-        }
-        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        FlashPairRing<HD>::Regs::copying();
+        flash_dkdv_ws_copy<HD>(ring, pr, q, k, v, d_out, lse, delta, tok0, r0, seq, heads,
+                               kv_heads, g, h0);
         return;
     }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
-    const int c = wg - 1, ctid = tid - FLASH_THREADS * wg, warp = ctid >> 5;
-    const int gid = lane >> 2, tig = lane & 3;
-    const unsigned int vote = 1 + c;
-    const int rk = r0 + BR * c;  // this warpgroup's first key
-    const int* seg = segments + tok0;
-    const int seg0 = rk < seq ? seg[rk] : 0;
-    // As flash_dkdv_impl: a pair needs no mask when its tile lies wholly past the keys, which
-    // all exist in one segment, and its queries are all in that segment (`id`, read a pair
-    // ahead: the segment of query i0 + ctid for the tile's 64 threads, seg0 for the others).
-    const bool kwhole =
-        flash_wg_all(rk + BR <= seq && (ctid >= BR || seg[rk + ctid] == seg0), vote);
-    auto below = [&](int i0) { return kwhole && i0 >= rk + BR && i0 + BR <= seq; };
-    auto pair_segment = [&](int i0) { return below(i0) && ctid < BR ? seg[i0 + ctid] : seg0; };
-    int tile = 0, id = pair_segment(first * BR);
-    const int k0 = rk + 16 * warp + gid, k1 = k0 + 8;
-    const float sl2 = scale * FLASH_LOG2E;
-    float dka[NDT][4], dva[NDT][4];
-    flash_zero(dka);
-    flash_zero(dva);
-    ring.bars.wait_once();
-#pragma unroll 1
-    for (int p = 0; p < pairs; ++p) {
-        const int i0 = (first + tile) * BR;
-        const bool whole = flash_wg_all(below(i0) && id == seg0, vote);
-        if (++tile == per_head) tile = 0;
-        if (p + 1 < pairs) id = pair_segment((first + tile) * BR);
-        const unsigned int vis =
-            whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0, tig);
-        ring.bars.wait(p);
-        if (whole || flash_wg_any(vis != 0, vote)) {
-            const float* ls = ring.stats(p);
-            flash_dkdv_wg_pair<HD, FLASH_DK | FLASH_DV>(dka, dva, ring.key(c), ring.value(c),
-                                                        ring.query(p), ring.d_out(p), ls,
-                                                        ls + BR, vis, sl2, tig);
-        }
-        ring.bars.release_thread(p);  // the threads read the statistics
+    FlashPairRing<HD>::Regs::computing();
+    const unsigned int vote = wg;  // named barriers 1 and 2
+    if constexpr (FlashPairRing<HD>::KT == 2) {
+        flash_dkdv_ws_compute<HD, FLASH_DK | FLASH_DV>(ring, pr, wg - 1, vote, segments, dk, dv,
+                                                       tok0, r0, seq, scale, g);
+    } else if (wg == 1) {
+        flash_dkdv_ws_compute<HD, FLASH_DV>(ring, pr, 0, vote, segments, dk, dv, tok0, r0, seq,
+                                            scale, g);
+    } else {
+        flash_dkdv_ws_compute<HD, FLASH_DK>(ring, pr, 0, vote, segments, dk, dv, tok0, r0, seq,
+                                            scale, g);
     }
-    flash_dkdv_store<HD, FLASH_DK | FLASH_DV>(dk, dv, dka, dva, tok0, g, k0, k1, seq, scale, tig);
 }
 
-// Arguments and outputs as flash_bwd_dkdv; hd: 64 or 128. Launch: grid (ceil(seq/128),
-// kv_heads·parts, batch) (FlashHeadShare), block 384, dynamic shared memory
-// (4 + 2·FLASH_WS_STAGES)·64·hd·2 + FLASH_WS_STAGES·2·64·4 + 128 bytes.
+// Arguments and outputs as flash_bwd_dkdv; hd: 64 or 128 (256: flash_bwd_dkdv_ws_hd256 below).
+// Launch: grid (ceil(seq/128), kv_heads·parts, batch) (FlashHeadShare), block 384, dynamic shared
+// memory (4 + 2·FLASH_WS_STAGES)·64·hd·2 + FLASH_WS_STAGES·2·64·4 + 128 bytes.
 extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
     flash_bwd_dkdv_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                       const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
@@ -1941,5 +2021,25 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
         flash_dkdv_impl<256, true, FLASH_DK>(flash_sm, q, k, v, d_out, lse, delta, segments, dk,
                                              dv, seq, heads, kv_heads, scale, sh.g, sh.h0, sh.h1);
     }
+}
+
+// The warp-specialized dK/dV at head_dim 256 (both gradients of a block's 64 keys, one a
+// computing warpgroup). Arguments and outputs as flash_bwd_dkdv. Launch: grid (ceil(seq/64),
+// kv_heads·parts, batch) (FlashHeadShare), block 384, dynamic shared memory
+// (2 + 2·FLASH_WS_STAGES_WIDE)·64·256·2 + FLASH_WS_STAGES_WIDE·2·64·4 + 128 bytes.
+extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
+    flash_bwd_dkdv_ws_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                            const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,
+                            const float* __restrict__ lse, const float* __restrict__ delta,
+                            const int* __restrict__ segments, void* __restrict__ dk_values,
+                            void* __restrict__ dv_values, int grads_bf16, long long ld_grads,
+                            const float2* __restrict__ dk_angles, int batch, int seq, int heads,
+                            int kv_heads, int head_dim, float scale) {
+    extern __shared__ __align__(1024) bf16_t flash_sm[];
+    const FlashHeadShare sh(blockIdx.y, gridDim.y, batch, seq, heads, kv_heads, 256);
+    const FlashOut dk = FlashOut{dk_values, grads_bf16, ld_grads, dk_angles}.at(sh.slab);
+    const FlashOut dv = FlashOut{dv_values, grads_bf16, ld_grads, nullptr}.at(sh.slab);
+    flash_dkdv_ws_impl<256>(flash_sm, q, k, v, d_out, lse, delta, segments, dk, dv, seq, heads,
+                            kv_heads, scale, sh.g, sh.h0, sh.h1);
 }
 #endif

@@ -1014,8 +1014,9 @@ fn attention_writes_its_product_input() {
 /// the same layouts and bits, with and without room, at positions up to 60,000, for every kernel.
 /// The tensor-core ones write them so themselves; a dK/dV launch split into slabs (each
 /// query-head group in parts: short sequences) sums its slabs into them. Query-head groups of
-/// one are never split: (2, 70, 4, 4, 64) runs the 64-key dK/dV whole, (1, 2048, 16, 16, 64 and
-/// 128) the warp-specialized one on sm_90a; head_dim 32 is the CUDA-core fallback.
+/// one are never split: (2, 70, 4, 4, 64) runs the 64-key dK/dV whole, (1, 2048, 16, 16, 64, 128
+/// and 256) the warp-specialized one on sm_90a, and (1, 1100, 8, 4, 256) that one in two parts;
+/// head_dim 32 is the CUDA-core fallback.
 #[test]
 fn attention_backward_writes_its_product_inputs() {
     let Some(mut p) = Pair::new() else { return };
@@ -1031,6 +1032,8 @@ fn attention_backward_writes_its_product_inputs() {
         (2, 130, 4, 1, 128, Some(50)),
         (1, 1000, 4, 4, 256, Some(400)),
         (2, 200, 4, 2, 256, Some(130)),
+        (1, 2048, 16, 16, 256, Some(700)),
+        (1, 1100, 8, 4, 256, None),
         (1, 200, 6, 3, 32, Some(129)),
     ] {
         let s = attention_shape((batch, seq, heads, kv_heads, head_dim));
@@ -1131,7 +1134,9 @@ fn attention_matches_cpu() {
     // the long one gets enough blocks for fewer parts (2 of its group of 4 on a 132-SM GPU); a
     // group of one is never split. On sm_90a the 2048, 1100 and 1050 ones (blocks of 128 keys for
     // every query head filling a 132-SM GPU) take the warp-specialized dK/dV: 1100 with a last
-    // block whose second 64 keys are partial, 1050 with none there at all.
+    // block whose second 64 keys are partial, 1050 with none there at all; at head_dim 256 (64
+    // keys a block) the 576 one (whole tiles, one part) and the 1100 one (a partial last tile,
+    // two parts summed from slabs).
     for (batch, seq, heads, kv_heads, head_dim, split) in [
         (2, 70, 4, 2, 64, None),
         (3, 2048, 32, 8, 128, Some(700)),
@@ -1144,6 +1149,8 @@ fn attention_matches_cpu() {
         (1, 65, 2, 1, 256, None),
         (1, 1000, 4, 4, 256, Some(400)),
         (2, 200, 4, 2, 256, Some(130)),
+        (1, 576, 16, 16, 256, None),
+        (1, 1100, 8, 4, 256, Some(900)),
     ] {
         let s = attention_shape((batch, seq, heads, kv_heads, head_dim));
         attention_case(&p, &mut rng, s, split);

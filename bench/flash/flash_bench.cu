@@ -69,6 +69,14 @@
 #else
 #define FLASH_DKDV_WS_ENTRY nullptr
 #endif
+// Its head_dim-256 entry (flash_bwd_dkdv_ws_hd256: 64 keys a block of 384 threads, a ring of
+// FLASH_WS_STAGES_WIDE pairs) where the source has one.
+#if defined(FLASH_DKDV_WS_WIDE) && !defined(FLASH_BENCH_MMA_SYNC)
+#define FLASH_DKDV_WS_WIDE_ENTRY flash_bwd_dkdv_ws_hd256
+#else
+#define FLASH_DKDV_WS_WIDE_ENTRY nullptr
+#define FLASH_WS_STAGES_WIDE 0
+#endif
 
 // The head_dim-256 entries, which only a pass compiling the warpgroup code declares. The host
 // pass declares them whatever the target: run.sh defines FLASH_BENCH_MMA_SYNC for other targets.
@@ -182,9 +190,12 @@ int main(int argc, char** argv) {
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     // The library's dK/dV launch (src/backend/cuda/mod.rs): blocks of 64 keys, or 128 in the
-    // warp-specialized kernel, and its choice of parts (8 · 64 key rows a multiprocessor).
-    const bool dkdv_ws = FLASH_DKDV_WS_ENTRY != nullptr && hd <= 128;
-    const int dkdv_keys = dkdv_ws ? 128 : 64, tiles = (seq + dkdv_keys - 1) / dkdv_keys;
+    // warp-specialized kernel (64 at head_dim 256), and its choice of parts (8 · 64 key rows a
+    // multiprocessor).
+    const bool dkdv_ws_wide = FLASH_DKDV_WS_WIDE_ENTRY != nullptr && hd == 256;
+    const bool dkdv_ws = (FLASH_DKDV_WS_ENTRY != nullptr && hd <= 128) || dkdv_ws_wide;
+    const int dkdv_keys = dkdv_ws && !dkdv_ws_wide ? 128 : 64;
+    const int tiles = (seq + dkdv_keys - 1) / dkdv_keys;
     const int group = heads / kv;
     int parts = group;
     for (int p = 1; p <= group; ++p) {
@@ -206,8 +217,9 @@ int main(int argc, char** argv) {
     const int fwd_sm = ws ? (2 + 2 * FLASH_FWD_STAGES) * 64 * row_bytes + 128
                           : FLASH_FWD_TILES(hd) * 64 * row_bytes;
     const int dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
-    const int dkdv_sm = dkdv_ws ? (4 + 2 * FLASH_WS_STAGES) * 64 * row_bytes +
-                                      FLASH_WS_STAGES * 2 * 64 * 4 + 128
+    const int ring = dkdv_ws_wide ? FLASH_WS_STAGES_WIDE : FLASH_WS_STAGES;
+    const int dkdv_sm = dkdv_ws ? (2 * dkdv_keys / 64 + 2 * ring) * 64 * row_bytes +
+                                      ring * 2 * 64 * 4 + 128
                                 : FLASH_DKDV_TILES * 64 * row_bytes + 2 * 2 * 64 * 4;
     // The library's entries for the head dim (flash_entries in src/backend/cuda/mod.rs): at 256
     // the warpgroup kernels of their own, dK/dV with twice the blocks along y.
@@ -216,8 +228,10 @@ int main(int argc, char** argv) {
     const int fwd_rows = ws ? FLASH_WS_ROWS : FLASH_FWD_ROWS;
     const int fwd_threads = ws ? FLASH_WS_THREADS : 128;
     const auto bwd_dq = wide ? FLASH_WIDE(flash_bwd_dq) : flash_bwd_dq;
-    const auto bwd_dkdv =
-        wide ? FLASH_WIDE(flash_bwd_dkdv) : dkdv_ws ? FLASH_DKDV_WS_ENTRY : flash_bwd_dkdv;
+    const auto bwd_dkdv = dkdv_ws_wide ? FLASH_DKDV_WS_WIDE_ENTRY
+                          : wide       ? FLASH_WIDE(flash_bwd_dkdv)
+                          : dkdv_ws    ? FLASH_DKDV_WS_ENTRY
+                                       : flash_bwd_dkdv;
     const int dkdv_threads = dkdv_ws ? 384 : 128;
     if (!fwd || !bwd_dq || !bwd_dkdv) {
         fprintf(stderr, "head_dim 256 needs the warpgroup kernels (-arch=sm_90a)\n");
@@ -228,7 +242,7 @@ int main(int argc, char** argv) {
     CK(cudaFuncSetAttribute(bwd_dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, dkdv_sm));
     const dim3 gf((seq + fwd_rows - 1) / fwd_rows, heads, batch);
     const dim3 gq((seq + FLASH_DQ_ROWS - 1) / FLASH_DQ_ROWS, heads, batch);
-    const dim3 gk(tiles, kv * parts * (wide ? 2 : 1), batch);
+    const dim3 gk(tiles, kv * parts * (wide && !dkdv_ws_wide ? 2 : 1), batch);
     const double t_fwd = time_ms(reps, [&] {
         // (out, out_bf16, ldo): a flash.cu older than the bf16 output took `float* out` alone.
         fwd<<<gf, fwd_threads, fwd_sm>>>(q, k, v, seg, out, 0, (long long)heads * hd, lse,

@@ -55,13 +55,15 @@ const ATTENTION_TILE: usize = 64;
 /// Threads per attention block.
 const ATTENTION_THREADS: u32 = 128;
 /// The warp-specialized attention kernels (kernels/flash.cu, `flash_fwd_ws` and
-/// `flash_bwd_dkdv_ws`; sm_90a, head_dim up to 128): queries (forward) or keys (dK/dV) per
-/// block, threads per block (three warpgroups), ring buffers (the forward's key/value tiles,
-/// dK/dV's pairs of Q and dO tiles), and the bytes of their barriers after the tiles.
+/// `flash_bwd_dkdv_ws`; sm_90a, head_dim up to 128, and `flash_bwd_dkdv_ws_hd256`): queries
+/// (forward) or keys (dK/dV) per block, threads per block (three warpgroups), ring buffers (the
+/// forward's key/value tiles, dK/dV's pairs of Q and dO tiles: FLASH_WS_STAGES_WIDE at head_dim
+/// 256), and the bytes of their barriers after the tiles.
 const FLASH_WS_ROWS: usize = 128;
 const FLASH_WS_THREADS: u32 = 384;
 const FLASH_FWD_STAGES: usize = 6;
 const FLASH_WS_STAGES: usize = 4;
+const FLASH_WS_STAGES_WIDE: usize = 2;
 const FLASH_WS_BARRIER_BYTES: usize = 128;
 /// Largest head dimension the attention kernels support.
 const MAX_HEAD_DIM: usize = 256;
@@ -310,6 +312,20 @@ enum FlashKernel {
 fn flash_shared_bytes(head_dim: usize, warpgroup: bool, tiles: usize, extra: usize) -> usize {
     let pitch = if warpgroup { head_dim } else { head_dim + 8 };
     tiles * ATTENTION_TILE * pitch * std::mem::size_of::<u16>() + extra
+}
+
+/// The warp-specialized dK/dV kernel for a head dim on sm_90a: its entry, keys a block and ring
+/// stages (kernels/flash.cu, FlashPairRing).
+fn warp_specialized_dkdv(head_dim: usize) -> Option<(&'static str, usize, usize)> {
+    match head_dim {
+        256 => Some((
+            "flash_bwd_dkdv_ws_hd256",
+            ATTENTION_TILE,
+            FLASH_WS_STAGES_WIDE,
+        )),
+        hd if hd <= 128 => Some(("flash_bwd_dkdv_ws", FLASH_WS_ROWS, FLASH_WS_STAGES)),
+        _ => None,
+    }
 }
 
 /// The launch of an attention kernel over tiles of ATTENTION_TILE queries (forward, dQ): a block
@@ -1067,9 +1083,9 @@ impl CudaBackend {
             || (head_dim == 256 && kernels::warpgroup_products(self.kernels.arch()))
     }
 
-    /// Whether the warp-specialized attention kernels (flash_fwd_ws, flash_bwd_dkdv_ws) exist for
-    /// `head_dim` on this GPU: sm_90a, head_dim up to 128.
-    fn warp_specialized_attention(&self, head_dim: usize) -> bool {
+    /// Whether the warp-specialized forward (flash_fwd_ws) exists for `head_dim` on this GPU:
+    /// sm_90a, head_dim up to 128.
+    fn warp_specialized_forward(&self, head_dim: usize) -> bool {
         kernels::warpgroup_products(self.kernels.arch()) && head_dim <= 128
     }
 
@@ -1077,7 +1093,7 @@ impl CudaBackend {
     /// warp-specialized kernel (128 queries a block: Q's two tiles and FLASH_FWD_STAGES key/value
     /// buffers), else 64 queries a block of 128 threads.
     fn flash_forward_launch(&self, s: AttentionShape) -> (&'static str, Shape) {
-        if self.warp_specialized_attention(s.head_dim) {
+        if self.warp_specialized_forward(s.head_dim) {
             let tiles = 2 + 2 * FLASH_FWD_STAGES;
             let shared = flash_shared_bytes(s.head_dim, true, tiles, FLASH_WS_BARRIER_BYTES);
             let blocks = s.seq.div_ceil(FLASH_WS_ROWS);
@@ -1089,27 +1105,33 @@ impl CudaBackend {
         (flash_entries(s.head_dim).forward, shape)
     }
 
-    /// The tensor-core dK/dV's entry and launch: on sm_90a up to head_dim 128 the
-    /// warp-specialized kernel (128 keys a block: their K and V tiles, and FLASH_WS_STAGES
-    /// buffers of a pair's Q and dO tiles with its statistics) where its blocks, one a query
-    /// head, fill every multiprocessor (with fewer, its larger blocks were slower: seq 1000 with
-    /// 8 query heads +8 %), else 64 keys a block of 128 threads (head_dim 256: twice the blocks
-    /// along y, `dkdv_split`).
+    /// The tensor-core dK/dV's entry and launch: on sm_90a the warp-specialized kernel (128 keys
+    /// a block, 64 at head_dim 256: their K and V tiles, and a ring of buffers of a pair's Q and
+    /// dO tiles with its statistics) where its blocks, one a query head, fill every
+    /// multiprocessor (with fewer, its larger blocks were slower: seq 1000 with 8 query heads
+    /// +8 %), else 64 keys a block of 128 threads (head_dim 256: twice the blocks along y,
+    /// `dkdv_split`).
     fn flash_dkdv_launch(&self, s: AttentionShape) -> DkDvLaunch {
         // lse·log2e and D of a tile of queries: 2 × 64 f32 (two buffers of them in the
         // 64-key kernels).
         let stats = 2 * ATTENTION_TILE * std::mem::size_of::<f32>();
-        let ws_blocks = s.seq.div_ceil(FLASH_WS_ROWS) * s.num_heads * s.batch;
-        if self.warp_specialized_attention(s.head_dim) && ws_blocks >= self.gpu.multiprocessors {
-            let tiles = 4 + 2 * FLASH_WS_STAGES;
-            let extra = FLASH_WS_STAGES * stats + FLASH_WS_BARRIER_BYTES;
-            return DkDvLaunch {
-                entry: "flash_bwd_dkdv_ws",
-                keys: FLASH_WS_ROWS,
-                threads: FLASH_WS_THREADS,
-                split: 1,
-                shared: flash_shared_bytes(s.head_dim, true, tiles, extra),
-            };
+        let warpgroups = kernels::warpgroup_products(self.kernels.arch());
+        if let Some((entry, keys, stages)) =
+            warp_specialized_dkdv(s.head_dim).filter(|_| warpgroups)
+        {
+            let blocks = s.seq.div_ceil(keys) * s.num_heads * s.batch;
+            if blocks >= self.gpu.multiprocessors {
+                // K and V of the block's key tiles, then Q and dO a stage.
+                let tiles = 2 * keys / ATTENTION_TILE + 2 * stages;
+                let extra = stages * stats + FLASH_WS_BARRIER_BYTES;
+                return DkDvLaunch {
+                    entry,
+                    keys,
+                    threads: FLASH_WS_THREADS,
+                    split: 1,
+                    shared: flash_shared_bytes(s.head_dim, true, tiles, extra),
+                };
+            }
         }
         let e = flash_entries(s.head_dim);
         DkDvLaunch {
