@@ -762,78 +762,9 @@ __device__ __forceinline__ void flash_fwd_impl(bf16_t* sm, const bf16_t* __restr
     sm_state.finish<NDT>(o, out, lse, tok0, heads, h, i0, seq, tig);
 }
 
-#ifdef FLASH_WGMMA
-// Warpgroup products at head_dim 256 (flash_fwd_hd256; up to 128 the warp-specialized kernel
-// below). The output's 128 registers leave no room for a second score tile: each tile's scores
-// are awaited. Shared (swizzled tiles): Q, then K and V in two buffers. One block barrier a
-// tile: it makes tile t visible, finds whether it needs a mask, and follows every warp's
-// products of tile t − 1, whose buffer then takes tile t + 1's copy, which has the rest of the
-// iteration to arrive. Registers: o HD/2, s 32; both operands of the scores are read from shared
-// memory. Tiles with no visible pair are computed anyway (their p is 0).
-template <int HD>
-__device__ __forceinline__ void flash_fwd_wg_impl(bf16_t* sm, const bf16_t* __restrict__ q,
-                                                  const bf16_t* __restrict__ k,
-                                                  const bf16_t* __restrict__ v,
-                                                  const int* __restrict__ segments, FlashOut out,
-                                                  float* __restrict__ lse, int seq, int heads,
-                                                  int kv_heads, float scale) {
-    constexpr int NDT = HD / 8, BC = FLASH_TILE, NT = BC / 8, TE = BC * HD;
-    bf16_t* Qs = sm;
-    auto Kb = [&](int u) { return sm + (1 + 2 * u) * TE; };
-    auto Vb = [&](int u) { return sm + (2 + 2 * u) * TE; };
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
-    const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads);
-    const int h = blk.h, r0 = blk.r0, ntiles = blk.ntiles;
-    const long long ldq = blk.ldq, ldk = blk.ldk, tok0 = blk.tok0;
-    const int* seg = blk.seg;
-
-    flash_load_tile<HD, true>(Qs, q + tok0 * ldq + (long long)h * HD + r0 * ldq, ldq, seq - r0);
-    flash_load_tile<HD, true>(Kb(0), blk.kh, ldk, seq);
-    flash_load_tile<HD, true>(Vb(0), blk.vh, ldk, seq);
-    flash_commit();
-    const bool qwhole = flash_block_whole(seg, seq, r0);
-
-    const int i0 = r0 + 16 * warp + gid, i1 = i0 + 8;
-    const float sl2 = scale * FLASH_LOG2E;
-    float o[NDT][4], s[NT][4];
-    flash_zero<NDT>(o);
-    FlashSoftmax sm_state;
-    int id = blk.tile_segment(0, qwhole);  // of the tile the first barrier makes visible
-#pragma unroll 1
-    for (int kt = 0; kt < ntiles; ++kt) {
-        const int cur = kt & 1;
-        flash_wait<0>();  // tile kt (this thread's copies)
-        flash_fence_async();
-        const bool whole = flash_all_threads(blk.tile_whole(kt, qwhole, id));
-        // Tile kt + 1 into the buffer of tile kt − 1, read by no warp any more.
-        blk.template copy_next<true>(kt, Kb(cur ^ 1), Vb(cur ^ 1), seq);
-        id = blk.tile_segment(kt + 1, qwhole);
-        wg_fence();
-        wg_scores<HD, NT>(s, Qs, Kb(cur));
-        wg_commit();
-        wg_wait<0>();
-        wg_hold<NT>(s);
-        const unsigned int vis =
-            whole ? 0xffffffffu : flash_visible<NT, false>(seg, seq, i0, i1, kt * BC, tig);
-        sm_state.step<NT, NDT>(s, vis, sl2, o);
-        unsigned int pa[BC / 16][4];
-#pragma unroll
-        for (int kb = 0; kb < BC / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
-        wg_hold<NDT>(o);
-        wg_fence();
-        wg_accumulate<HD>(o, pa, Vb(cur));
-        wg_commit();
-        wg_wait<0>();
-        wg_hold<NDT>(o);
-    }
-    sm_state.finish<NDT>(o, out, lse, tok0, heads, h, i0, seq, tig);
-}
-#endif
-
 // q, k, v bf16 ([batch·seq, heads·hd], [batch·seq, kv_heads·hd] twice); out [batch·seq,
 // heads·hd], f32 or, with out_bf16, bf16, rows ldo values apart (>= heads·hd, even); lse f32
-// [batch·seq, heads]. hd: 64 or 128 (256: flash_fwd_hd256 below). Launch: grid (ceil(seq/64),
+// [batch·seq, heads]. hd: 64 or 128 (256: flash_fwd_ws_hd256 below). Launch: grid (ceil(seq/64),
 // heads, batch), block 128, dynamic shared memory 4·64·(hd + 8)·2 bytes. On sm_90a the library
 // launches flash_fwd_ws instead (below).
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
@@ -852,9 +783,10 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 
 #ifdef FLASH_WGMMA
 // ---------------------------------------------------------------------------------------------
-// Hopper forward, warp-specialized (head_dim 64 and 128). A block of three warpgroups owns 128
-// queries. Warpgroup 0 copies (cp.async) the block's Q (two tiles), then each key tile's K and V
-// into a ring of FLASH_FWD_STAGES buffers, and computes nothing;
+// Hopper forward, warp-specialized. A block of three warpgroups owns 128 queries. Warpgroup 0
+// copies (cp.async) the block's Q (two tiles), then each key tile's K and V into a ring of
+// FLASH_FWD_STAGES buffers (head_dim 256: rings of FLASH_FWD_STAGES_WIDE for K and for V), and
+// computes nothing;
 // warpgroups 1 and 2 each compute 64 of the queries and wait only for their tiles, through
 // shared-memory barriers (mbarrier), never for a block barrier:
 //  - full(b) completes when buffer b's copies have landed (128 cp.async arrivals), and Q's
@@ -874,10 +806,13 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 // a whole step's products to land in (the buffers of step u − 1 are released once its P·V
 // completes, in iteration u, and step u + 2 is copied into them).
 #define FLASH_FWD_STAGES 6
+// At head_dim 256: two K and two V buffers (FlashKeyRing), beside Q's two tiles all that fits.
+#define FLASH_FWD_STAGES_WIDE 2
 // The forward's key step: a computing warpgroup takes FLASH_WS_STEP tiles of 64 keys (128 keys)
 // at once, so the costs paid once a step (barrier waits, the row maxima's shuffles, the rescale
 // vote) are paid once for twice the products. A step's scores are one 64 × 128 accumulator, tile
 // i's keys in n-tiles 8i.. (with its own visibility word); P·V adds them with k-slices 4i...
+// (At head_dim 256 one tile a step: the output's 128 registers leave room for 64 keys' scores.)
 #define FLASH_WS_STEP 2
 
 __device__ __forceinline__ void flash_mbar_init(unsigned int bar, unsigned int count) {
@@ -969,36 +904,77 @@ struct FlashRingBars {
 
 // The warp-specialized forward's shared memory and its barriers: Q's two swizzled tiles
 // (query(c): queries 64c.. of the block), the buffers of key tile t (key(t), value(t)), then the
-// barriers (once(): Q's). Launch: (2 + 2·FLASH_FWD_STAGES)·64·HD·2 + 128 bytes of dynamic shared
-// memory.
+// barriers (kbars.once(): Q's). Up to head_dim 128 a tile's K and V share one ring of
+// FLASH_FWD_STAGES buffer pairs and its barriers (kbars), released together once the tile's P·V
+// is done. At head_dim 256, where six tiles of 32 KiB fill shared memory, K and V have rings of
+// two of their own (kbars, vbars), and a tile's K is released as soon as its scores are done, so
+// that the copy into each buffer starts a step earlier than a shared release would let it.
+// Launch: TILES·64·HD·2 + 128 bytes of dynamic shared memory.
 template <int HD>
 struct FlashKeyRing {
-    static constexpr int TE = FLASH_TILE * HD, S = FLASH_FWD_STAGES;
+    static constexpr bool SPLIT = HD == 256;
+    static constexpr int SK = SPLIT ? FLASH_FWD_STAGES_WIDE : FLASH_FWD_STAGES;
+    static constexpr int SV = SPLIT ? FLASH_FWD_STAGES_WIDE : 0;
+    static constexpr int TE = FLASH_TILE * HD, TILES = SPLIT ? 2 + SK + SV : 2 + 2 * SK;
     bf16_t* sm;
-    FlashRingBars<S> bars;
+    FlashRingBars<SK> kbars;
+    FlashRingBars<SPLIT ? SV : 1> vbars;
     __device__ explicit FlashKeyRing(bf16_t* smem)
-        : sm(smem), bars{flash_smem(smem + (2 + 2 * S) * TE)} {}
+        : sm(smem), kbars{flash_smem(smem + TILES * TE)},
+          vbars{kbars.bar0 + 8 * (2 * SK + 1)} {}
     __device__ bf16_t* query(int c) const { return sm + c * TE; }
-    __device__ bf16_t* key(int t) const { return sm + (2 + 2 * (t % S)) * TE; }
-    __device__ bf16_t* value(int t) const { return sm + (3 + 2 * (t % S)) * TE; }
+    __device__ bf16_t* key(int t) const {
+        return sm + (SPLIT ? 2 + t % SK : 2 + 2 * (t % SK)) * TE;
+    }
+    __device__ bf16_t* value(int t) const {
+        return sm + (SPLIT ? 2 + SK + t % SV : 3 + 2 * (t % SK)) * TE;
+    }
+
+    // Thread 0 sets the barriers up (empty: one arrival a computing warpgroup); a block barrier
+    // must follow.
+    __device__ void init() const {
+        kbars.init(FLASH_THREADS, 2);
+        if constexpr (SPLIT) vbars.init(FLASH_THREADS, 2);
+    }
+    // A computing warpgroup: waits for K of tile t (and V where they share buffers), and for V.
+    __device__ void wait_key(int t) const { kbars.wait(t); }
+    __device__ void wait_value(int t) const {
+        if constexpr (SPLIT) vbars.wait(t);
+    }
+    // A computing warpgroup (thread ctid) once its scores of tile t are complete, and once its
+    // P·V of tile t is.
+    __device__ void release_key(int t, int ctid) const {
+        if constexpr (SPLIT) kbars.release(t, ctid);
+    }
+    __device__ void release_value(int t, int ctid) const {
+        if constexpr (SPLIT) {
+            vbars.release(t, ctid);
+        } else {
+            kbars.release(t, ctid);
+        }
+    }
 
     // Warpgroup 0's part (threads 0..127): the block's queries of q (from the block's head, row
-    // stride blk.ldq) into Q's tiles, then key tiles 0 .. tiles − 1, each into its buffer once
-    // both computing warpgroups have released the tile before it there.
+    // stride blk.ldq) into Q's tiles, then key tiles 0 .. tiles − 1, each buffer once both
+    // computing warpgroups have released the tile before it there.
     __device__ void produce(const FlashQueryBlock<HD>& blk, const bf16_t* q, int seq,
                             int tiles) const {
         for (int c = 0; c < 2; ++c) {
             const int rc = blk.r0 + FLASH_TILE * c;
             flash_load_tile<HD, true>(query(c), q + rc * blk.ldq, blk.ldq, seq - rc);
         }
-        flash_mbar_arrive_copies(bars.once());
+        flash_mbar_arrive_copies(kbars.once());
 #pragma unroll 1
         for (int t = 0; t < tiles; ++t) {
             const int j0 = t * FLASH_TILE;
-            bars.await_empty(t);
+            kbars.await_empty(t);
             flash_load_tile<HD, true>(key(t), blk.kh + j0 * blk.ldk, blk.ldk, seq - j0);
+            if constexpr (SPLIT) {
+                flash_mbar_arrive_copies(kbars.full(t));
+                vbars.await_empty(t);
+            }
             flash_load_tile<HD, true>(value(t), blk.vh + j0 * blk.ldk, blk.ldk, seq - j0);
-            flash_mbar_arrive_copies(bars.full(t));
+            flash_mbar_arrive_copies(SPLIT ? vbars.full(t) : kbars.full(t));
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
     }
@@ -1034,8 +1010,10 @@ struct FlashWarpRows {
 
 // The forward. A computing warpgroup's iteration u: queue [S = Q·K_{u+1}ᵀ, O += P_u·V_u] over
 // key steps u + 1 and u; await S; step u + 1's probabilities (p, m, l, α) while P·V runs; await
-// O; O *= α; P_{u+1} to bf16. The row maxima are taken over a step's 128 keys, so O is rescaled
-// at other points than in the 64-key kernels: the outputs agree with theirs to rounding.
+// O; O *= α; P_{u+1} to bf16. The row maxima are taken over a step's keys (128 up to head_dim
+// 128), so O is rescaled at other points than in the 64-key kernels: the outputs agree with
+// theirs to rounding. Q is the scores' register operand up to head_dim 128; at 256 its 64
+// registers do not fit beside O's 128, and the scores read it from shared memory.
 template <int HD>
 __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __restrict__ q,
                                                   const bf16_t* __restrict__ k,
@@ -1043,13 +1021,14 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
                                                   const int* __restrict__ segments, FlashOut out,
                                                   float* __restrict__ lse, int seq, int heads,
                                                   int kv_heads, float scale) {
-    constexpr int NDT = HD / 8, ST = FLASH_WS_STEP, NT1 = FLASH_TILE / 8, NT = ST * NT1;
-    constexpr int KB1 = FLASH_TILE / 16;  // k-slices of P·V a tile
+    constexpr int NDT = HD / 8, ST = HD == 256 ? 1 : FLASH_WS_STEP, NT1 = FLASH_TILE / 8;
+    constexpr int NT = ST * NT1, KB1 = FLASH_TILE / 16;  // KB1: k-slices of P·V a tile
+    constexpr bool QREG = HD <= 128;
     const FlashKeyRing<HD> ring(sm);
     const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
     const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads, FLASH_WS_ROWS);
     const int h = blk.h, nsteps = (blk.ntiles + ST - 1) / ST;
-    ring.bars.init(FLASH_THREADS, 2);
+    ring.init();
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
         FlashRegs<40, 232>::copying();
@@ -1073,14 +1052,23 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
 #pragma unroll
         for (int i = 0; i < ST; ++i) vis[i] = rows.visible<NT1>(ST * u + i, ids[i]);
     };
-    // Queues S = Q·Kᵀ over step u's keys, once its tiles have arrived.
-    auto scores = [&](float (&s)[NT][4], const unsigned int (&qa)[HD / 16][4], int u) {
+    // Queues S = Q·Kᵀ over step u's keys, once its keys have arrived (and, with `values`, step
+    // u − 1's values, which the P·V queued next reads).
+    unsigned int qa[QREG ? HD / 16 : 1][4];
+    auto scores = [&](float (&s)[NT][4], int u, bool values) {
 #pragma unroll
-        for (int i = 0; i < ST; ++i) ring.bars.wait(ST * u + i);
+        for (int i = 0; i < ST; ++i) {
+            ring.wait_key(ST * u + i);
+            if (values) ring.wait_value(ST * (u - 1) + i);
+        }
         wg_fence();
 #pragma unroll
         for (int i = 0; i < ST; ++i) {
-            wg_scores_rs<HD, NT1>(flash_part<NT1>(s, i), qa, ring.key(ST * u + i));
+            if constexpr (QREG) {
+                wg_scores_rs<HD, NT1>(flash_part<NT1>(s, i), qa, ring.key(ST * u + i));
+            } else {
+                wg_scores<HD, NT1>(flash_part<NT1>(s, i), ring.query(c), ring.key(ST * u + i));
+            }
         }
         wg_commit();
     };
@@ -1092,11 +1080,18 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
         }
         wg_commit();
     };
+    auto release_keys = [&](int u) {
+#pragma unroll
+        for (int i = 0; i < ST; ++i) ring.release_key(ST * u + i, ctid);
+    };
 
     read_ids(0);
-    flash_mbar_wait(ring.bars.once(), 0);
-    unsigned int qa[HD / 16][4];
-    wg_afrags<HD>(qa, ring.query(c), warp, lane);
+    if constexpr (QREG) {
+        flash_mbar_wait(ring.kbars.once(), 0);  // Q's copies, read by ldmatrix alone
+        wg_afrags<HD>(qa, ring.query(c), warp, lane);
+    } else {
+        ring.kbars.wait_once();  // Q's copies, made visible to the products that read them
+    }
     float o[NDT][4], s[NT][4], al[2];
     unsigned int pa[ST * KB1][4], vis[ST];
     flash_zero<NDT>(o);
@@ -1104,9 +1099,10 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     // Step 0's scores and probabilities (o is 0: nothing to rescale).
     visible(0, vis);
     read_ids(1);
-    scores(s, qa, 0);
+    scores(s, 0, false);
     wg_wait<0>();
     wg_hold<NT>(s);
+    release_keys(0);
     sm_state.probabilities<NT>(s, vis, sl2, al);
 #pragma unroll
     for (int kb = 0; kb < ST * KB1; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
@@ -1117,20 +1113,23 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
         visible(u, vis);
         read_ids(u + 1);
         wg_hold<NDT>(o);
-        scores(s, qa, u);
+        scores(s, u, true);
         accumulate(o, pa, u - 1);
         wg_wait<1>();
         wg_hold<NT>(s);
+        release_keys(u);
         sm_state.probabilities<NT>(s, vis, sl2, al);
         wg_wait<0>();
         wg_hold<NDT>(o);
         wg_hold_regs<ST * KB1>(pa);
 #pragma unroll
-        for (int i = 0; i < ST; ++i) ring.bars.release(ST * (u - 1) + i, ctid);
+        for (int i = 0; i < ST; ++i) ring.release_value(ST * (u - 1) + i, ctid);
         FlashSoftmax::rescale<NDT>(o, al);
 #pragma unroll
         for (int kb = 0; kb < ST * KB1; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
     }
+#pragma unroll
+    for (int i = 0; i < ST; ++i) ring.wait_value(ST * (nsteps - 1) + i);
     wg_hold<NDT>(o);
     wg_fence();
     accumulate(o, pa, nsteps - 1);
@@ -1973,17 +1972,21 @@ extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
 
 #ifdef FLASH_WGMMA
 // head_dim 256, warpgroup products only: entries of their own, so that the 128-wide kernels
-// keep their register allocation. Arguments, outputs and shared memory as the warpgroup kernels
-// above with hd = 256, except the forward's 5 tiles (5·64·256·2 bytes: two buffers).
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
-    flash_fwd_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
-                    const bf16_t* __restrict__ v, const int* __restrict__ segments,
-                    void* __restrict__ out_values, int out_bf16, long long ldo,
-                    float* __restrict__ lse, int batch, int seq, int heads, int kv_heads,
-                    int head_dim, float scale) {
+// keep their register allocation. Arguments, outputs and shared memory as the kernels above
+// with hd = 256.
+
+// The warp-specialized forward (flash_fwd_ws) at head_dim 256: a key tile a step, Q read from
+// shared memory, K and V in rings of their own. Launch: grid (ceil(seq/128), heads, batch),
+// block 384, dynamic shared memory (2 + 2·FLASH_FWD_STAGES_WIDE)·64·256·2 + 128 bytes.
+extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
+    flash_fwd_ws_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                       const bf16_t* __restrict__ v, const int* __restrict__ segments,
+                       void* __restrict__ out_values, int out_bf16, long long ldo,
+                       float* __restrict__ lse, int batch, int seq, int heads, int kv_heads,
+                       int head_dim, float scale) {
     extern __shared__ __align__(1024) bf16_t flash_sm[];
     const FlashOut out{out_values, out_bf16, ldo, nullptr};
-    flash_fwd_wg_impl<256>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
+    flash_fwd_ws_impl<256>(flash_sm, q, k, v, segments, out, lse, seq, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS)

@@ -86,6 +86,18 @@
 #define FLASH_WIDE(entry) nullptr
 #endif
 
+// The head_dim-256 forward: warp-specialized (flash_fwd_ws_hd256: 128 queries a block of 384
+// threads, rings of FLASH_FWD_STAGES_WIDE key and value tiles) where the source has it, else
+// flash_fwd_hd256 (64 queries a block of 128).
+#if defined(FLASH_FWD_STAGES_WIDE) && !defined(FLASH_BENCH_MMA_SYNC)
+#define FLASH_FWD_WIDE_ENTRY flash_fwd_ws_hd256
+#define FLASH_FWD_WIDE_WS true
+#else
+#define FLASH_FWD_WIDE_ENTRY FLASH_WIDE(flash_fwd)
+#define FLASH_FWD_WIDE_WS false
+#define FLASH_FWD_STAGES_WIDE 0
+#endif
+
 // delta[t, h] = Σ_d dO·O (one warp per (t, h)).
 __global__ void bench_delta(const float* o, const bf16_t* d_o, float* delta, int n, int hd) {
     const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
@@ -213,8 +225,10 @@ int main(int argc, char** argv) {
     grad_t* dk = grads(nk * parts);
     grad_t* dv = grads(nk * parts);
     const int row_bytes = (hd + FLASH_ROW_PAD) * 2;
-    const bool ws = FLASH_WS_ENTRY != nullptr && hd <= 128;
-    const int fwd_sm = ws ? (2 + 2 * FLASH_FWD_STAGES) * 64 * row_bytes + 128
+    const bool ws_wide = FLASH_FWD_WIDE_WS && hd == 256;
+    const bool ws = (FLASH_WS_ENTRY != nullptr && hd <= 128) || ws_wide;
+    const int fwd_stages = ws_wide ? FLASH_FWD_STAGES_WIDE : FLASH_FWD_STAGES;
+    const int fwd_sm = ws ? (2 + 2 * fwd_stages) * 64 * row_bytes + 128
                           : FLASH_FWD_TILES(hd) * 64 * row_bytes;
     const int dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
     const int ring = dkdv_ws_wide ? FLASH_WS_STAGES_WIDE : FLASH_WS_STAGES;
@@ -224,7 +238,7 @@ int main(int argc, char** argv) {
     // The library's entries for the head dim (flash_entries in src/backend/cuda/mod.rs): at 256
     // the warpgroup kernels of their own, dK/dV with twice the blocks along y.
     const bool wide = hd == 256;
-    const auto fwd = wide ? FLASH_WIDE(flash_fwd) : ws ? FLASH_WS_ENTRY : flash_fwd;
+    const auto fwd = wide ? FLASH_FWD_WIDE_ENTRY : ws ? FLASH_WS_ENTRY : flash_fwd;
     const int fwd_rows = ws ? FLASH_WS_ROWS : FLASH_FWD_ROWS;
     const int fwd_threads = ws ? FLASH_WS_THREADS : 128;
     const auto bwd_dq = wide ? FLASH_WIDE(flash_bwd_dq) : flash_bwd_dq;

@@ -55,13 +55,14 @@ const ATTENTION_TILE: usize = 64;
 /// Threads per attention block.
 const ATTENTION_THREADS: u32 = 128;
 /// The warp-specialized attention kernels (kernels/flash.cu, `flash_fwd_ws` and
-/// `flash_bwd_dkdv_ws`; sm_90a, head_dim up to 128, and `flash_bwd_dkdv_ws_hd256`): queries
+/// `flash_bwd_dkdv_ws`; sm_90a, head_dim up to 128, and their `_hd256` entries): queries
 /// (forward) or keys (dK/dV) per block, threads per block (three warpgroups), ring buffers (the
-/// forward's key/value tiles, dK/dV's pairs of Q and dO tiles: FLASH_WS_STAGES_WIDE at head_dim
-/// 256), and the bytes of their barriers after the tiles.
+/// forward's key/value tiles, dK/dV's pairs of Q and dO tiles; the _WIDE counts at head_dim 256:
+/// rings of K and of V tiles in the forward), and the bytes of their barriers after the tiles.
 const FLASH_WS_ROWS: usize = 128;
 const FLASH_WS_THREADS: u32 = 384;
 const FLASH_FWD_STAGES: usize = 6;
+const FLASH_FWD_STAGES_WIDE: usize = 2;
 const FLASH_WS_STAGES: usize = 4;
 const FLASH_WS_STAGES_WIDE: usize = 2;
 const FLASH_WS_BARRIER_BYTES: usize = 128;
@@ -243,10 +244,10 @@ enum HeadRows<'a> {
     },
 }
 
-/// The kernels/flash.cu entries for a head dim: head_dim 256 has entries of its own, whose dK/dV
-/// launch has twice the blocks along y (one of each pair makes dK, the other dV).
+/// The kernels/flash.cu backward entries for a head dim, where dK/dV is not warp-specialized:
+/// head_dim 256 has entries of its own, whose dK/dV launch has twice the blocks along y (one of
+/// each pair makes dK, the other dV).
 struct FlashEntries {
-    forward: &'static str,
     dq: &'static str,
     dkdv: &'static str,
     dkdv_split: usize,
@@ -255,13 +256,11 @@ struct FlashEntries {
 fn flash_entries(head_dim: usize) -> FlashEntries {
     match head_dim {
         256 => FlashEntries {
-            forward: "flash_fwd_hd256",
             dq: "flash_bwd_dq_hd256",
             dkdv: "flash_bwd_dkdv_hd256",
             dkdv_split: 2,
         },
         _ => FlashEntries {
-            forward: "flash_fwd",
             dq: "flash_bwd_dq",
             dkdv: "flash_bwd_dkdv",
             dkdv_split: 1,
@@ -301,7 +300,6 @@ struct DkDvLaunch {
 /// The three kernels of kernels/flash.cu.
 #[derive(Clone, Copy)]
 enum FlashKernel {
-    Forward,
     Dq,
     DkDv,
 }
@@ -312,6 +310,16 @@ enum FlashKernel {
 fn flash_shared_bytes(head_dim: usize, warpgroup: bool, tiles: usize, extra: usize) -> usize {
     let pitch = if warpgroup { head_dim } else { head_dim + 8 };
     tiles * ATTENTION_TILE * pitch * std::mem::size_of::<u16>() + extra
+}
+
+/// The warp-specialized forward for a head dim on sm_90a: its entry and shared-memory tiles (Q's
+/// two, then the key/value buffers: kernels/flash.cu, FlashKeyRing).
+fn warp_specialized_forward(head_dim: usize) -> Option<(&'static str, usize)> {
+    match head_dim {
+        256 => Some(("flash_fwd_ws_hd256", 2 + 2 * FLASH_FWD_STAGES_WIDE)),
+        hd if hd <= 128 => Some(("flash_fwd_ws", 2 + 2 * FLASH_FWD_STAGES)),
+        _ => None,
+    }
 }
 
 /// The warp-specialized dK/dV kernel for a head dim on sm_90a: its entry, keys a block and ring
@@ -1083,26 +1091,20 @@ impl CudaBackend {
             || (head_dim == 256 && kernels::warpgroup_products(self.kernels.arch()))
     }
 
-    /// Whether the warp-specialized forward (flash_fwd_ws) exists for `head_dim` on this GPU:
-    /// sm_90a, head_dim up to 128.
-    fn warp_specialized_forward(&self, head_dim: usize) -> bool {
-        kernels::warpgroup_products(self.kernels.arch()) && head_dim <= 128
-    }
-
-    /// The tensor-core forward's entry and launch: on sm_90a up to head_dim 128 the
-    /// warp-specialized kernel (128 queries a block: Q's two tiles and FLASH_FWD_STAGES key/value
-    /// buffers), else 64 queries a block of 128 threads.
+    /// The tensor-core forward's entry and launch: on sm_90a the warp-specialized kernel (128
+    /// queries a block: Q's two tiles and the key/value buffers), else 64 queries a block of 128
+    /// threads (head_dim 64 and 128).
     fn flash_forward_launch(&self, s: AttentionShape) -> (&'static str, Shape) {
-        if self.warp_specialized_forward(s.head_dim) {
-            let tiles = 2 + 2 * FLASH_FWD_STAGES;
+        let warpgroups = kernels::warpgroup_products(self.kernels.arch());
+        if let Some((entry, tiles)) = warp_specialized_forward(s.head_dim).filter(|_| warpgroups) {
             let shared = flash_shared_bytes(s.head_dim, true, tiles, FLASH_WS_BARRIER_BYTES);
             let blocks = s.seq.div_ceil(FLASH_WS_ROWS);
             let shape = Shape::grid(blocks, s.num_heads, s.batch, FLASH_WS_THREADS);
-            return ("flash_fwd_ws", shape.with_shared(shared));
+            return (entry, shape.with_shared(shared));
         }
-        let shared = self.flash_shared(FlashKernel::Forward, s.head_dim, 0);
-        let shape = attention_query_tiles(s).with_shared(shared);
-        (flash_entries(s.head_dim).forward, shape)
+        // mma.sync: K and V in two buffers each, rows padded.
+        let shared = flash_shared_bytes(s.head_dim, false, 4, 0);
+        ("flash_fwd", attention_query_tiles(s).with_shared(shared))
     }
 
     /// The tensor-core dK/dV's entry and launch: on sm_90a the warp-specialized kernel (128 keys
@@ -1143,15 +1145,13 @@ impl CudaBackend {
         }
     }
 
-    /// The dynamic shared memory a `kernel` launch for `head_dim` takes (kernels/flash.cu, each
-    /// launch line), with `extra` bytes after its tiles: the warpgroup versions (sm_90a) keep Q,
-    /// K or both in shared memory beside the streamed buffers (the forward's is head_dim 256's:
-    /// `flash_forward_launch` sizes the warp-specialized one).
+    /// The dynamic shared memory a backward `kernel` launch for `head_dim` takes
+    /// (kernels/flash.cu, each launch line), with `extra` bytes after its tiles: the warpgroup
+    /// versions (sm_90a) keep Q, K or both in shared memory beside the streamed buffers
+    /// (`flash_dkdv_launch` sizes the warp-specialized dK/dV).
     fn flash_shared(&self, kernel: FlashKernel, head_dim: usize, extra: usize) -> usize {
         let warpgroup = kernels::warpgroup_products(self.kernels.arch());
         let tiles = match (kernel, warpgroup) {
-            (FlashKernel::Forward, false) => 4,
-            (FlashKernel::Forward, true) => 5,
             (FlashKernel::Dq, false) => 4,
             (FlashKernel::Dq, true) => 6,
             (FlashKernel::DkDv, false) => 5,
