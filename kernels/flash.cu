@@ -1439,34 +1439,80 @@ __device__ __forceinline__ void flash_dkdv_dscores(float (&dp)[NT][4], const flo
 
 #define FLASH_DK 1
 #define FLASH_DV 2
+// With FLASH_DV alone: Pᵀ handed on (FlashProbs::give) to a warpgroup making dK of the same keys
+// with FLASH_DK | FLASH_P_TAKEN, which takes it (FlashProbs::take) instead of computing Sᵀ.
+#define FLASH_P_GIVEN 4
+#define FLASH_P_TAKEN 8
 
 #ifdef FLASH_WGMMA
+// Pᵀ of one pair handed from the warpgroup making dV to the one making dK (flash_bwd_dkdv_ws at
+// head_dim 256): 64 × 64 f32 in the accumulators' layout, which both warpgroups share, thread t's
+// 32 values as 8 float4 at buf[128i + t] (a warp's stores and loads consecutive 16-byte words);
+// `ready` completes a phase once the giving warpgroup's 128 threads have stored theirs (its
+// phase parity for this pair: `parity`).
+struct FlashProbs {
+    float4* buf;
+    unsigned int ready, parity;
+    int ctid;
+
+    template <int NT>
+    __device__ void give(const float (&p)[NT][4]) const {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            buf[FLASH_THREADS * t + ctid] = make_float4(p[t][0], p[t][1], p[t][2], p[t][3]);
+        }
+        flash_mbar_arrive(ready);  // release: the stores above before it
+    }
+    template <int NT>
+    __device__ void take(float (&p)[NT][4]) const {
+        flash_mbar_wait(ready, parity);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const float4 x = buf[FLASH_THREADS * t + ctid];
+            p[t][0] = x.x;
+            p[t][1] = x.y;
+            p[t][2] = x.z;
+            p[t][3] = x.w;
+        }
+    }
+};
+
 // One (query head, query tile) pair of a dK/dV warpgroup on tensor cores: K (Ks) and V (Vs) of
 // its 64 keys, the pair's Q (Qt) and dO (Dt) tiles, lse·log2e (ls) and D (ds) of their 64
 // queries, vis this thread's visibility bits. Each product is a 64 × 64 one per score matrix,
 // committed one group each: Sᵀ, then dPᵀ while the threads form Pᵀ, then dV += Pᵀ·dO while they
-// form dSᵀ, then dK += dSᵀ·Q; all complete on return. GRADS as flash_dkdv_impl's.
+// form dSᵀ, then dK += dSᵀ·Q; all complete on return. GRADS as flash_dkdv_impl's, and
+// FLASH_P_GIVEN / FLASH_P_TAKEN: Pᵀ handed through `probs`, each warpgroup making 2 products.
 template <int HD, int GRADS, int NK, int NV>
 __device__ __forceinline__ void flash_dkdv_wg_pair(float (&dka)[NK][4], float (&dva)[NV][4],
                                                    const bf16_t* Ks, const bf16_t* Vs,
                                                    const bf16_t* Qt, const bf16_t* Dt,
                                                    const float* ls, const float* ds,
-                                                   unsigned int vis, float sl2, int tig) {
+                                                   unsigned int vis, float sl2, int tig,
+                                                   const FlashProbs& probs = {}) {
     constexpr bool DK = GRADS & FLASH_DK, DV = GRADS & FLASH_DV;
+    constexpr bool GIVEN = GRADS & FLASH_P_GIVEN, TAKEN = GRADS & FLASH_P_TAKEN;
+    static_assert(!GIVEN || GRADS == (FLASH_DV | FLASH_P_GIVEN), "Pᵀ is given by dV's maker");
+    static_assert(!TAKEN || GRADS == (FLASH_DK | FLASH_P_TAKEN), "Pᵀ is taken by dK's maker");
     constexpr int BR = FLASH_TILE, NT = BR / 8;
     // The A operands pa and sa must stay untouched until their products are done.
     float s[NT][4], dp[DK ? NT : 1][4];
     unsigned int pa[DV ? BR / 16 : 1][4], sa[DK ? BR / 16 : 1][4];
     wg_fence();
-    wg_scores<HD, NT>(s, Ks, Qt);
+    if constexpr (!TAKEN) wg_scores<HD, NT>(s, Ks, Qt);
     if constexpr (DK) {
-        wg_commit();
+        if constexpr (!TAKEN) wg_commit();
         wg_scores<HD, NT>(dp, Vs, Dt);
     }
     wg_commit();
-    wg_wait<DK ? 1 : 0>();
-    wg_hold(s);
-    flash_dkdv_probabilities<NT>(s, vis, sl2, ls, tig);
+    if constexpr (TAKEN) {
+        probs.take<NT>(s);  // while dPᵀ runs
+    } else {
+        wg_wait<DK ? 1 : 0>();
+        wg_hold(s);
+        flash_dkdv_probabilities<NT>(s, vis, sl2, ls, tig);
+        if constexpr (GIVEN) probs.give<NT>(s);
+    }
     if constexpr (DV) {
 #pragma unroll
         for (int kb = 0; kb < BR / 16; ++kb) flash_c_to_a<NT>(pa[kb], s, kb);
@@ -1736,10 +1782,12 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 //  - head_dim 64 and 128: 128 keys a block; warpgroup 1 makes both gradients of keys r0..,
 //    warpgroup 2 those of keys r0 + 64...
 //  - head_dim 256: dK and dV (128 accumulator registers each) do not fit in one warpgroup's
-//    registers. Both warpgroups take the block's 64 keys, warpgroup 1 making dV (Pᵀ from Sᵀ,
-//    dV += Pᵀ·dO), warpgroup 2 dK (Sᵀ, dPᵀ, dK += dSᵀ·Q): flash_bwd_dkdv_hd256's two blocks in
-//    one, each tile copied once, one warpgroup's products running while the other forms its
-//    scores. Its ring has 2 buffers (what fits beside K and V: 6 tiles of 32 KiB).
+//    registers. Both warpgroups take the block's 64 keys: warpgroup 1 makes Sᵀ, Pᵀ and dV += Pᵀ·dO,
+//    handing Pᵀ (f32) to warpgroup 2 through shared memory (FlashProbs), which makes dPᵀ
+//    meanwhile, then dSᵀ = Pᵀ ∘ (dPᵀ − D) and dK += dSᵀ·Q: 2 products each, 4 a pair as at
+//    head_dim 128 (flash_bwd_dkdv_hd256's separate dK blocks recompute Sᵀ: 5), each tile copied
+//    once, one warpgroup's products running while the other forms its scores. The ring has 2
+//    buffers (what fits beside K and V: 6 tiles of 32 KiB and two Pᵀ of 16 KiB).
 // The computing warpgroups meet the copier only at the ring's mbarriers and vote within their
 // warpgroup on named barriers 1 and 2 (whether a pair needs a mask, whether it has a visible
 // entry at all), never on a block barrier.
@@ -1770,29 +1818,49 @@ __device__ __forceinline__ bool flash_wg_all(bool part, unsigned int id) {
 }
 
 // The warp-specialized dK/dV's shared memory: K and V of the block's KT key tiles (key(c),
-// value(c)), the buffers of pair p (query(p), d_out(p), stats(p): lse·log2e then D of its 64
-// queries), then the barriers (full: 128 copy arrivals and 128 after the statistics' stores;
-// empty: one arrival a computing thread, as the threads read the statistics; once(): K and V).
-// Launch: (2·KT + 2·S)·64·HD·2 + S·2·64·4 + 128 bytes (KT = 2, S = FLASH_WS_STAGES; at head_dim
-// 256 KT = 1, S = FLASH_WS_STAGES_WIDE).
+// value(c)), the buffers of pair p (query(p), d_out(p); at head_dim 256 also its Pᵀ handed from
+// dV's warpgroup to dK's, probs(p); stats(p): lse·log2e then D of its 64 queries), then the
+// barriers (full: 128 copy arrivals and 128 after the statistics' stores; empty: one arrival a
+// computing thread, as the threads read the statistics; once(): K and V; at head_dim 256 one
+// a stage for its Pᵀ, 128 arrivals: probs_ready(p)).
+// Launch: (2·KT + 2·S)·64·HD·2 + S·(P + 2·64·4) + 128 bytes (KT = 2, S = FLASH_WS_STAGES, P = 0;
+// at head_dim 256 KT = 1, S = FLASH_WS_STAGES_WIDE, P = 64·64·4).
 template <int HD>
 struct FlashPairRing {
     static constexpr int KT = HD == 256 ? 1 : 2, KEYS = KT * FLASH_TILE;
     static constexpr int S = HD == 256 ? FLASH_WS_STAGES_WIDE : FLASH_WS_STAGES;
     static constexpr int TE = FLASH_TILE * HD, STATS = 2 * FLASH_TILE;
-    // The copier's loads of 256-wide tiles need more than 24 registers (44 bytes spilled there).
+    static constexpr int P = HD == 256 ? FLASH_TILE * FLASH_TILE : 0;  // floats of a Pᵀ
+    // The copier's loads of 256-wide tiles need more than 24 registers (44 bytes spilled there;
+    // 4 with 40, one store and one load a pair).
     using Regs = FlashRegs<HD == 256 ? 40 : 24, HD == 256 ? 232 : 240>;
     bf16_t* sm;
+    float* probs0;
     float* stats0;
     FlashRingBars<S> bars;
     __device__ explicit FlashPairRing(bf16_t* smem)
-        : sm(smem), stats0(reinterpret_cast<float*>(smem + (2 * KT + 2 * S) * TE)),
-          bars{flash_smem(stats0 + S * STATS)} {}
+        : sm(smem), probs0(reinterpret_cast<float*>(smem + (2 * KT + 2 * S) * TE)),
+          stats0(probs0 + S * P), bars{flash_smem(stats0 + S * STATS)} {}
     __device__ bf16_t* key(int c) const { return sm + c * TE; }
     __device__ bf16_t* value(int c) const { return sm + (KT + c) * TE; }
     __device__ bf16_t* query(int p) const { return sm + (2 * KT + 2 * (p % S)) * TE; }
     __device__ bf16_t* d_out(int p) const { return sm + (2 * KT + 1 + 2 * (p % S)) * TE; }
     __device__ float* stats(int p) const { return stats0 + (p % S) * STATS; }
+    __device__ unsigned int probs_ready(int p) const { return bars.once() + 8 * (1 + p % S); }
+    // Pair p's Pᵀ as thread ctid of a computing warpgroup hands it on or takes it: the buffer
+    // and barrier phase of pair p (one a pair: the giver arrives for every pair).
+    __device__ FlashProbs probs(int p, int ctid) const {
+        return FlashProbs{reinterpret_cast<float4*>(probs0 + (p % S) * P), probs_ready(p),
+                          (unsigned int)(p / S) & 1u, ctid};
+    }
+
+    // Thread 0 sets the barriers up; a block barrier must follow before any is used.
+    __device__ void init() const {
+        bars.init(2 * FLASH_THREADS, 2 * FLASH_THREADS);
+        if (P != 0 && threadIdx.x == 0) {
+            for (int b = 0; b < S; ++b) flash_mbar_init(probs_ready(b), FLASH_THREADS);
+        }
+    }
 };
 
 // The pairs of a warp-specialized dK/dV block whose keys start at r0: for each query head of its
@@ -1897,10 +1965,15 @@ __device__ __forceinline__ void flash_dkdv_ws_compute(const FlashPairRing<HD>& r
         const unsigned int vis =
             whole ? 0xffffffffu : flash_visible<NT, true>(seg, seq, k0, k1, i0, tig);
         ring.bars.wait(p);
+        const FlashProbs probs = ring.probs(p, ctid);
         if (whole || flash_wg_any(vis != 0, vote)) {
             const float* ls = ring.stats(p);
             flash_dkdv_wg_pair<HD, GRADS>(dka, dva, ring.key(c), ring.value(c), ring.query(p),
-                                          ring.d_out(p), ls, ls + BR, vis, sl2, tig);
+                                          ring.d_out(p), ls, ls + BR, vis, sl2, tig, probs);
+        } else if constexpr (GRADS & FLASH_P_GIVEN) {
+            // Nothing visible: the taker skips the pair too, but the phase of pair p's barrier
+            // still completes, so that each pair has one.
+            flash_mbar_arrive(probs.ready);
         }
         ring.bars.release_thread(p);  // the threads read the statistics
     }
@@ -1923,7 +1996,7 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
     const long long tok0 = (long long)blockIdx.z * seq;
     const int r0 = blockIdx.x * FlashPairRing<HD>::KEYS;
     const FlashPairs pr(r0, seq, h0, h1);
-    ring.bars.init(2 * FLASH_THREADS, 2 * FLASH_THREADS);
+    ring.init();
     __syncthreads();  // the last block barrier: the warpgroups go their own ways
     if (wg == 0) {
         FlashPairRing<HD>::Regs::copying();
@@ -1937,11 +2010,11 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
         flash_dkdv_ws_compute<HD, FLASH_DK | FLASH_DV>(ring, pr, wg - 1, vote, segments, dk, dv,
                                                        tok0, r0, seq, scale, g);
     } else if (wg == 1) {
-        flash_dkdv_ws_compute<HD, FLASH_DV>(ring, pr, 0, vote, segments, dk, dv, tok0, r0, seq,
-                                            scale, g);
+        flash_dkdv_ws_compute<HD, FLASH_DV | FLASH_P_GIVEN>(ring, pr, 0, vote, segments, dk, dv,
+                                                            tok0, r0, seq, scale, g);
     } else {
-        flash_dkdv_ws_compute<HD, FLASH_DK>(ring, pr, 0, vote, segments, dk, dv, tok0, r0, seq,
-                                            scale, g);
+        flash_dkdv_ws_compute<HD, FLASH_DK | FLASH_P_TAKEN>(ring, pr, 0, vote, segments, dk, dv,
+                                                            tok0, r0, seq, scale, g);
     }
 }
 
@@ -2029,7 +2102,7 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 // The warp-specialized dK/dV at head_dim 256 (both gradients of a block's 64 keys, one a
 // computing warpgroup). Arguments and outputs as flash_bwd_dkdv. Launch: grid (ceil(seq/64),
 // kv_heads·parts, batch) (FlashHeadShare), block 384, dynamic shared memory
-// (2 + 2·FLASH_WS_STAGES_WIDE)·64·256·2 + FLASH_WS_STAGES_WIDE·2·64·4 + 128 bytes.
+// (2 + 2·FLASH_WS_STAGES_WIDE)·64·256·2 + FLASH_WS_STAGES_WIDE·(64·64·4 + 2·64·4) + 128 bytes.
 extern "C" __global__ void __launch_bounds__(FLASH_WS_THREADS, 1)
     flash_bwd_dkdv_ws_hd256(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                             const bf16_t* __restrict__ v, const bf16_t* __restrict__ d_out,

@@ -1135,8 +1135,8 @@ fn attention_matches_cpu() {
     // group of one is never split. On sm_90a the 2048, 1100 and 1050 ones (blocks of 128 keys for
     // every query head filling a 132-SM GPU) take the warp-specialized dK/dV: 1100 with a last
     // block whose second 64 keys are partial, 1050 with none there at all; at head_dim 256 (64
-    // keys a block) the 576 one (whole tiles, one part) and the 1100 one (a partial last tile,
-    // two parts summed from slabs).
+    // keys a block) the 576 ones (whole tiles, one part; one in two sequences) and the 1100 one
+    // (a partial last tile, two parts summed from slabs).
     for (batch, seq, heads, kv_heads, head_dim, split) in [
         (2, 70, 4, 2, 64, None),
         (3, 2048, 32, 8, 128, Some(700)),
@@ -1150,6 +1150,7 @@ fn attention_matches_cpu() {
         (1, 1000, 4, 4, 256, Some(400)),
         (2, 200, 4, 2, 256, Some(130)),
         (1, 576, 16, 16, 256, None),
+        (2, 576, 8, 8, 256, Some(300)),
         (1, 1100, 8, 4, 256, Some(900)),
     ] {
         let s = attention_shape((batch, seq, heads, kv_heads, head_dim));

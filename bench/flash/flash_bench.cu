@@ -232,8 +232,11 @@ int main(int argc, char** argv) {
                           : FLASH_FWD_TILES(hd) * 64 * row_bytes;
     const int dq_sm = FLASH_DQ_TILES * 64 * row_bytes;
     const int ring = dkdv_ws_wide ? FLASH_WS_STAGES_WIDE : FLASH_WS_STAGES;
+    // At head_dim 256 a stage also holds the pair's Pᵀ (64 × 64 f32), handed between the
+    // computing warpgroups.
+    const int stage_extra = 2 * 64 * 4 + (dkdv_ws_wide ? 64 * 64 * 4 : 0);
     const int dkdv_sm = dkdv_ws ? (2 * dkdv_keys / 64 + 2 * ring) * 64 * row_bytes +
-                                      ring * 2 * 64 * 4 + 128
+                                      ring * stage_extra + 128
                                 : FLASH_DKDV_TILES * 64 * row_bytes + 2 * 2 * 64 * 4;
     // The library's entries for the head dim (flash_entries in src/backend/cuda/mod.rs): at 256
     // the warpgroup kernels of their own, dK/dV with twice the blocks along y.

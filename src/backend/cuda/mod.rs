@@ -297,7 +297,7 @@ struct DkDvLaunch {
     shared: usize,
 }
 
-/// The three kernels of kernels/flash.cu.
+/// The backward kernels of kernels/flash.cu whose shared memory `flash_shared` sizes.
 #[derive(Clone, Copy)]
 enum FlashKernel {
     Dq,
@@ -322,16 +322,34 @@ fn warp_specialized_forward(head_dim: usize) -> Option<(&'static str, usize)> {
     }
 }
 
-/// The warp-specialized dK/dV kernel for a head dim on sm_90a: its entry, keys a block and ring
-/// stages (kernels/flash.cu, FlashPairRing).
-fn warp_specialized_dkdv(head_dim: usize) -> Option<(&'static str, usize, usize)> {
+/// The warp-specialized dK/dV kernel for a head dim on sm_90a (kernels/flash.cu, FlashPairRing).
+struct WarpSpecializedDkDv {
+    entry: &'static str,
+    /// Keys a block.
+    keys: usize,
+    /// Pairs (Q and dO tiles) the ring holds.
+    stages: usize,
+    /// Bytes a stage holds beside its tiles: the pair's lse·log2e and D (2 × 64 f32), and at
+    /// head_dim 256 its Pᵀ (64 × 64 f32) handed from dV's warpgroup to dK's.
+    stage_extra: usize,
+}
+
+fn warp_specialized_dkdv(head_dim: usize) -> Option<WarpSpecializedDkDv> {
+    let f32_bytes = std::mem::size_of::<f32>();
+    let stats = 2 * ATTENTION_TILE * f32_bytes;
     match head_dim {
-        256 => Some((
-            "flash_bwd_dkdv_ws_hd256",
-            ATTENTION_TILE,
-            FLASH_WS_STAGES_WIDE,
-        )),
-        hd if hd <= 128 => Some(("flash_bwd_dkdv_ws", FLASH_WS_ROWS, FLASH_WS_STAGES)),
+        256 => Some(WarpSpecializedDkDv {
+            entry: "flash_bwd_dkdv_ws_hd256",
+            keys: ATTENTION_TILE,
+            stages: FLASH_WS_STAGES_WIDE,
+            stage_extra: stats + ATTENTION_TILE * ATTENTION_TILE * f32_bytes,
+        }),
+        hd if hd <= 128 => Some(WarpSpecializedDkDv {
+            entry: "flash_bwd_dkdv_ws",
+            keys: FLASH_WS_ROWS,
+            stages: FLASH_WS_STAGES,
+            stage_extra: stats,
+        }),
         _ => None,
     }
 }
@@ -1114,27 +1132,24 @@ impl CudaBackend {
     /// +8 %), else 64 keys a block of 128 threads (head_dim 256: twice the blocks along y,
     /// `dkdv_split`).
     fn flash_dkdv_launch(&self, s: AttentionShape) -> DkDvLaunch {
-        // lse·log2e and D of a tile of queries: 2 × 64 f32 (two buffers of them in the
-        // 64-key kernels).
-        let stats = 2 * ATTENTION_TILE * std::mem::size_of::<f32>();
         let warpgroups = kernels::warpgroup_products(self.kernels.arch());
-        if let Some((entry, keys, stages)) =
-            warp_specialized_dkdv(s.head_dim).filter(|_| warpgroups)
-        {
-            let blocks = s.seq.div_ceil(keys) * s.num_heads * s.batch;
+        if let Some(ws) = warp_specialized_dkdv(s.head_dim).filter(|_| warpgroups) {
+            let blocks = s.seq.div_ceil(ws.keys) * s.num_heads * s.batch;
             if blocks >= self.gpu.multiprocessors {
                 // K and V of the block's key tiles, then Q and dO a stage.
-                let tiles = 2 * keys / ATTENTION_TILE + 2 * stages;
-                let extra = stages * stats + FLASH_WS_BARRIER_BYTES;
+                let tiles = 2 * ws.keys / ATTENTION_TILE + 2 * ws.stages;
+                let extra = ws.stages * ws.stage_extra + FLASH_WS_BARRIER_BYTES;
                 return DkDvLaunch {
-                    entry,
-                    keys,
+                    entry: ws.entry,
+                    keys: ws.keys,
                     threads: FLASH_WS_THREADS,
                     split: 1,
                     shared: flash_shared_bytes(s.head_dim, true, tiles, extra),
                 };
             }
         }
+        // lse·log2e and D of a tile of queries (2 × 64 f32), two buffers of them.
+        let stats = 2 * ATTENTION_TILE * std::mem::size_of::<f32>();
         let e = flash_entries(s.head_dim);
         DkDvLaunch {
             entry: e.dkdv,
