@@ -605,10 +605,12 @@ __device__ __forceinline__ T (&flash_part(T (&x)[N][4], int i))[W][4] {
 }
 
 // Entries of x whose bit 4t + e of vis is clear set to `value`; nothing to do (and no
-// instruction spent) where every entry is visible.
-template <int NT>
+// instruction spent) where every entry is visible, unless BRANCH_FREE: then the selects run
+// whatever vis says. (A branch there, between a warpgroup product's issue and its wait, makes
+// ptxas place the wait at the branch's end: what follows no longer overlaps the product.)
+template <int NT, bool BRANCH_FREE = false>
 __device__ __forceinline__ void flash_mask(float (&x)[NT][4], unsigned int vis, float value) {
-    if (vis == 0xffffffffu) return;
+    if (!BRANCH_FREE && vis == 0xffffffffu) return;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
@@ -634,13 +636,16 @@ struct FlashSoftmax {
 
     // step's first half: s masked and replaced by p, m and l updated; al: the rows' α, by which
     // o is to be scaled (rescale) before p·v is added to it. s holds NT / 8 tiles of 64 keys,
-    // vis[i] the visibility bits of tile i (n-tiles 8i..).
-    template <int NT>
+    // vis[i] the visibility bits of tile i (n-tiles 8i..). BRANCH_FREE as flash_mask's (the
+    // warp-specialized forward, where P·V runs meanwhile).
+    template <int NT, bool BRANCH_FREE = false>
     __device__ __forceinline__ void probabilities(float (&s)[NT][4],
                                                   const unsigned int (&vis)[NT / 8], float sl2,
                                                   float (&al)[2]) {
 #pragma unroll
-        for (int i = 0; i < NT / 8; ++i) flash_mask(flash_part<8>(s, i), vis[i], flash_neg_inf());
+        for (int i = 0; i < NT / 8; ++i) {
+            flash_mask<8, BRANCH_FREE>(flash_part<8>(s, i), vis[i], flash_neg_inf());
+        }
         float mx[2] = {flash_neg_inf(), flash_neg_inf()};
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
@@ -1118,7 +1123,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
         wg_wait<1>();
         wg_hold<NT>(s);
         release_keys(u);
-        sm_state.probabilities<NT>(s, vis, sl2, al);
+        sm_state.probabilities<NT, true>(s, vis, sl2, al);  // while P·V runs
         wg_wait<0>();
         wg_hold<NDT>(o);
         wg_hold_regs<ST * KB1>(pa);
