@@ -312,46 +312,49 @@ fn flash_shared_bytes(head_dim: usize, warpgroup: bool, tiles: usize, extra: usi
     tiles * ATTENTION_TILE * pitch * std::mem::size_of::<u16>() + extra
 }
 
-/// The warp-specialized forward for a head dim on sm_90a: its entry and shared-memory tiles (Q's
-/// two, then the key/value buffers: kernels/flash.cu, FlashKeyRing).
+/// The warp-specialized forward for a head dim on sm_90a: its entry and dynamic shared memory
+/// (Q's two tiles, then the key/value buffers and the barriers: kernels/flash.cu, FlashKeyRing).
 fn warp_specialized_forward(head_dim: usize) -> Option<(&'static str, usize)> {
-    match head_dim {
-        256 => Some(("flash_fwd_ws_hd256", 2 + 2 * FLASH_FWD_STAGES_WIDE)),
-        hd if hd <= 128 => Some(("flash_fwd_ws", 2 + 2 * FLASH_FWD_STAGES)),
-        _ => None,
-    }
+    let (entry, tiles) = match head_dim {
+        256 => ("flash_fwd_ws_hd256", 2 + 2 * FLASH_FWD_STAGES_WIDE),
+        hd if hd <= 128 => ("flash_fwd_ws", 2 + 2 * FLASH_FWD_STAGES),
+        _ => return None,
+    };
+    let shared = flash_shared_bytes(head_dim, true, tiles, FLASH_WS_BARRIER_BYTES);
+    Some((entry, shared))
 }
 
-/// The warp-specialized dK/dV kernel for a head dim on sm_90a (kernels/flash.cu, FlashPairRing).
+/// The warp-specialized dK/dV kernel for a head dim on sm_90a (kernels/flash.cu, FlashPairRing):
+/// its entry, keys a block and dynamic shared memory.
 struct WarpSpecializedDkDv {
     entry: &'static str,
-    /// Keys a block.
     keys: usize,
-    /// Pairs (Q and dO tiles) the ring holds.
-    stages: usize,
-    /// Bytes a stage holds beside its tiles: the pair's lse·log2e and D (2 × 64 f32), and at
-    /// head_dim 256 its Pᵀ (64 × 64 f32) handed from dV's warpgroup to dK's.
-    stage_extra: usize,
+    shared: usize,
 }
 
 fn warp_specialized_dkdv(head_dim: usize) -> Option<WarpSpecializedDkDv> {
     let f32_bytes = std::mem::size_of::<f32>();
+    // Each stage of the ring holds a pair's Q and dO tiles and its lse·log2e and D (2 × 64 f32);
+    // at head_dim 256 also its Pᵀ (64 × 64 f32), handed from dV's warpgroup to dK's.
     let stats = 2 * ATTENTION_TILE * f32_bytes;
-    match head_dim {
-        256 => Some(WarpSpecializedDkDv {
-            entry: "flash_bwd_dkdv_ws_hd256",
-            keys: ATTENTION_TILE,
-            stages: FLASH_WS_STAGES_WIDE,
-            stage_extra: stats + ATTENTION_TILE * ATTENTION_TILE * f32_bytes,
-        }),
-        hd if hd <= 128 => Some(WarpSpecializedDkDv {
-            entry: "flash_bwd_dkdv_ws",
-            keys: FLASH_WS_ROWS,
-            stages: FLASH_WS_STAGES,
-            stage_extra: stats,
-        }),
-        _ => None,
-    }
+    let (entry, keys, stages, stage_extra) = match head_dim {
+        256 => (
+            "flash_bwd_dkdv_ws_hd256",
+            ATTENTION_TILE,
+            FLASH_WS_STAGES_WIDE,
+            stats + ATTENTION_TILE * ATTENTION_TILE * f32_bytes,
+        ),
+        hd if hd <= 128 => ("flash_bwd_dkdv_ws", FLASH_WS_ROWS, FLASH_WS_STAGES, stats),
+        _ => return None,
+    };
+    // K and V of the block's key tiles, then the stages' tiles.
+    let tiles = 2 * keys / ATTENTION_TILE + 2 * stages;
+    let extra = stages * stage_extra + FLASH_WS_BARRIER_BYTES;
+    Some(WarpSpecializedDkDv {
+        entry,
+        keys,
+        shared: flash_shared_bytes(head_dim, true, tiles, extra),
+    })
 }
 
 /// The launch of an attention kernel over tiles of ATTENTION_TILE queries (forward, dQ): a block
@@ -1114,8 +1117,7 @@ impl CudaBackend {
     /// threads (head_dim 64 and 128).
     fn flash_forward_launch(&self, s: AttentionShape) -> (&'static str, Shape) {
         let warpgroups = kernels::warpgroup_products(self.kernels.arch());
-        if let Some((entry, tiles)) = warp_specialized_forward(s.head_dim).filter(|_| warpgroups) {
-            let shared = flash_shared_bytes(s.head_dim, true, tiles, FLASH_WS_BARRIER_BYTES);
+        if let Some((entry, shared)) = warp_specialized_forward(s.head_dim).filter(|_| warpgroups) {
             let blocks = s.seq.div_ceil(FLASH_WS_ROWS);
             let shape = Shape::grid(blocks, s.num_heads, s.batch, FLASH_WS_THREADS);
             return (entry, shape.with_shared(shared));
@@ -1136,15 +1138,12 @@ impl CudaBackend {
         if let Some(ws) = warp_specialized_dkdv(s.head_dim).filter(|_| warpgroups) {
             let blocks = s.seq.div_ceil(ws.keys) * s.num_heads * s.batch;
             if blocks >= self.gpu.multiprocessors {
-                // K and V of the block's key tiles, then Q and dO a stage.
-                let tiles = 2 * ws.keys / ATTENTION_TILE + 2 * ws.stages;
-                let extra = ws.stages * ws.stage_extra + FLASH_WS_BARRIER_BYTES;
                 return DkDvLaunch {
                     entry: ws.entry,
                     keys: ws.keys,
                     threads: FLASH_WS_THREADS,
                     split: 1,
-                    shared: flash_shared_bytes(s.head_dim, true, tiles, extra),
+                    shared: ws.shared,
                 };
             }
         }
@@ -2955,5 +2954,43 @@ impl Backend for CudaBackend {
 
     fn join_adapter_gradients(&self) -> Result<()> {
         self.join_aside()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{warp_specialized_dkdv, warp_specialized_forward};
+
+    /// The most dynamic shared memory a block may opt in to on Hopper (227 KiB).
+    const HOPPER_SHARED_LIMIT: usize = 232_448;
+
+    #[test]
+    fn warp_specialized_attention_fits_in_hopper_shared_memory() {
+        for head_dim in [64, 128, 256] {
+            let (entry, shared) = warp_specialized_forward(head_dim).unwrap();
+            assert!(shared <= HOPPER_SHARED_LIMIT, "{entry}: {shared} bytes");
+            let dkdv = warp_specialized_dkdv(head_dim).unwrap();
+            let (entry, shared) = (dkdv.entry, dkdv.shared);
+            assert!(shared <= HOPPER_SHARED_LIMIT, "{entry}: {shared} bytes");
+        }
+        // kernels/flash.cu's launch lines, head_dim 128 and 256.
+        assert_eq!(
+            warp_specialized_forward(128).unwrap().1,
+            14 * 64 * 128 * 2 + 128
+        );
+        assert_eq!(
+            warp_specialized_forward(256).unwrap().1,
+            6 * 64 * 256 * 2 + 128
+        );
+        let stage = 2 * 64 * 4;
+        assert_eq!(
+            warp_specialized_dkdv(128).unwrap().shared,
+            12 * 64 * 128 * 2 + 4 * stage + 128
+        );
+        assert_eq!(
+            warp_specialized_dkdv(256).unwrap().shared,
+            6 * 64 * 256 * 2 + 2 * (64 * 64 * 4 + stage) + 128
+        );
+        assert!(warp_specialized_forward(192).is_none() && warp_specialized_dkdv(192).is_none());
     }
 }
