@@ -1123,7 +1123,9 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
         wg_wait<1>();
         wg_hold<NT>(s);
         release_keys(u);
-        sm_state.probabilities<NT, true>(s, vis, sl2, al);  // while P·V runs
+        // While P·V runs. (At head_dim 128 ptxas waits for P·V before the exp2s with or without
+        // the mask's branch: there the branch stays, sparing whole tiles the selects.)
+        sm_state.probabilities<NT, HD != 128>(s, vis, sl2, al);
         wg_wait<0>();
         wg_hold<NDT>(o);
         wg_hold_regs<ST * KB1>(pa);
