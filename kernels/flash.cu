@@ -818,7 +818,10 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 // vote) are paid once for twice the products. A step's scores are one 64 × 128 accumulator, tile
 // i's keys in n-tiles 8i.. (with its own visibility word); P·V adds them with k-slices 4i...
 // (At head_dim 256 one tile a step: the output's 128 registers leave room for 64 keys' scores.)
+// bench/flash builds variants with -DFLASH_WS_STEP=1.
+#ifndef FLASH_WS_STEP
 #define FLASH_WS_STEP 2
+#endif
 
 __device__ __forceinline__ void flash_mbar_init(unsigned int bar, unsigned int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -1029,6 +1032,11 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
     constexpr int NDT = HD / 8, ST = HD == 256 ? 1 : FLASH_WS_STEP, NT1 = FLASH_TILE / 8;
     constexpr int NT = ST * NT1, KB1 = FLASH_TILE / 16;  // KB1: k-slices of P·V a tile
     constexpr bool QREG = HD <= 128;
+    // Whether the mask goes without its branch, so that ptxas keeps the wait for P·V after the
+    // probabilities (flash_mask). At head_dim 128 with two tiles a step it waits for P·V before
+    // the exp2s either way (registers: O, P's and Q's A operands, 128 keys' scores): there the
+    // branch stays, sparing whole tiles the selects.
+    constexpr bool OVERLAP = !(HD == 128 && ST == 2);
     const FlashKeyRing<HD> ring(sm);
     const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
     const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads, FLASH_WS_ROWS);
@@ -1123,9 +1131,7 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
         wg_wait<1>();
         wg_hold<NT>(s);
         release_keys(u);
-        // While P·V runs. (At head_dim 128 ptxas waits for P·V before the exp2s with or without
-        // the mask's branch: there the branch stays, sparing whole tiles the selects.)
-        sm_state.probabilities<NT, HD != 128>(s, vis, sl2, al);
+        sm_state.probabilities<NT, OVERLAP>(s, vis, sl2, al);  // while P·V runs
         wg_wait<0>();
         wg_hold<NDT>(o);
         wg_hold_regs<ST * KB1>(pa);
