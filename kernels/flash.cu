@@ -1811,6 +1811,11 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 #define FLASH_DKDV_WS 1
 #define FLASH_DKDV_WS_WIDE 1
 #define FLASH_WS_STAGES_WIDE 2
+// Whether, at head_dim 256, dV's warpgroup hands Pᵀ to dK's (1), or dK's recomputes Sᵀ (0: 5
+// products a pair, no hand-off; bench/flash builds that variant with -DFLASH_DKDV_SHARE_P=0).
+#ifndef FLASH_DKDV_SHARE_P
+#define FLASH_DKDV_SHARE_P 1
+#endif
 
 // Whether `part` holds in any (all) of the 128 threads of the warpgroup voting on named barrier
 // `id` (each of them must call it).
@@ -2023,11 +2028,13 @@ __device__ __forceinline__ void flash_dkdv_ws_impl(bf16_t* sm, const bf16_t* __r
         flash_dkdv_ws_compute<HD, FLASH_DK | FLASH_DV>(ring, pr, wg - 1, vote, segments, dk, dv,
                                                        tok0, r0, seq, scale, g);
     } else if (wg == 1) {
-        flash_dkdv_ws_compute<HD, FLASH_DV | FLASH_P_GIVEN>(ring, pr, 0, vote, segments, dk, dv,
-                                                            tok0, r0, seq, scale, g);
+        constexpr int GIVE = FLASH_DKDV_SHARE_P ? FLASH_P_GIVEN : 0;
+        flash_dkdv_ws_compute<HD, FLASH_DV | GIVE>(ring, pr, 0, vote, segments, dk, dv, tok0, r0,
+                                                   seq, scale, g);
     } else {
-        flash_dkdv_ws_compute<HD, FLASH_DK | FLASH_P_TAKEN>(ring, pr, 0, vote, segments, dk, dv,
-                                                            tok0, r0, seq, scale, g);
+        constexpr int TAKE = FLASH_DKDV_SHARE_P ? FLASH_P_TAKEN : 0;
+        flash_dkdv_ws_compute<HD, FLASH_DK | TAKE>(ring, pr, 0, vote, segments, dk, dv, tok0, r0,
+                                                   seq, scale, g);
     }
 }
 
