@@ -822,6 +822,13 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 #ifndef FLASH_WS_STEP
 #define FLASH_WS_STEP 2
 #endif
+// Whether the forward's scores take Q from registers up to head_dim 128 (1: half the shared-memory
+// reads of their products), or from shared memory (0: 32 registers freed, with which ptxas lets
+// the softmax overlap P·V at head_dim 128 too; bench/flash builds that variant with
+// -DFLASH_FWD_Q_IN_REGISTERS=0).
+#ifndef FLASH_FWD_Q_IN_REGISTERS
+#define FLASH_FWD_Q_IN_REGISTERS 1
+#endif
 
 __device__ __forceinline__ void flash_mbar_init(unsigned int bar, unsigned int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -1031,12 +1038,12 @@ __device__ __forceinline__ void flash_fwd_ws_impl(bf16_t* sm, const bf16_t* __re
                                                   int kv_heads, float scale) {
     constexpr int NDT = HD / 8, ST = HD == 256 ? 1 : FLASH_WS_STEP, NT1 = FLASH_TILE / 8;
     constexpr int NT = ST * NT1, KB1 = FLASH_TILE / 16;  // KB1: k-slices of P·V a tile
-    constexpr bool QREG = HD <= 128;
+    constexpr bool QREG = HD <= 128 && FLASH_FWD_Q_IN_REGISTERS;
     // Whether the mask goes without its branch, so that ptxas keeps the wait for P·V after the
-    // probabilities (flash_mask). At head_dim 128 with two tiles a step it waits for P·V before
-    // the exp2s either way (registers: O, P's and Q's A operands, 128 keys' scores): there the
-    // branch stays, sparing whole tiles the selects.
-    constexpr bool OVERLAP = !(HD == 128 && ST == 2);
+    // probabilities (flash_mask). At head_dim 128 with two tiles a step and Q in registers it
+    // waits for P·V before the exp2s either way (registers: O, P's and Q's A operands, 128 keys'
+    // scores): there the branch stays, sparing whole tiles the selects.
+    constexpr bool OVERLAP = !(HD == 128 && ST == 2 && QREG);
     const FlashKeyRing<HD> ring(sm);
     const int tid = threadIdx.x, wg = tid / FLASH_THREADS, lane = tid & 31;
     const FlashQueryBlock<HD> blk(k, v, segments, seq, heads, kv_heads, FLASH_WS_ROWS);
