@@ -2,7 +2,7 @@
 """Compiles one kernels/ program the way the library does (prelude.cuh + PROGRAM.cu, NVRTC) for
 an architecture and prints, per kernel entry, ptxas's registers and spill stores and the machine
 code's instruction mix (all, uniform-datapath, warpgroup products and the groups they close,
-special-function ops), with no GPU: variants of a kernel can be compared for instruction counts
+special-function ops, exp2s placed while a product group is in flight), with no GPU: variants of a kernel can be compared for instruction counts
 before any timing, and products ptxas serialized (as many groups as products; NVRTC's log does
 not report it) show.
 
@@ -73,24 +73,37 @@ def compile_cubin(source, arch):
 
 
 def instruction_mix(sass):
-    """Per function: a Counter of opcodes (predicates and modifiers dropped), and how many
-    warpgroup products close a group (the `gsb0` operand: the ones a wait can name). ptxas
-    serializes the products (one group each, each awaited) when it cannot keep them in flight:
-    then every HGMMA closes a group."""
+    """Per function: a Counter of opcodes (predicates and modifiers dropped), how many warpgroup
+    products close a group (the `gsb0` operand: the ones a wait can name), and how many exp2s
+    (MUFU.EX2) lie where a product group is still in flight. ptxas serializes the products (one
+    group each, each awaited) when it cannot keep them in flight: then every HGMMA closes a
+    group. And it may move a wait ahead of work meant to run beside a product (bench/NOTES.md,
+    2026-12-05): then that work's exp2s no longer count as overlapped. The count walks the code
+    in address order, a group opened by each closing HGMMA and `WARPGROUP.DEPBAR.LE gsb0, N`
+    leaving at most N open; branches are not followed, so it is a guide, not a proof."""
     mix, groups = collections.defaultdict(collections.Counter), collections.Counter()
-    function = None
+    exp2, overlapped = collections.Counter(), collections.Counter()
+    function, open_groups = None, 0
     for line in sass.splitlines():
         m = re.search(r"Function : (\w+)", line)
         if m:
-            function = m.group(1)
+            function, open_groups = m.group(1), 0
             continue
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
         if m and function:
-            op = re.sub(r"^@!?U?P[T0-9]+\s+", "", m.group(1).strip()).split()[0]
+            text = re.sub(r"^@!?U?P[T0-9]+\s+", "", m.group(1).strip())
+            op = text.split()[0]
             mix[function][op.split(".")[0]] += 1
-            if op.startswith("HGMMA") and "gsb0" in m.group(1):
+            if op.startswith("HGMMA") and "gsb0" in text:
                 groups[function] += 1
-    return mix, groups
+                open_groups += 1
+            wait = re.match(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", text)
+            if wait:
+                open_groups = min(open_groups, int(wait.group(1), 16))
+            if op == "MUFU.EX2":
+                exp2[function] += 1
+                overlapped[function] += open_groups > 0
+    return mix, groups, exp2, overlapped
 
 
 def main():
@@ -116,13 +129,14 @@ def main():
                          r"registers", log, re.S):
         usage[m.group(1)] = (int(m.group(3)), int(m.group(2)))
     print(f"{'kernel':<28} {'regs':>5} {'spill B':>8} {'instr':>7} {'uniform':>8} "
-          f"{'HGMMA':>6} {'groups':>6} {'MUFU':>5}")
-    mix, groups = instruction_mix(sass)
+          f"{'HGMMA':>6} {'groups':>6} {'MUFU':>5} {'EX2 beside products':>20}")
+    mix, groups, exp2, overlapped = instruction_mix(sass)
     for function, ops in sorted(mix.items()):
         regs, spill = usage.get(function, ("?", "?"))
         uniform = sum(n for op, n in ops.items() if op.startswith("U"))
+        beside = f"{overlapped[function]} of {exp2[function]}" if exp2[function] else "-"
         print(f"{function:<28} {regs:>5} {spill:>8} {sum(ops.values()):>7} {uniform:>8} "
-              f"{ops['HGMMA']:>6} {groups[function]:>6} {ops['MUFU']:>5}")
+              f"{ops['HGMMA']:>6} {groups[function]:>6} {ops['MUFU']:>5} {beside:>20}")
 
 
 if __name__ == "__main__":
