@@ -20,7 +20,8 @@
 //! ([`Saving::offload_attention_inputs`]) it also skips their products and the rotation, and
 //! recomputes only `h1` (their products' input, for their backward) and the residual half.
 //!
-//! The MLP runs over chunks of at most [`Decoder::mlp_chunk_rows`] token rows (its intermediates,
+//! The MLP runs over chunks of at most [`Decoder::mlp_chunk_rows`] token rows, as even as
+//! multiples of 256 rows let them be ([`mlp_chunk_ranges`]; its intermediates,
 //! three `[rows, intermediate]` tensors and their gradients, are the largest of a layer), and its
 //! intermediates are never kept: the backward recomputes `gate`, `up` and `m` chunk by chunk from
 //! `h2`. So a layer's memory beyond `[rows, hidden]` tensors stops growing with the sequence, and
@@ -98,6 +99,20 @@ pub const MLP_CHUNK_VALUES: usize = 4096 * 14336;
 /// rounded down to a multiple of 256 rows (at least 256).
 pub fn mlp_chunk_rows_for(intermediate_size: usize) -> usize {
     (MLP_CHUNK_VALUES / intermediate_size.max(1) / 256).max(1) * 256
+}
+
+/// The row ranges `(start, rows)` of the MLP chunks of `total` rows, at most `max_rows` each: as
+/// few chunks as that allows, of equal rows rounded up to a multiple of 256 (within `max_rows`),
+/// the last one the rest. No chunk is then a small remainder with the products' last wave
+/// mostly empty, and the largest is as small as the count allows: 8,192 rows of Gemma-7B (at
+/// most 2,304) make 4 chunks of 2,048, not 3 of 2,304 and one of 1,280.
+pub fn mlp_chunk_ranges(total: usize, max_rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let max_rows = max_rows.max(1);
+    let even = total.div_ceil(total.div_ceil(max_rows).max(1));
+    let step = even.next_multiple_of(256).min(max_rows);
+    (0..total)
+        .step_by(step.max(1))
+        .map(move |start| (start, step.min(total - start)))
 }
 
 /// A pass's hold on its adapter factors ([`Backend::hold_adapter_factors`]), ended when dropped,
@@ -360,12 +375,9 @@ impl<B: Backend> Decoder<B> {
         self.mlp_chunk_rows = rows.max(1);
     }
 
-    /// The row ranges `(start, rows)` of the MLP chunks of `total` rows.
+    /// The row ranges `(start, rows)` of the MLP chunks of `total` rows ([`mlp_chunk_ranges`]).
     fn mlp_chunks(&self, total: usize) -> impl Iterator<Item = (usize, usize)> {
-        let step = self.mlp_chunk_rows;
-        (0..total)
-            .step_by(step)
-            .map(move |start| (start, step.min(total - start)))
+        mlp_chunk_ranges(total, self.mlp_chunk_rows)
     }
 
     fn attention_shape(&self, batch: &DeviceBatch<B>) -> AttentionShape {
@@ -1539,8 +1551,30 @@ impl<B: Backend> Decoder<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::mlp_chunk_rows_for;
+    use super::{mlp_chunk_ranges, mlp_chunk_rows_for};
     use crate::model::presets::preset;
+
+    #[test]
+    fn mlp_chunks_are_as_even_as_multiples_of_256_rows_allow() {
+        let ranges = |total, max| mlp_chunk_ranges(total, max).collect::<Vec<_>>();
+        let rows = |total, max| ranges(total, max).iter().map(|c| c.1).collect::<Vec<_>>();
+        assert_eq!(rows(8192, 2304), [2048; 4], "gemma-7b at 8,192 tokens");
+        assert_eq!(rows(8192, 3072), [2816, 2816, 2560], "qwen2.5-7b");
+        assert_eq!(rows(8192, 4096), [4096, 4096], "llama3-8b");
+        assert_eq!(rows(2048, 4096), [2048]);
+        assert_eq!(rows(5000, 4096), [2560, 2440]);
+        assert_eq!(rows(48, 24), [24, 24], "a limit below 256 rows is kept");
+        assert_eq!(rows(50, 24), [24, 24, 2]);
+        assert!(ranges(0, 4096).is_empty());
+        for (total, max) in [(8192, 2304), (1, 256), (300, 256), (12_345, 3072), (77, 5)] {
+            let r = ranges(total, max);
+            // Contiguous, within the limit, covering every row, and no more chunks than needed.
+            assert!(r.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+            assert!(r.iter().all(|c| c.1 >= 1 && c.1 <= max));
+            assert_eq!(r.iter().map(|c| c.1).sum::<usize>(), total);
+            assert_eq!(r.len(), total.div_ceil(max));
+        }
+    }
 
     #[test]
     fn mlp_chunks_hold_about_the_same_values_for_every_family() {

@@ -3,7 +3,7 @@
 
 use crate::lora::LoraConfig;
 use crate::model::config::ModelConfig;
-use crate::model::decoder::mlp_chunk_rows_for;
+use crate::model::decoder::{mlp_chunk_ranges, mlp_chunk_rows_for};
 
 /// Bytes by part; `total` is their sum.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -54,7 +54,11 @@ pub fn estimate(
         let mlp_products = 2 * tokens * i * F32;
         cfg.num_layers as u64 * (tokens * d * F32 + layer_cache + mlp_products)
     };
-    let mlp_chunk = tokens.min(mlp_chunk_rows_for(cfg.intermediate_size) as u64);
+    // The largest MLP chunk: the first.
+    let max_rows = mlp_chunk_rows_for(cfg.intermediate_size);
+    let mlp_chunk = mlp_chunk_ranges(tokens as usize, max_rows)
+        .next()
+        .map_or(0, |c| c.1) as u64;
     let transient = (2 * (seq * seq) as u64 + 256 * cfg.vocab_size as u64) * F32
         + (4 * tokens * d + 6 * mlp_chunk * i) * F32;
     let activations = kept + transient;
