@@ -3,7 +3,8 @@
 # as NAME=FILE[:NVCC_OPTIONS] (FILE absolute or relative to the repository; options such as -DX or
 # -arch=sm_90 for the mma.sync kernels, -DFLASH_BENCH_PARTS=P to split every dK/dV case P ways,
 # -DFLASH_BENCH_GRADS_BF16 for the gradients written as bf16 product inputs, dq and dk turned back;
-# sm_90a by default), runs every case with
+# kernel choices flash.cu lets a build set: -DFLASH_WS_STEP=1, -DFLASH_FWD_Q_IN_REGISTERS=0,
+# -DFLASH_DKDV_SHARE_P=0; sm_90a by default), runs every case with
 # each, and prints the timings (JSON lines, also in OUTDIR/times.jsonl), the registers and spills
 # ptxas reports, and each variant's relative L2 difference from the first one's outputs.
 # Usage: bench/flash/run.sh OUTDIR base=/tmp/flash-head.cu new=kernels/flash.cu ...
