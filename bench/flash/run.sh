@@ -55,7 +55,8 @@ for c in "${cases[@]}"; do
     for n in "${names[@]}"; do
         mkdir -p "$out/$n/$tag"
         echo -n "$n " >> "$out/times.jsonl"
-        "$out/bench_$n" $c "$out/$n/$tag" >> "$out/times.jsonl" 2>&1 || echo "run $n $tag failed" >> "$out/times.jsonl"
+        # A kernel that never finishes fails its case (a minute each; the longest take seconds).
+        timeout 60 "$out/bench_$n" $c "$out/$n/$tag" >> "$out/times.jsonl" 2>&1 || echo "run $n $tag failed" >> "$out/times.jsonl"
     done
 done
 cat "$out/times.jsonl"
