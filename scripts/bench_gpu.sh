@@ -48,6 +48,7 @@ for variant in ${KERNEL_VARIANTS:-}; do
     names+=("$name") bins+=("$bin") dirs+=("$dir")
 done
 out=${OUT:-/tmp}
+mkdir -p "$out"
 SAMPLES=$(mktemp -d)
 export SAMPLES
 # The sampler of the run in progress, stopped on any exit (left running, it would hold the
