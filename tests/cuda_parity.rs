@@ -1016,7 +1016,8 @@ fn attention_writes_its_product_input() {
 /// query-head group in parts: short sequences) sums its slabs into them. Query-head groups of
 /// one are never split: (2, 70, 4, 4, 64) runs the 64-key dK/dV whole, (1, 2048, 16, 16, 64, 128
 /// and 256) the warp-specialized one on sm_90a, and (1, 1100, 8, 4, 256) that one in two parts;
-/// head_dim 32 is the CUDA-core fallback.
+/// (5, 2048, 32, 8, 128) has enough key rows for groups of four in one part on an H200; head_dim
+/// 32 is the CUDA-core fallback.
 #[test]
 fn attention_backward_writes_its_product_inputs() {
     let Some(mut p) = Pair::new() else { return };
@@ -1028,6 +1029,8 @@ fn attention_backward_writes_its_product_inputs() {
         (1, 2048, 16, 16, 128, Some(700)),
         (1, 2048, 16, 16, 64, None),
         (1, 2048, 32, 8, 128, Some(700)),
+        // 81,920 key rows: dK/dV in one part on a 132-multiprocessor GPU.
+        (5, 2048, 32, 8, 128, Some(700)),
         (1, 1100, 16, 2, 128, None),
         (2, 130, 4, 1, 128, Some(50)),
         (1, 1000, 4, 4, 256, Some(400)),
