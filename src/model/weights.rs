@@ -5,8 +5,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::lora::TargetModule;
 use crate::quant::{Nf4Tensor, Quantization};
-use crate::rng::{derive, normal_at};
-use rayon::prelude::*;
+use crate::rng::{derive, fill_normal};
 
 /// Where one base tensor lives inside [`DecoderWeights`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,9 +415,8 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> impl FnMut(&TensorSpec) -
             Slot::Bias(..) => 0.02,
             _ => 1.0 / (spec.cols as f32).sqrt(),
         };
-        (0..n as u64)
-            .into_par_iter()
-            .map(|i| identity + std * normal_at(stream, i))
-            .collect()
+        let mut values = vec![0.0; n];
+        fill_normal(stream, &mut values, |z| identity + std * z);
+        values
     }
 }
